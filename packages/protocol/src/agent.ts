@@ -1,0 +1,118 @@
+/**
+ * The server <-> in-sandbox agent channel: JSON lines over a stream socket (fd 3 of the agent).
+ * This file is the protocol's single definition; `docs/protocol.md` explains it and the Python
+ * agent (`agent/podflare_agent.py`) implements it. Bump AGENT_PROTOCOL_VERSION on any change that
+ * an old agent would misread.
+ *
+ * Every request carries an integer `id` chosen by the server; every message about that request
+ * carries the same `id`. Requests that stream (exec) answer with `ev` messages ending in `exit`;
+ * all others answer with exactly one `{id, ok, ...}`.
+ */
+import { z } from 'zod';
+
+export const AGENT_PROTOCOL_VERSION = 1;
+
+/** File contents travel base64-encoded, in chunks of at most this many raw bytes. */
+export const FILE_CHUNK_BYTES = 1024 * 1024;
+
+const id = z.number().int().nonnegative();
+const path = z.string().min(1).max(4096);
+
+export const ExecRequest = z.object({
+  id,
+  op: z.literal('exec'),
+  language: z.enum(['python', 'bash']),
+  code: z.string(),
+  /** Interrupt after this long; kill and restart the interpreter if it does not yield. */
+  timeout_ms: z.number().int().positive().optional(),
+  env: z.record(z.string(), z.string()).optional(),
+  cwd: z.string().optional(),
+});
+
+export const InterruptRequest = z.object({ id, op: z.literal('interrupt') });
+export const PingRequest = z.object({ id, op: z.literal('ping') });
+export const UploadBeginRequest = z.object({ id, op: z.literal('upload_begin'), path, mode: z.number().int().optional() });
+export const UploadChunkRequest = z.object({ id, op: z.literal('upload_chunk'), handle: z.string(), data: z.string() });
+export const UploadEndRequest = z.object({ id, op: z.literal('upload_end'), handle: z.string(), abort: z.boolean().optional() });
+export const FileReadRequest = z.object({ id, op: z.literal('file_read'), path, offset: z.number().int().nonnegative(), length: z.number().int().positive() });
+export const StatRequest = z.object({ id, op: z.literal('stat'), path });
+export const ListRequest = z.object({ id, op: z.literal('list'), path });
+export const RemoveRequest = z.object({ id, op: z.literal('remove'), path, recursive: z.boolean().optional() });
+export const MkdirRequest = z.object({ id, op: z.literal('mkdir'), path, parents: z.boolean().optional() });
+
+export const AgentRequest = z.discriminatedUnion('op', [
+  ExecRequest, InterruptRequest, PingRequest, UploadBeginRequest, UploadChunkRequest, UploadEndRequest,
+  FileReadRequest, StatRequest, ListRequest, RemoveRequest, MkdirRequest,
+]);
+export type AgentRequest = z.infer<typeof AgentRequest>;
+export type AgentOp = AgentRequest['op'];
+/** A request before the channel assigns its id. */
+export type AgentRequestBody<Op extends AgentOp = AgentOp> = AgentRequest extends infer R
+  ? R extends { op: Op } ? Omit<R, 'id'> : never
+  : never;
+
+export const FileStat = z.object({
+  name: z.string(),
+  path: z.string(),
+  type: z.enum(['file', 'dir', 'symlink', 'other']),
+  size: z.number(),
+  mode: z.number().int(),
+  mtime: z.number(),
+});
+export type FileStat = z.infer<typeof FileStat>;
+
+export const AgentErrorInfo = z.object({
+  /** One of the codes in errors.ts (not_found, bad_request, conflict, internal, ...). */
+  code: z.string(),
+  message: z.string(),
+});
+
+const MimeBundle = z.record(z.string(), z.unknown());
+
+export const HelloMessage = z.object({
+  ev: z.literal('hello'),
+  version: z.number().int(),
+  pid: z.number().int(),
+  hostname: z.string(),
+});
+export const OutputMessage = z.object({ id, ev: z.enum(['stdout', 'stderr']), data: z.string() });
+export const ResultMessage = z.object({ id, ev: z.literal('result'), data: MimeBundle, is_main_result: z.boolean() });
+export const ErrorMessage = z.object({
+  id,
+  ev: z.literal('error'),
+  data: z.object({ name: z.string(), value: z.string(), traceback: z.string() }),
+});
+export const ExitMessage = z.object({
+  id,
+  ev: z.literal('exit'),
+  code: z.number().int(),
+  execution_count: z.number().int().nullable().optional(),
+  state_lost: z.boolean().optional(),
+});
+export const OkResponse = z.object({ id, ok: z.literal(true) }).passthrough();
+export const FailResponse = z.object({ id, ok: z.literal(false), error: AgentErrorInfo });
+
+export const AgentMessage = z.union([
+  HelloMessage, OutputMessage, ResultMessage, ErrorMessage, ExitMessage, OkResponse, FailResponse,
+]);
+export type AgentMessage = z.infer<typeof AgentMessage>;
+export type ExecStreamMessage =
+  | z.infer<typeof OutputMessage>
+  | z.infer<typeof ResultMessage>
+  | z.infer<typeof ErrorMessage>
+  | z.infer<typeof ExitMessage>;
+export type OkResponse = z.infer<typeof OkResponse>;
+
+/** What each non-streaming op answers with, beyond `{id, ok: true}`. */
+export interface AgentReplies {
+  ping: { pid: number; hostname: string };
+  interrupt: { interrupted: boolean };
+  upload_begin: { handle: string };
+  upload_chunk: Record<string, never>;
+  upload_end: { size: number };
+  file_read: { data: string; eof: boolean; size: number };
+  stat: { stat: FileStat };
+  list: { entries: FileStat[] };
+  remove: Record<string, never>;
+  mkdir: Record<string, never>;
+}

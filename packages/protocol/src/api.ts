@@ -1,0 +1,74 @@
+/**
+ * REST request bodies, validated by the server with these schemas. The messages zod produces name
+ * the offending field, which the server passes on in its 400 answers.
+ */
+import { z } from 'zod';
+
+export const SANDBOX_ID_PATTERN = /^sbx_[0-9a-f]{32}$/;
+export const MAX_CODE_BYTES = 4 * 1024 * 1024;
+export const MAX_TIMEOUT_MS = 24 * 60 * 60 * 1000;
+
+const name = z.string().min(1).max(64).regex(/^[a-zA-Z0-9][a-zA-Z0-9._-]*$/, 'must be letters, digits, dot, dash or underscore');
+
+export const CreateSandboxBody = z.object({
+  template: name.optional(),
+  egress: z.boolean().optional(),
+  persistent: z.boolean().optional(),
+  idle_timeout_seconds: z.number().int().min(1).max(7 * 24 * 3600).optional(),
+  /** ours: a hard cap on the sandbox's whole life. */
+  max_lifetime_seconds: z.number().int().min(1).max(30 * 24 * 3600).optional(),
+  runtime: z.enum(['ns', 'vm', 'auto']).optional(),
+  metadata: z.record(z.string().max(64), z.string().max(1024)).optional(),
+}).strict();
+export type CreateSandboxBody = z.infer<typeof CreateSandboxBody>;
+
+const envName = z.string().min(1).max(256).regex(/^[^=\0]+$/, 'must not contain = or NUL');
+
+export const ExecBody = z.object({
+  code: z.string().max(MAX_CODE_BYTES),
+  language: z.enum(['python', 'bash']).optional(),
+  /** ours: interrupt after this many ms (then restart the interpreter if it does not yield). */
+  timeout_ms: z.number().int().min(1).max(MAX_TIMEOUT_MS).optional(),
+  env: z.record(envName, z.string().max(128 * 1024)).optional(),
+  cwd: z.string().min(1).max(4096).optional(),
+}).strict();
+export type ExecBody = z.infer<typeof ExecBody>;
+
+export const ForkBody = z.object({ n: z.number().int().min(1).max(32).optional() }).strict();
+export type ForkBody = z.infer<typeof ForkBody>;
+
+/** The public view of a sandbox (GET /v1/sandboxes/:id and list entries). */
+export interface SandboxInfo {
+  id: string;
+  state: SandboxState;
+  template: string;
+  runtime: 'ns' | 'vm';
+  egress: boolean;
+  persistent: boolean;
+  parent: string | null;
+  children: string[];
+  created_at: string;
+  last_active_at: string;
+  idle_timeout_seconds: number;
+  metadata: Record<string, string>;
+}
+
+export type SandboxState = 'starting' | 'ready' | 'running' | 'stopped' | 'error' | 'merged' | 'frozen';
+
+export interface CreateSandboxResponse { id: string; state: 'ready' }
+export interface ForkResponse { children: string[] }
+
+/** The first message of a ZodError, as "field: problem", for a 400 answer. */
+export function describeZodError(error: z.ZodError): { message: string; field?: string } {
+  const issue = error.issues[0];
+  if (!issue) return { message: 'invalid request body' };
+  const field = issue.path.map(String).join('.');
+  if (issue.code === 'unrecognized_keys') {
+    const keys = (issue as { keys?: string[] }).keys ?? [];
+    return { message: `unknown field${keys.length > 1 ? 's' : ''}: ${keys.join(', ')}`, field: keys[0] };
+  }
+  if (issue.code === 'invalid_type' && (issue as { input?: unknown }).input === undefined) {
+    return { message: `${field}: required`, field };
+  }
+  return { message: field ? `${field}: ${issue.message}` : issue.message, field: field || undefined };
+}

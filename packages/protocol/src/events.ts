@@ -1,0 +1,46 @@
+/**
+ * Events of `POST /v1/sandboxes/:id/exec`, one JSON object per NDJSON line. `stdout`, `stderr` and
+ * `exit` are the hosted product's; `result` and `error` are ours (the code-interpreter standard).
+ * Runtime-dependency free so the SDK can use it as is.
+ */
+
+/** A MIME bundle: `text/plain` always, plus any of html, png (base64), svg, json, markdown, latex. */
+export type MimeBundle = Record<string, unknown> & { 'text/plain'?: string };
+
+export interface ExecErrorInfo {
+  name: string;
+  value: string;
+  traceback: string;
+}
+
+interface EventBase {
+  /** Position of the event in its exec's stream, from 0. */
+  seq: number;
+  /** Milliseconds since the epoch when the server emitted the event. */
+  ts: number;
+}
+
+export interface StdoutEvent extends EventBase { type: 'stdout'; data: string }
+export interface StderrEvent extends EventBase { type: 'stderr'; data: string }
+export interface ResultEvent extends EventBase {
+  type: 'result';
+  data: MimeBundle;
+  /** True for the value of the cell's last expression; false for figures and display() calls. */
+  is_main_result: boolean;
+}
+export interface ErrorEvent extends EventBase { type: 'error'; data: ExecErrorInfo }
+export interface ExitEvent extends EventBase {
+  type: 'exit';
+  /** The exit code: 0 on success, 1 on an uncaught exception, n for SystemExit(n), 124 on timeout. */
+  data: number;
+  /** The interpreter's execution counter after this call (python only). */
+  execution_count?: number | null;
+  /** True when the interpreter had to be restarted (timeout or crash): its variables are gone. */
+  state_lost?: boolean;
+}
+
+export type ExecEvent = StdoutEvent | StderrEvent | ResultEvent | ErrorEvent | ExitEvent;
+export type ExecEventType = ExecEvent['type'];
+
+/** Exit code reported when an exec hit its timeout (the same as coreutils' `timeout`). */
+export const TIMEOUT_EXIT_CODE = 124;

@@ -1,0 +1,291 @@
+/**
+ * Option and result shapes of the SDK. Options are camelCase with units in their names; the SDK
+ * converts them to the API's snake_case bodies. Exec event types come from `@podflare/protocol`.
+ */
+import type { Readable } from 'node:stream';
+import type { ReadableStream as WebReadableStream } from 'node:stream/web';
+import type { ExecErrorInfo } from '@podflare/protocol/events';
+import type { Client } from './client.js';
+import type { Result } from './execution.js';
+
+/** The languages an exec can run. `python` runs in the sandbox's persistent interpreter; `bash` in a fresh `bash -c`. */
+export type Language = 'python' | 'bash';
+
+/** Isolation runtime of a sandbox: Linux namespaces, a micro-VM, or whichever the server prefers. */
+export type Runtime = 'ns' | 'vm' | 'auto';
+
+/**
+ * Lifecycle state of a sandbox: `starting`, `ready` (idle), `running` (an exec in flight), `stopped`
+ * (destroyed), `error` (crashed), `merged` (retired by `mergeInto`), `frozen`.
+ */
+export type SandboxState = 'starting' | 'ready' | 'running' | 'stopped' | 'error' | 'merged' | 'frozen';
+
+/** How to reach the server. Give a `client` to share its connections; `host`/`apiKey` make a new one. */
+export interface ConnectionOptions {
+  /**
+   * Base URL of the Podflare server (`http://host:port`, a bare `host:port` means http).
+   * Ignored when `client` is given.
+   * @default process.env.PODFLARE_HOST, else `http://127.0.0.1:7070`
+   */
+  host?: string;
+  /**
+   * API key sent as `Authorization: Bearer <key>`. Ignored when `client` is given.
+   * @default process.env.PODFLARE_API_KEY (none: fine for a loopback server without keys)
+   */
+  apiKey?: string;
+  /**
+   * The client to talk through; its keep-alive connections are shared by every sandbox made with it.
+   * @default a new Client when `host` or `apiKey` is given, else the lazily created default Client
+   */
+  client?: Client;
+}
+
+/** Options of {@link Sandbox.create}. */
+export interface SandboxCreateOptions extends ConnectionOptions {
+  /**
+   * Template (image) to start from.
+   * @default the server's default template (`default`)
+   */
+  template?: string;
+  /**
+   * Whether the sandbox may reach the network.
+   * @default true
+   */
+  egress?: boolean;
+  /**
+   * Keep the sandbox when idle instead of destroying it after `idleTimeoutSeconds`.
+   * @default false
+   */
+  persistent?: boolean;
+  /**
+   * Destroy the sandbox after this many seconds without a call.
+   * @default 300 (the server's default)
+   */
+  idleTimeoutSeconds?: number;
+  /**
+   * Destroy the sandbox this many seconds after creation, busy or not.
+   * @default the server's default (86400)
+   */
+  maxLifetimeSeconds?: number;
+  /**
+   * Isolation runtime.
+   * @default the server's choice
+   */
+  runtime?: Runtime;
+  /** Free-form string labels stored with the sandbox and returned by `info()`/`list()`. */
+  metadata?: Record<string, string>;
+}
+
+/** Options of {@link Sandbox.list}. */
+export interface SandboxListOptions extends ConnectionOptions {
+  /** Keep only descendants (fork children, grandchildren…) of this sandbox. */
+  ancestor?: string | { readonly id: string };
+  /** Keep only sandboxes in this state. */
+  state?: SandboxState;
+  /**
+   * Include destroyed sandboxes the server still remembers.
+   * @default false
+   */
+  all?: boolean;
+}
+
+/** What the server knows about a sandbox (`GET /v1/sandboxes/:id`). */
+export interface SandboxInfo {
+  /** `sbx_` followed by 32 hex digits. */
+  id: string;
+  state: SandboxState;
+  template: string;
+  runtime: 'ns' | 'vm';
+  egress: boolean;
+  persistent: boolean;
+  /** The sandbox this one was forked from, or null. */
+  parent: string | null;
+  /** Ids of the sandboxes forked from this one. */
+  children: string[];
+  createdAt: Date;
+  lastActiveAt: Date;
+  idleTimeoutSeconds: number;
+  metadata: Record<string, string>;
+}
+
+/** Options of {@link Sandbox.runCodeStream} (and the base of {@link RunCodeOptions}). */
+export interface ExecOptions {
+  /**
+   * Language of `code`.
+   * @default 'python'
+   */
+  language?: Language;
+  /**
+   * Server-side limit on the code's run time; when hit the code is interrupted (the interpreter is
+   * restarted if it does not yield) and the exit code is 124.
+   * @default the server's default
+   */
+  timeoutMs?: number;
+  /** Environment variables for this call only. */
+  env?: Record<string, string>;
+  /** Working directory for this call only. */
+  cwd?: string;
+  /** Aborts the call: the request is cancelled and the promise rejects with the signal's reason. */
+  signal?: AbortSignal;
+  /**
+   * Client-side bound on the whole call, streaming included. Unlike other calls, an exec has none by
+   * default (a long cell or one queued behind another is legitimate): only connecting is bounded, by
+   * the Client's `requestTimeoutMs`. Prefer `timeoutMs`, which stops the code itself.
+   * @default none
+   */
+  requestTimeoutMs?: number;
+}
+
+/** Options of {@link Sandbox.runCode}: {@link ExecOptions} plus callbacks called as events arrive. */
+export interface RunCodeOptions extends ExecOptions {
+  /** Called with each stdout chunk as it is produced. A returned promise is awaited. */
+  onStdout?: (text: string) => void | Promise<void>;
+  /** Called with each stderr chunk as it is produced. A returned promise is awaited. */
+  onStderr?: (text: string) => void | Promise<void>;
+  /** Called with each rich result (figures, `display()`, the last expression's value). */
+  onResult?: (result: Result) => void | Promise<void>;
+  /** Called with the uncaught exception, if any. It is also on `Execution.error`; it is not thrown. */
+  onError?: (error: ExecErrorInfo) => void | Promise<void>;
+}
+
+/** `runCode({ code, ... })`: the code inside the options. */
+export interface RunCodeRequest extends RunCodeOptions {
+  code: string;
+}
+
+/** `runCodeStream({ code, ... })`: the code inside the options. */
+export interface ExecRequest extends ExecOptions {
+  code: string;
+}
+
+/** An entry of a sandbox's filesystem. */
+export interface FileStat {
+  name: string;
+  /** Absolute path inside the sandbox. */
+  path: string;
+  type: 'file' | 'dir' | 'symlink' | 'other';
+  /** Size in bytes. */
+  size: number;
+  /** Unix permission bits. */
+  mode: number;
+  /** Modification time, in seconds since the epoch. */
+  mtime: number;
+}
+
+/**
+ * What `upload` accepts. Strings are written as UTF-8; byte arrays are sent as is; streams and async
+ * iterables are streamed as the request body chunk by chunk, never held in memory as a whole.
+ */
+export type UploadData =
+  | string
+  | Uint8Array
+  | Readable
+  | WebReadableStream<Uint8Array>
+  | AsyncIterable<Uint8Array>;
+
+/** Answer of an upload: where the file landed and how many bytes it has. */
+export interface UploadResult {
+  path: string;
+  size: number;
+}
+
+/** Options of file transfers and file operations. */
+export interface FileOptions {
+  /** Aborts the call; the promise (or stream) fails with the signal's reason. */
+  signal?: AbortSignal;
+  /**
+   * Client-side bound: for transfers, on connecting and on waiting for the answer's headers (the body
+   * itself may stream for as long as it takes); for the other calls, on the whole call.
+   * @default the Client's `requestTimeoutMs`
+   */
+  requestTimeoutMs?: number;
+}
+
+/** Options of `files.remove`. */
+export interface RemoveOptions extends FileOptions {
+  /**
+   * Remove a directory and everything under it.
+   * @default false
+   */
+  recursive?: boolean;
+}
+
+/** Options of {@link Sandbox.diff}. */
+export interface DiffOptions {
+  /**
+   * Compare only under these paths.
+   * @default all paths (the server's choice)
+   */
+  paths?: string[];
+  /**
+   * Include a unified diff per modified text file in `content`.
+   * @default false
+   */
+  content?: boolean;
+  /**
+   * Include the interpreter variables that differ in `vars`.
+   * @default false
+   */
+  vars?: boolean;
+}
+
+/** Answer of {@link Sandbox.diff}: the paths that differ between the two sandboxes, as the server reports them. */
+export interface DiffResult {
+  added: string[];
+  removed: string[];
+  modified: string[];
+  /** Unified diff per modified path (when `content: true` was asked). */
+  content?: Record<string, string>;
+  /** Interpreter variables that differ (when `vars: true` was asked); the shape is the server's. */
+  vars?: Record<string, unknown>;
+}
+
+/** Options of {@link Sandbox.mergeInto}. */
+export interface MergeOptions {
+  /**
+   * Copy only these paths from the winner and keep this sandbox's interpreter; the winner stays alive.
+   * @default the whole state is swapped and the winner retired
+   */
+  paths?: string[];
+}
+
+/** Answer of `GET /v1/capacity`: warm pool and sandbox counters. */
+export interface Capacity {
+  pool: { template: string; ready: number; target: number; starting: number; hits: number; misses: number };
+  sandboxes: { active: number; max: number };
+  runtime: string;
+}
+
+/** @internal The wire (snake_case) form of {@link SandboxInfo}. */
+export interface WireSandboxInfo {
+  id: string;
+  state: SandboxState;
+  template: string;
+  runtime: 'ns' | 'vm';
+  egress: boolean;
+  persistent: boolean;
+  parent: string | null;
+  children: string[];
+  created_at: string;
+  last_active_at: string;
+  idle_timeout_seconds: number;
+  metadata: Record<string, string>;
+}
+
+/** @internal Converts the wire form of a sandbox record. */
+export function toSandboxInfo(w: WireSandboxInfo): SandboxInfo {
+  return {
+    id: w.id,
+    state: w.state,
+    template: w.template,
+    runtime: w.runtime,
+    egress: w.egress,
+    persistent: w.persistent,
+    parent: w.parent ?? null,
+    children: w.children ?? [],
+    createdAt: new Date(w.created_at),
+    lastActiveAt: new Date(w.last_active_at),
+    idleTimeoutSeconds: w.idle_timeout_seconds,
+    metadata: w.metadata ?? {},
+  };
+}

@@ -1,0 +1,88 @@
+/**
+ * Server configuration: defaults, overridden by the environment, overridden by explicit options
+ * (CLI flags or a test's arguments). Resolved once into a plain object; nothing reads process.env
+ * after this.
+ */
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import type { LogLevel } from './log.js';
+
+export type RuntimeName = 'ns' | 'vm' | 'auto';
+
+export interface ServerConfig {
+  host: string;
+  port: number;
+  /** Sandboxes' layers and the SQLite database. @default PODFLARE_STATE_DIR or /var/lib/podflare */
+  stateDir: string;
+  /** Built images; shareable between servers. @default PODFLARE_IMAGES_DIR or <stateDir>/images */
+  imagesDir: string;
+  /** Bearer keys; empty means no auth (only allowed on loopback). @default PODFLARE_API_KEYS */
+  apiKeys: string[];
+  /** Ready sandboxes kept per template. @default PODFLARE_POOL_SIZE or sized to the machine */
+  poolSize: number;
+  runtime: RuntimeName;
+  logLevel: LogLevel;
+  /** The repo's agent/ folder, copied into the image's agent layer. */
+  agentDir: string;
+  /** Default idle timeout of a sandbox. */
+  idleTimeoutSeconds: number;
+  /** Default and upper bound of a sandbox's whole life. */
+  maxLifetimeSeconds: number;
+  /** Server-wide cap on live sandboxes (pool included). */
+  maxSandboxes: number;
+  /** How long an agent may take to say hello. */
+  startTimeoutMs: number;
+  /** Grace between an interrupt and killing the interpreter. */
+  interruptGraceMs: number;
+}
+
+/** The repo's agent/ folder, found relative to this file (packages/server/dist/config.js). */
+function defaultAgentDir(): string {
+  return path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../../agent');
+}
+
+/** Two warm sandboxes per core, between 2 and 16: enough to absorb bursts, cheap when idle (~20 MB each). */
+function defaultPoolSize(): number {
+  return Math.max(2, Math.min(16, os.availableParallelism() * 2));
+}
+
+function int(value: string | undefined, name: string): number | undefined {
+  if (value === undefined || value === '') return undefined;
+  const n = Number(value);
+  if (!Number.isInteger(n) || n < 0) throw new Error(`${name} must be a non-negative integer, got "${value}"`);
+  return n;
+}
+
+export function loadConfig(overrides: Partial<ServerConfig> = {}, env: NodeJS.ProcessEnv = process.env): ServerConfig {
+  const stateDir = overrides.stateDir ?? env.PODFLARE_STATE_DIR ?? '/var/lib/podflare';
+  const runtime = (overrides.runtime ?? env.PODFLARE_RUNTIME ?? 'ns') as RuntimeName;
+  if (!['ns', 'vm', 'auto'].includes(runtime)) throw new Error(`runtime must be ns, vm or auto, got "${runtime}"`);
+  const config: ServerConfig = {
+    host: env.PODFLARE_BIND_HOST ?? '127.0.0.1',
+    port: int(env.PODFLARE_PORT, 'PODFLARE_PORT') ?? 7070,
+    stateDir,
+    imagesDir: env.PODFLARE_IMAGES_DIR ?? path.join(overrides.stateDir ?? stateDir, 'images'),
+    apiKeys: (env.PODFLARE_API_KEYS ?? '').split(',').map((k) => k.trim()).filter(Boolean),
+    poolSize: int(env.PODFLARE_POOL_SIZE, 'PODFLARE_POOL_SIZE') ?? defaultPoolSize(),
+    runtime,
+    logLevel: (env.PODFLARE_LOG_LEVEL as LogLevel | undefined) ?? 'info',
+    agentDir: env.PODFLARE_AGENT_DIR ?? defaultAgentDir(),
+    idleTimeoutSeconds: int(env.PODFLARE_IDLE_TIMEOUT_SECONDS, 'PODFLARE_IDLE_TIMEOUT_SECONDS') ?? 300,
+    maxLifetimeSeconds: int(env.PODFLARE_MAX_LIFETIME_SECONDS, 'PODFLARE_MAX_LIFETIME_SECONDS') ?? 24 * 3600,
+    maxSandboxes: int(env.PODFLARE_MAX_SANDBOXES, 'PODFLARE_MAX_SANDBOXES') ?? 256,
+    startTimeoutMs: 15_000,
+    interruptGraceMs: int(env.PODFLARE_INTERRUPT_GRACE_MS, 'PODFLARE_INTERRUPT_GRACE_MS') ?? 2000,
+  };
+  const merged = { ...config, ...stripUndefined(overrides) };
+  if (overrides.stateDir && !overrides.imagesDir && !env.PODFLARE_IMAGES_DIR) merged.imagesDir = path.join(overrides.stateDir, 'images');
+  return merged;
+}
+
+function stripUndefined<T extends object>(o: T): Partial<T> {
+  return Object.fromEntries(Object.entries(o).filter(([, v]) => v !== undefined)) as Partial<T>;
+}
+
+export function isLoopback(host: string): boolean {
+  return host === 'localhost' || host === '::1' || host.startsWith('127.');
+}

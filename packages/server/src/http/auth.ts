@@ -1,0 +1,32 @@
+/**
+ * Bearer-key auth. Keys are kept only as sha256 digests and compared in constant time; the digest
+ * of the caller's key is its identity ("owner") for the sandboxes it creates.
+ */
+import { createHash, timingSafeEqual } from 'node:crypto';
+import type { IncomingMessage } from 'node:http';
+import { ApiError } from '../errors.js';
+
+export const hashKey = (key: string) => createHash('sha256').update(key).digest();
+
+export class KeyRing {
+  private readonly digests: Buffer[];
+
+  constructor(keys: string[]) {
+    this.digests = keys.map(hashKey);
+  }
+
+  get enabled(): boolean {
+    return this.digests.length > 0;
+  }
+
+  /** The caller's owner id; throws 401 when keys are configured and the request has none of them. */
+  authenticate(req: IncomingMessage): string {
+    if (!this.enabled) return '';
+    const header = req.headers.authorization ?? '';
+    const m = /^Bearer\s+(\S+)$/i.exec(header);
+    if (!m) throw new ApiError('unauthorized', 'missing API key: send "Authorization: Bearer <key>" (PODFLARE_API_KEY in the SDKs)');
+    const digest = hashKey(m[1]!);
+    if (!this.digests.some((d) => timingSafeEqual(d, digest))) throw new ApiError('unauthorized', 'invalid API key');
+    return digest.toString('hex');
+  }
+}

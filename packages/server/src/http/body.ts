@@ -1,0 +1,48 @@
+/** Reading request bodies with caps, and writing JSON answers. */
+import type { IncomingMessage, ServerResponse } from 'node:http';
+import type { z } from 'zod';
+import { describeZodError } from '@podflare/protocol';
+import { ApiError } from '../errors.js';
+
+/** JSON bodies are small (code is capped at 4 MiB); files use raw streamed bodies instead. */
+export const MAX_JSON_BODY_BYTES = 8 * 1024 * 1024;
+
+export async function readJson(req: IncomingMessage): Promise<unknown> {
+  const declared = Number(req.headers['content-length'] ?? 0);
+  if (declared > MAX_JSON_BODY_BYTES) throw new ApiError('payload_too_large', `request body over ${MAX_JSON_BODY_BYTES} bytes`);
+  const chunks: Buffer[] = [];
+  let size = 0;
+  for await (const chunk of req as AsyncIterable<Buffer>) {
+    size += chunk.length;
+    if (size > MAX_JSON_BODY_BYTES) throw new ApiError('payload_too_large', `request body over ${MAX_JSON_BODY_BYTES} bytes`);
+    chunks.push(chunk);
+  }
+  if (size === 0) return {};
+  try {
+    return JSON.parse(Buffer.concat(chunks).toString('utf8'));
+  } catch (err) {
+    throw new ApiError('bad_request', `request body is not valid JSON: ${(err as Error).message}`);
+  }
+}
+
+export async function readBody<T extends z.ZodType>(req: IncomingMessage, schema: T): Promise<z.infer<T>> {
+  const raw = await readJson(req);
+  if (raw === null || typeof raw !== 'object' || Array.isArray(raw)) throw new ApiError('bad_request', 'request body must be a JSON object');
+  const parsed = schema.safeParse(raw);
+  if (!parsed.success) {
+    const { message, field } = describeZodError(parsed.error);
+    throw new ApiError('bad_request', message, field);
+  }
+  return parsed.data;
+}
+
+export function sendJson(res: ServerResponse, status: number, body: unknown, headers: Record<string, string> = {}): void {
+  const text = JSON.stringify(body);
+  res.writeHead(status, { 'Content-Type': 'application/json', 'Content-Length': Buffer.byteLength(text), ...headers });
+  res.end(text);
+}
+
+export function sendEmpty(res: ServerResponse, status = 204): void {
+  res.writeHead(status);
+  res.end();
+}

@@ -1,0 +1,113 @@
+/** Sandbox lifecycle and exec endpoints (docs/api.md). */
+import type { ServerResponse } from 'node:http';
+import { CreateSandboxBody, ExecBody, SANDBOX_ID_PATTERN, type ExecEvent, type ExecStreamMessage, type SandboxState } from '@podflare/protocol';
+import { ApiError } from '../errors.js';
+import type { SandboxManager } from '../sandbox-manager.js';
+import { readBody, sendEmpty, sendJson } from './body.js';
+import type { RequestContext, Router } from './router.js';
+
+const STATES: SandboxState[] = ['starting', 'ready', 'running', 'stopped', 'error', 'merged', 'frozen'];
+
+export function sandboxId(ctx: RequestContext, param = 'id'): string {
+  const id = ctx.params[param] ?? '';
+  if (!SANDBOX_ID_PATTERN.test(id)) throw new ApiError('bad_request', `"${id}" is not a sandbox id (sbx_ followed by 32 hex digits)`, param);
+  return id;
+}
+
+export function addSandboxRoutes(router: Router, manager: SandboxManager): void {
+  router.add('POST', '/v1/sandboxes', async (ctx) => {
+    const body = await readBody(ctx.req, CreateSandboxBody);
+    const record = await manager.create({ ...body, owner: ctx.owner });
+    sendJson(ctx.res, 201, { id: record.id, state: 'ready' });
+  });
+
+  router.add('GET', '/v1/sandboxes', async (ctx) => {
+    const ancestor = ctx.query.get('ancestor') ?? undefined;
+    if (ancestor !== undefined && !SANDBOX_ID_PATTERN.test(ancestor)) throw new ApiError('bad_request', 'ancestor: not a sandbox id', 'ancestor');
+    const state = ctx.query.get('state') ?? undefined;
+    if (state !== undefined && !STATES.includes(state as SandboxState)) throw new ApiError('bad_request', `state: must be one of ${STATES.join(', ')}`, 'state');
+    const all = ['1', 'true'].includes(ctx.query.get('all') ?? '');
+    const sandboxes = await manager.list({ ancestor, state: state as SandboxState | undefined, all }, ctx.owner || undefined);
+    sendJson(ctx.res, 200, { sandboxes });
+  });
+
+  router.add('GET', '/v1/sandboxes/:id', async (ctx) => {
+    sendJson(ctx.res, 200, await manager.info(sandboxId(ctx), ctx.owner || undefined));
+  });
+
+  router.add('DELETE', '/v1/sandboxes/:id', async (ctx) => {
+    await manager.destroy(sandboxId(ctx), ctx.owner || undefined);
+    sendEmpty(ctx.res);
+  });
+
+  router.add('POST', '/v1/sandboxes/:id/exec', async (ctx) => {
+    const id = sandboxId(ctx);
+    const body = await readBody(ctx.req, ExecBody);
+    const sandbox = await manager.get(id, ctx.owner || undefined);
+    const stream = new EventStream(ctx.res);
+    // A caller that hangs up does not leave its code running: interrupt it.
+    let finished = false;
+    ctx.res.on('close', () => { if (!finished) void manager.interrupt(sandbox).catch(() => undefined); });
+    try {
+      const exit = await manager.exec(sandbox, {
+        op: 'exec', language: body.language ?? 'python', code: body.code,
+        timeout_ms: body.timeout_ms, env: body.env, cwd: body.cwd,
+      }, (msg) => stream.agentMessage(msg));
+      stream.agentMessage(exit, true);
+    } catch (err) {
+      if (!stream.started) throw err;
+      // The sandbox died mid-call: say so in the stream, which has already begun.
+      stream.emit({ type: 'error', data: { name: 'SandboxError', value: (err as Error).message, traceback: '' } });
+      stream.emit({ type: 'exit', data: 137, execution_count: null, state_lost: true });
+    } finally {
+      finished = true;
+      stream.end();
+    }
+  });
+
+  router.add('POST', '/v1/sandboxes/:id/interrupt', async (ctx) => {
+    const sandbox = await manager.get(sandboxId(ctx), ctx.owner || undefined);
+    sendJson(ctx.res, 200, { interrupted: await manager.interrupt(sandbox) });
+  });
+}
+
+type EventBody = ExecEvent extends infer E ? (E extends ExecEvent ? Omit<E, 'seq' | 'ts'> : never) : never;
+
+/** Writes exec events as NDJSON, numbering and timestamping them, headers sent on the first. */
+class EventStream {
+  private seq = 0;
+  started = false;
+  private exitSent = false;
+
+  constructor(private readonly res: ServerResponse) {}
+
+  agentMessage(msg: ExecStreamMessage, final = false): void {
+    switch (msg.ev) {
+      case 'stdout':
+      case 'stderr':
+        return this.emit({ type: msg.ev, data: msg.data });
+      case 'result':
+        return this.emit({ type: 'result', data: msg.data, is_main_result: msg.is_main_result });
+      case 'error':
+        return this.emit({ type: 'error', data: msg.data });
+      case 'exit':
+        if (!final || this.exitSent) return; // the exit is written once, after all else
+        this.exitSent = true;
+        return this.emit({ type: 'exit', data: msg.code, execution_count: msg.execution_count ?? null, state_lost: msg.state_lost ?? false });
+    }
+  }
+
+  emit(event: EventBody): void {
+    if (!this.started) {
+      this.started = true;
+      this.res.writeHead(200, { 'Content-Type': 'application/x-ndjson', 'Cache-Control': 'no-store', 'X-Accel-Buffering': 'no' });
+    }
+    if (this.res.writableEnded || this.res.destroyed) return;
+    this.res.write(JSON.stringify({ ...event, seq: this.seq++, ts: Date.now() }) + '\n');
+  }
+
+  end(): void {
+    if (!this.started) this.emit({ type: 'exit', data: 137, execution_count: null, state_lost: true });
+    if (!this.res.writableEnded) this.res.end();
+  }
+}

@@ -1,0 +1,131 @@
+/**
+ * The warm pool: ready sandboxes per key (template + egress), so a create only pops one. Refilled
+ * in the background with bounded parallelism; a sandbox that dies while pooled is dropped and
+ * replaced. Counters feed /v1/capacity.
+ */
+import type { Logger } from './log.js';
+import type { RuntimeSandbox } from './runtime/runtime.js';
+
+export interface PoolKey { template: string; egress: boolean }
+export type StartFn = (key: PoolKey) => Promise<RuntimeSandbox>;
+
+export interface PoolStats {
+  template: string;
+  egress: boolean;
+  ready: number;
+  starting: number;
+  target: number;
+  hits: number;
+  misses: number;
+}
+
+interface Bucket {
+  key: PoolKey;
+  ready: RuntimeSandbox[];
+  starting: number;
+  target: number;
+  hits: number;
+  misses: number;
+  failures: number;
+}
+
+const keyOf = (k: PoolKey) => `${k.template}|${k.egress ? 'net' : 'nonet'}`;
+
+export class WarmPool {
+  private readonly buckets = new Map<string, Bucket>();
+  private closed = false;
+  private startsInFlight = 0;
+  private readonly waiters = new Set<() => void>();
+
+  constructor(private readonly start: StartFn, private readonly opts: { target: number; maxParallelStarts: number; log: Logger }) {}
+
+  /** Starts keeping `target` ready sandboxes for this key (the default key gets the full target). */
+  warm(key: PoolKey, target = this.opts.target): void {
+    const b = this.bucket(key);
+    b.target = Math.max(b.target, target);
+    this.refill(b);
+  }
+
+  /** Pops a ready sandbox, or undefined on a miss. Either way the bucket is refilled behind. */
+  take(key: PoolKey): RuntimeSandbox | undefined {
+    const b = this.bucket(key);
+    const sandbox = b.ready.shift();
+    if (sandbox) b.hits++;
+    else {
+      b.misses++;
+      // A key asked for is a key worth keeping warm, if the pool is on at all.
+      if (b.target === 0 && this.opts.target > 0) b.target = Math.max(1, Math.floor(this.opts.target / 4));
+    }
+    this.refill(b);
+    return sandbox;
+  }
+
+  stats(): PoolStats[] {
+    return [...this.buckets.values()].map((b) => ({
+      template: b.key.template, egress: b.key.egress, ready: b.ready.length, starting: b.starting,
+      target: b.target, hits: b.hits, misses: b.misses,
+    }));
+  }
+
+  /** Resolves when every bucket is full (for start-up and benchmarks). */
+  async waitFull(timeoutMs = 60_000): Promise<void> {
+    const deadline = Date.now() + timeoutMs;
+    while (!this.closed && [...this.buckets.values()].some((b) => b.ready.length < b.target)) {
+      if (Date.now() > deadline) throw new Error('the warm pool did not fill in time');
+      await new Promise<void>((resolve) => {
+        const t = setTimeout(resolve, 200);
+        this.waiters.add(() => { clearTimeout(t); resolve(); });
+      });
+    }
+  }
+
+  async close(): Promise<void> {
+    this.closed = true;
+    const all = [...this.buckets.values()].flatMap((b) => b.ready.splice(0));
+    await Promise.all(all.map((s) => s.destroy()));
+  }
+
+  private bucket(key: PoolKey): Bucket {
+    const k = keyOf(key);
+    let b = this.buckets.get(k);
+    if (!b) {
+      b = { key, ready: [], starting: 0, target: 0, hits: 0, misses: 0, failures: 0 };
+      this.buckets.set(k, b);
+    }
+    return b;
+  }
+
+  private refill(b: Bucket): void {
+    while (!this.closed && b.ready.length + b.starting < b.target && this.startsInFlight < this.opts.maxParallelStarts) {
+      b.starting++;
+      this.startsInFlight++;
+      this.start(b.key).then(
+        (sandbox) => {
+          b.failures = 0;
+          if (this.closed) return void sandbox.destroy();
+          b.ready.push(sandbox);
+          void sandbox.exited.then(() => {
+            const i = b.ready.indexOf(sandbox);
+            if (i !== -1) { b.ready.splice(i, 1); this.refill(b); }
+          });
+        },
+        (err: Error) => {
+          b.failures++;
+          this.opts.log.warn('pool start failed', { template: b.key.template, error: err.message });
+        },
+      ).finally(() => {
+        b.starting--;
+        this.startsInFlight--;
+        for (const w of this.waiters) w();
+        this.waiters.clear();
+        // Back off after repeated failures instead of spinning on a broken image or host.
+        if (b.failures > 0) setTimeout(() => this.refillAll(), Math.min(30_000, 500 * 2 ** b.failures)).unref();
+        else this.refillAll();
+      });
+    }
+  }
+
+  private refillAll(): void {
+    for (const b of this.buckets.values()) this.refill(b);
+  }
+}

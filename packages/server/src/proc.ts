@@ -1,0 +1,60 @@
+/** Small helpers over child processes and /proc, shared by the runtimes. */
+import { execFile } from 'node:child_process';
+import { readFile, readdir } from 'node:fs/promises';
+
+/** Runs a command to completion; rejects with its stderr when it fails. */
+export function run(cmd: string, args: string[], opts: { timeoutMs?: number } = {}): Promise<string> {
+  return new Promise((resolve, reject) => {
+    execFile(cmd, args, { timeout: opts.timeoutMs ?? 30_000, maxBuffer: 16 * 1024 * 1024 }, (err, stdout, stderr) => {
+      if (err) reject(new Error(`${cmd} ${args.join(' ')} failed: ${String(stderr).trim() || err.message}`));
+      else resolve(String(stdout));
+    });
+  });
+}
+
+/** Every descendant of `root` (and root itself), from /proc's parent links. */
+export async function processTree(root: number): Promise<number[]> {
+  const parents = new Map<number, number[]>();
+  for (const name of await readdir('/proc')) {
+    const pid = Number(name);
+    if (!Number.isInteger(pid)) continue;
+    try {
+      const stat = await readFile(`/proc/${pid}/stat`, 'utf8');
+      // The command name may contain spaces and parentheses: fields start after the last ')'.
+      const ppid = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]);
+      const list = parents.get(ppid) ?? [];
+      list.push(pid);
+      parents.set(ppid, list);
+    } catch { /* the process ended meanwhile */ }
+  }
+  const out: number[] = [];
+  const queue = [root];
+  while (queue.length) {
+    const pid = queue.shift()!;
+    out.push(pid);
+    queue.push(...(parents.get(pid) ?? []));
+  }
+  return out;
+}
+
+/** Sum of the processes' PSS (kernel smaps_rollup), in bytes. */
+export async function pssOf(pids: number[]): Promise<number> {
+  let kb = 0;
+  for (const pid of pids) {
+    try {
+      const rollup = await readFile(`/proc/${pid}/smaps_rollup`, 'utf8');
+      const m = /^Pss:\s+(\d+) kB/m.exec(rollup);
+      if (m) kb += Number(m[1]);
+    } catch { /* gone */ }
+  }
+  return kb * 1024;
+}
+
+export function isAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}

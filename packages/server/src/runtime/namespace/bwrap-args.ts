@@ -1,0 +1,40 @@
+/**
+ * The bubblewrap command line of a namespace sandbox. Kept apart from process handling so the
+ * isolation policy reads in one place:
+ * - own user, mount, pid, ipc, uts, net and cgroup namespaces (`--unshare-*`);
+ * - the root is the sandbox's overlay (image + its own layer) and nothing else of the host: no
+ *   /root, no checkout, no state directory, no other sandbox; /tmp is part of the overlay, so it is
+ *   private and inherited by forks;
+ * - fresh /proc and a minimal /dev;
+ * - `--die-with-parent`: nothing outlives the server; `--new-session`: no TIOCSTI into a terminal;
+ * - a cleared environment.
+ */
+export interface BwrapOptions {
+  root: string;
+  hostname: string;
+  env: Record<string, string>;
+  /** fd (in bwrap) where bwrap writes its JSON info (child pid). */
+  infoFd: number;
+  command: string[];
+}
+
+export const SANDBOX_PATH = '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin';
+
+export function bwrapArgs(o: BwrapOptions): string[] {
+  const args = [
+    '--die-with-parent',
+    '--new-session',
+    '--unshare-user', '--uid', '0', '--gid', '0',
+    '--unshare-pid', '--unshare-ipc', '--unshare-uts', '--unshare-net', '--unshare-cgroup-try',
+    '--hostname', o.hostname,
+    '--bind', o.root, '/',
+    '--proc', '/proc',
+    '--dev', '/dev',
+    '--info-fd', String(o.infoFd),
+    '--clearenv',
+    '--chdir', '/root',
+  ];
+  for (const [k, v] of Object.entries(o.env)) args.push('--setenv', k, v);
+  args.push('--', ...o.command);
+  return args;
+}

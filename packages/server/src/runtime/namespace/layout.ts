@@ -1,0 +1,28 @@
+/**
+ * Where a namespace sandbox's files live on the host:
+ *   <stateDir>/sandboxes/<id>/upper   the sandbox's own overlay layer (its writes)
+ *   <stateDir>/sandboxes/<id>/work    overlayfs's scratch directory
+ *   <stateDir>/sandboxes/<id>/root    where the overlay is mounted on the host, only while starting
+ */
+import path from 'node:path';
+
+export interface SandboxDirs {
+  dir: string;
+  upper: string;
+  work: string;
+  root: string;
+}
+
+export function sandboxesDir(stateDir: string): string {
+  return path.join(stateDir, 'sandboxes');
+}
+
+export function sandboxDirs(stateDir: string, id: string): SandboxDirs {
+  const dir = path.join(sandboxesDir(stateDir), id);
+  return { dir, upper: path.join(dir, 'upper'), work: path.join(dir, 'work'), root: path.join(dir, 'root') };
+}
+
+/** overlayfs options separate paths with ':' and ','; refuse paths that would break them. */
+export function assertMountablePath(p: string): void {
+  if (/[:,\s]/.test(p)) throw new Error(`path "${p}" cannot be used in an overlay mount (no ':', ',' or spaces)`);
+}

@@ -1,0 +1,224 @@
+/**
+ * Owns the live sandboxes: creation (from the warm pool or on demand), the one-exec-at-a-time
+ * queue, idle timeouts and lifetimes, crash detection, and the records in the store. The HTTP layer
+ * calls this; it never touches a runtime directly.
+ */
+import { randomBytes } from 'node:crypto';
+import type { AgentRequestBody, CreateSandboxBody, ExecStreamMessage, SandboxInfo } from '@podflare/protocol';
+import { ChannelClosedError } from './agent-channel.js';
+import type { ServerConfig } from './config.js';
+import { ApiError } from './errors.js';
+import type { Logger } from './log.js';
+import { WarmPool, type PoolKey } from './pool.js';
+import type { Runtime, RuntimeSandbox } from './runtime/runtime.js';
+import { SerialQueue } from './serial-queue.js';
+import { ENDED_STATES, type SandboxRecord, type SandboxStore } from './store/store.js';
+
+export const DEFAULT_TEMPLATE = 'default';
+
+export function newSandboxId(): string {
+  return 'sbx_' + randomBytes(16).toString('hex');
+}
+
+interface LiveSandbox {
+  record: SandboxRecord;
+  rt: RuntimeSandbox;
+  queue: SandboxQueue;
+  /** Set while an exec runs: lets interrupt and the idle sweep know. */
+  running: number;
+}
+
+type SandboxQueue = SerialQueue;
+
+export interface CreateOptions extends CreateSandboxBody {
+  owner: string;
+}
+
+export class SandboxManager {
+  private readonly live = new Map<string, LiveSandbox>();
+  private readonly pool: WarmPool;
+  private readonly sweeper: NodeJS.Timeout;
+  private closing = false;
+  readonly counters = { created: 0, destroyed: 0, crashed: 0, expired: 0 };
+
+  constructor(
+    private readonly runtime: Runtime,
+    private readonly store: SandboxStore,
+    private readonly config: ServerConfig,
+    private readonly log: Logger,
+  ) {
+    this.pool = new WarmPool((key) => this.startRuntimeSandbox(key), {
+      target: config.poolSize,
+      maxParallelStarts: 2,
+      log,
+    });
+    this.sweeper = setInterval(() => void this.sweep(), 1000);
+    this.sweeper.unref();
+  }
+
+  /** Start-up: forget sandboxes of a previous server (their processes died with it) and warm the pool. */
+  async start(): Promise<void> {
+    const ended = await this.store.endAllLive('server restarted', Date.now());
+    if (ended) this.log.info('marked sandboxes of the previous server as ended', { count: ended });
+    await this.runtime.cleanupOrphans();
+    this.pool.warm({ template: DEFAULT_TEMPLATE, egress: true });
+  }
+
+  get poolStats() {
+    return this.pool.stats();
+  }
+
+  waitPoolFull(timeoutMs?: number): Promise<void> {
+    return this.pool.waitFull(timeoutMs);
+  }
+
+  get liveCount(): number {
+    return this.live.size;
+  }
+
+  async create(opts: CreateOptions): Promise<SandboxRecord> {
+    if (this.closing) throw new ApiError('unavailable', 'the server is shutting down');
+    const template = opts.template ?? DEFAULT_TEMPLATE;
+    if (template !== DEFAULT_TEMPLATE) throw new ApiError('bad_request', `unknown template "${template}" (available: ${DEFAULT_TEMPLATE})`, 'template');
+    if (opts.runtime === 'vm') throw new ApiError('bad_request', 'the vm runtime is not available on this server (see `podflare doctor`)', 'runtime');
+    if (this.live.size >= this.config.maxSandboxes) {
+      throw new ApiError('rate_limited', `the server already runs ${this.live.size} sandboxes (max ${this.config.maxSandboxes})`, undefined, { 'Retry-After': '5' });
+    }
+    const key: PoolKey = { template, egress: opts.egress ?? true };
+    const rt = this.pool.take(key) ?? (await this.startRuntimeSandbox(key));
+    const now = Date.now();
+    const record: SandboxRecord = {
+      id: rt.id, state: 'ready', template, runtime: this.runtime.name, egress: key.egress,
+      persistent: opts.persistent ?? false, parentId: null, createdAt: now, lastActiveAt: now,
+      endedAt: null, endReason: null,
+      idleTimeoutSeconds: opts.idle_timeout_seconds ?? this.config.idleTimeoutSeconds,
+      maxLifetimeSeconds: Math.min(opts.max_lifetime_seconds ?? this.config.maxLifetimeSeconds, this.config.maxLifetimeSeconds),
+      metadata: opts.metadata ?? {}, owner: opts.owner,
+    };
+    await this.store.insert(record);
+    this.adopt(record, rt);
+    this.counters.created++;
+    return record;
+  }
+
+  /** The live sandbox, or the error a user should see: 404 never existed, 410 ended. */
+  async get(id: string, owner?: string): Promise<LiveSandbox> {
+    const s = this.live.get(id);
+    if (s && (owner === undefined || s.record.owner === owner)) return s;
+    const record = await this.store.get(id);
+    if (!record || (owner !== undefined && record.owner !== owner) || record.state === 'merged') {
+      throw new ApiError('not_found', `sandbox ${id} not found`);
+    }
+    throw new ApiError('sandbox_gone', `sandbox ${id} is gone (${record.state}${record.endReason ? `: ${record.endReason}` : ''})`);
+  }
+
+  async info(id: string, owner?: string): Promise<SandboxInfo> {
+    const live = this.live.get(id);
+    const record = live?.record ?? (await this.store.get(id));
+    if (!record || (owner !== undefined && record.owner !== owner) || record.state === 'merged') throw new ApiError('not_found', `sandbox ${id} not found`);
+    return this.toInfo(record, await this.store.children(id));
+  }
+
+  async list(filter: { ancestor?: string; state?: SandboxRecord['state']; all?: boolean }, owner?: string): Promise<SandboxInfo[]> {
+    const records = await this.store.list({ ancestor: filter.ancestor, state: filter.state, includeEnded: filter.all, owner });
+    return Promise.all(records.map(async (r) => this.toInfo(this.live.get(r.id)?.record ?? r, await this.store.children(r.id))));
+  }
+
+  /** Runs code; `onEvent` sees the agent's stream. Queued behind other execs of the same sandbox. */
+  async exec(s: LiveSandbox, body: AgentRequestBody<'exec'>, onEvent: (msg: ExecStreamMessage) => void) {
+    return s.queue.run(async () => {
+      if (!this.live.has(s.record.id)) throw new ApiError('sandbox_gone', `sandbox ${s.record.id} is gone`);
+      s.running++;
+      this.setState(s, 'running');
+      try {
+        return await s.rt.channel.exec(body, onEvent);
+      } finally {
+        s.running--;
+        s.record.lastActiveAt = Date.now();
+        if (this.live.has(s.record.id)) this.setState(s, 'ready');
+      }
+    });
+  }
+
+  async interrupt(s: LiveSandbox): Promise<boolean> {
+    if (!s.running) return false;
+    const answer = await s.rt.channel.request({ op: 'interrupt' });
+    return answer.interrupted;
+  }
+
+  /** Marks activity (file operations count as use for the idle timeout). */
+  touch(s: LiveSandbox): void {
+    s.record.lastActiveAt = Date.now();
+  }
+
+  async destroy(id: string, owner?: string, reason = 'deleted'): Promise<void> {
+    const s = this.live.get(id);
+    if (!s || (owner !== undefined && s.record.owner !== owner)) return;
+    await this.end(s, 'stopped', reason);
+  }
+
+  async close(): Promise<void> {
+    this.closing = true;
+    clearInterval(this.sweeper);
+    await this.pool.close();
+    await Promise.all([...this.live.values()].map((s) => this.end(s, 'stopped', 'server shut down')));
+    await this.runtime.close();
+  }
+
+  private async startRuntimeSandbox(key: PoolKey): Promise<RuntimeSandbox> {
+    const id = newSandboxId();
+    return this.runtime.start({ id, template: key.template, egress: key.egress, hostname: `sbx-${id.slice(4, 16)}` });
+  }
+
+  private adopt(record: SandboxRecord, rt: RuntimeSandbox): void {
+    const s: LiveSandbox = { record, rt, queue: new SerialQueue(), running: 0 };
+    this.live.set(record.id, s);
+    void rt.exited.then(({ reason }) => {
+      if (this.live.get(record.id) !== s) return;
+      this.counters.crashed++;
+      void this.end(s, 'error', reason);
+    });
+  }
+
+  private async end(s: LiveSandbox, state: 'stopped' | 'error', reason: string): Promise<void> {
+    if (this.live.get(s.record.id) !== s) return;
+    this.live.delete(s.record.id);
+    this.counters.destroyed++;
+    s.record.state = state;
+    s.record.endedAt = Date.now();
+    s.record.endReason = reason;
+    this.log.debug('sandbox ended', { sandbox: s.record.id, state, reason });
+    await this.store.update(s.record.id, { state, endedAt: s.record.endedAt, endReason: reason, lastActiveAt: s.record.lastActiveAt });
+    await s.rt.destroy();
+  }
+
+  private setState(s: LiveSandbox, state: SandboxRecord['state']): void {
+    s.record.state = state;
+  }
+
+  /** Idle timeouts (not while an exec runs or waits) and maximum lifetimes. */
+  private async sweep(): Promise<void> {
+    const now = Date.now();
+    for (const s of [...this.live.values()]) {
+      const r = s.record;
+      if (now - r.createdAt > r.maxLifetimeSeconds * 1000) {
+        this.counters.expired++;
+        void this.end(s, 'stopped', `max lifetime of ${r.maxLifetimeSeconds}s reached`);
+      } else if (!s.running && s.queue.length === 0 && now - r.lastActiveAt > r.idleTimeoutSeconds * 1000) {
+        this.counters.expired++;
+        void this.end(s, 'stopped', `idle for more than ${r.idleTimeoutSeconds}s`);
+      }
+    }
+  }
+
+  private toInfo(r: SandboxRecord, children: string[]): SandboxInfo {
+    return {
+      id: r.id, state: r.state, template: r.template, runtime: r.runtime, egress: r.egress, persistent: r.persistent,
+      parent: r.parentId, children, created_at: new Date(r.createdAt).toISOString(),
+      last_active_at: new Date(r.lastActiveAt).toISOString(), idle_timeout_seconds: r.idleTimeoutSeconds, metadata: r.metadata,
+    };
+  }
+}
+
+export type { LiveSandbox };
+export { ChannelClosedError, ENDED_STATES };

@@ -1,0 +1,78 @@
+/**
+ * Starts a Podflare server: image, store, runtime, sandbox manager, HTTP. Everything hangs off the
+ * returned object (no module-level state), so a test can run several servers in one process.
+ */
+import http from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { mkdir } from 'node:fs/promises';
+import path from 'node:path';
+import { isLoopback, type ServerConfig } from './config.js';
+import { createApp } from './http/app.js';
+import { ensureImage, type ImageProgress } from './image/index.js';
+import { createLogger } from './log.js';
+import { NamespaceRuntime } from './runtime/namespace/namespace-runtime.js';
+import { SandboxManager } from './sandbox-manager.js';
+import { SqliteStore } from './store/sqlite-store.js';
+
+export interface RunningServer {
+  url: string;
+  config: ServerConfig;
+  manager: SandboxManager;
+  close(): Promise<void>;
+}
+
+export interface StartOptions {
+  onImageProgress?: (p: ImageProgress) => void;
+}
+
+export async function startServer(config: ServerConfig, opts: StartOptions = {}): Promise<RunningServer> {
+  const log = createLogger(config.logLevel);
+  if (!isLoopback(config.host) && config.apiKeys.length === 0) {
+    throw new Error(`refusing to listen on ${config.host} without API keys: set PODFLARE_API_KEYS (or bind 127.0.0.1)`);
+  }
+  if (config.runtime === 'vm') throw new Error('the vm runtime is not available yet: use --runtime ns (or auto)');
+  await mkdir(config.stateDir, { recursive: true });
+  const image = await ensureImage({ imagesDir: config.imagesDir, agentDir: config.agentDir, onProgress: opts.onImageProgress, log: (m: string) => log.info(m) });
+  const store = new SqliteStore(path.join(config.stateDir, 'podflare.db'));
+  const runtime = new NamespaceRuntime({
+    stateDir: config.stateDir,
+    lowerDirs: [image.agent, image.base],
+    startTimeoutMs: config.startTimeoutMs,
+    interruptGraceMs: config.interruptGraceMs,
+    log,
+  });
+  const manager = new SandboxManager(runtime, store, config, log);
+  await manager.start();
+
+  const server = http.createServer({ noDelay: true, keepAliveTimeout: 65_000, maxHeaderSize: 16 * 1024 }, createApp({
+    manager, apiKeys: config.apiKeys, runtimeName: runtime.name, maxSandboxes: config.maxSandboxes, log,
+  }));
+  server.headersTimeout = 30_000;
+  server.requestTimeout = 0; // execs and uploads may legitimately run long
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(config.port, config.host, () => resolve());
+  });
+  const address = server.address() as AddressInfo;
+  const host = address.family === 'IPv6' ? `[${address.address}]` : address.address;
+  const url = `http://${host}:${address.port}`;
+  log.info('podflare listening', { url, runtime: runtime.name, pool: config.poolSize, image: image.id });
+
+  let closing: Promise<void> | null = null;
+  return {
+    url,
+    config,
+    manager,
+    close() {
+      closing ??= (async () => {
+        const closed = new Promise<void>((resolve) => server.close(() => resolve()));
+        server.closeIdleConnections();
+        await manager.close();
+        server.closeAllConnections();
+        await closed;
+        await store.close();
+      })();
+      return closing;
+    },
+  };
+}

@@ -1,0 +1,45 @@
+/**
+ * What the server keeps about sandboxes beyond a process's life: records and lineage. Async so a
+ * networked database (PostgreSQL, for the cluster mode) can stand behind the same interface.
+ */
+import type { SandboxState } from '@podflare/protocol';
+
+export interface SandboxRecord {
+  id: string;
+  state: SandboxState;
+  template: string;
+  runtime: 'ns' | 'vm';
+  egress: boolean;
+  persistent: boolean;
+  parentId: string | null;
+  createdAt: number;
+  lastActiveAt: number;
+  endedAt: number | null;
+  endReason: string | null;
+  idleTimeoutSeconds: number;
+  maxLifetimeSeconds: number;
+  metadata: Record<string, string>;
+  /** sha256 of the API key that created it ('' when auth is off). */
+  owner: string;
+}
+
+export interface SandboxFilter {
+  ancestor?: string;
+  state?: SandboxState;
+  /** Include ended sandboxes (stopped, error, merged). */
+  includeEnded?: boolean;
+  owner?: string;
+}
+
+export interface SandboxStore {
+  insert(record: SandboxRecord): Promise<void>;
+  update(id: string, patch: Partial<Omit<SandboxRecord, 'id'>>): Promise<void>;
+  get(id: string): Promise<SandboxRecord | undefined>;
+  list(filter?: SandboxFilter): Promise<SandboxRecord[]>;
+  children(id: string): Promise<string[]>;
+  /** Marks every sandbox still recorded as live as ended (after a restart: their processes are gone). */
+  endAllLive(reason: string, at: number): Promise<number>;
+  close(): Promise<void>;
+}
+
+export const ENDED_STATES: readonly SandboxState[] = ['stopped', 'error', 'merged'];
