@@ -177,13 +177,7 @@ export class ExecutionBuilder {
   /** The finished execution; fails with a {@link ConnectionError} if the stream ended before `exit`. */
   finish(host: string): Execution {
     const exit = this.#exit;
-    if (!exit) {
-      throw new ConnectionError(
-        `the exec stream from the Podflare server at ${host} ended before its exit event ` +
-          '(the connection dropped or the server stopped); the code may or may not have finished',
-        { code: 'connection_error', status: 0 },
-      );
-    }
+    if (!exit) throw truncatedStreamError(host);
     return new Execution({
       logs: this.#logs,
       exitCode: exit.data,
@@ -193,4 +187,13 @@ export class ExecutionBuilder {
       stateLost: exit.state_lost === true,
     });
   }
+}
+
+/** The error for an exec stream that ended without its `exit` event (the server or the connection died). */
+export function truncatedStreamError(host: string): ConnectionError {
+  return new ConnectionError(
+    `the exec stream from the Podflare server at ${host} ended before its exit event ` +
+      '(the connection dropped or the server stopped); the code may or may not have finished',
+    { code: 'connection_error', status: 0 },
+  );
 }

@@ -249,10 +249,22 @@ export interface MergeOptions {
   paths?: string[];
 }
 
-/** Answer of `GET /v1/capacity`: warm pool and sandbox counters. */
+/** Counters of one warm pool: sandboxes ready to hand out, the target, those booting, hits and misses. */
+export interface PoolStats {
+  template: string;
+  ready: number;
+  target: number;
+  starting: number;
+  hits: number;
+  misses: number;
+}
+
+/** Answer of `GET /v1/capacity`: warm pool and sandbox counters (servers may add more fields). */
 export interface Capacity {
-  pool: { template: string; ready: number; target: number; starting: number; hits: number; misses: number };
-  sandboxes: { active: number; max: number };
+  /** The default template's pool; null when the server keeps no pool. */
+  pool: PoolStats | null;
+  sandboxes: { active: number; max: number } & Record<string, number>;
+  /** The runtime the server uses: `ns` or `vm`. */
   runtime: string;
 }
 

@@ -23,6 +23,8 @@ export interface ImageProgress {
   message: string;
   /** mmdebstrap's latest `I: …` line while the base builds. */
   step?: string;
+  /** The package dpkg is working on; shown on terminals only (hundreds per build). */
+  detail?: string;
   /** Since ensureImage() was called. */
   elapsedMs: number;
 }
@@ -76,6 +78,7 @@ function ttyReporter(stream: Writable & { columns?: number }): ProgressReporter 
     const elapsed = last.elapsedMs + (Date.now() - lastAt);
     let line = `${STAGE_LABEL[last.stage]} [${seconds(elapsed)}] ${last.message}`;
     if (last.step) line += ` — ${last.step}`;
+    if (last.detail) line += ` (${last.detail})`;
     const width = Math.max(20, (stream.columns ?? 100) - 1);
     if (line.length > width) line = line.slice(0, width - 1) + '…';
     stream.write(`\r\x1b[2K${line}`);

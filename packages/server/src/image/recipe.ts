@@ -34,12 +34,17 @@ export const BASE_PACKAGES: readonly string[] = [
   'coreutils',
   'procps',
   'ca-certificates',
+  // python3-fonttools (a matplotlib dependency) depends on "python3-scipy | python3-munkres"; apt
+  // takes the first, and scipy drags in pythran, g++ and the Python headers (~500 MB). Naming the
+  // small alternative makes apt use it.
+  'python3-munkres',
 ];
 
 /**
- * dpkg filters: the image carries no docs, man pages, translations or the libraries' own test
- * suites (pandas/tests alone is tens of MB). Byte-compiled *.pyc files are kept on purpose: without
- * them every sandbox would compile pandas on its first import.
+ * dpkg filters: the image carries no docs, man pages or translations. Byte-compiled *.pyc files are
+ * kept on purpose: without them every sandbox would compile pandas on its first import. (The
+ * libraries' test suites cannot be excluded here: python3-numpy's postinst byte-compiles its file
+ * list and fails on missing files. A customize hook deletes them instead.)
  */
 export const DPKG_OPTIONS: readonly string[] = [
   'path-exclude=/usr/share/doc/*',
@@ -51,10 +56,6 @@ export const DPKG_OPTIONS: readonly string[] = [
   'path-include=/usr/share/locale/locale.alias',
   'path-exclude=/usr/share/lintian/*',
   'path-exclude=/usr/share/linda/*',
-  'path-exclude=/usr/lib/python3/dist-packages/pandas/tests/*',
-  'path-exclude=/usr/lib/python3/dist-packages/numpy/*/tests/*',
-  'path-exclude=/usr/lib/python3/dist-packages/matplotlib/tests/*',
-  'path-exclude=/usr/lib/python3/dist-packages/mpl_toolkits/*/tests/*',
 ];
 
 /** apt settings, kept in the image's /etc/apt/apt.conf.d/99mmdebstrap as well. */
@@ -67,10 +68,14 @@ export const APT_OPTIONS: readonly string[] = [
 /**
  * Shell commands mmdebstrap runs after installing everything (before its own cleanup), with "$1"
  * the root directory. They double as a smoke test: a broken numpy/pandas fails the build instead of
- * every sandbox. matplotlib's font cache is built here once; otherwise each fresh sandbox would spend
+ * every sandbox (they run after the test suites are gone, so they also prove nothing needed them).
+ * matplotlib's font cache is built here once; otherwise each fresh sandbox would spend
  * a second or more building it on its first `import matplotlib.pyplot`.
  */
 export const CUSTOMIZE_HOOKS: readonly string[] = [
+  // The libraries' own test suites (tens of MB with their .pyc); nothing imports them.
+  'cd "$1"/usr/lib/python3/dist-packages && rm -rf pandas/tests matplotlib/tests mpl_toolkits/*/tests ' +
+    'numpy/tests numpy/*/tests numpy/*/*/tests',
   `chroot "$1" env -i HOME=/root PATH=/usr/sbin:/usr/bin:/sbin:/bin MPLBACKEND=Agg python3 -c ` +
     `'import numpy, pandas, matplotlib.pyplot as plt; plt.figure(); print("python ok", pandas.__version__)'`,
   // Leftovers of the build that no sandbox needs.

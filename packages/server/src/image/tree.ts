@@ -91,6 +91,32 @@ export async function pathInUse(dir: string): Promise<boolean> {
   return false;
 }
 
+/**
+ * Processes working in `dir`: their root or cwd is inside it (dpkg chrooted by mmdebstrap), or
+ * their command line names it (mmdebstrap itself). A killed build's children can outlive it for a
+ * while; its tree must not be deleted under them.
+ */
+export async function processesUsing(dir: string): Promise<number[]> {
+  const abs = path.resolve(dir);
+  const out: number[] = [];
+  let pids: string[];
+  try {
+    pids = (await readdir('/proc')).filter((n) => /^\d+$/.test(n) && Number(n) !== process.pid);
+  } catch {
+    return out;
+  }
+  for (const pid of pids) {
+    try {
+      const links = await Promise.all(['root', 'cwd'].map((l) => readlink(`/proc/${pid}/${l}`).catch(() => '')));
+      const cmdline = (await readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '')).split('\0');
+      if (links.some((l) => l && isUnder(l, abs)) || cmdline.some((a) => a.includes(abs))) out.push(Number(pid));
+    } catch {
+      /* gone */
+    }
+  }
+  return out;
+}
+
 /** Disk usage of a tree in bytes (`du -sx`), or undefined if du fails. */
 export async function treeSize(dir: string): Promise<number | undefined> {
   const res = await exec('du', ['-sx', '--block-size=1', '--', dir], 300_000);

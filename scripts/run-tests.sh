@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Runs the whole test suite: the TypeScript end-to-end tests (real server, real sandboxes), the
+# agent's own tests and the Python SDK's tests. Prints one closing line "N passed, N failed".
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+passed=0
+failed=0
+status=0
+
+run_node_tests() {
+  local out
+  out=$(mktemp)
+  node --import tsx --test --test-concurrency=1 --test-reporter=spec "$@" 2>&1 | tee "$out"
+  local rc=${PIPESTATUS[0]}
+  local p f
+  p=$(grep -E '^ℹ pass [0-9]+' "$out" | tail -1 | awk '{print $3}')
+  f=$(grep -E '^ℹ fail [0-9]+' "$out" | tail -1 | awk '{print $3}')
+  passed=$((passed + ${p:-0}))
+  failed=$((failed + ${f:-0}))
+  [ "$rc" -eq 0 ] || status=1
+  rm -f "$out"
+}
+
+run_py_tests() {
+  local dir=$1 out
+  [ -d "$dir" ] || return 0
+  out=$(mktemp)
+  (cd "$dir/.." && PYTHONPATH="$PWD" /usr/bin/python3 -m unittest discover -s "$(basename "$dir")" -t . -v) 2>&1 | tee "$out"
+  local rc=${PIPESTATUS[0]}
+  local total fails errors
+  total=$(grep -E '^Ran [0-9]+ test' "$out" | tail -1 | awk '{print $2}')
+  fails=$(grep -oE 'failures=[0-9]+' "$out" | tail -1 | cut -d= -f2)
+  errors=$(grep -oE 'errors=[0-9]+' "$out" | tail -1 | cut -d= -f2)
+  local bad=$(( ${fails:-0} + ${errors:-0} ))
+  passed=$((passed + ${total:-0} - bad))
+  failed=$((failed + bad))
+  [ "$rc" -eq 0 ] || status=1
+  rm -f "$out"
+}
+
+if [ "$#" -gt 0 ]; then
+  run_node_tests "$@"
+else
+  run_py_tests agent/tests
+  run_node_tests test/*.test.ts
+  run_py_tests python/tests
+fi
+
+echo
+echo "tests: $passed passed, $failed failed"
+exit $status

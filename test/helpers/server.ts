@@ -1,0 +1,29 @@
+/**
+ * Starts a real Podflare server in this test process: a fresh state directory per server, the
+ * shared image directory that scripts/setup.sh built (so no test rebuilds the image).
+ */
+import { mkdtemp, rm } from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import { loadConfig, startServer, type RunningServer, type ServerConfig } from '@podflare/server';
+
+export const IMAGES_DIR = process.env.PODFLARE_IMAGES_DIR ?? path.join(process.env.PODFLARE_STATE_DIR ?? '/var/lib/podflare', 'images');
+
+export interface TestServer extends RunningServer {
+  stateDir: string;
+  stop(): Promise<void>;
+}
+
+export async function startTestServer(overrides: Partial<ServerConfig> = {}): Promise<TestServer> {
+  // Short and free of ':' and ',' (overlayfs option separators).
+  const stateDir = await mkdtemp(path.join(os.tmpdir(), 'pf-test-'));
+  const config = loadConfig({ port: 0, poolSize: 2, logLevel: 'warn', imagesDir: IMAGES_DIR, stateDir, ...overrides }, { ...process.env, PODFLARE_API_KEYS: '' });
+  const server = await startServer(config);
+  return Object.assign(server, {
+    stateDir,
+    async stop() {
+      await server.close();
+      await rm(stateDir, { recursive: true, force: true });
+    },
+  });
+}
