@@ -18,7 +18,7 @@ import stat
 import threading
 import urllib.parse
 from http import client as http_client
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Type, Union, cast
 
 from ._errors import (
     BadRequestError,
@@ -153,17 +153,18 @@ def prepare_body(data: Any) -> _Body:
         start: Optional[int] = None
         try:
             if data.seekable():
-                start = data.tell()
+                pos: int = data.tell()
+                start = pos
                 try:
                     st = os.fstat(data.fileno())
                     if stat.S_ISREG(st.st_mode):
-                        length = max(0, st.st_size - start)
+                        length = max(0, st.st_size - pos)
                 except (AttributeError, OSError, io.UnsupportedOperation):
                     pass
                 if length is None:
                     end = data.seek(0, io.SEEK_END)
-                    data.seek(start)
-                    length = max(0, end - start)
+                    data.seek(pos)
+                    length = max(0, end - pos)
         except (AttributeError, OSError, io.UnsupportedOperation):
             start = None
             length = None
@@ -391,7 +392,7 @@ class Client:
 
     def capacity(self) -> Dict[str, Any]:
         """The server's warm-pool and sandbox counters (``GET /v1/capacity``)."""
-        return self.json("GET", "/v1/capacity")
+        return cast(Dict[str, Any], self.json("GET", "/v1/capacity"))
 
     def close(self) -> None:
         """Closes the pool's idle connections; connections in use close when their call ends. The
@@ -424,8 +425,8 @@ class Client:
     # ---- pool ---------------------------------------------------------------------------------
 
     def _new_conn(self) -> Conn:
-        cls = _SConn if self._secure else _Conn
-        conn = cls(self._hostname, self._port, timeout=self.connect_timeout, blocksize=UPLOAD_BLOCK_SIZE)
+        cls: Type[Conn] = _SConn if self._secure else _Conn
+        conn: Conn = cls(self._hostname, self._port, timeout=self.connect_timeout, blocksize=UPLOAD_BLOCK_SIZE)
         with self._lock:
             self.connections_opened += 1
         return conn
@@ -499,6 +500,7 @@ class Client:
         except OSError as err:
             conn.close()
             raise self._wrap_io_error(err, p.what, connecting=True) from err
+        assert conn.sock is not None
         conn.sock.settimeout(p.timeout)
         conn.timeout = p.timeout
         body = p.body

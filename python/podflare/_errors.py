@@ -14,7 +14,7 @@ import builtins
 import email.utils
 import json
 import time
-from typing import Any, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Type, cast
 
 __all__ = [
     "PodflareError",
@@ -107,7 +107,7 @@ class PodflareError(Exception):
         return (_rebuild, (type(self), self.message, dict(self.__dict__)))
 
 
-def _rebuild(cls: type, message: str, state: dict) -> "PodflareError":
+def _rebuild(cls: Type["PodflareError"], message: str, state: Dict[str, Any]) -> "PodflareError":
     err = cls.__new__(cls)
     Exception.__init__(err, message)
     err.__dict__.update(state)
@@ -202,7 +202,7 @@ class PodflareConnectionError(PodflareError, builtins.ConnectionError):
 
 
 #: The one table mapping the server's stable codes to error classes.
-ERROR_CLASSES: Mapping[str, type] = {
+ERROR_CLASSES: Mapping[str, Type[PodflareError]] = {
     "bad_request": BadRequestError,
     "unauthorized": AuthenticationError,
     "forbidden": ForbiddenError,
@@ -248,7 +248,7 @@ def parse_retry_after(value: Optional[str], now: Optional[float] = None) -> Opti
 def error_from_response(
     status: int,
     body: bytes,
-    headers: Optional[Mapping[str, str]] = None,
+    headers: Any = None,
     context: str = "",
 ) -> PodflareError:
     """The error for a non-2xx answer: the class from the body's ``code`` when it is our JSON error
@@ -281,11 +281,12 @@ def error_from_response(
     return cls(message, code=code, status=status, field=field)
 
 
-def _header(headers: Mapping[str, str], name: str) -> Optional[str]:
+def _header(headers: Any, name: str) -> Optional[str]:
+    """A header from a dict or an ``http.client.HTTPMessage`` (whose lookups ignore case)."""
     get = getattr(headers, "get", None)
     if get is None:
         return None
     value = get(name)
     if value is None:
         value = get(name.title())
-    return value
+    return cast(Optional[str], value)

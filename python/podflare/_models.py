@@ -111,8 +111,9 @@ class Result:
     data: Dict[str, Any]
     is_main_result: bool = False
 
-    def _get(self, mime: str) -> Any:
-        return self.data.get(mime)
+    def _get(self, mime: str) -> Optional[str]:
+        value = self.data.get(mime)
+        return value if isinstance(value, str) else None
 
     @property
     def text(self) -> Optional[str]:
@@ -145,7 +146,7 @@ class Result:
 
     @property
     def json(self) -> Any:
-        return self._get("application/json")
+        return self.data.get("application/json")
 
     def png_bytes(self) -> Optional[bytes]:
         """The PNG image decoded, or None."""

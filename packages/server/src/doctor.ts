@@ -43,7 +43,8 @@ function run(cmd: string, args: string[], timeoutMs = 10_000): Promise<RunResult
   return new Promise((resolve) => {
     execFile(cmd, args, { timeout: timeoutMs }, (err, stdout, stderr) => {
       const e = err as (NodeJS.ErrnoException & { code?: unknown; killed?: boolean }) | null;
-      const missing = e?.code === 'ENOENT';
+      // EACCES from spawn: some PATH directory is unreadable for this user and the command is in none of the others.
+      const missing = e?.code === 'ENOENT' || e?.code === 'EACCES';
       const code = !e ? 0 : typeof e.code === 'number' ? e.code : e.killed ? 124 : 1;
       resolve({ code, stdout: String(stdout ?? ''), stderr: String(stderr ?? '') || (e && !missing && typeof e.code !== 'number' ? e.message : ''), missing, ms: Date.now() - t });
     });

@@ -109,6 +109,8 @@ export async function ensureImage(opts: EnsureImageOptions): Promise<ImagePaths>
     const agent = await buildAgent(imagesDir, agentSrc, rootfs, { replace: opts.force, log });
     if (opts.force || !before) log(`agent-${agent.hash} built in ${Date.now() - t} ms`);
 
+    // --force moved the previous build to .trash-*: delete it now unless a sandbox still runs on it.
+    if (opts.force) await cleanLeftovers(imagesDir, log);
     if (builtBase || opts.force || !before) await noteOldImages(imagesDir, baseHash, agent.hash, log);
     const paths: ImagePaths = { id: `${baseHash}-${agent.hash}`, base: rootfs, agent: agent.dir };
     report('done', `image ${paths.id} ready`);
@@ -148,31 +150,36 @@ function alive(pid: number): boolean {
 }
 
 /**
- * Called with the lock held: removes half-built trees of dead builders, stale lock copies, and
- * replaced images (`.trash-*`) nothing uses any more.
+ * Called with the lock held: removes half-built trees of dead builders (once no process works in
+ * them any more), stale lock copies, and replaced images (`.trash-*`) nothing uses any more.
+ * Returns what it removed (or, with dryRun, would remove).
  */
-async function cleanLeftovers(imagesDir: string, log: (msg: string) => void): Promise<void> {
+async function cleanLeftovers(imagesDir: string, log: (msg: string) => void, dryRun = false): Promise<string[]> {
+  const removed: string[] = [];
   for (const name of await readdir(imagesDir)) {
     const full = path.join(imagesDir, name);
     try {
       const pid = tmpOwner(name);
+      let remove = false;
       if (pid !== undefined && pid !== process.pid && !alive(pid)) {
         const users = await processesUsing(full);
-        if (users.length) {
-          log(`${name} is left by an interrupted build but still in use by pid ${users.join(', ')}; removing it later`);
-          continue;
-        }
-        log(`removing ${name} (left by an interrupted build)`);
-        await removeTree(full);
+        if (users.length) log(`${name} is left by an interrupted build but still in use by pid ${users.join(', ')}; removing it later`);
+        else remove = true;
       } else if (name.startsWith(`${LOCK_NAME}.stale-`)) {
-        await rm(full, { recursive: true, force: true });
-      } else if (name.startsWith('.trash-') && !(await pathInUse(full))) {
-        await removeTree(full);
+        remove = true;
+      } else if (name.startsWith('.trash-')) {
+        remove = !(await pathInUse(full));
       }
+      if (!remove) continue;
+      removed.push(full);
+      if (dryRun) continue;
+      if (pid !== undefined) log(`removing ${name} (left by an interrupted build)`);
+      await removeTree(full);
     } catch (err) {
       log(`could not clean ${full}: ${(err as Error).message}`);
     }
   }
+  return removed;
 }
 
 async function noteOldImages(imagesDir: string, baseHash: string, agentHash: string, log: (msg: string) => void): Promise<void> {
@@ -226,7 +233,7 @@ export async function pruneImages(opts: { imagesDir: string; agentDir: string; d
   if (!(await isDir(imagesDir))) return result;
   const lock = await acquireLock(path.join(imagesDir, LOCK_NAME));
   try {
-    if (!opts.dryRun) await cleanLeftovers(imagesDir, log);
+    for (const p of await cleanLeftovers(imagesDir, log, opts.dryRun)) result.removed.push({ path: p });
     const baseHash = recipeHash(await baseRecipe());
     const rootfs = path.join(baseDir(imagesDir, baseHash), 'rootfs');
     const files = await listAgentFiles(path.resolve(opts.agentDir)).catch(() => []);

@@ -76,10 +76,12 @@ function ttyReporter(stream: Writable & { columns?: number }): ProgressReporter 
   const draw = () => {
     if (!last) return;
     const elapsed = last.elapsedMs + (Date.now() - lastAt);
-    let line = `${STAGE_LABEL[last.stage]} [${seconds(elapsed)}] ${last.message}`;
-    if (last.step) line += ` — ${last.step}`;
-    if (last.detail) line += ` (${last.detail})`;
-    const width = Math.max(20, (stream.columns ?? 100) - 1);
+    // The step replaces the message here: the message was logged when the stage began, and a
+    // terminal line has no room for both.
+    let line = `${STAGE_LABEL[last.stage]} [${seconds(elapsed)}] ${last.step ? last.step.replace(/\.\.\.$/, '') : last.message}`;
+    if (last.detail) line += ` · ${last.detail}`;
+    // columns is 0 or missing on some pseudo-terminals (script, CI runners that fake a TTY).
+    const width = Math.max(20, (stream.columns || 100) - 1);
     if (line.length > width) line = line.slice(0, width - 1) + '…';
     stream.write(`\r\x1b[2K${line}`);
     drawn = true;

@@ -1,0 +1,86 @@
+/** `podflare serve`: run the sandbox server in the foreground. */
+import path from 'node:path';
+import { createProgressReporter, loadConfig, startServer, type ServerConfig } from '@podflare/server';
+import { enumOption, EXIT_OK, intOption, parse, type Command } from '../args.js';
+
+const HELP = `Usage: podflare serve [options]
+
+Runs the Podflare server in the foreground until SIGINT/SIGTERM. Builds the sandbox image
+first if it is missing (about a minute, once).
+
+Options:
+  --host HOST        address to bind (default: $PODFLARE_BIND_HOST, else 127.0.0.1);
+                     a non-loopback address needs API keys in $PODFLARE_API_KEYS
+  --port N           port (default: $PODFLARE_PORT, else 7070; 0 picks a free one)
+  --state-dir DIR    sandboxes' layers and the database (default: $PODFLARE_STATE_DIR, else /var/lib/podflare)
+  --images-dir DIR   built images (default: $PODFLARE_IMAGES_DIR, else <state dir>/images)
+  --pool-size N      warm sandboxes kept ready (default: $PODFLARE_POOL_SIZE, else 2 per core)
+  --runtime NAME     ns, vm or auto (default: $PODFLARE_RUNTIME, else ns)
+  --log-level LEVEL  debug, info, warn, error or silent (default: $PODFLARE_LOG_LEVEL, else info)
+  -h, --help         show this help
+`;
+
+const OPTIONS = {
+  host: { type: 'string' },
+  port: { type: 'string' },
+  'state-dir': { type: 'string' },
+  'images-dir': { type: 'string' },
+  'pool-size': { type: 'string' },
+  runtime: { type: 'string' },
+  'log-level': { type: 'string' },
+  help: { type: 'boolean', short: 'h' },
+} as const;
+
+/** The CLI flags as loadConfig overrides (unset flags left out, so the environment applies). */
+export function serveOverrides(values: Record<string, string | boolean | undefined>, command: string): Partial<ServerConfig> {
+  const str = (k: string) => (typeof values[k] === 'string' ? (values[k] as string) : undefined);
+  const overrides: Partial<ServerConfig> = {
+    host: str('host'),
+    port: intOption(str('port'), 'port', 0, 65535, command),
+    stateDir: str('state-dir') ? path.resolve(str('state-dir')!) : undefined,
+    imagesDir: str('images-dir') ? path.resolve(str('images-dir')!) : undefined,
+    poolSize: intOption(str('pool-size'), 'pool-size', 0, 1024, command),
+    runtime: enumOption(str('runtime'), 'runtime', ['ns', 'vm', 'auto'] as const, command),
+    logLevel: enumOption(str('log-level'), 'log-level', ['debug', 'info', 'warn', 'error', 'silent'] as const, command),
+  };
+  for (const key of Object.keys(overrides) as (keyof ServerConfig)[]) if (overrides[key] === undefined) delete overrides[key];
+  return overrides;
+}
+
+export const serveCommand: Command = {
+  name: 'serve',
+  summary: 'run the sandbox server',
+  help: HELP,
+  async run(argv) {
+    const { values } = parse('serve', argv, OPTIONS);
+    if (values.help) {
+      process.stdout.write(HELP);
+      return EXIT_OK;
+    }
+    const config = loadConfig(serveOverrides(values, 'serve'));
+    const reporter = createProgressReporter();
+    const server = await startServer(config, { onImageProgress: reporter.onProgress }).finally(() => reporter.finish());
+    process.stdout.write(`podflare listening on ${server.url} (runtime ${config.runtime}, state ${config.stateDir})\n`);
+
+    return new Promise<number>((resolve) => {
+      let stopping = false;
+      const stop = (signal: NodeJS.Signals) => {
+        if (stopping) {
+          process.stderr.write(`${signal} again: exiting without waiting for sandboxes to stop\n`);
+          process.exit(1);
+        }
+        stopping = true;
+        process.stderr.write(`${signal}: stopping (sandboxes are being destroyed; ${signal} again to force)\n`);
+        server.close().then(
+          () => resolve(EXIT_OK),
+          (err: unknown) => {
+            process.stderr.write(`podflare: error while stopping: ${(err as Error).message}\n`);
+            resolve(1);
+          },
+        );
+      };
+      process.on('SIGINT', stop);
+      process.on('SIGTERM', stop);
+    });
+  },
+};

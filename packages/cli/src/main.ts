@@ -1,0 +1,79 @@
+#!/usr/bin/env node
+/**
+ * The `podflare` command. Each subcommand lives in commands/<name>.ts; this file only dispatches
+ * and turns errors into exit codes: 0 ok, 1 failure, 2 usage.
+ */
+import { readFileSync } from 'node:fs';
+import { EXIT_FAILURE, EXIT_OK, EXIT_USAGE, UsageError, type Command } from './args.js';
+import { demoCommand } from './commands/demo.js';
+import { doctorCommand } from './commands/doctor.js';
+import { imageCommand } from './commands/image.js';
+import { lsCommand } from './commands/ls.js';
+import { rmCommand } from './commands/rm.js';
+import { runCommand } from './commands/run.js';
+import { serveCommand } from './commands/serve.js';
+
+const COMMANDS: Command[] = [serveCommand, demoCommand, runCommand, lsCommand, rmCommand, imageCommand, doctorCommand];
+
+function version(): string {
+  try {
+    return (JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')) as { version: string }).version;
+  } catch {
+    return 'unknown';
+  }
+}
+
+function mainHelp(): string {
+  const width = Math.max(...COMMANDS.map((c) => c.name.length));
+  return `Usage: podflare <command> [options]
+
+Podflare: self-hosted sandboxes for AI agents (persistent Python interpreters with fork).
+
+Commands:
+${COMMANDS.map((c) => `  ${c.name.padEnd(width)}  ${c.summary}`).join('\n')}
+
+Run \`podflare <command> --help\` for a command's options.
+Options: -h, --help (this help), -v, --version
+`;
+}
+
+export async function main(argv: string[]): Promise<number> {
+  const [name, ...rest] = argv;
+  if (name === undefined || name === '-h' || name === '--help' || name === 'help') {
+    const target = name === 'help' ? COMMANDS.find((c) => c.name === rest[0]) : undefined;
+    process.stdout.write(target ? target.help : mainHelp());
+    return name === undefined ? EXIT_USAGE : EXIT_OK;
+  }
+  if (name === '-v' || name === '--version') {
+    process.stdout.write(`podflare ${version()}\n`);
+    return EXIT_OK;
+  }
+  const command = COMMANDS.find((c) => c.name === name);
+  if (!command) {
+    process.stderr.write(`podflare: unknown command "${name}"\n\n${mainHelp()}`);
+    return EXIT_USAGE;
+  }
+  try {
+    return await command.run(rest);
+  } catch (err) {
+    if (err instanceof UsageError) {
+      process.stderr.write(`podflare ${command.name}: ${err.message}\nRun \`podflare ${command.name} --help\` for usage.\n`);
+      return EXIT_USAGE;
+    }
+    const e = err as Error & { code?: unknown };
+    // A PodflareError or an ImageBuildError carries a message meant for the user; a stack would hide it.
+    process.stderr.write(`podflare ${command.name}: ${e.message ?? String(err)}\n`);
+    if (process.env.PODFLARE_DEBUG) process.stderr.write(`${e.stack ?? ''}\n`);
+    return EXIT_FAILURE;
+  }
+}
+
+// Exit explicitly: a command is done when it resolves, even if a library left a timer or socket
+// behind. (stdout/stderr writes are synchronous for files and pipes on Linux, so nothing is lost.)
+main(process.argv.slice(2)).then(
+  (code) => process.exit(code),
+  (err: unknown) => {
+    process.stderr.write(`podflare: ${String(err)}\n`);
+    process.exit(EXIT_FAILURE);
+  },
+);

@@ -1,0 +1,272 @@
+#!/usr/bin/python3
+"""Podflare's host helper: the few privileged filesystem operations the Node server cannot do itself.
+
+Node is multi-threaded, so it cannot setns(2) into a sandbox's mount namespace; this small,
+single-threaded process can. It is started once per server (as root, like the server), speaks JSON
+lines on stdin/stdout, and never runs sandbox code.
+
+Operations:
+  graft   {pid, source, target}   clone the host mount at `source` (open_tree) and attach it at
+                                  `target` inside the mount namespace of host process `pid`
+  detach  {pid, target}           lazily unmount `target` in that namespace and remove the directory
+  tmpfs   {pid, target}           mount a small tmpfs at `target` in that namespace (once)
+  diff    {a, b, paths?, content?, max_content_bytes?}
+                                  compare two overlay layer stacks (lists of directories, topmost
+                                  first) without mounting them: only paths present in a layer that
+                                  the stacks do not share are looked at
+"""
+import ctypes
+import difflib
+import hashlib
+import json
+import os
+import stat
+import sys
+
+libc = ctypes.CDLL(None, use_errno=True)
+SYS_OPEN_TREE, SYS_MOVE_MOUNT = 428, 429
+OPEN_TREE_CLONE, OPEN_TREE_CLOEXEC, AT_RECURSIVE = 1, 0o2000000, 0x8000
+MOVE_MOUNT_F_EMPTY_PATH = 4
+AT_FDCWD = -100
+MNT_DETACH = 2
+CLONE_NEWNS = 0x00020000
+
+libc.syscall.restype = ctypes.c_long
+libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+
+
+def _check(result, what):
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return result
+
+
+HOST_MNT_NS = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+
+
+class InNamespace:
+    """Enters the mount namespace of `pid` for the block, and always comes back to the host's."""
+
+    def __init__(self, pid):
+        self.fd = os.open(f"/proc/{int(pid)}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+
+    def __enter__(self):
+        _check(libc.setns(self.fd, CLONE_NEWNS), "setns into the sandbox")
+
+    def __exit__(self, *exc):
+        try:
+            _check(libc.setns(HOST_MNT_NS, CLONE_NEWNS), "setns back to the host")
+        finally:
+            os.close(self.fd)
+        return False
+
+
+def op_graft(req):
+    tree = _check(libc.syscall(SYS_OPEN_TREE, AT_FDCWD, req["source"].encode(),
+                               OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE), "open_tree")
+    try:
+        with InNamespace(req["pid"]):
+            os.makedirs(req["target"], exist_ok=True)
+            _check(libc.syscall(SYS_MOVE_MOUNT, tree, b"", AT_FDCWD, req["target"].encode(),
+                                MOVE_MOUNT_F_EMPTY_PATH), "move_mount")
+    finally:
+        os.close(tree)
+    return {}
+
+
+def op_detach(req):
+    with InNamespace(req["pid"]):
+        if libc.umount2(req["target"].encode(), MNT_DETACH) < 0:
+            err = ctypes.get_errno()
+            if err not in (22, 2):  # EINVAL: not a mount point any more; ENOENT: gone
+                raise OSError(err, f"umount {req['target']}: {os.strerror(err)}")
+        try:
+            os.rmdir(req["target"])
+        except OSError:
+            pass
+    return {}
+
+
+def op_tmpfs(req):
+    with InNamespace(req["pid"]):
+        target = req["target"]
+        os.makedirs(target, exist_ok=True)
+        if not os.path.ismount(target):
+            _check(libc.mount(b"tmpfs", target.encode(), b"tmpfs", 0, b"mode=0700,size=64k"), "mount tmpfs")
+    return {}
+
+
+# ---- diff of two layer stacks -------------------------------------------------------------
+
+def _is_whiteout(st):
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def _is_opaque(path):
+    for name in ("trusted.overlay.opaque", "user.overlay.opaque"):
+        try:
+            if os.getxattr(path, name, follow_symlinks=False) == b"y":
+                return True
+        except OSError:
+            pass
+    return False
+
+
+def resolve(stack, rel):
+    """The entry `rel` (relative path) of the merged view of `stack`: (layer path, lstat) or None."""
+    parts = rel.split("/")
+    for layer in stack:
+        full = os.path.join(layer, rel)
+        try:
+            st = os.lstat(full)
+        except FileNotFoundError:
+            st = None
+        except NotADirectoryError:
+            st = None
+        if st is not None:
+            return None if _is_whiteout(st) else (full, st)
+        # An opaque directory or a whiteout on the way hides everything below in lower layers.
+        for i in range(1, len(parts)):
+            parent = os.path.join(layer, *parts[:i])
+            try:
+                pst = os.lstat(parent)
+            except OSError:
+                continue
+            if _is_whiteout(pst) or (stat.S_ISDIR(pst.st_mode) and _is_opaque(parent)) or not stat.S_ISDIR(pst.st_mode):
+                return None
+    return None
+
+
+def _walk(layer, prefixes):
+    """Relative paths of every entry in one layer, restricted to the given path prefixes."""
+    for dirpath, dirnames, filenames in os.walk(layer):
+        rel_dir = os.path.relpath(dirpath, layer)
+        rel_dir = "" if rel_dir == "." else rel_dir
+        if rel_dir == ".pf" or rel_dir.startswith(".pf/"):
+            dirnames[:] = []
+            continue
+        for name in dirnames + filenames:
+            rel = f"{rel_dir}/{name}" if rel_dir else name
+            if rel == ".pf":
+                continue
+            if prefixes is None or any(rel == p or rel.startswith(p + "/") or p.startswith(rel + "/") for p in prefixes):
+                yield rel
+
+
+def _same_content(a, b, chunk=1 << 20):
+    (pa, sa), (pb, sb) = a, b
+    if stat.S_IFMT(sa.st_mode) != stat.S_IFMT(sb.st_mode):
+        return False
+    if stat.S_ISDIR(sa.st_mode):
+        return True
+    if stat.S_ISLNK(sa.st_mode):
+        return os.readlink(pa) == os.readlink(pb)
+    if not stat.S_ISREG(sa.st_mode):
+        return sa.st_rdev == sb.st_rdev
+    if sa.st_size != sb.st_size:
+        return False
+    if (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino):
+        return True
+    with open(pa, "rb") as fa, open(pb, "rb") as fb:
+        while True:
+            ba, bb = fa.read(chunk), fb.read(chunk)
+            if ba != bb:
+                return False
+            if not ba:
+                return True
+
+
+def _text_diff(rel, a, b, cap):
+    def read(entry):
+        if entry is None:
+            return ""
+        path, st = entry
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        if st.st_size > cap:
+            return False
+        with open(path, "rb") as f:
+            data = f.read()
+        if b"\0" in data:
+            return None
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    ta, tb = read(a), read(b)
+    if ta is None or tb is None:
+        return {"binary": True}
+    if ta is False or tb is False:
+        return {"too_large": True}
+    diff = "".join(difflib.unified_diff(ta.splitlines(True), tb.splitlines(True), f"a/{rel}", f"b/{rel}"))
+    return {"diff": diff}
+
+
+def op_diff(req):
+    a, b = list(req["a"]), list(req["b"])
+    # Layers both stacks share (a common suffix) cannot hold a difference.
+    while a and b and a[-1] == b[-1]:
+        a.pop()
+        b.pop()
+    stack_a, stack_b = list(req["a"]), list(req["b"])
+    prefixes = None
+    if req.get("paths"):
+        prefixes = [p.strip("/") for p in req["paths"]]
+        if "" in prefixes:
+            prefixes = None
+    candidates = set()
+    for layer in a + b:
+        candidates.update(_walk(layer, prefixes))
+    added, removed, modified, content = [], [], [], {}
+    cap = int(req.get("max_content_bytes", 256 * 1024))
+    for rel in sorted(candidates):
+        if prefixes is not None and not any(rel == p or rel.startswith(p + "/") for p in prefixes):
+            continue
+        ea, eb = resolve(stack_a, rel), resolve(stack_b, rel)
+        if ea is None and eb is None:
+            continue
+        path = "/" + rel
+        if ea is None:
+            added.append(path)
+        elif eb is None:
+            removed.append(path)
+        elif not _same_content(ea, eb):
+            if stat.S_ISDIR(ea[1].st_mode) and stat.S_ISDIR(eb[1].st_mode):
+                continue
+            modified.append(path)
+        else:
+            continue
+        if req.get("content") and ((ea and stat.S_ISREG(ea[1].st_mode)) or (eb and stat.S_ISREG(eb[1].st_mode))):
+            content[path] = _text_diff(rel, ea, eb, cap)
+    out = {"added": added, "removed": removed, "modified": modified}
+    if req.get("content"):
+        out["content"] = content
+    return out
+
+
+OPS = {"graft": op_graft, "detach": op_detach, "tmpfs": op_tmpfs, "diff": op_diff}
+
+
+def main():
+    out = sys.stdout
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        rid = None
+        try:
+            req = json.loads(line)
+            rid = req.get("id")
+            result = OPS[req["op"]](req)
+            reply = {"id": rid, "ok": True, **result}
+        except KeyError as exc:
+            reply = {"id": rid, "ok": False, "error": f"bad request: missing {exc}"}
+        except Exception as exc:  # every failure goes back to the server, never kills the helper
+            reply = {"id": rid, "ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        out.write(json.dumps(reply) + "\n")
+        out.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""The Anthropic handler with real-shaped tool_use blocks, against a real server.
+
+The `anthropic` package cannot be installed here (no PyPI), so the "SDK object" form is a class
+with the same attributes as `anthropic.types.ToolUseBlock` (id, input, name, type); the handler
+only reads those attributes, so the real class behaves the same.
+"""
+
+import unittest
+from dataclasses import dataclass, field
+from typing import Any, Dict
+
+from podflare import Sandbox
+from podflare.integrations.anthropic import (BASH_TOOL, CODE_EXECUTION_TOOL, TOOLS, code_execution_tool,
+                                             handle_code_execution_tool_use)
+from tests.server import ModuleServer
+
+SERVER = ModuleServer()
+
+
+def setUpModule():
+    SERVER.set_up()
+
+
+def tearDownModule():
+    SERVER.tear_down()
+
+
+@dataclass
+class ToolUseBlock:
+    """Stands in for anthropic.types.ToolUseBlock (a pydantic model with these fields)."""
+    id: str
+    input: Dict[str, Any]
+    name: str
+    type: str = "tool_use"
+    cache_control: Any = field(default=None)
+
+
+class AnthropicHandlerTests(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.client = SERVER.client()
+        cls.sbx = Sandbox(client=cls.client)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.sbx.close()
+        cls.client.close()
+
+    def test_dict_block_success(self):
+        block = {"type": "tool_use", "id": "toolu_01A09q90qw90lq917835lq9", "name": "code_execution",
+                 "input": {"code": "print(6*7)"}}
+        self.assertEqual(handle_code_execution_tool_use(block, self.sbx), {
+            "type": "tool_result",
+            "tool_use_id": "toolu_01A09q90qw90lq917835lq9",
+            "content": [{"type": "text", "text": "42"}],
+            "is_error": False,
+        })
+
+    def test_object_block_success_and_state(self):
+        handle_code_execution_tool_use(ToolUseBlock("toolu_1", {"code": "total = sum(range(10))"}, "code_execution"), self.sbx)
+        out = handle_code_execution_tool_use(ToolUseBlock("toolu_2", {"code": "total * 2"}, "code_execution"), self.sbx)
+        self.assertEqual(out["tool_use_id"], "toolu_2")
+        self.assertEqual(out["content"], [{"type": "text", "text": "90"}])
+        self.assertFalse(out["is_error"])
+
+    def test_error_path(self):
+        out = handle_code_execution_tool_use({"type": "tool_use", "id": "toolu_e", "name": "code_execution",
+                                              "input": {"code": "print('before')\n1/0"}}, self.sbx)
+        self.assertTrue(out["is_error"])
+        text = out["content"][0]["text"]
+        self.assertIn("before", text)
+        self.assertIn("ZeroDivisionError", text)
+        self.assertEqual(text.count("ZeroDivisionError: division by zero"), 1, text)
+
+    def test_no_output(self):
+        out = handle_code_execution_tool_use({"type": "tool_use", "id": "t", "name": "code_execution",
+                                              "input": {"code": "x = 1"}}, self.sbx)
+        self.assertEqual(out["content"][0]["text"], "(no output)")
+
+    def test_bash_tool_shape(self):
+        ok = handle_code_execution_tool_use(ToolUseBlock("toolu_b1", {"command": "echo hi"}, "bash"), self.sbx)
+        self.assertEqual((ok["content"][0]["text"], ok["is_error"]), ("hi", False))
+        bad = handle_code_execution_tool_use({"type": "tool_use", "id": "toolu_b2", "name": "bash",
+                                              "input": {"command": "echo out; echo err >&2; exit 3"}}, self.sbx)
+        self.assertTrue(bad["is_error"])
+        self.assertEqual(bad["content"][0]["text"], "out\nerr\n[exit code 3]")
+        restart = handle_code_execution_tool_use({"type": "tool_use", "id": "toolu_b3", "name": "bash",
+                                                  "input": {"restart": True}}, self.sbx)
+        self.assertFalse(restart["is_error"])
+
+    def test_language_in_input(self):
+        out = handle_code_execution_tool_use({"type": "tool_use", "id": "t", "name": "code_execution",
+                                              "input": {"code": "echo $((6*7))", "language": "bash"}}, self.sbx)
+        self.assertEqual(out["content"][0]["text"], "42")
+
+    def test_bad_input_is_an_error_result(self):
+        out = handle_code_execution_tool_use({"type": "tool_use", "id": "t", "name": "code_execution",
+                                              "input": {"source": "print(1)"}}, self.sbx)
+        self.assertTrue(out["is_error"])
+        self.assertIn("code", out["content"][0]["text"])
+        with self.assertRaises(ValueError):
+            handle_code_execution_tool_use({"type": "text", "text": "hi"}, self.sbx)
+
+    def test_truncation(self):
+        out = handle_code_execution_tool_use({"type": "tool_use", "id": "t", "name": "code_execution",
+                                              "input": {"code": "print('x' * 10000)"}}, self.sbx, max_output_chars=100)
+        self.assertLess(len(out["content"][0]["text"]), 200)
+        self.assertIn("characters cut", out["content"][0]["text"])
+
+    def test_tool_definitions(self):
+        self.assertEqual(CODE_EXECUTION_TOOL["name"], "code_execution")
+        self.assertEqual(CODE_EXECUTION_TOOL["input_schema"]["required"], ["code"])
+        self.assertEqual(CODE_EXECUTION_TOOL["input_schema"]["properties"]["code"]["type"], "string")
+        self.assertEqual(BASH_TOOL, {"type": "bash_20250124", "name": "bash"})
+        self.assertEqual(TOOLS, [CODE_EXECUTION_TOOL])
+        self.assertEqual(code_execution_tool("python")["name"], "python")
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Everything Podflare needs on this machine, idempotent: Debian packages, npm dependencies, the
+# TypeScript build, and the sandbox image. Quiet when there is nothing to do; says what it installs.
+#
+#   bash scripts/setup.sh
+#
+# Environment: PODFLARE_STATE_DIR (default /var/lib/podflare): the image goes to <state dir>/images
+# (or PODFLARE_IMAGES_DIR).
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+STATE_DIR="${PODFLARE_STATE_DIR:-/var/lib/podflare}"
+
+SUDO=()
+if [ "$(id -u)" != 0 ]; then
+  SUDO=(sudo)
+fi
+
+say() { printf 'setup: %s\n' "$*" >&2; }
+
+# (a) Debian packages ------------------------------------------------------------------------
+PACKAGES=(
+  bubblewrap mmdebstrap slirp4netns iproute2 uidmap
+  python3 python3-numpy python3-matplotlib python3-jupyter-client python3-ipykernel
+)
+missing=()
+for pkg in "${PACKAGES[@]}"; do
+  status="$(dpkg-query -W -f='${db:Status-Status}' "$pkg" 2>/dev/null || true)"
+  if [ "$status" != installed ]; then
+    missing+=("$pkg")
+  fi
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  say "installing Debian packages: ${missing[*]}"
+  "${SUDO[@]}" apt-get update -qq
+  "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+fi
+
+# (b) npm dependencies -----------------------------------------------------------------------
+# Reinstalled when node_modules is missing or package-lock.json changed since the last `npm ci`.
+STAMP=node_modules/.podflare-npm-ci.stamp
+need_ci=0
+if [ ! -d node_modules ]; then
+  need_ci=1
+elif [ -f "$STAMP" ]; then
+  if [ package-lock.json -nt "$STAMP" ]; then need_ci=1; fi
+elif [ -f node_modules/.package-lock.json ] && ! [ package-lock.json -nt node_modules/.package-lock.json ]; then
+  # Installed before this script kept a stamp, and npm's own record is current: adopt it.
+  touch "$STAMP"
+else
+  need_ci=1
+fi
+if [ "$need_ci" = 1 ]; then
+  say "installing npm dependencies (npm ci)"
+  npm ci --no-audit --no-fund --loglevel=error >&2
+  touch "$STAMP"
+fi
+# better-sqlite3 is a native module: its install script compiles it (no prebuilt binary can be
+# downloaded here). If that was skipped or built for another Node, build it now.
+if ! node -e "require('better-sqlite3')" >/dev/null 2>&1; then
+  say "building better-sqlite3's native module (npm rebuild better-sqlite3)"
+  npm rebuild better-sqlite3 --loglevel=error >&2
+  node -e "require('better-sqlite3')"
+fi
+
+# (c) TypeScript build (incremental: instant when nothing changed) ---------------------------
+npm run --silent build
+chmod +x packages/cli/dist/main.js # the `podflare` bin (npm links it, but it did not exist at install time)
+
+# (d) the sandbox image (instant when current; about a minute the first time) ----------------
+# mmdebstrap --mode=root needs root. sudo resets PATH and the environment: pass node's full path
+# and the variables that choose the directories.
+image_env=()
+for var in PODFLARE_IMAGES_DIR PODFLARE_AGENT_DIR; do
+  if [ -n "${!var:-}" ]; then image_env+=("$var=${!var}"); fi
+done
+"${SUDO[@]}" env "${image_env[@]}" "$(command -v node)" packages/cli/dist/main.js image build --quiet --state-dir "$STATE_DIR"
