@@ -45,6 +45,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import podflare_fork
+
 PROTOCOL_VERSION = 1
 AGENT_DIR = os.path.dirname(os.path.abspath(__file__))
 AGENT_FILE = os.path.abspath(__file__)
@@ -53,6 +55,7 @@ HOME = os.environ.get('PODFLARE_AGENT_HOME', '/root')
 #: How long an interrupted exec may take to stop before its process (group) is killed.
 INTERRUPT_GRACE_S = int(os.environ.get('PODFLARE_INTERRUPT_GRACE_MS', '2000')) / 1000
 MPL_BACKEND = 'module://podflare_mpl_backend'
+FORK_CHILD = False  # set in a sandbox made by fork: its supervisor holds the parent's memory
 
 READ_CHUNK = 64 * 1024            # one stdout/stderr message carries at most one read of this size
 CHANNEL_READ = 1024 * 1024
@@ -416,7 +419,14 @@ class ChannelClosed(Exception):
 
 
 class Supervisor:
-    def __init__(self, channel_fd: int):
+    def __init__(self, channel_fd: int, inherited: 'Worker | None' = None, exec_count: int = 0):
+        # In a fork child: the interpreter to adopt as the first worker (later restarts exec a
+        # fresh one, since this process's memory holds the parent's state).
+        self.inherited = inherited
+        if inherited is not None:
+            global FORK_CHILD
+            FORK_CHILD = True
+        self.pending_worker_ops: dict[int, str] = {}
         self.sel = selectors.DefaultSelector()
         self.sock = socket.socket(fileno=channel_fd)
         self.sock.setblocking(True)  # sends block (the server always reads); reads follow select
@@ -424,7 +434,7 @@ class Supervisor:
         self.files = FileOps()
         self.worker: WorkerHandle | None = None
         self.exec: Exec | None = None
-        self.exec_count = 0
+        self.exec_count = exec_count
         self.state_lost_pending = False   # the idle worker died; tell the next python exec
         self.hello_sent = False
         self.early_deaths = 0             # consecutive worker deaths before it became ready
@@ -467,6 +477,8 @@ class Supervisor:
             'list': self.files.list,
             'remove': self.files.remove,
             'mkdir': self.files.mkdir,
+            'fork': self._op_fork,
+            'vars': self._op_vars,
         }
 
     # ---- main loop ------------------------------------------------------------------------
@@ -500,6 +512,16 @@ class Supervisor:
                 os.killpg(pgid, signal.SIGKILL)
             except OSError:
                 pass
+        if os.getpid() == 1:
+            # PID 1 of the sandbox: the pid namespaces of forked children are nested in ours and
+            # die with it. Their inits are our children now: outlive them, reaping, then go.
+            while True:
+                try:
+                    os.wait()
+                except ChildProcessError:
+                    break
+                except InterruptedError:
+                    continue
 
     def _on_sigterm(self, *_: Any) -> None:
         self.terminate = True
@@ -687,6 +709,25 @@ class Supervisor:
         self._worker_send({'op': 'exec', 'id': ex.id, 'count': ex.count, 'code': ex.code,
                            'env': ex.env, 'cwd': ex.cwd})
 
+    def _worker_op(self, req: dict, kind: str, msg: dict) -> None:
+        """Hands an op to the idle worker; the answer comes from _on_worker_message."""
+        if self.exec is not None:
+            raise AgentError('conflict', f'exec {self.exec.id} is running')
+        if self.worker is None or not self.worker.ready:
+            raise AgentError('conflict', 'the interpreter is not ready')
+        self.pending_worker_ops[req['id']] = kind
+        self._worker_send({**msg, 'id': req['id']})
+
+    def _op_fork(self, req: dict) -> None:
+        children = req.get('children')
+        if not isinstance(children, list) or not children or not all(
+                isinstance(c, dict) and all(isinstance(c.get(k), str) for k in ('id', 'root', 'hostname')) for c in children):
+            raise bad_request('children must be a list of {id, root, hostname}')
+        self._worker_op(req, 'forked', {'op': 'fork', 'children': children, 'exec_count': self.exec_count})
+
+    def _op_vars(self, req: dict) -> None:
+        self._worker_op(req, 'vars', {'op': 'vars'})
+
     def _op_interrupt(self, _req: dict) -> dict:
         ex = self.exec
         if ex is None:
@@ -868,6 +909,14 @@ class Supervisor:
         os.dup2(self.err_w, 2)
         for fd in (null, self.out_w, self.err_w):
             os.close(fd)
+        if self.inherited is not None:
+            inherited, self.inherited = self.inherited, None
+            inherited.resume(cmd_r, ctl_w)
+        elif FORK_CHILD:
+            # This process holds a forked parent's memory: a restarted interpreter must not.
+            os.set_inheritable(cmd_r, True)
+            os.set_inheritable(ctl_w, True)
+            os.execv(sys.executable, [sys.executable, AGENT_FILE, '--worker', str(cmd_r), str(ctl_w)])
         Worker(cmd_r, ctl_w, preload=self.preload).main()
 
     def _worker_send(self, msg: dict) -> None:
@@ -943,6 +992,13 @@ class Supervisor:
                            'is_main_result': bool(msg.get('main'))})
             if msg.get('ack'):
                 self._worker_send({'t': 'ack'})
+        elif kind in ('forked', 'vars') and self.pending_worker_ops.pop(msg.get('id'), None) == kind:
+            if kind == 'forked' and msg.get('error') and not msg.get('pids'):
+                self.send({'id': msg['id'], 'ok': False, 'error': {'code': 'internal', 'message': msg['error']}})
+            elif kind == 'forked':
+                self.send({'id': msg['id'], 'ok': True, 'pids': msg.get('pids') or [], 'error': msg.get('error')})
+            else:
+                self.send({'id': msg['id'], 'ok': True, 'vars': msg.get('vars') or {}})
         elif kind == 'done' and current and ex is not None:
             self._finish(ex, int(msg.get('code', 1)), msg.get('error'), echo=False)
 
@@ -953,6 +1009,9 @@ class Supervisor:
         # What it said before dying comes first (a `done` racing a timeout's SIGKILL wins).
         self._read_worker(worker, until_empty=True)
         self.worker = None
+        for op_id in list(self.pending_worker_ops):
+            self.pending_worker_ops.pop(op_id)
+            self.send({'id': op_id, 'ok': False, 'error': {'code': 'conflict', 'message': 'the interpreter died'}})
         for fd in (worker.ctl_r, worker.cmd_w):
             if fd in self.sel.get_map():
                 self.sel.unregister(fd)
@@ -1165,29 +1224,104 @@ class Worker:
         self.ns: dict[str, Any] = {}
         self.stdout = self.stderr = None     # type: ignore[assignment]
         self.fflush: Callable[[Any], Any] | None = None
+        self.fork_pids: list[int] = []
 
     # ---- setup ----------------------------------------------------------------------------
 
-    def main(self) -> None:
+    def main(self, fresh: bool = True) -> None:
         global _WORKER
         _WORKER = self
-        self._setup_process()
-        self._setup_namespace()
-        if self.preload_enabled:
-            self._preload()
+        if fresh:
+            self._setup_process()
+            self._setup_namespace()
+            if self.preload_enabled:
+                self._preload()
         self._flush_stdio()
         self.send({'t': 'ready', 'pid': self.pid})
         while True:
             try:
                 msg = self._next_message()
-                if msg.get('op') == 'exec':
+                op = msg.get('op')
+                if op == 'exec':
                     self.run_exec(msg)
+                    self._reap_fork_children()
+                elif op == 'fork':
+                    self.fork_children(msg)
+                elif op == 'vars':
+                    self.send({'t': 'vars', 'id': msg.get('id'), 'vars': podflare_fork.snapshot_vars(self.ns)})
             except KeyboardInterrupt:
                 self._abandon_exec(130, 'KeyboardInterrupt', '')
             except Exception as exc:  # a bug of ours: report it, keep the interpreter
                 text = ''.join(traceback.format_exception(exc))
                 self._write_stderr(f'podflare agent error:\n{text}')
                 self._abandon_exec(1, 'AgentError', str(exc))
+
+    def resume(self, cmd_fd: int, ctl_fd: int) -> None:
+        """In a fork child: the same interpreter (globals, modules, open files) under a new
+        supervisor; only the control pipes are new."""
+        self.cmd_fd, self.ctl_fd = cmd_fd, ctl_fd
+        self.pid = os.getpid()
+        self.lines = LineBuffer()
+        self.inbox.clear()
+        self.notes.clear()
+        self.acks = 0
+        self.exec_id = None
+        self.fork_pids = []
+        signal.signal(signal.SIGINT, self._on_sigint)
+        self.main(fresh=False)
+
+    def fork_children(self, msg: dict) -> None:
+        """Forks one child per entry of msg['children'] (see podflare_fork); answers with their
+        pids as seen from this sandbox. Only runs between execs: the interpreter is idle."""
+        self._flush_stdio()
+        pids = []
+        error = None
+        for child in msg.get('children') or []:
+            try:
+                pids.append(podflare_fork.spawn(lambda child=child: self._become_fork_child(child, msg)))
+            except OSError as exc:
+                error = f'fork failed: {exc}'
+                break
+        self.fork_pids.extend(pids)
+        self.send({'t': 'forked', 'id': msg.get('id'), 'pids': pids, 'error': error})
+
+    def _become_fork_child(self, child: dict, msg: dict) -> None:
+        # Leave the parent's worker process group and session: signals meant for the parent's
+        # interpreter (interrupts, a restart's killpg) must not reach this sandbox.
+        os.setsid()
+        files = podflare_fork.capture_files(keep={self.cmd_fd, self.ctl_fd})
+        cwd = os.getcwd()
+        podflare_fork.enter_new_root(child['root'], child['hostname'])
+        podflare_fork.restore_files(files)
+        try:
+            os.chdir(cwd)
+        except OSError:
+            os.chdir(HOME if os.path.isdir(HOME) else '/')
+        podflare_fork.reseed()
+        os.environ['PODFLARE_SANDBOX_ID'] = child['id']
+        sock = podflare_fork.connect_server()
+        for fd in (self.cmd_fd, self.ctl_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.close(null)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        supervisor = Supervisor(sock.detach(), inherited=self, exec_count=int(msg.get('exec_count') or 0))
+        os._exit(supervisor.run())
+
+    def _reap_fork_children(self) -> None:
+        """Fork children start as our children: reap the ones that have ended."""
+        for pid in list(self.fork_pids):
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid
+            if done:
+                self.fork_pids.remove(pid)
 
     def _setup_process(self) -> None:
         signal.signal(signal.SIGINT, self._on_sigint)
@@ -1583,6 +1717,10 @@ def _ensure_std_fds() -> None:
 
 def main() -> int:
     _ensure_std_fds()
+    if len(sys.argv) == 4 and sys.argv[1] == '--worker':
+        # A fresh interpreter for a fork child's supervisor (see Supervisor._become_worker).
+        Worker(int(sys.argv[2]), int(sys.argv[3])).main()
+        return 0
     channel_fd = int(os.environ.get('PODFLARE_AGENT_FD', '3'))
     if os.path.isdir(HOME):
         os.chdir(HOME)  # inherited by every worker: the default cwd

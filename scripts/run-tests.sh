@@ -19,20 +19,23 @@ run_node_tests() {
   passed=$((passed + ${p:-0}))
   failed=$((failed + ${f:-0}))
   [ "$rc" -eq 0 ] || status=1
+  if [ "$rc" -ne 0 ] && [ "${f:-0}" -eq 0 ]; then failed=$((failed + 1)); fi
   rm -f "$out"
 }
 
+# run_py_tests DIR START: unittest discovery of START (relative to DIR), with DIR on PYTHONPATH.
 run_py_tests() {
-  local dir=$1 out
-  [ -d "$dir" ] || return 0
+  local dir=$1 start=$2 out
   out=$(mktemp)
-  (cd "$dir/.." && PYTHONPATH="$PWD" /usr/bin/python3 -m unittest discover -s "$(basename "$dir")" -t . -v) 2>&1 | tee "$out"
+  (cd "$dir" && PYTHONPATH="$PWD" /usr/bin/python3 -m unittest discover -s "$start" -v) 2>&1 | tee "$out"
   local rc=${PIPESTATUS[0]}
   local total fails errors
   total=$(grep -E '^Ran [0-9]+ test' "$out" | tail -1 | awk '{print $2}')
   fails=$(grep -oE 'failures=[0-9]+' "$out" | tail -1 | cut -d= -f2)
   errors=$(grep -oE 'errors=[0-9]+' "$out" | tail -1 | cut -d= -f2)
   local bad=$(( ${fails:-0} + ${errors:-0} ))
+  # A runner that crashed before running anything counts as a failure, never as silence.
+  if [ "$rc" -ne 0 ] && [ "$bad" -eq 0 ]; then bad=1; fi
   passed=$((passed + ${total:-0} - bad))
   failed=$((failed + bad))
   [ "$rc" -eq 0 ] || status=1
@@ -42,9 +45,9 @@ run_py_tests() {
 if [ "$#" -gt 0 ]; then
   run_node_tests "$@"
 else
-  run_py_tests agent/tests
+  run_py_tests agent tests
   run_node_tests test/*.test.ts
-  run_py_tests python/tests
+  run_py_tests python tests
 fi
 
 echo

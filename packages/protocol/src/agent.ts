@@ -39,10 +39,22 @@ export const StatRequest = z.object({ id, op: z.literal('stat'), path });
 export const ListRequest = z.object({ id, op: z.literal('list'), path });
 export const RemoveRequest = z.object({ id, op: z.literal('remove'), path, recursive: z.boolean().optional() });
 export const MkdirRequest = z.object({ id, op: z.literal('mkdir'), path, parents: z.boolean().optional() });
+/**
+ * Fork the idle interpreter once per child. Each child switches its root to `root` (a mount the
+ * server grafted into this sandbox for the moment of the fork), connects to /.pf/agent.sock in
+ * its new root and says hello there. Answer: the children's pids as seen from this sandbox.
+ */
+export const ForkRequest = z.object({
+  id,
+  op: z.literal('fork'),
+  children: z.array(z.object({ id: z.string(), root: z.string(), hostname: z.string() })).min(1).max(32),
+});
+/** A snapshot of the interpreter's user variables (for diff with vars=1). */
+export const VarsRequest = z.object({ id, op: z.literal('vars') });
 
 export const AgentRequest = z.discriminatedUnion('op', [
   ExecRequest, InterruptRequest, PingRequest, UploadBeginRequest, UploadChunkRequest, UploadEndRequest,
-  FileReadRequest, StatRequest, ListRequest, RemoveRequest, MkdirRequest,
+  FileReadRequest, StatRequest, ListRequest, RemoveRequest, MkdirRequest, ForkRequest, VarsRequest,
 ]);
 export type AgentRequest = z.infer<typeof AgentRequest>;
 export type AgentOp = AgentRequest['op'];
@@ -90,7 +102,8 @@ export const ExitMessage = z.object({
   state_lost: z.boolean().optional(),
 });
 export const OkResponse = z.object({ id, ok: z.literal(true) }).passthrough();
-export const FailResponse = z.object({ id, ok: z.literal(false), error: AgentErrorInfo });
+/** `id` is missing when the agent could not read one from the request it refuses. */
+export const FailResponse = z.object({ id: id.optional(), ok: z.literal(false), error: AgentErrorInfo });
 
 export const AgentMessage = z.union([
   HelloMessage, OutputMessage, ResultMessage, ErrorMessage, ExitMessage, OkResponse, FailResponse,
@@ -115,4 +128,8 @@ export interface AgentReplies {
   list: { entries: FileStat[] };
   remove: Record<string, never>;
   mkdir: Record<string, never>;
+  fork: { pids: number[]; error?: string | null };
+  vars: { vars: Record<string, VarInfo> };
 }
+
+export interface VarInfo { type: string; repr: string; fp: string }

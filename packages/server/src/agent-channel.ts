@@ -131,7 +131,8 @@ export class AgentChannel extends EventEmitter {
       for (const w of this.helloWaiters.splice(0)) w(this.hello);
       return;
     }
-    const pending = this.pending.get(msg.id as number);
+    if (typeof msg.id !== 'number') return; // the agent refused a line it could not read: nothing waits for it
+    const pending = this.pending.get(msg.id);
     if (!pending) return; // an answer to a request we gave up on
     if ('ok' in msg) {
       this.pending.delete(msg.id as number);

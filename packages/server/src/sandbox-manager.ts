@@ -36,10 +36,12 @@ export interface CreateOptions extends CreateSandboxBody {
 
 export class SandboxManager {
   private readonly live = new Map<string, LiveSandbox>();
+  /** Teardowns still running after their DELETE answered; close() waits for them. */
+  private readonly teardowns = new Set<Promise<void>>();
   private readonly pool: WarmPool;
   private readonly sweeper: NodeJS.Timeout;
   private closing = false;
-  readonly counters = { created: 0, destroyed: 0, crashed: 0, expired: 0 };
+  readonly counters = { created: 0, destroyed: 0, crashed: 0, expired: 0, forked: 0, merged: 0 };
 
   constructor(
     private readonly runtime: Runtime,
@@ -47,7 +49,7 @@ export class SandboxManager {
     private readonly config: ServerConfig,
     private readonly log: Logger,
   ) {
-    this.pool = new WarmPool((key) => this.startRuntimeSandbox(key), {
+    this.pool = new WarmPool((key) => this.startRuntimeSandbox(key, true), {
       target: config.poolSize,
       maxParallelStarts: 2,
       log,
@@ -85,7 +87,7 @@ export class SandboxManager {
       throw new ApiError('rate_limited', `the server already runs ${this.live.size} sandboxes (max ${this.config.maxSandboxes})`, undefined, { 'Retry-After': '5' });
     }
     const key: PoolKey = { template, egress: opts.egress ?? true };
-    const rt = this.pool.take(key) ?? (await this.startRuntimeSandbox(key));
+    const rt = this.pool.take(key) ?? (await this.startOnDemand(key));
     const now = Date.now();
     const record: SandboxRecord = {
       id: rt.id, state: 'ready', template, runtime: this.runtime.name, egress: key.egress,
@@ -162,22 +164,134 @@ export class SandboxManager {
     clearInterval(this.sweeper);
     await this.pool.close();
     await Promise.all([...this.live.values()].map((s) => this.end(s, 'stopped', 'server shut down')));
+    await Promise.all([...this.teardowns]);
     await this.runtime.close();
   }
 
-  private async startRuntimeSandbox(key: PoolKey): Promise<RuntimeSandbox> {
-    const id = newSandboxId();
-    return this.runtime.start({ id, template: key.template, egress: key.egress, hostname: `sbx-${id.slice(4, 16)}` });
+  /** A pool miss: start one now, retrying once, and say 503 (retryable) if the host cannot. */
+  private async startOnDemand(key: PoolKey): Promise<RuntimeSandbox> {
+    try {
+      return await this.startRuntimeSandbox(key);
+    } catch (first) {
+      this.log.warn('sandbox start failed, retrying', { error: (first as Error).message });
+      try {
+        return await this.startRuntimeSandbox(key);
+      } catch (err) {
+        throw new ApiError('unavailable', `could not start a sandbox: ${(err as Error).message}`, undefined, { 'Retry-After': '1' });
+      }
+    }
   }
 
-  private adopt(record: SandboxRecord, rt: RuntimeSandbox): void {
+  private async startRuntimeSandbox(key: PoolKey, background = false): Promise<RuntimeSandbox> {
+    const id = newSandboxId();
+    return this.runtime.start({ id, template: key.template, egress: key.egress, hostname: `sbx-${id.slice(4, 16)}`, background });
+  }
+
+  private adopt(record: SandboxRecord, rt: RuntimeSandbox): LiveSandbox {
     const s: LiveSandbox = { record, rt, queue: new SerialQueue(), running: 0 };
     this.live.set(record.id, s);
+    this.watch(s, rt);
+    return s;
+  }
+
+  /** A runtime sandbox dying on its own ends whichever API sandbox drives it at that moment. */
+  private watch(s: LiveSandbox, rt: RuntimeSandbox): void {
     void rt.exited.then(({ reason }) => {
-      if (this.live.get(record.id) !== s) return;
+      if (s.rt !== rt || this.live.get(s.record.id) !== s) return;
       this.counters.crashed++;
       void this.end(s, 'error', reason);
     });
+  }
+
+  /**
+   * fork(n): n copy-on-write children of an idle sandbox (waits for a running exec: forks go
+   * through the same queue). Children inherit egress, timeouts and metadata.
+   */
+  async fork(s: LiveSandbox, n: number): Promise<SandboxRecord[]> {
+    if (!this.runtime.capabilities.fork) throw new ApiError('bad_request', `the ${this.runtime.name} runtime cannot fork`);
+    return s.queue.run(async () => {
+      if (!this.live.has(s.record.id)) throw new ApiError('sandbox_gone', `sandbox ${s.record.id} is gone`);
+      if (this.live.size + n > this.config.maxSandboxes) {
+        throw new ApiError('rate_limited', `forking ${n} would exceed the server's ${this.config.maxSandboxes} sandboxes`, undefined, { 'Retry-After': '5' });
+      }
+      const specs = Array.from({ length: n }, () => {
+        const id = newSandboxId();
+        return { id, template: s.record.template, egress: s.record.egress, hostname: `sbx-${id.slice(4, 16)}` };
+      });
+      const children = await this.runtime.fork(s.rt, specs);
+      const now = Date.now();
+      const records: SandboxRecord[] = [];
+      for (const rt of children) {
+        const record: SandboxRecord = {
+          ...s.record, id: rt.id, state: 'ready', parentId: s.record.id, createdAt: now, lastActiveAt: now,
+          endedAt: null, endReason: null, metadata: { ...s.record.metadata },
+        };
+        await this.store.insert(record);
+        this.adopt(record, rt);
+        records.push(record);
+      }
+      s.record.lastActiveAt = now;
+      this.counters.forked += children.length;
+      return records;
+    });
+  }
+
+  /** True when `descendant` is below `ancestor` in the lineage. */
+  private async isDescendant(descendant: string, ancestor: string): Promise<boolean> {
+    let current = (this.live.get(descendant)?.record ?? (await this.store.get(descendant)))?.parentId ?? null;
+    for (let hops = 0; current && hops < 1000; hops++) {
+      if (current === ancestor) return true;
+      current = (this.live.get(current)?.record ?? (await this.store.get(current)))?.parentId ?? null;
+    }
+    return false;
+  }
+
+  /** Checks a merge's parties: into itself 400, unknown/retired winner 404, not a descendant 400. */
+  async mergeParties(parentId: string, winnerId: string, owner?: string): Promise<{ parent: LiveSandbox; winner: LiveSandbox }> {
+    if (parentId === winnerId) throw new ApiError('bad_request', 'a sandbox cannot be merged into itself', 'winner');
+    const parent = await this.get(parentId, owner);
+    const winner = await this.get(winnerId, owner).catch((err: ApiError) => {
+      throw err.code === 'sandbox_gone' ? new ApiError('not_found', err.message) : err;
+    });
+    if (!(await this.isDescendant(winnerId, parentId))) {
+      throw new ApiError('bad_request', `sandbox ${winnerId} is not a descendant of ${parentId}`, 'winner');
+    }
+    return { parent, winner };
+  }
+
+  /**
+   * Whole-state merge: from now on the parent's id drives the winner's sandbox (memory and files);
+   * the parent's old sandbox is destroyed and the winner's id retired. Siblings live on.
+   */
+  async mergeWhole(parent: LiveSandbox, winner: LiveSandbox): Promise<void> {
+    await parent.queue.run(() => winner.queue.run(async () => {
+      if (this.live.get(winner.record.id) !== winner) throw new ApiError('not_found', `sandbox ${winner.record.id} not found`);
+      const old = parent.rt;
+      this.live.delete(winner.record.id);
+      parent.rt = winner.rt;
+      this.watch(parent, winner.rt);
+      parent.record.lastActiveAt = Date.now();
+      winner.record.state = 'merged';
+      winner.record.endedAt = Date.now();
+      winner.record.endReason = `merged into ${parent.record.id}`;
+      await this.store.update(winner.record.id, { state: 'merged', endedAt: winner.record.endedAt, endReason: winner.record.endReason });
+      // The winner's children are the parent's now.
+      for (const child of await this.store.children(winner.record.id)) {
+        await this.store.update(child, { parentId: parent.record.id });
+        const live = this.live.get(child);
+        if (live) live.record.parentId = parent.record.id;
+      }
+      this.counters.merged++;
+      await old.destroy();
+    }));
+  }
+
+  async vars(s: LiveSandbox) {
+    return s.queue.run(async () => (await s.rt.channel.request({ op: 'vars' })).vars);
+  }
+
+  diffFiles(a: LiveSandbox, b: LiveSandbox, opts: { paths?: string[]; content?: boolean }) {
+    return this.runtime.diff(a.rt, b.rt, opts);
   }
 
   private async end(s: LiveSandbox, state: 'stopped' | 'error', reason: string): Promise<void> {
@@ -189,7 +303,10 @@ export class SandboxManager {
     s.record.endReason = reason;
     this.log.debug('sandbox ended', { sandbox: s.record.id, state, reason });
     await this.store.update(s.record.id, { state, endedAt: s.record.endedAt, endReason: reason, lastActiveAt: s.record.lastActiveAt });
-    await s.rt.destroy();
+    // The sandbox is already unreachable through the API: kill and clean up behind the answer.
+    const teardown = s.rt.destroy().catch((err: Error) => this.log.error('teardown failed', { sandbox: s.record.id, error: err.message }));
+    this.teardowns.add(teardown);
+    void teardown.finally(() => this.teardowns.delete(teardown));
   }
 
   private setState(s: LiveSandbox, state: SandboxRecord['state']): void {

@@ -9,6 +9,7 @@ import type { SandboxManager } from '../sandbox-manager.js';
 import { KeyRing } from './auth.js';
 import { sendJson } from './body.js';
 import { addFileRoutes } from './file-routes.js';
+import { addForkRoutes } from './fork-routes.js';
 import { Router } from './router.js';
 import { addSandboxRoutes } from './sandbox-routes.js';
 
@@ -41,6 +42,7 @@ export function createApp(opts: AppOptions): RequestListener {
   });
   addSandboxRoutes(router, opts.manager);
   addFileRoutes(router, opts.manager);
+  addForkRoutes(router, opts.manager);
 
   return (req, res) => {
     const started = performance.now();

@@ -20,6 +20,11 @@ export interface SandboxSpec {
   template: string;
   egress: boolean;
   hostname: string;
+  /**
+   * Start at low CPU priority (raised back once ready): warm-pool refills then never slow down
+   * the execs of sandboxes in use on a small host.
+   */
+  background?: boolean;
   /** Extra environment for the agent (and so the interpreter). */
   env?: Record<string, string>;
 }
@@ -35,12 +40,33 @@ export interface RuntimeSandbox {
   memoryPss(): Promise<number>;
 }
 
+export interface DiffOptions {
+  /** Restrict to these absolute paths (and what is below them). */
+  paths?: string[];
+  /** Add unified diffs of text files. */
+  content?: boolean;
+}
+
+export interface FileDiff {
+  added: string[];
+  removed: string[];
+  modified: string[];
+  content?: Record<string, { diff?: string; binary?: boolean; too_large?: boolean }>;
+}
+
 export interface Runtime {
   readonly name: 'ns' | 'vm';
   readonly capabilities: RuntimeCapabilities;
   /** Removes what an earlier, crashed server left behind (mounts, directories, processes). */
   cleanupOrphans(): Promise<void>;
   start(spec: SandboxSpec): Promise<RuntimeSandbox>;
+  /**
+   * Copy-on-write children of a live, idle sandbox: memory and files as of now (capability `fork`).
+   * Resolves once every child's agent answers.
+   */
+  fork(parent: RuntimeSandbox, children: SandboxSpec[]): Promise<RuntimeSandbox[]>;
+  /** What differs between two sandboxes' filesystems: `b` relative to `a`. */
+  diff(a: RuntimeSandbox, b: RuntimeSandbox, opts: DiffOptions): Promise<FileDiff>;
   /** Destroys every sandbox this runtime started. */
   close(): Promise<void>;
 }

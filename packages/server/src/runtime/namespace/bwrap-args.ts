@@ -24,6 +24,12 @@ export function bwrapArgs(o: BwrapOptions): string[] {
   const args = [
     '--die-with-parent',
     '--new-session',
+    // The agent is PID 1 (no bwrap reaper): it must outlive forked children nested in its pid
+    // namespace even after its sandbox is deleted, which bwrap's own init would not.
+    '--as-pid-1',
+    // Capabilities inside the sandbox's own user namespace only: a forked child needs them to
+    // enter new namespaces and switch its root. They grant nothing over the host.
+    '--cap-add', 'ALL',
     '--unshare-user', '--uid', '0', '--gid', '0',
     '--unshare-pid', '--unshare-ipc', '--unshare-uts', '--unshare-net', '--unshare-cgroup-try',
     '--hostname', o.hostname,

@@ -2,22 +2,31 @@
  * The namespace runtime: each sandbox is a bubblewrap sandbox whose root is an overlay of the
  * read-only image (agent layer over the Debian base) plus the sandbox's own upper layer.
  *
- * The overlay is mounted on the host only while the sandbox starts: bwrap binds it as the sandbox's
- * root, and once the agent says hello the host mount is detached. From then on the mount exists only
- * inside the sandbox's mount namespace and disappears with it, so a crash of the server cannot
- * leave mounts behind.
+ * The overlay is mounted on the host only while a sandbox starts: bwrap binds it as the root (or,
+ * for a fork child, the host helper grafts it into the parent's mount namespace), and once the
+ * agent says hello the host mount is detached. From then on the mount exists only inside the
+ * sandbox's namespaces and disappears with them, so a crash of the server leaves no mounts behind.
+ *
+ * fork(n): the parent's upper layer is copied into a read-only fork layer shared by the children
+ * (the parent keeps writing to its own upper); each child gets an overlay of its own upper over
+ * that layer and the parent's lowers, and the parent's interpreter forks into it (agent side:
+ * agent/podflare_fork.py). Memory is shared copy-on-write by the kernel.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
+import { spawn } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
 import { mkdir, readdir, readFile, rm } from 'node:fs/promises';
-import type { Readable } from 'node:stream';
 import net from 'node:net';
-import { AgentChannel } from '../../agent-channel.js';
+import path from 'node:path';
+import type { Readable } from 'node:stream';
+import { ApiError } from '../../errors.js';
 import type { Logger } from '../../log.js';
-import { isAlive, processTree, pssOf, run } from '../../proc.js';
-import type { Runtime, RuntimeSandbox, SandboxSpec } from '../runtime.js';
+import { run } from '../../proc.js';
+import type { DiffOptions, FileDiff, Runtime, RuntimeSandbox, SandboxSpec } from '../runtime.js';
 import { bwrapArgs, SANDBOX_PATH } from './bwrap-args.js';
+import { HostHelper } from './hostd.js';
 import { assertMountablePath, sandboxDirs, sandboxesDir, type SandboxDirs } from './layout.js';
-import { startSlirp, type Slirp } from './network.js';
+import { startSlirp } from './network.js';
+import { ForkedSandbox, hostPidsOfForkChildren, NsSandbox, RootSandbox, type SandboxHooks } from './ns-sandbox.js';
 
 export interface NamespaceRuntimeOptions {
   stateDir: string;
@@ -28,15 +37,40 @@ export interface NamespaceRuntimeOptions {
   log: Logger;
 }
 
+/** Niceness of sandboxes starting in the background (warm-pool refills). */
+const BACKGROUND_NICE = 10;
 const AGENT_COMMAND = ['/usr/bin/python3', '/opt/podflare/podflare_agent.py'];
+/** Where fork points are grafted inside a parent (a private tmpfs, only during a fork). */
+const SPAWN_AREA = '/.pf/spawn';
+/**
+ * Pid namespaces nest at most 32 deep, and each fork generation adds one level (merges keep the
+ * winner's level). Refuse clearly before the kernel does.
+ */
+const MAX_FORK_DEPTH = 30;
 
 export class NamespaceRuntime implements Runtime {
   readonly name = 'ns' as const;
-  readonly capabilities = { fork: false, freeze: false, egress: true };
-  private readonly live = new Map<string, NamespaceSandbox>();
+  readonly capabilities = { fork: true, freeze: false, egress: true };
+  private readonly live = new Map<string, NsSandbox>();
+  private readonly starting = new Set<Promise<unknown>>();
+  private readonly layerRefs = new Map<string, number>();
+  private readonly hostd = new HostHelper();
+  private readonly hooks: SandboxHooks;
+  private closed = false;
 
   constructor(private readonly opts: NamespaceRuntimeOptions) {
     for (const d of [opts.stateDir, ...opts.lowerDirs]) assertMountablePath(d);
+    this.hooks = {
+      log: opts.log,
+      onFinalized: (s) => {
+        this.live.delete(s.id);
+        for (const layer of s.lowers) void this.releaseLayer(layer);
+      },
+    };
+  }
+
+  private get layersDir(): string {
+    return path.join(this.opts.stateDir, 'layers');
   }
 
   async cleanupOrphans(): Promise<void> {
@@ -49,117 +83,210 @@ export class NamespaceRuntime implements Runtime {
       if (mountPoint && mountPoint.startsWith(root + '/')) await run('umount', ['-l', mountPoint]).catch(() => undefined);
     }
     for (const name of await readdir(root)) {
-      if (this.live.has(name)) continue;
-      await rm(`${root}/${name}`, { recursive: true, force: true });
+      if (!this.live.has(name)) await rm(`${root}/${name}`, { recursive: true, force: true });
     }
+    await rm(this.layersDir, { recursive: true, force: true });
   }
 
-  async start(spec: SandboxSpec): Promise<RuntimeSandbox> {
-    const dirs = sandboxDirs(this.opts.stateDir, spec.id);
-    await Promise.all([mkdir(dirs.upper, { recursive: true }), mkdir(dirs.work, { recursive: true }), mkdir(dirs.root, { recursive: true })]);
-    await run('mount', ['-t', 'overlay', 'overlay', '-o',
-      `lowerdir=${this.opts.lowerDirs.join(':')},upperdir=${dirs.upper},workdir=${dirs.work}`, dirs.root]);
-    const sandbox = new NamespaceSandbox(spec, dirs, this.opts);
-    this.live.set(spec.id, sandbox);
-    void sandbox.exited.then(() => this.live.delete(spec.id));
-    try {
-      await sandbox.boot();
-    } catch (err) {
-      await sandbox.destroy();
-      throw err;
-    }
-    return sandbox;
+  start(spec: SandboxSpec): Promise<RuntimeSandbox> {
+    return this.track(() => this.startRoot(spec));
+  }
+
+  fork(parentRt: RuntimeSandbox, specs: SandboxSpec[]): Promise<RuntimeSandbox[]> {
+    return this.track(() => this.forkChildren(parentRt as NsSandbox, specs));
+  }
+
+  async diff(a: RuntimeSandbox, b: RuntimeSandbox, opts: DiffOptions): Promise<FileDiff> {
+    return this.hostd.diff((a as NsSandbox).stack, (b as NsSandbox).stack, opts);
   }
 
   async close(): Promise<void> {
-    await Promise.all([...this.live.values()].map((s) => s.destroy()));
+    this.closed = true;
+    // Starts in flight finish (or fail) first, so none of them leaves a mount behind.
+    await Promise.allSettled([...this.starting]);
+    // Children first: a parent with live children would only become a husk.
+    const byDepth = [...this.live.values()].sort((x, y) => y.depth - x.depth);
+    for (const s of byDepth) await s.destroy();
+    this.hostd.close();
   }
-}
 
-class NamespaceSandbox implements RuntimeSandbox {
-  readonly channel: AgentChannel;
-  readonly exited: Promise<{ reason: string }>;
-  private readonly bwrap: ChildProcess;
-  private slirp: Slirp | null = null;
-  private innerPid: number | null = null;
-  private destroying: Promise<void> | null = null;
-  private hostMounted = true;
-  private readonly log: Logger;
+  private async track<T>(work: () => Promise<T>): Promise<T> {
+    if (this.closed) throw new Error('the runtime is shut down');
+    const p = work();
+    this.starting.add(p);
+    try {
+      return await p;
+    } finally {
+      this.starting.delete(p);
+    }
+  }
 
-  constructor(private readonly spec: SandboxSpec, private readonly dirs: SandboxDirs, private readonly opts: NamespaceRuntimeOptions) {
-    this.log = opts.log.child({ sandbox: spec.id });
-    const env: Record<string, string> = {
+  private agentEnv(spec: SandboxSpec): Record<string, string> {
+    return {
       PATH: SANDBOX_PATH,
       HOME: '/root',
       LANG: 'C.UTF-8',
       PODFLARE_SANDBOX_ID: spec.id,
-      PODFLARE_INTERRUPT_GRACE_MS: String(opts.interruptGraceMs),
+      PODFLARE_INTERRUPT_GRACE_MS: String(this.opts.interruptGraceMs),
+      // Large allocations on transparent huge pages: a fork copies far fewer page-table entries.
+      GLIBC_TUNABLES: 'glibc.malloc.hugetlb=1',
+      // A forked interpreter keeps only the forking thread: keep BLAS single-threaded.
+      OPENBLAS_NUM_THREADS: '1',
       ...spec.env,
     };
-    // stdio: 0 none, 1/2 the agent's own diagnostics, 3 the protocol channel (a socketpair), 4 bwrap's info.
-    this.bwrap = spawn('bwrap', bwrapArgs({ root: dirs.root, hostname: spec.hostname, env, infoFd: 4, command: AGENT_COMMAND }), {
+  }
+
+  private async mountOverlay(dirs: SandboxDirs, lowers: string[]): Promise<void> {
+    await Promise.all([mkdir(dirs.upper, { recursive: true }), mkdir(dirs.work, { recursive: true }), mkdir(dirs.root, { recursive: true })]);
+    await run('mount', ['-t', 'overlay', 'overlay', '-o', `lowerdir=${lowers.join(':')},upperdir=${dirs.upper},workdir=${dirs.work}`, dirs.root]);
+  }
+
+  private async unmount(dirs: SandboxDirs): Promise<void> {
+    await run('umount', ['-l', dirs.root]).catch(() => undefined);
+  }
+
+  private async startRoot(spec: SandboxSpec): Promise<RuntimeSandbox> {
+    const dirs = sandboxDirs(this.opts.stateDir, spec.id);
+    const lowers = this.opts.lowerDirs;
+    await this.mountOverlay(dirs, lowers);
+    if (this.closed) {
+      await this.unmount(dirs);
+      await rm(dirs.dir, { recursive: true, force: true });
+      throw new Error('the runtime is shut down');
+    }
+    const args = bwrapArgs({ root: dirs.root, hostname: spec.hostname, env: this.agentEnv(spec), infoFd: 4, command: AGENT_COMMAND });
+    // `nice` execs bwrap in place (same pid), so everything the sandbox starts inherits the priority.
+    const bwrap = spawn(spec.background ? 'nice' : 'bwrap', spec.background ? ['-n', String(BACKGROUND_NICE), 'bwrap', ...args] : args, {
+      // 0 none, 1/2 the agent's own diagnostics, 3 the protocol channel (a socketpair), 4 bwrap's info.
       stdio: ['ignore', 'pipe', 'pipe', 'pipe', 'pipe'],
     });
-    this.channel = new AgentChannel(this.bwrap.stdio[3] as net.Socket);
-    let diagnostics = '';
-    const keep = (d: Buffer) => { diagnostics = (diagnostics + d.toString()).slice(-4000); };
-    this.bwrap.stdout!.on('data', keep);
-    this.bwrap.stderr!.on('data', keep);
-    this.exited = new Promise((resolve) => {
-      const done = (reason: string) => {
-        this.channel.close(reason);
-        resolve({ reason });
-      };
-      this.bwrap.once('error', (err) => done(`cannot start bwrap: ${err.message}`));
-      this.bwrap.once('exit', (code, signal) => {
-        const tail = diagnostics.trim().split('\n').slice(-5).join(' | ');
-        done(signal ? `sandbox killed by ${signal}` : `sandbox exited with code ${code}${tail ? `: ${tail}` : ''}`);
+    const sandbox = new RootSandbox(spec, dirs, lowers, bwrap, this.hooks);
+    this.live.set(spec.id, sandbox);
+    try {
+      const info = await readInfo(bwrap.stdio[4] as Readable, this.opts.startTimeoutMs);
+      sandbox.initPid = info.childPid;
+      // Attach the network only once the agent runs: bwrap configures the namespace's loopback
+      // before it execs the agent, and slirp4netns racing with that makes bwrap fail.
+      await sandbox.channel.waitHello(this.opts.startTimeoutMs);
+      if (spec.egress) sandbox.slirp = await startSlirp(info.childPid, this.opts.startTimeoutMs);
+      await this.unmount(dirs); // bwrap holds the root now
+      if (spec.background) await sandbox.setPriority(0);
+      return sandbox;
+    } catch (err) {
+      await this.unmount(dirs);
+      await sandbox.destroy();
+      throw err;
+    }
+  }
+
+  private async forkChildren(parent: NsSandbox, specs: SandboxSpec[]): Promise<RuntimeSandbox[]> {
+    if (!parent.initPid) throw new ApiError('conflict', 'the sandbox is not running');
+    if (parent.depth >= MAX_FORK_DEPTH) {
+      throw new ApiError('conflict', `fork chains are limited to ${MAX_FORK_DEPTH} generations (pid namespaces nest at most 32 deep)`);
+    }
+    const t0 = performance.now();
+    const phase = (name: string) => this.opts.log.debug(`fork: ${name}`, { parent: parent.id, ms: Math.round((performance.now() - t0) * 10) / 10 });
+    const layer = await this.freezeUpper(parent);
+    phase('layer frozen');
+    const lowers = [layer, ...parent.lowers];
+    for (const l of lowers) this.retainLayer(l);
+    const prepared: Array<{ spec: SandboxSpec; dirs: SandboxDirs; connection: Promise<net.Socket>; listener: net.Server; target: string }> = [];
+    const created: ForkedSandbox[] = [];
+    try {
+      if (!parent.spawnAreaReady) {
+        await this.hostd.tmpfs(parent.initPid, SPAWN_AREA);
+        parent.spawnAreaReady = true;
+      }
+      await Promise.all(specs.map(async (spec) => {
+        const dirs = sandboxDirs(this.opts.stateDir, spec.id);
+        // The child's way back to us: a socket in a host directory bound at /.pf/run in its root.
+        const runDir = path.join(dirs.dir, 'run');
+        await mkdir(runDir, { recursive: true });
+        const { listener, connection } = await listenOnce(path.join(runDir, 'agent.sock'), this.opts.startTimeoutMs);
+        const target = `${SPAWN_AREA}/${spec.id}`;
+        prepared.push({ spec, dirs, connection, listener, target });
+        await this.mountOverlay(dirs, lowers);
+        await this.hostd.graft(parent.initPid!, dirs.root, target);
+        await this.hostd.graft(parent.initPid!, runDir, `${target}/.pf/run`);
+        await this.unmount(dirs);
+      }));
+      phase('roots grafted');
+      const answer = await parent.channel.request({
+        op: 'fork',
+        children: prepared.map((p) => ({ id: p.spec.id, root: p.target, hostname: p.spec.hostname })),
       });
-    });
-    void this.exited.then(({ reason }) => {
-      this.slirp?.stop();
-      if (!this.destroying) this.log.warn('sandbox died', { reason });
-    });
+      phase('interpreter forked');
+      if (answer.pids.length !== prepared.length) throw new Error(answer.error ?? 'the interpreter could not fork');
+      const sockets = await Promise.all(prepared.map((p) => p.connection));
+      const hostPids = await hostPidsOfForkChildren(parent.initPid, answer.pids);
+      for (const [i, p] of prepared.entries()) {
+        const child = new ForkedSandbox(p.spec, p.dirs, lowers, parent, sockets[i]!, this.hooks);
+        for (const l of lowers) this.retainLayer(l);
+        this.live.set(p.spec.id, child);
+        created.push(child);
+        child.initPid = hostPids.get(answer.pids[i]!) ?? null;
+      }
+      phase('children connected');
+      await Promise.all(created.map((c) => c.channel.waitHello(this.opts.startTimeoutMs)));
+      phase('children answered');
+      await Promise.all(created.map(async (c) => {
+        if (c.spec.egress && c.initPid) c.slirp = await startSlirp(c.initPid, this.opts.startTimeoutMs);
+      }));
+      phase('network attached');
+      return created;
+    } catch (err) {
+      await Promise.all(created.map((c) => c.destroy()));
+      for (const p of prepared) await rm(p.dirs.dir, { recursive: true, force: true });
+      throw err;
+    } finally {
+      for (const l of lowers) void this.releaseLayer(l);
+      for (const p of prepared) {
+        p.listener.close();
+        await rm(path.join(p.dirs.dir, 'run'), { recursive: true, force: true });
+        await this.unmount(p.dirs);
+        // The children have pivoted into their roots: the parent no longer needs to see them.
+        await this.hostd.detach(parent.initPid, p.target).catch((e: Error) => this.opts.log.warn('detach failed', { error: e.message }));
+      }
+    }
   }
 
-  get id(): string {
-    return this.spec.id;
+  /** Copies the parent's upper layer into a new read-only fork layer (the parent keeps its own). */
+  private async freezeUpper(parent: NsSandbox): Promise<string> {
+    const layer = path.join(this.layersDir, `fork-${randomBytes(8).toString('hex')}`);
+    await mkdir(this.layersDir, { recursive: true });
+    await run('cp', ['-a', parent.dirs.upper, layer]);
+    return layer;
   }
 
-  async boot(): Promise<void> {
-    const info = await readInfo(this.bwrap.stdio[4] as Readable, this.opts.startTimeoutMs);
-    this.innerPid = info.childPid;
-    const network = this.spec.egress ? startSlirp(info.childPid, this.opts.startTimeoutMs).then((s) => { this.slirp = s; }) : Promise.resolve();
-    await Promise.all([this.channel.waitHello(this.opts.startTimeoutMs), network]);
-    // bwrap has bound the overlay as the sandbox's root: the host's copy is no longer needed.
-    await this.unmountHostCopy();
+  private retainLayer(layer: string): void {
+    if (!layer.startsWith(this.layersDir + '/')) return; // image layers are not ours to remove
+    this.layerRefs.set(layer, (this.layerRefs.get(layer) ?? 0) + 1);
   }
 
-  async memoryPss(): Promise<number> {
-    if (this.bwrap.pid === undefined) return 0;
-    const pids = await processTree(this.bwrap.pid);
-    if (this.slirp?.process.pid) pids.push(this.slirp.process.pid);
-    return pssOf(pids);
+  private async releaseLayer(layer: string): Promise<void> {
+    const n = this.layerRefs.get(layer);
+    if (n === undefined) return;
+    if (n > 1) return void this.layerRefs.set(layer, n - 1);
+    this.layerRefs.delete(layer);
+    await rm(layer, { recursive: true, force: true });
   }
+}
 
-  destroy(): Promise<void> {
-    this.destroying ??= (async () => {
-      // Killing the sandbox's PID 1 makes the kernel kill everything in its pid namespace.
-      if (this.innerPid && isAlive(this.innerPid)) process.kill(this.innerPid, 'SIGKILL');
-      if (this.bwrap.exitCode === null && this.bwrap.signalCode === null) this.bwrap.kill('SIGKILL');
-      this.slirp?.stop();
-      await this.exited;
-      await this.unmountHostCopy();
-      await rm(this.dirs.dir, { recursive: true, force: true });
-    })();
-    return this.destroying;
-  }
-
-  private async unmountHostCopy(): Promise<void> {
-    if (!this.hostMounted) return;
-    this.hostMounted = false;
-    await run('umount', ['-l', this.dirs.root]).catch((err: Error) => this.log.warn('umount failed', { error: err.message }));
-  }
+/** A unix socket that accepts exactly one connection (a fork child's agent). */
+async function listenOnce(socketPath: string, timeoutMs: number): Promise<{ listener: net.Server; connection: Promise<net.Socket> }> {
+  if (Buffer.byteLength(socketPath) > 107) throw new Error(`socket path too long for a unix socket: ${socketPath} (choose a shorter state directory)`);
+  const listener = net.createServer();
+  const connection = new Promise<net.Socket>((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error('a forked child did not connect in time')), timeoutMs);
+    listener.once('connection', (socket) => { clearTimeout(timer); resolve(socket); });
+    listener.once('close', () => { clearTimeout(timer); reject(new Error('a forked child did not connect')); });
+  });
+  connection.catch(() => undefined);
+  await new Promise<void>((resolve, reject) => {
+    listener.once('error', reject);
+    listener.listen(socketPath, () => resolve());
+  });
+  return { listener, connection };
 }
 
 /** Reads bwrap's `--info-fd` JSON, which names the sandbox's PID 1 as seen from the host. */

@@ -1,0 +1,70 @@
+/** fork, diff and merge_into (docs/api.md). */
+import { ForkBody, type VarInfo } from '@podflare/protocol';
+import { z } from 'zod';
+import { ApiError } from '../errors.js';
+import { copyPaths } from '../merge-paths.js';
+import type { SandboxManager } from '../sandbox-manager.js';
+import { readBody, sendEmpty, sendJson } from './body.js';
+import type { Router } from './router.js';
+import { sandboxId } from './sandbox-routes.js';
+
+const MergeBody = z.object({ paths: z.array(z.string().min(1).max(4096)).min(1).max(1000).optional() }).strict();
+
+const flag = (v: string | null) => v === '1' || v === 'true';
+
+function pathsParam(value: string | null): string[] | undefined {
+  if (!value) return undefined;
+  const paths = value.split(',').map((p) => p.trim()).filter(Boolean);
+  for (const p of paths) {
+    if (!p.startsWith('/') || p.split('/').includes('..') || p.includes('\0')) {
+      throw new ApiError('bad_request', `paths: "${p}" must be an absolute path without ..`, 'paths');
+    }
+  }
+  return paths;
+}
+
+/** Interpreter variables of `b` relative to `a`. */
+function diffVars(a: Record<string, VarInfo>, b: Record<string, VarInfo>) {
+  const view = (name: string, v: VarInfo) => ({ name, type: v.type, repr: v.repr });
+  return {
+    added: Object.keys(b).filter((k) => !(k in a)).sort().map((k) => view(k, b[k]!)),
+    removed: Object.keys(a).filter((k) => !(k in b)).sort().map((k) => view(k, a[k]!)),
+    changed: Object.keys(b).filter((k) => k in a && (a[k]!.fp !== b[k]!.fp || a[k]!.type !== b[k]!.type)).sort()
+      .map((k) => ({ name: k, type: b[k]!.type, before: a[k]!.repr, after: b[k]!.repr })),
+  };
+}
+
+export function addForkRoutes(router: Router, manager: SandboxManager): void {
+  router.add('POST', '/v1/sandboxes/:id/fork', async (ctx) => {
+    const id = sandboxId(ctx);
+    const body = await readBody(ctx.req, ForkBody);
+    const parent = await manager.get(id, ctx.owner || undefined);
+    const children = await manager.fork(parent, body.n ?? 1);
+    sendJson(ctx.res, 200, { children: children.map((c) => c.id) });
+  });
+
+  router.add('GET', '/v1/sandboxes/:id/diff/:other', async (ctx) => {
+    const a = await manager.get(sandboxId(ctx), ctx.owner || undefined);
+    const b = await manager.get(sandboxId(ctx, 'other'), ctx.owner || undefined);
+    const paths = pathsParam(ctx.query.get('paths'));
+    const files = await manager.diffFiles(a, b, { paths, content: flag(ctx.query.get('content')) });
+    const result: Record<string, unknown> = { ...files };
+    if (flag(ctx.query.get('vars'))) {
+      const [va, vb] = await Promise.all([manager.vars(a), manager.vars(b)]);
+      result.vars = diffVars(va, vb);
+    }
+    sendJson(ctx.res, 200, result);
+  });
+
+  router.add('POST', '/v1/sandboxes/:id/merge_into/:winner', async (ctx) => {
+    const body = await readBody(ctx.req, MergeBody);
+    const { parent, winner } = await manager.mergeParties(sandboxId(ctx), sandboxId(ctx, 'winner'), ctx.owner || undefined);
+    if (body.paths) {
+      pathsParam(body.paths.join(','));
+      await parent.queue.run(() => winner.queue.run(() => copyPaths(winner.rt.channel, parent.rt.channel, body.paths!)));
+    } else {
+      await manager.mergeWhole(parent, winner);
+    }
+    sendEmpty(ctx.res);
+  });
+}

@@ -1,0 +1,223 @@
+/**
+ * A live namespace sandbox. Two kinds share this class's bookkeeping:
+ * - a root sandbox, started by bubblewrap (its agent is PID 1 of the sandbox, `--as-pid-1`);
+ * - a forked sandbox, whose PID 1 is a fork of its parent's interpreter that entered namespaces
+ *   of its own (see agent/podflare_fork.py).
+ *
+ * A forked sandbox's pid namespace is nested inside its parent's, so a parent must not take its
+ * namespace down while children live ("deleting the parent does not kill its children"). A
+ * destroyed sandbox with live children becomes a husk: every process of its own namespace except
+ * PID 1 is killed and its channel closed; its PID 1 (the agent) then only reaps, and the husk is
+ * finished off when its last child ends.
+ */
+import type { ChildProcess } from 'node:child_process';
+import { readdir, readFile, readlink, rm } from 'node:fs/promises';
+import os from 'node:os';
+import { AgentChannel } from '../../agent-channel.js';
+import type { Logger } from '../../log.js';
+import { isAlive, processTree, pssOf } from '../../proc.js';
+import type { RuntimeSandbox, SandboxSpec } from '../runtime.js';
+import type { SandboxDirs } from './layout.js';
+import type { Slirp } from './network.js';
+
+export interface SandboxHooks {
+  /** Called once the sandbox is finally gone (processes dead, directories removed). */
+  onFinalized(sandbox: NsSandbox): void;
+  log: Logger;
+}
+
+export abstract class NsSandbox implements RuntimeSandbox {
+  readonly channel: AgentChannel;
+  readonly exited: Promise<{ reason: string }>;
+  protected resolveExited!: (v: { reason: string }) => void;
+  /** Host pid of the sandbox's PID 1 (its agent): any process in its namespaces. */
+  initPid: number | null = null;
+  slirp: Slirp | null = null;
+  readonly children = new Set<NsSandbox>();
+  /** Set once the spawn tmpfs is mounted in this sandbox (fork points live there). */
+  spawnAreaReady = false;
+  private husk = false;
+  private finalizing: Promise<void> | null = null;
+  protected readonly log: Logger;
+
+  constructor(
+    readonly spec: SandboxSpec,
+    readonly dirs: SandboxDirs,
+    /** Lower layers, topmost first (fork layers, then the image's agent and base). */
+    readonly lowers: string[],
+    readonly parent: NsSandbox | null,
+    readonly depth: number,
+    socket: import('node:stream').Duplex,
+    protected readonly hooks: SandboxHooks,
+  ) {
+    this.log = hooks.log.child({ sandbox: spec.id });
+    this.channel = new AgentChannel(socket);
+    this.exited = new Promise((resolve) => { this.resolveExited = resolve; });
+    void this.exited.then(() => this.slirp?.stop());
+    parent?.children.add(this);
+  }
+
+  get id(): string {
+    return this.spec.id;
+  }
+
+  /** The layer stack of this sandbox's root, topmost first. */
+  get stack(): string[] {
+    return [this.dirs.upper, ...this.lowers];
+  }
+
+  async memoryPss(): Promise<number> {
+    if (!this.initPid) return 0;
+    const ns = await pidNamespace(this.initPid);
+    const pids: number[] = [];
+    for (const pid of await processTree(this.initPid)) if ((await pidNamespace(pid)) === ns) pids.push(pid);
+    if (this.slirp?.process.pid) pids.push(this.slirp.process.pid);
+    return pssOf(pids);
+  }
+
+  destroy(): Promise<void> {
+    if (this.children.size === 0) return this.finalize();
+    if (!this.husk) {
+      this.husk = true;
+      this.channel.close('destroyed');
+      this.slirp?.stop();
+      this.resolveExited({ reason: 'destroyed' });
+      if (this.initPid) return killNamespaceExceptInit(this.initPid);
+    }
+    return Promise.resolve();
+  }
+
+  /** A child of ours is gone: a husk with no children left can go too. */
+  childGone(child: NsSandbox): void {
+    this.children.delete(child);
+    if (this.husk && this.children.size === 0) void this.finalize();
+  }
+
+  protected finalize(): Promise<void> {
+    this.finalizing ??= (async () => {
+      this.channel.close('destroyed');
+      this.slirp?.stop();
+      await this.killAll();
+      this.resolveExited({ reason: 'destroyed' });
+      await rm(this.dirs.dir, { recursive: true, force: true });
+      this.parent?.childGone(this);
+      this.hooks.onFinalized(this);
+    })();
+    return this.finalizing;
+  }
+
+  /** Ends every process of the sandbox (its namespace and everything nested in it). */
+  protected abstract killAll(): Promise<void>;
+}
+
+/** A sandbox started by bubblewrap. */
+export class RootSandbox extends NsSandbox {
+  constructor(spec: SandboxSpec, dirs: SandboxDirs, lowers: string[], readonly bwrap: ChildProcess, hooks: SandboxHooks) {
+    super(spec, dirs, lowers, null, 0, bwrap.stdio[3] as import('node:net').Socket, hooks);
+    let diagnostics = '';
+    const keep = (d: Buffer) => { diagnostics = (diagnostics + d.toString()).slice(-4000); };
+    bwrap.stdout!.on('data', keep);
+    bwrap.stderr!.on('data', keep);
+    const done = (reason: string) => {
+      this.channel.close(reason);
+      this.resolveExited({ reason });
+      // A husk's bwrap ends when its last child does: clean up behind it.
+      void this.finalize();
+    };
+    bwrap.once('error', (err) => done(`cannot start bwrap: ${err.message}`));
+    bwrap.once('exit', (code, signal) => {
+      const tail = diagnostics.trim().split('\n').slice(-5).join(' | ');
+      done(signal ? `sandbox killed by ${signal}` : `sandbox exited with code ${code}${tail ? `: ${tail}` : ''}`);
+    });
+  }
+
+  protected async killAll(): Promise<void> {
+    if (this.initPid && isAlive(this.initPid)) process.kill(this.initPid, 'SIGKILL');
+    if (this.bwrap.exitCode === null && this.bwrap.signalCode === null) {
+      this.bwrap.kill('SIGKILL');
+      await new Promise((resolve) => this.bwrap.once('exit', resolve));
+    }
+  }
+
+  /** Raises (or lowers) the CPU priority of every process of the sandbox. */
+  async setPriority(nice: number): Promise<void> {
+    if (this.bwrap.pid === undefined) return;
+    const pids = await processTree(this.bwrap.pid);
+    if (this.slirp?.process.pid) pids.push(this.slirp.process.pid);
+    for (const pid of pids) {
+      try { os.setPriority(pid, nice); } catch { /* ended meanwhile */ }
+    }
+  }
+}
+
+/** A sandbox made by fork: PID 1 is a fork of the parent's interpreter (now its agent). */
+export class ForkedSandbox extends NsSandbox {
+  constructor(spec: SandboxSpec, dirs: SandboxDirs, lowers: string[], parent: NsSandbox, socket: import('node:net').Socket, hooks: SandboxHooks) {
+    super(spec, dirs, lowers, parent, parent.depth + 1, socket, hooks);
+    // No process handle to watch: the agent's channel closing is how its death shows.
+    this.channel.once('close', (reason: string) => {
+      this.resolveExited({ reason: `sandbox agent gone (${reason})` });
+    });
+  }
+
+  protected async killAll(): Promise<void> {
+    const pid = this.initPid;
+    if (!pid) return;
+    try { process.kill(pid, 'SIGKILL'); } catch { return; }
+    // Its parent namespace's PID 1 reaps it; wait until it is really gone (not even a zombie).
+    for (let i = 0; i < 200 && (await isLiveProcess(pid)); i++) await new Promise((r) => setTimeout(r, 10));
+  }
+}
+
+export async function pidNamespace(pid: number): Promise<string | null> {
+  try {
+    return await readlink(`/proc/${pid}/ns/pid`);
+  } catch {
+    return null;
+  }
+}
+
+async function isLiveProcess(pid: number): Promise<boolean> {
+  try {
+    const stat = await readFile(`/proc/${pid}/stat`, 'utf8');
+    return stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3) !== 'Z';
+  } catch {
+    return false;
+  }
+}
+
+/** SIGKILLs every process whose pid namespace is `init`'s, except `init` itself. */
+async function killNamespaceExceptInit(init: number): Promise<void> {
+  const ns = await pidNamespace(init);
+  if (!ns) return;
+  for (const name of await readdir('/proc')) {
+    const pid = Number(name);
+    if (!Number.isInteger(pid) || pid === init) continue;
+    if ((await pidNamespace(pid)) === ns) {
+      try { process.kill(pid, 'SIGKILL'); } catch { /* gone */ }
+    }
+  }
+}
+
+/**
+ * Host pids of fork children, from their pids in the parent's namespace: each child is PID 1 of a
+ * namespace one level below the parent's (NSpid in /proc/<pid>/status lists a process's pid at
+ * every level). One pass over the parent's process tree.
+ */
+export async function hostPidsOfForkChildren(parentInit: number, nsPids: number[]): Promise<Map<number, number>> {
+  const levelsOf = async (pid: number) => {
+    const status = await readFile(`/proc/${pid}/status`, 'utf8');
+    const line = /^NSpid:\s+(.+)$/m.exec(status);
+    return line ? line[1]!.trim().split(/\s+/).map(Number) : [];
+  };
+  const depth = (await levelsOf(parentInit)).length;
+  const wanted = new Set(nsPids);
+  const found = new Map<number, number>();
+  for (const pid of await processTree(parentInit)) {
+    try {
+      const levels = await levelsOf(pid);
+      if (levels.length === depth + 1 && levels[depth] === 1 && wanted.has(levels[depth - 1]!)) found.set(levels[depth - 1]!, pid);
+    } catch { /* ended meanwhile */ }
+  }
+  return found;
+}
