@@ -32,3 +32,9 @@ export function processesMentioning(text: string): string[] {
   }
   return out;
 }
+
+/** Fork layers still on disk (none may outlive the sandboxes that use them). */
+export function forkLayersIn(stateDir: string): string[] {
+  const dir = `${stateDir}/layers`;
+  return existsSync(dir) ? readdirSync(dir) : [];
+}

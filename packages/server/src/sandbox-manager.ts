@@ -286,6 +286,12 @@ export class SandboxManager {
     }));
   }
 
+  /** PSS of a live sandbox's own processes, in bytes (for capacity, benchmarks and tests). */
+  async memoryOf(id: string): Promise<number> {
+    const s = this.live.get(id);
+    return s ? s.rt.memoryPss() : 0;
+  }
+
   async vars(s: LiveSandbox) {
     return s.queue.run(async () => (await s.rt.channel.request({ op: 'vars' })).vars);
   }
