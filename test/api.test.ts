@@ -153,15 +153,21 @@ describe('lifecycle', () => {
     await server.stop();
   });
 
-  it('cleans up after a sandbox whose agent was killed from inside', async () => {
+  it('survives hostile kills inside, and cleans up after a crash', async () => {
     const server = await startTestServer({ poolSize: 1 });
     try {
       const sbx = await Sandbox.create({ host: server.url });
-      // The agent is bash's parent: kill it as hostile code would.
-      await sbx.runCode('kill -9 $PPID', 'bash').catch(() => undefined);
+      // The agent is PID 1 of the sandbox: the kernel ignores SIGKILL sent to it from inside.
+      await sbx.runCode('kill -9 1; kill -9 $PPID; true', 'bash').catch(() => undefined);
+      assert.equal((await sbx.runCode('print("still here")')).stdout, 'still here\n');
+      // A crash from outside (the sandbox's processes killed on the host) is noticed and cleaned.
+      const pids = processesMentioning(sbx.id).map((line) => Number(line.split(':')[0]));
+      assert.ok(pids.length > 0);
+      for (const pid of pids) process.kill(pid, 'SIGKILL');
       await new Promise((res) => setTimeout(res, 300));
       await assert.rejects(sbx.runCode('1'), SandboxGoneError);
       assert.deepEqual(sandboxDirsIn(server.stateDir).filter((d) => d === sbx.id), []);
+      assert.equal((await sbx.info()).state, 'error');
     } finally {
       await server.stop();
     }

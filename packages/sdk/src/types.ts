@@ -234,10 +234,23 @@ export interface DiffResult {
   added: string[];
   removed: string[];
   modified: string[];
-  /** Unified diff per modified path (when `content: true` was asked). */
+  /** Unified diff per changed text file (when `content: true` was asked). */
   content?: Record<string, string>;
-  /** Interpreter variables that differ (when `vars: true` was asked); the shape is the server's. */
-  vars?: Record<string, unknown>;
+  /** Changed files left out of `content`: binary ones, and ones over the size cap. */
+  binary?: string[];
+  too_large?: string[];
+  /** Interpreter variables that differ (when `vars: true` was asked). */
+  vars?: VarsDiff;
+}
+
+/** One interpreter variable, as a diff reports it. */
+export interface VarSummary { name: string; type: string; repr: string }
+
+/** The interpreter variables of the other sandbox relative to this one. */
+export interface VarsDiff {
+  added: VarSummary[];
+  removed: VarSummary[];
+  changed: Array<{ name: string; type: string; before: string; after: string }>;
 }
 
 /** Options of {@link Sandbox.mergeInto}. */

@@ -6,6 +6,9 @@ single-threaded process can. It is started once per server (as root, like the se
 lines on stdin/stdout, and never runs sandbox code.
 
 Operations:
+  overlay {pid, lowers, upper, work, target, binds?}
+                                  mount an overlay (new mount API, never in the host's table) at
+                                  `target` inside the mount namespace of host process `pid`
   graft   {pid, source, target}   clone the host mount at `source` (open_tree) and attach it at
                                   `target` inside the mount namespace of host process `pid`
   detach  {pid, target}           lazily unmount `target` in that namespace and remove the directory
@@ -24,7 +27,9 @@ import stat
 import sys
 
 libc = ctypes.CDLL(None, use_errno=True)
-SYS_OPEN_TREE, SYS_MOVE_MOUNT = 428, 429
+SYS_OPEN_TREE, SYS_MOVE_MOUNT, SYS_FSOPEN, SYS_FSCONFIG, SYS_FSMOUNT = 428, 429, 430, 431, 432
+FSOPEN_CLOEXEC, FSMOUNT_CLOEXEC = 1, 1
+FSCONFIG_SET_STRING, FSCONFIG_CMD_CREATE = 1, 6
 OPEN_TREE_CLONE, OPEN_TREE_CLOEXEC, AT_RECURSIVE = 1, 0o2000000, 0x8000
 MOVE_MOUNT_F_EMPTY_PATH = 4
 AT_FDCWD = -100
@@ -73,6 +78,42 @@ def op_graft(req):
                                 MOVE_MOUNT_F_EMPTY_PATH), "move_mount")
     finally:
         os.close(tree)
+    return {}
+
+
+def _overlay_mount_fd(lowers, upper, work):
+    """A detached overlay mount (new mount API): nothing appears in the host's mount table."""
+    fs = _check(libc.syscall(SYS_FSOPEN, b"overlay", FSOPEN_CLOEXEC), "fsopen overlay")
+    try:
+        for key, value in (("lowerdir", ":".join(lowers)), ("upperdir", upper), ("workdir", work)):
+            _check(libc.syscall(SYS_FSCONFIG, fs, FSCONFIG_SET_STRING, key.encode(), value.encode(), 0), f"fsconfig {key}")
+        _check(libc.syscall(SYS_FSCONFIG, fs, FSCONFIG_CMD_CREATE, None, None, 0), "fsconfig create")
+        return _check(libc.syscall(SYS_FSMOUNT, fs, FSMOUNT_CLOEXEC, 0), "fsmount")
+    finally:
+        os.close(fs)
+
+
+def op_overlay(req):
+    """Mounts an overlay (lowers, upper, work) at `target` inside the mount namespace of `pid`,
+    plus bind mounts of host directories below it (binds: [{source, target}], targets relative
+    to the overlay's root)."""
+    root = _overlay_mount_fd(req["lowers"], req["upper"], req["work"])
+    trees = []
+    try:
+        for bind in req.get("binds", []):
+            trees.append((_check(libc.syscall(SYS_OPEN_TREE, AT_FDCWD, bind["source"].encode(),
+                                              OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC), "open_tree"), bind["target"]))
+        with InNamespace(req["pid"]):
+            os.makedirs(req["target"], exist_ok=True)
+            _check(libc.syscall(SYS_MOVE_MOUNT, root, b"", AT_FDCWD, req["target"].encode(), MOVE_MOUNT_F_EMPTY_PATH), "move_mount")
+            for tree, rel in trees:
+                where = os.path.join(req["target"], rel.lstrip("/"))
+                os.makedirs(where, exist_ok=True)
+                _check(libc.syscall(SYS_MOVE_MOUNT, tree, b"", AT_FDCWD, where.encode(), MOVE_MOUNT_F_EMPTY_PATH), "move_mount bind")
+    finally:
+        os.close(root)
+        for tree, _ in trees:
+            os.close(tree)
     return {}
 
 
@@ -219,7 +260,7 @@ def op_diff(req):
     candidates = set()
     for layer in a + b:
         candidates.update(_walk(layer, prefixes))
-    added, removed, modified, content = [], [], [], {}
+    added, removed, modified, content, binary, too_large = [], [], [], {}, [], []
     cap = int(req.get("max_content_bytes", 256 * 1024))
     for rel in sorted(candidates):
         if prefixes is not None and not any(rel == p or rel.startswith(p + "/") for p in prefixes):
@@ -238,15 +279,22 @@ def op_diff(req):
             modified.append(path)
         else:
             continue
-        if req.get("content") and ((ea and stat.S_ISREG(ea[1].st_mode)) or (eb and stat.S_ISREG(eb[1].st_mode))):
-            content[path] = _text_diff(rel, ea, eb, cap)
+        regular_or_absent = all(e is None or stat.S_ISREG(e[1].st_mode) for e in (ea, eb))
+        if req.get("content") and regular_or_absent:
+            verdict = _text_diff(rel, ea, eb, cap)
+            if "diff" in verdict:
+                content[path] = verdict["diff"]
+            elif verdict.get("binary"):
+                binary.append(path)
+            else:
+                too_large.append(path)
     out = {"added": added, "removed": removed, "modified": modified}
     if req.get("content"):
-        out["content"] = content
+        out.update(content=content, binary=binary, too_large=too_large)
     return out
 
 
-OPS = {"graft": op_graft, "detach": op_detach, "tmpfs": op_tmpfs, "diff": op_diff}
+OPS = {"overlay": op_overlay, "graft": op_graft, "detach": op_detach, "tmpfs": op_tmpfs, "diff": op_diff}
 
 
 def main():

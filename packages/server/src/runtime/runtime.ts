@@ -51,7 +51,11 @@ export interface FileDiff {
   added: string[];
   removed: string[];
   modified: string[];
-  content?: Record<string, { diff?: string; binary?: boolean; too_large?: boolean }>;
+  /** Unified diff per changed text file. */
+  content?: Record<string, string>;
+  /** Changed files not shown in `content` because they are binary, or over the size cap. */
+  binary?: string[];
+  too_large?: string[];
 }
 
 export interface Runtime {

@@ -13,7 +13,11 @@ export interface LayerDiff {
   added: string[];
   removed: string[];
   modified: string[];
-  content?: Record<string, { diff?: string; binary?: boolean; too_large?: boolean }>;
+  /** Unified diff per changed text file. */
+  content?: Record<string, string>;
+  /** Changed files not shown in `content` because they are binary, or over the size cap. */
+  binary?: string[];
+  too_large?: string[];
 }
 
 export class HostHelper {
@@ -24,6 +28,11 @@ export class HostHelper {
 
   graft(pid: number, source: string, target: string): Promise<void> {
     return this.call({ op: 'graft', pid, source, target }).then(() => undefined);
+  }
+
+  /** Mounts an overlay at `target` in the mount namespace of `pid`, with host binds below it. */
+  overlay(pid: number, o: { lowers: string[]; upper: string; work: string; target: string; binds?: Array<{ source: string; target: string }> }): Promise<void> {
+    return this.call({ op: 'overlay', pid, ...o }).then(() => undefined);
   }
 
   detach(pid: number, target: string): Promise<void> {

@@ -205,10 +205,11 @@ export class NamespaceRuntime implements Runtime {
         const { listener, connection } = await listenOnce(path.join(runDir, 'agent.sock'), this.opts.startTimeoutMs);
         const target = `${SPAWN_AREA}/${spec.id}`;
         prepared.push({ spec, dirs, connection, listener, target });
-        await this.mountOverlay(dirs, lowers);
-        await this.hostd.graft(parent.initPid!, dirs.root, target);
-        await this.hostd.graft(parent.initPid!, runDir, `${target}/.pf/run`);
-        await this.unmount(dirs);
+        await Promise.all([mkdir(dirs.upper, { recursive: true }), mkdir(dirs.work, { recursive: true })]);
+        // Mounted straight into the parent's namespace: the host's mount table never sees it.
+        await this.hostd.overlay(parent.initPid!, {
+          lowers, upper: dirs.upper, work: dirs.work, target, binds: [{ source: runDir, target: '/.pf/run' }],
+        });
       }));
       phase('roots grafted');
       const answer = await parent.channel.request({
@@ -243,7 +244,6 @@ export class NamespaceRuntime implements Runtime {
       for (const p of prepared) {
         p.listener.close();
         await rm(path.join(p.dirs.dir, 'run'), { recursive: true, force: true });
-        await this.unmount(p.dirs);
         // The children have pivoted into their roots: the parent no longer needs to see them.
         await this.hostd.detach(parent.initPid, p.target).catch((e: Error) => this.opts.log.warn('detach failed', { error: e.message }));
       }
