@@ -11,6 +11,8 @@ Operations:
                                   `target` inside the mount namespace of host process `pid`
   graft   {pid, source, target}   clone the host mount at `source` (open_tree) and attach it at
                                   `target` inside the mount namespace of host process `pid`
+  copy_layer {source, target}     copy an overlay upper into a new fork layer (keeps whiteouts,
+                                  opaque marks and owners)
   detach  {pid, target}           lazily unmount `target` in that namespace and remove the directory
   tmpfs   {pid, target}           mount a small tmpfs at `target` in that namespace (once)
   diff    {a, b, paths?, content?, max_content_bytes?}
@@ -114,6 +116,62 @@ def op_overlay(req):
         os.close(root)
         for tree, _ in trees:
             os.close(tree)
+    return {}
+
+
+def _copy_xattrs(src, dst):
+    try:
+        names = os.listxattr(src, follow_symlinks=False)
+    except OSError:
+        return
+    for name in names:
+        try:
+            os.setxattr(dst, name, os.getxattr(src, name, follow_symlinks=False), follow_symlinks=False)
+        except OSError:
+            pass
+
+
+def _copy_entry(src, dst, st):
+    mode = st.st_mode
+    if stat.S_ISDIR(mode):
+        os.mkdir(dst, stat.S_IMODE(mode))
+    elif stat.S_ISREG(mode):
+        with open(src, "rb") as fin, open(dst, "wb") as fout:
+            remaining = st.st_size
+            while remaining > 0:
+                n = os.copy_file_range(fin.fileno(), fout.fileno(), min(remaining, 1 << 30))
+                if n == 0:
+                    break
+                remaining -= n
+        os.chmod(dst, stat.S_IMODE(mode))
+    elif stat.S_ISLNK(mode):
+        os.symlink(os.readlink(src), dst)
+    elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+        os.mknod(dst, mode, st.st_rdev)  # whiteouts are character devices 0/0
+    else:
+        return
+    os.lchown(dst, st.st_uid, st.st_gid)
+    _copy_xattrs(src, dst)  # overlayfs keeps opaque-directory marks in xattrs
+    if not stat.S_ISLNK(mode):
+        os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def op_copy_layer(req):
+    """Copies an overlay upper layer (whiteouts, opaque marks, owners, modes, times) to a new
+    directory: the frozen, read-only fork layer. Directory times are set after their contents."""
+    src, dst = req["source"], req["target"]
+    dirs = []
+    for dirpath, dirnames, filenames in os.walk(src):
+        rel = os.path.relpath(dirpath, src)
+        target_dir = dst if rel == "." else os.path.join(dst, rel)
+        st = os.lstat(dirpath)
+        _copy_entry(dirpath, target_dir, st)
+        dirs.append((target_dir, st))
+        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+            path = os.path.join(dirpath, name)
+            _copy_entry(path, os.path.join(target_dir, name), os.lstat(path))
+    for target_dir, st in reversed(dirs):
+        os.utime(target_dir, ns=(st.st_atime_ns, st.st_mtime_ns))
     return {}
 
 
@@ -294,7 +352,7 @@ def op_diff(req):
     return out
 
 
-OPS = {"overlay": op_overlay, "graft": op_graft, "detach": op_detach, "tmpfs": op_tmpfs, "diff": op_diff}
+OPS = {"copy_layer": op_copy_layer, "overlay": op_overlay, "graft": op_graft, "detach": op_detach, "tmpfs": op_tmpfs, "diff": op_diff}
 
 
 def main():

@@ -35,6 +35,10 @@ export class HostHelper {
     return this.call({ op: 'overlay', pid, ...o }).then(() => undefined);
   }
 
+  copyLayer(source: string, target: string): Promise<void> {
+    return this.call({ op: 'copy_layer', source, target }).then(() => undefined);
+  }
+
   detach(pid: number, target: string): Promise<void> {
     return this.call({ op: 'detach', pid, target }).then(() => undefined);
   }

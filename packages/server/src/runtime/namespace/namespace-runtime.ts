@@ -218,8 +218,10 @@ export class NamespaceRuntime implements Runtime {
       });
       phase('interpreter forked');
       if (answer.pids.length !== prepared.length) throw new Error(answer.error ?? 'the interpreter could not fork');
-      const sockets = await Promise.all(prepared.map((p) => p.connection));
-      const hostPids = await hostPidsOfForkChildren(parent.initPid, answer.pids);
+      const [sockets, hostPids] = await Promise.all([
+        Promise.all(prepared.map((p) => p.connection)),
+        hostPidsOfForkChildren(parent.initPid, answer.pids),
+      ]);
       for (const [i, p] of prepared.entries()) {
         const child = new ForkedSandbox(p.spec, p.dirs, lowers, parent, sockets[i]!, this.hooks);
         for (const l of lowers) this.retainLayer(l);
@@ -228,10 +230,13 @@ export class NamespaceRuntime implements Runtime {
         child.initPid = hostPids.get(answer.pids[i]!) ?? null;
       }
       phase('children connected');
-      await Promise.all(created.map((c) => c.channel.waitHello(this.opts.startTimeoutMs)));
-      phase('children answered');
+      // The network attaches while the children's interpreters get ready.
       await Promise.all(created.map(async (c) => {
-        if (c.spec.egress && c.initPid) c.slirp = await startSlirp(c.initPid, this.opts.startTimeoutMs);
+        if (!c.initPid) throw new Error('a forked child could not be found on the host');
+        await Promise.all([
+          c.channel.waitHello(this.opts.startTimeoutMs),
+          c.spec.egress ? startSlirp(c.initPid, this.opts.startTimeoutMs).then((slirp) => { c.slirp = slirp; }) : undefined,
+        ]);
       }));
       phase('network attached');
       return created;
@@ -254,7 +259,7 @@ export class NamespaceRuntime implements Runtime {
   private async freezeUpper(parent: NsSandbox): Promise<string> {
     const layer = path.join(this.layersDir, `fork-${randomBytes(8).toString('hex')}`);
     await mkdir(this.layersDir, { recursive: true });
-    await run('cp', ['-a', parent.dirs.upper, layer]);
+    await this.hostd.copyLayer(parent.dirs.upper, layer);
     return layer;
   }
 
