@@ -15,9 +15,10 @@ export interface SandboxMemory {
   pssBytes: number;
 }
 
-interface Proc { pid: number; ppid: number; comm: string; args: string[] }
+export interface Proc { pid: number; ppid: number; comm: string; args: string[] }
 
-async function processes(): Promise<Proc[]> {
+/** Every process on the host (pid, parent, command name, arguments). */
+export async function processes(): Promise<Proc[]> {
   const out: Proc[] = [];
   for (const name of await readdir('/proc')) {
     const pid = Number(name);
@@ -45,32 +46,87 @@ export async function pssBytes(pid: number): Promise<number> {
   }
 }
 
-/** Every sandbox (bwrap tree + its slirp4netns) started by this process, with its summed PSS. */
-export async function sandboxMemory(parentPid = process.pid): Promise<SandboxMemory[]> {
-  const procs = await processes();
+function childrenMap(procs: Proc[]): Map<number, Proc[]> {
   const children = new Map<number, Proc[]>();
   for (const p of procs) {
     const list = children.get(p.ppid) ?? [];
     list.push(p);
     children.set(p.ppid, list);
   }
+  return children;
+}
+
+function treeOf(root: number, children: Map<number, Proc[]>): number[] {
+  const pids: number[] = [];
+  const queue = [root];
+  while (queue.length) {
+    const pid = queue.shift()!;
+    pids.push(pid);
+    for (const c of children.get(pid) ?? []) queue.push(c.pid);
+  }
+  return pids;
+}
+
+/** The slirp4netns processes attached to a pid of `tree` (their arguments name it). */
+function slirpsOf(tree: Set<string>, slirps: Proc[]): Proc[] {
+  return slirps.filter((s) => s.args.some((a) => tree.has(a) || tree.has(/^--userns-path=\/proc\/(\d+)\//.exec(a)?.[1] ?? '')));
+}
+
+/** Every sandbox (bwrap tree + its slirp4netns) started by this process, with its summed PSS. */
+export async function sandboxMemory(parentPid = process.pid): Promise<SandboxMemory[]> {
+  const children = childrenMap(await processes());
   const mine = children.get(parentPid) ?? [];
   const slirps = mine.filter((p) => p.comm === 'slirp4netns');
   const result: SandboxMemory[] = [];
   for (const b of mine.filter((p) => p.comm === 'bwrap')) {
-    const pids: number[] = [];
-    const queue = [b.pid];
-    while (queue.length) {
-      const pid = queue.shift()!;
-      pids.push(pid);
-      for (const c of children.get(pid) ?? []) queue.push(c.pid);
-    }
-    const tree = new Set(pids.map(String));
-    const slirp = slirps.find((s) => s.args.some((a) => tree.has(a) || tree.has(/^--userns-path=\/proc\/(\d+)\//.exec(a)?.[1] ?? '')));
+    const pids = treeOf(b.pid, children);
+    const slirp = slirpsOf(new Set(pids.map(String)), slirps)[0];
     let pss = 0;
     for (const pid of pids) pss += await pssBytes(pid);
     if (slirp) pss += await pssBytes(slirp.pid);
     result.push({ bwrapPid: b.pid, pids, slirpPid: slirp?.pid ?? null, pssBytes: pss });
   }
   return result;
+}
+
+/** Number of processes below `parentPid` (sandboxes, their slirp4netns, the host helper). */
+export async function descendantCount(parentPid = process.pid): Promise<number> {
+  return treeOf(parentPid, childrenMap(await processes())).length - 1;
+}
+
+/**
+ * The `bwrap` child of this process whose sandbox has the API id `sandboxId`: its agent (bwrap's
+ * child) carries PODFLARE_SANDBOX_ID in its environment. Null when none does.
+ */
+export async function findSandboxBwrap(sandboxId: string, parentPid = process.pid): Promise<number | null> {
+  const children = childrenMap(await processes());
+  const needle = `PODFLARE_SANDBOX_ID=${sandboxId}\0`;
+  for (const b of (children.get(parentPid) ?? []).filter((p) => p.comm === 'bwrap')) {
+    for (const agent of children.get(b.pid) ?? []) {
+      const environ = await readFile(`/proc/${agent.pid}/environ`, 'utf8').catch(() => '');
+      if (environ.includes(needle)) return b.pid;
+    }
+  }
+  return null;
+}
+
+export interface TreeMemory {
+  /** Every process of the bwrap tree (fork children of the sandbox are nested in it). */
+  pids: number[];
+  treePssBytes: number;
+  /** The slirp4netns processes (children of this process) attached to a pid of the tree. */
+  slirpPids: number[];
+  slirpPssBytes: number;
+}
+
+/** Summed PSS of the whole process tree below a sandbox's bwrap, and of its slirp4netns apart. */
+export async function treeMemory(bwrapPid: number, parentPid = process.pid): Promise<TreeMemory> {
+  const children = childrenMap(await processes());
+  const pids = treeOf(bwrapPid, children);
+  const slirps = slirpsOf(new Set(pids.map(String)), (children.get(parentPid) ?? []).filter((p) => p.comm === 'slirp4netns'));
+  let treePss = 0;
+  for (const pid of pids) treePss += await pssBytes(pid);
+  let slirpPss = 0;
+  for (const s of slirps) slirpPss += await pssBytes(s.pid);
+  return { pids, treePssBytes: treePss, slirpPids: slirps.map((s) => s.pid), slirpPssBytes: slirpPss };
 }

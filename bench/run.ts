@@ -28,6 +28,7 @@ import { Client, Sandbox } from 'podflare';
 import { loadConfig, startServer, type RunningServer, type ServerConfig } from '@podflare/server';
 import { runJupyterPeer, PEER_PYTHON, type JupyterResult } from './jupyter.js';
 import { sandboxMemory } from './memory.js';
+import { detail, Failures, failLimit, failureState, notes, rows, status, timingRow, type Row } from './report.js';
 import { fmtMB, fmtMs, summarize, type Summary } from './stats.js';
 import { formatTable } from './table.js';
 
@@ -100,60 +101,7 @@ function parseArgs(argv: string[]): Options {
 // ---------------------------------------------------------------------------------------------
 // Results
 
-interface Row {
-  measure: string;
-  n: string;
-  p50: string;
-  p99: string;
-  target: string;
-  peer: string;
-  status: string;
-}
-
-const rows: Row[] = [];
-const notes: string[] = [];
 let crashed = false;
-
-const status = (ok: boolean) => (ok ? 'PASS' : 'MISS');
-
-/**
- * Operations that failed inside a measure (a create answered with an error, a sandbox that died).
- * The measure goes on without that sample; the row and the notes say how many failed and why, and
- * the run exits non-zero. Past half the runs the measure is abandoned.
- */
-class Failures {
-  count = 0;
-  readonly messages = new Map<string, number>();
-  constructor(readonly measure: string, private readonly limit: number) {}
-
-  record(what: string, err: unknown): void {
-    this.count++;
-    const e = err as Error & { status?: number; code?: string };
-    const key = `${what}: ${e.status !== undefined ? `${e.status} ${e.code ?? ''} ` : ''}${e.message}`;
-    this.messages.set(key, (this.messages.get(key) ?? 0) + 1);
-    if (this.count > this.limit) throw new Error(`${this.measure}: too many failures (${this.count}): ${[...this.messages.keys()].join('; ')}`);
-  }
-
-  /** Runs fn; a throw is recorded and gives undefined. */
-  async attempt<T>(what: string, fn: () => Promise<T>): Promise<T | undefined> {
-    try {
-      return await fn();
-    } catch (err) {
-      this.record(what, err);
-      return undefined;
-    }
-  }
-
-  /** Appends the count to a status cell and reports the messages. */
-  report(st: string): string {
-    if (!this.count) return st;
-    anyFailed = true;
-    for (const [m, k] of this.messages) notes.push(`${this.measure}: FAILED ${k}× ${m}`);
-    return `${st} (${this.count} failed)`;
-  }
-}
-
-let anyFailed = false;
 
 /**
  * The server logs (warn level) to this process's stderr. Sandbox starts that fail in the background
@@ -175,17 +123,8 @@ process.stderr.write = ((chunk: string | Uint8Array, ...rest: unknown[]) => {
   }
   return (stderrWrite as (...a: unknown[]) => boolean)(chunk, ...rest);
 }) as typeof process.stderr.write;
-const failLimit = (n: number) => Math.max(5, Math.floor(n / 2));
 
 interface ExecResult { summary: Summary; failures: Failures }
-
-function timingRow(measure: string, s: Summary, target: string, peer: string, st: string): Row {
-  return { measure, n: String(s.n), p50: fmtMs(s.p50), p99: fmtMs(s.p99), target, peer, status: st };
-}
-
-function detail(label: string, s: Summary): string {
-  return `${label}: mean ${fmtMs(s.mean)}, min ${fmtMs(s.min)}, max ${fmtMs(s.max)}`;
-}
 
 async function guarded(measure: string, fn: () => Promise<void>): Promise<void> {
   const started = performance.now();
@@ -550,8 +489,8 @@ async function main(): Promise<void> {
 
 main().then(
   () => {
-    if (anyFailed) console.log('\nbench: some operations failed (see FAILED above): exit 1');
-    process.exit(crashed || anyFailed ? 1 : 0);
+    if (failureState.anyFailed) console.log('\nbench: some operations failed (see FAILED above): exit 1');
+    process.exit(crashed || failureState.anyFailed ? 1 : 0);
   },
   async (err) => {
     console.error('bench: crashed:', err);
