@@ -427,6 +427,7 @@ class Supervisor:
             global FORK_CHILD
             FORK_CHILD = True
         self.pending_worker_ops: dict[int, str] = {}
+        self.deferred_worker_msgs: list[dict] = []
         self.sel = selectors.DefaultSelector()
         self.sock = socket.socket(fileno=channel_fd)
         self.sock.setblocking(True)  # sends block (the server always reads); reads follow select
@@ -486,6 +487,10 @@ class Supervisor:
     def run(self) -> int:
         try:
             self._start_worker()
+            if FORK_CHILD:
+                # A fork child's interpreter already holds its state; execs that arrive before
+                # the worker says ready simply wait for it. Answer the server right away.
+                self._send_hello()
             while not self.terminate:
                 events = self.sel.select(self._next_timeout())
                 fd_map = self.sel.get_map()
@@ -713,9 +718,13 @@ class Supervisor:
         """Hands an op to the idle worker; the answer comes from _on_worker_message."""
         if self.exec is not None:
             raise AgentError('conflict', f'exec {self.exec.id} is running')
-        if self.worker is None or not self.worker.ready:
-            raise AgentError('conflict', 'the interpreter is not ready')
         self.pending_worker_ops[req['id']] = kind
+        if self.worker is None or not self.worker.ready:
+            # Starting (e.g. a fork child's worker right after hello): sent once it is ready.
+            self.deferred_worker_msgs.append({**msg, 'id': req['id']})
+            if self.worker is None:
+                self._start_worker()
+            return
         self._worker_send({**msg, 'id': req['id']})
 
     def _op_fork(self, req: dict) -> None:
@@ -986,6 +995,9 @@ class Supervisor:
             self._send_hello()
             if ex is not None and ex.language == 'python' and not ex.dispatched:
                 self._dispatch(ex)
+            for deferred in self.deferred_worker_msgs:
+                self._worker_send(deferred)
+            self.deferred_worker_msgs.clear()
         elif kind == 'result':
             if current and ex is not None:
                 self.send({'id': ex.id, 'ev': 'result', 'data': msg.get('data') or {},
@@ -1009,6 +1021,7 @@ class Supervisor:
         # What it said before dying comes first (a `done` racing a timeout's SIGKILL wins).
         self._read_worker(worker, until_empty=True)
         self.worker = None
+        self.deferred_worker_msgs.clear()
         for op_id in list(self.pending_worker_ops):
             self.pending_worker_ops.pop(op_id)
             self.send({'id': op_id, 'ok': False, 'error': {'code': 'conflict', 'message': 'the interpreter died'}})
