@@ -1254,10 +1254,10 @@ class Worker:
         while True:
             try:
                 msg = self._next_message()
+                self._reap_fork_children()  # ended fork children are ours to reap: no zombies
                 op = msg.get('op')
                 if op == 'exec':
                     self.run_exec(msg)
-                    self._reap_fork_children()
                 elif op == 'fork':
                     self.fork_children(msg)
                 elif op == 'vars':

@@ -59,52 +59,85 @@ async function py(sbx: Sandbox, code: string, what: string): Promise<string> {
   return ex.stdout;
 }
 
-/** Processes of every sandbox of this process: the bwrap trees and the slirp4netns (not the host helper). */
-async function sandboxProcessCount(): Promise<number> {
+/**
+ * Processes of every sandbox of this process: the bwrap trees and the slirp4netns (not the host
+ * helper), live ones and zombies apart.
+ */
+async function sandboxProcesses(): Promise<{ live: number; zombies: number }> {
   const procs = await processes();
+  const byPid = new Map(procs.map((p) => [p.pid, p]));
   const children = new Map<number, number[]>();
   for (const p of procs) {
     const list = children.get(p.ppid) ?? [];
     list.push(p.pid);
     children.set(p.ppid, list);
   }
-  let count = 0;
+  let live = 0;
+  let zombies = 0;
   const queue = procs.filter((p) => p.ppid === process.pid && (p.comm === 'bwrap' || p.comm === 'slirp4netns')).map((p) => p.pid);
   while (queue.length) {
     const pid = queue.shift()!;
-    count++;
+    if (byPid.get(pid)?.state === 'Z') zombies++;
+    else live++;
     queue.push(...(children.get(pid) ?? []));
   }
-  return count;
+  return { live, zombies };
 }
 
 /**
- * Waits for a quiet server: the pool full and no sandbox process beyond `baseline` (the count
- * taken when only the measure's long-lived sandboxes were up). Counts the times it gave up.
+ * Waits for a quiet server before a timed run: the pool full and no live sandbox process beyond
+ * `baseline` (the count taken when only the measure's long-lived sandboxes were up).
+ *
+ * Closed fork children stay zombies under their parent's interpreter: the agent reaps them only
+ * after an exec. Left alone they pile up (one per child per run) in the parent's process tree,
+ * which the server walks on every fork; so when there are any, an untimed `pass` runs on each
+ * parent, as a user's code between two forks would, and the notes say how many there were.
  */
 class Settler {
   baseline = 0;
   timeouts = 0;
+  reaps = 0;
+  maxZombies = 0;
+  leftZombies = 0;
+  parents: Sandbox[] = [];
   constructor(private readonly bs: ForkBenchServer, private readonly measure: string) {}
 
-  async mark(): Promise<void> {
+  async mark(...parents: Sandbox[]): Promise<void> {
+    this.parents = parents;
     await this.bs.server.manager.waitPoolFull(120_000);
     await sleep(200);
-    this.baseline = await sandboxProcessCount();
+    this.baseline = (await sandboxProcesses()).live;
   }
 
   async settle(timeoutMs = 20_000): Promise<void> {
     await this.bs.server.manager.waitPoolFull(120_000);
     const deadline = performance.now() + timeoutMs;
-    while (performance.now() < deadline) {
-      if ((await sandboxProcessCount()) <= this.baseline) return;
-      await sleep(10);
+    let quiet = false;
+    while (!quiet && performance.now() < deadline) {
+      quiet = (await sandboxProcesses()).live <= this.baseline;
+      if (!quiet) await sleep(10);
     }
-    this.timeouts++;
+    if (!quiet) this.timeouts++;
+    const { zombies } = await sandboxProcesses();
+    if (!zombies) return;
+    this.maxZombies = Math.max(this.maxZombies, zombies);
+    this.reaps++;
+    for (const p of this.parents) await p.runCode('pass');
+    let left = zombies;
+    for (let i = 0; i < 20 && left; i++) {
+      await sleep(10);
+      left = (await sandboxProcesses()).zombies;
+    }
+    this.leftZombies = Math.max(this.leftZombies, left);
   }
 
   report(): void {
     if (this.timeouts) notes.push(`${this.measure}: WARNING ${this.timeouts}× the closed children's processes were not all gone after 20 s; the next run went on anyway`);
+    if (this.reaps) {
+      notes.push(`${this.measure}: closed fork children were left as zombies under the parent's interpreter before ${this.reaps} run${this.reaps === 1 ? '' : 's'} (up to ${this.maxZombies} at once): ` +
+        `an untimed exec ("pass") on the parent reaped them before the next timed run` +
+        (this.leftZombies ? `; WARNING up to ${this.leftZombies} zombies were still there after it` : ''));
+    }
   }
 }
 
@@ -165,7 +198,7 @@ export async function measureFork5(bs: ForkBenchServer, opts: ForkOptions): Prom
   let dfBytes = 0;
   try {
     dfBytes = Number(await py(parent, DF_CODE, 'building the 200 MB DataFrame'));
-    await settler.mark();
+    await settler.mark(parent);
     for (let i = 0; i < warmup + runs; i++) {
       await settler.settle();
       // The first warm-up also checks that every child holds the DataFrame.
@@ -203,7 +236,7 @@ export async function measureFork1(bs: ForkBenchServer, opts: ForkOptions): Prom
     big = await Sandbox.create({ client: bs.client });
     bytes.small = Number(await py(small, 'import numpy as np\na = np.ones(10 * 1024 * 1024 // 8)\nprint(a.nbytes)', 'building the 10 MB array'));
     bytes.big = Number(await py(big, 'import numpy as np\na = np.ones(128 * 1024 * 1024)\nprint(a.nbytes)', 'building the 1 GB array'));
-    await settler.mark();
+    await settler.mark(small, big);
     // Interleaved, so drift on the host weighs on both parents alike.
     for (let i = 0; i < warmup + runs; i++) {
       for (const [key, parent] of [['small', small], ['big', big]] as const) {
@@ -263,7 +296,7 @@ export async function measureForkVsNaive(bs: ForkBenchServer, opts: ForkOptions)
     if (csv.length !== csvBytes) throw new Error(`downloaded ${csv.length} bytes of the CSV, expected ${csvBytes}`);
     const out = await py(parent, SETUP_CODE, 'the set-up in the parent');
     if (out !== SETUP_OUT) throw new Error(`the parent's set-up printed ${JSON.stringify(out)}`);
-    await settler.mark();
+    await settler.mark(parent);
 
     // Fork side: the parent already imported pandas and parsed the CSV.
     for (let i = 0; i < 2 + forkN; i++) {
@@ -389,7 +422,7 @@ export async function measureForkMem(bs: ForkBenchServer, opts: ForkOptions): Pr
     stateBytes = Number(await py(parent, 'import numpy as np\nstate = np.random.rand(300 * 1024 * 1024 // 8)\nprint(state.nbytes)', 'building the 300 MB state'));
     const bwrap = await findSandboxBwrap(parent.id);
     if (bwrap === null) throw new Error(`no bwrap process of this server runs sandbox ${parent.id}`);
-    await settler.mark();
+    await settler.mark(parent);
     for (let i = 0; i < runs; i++) {
       await settler.settle();
       await sleep(500); // the parent's own pages settle (no exec in flight)

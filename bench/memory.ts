@@ -15,7 +15,8 @@ export interface SandboxMemory {
   pssBytes: number;
 }
 
-export interface Proc { pid: number; ppid: number; comm: string; args: string[] }
+/** `state` is the one-letter state of /proc/<pid>/stat (Z: a zombie, ended but not reaped). */
+export interface Proc { pid: number; ppid: number; comm: string; state: string; args: string[] }
 
 /** Every process on the host (pid, parent, command name, arguments). */
 export async function processes(): Promise<Proc[]> {
@@ -28,9 +29,10 @@ export async function processes(): Promise<Proc[]> {
       const open = stat.indexOf('(');
       const close = stat.lastIndexOf(')');
       const comm = stat.slice(open + 1, close);
-      const ppid = Number(stat.slice(close + 2).split(' ')[1]);
+      const [state = '?', ppidText] = stat.slice(close + 2).split(' ');
+      const ppid = Number(ppidText);
       const args = (await readFile(`/proc/${pid}/cmdline`, 'utf8')).split('\0').filter(Boolean);
-      out.push({ pid, ppid, comm, args });
+      out.push({ pid, ppid, comm, state, args });
     } catch { /* ended meanwhile */ }
   }
   return out;
@@ -111,8 +113,10 @@ export async function findSandboxBwrap(sandboxId: string, parentPid = process.pi
 }
 
 export interface TreeMemory {
-  /** Every process of the bwrap tree (fork children of the sandbox are nested in it). */
+  /** Every process of the bwrap tree (fork children of the sandbox are nested in it), zombies excluded. */
   pids: number[];
+  /** Zombies in the tree (ended, not reaped yet: no memory left to count). */
+  zombies: number;
   treePssBytes: number;
   /** The slirp4netns processes (children of this process) attached to a pid of the tree. */
   slirpPids: number[];
@@ -121,12 +125,15 @@ export interface TreeMemory {
 
 /** Summed PSS of the whole process tree below a sandbox's bwrap, and of its slirp4netns apart. */
 export async function treeMemory(bwrapPid: number, parentPid = process.pid): Promise<TreeMemory> {
-  const children = childrenMap(await processes());
-  const pids = treeOf(bwrapPid, children);
+  const procs = await processes();
+  const children = childrenMap(procs);
+  const zombie = new Set(procs.filter((p) => p.state === 'Z').map((p) => p.pid));
+  const all = treeOf(bwrapPid, children);
+  const pids = all.filter((pid) => !zombie.has(pid));
   const slirps = slirpsOf(new Set(pids.map(String)), (children.get(parentPid) ?? []).filter((p) => p.comm === 'slirp4netns'));
   let treePss = 0;
   for (const pid of pids) treePss += await pssBytes(pid);
   let slirpPss = 0;
   for (const s of slirps) slirpPss += await pssBytes(s.pid);
-  return { pids, treePssBytes: treePss, slirpPids: slirps.map((s) => s.pid), slirpPssBytes: slirpPss };
+  return { pids, zombies: all.length - pids.length, treePssBytes: treePss, slirpPids: slirps.map((s) => s.pid), slirpPssBytes: slirpPss };
 }

@@ -17,8 +17,15 @@
  *   cycle     create → runCode → close
  *   nonet     create with egress:false on the pool-miss path (on-demand start)
  *   ondemand  create with egress:true on the pool-miss path (on-demand start)
+ *   fork5        fork(5) of a parent holding a 200 MB DataFrame (vs the hosted product's ~90 ms)
+ *   fork1        fork(1) of a 10 MB and of a 1 GB parent, and how much the time grows
+ *   forkvsnaive  fork(5) of a parent that imported pandas and read a 50 MB CSV, vs 5 fresh sandboxes
+ *                doing that set-up themselves
+ *   diff1000     a.diff(b) of two fork siblings with 1,000 changed files each
+ *   forkmem      PSS of parent + 5 children right after fork(5) of a 300 MB state, vs before
  * The two on-demand measures use a second server whose pool is off (size 0): with a pool, a key
  * that misses once is kept warm afterwards, so later creates would not take the miss path.
+ * The fork measures (bench/fork.ts) use a third server, pool as the main one; they use fewer runs.
  */
 import { mkdtemp, rm, access } from 'node:fs/promises';
 import os from 'node:os';
@@ -26,13 +33,15 @@ import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { Client, Sandbox } from 'podflare';
 import { loadConfig, startServer, type RunningServer, type ServerConfig } from '@podflare/server';
+import { FORK_MEASURES, measureDiff1000, measureFork1, measureFork5, measureForkMem, measureForkVsNaive } from './fork.js';
 import { runJupyterPeer, PEER_PYTHON, type JupyterResult } from './jupyter.js';
 import { sandboxMemory } from './memory.js';
 import { detail, Failures, failLimit, failureState, notes, rows, status, timingRow, type Row } from './report.js';
 import { fmtMB, fmtMs, summarize, type Summary } from './stats.js';
 import { formatTable } from './table.js';
+import { measurePythonSdk } from './python-sdk.js';
 
-const MEASURES = ['memory', 'create', 'destroy', 'exec', 'jupyter', 'cycle', 'nonet', 'ondemand'] as const;
+const MEASURES = ['memory', 'create', 'destroy', 'exec', 'python', 'jupyter', 'cycle', 'nonet', 'ondemand', ...FORK_MEASURES] as const;
 type MeasureName = (typeof MEASURES)[number];
 
 const IMAGES_DIR = process.env.PODFLARE_IMAGES_DIR ?? '/var/lib/podflare/images';
@@ -123,6 +132,13 @@ process.stderr.write = ((chunk: string | Uint8Array, ...rest: unknown[]) => {
   }
   return (stderrWrite as (...a: unknown[]) => boolean)(chunk, ...rest);
 }) as typeof process.stderr.write;
+
+/** Node process warnings (e.g. listener leaks in the in-process server), still printed by Node. */
+const processWarnings = new Map<string, number>();
+process.on('warning', (w) => {
+  const key = `${w.name}: ${w.message}`;
+  processWarnings.set(key, (processWarnings.get(key) ?? 0) + 1);
+});
 
 interface ExecResult { summary: Summary; failures: Failures }
 
@@ -427,7 +443,7 @@ async function main(): Promise<void> {
   let jupyter = null as JupyterResult | null;
   let jupyterError = null as Error | null;
 
-  if (has('memory', 'create', 'destroy', 'exec', 'cycle')) {
+  if (has('memory', 'create', 'destroy', 'exec', 'python', 'cycle')) {
     let bs = null as BenchServer | null;
     await guarded('server start', async () => {
       bs = await startBenchServer({ poolSize: POOL_SIZE });
@@ -438,6 +454,7 @@ async function main(): Promise<void> {
       if (has('memory')) await guarded('memory', () => measureMemory(main, opts));
       if (has('create', 'destroy')) await guarded('create/destroy', () => measureCreateDestroy(main, opts, want));
       if (has('exec')) await guarded('exec', async () => { exec = await measureExec(main, opts); });
+      if (has('python')) await guarded('python', () => measurePythonSdk(main.server.url, opts.n));
       if (has('cycle')) await guarded('cycle', () => measureCycle(main, opts));
       await guarded('server stop', () => stopBenchServer(main));
     }
@@ -468,8 +485,26 @@ async function main(): Promise<void> {
     }
   }
 
+  if (has(...FORK_MEASURES)) {
+    let bs = null as BenchServer | null;
+    await guarded('server start (fork measures)', async () => {
+      bs = await startBenchServer({ poolSize: POOL_SIZE });
+      await bs.server.manager.waitPoolFull(120_000);
+    });
+    if (bs) {
+      const forkServer: BenchServer = bs;
+      if (has('fork5')) await guarded('fork5', () => measureFork5(forkServer, opts));
+      if (has('fork1')) await guarded('fork1', () => measureFork1(forkServer, opts));
+      if (has('forkvsnaive')) await guarded('forkvsnaive', () => measureForkVsNaive(forkServer, opts));
+      if (has('diff1000')) await guarded('diff1000', () => measureDiff1000(forkServer, opts));
+      if (has('forkmem')) await guarded('forkmem', () => measureForkMem(forkServer, opts));
+      await guarded('server stop (fork measures)', () => stopBenchServer(forkServer));
+    }
+  }
+
   await cleanup();
   for (const [m, k] of serverWarnings) notes.push(`server warned ${k}× ${m}`);
+  for (const [m, k] of processWarnings) notes.push(`node warned ${k}× ${m}`);
   notes.push(`load average at the end: ${os.loadavg().map((l) => l.toFixed(2)).join(' ')} (other work on this host skews the figures)`);
 
   // Rows in a fixed order, whatever order they were measured in.

@@ -65,7 +65,7 @@ fi
 
 # (c) TypeScript build (incremental: instant when nothing changed) ---------------------------
 npm run --silent build
-chmod +x packages/cli/dist/main.js # the `podflare` bin (npm links it, but it did not exist at install time)
+chmod +x packages/cli/dist/main.js packages/mcp/dist/main.js # the `podflare` bin (npm links it, but it did not exist at install time)
 
 # (d) the sandbox image (instant when current; about a minute the first time) ----------------
 # mmdebstrap --mode=root needs root. sudo resets PATH and the environment: pass node's full path

@@ -41,6 +41,11 @@ async function ok(client: Client, name: string, args: Record<string, unknown> = 
   return text(result);
 }
 
+/** The session sandboxes on the server (fork children inherit the metadata, so roots only). */
+async function sessionSandboxes(host: string) {
+  return (await Sandbox.list({ host })).filter((s) => s.metadata.role === 'session' && s.parent === null);
+}
+
 async function liveIds(host: string): Promise<Set<string>> {
   return new Set((await Sandbox.list({ host })).map((s) => s.id));
 }
@@ -121,9 +126,9 @@ describe('podflare-mcp over stdio', () => {
     assert.match(second, /stdout:\n42\n/);
     assert.match(second, /result:\n4\.0/);
     // Exactly one sandbox was made for the session, lazily.
-    const sessionSandboxes = (await Sandbox.list({ host: server.url })).filter((s) => s.metadata.role === 'session');
-    assert.equal(sessionSandboxes.length, 1);
-    madeBySession.add(sessionSandboxes[0]!.id);
+    const own = await sessionSandboxes(server.url);
+    assert.equal(own.length, 1);
+    madeBySession.add(own[0]!.id);
   });
 
   it('reports exceptions and non-zero exits as tool errors, and the interpreter lives on', async () => {
@@ -292,7 +297,8 @@ describe('podflare-mcp over stdio', () => {
   });
 
   it('starts a new session sandbox, and says so, when its sandbox was destroyed elsewhere', async () => {
-    const old = (await Sandbox.list({ host: server.url })).find((s) => s.metadata.role === 'session')!;
+    const [old] = await sessionSandboxes(server.url);
+    assert.ok(old && madeBySession.has(old.id));
     await (await Sandbox.connect(old.id, { host: server.url })).close();
     madeBySession.delete(old.id);
     const result = await call(session.client, 'run_python', { code: 'print(globals().get("plan"))' });
@@ -300,7 +306,7 @@ describe('podflare-mcp over stdio', () => {
     assert.match(text(result), new RegExp(`note: this session's sandbox ${old.id} had been destroyed`));
     assert.match(text(result), /earlier variables and files are gone/);
     assert.match(text(result), /stdout:\nNone/);
-    const fresh = (await Sandbox.list({ host: server.url })).filter((s) => s.metadata.role === 'session');
+    const fresh = await sessionSandboxes(server.url);
     assert.equal(fresh.length, 1);
     assert.notEqual(fresh[0]!.id, old.id);
     madeBySession.add(fresh[0]!.id);

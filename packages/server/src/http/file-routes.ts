@@ -4,7 +4,7 @@
  * the agent writes, and the download asks the agent for the next chunk only once the previous one
  * has drained to the client.
  */
-import { once } from 'node:events';
+import type { ServerResponse } from 'node:http';
 import { FILE_CHUNK_BYTES } from '@podflare/protocol';
 import { ApiError } from '../errors.js';
 import type { LiveSandbox, SandboxManager } from '../sandbox-manager.js';
@@ -78,7 +78,7 @@ export function addFileRoutes(router: Router, manager: SandboxManager): void {
     for (;;) {
       const bytes = Buffer.from(chunk.data, 'base64').subarray(0, size - sent);
       sent += bytes.length;
-      if (!ctx.res.write(bytes)) await Promise.race([once(ctx.res, 'drain'), once(ctx.res, 'close')]);
+      if (!ctx.res.write(bytes)) await drainedOrClosed(ctx.res);
       if (ctx.res.destroyed) return;
       if (chunk.eof || sent >= size || bytes.length === 0) break;
       chunk = await channel.request({ op: 'file_read', path, offset: sent, length: FILE_CHUNK_BYTES });
@@ -112,5 +112,18 @@ export function addFileRoutes(router: Router, manager: SandboxManager): void {
     const path = pathParam(ctx);
     await (await sandbox(ctx)).rt.channel.request({ op: 'mkdir', path, parents: true });
     sendJson(ctx.res, 201, { path });
+  });
+}
+
+/** Waits for the response to drain (or the client to go), leaving no listener behind. */
+function drainedOrClosed(res: ServerResponse): Promise<void> {
+  return new Promise((resolve) => {
+    const done = () => {
+      res.off('drain', done);
+      res.off('close', done);
+      resolve();
+    };
+    res.on('drain', done);
+    res.on('close', done);
   });
 }
