@@ -1289,22 +1289,38 @@ class Worker:
         self._flush_stdio()
         pids = []
         error = None
+        signals = []
         for child in msg.get('children') or []:
+            ready_r, ready_w = os.pipe()
             try:
-                pids.append(podflare_fork.spawn(lambda child=child: self._become_fork_child(child, msg)))
+                pids.append(podflare_fork.spawn(lambda child=child, w=ready_w: self._become_fork_child(child, msg, w)))
+                signals.append(ready_r)
             except OSError as exc:
+                os.close(ready_r)
                 error = f'fork failed: {exc}'
                 break
+            finally:
+                os.close(ready_w)
+        # Answer once every child has its own network namespace: the server attaches the
+        # network right away, while the children finish switching their roots.
+        for fd in signals:
+            try:
+                os.read(fd, 1)
+            finally:
+                os.close(fd)
         self.fork_pids.extend(pids)
         self.send({'t': 'forked', 'id': msg.get('id'), 'pids': pids, 'error': error})
 
-    def _become_fork_child(self, child: dict, msg: dict) -> None:
+    def _become_fork_child(self, child: dict, msg: dict, ready_w: int) -> None:
         # Leave the parent's worker process group and session: signals meant for the parent's
         # interpreter (interrupts, a restart's killpg) must not reach this sandbox.
         os.setsid()
-        files = podflare_fork.capture_files(keep={self.cmd_fd, self.ctl_fd})
+        files = podflare_fork.capture_files(keep={self.cmd_fd, self.ctl_fd, ready_w})
         cwd = os.getcwd()
-        podflare_fork.enter_new_root(child['root'], child['hostname'])
+        podflare_fork.enter_namespaces(child['hostname'])
+        os.write(ready_w, b'1')
+        os.close(ready_w)
+        podflare_fork.switch_root(child['root'])
         podflare_fork.restore_files(files)
         try:
             os.chdir(cwd)

@@ -142,12 +142,17 @@ def _loopback_up() -> None:
         fcntl.ioctl(s.fileno(), SIOCSIFFLAGS, struct.pack('16sH14s', b'lo', flags | IFF_UP, b''))
 
 
-def enter_new_root(root: str, hostname: str) -> None:
-    """New mount/uts/ipc/net namespaces, then `root` (already mounted by the server) becomes /."""
+def enter_namespaces(hostname: str) -> None:
+    """New mount/uts/ipc/net namespaces (the network one with its loopback up)."""
     _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWNET), 'unshare')
     _mount(None, '/', None, MS_REC | MS_PRIVATE)  # nothing we do here may reach the parent
     name = hostname.encode()
     _check(_libc.sethostname(name, len(name)), 'sethostname')
+    _loopback_up()
+
+
+def switch_root(root: str) -> None:
+    """`root` (mounted by the server) becomes /, with a fresh /proc and the sandbox's /dev."""
     _mount('proc', f'{root}/proc', 'proc', MS_NOSUID | MS_NODEV | MS_NOEXEC)
     os.makedirs(f'{root}/dev', exist_ok=True)
     _mount('/dev', f'{root}/dev', None, MS_BIND | MS_REC)
@@ -155,7 +160,12 @@ def enter_new_root(root: str, hostname: str) -> None:
     _check(_libc.syscall(SYS_PIVOT_ROOT, b'.', b'.'), 'pivot_root')
     _check(_libc.umount2(b'.', MNT_DETACH), 'detach the old root')
     os.chdir('/')
-    _loopback_up()
+
+
+def enter_new_root(root: str, hostname: str) -> None:
+    """New mount/uts/ipc/net namespaces, then `root` (already mounted by the server) becomes /."""
+    enter_namespaces(hostname)
+    switch_root(root)
 
 
 def reseed() -> None:
@@ -215,4 +225,4 @@ def snapshot_vars(ns: dict[str, Any]) -> dict[str, dict[str, str]]:
     return out
 
 
-__all__ = ['spawn', 'capture_files', 'restore_files', 'enter_new_root', 'reseed', 'connect_server', 'snapshot_vars', 'errno']
+__all__ = ['spawn', 'capture_files', 'restore_files', 'enter_namespaces', 'switch_root', 'enter_new_root', 'reseed', 'connect_server', 'snapshot_vars', 'errno']

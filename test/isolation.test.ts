@@ -92,4 +92,22 @@ print(sorted(os.listdir("/root")))`);
     const ifaces = await offline.runCode('import socket\nprint(sorted(n for _, n in socket.if_nameindex()))');
     assert.equal(ifaces.stdout, "['lo']\n");
   });
+
+  it('gives fork children their parent\'s egress, in network namespaces of their own', async () => {
+    const url = `http://${testHost.ip}:${testHost.port}/`;
+    const [onlineChild] = await a.fork(1);
+    const [offlineChild] = await offline.fork(1);
+    try {
+      assert.equal((await onlineChild!.runCode(fetchFrom(url))).stdout.trim(), 'hello from the test host');
+      assert.match((await offlineChild!.runCode(fetchFrom(url))).stdout, /^failed/);
+      const serverPort = Number(new URL(server.url).port);
+      assert.notEqual((await onlineChild!.runCode(probe('10.0.2.2', serverPort))).stdout.trim(), 'open');
+      // A child's processes and files are its own, not its parent's.
+      await a.runCode('open("/tmp/parent-later", "w").write("p")');
+      const r = await onlineChild!.runCode('import os\nprint(os.path.exists("/tmp/parent-later"), len([p for p in os.listdir("/proc") if p.isdigit()]) < 10)');
+      assert.equal(r.stdout, 'False True\n');
+    } finally {
+      await Promise.all([onlineChild?.close(), offlineChild?.close()]);
+    }
+  });
 });

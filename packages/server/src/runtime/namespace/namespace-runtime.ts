@@ -218,26 +218,32 @@ export class NamespaceRuntime implements Runtime {
       });
       phase('interpreter forked');
       if (answer.pids.length !== prepared.length) throw new Error(answer.error ?? 'the interpreter could not fork');
-      const [sockets, hostPids] = await Promise.all([
-        Promise.all(prepared.map((p) => p.connection)),
-        hostPidsOfForkChildren(parent.initPid, answer.pids),
-      ]);
+      // The children have their network namespaces already: attach the network while they
+      // finish switching roots and connect back.
+      const hostPids = await hostPidsOfForkChildren(parent.initPid, answer.pids);
+      const childPids = answer.pids.map((pid) => {
+        const host = hostPids.get(pid);
+        if (!host) throw new Error('a forked child could not be found on the host');
+        return host;
+      });
+      const networks = Promise.allSettled(prepared.map((p, i) => (p.spec.egress ? startSlirp(childPids[i]!, this.opts.startTimeoutMs) : null)));
+      const sockets = await Promise.all(prepared.map((p) => p.connection));
       for (const [i, p] of prepared.entries()) {
         const child = new ForkedSandbox(p.spec, p.dirs, lowers, parent, sockets[i]!, this.hooks);
         for (const l of lowers) this.retainLayer(l);
         this.live.set(p.spec.id, child);
         created.push(child);
-        child.initPid = hostPids.get(answer.pids[i]!) ?? null;
+        child.initPid = childPids[i]!;
       }
       phase('children connected');
-      // The network attaches while the children's interpreters get ready.
-      await Promise.all(created.map(async (c) => {
-        if (!c.initPid) throw new Error('a forked child could not be found on the host');
-        await Promise.all([
-          c.channel.waitHello(this.opts.startTimeoutMs),
-          c.spec.egress ? startSlirp(c.initPid, this.opts.startTimeoutMs).then((slirp) => { c.slirp = slirp; }) : undefined,
-        ]);
-      }));
+      const attached = await networks;
+      created.forEach((c, i) => {
+        const r = attached[i]!;
+        c.slirp = r.status === 'fulfilled' ? r.value : null;
+      });
+      const failed = attached.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+      if (failed) throw failed.reason; // the children (and the slirps attached) are destroyed below
+      await Promise.all(created.map((c) => c.channel.waitHello(this.opts.startTimeoutMs)));
       phase('network attached');
       return created;
     } catch (err) {
