@@ -172,7 +172,7 @@ async function startBenchServer(overrides: Partial<ServerConfig>): Promise<Bench
   const stateDir = await mkdtemp(path.join(os.tmpdir(), 'pf-bench-'));
   try {
     const config = loadConfig(
-      { port: 0, logLevel: 'warn', imagesDir: IMAGES_DIR, stateDir, ...overrides },
+      { port: 0, logLevel: (process.env.BENCH_LOG_LEVEL as 'warn' | undefined) ?? 'warn', imagesDir: IMAGES_DIR, stateDir, ...overrides },
       { ...process.env, PODFLARE_API_KEYS: '' },
     );
     const server = await startServer(config);
