@@ -1746,6 +1746,8 @@ def _ensure_std_fds() -> None:
 
 def main() -> int:
     _ensure_std_fds()
+    if os.getpid() == 1:
+        podflare_fork.protect_proc()  # PID 1 of a sandbox: cover the kernel's global knobs
     if len(sys.argv) == 4 and sys.argv[1] == '--worker':
         # A fresh interpreter for a fork child's supervisor (see Supervisor._become_worker).
         Worker(int(sys.argv[2]), int(sys.argv[3])).main()

@@ -34,6 +34,7 @@ CLONE_NEWIPC = 0x08000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
 MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
+MS_RDONLY, MS_REMOUNT = 1, 32
 MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
 MNT_DETACH = 2
 SYS_PIVOT_ROOT = 155  # x86-64
@@ -151,9 +152,24 @@ def enter_namespaces(hostname: str) -> None:
     _loopback_up()
 
 
+def protect_proc(proc: str = '/proc') -> None:
+    """Makes the kernel's global knobs under /proc read-only in this mount namespace.
+
+    Defense in depth only: sandbox root is still the host's uid 0 (see the README's security
+    status), and with CAP_SYS_ADMIN in its own user namespace it could unmount these covers. They
+    stop plain writes to /proc/sys (core_pattern, ...) and /proc/sysrq-trigger."""
+    for path in (f'{proc}/sys', f'{proc}/sysrq-trigger'):
+        try:
+            _mount(path, path, None, MS_BIND | MS_REC)
+            _mount(None, path, None, MS_BIND | MS_REMOUNT | MS_RDONLY)
+        except OSError:
+            pass
+
+
 def switch_root(root: str) -> None:
     """`root` (mounted by the server) becomes /, with a fresh /proc and the sandbox's /dev."""
     _mount('proc', f'{root}/proc', 'proc', MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    protect_proc(f'{root}/proc')
     os.makedirs(f'{root}/dev', exist_ok=True)
     _mount('/dev', f'{root}/dev', None, MS_BIND | MS_REC)
     os.chdir(root)
@@ -225,4 +241,4 @@ def snapshot_vars(ns: dict[str, Any]) -> dict[str, dict[str, str]]:
     return out
 
 
-__all__ = ['spawn', 'capture_files', 'restore_files', 'enter_namespaces', 'switch_root', 'enter_new_root', 'reseed', 'connect_server', 'snapshot_vars', 'errno']
+__all__ = ['protect_proc', 'spawn', 'capture_files', 'restore_files', 'enter_namespaces', 'switch_root', 'enter_new_root', 'reseed', 'connect_server', 'snapshot_vars', 'errno']

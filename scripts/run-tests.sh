@@ -11,7 +11,7 @@ status=0
 run_node_tests() {
   local out
   out=$(mktemp)
-  node --import tsx --test --test-concurrency=1 --test-reporter=spec "$@" 2>&1 | tee "$out"
+  node --expose-gc --import tsx --test --test-concurrency=1 --test-reporter=spec "$@" 2>&1 | tee "$out"
   local rc=${PIPESTATUS[0]}
   local p f
   p=$(grep -E '^ℹ pass [0-9]+' "$out" | tail -1 | awk '{print $3}')

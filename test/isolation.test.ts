@@ -64,6 +64,17 @@ print(sorted(os.listdir("/root")))`);
     assert.equal(r.stdout, 'False False\n');
   });
 
+  it('cannot write the kernel\'s global knobs under /proc (sysctls, sysrq)', async () => {
+    const check = 'import os\nprint(os.access("/proc/sys/kernel/core_pattern", os.W_OK), os.access("/proc/sysrq-trigger", os.W_OK))';
+    assert.equal((await a.runCode(check)).stdout, 'False False\n');
+    const [child] = await a.fork(1);
+    try {
+      assert.equal((await child!.runCode(check)).stdout, 'False False\n');
+    } finally {
+      await child?.close();
+    }
+  });
+
   it('sees only its own processes (own pid namespace) and its own hostname', async () => {
     const r = await a.runCode('import os, socket\npids = [p for p in os.listdir("/proc") if p.isdigit()]\nprint(len(pids) < 10, socket.gethostname())');
     assert.match(r.stdout, /^True sbx-[0-9a-f]{12}\n$/);
