@@ -107,6 +107,9 @@ export class NamespaceRuntime implements Runtime {
     // Children first: a parent with live children would only become a husk.
     const byDepth = [...this.live.values()].sort((x, y) => y.depth - x.depth);
     for (const s of byDepth) await s.destroy();
+    // Every sandbox is gone: no fork layer is in use any more (their refcounted removals may
+    // still be in flight).
+    await rm(this.layersDir, { recursive: true, force: true });
     this.hostd.close();
   }
 
