@@ -182,7 +182,7 @@ export const demoCommand: Command = {
           try {
             const d = await parent.diff(winner, { paths: ['/root'], content: true, vars: true });
             out(`    added:    ${d.added.join(', ') || '-'}\n    modified: ${d.modified.join(', ') || '-'}\n    removed:  ${d.removed.join(', ') || '-'}\n`);
-            for (const [p, patch] of Object.entries(d.content ?? {})) out(`    --- ${p}\n${indent(patch, '    ')}`);
+            for (const patch of Object.values(d.content ?? {})) out(indent(patch, '    '));
             if (d.vars && Object.keys(d.vars).length) out(indent(`variables: ${JSON.stringify(d.vars)}`.slice(0, 600)));
           } catch (err) {
             if (!notImplemented(err)) throw err;
