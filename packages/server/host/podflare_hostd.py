@@ -9,8 +9,6 @@ Operations:
   overlay {pid, lowers, upper, work, target, binds?}
                                   mount an overlay (new mount API, never in the host's table) at
                                   `target` inside the mount namespace of host process `pid`
-  graft   {pid, source, target}   clone the host mount at `source` (open_tree) and attach it at
-                                  `target` inside the mount namespace of host process `pid`
   copy_layer {source, target}     copy an overlay upper into a new fork layer (keeps whiteouts,
                                   opaque marks and owners)
   detach  {pid, target}           lazily unmount `target` in that namespace and remove the directory
@@ -22,7 +20,6 @@ Operations:
 """
 import ctypes
 import difflib
-import hashlib
 import json
 import os
 import stat
@@ -68,19 +65,6 @@ class InNamespace:
         finally:
             os.close(self.fd)
         return False
-
-
-def op_graft(req):
-    tree = _check(libc.syscall(SYS_OPEN_TREE, AT_FDCWD, req["source"].encode(),
-                               OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE), "open_tree")
-    try:
-        with InNamespace(req["pid"]):
-            os.makedirs(req["target"], exist_ok=True)
-            _check(libc.syscall(SYS_MOVE_MOUNT, tree, b"", AT_FDCWD, req["target"].encode(),
-                                MOVE_MOUNT_F_EMPTY_PATH), "move_mount")
-    finally:
-        os.close(tree)
-    return {}
 
 
 def _overlay_mount_fd(lowers, upper, work):
@@ -352,7 +336,7 @@ def op_diff(req):
     return out
 
 
-OPS = {"copy_layer": op_copy_layer, "overlay": op_overlay, "graft": op_graft, "detach": op_detach, "tmpfs": op_tmpfs, "diff": op_diff}
+OPS = {"copy_layer": op_copy_layer, "overlay": op_overlay, "detach": op_detach, "tmpfs": op_tmpfs, "diff": op_diff}
 
 
 def main():

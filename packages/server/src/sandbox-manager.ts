@@ -5,14 +5,13 @@
  */
 import { randomBytes } from 'node:crypto';
 import type { AgentRequestBody, CreateSandboxBody, ExecStreamMessage, SandboxInfo } from '@podflare/protocol';
-import { ChannelClosedError } from './agent-channel.js';
 import type { ServerConfig } from './config.js';
 import { ApiError } from './errors.js';
 import type { Logger } from './log.js';
 import { WarmPool, type PoolKey } from './pool.js';
 import type { Runtime, RuntimeSandbox } from './runtime/runtime.js';
 import { SerialQueue } from './serial-queue.js';
-import { ENDED_STATES, type SandboxRecord, type SandboxStore } from './store/store.js';
+import type { SandboxRecord, SandboxStore } from './store/store.js';
 
 export const DEFAULT_TEMPLATE = 'default';
 
@@ -23,12 +22,10 @@ export function newSandboxId(): string {
 interface LiveSandbox {
   record: SandboxRecord;
   rt: RuntimeSandbox;
-  queue: SandboxQueue;
+  queue: SerialQueue;
   /** Set while an exec runs: lets interrupt and the idle sweep know. */
   running: number;
 }
-
-type SandboxQueue = SerialQueue;
 
 export interface CreateOptions extends CreateSandboxBody {
   owner: string;
@@ -344,4 +341,3 @@ export class SandboxManager {
 }
 
 export type { LiveSandbox };
-export { ChannelClosedError, ENDED_STATES };

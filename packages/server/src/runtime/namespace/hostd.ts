@@ -1,34 +1,20 @@
 /**
  * Client of the host helper (packages/server/host/podflare_hostd.py): one long-lived,
  * single-threaded Python process per server doing what Node cannot (setns into a sandbox's mount
- * namespace to graft a mount, reading overlay xattrs for diffs). JSON lines on its stdin/stdout.
+ * namespace to mount a fork child's root there, copying and diffing overlay layers with their xattrs). JSON lines on its stdin/stdout.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import type { DiffOptions, FileDiff } from '../runtime.js';
 
 const HOSTD = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../../host/podflare_hostd.py');
-
-export interface LayerDiff {
-  added: string[];
-  removed: string[];
-  modified: string[];
-  /** Unified diff per changed text file. */
-  content?: Record<string, string>;
-  /** Changed files not shown in `content` because they are binary, or over the size cap. */
-  binary?: string[];
-  too_large?: string[];
-}
 
 export class HostHelper {
   private child: ChildProcess | null = null;
   private nextId = 1;
   private readonly pending = new Map<number, { resolve(v: Record<string, unknown>): void; reject(e: Error): void }>();
   private buffer = '';
-
-  graft(pid: number, source: string, target: string): Promise<void> {
-    return this.call({ op: 'graft', pid, source, target }).then(() => undefined);
-  }
 
   /** Mounts an overlay at `target` in the mount namespace of `pid`, with host binds below it. */
   overlay(pid: number, o: { lowers: string[]; upper: string; work: string; target: string; binds?: Array<{ source: string; target: string }> }): Promise<void> {
@@ -47,9 +33,9 @@ export class HostHelper {
     return this.call({ op: 'tmpfs', pid, target }).then(() => undefined);
   }
 
-  async diff(a: string[], b: string[], opts: { paths?: string[]; content?: boolean }): Promise<LayerDiff> {
+  async diff(a: string[], b: string[], opts: DiffOptions): Promise<FileDiff> {
     const { id: _id, ok: _ok, ...diff } = await this.call({ op: 'diff', a, b, paths: opts.paths, content: opts.content });
-    return diff as unknown as LayerDiff;
+    return diff as unknown as FileDiff;
   }
 
   close(): void {
