@@ -4,14 +4,14 @@
  * real server. The scripted model reads the tool results it is given in its prompt, like a real one.
  */
 import assert from 'node:assert/strict';
-import { after, before, describe, it } from 'node:test';
+import { describe, it } from 'node:test';
 import { generateText, stepCountIs, streamText } from 'ai';
 import type { LanguageModelV3CallOptions, LanguageModelV3GenerateResult, LanguageModelV3StreamPart } from '@ai-sdk/provider';
 import { convertArrayToReadableStream, MockLanguageModelV3 } from 'ai/test';
 import { Sandbox } from 'podflare';
 import { podflareRunCode } from 'podflare/ai-sdk';
 import type { PodflareRunCodeOutput } from 'podflare/ai-sdk';
-import { startTestServer, type TestServer } from './helpers/server.js';
+import { type TestServer, useServerAndSandbox } from './helpers/server.js';
 
 const usage = {
   inputTokens: { total: 10, noCache: 10, cacheRead: undefined, cacheWrite: undefined },
@@ -60,17 +60,9 @@ function scriptedModel(toolName: string, codes: string[]) {
 }
 
 describe('podflare/ai-sdk', () => {
-  let server: TestServer;
-  let sbx: Sandbox;
-
-  before(async () => {
-    server = await startTestServer();
-    sbx = await Sandbox.create({ host: server.url });
-  });
-  after(async () => {
-    await sbx?.close();
-    await server?.stop();
-  });
+  let server!: TestServer;
+  let sbx!: Sandbox;
+  useServerAndSandbox((s, b) => { server = s; sbx = b; });
 
   it('runs the tool call of step 1 in the sandbox and feeds its output to step 2 (generateText)', async () => {
     const model = scriptedModel('runCode', ['x = 6*7; print(x)']);

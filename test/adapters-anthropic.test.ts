@@ -4,7 +4,7 @@
  * text editor; the answers must be valid tool_result blocks, with is_error where the model erred.
  */
 import assert from 'node:assert/strict';
-import { after, before, describe, it } from 'node:test';
+import { describe, it } from 'node:test';
 import type {
   ContentBlock,
   Message,
@@ -24,7 +24,7 @@ import {
   podflareTools,
   type ToolResult,
 } from 'podflare/anthropic';
-import { startTestServer, type TestServer } from './helpers/server.js';
+import { useServerAndSandbox } from './helpers/server.js';
 
 let nextId = 0;
 /** A tool_use block exactly as the SDK types it in a Message's content. */
@@ -76,17 +76,8 @@ function assertToolResult(result: ToolResultBlockParam, block: { id: string }): 
 }
 
 describe('podflare/anthropic', () => {
-  let server: TestServer;
-  let sbx: Sandbox;
-
-  before(async () => {
-    server = await startTestServer();
-    sbx = await Sandbox.create({ host: server.url });
-  });
-  after(async () => {
-    await sbx?.close();
-    await server?.stop();
-  });
+  let sbx!: Sandbox;
+  useServerAndSandbox((_server, b) => { sbx = b; });
 
   it('defines the three tools with the current API type strings', () => {
     const tools = podflareTools();

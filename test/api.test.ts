@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
 import { AuthenticationError, NotFoundError, Sandbox, SandboxGoneError } from 'podflare';
 import { bwrapProcesses, overlayMountsUnder, processesMentioning, sandboxDirsIn } from './helpers/leaks.js';
-import { startTestServer, type TestServer } from './helpers/server.js';
+import { startTestServer, type TestServer, useServerAndSandbox } from './helpers/server.js';
 
 async function call(base: string, method: string, path: string, body?: string, headers: Record<string, string> = {}) {
   const res = await fetch(base + path, { method, body, headers: { 'content-type': 'application/json', ...headers } });
@@ -14,17 +14,9 @@ async function call(base: string, method: string, path: string, body?: string, h
 }
 
 describe('API input checking', () => {
-  let server: TestServer;
-  let sbx: Sandbox;
-
-  before(async () => {
-    server = await startTestServer();
-    sbx = await Sandbox.create({ host: server.url });
-  });
-  after(async () => {
-    await sbx?.close();
-    await server?.stop();
-  });
+  let server!: TestServer;
+  let sbx!: Sandbox;
+  useServerAndSandbox((s, b) => { server = s; sbx = b; });
 
   it('answers health without auth and capacity with pool counters', async () => {
     assert.equal((await call(server.url, 'GET', '/v1/healthz')).text, 'ok');

@@ -3,22 +3,13 @@
  * results, errors, streaming, timeouts and interrupts, bash.
  */
 import assert from 'node:assert/strict';
-import { after, before, describe, it } from 'node:test';
+import { describe, it } from 'node:test';
 import { Sandbox } from 'podflare';
-import { startTestServer, type TestServer } from './helpers/server.js';
+import { useServerAndSandbox } from './helpers/server.js';
 
 describe('persistent interpreter', () => {
-  let server: TestServer;
-  let sbx: Sandbox;
-
-  before(async () => {
-    server = await startTestServer();
-    sbx = await Sandbox.create({ host: server.url });
-  });
-  after(async () => {
-    await sbx?.close();
-    await server?.stop();
-  });
+  let sbx!: Sandbox;
+  useServerAndSandbox((_server, b) => { sbx = b; });
 
   it('keeps variables, imports, open files and cwd across calls', async () => {
     await sbx.runCode('import json\nx = 41\nf = open("/tmp/state.txt", "w+")\nf.write("line1\\nline2\\n")\nf.seek(0)\nimport os\nos.makedirs("/tmp/work", exist_ok=True)\nos.chdir("/tmp/work")');

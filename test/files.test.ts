@@ -3,9 +3,9 @@ import assert from 'node:assert/strict';
 import { createHash, randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import { Readable } from 'node:stream';
-import { after, before, describe, it } from 'node:test';
+import { describe, it } from 'node:test';
 import { NotFoundError, Sandbox } from 'podflare';
-import { startTestServer, type TestServer } from './helpers/server.js';
+import { type TestServer, useServerAndSandbox } from './helpers/server.js';
 
 const MB = 1024 * 1024;
 
@@ -31,17 +31,9 @@ function generated(size: number, seed: string): { stream: Readable; digest: () =
 }
 
 describe('files', () => {
-  let server: TestServer;
-  let sbx: Sandbox;
-
-  before(async () => {
-    server = await startTestServer();
-    sbx = await Sandbox.create({ host: server.url });
-  });
-  after(async () => {
-    await sbx?.close();
-    await server?.stop();
-  });
+  let server!: TestServer;
+  let sbx!: Sandbox;
+  useServerAndSandbox((s, b) => { server = s; sbx = b; });
 
   it('uploads and downloads small files, visible to the interpreter', async () => {
     const up = await sbx.upload('/root/hello.txt', 'hello world\n');

@@ -5,7 +5,9 @@
 import { mkdtemp, rm } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
+import { after, before } from 'node:test';
 import { loadConfig, startServer, type RunningServer, type ServerConfig } from '@podflare/server';
+import { Sandbox } from 'podflare';
 
 export const IMAGES_DIR = process.env.PODFLARE_IMAGES_DIR ?? path.join(process.env.PODFLARE_STATE_DIR ?? '/var/lib/podflare', 'images');
 
@@ -25,5 +27,23 @@ export async function startTestServer(overrides: Partial<ServerConfig> = {}): Pr
       await server.close();
       await rm(stateDir, { recursive: true, force: true });
     },
+  });
+}
+
+/**
+ * For a describe block: a server and one sandbox on it, started before its tests and closed after.
+ * `ready` hands them over (hooks run later than the describe body, so they cannot be returned).
+ */
+export function useServerAndSandbox(ready: (server: TestServer, sbx: Sandbox) => void, overrides: Partial<ServerConfig> = {}): void {
+  let server: TestServer | undefined;
+  let sbx: Sandbox | undefined;
+  before(async () => {
+    server = await startTestServer(overrides);
+    sbx = await Sandbox.create({ host: server.url });
+    ready(server, sbx);
+  });
+  after(async () => {
+    await sbx?.close();
+    await server?.stop();
   });
 }
