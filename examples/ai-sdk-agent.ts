@@ -9,15 +9,13 @@
  * the major that pairs with ai@6), otherwise a scripted model that makes the same kind of tool calls
  * a real one would, so the example runs offline and makes no network call.
  */
-import { mkdtemp, rm } from 'node:fs/promises';
-import os from 'node:os';
-import path from 'node:path';
 import { generateText, stepCountIs } from 'ai';
 import type { LanguageModel } from 'ai';
 import { MockLanguageModelV3 } from 'ai/test';
 import { Sandbox } from 'podflare';
 import { podflareRunCode } from 'podflare/ai-sdk';
 import type { PodflareRunCodeOutput } from 'podflare/ai-sdk';
+import { podflareServer } from './lib/podflare-server.js';
 
 const TASK =
   'What are the first 10 prime numbers and their sum? Compute them with Python, ' +
@@ -111,28 +109,6 @@ function scriptedModel(): LanguageModel {
       };
     },
   });
-}
-
-/** PODFLARE_HOST, or a server started in this process with its own state directory. */
-async function podflareServer(): Promise<{ host: string; stop(): Promise<void> }> {
-  if (process.env.PODFLARE_HOST) return { host: process.env.PODFLARE_HOST, stop: async () => {} };
-  const { loadConfig, startServer } = await import('@podflare/server');
-  const stateDir = await mkdtemp(path.join(os.tmpdir(), 'pf-example-'));
-  const imagesDir = process.env.PODFLARE_IMAGES_DIR ?? path.join(process.env.PODFLARE_STATE_DIR ?? '/var/lib/podflare', 'images');
-  try {
-    const server = await startServer(loadConfig({ port: 0, poolSize: 1, logLevel: 'warn', stateDir, imagesDir }, { ...process.env, PODFLARE_API_KEYS: '' }));
-    console.log(`(started a Podflare server at ${server.url}; set PODFLARE_HOST to use your own)`);
-    return {
-      host: server.url,
-      async stop() {
-        await server.close();
-        await rm(stateDir, { recursive: true, force: true });
-      },
-    };
-  } catch (err) {
-    await rm(stateDir, { recursive: true, force: true });
-    throw err;
-  }
 }
 
 function indent(text: string): string {

@@ -10,13 +10,11 @@
  * stand-in that answers with the same kind of messages, so the example runs offline and makes no
  * network call.
  */
-import { mkdtemp, rm } from 'node:fs/promises';
-import os from 'node:os';
-import path from 'node:path';
 import Anthropic from '@anthropic-ai/sdk';
 import type { ContentBlock, Message, MessageCreateParamsNonStreaming, MessageParam, ToolResultBlockParam } from '@anthropic-ai/sdk/resources/messages';
 import { Sandbox } from 'podflare';
 import { handleToolUses, podflareTools } from 'podflare/anthropic';
+import { podflareServer } from './lib/podflare-server.js';
 
 const TASK =
   'Write a Python module /root/stats.py with a function mean_and_stdev(xs) (population stdev), ' +
@@ -128,28 +126,6 @@ async function scriptedClaude(params: MessageCreateParamsNonStreaming): Promise<
       inference_geo: null, output_tokens_details: null, server_tool_use: null, service_tier: 'standard', speed: null,
     },
   };
-}
-
-/** PODFLARE_HOST, or a server started in this process with its own state directory. */
-async function podflareServer(): Promise<{ host: string; stop(): Promise<void> }> {
-  if (process.env.PODFLARE_HOST) return { host: process.env.PODFLARE_HOST, stop: async () => {} };
-  const { loadConfig, startServer } = await import('@podflare/server');
-  const stateDir = await mkdtemp(path.join(os.tmpdir(), 'pf-example-'));
-  const imagesDir = process.env.PODFLARE_IMAGES_DIR ?? path.join(process.env.PODFLARE_STATE_DIR ?? '/var/lib/podflare', 'images');
-  try {
-    const server = await startServer(loadConfig({ port: 0, poolSize: 1, logLevel: 'warn', stateDir, imagesDir }, { ...process.env, PODFLARE_API_KEYS: '' }));
-    console.log(`(started a Podflare server at ${server.url}; set PODFLARE_HOST to use your own)`);
-    return {
-      host: server.url,
-      async stop() {
-        await server.close();
-        await rm(stateDir, { recursive: true, force: true });
-      },
-    };
-  } catch (err) {
-    await rm(stateDir, { recursive: true, force: true });
-    throw err;
-  }
 }
 
 main().catch((err: unknown) => {

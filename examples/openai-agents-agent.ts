@@ -9,12 +9,9 @@
  * (OPENAI_DEFAULT_MODEL picks another). The sandboxes come from PODFLARE_HOST when set, else from a
  * Podflare server started in this process (needs the image `scripts/setup.sh` builds).
  */
-import { mkdtemp, rm } from 'node:fs/promises';
-import os from 'node:os';
-import path from 'node:path';
 import { Agent, Usage, run, setTracingDisabled } from '@openai/agents';
 import type { AgentOutputItem, Model, ModelRequest, ModelResponse, StreamEvent, StreamEventResponseCompleted } from '@openai/agents';
-import { loadConfig, startServer } from '@podflare/server';
+import { podflareServer } from './lib/podflare-server.js';
 import { podflareCodeInterpreter, podflareForkTool } from 'podflare/openai-agents';
 
 const TASK =
@@ -77,24 +74,10 @@ function scriptedModel(): Model {
   ]);
 }
 
-async function startLocalServer(): Promise<{ url: string; stop(): Promise<void> }> {
-  const stateDir = await mkdtemp(path.join(os.tmpdir(), 'pf-example-'));
-  const imagesDir = process.env.PODFLARE_IMAGES_DIR ?? path.join(process.env.PODFLARE_STATE_DIR ?? '/var/lib/podflare', 'images');
-  const config = loadConfig({ port: 0, poolSize: 1, logLevel: 'warn', stateDir, imagesDir }, { ...process.env, PODFLARE_API_KEYS: '' });
-  const server = await startServer(config);
-  return {
-    url: server.url,
-    async stop() {
-      await server.close();
-      await rm(stateDir, { recursive: true, force: true });
-    },
-  };
-}
-
 const useOpenAI = Boolean(process.env.OPENAI_API_KEY);
 if (!useOpenAI) setTracingDisabled(true); // no trace export either: nothing leaves the machine
-const server = process.env.PODFLARE_HOST ? undefined : await startLocalServer();
-const host = server?.url ?? process.env.PODFLARE_HOST;
+const server = await podflareServer();
+const host = server.host;
 
 const runCode = podflareCodeInterpreter({ host, timeoutMs: 60_000 });
 const tryAll = podflareForkTool({ sandbox: runCode, merge: 'first-success' });
@@ -120,5 +103,5 @@ try {
   console.log(`\n(all calls ran in sandbox ${runCode.currentSandbox?.id})`);
 } finally {
   await runCode.close(); // also the fork tool's: they share the sandbox
-  await server?.stop();
+  await server.stop();
 }
