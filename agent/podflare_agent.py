@@ -167,6 +167,13 @@ def error_info(exc: BaseException) -> tuple[str, str]:
     if isinstance(exc, OSError) and exc.errno in (errno.ENOTEMPTY, errno.ENAMETOOLONG,
                                                   errno.ELOOP, errno.EINVAL):
         return 'bad_request', str(exc)
+    # What the caller asked for cannot be done in this sandbox: the caller's problem, not ours.
+    if isinstance(exc, OSError) and exc.errno in (errno.EROFS, errno.EPERM):
+        return 'forbidden', str(exc)
+    if isinstance(exc, OSError) and exc.errno in (errno.EBUSY, errno.ETXTBSY):
+        return 'conflict', str(exc)
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return 'payload_too_large', str(exc)
     return 'internal', f'{type(exc).__name__}: {exc}'
 
 

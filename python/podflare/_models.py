@@ -280,8 +280,8 @@ class SandboxInfo:
 
     @property
     def alive(self) -> bool:
-        """True unless the sandbox was destroyed, crashed or retired by a merge."""
-        return self.state not in ("stopped", "error", "merged")
+        """True unless the sandbox was destroyed, crashed, retired by a merge or lost in a server crash."""
+        return self.state not in ("stopped", "error", "merged", "lost")
 
 
 @dataclass

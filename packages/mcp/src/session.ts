@@ -248,7 +248,7 @@ export function isGone(err: unknown): boolean {
 async function isAlive(sandbox: Sandbox): Promise<boolean> {
   try {
     const { state } = await sandbox.info();
-    return state !== 'stopped' && state !== 'error' && state !== 'merged';
+    return state !== 'stopped' && state !== 'error' && state !== 'merged' && state !== 'lost';
   } catch (err) {
     if (isGone(err)) return false;
     throw err;

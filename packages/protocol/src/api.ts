@@ -7,6 +7,8 @@ import { z } from 'zod';
 export const SANDBOX_ID_PATTERN = /^sbx_[0-9a-f]{32}$/;
 export const MAX_CODE_BYTES = 4 * 1024 * 1024;
 export const MAX_TIMEOUT_MS = 24 * 60 * 60 * 1000;
+export const MAX_METADATA_ENTRIES = 64;
+export const MAX_ENV_ENTRIES = 1024;
 
 const name = z.string().min(1).max(64).regex(/^[a-zA-Z0-9][a-zA-Z0-9._-]*$/, 'must be letters, digits, dot, dash or underscore');
 
@@ -18,7 +20,8 @@ export const CreateSandboxBody = z.object({
   /** ours: a hard cap on the sandbox's whole life. */
   max_lifetime_seconds: z.number().int().min(1).max(30 * 24 * 3600).optional(),
   runtime: z.enum(['ns', 'vm', 'auto']).optional(),
-  metadata: z.record(z.string().max(64), z.string().max(1024)).optional(),
+  metadata: z.record(z.string().max(64), z.string().max(1024))
+    .refine((m) => Object.keys(m).length <= MAX_METADATA_ENTRIES, `at most ${MAX_METADATA_ENTRIES} entries`).optional(),
 }).strict();
 export type CreateSandboxBody = z.infer<typeof CreateSandboxBody>;
 
@@ -29,8 +32,9 @@ export const ExecBody = z.object({
   language: z.enum(['python', 'bash']).optional(),
   /** ours: interrupt after this many ms (then restart the interpreter if it does not yield). */
   timeout_ms: z.number().int().min(1).max(MAX_TIMEOUT_MS).optional(),
-  env: z.record(envName, z.string().max(128 * 1024)).optional(),
-  cwd: z.string().min(1).max(4096).optional(),
+  env: z.record(envName, z.string().max(128 * 1024))
+    .refine((e) => Object.keys(e).length <= MAX_ENV_ENTRIES, `at most ${MAX_ENV_ENTRIES} variables`).optional(),
+  cwd: z.string().min(1).max(4096).regex(/^[^\0]+$/, 'must not contain NUL').optional(),
 }).strict();
 export type ExecBody = z.infer<typeof ExecBody>;
 
@@ -53,7 +57,11 @@ export interface SandboxInfo {
   metadata: Record<string, string>;
 }
 
-export type SandboxState = 'starting' | 'ready' | 'running' | 'stopped' | 'error' | 'merged' | 'frozen';
+/**
+ * `lost`: the server was killed while the sandbox ran, and after the restart its agent no longer
+ * answered, so everything it left (processes, mounts, files) was cleaned up.
+ */
+export type SandboxState = 'starting' | 'ready' | 'running' | 'stopped' | 'error' | 'merged' | 'frozen' | 'lost';
 
 export interface CreateSandboxResponse { id: string; state: 'ready' }
 export interface ForkResponse { children: string[] }

@@ -16,9 +16,10 @@ export type Runtime = 'ns' | 'vm' | 'auto';
 
 /**
  * Lifecycle state of a sandbox: `starting`, `ready` (idle), `running` (an exec in flight), `stopped`
- * (destroyed), `error` (crashed), `merged` (retired by `mergeInto`), `frozen`.
+ * (destroyed), `error` (crashed), `merged` (retired by `mergeInto`), `frozen`, `lost` (the server was killed
+ * while it ran; cleaned up after the restart).
  */
-export type SandboxState = 'starting' | 'ready' | 'running' | 'stopped' | 'error' | 'merged' | 'frozen';
+export type SandboxState = 'starting' | 'ready' | 'running' | 'stopped' | 'error' | 'merged' | 'frozen' | 'lost';
 
 /** How to reach the server. Give a `client` to share its connections; `host`/`apiKey` make a new one. */
 export interface ConnectionOptions {

@@ -29,8 +29,17 @@ export interface ServerConfig {
   idleTimeoutSeconds: number;
   /** Default and upper bound of a sandbox's whole life. */
   maxLifetimeSeconds: number;
-  /** Server-wide cap on live sandboxes (pool included). */
+  /** Server-wide cap on live sandboxes (the warm pool comes on top). @default PODFLARE_MAX_SANDBOXES or 256 */
   maxSandboxes: number;
+  /** Cap on live sandboxes one API key owns (forks included). @default PODFLARE_MAX_SANDBOXES_PER_KEY or 128 */
+  maxSandboxesPerKey: number;
+  /**
+   * Sustained requests per second one API key may make (a token bucket; 0 turns the limit off).
+   * Generous by default: it stops runaway loops, not busy agents. @default PODFLARE_RATE_LIMIT_RPS or 1000
+   */
+  rateLimitPerSecond: number;
+  /** Requests a key may make in a burst above its rate. @default PODFLARE_RATE_LIMIT_BURST or 2000 */
+  rateLimitBurst: number;
   /** How long an agent may take to say hello. */
   startTimeoutMs: number;
   /** Grace between an interrupt and killing the interpreter. */
@@ -71,6 +80,9 @@ export function loadConfig(overrides: Partial<ServerConfig> = {}, env: NodeJS.Pr
     idleTimeoutSeconds: int(env.PODFLARE_IDLE_TIMEOUT_SECONDS, 'PODFLARE_IDLE_TIMEOUT_SECONDS') ?? 300,
     maxLifetimeSeconds: int(env.PODFLARE_MAX_LIFETIME_SECONDS, 'PODFLARE_MAX_LIFETIME_SECONDS') ?? 24 * 3600,
     maxSandboxes: int(env.PODFLARE_MAX_SANDBOXES, 'PODFLARE_MAX_SANDBOXES') ?? 256,
+    maxSandboxesPerKey: int(env.PODFLARE_MAX_SANDBOXES_PER_KEY, 'PODFLARE_MAX_SANDBOXES_PER_KEY') ?? 128,
+    rateLimitPerSecond: int(env.PODFLARE_RATE_LIMIT_RPS, 'PODFLARE_RATE_LIMIT_RPS') ?? 1000,
+    rateLimitBurst: int(env.PODFLARE_RATE_LIMIT_BURST, 'PODFLARE_RATE_LIMIT_BURST') ?? 2000,
     startTimeoutMs: 15_000,
     interruptGraceMs: int(env.PODFLARE_INTERRUPT_GRACE_MS, 'PODFLARE_INTERRUPT_GRACE_MS') ?? 2000,
   };

@@ -80,9 +80,7 @@ export class SandboxManager {
     const template = opts.template ?? DEFAULT_TEMPLATE;
     if (template !== DEFAULT_TEMPLATE) throw new ApiError('bad_request', `unknown template "${template}" (available: ${DEFAULT_TEMPLATE})`, 'template');
     if (opts.runtime === 'vm') throw new ApiError('bad_request', 'the vm runtime is not available on this server (see `podflare doctor`)', 'runtime');
-    if (this.live.size >= this.config.maxSandboxes) {
-      throw new ApiError('rate_limited', `the server already runs ${this.live.size} sandboxes (max ${this.config.maxSandboxes})`, undefined, { 'Retry-After': '5' });
-    }
+    this.checkCaps(opts.owner, 1);
     const key: PoolKey = { template, egress: opts.egress ?? true };
     const rt = this.pool.take(key) ?? (await this.startOnDemand(key));
     const now = Date.now();
@@ -98,6 +96,24 @@ export class SandboxManager {
     this.adopt(record, rt);
     this.counters.created++;
     return record;
+  }
+
+  /**
+   * 429 when `more` new sandboxes would exceed the server's cap or the owner's. Retry-After is a
+   * guess (sandboxes end when their callers delete them or idle out): a few seconds.
+   */
+  private checkCaps(owner: string, more: number): void {
+    const { maxSandboxes, maxSandboxesPerKey } = this.config;
+    if (this.live.size + more > maxSandboxes) {
+      throw new ApiError('rate_limited', `the server runs ${this.live.size} sandboxes and allows ${maxSandboxes}: ` +
+        `${more} more would exceed that; delete some or retry later`, undefined, { 'Retry-After': '5' });
+    }
+    let owned = 0;
+    for (const s of this.live.values()) if (s.record.owner === owner) owned++;
+    if (owned + more > maxSandboxesPerKey) {
+      throw new ApiError('rate_limited', `this API key has ${owned} live sandboxes and may have ${maxSandboxesPerKey}: ` +
+        `${more} more would exceed that; delete some or retry later`, undefined, { 'Retry-After': '5' });
+    }
   }
 
   /** The live sandbox, or the error a user should see: 404 never existed, 410 ended. */
@@ -208,9 +224,7 @@ export class SandboxManager {
     if (!this.runtime.capabilities.fork) throw new ApiError('bad_request', `the ${this.runtime.name} runtime cannot fork`);
     return s.queue.run(async () => {
       if (!this.live.has(s.record.id)) throw new ApiError('sandbox_gone', `sandbox ${s.record.id} is gone`);
-      if (this.live.size + n > this.config.maxSandboxes) {
-        throw new ApiError('rate_limited', `forking ${n} would exceed the server's ${this.config.maxSandboxes} sandboxes`, undefined, { 'Retry-After': '5' });
-      }
+      this.checkCaps(s.record.owner, n);
       const specs = Array.from({ length: n }, () => {
         const id = newSandboxId();
         return { id, template: s.record.template, egress: s.record.egress, hostname: `sbx-${id.slice(4, 16)}` };

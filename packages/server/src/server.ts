@@ -46,8 +46,11 @@ export async function startServer(config: ServerConfig, opts: StartOptions = {})
 
   const server = http.createServer({ noDelay: true, keepAliveTimeout: 65_000, maxHeaderSize: 16 * 1024 }, createApp({
     manager, apiKeys: config.apiKeys, runtimeName: runtime.name, maxSandboxes: config.maxSandboxes, log,
+    rateLimit: { perSecond: config.rateLimitPerSecond, burst: config.rateLimitBurst },
   }));
   server.headersTimeout = 30_000;
+  // Header size is capped by maxHeaderSize above (Node answers 431); the count too.
+  server.maxHeadersCount = 100;
   server.requestTimeout = 0; // execs and uploads may legitimately run long
   await new Promise<void>((resolve, reject) => {
     server.once('error', reject);

@@ -10,6 +10,7 @@ import { KeyRing } from './auth.js';
 import { sendJson } from './body.js';
 import { addFileRoutes } from './file-routes.js';
 import { addForkRoutes } from './fork-routes.js';
+import { RateLimiter, type RateLimitOptions } from './rate-limit.js';
 import { Router } from './router.js';
 import { addSandboxRoutes } from './sandbox-routes.js';
 
@@ -18,6 +19,8 @@ export interface AppOptions {
   apiKeys: string[];
   runtimeName: string;
   maxSandboxes: number;
+  /** Per-key request rate limit (off when absent). */
+  rateLimit?: RateLimitOptions;
   log: Logger;
 }
 
@@ -25,6 +28,7 @@ export type RequestListener = (req: IncomingMessage, res: ServerResponse) => voi
 
 export function createApp(opts: AppOptions): RequestListener {
   const keys = new KeyRing(opts.apiKeys);
+  const limiter = new RateLimiter(opts.rateLimit ?? { perSecond: 0, burst: 0 });
   const router = new Router();
   router.add('GET', '/v1/healthz', ({ res }) => {
     res.writeHead(200, { 'Content-Type': 'text/plain' });
@@ -46,22 +50,34 @@ export function createApp(opts: AppOptions): RequestListener {
 
   return (req, res) => {
     const started = performance.now();
-    const url = new URL(req.url ?? '/', 'http://podflare');
+    let url: URL | undefined;
     void (async () => {
       try {
+        url = parseTarget(req.url);
         const { route, params } = router.match(req.method ?? 'GET', url.pathname);
         const owner = route.auth ? keys.authenticate(req) : '';
+        if (route.auth) limiter.take(owner);
         await route.handler({ req, res, params, query: url.searchParams, owner });
       } catch (err) {
         sendError(res, err, opts.log);
       } finally {
         opts.log.debug('request', {
-          method: req.method, path: url.pathname, status: res.statusCode,
+          method: req.method, path: url?.pathname ?? req.url, status: res.statusCode,
           ms: Math.round((performance.now() - started) * 100) / 100,
         });
       }
     })();
   };
+}
+
+/** The request target as a URL; only origin-form targets ("/v1/…") are served. */
+function parseTarget(target: string | undefined): URL {
+  if (!target?.startsWith('/') || target.startsWith('//')) throw new ApiError('bad_request', 'the request target must be a path starting with /v1/');
+  try {
+    return new URL(target, 'http://podflare');
+  } catch {
+    throw new ApiError('bad_request', 'the request target is not a valid URL path');
+  }
 }
 
 function sendError(res: ServerResponse, err: unknown, log: Logger): void {
@@ -71,7 +87,9 @@ function sendError(res: ServerResponse, err: unknown, log: Logger): void {
     res.destroy();
     return;
   }
-  // Drop whatever is left of the request body so the connection stays usable for keep-alive.
-  res.once('finish', () => res.req.resume());
-  sendJson(res, apiError.status, apiError.toBody(), apiError.headers);
+  // A body over the cap is not worth reading to its end: answer and close the connection.
+  // Otherwise drop what is left of the body so the connection stays usable for keep-alive.
+  const close = apiError.code === 'payload_too_large';
+  if (!close) res.once('finish', () => res.req.resume());
+  sendJson(res, apiError.status, apiError.toBody(), close ? { ...apiError.headers, Connection: 'close' } : apiError.headers);
 }

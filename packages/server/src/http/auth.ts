@@ -1,6 +1,8 @@
 /**
  * Bearer-key auth. Keys are kept only as sha256 digests and compared in constant time; the digest
- * of the caller's key is its identity ("owner") for the sandboxes it creates.
+ * of the caller's key is its identity ("owner") for the sandboxes it creates, and the only form of
+ * a key that reaches the database. A configured key may itself be given as `sha256:<64 hex>`, so
+ * the server's environment need not hold any key in the clear.
  */
 import { createHash, timingSafeEqual } from 'node:crypto';
 import type { IncomingMessage } from 'node:http';
@@ -12,7 +14,10 @@ export class KeyRing {
   private readonly digests: Buffer[];
 
   constructor(keys: string[]) {
-    this.digests = keys.map(hashKey);
+    this.digests = keys.map((k) => {
+      const m = /^sha256:([0-9a-fA-F]{64})$/.exec(k);
+      return m ? Buffer.from(m[1]!, 'hex') : hashKey(k);
+    });
   }
 
   get enabled(): boolean {
@@ -23,7 +28,7 @@ export class KeyRing {
   authenticate(req: IncomingMessage): string {
     if (!this.enabled) return '';
     const header = req.headers.authorization ?? '';
-    const m = /^Bearer\s+(\S+)$/i.exec(header);
+    const m = /^Bearer\s+(\S{1,512})$/i.exec(header);
     if (!m) throw new ApiError('unauthorized', 'missing API key: send "Authorization: Bearer <key>" (PODFLARE_API_KEY in the SDKs)');
     const digest = hashKey(m[1]!);
     if (!this.digests.some((d) => timingSafeEqual(d, digest))) throw new ApiError('unauthorized', 'invalid API key');

@@ -9,6 +9,7 @@ import { FILE_CHUNK_BYTES } from '@podflare/protocol';
 import { ApiError } from '../errors.js';
 import type { LiveSandbox, SandboxManager } from '../sandbox-manager.js';
 import { sendEmpty, sendJson } from './body.js';
+import { flagParam } from './params.js';
 import type { RequestContext, Router } from './router.js';
 import { sandboxId } from './sandbox-routes.js';
 
@@ -91,7 +92,7 @@ export function addFileRoutes(router: Router, manager: SandboxManager): void {
 
   router.add('DELETE', '/v1/sandboxes/:id/files', async (ctx) => {
     const path = pathParam(ctx);
-    const recursive = ['1', 'true'].includes(ctx.query.get('recursive') ?? '');
+    const recursive = flagParam(ctx.query, 'recursive');
     await (await sandbox(ctx)).rt.channel.request({ op: 'remove', path, recursive });
     sendEmpty(ctx.res);
   });

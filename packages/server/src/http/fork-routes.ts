@@ -5,16 +5,17 @@ import { ApiError } from '../errors.js';
 import { copyPaths } from '../merge-paths.js';
 import type { SandboxManager } from '../sandbox-manager.js';
 import { readBody, sendEmpty, sendJson } from './body.js';
+import { flagParam } from './params.js';
 import type { Router } from './router.js';
 import { sandboxId } from './sandbox-routes.js';
 
 const MergeBody = z.object({ paths: z.array(z.string().min(1).max(4096)).min(1).max(1000).optional() }).strict();
 
-const flag = (v: string | null) => v === '1' || v === 'true';
-
 function pathsParam(value: string | null): string[] | undefined {
   if (!value) return undefined;
+  if (value.length > 64 * 1024) throw new ApiError('bad_request', 'paths: longer than 64 KiB', 'paths');
   const paths = value.split(',').map((p) => p.trim()).filter(Boolean);
+  if (paths.length > 1000) throw new ApiError('bad_request', 'paths: at most 1000 paths', 'paths');
   for (const p of paths) {
     if (!p.startsWith('/') || p.split('/').includes('..') || p.includes('\0')) {
       throw new ApiError('bad_request', `paths: "${p}" must be an absolute path without ..`, 'paths');
@@ -47,9 +48,9 @@ export function addForkRoutes(router: Router, manager: SandboxManager): void {
     const a = await manager.get(sandboxId(ctx), ctx.owner || undefined);
     const b = await manager.get(sandboxId(ctx, 'other'), ctx.owner || undefined);
     const paths = pathsParam(ctx.query.get('paths'));
-    const files = await manager.diffFiles(a, b, { paths, content: flag(ctx.query.get('content')) });
+    const files = await manager.diffFiles(a, b, { paths, content: flagParam(ctx.query, 'content') });
     const result: Record<string, unknown> = { ...files };
-    if (flag(ctx.query.get('vars'))) {
+    if (flagParam(ctx.query, 'vars')) {
       const [va, vb] = await Promise.all([manager.vars(a), manager.vars(b)]);
       result.vars = diffVars(va, vb);
     }

@@ -38,11 +38,19 @@ export class Router {
       pathKnown = true;
       if (route.method === method || (method === 'HEAD' && route.method === 'GET')) {
         const params: Record<string, string> = {};
-        for (const [k, v] of Object.entries(m.groups ?? {})) params[k] = decodeURIComponent(v);
+        for (const [k, v] of Object.entries(m.groups ?? {})) params[k] = decodeParam(k, v);
         return { route, params };
       }
     }
     if (pathKnown) throw new ApiError('method_not_allowed', `${method} is not allowed on ${path}`);
     throw new ApiError('not_found', `no such endpoint: ${method} ${path}`);
+  }
+}
+
+function decodeParam(name: string, value: string): string {
+  try {
+    return decodeURIComponent(value);
+  } catch {
+    throw new ApiError('bad_request', `${name}: not a valid percent-encoded path segment`, name);
   }
 }

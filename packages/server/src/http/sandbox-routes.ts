@@ -4,9 +4,10 @@ import { CreateSandboxBody, ExecBody, SANDBOX_ID_PATTERN, type ExecEvent, type E
 import { ApiError } from '../errors.js';
 import type { SandboxManager } from '../sandbox-manager.js';
 import { readBody, sendEmpty, sendJson } from './body.js';
+import { flagParam } from './params.js';
 import type { RequestContext, Router } from './router.js';
 
-const STATES: SandboxState[] = ['starting', 'ready', 'running', 'stopped', 'error', 'merged', 'frozen'];
+const STATES: SandboxState[] = ['starting', 'ready', 'running', 'stopped', 'error', 'merged', 'frozen', 'lost'];
 
 export function sandboxId(ctx: RequestContext, param = 'id'): string {
   const id = ctx.params[param] ?? '';
@@ -26,7 +27,7 @@ export function addSandboxRoutes(router: Router, manager: SandboxManager): void 
     if (ancestor !== undefined && !SANDBOX_ID_PATTERN.test(ancestor)) throw new ApiError('bad_request', 'ancestor: not a sandbox id', 'ancestor');
     const state = ctx.query.get('state') ?? undefined;
     if (state !== undefined && !STATES.includes(state as SandboxState)) throw new ApiError('bad_request', `state: must be one of ${STATES.join(', ')}`, 'state');
-    const all = ['1', 'true'].includes(ctx.query.get('all') ?? '');
+    const all = flagParam(ctx.query, 'all');
     const sandboxes = await manager.list({ ancestor, state: state as SandboxState | undefined, all }, ctx.owner || undefined);
     sendJson(ctx.res, 200, { sandboxes });
   });

@@ -26,7 +26,7 @@ export interface SandboxRecord {
 export interface SandboxFilter {
   ancestor?: string;
   state?: SandboxState;
-  /** Include ended sandboxes (stopped, error, merged). */
+  /** Include ended sandboxes (stopped, error, merged, lost). */
   includeEnded?: boolean;
   owner?: string;
 }
@@ -42,4 +42,4 @@ export interface SandboxStore {
   close(): Promise<void>;
 }
 
-export const ENDED_STATES: readonly SandboxState[] = ['stopped', 'error', 'merged'];
+export const ENDED_STATES: readonly SandboxState[] = ['stopped', 'error', 'merged', 'lost'];
