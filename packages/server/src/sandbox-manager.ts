@@ -55,11 +55,33 @@ export class SandboxManager {
     this.sweeper.unref();
   }
 
-  /** Start-up: forget sandboxes of a previous server (their processes died with it) and warm the pool. */
+  /**
+   * Start-up: reconcile with what an earlier server on this state directory left (it may have been
+   * killed): sandboxes the runtime can take over live on under their records; every other record
+   * still marked live becomes `lost`, its leftovers removed by the runtime. Then warm the pool.
+   */
   async start(): Promise<void> {
-    const ended = await this.store.endAllLive('server restarted', Date.now());
-    if (ended) this.log.info('marked sandboxes of the previous server as ended', { count: ended });
-    await this.runtime.cleanupOrphans();
+    const previous = await this.store.list({});
+    const { adopted } = await this.runtime.reconcile(previous.map((r) => r.id));
+    const byId = new Map(adopted.map((rt) => [rt.id, rt]));
+    const now = Date.now();
+    let lost = 0;
+    for (const record of previous) {
+      const rt = byId.get(record.id);
+      if (rt) {
+        this.adopt({ ...record, state: 'ready', lastActiveAt: now }, rt);
+        byId.delete(record.id);
+        continue;
+      }
+      lost++;
+      await this.store.update(record.id, {
+        state: 'lost', endedAt: now,
+        endReason: 'the server was restarted while it ran and its agent no longer answered: its processes, mounts and files were removed',
+      });
+    }
+    // Taken over but without a record (cannot happen with a consistent store): not ours to keep.
+    for (const rt of byId.values()) await rt.destroy();
+    if (lost || adopted.length) this.log.info('reconciled with the previous server', { adopted: adopted.length - byId.size, lost });
     this.pool.warm({ template: DEFAULT_TEMPLATE, egress: true });
   }
 

@@ -9,9 +9,10 @@ import path from 'node:path';
 import { isLoopback, type ServerConfig } from './config.js';
 import { createApp } from './http/app.js';
 import { ensureImage, type ImageProgress } from './image/index.js';
-import { createLogger } from './log.js';
+import { createLogger, type Logger } from './log.js';
 import { NamespaceRuntime } from './runtime/namespace/namespace-runtime.js';
 import { SandboxManager } from './sandbox-manager.js';
+import { lockStateDir, type StateDirLock } from './state-lock.js';
 import { SqliteStore } from './store/sqlite-store.js';
 
 export interface RunningServer {
@@ -32,6 +33,16 @@ export async function startServer(config: ServerConfig, opts: StartOptions = {})
   }
   if (config.runtime === 'vm') throw new Error('the vm runtime is not available yet: use --runtime ns (or auto)');
   await mkdir(config.stateDir, { recursive: true });
+  const lock = await lockStateDir(config.stateDir);
+  try {
+    return await startLocked(config, opts, log, lock);
+  } catch (err) {
+    await lock.release();
+    throw err;
+  }
+}
+
+async function startLocked(config: ServerConfig, opts: StartOptions, log: Logger, lock: StateDirLock): Promise<RunningServer> {
   const image = await ensureImage({ imagesDir: config.imagesDir, agentDir: config.agentDir, onProgress: opts.onImageProgress, log: (m: string) => log.info(m) });
   const store = new SqliteStore(path.join(config.stateDir, 'podflare.db'));
   const runtime = new NamespaceRuntime({
@@ -74,6 +85,7 @@ export async function startServer(config: ServerConfig, opts: StartOptions = {})
         server.closeAllConnections();
         await closed;
         await store.close();
+        await lock.release();
       })();
       return closing;
     },

@@ -40,6 +40,13 @@ export interface RuntimeSandbox {
   memoryPss(): Promise<number>;
 }
 
+export interface ReconcileReport {
+  /** Sandboxes of the earlier server still working, now driven by this one. */
+  adopted: RuntimeSandbox[];
+  /** Ids of sandboxes found dead or unreachable, and cleaned up completely. */
+  cleaned: string[];
+}
+
 export interface DiffOptions {
   /** Restrict to these absolute paths (and what is below them). */
   paths?: string[];
@@ -61,8 +68,12 @@ export interface FileDiff {
 export interface Runtime {
   readonly name: 'ns' | 'vm';
   readonly capabilities: RuntimeCapabilities;
-  /** Removes what an earlier, crashed server left behind (mounts, directories, processes). */
-  cleanupOrphans(): Promise<void>;
+  /**
+   * Start-up after an earlier server on the same state directory ended (maybe killed): takes over
+   * the sandboxes whose agents still answer and removes everything else it left (processes,
+   * mounts, cgroups, layers, directories). `knownIds` are the sandboxes the store lists as live.
+   */
+  reconcile(knownIds: string[]): Promise<ReconcileReport>;
   start(spec: SandboxSpec): Promise<RuntimeSandbox>;
   /**
    * Copy-on-write children of a live, idle sandbox: memory and files as of now (capability `fork`).

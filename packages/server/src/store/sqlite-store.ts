@@ -105,11 +105,6 @@ export class SqliteStore implements SandboxStore {
     return (this.db.prepare('SELECT id FROM sandboxes WHERE parent_id=? ORDER BY created_at').all(id) as Array<{ id: string }>).map((r) => r.id);
   }
 
-  async endAllLive(reason: string, at: number): Promise<number> {
-    const ended = ENDED_STATES.map((s) => `'${s}'`).join(',');
-    return this.db.prepare(`UPDATE sandboxes SET state='error', ended_at=?, end_reason=? WHERE state NOT IN (${ended})`).run(at, reason).changes;
-  }
-
   async close(): Promise<void> {
     this.db.close();
   }

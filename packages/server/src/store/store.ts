@@ -37,8 +37,6 @@ export interface SandboxStore {
   get(id: string): Promise<SandboxRecord | undefined>;
   list(filter?: SandboxFilter): Promise<SandboxRecord[]>;
   children(id: string): Promise<string[]>;
-  /** Marks every sandbox still recorded as live as ended (after a restart: their processes are gone). */
-  endAllLive(reason: string, at: number): Promise<number>;
   close(): Promise<void>;
 }
 

@@ -21,11 +21,12 @@ import type { Readable } from 'node:stream';
 import { ApiError } from '../../errors.js';
 import type { Logger } from '../../log.js';
 import { run } from '../../proc.js';
-import type { DiffOptions, FileDiff, Runtime, RuntimeSandbox, SandboxSpec } from '../runtime.js';
+import type { DiffOptions, FileDiff, ReconcileReport, Runtime, RuntimeSandbox, SandboxSpec } from '../runtime.js';
 import { bwrapArgs, SANDBOX_PATH } from './bwrap-args.js';
 import { HostHelper } from './hostd.js';
 import { assertMountablePath, sandboxDirs, sandboxesDir, type SandboxDirs } from './layout.js';
 import { startSlirp } from './network.js';
+import { removeLeftovers } from './reconcile.js';
 import { ForkedSandbox, hostPidsOfForkChildren, NsSandbox, RootSandbox, type SandboxHooks } from './ns-sandbox.js';
 
 export interface NamespaceRuntimeOptions {
@@ -73,19 +74,19 @@ export class NamespaceRuntime implements Runtime {
     return path.join(this.opts.stateDir, 'layers');
   }
 
-  async cleanupOrphans(): Promise<void> {
-    const root = sandboxesDir(this.opts.stateDir);
-    await mkdir(root, { recursive: true });
-    // Host mounts survive only if a server died between mounting and the agent's hello.
-    const mountinfo = await readFile('/proc/self/mountinfo', 'utf8');
-    for (const line of mountinfo.split('\n')) {
-      const mountPoint = line.split(' ')[4];
-      if (mountPoint && mountPoint.startsWith(root + '/')) await run('umount', ['-l', mountPoint]).catch(() => undefined);
+  /**
+   * After a crash of an earlier server on this state directory: nothing can be re-adopted (see
+   * reconcile.ts), so everything its sandboxes left is removed.
+   */
+  async reconcile(knownIds: string[]): Promise<ReconcileReport> {
+    await mkdir(sandboxesDir(this.opts.stateDir), { recursive: true });
+    const left = await removeLeftovers(this.opts.stateDir, this.layersDir, knownIds);
+    if (left.killed.length || left.unmounted.length || left.removed.length) {
+      this.opts.log.info('removed what the previous server left', {
+        sandboxes: left.sandboxes.length, killed: left.killed.length, unmounted: left.unmounted.length, removed: left.removed.length,
+      });
     }
-    for (const name of await readdir(root)) {
-      if (!this.live.has(name)) await rm(`${root}/${name}`, { recursive: true, force: true });
-    }
-    await rm(this.layersDir, { recursive: true, force: true });
+    return { adopted: [], cleaned: left.sandboxes };
   }
 
   start(spec: SandboxSpec): Promise<RuntimeSandbox> {
