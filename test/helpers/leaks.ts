@@ -38,3 +38,52 @@ export function forkLayersIn(stateDir: string): string[] {
   const dir = `${stateDir}/layers`;
   return existsSync(dir) ? readdirSync(dir) : [];
 }
+
+export interface ProcessStamp {
+  pid: number;
+  /** Start time in clock ticks since boot: with the pid, names one process even if pids are reused. */
+  started: string;
+  cmd: string;
+}
+
+function stamp(pid: number): ProcessStamp | null {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    if (fields[0] === 'Z') return null; // a zombie holds nothing but its pid
+    return { pid, started: fields[19]!, cmd: readFileSync(`/proc/${pid}/cmdline`, 'utf8').replace(/\0/g, ' ').trim().slice(0, 160) };
+  } catch {
+    return null;
+  }
+}
+
+function allPids(): number[] {
+  return readdirSync('/proc').filter((n) => /^\d+$/.test(n)).map(Number);
+}
+
+/**
+ * Every process of these sandboxes (their environment carries PODFLARE_SANDBOX_ID) and every
+ * process the server `serverPid` started itself (bwrap, slirp4netns, the host helper).
+ */
+export function processesOf(ids: string[], serverPid?: number): ProcessStamp[] {
+  const wanted = new Set(ids);
+  const out: ProcessStamp[] = [];
+  for (const pid of allPids()) {
+    try {
+      const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+      const ppid = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]);
+      const env = readFileSync(`/proc/${pid}/environ`, 'latin1');
+      const id = /(?:^|\0)PODFLARE_SANDBOX_ID=(sbx_[0-9a-f]{32})/.exec(env)?.[1];
+      if ((id && wanted.has(id)) || (serverPid !== undefined && ppid === serverPid)) {
+        const s = stamp(pid);
+        if (s) out.push(s);
+      }
+    } catch { /* gone */ }
+  }
+  return out;
+}
+
+/** The processes of `stamps` still running (same pid, same start time). */
+export function stillRunning(stamps: ProcessStamp[]): ProcessStamp[] {
+  return stamps.filter((s) => stamp(s.pid)?.started === s.started);
+}

@@ -1,0 +1,153 @@
+/**
+ * `podflare serve` as a child process (so it can be killed with SIGKILL), and one crash cycle:
+ * sandboxes at work, kill -9, restart on the same state directory, then check that nothing of the
+ * killed server's sandboxes is left unless they still work. Shared by test/crash-safety.test.ts
+ * and the bench's 100-cycle run.
+ */
+import assert from 'node:assert/strict';
+import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
+import { mkdir } from 'node:fs/promises';
+import path from 'node:path';
+import { forkLayersIn, overlayMountsUnder, processesMentioning, processesOf, sandboxDirsIn, stillRunning } from './leaks.js';
+import { IMAGES_DIR } from './server.js';
+
+const CLI = path.resolve(import.meta.dirname, '../../packages/cli/dist/main.js');
+
+export interface ServeProcess {
+  url: string;
+  pid: number;
+  child: ChildProcess;
+  /** SIGTERM and wait for a clean exit. */
+  stop(): Promise<void>;
+  /** SIGKILL and wait until the process is gone. */
+  kill9(): Promise<void>;
+  create(body?: Record<string, unknown>): Promise<string>;
+  /** Runs python code, resolves to its stdout (rejects on a non-zero exit). */
+  run(id: string, code: string): Promise<string>;
+  /** Starts an exec and does not wait for it (it may never end: the server gets killed). */
+  runInFlight(id: string, code: string): void;
+  fork(id: string, n: number): Promise<string[]>;
+  info(id: string): Promise<{ id: string; state: string }>;
+}
+
+export async function startServe(stateDir: string, opts: { poolSize?: number; env?: Record<string, string> } = {}): Promise<ServeProcess> {
+  const child = spawn(process.execPath, [CLI, 'serve', '--port', '0', '--state-dir', stateDir, '--images-dir', IMAGES_DIR,
+    '--pool-size', String(opts.poolSize ?? 1), '--log-level', 'warn'], {
+    stdio: ['ignore', 'pipe', 'pipe'],
+    env: { ...process.env, PODFLARE_API_KEYS: '', ...opts.env },
+  });
+  let stderr = '';
+  child.stderr!.on('data', (d: Buffer) => { stderr = (stderr + d.toString()).slice(-4000); });
+  const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
+  const url = await new Promise<string>((resolve, reject) => {
+    let out = '';
+    const timer = setTimeout(() => reject(new Error(`podflare serve did not start: ${stderr}`)), 60_000);
+    child.stdout!.on('data', (d: Buffer) => {
+      out += d.toString();
+      const m = /http:\/\/127\.0\.0\.1:\d+/.exec(out);
+      if (m) { clearTimeout(timer); resolve(m[0]); }
+    });
+    void exited.then((code) => { clearTimeout(timer); reject(new Error(`podflare serve exited (${code}): ${stderr.trim()}`)); });
+  });
+  const api = async (method: string, p: string, body?: unknown) => {
+    const res = await fetch(url + p, { method, headers: { 'content-type': 'application/json' }, body: body === undefined ? undefined : JSON.stringify(body) });
+    const text = await res.text();
+    if (!res.ok) throw new Error(`${method} ${p}: ${res.status} ${text}`);
+    return text;
+  };
+  const run = async (id: string, code: string) => {
+    const lines = (await api('POST', `/v1/sandboxes/${id}/exec`, { code })).trim().split('\n').map((l) => JSON.parse(l) as { type: string; data: unknown });
+    const exit = lines.find((e) => e.type === 'exit');
+    if (exit?.data !== 0) throw new Error(`exec exited ${String(exit?.data)}: ${JSON.stringify(lines.slice(-3))}`);
+    return lines.filter((e) => e.type === 'stdout').map((e) => e.data as string).join('');
+  };
+  return {
+    url,
+    pid: child.pid!,
+    child,
+    async stop() {
+      if (child.exitCode !== null || child.signalCode !== null) return;
+      child.kill('SIGTERM');
+      const code = await exited;
+      if (code !== 0) throw new Error(`podflare serve exited with ${code}: ${stderr}`);
+    },
+    async kill9() {
+      if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
+      await exited;
+    },
+    async create(body = {}) {
+      return (JSON.parse(await api('POST', '/v1/sandboxes', body)) as { id: string }).id;
+    },
+    run,
+    runInFlight(id, code) {
+      void fetch(url + `/v1/sandboxes/${id}/exec`, { method: 'POST', body: JSON.stringify({ code }), headers: { 'content-type': 'application/json' } })
+        .then((res) => res.text()).catch(() => undefined);
+    },
+    async fork(id, n) {
+      return (JSON.parse(await api('POST', `/v1/sandboxes/${id}/fork`, { n })) as { children: string[] }).children;
+    },
+    async info(id) {
+      return JSON.parse(await api('GET', `/v1/sandboxes/${id}`)) as { id: string; state: string };
+    },
+  };
+}
+
+export interface CrashCycleResult {
+  restarted: ServeProcess;
+  /** The killed server's sandboxes. */
+  sandboxes: string[];
+  verdicts: Array<{ id: string; state: string; working: boolean }>;
+  /** How long the restart took (spawn to listening, reconciliation included), ms. */
+  restartMs: number;
+}
+
+/**
+ * One cycle: on `serve`, sandboxes with work in flight (an idle one with state, its fork child,
+ * a long exec, a child process, `inflight` more busy ones), kill -9, restart, check leftovers.
+ */
+export async function crashCycle(serve: ServeProcess, stateDir: string, opts: { inflight?: number } = {}): Promise<CrashCycleResult> {
+  const idle = await serve.create();
+  assert.equal(await serve.run(idle, 'x = 41\nprint(x + 1)'), '42\n');
+  const [child] = await serve.fork(idle, 1);
+  const sleeper = await serve.create();
+  await serve.run(sleeper, 'import subprocess\np = subprocess.Popen(["sleep", "1000"])\nprint(p.pid)');
+  serve.runInFlight(sleeper, 'import time\ntime.sleep(600)');
+  const busy = await Promise.all(Array.from({ length: opts.inflight ?? 1 }, () => serve.create({ egress: false })));
+  for (const id of busy) serve.runInFlight(id, 'import time\nfor i in range(6000):\n    print(i, flush=True)\n    time.sleep(0.01)');
+  const ids = [idle, child!, sleeper, ...busy];
+  // Let the execs start: the kill lands while they run.
+  for (let i = 0; i < 50 && (await serve.info(sleeper)).state !== 'running'; i++) await new Promise((r) => setTimeout(r, 20));
+
+  const stamps = processesOf(ids, serve.pid);
+  assert.ok(stamps.length >= ids.length, `found the sandboxes' processes (${stamps.length})`);
+  await serve.kill9();
+  // bwrap's --die-with-parent takes the sandboxes down with the server; stand in for what would be
+  // left if one survived, or if the kill landed while an overlay was mounted on the host.
+  const survivor = spawn('sleep', ['1000'], { env: { PODFLARE_SANDBOX_ID: idle }, stdio: 'ignore', detached: true });
+  survivor.unref();
+  stamps.push(...processesOf([idle]).filter((p) => p.pid === survivor.pid));
+  assert.equal(stillRunning(stamps).filter((p) => p.pid === survivor.pid).length, 1, 'the stand-in survivor runs');
+  const hostMount = path.join(stateDir, 'sandboxes', sleeper, 'root');
+  await mkdir(hostMount, { recursive: true });
+  execFileSync('mount', ['-t', 'tmpfs', 'tmpfs', hostMount]);
+
+  const t0 = performance.now();
+  const restarted = await startServe(stateDir);
+  const restartMs = performance.now() - t0;
+
+  const verdicts: CrashCycleResult['verdicts'] = [];
+  for (const id of ids) {
+    const { state } = await restarted.info(id);
+    let working = false;
+    if (state === 'ready' || state === 'running') working = (await restarted.run(id, 'print("alive")').catch(() => '')) === 'alive\n';
+    verdicts.push({ id, state, working });
+    if (working) continue;
+    // Cleaned up completely: nothing of it in the process table, the mount table or on disk.
+    assert.deepEqual(processesMentioning(id), [], `${id}: no process mentions it`);
+    assert.deepEqual(overlayMountsUnder(path.join(stateDir, 'sandboxes', id)), [], `${id}: no mount left`);
+    assert.ok(!sandboxDirsIn(stateDir).includes(id), `${id}: its directory is gone`);
+  }
+  assert.deepEqual(stillRunning(stamps), [], 'no process of the killed server survives the restart');
+  assert.deepEqual(forkLayersIn(stateDir), [], 'no fork layer left');
+  return { restarted, sandboxes: ids, verdicts, restartMs };
+}
