@@ -81,6 +81,12 @@ function parseTarget(target: string | undefined): URL {
 }
 
 function sendError(res: ServerResponse, err: unknown, log: Logger): void {
+  // The client hung up mid-request (its body cut short): nobody to answer, nothing went wrong here.
+  if (res.req.destroyed && (err as NodeJS.ErrnoException)?.code === 'ECONNRESET') {
+    log.debug('client went away', { error: (err as Error).message });
+    res.destroy();
+    return;
+  }
   const apiError = err instanceof ApiError ? err : new ApiError('internal', `internal error: ${(err as Error)?.message ?? String(err)}`);
   if (!(err instanceof ApiError)) log.error('unhandled error', { error: (err as Error)?.stack ?? String(err) });
   if (res.headersSent) {
