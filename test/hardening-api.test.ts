@@ -115,8 +115,10 @@ function fuzzRequest(r: Rng, live: string, hostMarker: string): FuzzRequest {
       const id = randomId(r);
       const sub = r.pick(['', '/exec', '/fork', '/interrupt', '/files?path=/x', '/files/list?path=/', `/diff/${randomId(r)}`]);
       // DELETE of a well-formed unknown id is a 204: deleting is idempotent (docs/api.md).
-      const idempotent = method === 'DELETE' && sub === '' && /^sbx_[0-9a-f]{32}$/.test(id);
-      return { kind: 'unknown or malformed id', method, path: `/v1/sandboxes/${id}${sub}`, headers: json, body: JSON.stringify({ code: '1' }), expect: idempotent ? 'ok' : '4xx' };
+      // (`…/diff/..` is the same path once the URL is normalised.)
+      const path = `/v1/sandboxes/${id}${sub}`;
+      const idempotent = method === 'DELETE' && /^\/v1\/sandboxes\/sbx_[0-9a-f]{32}\/?$/.test(new URL(path, 'http://x').pathname);
+      return { kind: 'unknown or malformed id', method, path, headers: json, body: JSON.stringify({ code: '1' }), expect: idempotent ? 'ok' : '4xx' };
     }
     case 4: {
       // File paths inside the sandbox: traversal toward a host file, NUL, over-long, empty, directories.
