@@ -23,6 +23,10 @@
  *                doing that set-up themselves
  *   diff1000     a.diff(b) of two fork siblings with 1,000 changed files each
  *   forkmem      PSS of parent + 5 children right after fork(5) of a 300 MB state, vs before
+ *   load         50 sandboxes × 8 concurrent clients running execs for 60 s (10 s with --quick;
+ *                PODFLARE_BENCH_LOAD_SECONDS): zero errors, p50/p99 (bench/resilience.ts)
+ *   crash        100 kill -9 / restart cycles with sandboxes at work (10 with --quick;
+ *                PODFLARE_BENCH_CRASH_CYCLES): nothing leaked, restart p50/p99 (bench/resilience.ts)
  * The two on-demand measures use a second server whose pool is off (size 0): with a pool, a key
  * that misses once is kept warm afterwards, so later creates would not take the miss path.
  * The fork measures (bench/fork.ts) use a third server, pool as the main one; they use fewer runs.
@@ -40,8 +44,9 @@ import { detail, Failures, failLimit, failureState, notes, rows, status, timingR
 import { fmtMB, fmtMs, summarize, type Summary } from './stats.js';
 import { formatTable } from './table.js';
 import { measurePythonSdk } from './python-sdk.js';
+import { measureCrashCycles, measureLoad, RESILIENCE_MEASURES } from './resilience.js';
 
-const MEASURES = ['memory', 'create', 'destroy', 'exec', 'python', 'jupyter', 'cycle', 'nonet', 'ondemand', ...FORK_MEASURES] as const;
+const MEASURES = ['memory', 'create', 'destroy', 'exec', 'python', 'jupyter', 'cycle', 'nonet', 'ondemand', ...FORK_MEASURES, ...RESILIENCE_MEASURES] as const;
 type MeasureName = (typeof MEASURES)[number];
 
 const IMAGES_DIR = process.env.PODFLARE_IMAGES_DIR ?? '/var/lib/podflare/images';
@@ -501,6 +506,10 @@ async function main(): Promise<void> {
       await guarded('server stop (fork measures)', () => stopBenchServer(forkServer));
     }
   }
+
+  // Each against its own `podflare serve` child process.
+  if (has('load')) await guarded('load', () => measureLoad(opts));
+  if (has('crash')) await guarded('crash', () => measureCrashCycles(opts));
 
   await cleanup();
   for (const [m, k] of serverWarnings) notes.push(`server warned ${k}× ${m}`);

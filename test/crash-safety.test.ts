@@ -33,8 +33,8 @@ describe('crash safety', () => {
     for (let cycle = 0; cycle < CYCLES; cycle++) {
       const result = await crashCycle(serve, stateDir);
       serve = result.restarted;
-      // crashCycle asserts the leftovers itself; here, what the user sees through the API.
       assert.ok(result.sandboxes.length >= 4, 'the cycle made its sandboxes');
+      assert.deepEqual(result.problems, [], `cycle ${cycle}: nothing left of the killed server's sandboxes`);
       for (const s of result.verdicts) {
         assert.ok(s.state === 'lost' || s.working, `${s.id}: state ${s.state}, working ${s.working}`);
       }

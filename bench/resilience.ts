@@ -1,0 +1,102 @@
+/**
+ * Load and crash measures, each against `podflare serve` run as a child process (the load
+ * generator then does not share the server's event loop, and the server can be killed):
+ *
+ *   load   50 sandboxes, 8 concurrent clients each running `print(6*7)` in a loop for
+ *          PODFLARE_BENCH_LOAD_SECONDS (default 60; 10 with --quick): zero errors expected;
+ *          exec latency p50/p99 (queueing behind the sandbox's other clients included).
+ *   crash  PODFLARE_BENCH_CRASH_CYCLES (default 100; 10 with --quick) cycles of: sandboxes at work
+ *          (execs in flight, a fork, child processes), kill -9, restart on the same state dir;
+ *          after each restart every sandbox must be working or fully cleaned up (no process,
+ *          mount, directory or fork layer left). p50/p99 of the restart (reconciliation included).
+ */
+import { mkdtemp, rm } from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import { performance } from 'node:perf_hooks';
+import { Client, Sandbox } from 'podflare';
+import { crashCycle, startServe, type ServeProcess } from '../test/helpers/serve.js';
+import { forkLayersIn, overlayMountsUnder, processesMentioning, sandboxDirsIn } from '../test/helpers/leaks.js';
+import { Failures, notes, rows, status, timingRow } from './report.js';
+import { summarize } from './stats.js';
+
+export const RESILIENCE_MEASURES = ['load', 'crash'] as const;
+
+const LOAD_SANDBOXES = Number(process.env.PODFLARE_BENCH_LOAD_SANDBOXES ?? 50);
+const LOAD_CLIENTS = Number(process.env.PODFLARE_BENCH_LOAD_CLIENTS ?? 8);
+
+async function withServe<T>(prefix: string, fn: (serve: ServeProcess, stateDir: string, swap: (s: ServeProcess) => void) => Promise<T>): Promise<T> {
+  const stateDir = await mkdtemp(path.join(os.tmpdir(), prefix));
+  let serve: ServeProcess | undefined;
+  try {
+    serve = await startServe(stateDir, { poolSize: 8 });
+    return await fn(serve, stateDir, (s) => { serve = s; });
+  } finally {
+    await serve?.stop().catch(() => serve?.kill9());
+    await rm(stateDir, { recursive: true, force: true });
+  }
+}
+
+export async function measureLoad(opts: { quick: boolean }): Promise<void> {
+  const seconds = Number(process.env.PODFLARE_BENCH_LOAD_SECONDS ?? (opts.quick ? 10 : 60));
+  await withServe('pf-load-', async (serve) => {
+    const client = new Client({ host: serve.url, requestTimeoutMs: 120_000 });
+    const failures = new Failures('load', Number.POSITIVE_INFINITY);
+    const sandboxes: Sandbox[] = [];
+    try {
+      for (let i = 0; i < LOAD_SANDBOXES; i++) sandboxes.push(await Sandbox.create({ client }));
+      const samples: number[] = [];
+      const deadline = performance.now() + seconds * 1000;
+      const loop = async (sbx: Sandbox) => {
+        while (performance.now() < deadline) {
+          const t0 = performance.now();
+          const ex = await failures.attempt('runCode', () => sbx.runCode('print(6*7)'));
+          if (!ex) continue;
+          if (ex.stdout !== '42\n' || ex.exitCode !== 0) failures.record('runCode', new Error(`wrong answer: ${JSON.stringify(ex.stdout)} exit ${ex.exitCode}`));
+          else samples.push(performance.now() - t0);
+        }
+      };
+      const t0 = performance.now();
+      await Promise.all(sandboxes.flatMap((s) => Array.from({ length: LOAD_CLIENTS }, () => loop(s))));
+      const elapsed = (performance.now() - t0) / 1000;
+      const s = summarize(samples);
+      const label = `load: ${LOAD_SANDBOXES} sandboxes × ${LOAD_CLIENTS} clients, ${seconds} s`;
+      rows.push(timingRow(label, s, 'zero errors', '–', failures.report(status(failures.count === 0))));
+      notes.push(`load: ${s.n} execs in ${elapsed.toFixed(1)} s (${(s.n / elapsed).toFixed(0)}/s), ${failures.count} errors; ` +
+        `latency includes waiting behind the same sandbox's other ${LOAD_CLIENTS - 1} clients (one exec at a time per sandbox)` +
+        (failures.count ? `; errors: ${[...failures.messages].map(([m, n]) => `${n}× ${m}`).join('; ')}` : ''));
+    } finally {
+      await Promise.allSettled(sandboxes.map((s) => s.close()));
+      client.close();
+    }
+  });
+}
+
+export async function measureCrashCycles(opts: { quick: boolean }): Promise<void> {
+  const cycles = Number(process.env.PODFLARE_BENCH_CRASH_CYCLES ?? (opts.quick ? 10 : 100));
+  await withServe('pf-crash-', async (first, stateDir, swap) => {
+    let serve = first;
+    const restarts: number[] = [];
+    const problems: string[] = [];
+    let lost = 0;
+    let working = 0;
+    for (let i = 0; i < cycles; i++) {
+      const result = await crashCycle(serve, stateDir, { inflight: 4 });
+      serve = result.restarted;
+      swap(serve);
+      restarts.push(result.restartMs);
+      problems.push(...result.problems.map((p) => `cycle ${i}: ${p}`));
+      lost += result.verdicts.filter((v) => v.state === 'lost').length;
+      working += result.verdicts.filter((v) => v.working).length;
+    }
+    await serve.stop();
+    // The last server, stopped normally, leaves nothing at all.
+    const left = [...processesMentioning(stateDir), ...overlayMountsUnder(stateDir), ...sandboxDirsIn(stateDir), ...forkLayersIn(stateDir)];
+    if (left.length) problems.push(`after the final stop: ${left.join('; ')}`);
+    const s = summarize(restarts);
+    rows.push(timingRow(`crash: kill -9 + restart (${cycles} cycles), restart time`, s, 'nothing leaked', '–', status(problems.length === 0)));
+    notes.push(`crash: ${cycles} cycles, ${lost} sandboxes recorded lost and cleaned, ${working} re-adopted working; ` +
+      `${problems.length ? `${problems.length} problems: ${problems.slice(0, 5).join('; ')}` : 'no process, mount, directory or fork layer left'}`);
+    if (problems.length) throw new Error(`crash: ${problems.length} problems, first: ${problems[0]}`);
+  });
+}
