@@ -35,7 +35,8 @@ export interface ServerConfig {
   maxSandboxesPerKey: number;
   /**
    * Sustained requests per second one API key may make (a token bucket; 0 turns the limit off).
-   * Generous by default: it stops runaway loops, not busy agents. @default PODFLARE_RATE_LIMIT_RPS or 1000
+   * Applies only when API keys are configured. Generous by default: it stops runaway loops, not
+   * busy agents. @default PODFLARE_RATE_LIMIT_RPS or 1000
    */
   rateLimitPerSecond: number;
   /** Requests a key may make in a burst above its rate. @default PODFLARE_RATE_LIMIT_BURST or 2000 */
