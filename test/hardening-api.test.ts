@@ -102,7 +102,7 @@ function randomId(r: Rng): string {
 function fuzzRequest(r: Rng, live: string, hostMarker: string): FuzzRequest {
   const auth = { authorization: `Bearer ${KEY}` };
   const json = { ...auth, 'content-type': 'application/json' };
-  switch (r.int(12)) {
+  switch (r.int(13)) {
     case 0:
       return { kind: 'create: bad body', method: 'POST', path: '/v1/sandboxes', headers: json, body: badJsonBody(r, 'create'), expect: '4xx' };
     case 1:
@@ -150,6 +150,9 @@ function fuzzRequest(r: Rng, live: string, hostMarker: string): FuzzRequest {
     case 10:
       return { kind: 'body over the cap (declared)', method: 'POST', path: r.pick(['/v1/sandboxes', `/v1/sandboxes/${live}/exec`]),
         headers: { ...json, 'content-length': 8 * 1024 * 1024 + 1 + r.int(1e9) }, declaredOnly: true, expect: '4xx' };
+    case 12:
+      return { kind: 'JSON endpoint, other content type', method: 'POST', path: r.pick(['/v1/sandboxes', `/v1/sandboxes/${live}/exec`, `/v1/sandboxes/${live}/fork`]),
+        headers: { ...auth, 'content-type': r.pick(['text/html', 'multipart/form-data; boundary=x', 'application/xml', 'image/png']) }, body: JSON.stringify({ code: 'print(1)' }), expect: '4xx' };
     default:
       return { kind: 'valid-looking reads', method: 'GET', path: r.pick(['/v1/sandboxes', `/v1/sandboxes/${live}`, '/v1/capacity', `/v1/sandboxes/${live}/files/stat?path=/root`]), headers: auth, expect: 'ok' };
   }
@@ -262,7 +265,7 @@ describe('API hardening: fuzz', () => {
     assert.ok(sent >= FUZZ_REQUESTS);
     assert.deepEqual(failures.slice(0, 20), [], `${failures.length} requests failed (seed ${seed})`);
     // Every kind of request was tried, and the server still serves: health, and a real exec.
-    assert.ok(byKind.size >= 12, `kinds tried: ${[...byKind.keys()].join(', ')}`);
+    assert.ok(byKind.size >= 13, `kinds tried: ${[...byKind.keys()].join(', ')}`);
     assert.equal((await fetch(`${server.url}/v1/healthz`)).status, 200);
     const sbx = await Sandbox.connect(live, { host: server.url, apiKey: KEY });
     assert.equal((await sbx.runCode('print(6*7)')).stdout, '42\n');

@@ -122,6 +122,8 @@ export async function crashCycle(serve: ServeProcess, stateDir: string, opts: { 
   for (let i = 0; i < 50 && (await serve.info(sleeper)).state !== 'running'; i++) await new Promise((r) => setTimeout(r, 20));
 
   const stamps = processesOf(ids, serve.pid);
+  // Pooled sandboxes have a directory but no record: they must go too.
+  const dirsBefore = sandboxDirsIn(stateDir);
   assert.ok(stamps.length >= ids.length, `found the sandboxes' processes (${stamps.length})`);
   await serve.kill9();
   // bwrap's --die-with-parent takes the sandboxes down with the server; stand in for what would be
@@ -157,6 +159,8 @@ export async function crashCycle(serve: ServeProcess, stateDir: string, opts: { 
   }
   const survivors = stillRunning(stamps);
   expect(survivors.length === 0, `processes of the killed server survive: ${survivors.map((p) => `${p.pid} ${p.cmd}`).join('; ')}`);
+  const dirsLeft = sandboxDirsIn(stateDir).filter((d) => dirsBefore.includes(d));
+  expect(dirsLeft.length === 0, `directories of the killed server's sandboxes left: ${dirsLeft.join(' ')}`);
   const layers = forkLayersIn(stateDir);
   expect(layers.length === 0, `fork layers left: ${layers.join(' ')}`);
   return { restarted, sandboxes: ids, verdicts, restartMs, problems };

@@ -7,7 +7,20 @@ import { ApiError } from '../errors.js';
 /** JSON bodies are small (code is capped at 4 MiB); files use raw streamed bodies instead. */
 export const MAX_JSON_BODY_BYTES = 8 * 1024 * 1024;
 
+/**
+ * Media types a JSON body may be declared as: JSON itself, none at all, and curl's default for
+ * `-d` (form-urlencoded), so `curl -d '{"code": "1"}'` works. Anything else is a client mistake.
+ */
+function isJsonContentType(header: string | undefined): boolean {
+  if (!header) return true;
+  const type = header.split(';')[0]!.trim().toLowerCase();
+  return type === '' || type === 'application/json' || type.endsWith('+json') || type === 'application/x-www-form-urlencoded';
+}
+
 export async function readJson(req: IncomingMessage): Promise<unknown> {
+  if (!isJsonContentType(req.headers['content-type']) && (req.headers['content-length'] !== '0' || req.headers['transfer-encoding'])) {
+    throw new ApiError('unsupported_media_type', `this endpoint takes a JSON body (Content-Type: application/json), got ${req.headers['content-type']!.slice(0, 100)}`);
+  }
   const declared = Number(req.headers['content-length'] ?? 0);
   if (declared > MAX_JSON_BODY_BYTES) throw new ApiError('payload_too_large', `request body over ${MAX_JSON_BODY_BYTES} bytes`);
   const chunks: Buffer[] = [];
