@@ -311,10 +311,13 @@ describe('API hardening: rate limits and caps', () => {
 
   it('caps live sandboxes per key and server-wide with 429 + Retry-After, forks included', async () => {
     const opts = (apiKey: string) => ({ host: capped.url, apiKey });
-    const a1 = await Sandbox.create(opts('key-a'));
-    const a2 = await Sandbox.create(opts('key-a'));
-    const made: Sandbox[] = [a1, a2];
+    // Four creates at once cannot overshoot the per-key cap of two: exactly two get through.
+    const settled = await Promise.allSettled([0, 1, 2, 3].map(() => Sandbox.create(opts('key-a'))));
+    const made = settled.flatMap((r) => (r.status === 'fulfilled' ? [r.value] : []));
     try {
+      assert.equal(made.length, 2, 'two creates succeed');
+      for (const r of settled) if (r.status === 'rejected') assert.ok(r.reason instanceof RateLimitError, `got ${String(r.reason)}`);
+      const [a1, a2] = made as [Sandbox, Sandbox];
       const perKey = await Sandbox.create(opts('key-a')).then(() => null, (e: unknown) => e);
       assert.ok(perKey instanceof RateLimitError, `got ${String(perKey)}`);
       assert.match(perKey.message, /this API key has 2 live sandboxes and may have 2/);

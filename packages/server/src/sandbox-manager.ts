@@ -35,6 +35,8 @@ export class SandboxManager {
   private readonly live = new Map<string, LiveSandbox>();
   /** Teardowns still running after their DELETE answered; close() waits for them. */
   private readonly teardowns = new Set<Promise<void>>();
+  /** Sandboxes being created or forked, counted against the caps before they are live. */
+  private readonly reserved = { total: 0, byOwner: new Map<string, number>() };
   private readonly pool: WarmPool;
   private readonly sweeper: NodeJS.Timeout;
   private closing = false;
@@ -102,7 +104,16 @@ export class SandboxManager {
     const template = opts.template ?? DEFAULT_TEMPLATE;
     if (template !== DEFAULT_TEMPLATE) throw new ApiError('bad_request', `unknown template "${template}" (available: ${DEFAULT_TEMPLATE})`, 'template');
     if (opts.runtime === 'vm') throw new ApiError('bad_request', 'the vm runtime is not available on this server (see `podflare doctor`)', 'runtime');
-    this.checkCaps(opts.owner, 1);
+    const release = this.reserve(opts.owner, 1);
+    try {
+      return await this.createReserved(opts, template, release);
+    } finally {
+      release();
+    }
+  }
+
+  /** `release` is called as soon as the sandbox counts as live (exactly once, with create's finally). */
+  private async createReserved(opts: CreateOptions, template: string, release: () => void): Promise<SandboxRecord> {
     const key: PoolKey = { template, egress: opts.egress ?? true };
     const rt = this.pool.take(key) ?? (await this.startOnDemand(key));
     const now = Date.now();
@@ -116,26 +127,41 @@ export class SandboxManager {
     };
     await this.store.insert(record);
     this.adopt(record, rt);
+    release();
     this.counters.created++;
     return record;
   }
 
   /**
-   * 429 when `more` new sandboxes would exceed the server's cap or the owner's. Retry-After is a
-   * guess (sandboxes end when their callers delete them or idle out): a few seconds.
+   * Reserves room for `more` new sandboxes of `owner` until the returned release is called (once
+   * they are live, or failed): concurrent creates and forks cannot together overshoot a cap.
+   * 429 when the server's cap or the owner's would be exceeded. Retry-After is a guess (sandboxes
+   * end when their callers delete them or idle out): a few seconds.
    */
-  private checkCaps(owner: string, more: number): void {
+  private reserve(owner: string, more: number): () => void {
     const { maxSandboxes, maxSandboxesPerKey } = this.config;
-    if (this.live.size + more > maxSandboxes) {
-      throw new ApiError('rate_limited', `the server runs ${this.live.size} sandboxes and allows ${maxSandboxes}: ` +
+    const total = this.live.size + this.reserved.total;
+    if (total + more > maxSandboxes) {
+      throw new ApiError('rate_limited', `the server runs ${total} sandboxes and allows ${maxSandboxes}: ` +
         `${more} more would exceed that; delete some or retry later`, undefined, { 'Retry-After': '5' });
     }
-    let owned = 0;
+    let owned = this.reserved.byOwner.get(owner) ?? 0;
     for (const s of this.live.values()) if (s.record.owner === owner) owned++;
     if (owned + more > maxSandboxesPerKey) {
       throw new ApiError('rate_limited', `this API key has ${owned} live sandboxes and may have ${maxSandboxesPerKey}: ` +
         `${more} more would exceed that; delete some or retry later`, undefined, { 'Retry-After': '5' });
     }
+    this.reserved.total += more;
+    this.reserved.byOwner.set(owner, (this.reserved.byOwner.get(owner) ?? 0) + more);
+    let released = false;
+    return () => {
+      if (released) return;
+      released = true;
+      this.reserved.total -= more;
+      const left = this.reserved.byOwner.get(owner)! - more;
+      if (left) this.reserved.byOwner.set(owner, left);
+      else this.reserved.byOwner.delete(owner);
+    };
   }
 
   /** The live sandbox, or the error a user should see: 404 never existed, 410 ended. */
@@ -246,27 +272,36 @@ export class SandboxManager {
     if (!this.runtime.capabilities.fork) throw new ApiError('bad_request', `the ${this.runtime.name} runtime cannot fork`);
     return s.queue.run(async () => {
       if (!this.live.has(s.record.id)) throw new ApiError('sandbox_gone', `sandbox ${s.record.id} is gone`);
-      this.checkCaps(s.record.owner, n);
-      const specs = Array.from({ length: n }, () => {
-        const id = newSandboxId();
-        return { id, template: s.record.template, egress: s.record.egress, hostname: `sbx-${id.slice(4, 16)}` };
-      });
-      const children = await this.runtime.fork(s.rt, specs);
-      const now = Date.now();
-      const records: SandboxRecord[] = [];
-      for (const rt of children) {
-        const record: SandboxRecord = {
-          ...s.record, id: rt.id, state: 'ready', parentId: s.record.id, createdAt: now, lastActiveAt: now,
-          endedAt: null, endReason: null, metadata: { ...s.record.metadata },
-        };
-        await this.store.insert(record);
-        this.adopt(record, rt);
-        records.push(record);
+      const release = this.reserve(s.record.owner, n);
+      try {
+        return await this.forkReserved(s, n, release);
+      } finally {
+        release();
       }
-      s.record.lastActiveAt = now;
-      this.counters.forked += children.length;
-      return records;
     });
+  }
+
+  private async forkReserved(s: LiveSandbox, n: number, release: () => void): Promise<SandboxRecord[]> {
+    const specs = Array.from({ length: n }, () => {
+      const id = newSandboxId();
+      return { id, template: s.record.template, egress: s.record.egress, hostname: `sbx-${id.slice(4, 16)}` };
+    });
+    const children = await this.runtime.fork(s.rt, specs);
+    const now = Date.now();
+    const records: SandboxRecord[] = [];
+    for (const rt of children) {
+      const record: SandboxRecord = {
+        ...s.record, id: rt.id, state: 'ready', parentId: s.record.id, createdAt: now, lastActiveAt: now,
+        endedAt: null, endReason: null, metadata: { ...s.record.metadata },
+      };
+      await this.store.insert(record);
+      this.adopt(record, rt);
+      records.push(record);
+    }
+    release();
+    s.record.lastActiveAt = now;
+    this.counters.forked += children.length;
+    return records;
   }
 
   /** True when `descendant` is below `ancestor` in the lineage. */
