@@ -6,6 +6,7 @@ import { ApiError } from '../errors.js';
 
 /** JSON bodies are small (code is capped at 4 MiB); files use raw streamed bodies instead. */
 export const MAX_JSON_BODY_BYTES = 8 * 1024 * 1024;
+const JSON_BODY_TIMEOUT_MS = 60_000;
 
 /**
  * Media types a JSON body may be declared as: JSON itself, none at all, and curl's default for
@@ -25,10 +26,17 @@ export async function readJson(req: IncomingMessage): Promise<unknown> {
   if (declared > MAX_JSON_BODY_BYTES) throw new ApiError('payload_too_large', `request body over ${MAX_JSON_BODY_BYTES} bytes`);
   const chunks: Buffer[] = [];
   let size = 0;
-  for await (const chunk of req as AsyncIterable<Buffer>) {
-    size += chunk.length;
-    if (size > MAX_JSON_BODY_BYTES) throw new ApiError('payload_too_large', `request body over ${MAX_JSON_BODY_BYTES} bytes`);
-    chunks.push(chunk);
+  // The server sets no overall request timeout (uploads may take long): a JSON body trickling in
+  // slower than this only ties up a connection, so drop it.
+  const timer = setTimeout(() => req.destroy(), JSON_BODY_TIMEOUT_MS);
+  try {
+    for await (const chunk of req as AsyncIterable<Buffer>) {
+      size += chunk.length;
+      if (size > MAX_JSON_BODY_BYTES) throw new ApiError('payload_too_large', `request body over ${MAX_JSON_BODY_BYTES} bytes`);
+      chunks.push(chunk);
+    }
+  } finally {
+    clearTimeout(timer);
   }
   if (size === 0) return {};
   try {
