@@ -11,7 +11,9 @@ import os from 'node:os';
 import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { startServe, crashCycle, type ServeProcess } from './helpers/serve.js';
+import { Sandbox } from 'podflare';
 import { forkLayersIn, overlayMountsUnder, processesMentioning, sandboxDirsIn } from './helpers/leaks.js';
+import { startTestServer } from './helpers/server.js';
 
 const CYCLES = Number(process.env.PODFLARE_CRASH_CYCLES ?? 5);
 
@@ -28,6 +30,12 @@ describe('crash safety', () => {
   });
 
   it(`reconciles after ${CYCLES} kill -9 / restart cycles: every sandbox working or fully cleaned up`, async () => {
+    // A neighbour: another server on this host, with its own state directory, a sandbox with
+    // egress (slirp4netns) and a fork (the host helper). Reconciliation must leave it alone.
+    const neighbour = await startTestServer({ poolSize: 0 });
+    const next = await Sandbox.create({ host: neighbour.url });
+    await next.runCode('y = 7');
+    const [nextChild] = await next.fork(1);
     serve = await startServe(stateDir);
     let previous: Awaited<ReturnType<typeof crashCycle>> | null = null;
     for (let cycle = 0; cycle < CYCLES; cycle++) {
@@ -44,6 +52,9 @@ describe('crash safety', () => {
       }
       previous = result;
     }
+    assert.equal((await next.runCode('print(y * 6)')).stdout, '42\n', "the neighbour's sandbox lives on");
+    assert.equal((await nextChild!.runCode('print(y)')).stdout, '7\n', "the neighbour's fork lives on");
+    await neighbour.stop();
     // And the last server, stopped normally, leaves nothing at all.
     await serve.stop();
     serve = undefined;
