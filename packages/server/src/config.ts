@@ -35,6 +35,11 @@ export interface ServerConfig {
   startTimeoutMs: number;
   /** Grace between an interrupt and killing the interpreter. */
   interruptGraceMs: number;
+  /**
+   * First host uid/gid of the range sandboxes run as (root inside = this uid on the host; 65536
+   * ids): never host root. Pick a range no host account uses.
+   */
+  sandboxUidBase: number;
 }
 
 /** The repo's agent/ folder, found relative to this file (packages/server/dist/config.js). */
@@ -73,7 +78,11 @@ export function loadConfig(overrides: Partial<ServerConfig> = {}, env: NodeJS.Pr
     maxSandboxes: int(env.PODFLARE_MAX_SANDBOXES, 'PODFLARE_MAX_SANDBOXES') ?? 256,
     startTimeoutMs: 15_000,
     interruptGraceMs: int(env.PODFLARE_INTERRUPT_GRACE_MS, 'PODFLARE_INTERRUPT_GRACE_MS') ?? 2000,
+    sandboxUidBase: int(env.PODFLARE_SANDBOX_UID_BASE, 'PODFLARE_SANDBOX_UID_BASE') ?? 100_000,
   };
+  if (config.sandboxUidBase < 1 || config.sandboxUidBase + 65_536 > 0xffff_fffe) {
+    throw new Error(`PODFLARE_SANDBOX_UID_BASE must leave room for 65536 ids above it and be at least 1, got ${config.sandboxUidBase}`);
+  }
   const merged = { ...config, ...stripUndefined(overrides) };
   if (overrides.stateDir && !overrides.imagesDir && !env.PODFLARE_IMAGES_DIR) merged.imagesDir = path.join(overrides.stateDir, 'images');
   return merged;

@@ -14,10 +14,11 @@
  */
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { mkdir, readdir, readFile, rm } from 'node:fs/promises';
+import { chmod, chown, mkdir, open, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { fileURLToPath } from 'node:url';
 import net from 'node:net';
 import path from 'node:path';
-import type { Readable } from 'node:stream';
+import type { Readable, Writable } from 'node:stream';
 import { ApiError } from '../../errors.js';
 import type { Logger } from '../../log.js';
 import { run } from '../../proc.js';
@@ -34,8 +35,14 @@ export interface NamespaceRuntimeOptions {
   lowerDirs: string[];
   startTimeoutMs: number;
   interruptGraceMs: number;
+  /** First host uid/gid of the range sandboxes run as (root inside = this uid; 65536 ids). */
+  uidBase: number;
   log: Logger;
 }
+
+const SECCOMP_POLICY = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../../host/podflare_seccomp.py');
+/** How many ids the sandboxes' user namespaces map (0..65535 inside). */
+const ID_COUNT = 65_536;
 
 /** Niceness of sandboxes starting in the background (warm-pool refills). */
 const BACKGROUND_NICE = 10;
@@ -57,6 +64,7 @@ export class NamespaceRuntime implements Runtime {
   private readonly hostd = new HostHelper();
   private readonly hooks: SandboxHooks;
   private closed = false;
+  private prepared: Promise<void> | null = null;
 
   constructor(private readonly opts: NamespaceRuntimeOptions) {
     for (const d of [opts.stateDir, ...opts.lowerDirs]) assertMountablePath(d);
@@ -69,8 +77,33 @@ export class NamespaceRuntime implements Runtime {
     };
   }
 
+  /** The sandboxes' seccomp filter, compiled once per runtime (host/podflare_seccomp.py). */
+  private get seccompFile(): string {
+    return path.join(this.opts.stateDir, 'seccomp.bpf');
+  }
+
   private get layersDir(): string {
     return path.join(this.opts.stateDir, 'layers');
+  }
+
+  /**
+   * Once per runtime: the host helper's idmapped views of the image layers, and a state
+   * directory that bwrap (running as the sandboxes' unprivileged uid) may walk through to reach a
+   * sandbox's root — search permission only, no listing.
+   */
+  private prepare(): Promise<void> {
+    this.prepared ??= (async () => {
+      const sandboxes = sandboxesDir(this.opts.stateDir);
+      await mkdir(sandboxes, { recursive: true });
+      for (const dir of [this.opts.stateDir, sandboxes]) {
+        const mode = (await stat(dir)).mode & 0o7777;
+        if ((mode & 0o001) === 0) await chmod(dir, mode | 0o001);
+      }
+      await this.hostd.idmap(this.opts.uidBase, ID_COUNT, this.opts.lowerDirs);
+      await run('/usr/bin/python3', ['-I', SECCOMP_POLICY, this.seccompFile]);
+    })();
+    this.prepared.catch(() => { this.prepared = null; });
+    return this.prepared;
   }
 
   async cleanupOrphans(): Promise<void> {
@@ -139,9 +172,15 @@ export class NamespaceRuntime implements Runtime {
     };
   }
 
+  /** A sandbox's own layer: its top directory is the root directory inside, owned by sandbox root. */
+  private async makeUpper(dirs: SandboxDirs): Promise<void> {
+    await Promise.all([mkdir(dirs.upper, { recursive: true }), mkdir(dirs.work, { recursive: true })]);
+    await chown(dirs.upper, this.opts.uidBase, this.opts.uidBase);
+  }
+
   private async mountOverlay(dirs: SandboxDirs, lowers: string[]): Promise<void> {
-    await Promise.all([mkdir(dirs.upper, { recursive: true }), mkdir(dirs.work, { recursive: true }), mkdir(dirs.root, { recursive: true })]);
-    await run('mount', ['-t', 'overlay', 'overlay', '-o', `lowerdir=${lowers.join(':')},upperdir=${dirs.upper},workdir=${dirs.work}`, dirs.root]);
+    await Promise.all([this.makeUpper(dirs), mkdir(dirs.root, { recursive: true })]);
+    await this.hostd.overlay(null, { lowers, upper: dirs.upper, work: dirs.work, target: dirs.root });
   }
 
   private async unmount(dirs: SandboxDirs): Promise<void> {
@@ -149,6 +188,7 @@ export class NamespaceRuntime implements Runtime {
   }
 
   private async startRoot(spec: SandboxSpec): Promise<RuntimeSandbox> {
+    await this.prepare();
     const dirs = sandboxDirs(this.opts.stateDir, spec.id);
     const lowers = this.opts.lowerDirs;
     await this.mountOverlay(dirs, lowers);
@@ -157,17 +197,24 @@ export class NamespaceRuntime implements Runtime {
       await rm(dirs.dir, { recursive: true, force: true });
       throw new Error('the runtime is shut down');
     }
-    const args = bwrapArgs({ root: dirs.root, hostname: spec.hostname, env: this.agentEnv(spec), infoFd: 4, command: AGENT_COMMAND });
+    const args = bwrapArgs({ root: dirs.root, hostname: spec.hostname, env: this.agentEnv(spec), infoFd: 4, userNsBlockFd: 5, seccompFd: 6, command: AGENT_COMMAND });
+    const seccomp = await open(this.seccompFile, 'r');
     // `nice` execs bwrap in place (same pid), so everything the sandbox starts inherits the priority.
     const bwrap = spawn(spec.background ? 'nice' : 'bwrap', spec.background ? ['-n', String(BACKGROUND_NICE), 'bwrap', ...args] : args, {
-      // 0 none, 1/2 the agent's own diagnostics, 3 the protocol channel (a socketpair), 4 bwrap's info.
-      stdio: ['ignore', 'pipe', 'pipe', 'pipe', 'pipe'],
+      // 0 none, 1/2 the agent's own diagnostics, 3 the protocol channel (a socketpair), 4 bwrap's
+      // info, 5 the go-ahead once the user namespace's id maps are written, 6 the seccomp filter.
+      stdio: ['ignore', 'pipe', 'pipe', 'pipe', 'pipe', 'pipe', seccomp.fd],
+      // Never host root: bwrap itself and everything in the sandbox run as the unprivileged range.
+      uid: this.opts.uidBase,
+      gid: this.opts.uidBase,
     });
+    await seccomp.close(); // bwrap has its own copy
     const sandbox = new RootSandbox(spec, dirs, lowers, bwrap, this.hooks);
     this.live.set(spec.id, sandbox);
     try {
       const info = await readInfo(bwrap.stdio[4] as Readable, this.opts.startTimeoutMs);
       sandbox.initPid = info.childPid;
+      await this.mapIds(info.childPid, (bwrap.stdio as unknown as Writable[])[5]!);
       // Attach the network only once the agent runs: bwrap configures the namespace's loopback
       // before it execs the agent, and slirp4netns racing with that makes bwrap fail.
       await sandbox.channel.waitHello(this.opts.startTimeoutMs);
@@ -197,7 +244,7 @@ export class NamespaceRuntime implements Runtime {
     const created: ForkedSandbox[] = [];
     try {
       if (!parent.spawnAreaReady) {
-        await this.hostd.tmpfs(parent.initPid, SPAWN_AREA);
+        await this.hostd.tmpfs(parent.initPid, SPAWN_AREA, this.opts.uidBase);
         parent.spawnAreaReady = true;
       }
       await Promise.all(specs.map(async (spec) => {
@@ -205,10 +252,13 @@ export class NamespaceRuntime implements Runtime {
         // The child's way back to us: a socket in a host directory bound at /.pf/run in its root.
         const runDir = path.join(dirs.dir, 'run');
         await mkdir(runDir, { recursive: true });
-        const { listener, connection } = await listenOnce(path.join(runDir, 'agent.sock'), this.opts.startTimeoutMs);
+        const socketPath = path.join(runDir, 'agent.sock');
+        const { listener, connection } = await listenOnce(socketPath, this.opts.startTimeoutMs);
         const target = `${SPAWN_AREA}/${spec.id}`;
         prepared.push({ spec, dirs, connection, listener, target });
-        await Promise.all([mkdir(dirs.upper, { recursive: true }), mkdir(dirs.work, { recursive: true })]);
+        // Sandbox root (an unprivileged host uid) must be able to connect.
+        await Promise.all([chown(runDir, this.opts.uidBase, this.opts.uidBase), chown(socketPath, this.opts.uidBase, this.opts.uidBase)]);
+        await this.makeUpper(dirs);
         // Mounted straight into the parent's namespace: the host's mount table never sees it.
         await this.hostd.overlay(parent.initPid!, {
           lowers, upper: dirs.upper, work: dirs.work, target, binds: [{ source: runDir, target: '/.pf/run' }],
@@ -262,6 +312,17 @@ export class NamespaceRuntime implements Runtime {
         await this.hostd.detach(parent.initPid, p.target).catch((e: Error) => this.opts.log.warn('detach failed', { error: e.message }));
       }
     }
+  }
+
+  /**
+   * Writes the id maps of a new sandbox's user namespace (root inside = uidBase on the host, 65536
+   * ids), then lets bwrap go on. bwrap, unprivileged, could only map its own single uid.
+   */
+  private async mapIds(pid: number, goAhead: Writable): Promise<void> {
+    const map = `0 ${this.opts.uidBase} ${ID_COUNT}\n`;
+    await writeFile(`/proc/${pid}/uid_map`, map);
+    await writeFile(`/proc/${pid}/gid_map`, map);
+    await new Promise<void>((resolve, reject) => goAhead.end('1', () => resolve()).once('error', reject));
   }
 
   /** Copies the parent's upper layer into a new read-only fork layer (the parent keeps its own). */

@@ -132,7 +132,9 @@ export class RootSandbox extends NsSandbox {
   }
 
   protected async killAll(): Promise<void> {
-    if (this.initPid && isAlive(this.initPid)) process.kill(this.initPid, 'SIGKILL');
+    if (this.initPid && isAlive(this.initPid)) {
+      try { process.kill(this.initPid, 'SIGKILL'); } catch { /* ended meanwhile */ }
+    }
     if (this.bwrap.exitCode === null && this.bwrap.signalCode === null) {
       this.bwrap.kill('SIGKILL');
       await new Promise((resolve) => this.bwrap.once('exit', resolve));
