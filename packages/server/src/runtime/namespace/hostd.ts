@@ -32,6 +32,15 @@ export class HostHelper {
     return this.call({ op: 'overlay', pid, ...o }).then(() => undefined);
   }
 
+  /** A btrfs subvolume at `path` (on the disk volume) that may hold at most `limitBytes`. */
+  subvolume(path: string, limitBytes: number): Promise<void> {
+    return this.call({ op: 'subvolume', path, limit_bytes: limitBytes }).then(() => undefined);
+  }
+
+  diskLimit(path: string, limitBytes: number): Promise<void> {
+    return this.call({ op: 'disk_limit', path, limit_bytes: limitBytes }).then(() => undefined);
+  }
+
   copyLayer(source: string, target: string): Promise<void> {
     return this.call({ op: 'copy_layer', source, target }).then(() => undefined);
   }

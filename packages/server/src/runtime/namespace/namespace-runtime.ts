@@ -13,18 +13,20 @@
  * agent/podflare_fork.py). Memory is shared copy-on-write by the kernel.
  */
 import { spawn } from 'node:child_process';
-import { randomBytes } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { chmod, chown, mkdir, open, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { fileURLToPath } from 'node:url';
 import net from 'node:net';
 import path from 'node:path';
 import type { Readable, Writable } from 'node:stream';
+import { detectCgroups, type Cgroups } from '../../cgroups.js';
 import { ApiError } from '../../errors.js';
 import type { Logger } from '../../log.js';
-import { run } from '../../proc.js';
+import { processTree, run } from '../../proc.js';
 import type { DiffOptions, FileDiff, Runtime, RuntimeSandbox, SandboxSpec } from '../runtime.js';
 import { bwrapArgs, SANDBOX_PATH } from './bwrap-args.js';
 import { HostHelper } from './hostd.js';
+import { DiskVolume } from './disk-volume.js';
 import { assertMountablePath, sandboxDirs, sandboxesDir, type SandboxDirs } from './layout.js';
 import { startSlirp } from './network.js';
 import { ForkedSandbox, hostPidsOfForkChildren, NsSandbox, RootSandbox, type SandboxHooks } from './ns-sandbox.js';
@@ -65,11 +67,18 @@ export class NamespaceRuntime implements Runtime {
   private readonly hooks: SandboxHooks;
   private closed = false;
   private prepared: Promise<void> | null = null;
+  /** Where limits are enforced; null on hosts without a usable cgroup hierarchy (warned once). */
+  private cgroups: Cgroups | null = null;
+  /** The btrfs volume holding the sandboxes' directories (disk limits); null where unavailable. */
+  private volume: DiskVolume | null = null;
 
   constructor(private readonly opts: NamespaceRuntimeOptions) {
     for (const d of [opts.stateDir, ...opts.lowerDirs]) assertMountablePath(d);
     this.hooks = {
       log: opts.log,
+      setDiskLimit: async (dir, bytes) => {
+        if (this.volume) await this.hostd.diskLimit(dir, bytes);
+      },
       onFinalized: (s) => {
         this.live.delete(s.id);
         for (const layer of s.lowers) void this.releaseLayer(layer);
@@ -82,8 +91,9 @@ export class NamespaceRuntime implements Runtime {
     return path.join(this.opts.stateDir, 'seccomp.bpf');
   }
 
+  /** Fork layers: on the disk volume when there is one (copies of an upper are reflinks there). */
   private get layersDir(): string {
-    return path.join(this.opts.stateDir, 'layers');
+    return this.volume ? path.join(sandboxesDir(this.opts.stateDir), '.layers') : path.join(this.opts.stateDir, 'layers');
   }
 
   /**
@@ -94,19 +104,30 @@ export class NamespaceRuntime implements Runtime {
   private prepare(): Promise<void> {
     this.prepared ??= (async () => {
       const sandboxes = sandboxesDir(this.opts.stateDir);
-      await mkdir(sandboxes, { recursive: true });
+      this.volume = await DiskVolume.open(this.opts.stateDir, sandboxes, this.opts.log);
       for (const dir of [this.opts.stateDir, sandboxes]) {
         const mode = (await stat(dir)).mode & 0o7777;
         if ((mode & 0o001) === 0) await chmod(dir, mode | 0o001);
       }
       await this.hostd.idmap(this.opts.uidBase, ID_COUNT, this.opts.lowerDirs);
+      this.cgroups = await this.detectCgroups();
       await run('/usr/bin/python3', ['-I', SECCOMP_POLICY, this.seccompFile]);
     })();
     this.prepared.catch(() => { this.prepared = null; });
     return this.prepared;
   }
 
+  private async detectCgroups(): Promise<Cgroups | null> {
+    const scope = createHash('sha256').update(path.resolve(this.opts.stateDir)).digest('hex').slice(0, 12);
+    const found = await detectCgroups(scope);
+    if (!found) this.opts.log.warn('no usable cgroup hierarchy: memory, CPU and process limits are not enforced');
+    return found;
+  }
+
   async cleanupOrphans(): Promise<void> {
+    await this.prepare();
+    // Groups of sandboxes a crashed server left: their processes are killed with them.
+    await (await this.detectCgroups())?.cleanupOrphans((id) => this.live.has(id));
     const root = sandboxesDir(this.opts.stateDir);
     await mkdir(root, { recursive: true });
     // Host mounts survive only if a server died between mounting and the agent's hello.
@@ -119,6 +140,7 @@ export class NamespaceRuntime implements Runtime {
       if (!this.live.has(name)) await rm(`${root}/${name}`, { recursive: true, force: true });
     }
     await rm(this.layersDir, { recursive: true, force: true });
+    await rm(path.join(this.opts.stateDir, 'layers'), { recursive: true, force: true }); // from a run without the volume
   }
 
   start(spec: SandboxSpec): Promise<RuntimeSandbox> {
@@ -143,7 +165,9 @@ export class NamespaceRuntime implements Runtime {
     // Every sandbox is gone: no fork layer is in use any more (their refcounted removals may
     // still be in flight).
     await rm(this.layersDir, { recursive: true, force: true });
+    await this.cgroups?.close();
     this.hostd.close();
+    await this.volume?.close();
   }
 
   private async track<T>(work: () => Promise<T>): Promise<T> {
@@ -172,6 +196,12 @@ export class NamespaceRuntime implements Runtime {
     };
   }
 
+  /** A sandbox's directory: on the disk volume, a subvolume holding at most its disk limit. */
+  private async makeSandboxDir(dirs: SandboxDirs, spec: SandboxSpec): Promise<void> {
+    if (this.volume) await this.hostd.subvolume(dirs.dir, spec.limits.diskBytes);
+    else await mkdir(dirs.dir, { recursive: true });
+  }
+
   /** A sandbox's own layer: its top directory is the root directory inside, owned by sandbox root. */
   private async makeUpper(dirs: SandboxDirs): Promise<void> {
     await Promise.all([mkdir(dirs.upper, { recursive: true }), mkdir(dirs.work, { recursive: true })]);
@@ -191,6 +221,7 @@ export class NamespaceRuntime implements Runtime {
     await this.prepare();
     const dirs = sandboxDirs(this.opts.stateDir, spec.id);
     const lowers = this.opts.lowerDirs;
+    await this.makeSandboxDir(dirs, spec);
     await this.mountOverlay(dirs, lowers);
     if (this.closed) {
       await this.unmount(dirs);
@@ -214,6 +245,11 @@ export class NamespaceRuntime implements Runtime {
     try {
       const info = await readInfo(bwrap.stdio[4] as Readable, this.opts.startTimeoutMs);
       sandbox.initPid = info.childPid;
+      // Into its groups before it runs anything: all it starts inherits them.
+      if (this.cgroups) {
+        sandbox.cgroup = await this.cgroups.create(spec.id, spec.limits);
+        await sandbox.cgroup.add(info.childPid);
+      }
       await this.mapIds(info.childPid, (bwrap.stdio as unknown as Writable[])[5]!);
       // Attach the network only once the agent runs: bwrap configures the namespace's loopback
       // before it execs the agent, and slirp4netns racing with that makes bwrap fail.
@@ -251,6 +287,7 @@ export class NamespaceRuntime implements Runtime {
         const dirs = sandboxDirs(this.opts.stateDir, spec.id);
         // The child's way back to us: a socket in a host directory bound at /.pf/run in its root.
         const runDir = path.join(dirs.dir, 'run');
+        await this.makeSandboxDir(dirs, spec);
         await mkdir(runDir, { recursive: true });
         const socketPath = path.join(runDir, 'agent.sock');
         const { listener, connection } = await listenOnce(socketPath, this.opts.startTimeoutMs);
@@ -298,6 +335,16 @@ export class NamespaceRuntime implements Runtime {
       if (failed) throw failed.reason; // the children (and the slirps attached) are destroyed below
       await Promise.all(created.map((c) => c.channel.waitHello(this.opts.startTimeoutMs)));
       phase('network attached');
+      // Each child's processes (its PID 1 and the interpreter it started, nothing else runs
+      // before the first request) into groups of its own: accounted apart from the parent.
+      const cgroups = this.cgroups;
+      if (cgroups) {
+        await Promise.all(created.map(async (c) => {
+          c.cgroup = await cgroups.create(c.id, c.spec.limits);
+          for (const pid of await processTree(c.initPid!)) await c.cgroup.add(pid).catch(() => undefined);
+        }));
+        phase('limits applied');
+      }
       return created;
     } catch (err) {
       await Promise.all(created.map((c) => c.destroy()));
