@@ -16,6 +16,7 @@ Operations:
   subvolume {path, limit_bytes}   create a btrfs subvolume (a sandbox's directory on the disk
                                   volume) whose qgroup limits what the sandbox may write
   disk_limit {path, limit_bytes}  change that limit
+  squash_layers {sources, target}  squash overlay layers (topmost first) into one new layer
   copy_layer {source, target}     copy an overlay upper into a new fork layer (keeps whiteouts,
                                   opaque marks and owners)
   detach  {pid, target}           lazily unmount `target` in that namespace and remove the directory
@@ -32,6 +33,7 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 import stat
 import struct
 import sys
@@ -155,14 +157,32 @@ def op_idmap(req):
     return {}
 
 
+def _fs_messages(fs):
+    """What the kernel said about a failed fsconfig (read from the filesystem context's fd)."""
+    said = []
+    while True:
+        try:
+            said.append(os.read(fs, 1024).decode(errors="replace").strip())
+        except OSError:
+            break
+    return f" ({'; '.join(said)})" if said else ""
+
+
 def _overlay_mount_fd(lowers, upper, work):
     """A detached overlay mount (new mount API): nothing appears in the host's mount table."""
     fs = _check(libc.syscall(SYS_FSOPEN, b"overlay", FSOPEN_CLOEXEC), "fsopen overlay")
     try:
         lowers = [IDMAP.path(layer) for layer in lowers]
-        for key, value in (("lowerdir", ":".join(lowers)), ("upperdir", upper), ("workdir", work)):
-            _check(libc.syscall(SYS_FSCONFIG, fs, FSCONFIG_SET_STRING, key.encode(), value.encode(), 0), f"fsconfig {key}")
-        _check(libc.syscall(SYS_FSCONFIG, fs, FSCONFIG_CMD_CREATE, None, None, 0), "fsconfig create")
+        # fsconfig takes strings of at most 256 bytes: one "lowerdir+" per layer (Linux 6.8+)
+        # where a joined "lowerdir" would be longer.
+        joined = ":".join(lowers)
+        options = [("lowerdir", joined)] if len(joined) < 256 else [("lowerdir+", layer) for layer in lowers]
+        try:
+            for key, value in options + [("upperdir", upper), ("workdir", work)]:
+                _check(libc.syscall(SYS_FSCONFIG, fs, FSCONFIG_SET_STRING, key.encode(), value.encode(), 0), f"fsconfig {key}")
+            _check(libc.syscall(SYS_FSCONFIG, fs, FSCONFIG_CMD_CREATE, None, None, 0), "fsconfig create")
+        except OSError as exc:
+            raise OSError(exc.errno, f"{exc.strerror}{_fs_messages(fs)}") from None
         return _check(libc.syscall(SYS_FSMOUNT, fs, FSMOUNT_CLOEXEC, 0), "fsmount")
     finally:
         os.close(fs)
@@ -280,6 +300,50 @@ def op_copy_layer(req):
             _copy_entry(path, os.path.join(target_dir, name), os.lstat(path))
     for target_dir, st in reversed(dirs):
         os.utime(target_dir, ns=(st.st_atime_ns, st.st_mtime_ns))
+    return {}
+
+
+def _remove(path):
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
+
+
+def op_squash_layers(req):
+    """Squashes overlay layers (`sources`, topmost first) into one new layer that, over the same
+    lowers, shows exactly what they showed stacked: a path in a higher layer replaces the lower
+    ones' (a whiteout included: it keeps hiding what lies further down), an opaque directory drops
+    what the lower layers had in it. Deep fork chains stay one lookup deep this way."""
+    dst = req["target"]
+    dirs = {}
+    for src in reversed(req["sources"]):  # bottom first: each higher layer overrides
+        for dirpath, dirnames, filenames in os.walk(src):
+            rel = os.path.relpath(dirpath, src)
+            target_dir = dst if rel == "." else os.path.join(dst, rel)
+            st = os.lstat(dirpath)
+            if rel != "." and (_is_opaque(dirpath) or not os.path.isdir(target_dir) or os.path.islink(target_dir)):
+                _remove(target_dir)
+            if not os.path.lexists(target_dir):
+                _copy_entry(dirpath, target_dir, st)
+            else:
+                os.chmod(target_dir, stat.S_IMODE(st.st_mode))
+                os.lchown(target_dir, st.st_uid, st.st_gid)
+                _copy_xattrs(dirpath, target_dir)
+            dirs[target_dir] = st
+            for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+                path = os.path.join(dirpath, name)
+                target = os.path.join(target_dir, name)
+                _remove(target)
+                _copy_entry(path, target, os.lstat(path))
+    for target_dir in sorted(dirs, key=len, reverse=True):
+        if os.path.isdir(target_dir):
+            st = dirs[target_dir]
+            os.utime(target_dir, ns=(st.st_atime_ns, st.st_mtime_ns))
     return {}
 
 
@@ -462,7 +526,7 @@ def op_diff(req):
     return out
 
 
-OPS = {"idmap": op_idmap, "subvolume": op_subvolume, "disk_limit": op_disk_limit, "copy_layer": op_copy_layer, "overlay": op_overlay, "detach": op_detach, "tmpfs": op_tmpfs, "diff": op_diff}
+OPS = {"idmap": op_idmap, "squash_layers": op_squash_layers, "subvolume": op_subvolume, "disk_limit": op_disk_limit, "copy_layer": op_copy_layer, "overlay": op_overlay, "detach": op_detach, "tmpfs": op_tmpfs, "diff": op_diff}
 
 
 def main():

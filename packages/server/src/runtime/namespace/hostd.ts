@@ -41,6 +41,11 @@ export class HostHelper {
     return this.call({ op: 'disk_limit', path, limit_bytes: limitBytes }).then(() => undefined);
   }
 
+  /** One new layer equal to `sources` (topmost first) stacked, over the same lowers. */
+  squashLayers(sources: string[], target: string): Promise<void> {
+    return this.call({ op: 'squash_layers', sources, target }).then(() => undefined);
+  }
+
   copyLayer(source: string, target: string): Promise<void> {
     return this.call({ op: 'copy_layer', source, target }).then(() => undefined);
   }

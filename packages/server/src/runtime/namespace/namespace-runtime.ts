@@ -56,6 +56,8 @@ const SPAWN_AREA = '/.pf/spawn';
  * winner's level). Refuse clearly before the kernel does.
  */
 const MAX_FORK_DEPTH = 30;
+/** Fork layers a sandbox's root may stack before the next fork squashes them into one. */
+const MAX_STACKED_FORK_LAYERS = 4;
 
 export class NamespaceRuntime implements Runtime {
   readonly name = 'ns' as const;
@@ -272,9 +274,8 @@ export class NamespaceRuntime implements Runtime {
     }
     const t0 = performance.now();
     const phase = (name: string) => this.opts.log.debug(`fork: ${name}`, { parent: parent.id, ms: Math.round((performance.now() - t0) * 10) / 10 });
-    const layer = await this.freezeUpper(parent);
+    const lowers = await this.freezeUpper(parent);
     phase('layer frozen');
-    const lowers = [layer, ...parent.lowers];
     for (const l of lowers) this.retainLayer(l);
     const prepared: Array<{ spec: SandboxSpec; dirs: SandboxDirs; connection: Promise<net.Socket>; listener: net.Server; target: string }> = [];
     const created: ForkedSandbox[] = [];
@@ -372,12 +373,21 @@ export class NamespaceRuntime implements Runtime {
     await new Promise<void>((resolve, reject) => goAhead.end('1', () => resolve()).once('error', reject));
   }
 
-  /** Copies the parent's upper layer into a new read-only fork layer (the parent keeps its own). */
-  private async freezeUpper(parent: NsSandbox): Promise<string> {
+  /**
+   * The children's lower layers: the parent's upper copied into a new read-only fork layer (the
+   * parent keeps writing to its own), over the parent's lowers. Past MAX_STACKED_FORK_LAYERS fork
+   * layers the chain is squashed into that one new layer, so a deep chain costs one lookup.
+   */
+  private async freezeUpper(parent: NsSandbox): Promise<string[]> {
     const layer = path.join(this.layersDir, `fork-${randomBytes(8).toString('hex')}`);
     await mkdir(this.layersDir, { recursive: true });
-    await this.hostd.copyLayer(parent.dirs.upper, layer);
-    return layer;
+    const forkLayers = parent.lowers.filter((l) => l.startsWith(this.layersDir + '/'));
+    if (forkLayers.length < MAX_STACKED_FORK_LAYERS) {
+      await this.hostd.copyLayer(parent.dirs.upper, layer);
+      return [layer, ...parent.lowers];
+    }
+    await this.hostd.squashLayers([parent.dirs.upper, ...forkLayers], layer);
+    return [layer, ...parent.lowers.filter((l) => !forkLayers.includes(l))];
   }
 
   private retainLayer(layer: string): void {
