@@ -4,10 +4,13 @@
  * calls this; it never touches a runtime directly.
  */
 import { randomBytes } from 'node:crypto';
+import { EventEmitter } from 'node:events';
 import type { AgentRequestBody, CreateSandboxBody, ExecStreamMessage, SandboxInfo } from '@podflare/protocol';
 import type { ServerConfig } from './config.js';
 import { ApiError } from './errors.js';
+import { ExecHistory } from './exec-history.js';
 import type { Logger } from './log.js';
+import { ServerMetrics } from './metrics.js';
 import { WarmPool, type PoolKey } from './pool.js';
 import type { Runtime, RuntimeSandbox } from './runtime/runtime.js';
 import { SerialQueue } from './serial-queue.js';
@@ -39,6 +42,12 @@ export class SandboxManager {
   private readonly sweeper: NodeJS.Timeout;
   private closing = false;
   readonly counters = { created: 0, destroyed: 0, crashed: 0, expired: 0, forked: 0, merged: 0 };
+  /** Latencies, pool and state gauges, limit kills: GET /v1/metrics and the dashboard. */
+  readonly metrics = new ServerMetrics();
+  /** What ran in each sandbox (bounded, in memory): the dashboard's exec history. */
+  readonly history = new ExecHistory();
+  /** 'change' (sandbox id) whenever a sandbox is created, changes state, forks, merges or ends. */
+  readonly changes = new EventEmitter<{ change: [string] }>();
 
   constructor(
     private readonly runtime: Runtime,
@@ -53,6 +62,25 @@ export class SandboxManager {
     });
     this.sweeper = setInterval(() => void this.sweep(), 1000);
     this.sweeper.unref();
+    this.registerGauges();
+  }
+
+  private registerGauges(): void {
+    const m = this.metrics;
+    const pools = () => this.pool.stats();
+    const poolLabels = (p: { template: string; egress: boolean }) => ({ template: p.template, egress: String(p.egress) });
+    m.gauge('podflare_pool_ready', 'Warm sandboxes ready to hand out, per template.', () => pools().map((p) => ({ labels: poolLabels(p), value: p.ready })));
+    m.gauge('podflare_pool_target', 'Warm sandboxes the pool aims to keep, per template.', () => pools().map((p) => ({ labels: poolLabels(p), value: p.target })));
+    m.gauge('podflare_pool_starting', 'Warm sandboxes starting, per template.', () => pools().map((p) => ({ labels: poolLabels(p), value: p.starting })));
+    m.gauge('podflare_pool_hits_total', 'Creates served from the warm pool.', () => pools().map((p) => ({ labels: poolLabels(p), value: p.hits })), 'counter');
+    m.gauge('podflare_pool_misses_total', 'Creates that had to start a sandbox on demand.', () => pools().map((p) => ({ labels: poolLabels(p), value: p.misses })), 'counter');
+    m.gauge('podflare_sandboxes', 'Live sandboxes by state.', () => {
+      const byState: Record<string, number> = { ready: 0, running: 0 };
+      for (const s of this.live.values()) byState[s.record.state] = (byState[s.record.state] ?? 0) + 1;
+      return Object.entries(byState).map(([state, value]) => ({ labels: { state }, value }));
+    });
+    m.gauge('podflare_sandbox_events_total', 'Sandbox lifecycle events since start (created, destroyed, crashed, expired, forked, merged).',
+      () => Object.entries(this.counters).map(([event, value]) => ({ labels: { event }, value })), 'counter');
   }
 
   /** Start-up: forget sandboxes of a previous server (their processes died with it) and warm the pool. */
@@ -84,6 +112,7 @@ export class SandboxManager {
       throw new ApiError('rate_limited', `the server already runs ${this.live.size} sandboxes (max ${this.config.maxSandboxes})`, undefined, { 'Retry-After': '5' });
     }
     const key: PoolKey = { template, egress: opts.egress ?? true };
+    const timed = this.metrics.createSeconds.time();
     const rt = this.pool.take(key) ?? (await this.startOnDemand(key));
     const now = Date.now();
     const record: SandboxRecord = {
@@ -97,6 +126,8 @@ export class SandboxManager {
     await this.store.insert(record);
     this.adopt(record, rt);
     this.counters.created++;
+    timed();
+    this.changes.emit('change', record.id);
     return record;
   }
 
@@ -129,9 +160,21 @@ export class SandboxManager {
       if (!this.live.has(s.record.id)) throw new ApiError('sandbox_gone', `sandbox ${s.record.id} is gone`);
       s.running++;
       this.setState(s, 'running');
+      const timed = this.metrics.execSeconds.time();
+      const recorded = this.history.begin(s.record.id, s.record.owner, body.language, body.code);
+      let exit: { code: number; execution_count?: number | null; state_lost?: boolean } = { code: 137, state_lost: true };
       try {
-        return await s.rt.channel.exec(body, onEvent);
+        const result = await s.rt.channel.exec(body, (msg) => {
+          recorded.message(msg);
+          if (msg.ev === 'error') this.metrics.countLimitKill(msg.data.name);
+          onEvent(msg);
+        });
+        exit = result;
+        return result;
       } finally {
+        timed();
+        recorded.end(exit);
+        this.metrics.execs.inc({ language: body.language, outcome: exit.code === 0 ? 'ok' : exit.code === 124 ? 'timeout' : 'error' });
         s.running--;
         s.record.lastActiveAt = Date.now();
         if (this.live.has(s.record.id)) this.setState(s, 'ready');
@@ -215,7 +258,9 @@ export class SandboxManager {
         const id = newSandboxId();
         return { id, template: s.record.template, egress: s.record.egress, hostname: `sbx-${id.slice(4, 16)}` };
       });
+      const timed = this.metrics.forkSeconds.time();
       const children = await this.runtime.fork(s.rt, specs);
+      timed();
       const now = Date.now();
       const records: SandboxRecord[] = [];
       for (const rt of children) {
@@ -229,6 +274,7 @@ export class SandboxManager {
       }
       s.record.lastActiveAt = now;
       this.counters.forked += children.length;
+      this.changes.emit('change', s.record.id);
       return records;
     });
   }
@@ -279,6 +325,7 @@ export class SandboxManager {
         if (live) live.record.parentId = parent.record.id;
       }
       this.counters.merged++;
+      this.changes.emit('change', parent.record.id);
       await old.destroy();
     }));
   }
@@ -305,6 +352,7 @@ export class SandboxManager {
     s.record.endedAt = Date.now();
     s.record.endReason = reason;
     this.log.debug('sandbox ended', { sandbox: s.record.id, state, reason });
+    this.changes.emit('change', s.record.id);
     await this.store.update(s.record.id, { state, endedAt: s.record.endedAt, endReason: reason, lastActiveAt: s.record.lastActiveAt });
     // The sandbox is already unreachable through the API: kill and clean up behind the answer.
     const teardown = s.rt.destroy().catch((err: Error) => this.log.error('teardown failed', { sandbox: s.record.id, error: err.message }));
@@ -314,6 +362,13 @@ export class SandboxManager {
 
   private setState(s: LiveSandbox, state: SandboxRecord['state']): void {
     s.record.state = state;
+    this.changes.emit('change', s.record.id);
+  }
+
+  /** Records as the store has them, with live state overlaid (the dashboard shows ended ones too). */
+  async records(filter: { all?: boolean }, owner?: string): Promise<SandboxRecord[]> {
+    const records = await this.store.list({ includeEnded: filter.all, owner });
+    return records.map((r) => this.live.get(r.id)?.record ?? r);
   }
 
   /** Idle timeouts (not while an exec runs or waits) and maximum lifetimes. */
