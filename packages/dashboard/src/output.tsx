@@ -6,14 +6,16 @@ import { useRef } from 'preact/hooks';
 import { stripAnsi } from './format.js';
 import type { ExecOutput } from './types.js';
 
+const FRAME_STYLE = '<style>body{font:13px system-ui,sans-serif;margin:8px}table{border-collapse:collapse}th,td{padding:2px 8px;border:1px solid #ddd;text-align:right}thead th{background:#f1f3f5}</style>';
+
 function HtmlResult({ html }: { html: string }) {
   const frame = useRef<HTMLIFrameElement>(null);
   // Same origin (so its height can be read) but no scripts, forms or navigation of this page.
   const fit = () => {
-    const doc = frame.current?.contentDocument;
-    if (doc && frame.current) frame.current.style.height = `${Math.min(600, doc.documentElement.scrollHeight + 4)}px`;
+    const body = frame.current?.contentDocument?.body;
+    if (body && frame.current) frame.current.style.height = `${Math.min(600, Math.ceil(body.getBoundingClientRect().height) + 20)}px`;
   };
-  return <iframe ref={frame} class="html-result" sandbox="allow-same-origin" srcdoc={html} onLoad={fit} title="HTML result" />;
+  return <iframe ref={frame} class="html-result" sandbox="allow-same-origin" srcdoc={FRAME_STYLE + html} onLoad={fit} title="HTML result" />;
 }
 
 export function Result({ data }: { data: Record<string, unknown> }) {
@@ -31,13 +33,18 @@ export function Result({ data }: { data: Record<string, unknown> }) {
 }
 
 export function Outputs({ outputs }: { outputs: ExecOutput[] }) {
+  // The agent prints an uncaught exception's traceback on stderr too: show it once, in the error.
+  const tracebacks = outputs.flatMap((o) => (o.type === 'error' && o.data.traceback ? [o.data.traceback] : []));
   return (
     <div class="outputs">
       {outputs.map((o, i) => {
         switch (o.type) {
           case 'stdout':
-          case 'stderr':
-            return <pre key={i} class={o.type}>{o.data}</pre>;
+            return <pre key={i} class="stdout">{o.data}</pre>;
+          case 'stderr': {
+            const text = tracebacks.reduce((t, tb) => t.replace(tb, ''), o.data);
+            return text.trim() ? <pre key={i} class="stderr">{text}</pre> : null;
+          }
           case 'result':
             return <Result key={i} data={o.data} />;
           case 'error':

@@ -202,7 +202,7 @@ function FileBrowser({ id }: { id: string }) {
         <tbody>
           {entries.map((f) => (
             <tr key={f.path} data-path={f.path}>
-              <td>{f.type === 'dir' ? '📁' : '📄'}</td>
+              <td class="kind">{f.type}</td>
               <td class="mono">
                 {f.type === 'dir' ? <a href="#" onClick={(e) => { e.preventDefault(); go(f.path); }}>{f.name}/</a> : f.name}
               </td>
