@@ -5,7 +5,7 @@
  * test-artifacts/dashboard/ (gitignored) for a person to look at.
  */
 import assert from 'node:assert/strict';
-import { mkdirSync } from 'node:fs';
+import { mkdirSync, readFileSync } from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { chromium, type Browser, type Page } from 'playwright-core';
@@ -142,6 +142,43 @@ describe('dashboard in a real browser', () => {
     await shot(page, '06-rich-results');
   });
 
+  it('runs no script from an HTML result (it is framed without scripts)', async () => {
+    const sbx = await Sandbox.create({ host: server.url });
+    opened.push(sbx);
+    await page.goto(server.url + '/');
+    await page.locator(`tr[data-id="${sbx.id}"]`).click(WAIT);
+    await page.getByTestId('console-code').fill([
+      'class Evil:',
+      '    def _repr_html_(self):',
+      '        return \'<b>bold text</b><script>parent.document.title = "pwned by script"</script><img src="x" onerror="parent.document.title = \\\'pwned by img\\\'">\'',
+      'Evil()',
+    ].join('\n'));
+    await page.getByTestId('console-run').click();
+    await page.getByTestId('console-output').frameLocator('iframe.html-result').getByText('bold text').waitFor(WAIT);
+    await new Promise((r) => setTimeout(r, 500)); // time for an onerror handler to fire, if it could
+    assert.equal(await page.title(), 'Podflare');
+  });
+
+  it('uploads and downloads files in the file browser', async () => {
+    const sbx = await Sandbox.create({ host: server.url });
+    opened.push(sbx);
+    await page.goto(server.url + '/');
+    await page.locator(`tr[data-id="${sbx.id}"]`).click(WAIT);
+    const files = page.getByTestId('files');
+    await files.getByTestId('upload').setInputFiles({ name: 'notes.txt', mimeType: 'text/plain', buffer: Buffer.from('uploaded from the browser\n') });
+    await files.locator('tr[data-path="/root/notes.txt"]').waitFor(WAIT);
+    assert.equal(Buffer.from(await sbx.download('/root/notes.txt')).toString(), 'uploaded from the browser\n');
+
+    await sbx.runCode('open("/root/report.csv", "w").write("a,b\\n1,2\\n")');
+    await files.getByRole('button', { name: 'Refresh' }).click();
+    const row = files.locator('tr[data-path="/root/report.csv"]');
+    await row.waitFor(WAIT);
+    const [download] = await Promise.all([page.waitForEvent('download'), row.getByRole('button', { name: 'Download' }).click()]);
+    assert.equal(download.suggestedFilename(), 'report.csv');
+    assert.equal(readFileSync((await download.path())!, 'utf8'), 'a,b\n1,2\n');
+    await shot(page, '06b-files');
+  });
+
   it('shows the pool and the latency histograms', async () => {
     await page.goto(server.url + '/');
     await page.getByTestId('nav-pool').click();
@@ -158,12 +195,13 @@ describe('dashboard in a real browser', () => {
 
 describe('dashboard behind API keys', () => {
   const KEY = 'dash-test-key';
+  const OTHER_KEY = 'dash-other-key';
   let server: TestServer;
   let browser: Browser;
   let sbx: Sandbox | undefined;
 
   before(async () => {
-    server = await startTestServer({ poolSize: 1, apiKeys: [KEY] });
+    server = await startTestServer({ poolSize: 1, apiKeys: [KEY, OTHER_KEY] });
     browser = await launch();
   });
   after(async () => {
@@ -200,5 +238,36 @@ describe('dashboard behind API keys', () => {
     await page.getByTestId('console-output').getByText('keyed').waitFor(WAIT);
     await shot(page, '09-key-accepted');
     await page.close();
+  });
+
+  it("shows a key only its own sandboxes and their execs", async () => {
+    const mine = await Sandbox.create({ host: server.url, apiKey: OTHER_KEY });
+    try {
+      const auth = { Authorization: `Bearer ${KEY}` };
+      // Watch the first key's event stream while the other key's sandbox runs code.
+      const abort = new AbortController();
+      const res = await fetch(server.url + '/v1/dashboard/events', { headers: auth, signal: abort.signal });
+      assert.equal(res.status, 200);
+      let seen = '';
+      const reading = (async () => {
+        try {
+          for await (const chunk of res.body as unknown as AsyncIterable<Uint8Array>) seen += Buffer.from(chunk).toString();
+        } catch { /* aborted */ }
+      })();
+      await mine.runCode('print("secret output")');
+      await sbx!.runCode('print("first key output")');
+      await eventually(async () => seen.includes('first key output'), "the first key's own exec on its stream");
+      abort.abort();
+      await reading;
+      assert.ok(!seen.includes('secret output'), "another key's exec output leaked into the stream");
+      assert.ok(!seen.includes(mine.id), "another key's sandbox leaked into the stream");
+
+      const snapshot = (await (await fetch(server.url + '/v1/dashboard/sandboxes', { headers: auth })).json()) as { sandboxes: Array<{ id: string }> };
+      assert.deepEqual(snapshot.sandboxes.map((s) => s.id), [sbx!.id]);
+      assert.equal((await fetch(`${server.url}/v1/sandboxes/${mine.id}/execs`, { headers: auth })).status, 404);
+      assert.equal((await fetch(`${server.url}/v1/sandboxes/${mine.id}/execs`, { headers: { Authorization: `Bearer ${OTHER_KEY}` } })).status, 200);
+    } finally {
+      await mine.close();
+    }
   });
 });
