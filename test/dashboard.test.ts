@@ -179,6 +179,25 @@ describe('dashboard in a real browser', () => {
     await shot(page, '06b-files');
   });
 
+  it('streams a long exec, interrupts it, and destroys the sandbox from the page', async () => {
+    const sbx = await Sandbox.create({ host: server.url });
+    opened.push(sbx);
+    await page.goto(server.url + '/');
+    await page.locator(`tr[data-id="${sbx.id}"]`).click(WAIT);
+    await page.getByTestId('console-code').fill('import time\nfor i in range(600):\n    print("tick", i, flush=True)\n    time.sleep(0.1)');
+    await page.getByTestId('console-run').click();
+    // Output arrives while the code still runs.
+    await page.getByTestId('console-output').getByText('tick 3').waitFor(WAIT);
+    assert.equal(await page.getByTestId('console-status').innerText(), 'running…');
+    await page.getByRole('button', { name: 'Interrupt' }).click();
+    await page.getByTestId('console-status').getByText(/exit [1-9]/).waitFor(WAIT);
+    await page.getByTestId('history').locator('.error-title', { hasText: 'KeyboardInterrupt' }).waitFor(WAIT);
+
+    await page.getByRole('button', { name: 'Destroy' }).click();
+    await eventually(async () => (await page.locator(`tr[data-id="${sbx.id}"]`).count()) === 0, 'the destroyed sandbox to leave the table');
+    await assert.rejects(sbx.runCode('1'));
+  });
+
   it('shows the pool and the latency histograms', async () => {
     await page.goto(server.url + '/');
     await page.getByTestId('nav-pool').click();

@@ -188,8 +188,11 @@ describe('traceparent and request logs', () => {
       assert.equal(line.parent_span_id, 'c'.repeat(16));
       assert.equal(typeof line.ms, 'number');
       assert.ok((line.ms as number) >= 0);
-      // The create was logged too, as a request without a sandbox in its path.
-      assert.ok(lines.some((l) => { const j = JSON.parse(l) as Record<string, unknown>; return j.msg === 'request' && j.method === 'POST' && j.path === '/v1/sandboxes' && j.status === 201; }));
+      // The create was logged too, naming the sandbox it made.
+      assert.ok(lines.some((l) => {
+        const j = JSON.parse(l) as Record<string, unknown>;
+        return j.msg === 'request' && j.method === 'POST' && j.path === '/v1/sandboxes' && j.status === 201 && j.sandbox === sbx.id;
+      }));
     } finally {
       await sbx.close();
     }

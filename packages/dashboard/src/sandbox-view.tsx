@@ -34,14 +34,33 @@ export function SandboxView({ sandbox, now, onSelect, onCompare, subscribe }: Pr
         <dt>parent</dt>
         <dd>{sandbox.parent ? <a href="#" class="mono" onClick={(e) => { e.preventDefault(); onSelect(sandbox.parent!); }}>{shortId(sandbox.parent)}</a> : '–'}</dd>
       </dl>
-      {sandbox.parent && live && (
-        <button type="button" onClick={() => onCompare(sandbox.parent!, sandbox.id)}>Compare with parent</button>
-      )}
+      <div class="row">
+        {sandbox.parent && live && (
+          <button type="button" onClick={() => onCompare(sandbox.parent!, sandbox.id)}>Compare with parent</button>
+        )}
+        {live && <DeleteButton id={sandbox.id} />}
+      </div>
       {live && <Console id={sandbox.id} />}
       <History id={sandbox.id} subscribe={subscribe} />
       {live && <FileBrowser id={sandbox.id} />}
     </section>
   );
+}
+
+function DeleteButton({ id }: { id: string }) {
+  const [message, setMessage] = useState('');
+  const destroy = async () => {
+    if (!confirm(`Destroy ${shortId(id)}? Its processes and files are gone for good.`)) return;
+    try {
+      await request('DELETE', sandboxPath(id));
+    } catch (err) {
+      setMessage((err as Error).message);
+    }
+  };
+  return <>
+    <button type="button" class="danger" onClick={() => void destroy()}>Destroy</button>
+    {message && <span class="problem">{message}</span>}
+  </>;
 }
 
 function Console({ id }: { id: string }) {
@@ -86,6 +105,7 @@ function Console({ id }: { id: string }) {
           <option value="bash">bash</option>
         </select>
         <button type="button" data-testid="console-run" disabled={running} onClick={() => void run()}>Run</button>
+        {running && <button type="button" onClick={() => void request('POST', sandboxPath(id, '/interrupt')).catch(() => undefined)}>Interrupt</button>}
         <span class="status" data-testid="console-status">{status}</span>
       </div>
       <div data-testid="console-output"><Outputs outputs={outputs} /></div>

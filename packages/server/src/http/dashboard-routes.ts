@@ -26,6 +26,8 @@ const ENDED_VISIBLE_MS = 60 * 60 * 1000;
 const MAX_ENDED_SHOWN = 200;
 const MEMORY_TTL_MS = 4000;
 const HOST_EVERY_MS = 3000;
+/** Changes within this window go out as one snapshot (a busy server flips states constantly). */
+const SNAPSHOT_COALESCE_MS = 250;
 /** Beyond this much unsent data to a slow watcher, exec output is skipped (the page refetches history). */
 const MAX_BUFFERED_BYTES = 4 * 1024 * 1024;
 
@@ -184,7 +186,7 @@ export function addDashboardRoutes(router: Router, manager: SandboxManager): voi
       }
     };
     const schedule = () => {
-      timer ??= setTimeout(() => { timer = null; void push(); }, 100);
+      timer ??= setTimeout(() => { timer = null; void push(); }, SNAPSHOT_COALESCE_MS);
     };
     const onExec = (u: ExecUpdate) => {
       if (owner !== undefined && u.owner !== owner) return;

@@ -35,6 +35,14 @@ export const formatTraceparent = (t: TraceContext) => `00-${t.traceId}-${t.spanI
 
 const SANDBOX_IN_PATH = /^\/v1\/sandboxes\/(sbx_[0-9a-f]{32})(?:\/|$)/;
 
+/** Sandboxes a request touched that its path does not name (a create's new id). */
+const noted = new WeakMap<ServerResponse, string>();
+
+/** Names the sandbox a request created, for its log line. */
+export function noteSandbox(res: ServerResponse, id: string): void {
+  noted.set(res, id);
+}
+
 /** Starts observing a request; call `done` once it is answered (or its stream ended). */
 export function observeRequest(req: IncomingMessage, res: ServerResponse, path: string, log: Logger, metrics: ServerMetrics) {
   const started = performance.now();
@@ -48,7 +56,7 @@ export function observeRequest(req: IncomingMessage, res: ServerResponse, path: 
       metrics.requests.inc({ method: req.method ?? 'GET', code: String(status) });
       log.info('request', {
         method: req.method, path, status, ms,
-        sandbox: SANDBOX_IN_PATH.exec(path)?.[1],
+        sandbox: SANDBOX_IN_PATH.exec(path)?.[1] ?? noted.get(res),
         trace_id: trace.traceId, span_id: trace.spanId, parent_span_id: trace.parentSpanId ?? undefined,
       });
     },
