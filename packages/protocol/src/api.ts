@@ -10,6 +10,18 @@ export const MAX_TIMEOUT_MS = 24 * 60 * 60 * 1000;
 
 const name = z.string().min(1).max(64).regex(/^[a-zA-Z0-9][a-zA-Z0-9._-]*$/, 'must be letters, digits, dot, dash or underscore');
 
+/** ours: resource limits of one sandbox, within the server's maximums (checked by the server). */
+export const LimitsBody = z.object({
+  cpus: z.number().positive().max(1024).optional(),
+  memory_mb: z.number().int().min(64).max(16 * 1024 * 1024).optional(),
+  disk_mb: z.number().int().min(64).max(1024 * 1024 * 1024).optional(),
+  processes: z.number().int().min(16).max(4 * 1024 * 1024).optional(),
+}).strict();
+export type LimitsBody = z.infer<typeof LimitsBody>;
+
+/** A sandbox's limits as the API shows them. */
+export interface SandboxLimitsInfo { cpus: number; memory_mb: number; disk_mb: number; processes: number }
+
 export const CreateSandboxBody = z.object({
   template: name.optional(),
   egress: z.boolean().optional(),
@@ -18,6 +30,7 @@ export const CreateSandboxBody = z.object({
   /** ours: a hard cap on the sandbox's whole life. */
   max_lifetime_seconds: z.number().int().min(1).max(30 * 24 * 3600).optional(),
   runtime: z.enum(['ns', 'vm', 'auto']).optional(),
+  limits: LimitsBody.optional(),
   metadata: z.record(z.string().max(64), z.string().max(1024)).optional(),
 }).strict();
 export type CreateSandboxBody = z.infer<typeof CreateSandboxBody>;
@@ -50,6 +63,7 @@ export interface SandboxInfo {
   created_at: string;
   last_active_at: string;
   idle_timeout_seconds: number;
+  limits: SandboxLimitsInfo;
   metadata: Record<string, string>;
 }
 

@@ -53,6 +53,7 @@ export type {
   Runtime,
   SandboxCreateOptions,
   SandboxInfo,
+  SandboxLimits,
   SandboxListOptions,
   SandboxState,
   UploadData,

@@ -88,6 +88,9 @@ export class Sandbox {
       idle_timeout_seconds: options.idleTimeoutSeconds,
       max_lifetime_seconds: options.maxLifetimeSeconds,
       runtime: options.runtime,
+      limits: options.limits && {
+        cpus: options.limits.cpus, memory_mb: options.limits.memoryMb, disk_mb: options.limits.diskMb, processes: options.limits.processes,
+      },
       metadata: options.metadata,
     };
     for (const key of Object.keys(body)) if (body[key] === undefined) delete body[key];

@@ -72,8 +72,27 @@ export interface SandboxCreateOptions extends ConnectionOptions {
    * @default the server's choice
    */
   runtime?: Runtime;
+  /**
+   * Resource limits, each within the server's maximum (a 400 names the one asked too high).
+   * @default 2 CPUs, 1024 MB memory, 4096 MB disk, 512 processes (the server's defaults)
+   */
+  limits?: Partial<SandboxLimits>;
   /** Free-form string labels stored with the sandbox and returned by `info()`/`list()`. */
   metadata?: Record<string, string>;
+}
+
+/**
+ * What a sandbox may use. Exceeding memory kills the offending process (the exec reports
+ * `MemoryLimitExceeded`); past `processes`, new processes are refused (`ProcessLimitExceeded`);
+ * past `diskMb`, writes fail with "No space left on device".
+ */
+export interface SandboxLimits {
+  /** CPU time in cores (fractions allowed). */
+  cpus: number;
+  memoryMb: number;
+  diskMb: number;
+  /** Processes and threads. */
+  processes: number;
 }
 
 /** Options of {@link Sandbox.list}. */
@@ -105,6 +124,7 @@ export interface SandboxInfo {
   createdAt: Date;
   lastActiveAt: Date;
   idleTimeoutSeconds: number;
+  limits: SandboxLimits;
   metadata: Record<string, string>;
 }
 
@@ -294,6 +314,7 @@ export interface WireSandboxInfo {
   created_at: string;
   last_active_at: string;
   idle_timeout_seconds: number;
+  limits?: { cpus: number; memory_mb: number; disk_mb: number; processes: number };
   metadata: Record<string, string>;
 }
 
@@ -311,6 +332,9 @@ export function toSandboxInfo(w: WireSandboxInfo): SandboxInfo {
     createdAt: new Date(w.created_at),
     lastActiveAt: new Date(w.last_active_at),
     idleTimeoutSeconds: w.idle_timeout_seconds,
+    limits: {
+      cpus: w.limits?.cpus ?? 0, memoryMb: w.limits?.memory_mb ?? 0, diskMb: w.limits?.disk_mb ?? 0, processes: w.limits?.processes ?? 0,
+    },
     metadata: w.metadata ?? {},
   };
 }

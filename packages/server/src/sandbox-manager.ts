@@ -12,7 +12,8 @@ import { ExecHistory } from './exec-history.js';
 import type { Logger } from './log.js';
 import { ServerMetrics } from './metrics.js';
 import { WarmPool, type PoolKey } from './pool.js';
-import type { Runtime, RuntimeSandbox } from './runtime/runtime.js';
+import { limitError, limitsInfo, resolveLimits, sameLimits } from './limits.js';
+import type { LimitCounters, Runtime, RuntimeSandbox } from './runtime/runtime.js';
 import { SerialQueue } from './serial-queue.js';
 import type { SandboxRecord, SandboxStore } from './store/store.js';
 
@@ -36,12 +37,14 @@ export interface CreateOptions extends CreateSandboxBody {
 
 export class SandboxManager {
   private readonly live = new Map<string, LiveSandbox>();
+  /** Limit counters last seen per runtime sandbox: an exec that moved them ran into a limit. */
+  private readonly limitBaseline = new WeakMap<RuntimeSandbox, LimitCounters>();
   /** Teardowns still running after their DELETE answered; close() waits for them. */
   private readonly teardowns = new Set<Promise<void>>();
   private readonly pool: WarmPool;
   private readonly sweeper: NodeJS.Timeout;
   private closing = false;
-  readonly counters = { created: 0, destroyed: 0, crashed: 0, expired: 0, forked: 0, merged: 0 };
+  readonly counters = { created: 0, destroyed: 0, crashed: 0, expired: 0, forked: 0, merged: 0, limitKills: 0 };
   /** Latencies, pool and state gauges, limit kills: GET /v1/metrics and the dashboard. */
   readonly metrics = new ServerMetrics();
   /** What ran in each sandbox (bounded, in memory): the dashboard's exec history. */
@@ -80,7 +83,8 @@ export class SandboxManager {
       return Object.entries(byState).map(([state, value]) => ({ labels: { state }, value }));
     });
     m.gauge('podflare_sandbox_events_total', 'Sandbox lifecycle events since start (created, destroyed, crashed, expired, forked, merged).',
-      () => Object.entries(this.counters).map(([event, value]) => ({ labels: { event }, value })), 'counter');
+      // Limit kills have their own series, by limit.
+      () => Object.entries(this.counters).filter(([event]) => event !== 'limitKills').map(([event, value]) => ({ labels: { event }, value })), 'counter');
   }
 
   /** Start-up: forget sandboxes of a previous server (their processes died with it) and warm the pool. */
@@ -111,9 +115,19 @@ export class SandboxManager {
     if (this.live.size >= this.config.maxSandboxes) {
       throw new ApiError('rate_limited', `the server already runs ${this.live.size} sandboxes (max ${this.config.maxSandboxes})`, undefined, { 'Retry-After': '5' });
     }
+    const limits = resolveLimits(opts.limits, this.config.defaultLimits, this.config.maxLimits);
     const key: PoolKey = { template, egress: opts.egress ?? true };
     const timed = this.metrics.createSeconds.time();
     const rt = this.pool.take(key) ?? (await this.startOnDemand(key));
+    // Pooled sandboxes start with the default limits; a creator asking for others gets them now.
+    if (!sameLimits(limits, this.config.defaultLimits) && rt.setLimits) {
+      try {
+        await rt.setLimits(limits);
+      } catch (err) {
+        void rt.destroy();
+        throw new ApiError('unavailable', `could not apply the sandbox's limits: ${(err as Error).message}`, undefined, { 'Retry-After': '1' });
+      }
+    }
     const now = Date.now();
     const record: SandboxRecord = {
       id: rt.id, state: 'ready', template, runtime: this.runtime.name, egress: key.egress,
@@ -121,7 +135,7 @@ export class SandboxManager {
       endedAt: null, endReason: null,
       idleTimeoutSeconds: opts.idle_timeout_seconds ?? this.config.idleTimeoutSeconds,
       maxLifetimeSeconds: Math.min(opts.max_lifetime_seconds ?? this.config.maxLifetimeSeconds, this.config.maxLifetimeSeconds),
-      metadata: opts.metadata ?? {}, owner: opts.owner,
+      metadata: opts.metadata ?? {}, owner: opts.owner, limits,
     };
     await this.store.insert(record);
     this.adopt(record, rt);
@@ -164,11 +178,26 @@ export class SandboxManager {
       const recorded = this.history.begin(s.record.id, s.record.owner, body.language, body.code);
       let exit: { code: number; execution_count?: number | null; state_lost?: boolean } = { code: 137, state_lost: true };
       try {
-        const result = await s.rt.channel.exec(body, (msg) => {
+        const rt = s.rt;
+        // Everything the caller sees is also recorded for the dashboard's history.
+        const emit = (msg: ExecStreamMessage) => {
           recorded.message(msg);
-          if (msg.ev === 'error') this.metrics.countLimitKill(msg.data.name);
           onEvent(msg);
+        };
+        if (!rt.limitCounters) return (exit = await rt.channel.exec(body, emit));
+        // The error and exit are held back until the exit: if a limit caused the error (or the
+        // exit), it is reported as such.
+        let held: Extract<ExecStreamMessage, { ev: 'error' }> | undefined;
+        const result = await rt.channel.exec(body, (m) => {
+          if (m.ev === 'error') held = m;
+          else if (m.ev !== 'exit') emit(m);
         });
+        // Read after every exec (two small cgroup files): a bash child killed for memory
+        // leaves a zero exit code, and the kill must not be blamed on the next exec.
+        const hit = await this.limitHit(s, rt, result.id, held);
+        if (hit) held = hit;
+        if (held) emit(held);
+        emit(result);
         exit = result;
         return result;
       } finally {
@@ -180,6 +209,20 @@ export class SandboxManager {
         if (this.live.has(s.record.id)) this.setState(s, 'ready');
       }
     });
+  }
+
+  /** The limit error for what happened since the last look, if the sandbox ran into a limit. */
+  private async limitHit(s: LiveSandbox, rt: RuntimeSandbox, id: number, original?: Extract<ExecStreamMessage, { ev: 'error' }>) {
+    if (!rt.limitCounters) return null;
+    const before = this.limitBaseline.get(rt) ?? { oomKills: 0, pidsRefused: 0 };
+    const after = await rt.limitCounters();
+    this.limitBaseline.set(rt, after);
+    const hit = limitError(id, before, after, s.record.limits ?? this.config.defaultLimits, original);
+    if (hit) {
+      this.counters.limitKills++;
+      this.metrics.countLimitKill(hit.data.name);
+    }
+    return hit;
   }
 
   async interrupt(s: LiveSandbox): Promise<boolean> {
@@ -224,7 +267,7 @@ export class SandboxManager {
 
   private async startRuntimeSandbox(key: PoolKey, background = false): Promise<RuntimeSandbox> {
     const id = newSandboxId();
-    return this.runtime.start({ id, template: key.template, egress: key.egress, hostname: `sbx-${id.slice(4, 16)}`, background });
+    return this.runtime.start({ id, template: key.template, egress: key.egress, hostname: `sbx-${id.slice(4, 16)}`, background, limits: this.config.defaultLimits });
   }
 
   private adopt(record: SandboxRecord, rt: RuntimeSandbox): LiveSandbox {
@@ -256,10 +299,18 @@ export class SandboxManager {
       }
       const specs = Array.from({ length: n }, () => {
         const id = newSandboxId();
-        return { id, template: s.record.template, egress: s.record.egress, hostname: `sbx-${id.slice(4, 16)}` };
+        return { id, template: s.record.template, egress: s.record.egress, hostname: `sbx-${id.slice(4, 16)}`, limits: s.record.limits ?? this.config.defaultLimits };
       });
+      let children: RuntimeSandbox[];
       const timed = this.metrics.forkSeconds.time();
-      const children = await this.runtime.fork(s.rt, specs);
+      try {
+        children = await this.runtime.fork(s.rt, specs);
+      } catch (err) {
+        // The children are processes of the parent's until they have groups of their own.
+        const hit = await this.limitHit(s, s.rt, 0);
+        if (hit) throw new ApiError('conflict', `cannot fork: ${hit.data.value}`);
+        throw err;
+      }
       timed();
       const now = Date.now();
       const records: SandboxRecord[] = [];
@@ -390,7 +441,8 @@ export class SandboxManager {
     return {
       id: r.id, state: r.state, template: r.template, runtime: r.runtime, egress: r.egress, persistent: r.persistent,
       parent: r.parentId, children, created_at: new Date(r.createdAt).toISOString(),
-      last_active_at: new Date(r.lastActiveAt).toISOString(), idle_timeout_seconds: r.idleTimeoutSeconds, metadata: r.metadata,
+      last_active_at: new Date(r.lastActiveAt).toISOString(), idle_timeout_seconds: r.idleTimeoutSeconds,
+      limits: limitsInfo(r.limits ?? this.config.defaultLimits), metadata: r.metadata,
     };
   }
 }

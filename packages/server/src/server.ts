@@ -39,6 +39,7 @@ export async function startServer(config: ServerConfig, opts: StartOptions = {})
     lowerDirs: [image.agent, image.base],
     startTimeoutMs: config.startTimeoutMs,
     interruptGraceMs: config.interruptGraceMs,
+    uidBase: config.sandboxUidBase,
     log,
   });
   const manager = new SandboxManager(runtime, store, config, log);

@@ -27,6 +27,22 @@ export interface SandboxSpec {
   background?: boolean;
   /** Extra environment for the agent (and so the interpreter). */
   env?: Record<string, string>;
+  limits: SandboxLimits;
+}
+
+/** Resource limits of one sandbox (cgroups; disk: the size of its own layer). */
+export interface SandboxLimits {
+  cpus: number;
+  memoryBytes: number;
+  diskBytes: number;
+  /** Processes and threads. */
+  pids: number;
+}
+
+/** How often a sandbox ran into its limits so far (monotonic). */
+export interface LimitCounters {
+  oomKills: number;
+  pidsRefused: number;
 }
 
 export interface RuntimeSandbox {
@@ -38,6 +54,10 @@ export interface RuntimeSandbox {
   destroy(): Promise<void>;
   /** Proportional set size of all the sandbox's processes, in bytes. */
   memoryPss(): Promise<number>;
+  /** Changes the limits of a running sandbox (a pooled one gets the creator's). */
+  setLimits?(limits: SandboxLimits): Promise<void>;
+  /** Limit hits so far, where the runtime enforces limits. */
+  limitCounters?(): Promise<LimitCounters>;
 }
 
 export interface DiffOptions {

@@ -1,6 +1,7 @@
 /** The SQLite store (better-sqlite3: synchronous, in-process, one file in the state directory). */
 import Database from 'better-sqlite3';
 import type { SandboxState } from '@podflare/protocol';
+import type { SandboxLimits } from '../runtime/runtime.js';
 import { ENDED_STATES, type SandboxFilter, type SandboxRecord, type SandboxStore } from './store.js';
 
 const SCHEMA = `
@@ -19,7 +20,8 @@ CREATE TABLE IF NOT EXISTS sandboxes (
   idle_timeout_seconds INTEGER NOT NULL,
   max_lifetime_seconds INTEGER NOT NULL,
   metadata TEXT NOT NULL,
-  owner TEXT NOT NULL
+  owner TEXT NOT NULL,
+  limits TEXT
 );
 CREATE INDEX IF NOT EXISTS sandboxes_parent ON sandboxes(parent_id);
 CREATE INDEX IF NOT EXISTS sandboxes_state ON sandboxes(state);
@@ -29,13 +31,17 @@ interface Row {
   id: string; state: string; template: string; runtime: string; egress: number; persistent: number;
   parent_id: string | null; created_at: number; last_active_at: number; ended_at: number | null;
   end_reason: string | null; idle_timeout_seconds: number; max_lifetime_seconds: number; metadata: string; owner: string;
+  limits: string | null;
 }
+
+/** Columns added after the first schema: added to older databases on open. */
+const ADDED_COLUMNS: Array<[name: string, type: string]> = [['limits', 'TEXT']];
 
 const COLUMNS: Record<keyof Omit<SandboxRecord, 'id'>, string> = {
   state: 'state', template: 'template', runtime: 'runtime', egress: 'egress', persistent: 'persistent',
   parentId: 'parent_id', createdAt: 'created_at', lastActiveAt: 'last_active_at', endedAt: 'ended_at',
   endReason: 'end_reason', idleTimeoutSeconds: 'idle_timeout_seconds', maxLifetimeSeconds: 'max_lifetime_seconds',
-  metadata: 'metadata', owner: 'owner',
+  metadata: 'metadata', owner: 'owner', limits: 'limits',
 };
 
 function toRow(r: Partial<SandboxRecord>): Record<string, unknown> {
@@ -43,7 +49,7 @@ function toRow(r: Partial<SandboxRecord>): Record<string, unknown> {
   for (const [key, col] of Object.entries(COLUMNS)) {
     const v = (r as Record<string, unknown>)[key];
     if (v === undefined) continue;
-    row[col] = typeof v === 'boolean' ? Number(v) : key === 'metadata' ? JSON.stringify(v) : v;
+    row[col] = typeof v === 'boolean' ? Number(v) : key === 'metadata' || key === 'limits' ? JSON.stringify(v) : v;
   }
   return row;
 }
@@ -55,6 +61,7 @@ function fromRow(row: Row): SandboxRecord {
     lastActiveAt: row.last_active_at, endedAt: row.ended_at, endReason: row.end_reason,
     idleTimeoutSeconds: row.idle_timeout_seconds, maxLifetimeSeconds: row.max_lifetime_seconds,
     metadata: JSON.parse(row.metadata) as Record<string, string>, owner: row.owner,
+    ...(row.limits ? { limits: JSON.parse(row.limits) as SandboxLimits } : {}),
   };
 }
 
@@ -66,6 +73,8 @@ export class SqliteStore implements SandboxStore {
     this.db.pragma('journal_mode = WAL');
     this.db.pragma('synchronous = NORMAL');
     this.db.exec(SCHEMA);
+    const existing = new Set((this.db.prepare('PRAGMA table_info(sandboxes)').all() as Array<{ name: string }>).map((c) => c.name));
+    for (const [name, type] of ADDED_COLUMNS) if (!existing.has(name)) this.db.exec(`ALTER TABLE sandboxes ADD COLUMN ${name} ${type}`);
   }
 
   async insert(record: SandboxRecord): Promise<void> {
