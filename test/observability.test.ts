@@ -98,6 +98,20 @@ describe('GET /v1/metrics', () => {
     assert.ok(value(m, 'podflare_http_requests_total{method="POST",code="201"}') >= 1);
   });
 
+  it('counts a process killed for its memory limit', async () => {
+    const before = value(await scrape(server), 'podflare_limit_kills_total{limit="memory"}');
+    const sbx = await Sandbox.create({ host: server.url, limits: { memoryMb: 128 } });
+    opened.push(sbx);
+    const r = await sbx.runCode('x = bytearray(1024 * 1024 * 1024)');
+    assert.equal(r.error?.name, 'MemoryLimitExceeded');
+    const m = await scrape(server);
+    assert.equal(value(m, 'podflare_limit_kills_total{limit="memory"}'), before + 1);
+    assert.equal(value(m, 'podflare_limit_kills_total{limit="pids"}'), 0);
+    // And the history shows the limit error as the caller saw it.
+    const { execs } = (await (await fetch(`${server.url}/v1/sandboxes/${sbx.id}/execs`)).json()) as { execs: Array<{ outputs: Array<{ type: string; data: { name?: string } }> }> };
+    assert.ok(execs[0]!.outputs.some((o) => o.type === 'error' && o.data.name === 'MemoryLimitExceeded'));
+  });
+
   it('records each exec for the dashboard: code, output, results, exit', async () => {
     const sbx = await Sandbox.create({ host: server.url });
     opened.push(sbx);
