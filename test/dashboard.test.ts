@@ -285,6 +285,9 @@ describe('dashboard behind API keys', () => {
       assert.deepEqual(snapshot.sandboxes.map((s) => s.id), [sbx!.id]);
       assert.equal((await fetch(`${server.url}/v1/sandboxes/${mine.id}/execs`, { headers: auth })).status, 404);
       assert.equal((await fetch(`${server.url}/v1/sandboxes/${mine.id}/execs`, { headers: { Authorization: `Bearer ${OTHER_KEY}` } })).status, 200);
+      // Closed pages and streams leave no listener behind on the server.
+      await eventually(async () => server.manager.changes.listenerCount('change') === 0 && server.manager.history.listenerCount('exec') === 0,
+        'the event streams to let go of their listeners');
     } finally {
       await mine.close();
     }

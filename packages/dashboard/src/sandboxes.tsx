@@ -2,7 +2,8 @@
 import { bytes, duration, shortId } from './format.js';
 import type { DashboardSandbox } from './types.js';
 
-const ENDED = new Set(['stopped', 'error', 'merged']);
+/** `lost`: a sandbox a killed server left behind, cleaned up at the next start. */
+const ENDED = new Set(['stopped', 'error', 'merged', 'lost']);
 export const isEnded = (s: DashboardSandbox) => ENDED.has(s.state);
 
 interface ListProps {

@@ -1,5 +1,5 @@
 /** What the server sends the dashboard (packages/server/src/http/dashboard-routes.ts). */
-export type SandboxState = 'starting' | 'ready' | 'running' | 'stopped' | 'error' | 'merged' | 'frozen';
+export type SandboxState = 'starting' | 'ready' | 'running' | 'stopped' | 'error' | 'merged' | 'frozen' | 'lost';
 
 export interface DashboardSandbox {
   id: string;

@@ -50,8 +50,8 @@ export function createApp(opts: AppOptions): RequestListener {
   addDashboardRoutes(router, opts.manager);
 
   return (req, res) => {
+    const observed = observeRequest(req, res, opts.log, opts.manager.metrics);
     const url = new URL(req.url ?? '/', 'http://podflare');
-    const observed = observeRequest(req, res, url.pathname, opts.log, opts.manager.metrics);
     void (async () => {
       try {
         const { route, params } = router.match(req.method ?? 'GET', url.pathname);
@@ -60,7 +60,7 @@ export function createApp(opts: AppOptions): RequestListener {
       } catch (err) {
         sendError(res, err, opts.log);
       } finally {
-        observed.done();
+        observed.done(url.pathname);
       }
     })();
   };

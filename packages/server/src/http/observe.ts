@@ -43,20 +43,23 @@ export function noteSandbox(res: ServerResponse, id: string): void {
   noted.set(res, id);
 }
 
-/** Starts observing a request; call `done` once it is answered (or its stream ended). */
-export function observeRequest(req: IncomingMessage, res: ServerResponse, path: string, log: Logger, metrics: ServerMetrics) {
+/**
+ * Starts observing a request, first thing (so even a request refused before routing carries its
+ * traceparent); call `done` with its path once it is answered (or its stream ended).
+ */
+export function observeRequest(req: IncomingMessage, res: ServerResponse, log: Logger, metrics: ServerMetrics) {
   const started = performance.now();
   const trace = traceContext(req.headers.traceparent);
   res.setHeader('traceparent', formatTraceparent(trace));
   return {
     trace,
-    done(): void {
+    done(path: string | undefined): void {
       const ms = Math.round((performance.now() - started) * 100) / 100;
       const status = res.statusCode;
       metrics.requests.inc({ method: req.method ?? 'GET', code: String(status) });
       log.info('request', {
         method: req.method, path, status, ms,
-        sandbox: SANDBOX_IN_PATH.exec(path)?.[1] ?? noted.get(res),
+        sandbox: SANDBOX_IN_PATH.exec(path ?? '')?.[1] ?? noted.get(res),
         trace_id: trace.traceId, span_id: trace.spanId, parent_span_id: trace.parentSpanId ?? undefined,
       });
     },
