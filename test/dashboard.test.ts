@@ -94,6 +94,8 @@ describe('dashboard in a real browser', () => {
     await page.locator(`[data-testid="sandbox-view"][data-id="${c1!.id}"]`).waitFor(WAIT);
     await c1!.runCode('open("/root/child.txt", "w").write("written by the child\\n")\nchosen = "c1"\nprint("child wrote")');
     await page.getByTestId('history').locator('pre.stdout', { hasText: 'child wrote' }).waitFor(WAIT);
+    // Its file browser lists the new file without being told to.
+    await page.getByTestId('files').locator('tr[data-path="/root/child.txt"]').waitFor(WAIT);
     await shot(page, '03-fork-tree');
 
     // Compare parent and child: the child's new file with its content, and the new variable.
@@ -179,7 +181,7 @@ describe('dashboard in a real browser', () => {
     await shot(page, '06b-files');
   });
 
-  it('streams a long exec, interrupts it, and destroys the sandbox from the page', async () => {
+  it('streams a long exec, interrupts it, forks and destroys the sandbox from the page', async () => {
     const sbx = await Sandbox.create({ host: server.url });
     opened.push(sbx);
     await page.goto(server.url + '/');
@@ -192,6 +194,13 @@ describe('dashboard in a real browser', () => {
     await page.getByRole('button', { name: 'Interrupt' }).click();
     await page.getByTestId('console-status').getByText(/exit [1-9]/).waitFor(WAIT);
     await page.getByTestId('history').locator('.error-title', { hasText: 'KeyboardInterrupt' }).waitFor(WAIT);
+
+    // Fork from the page: the child shows under it in the tree.
+    await page.getByTestId('fork').click();
+    const family = page.locator(`ul.tree-root[data-root="${sbx.id}"] [data-testid="tree-node"]`);
+    await eventually(async () => (await family.count()) === 2, 'the forked child in the tree');
+    const childId = (await family.nth(1).getAttribute('data-id'))!;
+    opened.push(await Sandbox.connect(childId, { host: server.url }));
 
     await page.getByRole('button', { name: 'Destroy' }).click();
     await eventually(async () => (await page.locator(`tr[data-id="${sbx.id}"]`).count()) === 0, 'the destroyed sandbox to leave the table');

@@ -3,7 +3,7 @@
  * server's exec history) and its files.
  */
 import { useEffect, useState } from 'preact/hooks';
-import { ApiProblem, downloadFile, getJson, request, runExec, sandboxPath } from './api.js';
+import { ApiProblem, downloadFile, getJson, postJson, request, runExec, sandboxPath } from './api.js';
 import { bytes, duration, shortId } from './format.js';
 import { Outputs, appendOutput } from './output.js';
 import { isEnded } from './sandboxes.js';
@@ -38,13 +38,34 @@ export function SandboxView({ sandbox, now, onSelect, onCompare, subscribe }: Pr
         {sandbox.parent && live && (
           <button type="button" onClick={() => onCompare(sandbox.parent!, sandbox.id)}>Compare with parent</button>
         )}
+        {live && <ForkButton id={sandbox.id} />}
         {live && <DeleteButton id={sandbox.id} />}
       </div>
       {live && <Console id={sandbox.id} />}
-      <History id={sandbox.id} subscribe={subscribe} />
-      {live && <FileBrowser id={sandbox.id} />}
+      <History id={sandbox.id} parent={sandbox.parent} onSelect={onSelect} subscribe={subscribe} />
+      {live && <FileBrowser id={sandbox.id} subscribe={subscribe} />}
     </section>
   );
+}
+
+function ForkButton({ id }: { id: string }) {
+  const [n, setN] = useState(1);
+  const [message, setMessage] = useState('');
+  const fork = async () => {
+    setMessage('forking…');
+    try {
+      const res = await postJson<{ children: string[] }>(sandboxPath(id, '/fork'), { n });
+      setMessage(`forked ${res?.children.map(shortId).join(', ')}`);
+    } catch (err) {
+      setMessage(`fork failed: ${(err as Error).message}`);
+    }
+  };
+  return <>
+    <button type="button" data-testid="fork" onClick={() => void fork()}>Fork</button>
+    <input type="number" class="narrow" min={1} max={32} value={n} aria-label="children"
+      onInput={(e) => setN(Math.max(1, Math.min(32, Number((e.target as HTMLInputElement).value) || 1)))} />
+    {message && <span class="status">{message}</span>}
+  </>;
 }
 
 function DeleteButton({ id }: { id: string }) {
@@ -113,7 +134,14 @@ function Console({ id }: { id: string }) {
   );
 }
 
-function History({ id, subscribe }: { id: string; subscribe: (l: ExecListener) => () => void }) {
+interface HistoryProps {
+  id: string;
+  parent: string | null;
+  onSelect: (id: string) => void;
+  subscribe: (l: ExecListener) => () => void;
+}
+
+function History({ id, parent, onSelect, subscribe }: HistoryProps) {
   const [execs, setExecs] = useState<ExecRecord[]>([]);
   const [error, setError] = useState('');
 
@@ -146,6 +174,12 @@ function History({ id, subscribe }: { id: string; subscribe: (l: ExecListener) =
       <h3>Exec history</h3>
       {error && <p class="problem">{error}</p>}
       {execs.length === 0 && !error && <p class="empty">Nothing ran here yet.</p>}
+      {parent && (
+        <p class="status">
+          Forked from <a href="#" class="mono" onClick={(e) => { e.preventDefault(); onSelect(parent); }}>{shortId(parent)}</a>:
+          what ran before the fork is in its history.
+        </p>
+      )}
       {[...execs].reverse().map((x) => (
         <article key={x.id} class={`exec ${x.exit_code ? 'failed' : ''}`} data-testid="exec">
           <header>
@@ -175,12 +209,15 @@ function applyUpdate(execs: ExecRecord[], u: ExecUpdate): ExecRecord[] {
   }
 }
 
-function FileBrowser({ id }: { id: string }) {
+function FileBrowser({ id, subscribe }: { id: string; subscribe: (l: ExecListener) => () => void }) {
   const [dir, setDir] = useState('/root');
   const [input, setInput] = useState('/root');
   const [entries, setEntries] = useState<FileStat[]>([]);
   const [message, setMessage] = useState('');
   const [version, setVersion] = useState(0);
+
+  // Code that ran here may have changed the files: list them again after each exec.
+  useEffect(() => subscribe((u) => { if (u.sandbox === id && u.phase === 'end') setVersion((v) => v + 1); }), [id]);
 
   useEffect(() => {
     let cancelled = false;

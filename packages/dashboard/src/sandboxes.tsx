@@ -23,7 +23,8 @@ export function SandboxTable({ sandboxes, now, selected, onSelect, showEnded }: 
       </thead>
       <tbody>
         {rows.map((s) => (
-          <tr key={s.id} data-id={s.id} class={`${selected === s.id ? 'selected' : ''} ${isEnded(s) ? 'ended' : ''}`} onClick={() => onSelect(s.id)}>
+          <tr key={s.id} data-id={s.id} class={`${selected === s.id ? 'selected' : ''} ${isEnded(s) ? 'ended' : ''}`} tabIndex={0}
+            onClick={() => onSelect(s.id)} onKeyDown={(e) => { if (e.key === 'Enter') onSelect(s.id); }}>
             <td class="mono" title={s.id}>{shortId(s.id)}</td>
             <td>{s.template}</td>
             <td>{s.runtime}</td>
