@@ -49,6 +49,9 @@ interface Entry {
   bytes: number;
 }
 
+/** Roughly what one kept exec costs beyond its code and output (record, ids, list slots). */
+const ENTRY_OVERHEAD_BYTES = 512;
+
 const sizeOf = (o: HistoryOutput) => (typeof o.data === 'string' ? o.data.length : JSON.stringify(o.data).length);
 
 export class ExecHistory extends EventEmitter<{ exec: [ExecUpdate] }> {
@@ -69,7 +72,8 @@ export class ExecHistory extends EventEmitter<{ exec: [ExecUpdate] }> {
       code: code.length > this.limits.codeBytes ? code.slice(0, this.limits.codeBytes) + '\n# … (code truncated)' : code,
       started_at: Date.now(), ended_at: null, exit_code: null, execution_count: null, state_lost: false, outputs: [], truncated: false,
     };
-    const entry: Entry = { record, owner, bytes: record.code.length };
+    // The fixed cost counts too, so a flood of tiny execs is bounded by the overall cap as well.
+    const entry: Entry = { record, owner, bytes: ENTRY_OVERHEAD_BYTES + record.code.length };
     const list = this.bySandbox.get(sandbox) ?? [];
     this.bySandbox.set(sandbox, list);
     list.push(entry);
