@@ -403,8 +403,8 @@ export class SandboxManager {
     s.record.endedAt = Date.now();
     s.record.endReason = reason;
     this.log.debug('sandbox ended', { sandbox: s.record.id, state, reason });
-    this.changes.emit('change', s.record.id);
     await this.store.update(s.record.id, { state, endedAt: s.record.endedAt, endReason: reason, lastActiveAt: s.record.lastActiveAt });
+    this.changes.emit('change', s.record.id);
     // The sandbox is already unreachable through the API: kill and clean up behind the answer.
     const teardown = s.rt.destroy().catch((err: Error) => this.log.error('teardown failed', { sandbox: s.record.id, error: err.message }));
     this.teardowns.add(teardown);
