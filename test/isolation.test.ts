@@ -131,6 +131,46 @@ print(sorted(os.listdir("/root")))`);
     }
   });
 
+  it('fails the classic escapes: host devices, mknod, /proc/1/root, raw and packet sockets, /sys', async () => {
+    const r = await a.runCode([
+      'mknod /tmp/disk b 8 0 2>/dev/null && echo MKNOD',
+      'ls /dev | tr "\\n" " "; echo',
+      'mount -t ext4 /dev/vda /mnt 2>/dev/null && echo MOUNTED',
+      'mount -t proc proc /mnt 2>/dev/null; ls /mnt 2>/dev/null | grep -c "^[0-9]"', // its own processes only, if at all
+      'echo inside-$$ > /root/marker; cat /proc/1/root/root/marker',
+      'ls /sys 2>/dev/null | wc -l',
+      'touch /proc/sys/kernel/x 2>/dev/null && echo WROTE-PROC',
+    ].join('; '), 'bash');
+    assert.doesNotMatch(r.stdout, /MKNOD|MOUNTED|WROTE-PROC/);
+    const lines = r.stdout.trim().split('\n');
+    // A minimal /dev: no disk, loop, kvm or memory device of the host.
+    assert.match(lines[0]!, /\bnull\b/);
+    assert.doesNotMatch(lines[0]!, /\b(vd[a-z]|sd[a-z]|nvme\w*|loop\w*|kvm|mem|port)\b/);
+    assert.ok(Number(lines[1]) < 10, `sees ${lines[1]} processes`);
+    assert.match(lines[2]!, /^inside-\d+$/); // /proc/1/root is its own root, not the host's
+    assert.equal(lines[3], '0');
+    const sockets = await a.runCode([
+      'import socket',
+      'for args in [(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP), (socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6), (socket.AF_PACKET, socket.SOCK_RAW, 0)]:',
+      '    try:',
+      '        socket.socket(*args); print("opened")',
+      '    except OSError as e:',
+      '        print(e.strerror)',
+    ].join('\n'));
+    assert.equal(sockets.stdout, 'Operation not permitted\n'.repeat(3));
+  });
+
+  it("cannot reach another sandbox's network", async () => {
+    // b listens on every address of its own network namespace; a tries every address b could have.
+    await b.runCode('import socket, threading\nsrv = socket.socket()\nsrv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\nsrv.bind(("0.0.0.0", 8765))\nsrv.listen()');
+    for (const target of ['10.0.2.15', '10.0.2.2', '10.0.2.3', '127.0.0.1']) {
+      const r = await a.runCode(probe(target, 8765));
+      assert.notEqual(r.stdout.trim(), 'open', `${target}:8765 reached b`);
+    }
+    assert.equal((await b.runCode(probe('127.0.0.1', 8765))).stdout.trim(), 'open'); // the listener is real
+    await b.runCode('srv.close()');
+  });
+
   it("cannot write a host-owned file exposed to it: host root's files are nobody's inside", async () => {
     // The image's files are root's inside (an idmapped view); a file owned by real host root in
     // the sandbox's own layer (as if exposed by mistake) is not writable, even by sandbox root.

@@ -16,6 +16,8 @@ import sys
 import seccomp
 
 CLONE_NEWUSER = 0x10000000
+AF_INET, AF_INET6, AF_PACKET = 2, 10, 17
+SOCK_RAW, SOCK_TYPE_MASK = 3, 0xF
 
 # Refused outright, grouped by why.
 DENIED = {
@@ -43,6 +45,11 @@ def build() -> seccomp.SyscallFilter:
     # door into kernel code that needs capabilities.
     f.add_rule(deny, "unshare", seccomp.Arg(0, seccomp.MASKED_EQ, CLONE_NEWUSER, CLONE_NEWUSER))
     f.add_rule(deny, "clone", seccomp.Arg(0, seccomp.MASKED_EQ, CLONE_NEWUSER, CLONE_NEWUSER))
+    # No raw or packet sockets: nothing an agent's code needs, and the tool of spoofing and sniffing
+    # (they would only see the sandbox's own network namespace, but the kernel code is reached).
+    f.add_rule(deny, "socket", seccomp.Arg(0, seccomp.EQ, AF_PACKET))
+    for family in (AF_INET, AF_INET6):
+        f.add_rule(deny, "socket", seccomp.Arg(0, seccomp.EQ, family), seccomp.Arg(1, seccomp.MASKED_EQ, SOCK_TYPE_MASK, SOCK_RAW))
     # clone3 passes its flags in memory, out of the filter's sight: answer ENOSYS so that libc
     # falls back to clone(), which is checked above.
     f.add_rule(seccomp.ERRNO(errno.ENOSYS), "clone3")
