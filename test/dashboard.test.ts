@@ -40,12 +40,16 @@ describe('dashboard in a real browser', () => {
   let browser: Browser;
   let page: Page;
   const opened: Sandbox[] = [];
+  /** Uncaught errors in the page, and what the page's own policy blocked (the evil HTML's aside). */
+  const pageErrors: string[] = [];
 
   before(async () => {
     server = await startTestServer({ poolSize: 1 });
     browser = await launch();
     page = await browser.newPage({ viewport: { width: 1500, height: 1000 } });
     page.on('dialog', (d) => void d.accept()); // the merge button asks for confirmation
+    page.on('pageerror', (err) => pageErrors.push(err.message));
+    page.on('console', (msg) => { if (msg.type() === 'error' && /Content Security Policy/i.test(msg.text())) pageErrors.push(msg.text()); });
   });
   after(async () => {
     if (page) await shot(page, 'zz-last-state').catch(() => undefined);
@@ -218,6 +222,9 @@ describe('dashboard in a real browser', () => {
       assert.match(await panel.getByTestId(`histogram-${name}`).locator('figcaption').innerText(), new RegExp(`${name}: [1-9]\\d* calls`));
     }
     await shot(page, '07-pool');
+    // Nothing the page did in all these tests threw, or was blocked by its own policy — except the
+    // script and handler of the hostile HTML result.
+    assert.deepEqual(pageErrors.filter((e) => !/inline|event handler|script-src/i.test(e)), []);
   });
 });
 
