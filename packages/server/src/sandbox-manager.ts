@@ -4,10 +4,13 @@
  * calls this; it never touches a runtime directly.
  */
 import { randomBytes } from 'node:crypto';
+import { EventEmitter } from 'node:events';
 import type { AgentRequestBody, CreateSandboxBody, ExecStreamMessage, SandboxInfo } from '@podflare/protocol';
 import type { ServerConfig } from './config.js';
 import { ApiError } from './errors.js';
+import { ExecHistory } from './exec-history.js';
 import type { Logger } from './log.js';
+import { ServerMetrics } from './metrics.js';
 import { WarmPool, type PoolKey } from './pool.js';
 import { limitError, limitsInfo, resolveLimits, sameLimits } from './limits.js';
 import type { LimitCounters, Runtime, RuntimeSandbox } from './runtime/runtime.js';
@@ -42,6 +45,12 @@ export class SandboxManager {
   private readonly sweeper: NodeJS.Timeout;
   private closing = false;
   readonly counters = { created: 0, destroyed: 0, crashed: 0, expired: 0, forked: 0, merged: 0, limitKills: 0 };
+  /** Latencies, pool and state gauges, limit kills: GET /v1/metrics and the dashboard. */
+  readonly metrics = new ServerMetrics();
+  /** What ran in each sandbox (bounded, in memory): the dashboard's exec history. */
+  readonly history = new ExecHistory();
+  /** 'change' (sandbox id) whenever a sandbox is created, changes state, forks, merges or ends. */
+  readonly changes = new EventEmitter<{ change: [string] }>();
 
   constructor(
     private readonly runtime: Runtime,
@@ -56,6 +65,26 @@ export class SandboxManager {
     });
     this.sweeper = setInterval(() => void this.sweep(), 1000);
     this.sweeper.unref();
+    this.registerGauges();
+  }
+
+  private registerGauges(): void {
+    const m = this.metrics;
+    const pools = () => this.pool.stats();
+    const poolLabels = (p: { template: string; egress: boolean }) => ({ template: p.template, egress: String(p.egress) });
+    m.gauge('podflare_pool_ready', 'Warm sandboxes ready to hand out, per template.', () => pools().map((p) => ({ labels: poolLabels(p), value: p.ready })));
+    m.gauge('podflare_pool_target', 'Warm sandboxes the pool aims to keep, per template.', () => pools().map((p) => ({ labels: poolLabels(p), value: p.target })));
+    m.gauge('podflare_pool_starting', 'Warm sandboxes starting, per template.', () => pools().map((p) => ({ labels: poolLabels(p), value: p.starting })));
+    m.gauge('podflare_pool_hits_total', 'Creates served from the warm pool.', () => pools().map((p) => ({ labels: poolLabels(p), value: p.hits })), 'counter');
+    m.gauge('podflare_pool_misses_total', 'Creates that had to start a sandbox on demand.', () => pools().map((p) => ({ labels: poolLabels(p), value: p.misses })), 'counter');
+    m.gauge('podflare_sandboxes', 'Live sandboxes by state.', () => {
+      const byState: Record<string, number> = { ready: 0, running: 0 };
+      for (const s of this.live.values()) byState[s.record.state] = (byState[s.record.state] ?? 0) + 1;
+      return Object.entries(byState).map(([state, value]) => ({ labels: { state }, value }));
+    });
+    m.gauge('podflare_sandbox_events_total', 'Sandbox lifecycle events since start (created, destroyed, crashed, expired, forked, merged).',
+      // Limit kills have their own series, by limit.
+      () => Object.entries(this.counters).filter(([event]) => event !== 'limitKills').map(([event, value]) => ({ labels: { event }, value })), 'counter');
   }
 
   /** Start-up: forget sandboxes of a previous server (their processes died with it) and warm the pool. */
@@ -88,6 +117,7 @@ export class SandboxManager {
     }
     const limits = resolveLimits(opts.limits, this.config.defaultLimits, this.config.maxLimits);
     const key: PoolKey = { template, egress: opts.egress ?? true };
+    const timed = this.metrics.createSeconds.time();
     const rt = this.pool.take(key) ?? (await this.startOnDemand(key));
     // Pooled sandboxes start with the default limits; a creator asking for others gets them now.
     if (!sameLimits(limits, this.config.defaultLimits) && rt.setLimits) {
@@ -110,6 +140,8 @@ export class SandboxManager {
     await this.store.insert(record);
     this.adopt(record, rt);
     this.counters.created++;
+    timed();
+    this.changes.emit('change', record.id);
     return record;
   }
 
@@ -142,24 +174,36 @@ export class SandboxManager {
       if (!this.live.has(s.record.id)) throw new ApiError('sandbox_gone', `sandbox ${s.record.id} is gone`);
       s.running++;
       this.setState(s, 'running');
+      const timed = this.metrics.execSeconds.time();
+      const recorded = this.history.begin(s.record.id, s.record.owner, body.language, body.code);
+      let exit: { code: number; execution_count?: number | null; state_lost?: boolean } = { code: 137, state_lost: true };
       try {
         const rt = s.rt;
-        if (!rt.limitCounters) return await rt.channel.exec(body, onEvent);
+        // Everything the caller sees is also recorded for the dashboard's history.
+        const emit = (msg: ExecStreamMessage) => {
+          recorded.message(msg);
+          onEvent(msg);
+        };
+        if (!rt.limitCounters) return (exit = await rt.channel.exec(body, emit));
         // The error and exit are held back until the exit: if a limit caused the error (or the
         // exit), it is reported as such.
         let held: Extract<ExecStreamMessage, { ev: 'error' }> | undefined;
-        const exit = await rt.channel.exec(body, (m) => {
+        const result = await rt.channel.exec(body, (m) => {
           if (m.ev === 'error') held = m;
-          else if (m.ev !== 'exit') onEvent(m);
+          else if (m.ev !== 'exit') emit(m);
         });
         // Read after every exec (two small cgroup files): a bash child killed for memory
         // leaves a zero exit code, and the kill must not be blamed on the next exec.
-        const hit = await this.limitHit(s, rt, exit.id, held);
+        const hit = await this.limitHit(s, rt, result.id, held);
         if (hit) held = hit;
-        if (held) onEvent(held);
-        onEvent(exit);
-        return exit;
+        if (held) emit(held);
+        emit(result);
+        exit = result;
+        return result;
       } finally {
+        timed();
+        recorded.end(exit);
+        this.metrics.execs.inc({ language: body.language, outcome: exit.code === 0 ? 'ok' : exit.code === 124 ? 'timeout' : 'error' });
         s.running--;
         s.record.lastActiveAt = Date.now();
         if (this.live.has(s.record.id)) this.setState(s, 'ready');
@@ -174,7 +218,10 @@ export class SandboxManager {
     const after = await rt.limitCounters();
     this.limitBaseline.set(rt, after);
     const hit = limitError(id, before, after, s.record.limits ?? this.config.defaultLimits, original);
-    if (hit) this.counters.limitKills++;
+    if (hit) {
+      this.counters.limitKills++;
+      this.metrics.countLimitKill(hit.data.name);
+    }
     return hit;
   }
 
@@ -255,6 +302,7 @@ export class SandboxManager {
         return { id, template: s.record.template, egress: s.record.egress, hostname: `sbx-${id.slice(4, 16)}`, limits: s.record.limits ?? this.config.defaultLimits };
       });
       let children: RuntimeSandbox[];
+      const timed = this.metrics.forkSeconds.time();
       try {
         children = await this.runtime.fork(s.rt, specs);
       } catch (err) {
@@ -263,6 +311,7 @@ export class SandboxManager {
         if (hit) throw new ApiError('conflict', `cannot fork: ${hit.data.value}`);
         throw err;
       }
+      timed();
       const now = Date.now();
       const records: SandboxRecord[] = [];
       for (const rt of children) {
@@ -276,6 +325,7 @@ export class SandboxManager {
       }
       s.record.lastActiveAt = now;
       this.counters.forked += children.length;
+      this.changes.emit('change', s.record.id);
       return records;
     });
   }
@@ -326,6 +376,7 @@ export class SandboxManager {
         if (live) live.record.parentId = parent.record.id;
       }
       this.counters.merged++;
+      this.changes.emit('change', parent.record.id);
       await old.destroy();
     }));
   }
@@ -353,6 +404,7 @@ export class SandboxManager {
     s.record.endReason = reason;
     this.log.debug('sandbox ended', { sandbox: s.record.id, state, reason });
     await this.store.update(s.record.id, { state, endedAt: s.record.endedAt, endReason: reason, lastActiveAt: s.record.lastActiveAt });
+    this.changes.emit('change', s.record.id);
     // The sandbox is already unreachable through the API: kill and clean up behind the answer.
     const teardown = s.rt.destroy().catch((err: Error) => this.log.error('teardown failed', { sandbox: s.record.id, error: err.message }));
     this.teardowns.add(teardown);
@@ -361,6 +413,13 @@ export class SandboxManager {
 
   private setState(s: LiveSandbox, state: SandboxRecord['state']): void {
     s.record.state = state;
+    this.changes.emit('change', s.record.id);
+  }
+
+  /** Records as the store has them, with live state overlaid (the dashboard shows ended ones too). */
+  async records(filter: { all?: boolean }, owner?: string): Promise<SandboxRecord[]> {
+    const records = await this.store.list({ includeEnded: filter.all, owner });
+    return records.map((r) => this.live.get(r.id)?.record ?? r);
   }
 
   /** Idle timeouts (not while an exec runs or waits) and maximum lifetimes. */

@@ -4,6 +4,7 @@ import { CreateSandboxBody, ExecBody, SANDBOX_ID_PATTERN, type ExecEvent, type E
 import { ApiError } from '../errors.js';
 import type { SandboxManager } from '../sandbox-manager.js';
 import { readBody, sendEmpty, sendJson } from './body.js';
+import { noteSandbox } from './observe.js';
 import type { RequestContext, Router } from './router.js';
 
 const STATES: SandboxState[] = ['starting', 'ready', 'running', 'stopped', 'error', 'merged', 'frozen'];
@@ -18,6 +19,7 @@ export function addSandboxRoutes(router: Router, manager: SandboxManager): void 
   router.add('POST', '/v1/sandboxes', async (ctx) => {
     const body = await readBody(ctx.req, CreateSandboxBody);
     const record = await manager.create({ ...body, owner: ctx.owner });
+    noteSandbox(ctx.res, record.id);
     sendJson(ctx.res, 201, { id: record.id, state: 'ready' });
   });
 
