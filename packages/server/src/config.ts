@@ -35,6 +35,11 @@ export interface ServerConfig {
   startTimeoutMs: number;
   /** Grace between an interrupt and killing the interpreter. */
   interruptGraceMs: number;
+  /**
+   * DNS servers ("ip" or "ip:port") through which the egress proxy resolves the names a sandbox's
+   * allowlist permits. @default PODFLARE_EGRESS_DNS (comma-separated), else the host's resolver
+   */
+  egressDnsServers: string[];
 }
 
 /** The repo's agent/ folder, found relative to this file (packages/server/dist/config.js). */
@@ -73,6 +78,7 @@ export function loadConfig(overrides: Partial<ServerConfig> = {}, env: NodeJS.Pr
     maxSandboxes: int(env.PODFLARE_MAX_SANDBOXES, 'PODFLARE_MAX_SANDBOXES') ?? 256,
     startTimeoutMs: 15_000,
     interruptGraceMs: int(env.PODFLARE_INTERRUPT_GRACE_MS, 'PODFLARE_INTERRUPT_GRACE_MS') ?? 2000,
+    egressDnsServers: (env.PODFLARE_EGRESS_DNS ?? '').split(',').map((s) => s.trim()).filter(Boolean),
   };
   const merged = { ...config, ...stripUndefined(overrides) };
   if (overrides.stateDir && !overrides.imagesDir && !env.PODFLARE_IMAGES_DIR) merged.imagesDir = path.join(overrides.stateDir, 'images');

@@ -4,12 +4,13 @@
  * calls this; it never touches a runtime directly.
  */
 import { randomBytes } from 'node:crypto';
-import type { AgentRequestBody, CreateSandboxBody, ExecStreamMessage, SandboxInfo } from '@podflare/protocol';
+import { isEgressPolicy, type AgentRequestBody, type CreateSandboxBody, type EgressSetting, type ExecStreamMessage, type SandboxEvent, type SandboxInfo } from '@podflare/protocol';
 import type { ServerConfig } from './config.js';
 import { ApiError } from './errors.js';
 import type { Logger } from './log.js';
 import { WarmPool, type PoolKey } from './pool.js';
 import type { Runtime, RuntimeSandbox } from './runtime/runtime.js';
+import { SandboxEventLog } from './sandbox-events.js';
 import { SerialQueue } from './serial-queue.js';
 import type { SandboxRecord, SandboxStore } from './store/store.js';
 
@@ -45,8 +46,10 @@ export class SandboxManager {
     private readonly store: SandboxStore,
     private readonly config: ServerConfig,
     private readonly log: Logger,
+    /** Where the runtime records sandbox events (egress decisions); read by GET …/events. */
+    private readonly eventLog = new SandboxEventLog(),
   ) {
-    this.pool = new WarmPool((key) => this.startRuntimeSandbox(key, true), {
+    this.pool = new WarmPool((key) => this.startRuntimeSandbox(key.template, key.egress, true), {
       target: config.poolSize,
       maxParallelStarts: 2,
       log,
@@ -83,11 +86,19 @@ export class SandboxManager {
     if (this.live.size >= this.config.maxSandboxes) {
       throw new ApiError('rate_limited', `the server already runs ${this.live.size} sandboxes (max ${this.config.maxSandboxes})`, undefined, { 'Retry-After': '5' });
     }
-    const key: PoolKey = { template, egress: opts.egress ?? true };
-    const rt = this.pool.take(key) ?? (await this.startOnDemand(key));
+    const egress: EgressSetting = isEgressPolicy(opts.egress) ? { allow: [...opts.egress.allow] } : (opts.egress ?? true);
+    let rt: RuntimeSandbox;
+    if (isEgressPolicy(egress)) {
+      // A policy is per sandbox: no pool serves it.
+      if (!this.runtime.capabilities.egressPolicy) throw new ApiError('bad_request', `the ${this.runtime.name} runtime cannot enforce egress allowlists`, 'egress');
+      rt = await this.startOnDemand(template, egress);
+    } else {
+      const key: PoolKey = { template, egress };
+      rt = this.pool.take(key) ?? (await this.startOnDemand(template, egress));
+    }
     const now = Date.now();
     const record: SandboxRecord = {
-      id: rt.id, state: 'ready', template, runtime: this.runtime.name, egress: key.egress,
+      id: rt.id, state: 'ready', template, runtime: this.runtime.name, egress,
       persistent: opts.persistent ?? false, parentId: null, createdAt: now, lastActiveAt: now,
       endedAt: null, endReason: null,
       idleTimeoutSeconds: opts.idle_timeout_seconds ?? this.config.idleTimeoutSeconds,
@@ -166,22 +177,22 @@ export class SandboxManager {
   }
 
   /** A pool miss: start one now, retrying once, and say 503 (retryable) if the host cannot. */
-  private async startOnDemand(key: PoolKey): Promise<RuntimeSandbox> {
+  private async startOnDemand(template: string, egress: EgressSetting): Promise<RuntimeSandbox> {
     try {
-      return await this.startRuntimeSandbox(key);
+      return await this.startRuntimeSandbox(template, egress);
     } catch (first) {
       this.log.warn('sandbox start failed, retrying', { error: (first as Error).message });
       try {
-        return await this.startRuntimeSandbox(key);
+        return await this.startRuntimeSandbox(template, egress);
       } catch (err) {
         throw new ApiError('unavailable', `could not start a sandbox: ${(err as Error).message}`, undefined, { 'Retry-After': '1' });
       }
     }
   }
 
-  private async startRuntimeSandbox(key: PoolKey, background = false): Promise<RuntimeSandbox> {
+  private async startRuntimeSandbox(template: string, egress: EgressSetting, background = false): Promise<RuntimeSandbox> {
     const id = newSandboxId();
-    return this.runtime.start({ id, template: key.template, egress: key.egress, hostname: `sbx-${id.slice(4, 16)}`, background });
+    return this.runtime.start({ id, template, egress, hostname: `sbx-${id.slice(4, 16)}`, background });
   }
 
   private adopt(record: SandboxRecord, rt: RuntimeSandbox): LiveSandbox {
@@ -279,6 +290,7 @@ export class SandboxManager {
         if (live) live.record.parentId = parent.record.id;
       }
       this.counters.merged++;
+      this.eventLog.drop(old.id);
       await old.destroy();
     }));
   }
@@ -287,6 +299,11 @@ export class SandboxManager {
   async memoryOf(id: string): Promise<number> {
     const s = this.live.get(id);
     return s ? s.rt.memoryPss() : 0;
+  }
+
+  /** The sandbox's events (egress decisions) after sequence number `after`. */
+  events(s: LiveSandbox, after?: number): SandboxEvent[] {
+    return this.eventLog.list(s.rt.id, after);
   }
 
   async vars(s: LiveSandbox) {
@@ -307,6 +324,7 @@ export class SandboxManager {
     this.log.debug('sandbox ended', { sandbox: s.record.id, state, reason });
     await this.store.update(s.record.id, { state, endedAt: s.record.endedAt, endReason: reason, lastActiveAt: s.record.lastActiveAt });
     // The sandbox is already unreachable through the API: kill and clean up behind the answer.
+    this.eventLog.drop(s.rt.id);
     const teardown = s.rt.destroy().catch((err: Error) => this.log.error('teardown failed', { sandbox: s.record.id, error: err.message }));
     this.teardowns.add(teardown);
     void teardown.finally(() => this.teardowns.delete(teardown));
