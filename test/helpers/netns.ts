@@ -5,6 +5,7 @@
  */
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
+import dns from 'node:dns';
 
 export interface TestHost {
   ip: string;
@@ -15,7 +16,10 @@ export interface TestHost {
 }
 
 export interface TestHostOptions {
-  /** Also answer DNS on <ip>:53 with these A records (name -> IPv4); NXDOMAIN for anything else. */
+  /**
+   * Also answer DNS on <ip>:53 with these A records (name -> IPv4, or 'self' for this host's own
+   * address); NXDOMAIN for anything else.
+   */
   dns?: Record<string, string>;
 }
 
@@ -34,6 +38,8 @@ while True:
     question = q[12:at + 5]
     name = '.'.join(labels).lower()
     ip = records.get(name)
+    if ip == 'self':
+        ip = sys.argv[1]
     answers = b''
     if ip and qtype == 1:
         answers = struct.pack('>HHHIH', 0xc00c, 1, 1, 5, 4) + socket.inet_aton(ip)
@@ -84,7 +90,7 @@ h.HTTPServer(("${ip}", ${port}), H).serve_forever()`], { stdio: 'ignore' });
     for (let i = 0; i < 50; i++) {
       try {
         const res = await fetch(`http://${ip}:${port}/`, { signal: AbortSignal.timeout(500) });
-        if (res.ok) return { ip, port, hostIp, close };
+        if (res.ok && (!opts.dns || (await answersDns(ip)))) return { ip, port, hostIp, close };
       } catch { /* not yet */ }
       await new Promise((r) => setTimeout(r, 100));
     }
@@ -92,5 +98,17 @@ h.HTTPServer(("${ip}", ${port}), H).serve_forever()`], { stdio: 'ignore' });
   } catch (err) {
     close();
     throw err;
+  }
+}
+
+/** True once the test host's DNS server answers (NXDOMAIN counts). */
+async function answersDns(ip: string): Promise<boolean> {
+  const resolver = new dns.promises.Resolver({ timeout: 300, tries: 1 });
+  resolver.setServers([ip]);
+  try {
+    await resolver.resolve4('ready.check');
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'ENOTFOUND';
   }
 }

@@ -50,16 +50,16 @@ export class EgressProxy {
 
   constructor(private readonly listeners: EgressProxyListeners, private readonly o: EgressProxyOptions) {
     this.http = http.createServer({ requireHostHeader: false });
-    this.http.on('request', (req, res) => void this.onRequest(req, res).catch((err: Error) => this.o.log.warn('egress proxy request failed', { error: err.message })));
-    this.http.on('connect', (req: http.IncomingMessage, socket: net.Socket, head: Buffer) => void this.onConnect(req, socket, head));
+    this.http.on('request', (req, res) => this.guard(this.onRequest(req, res), req.socket));
+    this.http.on('connect', (req: http.IncomingMessage, socket: net.Socket, head: Buffer) => this.guard(this.onConnect(req, socket, head), socket));
     this.http.on('clientError', (_err, socket) => socket.destroy());
     listeners.http.on('connection', (socket: net.Socket) => {
       if (this.admit(socket)) this.http.emit('connection', socket);
     });
     listeners.socks.on('connection', (socket: net.Socket) => {
-      if (this.admit(socket)) void this.onSocks(socket);
+      if (this.admit(socket)) this.guard(this.onSocks(socket), socket);
     });
-    listeners.dns.on('message', (msg, rinfo) => void this.onDns(msg, rinfo));
+    listeners.dns.on('message', (msg, rinfo) => this.guard(this.onDns(msg, rinfo)));
     listeners.dns.on('error', (err) => this.o.log.warn('egress dns socket error', { error: err.message }));
   }
 
@@ -71,6 +71,14 @@ export class EgressProxy {
     try { this.listeners.dns.close(); } catch { /* already closed */ }
     for (const s of this.sockets) s.destroy();
     this.http.close();
+  }
+
+  /** Whatever a sandbox sends, a failure ends its connection, never the server. */
+  private guard(work: Promise<void>, socket?: net.Socket): void {
+    work.catch((err: Error) => {
+      this.o.log.warn('egress proxy error', { error: err.message });
+      socket?.destroy();
+    });
   }
 
   /** Counts the connection against the sandbox's cap; refuses it over the cap. */
@@ -101,6 +109,8 @@ export class EgressProxy {
       return v.allowed ? { ok: true, addresses: [h] } : deny(v.reason);
     }
     if (!isHostName(h)) return deny(`"${host}" is not a host name or address`);
+    // Always the host's loopback (RFC 6761), whatever a resolver says: only an address rule opens it.
+    if (h === 'localhost' || h.endsWith('.localhost')) return deny(`${h} is the host's loopback: allow it with an address rule`);
     if (!this.o.matcher.nameAllowed(h)) return deny(`${h} is not in the allowlist`);
     let addresses: string[];
     try {
@@ -227,7 +237,7 @@ export class EgressProxy {
 
   private async onDns(msg: Buffer, rinfo: dgram.RemoteInfo): Promise<void> {
     const send = (answer: Buffer | null) => {
-      if (answer && !this.closed) this.listeners.dns.send(answer, rinfo.port, rinfo.address);
+      if (answer && !this.closed) this.listeners.dns.send(answer, rinfo.port, rinfo.address, () => undefined);
     };
     const q = parseQuery(msg);
     if (!q) return send(formatError(msg));

@@ -1,0 +1,274 @@
+/**
+ * Egress allowlists: a sandbox created with `egress: {allow: [...]}` reaches only what its rules
+ * name, through the server's policy proxy; DNS answers only allowed names; denied attempts show in
+ * the sandbox's events; the server's API and the host's loopback stay out of reach. Traffic goes
+ * only to test hosts in network namespaces this test creates (and to loopback); names resolve
+ * through the test's own DNS server in one of them.
+ */
+import assert from 'node:assert/strict';
+import { readdirSync, readFileSync, readlinkSync } from 'node:fs';
+import http from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { after, before, describe, it } from 'node:test';
+import { BadRequestError, Sandbox, type SandboxEvent } from 'podflare';
+import { startTestHost, type TestHost } from './helpers/netns.js';
+import { startTestServer, type TestServer } from './helpers/server.js';
+
+/** Python fetching a URL through the proxy the environment names; prints the body or the failure. */
+const fetchFrom = (url: string) => `import urllib.request, urllib.error
+try:
+    print(urllib.request.urlopen("${url}", timeout=5).read().decode())
+except urllib.error.HTTPError as e:
+    print("http", e.code)
+except Exception as e:
+    print("failed", type(e).__name__)`;
+
+/** Python asking the sandbox's resolver (glibc, /etc/resolv.conf) for a name. */
+const resolve = (name: string) => `import socket
+try:
+    print(sorted({a[4][0] for a in socket.getaddrinfo("${name}", 80, socket.AF_INET)}))
+except socket.gaierror as e:
+    print("gaierror", e.errno)`;
+
+/** Python opening a TCP connection straight to an address (no proxy). */
+const connectDirect = (host: string, port: number) => `import socket
+s = socket.socket()
+s.settimeout(3)
+try:
+    s.connect(("${host}", ${port}))
+    print("open")
+except Exception as e:
+    print(type(e).__name__)`;
+
+/** Python speaking HTTP CONNECT to the proxy, then a GET through the tunnel; prints the status line(s). */
+const connectTunnel = (target: string) => `import os, socket
+proxy = os.environ["HTTPS_PROXY"].split("//")[1]
+host, port = proxy.rsplit(":", 1)
+s = socket.create_connection((host, int(port)), timeout=5)
+s.sendall(b"CONNECT ${target} HTTP/1.1\\r\\nHost: ${target}\\r\\n\\r\\n")
+head = s.recv(4096).decode()
+print(head.split("\\r\\n")[0])
+if " 200 " in head:
+    s.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n")
+    data = b""
+    while True:
+        chunk = s.recv(4096)
+        if not chunk: break
+        data += chunk
+    print(data.decode().split("\\r\\n\\r\\n", 1)[1])`;
+
+/** Python speaking SOCKS5 (by name) to the proxy in ALL_PROXY; prints the reply code and the page. */
+const socksFetch = (name: string, port: number) => `import os, socket, struct
+proxy = os.environ["ALL_PROXY"].split("//")[1]
+host, pport = proxy.rsplit(":", 1)
+s = socket.create_connection((host, int(pport)), timeout=5)
+s.sendall(b"\\x05\\x01\\x00")
+assert s.recv(2) == b"\\x05\\x00"
+name = b"${name}"
+s.sendall(b"\\x05\\x01\\x00\\x03" + bytes([len(name)]) + name + struct.pack(">H", ${port}))
+reply = s.recv(10)
+print("reply", reply[1])
+if reply[1] == 0:
+    s.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n")
+    data = b""
+    while True:
+        chunk = s.recv(4096)
+        if not chunk: break
+        data += chunk
+    print(data.decode().split("\\r\\n\\r\\n", 1)[1])`;
+
+/** The sandbox's NO_PROXY sends loopback straight to the sandbox's own lo: these calls ask the proxy. */
+const viaProxy = { env: { NO_PROXY: '', no_proxy: '' } };
+
+/**
+ * Sockets this process (the server) holds in network namespaces other than its own: the proxy's
+ * listeners live in sandboxes' namespaces, so their inodes are missing from our /proc/net tables.
+ */
+function foreignSockets(): Set<string> {
+  const own = new Set<string>();
+  for (const table of ['tcp', 'tcp6', 'udp', 'udp6', 'unix', 'raw', 'raw6', 'netlink', 'packet']) {
+    try {
+      const lines = readFileSync(`/proc/self/net/${table}`, 'utf8').split('\n').slice(1);
+      const col = table === 'unix' ? 6 : table === 'packet' ? 8 : 9;
+      for (const l of lines) { const inode = l.trim().split(/\s+/)[col]; if (inode) own.add(inode); }
+    } catch { /* table absent */ }
+  }
+  const found = new Set<string>();
+  for (const fd of readdirSync('/proc/self/fd')) {
+    try {
+      const m = /^socket:\[(\d+)\]$/.exec(readlinkSync(`/proc/self/fd/${fd}`));
+      if (m && !own.has(m[1]!)) found.add(m[1]!);
+    } catch { /* closed meanwhile */ }
+  }
+  return found;
+}
+
+const denials = (events: SandboxEvent[]) => events.filter((e) => e.type === 'egress_denied').map((e) => `${e.data.via} ${e.data.host}${e.data.port === null ? '' : `:${e.data.port}`}`);
+
+describe('egress allowlists', () => {
+  let server: TestServer;
+  let allowed: TestHost; // serves allowed.test, a.zone.test; runs the test's DNS server
+  let other: TestHost; // serves other.test: never allowed by name
+  let loopService: http.Server;
+  let loopPort: number;
+  let apiPort: number;
+  let sbx: Sandbox;
+
+  before(async () => {
+    other = await startTestHost();
+    allowed = await startTestHost({
+      dns: {
+        'allowed.test': 'self', 'a.zone.test': 'self', 'zone.test': 'self', 'other.test': other.ip,
+        'loop.test': '127.0.0.1',
+      },
+    });
+    server = await startTestServer({ egressDnsServers: [allowed.ip] });
+    apiPort = Number(new URL(server.url).port);
+    loopService = http.createServer((_req, res) => res.end('loopback service'));
+    await new Promise<void>((r) => loopService.listen(0, '127.0.0.1', () => r()));
+    loopPort = (loopService.address() as AddressInfo).port;
+    sbx = await Sandbox.create({ host: server.url, egress: { allow: ['allowed.test', '*.zone.test', `${other.ip}/32`] } });
+  });
+  after(async () => {
+    await sbx?.close();
+    loopService?.close();
+    allowed?.close();
+    other?.close();
+    await server?.stop();
+  });
+
+  const page = 'hello from the test host';
+
+  it('lets through the names and addresses the rules allow, and nothing else', async () => {
+    assert.equal((await sbx.runCode(fetchFrom(`http://allowed.test:${allowed.port}/`))).stdout.trim(), page);
+    assert.equal((await sbx.runCode(fetchFrom(`http://a.zone.test:${allowed.port}/`))).stdout.trim(), page);
+    // By address: the CIDR rule's host only.
+    assert.equal((await sbx.runCode(fetchFrom(`http://${other.ip}:${other.port}/`))).stdout.trim(), page);
+    assert.equal((await sbx.runCode(fetchFrom(`http://${allowed.ip}:${allowed.port}/`))).stdout.trim(), 'http 403');
+    // Names need a name rule, even when they resolve into an allowed block; *.zone.test is not zone.test.
+    assert.equal((await sbx.runCode(fetchFrom(`http://other.test:${other.port}/`))).stdout.trim(), 'http 403');
+    assert.equal((await sbx.runCode(fetchFrom(`http://zone.test:${allowed.port}/`))).stdout.trim(), 'http 403');
+  });
+
+  it('tunnels CONNECT and SOCKS5 to allowed hosts only', async () => {
+    const ok = await sbx.runCode(connectTunnel(`allowed.test:${allowed.port}`));
+    assert.equal(ok.stdout, `HTTP/1.1 200 Connection Established\n${page}\n`, ok.stderr);
+    assert.match((await sbx.runCode(connectTunnel(`other.test:${other.port}`))).stdout, /^HTTP\/1.1 403 /);
+    const socks = await sbx.runCode(socksFetch('a.zone.test', allowed.port));
+    assert.equal(socks.stdout, `reply 0\n${page}\n`, socks.stderr);
+    assert.equal((await sbx.runCode(socksFetch('other.test', other.port))).stdout, 'reply 2\n'); // "not allowed by ruleset"
+  });
+
+  it('answers DNS for allowed names only', async () => {
+    assert.equal((await sbx.runCode(resolve('allowed.test'))).stdout.trim(), `['${allowed.ip}']`);
+    assert.equal((await sbx.runCode(resolve('a.zone.test'))).stdout.trim(), `['${allowed.ip}']`);
+    assert.match((await sbx.runCode(resolve('other.test'))).stdout, /^gaierror/);
+    assert.match((await sbx.runCode(resolve('example.com'))).stdout, /^gaierror/);
+  });
+
+  it('has no way out but the proxy: a direct connection to an allowed host fails', async () => {
+    assert.notEqual((await sbx.runCode(connectDirect(allowed.ip, allowed.port))).stdout.trim(), 'open');
+    const ifaces = await sbx.runCode('import socket\nprint(sorted(n for _, n in socket.if_nameindex()))');
+    assert.equal(ifaces.stdout, "['lo']\n");
+  });
+
+  it('records denied attempts in the sandbox\'s events', async () => {
+    const events = await sbx.events();
+    const denied = denials(events);
+    assert.ok(denied.includes(`http other.test:${other.port}`), denied.join(', '));
+    assert.ok(denied.includes(`http ${allowed.ip}:${allowed.port}`), denied.join(', '));
+    assert.ok(denied.includes(`connect other.test:${other.port}`), denied.join(', '));
+    assert.ok(denied.includes(`socks other.test:${other.port}`), denied.join(', '));
+    assert.ok(denied.includes('dns example.com'), denied.join(', '));
+    assert.ok(!denied.some((d) => d.includes('allowed.test')), denied.join(', '));
+    const allowedEvents = events.filter((e) => e.type === 'egress_allowed');
+    assert.ok(allowedEvents.some((e) => e.data.host === 'allowed.test' && e.data.address === allowed.ip));
+    // Numbered in order; `after` returns only newer ones.
+    assert.deepEqual(events.map((e) => e.seq), events.map((_, i) => events[0]!.seq + i));
+    const last = events[events.length - 1]!.seq;
+    assert.deepEqual(await sbx.events({ after: last }), []);
+    await sbx.runCode(fetchFrom('http://denied-later.test/'));
+    assert.deepEqual(denials(await sbx.events({ after: last })), ['http denied-later.test:80']);
+  });
+
+  it('gives fork children the same policy, with events of their own', async () => {
+    const [child] = await sbx.fork(1);
+    try {
+      assert.equal((await child!.runCode(fetchFrom(`http://allowed.test:${allowed.port}/`))).stdout.trim(), page);
+      assert.equal((await child!.runCode(fetchFrom(`http://other.test:${other.port}/`))).stdout.trim(), 'http 403');
+      assert.match((await child!.runCode(resolve('other.test'))).stdout, /^gaierror/);
+      assert.deepEqual(denials(await child!.events()), [`http other.test:${other.port}`, 'dns other.test']);
+      assert.deepEqual((await child!.info()).egress, { allow: ['allowed.test', '*.zone.test', `${other.ip}/32`] });
+    } finally {
+      await child?.close();
+    }
+  });
+
+  it("keeps the server's API and the host's own addresses out of reach, even for '*'", async () => {
+    const any = await Sandbox.create({ host: server.url, egress: { allow: ['*'] } });
+    try {
+      assert.equal((await any.runCode(fetchFrom(`http://allowed.test:${allowed.port}/`))).stdout.trim(), page);
+      for (const url of [
+        `http://127.0.0.1:${apiPort}/v1/healthz`, `http://localhost:${apiPort}/v1/healthz`,
+        `http://loop.test:${loopPort}/`, `http://127.0.0.1:${loopPort}/`,
+        `http://${allowed.hostIp}:${loopPort}/`, // the host's end of the veth pair
+      ]) {
+        assert.equal((await any.runCode(fetchFrom(url), viaProxy)).stdout.trim(), 'http 403', url);
+      }
+      const reasons = (await any.events()).filter((e) => e.type === 'egress_denied').map((e) => e.data.reason ?? '');
+      assert.ok(reasons.some((r) => /loopback/.test(r)), reasons.join(' | '));
+    } finally {
+      await any.close();
+    }
+  });
+
+  it("opens the host's loopback only to an address rule naming it, and never the API", async () => {
+    const loop = await Sandbox.create({ host: server.url, egress: { allow: ['127.0.0.1/32'] } });
+    try {
+      assert.equal((await loop.runCode(fetchFrom(`http://127.0.0.1:${loopPort}/`), viaProxy)).stdout.trim(), 'loopback service');
+      assert.equal((await loop.runCode(fetchFrom(`http://127.0.0.1:${apiPort}/v1/healthz`), viaProxy)).stdout.trim(), 'http 403');
+      // Without the proxy, 127.0.0.1 is the sandbox's own loopback: nothing of the host's is there.
+      assert.notEqual((await loop.runCode(connectDirect('127.0.0.1', loopPort))).stdout.trim(), 'open');
+      const reasons = denials(await loop.events());
+      assert.deepEqual(reasons, [`http 127.0.0.1:${apiPort}`]);
+    } finally {
+      await loop.close();
+    }
+  });
+
+  it('leaves no socket behind once a sandbox with a policy is gone', async () => {
+    const before = foreignSockets();
+    const temp = await Sandbox.create({ host: server.url, egress: { allow: ['allowed.test'] } });
+    const [child] = await temp.fork(1);
+    const ours = [...foreignSockets()].filter((s) => !before.has(s));
+    // At least the HTTP proxy, SOCKS and DNS listeners in each of the two sandboxes' namespaces.
+    assert.ok(ours.length >= 6, `${ours.length} sockets`);
+    await child!.close();
+    await temp.close();
+    const left = () => ours.filter((s) => foreignSockets().has(s));
+    for (let i = 0; i < 100 && left().length > 0; i++) await new Promise((r) => setTimeout(r, 20));
+    assert.deepEqual(left(), []);
+  });
+
+  it('egress: false still has no network and no DNS at all', async () => {
+    const offline = await Sandbox.create({ host: server.url, egress: false });
+    try {
+      assert.match((await offline.runCode(resolve('allowed.test'))).stdout, /^gaierror/);
+      assert.notEqual((await offline.runCode(connectDirect('10.0.2.3', 53))).stdout.trim(), 'open');
+      assert.notEqual((await offline.runCode(connectDirect('127.0.0.1', 3128))).stdout.trim(), 'open');
+      assert.match((await offline.runCode(fetchFrom(`http://${other.ip}:${other.port}/`))).stdout, /^failed/);
+      assert.deepEqual(await offline.events(), []);
+    } finally {
+      await offline.close();
+    }
+  });
+
+  it('refuses malformed rules with a 400 naming the rule', async () => {
+    await assert.rejects(
+      Sandbox.create({ host: server.url, egress: { allow: ['allowed.test', 'not a host!'] } }),
+      (err: unknown) => err instanceof BadRequestError && /egress\.allow\.1/.test(err.message),
+    );
+    await assert.rejects(Sandbox.create({ host: server.url, egress: { allow: ['10.0.0.0/40'] } }), BadRequestError);
+    await assert.rejects(Sandbox.create({ host: server.url, egress: 'yes' as unknown as boolean }), BadRequestError);
+  });
+});
