@@ -103,6 +103,33 @@ function foreignSockets(): Set<string> {
   return found;
 }
 
+/**
+ * Python opening a CONNECT tunnel and starting TLS with server name `sni` (its ClientHello, from
+ * the ssl module, optionally split over two TLS records); prints whether the far side answered.
+ */
+const tlsThroughTunnel = (target: string, sni: string, split = false) => `import os, socket, ssl, struct
+ctx = ssl.create_default_context()
+incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+tls = ctx.wrap_bio(incoming, outgoing, server_hostname="${sni}")
+try:
+    tls.do_handshake()
+except ssl.SSLWantReadError:
+    pass
+hello = outgoing.read()
+if ${split ? 'True' : 'False'}:
+    body = hello[5:]
+    hello = b"".join(b"\\x16\\x03\\x01" + struct.pack(">H", len(p)) + p for p in (body[:40], body[40:]))
+proxy = os.environ["HTTPS_PROXY"].split("//")[1]
+host, port = proxy.rsplit(":", 1)
+s = socket.create_connection((host, int(port)), timeout=5)
+s.sendall(b"CONNECT ${target} HTTP/1.1\\r\\n\\r\\n")
+assert b" 200 " in s.recv(4096)
+s.sendall(hello)
+try:
+    print("answered" if s.recv(4096) else "closed")
+except ConnectionResetError:
+    print("closed")`;
+
 const denials = (events: SandboxEvent[]) => events.filter((e) => e.type === 'egress_denied').map((e) => `${e.data.via} ${e.data.host}${e.data.port === null ? '' : `:${e.data.port}`}`);
 
 describe('egress allowlists', () => {
@@ -157,6 +184,20 @@ describe('egress allowlists', () => {
     const socks = await sbx.runCode(socksFetch('a.zone.test', allowed.port));
     assert.equal(socks.stdout, `reply 0\n${page}\n`, socks.stderr);
     assert.equal((await sbx.runCode(socksFetch('other.test', other.port))).stdout, 'reply 2\n'); // "not allowed by ruleset"
+  });
+
+  it('checks the TLS server name inside a CONNECT tunnel against the rules', async () => {
+    const target = `allowed.test:${allowed.port}`;
+    // The test host speaks HTTP, so it answers a ClientHello with an error: an answer means "let through".
+    const first = await sbx.runCode(tlsThroughTunnel(target, 'allowed.test'));
+    assert.equal(first.stdout, 'answered\n', JSON.stringify(first.error));
+    assert.equal((await sbx.runCode(tlsThroughTunnel(target, 'a.zone.test'))).stdout, 'answered\n');
+    assert.equal((await sbx.runCode(tlsThroughTunnel(target, 'allowed.test', true))).stdout, 'answered\n');
+    assert.equal((await sbx.runCode(tlsThroughTunnel(target, 'other.test'))).stdout, 'closed\n');
+    assert.equal((await sbx.runCode(tlsThroughTunnel(target, 'elsewhere.test', true))).stdout, 'closed\n');
+    const reasons = (await sbx.events()).filter((e) => e.type === 'egress_denied' && e.data.via === 'connect').map((e) => e.data.reason ?? '');
+    assert.ok(reasons.some((r) => r.includes('TLS server name other.test')), reasons.join(' | '));
+    assert.ok(reasons.some((r) => r.includes('TLS server name elsewhere.test')), reasons.join(' | '));
   });
 
   it('answers DNS for allowed names only', async () => {

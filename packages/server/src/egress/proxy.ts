@@ -19,6 +19,7 @@ import { buildAnswer, formatError, parseQuery, QTYPE, RCODE } from './dns-wire.j
 import type { EgressMatcher } from './policy.js';
 import type { NameResolver } from './resolver.js';
 import { socksHandshake, socksReply, SOCKS_REPLY } from './socks5.js';
+import { scanClientHello } from './tls-sni.js';
 
 export interface EgressProxyListeners {
   http: net.Server;
@@ -130,7 +131,7 @@ export class EgressProxy {
 
   private deniedEvent(data: EgressEventData): void {
     // A resolver asks for A and AAAA at once, and clients retry: one event per attempt is enough.
-    const key = `${data.via}|${data.host}|${data.port}`;
+    const key = `${data.via}|${data.host}|${data.port}|${data.reason}`;
     const now = Date.now();
     const last = this.recentDenials.get(key);
     if (last !== undefined && now - last < 1000) return;
@@ -173,6 +174,48 @@ export class EgressProxy {
     } catch (err) {
       return { ok: false, denied: false, reason: (err as Error).message };
     }
+  }
+
+  /**
+   * Relays a tunnel. When the client asked for a name and starts TLS, the server name in its
+   * ClientHello must be allowed too: otherwise a tunnel to an allowed name on a shared front (a
+   * CDN) could ask that front for any other site. The far side flows at once (some protocols speak
+   * first); the client's bytes wait until its ClientHello is read.
+   */
+  private tunnel(client: net.Socket, upstream: net.Socket, host: string, port: number, via: Via, initial: Buffer): void {
+    upstream.pipe(client);
+    client.once('close', () => upstream.destroy());
+    upstream.once('close', () => client.destroy());
+    const name = host.replace(/^\[(.*)\]$/, '$1').toLowerCase().replace(/\.$/, '');
+    let buffered = initial;
+    const forward = () => {
+      if (buffered.length) upstream.write(buffered);
+      client.pipe(upstream);
+      client.resume();
+    };
+    if (net.isIP(name)) return forward(); // an address rule allowed it: whatever name TLS asks for goes there
+    const timer = setTimeout(() => decide(true), 10_000);
+    const onData = (d: Buffer) => {
+      buffered = Buffer.concat([buffered, d]);
+      decide(false);
+    };
+    const decide = (timedOut: boolean) => {
+      const scan = scanClientHello(buffered);
+      if (scan.kind === 'incomplete' && !timedOut) return;
+      clearTimeout(timer);
+      client.off('data', onData);
+      client.pause();
+      if (scan.kind === 'not-tls' || (scan.kind === 'hello' && (scan.sni === null || scan.sni === name || this.o.matcher.nameAllowed(scan.sni)))) return forward();
+      const reason = scan.kind === 'hello'
+        ? `TLS server name ${scan.sni} is not in the allowlist (tunnel to ${name})`
+        : `unreadable TLS ClientHello in the tunnel to ${name}`;
+      this.deniedEvent({ host: scan.kind === 'hello' ? scan.sni! : name, port, via, reason });
+      client.destroy();
+      upstream.destroy();
+    };
+    client.on('data', onData);
+    client.resume();
+    decide(false);
   }
 
   private async onRequest(req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
@@ -220,8 +263,7 @@ export class EgressProxy {
       return void socket.end(`HTTP/1.1 ${status}\r\nContent-Type: text/plain\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`);
     }
     socket.write('HTTP/1.1 200 Connection Established\r\n\r\n');
-    if (head.length) opened.upstream.write(head);
-    relay(socket, opened.upstream);
+    this.tunnel(socket, opened.upstream, m[1]!, Number(m[2]), 'connect', head);
   }
 
   private async onSocks(socket: net.Socket): Promise<void> {
@@ -230,9 +272,7 @@ export class EgressProxy {
     const opened = await this.open(request.host, request.port, 'socks');
     if (!opened.ok) return socksReply(socket, opened.denied ? SOCKS_REPLY.notAllowed : SOCKS_REPLY.hostUnreachable, true);
     socksReply(socket, SOCKS_REPLY.succeeded);
-    if (request.rest.length) opened.upstream.write(request.rest);
-    relay(socket, opened.upstream);
-    socket.resume();
+    this.tunnel(socket, opened.upstream, request.host, request.port, 'socks', request.rest);
   }
 
   private async onDns(msg: Buffer, rinfo: dgram.RemoteInfo): Promise<void> {
@@ -260,13 +300,4 @@ function plain(res: http.ServerResponse, status: number, text: string): void {
   if (res.headersSent) return void res.destroy();
   res.writeHead(status, { 'Content-Type': 'text/plain', Connection: 'close' });
   res.end(text + '\n');
-}
-
-/** Copies bytes both ways until either side ends. */
-function relay(a: net.Socket, b: net.Socket): void {
-  a.pipe(b);
-  b.pipe(a);
-  const done = () => { a.destroy(); b.destroy(); };
-  a.once('close', done);
-  b.once('close', done);
 }
