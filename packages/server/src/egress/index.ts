@@ -8,7 +8,7 @@ import type { Logger } from '../log.js';
 import type { SandboxEventLog } from '../sandbox-events.js';
 import { EgressMatcher } from './policy.js';
 import { EgressProxy, type EgressProxyListeners } from './proxy.js';
-import { createResolver, type NameResolver } from './resolver.js';
+import { cachedResolver, createResolver, type NameResolver } from './resolver.js';
 
 export interface EgressServiceOptions {
   /** DNS servers for allowed names ("ip" or "ip:port"); empty: the host's resolver. */
@@ -23,7 +23,7 @@ export class EgressService {
   readonly protectedPorts: number[] = [];
 
   constructor(private readonly opts: EgressServiceOptions) {
-    this.resolver = createResolver(opts.dnsServers);
+    this.resolver = cachedResolver(createResolver(opts.dnsServers));
   }
 
   /** Serves `policy` for sandbox `sandboxId` on its listeners until the returned proxy is closed. */

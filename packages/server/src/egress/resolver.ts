@@ -43,3 +43,25 @@ export function createResolver(servers: string[] = []): NameResolver {
     },
   };
 }
+
+/**
+ * Shares lookups for a few seconds: a sandbox asking for an allowed name in a loop then costs the
+ * host one lookup, not one per query (getaddrinfo runs on libuv's small thread pool, which the
+ * server's file operations need too). Failures are not kept.
+ */
+export function cachedResolver(inner: NameResolver, ttlMs = 10_000, maxEntries = 5000): NameResolver {
+  const cache = new Map<string, { until: number; addresses: Promise<string[]> }>();
+  return {
+    resolve(name, family) {
+      const key = `${family}|${name}`;
+      const now = Date.now();
+      const hit = cache.get(key);
+      if (hit && hit.until > now) return hit.addresses;
+      if (cache.size >= maxEntries) cache.clear();
+      const addresses = inner.resolve(name, family);
+      cache.set(key, { until: now + ttlMs, addresses });
+      addresses.catch(() => cache.delete(key));
+      return addresses;
+    },
+  };
+}
