@@ -23,6 +23,9 @@ except urllib.error.HTTPError as e:
 except Exception as e:
     print("failed", type(e).__name__)`;
 
+/** The same, without any proxy (urllib's default opener keeps the proxies it first saw). */
+const fetchDirect = (url: string) => fetchFrom(url).replace('urllib.request.urlopen(', 'urllib.request.build_opener(urllib.request.ProxyHandler({})).open(');
+
 /** Python asking the sandbox's resolver (glibc, /etc/resolv.conf) for a name. */
 const resolve = (name: string) => `import socket
 try:
@@ -142,8 +145,10 @@ describe('egress allowlists', () => {
   let sbx: Sandbox;
 
   before(async () => {
-    other = await startTestHost();
+    // Port 80: direct connections (no proxy variables) to port 80 are taken over by the proxy too.
+    other = await startTestHost({ port: 80 });
     allowed = await startTestHost({
+      port: 80,
       dns: {
         'allowed.test': 'self', 'a.zone.test': 'self', 'zone.test': 'self', 'other.test': other.ip,
         'loop.test': '127.0.0.1',
@@ -200,6 +205,33 @@ describe('egress allowlists', () => {
     assert.ok(reasons.some((r) => r.includes('TLS server name elsewhere.test')), reasons.join(' | '));
   });
 
+  it('takes over direct connections to ports 80 and 443 (programs that ignore the proxy variables)', async () => {
+    const before = (await sbx.events()).at(-1)?.seq ?? -1;
+    assert.equal((await sbx.runCode(fetchDirect('http://allowed.test/'))).stdout.trim(), page);
+    assert.equal((await sbx.runCode(fetchDirect(`http://${other.ip}/`))).stdout.trim(), page);
+    assert.equal((await sbx.runCode(fetchDirect(`http://${allowed.ip}/`))).stdout.trim(), 'http 403');
+    // The Host header names the destination: an allowed address with a denied name is denied.
+    const spoofed = await sbx.runCode(`import socket
+s = socket.create_connection(("${other.ip}", 80), timeout=5)
+s.sendall(b"GET / HTTP/1.0\\r\\nHost: evil.test\\r\\n\\r\\n")
+print(s.recv(4096).decode().split("\\r\\n")[0])`);
+    assert.equal(spoofed.stdout.trim(), 'HTTP/1.1 403 Forbidden', spoofed.stderr);
+    // TLS: the server name decides (nothing listens on 443 there: only the decision is seen).
+    await sbx.runCode(`import socket, ssl
+for name in ("allowed.test", "other.test"):
+    try:
+        with socket.create_connection(("${allowed.ip}", 443), timeout=5) as s:
+            ssl.create_default_context().wrap_socket(s, server_hostname=name)
+    except Exception:
+        pass`);
+    const denied = denials(await sbx.events({ after: before }));
+    assert.deepEqual(denied.filter((d) => d.startsWith('transparent')), [
+      `transparent ${allowed.ip}:80`, 'transparent evil.test:80', 'transparent other.test:443',
+    ]);
+    const allowedDirect = (await sbx.events({ after: before })).filter((e) => e.type === 'egress_allowed' && e.data.via === 'transparent');
+    assert.deepEqual(allowedDirect.map((e) => `${e.data.host}:${e.data.port}`), ['allowed.test:80', `${other.ip}:80`]);
+  });
+
   it('answers DNS for allowed names only', async () => {
     assert.equal((await sbx.runCode(resolve('allowed.test'))).stdout.trim(), `['${allowed.ip}']`);
     assert.equal((await sbx.runCode(resolve('a.zone.test'))).stdout.trim(), `['${allowed.ip}']`);
@@ -207,8 +239,19 @@ describe('egress allowlists', () => {
     assert.match((await sbx.runCode(resolve('example.com'))).stdout, /^gaierror/);
   });
 
-  it('has no way out but the proxy: a direct connection to an allowed host fails', async () => {
-    assert.notEqual((await sbx.runCode(connectDirect(allowed.ip, allowed.port))).stdout.trim(), 'open');
+  it('has no way out but the proxy: nothing else of an allowed host is reachable', async () => {
+    // The test's DNS server listens on the allowed host, UDP port 53: the host reaches it, the sandbox not.
+    const query = await sbx.runCode(`import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(2)
+q = b"\\x12\\x34\\x01\\x00\\x00\\x01\\x00\\x00\\x00\\x00\\x00\\x00\\x07allowed\\x04test\\x00\\x00\\x01\\x00\\x01"
+try:
+    s.sendto(q, ("${allowed.ip}", 53))
+    print("answer", len(s.recv(512)))
+except Exception as e:
+    print(type(e).__name__)`);
+    assert.match(query.stdout, /^(TimeoutError|timeout|ConnectionRefusedError)/, query.stdout + query.stderr);
+    assert.notEqual((await sbx.runCode(connectDirect(allowed.ip, 22))).stdout.trim(), 'open');
     const ifaces = await sbx.runCode('import socket\nprint(sorted(n for _, n in socket.if_nameindex()))');
     assert.equal(ifaces.stdout, "['lo']\n");
   });
@@ -282,8 +325,8 @@ describe('egress allowlists', () => {
     const temp = await Sandbox.create({ host: server.url, egress: { allow: ['allowed.test'] } });
     const [child] = await temp.fork(1);
     const ours = [...foreignSockets()].filter((s) => !before.has(s));
-    // At least the HTTP proxy, SOCKS and DNS listeners in each of the two sandboxes' namespaces.
-    assert.ok(ours.length >= 6, `${ours.length} sockets`);
+    // At least the five listeners (HTTP proxy, SOCKS, DNS, ports 80 and 443) in each of the two sandboxes.
+    assert.ok(ours.length >= 10, `${ours.length} sockets`);
     await child!.close();
     await temp.close();
     const left = () => ours.filter((s) => foreignSockets().has(s));

@@ -16,6 +16,8 @@ export interface TestHost {
 }
 
 export interface TestHostOptions {
+  /** The HTTP server's port. @default 8080 */
+  port?: number;
   /**
    * Also answer DNS on <ip>:53 with these A records (name -> IPv4, or 'self' for this host's own
    * address); NXDOMAIN for anything else.
@@ -75,7 +77,7 @@ export async function startTestHost(opts: TestHostOptions = {}): Promise<TestHos
     sh('-n', ns, 'addr', 'add', `${ip}/30`, 'dev', nsIf);
     sh('-n', ns, 'link', 'set', nsIf, 'up');
     sh('-n', ns, 'link', 'set', 'lo', 'up');
-    const port = 8080;
+    const port = opts.port ?? 8080;
     server = spawn('ip', ['netns', 'exec', ns, '/usr/bin/python3', '-c',
       `import http.server as h
 class H(h.BaseHTTPRequestHandler):

@@ -54,8 +54,11 @@ export interface EgressEventData {
   host: string;
   /** The port asked for (null for DNS). */
   port: number | null;
-  /** How it was asked: a plain HTTP request through the proxy, HTTP CONNECT, SOCKS5, or a DNS query. */
-  via: 'http' | 'connect' | 'socks' | 'dns';
+  /**
+   * How it was asked: a plain HTTP request through the proxy, HTTP CONNECT, SOCKS5, a DNS query, or
+   * a direct connection to port 80/443 of some address (taken over by the proxy).
+   */
+  via: 'http' | 'connect' | 'socks' | 'dns' | 'transparent';
   /** The address connected to (allowed attempts). */
   address?: string;
   /** Why it was denied. */

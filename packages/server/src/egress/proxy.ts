@@ -16,15 +16,21 @@ import { isHostName, type EgressEventData } from '@podflare/protocol';
 import type { Logger } from '../log.js';
 import type { SandboxEventBody } from '../sandbox-events.js';
 import { buildAnswer, formatError, parseQuery, QTYPE, RCODE } from './dns-wire.js';
-import type { EgressMatcher } from './policy.js';
+import { normalizeAddress, type EgressMatcher } from './policy.js';
 import type { NameResolver } from './resolver.js';
 import { socksHandshake, socksReply, SOCKS_REPLY } from './socks5.js';
 import { scanClientHello } from './tls-sni.js';
+
+/** The sandbox-side DNS address (see runtime/namespace/netns-addresses.ts). */
+const EGRESS_DNS_HOST = '10.0.2.3';
 
 export interface EgressProxyListeners {
   http: net.Server;
   socks: net.Server;
   dns: dgram.Socket;
+  /** Direct connections to port 80 / 443 of any address (see netns-addresses.ts). */
+  transparentHttp: net.Server;
+  transparentTls: net.Server;
 }
 
 export interface EgressProxyOptions {
@@ -60,6 +66,12 @@ export class EgressProxy {
     listeners.socks.on('connection', (socket: net.Socket) => {
       if (this.admit(socket)) this.guard(this.onSocks(socket), socket);
     });
+    listeners.transparentHttp.on('connection', (socket: net.Socket) => {
+      if (this.admit(socket)) this.guard(this.onTransparent(socket, 'http'), socket);
+    });
+    listeners.transparentTls.on('connection', (socket: net.Socket) => {
+      if (this.admit(socket)) this.guard(this.onTransparent(socket, 'tls'), socket);
+    });
     listeners.dns.on('message', (msg, rinfo) => this.guard(this.onDns(msg, rinfo)));
     listeners.dns.on('error', (err) => this.o.log.warn('egress dns socket error', { error: err.message }));
   }
@@ -69,6 +81,8 @@ export class EgressProxy {
     this.closed = true;
     this.listeners.http.close();
     this.listeners.socks.close();
+    this.listeners.transparentHttp.close();
+    this.listeners.transparentTls.close();
     try { this.listeners.dns.close(); } catch { /* already closed */ }
     for (const s of this.sockets) s.destroy();
     this.http.close();
@@ -275,6 +289,46 @@ export class EgressProxy {
     this.tunnel(socket, opened.upstream, request.host, request.port, 'socks', request.rest);
   }
 
+  /**
+   * A direct connection to port 80 or 443 of some address. Where it was going is the connection's
+   * local address (every address is local in the namespace); the name is the Host header or the
+   * TLS server name. With a name, the name rules decide and the proxy resolves it itself; without
+   * one, the address rules decide on the address.
+   */
+  private async onTransparent(client: net.Socket, kind: 'http' | 'tls'): Promise<void> {
+    const destination = normalizeAddress(client.localAddress ?? '');
+    const port = client.localPort ?? 0;
+    const head = await readUntil(client, kind === 'http'
+      ? (b) => b.includes('\r\n\r\n') || b.length > 16 * 1024
+      : (b) => scanClientHello(b).kind !== 'incomplete', 10_000);
+    // The sandbox's own loopback and DNS address are its own business, not egress.
+    if (destination.startsWith('127.') || destination === EGRESS_DNS_HOST || head.length === 0) return void client.destroy();
+    let name: string | null = null;
+    if (kind === 'http') {
+      const host = /^host:[ \t]*([^\r\n]+)/im.exec(head.toString('latin1'))?.[1]?.trim() ?? '';
+      name = host.startsWith('[') ? null : host.replace(/:\d+$/, '') || null;
+    } else {
+      const scan = scanClientHello(head);
+      name = scan.kind === 'hello' ? scan.sni : null;
+    }
+    if (name !== null && net.isIP(name)) name = null;
+    const opened = await this.open(name ?? destination, port, 'transparent');
+    if (!opened.ok) {
+      if (kind === 'http') {
+        const body = `podflare egress: ${opened.reason}\n`;
+        client.end(`HTTP/1.1 ${opened.denied ? '403 Forbidden' : '502 Bad Gateway'}\r\nContent-Type: text/plain\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`);
+      } else client.destroy();
+      return;
+    }
+    const upstream = opened.upstream;
+    upstream.write(head);
+    upstream.pipe(client);
+    client.pipe(upstream);
+    client.resume();
+    client.once('close', () => upstream.destroy());
+    upstream.once('close', () => client.destroy());
+  }
+
   private async onDns(msg: Buffer, rinfo: dgram.RemoteInfo): Promise<void> {
     const send = (answer: Buffer | null) => {
       if (answer && !this.closed) this.listeners.dns.send(answer, rinfo.port, rinfo.address, () => undefined);
@@ -294,6 +348,27 @@ export class EgressProxy {
       send(buildAnswer(q, RCODE.servFail));
     }
   }
+}
+
+/** Collects what a client sends until `enough` says so, it stops, or time runs out; leaves it paused. */
+function readUntil(socket: net.Socket, enough: (b: Buffer) => boolean, timeoutMs: number): Promise<Buffer> {
+  return new Promise((resolve) => {
+    let buf = Buffer.alloc(0);
+    const finish = () => {
+      clearTimeout(timer);
+      socket.off('data', onData);
+      socket.off('end', finish);
+      socket.pause();
+      resolve(buf);
+    };
+    const onData = (d: Buffer) => {
+      buf = Buffer.concat([buf, d]);
+      if (enough(buf)) finish();
+    };
+    const timer = setTimeout(finish, timeoutMs);
+    socket.on('data', onData);
+    socket.once('end', finish);
+  });
 }
 
 function plain(res: http.ServerResponse, status: number, text: string): void {

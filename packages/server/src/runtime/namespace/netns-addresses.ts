@@ -7,6 +7,13 @@ export const EGRESS_ADDRESSES = {
   httpProxyPort: 3128,
   socksPort: 1080,
   dnsHost: '10.0.2.3',
+  /**
+   * Ports taken over for programs that ignore the proxy variables: every IPv4 address is made local
+   * to the namespace (`ip route add local 0.0.0.0/0 dev lo`), so a direct connection to any
+   * address on these ports lands on the proxy's listener, which reads where it was going from the
+   * connection's local address, and the name from the Host header or the TLS server name.
+   */
+  transparentPorts: { http: 80, tls: 443 },
 } as const;
 
 /** The environment that points programs in the sandbox at the proxy (curl, pip, urllib, requests, …). */

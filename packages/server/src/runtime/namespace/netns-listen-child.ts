@@ -42,10 +42,15 @@ async function main(): Promise<void> {
   const http = await listenTcp(a.proxyHost, a.httpProxyPort);
   const socks = await listenTcp(a.proxyHost, a.socksPort);
   const dns = await bindUdp(a.dnsHost, 53);
+  sh(['route', 'add', 'local', '0.0.0.0/0', 'dev', 'lo']);
+  const transparentHttp = await listenTcp('0.0.0.0', a.transparentPorts.http);
+  const transparentTls = await listenTcp('0.0.0.0', a.transparentPorts.tls);
   process.send!('http', http);
   process.send!('socks', socks);
   process.send!('dns', dns);
-  // The server disconnects once it holds all three.
+  process.send!('transparentHttp', transparentHttp);
+  process.send!('transparentTls', transparentTls);
+  // The server disconnects once it holds them all.
   process.once('disconnect', () => process.exit(0));
 }
 

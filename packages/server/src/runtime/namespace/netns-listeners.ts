@@ -13,7 +13,11 @@ export interface EgressListeners {
   http: net.Server;
   socks: net.Server;
   dns: dgram.Socket;
+  transparentHttp: net.Server;
+  transparentTls: net.Server;
 }
+
+const TCP_LISTENERS = ['http', 'socks', 'transparentHttp', 'transparentTls'] as const;
 
 const CHILD = fileURLToPath(new URL('./netns-listen-child.js', import.meta.url));
 
@@ -38,9 +42,9 @@ export function openEgressListeners(sandboxPid: number, timeoutMs: number): Prom
     const timer = setTimeout(() => fail(new Error('the egress listeners did not open in time')), timeoutMs);
     child.on('message', (msg: unknown, handle: unknown) => {
       if (typeof msg === 'object' && msg && 'error' in msg) return fail(new Error(`cannot open the egress listeners: ${String((msg as { error: unknown }).error)}`));
-      if (msg === 'http' || msg === 'socks') got[msg] = handle as net.Server;
+      if ((TCP_LISTENERS as readonly unknown[]).includes(msg)) got[msg as (typeof TCP_LISTENERS)[number]] = handle as net.Server;
       else if (msg === 'dns') got.dns = handle as dgram.Socket;
-      if (got.http && got.socks && got.dns && !settled) {
+      if (TCP_LISTENERS.every((k) => got[k]) && got.dns && !settled) {
         settled = true;
         clearTimeout(timer);
         child.disconnect();
@@ -53,7 +57,6 @@ export function openEgressListeners(sandboxPid: number, timeoutMs: number): Prom
 }
 
 export function closeEgressListeners(l: Partial<EgressListeners>): void {
-  l.http?.close();
-  l.socks?.close();
+  for (const k of TCP_LISTENERS) l[k]?.close();
   try { l.dns?.close(); } catch { /* already closed */ }
 }
