@@ -290,8 +290,8 @@ export class SandboxManager {
         if (live) live.record.parentId = parent.record.id;
       }
       this.counters.merged++;
-      this.eventLog.drop(old.id);
       await old.destroy();
+      this.eventLog.drop(old.id);
     }));
   }
 
@@ -324,10 +324,13 @@ export class SandboxManager {
     this.log.debug('sandbox ended', { sandbox: s.record.id, state, reason });
     await this.store.update(s.record.id, { state, endedAt: s.record.endedAt, endReason: reason, lastActiveAt: s.record.lastActiveAt });
     // The sandbox is already unreachable through the API: kill and clean up behind the answer.
-    this.eventLog.drop(s.rt.id);
-    const teardown = s.rt.destroy().catch((err: Error) => this.log.error('teardown failed', { sandbox: s.record.id, error: err.message }));
+    const rt = s.rt;
+    const teardown = rt.destroy().catch((err: Error) => this.log.error('teardown failed', { sandbox: s.record.id, error: err.message }));
     this.teardowns.add(teardown);
-    void teardown.finally(() => this.teardowns.delete(teardown));
+    void teardown.finally(() => {
+      this.teardowns.delete(teardown);
+      this.eventLog.drop(rt.id);
+    });
   }
 
   private setState(s: LiveSandbox, state: SandboxRecord['state']): void {

@@ -144,6 +144,7 @@ export class EgressProxy {
   }
 
   private deniedEvent(data: EgressEventData): void {
+    if (this.closed) return;
     // A resolver asks for A and AAAA at once, and clients retry: one event per attempt is enough.
     const key = `${data.via}|${data.host}|${data.port}|${data.reason}`;
     const now = Date.now();
