@@ -103,20 +103,31 @@ describe('allowlist matching', () => {
   });
 
   it('lets addresses through by address rule, and ordinary addresses of allowed names', () => {
-    assert.ok(m.addressVerdict('10.2.3.4', 443, false).allowed);
-    assert.ok(m.addressVerdict('::ffff:10.2.3.4', 443, false).allowed); // IPv4-mapped is IPv4
-    assert.ok(m.addressVerdict('2001:db8::5', 443, false).allowed);
-    assert.ok(!m.addressVerdict('192.0.2.1', 443, false).allowed);
-    assert.ok(m.addressVerdict('192.0.2.1', 443, true).allowed);
+    assert.ok(m.addressVerdict('10.2.3.4', 443, null).allowed);
+    assert.ok(m.addressVerdict('::ffff:10.2.3.4', 443, null).allowed); // IPv4-mapped is IPv4
+    assert.ok(m.addressVerdict('2001:db8::5', 443, null).allowed);
+    assert.ok(!m.addressVerdict('192.0.2.1', 443, null).allowed);
+    assert.ok(m.addressVerdict('192.0.2.1', 443, 'pypi.org').allowed);
+  });
+
+  it('lets "*" reach public addresses only, private ones when the name is listed or the address allowed', () => {
+    const any = new EgressMatcher({ allow: ['*', 'db.corp.test', '172.20.0.0/16'] }, () => []);
+    assert.ok(any.nameAllowed('anything.test'));
+    assert.ok(any.addressVerdict('192.0.2.1', 443, 'anything.test').allowed);
+    for (const a of ['10.1.1.1', '172.16.0.1', '192.168.1.1', '100.64.0.1', 'fd00::1']) {
+      assert.ok(!any.addressVerdict(a, 443, 'anything.test').allowed, a);
+    }
+    assert.ok(any.addressVerdict('10.1.1.1', 443, 'db.corp.test').allowed);
+    assert.ok(any.addressVerdict('172.20.1.1', 443, 'anything.test').allowed);
   });
 
   it("keeps link-local, other loopback and the host's own addresses behind address rules, and the API always", () => {
     for (const a of ['169.254.169.254', '127.0.0.2', '::1', 'fe80::1', '0.0.0.0']) {
-      assert.ok(!m.addressVerdict(a, 80, true).allowed, a);
+      assert.ok(!m.addressVerdict(a, 80, 'pypi.org').allowed, a);
     }
     const own = Object.values(os.networkInterfaces()).flat().find((i) => i && i.family === 'IPv4' && !i.internal);
-    if (own) assert.ok(!m.addressVerdict(own.address, 80, true).allowed, own.address);
-    assert.ok(m.addressVerdict('127.0.0.1', 8000, false).allowed); // named by an address rule
-    assert.ok(!m.addressVerdict('127.0.0.1', apiPort, false).allowed); // but never the API
+    if (own) assert.ok(!m.addressVerdict(own.address, 80, 'pypi.org').allowed, own.address);
+    assert.ok(m.addressVerdict('127.0.0.1', 8000, null).allowed); // named by an address rule
+    assert.ok(!m.addressVerdict('127.0.0.1', apiPort, null).allowed); // but never the API
   });
 });

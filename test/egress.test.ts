@@ -151,7 +151,7 @@ describe('egress allowlists', () => {
       port: 80,
       dns: {
         'allowed.test': 'self', 'a.zone.test': 'self', 'zone.test': 'self', 'other.test': other.ip,
-        'loop.test': '127.0.0.1',
+        'loop.test': '127.0.0.1', 'hostside.test': 'host',
       },
     });
     server = await startTestServer({ egressDnsServers: [allowed.ip] });
@@ -289,18 +289,22 @@ except Exception as e:
   });
 
   it("keeps the server's API and the host's own addresses out of reach, even for '*'", async () => {
-    const any = await Sandbox.create({ host: server.url, egress: { allow: ['*'] } });
+    const any = await Sandbox.create({ host: server.url, egress: { allow: ['*', 'hostside.test'] } });
     try {
-      assert.equal((await any.runCode(fetchFrom(`http://allowed.test:${allowed.port}/`))).stdout.trim(), page);
+      // "*" means the internet: the test hosts' private addresses need their names listed.
+      assert.equal((await any.runCode(fetchFrom(`http://allowed.test:${allowed.port}/`))).stdout.trim(), 'http 403');
       for (const url of [
         `http://127.0.0.1:${apiPort}/v1/healthz`, `http://localhost:${apiPort}/v1/healthz`,
         `http://loop.test:${loopPort}/`, `http://127.0.0.1:${loopPort}/`,
         `http://${allowed.hostIp}:${loopPort}/`, // the host's end of the veth pair
+        `http://hostside.test:${loopPort}/`, // a listed name that resolves to it
       ]) {
         assert.equal((await any.runCode(fetchFrom(url), viaProxy)).stdout.trim(), 'http 403', url);
       }
       const reasons = (await any.events()).filter((e) => e.type === 'egress_denied').map((e) => e.data.reason ?? '');
       assert.ok(reasons.some((r) => /loopback/.test(r)), reasons.join(' | '));
+      assert.ok(reasons.some((r) => r.startsWith(`hostside.test resolves to ${allowed.hostIp}: ${allowed.hostIp} is the host's own`)), reasons.join(' | '));
+      assert.ok(reasons.some((r) => /private address, which "\*" does not cover/.test(r)), reasons.join(' | '));
     } finally {
       await any.close();
     }

@@ -19,8 +19,8 @@ export interface TestHostOptions {
   /** The HTTP server's port. @default 8080 */
   port?: number;
   /**
-   * Also answer DNS on <ip>:53 with these A records (name -> IPv4, or 'self' for this host's own
-   * address); NXDOMAIN for anything else.
+   * Also answer DNS on <ip>:53 with these A records (name -> IPv4, 'self' for this test host's
+   * address, 'host' for the host's end of the veth pair); NXDOMAIN for anything else.
    */
   dns?: Record<string, string>;
 }
@@ -42,6 +42,8 @@ while True:
     ip = records.get(name)
     if ip == 'self':
         ip = sys.argv[1]
+    elif ip == 'host':
+        ip = sys.argv[3]
     answers = b''
     if ip and qtype == 1:
         answers = struct.pack('>HHHIH', 0xc00c, 1, 1, 5, 4) + socket.inet_aton(ip)
@@ -86,7 +88,7 @@ class H(h.BaseHTTPRequestHandler):
     def log_message(self, *a): pass
 h.HTTPServer(("${ip}", ${port}), H).serve_forever()`], { stdio: 'ignore' });
     if (opts.dns) {
-      dnsServer = spawn('ip', ['netns', 'exec', ns, '/usr/bin/python3', '-c', DNS_SERVER, ip, JSON.stringify(opts.dns)], { stdio: 'ignore' });
+      dnsServer = spawn('ip', ['netns', 'exec', ns, '/usr/bin/python3', '-c', DNS_SERVER, ip, JSON.stringify(opts.dns), hostIp], { stdio: 'ignore' });
     }
     // Wait until it answers from the host side.
     for (let i = 0; i < 50; i++) {

@@ -7,7 +7,8 @@
  * `egress: {allow: [...]}` only through the host's policy proxy, to the hosts the rules name:
  *   - `example.com`   that name exactly (any port);
  *   - `*.example.com` any name below example.com (not example.com itself);
- *   - `*`             any name (addresses of the host itself, loopback and link-local stay denied);
+ *   - `*`             any name, public addresses only (private ones need the name listed or an
+ *                     address rule; the host's own, loopback and link-local stay denied);
  *   - `10.1.2.3`, `10.0.0.0/8`, `fd00::/8` an address or CIDR block, for connections by address
  *     and for what allowed names resolve to. Only a rule like this can open the host's own
  *     addresses or loopback (never the server's API port).

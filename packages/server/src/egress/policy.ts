@@ -28,6 +28,11 @@ const special = new net.BlockList();
 for (const [a, p] of SPECIAL_V4) special.addSubnet(a, p, 'ipv4');
 for (const [a, p] of SPECIAL_V6) special.addSubnet(a, p, 'ipv6');
 
+/** Private networks: what `*` (any name) does not reach by itself, so it means "the internet". */
+const PRIVATE = new net.BlockList();
+for (const [a, p] of [['10.0.0.0', 8], ['172.16.0.0', 12], ['192.168.0.0', 16], ['100.64.0.0', 10]] as const) PRIVATE.addSubnet(a, p, 'ipv4');
+PRIVATE.addSubnet('fc00::', 7, 'ipv6');
+
 /** Addresses of the host's own interfaces, refreshed at most every few seconds. */
 let hostAddresses: { at: number; set: Set<string> } = { at: 0, set: new Set() };
 function ownAddresses(): Set<string> {
@@ -75,9 +80,13 @@ export class EgressMatcher {
 
   /** May the sandbox ask for this name (DNS, CONNECT, a proxied request)? */
   nameAllowed(name: string): boolean {
+    return this.anyName || this.nameListed(name);
+  }
+
+  /** Named by a name or *.domain rule (not only by `*`). */
+  private nameListed(name: string): boolean {
     const n = name.toLowerCase().replace(/\.$/, '');
-    if (this.anyName || this.names.has(n)) return true;
-    return this.suffixes.some((s) => n.endsWith('.' + s));
+    return this.names.has(n) || this.suffixes.some((s) => n.endsWith('.' + s));
   }
 
   /** Named by an address rule (what it takes to reach the host's own or special addresses). */
@@ -86,15 +95,18 @@ export class EgressMatcher {
     return this.addresses.check(a, familyOf(a));
   }
 
-  /** May a connection go to this address (resolved from an allowed name when `viaName`)? */
-  addressVerdict(address: string, port: number | null, viaName: boolean): Verdict {
+  /** May a connection go to this address (resolved from the allowed name `viaName`, or asked for by address)? */
+  addressVerdict(address: string, port: number | null, viaName: string | null): Verdict {
     const a = normalizeAddress(address);
     if (port !== null && this.protectedPorts().includes(port) && isHostOrSpecial(a)) {
       return { allowed: false, reason: "the server's API is never reachable from a sandbox" };
     }
     if (this.addressListed(a)) return { allowed: true };
     if (isHostOrSpecial(a)) return { allowed: false, reason: `${a} is the host's own, loopback or link-local: allow it with an address rule` };
-    if (viaName) return { allowed: true };
-    return { allowed: false, reason: `${a} is not in the allowlist` };
+    if (viaName === null) return { allowed: false, reason: `${a} is not in the allowlist` };
+    if (PRIVATE.check(a, familyOf(a)) && !this.nameListed(viaName)) {
+      return { allowed: false, reason: `${a} is a private address, which "*" does not cover: name the host or allow the address` };
+    }
+    return { allowed: true };
   }
 }

@@ -120,7 +120,7 @@ export class EgressProxy {
       return { ok: false, denied: true, reason };
     };
     if (net.isIP(h)) {
-      const v = this.o.matcher.addressVerdict(h, port, false);
+      const v = this.o.matcher.addressVerdict(h, port, null);
       return v.allowed ? { ok: true, addresses: [h] } : deny(v.reason);
     }
     if (!isHostName(h)) return deny(`"${host}" is not a host name or address`);
@@ -134,7 +134,7 @@ export class EgressProxy {
       return { ok: false, denied: false, reason: `cannot resolve ${h}: ${(err as Error).message}` };
     }
     if (addresses.length === 0) return { ok: false, denied: false, reason: `${h} does not resolve` };
-    const verdicts = addresses.map((a) => ({ a, v: this.o.matcher.addressVerdict(a, port, true) }));
+    const verdicts = addresses.map((a) => ({ a, v: this.o.matcher.addressVerdict(a, port, h) }));
     const usable = verdicts.filter((x) => x.v.allowed).map((x) => x.a);
     if (usable.length === 0) {
       const first = verdicts[0]!.v as { reason: string };
@@ -344,7 +344,7 @@ export class EgressProxy {
     try {
       const addresses = await this.o.resolver.resolve(q.name, q.type === QTYPE.A ? 4 : 6);
       // Only addresses a connection could go to: the rest would fail at the proxy anyway.
-      send(buildAnswer(q, RCODE.noError, addresses.filter((a) => this.o.matcher.addressVerdict(a, null, true).allowed)));
+      send(buildAnswer(q, RCODE.noError, addresses.filter((a) => this.o.matcher.addressVerdict(a, null, q.name).allowed)));
     } catch {
       send(buildAnswer(q, RCODE.servFail));
     }
