@@ -56,7 +56,9 @@ export class EgressProxy {
   private closed = false;
 
   constructor(private readonly listeners: EgressProxyListeners, private readonly o: EgressProxyOptions) {
-    this.http = http.createServer({ requireHostHeader: false });
+    // No whole-request deadline: uploads through the proxy and CONNECT tunnels may last (a
+    // sandbox can only tie up its own connections, which are capped).
+    this.http = http.createServer({ requireHostHeader: false, requestTimeout: 0 });
     this.http.on('request', (req, res) => this.guard(this.onRequest(req, res), req.socket));
     this.http.on('connect', (req: http.IncomingMessage, socket: net.Socket, head: Buffer) => this.guard(this.onConnect(req, socket, head), socket));
     this.http.on('clientError', (_err, socket) => socket.destroy());
