@@ -28,7 +28,7 @@ export function SandboxView({ sandbox, now, onSelect, onCompare, subscribe }: Pr
         <dt>state</dt><dd><span class={`state state-${sandbox.state}`}>{sandbox.state}</span>{sandbox.end_reason ? ` (${sandbox.end_reason})` : ''}</dd>
         <dt>template</dt><dd>{sandbox.template}</dd>
         <dt>runtime</dt><dd>{sandbox.runtime}</dd>
-        <dt>egress</dt><dd>{sandbox.egress ? 'on' : 'off'}</dd>
+        <dt>egress</dt><dd>{typeof sandbox.egress === 'object' ? `only ${sandbox.egress.allow.join(', ')}` : sandbox.egress ? 'on' : 'off'}</dd>
         <dt>age</dt><dd>{duration((sandbox.ended_at ?? now) - sandbox.created_at)}</dd>
         <dt>memory</dt><dd>{bytes(sandbox.memory_bytes)}</dd>
         <dt>parent</dt>

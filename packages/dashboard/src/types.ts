@@ -6,7 +6,7 @@ export interface DashboardSandbox {
   template: string;
   runtime: string;
   state: SandboxState;
-  egress: boolean;
+  egress: boolean | { allow: string[] };
   parent: string | null;
   created_at: number;
   last_active_at: number;

@@ -3,6 +3,7 @@
  * the offending field, which the server passes on in its 400 answers.
  */
 import { z } from 'zod';
+import { MAX_EGRESS_RULES, parseEgressRule, type EgressSetting } from './egress.js';
 
 export const SANDBOX_ID_PATTERN = /^sbx_[0-9a-f]{32}$/;
 export const MAX_CODE_BYTES = 4 * 1024 * 1024;
@@ -24,7 +25,15 @@ export interface SandboxLimitsInfo { cpus: number; memory_mb: number; disk_mb: n
 
 export const CreateSandboxBody = z.object({
   template: name.optional(),
-  egress: z.boolean().optional(),
+  egress: z.union([
+    z.boolean(),
+    z.object({
+      allow: z.array(z.string().max(260).superRefine((rule, ctx) => {
+        const parsed = parseEgressRule(rule);
+        if (typeof parsed === 'string') ctx.addIssue({ code: 'custom', message: parsed });
+      })).max(MAX_EGRESS_RULES),
+    }).strict(),
+  ], { error: 'must be true, false or {"allow": [rules]}' }).optional(),
   persistent: z.boolean().optional(),
   idle_timeout_seconds: z.number().int().min(1).max(7 * 24 * 3600).optional(),
   /** ours: a hard cap on the sandbox's whole life. */
@@ -56,7 +65,7 @@ export interface SandboxInfo {
   state: SandboxState;
   template: string;
   runtime: 'ns' | 'vm';
-  egress: boolean;
+  egress: EgressSetting;
   persistent: boolean;
   parent: string | null;
   children: string[];

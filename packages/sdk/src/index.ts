@@ -59,6 +59,8 @@ export type {
   UploadData,
   UploadResult,
 } from './types.js';
+export type { EgressPolicy, EgressSetting } from '@podflare/protocol/egress';
+export type { SandboxEvent, EgressEventData } from '@podflare/protocol/events';
 export { TIMEOUT_EXIT_CODE } from '@podflare/protocol/events';
 export type {
   ExecEvent,

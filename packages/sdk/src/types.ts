@@ -4,6 +4,7 @@
  */
 import type { Readable } from 'node:stream';
 import type { ReadableStream as WebReadableStream } from 'node:stream/web';
+import type { EgressSetting } from '@podflare/protocol/egress';
 import type { ExecErrorInfo } from '@podflare/protocol/events';
 import type { Client } from './client.js';
 import type { Result } from './execution.js';
@@ -48,10 +49,14 @@ export interface SandboxCreateOptions extends ConnectionOptions {
    */
   template?: string;
   /**
-   * Whether the sandbox may reach the network.
+   * Whether the sandbox may reach the network: `true` (anything but the host itself), `false`
+   * (nothing, not even DNS), or `{ allow: [...] }`: only the hosts listed, through the server's
+   * policy proxy (`"example.com"`, `"*.example.com"`, `"*"`, `"10.0.0.0/8"`). Programs in the
+   * sandbox find the proxy through HTTP_PROXY / HTTPS_PROXY / ALL_PROXY; denied attempts show in
+   * {@link Sandbox.events}.
    * @default true
    */
-  egress?: boolean;
+  egress?: EgressSetting;
   /**
    * Keep the sandbox when idle instead of destroying it after `idleTimeoutSeconds`.
    * @default false
@@ -115,7 +120,7 @@ export interface SandboxInfo {
   state: SandboxState;
   template: string;
   runtime: 'ns' | 'vm';
-  egress: boolean;
+  egress: EgressSetting;
   persistent: boolean;
   /** The sandbox this one was forked from, or null. */
   parent: string | null;
@@ -307,7 +312,7 @@ export interface WireSandboxInfo {
   state: SandboxState;
   template: string;
   runtime: 'ns' | 'vm';
-  egress: boolean;
+  egress: EgressSetting;
   persistent: boolean;
   parent: string | null;
   children: string[];

@@ -45,6 +45,11 @@ export interface ServerConfig {
   defaultLimits: SandboxLimits;
   /** The most a create may ask for. */
   maxLimits: SandboxLimits;
+  /**
+   * DNS servers ("ip" or "ip:port") through which the egress proxy resolves the names a sandbox's
+   * allowlist permits. @default PODFLARE_EGRESS_DNS (comma-separated), else the host's resolver
+   */
+  egressDnsServers: string[];
 }
 
 /** The repo's agent/ folder, found relative to this file (packages/server/dist/config.js). */
@@ -106,6 +111,7 @@ export function loadConfig(overrides: Partial<ServerConfig> = {}, env: NodeJS.Pr
       diskBytes: (int(env.PODFLARE_MAX_DISK_MB, 'PODFLARE_MAX_DISK_MB') ?? 65536) * MB,
       pids: int(env.PODFLARE_MAX_PROCESSES, 'PODFLARE_MAX_PROCESSES') ?? 4096,
     },
+    egressDnsServers: (env.PODFLARE_EGRESS_DNS ?? '').split(',').map((s) => s.trim()).filter(Boolean),
   };
   if (config.sandboxUidBase < 1 || config.sandboxUidBase + 65_536 > 0xffff_fffe) {
     throw new Error(`PODFLARE_SANDBOX_UID_BASE must leave room for 65536 ids above it and be at least 1, got ${config.sandboxUidBase}`);

@@ -5,7 +5,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import { EventEmitter } from 'node:events';
-import type { AgentRequestBody, CreateSandboxBody, ExecStreamMessage, SandboxInfo } from '@podflare/protocol';
+import { isEgressPolicy, type AgentRequestBody, type CreateSandboxBody, type EgressSetting, type ExecStreamMessage, type SandboxEvent, type SandboxInfo } from '@podflare/protocol';
 import type { ServerConfig } from './config.js';
 import { ApiError } from './errors.js';
 import { ExecHistory } from './exec-history.js';
@@ -14,6 +14,7 @@ import { ServerMetrics } from './metrics.js';
 import { WarmPool, type PoolKey } from './pool.js';
 import { limitError, limitsInfo, resolveLimits, sameLimits } from './limits.js';
 import type { LimitCounters, Runtime, RuntimeSandbox } from './runtime/runtime.js';
+import { SandboxEventLog } from './sandbox-events.js';
 import { SerialQueue } from './serial-queue.js';
 import type { SandboxRecord, SandboxStore } from './store/store.js';
 
@@ -57,8 +58,10 @@ export class SandboxManager {
     private readonly store: SandboxStore,
     private readonly config: ServerConfig,
     private readonly log: Logger,
+    /** Where the runtime records sandbox events (egress decisions); read by GET …/events. */
+    private readonly eventLog = new SandboxEventLog(),
   ) {
-    this.pool = new WarmPool((key) => this.startRuntimeSandbox(key, true), {
+    this.pool = new WarmPool((key) => this.startRuntimeSandbox(key.template, key.egress, true), {
       target: config.poolSize,
       maxParallelStarts: 2,
       log,
@@ -116,9 +119,17 @@ export class SandboxManager {
       throw new ApiError('rate_limited', `the server already runs ${this.live.size} sandboxes (max ${this.config.maxSandboxes})`, undefined, { 'Retry-After': '5' });
     }
     const limits = resolveLimits(opts.limits, this.config.defaultLimits, this.config.maxLimits);
-    const key: PoolKey = { template, egress: opts.egress ?? true };
+    const egress: EgressSetting = isEgressPolicy(opts.egress) ? { allow: [...opts.egress.allow] } : (opts.egress ?? true);
     const timed = this.metrics.createSeconds.time();
-    const rt = this.pool.take(key) ?? (await this.startOnDemand(key));
+    let rt: RuntimeSandbox;
+    if (isEgressPolicy(egress)) {
+      // A policy is per sandbox: no pool serves it.
+      if (!this.runtime.capabilities.egressPolicy) throw new ApiError('bad_request', `the ${this.runtime.name} runtime cannot enforce egress allowlists`, 'egress');
+      rt = await this.startOnDemand(template, egress);
+    } else {
+      const key: PoolKey = { template, egress };
+      rt = this.pool.take(key) ?? (await this.startOnDemand(template, egress));
+    }
     // Pooled sandboxes start with the default limits; a creator asking for others gets them now.
     if (!sameLimits(limits, this.config.defaultLimits) && rt.setLimits) {
       try {
@@ -130,7 +141,7 @@ export class SandboxManager {
     }
     const now = Date.now();
     const record: SandboxRecord = {
-      id: rt.id, state: 'ready', template, runtime: this.runtime.name, egress: key.egress,
+      id: rt.id, state: 'ready', template, runtime: this.runtime.name, egress,
       persistent: opts.persistent ?? false, parentId: null, createdAt: now, lastActiveAt: now,
       endedAt: null, endReason: null,
       idleTimeoutSeconds: opts.idle_timeout_seconds ?? this.config.idleTimeoutSeconds,
@@ -252,22 +263,22 @@ export class SandboxManager {
   }
 
   /** A pool miss: start one now, retrying once, and say 503 (retryable) if the host cannot. */
-  private async startOnDemand(key: PoolKey): Promise<RuntimeSandbox> {
+  private async startOnDemand(template: string, egress: EgressSetting): Promise<RuntimeSandbox> {
     try {
-      return await this.startRuntimeSandbox(key);
+      return await this.startRuntimeSandbox(template, egress);
     } catch (first) {
       this.log.warn('sandbox start failed, retrying', { error: (first as Error).message });
       try {
-        return await this.startRuntimeSandbox(key);
+        return await this.startRuntimeSandbox(template, egress);
       } catch (err) {
         throw new ApiError('unavailable', `could not start a sandbox: ${(err as Error).message}`, undefined, { 'Retry-After': '1' });
       }
     }
   }
 
-  private async startRuntimeSandbox(key: PoolKey, background = false): Promise<RuntimeSandbox> {
+  private async startRuntimeSandbox(template: string, egress: EgressSetting, background = false): Promise<RuntimeSandbox> {
     const id = newSandboxId();
-    return this.runtime.start({ id, template: key.template, egress: key.egress, hostname: `sbx-${id.slice(4, 16)}`, background, limits: this.config.defaultLimits });
+    return this.runtime.start({ id, template, egress, hostname: `sbx-${id.slice(4, 16)}`, background, limits: this.config.defaultLimits });
   }
 
   private adopt(record: SandboxRecord, rt: RuntimeSandbox): LiveSandbox {
@@ -378,6 +389,7 @@ export class SandboxManager {
       this.counters.merged++;
       this.changes.emit('change', parent.record.id);
       await old.destroy();
+      this.eventLog.drop(old.id);
     }));
   }
 
@@ -385,6 +397,11 @@ export class SandboxManager {
   async memoryOf(id: string): Promise<number> {
     const s = this.live.get(id);
     return s ? s.rt.memoryPss() : 0;
+  }
+
+  /** The sandbox's events (egress decisions) after sequence number `after`. */
+  events(s: LiveSandbox, after?: number): SandboxEvent[] {
+    return this.eventLog.list(s.rt.id, after);
   }
 
   async vars(s: LiveSandbox) {
@@ -406,9 +423,13 @@ export class SandboxManager {
     await this.store.update(s.record.id, { state, endedAt: s.record.endedAt, endReason: reason, lastActiveAt: s.record.lastActiveAt });
     this.changes.emit('change', s.record.id);
     // The sandbox is already unreachable through the API: kill and clean up behind the answer.
-    const teardown = s.rt.destroy().catch((err: Error) => this.log.error('teardown failed', { sandbox: s.record.id, error: err.message }));
+    const rt = s.rt;
+    const teardown = rt.destroy().catch((err: Error) => this.log.error('teardown failed', { sandbox: s.record.id, error: err.message }));
     this.teardowns.add(teardown);
-    void teardown.finally(() => this.teardowns.delete(teardown));
+    void teardown.finally(() => {
+      this.teardowns.delete(teardown);
+      this.eventLog.drop(rt.id);
+    });
   }
 
   private setState(s: LiveSandbox, state: SandboxRecord['state']): void {

@@ -7,10 +7,12 @@ import type { AddressInfo } from 'node:net';
 import { mkdir } from 'node:fs/promises';
 import path from 'node:path';
 import { isLoopback, type ServerConfig } from './config.js';
+import { EgressService } from './egress/index.js';
 import { createApp } from './http/app.js';
 import { ensureImage, type ImageProgress } from './image/index.js';
 import { createLogger } from './log.js';
 import { NamespaceRuntime } from './runtime/namespace/namespace-runtime.js';
+import { SandboxEventLog } from './sandbox-events.js';
 import { SandboxManager } from './sandbox-manager.js';
 import { SqliteStore } from './store/sqlite-store.js';
 
@@ -34,6 +36,8 @@ export async function startServer(config: ServerConfig, opts: StartOptions = {})
   await mkdir(config.stateDir, { recursive: true });
   const image = await ensureImage({ imagesDir: config.imagesDir, agentDir: config.agentDir, onProgress: opts.onImageProgress, log: (m: string) => log.info(m) });
   const store = new SqliteStore(path.join(config.stateDir, 'podflare.db'));
+  const events = new SandboxEventLog();
+  const egress = new EgressService({ dnsServers: config.egressDnsServers, events, log });
   const runtime = new NamespaceRuntime({
     stateDir: config.stateDir,
     lowerDirs: [image.agent, image.base],
@@ -41,8 +45,9 @@ export async function startServer(config: ServerConfig, opts: StartOptions = {})
     interruptGraceMs: config.interruptGraceMs,
     uidBase: config.sandboxUidBase,
     log,
+    egress,
   });
-  const manager = new SandboxManager(runtime, store, config, log);
+  const manager = new SandboxManager(runtime, store, config, log, events);
   await manager.start();
 
   const server = http.createServer({ noDelay: true, keepAliveTimeout: 65_000, maxHeaderSize: 16 * 1024 }, createApp({
@@ -55,6 +60,7 @@ export async function startServer(config: ServerConfig, opts: StartOptions = {})
     server.listen(config.port, config.host, () => resolve());
   });
   const address = server.address() as AddressInfo;
+  egress.protectedPorts.push(address.port);
   const host = address.family === 'IPv6' ? `[${address.address}]` : address.address;
   const url = `http://${host}:${address.port}`;
   log.info('podflare listening', { url, runtime: runtime.name, pool: config.poolSize, image: image.id });

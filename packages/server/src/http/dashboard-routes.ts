@@ -64,7 +64,7 @@ export interface DashboardSandbox {
   template: string;
   runtime: string;
   state: SandboxRecord['state'];
-  egress: boolean;
+  egress: boolean | { allow: string[] };
   parent: string | null;
   created_at: number;
   last_active_at: number;

@@ -67,6 +67,13 @@ export function addSandboxRoutes(router: Router, manager: SandboxManager): void 
     }
   });
 
+  router.add('GET', '/v1/sandboxes/:id/events', async (ctx) => {
+    const sandbox = await manager.get(sandboxId(ctx), ctx.owner || undefined);
+    const afterText = ctx.query.get('after');
+    if (afterText !== null && !/^(-1|\d{1,15})$/.test(afterText)) throw new ApiError('bad_request', 'after: must be an event sequence number', 'after');
+    sendJson(ctx.res, 200, { events: manager.events(sandbox, afterText === null ? undefined : Number(afterText)) });
+  });
+
   router.add('POST', '/v1/sandboxes/:id/interrupt', async (ctx) => {
     const sandbox = await manager.get(sandboxId(ctx), ctx.owner || undefined);
     sendJson(ctx.res, 200, { interrupted: await manager.interrupt(sandbox) });

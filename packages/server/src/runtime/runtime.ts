@@ -3,6 +3,7 @@
  * Runtimes declare what they can do (capabilities) rather than throwing when asked; the sandbox
  * manager and the API never look past this interface.
  */
+import type { EgressSetting } from '@podflare/protocol';
 import type { AgentChannel } from '../agent-channel.js';
 
 export interface RuntimeCapabilities {
@@ -12,13 +13,16 @@ export interface RuntimeCapabilities {
   freeze: boolean;
   /** Outbound network when asked for (egress: true). */
   egress: boolean;
+  /** Outbound network through the host's policy proxy (egress: {allow: [...]}). */
+  egressPolicy: boolean;
 }
 
 export interface SandboxSpec {
   /** The API id (sbx_…); also names the sandbox's directories. */
   id: string;
   template: string;
-  egress: boolean;
+  /** true: user-mode networking; false: none; {allow}: only through the host's policy proxy. */
+  egress: EgressSetting;
   hostname: string;
   /**
    * Start at low CPU priority (raised back once ready): warm-pool refills then never slow down

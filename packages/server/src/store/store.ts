@@ -2,7 +2,7 @@
  * What the server keeps about sandboxes beyond a process's life: records and lineage. Async so a
  * networked database (PostgreSQL, for the cluster mode) can stand behind the same interface.
  */
-import type { SandboxState } from '@podflare/protocol';
+import type { EgressSetting, SandboxState } from '@podflare/protocol';
 import type { SandboxLimits } from '../runtime/runtime.js';
 
 export interface SandboxRecord {
@@ -10,7 +10,7 @@ export interface SandboxRecord {
   state: SandboxState;
   template: string;
   runtime: 'ns' | 'vm';
-  egress: boolean;
+  egress: EgressSetting;
   persistent: boolean;
   parentId: string | null;
   createdAt: number;

@@ -19,7 +19,9 @@ import { fileURLToPath } from 'node:url';
 import net from 'node:net';
 import path from 'node:path';
 import type { Readable, Writable } from 'node:stream';
+import { isEgressPolicy } from '@podflare/protocol';
 import { detectCgroups, type Cgroups } from '../../cgroups.js';
+import type { EgressService } from '../../egress/index.js';
 import { ApiError } from '../../errors.js';
 import type { Logger } from '../../log.js';
 import { processTree, run } from '../../proc.js';
@@ -28,6 +30,8 @@ import { bwrapArgs, SANDBOX_PATH } from './bwrap-args.js';
 import { HostHelper } from './hostd.js';
 import { DiskVolume } from './disk-volume.js';
 import { assertMountablePath, sandboxDirs, sandboxesDir, type SandboxDirs } from './layout.js';
+import { proxyEnvironment } from './netns-addresses.js';
+import { closeEgressListeners, openEgressListeners, type EgressListeners } from './netns-listeners.js';
 import { startSlirp } from './network.js';
 import { ForkedSandbox, hostPidsOfForkChildren, NsSandbox, RootSandbox, type SandboxHooks } from './ns-sandbox.js';
 
@@ -40,6 +44,8 @@ export interface NamespaceRuntimeOptions {
   /** First host uid/gid of the range sandboxes run as (root inside = this uid; 65536 ids). */
   uidBase: number;
   log: Logger;
+  /** Serves sandboxes with an egress allowlist (without it, such sandboxes are refused). */
+  egress?: EgressService;
 }
 
 const SECCOMP_POLICY = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../../host/podflare_seccomp.py');
@@ -61,7 +67,7 @@ const MAX_STACKED_FORK_LAYERS = 4;
 
 export class NamespaceRuntime implements Runtime {
   readonly name = 'ns' as const;
-  readonly capabilities = { fork: true, freeze: false, egress: true };
+  readonly capabilities: Runtime['capabilities'];
   private readonly live = new Map<string, NsSandbox>();
   private readonly starting = new Set<Promise<unknown>>();
   private readonly layerRefs = new Map<string, number>();
@@ -75,6 +81,7 @@ export class NamespaceRuntime implements Runtime {
   private volume: DiskVolume | null = null;
 
   constructor(private readonly opts: NamespaceRuntimeOptions) {
+    this.capabilities = { fork: true, freeze: false, egress: true, egressPolicy: opts.egress !== undefined };
     for (const d of [opts.stateDir, ...opts.lowerDirs]) assertMountablePath(d);
     this.hooks = {
       log: opts.log,
@@ -194,6 +201,8 @@ export class NamespaceRuntime implements Runtime {
       GLIBC_TUNABLES: 'glibc.malloc.hugetlb=1',
       // A forked interpreter keeps only the forking thread: keep BLAS single-threaded.
       OPENBLAS_NUM_THREADS: '1',
+      // With an allowlist the proxy is the only way out: point programs at it.
+      ...(isEgressPolicy(spec.egress) ? proxyEnvironment() : {}),
       ...spec.env,
     };
   }
@@ -256,7 +265,8 @@ export class NamespaceRuntime implements Runtime {
       // Attach the network only once the agent runs: bwrap configures the namespace's loopback
       // before it execs the agent, and slirp4netns racing with that makes bwrap fail.
       await sandbox.channel.waitHello(this.opts.startTimeoutMs);
-      if (spec.egress) sandbox.slirp = await startSlirp(info.childPid, this.opts.startTimeoutMs);
+      if (spec.egress === true) sandbox.slirp = await startSlirp(info.childPid, this.opts.startTimeoutMs);
+      else if (isEgressPolicy(spec.egress)) await this.attachEgressPolicy(sandbox, info.childPid);
       await this.unmount(dirs); // bwrap holds the root now
       if (spec.background) await sandbox.setPriority(0);
       return sandbox;
@@ -279,6 +289,8 @@ export class NamespaceRuntime implements Runtime {
     for (const l of lowers) this.retainLayer(l);
     const prepared: Array<{ spec: SandboxSpec; dirs: SandboxDirs; connection: Promise<net.Socket>; listener: net.Server; target: string }> = [];
     const created: ForkedSandbox[] = [];
+    let policies: Promise<Array<PromiseSettledResult<EgressListeners | null>>> | null = null;
+    const served = new Set<EgressListeners>();
     try {
       if (!parent.spawnAreaReady) {
         await this.hostd.tmpfs(parent.initPid, SPAWN_AREA, this.opts.uidBase);
@@ -317,7 +329,9 @@ export class NamespaceRuntime implements Runtime {
         if (!host) throw new Error('a forked child could not be found on the host');
         return host;
       });
-      const networks = Promise.allSettled(prepared.map((p, i) => (p.spec.egress ? startSlirp(childPids[i]!, this.opts.startTimeoutMs) : null)));
+      const networks = Promise.allSettled(prepared.map((p, i) => (p.spec.egress === true ? startSlirp(childPids[i]!, this.opts.startTimeoutMs) : null)));
+      // A child with an allowlist gets a proxy of its own (same policy, its own events).
+      policies = Promise.allSettled(prepared.map((p, i) => (isEgressPolicy(p.spec.egress) ? openEgressListeners(childPids[i]!, this.opts.startTimeoutMs) : null)));
       const sockets = await Promise.all(prepared.map((p) => p.connection));
       for (const [i, p] of prepared.entries()) {
         const child = new ForkedSandbox(p.spec, p.dirs, lowers, parent, sockets[i]!, this.hooks);
@@ -332,8 +346,16 @@ export class NamespaceRuntime implements Runtime {
         const r = attached[i]!;
         c.slirp = r.status === 'fulfilled' ? r.value : null;
       });
-      const failed = attached.find((r): r is PromiseRejectedResult => r.status === 'rejected');
-      if (failed) throw failed.reason; // the children (and the slirps attached) are destroyed below
+      const listened = await policies;
+      created.forEach((c, i) => {
+        const r = listened[i]!;
+        if (r.status === 'fulfilled' && r.value) {
+          this.serveEgressPolicy(c, r.value);
+          served.add(r.value);
+        }
+      });
+      const failed = [...attached, ...listened].find((r): r is PromiseRejectedResult => r.status === 'rejected');
+      if (failed) throw failed.reason; // the children (and the slirps and proxies attached) are destroyed below
       await Promise.all(created.map((c) => c.channel.waitHello(this.opts.startTimeoutMs)));
       phase('network attached');
       // Each child's processes (its PID 1 and the interpreter it started, nothing else runs
@@ -348,6 +370,8 @@ export class NamespaceRuntime implements Runtime {
       }
       return created;
     } catch (err) {
+      // Listening sockets nobody serves would keep the children's network namespaces alive.
+      for (const r of policies ? await policies : []) if (r.status === 'fulfilled' && r.value && !served.has(r.value)) closeEgressListeners(r.value);
       await Promise.all(created.map((c) => c.destroy()));
       for (const p of prepared) await rm(p.dirs.dir, { recursive: true, force: true });
       throw err;
@@ -360,6 +384,18 @@ export class NamespaceRuntime implements Runtime {
         await this.hostd.detach(parent.initPid, p.target).catch((e: Error) => this.opts.log.warn('detach failed', { error: e.message }));
       }
     }
+  }
+
+  /** Egress through the policy proxy: listeners in the sandbox's network namespace, served here. */
+  private async attachEgressPolicy(sandbox: NsSandbox, pid: number): Promise<void> {
+    if (!this.opts.egress) throw new ApiError('bad_request', 'this server does not enforce egress allowlists', 'egress');
+    this.serveEgressPolicy(sandbox, await openEgressListeners(pid, this.opts.startTimeoutMs));
+  }
+
+  private serveEgressPolicy(sandbox: NsSandbox, listeners: EgressListeners): void {
+    if (!isEgressPolicy(sandbox.spec.egress) || !this.opts.egress) throw new Error('no egress policy to serve');
+    const proxy = this.opts.egress.attach(sandbox.id, sandbox.spec.egress, listeners);
+    void sandbox.exited.then(() => proxy.close());
   }
 
   /**
