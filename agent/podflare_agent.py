@@ -62,6 +62,9 @@ CHANNEL_READ = 1024 * 1024
 MAX_LINE = 64 * 1024 * 1024       # longer request lines are answered with bad_request and dropped
 MAX_FILE_READ = 16 * 1024 * 1024  # file_read answers at most this many bytes
 IDLE_OUTPUT_CAP = 1024 * 1024     # output produced between execs kept for the next exec
+# What one exec may send (characters of stdout and stderr together): past it the output is read
+# and dropped, so the code still runs to its end, and a notice closes the exec's stderr.
+EXEC_OUTPUT_CAP = int(os.environ.get('PODFLARE_MAX_EXEC_OUTPUT_BYTES') or 64 * 1024 * 1024)
 CO_COROUTINE = 0x0080             # code flag of a cell compiled with top-level await
 TOP_LEVEL_AWAIT = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
 SIMPLE_TYPES = (int, float, complex, str, bytes, bool, list, tuple, dict, set, frozenset)
@@ -419,6 +422,8 @@ class Exec:
     killed: bool = False
     proc: subprocess.Popen | None = None
     pipes: list[OutputPipe] = field(default_factory=list)
+    output_size: int = 0            # characters sent so far
+    output_dropped: int = 0         # characters dropped past EXEC_OUTPUT_CAP
 
 
 class ChannelClosed(Exception):
@@ -461,7 +466,9 @@ class Supervisor:
         signal.set_wakeup_fd(self.wake_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)
         signal.signal(signal.SIGINT, lambda *_: None)
-        signal.signal(signal.SIGTERM, self._on_sigterm)
+        # As PID 1 of a sandbox, only the host ends the agent (with SIGKILL, which code inside
+        # cannot send to its namespace's init); a SIGTERM can only come from sandbox code.
+        signal.signal(signal.SIGTERM, self._on_sigterm if os.getpid() != 1 else lambda *_: None)
 
         # The worker's stdout/stderr pipes persist across worker restarts; the supervisor keeps
         # the write ends to hand them to each new worker.
@@ -658,8 +665,16 @@ class Supervisor:
     def _output(self, ev: str, text: str) -> None:
         """Output belongs to the running exec; between execs it waits for the next one
         (background threads and processes), up to IDLE_OUTPUT_CAP, beyond which it is dropped."""
-        if self.exec is not None:
-            self.send({'id': self.exec.id, 'ev': ev, 'data': text})
+        ex = self.exec
+        if ex is not None:
+            room = EXEC_OUTPUT_CAP - ex.output_size
+            if len(text) > room:
+                ex.output_dropped += len(text) - max(room, 0)
+                text = text[:max(room, 0)]
+                if not text:
+                    return
+            ex.output_size += len(text)
+            self.send({'id': ex.id, 'ev': ev, 'data': text})
             return
         if self.idle_output_size + len(text) > IDLE_OUTPUT_CAP:
             return
@@ -796,6 +811,10 @@ class Supervisor:
 
     def _finish(self, ex: Exec, code: int, error: dict | None = None, echo: bool = True) -> None:
         """Ends an exec: error (mirrored on stderr when the agent made it up), then exit."""
+        if ex.output_dropped:
+            self.send({'id': ex.id, 'ev': 'stderr', 'data':
+                       f'\n[podflare] output truncated: {ex.output_dropped} more characters were dropped '
+                       f'after the first {EXEC_OUTPUT_CAP} (PODFLARE_MAX_EXEC_OUTPUT_BYTES)\n'})
         if error is not None:
             if echo:
                 self.send({'id': ex.id, 'ev': 'stderr', 'data': error['traceback']})

@@ -155,9 +155,9 @@ def enter_namespaces(hostname: str) -> None:
 def protect_proc(proc: str = '/proc') -> None:
     """Makes the kernel's global knobs under /proc read-only in this mount namespace.
 
-    Defense in depth only: sandbox root is still the host's uid 0 (see the README's security
-    status), and with CAP_SYS_ADMIN in its own user namespace it could unmount these covers. They
-    stop plain writes to /proc/sys (core_pattern, ...) and /proc/sysrq-trigger."""
+    Defense in depth only: sandbox root is an unprivileged host uid, which the kernel already
+    refuses global sysctls; with CAP_SYS_ADMIN in its own user namespace it could unmount these
+    covers, and that is all it would gain."""
     for path in (f'{proc}/sys', f'{proc}/sysrq-trigger'):
         try:
             _mount(path, path, None, MS_BIND | MS_REC)

@@ -233,7 +233,7 @@ export async function measureFork1(bs: ForkBenchServer, opts: ForkOptions): Prom
   const samples = { small: [] as number[], big: [] as number[] };
   const bytes = { small: 0, big: 0 };
   try {
-    big = await Sandbox.create({ client: bs.client });
+    big = await Sandbox.create({ client: bs.client, limits: { memoryMb: 4096 } }); // 1 GB of state, past the 1 GB default
     bytes.small = Number(await py(small, 'import numpy as np\na = np.ones(10 * 1024 * 1024 // 8)\nprint(a.nbytes)', 'building the 10 MB array'));
     bytes.big = Number(await py(big, 'import numpy as np\na = np.ones(128 * 1024 * 1024)\nprint(a.nbytes)', 'building the 1 GB array'));
     await settler.mark(small, big);

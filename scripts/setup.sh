@@ -20,8 +20,9 @@ say() { printf 'setup: %s\n' "$*" >&2; }
 
 # (a) Debian packages ------------------------------------------------------------------------
 PACKAGES=(
-  bubblewrap mmdebstrap slirp4netns iproute2 uidmap
+  bubblewrap mmdebstrap slirp4netns iproute2 uidmap python3-seccomp btrfs-progs
   python3 python3-numpy python3-matplotlib python3-jupyter-client python3-ipykernel
+  chromium # the dashboard's end-to-end tests drive it through playwright-core
 )
 missing=()
 for pkg in "${PACKAGES[@]}"; do

@@ -12,7 +12,7 @@ import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { startServe, crashCycle, type ServeProcess } from './helpers/serve.js';
 import { Sandbox } from 'podflare';
-import { forkLayersIn, overlayMountsUnder, processesMentioning, sandboxDirsIn } from './helpers/leaks.js';
+import { cgroupScopesOf, forkLayersIn, overlayMountsUnder, processesMentioning, sandboxDirsIn } from './helpers/leaks.js';
 import { startTestServer } from './helpers/server.js';
 
 const CYCLES = Number(process.env.PODFLARE_CRASH_CYCLES ?? 5);
@@ -62,6 +62,7 @@ describe('crash safety', () => {
     assert.deepEqual(overlayMountsUnder(stateDir), []);
     assert.deepEqual(sandboxDirsIn(stateDir), []);
     assert.deepEqual(forkLayersIn(stateDir), []);
+    assert.deepEqual(cgroupScopesOf(stateDir), []);
   });
 
   it('refuses a second server on a state directory in use', async () => {

@@ -112,6 +112,27 @@ describe('fork, diff, merge_into', () => {
     assert.equal((await grandchild!.runCode('print("alone")')).stdout, 'alone\n');
   });
 
+  it('keeps a deep fork chain right and shallow: layers are squashed as it grows', async () => {
+    // Each generation adds a file, deletes its grandparent's, replaces a directory with a file
+    // and back, and rewrites a shared file: the last one must see exactly the sum of it all.
+    let sbx = await make();
+    await sbx.runCode('mkdir -p /root/chain/swap && echo 0 > /root/chain/shared && touch /root/chain/gen-0', 'bash');
+    const generations = 9;
+    for (let g = 1; g <= generations; g++) {
+      const [child] = await sbx.fork(1);
+      opened.push(child!);
+      const swap = g % 2 ? 'rm -rf /root/chain/swap && echo file > /root/chain/swap' : 'rm -f /root/chain/swap && mkdir /root/chain/swap && touch /root/chain/swap/in-dir';
+      await child!.runCode(`touch /root/chain/gen-${g}; rm -f /root/chain/gen-${g - 2}; echo ${g} > /root/chain/shared; ${swap}`, 'bash');
+      if (g > 1) await sbx.close(); // the chain's middle generations go: their layers must stay in use
+      sbx = child!;
+    }
+    const r = await sbx.runCode('cd /root/chain && ls -p | tr "\\n" " "; echo; cat shared; if [ -d swap ]; then ls swap; else cat swap; fi', 'bash');
+    assert.equal(r.stdout, `gen-${generations - 1} gen-${generations} shared swap \n${generations}\nfile\n`);
+    // The root is an overlay of at most a few fork layers over the image, however deep the chain.
+    const lowers = (await sbx.runCode("grep -o 'lowerdir=[^,]*' /proc/self/mountinfo | head -1 | tr ':' '\\n' | wc -l", 'bash')).stdout.trim();
+    assert.ok(Number(lowers) <= 4 + 1 + 2, `${lowers} lower layers`);
+  });
+
   it('diffs files (added, removed, modified, replaced directories), content and variables', async () => {
     const parent = await make();
     await parent.runCode('import os\nos.makedirs("/root/dir", exist_ok=True)\nopen("/root/dir/x", "w").write("x")\nopen("/root/mod.txt", "w").write("one\\ntwo\\n")\nopen("/root/gone.txt", "w").write("bye")\nkeep = 1\nchange = "a"\ndrop = 3');

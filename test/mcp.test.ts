@@ -296,6 +296,18 @@ describe('podflare-mcp over stdio', () => {
     madeBySession.add(kept.sandbox_id);
   });
 
+  it('creates a sandbox limited to an egress allowlist', async () => {
+    const { sandbox_id: id } = JSON.parse(await ok(session.client, 'create_sandbox', { allow_hosts: ['pypi.org', '*.example.com'] })) as { sandbox_id: string };
+    const info = await (await Sandbox.connect(id, { host: server.url })).info();
+    assert.deepEqual(info.egress, { allow: ['pypi.org', '*.example.com'] });
+    assert.equal(await ok(session.client, 'destroy_sandbox', { sandbox_id: id }), `Destroyed ${id}.`);
+    const contradictory = await call(session.client, 'create_sandbox', { allow_hosts: ['pypi.org'], egress: false });
+    assert.equal(contradictory.isError, true);
+    const badRule = await call(session.client, 'create_sandbox', { allow_hosts: ['not a host!'] });
+    assert.equal(badRule.isError, true);
+    assert.match(text(badRule), /egress\.allow\.0/);
+  });
+
   it('starts a new session sandbox, and says so, when its sandbox was destroyed elsewhere', async () => {
     const [old] = await sessionSandboxes(server.url);
     assert.ok(old && madeBySession.has(old.id));

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import base64
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Mapping, Optional
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Union
 
 __all__ = [
     "Event",
@@ -253,7 +253,8 @@ class SandboxInfo:
     state: str
     template: str = "default"
     runtime: str = "ns"
-    egress: bool = True
+    #: True, False, or ``{"allow": [rules]}``.
+    egress: Union[bool, Dict[str, List[str]]] = True
     persistent: bool = False
     parent: Optional[str] = None
     children: List[str] = field(default_factory=list)

@@ -173,7 +173,12 @@ class Sandbox:
         api_key: Default: ``PODFLARE_API_KEY``.
         client: a :class:`Client` to share connections with other sandboxes (then leave ``host`` and
             ``api_key`` out).
-        egress: whether code in the sandbox may reach the network.
+        egress: whether code in the sandbox may reach the network: ``True`` (anything but the
+            host itself), ``False`` (nothing, not even DNS), or ``{"allow": [rules]}``: only the
+            hosts the rules name (``"example.com"``, ``"*.example.com"``, ``"*"``,
+            ``"10.0.0.0/8"``), through the server's policy proxy (found by programs in the sandbox
+            through ``HTTP_PROXY``/``HTTPS_PROXY``/``ALL_PROXY``). Denied attempts show in
+            :meth:`events`.
         persistent: keep the sandbox across server restarts.
         idle_timeout_seconds: destroy it after this long without calls (server default: 300).
         template: the image template (server default: ``default``).
@@ -191,7 +196,7 @@ class Sandbox:
         host: Optional[str] = None,
         api_key: Optional[str] = None,
         client: Optional[Client] = None,
-        egress: bool = True,
+        egress: Union[bool, Mapping[str, Sequence[str]]] = True,
         persistent: bool = False,
         idle_timeout_seconds: Optional[int] = None,
         template: Optional[str] = None,
@@ -201,7 +206,7 @@ class Sandbox:
         runtime: Optional[str] = None,
     ) -> None:
         c = _resolve_client(host, api_key, client)
-        body: Dict[str, Any] = {"egress": bool(egress), "persistent": bool(persistent)}
+        body: Dict[str, Any] = {"egress": _egress_body(egress), "persistent": bool(persistent)}
         if template is not None:
             body["template"] = template
         if idle_timeout_seconds is not None:
@@ -287,6 +292,14 @@ class Sandbox:
     def info(self) -> SandboxInfo:
         """What the server knows about this sandbox: state, lineage, timestamps, metadata."""
         return SandboxInfo.from_json(self.client.json("GET", self._path))
+
+    def events(self, after: Optional[int] = None) -> List[Event]:
+        """The sandbox's events (the server keeps the latest 1000): today what its egress allowlist
+        let through (``egress_allowed``) or stopped (``egress_denied``), with ``data`` such as
+        ``{"host": "example.org", "port": 443, "via": "connect", "reason": "…"}``. ``after``: the
+        last ``seq`` seen, to get only newer ones."""
+        answer = self.client.json("GET", self._path + "/events", query={"after": after})
+        return [Event.from_json(e) for e in (answer or {}).get("events", [])]
 
     @property
     def closed(self) -> bool:
@@ -510,3 +523,12 @@ def _resolve_client(host: Optional[str], api_key: Optional[str], client: Optiona
     c = Client(host=host, api_key=api_key)
     c._owned = True
     return c
+
+
+def _egress_body(egress: Any) -> Any:
+    """The API form of ``egress``: a bool, or ``{"allow": [rules]}`` (rules are checked by the server)."""
+    if isinstance(egress, bool):
+        return egress
+    if isinstance(egress, Mapping) and set(egress) == {"allow"} and not isinstance(egress["allow"], (str, bytes)):
+        return {"allow": [str(rule) for rule in egress["allow"]]}
+    raise TypeError('egress must be True, False or {"allow": [rules]}')

@@ -1,6 +1,8 @@
 /** What a sandbox can leave behind on the host: processes, overlay mounts, directories. */
 import { readFileSync, readdirSync, existsSync } from 'node:fs';
 import { execFileSync } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import path from 'node:path';
 
 export function bwrapProcesses(): number[] {
   try {
@@ -86,4 +88,24 @@ export function processesOf(ids: string[], serverPid?: number): ProcessStamp[] {
 /** The processes of `stamps` still running (same pid, same start time). */
 export function stillRunning(stamps: ProcessStamp[]): ProcessStamp[] {
   return stamps.filter((s) => stamp(s.pid)?.started === s.started);
+}
+
+/** Cgroup directories of a sandbox (`podflare/<server scope>/<id>` under any hierarchy): none may outlive it. */
+export function cgroupsOf(id: string): string[] {
+  const found: string[] = [];
+  const roots = existsSync('/sys/fs/cgroup/cgroup.controllers') ? ['/sys/fs/cgroup'] : readdirSync('/sys/fs/cgroup').map((c) => `/sys/fs/cgroup/${c}`);
+  for (const root of roots) {
+    const base = `${root}/podflare`;
+    let scopes: string[] = [];
+    try { scopes = readdirSync(base); } catch { continue; }
+    for (const scope of scopes) if (existsSync(`${base}/${scope}/${id}`)) found.push(`${base}/${scope}/${id}`);
+  }
+  return found;
+}
+
+/** This state directory's own cgroup (`podflare/<scope>`, see packages/server/src/cgroups.ts), wherever it is left. */
+export function cgroupScopesOf(stateDir: string): string[] {
+  const scope = createHash('sha256').update(path.resolve(stateDir)).digest('hex').slice(0, 12);
+  const roots = existsSync('/sys/fs/cgroup/cgroup.controllers') ? ['/sys/fs/cgroup'] : readdirSync('/sys/fs/cgroup').map((c) => `/sys/fs/cgroup/${c}`);
+  return roots.map((r) => `${r}/podflare/${scope}`).filter((d) => existsSync(d));
 }

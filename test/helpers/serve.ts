@@ -8,7 +8,7 @@ import assert from 'node:assert/strict';
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import { mkdir } from 'node:fs/promises';
 import path from 'node:path';
-import { forkLayersIn, overlayMountsUnder, processesMentioning, processesOf, sandboxDirsIn, stillRunning } from './leaks.js';
+import { cgroupsOf, forkLayersIn, overlayMountsUnder, processesMentioning, processesOf, sandboxDirsIn, stillRunning } from './leaks.js';
 import { IMAGES_DIR } from './server.js';
 
 const CLI = path.resolve(import.meta.dirname, '../../packages/cli/dist/main.js');
@@ -156,6 +156,8 @@ export async function crashCycle(serve: ServeProcess, stateDir: string, opts: { 
     const mounts = overlayMountsUnder(path.join(stateDir, 'sandboxes', id));
     expect(mounts.length === 0, `${id}: mounts left: ${mounts.join(' ')}`);
     expect(!sandboxDirsIn(stateDir).includes(id), `${id}: its directory is left`);
+    const groups = cgroupsOf(id);
+    expect(groups.length === 0, `${id}: cgroups left: ${groups.join(' ')}`);
   }
   const survivors = stillRunning(stamps);
   expect(survivors.length === 0, `processes of the killed server survive: ${survivors.map((p) => `${p.pid} ${p.cmd}`).join('; ')}`);

@@ -164,12 +164,17 @@ function registerTools(server: McpServer, session: SandboxSession, settings: Too
       inputSchema: {
         template: z.string().min(1).max(64).optional().describe('Image template to start from. Default: the server\'s default template'),
         egress: z.boolean().optional().describe('Allow outbound network access. Default: true'),
+        allow_hosts: z.array(z.string().min(1).max(260)).max(256).optional().describe(
+          'Restrict outbound network to these hosts only, through the server\'s policy proxy: "example.com", ' +
+          '"*.example.com" or an address/CIDR such as "10.0.0.0/8". Denied attempts are recorded by the server.',
+        ),
       },
       annotations: { readOnlyHint: false, destructiveHint: false, idempotentHint: false, openWorldHint: false },
     },
-    async ({ template, egress }) =>
+    async ({ template, egress, allow_hosts }) =>
       guard(async () => {
-        const sandbox = await session.create({ template, egress });
+        if (allow_hosts && egress === false) throw new Error('allow_hosts needs network access: leave egress out or set it to true');
+        const sandbox = await session.create({ template, egress: allow_hosts ? { allow: allow_hosts } : egress });
         return textResult(JSON.stringify({ sandbox_id: sandbox.id }));
       }),
   );

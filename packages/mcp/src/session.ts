@@ -5,7 +5,7 @@
  * attached to by id are left alone (someone else owns them).
  */
 import { NotFoundError, Sandbox, SandboxGoneError } from 'podflare';
-import type { Client } from 'podflare';
+import type { Client, EgressSetting } from 'podflare';
 
 /** A tool call on a session that has ended (the transport closed while the call was queued). */
 export class SessionClosedError extends Error {
@@ -101,7 +101,7 @@ export class SandboxSession {
   }
 
   /** Creates a sandbox that this session owns (destroyed when it ends). */
-  async create(options: { template?: string | undefined; egress?: boolean | undefined }): Promise<Sandbox> {
+  async create(options: { template?: string | undefined; egress?: EgressSetting | undefined }): Promise<Sandbox> {
     this.#assertOpen();
     const sandbox = await Sandbox.create({
       client: this.client,

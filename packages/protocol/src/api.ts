@@ -3,6 +3,7 @@
  * the offending field, which the server passes on in its 400 answers.
  */
 import { z } from 'zod';
+import { MAX_EGRESS_RULES, parseEgressRule, type EgressSetting } from './egress.js';
 
 export const SANDBOX_ID_PATTERN = /^sbx_[0-9a-f]{32}$/;
 export const MAX_CODE_BYTES = 4 * 1024 * 1024;
@@ -12,14 +13,35 @@ export const MAX_ENV_ENTRIES = 1024;
 
 const name = z.string().min(1).max(64).regex(/^[a-zA-Z0-9][a-zA-Z0-9._-]*$/, 'must be letters, digits, dot, dash or underscore');
 
+/** ours: resource limits of one sandbox, within the server's maximums (checked by the server). */
+export const LimitsBody = z.object({
+  cpus: z.number().positive().max(1024).optional(),
+  memory_mb: z.number().int().min(64).max(16 * 1024 * 1024).optional(),
+  disk_mb: z.number().int().min(64).max(1024 * 1024 * 1024).optional(),
+  processes: z.number().int().min(16).max(4 * 1024 * 1024).optional(),
+}).strict();
+export type LimitsBody = z.infer<typeof LimitsBody>;
+
+/** A sandbox's limits as the API shows them. */
+export interface SandboxLimitsInfo { cpus: number; memory_mb: number; disk_mb: number; processes: number }
+
 export const CreateSandboxBody = z.object({
   template: name.optional(),
-  egress: z.boolean().optional(),
+  egress: z.union([
+    z.boolean(),
+    z.object({
+      allow: z.array(z.string().max(260).superRefine((rule, ctx) => {
+        const parsed = parseEgressRule(rule);
+        if (typeof parsed === 'string') ctx.addIssue({ code: 'custom', message: parsed });
+      })).max(MAX_EGRESS_RULES),
+    }).strict(),
+  ], { error: 'must be true, false or {"allow": [rules]}' }).optional(),
   persistent: z.boolean().optional(),
   idle_timeout_seconds: z.number().int().min(1).max(7 * 24 * 3600).optional(),
   /** ours: a hard cap on the sandbox's whole life. */
   max_lifetime_seconds: z.number().int().min(1).max(30 * 24 * 3600).optional(),
   runtime: z.enum(['ns', 'vm', 'auto']).optional(),
+  limits: LimitsBody.optional(),
   metadata: z.record(z.string().max(64), z.string().max(1024))
     .refine((m) => Object.keys(m).length <= MAX_METADATA_ENTRIES, `at most ${MAX_METADATA_ENTRIES} entries`).optional(),
 }).strict();
@@ -47,13 +69,14 @@ export interface SandboxInfo {
   state: SandboxState;
   template: string;
   runtime: 'ns' | 'vm';
-  egress: boolean;
+  egress: EgressSetting;
   persistent: boolean;
   parent: string | null;
   children: string[];
   created_at: string;
   last_active_at: string;
   idle_timeout_seconds: number;
+  limits: SandboxLimitsInfo;
   metadata: Record<string, string>;
 }
 

@@ -44,3 +44,29 @@ export type ExecEventType = ExecEvent['type'];
 
 /** Exit code reported when an exec hit its timeout (the same as coreutils' `timeout`). */
 export const TIMEOUT_EXIT_CODE = 124;
+
+/**
+ * Events of a sandbox's life (`GET /v1/sandboxes/:id/events`), numbered per sandbox from 0. Today:
+ * what its egress policy let through or stopped.
+ */
+export interface EgressEventData {
+  /** The name or address asked for. */
+  host: string;
+  /** The port asked for (null for DNS). */
+  port: number | null;
+  /**
+   * How it was asked: a plain HTTP request through the proxy, HTTP CONNECT, SOCKS5, a DNS query, or
+   * a direct connection to port 80/443 of some address (taken over by the proxy).
+   */
+  via: 'http' | 'connect' | 'socks' | 'dns' | 'transparent';
+  /** The address connected to (allowed attempts). */
+  address?: string;
+  /** Why it was denied. */
+  reason?: string;
+}
+
+export interface EgressDeniedEvent extends EventBase { type: 'egress_denied'; data: EgressEventData }
+export interface EgressAllowedEvent extends EventBase { type: 'egress_allowed'; data: EgressEventData }
+
+export type SandboxEvent = EgressDeniedEvent | EgressAllowedEvent;
+export type SandboxEventType = SandboxEvent['type'];

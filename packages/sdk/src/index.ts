@@ -53,11 +53,14 @@ export type {
   Runtime,
   SandboxCreateOptions,
   SandboxInfo,
+  SandboxLimits,
   SandboxListOptions,
   SandboxState,
   UploadData,
   UploadResult,
 } from './types.js';
+export type { EgressPolicy, EgressSetting } from '@podflare/protocol/egress';
+export type { SandboxEvent, EgressEventData } from '@podflare/protocol/events';
 export { TIMEOUT_EXIT_CODE } from '@podflare/protocol/events';
 export type {
   ExecEvent,

@@ -4,7 +4,7 @@
  * through the sandbox's {@link Client}.
  */
 import type { Readable } from 'node:stream';
-import type { ExecEvent } from '@podflare/protocol/events';
+import type { ExecEvent, SandboxEvent } from '@podflare/protocol/events';
 import { resolveClient } from './client.js';
 import type { Client, RequestSpec } from './client.js';
 import { NotFoundError, SandboxGoneError } from './errors.js';
@@ -88,6 +88,9 @@ export class Sandbox {
       idle_timeout_seconds: options.idleTimeoutSeconds,
       max_lifetime_seconds: options.maxLifetimeSeconds,
       runtime: options.runtime,
+      limits: options.limits && {
+        cpus: options.limits.cpus, memory_mb: options.limits.memoryMb, disk_mb: options.limits.diskMb, processes: options.limits.processes,
+      },
       metadata: options.metadata,
     };
     for (const key of Object.keys(body)) if (body[key] === undefined) delete body[key];
@@ -251,6 +254,21 @@ export class Sandbox {
   async interrupt(): Promise<boolean> {
     const answer = await this.client.json<{ interrupted: boolean }>({ method: 'POST', path: `${this.#path}/interrupt` });
     return answer.interrupted === true;
+  }
+
+  /**
+   * The sandbox's events (the server keeps the latest 1000): today, what its egress allowlist let
+   * through (`egress_allowed`) or stopped (`egress_denied`). Pass `after` (the last `seq` seen) to
+   * get only newer ones.
+   *
+   * @example
+   * ```ts
+   * const denied = (await sandbox.events()).filter((e) => e.type === 'egress_denied');
+   * ```
+   */
+  async events(options: { after?: number } = {}): Promise<SandboxEvent[]> {
+    const answer = await this.client.json<{ events: SandboxEvent[] }>({ method: 'GET', path: `${this.#path}/events`, query: { after: options.after } });
+    return answer.events;
   }
 
   /**

@@ -4,6 +4,7 @@
  */
 import type { Readable } from 'node:stream';
 import type { ReadableStream as WebReadableStream } from 'node:stream/web';
+import type { EgressSetting } from '@podflare/protocol/egress';
 import type { ExecErrorInfo } from '@podflare/protocol/events';
 import type { Client } from './client.js';
 import type { Result } from './execution.js';
@@ -49,10 +50,14 @@ export interface SandboxCreateOptions extends ConnectionOptions {
    */
   template?: string;
   /**
-   * Whether the sandbox may reach the network.
+   * Whether the sandbox may reach the network: `true` (anything but the host itself), `false`
+   * (nothing, not even DNS), or `{ allow: [...] }`: only the hosts listed, through the server's
+   * policy proxy (`"example.com"`, `"*.example.com"`, `"*"`, `"10.0.0.0/8"`). Programs in the
+   * sandbox find the proxy through HTTP_PROXY / HTTPS_PROXY / ALL_PROXY; denied attempts show in
+   * {@link Sandbox.events}.
    * @default true
    */
-  egress?: boolean;
+  egress?: EgressSetting;
   /**
    * Keep the sandbox when idle instead of destroying it after `idleTimeoutSeconds`.
    * @default false
@@ -73,8 +78,27 @@ export interface SandboxCreateOptions extends ConnectionOptions {
    * @default the server's choice
    */
   runtime?: Runtime;
+  /**
+   * Resource limits, each within the server's maximum (a 400 names the one asked too high).
+   * @default 2 CPUs, 1024 MB memory, 4096 MB disk, 512 processes (the server's defaults)
+   */
+  limits?: Partial<SandboxLimits>;
   /** Free-form string labels stored with the sandbox and returned by `info()`/`list()`. */
   metadata?: Record<string, string>;
+}
+
+/**
+ * What a sandbox may use. Exceeding memory kills the offending process (the exec reports
+ * `MemoryLimitExceeded`); past `processes`, new processes are refused (`ProcessLimitExceeded`);
+ * past `diskMb`, writes fail with "No space left on device".
+ */
+export interface SandboxLimits {
+  /** CPU time in cores (fractions allowed). */
+  cpus: number;
+  memoryMb: number;
+  diskMb: number;
+  /** Processes and threads. */
+  processes: number;
 }
 
 /** Options of {@link Sandbox.list}. */
@@ -97,7 +121,7 @@ export interface SandboxInfo {
   state: SandboxState;
   template: string;
   runtime: 'ns' | 'vm';
-  egress: boolean;
+  egress: EgressSetting;
   persistent: boolean;
   /** The sandbox this one was forked from, or null. */
   parent: string | null;
@@ -106,6 +130,7 @@ export interface SandboxInfo {
   createdAt: Date;
   lastActiveAt: Date;
   idleTimeoutSeconds: number;
+  limits: SandboxLimits;
   metadata: Record<string, string>;
 }
 
@@ -288,13 +313,14 @@ export interface WireSandboxInfo {
   state: SandboxState;
   template: string;
   runtime: 'ns' | 'vm';
-  egress: boolean;
+  egress: EgressSetting;
   persistent: boolean;
   parent: string | null;
   children: string[];
   created_at: string;
   last_active_at: string;
   idle_timeout_seconds: number;
+  limits?: { cpus: number; memory_mb: number; disk_mb: number; processes: number };
   metadata: Record<string, string>;
 }
 
@@ -312,6 +338,9 @@ export function toSandboxInfo(w: WireSandboxInfo): SandboxInfo {
     createdAt: new Date(w.created_at),
     lastActiveAt: new Date(w.last_active_at),
     idleTimeoutSeconds: w.idle_timeout_seconds,
+    limits: {
+      cpus: w.limits?.cpus ?? 0, memoryMb: w.limits?.memory_mb ?? 0, diskMb: w.limits?.disk_mb ?? 0, processes: w.limits?.processes ?? 0,
+    },
     metadata: w.metadata ?? {},
   };
 }

@@ -6,9 +6,17 @@ single-threaded process can. It is started once per server (as root, like the se
 lines on stdin/stdout, and never runs sandbox code.
 
 Operations:
+  idmap   {base, count, layers}   from now on, overlays use these read-only image layers through
+                                  idmapped mounts that shift their owners by `base` (image root
+                                  shows up as the sandboxes' unprivileged root, host uid `base`)
   overlay {pid, lowers, upper, work, target, binds?}
                                   mount an overlay (new mount API, never in the host's table) at
                                   `target` inside the mount namespace of host process `pid`
+                                  (`pid` null: in the host's own namespace)
+  subvolume {path, limit_bytes}   create a btrfs subvolume (a sandbox's directory on the disk
+                                  volume) whose qgroup limits what the sandbox may write
+  disk_limit {path, limit_bytes}  change that limit
+  squash_layers {sources, target}  squash overlay layers (topmost first) into one new layer
   copy_layer {source, target}     copy an overlay upper into a new fork layer (keeps whiteouts,
                                   opaque marks and owners)
   detach  {pid, target}           lazily unmount `target` in that namespace and remove the directory
@@ -18,19 +26,27 @@ Operations:
                                   first) without mounting them: only paths present in a layer that
                                   the stacks do not share are looked at
 """
+import contextlib
 import ctypes
 import difflib
+import errno
+import fcntl
 import json
 import os
+import shutil
 import stat
+import struct
 import sys
 
 libc = ctypes.CDLL(None, use_errno=True)
-SYS_OPEN_TREE, SYS_MOVE_MOUNT, SYS_FSOPEN, SYS_FSCONFIG, SYS_FSMOUNT = 428, 429, 430, 431, 432
+SYS_OPEN_TREE, SYS_MOVE_MOUNT, SYS_FSOPEN, SYS_FSCONFIG, SYS_FSMOUNT, SYS_MOUNT_SETATTR = 428, 429, 430, 431, 432, 442
 FSOPEN_CLOEXEC, FSMOUNT_CLOEXEC = 1, 1
 FSCONFIG_SET_STRING, FSCONFIG_CMD_CREATE = 1, 6
 OPEN_TREE_CLONE, OPEN_TREE_CLOEXEC, AT_RECURSIVE = 1, 0o2000000, 0x8000
 MOVE_MOUNT_F_EMPTY_PATH = 4
+AT_EMPTY_PATH = 0x1000
+MOUNT_ATTR_RDONLY, MOUNT_ATTR_IDMAP = 0x1, 0x00100000
+CLONE_NEWUSER = 0x10000000
 AT_FDCWD = -100
 MNT_DETACH = 2
 CLONE_NEWNS = 0x00020000
@@ -67,13 +83,106 @@ class InNamespace:
         return False
 
 
+class IdMap:
+    """Idmapped, read-only views of the image layers.
+
+    The image on disk keeps its real owners (root is 0) so that the VM runtime can use it as it
+    is; sandboxes run as an unprivileged host range instead (root inside = host uid `base`). An
+    idmapped mount shifts the owners the overlay sees, so image files belong to sandbox root and
+    what a sandbox writes lands on the host owned by `base + n`, never by host root.
+
+    Each view is a detached mount (open_tree + mount_setattr) held open by this process for its
+    whole life and named to overlayfs as /proc/self/fd/N: nothing appears in any mount table."""
+
+    def __init__(self):
+        self.views = {}  # layer path -> fd of its idmapped detached mount
+        self.userns = None
+
+    def configure(self, base, count, layers):
+        if self.userns is None:
+            self.userns = _userns_with_map(base, count)
+        for layer in layers:
+            if layer not in self.views:
+                tree = _check(libc.syscall(SYS_OPEN_TREE, AT_FDCWD, layer.encode(),
+                                           OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE), f"open_tree {layer}")
+                attr = ctypes.create_string_buffer(struct.pack("QQQQ", MOUNT_ATTR_IDMAP | MOUNT_ATTR_RDONLY, 0, 0, self.userns))
+                try:
+                    _check(libc.syscall(SYS_MOUNT_SETATTR, tree, b"", AT_EMPTY_PATH | AT_RECURSIVE, attr, 32),
+                           f"idmapped mount of {layer}")
+                except OSError:
+                    os.close(tree)
+                    raise
+                self.views[layer] = tree
+
+    def path(self, layer):
+        tree = self.views.get(layer)
+        return layer if tree is None else f"/proc/self/fd/{tree}"
+
+
+def _userns_with_map(base, count):
+    """An fd of a user namespace mapping 0..count-1 to base..base+count-1 (a helper child creates
+    it and exits; the fd keeps the namespace)."""
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(ready_r)
+            os.close(go_w)
+            ok = libc.unshare(CLONE_NEWUSER) == 0
+            os.write(ready_w, b"1" if ok else b"0")
+            os.read(go_r, 1)
+        finally:
+            os._exit(0)
+    os.close(ready_w)
+    os.close(go_r)
+    try:
+        if os.read(ready_r, 1) != b"1":
+            raise OSError(errno.EPERM, "cannot create a user namespace for the idmapped image")
+        for kind in ("uid_map", "gid_map"):
+            with open(f"/proc/{pid}/{kind}", "w") as f:
+                f.write(f"0 {int(base)} {int(count)}\n")
+        return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        os.close(ready_r)
+        os.close(go_w)
+        os.waitpid(pid, 0)
+
+
+IDMAP = IdMap()
+
+
+def op_idmap(req):
+    IDMAP.configure(req["base"], req["count"], req["layers"])
+    return {}
+
+
+def _fs_messages(fs):
+    """What the kernel said about a failed fsconfig (read from the filesystem context's fd)."""
+    said = []
+    while True:
+        try:
+            said.append(os.read(fs, 1024).decode(errors="replace").strip())
+        except OSError:
+            break
+    return f" ({'; '.join(said)})" if said else ""
+
+
 def _overlay_mount_fd(lowers, upper, work):
     """A detached overlay mount (new mount API): nothing appears in the host's mount table."""
     fs = _check(libc.syscall(SYS_FSOPEN, b"overlay", FSOPEN_CLOEXEC), "fsopen overlay")
     try:
-        for key, value in (("lowerdir", ":".join(lowers)), ("upperdir", upper), ("workdir", work)):
-            _check(libc.syscall(SYS_FSCONFIG, fs, FSCONFIG_SET_STRING, key.encode(), value.encode(), 0), f"fsconfig {key}")
-        _check(libc.syscall(SYS_FSCONFIG, fs, FSCONFIG_CMD_CREATE, None, None, 0), "fsconfig create")
+        lowers = [IDMAP.path(layer) for layer in lowers]
+        # fsconfig takes strings of at most 256 bytes: one "lowerdir+" per layer (Linux 6.8+)
+        # where a joined "lowerdir" would be longer.
+        joined = ":".join(lowers)
+        options = [("lowerdir", joined)] if len(joined) < 256 else [("lowerdir+", layer) for layer in lowers]
+        try:
+            for key, value in options + [("upperdir", upper), ("workdir", work)]:
+                _check(libc.syscall(SYS_FSCONFIG, fs, FSCONFIG_SET_STRING, key.encode(), value.encode(), 0), f"fsconfig {key}")
+            _check(libc.syscall(SYS_FSCONFIG, fs, FSCONFIG_CMD_CREATE, None, None, 0), "fsconfig create")
+        except OSError as exc:
+            raise OSError(exc.errno, f"{exc.strerror}{_fs_messages(fs)}") from None
         return _check(libc.syscall(SYS_FSMOUNT, fs, FSMOUNT_CLOEXEC, 0), "fsmount")
     finally:
         os.close(fs)
@@ -89,7 +198,7 @@ def op_overlay(req):
         for bind in req.get("binds", []):
             trees.append((_check(libc.syscall(SYS_OPEN_TREE, AT_FDCWD, bind["source"].encode(),
                                               OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC), "open_tree"), bind["target"]))
-        with InNamespace(req["pid"]):
+        with InNamespace(req["pid"]) if req.get("pid") else contextlib.nullcontext():
             os.makedirs(req["target"], exist_ok=True)
             _check(libc.syscall(SYS_MOVE_MOUNT, root, b"", AT_FDCWD, req["target"].encode(), MOVE_MOUNT_F_EMPTY_PATH), "move_mount")
             for tree, rel in trees:
@@ -100,6 +209,35 @@ def op_overlay(req):
         os.close(root)
         for tree, _ in trees:
             os.close(tree)
+    return {}
+
+
+# ---- disk limits: btrfs subvolumes with qgroup limits -------------------------------------------
+
+BTRFS_IOC_SUBVOL_CREATE = 0x5000940E   # _IOW(0x94, 14, struct btrfs_ioctl_vol_args), 4096 bytes
+BTRFS_IOC_QGROUP_LIMIT = 0x8030942B    # _IOR(0x94, 43, struct btrfs_ioctl_qgroup_limit_args), 48 bytes
+BTRFS_QGROUP_LIMIT_MAX_RFER = 1
+
+
+def op_subvolume(req):
+    parent, name = os.path.split(req["path"].rstrip("/"))
+    args = struct.pack("q4088s", 0, name.encode())
+    fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, BTRFS_IOC_SUBVOL_CREATE, bytearray(args))
+    finally:
+        os.close(fd)
+    return op_disk_limit(req)
+
+
+def op_disk_limit(req):
+    """qgroup id 0 means the subvolume the fd is in: the sandbox's own."""
+    args = struct.pack("QQQQQQ", 0, BTRFS_QGROUP_LIMIT_MAX_RFER, int(req["limit_bytes"]), 0, 0, 0)
+    fd = os.open(req["path"], os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, BTRFS_IOC_QGROUP_LIMIT, bytearray(args))
+    finally:
+        os.close(fd)
     return {}
 
 
@@ -123,7 +261,13 @@ def _copy_entry(src, dst, st):
         with open(src, "rb") as fin, open(dst, "wb") as fout:
             remaining = st.st_size
             while remaining > 0:
-                n = os.copy_file_range(fin.fileno(), fout.fileno(), min(remaining, 1 << 30))
+                try:
+                    # Same filesystem (the btrfs disk volume): a reflink, no data copied.
+                    n = os.copy_file_range(fin.fileno(), fout.fileno(), min(remaining, 1 << 30))
+                except OSError as exc:
+                    if exc.errno not in (errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS):
+                        raise
+                    n = os.sendfile(fout.fileno(), fin.fileno(), None, min(remaining, 1 << 30))
                 if n == 0:
                     break
                 remaining -= n
@@ -159,6 +303,50 @@ def op_copy_layer(req):
     return {}
 
 
+def _remove(path):
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
+
+
+def op_squash_layers(req):
+    """Squashes overlay layers (`sources`, topmost first) into one new layer that, over the same
+    lowers, shows exactly what they showed stacked: a path in a higher layer replaces the lower
+    ones' (a whiteout included: it keeps hiding what lies further down), an opaque directory drops
+    what the lower layers had in it. Deep fork chains stay one lookup deep this way."""
+    dst = req["target"]
+    dirs = {}
+    for src in reversed(req["sources"]):  # bottom first: each higher layer overrides
+        for dirpath, dirnames, filenames in os.walk(src):
+            rel = os.path.relpath(dirpath, src)
+            target_dir = dst if rel == "." else os.path.join(dst, rel)
+            st = os.lstat(dirpath)
+            if rel != "." and (_is_opaque(dirpath) or not os.path.isdir(target_dir) or os.path.islink(target_dir)):
+                _remove(target_dir)
+            if not os.path.lexists(target_dir):
+                _copy_entry(dirpath, target_dir, st)
+            else:
+                os.chmod(target_dir, stat.S_IMODE(st.st_mode))
+                os.lchown(target_dir, st.st_uid, st.st_gid)
+                _copy_xattrs(dirpath, target_dir)
+            dirs[target_dir] = st
+            for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+                path = os.path.join(dirpath, name)
+                target = os.path.join(target_dir, name)
+                _remove(target)
+                _copy_entry(path, target, os.lstat(path))
+    for target_dir in sorted(dirs, key=len, reverse=True):
+        if os.path.isdir(target_dir):
+            st = dirs[target_dir]
+            os.utime(target_dir, ns=(st.st_atime_ns, st.st_mtime_ns))
+    return {}
+
+
 def op_detach(req):
     with InNamespace(req["pid"]):
         if libc.umount2(req["target"].encode(), MNT_DETACH) < 0:
@@ -177,7 +365,9 @@ def op_tmpfs(req):
         target = req["target"]
         os.makedirs(target, exist_ok=True)
         if not os.path.ismount(target):
-            _check(libc.mount(b"tmpfs", target.encode(), b"tmpfs", 0, b"mode=0700,size=64k"), "mount tmpfs")
+            # Owned by sandbox root (a fork child walks into its root here), invisible to others.
+            owner = f"uid={int(req.get('uid', 0))},gid={int(req.get('gid', 0))}"
+            _check(libc.mount(b"tmpfs", target.encode(), b"tmpfs", 0, f"mode=0700,size=64k,{owner}".encode()), "mount tmpfs")
     return {}
 
 
@@ -336,7 +526,7 @@ def op_diff(req):
     return out
 
 
-OPS = {"copy_layer": op_copy_layer, "overlay": op_overlay, "detach": op_detach, "tmpfs": op_tmpfs, "diff": op_diff}
+OPS = {"idmap": op_idmap, "squash_layers": op_squash_layers, "subvolume": op_subvolume, "disk_limit": op_disk_limit, "copy_layer": op_copy_layer, "overlay": op_overlay, "detach": op_detach, "tmpfs": op_tmpfs, "diff": op_diff}
 
 
 def main():

@@ -7,6 +7,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { LogLevel } from './log.js';
+import type { SandboxLimits } from './runtime/runtime.js';
 
 export type RuntimeName = 'ns' | 'vm' | 'auto';
 
@@ -45,6 +46,20 @@ export interface ServerConfig {
   startTimeoutMs: number;
   /** Grace between an interrupt and killing the interpreter. */
   interruptGraceMs: number;
+  /**
+   * First host uid/gid of the range sandboxes run as (root inside = this uid on the host; 65536
+   * ids): never host root. Pick a range no host account uses.
+   */
+  sandboxUidBase: number;
+  /** Limits of a sandbox created without any. */
+  defaultLimits: SandboxLimits;
+  /** The most a create may ask for. */
+  maxLimits: SandboxLimits;
+  /**
+   * DNS servers ("ip" or "ip:port") through which the egress proxy resolves the names a sandbox's
+   * allowlist permits. @default PODFLARE_EGRESS_DNS (comma-separated), else the host's resolver
+   */
+  egressDnsServers: string[];
 }
 
 /** The repo's agent/ folder, found relative to this file (packages/server/dist/config.js). */
@@ -63,6 +78,15 @@ function int(value: string | undefined, name: string): number | undefined {
   if (!Number.isInteger(n) || n < 0) throw new Error(`${name} must be a non-negative integer, got "${value}"`);
   return n;
 }
+
+function num(value: string | undefined, name: string): number | undefined {
+  if (value === undefined || value === '') return undefined;
+  const n = Number(value);
+  if (!Number.isFinite(n) || n <= 0) throw new Error(`${name} must be a positive number, got "${value}"`);
+  return n;
+}
+
+const MB = 1024 * 1024;
 
 export function loadConfig(overrides: Partial<ServerConfig> = {}, env: NodeJS.ProcessEnv = process.env): ServerConfig {
   const stateDir = overrides.stateDir ?? env.PODFLARE_STATE_DIR ?? '/var/lib/podflare';
@@ -86,7 +110,25 @@ export function loadConfig(overrides: Partial<ServerConfig> = {}, env: NodeJS.Pr
     rateLimitBurst: int(env.PODFLARE_RATE_LIMIT_BURST, 'PODFLARE_RATE_LIMIT_BURST') ?? 2000,
     startTimeoutMs: 15_000,
     interruptGraceMs: int(env.PODFLARE_INTERRUPT_GRACE_MS, 'PODFLARE_INTERRUPT_GRACE_MS') ?? 2000,
+    sandboxUidBase: int(env.PODFLARE_SANDBOX_UID_BASE, 'PODFLARE_SANDBOX_UID_BASE') ?? 100_000,
+    // The hosted services' defaults: 2 vCPU, 1 GB RAM, 4 GB disk; 512 processes.
+    defaultLimits: {
+      cpus: num(env.PODFLARE_DEFAULT_CPUS, 'PODFLARE_DEFAULT_CPUS') ?? 2,
+      memoryBytes: (int(env.PODFLARE_DEFAULT_MEMORY_MB, 'PODFLARE_DEFAULT_MEMORY_MB') ?? 1024) * MB,
+      diskBytes: (int(env.PODFLARE_DEFAULT_DISK_MB, 'PODFLARE_DEFAULT_DISK_MB') ?? 4096) * MB,
+      pids: int(env.PODFLARE_DEFAULT_PROCESSES, 'PODFLARE_DEFAULT_PROCESSES') ?? 512,
+    },
+    maxLimits: {
+      cpus: num(env.PODFLARE_MAX_CPUS, 'PODFLARE_MAX_CPUS') ?? Math.max(2, os.availableParallelism()),
+      memoryBytes: (int(env.PODFLARE_MAX_MEMORY_MB, 'PODFLARE_MAX_MEMORY_MB') ?? 8192) * MB,
+      diskBytes: (int(env.PODFLARE_MAX_DISK_MB, 'PODFLARE_MAX_DISK_MB') ?? 65536) * MB,
+      pids: int(env.PODFLARE_MAX_PROCESSES, 'PODFLARE_MAX_PROCESSES') ?? 4096,
+    },
+    egressDnsServers: (env.PODFLARE_EGRESS_DNS ?? '').split(',').map((s) => s.trim()).filter(Boolean),
   };
+  if (config.sandboxUidBase < 1 || config.sandboxUidBase + 65_536 > 0xffff_fffe) {
+    throw new Error(`PODFLARE_SANDBOX_UID_BASE must leave room for 65536 ids above it and be at least 1, got ${config.sandboxUidBase}`);
+  }
   const merged = { ...config, ...stripUndefined(overrides) };
   if (overrides.stateDir && !overrides.imagesDir && !env.PODFLARE_IMAGES_DIR) merged.imagesDir = path.join(overrides.stateDir, 'images');
   return merged;

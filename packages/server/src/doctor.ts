@@ -180,6 +180,7 @@ export async function runDoctor(opts: { imagesDir: string }): Promise<DoctorRepo
     checkOverlay(),
     checkCgroups(),
     checkTool('slirp4netns', 'slirp4netns', ['--version'], true, 'apt-get install slirp4netns (sandbox network egress)'),
+    checkTool('nsenter', 'nsenter', ['--version'], true, 'apt-get install util-linux (egress allowlists: the policy proxy listens inside sandboxes)'),
     checkTool('mmdebstrap', 'mmdebstrap', ['--version'], true, 'apt-get install mmdebstrap (builds the sandbox image)'),
     checkRoot(),
     checkKvm(),

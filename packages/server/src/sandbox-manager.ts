@@ -4,12 +4,17 @@
  * calls this; it never touches a runtime directly.
  */
 import { randomBytes } from 'node:crypto';
-import type { AgentRequestBody, CreateSandboxBody, ExecStreamMessage, SandboxInfo } from '@podflare/protocol';
+import { EventEmitter } from 'node:events';
+import { isEgressPolicy, type AgentRequestBody, type CreateSandboxBody, type EgressSetting, type ExecStreamMessage, type SandboxEvent, type SandboxInfo } from '@podflare/protocol';
 import type { ServerConfig } from './config.js';
 import { ApiError } from './errors.js';
+import { ExecHistory } from './exec-history.js';
 import type { Logger } from './log.js';
+import { ServerMetrics } from './metrics.js';
 import { WarmPool, type PoolKey } from './pool.js';
-import type { Runtime, RuntimeSandbox } from './runtime/runtime.js';
+import { limitError, limitsInfo, resolveLimits, sameLimits } from './limits.js';
+import type { LimitCounters, Runtime, RuntimeSandbox } from './runtime/runtime.js';
+import { SandboxEventLog } from './sandbox-events.js';
 import { SerialQueue } from './serial-queue.js';
 import type { SandboxRecord, SandboxStore } from './store/store.js';
 
@@ -33,6 +38,8 @@ export interface CreateOptions extends CreateSandboxBody {
 
 export class SandboxManager {
   private readonly live = new Map<string, LiveSandbox>();
+  /** Limit counters last seen per runtime sandbox: an exec that moved them ran into a limit. */
+  private readonly limitBaseline = new WeakMap<RuntimeSandbox, LimitCounters>();
   /** Teardowns still running after their DELETE answered; close() waits for them. */
   private readonly teardowns = new Set<Promise<void>>();
   /** Sandboxes being created or forked, counted against the caps before they are live. */
@@ -40,21 +47,49 @@ export class SandboxManager {
   private readonly pool: WarmPool;
   private readonly sweeper: NodeJS.Timeout;
   private closing = false;
-  readonly counters = { created: 0, destroyed: 0, crashed: 0, expired: 0, forked: 0, merged: 0 };
+  readonly counters = { created: 0, destroyed: 0, crashed: 0, expired: 0, forked: 0, merged: 0, limitKills: 0 };
+  /** Latencies, pool and state gauges, limit kills: GET /v1/metrics and the dashboard. */
+  readonly metrics = new ServerMetrics();
+  /** What ran in each sandbox (bounded, in memory): the dashboard's exec history. */
+  readonly history = new ExecHistory();
+  /** 'change' (sandbox id) whenever a sandbox is created, changes state, forks, merges or ends. */
+  readonly changes = new EventEmitter<{ change: [string] }>();
 
   constructor(
     private readonly runtime: Runtime,
     private readonly store: SandboxStore,
     private readonly config: ServerConfig,
     private readonly log: Logger,
+    /** Where the runtime records sandbox events (egress decisions); read by GET …/events. */
+    private readonly eventLog = new SandboxEventLog(),
   ) {
-    this.pool = new WarmPool((key) => this.startRuntimeSandbox(key, true), {
+    this.pool = new WarmPool((key) => this.startRuntimeSandbox(key.template, key.egress, true), {
       target: config.poolSize,
       maxParallelStarts: 2,
       log,
     });
     this.sweeper = setInterval(() => void this.sweep(), 1000);
     this.sweeper.unref();
+    this.registerGauges();
+  }
+
+  private registerGauges(): void {
+    const m = this.metrics;
+    const pools = () => this.pool.stats();
+    const poolLabels = (p: { template: string; egress: boolean }) => ({ template: p.template, egress: String(p.egress) });
+    m.gauge('podflare_pool_ready', 'Warm sandboxes ready to hand out, per template.', () => pools().map((p) => ({ labels: poolLabels(p), value: p.ready })));
+    m.gauge('podflare_pool_target', 'Warm sandboxes the pool aims to keep, per template.', () => pools().map((p) => ({ labels: poolLabels(p), value: p.target })));
+    m.gauge('podflare_pool_starting', 'Warm sandboxes starting, per template.', () => pools().map((p) => ({ labels: poolLabels(p), value: p.starting })));
+    m.gauge('podflare_pool_hits_total', 'Creates served from the warm pool.', () => pools().map((p) => ({ labels: poolLabels(p), value: p.hits })), 'counter');
+    m.gauge('podflare_pool_misses_total', 'Creates that had to start a sandbox on demand.', () => pools().map((p) => ({ labels: poolLabels(p), value: p.misses })), 'counter');
+    m.gauge('podflare_sandboxes', 'Live sandboxes by state.', () => {
+      const byState: Record<string, number> = { ready: 0, running: 0 };
+      for (const s of this.live.values()) byState[s.record.state] = (byState[s.record.state] ?? 0) + 1;
+      return Object.entries(byState).map(([state, value]) => ({ labels: { state }, value }));
+    });
+    m.gauge('podflare_sandbox_events_total', 'Sandbox lifecycle events since start (created, destroyed, crashed, expired, forked, merged).',
+      // Limit kills have their own series, by limit.
+      () => Object.entries(this.counters).filter(([event]) => event !== 'limitKills').map(([event, value]) => ({ labels: { event }, value })), 'counter');
   }
 
   /**
@@ -114,21 +149,42 @@ export class SandboxManager {
 
   /** `release` is called as soon as the sandbox counts as live (exactly once, with create's finally). */
   private async createReserved(opts: CreateOptions, template: string, release: () => void): Promise<SandboxRecord> {
-    const key: PoolKey = { template, egress: opts.egress ?? true };
-    const rt = this.pool.take(key) ?? (await this.startOnDemand(key));
+    const limits = resolveLimits(opts.limits, this.config.defaultLimits, this.config.maxLimits);
+    const egress: EgressSetting = isEgressPolicy(opts.egress) ? { allow: [...opts.egress.allow] } : (opts.egress ?? true);
+    const timed = this.metrics.createSeconds.time();
+    let rt: RuntimeSandbox;
+    if (isEgressPolicy(egress)) {
+      // A policy is per sandbox: no pool serves it.
+      if (!this.runtime.capabilities.egressPolicy) throw new ApiError('bad_request', `the ${this.runtime.name} runtime cannot enforce egress allowlists`, 'egress');
+      rt = await this.startOnDemand(template, egress);
+    } else {
+      const key: PoolKey = { template, egress };
+      rt = this.pool.take(key) ?? (await this.startOnDemand(template, egress));
+    }
+    // Pooled sandboxes start with the default limits; a creator asking for others gets them now.
+    if (!sameLimits(limits, this.config.defaultLimits) && rt.setLimits) {
+      try {
+        await rt.setLimits(limits);
+      } catch (err) {
+        void rt.destroy();
+        throw new ApiError('unavailable', `could not apply the sandbox's limits: ${(err as Error).message}`, undefined, { 'Retry-After': '1' });
+      }
+    }
     const now = Date.now();
     const record: SandboxRecord = {
-      id: rt.id, state: 'ready', template, runtime: this.runtime.name, egress: key.egress,
+      id: rt.id, state: 'ready', template, runtime: this.runtime.name, egress,
       persistent: opts.persistent ?? false, parentId: null, createdAt: now, lastActiveAt: now,
       endedAt: null, endReason: null,
       idleTimeoutSeconds: opts.idle_timeout_seconds ?? this.config.idleTimeoutSeconds,
       maxLifetimeSeconds: Math.min(opts.max_lifetime_seconds ?? this.config.maxLifetimeSeconds, this.config.maxLifetimeSeconds),
-      metadata: opts.metadata ?? {}, owner: opts.owner,
+      metadata: opts.metadata ?? {}, owner: opts.owner, limits,
     };
     await this.store.insert(record);
     this.adopt(record, rt);
     release();
     this.counters.created++;
+    timed();
+    this.changes.emit('change', record.id);
     return record;
   }
 
@@ -193,14 +249,55 @@ export class SandboxManager {
       if (!this.live.has(s.record.id)) throw new ApiError('sandbox_gone', `sandbox ${s.record.id} is gone`);
       s.running++;
       this.setState(s, 'running');
+      const timed = this.metrics.execSeconds.time();
+      const recorded = this.history.begin(s.record.id, s.record.owner, body.language, body.code);
+      let exit: { code: number; execution_count?: number | null; state_lost?: boolean } = { code: 137, state_lost: true };
       try {
-        return await s.rt.channel.exec(body, onEvent);
+        const rt = s.rt;
+        // Everything the caller sees is also recorded for the dashboard's history.
+        const emit = (msg: ExecStreamMessage) => {
+          recorded.message(msg);
+          onEvent(msg);
+        };
+        if (!rt.limitCounters) return (exit = await rt.channel.exec(body, emit));
+        // The error and exit are held back until the exit: if a limit caused the error (or the
+        // exit), it is reported as such.
+        let held: Extract<ExecStreamMessage, { ev: 'error' }> | undefined;
+        const result = await rt.channel.exec(body, (m) => {
+          if (m.ev === 'error') held = m;
+          else if (m.ev !== 'exit') emit(m);
+        });
+        // Read after every exec (two small cgroup files): a bash child killed for memory
+        // leaves a zero exit code, and the kill must not be blamed on the next exec.
+        const hit = await this.limitHit(s, rt, result.id, held);
+        if (hit) held = hit;
+        if (held) emit(held);
+        emit(result);
+        exit = result;
+        return result;
       } finally {
+        timed();
+        recorded.end(exit);
+        this.metrics.execs.inc({ language: body.language, outcome: exit.code === 0 ? 'ok' : exit.code === 124 ? 'timeout' : 'error' });
         s.running--;
         s.record.lastActiveAt = Date.now();
         if (this.live.has(s.record.id)) this.setState(s, 'ready');
       }
     });
+  }
+
+  /** The limit error for what happened since the last look, if the sandbox ran into a limit. */
+  private async limitHit(s: LiveSandbox, rt: RuntimeSandbox, id: number, original?: Extract<ExecStreamMessage, { ev: 'error' }>) {
+    if (!rt.limitCounters) return null;
+    const before = this.limitBaseline.get(rt) ?? { oomKills: 0, pidsRefused: 0 };
+    const after = await rt.limitCounters();
+    this.limitBaseline.set(rt, after);
+    const hit = limitError(id, before, after, s.record.limits ?? this.config.defaultLimits, original);
+    if (hit) {
+      this.counters.limitKills++;
+      this.metrics.countLimitKill(hit.data.name);
+    }
+    return hit;
   }
 
   async interrupt(s: LiveSandbox): Promise<boolean> {
@@ -230,22 +327,22 @@ export class SandboxManager {
   }
 
   /** A pool miss: start one now, retrying once, and say 503 (retryable) if the host cannot. */
-  private async startOnDemand(key: PoolKey): Promise<RuntimeSandbox> {
+  private async startOnDemand(template: string, egress: EgressSetting): Promise<RuntimeSandbox> {
     try {
-      return await this.startRuntimeSandbox(key);
+      return await this.startRuntimeSandbox(template, egress);
     } catch (first) {
       this.log.warn('sandbox start failed, retrying', { error: (first as Error).message });
       try {
-        return await this.startRuntimeSandbox(key);
+        return await this.startRuntimeSandbox(template, egress);
       } catch (err) {
         throw new ApiError('unavailable', `could not start a sandbox: ${(err as Error).message}`, undefined, { 'Retry-After': '1' });
       }
     }
   }
 
-  private async startRuntimeSandbox(key: PoolKey, background = false): Promise<RuntimeSandbox> {
+  private async startRuntimeSandbox(template: string, egress: EgressSetting, background = false): Promise<RuntimeSandbox> {
     const id = newSandboxId();
-    return this.runtime.start({ id, template: key.template, egress: key.egress, hostname: `sbx-${id.slice(4, 16)}`, background });
+    return this.runtime.start({ id, template, egress, hostname: `sbx-${id.slice(4, 16)}`, background, limits: this.config.defaultLimits });
   }
 
   private adopt(record: SandboxRecord, rt: RuntimeSandbox): LiveSandbox {
@@ -284,9 +381,19 @@ export class SandboxManager {
   private async forkReserved(s: LiveSandbox, n: number, release: () => void): Promise<SandboxRecord[]> {
     const specs = Array.from({ length: n }, () => {
       const id = newSandboxId();
-      return { id, template: s.record.template, egress: s.record.egress, hostname: `sbx-${id.slice(4, 16)}` };
+      return { id, template: s.record.template, egress: s.record.egress, hostname: `sbx-${id.slice(4, 16)}`, limits: s.record.limits ?? this.config.defaultLimits };
     });
-    const children = await this.runtime.fork(s.rt, specs);
+    let children: RuntimeSandbox[];
+    const timed = this.metrics.forkSeconds.time();
+    try {
+      children = await this.runtime.fork(s.rt, specs);
+    } catch (err) {
+      // The children are processes of the parent's until they have groups of their own.
+      const hit = await this.limitHit(s, s.rt, 0);
+      if (hit) throw new ApiError('conflict', `cannot fork: ${hit.data.value}`);
+      throw err;
+    }
+    timed();
     const now = Date.now();
     const records: SandboxRecord[] = [];
     for (const rt of children) {
@@ -301,6 +408,7 @@ export class SandboxManager {
     release();
     s.record.lastActiveAt = now;
     this.counters.forked += children.length;
+    this.changes.emit('change', s.record.id);
     return records;
   }
 
@@ -350,7 +458,9 @@ export class SandboxManager {
         if (live) live.record.parentId = parent.record.id;
       }
       this.counters.merged++;
+      this.changes.emit('change', parent.record.id);
       await old.destroy();
+      this.eventLog.drop(old.id);
     }));
   }
 
@@ -358,6 +468,11 @@ export class SandboxManager {
   async memoryOf(id: string): Promise<number> {
     const s = this.live.get(id);
     return s ? s.rt.memoryPss() : 0;
+  }
+
+  /** The sandbox's events (egress decisions) after sequence number `after`. */
+  events(s: LiveSandbox, after?: number): SandboxEvent[] {
+    return this.eventLog.list(s.rt.id, after);
   }
 
   async vars(s: LiveSandbox) {
@@ -377,14 +492,26 @@ export class SandboxManager {
     s.record.endReason = reason;
     this.log.debug('sandbox ended', { sandbox: s.record.id, state, reason });
     await this.store.update(s.record.id, { state, endedAt: s.record.endedAt, endReason: reason, lastActiveAt: s.record.lastActiveAt });
+    this.changes.emit('change', s.record.id);
     // The sandbox is already unreachable through the API: kill and clean up behind the answer.
-    const teardown = s.rt.destroy().catch((err: Error) => this.log.error('teardown failed', { sandbox: s.record.id, error: err.message }));
+    const rt = s.rt;
+    const teardown = rt.destroy().catch((err: Error) => this.log.error('teardown failed', { sandbox: s.record.id, error: err.message }));
     this.teardowns.add(teardown);
-    void teardown.finally(() => this.teardowns.delete(teardown));
+    void teardown.finally(() => {
+      this.teardowns.delete(teardown);
+      this.eventLog.drop(rt.id);
+    });
   }
 
   private setState(s: LiveSandbox, state: SandboxRecord['state']): void {
     s.record.state = state;
+    this.changes.emit('change', s.record.id);
+  }
+
+  /** Records as the store has them, with live state overlaid (the dashboard shows ended ones too). */
+  async records(filter: { all?: boolean }, owner?: string): Promise<SandboxRecord[]> {
+    const records = await this.store.list({ includeEnded: filter.all, owner });
+    return records.map((r) => this.live.get(r.id)?.record ?? r);
   }
 
   /** Idle timeouts (not while an exec runs or waits) and maximum lifetimes. */
@@ -406,7 +533,8 @@ export class SandboxManager {
     return {
       id: r.id, state: r.state, template: r.template, runtime: r.runtime, egress: r.egress, persistent: r.persistent,
       parent: r.parentId, children, created_at: new Date(r.createdAt).toISOString(),
-      last_active_at: new Date(r.lastActiveAt).toISOString(), idle_timeout_seconds: r.idleTimeoutSeconds, metadata: r.metadata,
+      last_active_at: new Date(r.lastActiveAt).toISOString(), idle_timeout_seconds: r.idleTimeoutSeconds,
+      limits: limitsInfo(r.limits ?? this.config.defaultLimits), metadata: r.metadata,
     };
   }
 }

@@ -7,10 +7,12 @@ import type { AddressInfo } from 'node:net';
 import { mkdir } from 'node:fs/promises';
 import path from 'node:path';
 import { isLoopback, type ServerConfig } from './config.js';
+import { EgressService } from './egress/index.js';
 import { createApp } from './http/app.js';
 import { ensureImage, type ImageProgress } from './image/index.js';
 import { createLogger, type Logger } from './log.js';
 import { NamespaceRuntime } from './runtime/namespace/namespace-runtime.js';
+import { SandboxEventLog } from './sandbox-events.js';
 import { SandboxManager } from './sandbox-manager.js';
 import { lockStateDir, type StateDirLock } from './state-lock.js';
 import { SqliteStore } from './store/sqlite-store.js';
@@ -45,14 +47,18 @@ export async function startServer(config: ServerConfig, opts: StartOptions = {})
 async function startLocked(config: ServerConfig, opts: StartOptions, log: Logger, lock: StateDirLock): Promise<RunningServer> {
   const image = await ensureImage({ imagesDir: config.imagesDir, agentDir: config.agentDir, onProgress: opts.onImageProgress, log: (m: string) => log.info(m) });
   const store = new SqliteStore(path.join(config.stateDir, 'podflare.db'));
+  const events = new SandboxEventLog();
+  const egress = new EgressService({ dnsServers: config.egressDnsServers, events, log });
   const runtime = new NamespaceRuntime({
     stateDir: config.stateDir,
     lowerDirs: [image.agent, image.base],
     startTimeoutMs: config.startTimeoutMs,
     interruptGraceMs: config.interruptGraceMs,
+    uidBase: config.sandboxUidBase,
     log,
+    egress,
   });
-  const manager = new SandboxManager(runtime, store, config, log);
+  const manager = new SandboxManager(runtime, store, config, log, events);
   await manager.start();
 
   const server = http.createServer({ noDelay: true, keepAliveTimeout: 65_000, maxHeaderSize: 16 * 1024 }, createApp({
@@ -68,6 +74,7 @@ async function startLocked(config: ServerConfig, opts: StartOptions, log: Logger
     server.listen(config.port, config.host, () => resolve());
   });
   const address = server.address() as AddressInfo;
+  egress.protectedPorts.push(address.port);
   const host = address.family === 'IPv6' ? `[${address.address}]` : address.address;
   const url = `http://${host}:${address.port}`;
   log.info('podflare listening', { url, runtime: runtime.name, pool: config.poolSize, image: image.id });

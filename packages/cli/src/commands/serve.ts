@@ -61,6 +61,7 @@ export const serveCommand: Command = {
     const reporter = createProgressReporter();
     const server = await startServer(config, { onImageProgress: reporter.onProgress }).finally(() => reporter.finish());
     process.stdout.write(`podflare listening on ${server.url} (runtime ${config.runtime}, state ${config.stateDir})\n`);
+    process.stdout.write(`dashboard: ${server.url}/\n`);
 
     return new Promise<number>((resolve) => {
       let stopping = false;

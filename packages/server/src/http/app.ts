@@ -8,8 +8,11 @@ import type { Logger } from '../log.js';
 import type { SandboxManager } from '../sandbox-manager.js';
 import { KeyRing } from './auth.js';
 import { sendJson } from './body.js';
+import { addDashboardRoutes } from './dashboard-routes.js';
 import { addFileRoutes } from './file-routes.js';
 import { addForkRoutes } from './fork-routes.js';
+import { addMetricsRoutes } from './metrics-routes.js';
+import { observeRequest } from './observe.js';
 import { RateLimiter, type RateLimitOptions } from './rate-limit.js';
 import { Router } from './router.js';
 import { addSandboxRoutes } from './sandbox-routes.js';
@@ -47,9 +50,11 @@ export function createApp(opts: AppOptions): RequestListener {
   addSandboxRoutes(router, opts.manager);
   addFileRoutes(router, opts.manager);
   addForkRoutes(router, opts.manager);
+  addMetricsRoutes(router, opts.manager);
+  addDashboardRoutes(router, opts.manager);
 
   return (req, res) => {
-    const started = performance.now();
+    const observed = observeRequest(req, res, opts.log, opts.manager.metrics);
     let url: URL | undefined;
     void (async () => {
       try {
@@ -62,10 +67,7 @@ export function createApp(opts: AppOptions): RequestListener {
       } catch (err) {
         sendError(res, err, opts.log);
       } finally {
-        opts.log.debug('request', {
-          method: req.method, path: url?.pathname ?? req.url, status: res.statusCode,
-          ms: Math.round((performance.now() - started) * 100) / 100,
-        });
+        observed.done(url?.pathname ?? req.url);
       }
     })();
   };

@@ -4,6 +4,7 @@ import { CreateSandboxBody, ExecBody, SANDBOX_ID_PATTERN, type ExecEvent, type E
 import { ApiError } from '../errors.js';
 import type { SandboxManager } from '../sandbox-manager.js';
 import { readBody, sendEmpty, sendJson } from './body.js';
+import { noteSandbox } from './observe.js';
 import { flagParam } from './params.js';
 import type { RequestContext, Router } from './router.js';
 
@@ -19,6 +20,7 @@ export function addSandboxRoutes(router: Router, manager: SandboxManager): void 
   router.add('POST', '/v1/sandboxes', async (ctx) => {
     const body = await readBody(ctx.req, CreateSandboxBody);
     const record = await manager.create({ ...body, owner: ctx.owner });
+    noteSandbox(ctx.res, record.id);
     sendJson(ctx.res, 201, { id: record.id, state: 'ready' });
   });
 
@@ -64,6 +66,13 @@ export function addSandboxRoutes(router: Router, manager: SandboxManager): void 
       finished = true;
       stream.end();
     }
+  });
+
+  router.add('GET', '/v1/sandboxes/:id/events', async (ctx) => {
+    const sandbox = await manager.get(sandboxId(ctx), ctx.owner || undefined);
+    const afterText = ctx.query.get('after');
+    if (afterText !== null && !/^(-1|\d{1,15})$/.test(afterText)) throw new ApiError('bad_request', 'after: must be an event sequence number', 'after');
+    sendJson(ctx.res, 200, { events: manager.events(sandbox, afterText === null ? undefined : Number(afterText)) });
   });
 
   router.add('POST', '/v1/sandboxes/:id/interrupt', async (ctx) => {

@@ -3,6 +3,7 @@
  * Runtimes declare what they can do (capabilities) rather than throwing when asked; the sandbox
  * manager and the API never look past this interface.
  */
+import type { EgressSetting } from '@podflare/protocol';
 import type { AgentChannel } from '../agent-channel.js';
 
 export interface RuntimeCapabilities {
@@ -12,13 +13,16 @@ export interface RuntimeCapabilities {
   freeze: boolean;
   /** Outbound network when asked for (egress: true). */
   egress: boolean;
+  /** Outbound network through the host's policy proxy (egress: {allow: [...]}). */
+  egressPolicy: boolean;
 }
 
 export interface SandboxSpec {
   /** The API id (sbx_…); also names the sandbox's directories. */
   id: string;
   template: string;
-  egress: boolean;
+  /** true: user-mode networking; false: none; {allow}: only through the host's policy proxy. */
+  egress: EgressSetting;
   hostname: string;
   /**
    * Start at low CPU priority (raised back once ready): warm-pool refills then never slow down
@@ -27,6 +31,22 @@ export interface SandboxSpec {
   background?: boolean;
   /** Extra environment for the agent (and so the interpreter). */
   env?: Record<string, string>;
+  limits: SandboxLimits;
+}
+
+/** Resource limits of one sandbox (cgroups; disk: the size of its own layer). */
+export interface SandboxLimits {
+  cpus: number;
+  memoryBytes: number;
+  diskBytes: number;
+  /** Processes and threads. */
+  pids: number;
+}
+
+/** How often a sandbox ran into its limits so far (monotonic). */
+export interface LimitCounters {
+  oomKills: number;
+  pidsRefused: number;
 }
 
 export interface RuntimeSandbox {
@@ -38,6 +58,10 @@ export interface RuntimeSandbox {
   destroy(): Promise<void>;
   /** Proportional set size of all the sandbox's processes, in bytes. */
   memoryPss(): Promise<number>;
+  /** Changes the limits of a running sandbox (a pooled one gets the creator's). */
+  setLimits?(limits: SandboxLimits): Promise<void>;
+  /** Limit hits so far, where the runtime enforces limits. */
+  limitCounters?(): Promise<LimitCounters>;
 }
 
 export interface ReconcileReport {

@@ -1,6 +1,7 @@
 /** The SQLite store (better-sqlite3: synchronous, in-process, one file in the state directory). */
 import Database from 'better-sqlite3';
-import type { SandboxState } from '@podflare/protocol';
+import type { EgressSetting, SandboxState } from '@podflare/protocol';
+import type { SandboxLimits } from '../runtime/runtime.js';
 import { ENDED_STATES, type SandboxFilter, type SandboxRecord, type SandboxStore } from './store.js';
 
 const SCHEMA = `
@@ -9,7 +10,7 @@ CREATE TABLE IF NOT EXISTS sandboxes (
   state TEXT NOT NULL,
   template TEXT NOT NULL,
   runtime TEXT NOT NULL,
-  egress INTEGER NOT NULL,
+  egress INTEGER NOT NULL, -- 1/0, or an allowlist policy as JSON text
   persistent INTEGER NOT NULL,
   parent_id TEXT,
   created_at INTEGER NOT NULL,
@@ -19,23 +20,28 @@ CREATE TABLE IF NOT EXISTS sandboxes (
   idle_timeout_seconds INTEGER NOT NULL,
   max_lifetime_seconds INTEGER NOT NULL,
   metadata TEXT NOT NULL,
-  owner TEXT NOT NULL
+  owner TEXT NOT NULL,
+  limits TEXT
 );
 CREATE INDEX IF NOT EXISTS sandboxes_parent ON sandboxes(parent_id);
 CREATE INDEX IF NOT EXISTS sandboxes_state ON sandboxes(state);
 `;
 
 interface Row {
-  id: string; state: string; template: string; runtime: string; egress: number; persistent: number;
+  id: string; state: string; template: string; runtime: string; egress: number | string; persistent: number;
   parent_id: string | null; created_at: number; last_active_at: number; ended_at: number | null;
   end_reason: string | null; idle_timeout_seconds: number; max_lifetime_seconds: number; metadata: string; owner: string;
+  limits: string | null;
 }
+
+/** Columns added after the first schema: added to older databases on open. */
+const ADDED_COLUMNS: Array<[name: string, type: string]> = [['limits', 'TEXT']];
 
 const COLUMNS: Record<keyof Omit<SandboxRecord, 'id'>, string> = {
   state: 'state', template: 'template', runtime: 'runtime', egress: 'egress', persistent: 'persistent',
   parentId: 'parent_id', createdAt: 'created_at', lastActiveAt: 'last_active_at', endedAt: 'ended_at',
   endReason: 'end_reason', idleTimeoutSeconds: 'idle_timeout_seconds', maxLifetimeSeconds: 'max_lifetime_seconds',
-  metadata: 'metadata', owner: 'owner',
+  metadata: 'metadata', owner: 'owner', limits: 'limits',
 };
 
 function toRow(r: Partial<SandboxRecord>): Record<string, unknown> {
@@ -43,7 +49,7 @@ function toRow(r: Partial<SandboxRecord>): Record<string, unknown> {
   for (const [key, col] of Object.entries(COLUMNS)) {
     const v = (r as Record<string, unknown>)[key];
     if (v === undefined) continue;
-    row[col] = typeof v === 'boolean' ? Number(v) : key === 'metadata' ? JSON.stringify(v) : v;
+    row[col] = typeof v === 'boolean' ? Number(v) : key === 'metadata' || key === 'limits' || key === 'egress' ? JSON.stringify(v) : v;
   }
   return row;
 }
@@ -51,10 +57,11 @@ function toRow(r: Partial<SandboxRecord>): Record<string, unknown> {
 function fromRow(row: Row): SandboxRecord {
   return {
     id: row.id, state: row.state as SandboxState, template: row.template, runtime: row.runtime as 'ns' | 'vm',
-    egress: !!row.egress, persistent: !!row.persistent, parentId: row.parent_id, createdAt: row.created_at,
+    egress: typeof row.egress === 'string' ? (JSON.parse(row.egress) as EgressSetting) : !!row.egress, persistent: !!row.persistent, parentId: row.parent_id, createdAt: row.created_at,
     lastActiveAt: row.last_active_at, endedAt: row.ended_at, endReason: row.end_reason,
     idleTimeoutSeconds: row.idle_timeout_seconds, maxLifetimeSeconds: row.max_lifetime_seconds,
     metadata: JSON.parse(row.metadata) as Record<string, string>, owner: row.owner,
+    ...(row.limits ? { limits: JSON.parse(row.limits) as SandboxLimits } : {}),
   };
 }
 
@@ -66,6 +73,8 @@ export class SqliteStore implements SandboxStore {
     this.db.pragma('journal_mode = WAL');
     this.db.pragma('synchronous = NORMAL');
     this.db.exec(SCHEMA);
+    const existing = new Set((this.db.prepare('PRAGMA table_info(sandboxes)').all() as Array<{ name: string }>).map((c) => c.name));
+    for (const [name, type] of ADDED_COLUMNS) if (!existing.has(name)) this.db.exec(`ALTER TABLE sandboxes ADD COLUMN ${name} ${type}`);
   }
 
   async insert(record: SandboxRecord): Promise<void> {

@@ -2,14 +2,15 @@
  * What the server keeps about sandboxes beyond a process's life: records and lineage. Async so a
  * networked database (PostgreSQL, for the cluster mode) can stand behind the same interface.
  */
-import type { SandboxState } from '@podflare/protocol';
+import type { EgressSetting, SandboxState } from '@podflare/protocol';
+import type { SandboxLimits } from '../runtime/runtime.js';
 
 export interface SandboxRecord {
   id: string;
   state: SandboxState;
   template: string;
   runtime: 'ns' | 'vm';
-  egress: boolean;
+  egress: EgressSetting;
   persistent: boolean;
   parentId: string | null;
   createdAt: number;
@@ -21,6 +22,8 @@ export interface SandboxRecord {
   metadata: Record<string, string>;
   /** sha256 of the API key that created it ('' when auth is off). */
   owner: string;
+  /** Resource limits it ran with (absent in records older than limits). */
+  limits?: SandboxLimits;
 }
 
 export interface SandboxFilter {

@@ -16,9 +16,34 @@ export class HostHelper {
   private readonly pending = new Map<number, { resolve(v: Record<string, unknown>): void; reject(e: Error): void }>();
   private buffer = '';
 
-  /** Mounts an overlay at `target` in the mount namespace of `pid`, with host binds below it. */
-  overlay(pid: number, o: { lowers: string[]; upper: string; work: string; target: string; binds?: Array<{ source: string; target: string }> }): Promise<void> {
+  /**
+   * Overlays made from now on see these image layers through idmapped mounts shifting owners by
+   * `base` (image root = the sandboxes' unprivileged root, host uid `base`).
+   */
+  idmap(base: number, count: number, layers: string[]): Promise<void> {
+    return this.call({ op: 'idmap', base, count, layers }).then(() => undefined);
+  }
+
+  /**
+   * Mounts an overlay at `target` in the mount namespace of `pid` (null: the host's own), with
+   * host binds below it.
+   */
+  overlay(pid: number | null, o: { lowers: string[]; upper: string; work: string; target: string; binds?: Array<{ source: string; target: string }> }): Promise<void> {
     return this.call({ op: 'overlay', pid, ...o }).then(() => undefined);
+  }
+
+  /** A btrfs subvolume at `path` (on the disk volume) that may hold at most `limitBytes`. */
+  subvolume(path: string, limitBytes: number): Promise<void> {
+    return this.call({ op: 'subvolume', path, limit_bytes: limitBytes }).then(() => undefined);
+  }
+
+  diskLimit(path: string, limitBytes: number): Promise<void> {
+    return this.call({ op: 'disk_limit', path, limit_bytes: limitBytes }).then(() => undefined);
+  }
+
+  /** One new layer equal to `sources` (topmost first) stacked, over the same lowers. */
+  squashLayers(sources: string[], target: string): Promise<void> {
+    return this.call({ op: 'squash_layers', sources, target }).then(() => undefined);
   }
 
   copyLayer(source: string, target: string): Promise<void> {
@@ -29,8 +54,9 @@ export class HostHelper {
     return this.call({ op: 'detach', pid, target }).then(() => undefined);
   }
 
-  tmpfs(pid: number, target: string): Promise<void> {
-    return this.call({ op: 'tmpfs', pid, target }).then(() => undefined);
+  /** A small private tmpfs at `target` in the mount namespace of `pid`, owned by uid/gid `owner`. */
+  tmpfs(pid: number, target: string, owner: number): Promise<void> {
+    return this.call({ op: 'tmpfs', pid, target, uid: owner, gid: owner }).then(() => undefined);
   }
 
   async diff(a: string[], b: string[], opts: DiffOptions): Promise<FileDiff> {

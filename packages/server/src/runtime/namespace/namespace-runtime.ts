@@ -13,18 +13,25 @@
  * agent/podflare_fork.py). Memory is shared copy-on-write by the kernel.
  */
 import { spawn } from 'node:child_process';
-import { randomBytes } from 'node:crypto';
-import { mkdir, readdir, readFile, rm } from 'node:fs/promises';
+import { createHash, randomBytes } from 'node:crypto';
+import { chmod, chown, mkdir, open, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { fileURLToPath } from 'node:url';
 import net from 'node:net';
 import path from 'node:path';
-import type { Readable } from 'node:stream';
+import type { Readable, Writable } from 'node:stream';
+import { isEgressPolicy } from '@podflare/protocol';
+import { detectCgroups, type Cgroups } from '../../cgroups.js';
+import type { EgressService } from '../../egress/index.js';
 import { ApiError } from '../../errors.js';
 import type { Logger } from '../../log.js';
-import { run } from '../../proc.js';
+import { processTree, run } from '../../proc.js';
 import type { DiffOptions, FileDiff, ReconcileReport, Runtime, RuntimeSandbox, SandboxSpec } from '../runtime.js';
 import { bwrapArgs, SANDBOX_PATH } from './bwrap-args.js';
 import { HostHelper } from './hostd.js';
+import { DiskVolume } from './disk-volume.js';
 import { assertMountablePath, sandboxDirs, sandboxesDir, type SandboxDirs } from './layout.js';
+import { proxyEnvironment } from './netns-addresses.js';
+import { closeEgressListeners, openEgressListeners, type EgressListeners } from './netns-listeners.js';
 import { startSlirp } from './network.js';
 import { removeLeftovers } from './reconcile.js';
 import { ForkedSandbox, hostPidsOfForkChildren, NsSandbox, RootSandbox, type SandboxHooks } from './ns-sandbox.js';
@@ -35,8 +42,16 @@ export interface NamespaceRuntimeOptions {
   lowerDirs: string[];
   startTimeoutMs: number;
   interruptGraceMs: number;
+  /** First host uid/gid of the range sandboxes run as (root inside = this uid; 65536 ids). */
+  uidBase: number;
   log: Logger;
+  /** Serves sandboxes with an egress allowlist (without it, such sandboxes are refused). */
+  egress?: EgressService;
 }
+
+const SECCOMP_POLICY = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../../host/podflare_seccomp.py');
+/** How many ids the sandboxes' user namespaces map (0..65535 inside). */
+const ID_COUNT = 65_536;
 
 /** Niceness of sandboxes starting in the background (warm-pool refills). */
 const BACKGROUND_NICE = 10;
@@ -48,21 +63,32 @@ const SPAWN_AREA = '/.pf/spawn';
  * winner's level). Refuse clearly before the kernel does.
  */
 const MAX_FORK_DEPTH = 30;
+/** Fork layers a sandbox's root may stack before the next fork squashes them into one. */
+const MAX_STACKED_FORK_LAYERS = 4;
 
 export class NamespaceRuntime implements Runtime {
   readonly name = 'ns' as const;
-  readonly capabilities = { fork: true, freeze: false, egress: true };
+  readonly capabilities: Runtime['capabilities'];
   private readonly live = new Map<string, NsSandbox>();
   private readonly starting = new Set<Promise<unknown>>();
   private readonly layerRefs = new Map<string, number>();
   private readonly hostd = new HostHelper();
   private readonly hooks: SandboxHooks;
   private closed = false;
+  private prepared: Promise<void> | null = null;
+  /** Where limits are enforced; null on hosts without a usable cgroup hierarchy (warned once). */
+  private cgroups: Cgroups | null = null;
+  /** The btrfs volume holding the sandboxes' directories (disk limits); null where unavailable. */
+  private volume: DiskVolume | null = null;
 
   constructor(private readonly opts: NamespaceRuntimeOptions) {
+    this.capabilities = { fork: true, freeze: false, egress: true, egressPolicy: opts.egress !== undefined };
     for (const d of [opts.stateDir, ...opts.lowerDirs]) assertMountablePath(d);
     this.hooks = {
       log: opts.log,
+      setDiskLimit: async (dir, bytes) => {
+        if (this.volume) await this.hostd.diskLimit(dir, bytes);
+      },
       onFinalized: (s) => {
         this.live.delete(s.id);
         for (const layer of s.lowers) void this.releaseLayer(layer);
@@ -70,17 +96,55 @@ export class NamespaceRuntime implements Runtime {
     };
   }
 
+  /** The sandboxes' seccomp filter, compiled once per runtime (host/podflare_seccomp.py). */
+  private get seccompFile(): string {
+    return path.join(this.opts.stateDir, 'seccomp.bpf');
+  }
+
+  /** Fork layers: on the disk volume when there is one (copies of an upper are reflinks there). */
   private get layersDir(): string {
-    return path.join(this.opts.stateDir, 'layers');
+    return this.volume ? path.join(sandboxesDir(this.opts.stateDir), '.layers') : path.join(this.opts.stateDir, 'layers');
+  }
+
+  /**
+   * Once per runtime: the host helper's idmapped views of the image layers, and a state
+   * directory that bwrap (running as the sandboxes' unprivileged uid) may walk through to reach a
+   * sandbox's root — search permission only, no listing.
+   */
+  private prepare(): Promise<void> {
+    this.prepared ??= (async () => {
+      const sandboxes = sandboxesDir(this.opts.stateDir);
+      this.volume = await DiskVolume.open(this.opts.stateDir, sandboxes, this.opts.log);
+      for (const dir of [this.opts.stateDir, sandboxes]) {
+        const mode = (await stat(dir)).mode & 0o7777;
+        if ((mode & 0o001) === 0) await chmod(dir, mode | 0o001);
+      }
+      await this.hostd.idmap(this.opts.uidBase, ID_COUNT, this.opts.lowerDirs);
+      this.cgroups = await this.detectCgroups();
+      await run('/usr/bin/python3', ['-I', SECCOMP_POLICY, this.seccompFile]);
+    })();
+    this.prepared.catch(() => { this.prepared = null; });
+    return this.prepared;
+  }
+
+  private async detectCgroups(): Promise<Cgroups | null> {
+    const scope = createHash('sha256').update(path.resolve(this.opts.stateDir)).digest('hex').slice(0, 12);
+    const found = await detectCgroups(scope);
+    if (!found) this.opts.log.warn('no usable cgroup hierarchy: memory, CPU and process limits are not enforced');
+    return found;
   }
 
   /**
    * After a crash of an earlier server on this state directory: nothing can be re-adopted (see
-   * reconcile.ts), so everything its sandboxes left is removed.
+   * reconcile.ts), so everything its sandboxes left is removed: the processes in their cgroups and
+   * elsewhere, host mounts, their directories and fork layers.
    */
   async reconcile(knownIds: string[]): Promise<ReconcileReport> {
-    await mkdir(sandboxesDir(this.opts.stateDir), { recursive: true });
+    await this.prepare();
+    // Groups of sandboxes a crashed server left: their processes are killed with them.
+    await (await this.detectCgroups())?.cleanupOrphans((id) => this.live.has(id));
     const left = await removeLeftovers(this.opts.stateDir, this.layersDir, knownIds);
+    await rm(path.join(this.opts.stateDir, 'layers'), { recursive: true, force: true }); // from a run without the volume
     if (left.killed.length || left.unmounted.length || left.removed.length) {
       this.opts.log.info('removed what the previous server left', {
         sandboxes: left.sandboxes.length, killed: left.killed.length, unmounted: left.unmounted.length, removed: left.removed.length,
@@ -111,7 +175,9 @@ export class NamespaceRuntime implements Runtime {
     // Every sandbox is gone: no fork layer is in use any more (their refcounted removals may
     // still be in flight).
     await rm(this.layersDir, { recursive: true, force: true });
+    await this.cgroups?.close();
     this.hostd.close();
+    await this.volume?.close();
   }
 
   private async track<T>(work: () => Promise<T>): Promise<T> {
@@ -136,13 +202,27 @@ export class NamespaceRuntime implements Runtime {
       GLIBC_TUNABLES: 'glibc.malloc.hugetlb=1',
       // A forked interpreter keeps only the forking thread: keep BLAS single-threaded.
       OPENBLAS_NUM_THREADS: '1',
+      // With an allowlist the proxy is the only way out: point programs at it.
+      ...(isEgressPolicy(spec.egress) ? proxyEnvironment() : {}),
       ...spec.env,
     };
   }
 
+  /** A sandbox's directory: on the disk volume, a subvolume holding at most its disk limit. */
+  private async makeSandboxDir(dirs: SandboxDirs, spec: SandboxSpec): Promise<void> {
+    if (this.volume) await this.hostd.subvolume(dirs.dir, spec.limits.diskBytes);
+    else await mkdir(dirs.dir, { recursive: true });
+  }
+
+  /** A sandbox's own layer: its top directory is the root directory inside, owned by sandbox root. */
+  private async makeUpper(dirs: SandboxDirs): Promise<void> {
+    await Promise.all([mkdir(dirs.upper, { recursive: true }), mkdir(dirs.work, { recursive: true })]);
+    await chown(dirs.upper, this.opts.uidBase, this.opts.uidBase);
+  }
+
   private async mountOverlay(dirs: SandboxDirs, lowers: string[]): Promise<void> {
-    await Promise.all([mkdir(dirs.upper, { recursive: true }), mkdir(dirs.work, { recursive: true }), mkdir(dirs.root, { recursive: true })]);
-    await run('mount', ['-t', 'overlay', 'overlay', '-o', `lowerdir=${lowers.join(':')},upperdir=${dirs.upper},workdir=${dirs.work}`, dirs.root]);
+    await Promise.all([this.makeUpper(dirs), mkdir(dirs.root, { recursive: true })]);
+    await this.hostd.overlay(null, { lowers, upper: dirs.upper, work: dirs.work, target: dirs.root });
   }
 
   private async unmount(dirs: SandboxDirs): Promise<void> {
@@ -150,29 +230,44 @@ export class NamespaceRuntime implements Runtime {
   }
 
   private async startRoot(spec: SandboxSpec): Promise<RuntimeSandbox> {
+    await this.prepare();
     const dirs = sandboxDirs(this.opts.stateDir, spec.id);
     const lowers = this.opts.lowerDirs;
+    await this.makeSandboxDir(dirs, spec);
     await this.mountOverlay(dirs, lowers);
     if (this.closed) {
       await this.unmount(dirs);
       await rm(dirs.dir, { recursive: true, force: true });
       throw new Error('the runtime is shut down');
     }
-    const args = bwrapArgs({ root: dirs.root, hostname: spec.hostname, env: this.agentEnv(spec), infoFd: 4, command: AGENT_COMMAND });
+    const args = bwrapArgs({ root: dirs.root, hostname: spec.hostname, env: this.agentEnv(spec), infoFd: 4, userNsBlockFd: 5, seccompFd: 6, command: AGENT_COMMAND });
+    const seccomp = await open(this.seccompFile, 'r');
     // `nice` execs bwrap in place (same pid), so everything the sandbox starts inherits the priority.
     const bwrap = spawn(spec.background ? 'nice' : 'bwrap', spec.background ? ['-n', String(BACKGROUND_NICE), 'bwrap', ...args] : args, {
-      // 0 none, 1/2 the agent's own diagnostics, 3 the protocol channel (a socketpair), 4 bwrap's info.
-      stdio: ['ignore', 'pipe', 'pipe', 'pipe', 'pipe'],
+      // 0 none, 1/2 the agent's own diagnostics, 3 the protocol channel (a socketpair), 4 bwrap's
+      // info, 5 the go-ahead once the user namespace's id maps are written, 6 the seccomp filter.
+      stdio: ['ignore', 'pipe', 'pipe', 'pipe', 'pipe', 'pipe', seccomp.fd],
+      // Never host root: bwrap itself and everything in the sandbox run as the unprivileged range.
+      uid: this.opts.uidBase,
+      gid: this.opts.uidBase,
     });
+    await seccomp.close(); // bwrap has its own copy
     const sandbox = new RootSandbox(spec, dirs, lowers, bwrap, this.hooks);
     this.live.set(spec.id, sandbox);
     try {
       const info = await readInfo(bwrap.stdio[4] as Readable, this.opts.startTimeoutMs);
       sandbox.initPid = info.childPid;
+      // Into its groups before it runs anything: all it starts inherits them.
+      if (this.cgroups) {
+        sandbox.cgroup = await this.cgroups.create(spec.id, spec.limits);
+        await sandbox.cgroup.add(info.childPid);
+      }
+      await this.mapIds(info.childPid, (bwrap.stdio as unknown as Writable[])[5]!);
       // Attach the network only once the agent runs: bwrap configures the namespace's loopback
       // before it execs the agent, and slirp4netns racing with that makes bwrap fail.
       await sandbox.channel.waitHello(this.opts.startTimeoutMs);
-      if (spec.egress) sandbox.slirp = await startSlirp(info.childPid, this.opts.startTimeoutMs);
+      if (spec.egress === true) sandbox.slirp = await startSlirp(info.childPid, this.opts.startTimeoutMs);
+      else if (isEgressPolicy(spec.egress)) await this.attachEgressPolicy(sandbox, info.childPid);
       await this.unmount(dirs); // bwrap holds the root now
       if (spec.background) await sandbox.setPriority(0);
       return sandbox;
@@ -190,26 +285,31 @@ export class NamespaceRuntime implements Runtime {
     }
     const t0 = performance.now();
     const phase = (name: string) => this.opts.log.debug(`fork: ${name}`, { parent: parent.id, ms: Math.round((performance.now() - t0) * 10) / 10 });
-    const layer = await this.freezeUpper(parent);
+    const lowers = await this.freezeUpper(parent);
     phase('layer frozen');
-    const lowers = [layer, ...parent.lowers];
     for (const l of lowers) this.retainLayer(l);
     const prepared: Array<{ spec: SandboxSpec; dirs: SandboxDirs; connection: Promise<net.Socket>; listener: net.Server; target: string }> = [];
     const created: ForkedSandbox[] = [];
+    let policies: Promise<Array<PromiseSettledResult<EgressListeners | null>>> | null = null;
+    const served = new Set<EgressListeners>();
     try {
       if (!parent.spawnAreaReady) {
-        await this.hostd.tmpfs(parent.initPid, SPAWN_AREA);
+        await this.hostd.tmpfs(parent.initPid, SPAWN_AREA, this.opts.uidBase);
         parent.spawnAreaReady = true;
       }
       await Promise.all(specs.map(async (spec) => {
         const dirs = sandboxDirs(this.opts.stateDir, spec.id);
         // The child's way back to us: a socket in a host directory bound at /.pf/run in its root.
         const runDir = path.join(dirs.dir, 'run');
+        await this.makeSandboxDir(dirs, spec);
         await mkdir(runDir, { recursive: true });
-        const { listener, connection } = await listenOnce(path.join(runDir, 'agent.sock'), this.opts.startTimeoutMs);
+        const socketPath = path.join(runDir, 'agent.sock');
+        const { listener, connection } = await listenOnce(socketPath, this.opts.startTimeoutMs);
         const target = `${SPAWN_AREA}/${spec.id}`;
         prepared.push({ spec, dirs, connection, listener, target });
-        await Promise.all([mkdir(dirs.upper, { recursive: true }), mkdir(dirs.work, { recursive: true })]);
+        // Sandbox root (an unprivileged host uid) must be able to connect.
+        await Promise.all([chown(runDir, this.opts.uidBase, this.opts.uidBase), chown(socketPath, this.opts.uidBase, this.opts.uidBase)]);
+        await this.makeUpper(dirs);
         // Mounted straight into the parent's namespace: the host's mount table never sees it.
         await this.hostd.overlay(parent.initPid!, {
           lowers, upper: dirs.upper, work: dirs.work, target, binds: [{ source: runDir, target: '/.pf/run' }],
@@ -230,7 +330,9 @@ export class NamespaceRuntime implements Runtime {
         if (!host) throw new Error('a forked child could not be found on the host');
         return host;
       });
-      const networks = Promise.allSettled(prepared.map((p, i) => (p.spec.egress ? startSlirp(childPids[i]!, this.opts.startTimeoutMs) : null)));
+      const networks = Promise.allSettled(prepared.map((p, i) => (p.spec.egress === true ? startSlirp(childPids[i]!, this.opts.startTimeoutMs) : null)));
+      // A child with an allowlist gets a proxy of its own (same policy, its own events).
+      policies = Promise.allSettled(prepared.map((p, i) => (isEgressPolicy(p.spec.egress) ? openEgressListeners(childPids[i]!, this.opts.startTimeoutMs) : null)));
       const sockets = await Promise.all(prepared.map((p) => p.connection));
       for (const [i, p] of prepared.entries()) {
         const child = new ForkedSandbox(p.spec, p.dirs, lowers, parent, sockets[i]!, this.hooks);
@@ -245,12 +347,32 @@ export class NamespaceRuntime implements Runtime {
         const r = attached[i]!;
         c.slirp = r.status === 'fulfilled' ? r.value : null;
       });
-      const failed = attached.find((r): r is PromiseRejectedResult => r.status === 'rejected');
-      if (failed) throw failed.reason; // the children (and the slirps attached) are destroyed below
+      const listened = await policies;
+      created.forEach((c, i) => {
+        const r = listened[i]!;
+        if (r.status === 'fulfilled' && r.value) {
+          this.serveEgressPolicy(c, r.value);
+          served.add(r.value);
+        }
+      });
+      const failed = [...attached, ...listened].find((r): r is PromiseRejectedResult => r.status === 'rejected');
+      if (failed) throw failed.reason; // the children (and the slirps and proxies attached) are destroyed below
       await Promise.all(created.map((c) => c.channel.waitHello(this.opts.startTimeoutMs)));
       phase('network attached');
+      // Each child's processes (its PID 1 and the interpreter it started, nothing else runs
+      // before the first request) into groups of its own: accounted apart from the parent.
+      const cgroups = this.cgroups;
+      if (cgroups) {
+        await Promise.all(created.map(async (c) => {
+          c.cgroup = await cgroups.create(c.id, c.spec.limits);
+          for (const pid of await processTree(c.initPid!)) await c.cgroup.add(pid).catch(() => undefined);
+        }));
+        phase('limits applied');
+      }
       return created;
     } catch (err) {
+      // Listening sockets nobody serves would keep the children's network namespaces alive.
+      for (const r of policies ? await policies : []) if (r.status === 'fulfilled' && r.value && !served.has(r.value)) closeEgressListeners(r.value);
       await Promise.all(created.map((c) => c.destroy()));
       for (const p of prepared) await rm(p.dirs.dir, { recursive: true, force: true });
       throw err;
@@ -265,12 +387,44 @@ export class NamespaceRuntime implements Runtime {
     }
   }
 
-  /** Copies the parent's upper layer into a new read-only fork layer (the parent keeps its own). */
-  private async freezeUpper(parent: NsSandbox): Promise<string> {
+  /** Egress through the policy proxy: listeners in the sandbox's network namespace, served here. */
+  private async attachEgressPolicy(sandbox: NsSandbox, pid: number): Promise<void> {
+    if (!this.opts.egress) throw new ApiError('bad_request', 'this server does not enforce egress allowlists', 'egress');
+    this.serveEgressPolicy(sandbox, await openEgressListeners(pid, this.opts.startTimeoutMs));
+  }
+
+  private serveEgressPolicy(sandbox: NsSandbox, listeners: EgressListeners): void {
+    if (!isEgressPolicy(sandbox.spec.egress) || !this.opts.egress) throw new Error('no egress policy to serve');
+    const proxy = this.opts.egress.attach(sandbox.id, sandbox.spec.egress, listeners);
+    void sandbox.exited.then(() => proxy.close());
+  }
+
+  /**
+   * Writes the id maps of a new sandbox's user namespace (root inside = uidBase on the host, 65536
+   * ids), then lets bwrap go on. bwrap, unprivileged, could only map its own single uid.
+   */
+  private async mapIds(pid: number, goAhead: Writable): Promise<void> {
+    const map = `0 ${this.opts.uidBase} ${ID_COUNT}\n`;
+    await writeFile(`/proc/${pid}/uid_map`, map);
+    await writeFile(`/proc/${pid}/gid_map`, map);
+    await new Promise<void>((resolve, reject) => goAhead.end('1', () => resolve()).once('error', reject));
+  }
+
+  /**
+   * The children's lower layers: the parent's upper copied into a new read-only fork layer (the
+   * parent keeps writing to its own), over the parent's lowers. Past MAX_STACKED_FORK_LAYERS fork
+   * layers the chain is squashed into that one new layer, so a deep chain costs one lookup.
+   */
+  private async freezeUpper(parent: NsSandbox): Promise<string[]> {
     const layer = path.join(this.layersDir, `fork-${randomBytes(8).toString('hex')}`);
     await mkdir(this.layersDir, { recursive: true });
-    await this.hostd.copyLayer(parent.dirs.upper, layer);
-    return layer;
+    const forkLayers = parent.lowers.filter((l) => l.startsWith(this.layersDir + '/'));
+    if (forkLayers.length < MAX_STACKED_FORK_LAYERS) {
+      await this.hostd.copyLayer(parent.dirs.upper, layer);
+      return [layer, ...parent.lowers];
+    }
+    await this.hostd.squashLayers([parent.dirs.upper, ...forkLayers], layer);
+    return [layer, ...parent.lowers.filter((l) => !forkLayers.includes(l))];
   }
 
   private retainLayer(layer: string): void {

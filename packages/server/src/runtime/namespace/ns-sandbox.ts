@@ -16,11 +16,14 @@ import os from 'node:os';
 import { AgentChannel } from '../../agent-channel.js';
 import type { Logger } from '../../log.js';
 import { isAlive, processTree, pssOf } from '../../proc.js';
-import type { RuntimeSandbox, SandboxSpec } from '../runtime.js';
+import type { SandboxCgroup } from '../../cgroups.js';
+import type { LimitCounters, RuntimeSandbox, SandboxLimits, SandboxSpec } from '../runtime.js';
 import type { SandboxDirs } from './layout.js';
 import type { Slirp } from './network.js';
 
 export interface SandboxHooks {
+  /** Sets the most the sandbox's directory may hold (where disk limits are enforced). */
+  setDiskLimit(dir: string, bytes: number): Promise<void>;
   /** Called once the sandbox is finally gone (processes dead, directories removed). */
   onFinalized(sandbox: NsSandbox): void;
   log: Logger;
@@ -33,6 +36,8 @@ export abstract class NsSandbox implements RuntimeSandbox {
   /** Host pid of the sandbox's PID 1 (its agent): any process in its namespaces. */
   initPid: number | null = null;
   slirp: Slirp | null = null;
+  /** Its cgroups (limits), where the host has them. */
+  cgroup: SandboxCgroup | null = null;
   readonly children = new Set<NsSandbox>();
   /** Set once the spawn tmpfs is mounted in this sandbox (fork points live there). */
   spawnAreaReady = false;
@@ -75,6 +80,15 @@ export abstract class NsSandbox implements RuntimeSandbox {
     return pssOf(pids);
   }
 
+  async setLimits(limits: SandboxLimits): Promise<void> {
+    await this.cgroup?.setLimits(limits);
+    await this.hooks.setDiskLimit(this.dirs.dir, limits.diskBytes);
+  }
+
+  async limitCounters(): Promise<LimitCounters> {
+    return this.cgroup ? this.cgroup.counters() : { oomKills: 0, pidsRefused: 0 };
+  }
+
   destroy(): Promise<void> {
     if (this.children.size === 0) return this.finalize();
     if (!this.husk) {
@@ -98,6 +112,7 @@ export abstract class NsSandbox implements RuntimeSandbox {
       this.channel.close('destroyed');
       this.slirp?.stop();
       await this.killAll();
+      await this.cgroup?.remove().catch((e: Error) => this.log.warn('cgroup removal failed', { error: e.message }));
       this.resolveExited({ reason: 'destroyed' });
       await rm(this.dirs.dir, { recursive: true, force: true });
       this.parent?.childGone(this);
@@ -132,7 +147,9 @@ export class RootSandbox extends NsSandbox {
   }
 
   protected async killAll(): Promise<void> {
-    if (this.initPid && isAlive(this.initPid)) process.kill(this.initPid, 'SIGKILL');
+    if (this.initPid && isAlive(this.initPid)) {
+      try { process.kill(this.initPid, 'SIGKILL'); } catch { /* ended meanwhile */ }
+    }
     if (this.bwrap.exitCode === null && this.bwrap.signalCode === null) {
       this.bwrap.kill('SIGKILL');
       await new Promise((resolve) => this.bwrap.once('exit', resolve));

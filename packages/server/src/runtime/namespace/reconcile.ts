@@ -8,9 +8,11 @@
  *   still running): bwrap (its command line names the sandbox's root under the state directory),
  *   the agent and everything it started (their environment carries PODFLARE_SANDBOX_ID);
  *   slirp4netns attached to one of them (it exits once its exit pipe to the server closes, but may
- *   lag); the host helper, if it was busy copying a layer (it exits at the end of its stdin);
+ *   lag); the host helper, if it was busy copying a layer (it exits at the end of its stdin), and
+ *   the short-lived helper that opens egress listeners in a sandbox's network namespace;
  * - host mounts: a sandbox's overlay is mounted on the host between its start and its agent's hello;
- * - files: every sandbox's directory (upper layer, work dir) and the fork layers.
+ * - files: every sandbox's directory (upper layer, work dir; a btrfs subvolume on the disk volume)
+ *   and the fork layers. (Cgroups are the runtime's to remove, before this runs.)
  * Processes are killed first (so nothing writes while files go), then mounts, then files.
  */
 import { readdir, readFile, rm } from 'node:fs/promises';
@@ -34,7 +36,10 @@ interface ProcInfo {
   cmdline: string[];
 }
 
+const SANDBOX_ID = /^sbx_[0-9a-f]{32}$/;
 const SANDBOX_ID_ENV = /(?:^|\0)PODFLARE_SANDBOX_ID=(sbx_[0-9a-f]{32})(?:\0|$)/;
+/** The server's own helper processes: they exit once the server is gone, but may lag behind. */
+const HELPERS = ['/podflare_hostd.py', '/netns-listen-child.js'];
 
 /**
  * Kills, unmounts and removes everything the sandboxes of an earlier server on `stateDir` left.
@@ -42,10 +47,11 @@ const SANDBOX_ID_ENV = /(?:^|\0)PODFLARE_SANDBOX_ID=(sbx_[0-9a-f]{32})(?:\0|$)/;
  */
 export async function removeLeftovers(stateDir: string, layersDir: string, knownIds: Iterable<string>): Promise<LeftoverReport> {
   const root = sandboxesDir(stateDir);
+  // Everything in the sandboxes' directory is a sandbox's, or the fork layers (`.layers`).
   const onDisk = await readdir(root).catch(() => [] as string[]);
-  const ids = new Set([...knownIds, ...onDisk]);
+  const ids = new Set([...knownIds, ...onDisk.filter((name) => SANDBOX_ID.test(name))]);
   const report: LeftoverReport = { sandboxes: [], killed: [], unmounted: [], removed: [] };
-  const touched = new Set<string>(onDisk);
+  const touched = new Set<string>(onDisk.filter((name) => ids.has(name)));
 
   const victims = await leftoverProcesses(root, ids, touched);
   for (const p of victims) {
@@ -108,7 +114,7 @@ async function leftoverProcesses(root: string, ids: Set<string>, touched: Set<st
       const target = Number(p.cmdline[p.cmdline.length - 2]);
       const orphaned = !isServer(byPid.get(p.ppid));
       if (victims.has(target) || (orphaned && !byPid.has(target))) victims.set(p.pid, p);
-    } else if (p.cmdline.some((arg) => arg.endsWith('/podflare_hostd.py')) && !isServer(byPid.get(p.ppid))) {
+    } else if (p.cmdline.some((arg) => HELPERS.some((h) => arg.endsWith(h))) && !isServer(byPid.get(p.ppid))) {
       victims.set(p.pid, p);
     }
   }

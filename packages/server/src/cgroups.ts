@@ -1,0 +1,209 @@
+/**
+ * Resource limits of a sandbox through cgroups: memory (no swap around it), processes and CPU.
+ * Works on cgroup v1 (one hierarchy per controller, as on Debian hosts booted that way) and on v2
+ * (the unified hierarchy). Each sandbox gets `podflare/<id>` under every controller; its PID 1 is
+ * moved there before it runs anything, and everything it starts inherits the group. Fork children
+ * get groups of their own (their memory is accounted from the fork on).
+ *
+ * Counters of limit hits (OOM kills, refused forks) let the server say which limit an exec ran
+ * into.
+ */
+import { existsSync } from 'node:fs';
+import { appendFile, mkdir, readdir, readFile, rmdir, writeFile } from 'node:fs/promises';
+import path from 'node:path';
+import type { LimitCounters, SandboxLimits } from './runtime/runtime.js';
+
+type Limits = Pick<SandboxLimits, 'cpus' | 'memoryBytes' | 'pids'>;
+
+const ROOT = '/sys/fs/cgroup';
+const GROUP = 'podflare';
+const CPU_PERIOD_US = 100_000;
+
+interface Hierarchy {
+  version: 1 | 2;
+  /** Directory of the podflare group per controller (v2: one, shared). */
+  memory: string;
+  pids: string;
+  cpu: string;
+}
+
+/**
+ * Finds the cgroup hierarchy in use; null where there is none. `scope` names this server's own
+ * group under `podflare/` (several servers on one host never touch each other's sandboxes).
+ */
+export async function detectCgroups(scope: string): Promise<Cgroups | null> {
+  const v2 = existsSync(path.join(ROOT, 'cgroup.controllers'));
+  if (v2) {
+    const available = (await readFile(path.join(ROOT, 'cgroup.controllers'), 'utf8')).split(/\s+/);
+    if (!['memory', 'pids', 'cpu'].every((c) => available.includes(c))) return null;
+    const dir = path.join(ROOT, GROUP, scope);
+    return new Cgroups({ version: 2, memory: dir, pids: dir, cpu: dir });
+  }
+  const controller = (name: string) => {
+    const dir = path.join(ROOT, name);
+    return existsSync(path.join(dir, 'cgroup.procs')) ? path.join(dir, GROUP, scope) : null;
+  };
+  const memory = controller('memory');
+  const pids = controller('pids');
+  const cpu = controller('cpu') ?? controller('cpu,cpuacct');
+  if (!memory || !pids || !cpu) return null;
+  return new Cgroups({ version: 1, memory, pids, cpu });
+}
+
+export class Cgroups {
+  private prepared: Promise<void> | null = null;
+
+  constructor(private readonly h: Hierarchy) {}
+
+  get version(): 1 | 2 {
+    return this.h.version;
+  }
+
+  /** Creates the sandbox's groups with these limits. */
+  async create(id: string, limits: Limits): Promise<SandboxCgroup> {
+    await this.prepare();
+    const group = new SandboxCgroup(this.h, id);
+    await group.make();
+    try {
+      await group.setLimits(limits);
+    } catch (err) {
+      await group.remove();
+      throw err;
+    }
+    return group;
+  }
+
+  /** Removes the groups of sandboxes that are gone (after a crash), killing what is left in them. */
+  async cleanupOrphans(live: (id: string) => boolean): Promise<void> {
+    for (const dir of new Set([this.h.memory, this.h.pids, this.h.cpu])) {
+      let names: string[] = [];
+      try {
+        names = await readdir(dir, { withFileTypes: true }).then((es) => es.filter((e) => e.isDirectory()).map((e) => e.name));
+      } catch {
+        continue;
+      }
+      for (const name of names) if (!live(name)) await removeGroup(path.join(dir, name));
+    }
+  }
+
+  /** Removes this server's (empty) group once every sandbox is gone. */
+  async close(): Promise<void> {
+    for (const dir of new Set([this.h.memory, this.h.pids, this.h.cpu])) await rmdir(dir).catch(() => undefined);
+  }
+
+  private prepare(): Promise<void> {
+    this.prepared ??= (async () => {
+      for (const dir of new Set([this.h.memory, this.h.pids, this.h.cpu])) await mkdirIfMissing(dir);
+      if (this.h.version === 2) {
+        // Controllers must be enabled on the way down for the sandboxes' groups to have them.
+        for (const dir of [ROOT, path.dirname(this.h.memory), this.h.memory]) {
+          await appendFile(path.join(dir, 'cgroup.subtree_control'), '+memory +pids +cpu').catch((err: Error) => {
+            if (dir === this.h.memory) throw err;
+          });
+        }
+      } else {
+        // v1 memory: limits of children count within the parent's (the default on modern kernels).
+        for (const dir of [path.dirname(this.h.memory), this.h.memory]) {
+          await writeFile(path.join(dir, 'memory.use_hierarchy'), '1').catch(() => undefined);
+        }
+      }
+    })();
+    this.prepared.catch(() => { this.prepared = null; });
+    return this.prepared;
+  }
+}
+
+export class SandboxCgroup {
+  private readonly dirs: { memory: string; pids: string; cpu: string };
+
+  constructor(private readonly h: Hierarchy, readonly id: string) {
+    this.dirs = { memory: path.join(h.memory, id), pids: path.join(h.pids, id), cpu: path.join(h.cpu, id) };
+  }
+
+  async make(): Promise<void> {
+    for (const dir of this.unique()) await mkdirIfMissing(dir);
+  }
+
+  /** Moves a process (and so everything it starts later) into the sandbox's groups. */
+  async add(pid: number): Promise<void> {
+    for (const dir of this.unique()) await writeFile(path.join(dir, 'cgroup.procs'), String(pid));
+  }
+
+  async setLimits(l: Limits): Promise<void> {
+    const quota = Math.max(1000, Math.round(l.cpus * CPU_PERIOD_US));
+    if (this.h.version === 2) {
+      await writeFile(path.join(this.dirs.memory, 'memory.max'), String(l.memoryBytes));
+      await writeFile(path.join(this.dirs.memory, 'memory.swap.max'), '0').catch(() => undefined);
+      await writeFile(path.join(this.dirs.pids, 'pids.max'), String(l.pids));
+      await writeFile(path.join(this.dirs.cpu, 'cpu.max'), `${quota} ${CPU_PERIOD_US}`);
+      return;
+    }
+    // v1: memory+swap must stay >= memory, so order the writes by direction of change.
+    const mem = path.join(this.dirs.memory, 'memory.limit_in_bytes');
+    const memsw = path.join(this.dirs.memory, 'memory.memsw.limit_in_bytes');
+    const hasSwapAccounting = existsSync(memsw);
+    const current = Number((await readFile(mem, 'utf8')).trim());
+    if (hasSwapAccounting && l.memoryBytes > current) {
+      await writeFile(memsw, String(l.memoryBytes));
+      await writeFile(mem, String(l.memoryBytes));
+    } else {
+      await writeFile(mem, String(l.memoryBytes));
+      if (hasSwapAccounting) await writeFile(memsw, String(l.memoryBytes));
+    }
+    await writeFile(path.join(this.dirs.pids, 'pids.max'), String(l.pids));
+    await writeFile(path.join(this.dirs.cpu, 'cpu.cfs_period_us'), String(CPU_PERIOD_US));
+    await writeFile(path.join(this.dirs.cpu, 'cpu.cfs_quota_us'), String(quota));
+  }
+
+  async counters(): Promise<LimitCounters> {
+    const field = async (file: string, key: string) => {
+      try {
+        const m = new RegExp(`^${key}\\s+(\\d+)$`, 'm').exec(await readFile(file, 'utf8'));
+        return m ? Number(m[1]) : 0;
+      } catch {
+        return 0;
+      }
+    };
+    const oomFile = this.h.version === 2 ? 'memory.events' : 'memory.oom_control';
+    return {
+      oomKills: await field(path.join(this.dirs.memory, oomFile), 'oom_kill'),
+      pidsRefused: await field(path.join(this.dirs.pids, 'pids.events'), 'max'),
+    };
+  }
+
+  /** Kills whatever is still in the groups and removes them. */
+  async remove(): Promise<void> {
+    for (const dir of this.unique()) await removeGroup(dir);
+  }
+
+  private unique(): string[] {
+    return [...new Set([this.dirs.memory, this.dirs.pids, this.dirs.cpu])];
+  }
+}
+
+async function mkdirIfMissing(dir: string): Promise<void> {
+  await mkdir(dir, { recursive: true });
+}
+
+/** rmdir of a cgroup succeeds only once it has no process: kill them and wait a little. */
+async function removeGroup(dir: string): Promise<void> {
+  for (let attempt = 0; attempt < 100; attempt++) {
+    let procs: number[];
+    try {
+      procs = (await readFile(path.join(dir, 'cgroup.procs'), 'utf8')).split('\n').filter(Boolean).map(Number);
+    } catch {
+      return; // gone already
+    }
+    for (const pid of procs) {
+      try { process.kill(pid, 'SIGKILL'); } catch { /* ended meanwhile */ }
+    }
+    try {
+      await rmdir(dir);
+      return;
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return;
+      await new Promise((r) => setTimeout(r, 10));
+    }
+  }
+  throw new Error(`cgroup ${dir} still busy after its processes were killed`);
+}
