@@ -142,7 +142,7 @@ function fuzzRequest(r: Rng, live: string, hostMarker: string): FuzzRequest {
       return { kind: 'wrong method', method: r.pick(['PATCH', 'PUT', 'OPTIONS', 'TRACE', 'PROPFIND', 'DELETE']), path: r.pick(['/v1/sandboxes', `/v1/sandboxes/${live}/exec`, '/v1/healthz', '/v1/capacity', `/v1/sandboxes/${live}/fork`]),
         headers: auth, expect: '4xx' };
     case 8:
-      return { kind: 'unknown path', method: r.pick(['GET', 'POST']), path: r.pick(['/', '/v2/sandboxes', '/v1', `/v1/${randomText(r, 10).replace(/[^a-z0-9]/g, 'x')}`, '/v1/sandboxes/../../etc/passwd', '/%2e%2e/%2e%2e/etc/passwd', `/v1/sandboxes/${live}/files/../../../etc`]),
+      return { kind: 'unknown path', method: r.pick(['GET', 'POST']), path: r.pick(['/v2/sandboxes', '/v1', `/v1/${randomText(r, 10).replace(/[^a-z0-9]/g, 'x')}`, '/v1/sandboxes/../../etc/passwd', '/%2e%2e/%2e%2e/etc/passwd', `/v1/sandboxes/${live}/files/../../../etc`]),
         headers: auth, expect: '4xx' };
     case 9:
       return { kind: 'bad auth', method: 'GET', path: r.pick(['/v1/sandboxes', `/v1/sandboxes/${live}`, '/v1/capacity']),
