@@ -136,13 +136,13 @@ function fuzzRequest(r: Rng, live: string, hostMarker: string): FuzzRequest {
       return { kind: 'bad query', method: 'GET', path: r.pick([
         `/v1/sandboxes?state=${encodeURIComponent(randomText(r, 5))}`, `/v1/sandboxes?ancestor=${r.pick(['nope', 'sbx_1', '%00'])}`, '/v1/sandboxes?all=maybe',
         `/v1/sandboxes/${live}/diff/${live}?paths=relative/path`, `/v1/sandboxes/${live}/diff/${live}?paths=/a/../b`, `/v1/sandboxes/${live}/diff/${live}?content=2`,
-        `/v1/sandboxes/${live}/files?path=/root&recursive=sometimes`,
+        `/v1/sandboxes/${live}/files?path=/root&recursive=sometimes`, `/v1/sandboxes/${live}/events?after=${r.pick(['x', '-2', '1e3', '9'.repeat(20)])}`,
       ]), headers: auth, expect: '4xx' };
     case 7:
       return { kind: 'wrong method', method: r.pick(['PATCH', 'PUT', 'OPTIONS', 'TRACE', 'PROPFIND', 'DELETE']), path: r.pick(['/v1/sandboxes', `/v1/sandboxes/${live}/exec`, '/v1/healthz', '/v1/capacity', `/v1/sandboxes/${live}/fork`]),
         headers: auth, expect: '4xx' };
     case 8:
-      return { kind: 'unknown path', method: r.pick(['GET', 'POST']), path: r.pick(['/v2/sandboxes', '/v1', `/v1/${randomText(r, 10).replace(/[^a-z0-9]/g, 'x')}`, '/v1/sandboxes/../../etc/passwd', '/%2e%2e/%2e%2e/etc/passwd', `/v1/sandboxes/${live}/files/../../../etc`]),
+      return { kind: 'unknown path', method: r.pick(['GET', 'POST']), path: r.pick(['/v2/sandboxes', '/v1', '/ui/..%2f..%2fetc%2fpasswd', '/ui/%2e%2e/%2e%2e/etc/passwd', `/ui/${randomText(r, 8).replace(/[^a-z.]/g, '')}.exe`, `/v1/${randomText(r, 10).replace(/[^a-z0-9]/g, 'x')}`, '/v1/sandboxes/../../etc/passwd', '/%2e%2e/%2e%2e/etc/passwd', `/v1/sandboxes/${live}/files/../../../etc`]),
         headers: auth, expect: '4xx' };
     case 9:
       return { kind: 'bad auth', method: 'GET', path: r.pick(['/v1/sandboxes', `/v1/sandboxes/${live}`, '/v1/capacity']),
@@ -375,6 +375,7 @@ describe('API hardening: ownership', () => {
           ['GET', `/v1/sandboxes/${id}/files?path=/etc/hostname`], ['GET', `/v1/sandboxes/${id}/files/list?path=/root`],
           ['PUT', `/v1/sandboxes/${id}/files?path=/root/x`, 'planted'], ['GET', `/v1/sandboxes/${b.id}/diff/${id}`],
           ['GET', `/v1/sandboxes/${id}/diff/${b.id}`], ['POST', `/v1/sandboxes/${a.id}/merge_into/${child!.id}`],
+          ['GET', `/v1/sandboxes/${id}/execs`], ['GET', `/v1/sandboxes/${id}/events`],
           ['GET', `/v1/sandboxes?ancestor=${id}&all=1`],
         ];
         for (const [method, p, body] of attempts) {
