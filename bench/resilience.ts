@@ -8,7 +8,7 @@
  *   crash  PODFLARE_BENCH_CRASH_CYCLES (default 100; 10 with --quick) cycles of: sandboxes at work
  *          (execs in flight, a fork, child processes), kill -9, restart on the same state dir;
  *          after each restart every sandbox must be working or fully cleaned up (no process,
- *          mount, directory or fork layer left). p50/p99 of the restart (reconciliation included).
+ *          mount, cgroup, directory or fork layer left). p50/p99 of the restart (reconciliation included).
  */
 import { mkdtemp, rm } from 'node:fs/promises';
 import os from 'node:os';
@@ -96,7 +96,7 @@ export async function measureCrashCycles(opts: { quick: boolean }): Promise<void
     const s = summarize(restarts);
     rows.push(timingRow(`crash: kill -9 + restart (${cycles} cycles), restart time`, s, 'nothing leaked', '–', status(problems.length === 0)));
     notes.push(`crash: ${cycles} cycles, ${lost} sandboxes recorded lost and cleaned, ${working} re-adopted working; ` +
-      `${problems.length ? `${problems.length} problems: ${problems.slice(0, 5).join('; ')}` : 'no process, mount, directory or fork layer left'}`);
+      `${problems.length ? `${problems.length} problems: ${problems.slice(0, 5).join('; ')}` : 'no process, mount, cgroup, directory or fork layer left'}`);
     if (problems.length) throw new Error(`crash: ${problems.length} problems, first: ${problems[0]}`);
   });
 }
