@@ -348,6 +348,8 @@ export class SandboxManager {
   private adopt(record: SandboxRecord, rt: RuntimeSandbox): LiveSandbox {
     const s: LiveSandbox = { record, rt, queue: new SerialQueue(), running: 0 };
     this.live.set(record.id, s);
+    // Execs and forks queue behind a runtime sandbox that is not fully set up yet.
+    if (rt.ready) void s.queue.run(() => rt.ready!);
     this.watch(s, rt);
     return s;
   }

@@ -60,6 +60,8 @@ export interface RuntimeSandbox {
   memoryPss(): Promise<number>;
   /** Changes the limits of a running sandbox (a pooled one gets the creator's). */
   setLimits?(limits: SandboxLimits): Promise<void>;
+  /** Where set, exec and fork must wait for it (a fork child still joining its cgroups). */
+  readonly ready?: Promise<void>;
   /** Limit hits so far, where the runtime enforces limits. */
   limitCounters?(): Promise<LimitCounters>;
 }

@@ -285,6 +285,9 @@ export class NamespaceRuntime implements Runtime {
     }
     const t0 = performance.now();
     const phase = (name: string) => this.opts.log.debug(`fork: ${name}`, { parent: parent.id, ms: Math.round((performance.now() - t0) * 10) / 10 });
+    // The children's cgroups are made while the layer freezes (a v1 memory group takes a while).
+    const cgroups = this.cgroups;
+    const groups = cgroups ? Promise.all(specs.map((spec) => cgroups.create(spec.id, spec.limits).catch((e: Error) => e))) : null;
     const lowers = await this.freezeUpper(parent);
     phase('layer frozen');
     for (const l of lowers) this.retainLayer(l);
@@ -330,6 +333,13 @@ export class NamespaceRuntime implements Runtime {
         if (!host) throw new Error('a forked child could not be found on the host');
         return host;
       });
+      // Into their own groups at once: what each child starts from now on is accounted to it.
+      const grouped = groups?.then((gs) => Promise.all(gs.map(async (g, i) => {
+        if (g instanceof Error) throw g;
+        await g.add(childPids[i]!);
+        return g;
+      })));
+      grouped?.catch(() => undefined);
       const networks = Promise.allSettled(prepared.map((p, i) => (p.spec.egress === true ? startSlirp(childPids[i]!, this.opts.startTimeoutMs) : null)));
       // A child with an allowlist gets a proxy of its own (same policy, its own events).
       policies = Promise.allSettled(prepared.map((p, i) => (isEgressPolicy(p.spec.egress) ? openEgressListeners(childPids[i]!, this.opts.startTimeoutMs) : null)));
@@ -359,15 +369,23 @@ export class NamespaceRuntime implements Runtime {
       if (failed) throw failed.reason; // the children (and the slirps and proxies attached) are destroyed below
       await Promise.all(created.map((c) => c.channel.waitHello(this.opts.startTimeoutMs)));
       phase('network attached');
-      // Each child's processes (its PID 1 and the interpreter it started, nothing else runs
-      // before the first request) into groups of its own: accounted apart from the parent.
-      const cgroups = this.cgroups;
-      if (cgroups) {
-        await Promise.all(created.map(async (c) => {
-          c.cgroup = await cgroups.create(c.id, c.spec.limits);
-          for (const pid of await processTree(c.initPid!)) await c.cgroup.add(pid).catch(() => undefined);
-        }));
-        phase('limits applied');
+      // Moving processes between cgroups waits for an RCU grace period on v1 (milliseconds
+      // each): it finishes after the fork has answered, and the child's first exec or fork
+      // waits for it (`ready`). A child's PID 1 may have started its interpreter before it
+      // joined its group, hence the sweep (nothing else runs in a child before its first request).
+      if (grouped) {
+        for (const [i, c] of created.entries()) {
+          c.ready = grouped.then(async (gs) => {
+            c.cgroup = gs[i]!;
+            const tree = await processTree(c.initPid!);
+            await Promise.all(tree.slice(1).map((pid) => gs[i]!.add(pid).catch(() => undefined)));
+          }).catch((e: Error) => {
+            this.opts.log.warn('a fork child could not get cgroups of its own', { sandbox: c.id, error: e.message });
+            void groups!.then((gs) => gs.forEach((g) => {
+              if (!(g instanceof Error) && !created.some((x) => x.cgroup === g)) void g.remove().catch(() => undefined);
+            }));
+          });
+        }
       }
       return created;
     } catch (err) {
@@ -375,6 +393,7 @@ export class NamespaceRuntime implements Runtime {
       for (const r of policies ? await policies : []) if (r.status === 'fulfilled' && r.value && !served.has(r.value)) closeEgressListeners(r.value);
       await Promise.all(created.map((c) => c.destroy()));
       for (const p of prepared) await rm(p.dirs.dir, { recursive: true, force: true });
+      for (const g of (await groups) ?? []) if (!(g instanceof Error)) await g.remove().catch(() => undefined);
       throw err;
     } finally {
       for (const l of lowers) void this.releaseLayer(l);

@@ -38,6 +38,8 @@ export abstract class NsSandbox implements RuntimeSandbox {
   slirp: Slirp | null = null;
   /** Its cgroups (limits), where the host has them. */
   cgroup: SandboxCgroup | null = null;
+  /** Set while a fork child is still being moved into its own cgroups. */
+  ready?: Promise<void>;
   readonly children = new Set<NsSandbox>();
   /** Set once the spawn tmpfs is mounted in this sandbox (fork points live there). */
   spawnAreaReady = false;
