@@ -204,7 +204,9 @@ export class SandboxManager {
     let owned = this.reserved.byOwner.get(owner) ?? 0;
     for (const s of this.live.values()) if (s.record.owner === owner) owned++;
     if (owned + more > maxSandboxesPerKey) {
-      throw new ApiError('rate_limited', `this API key has ${owned} live sandboxes and may have ${maxSandboxesPerKey}: ` +
+      // Without API keys every caller is the same (anonymous) owner.
+      const who = owner ? 'this API key has' : 'callers of this server (it has no API keys, so they share one allowance) have';
+      throw new ApiError('rate_limited', `${who} ${owned} live sandboxes and may have ${maxSandboxesPerKey}: ` +
         `${more} more would exceed that; delete some or retry later`, undefined, { 'Retry-After': '5' });
     }
     this.reserved.total += more;
