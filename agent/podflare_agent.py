@@ -418,6 +418,38 @@ class ChannelClosed(Exception):
     pass
 
 
+class PortChannel:
+    """The channel over a character device: a microVM's virtio-serial port (the host end is a
+    socket). Offers the few socket methods the supervisor uses."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def setblocking(self, flag: bool) -> None:
+        os.set_blocking(self.fd, flag)
+
+    def recv(self, size: int) -> bytes:
+        return os.read(self.fd, size)
+
+    def sendall(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view):]
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def open_channel(fd: int) -> 'socket.socket | PortChannel':
+    """A socket in the namespace runtime; a virtio-serial port in the VM runtime."""
+    if stat.S_ISCHR(os.fstat(fd).st_mode):
+        return PortChannel(fd)
+    return socket.socket(fileno=fd)
+
+
 class Supervisor:
     def __init__(self, channel_fd: int, inherited: 'Worker | None' = None, exec_count: int = 0):
         # In a fork child: the interpreter to adopt as the first worker (later restarts exec a
@@ -429,7 +461,7 @@ class Supervisor:
         self.pending_worker_ops: dict[int, str] = {}
         self.deferred_worker_msgs: list[dict] = []
         self.sel = selectors.DefaultSelector()
-        self.sock = socket.socket(fileno=channel_fd)
+        self.sock = open_channel(channel_fd)
         self.sock.setblocking(True)  # sends block (the server always reads); reads follow select
         self.requests = LineBuffer()
         self.files = FileOps()

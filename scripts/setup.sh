@@ -21,6 +21,7 @@ say() { printf 'setup: %s\n' "$*" >&2; }
 # (a) Debian packages ------------------------------------------------------------------------
 PACKAGES=(
   bubblewrap mmdebstrap slirp4netns iproute2 uidmap
+  qemu-system-x86 qemu-utils busybox-static lz4 e2fsprogs
   python3 python3-numpy python3-matplotlib python3-jupyter-client python3-ipykernel
 )
 missing=()

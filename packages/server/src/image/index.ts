@@ -26,6 +26,7 @@ import { formatBytes, isDir, pathInUse, processesUsing, removeTree, treeSize } f
 
 export { ImageBuildError } from './build.js';
 export { createProgressReporter } from './progress.js';
+export { ensureVmImage, AGENT_PORT_NAME, type VmImagePaths, type EnsureVmImageOptions } from './vm-image.js';
 export type { ImageProgress, ImageStage, ProgressReporter, ProgressReporterOptions } from './progress.js';
 export { baseRecipe, recipeHash, IMAGE_BUILDER_VERSION, BASE_PACKAGES, type BaseRecipe } from './recipe.js';
 
