@@ -512,6 +512,7 @@ class Supervisor:
             'mkdir': self.files.mkdir,
             'fork': self._op_fork,
             'vars': self._op_vars,
+            'restore': self._op_restore,
         }
 
     # ---- main loop ------------------------------------------------------------------------
@@ -768,6 +769,24 @@ class Supervisor:
 
     def _op_vars(self, req: dict) -> None:
         self._worker_op(req, 'vars', {'op': 'vars'})
+
+    def _op_restore(self, req: dict) -> None:
+        """A microVM clone just resumed from its template's (or fork point's) snapshot: every
+        clone has the same clock, the same kernel RNG state and the same hostname. Take the
+        host's time and entropy, reseed the kernel's RNG and then the interpreter's."""
+        time_ns = opt_field(req, 'time_ns', int)
+        entropy = opt_field(req, 'entropy', str)
+        hostname = opt_field(req, 'hostname', str)
+        sandbox_id = opt_field(req, 'sandbox_id', str)
+        if time_ns is not None:
+            time.clock_settime_ns(time.CLOCK_REALTIME, time_ns)
+        if entropy:
+            podflare_fork.add_entropy(base64.b64decode(entropy))
+        if hostname:
+            socket.sethostname(hostname)
+        env = {'PODFLARE_SANDBOX_ID': sandbox_id} if sandbox_id else {}
+        os.environ.update(env)
+        self._worker_op(req, 'reseeded', {'op': 'reseed', 'env': env})
 
     def _op_interrupt(self, _req: dict) -> dict:
         ex = self.exec
@@ -1036,8 +1055,10 @@ class Supervisor:
                            'is_main_result': bool(msg.get('main'))})
             if msg.get('ack'):
                 self._worker_send({'t': 'ack'})
-        elif kind in ('forked', 'vars') and self.pending_worker_ops.pop(msg.get('id'), None) == kind:
-            if kind == 'forked' and msg.get('error') and not msg.get('pids'):
+        elif kind in ('forked', 'vars', 'reseeded') and self.pending_worker_ops.pop(msg.get('id'), None) == kind:
+            if kind == 'reseeded':
+                self.send({'id': msg['id'], 'ok': True})
+            elif kind == 'forked' and msg.get('error') and not msg.get('pids'):
                 self.send({'id': msg['id'], 'ok': False, 'error': {'code': 'internal', 'message': msg['error']}})
             elif kind == 'forked':
                 self.send({'id': msg['id'], 'ok': True, 'pids': msg.get('pids') or [], 'error': msg.get('error')})
@@ -1294,6 +1315,10 @@ class Worker:
                     self.fork_children(msg)
                 elif op == 'vars':
                     self.send({'t': 'vars', 'id': msg.get('id'), 'vars': podflare_fork.snapshot_vars(self.ns)})
+                elif op == 'reseed':
+                    os.environ.update(msg.get('env') or {})
+                    podflare_fork.reseed()
+                    self.send({'t': 'reseeded', 'id': msg.get('id')})
             except KeyboardInterrupt:
                 self._abandon_exec(130, 'KeyboardInterrupt', '')
             except Exception as exc:  # a bug of ours: report it, keep the interpreter

@@ -21,6 +21,8 @@ export function newSandboxId(): string {
 
 interface LiveSandbox {
   record: SandboxRecord;
+  /** The runtime that runs it (children of a fork share their parent's). */
+  runtime: Runtime;
   rt: RuntimeSandbox;
   queue: SerialQueue;
   /** Set while an exec runs: lets interrupt and the idle sweep know. */
@@ -31,6 +33,14 @@ export interface CreateOptions extends CreateSandboxBody {
   owner: string;
 }
 
+export type RuntimeKind = Runtime['name'];
+
+/**
+ * VM clones cost far more than namespace sandboxes (a QEMU each, ~100 MB): keep at most this many
+ * warm per key.
+ */
+const VM_POOL_MAX = 2;
+
 export class SandboxManager {
   private readonly live = new Map<string, LiveSandbox>();
   /** Teardowns still running after their DELETE answered; close() waits for them. */
@@ -38,14 +48,20 @@ export class SandboxManager {
   private readonly pool: WarmPool;
   private readonly sweeper: NodeJS.Timeout;
   private closing = false;
+  readonly defaultRuntime: Runtime;
   readonly counters = { created: 0, destroyed: 0, crashed: 0, expired: 0, forked: 0, merged: 0 };
 
+  private readonly runtimes = new Map<RuntimeKind, Runtime>();
+
   constructor(
-    private readonly runtime: Runtime,
+    /** Every runtime this server offers; the first is the default (`runtime` omitted or `auto`). */
+    runtimes: Runtime[],
     private readonly store: SandboxStore,
     private readonly config: ServerConfig,
     private readonly log: Logger,
   ) {
+    for (const r of runtimes) this.runtimes.set(r.name, r);
+    this.defaultRuntime = runtimes[0]!;
     this.pool = new WarmPool((key) => this.startRuntimeSandbox(key, true), {
       target: config.poolSize,
       maxParallelStarts: 2,
@@ -59,8 +75,9 @@ export class SandboxManager {
   async start(): Promise<void> {
     const ended = await this.store.endAllLive('server restarted', Date.now());
     if (ended) this.log.info('marked sandboxes of the previous server as ended', { count: ended });
-    await this.runtime.cleanupOrphans();
-    this.pool.warm({ template: DEFAULT_TEMPLATE, egress: true });
+    for (const r of this.runtimes.values()) await r.cleanupOrphans();
+    const key: PoolKey = { runtime: this.defaultRuntime.name, template: DEFAULT_TEMPLATE, egress: true };
+    this.pool.warm(key, this.poolTarget(key.runtime));
   }
 
   get poolStats() {
@@ -79,15 +96,15 @@ export class SandboxManager {
     if (this.closing) throw new ApiError('unavailable', 'the server is shutting down');
     const template = opts.template ?? DEFAULT_TEMPLATE;
     if (template !== DEFAULT_TEMPLATE) throw new ApiError('bad_request', `unknown template "${template}" (available: ${DEFAULT_TEMPLATE})`, 'template');
-    if (opts.runtime === 'vm') throw new ApiError('bad_request', 'the vm runtime is not available on this server (see `podflare doctor`)', 'runtime');
+    const runtime = this.pickRuntime(opts.runtime);
     if (this.live.size >= this.config.maxSandboxes) {
       throw new ApiError('rate_limited', `the server already runs ${this.live.size} sandboxes (max ${this.config.maxSandboxes})`, undefined, { 'Retry-After': '5' });
     }
-    const key: PoolKey = { template, egress: opts.egress ?? true };
-    const rt = this.pool.take(key) ?? (await this.startOnDemand(key));
+    const key: PoolKey = { runtime: runtime.name, template, egress: opts.egress ?? true };
+    const rt = this.pool.take(key, Math.min(this.poolTarget(runtime.name), Math.max(1, Math.floor(this.config.poolSize / 4)))) ?? (await this.startOnDemand(key));
     const now = Date.now();
     const record: SandboxRecord = {
-      id: rt.id, state: 'ready', template, runtime: this.runtime.name, egress: key.egress,
+      id: rt.id, state: 'ready', template, runtime: runtime.name, egress: key.egress,
       persistent: opts.persistent ?? false, parentId: null, createdAt: now, lastActiveAt: now,
       endedAt: null, endReason: null,
       idleTimeoutSeconds: opts.idle_timeout_seconds ?? this.config.idleTimeoutSeconds,
@@ -95,9 +112,21 @@ export class SandboxManager {
       metadata: opts.metadata ?? {}, owner: opts.owner,
     };
     await this.store.insert(record);
-    this.adopt(record, rt);
+    this.adopt(record, runtime, rt);
     this.counters.created++;
     return record;
+  }
+
+  /** `vm`/`ns` must be offered by this server; omitted or `auto` is the server's default. */
+  private pickRuntime(name: CreateOptions['runtime']): Runtime {
+    if (name === undefined || name === 'auto') return this.defaultRuntime;
+    const r = this.runtimes.get(name);
+    if (!r) throw new ApiError('bad_request', `the ${name} runtime is not available on this server (see \`podflare doctor\`)`, 'runtime');
+    return r;
+  }
+
+  private poolTarget(runtime: RuntimeKind): number {
+    return runtime === 'vm' ? Math.min(VM_POOL_MAX, this.config.poolSize) : this.config.poolSize;
   }
 
   /** The live sandbox, or the error a user should see: 404 never existed, 410 ended. */
@@ -162,7 +191,7 @@ export class SandboxManager {
     await this.pool.close();
     await Promise.all([...this.live.values()].map((s) => this.end(s, 'stopped', 'server shut down')));
     await Promise.all([...this.teardowns]);
-    await this.runtime.close();
+    for (const r of this.runtimes.values()) await r.close();
   }
 
   /** A pool miss: start one now, retrying once, and say 503 (retryable) if the host cannot. */
@@ -181,11 +210,13 @@ export class SandboxManager {
 
   private async startRuntimeSandbox(key: PoolKey, background = false): Promise<RuntimeSandbox> {
     const id = newSandboxId();
-    return this.runtime.start({ id, template: key.template, egress: key.egress, hostname: `sbx-${id.slice(4, 16)}`, background });
+    const runtime = this.runtimes.get(key.runtime);
+    if (!runtime) throw new Error(`no ${key.runtime} runtime`);
+    return runtime.start({ id, template: key.template, egress: key.egress, hostname: `sbx-${id.slice(4, 16)}`, background });
   }
 
-  private adopt(record: SandboxRecord, rt: RuntimeSandbox): LiveSandbox {
-    const s: LiveSandbox = { record, rt, queue: new SerialQueue(), running: 0 };
+  private adopt(record: SandboxRecord, runtime: Runtime, rt: RuntimeSandbox): LiveSandbox {
+    const s: LiveSandbox = { record, runtime, rt, queue: new SerialQueue(), running: 0 };
     this.live.set(record.id, s);
     this.watch(s, rt);
     return s;
@@ -205,7 +236,7 @@ export class SandboxManager {
    * through the same queue). Children inherit egress, timeouts and metadata.
    */
   async fork(s: LiveSandbox, n: number): Promise<SandboxRecord[]> {
-    if (!this.runtime.capabilities.fork) throw new ApiError('bad_request', `the ${this.runtime.name} runtime cannot fork`);
+    if (!s.runtime.capabilities.fork) throw new ApiError('bad_request', `the ${s.runtime.name} runtime cannot fork`);
     return s.queue.run(async () => {
       if (!this.live.has(s.record.id)) throw new ApiError('sandbox_gone', `sandbox ${s.record.id} is gone`);
       if (this.live.size + n > this.config.maxSandboxes) {
@@ -215,7 +246,7 @@ export class SandboxManager {
         const id = newSandboxId();
         return { id, template: s.record.template, egress: s.record.egress, hostname: `sbx-${id.slice(4, 16)}` };
       });
-      const children = await this.runtime.fork(s.rt, specs);
+      const children = await s.runtime.fork(s.rt, specs);
       const now = Date.now();
       const records: SandboxRecord[] = [];
       for (const rt of children) {
@@ -224,7 +255,7 @@ export class SandboxManager {
           endedAt: null, endReason: null, metadata: { ...s.record.metadata },
         };
         await this.store.insert(record);
-        this.adopt(record, rt);
+        this.adopt(record, s.runtime, rt);
         records.push(record);
       }
       s.record.lastActiveAt = now;
@@ -266,6 +297,7 @@ export class SandboxManager {
       const old = parent.rt;
       this.live.delete(winner.record.id);
       parent.rt = winner.rt;
+      parent.runtime = winner.runtime;
       this.watch(parent, winner.rt);
       parent.record.lastActiveAt = Date.now();
       winner.record.state = 'merged';
@@ -294,7 +326,8 @@ export class SandboxManager {
   }
 
   diffFiles(a: LiveSandbox, b: LiveSandbox, opts: { paths?: string[]; content?: boolean }) {
-    return this.runtime.diff(a.rt, b.rt, opts);
+    if (a.runtime !== b.runtime) throw new ApiError('bad_request', `cannot diff a ${a.runtime.name} sandbox against a ${b.runtime.name} sandbox`);
+    return a.runtime.diff(a.rt, b.rt, opts);
   }
 
   private async end(s: LiveSandbox, state: 'stopped' | 'error', reason: string): Promise<void> {

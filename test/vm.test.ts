@@ -1,0 +1,132 @@
+/**
+ * The microVM runtime through the real server: QEMU microvm guests (TCG here, so a template boot
+ * takes seconds) cloned from one frozen template that every test shares. Few tests, on purpose.
+ */
+import assert from 'node:assert/strict';
+import { readFileSync, readdirSync, existsSync } from 'node:fs';
+import { createHash } from 'node:crypto';
+import os from 'node:os';
+import path from 'node:path';
+import { after, before, describe, it } from 'node:test';
+import { Sandbox } from 'podflare';
+import { processesMentioning } from './helpers/leaks.js';
+import { startTestServer, type TestServer } from './helpers/server.js';
+
+/** Host pid of the QEMU running a sandbox (its directory, named by the id, is on its command line). */
+function qemuPidOf(id: string): number | undefined {
+  for (const pid of readdirSync('/proc').filter((n) => /^\d+$/.test(n))) {
+    try {
+      const cmd = readFileSync(`/proc/${pid}/cmdline`, 'utf8');
+      if (cmd.startsWith('qemu-system-x86_64') && cmd.includes(`/vm/${id}/`)) return Number(pid);
+    } catch { /* gone */ }
+  }
+  return undefined;
+}
+
+async function until<T>(what: string, timeoutMs: number, probe: () => Promise<T | undefined> | T | undefined): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const v = await probe();
+    if (v !== undefined && v !== false) return v;
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+describe('vm runtime', { timeout: 600_000 }, () => {
+  let server!: TestServer;
+  let sbx!: Sandbox;
+
+  before(async () => {
+    // The default runtime stays ns: `runtime: "vm"` per request is what is tested.
+    server = await startTestServer({ poolSize: 4 });
+    sbx = await Sandbox.create({ host: server.url, runtime: 'vm' }); // boots and freezes the template
+  });
+
+  after(async () => {
+    await sbx?.close().catch(() => undefined);
+    await server?.stop();
+  });
+
+  it('creates a vm sandbox from the warm pool of template clones in milliseconds', async () => {
+    const info = await sbx.info();
+    assert.equal(info.runtime, 'vm');
+    await until('a warm vm clone', 120_000, () => server.manager.poolStats.find((p) => p.runtime === 'vm' && p.ready > 0));
+    const t = performance.now();
+    const pooled = await Sandbox.create({ host: server.url, runtime: 'vm' });
+    const ms = performance.now() - t;
+    try {
+      assert.ok(ms < 500, `create from the vm pool took ${ms.toFixed(0)} ms`);
+      assert.equal((await pooled.info()).runtime, 'vm');
+      const r = await pooled.runCode('import os; os.environ["PODFLARE_SANDBOX_ID"]');
+      assert.equal(r.results[0]?.text, `'${pooled.id}'`);
+      // Clones of one snapshot must not share their randomness or the snapshot's clock.
+      const a = await sbx.runCode('open("/dev/urandom","rb").read(16).hex() + " " + str(__import__("random").random())');
+      const b = await pooled.runCode('open("/dev/urandom","rb").read(16).hex() + " " + str(__import__("random").random())');
+      assert.notEqual(a.results[0]?.text, b.results[0]?.text);
+      const clock = await pooled.runCode('import time; time.time()');
+      assert.ok(Math.abs(Number(clock.results[0]?.text) - Date.now() / 1000) < 30, `guest clock ${clock.results[0]?.text}`);
+    } finally {
+      await pooled.close();
+    }
+  });
+
+  it('keeps python state across calls, runs bash, moves files both ways', async () => {
+    await sbx.runCode('x = 41\nimport json');
+    const r = await sbx.runCode('x += 1\nprint(json.dumps({"x": x}))');
+    assert.equal(r.exitCode, 0, r.stderr);
+    assert.equal(r.stdout, '{"x": 42}\n');
+    const sh = await sbx.runCode('echo hi from $(hostname) && pwd', { language: 'bash' });
+    assert.equal(sh.exitCode, 0, sh.stderr);
+    assert.match(sh.stdout, /^hi from sbx-[0-9a-f]{12}\n\/root\n$/);
+    const data = Buffer.from(Array.from({ length: 300_000 }, (_, i) => i % 251));
+    await sbx.upload('/tmp/in.bin', data);
+    const sum = await sbx.runCode('import hashlib; hashlib.sha256(open("/tmp/in.bin","rb").read()).hexdigest()');
+    assert.equal(sum.results[0]?.text, `'${createHash('sha256').update(data).digest('hex')}'`);
+    await sbx.runCode('open("/root/out.txt","w").write("made in the guest\\n")');
+    assert.equal((await sbx.download('/root/out.txt')).toString(), 'made in the guest\n');
+  });
+
+  it("runs the guest's own kernel and init, and sees none of the host's files", async () => {
+    const r = await sbx.runCode('uname -r; tr "\\0" " " < /proc/1/cmdline; echo; cat /proc/cmdline', { language: 'bash' });
+    assert.equal(r.exitCode, 0, r.stderr);
+    const [release, init, cmdline] = r.stdout.split('\n');
+    assert.notEqual(release, os.release());
+    assert.match(release!, /-cloud-amd64$/);
+    assert.equal(init!.trim(), '/usr/bin/python3 /opt/podflare/podflare_agent.py');
+    assert.match(cmdline!, /tsc=reliable/); // the kernel command line QEMU gave the guest
+    // Host-only paths: this checkout, the server's state directory, the host's machine id.
+    const probe = await sbx.runCode(`import os; [os.path.exists(p) for p in (${JSON.stringify(process.cwd())}, ${JSON.stringify(server.stateDir)}, "/var/lib/podflare")]`);
+    assert.equal(probe.results[0]?.text, '[False, False, False]');
+    const hostMachineId = existsSync('/etc/machine-id') ? readFileSync('/etc/machine-id', 'utf8').trim() : '';
+    const mounts = await sbx.runCode('cat /proc/mounts; cat /etc/machine-id 2>/dev/null', { language: 'bash' });
+    assert.doesNotMatch(mounts.stdout, /overlay|\/work|podflare\/images/);
+    if (hostMachineId) assert.ok(!mounts.stdout.includes(hostMachineId));
+  });
+
+  it('notices a VM killed from outside: error state, resources released, pool refilled', async () => {
+    const victim = await Sandbox.create({ host: server.url, runtime: 'vm' });
+    const pid = qemuPidOf(victim.id);
+    assert.ok(pid, 'the QEMU of the sandbox was not found');
+    process.kill(pid, 'SIGKILL');
+    const info = await until('the error state', 20_000, async () => {
+      const i = await victim.info();
+      return i.state === 'error' ? i : undefined;
+    });
+    assert.equal(info.state, 'error');
+    await until('its files to go', 10_000, () => !existsSync(`${server.stateDir}/vm/${victim.id}`));
+    assert.equal(processesMentioning(`/vm/${victim.id}/`).length, 0);
+    await until('the vm pool to refill', 120_000, () => server.manager.poolStats.find((p) => p.runtime === 'vm' && p.ready >= 1));
+  });
+
+  it('leaves no QEMU process, overlay, socket or RAM file once the server stops', async () => {
+    const stateDir = server.stateDir;
+    await sbx.close();
+    await server.stop();
+    assert.deepEqual(processesMentioning(`${stateDir}/`), []);
+    assert.equal(existsSync(`${stateDir}/vm`), false);
+    // Template RAM files are named after the state directory (other servers may have their own).
+    const prefix = `podflare-${createHash('sha256').update(path.resolve(stateDir)).digest('hex').slice(0, 10)}-`;
+    assert.deepEqual(readdirSync('/dev/shm').filter((n) => n.startsWith(prefix)), []);
+  });
+});
