@@ -23,6 +23,19 @@ function qemuPidOf(id: string): number | undefined {
   return undefined;
 }
 
+/** Every sandbox QEMU of this server: its sandbox id and pid. */
+function qemuPids(stateDir: string): Array<{ id: string; pid: number }> {
+  const out: Array<{ id: string; pid: number }> = [];
+  for (const pid of readdirSync('/proc').filter((n) => /^\d+$/.test(n))) {
+    try {
+      const cmd = readFileSync(`/proc/${pid}/cmdline`, 'utf8');
+      const m = new RegExp(`${stateDir}/vm/(sbx_[0-9a-f]+)/`).exec(cmd);
+      if (cmd.startsWith('qemu-system-x86_64') && m) out.push({ id: m[1]!, pid: Number(pid) });
+    } catch { /* gone */ }
+  }
+  return out;
+}
+
 async function until<T>(what: string, timeoutMs: number, probe: () => Promise<T | undefined> | T | undefined): Promise<T> {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
@@ -116,7 +129,18 @@ describe('vm runtime', { timeout: 600_000 }, () => {
     assert.equal(info.state, 'error');
     await until('its files to go', 10_000, () => !existsSync(`${server.stateDir}/vm/${victim.id}`));
     assert.equal(processesMentioning(`/vm/${victim.id}/`).length, 0);
-    await until('the vm pool to refill', 120_000, () => server.manager.poolStats.find((p) => p.runtime === 'vm' && p.ready >= 1));
+    // A warm clone dying in the pool is replaced by a new one.
+    const vmPool = () => server.manager.poolStats.find((p) => p.runtime === 'vm')!;
+    await until('a full vm pool', 120_000, () => vmPool().ready >= vmPool().target);
+    const pooled = qemuPids(server.stateDir).filter((p) => p.id !== sbx.id);
+    assert.ok(pooled.length >= 1, 'no pooled clone found');
+    process.kill(pooled[0]!.pid, 'SIGKILL');
+    const fresh = await until('a replacement clone', 120_000, () => {
+      const now = qemuPids(server.stateDir).filter((p) => p.id !== sbx.id && !pooled.some((o) => o.id === p.id));
+      return now.length >= 1 && vmPool().ready >= vmPool().target ? now : undefined;
+    });
+    assert.ok(fresh.length >= 1);
+    assert.ok(!existsSync(`${server.stateDir}/vm/${pooled[0]!.id}`), "the dead clone's files are gone");
   });
 
   it('leaves no QEMU process, overlay, socket or RAM file once the server stops', async () => {
