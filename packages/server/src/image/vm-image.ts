@@ -17,7 +17,7 @@
 import { execFile } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
-import { chmod, mkdir, mkdtemp, readdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
+import { chmod, mkdir, mkdtemp, readdir, readFile, readlink, rename, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { gunzipSync, gzipSync } from 'node:zlib';
@@ -97,13 +97,13 @@ export interface EnsureVmImageOptions {
 export async function ensureVmImage(opts: EnsureVmImageOptions): Promise<VmImagePaths> {
   const started = Date.now();
   const imagesDir = path.resolve(opts.imagesDir);
-  const report = (message: string, step?: string) => opts.onProgress?.({ stage: 'vm', message, step, elapsedMs: Date.now() - started });
+  const report = (message: string, step?: string, stage: ImageProgress['stage'] = 'vm') => opts.onProgress?.({ stage, message, step, elapsedMs: Date.now() - started });
   const log = opts.log ?? (() => undefined);
-  report('looking for the VM kernel package');
+  report('looking for the VM kernel package', undefined, 'check');
   const pkg = await kernelPackage();
   const initScript = INIT_SCRIPT(['virtio_ring', 'virtio', ...GUEST_MODULES]);
   const kernelHash = hashOf({ v: VM_IMAGE_BUILDER_VERSION, pkg, initScript, busybox: BUSYBOX });
-  const rootHash = hashOf({ v: VM_IMAGE_BUILDER_VERSION, image: opts.image.id, headroom: ROOTFS_HEADROOM_BYTES });
+  const rootHash = vmRootHash(opts.image.id);
   const kernelDir = path.join(imagesDir, `vmkernel-${kernelHash}`);
   const rootDir = path.join(imagesDir, `vmroot-${rootHash}`);
   const paths = async (): Promise<VmImagePaths> => ({
@@ -114,11 +114,11 @@ export async function ensureVmImage(opts: EnsureVmImageOptions): Promise<VmImage
     kernelVersion: JSON.parse(await readFile(path.join(kernelDir, 'kernel.json'), 'utf8')).release as string,
   });
   if ((await isDir(kernelDir)) && (await isDir(rootDir))) {
-    report('VM image ready');
+    report(`VM image ${kernelHash}-${rootHash} ready`, undefined, 'done');
     return paths();
   }
   const lock = await acquireLock(path.join(imagesDir, '.build.lock'), {
-    onWait: () => report('another process is building an image; waiting'),
+    onWait: () => report('another process is building an image; waiting', undefined, 'wait'),
   });
   try {
     if (!(await isDir(kernelDir))) {
@@ -131,11 +131,33 @@ export async function ensureVmImage(opts: EnsureVmImageOptions): Promise<VmImage
       await buildRootDir(imagesDir, rootDir, opts.image, (step) => report(`building vmroot-${rootHash} (ext4 root from image ${opts.image.id})`, step));
       log(`vmroot-${rootHash} built in ${((Date.now() - t) / 1000).toFixed(1)} s`);
     }
-    report('VM image ready');
+    report(`VM image ${kernelHash}-${rootHash} ready`, undefined, 'done');
     return await paths();
   } finally {
     await lock.release();
   }
+}
+
+/** The vmroot-<hash> that goes with a sandbox image id. */
+export function vmRootHash(imageId: string): string {
+  return hashOf({ v: VM_IMAGE_BUILDER_VERSION, image: imageId, headroom: ROOTFS_HEADROOM_BYTES });
+}
+
+/** Processes holding a file under `dir` open (QEMU keeps its kernel, and disks' backing files). */
+export async function processesWithFilesUnder(dir: string): Promise<number[]> {
+  const out: number[] = [];
+  for (const pid of (await readdir('/proc')).filter((n) => /^\d+$/.test(n))) {
+    try {
+      for (const fd of await readdir(`/proc/${pid}/fd`)) {
+        const target = await readlink(`/proc/${pid}/fd/${fd}`).catch(() => '');
+        if (target.startsWith(dir + '/')) {
+          out.push(Number(pid));
+          break;
+        }
+      }
+    } catch { /* ended, or not ours to read */ }
+  }
+  return out;
 }
 
 function hashOf(value: unknown): string {
