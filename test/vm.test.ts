@@ -5,6 +5,8 @@
 import assert from 'node:assert/strict';
 import { readFileSync, readdirSync, existsSync } from 'node:fs';
 import { createHash } from 'node:crypto';
+import http from 'node:http';
+import type { AddressInfo } from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
@@ -115,6 +117,27 @@ describe('vm runtime', { timeout: 600_000 }, () => {
     const mounts = await sbx.runCode('cat /proc/mounts; cat /etc/machine-id 2>/dev/null', { language: 'bash' });
     assert.doesNotMatch(mounts.stdout, /overlay|\/work|podflare\/images/);
     if (hostMachineId) assert.ok(!mounts.stdout.includes(hostMachineId));
+  });
+
+  it('has user-mode network only with egress; without it the guest has no network device at all', async () => {
+    const web = http.createServer((_req, res) => res.end('hello from the host'));
+    await new Promise<void>((resolve) => web.listen(0, '127.0.0.1', resolve));
+    const port = (web.address() as AddressInfo).port;
+    // QEMU's user-mode network maps the host's loopback to 10.0.2.2 for the guest.
+    const fetchHost = `import urllib.request\ntry:\n    r = urllib.request.urlopen("http://10.0.2.2:${port}/", timeout=5).read().decode()\nexcept Exception as e:\n    r = type(e).__name__\nr`;
+    const offline = await Sandbox.create({ host: server.url, runtime: 'vm', egress: false });
+    try {
+      const on = await sbx.runCode(fetchHost);
+      assert.equal(on.results[0]?.text, "'hello from the host'");
+      const nics = await offline.runCode('ls /sys/class/net', { language: 'bash' });
+      assert.equal(nics.stdout.trim(), 'lo');
+      const off = await offline.runCode(fetchHost);
+      assert.notEqual(off.results[0]?.text, "'hello from the host'");
+      assert.equal((await offline.info()).egress, false);
+    } finally {
+      await offline.close();
+      web.close();
+    }
   });
 
   it('notices a VM killed from outside: error state, resources released, pool refilled', async () => {
