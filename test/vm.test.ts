@@ -12,6 +12,7 @@ import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { Sandbox } from 'podflare';
 import { processesMentioning } from './helpers/leaks.js';
+import { startTestHost } from './helpers/netns.js';
 import { startTestServer, type TestServer } from './helpers/server.js';
 
 /** Host pid of the QEMU running a sandbox (its directory, named by the id, is on its command line). */
@@ -119,24 +120,30 @@ describe('vm runtime', { timeout: 600_000 }, () => {
     if (hostMachineId) assert.ok(!mounts.stdout.includes(hostMachineId));
   });
 
-  it('has user-mode network only with egress; without it the guest has no network device at all', async () => {
-    const web = http.createServer((_req, res) => res.end('hello from the host'));
+  it('reaches out only with egress, never to the host loopback; without egress it has no network device', async () => {
+    const testHost = await startTestHost();
+    const web = http.createServer((_req, res) => res.end('host loopback'));
     await new Promise<void>((resolve) => web.listen(0, '127.0.0.1', resolve));
     const port = (web.address() as AddressInfo).port;
-    // QEMU's user-mode network maps the host's loopback to 10.0.2.2 for the guest.
-    const fetchHost = `import urllib.request\ntry:\n    r = urllib.request.urlopen("http://10.0.2.2:${port}/", timeout=5).read().decode()\nexcept Exception as e:\n    r = type(e).__name__\nr`;
+    const fetch = (url: string) => `import urllib.request\ntry:\n    r = urllib.request.urlopen("${url}", timeout=5).read().decode()\nexcept Exception as e:\n    r = type(e).__name__\nr`;
     const offline = await Sandbox.create({ host: server.url, runtime: 'vm', egress: false });
     try {
-      const on = await sbx.runCode(fetchHost);
-      assert.equal(on.results[0]?.text, "'hello from the host'");
+      const out = await sbx.runCode(fetch(`http://${testHost.ip}:${testHost.port}/`));
+      assert.equal(out.results[0]?.text, "'hello from the test host'", out.stderr);
+      // QEMU maps 10.0.2.2 to "the host"; here that is the QEMU's own network namespace.
+      const loop = await sbx.runCode(fetch(`http://10.0.2.2:${port}/`));
+      assert.notEqual(loop.results[0]?.text, "'host loopback'");
+      const api = await sbx.runCode(fetch(`http://10.0.2.2:${new URL(server.url).port}/v1/sandboxes`));
+      assert.match(api.results[0]?.text ?? '', /Error|Refused|timeout/i);
       const nics = await offline.runCode('ls /sys/class/net', { language: 'bash' });
       assert.equal(nics.stdout.trim(), 'lo');
-      const off = await offline.runCode(fetchHost);
-      assert.notEqual(off.results[0]?.text, "'hello from the host'");
+      const off = await offline.runCode(fetch(`http://${testHost.ip}:${testHost.port}/`));
+      assert.match(off.results[0]?.text ?? '', /Error/);
       assert.equal((await offline.info()).egress, false);
     } finally {
       await offline.close();
       web.close();
+      testHost.close();
     }
   });
 

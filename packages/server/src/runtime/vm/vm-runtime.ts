@@ -31,6 +31,7 @@ import type { VmImagePaths } from '../../image/vm-image.js';
 import type { Logger } from '../../log.js';
 import { pssOf, run } from '../../proc.js';
 import type { DiffOptions, FileDiff, Runtime, RuntimeSandbox, SandboxSpec } from '../runtime.js';
+import { startSlirp, type Slirp } from '../namespace/network.js';
 import { qemuArgs, type Acceleration } from './qemu-args.js';
 import { connectUnix, Qmp } from './qmp.js';
 
@@ -64,6 +65,8 @@ interface Template {
 /** Processes of one VM: its QEMU, its QMP connection and the agent channel. */
 interface VmProcess {
   qemu: ChildProcess;
+  /** Outbound network of the QEMU's own network namespace (egress only). */
+  slirp: Slirp | null;
   qmp: Qmp;
   channel: AgentChannel;
   consoleLog: string;
@@ -80,6 +83,7 @@ export class VmSandbox implements RuntimeSandbox {
     this.exited = new Promise((resolve) => { this.resolveExited = resolve; });
     const qemu = vm.qemu;
     const done = async (reason: string) => {
+      vm.slirp?.stop();
       this.channel.close(reason);
       vm.qmp.close();
       this.resolveExited({ reason });
@@ -100,13 +104,15 @@ export class VmSandbox implements RuntimeSandbox {
   }
 
   async memoryPss(): Promise<number> {
-    return this.vm.qemu.pid ? pssOf([this.vm.qemu.pid]) : 0;
+    const pids = [this.vm.qemu.pid, this.vm.slirp?.process.pid].filter((p): p is number => p !== undefined);
+    return pssOf(pids);
   }
 
   destroy(): Promise<void> {
     this.destroying ??= (async () => {
       this.channel.close('destroyed');
       this.vm.qmp.close();
+      this.vm.slirp?.stop();
       await killAndWait(this.vm.qemu);
       this.resolveExited({ reason: 'destroyed' });
       await rm(this.dir, { recursive: true, force: true });
@@ -234,6 +240,7 @@ export class VmRuntime implements Runtime {
         if (vm) {
           vm.channel.close('template boot failed');
           vm.qmp.close();
+          vm.slirp?.stop();
           await killAndWait(vm.qemu);
         }
         const message = `${(err as Error).message}${tail ? ` (console: ${tail})` : ''}`;
@@ -280,6 +287,7 @@ export class VmRuntime implements Runtime {
       if (vm) {
         vm.channel.close('start failed');
         vm.qmp.close();
+        vm.slirp?.stop();
         await killAndWait(vm.qemu);
       }
       await rm(dir, { recursive: true, force: true });
@@ -298,7 +306,15 @@ export class VmRuntime implements Runtime {
       disk: o.disk, ramFile: o.ramFile, shareRam: o.shareRam, agentSocket, qmpSocket, consoleLog, network: o.network, incoming: o.incoming,
     });
     // setpriv --pdeathsig: the VM dies with the server, whatever way the server ends.
-    const prefix = [...(o.background ? ['nice', '-n', String(BACKGROUND_NICE)] : []), 'setpriv', '--pdeathsig', 'KILL', '--'];
+    // unshare --net: QEMU's user-mode network opens its sockets in a network namespace of its
+    // own, which reaches out only through slirp4netns with --disable-host-loopback: the guest
+    // cannot reach the host's loopback (the API included) through 10.0.2.2. Without egress the
+    // VM has no network device at all.
+    const prefix = [
+      ...(o.background ? ['nice', '-n', String(BACKGROUND_NICE)] : []),
+      ...(o.network ? ['unshare', '--net', '--'] : []),
+      'setpriv', '--pdeathsig', 'KILL', '--',
+    ];
     const qemu = spawn(prefix[0]!, [...prefix.slice(1), QEMU, ...args], { stdio: ['ignore', 'ignore', 'pipe'] });
     let stderr = '';
     qemu.stderr!.on('data', (d: Buffer) => { stderr = (stderr + d.toString()).slice(-2000); });
@@ -309,13 +325,17 @@ export class VmRuntime implements Runtime {
     });
     exited.catch(() => undefined);
     const alive = () => qemu.exitCode === null && qemu.signalCode === null;
+    // The template never needs the network: only clones get one.
+    const network = o.network && o.incoming && qemu.pid ? startSlirp(qemu.pid, timeoutMs, { ownUserNamespace: false }) : Promise.resolve(null);
+    network.catch(() => undefined);
     try {
       const qmp = await Promise.race([Qmp.connect(qmpSocket, timeoutMs), exited]);
       // QMP answers once every device exists: connecting to the agent's port now makes the
       // guest see its host end open (connecting earlier can be missed by virtio-serial).
       const socket = await Promise.race([connectUnix(agentSocket, timeoutMs, alive), exited]);
-      return { qemu, qmp, channel: new AgentChannel(socket), consoleLog };
+      return { qemu, slirp: await network, qmp, channel: new AgentChannel(socket), consoleLog };
     } catch (err) {
+      void network.then((s) => s?.stop(), () => undefined);
       await killAndWait(qemu);
       throw err;
     }
