@@ -120,6 +120,48 @@ describe('vm runtime', { timeout: 600_000 }, () => {
     if (hostMachineId) assert.ok(!mounts.stdout.includes(hostMachineId));
   });
 
+  it('forks a live VM three ways: children inherit memory, files and processes, then diverge', async () => {
+    const parent = await Sandbox.create({ host: server.url, runtime: 'vm' });
+    const kids: Sandbox[] = [];
+    try {
+      await parent.runCode('import random\nimport numpy as np\ncounter = 10\nopen("/root/shared.txt", "w").write("from the parent")');
+      // A process started before the fork, outside the interpreter.
+      await parent.runCode('nohup sleep 1000 > /dev/null 2>&1 &\necho started', { language: 'bash' });
+      const t = performance.now();
+      kids.push(...(await parent.fork(3)));
+      const forkMs = performance.now() - t;
+      assert.equal(kids.length, 3);
+      for (const [i, kid] of kids.entries()) {
+        assert.equal((await kid.info()).runtime, 'vm');
+        const r = await kid.runCode(`counter += ${i + 1}\n(counter, open("/root/shared.txt").read())`);
+        assert.equal(r.results[0]?.text, `(${11 + i}, 'from the parent')`, r.stderr);
+        const sleeping = await kid.runCode('pgrep -x sleep', { language: 'bash' });
+        assert.equal(sleeping.exitCode, 0, 'the background process is not running in the child');
+        await kid.runCode(`open("/root/shared.txt", "w").write("child ${i}")`);
+      }
+      // Each diverged on its own: memory and files; the parent is untouched and still running.
+      for (const [i, kid] of kids.entries()) {
+        const r = await kid.runCode('(counter, open("/root/shared.txt").read())');
+        assert.equal(r.results[0]?.text, `(${11 + i}, 'child ${i}')`);
+      }
+      const p = await parent.runCode('(counter, open("/root/shared.txt").read())');
+      assert.equal(p.results[0]?.text, "(10, 'from the parent')");
+      // Fresh randomness per child: the interpreter's and numpy's RNGs, and the kernel's.
+      const draws = await Promise.all([parent, ...kids].map(async (x) => (await x.runCode('(random.random(), float(np.random.rand()), open("/dev/urandom","rb").read(8).hex())')).results[0]?.text));
+      assert.equal(new Set(draws).size, 4, draws.join('\n'));
+      const hosts = await Promise.all(kids.map(async (k) => (await k.runCode('hostname', { language: 'bash' })).stdout.trim()));
+      assert.equal(new Set(hosts).size, 3);
+      console.log(`vm fork(3): ${forkMs.toFixed(0)} ms`);
+    } finally {
+      await Promise.all(kids.map((k) => k.close()));
+      await parent.close();
+    }
+    await until('fork layers to go', 10_000, () => {
+      const dir = `${server.stateDir}/vm/layers`;
+      return !existsSync(dir) || readdirSync(dir).length === 0;
+    });
+  });
+
   it('reaches out only with egress, never to the host loopback; without egress it has no network device', async () => {
     const testHost = await startTestHost();
     const web = http.createServer((_req, res) => res.end('host loopback'));

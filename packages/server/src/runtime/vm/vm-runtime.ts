@@ -65,6 +65,8 @@ interface Template {
 /** Processes of one VM: its QEMU, its QMP connection and the agent channel. */
 interface VmProcess {
   qemu: ChildProcess;
+  /** QEMU's last words on stderr (migration errors land here). */
+  stderr(): string;
   /** Outbound network of the QEMU's own network namespace (egress only). */
   slirp: Slirp | null;
   qmp: Qmp;
@@ -78,7 +80,17 @@ export class VmSandbox implements RuntimeSandbox {
   private destroying: Promise<void> | null = null;
   readonly channel: AgentChannel;
 
-  constructor(readonly id: string, readonly dir: string, private readonly vm: VmProcess, private readonly onGone: (s: VmSandbox) => void) {
+  constructor(
+    readonly id: string,
+    readonly dir: string,
+    readonly template: Template,
+    /** This VM's own overlay. */
+    readonly disk: string,
+    /** Fork layers (read-only qcow2) under this VM's disk, which must outlive it. */
+    readonly layers: string[],
+    readonly vm: VmProcess,
+    private readonly onGone: (s: VmSandbox) => void,
+  ) {
     this.channel = vm.channel;
     this.exited = new Promise((resolve) => { this.resolveExited = resolve; });
     const qemu = vm.qemu;
@@ -124,7 +136,8 @@ export class VmSandbox implements RuntimeSandbox {
 
 export class VmRuntime implements Runtime {
   readonly name = 'vm' as const;
-  readonly capabilities = { fork: false, freeze: false, egress: true };
+  readonly capabilities = { fork: true, freeze: false, egress: true };
+  private readonly layerRefs = new Map<string, number>();
   private readonly live = new Map<string, VmSandbox>();
   private readonly templates = new Map<string, Promise<Template>>();
   private readonly starting = new Set<Promise<unknown>>();
@@ -161,8 +174,8 @@ export class VmRuntime implements Runtime {
     return this.track(() => this.startClone(spec));
   }
 
-  fork(): Promise<RuntimeSandbox[]> {
-    return Promise.reject(new ApiError('bad_request', 'fork is not available for vm sandboxes yet'));
+  fork(parent: RuntimeSandbox, specs: SandboxSpec[]): Promise<RuntimeSandbox[]> {
+    return this.track(() => this.forkChildren(parent as VmSandbox, specs));
   }
 
   diff(_a: RuntimeSandbox, _b: RuntimeSandbox, _opts: DiffOptions): Promise<FileDiff> {
@@ -228,7 +241,7 @@ export class VmRuntime implements Runtime {
         await vm.qmp.command('stop');
         await vm.qmp.command('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] });
         await vm.qmp.command('migrate', { uri: `exec:cat > ${shellQuote(tpl.state)}` });
-        await waitMigration(vm.qmp, bootTimeoutMs);
+        await waitMigration(vm.qmp, bootTimeoutMs, vm);
         await vm.qmp.command('quit').catch(() => undefined);
         await waitExit(vm.qemu, 10_000);
         vm.channel.close('template frozen');
@@ -255,17 +268,29 @@ export class VmRuntime implements Runtime {
 
   private async startClone(spec: SandboxSpec): Promise<RuntimeSandbox> {
     const tpl = await this.template(spec.template, spec.egress);
+    return this.restore(spec, { template: tpl, backing: tpl.disk, state: tpl.state, layers: [] });
+  }
+
+  /**
+   * A new VM from a frozen point: the template's, or a fork point's (whose state file carries the
+   * parent's RAM; the template's RAM file is still mapped underneath, copy-on-write). Its disk is
+   * a new overlay over `backing`.
+   */
+  private async restore(spec: SandboxSpec, from: { template: Template; backing: string; state: string; layers: string[] }): Promise<VmSandbox> {
     if (this.closed) throw new Error('the runtime is shut down');
     const dir = path.join(this.vmDir, spec.id);
     await mkdir(dir, { recursive: true });
     const disk = path.join(dir, 'disk.qcow2');
+    for (const l of from.layers) this.retainLayer(l);
     let vm: VmProcess | undefined;
     try {
-      await run('qemu-img', ['create', '-q', '-f', 'qcow2', '-F', 'qcow2', '-b', tpl.disk, disk]);
+      await run('qemu-img', ['create', '-q', '-f', 'qcow2', '-F', 'qcow2', '-b', from.backing, disk]);
+      const tpl = from.template;
       vm = await this.launch({ dir, disk, ramFile: tpl.ramFile, shareRam: false, network: tpl.network, incoming: true, background: spec.background ?? false }, this.opts.startTimeoutMs);
+      // Only a shared RAM block is skipped: the template's state has no RAM, a fork point's has the parent's.
       await vm.qmp.command('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] });
-      await vm.qmp.command('migrate-incoming', { uri: `exec:cat ${shellQuote(tpl.state)}` });
-      await waitMigration(vm.qmp, this.opts.startTimeoutMs);
+      await vm.qmp.command('migrate-incoming', { uri: `exec:cat ${shellQuote(from.state)}` });
+      await waitMigration(vm.qmp, this.opts.startTimeoutMs, vm);
       await vm.qmp.command('cont').catch(() => undefined); // already running when QEMU autostarted it
       await withTimeout(vm.channel.request({
         op: 'restore',
@@ -275,7 +300,10 @@ export class VmRuntime implements Runtime {
         sandbox_id: spec.id,
       }), this.opts.startTimeoutMs, 'the restored VM did not answer');
       if (spec.background && vm.qemu.pid) setPriorityAll(vm.qemu.pid, 0);
-      const sandbox = new VmSandbox(spec.id, dir, vm, (s) => this.live.delete(s.id));
+      const sandbox = new VmSandbox(spec.id, dir, tpl, disk, [...from.layers], vm, (s) => {
+        this.live.delete(s.id);
+        for (const l of s.layers) void this.releaseLayer(l);
+      });
       this.live.set(spec.id, sandbox);
       if (this.closed) {
         await sandbox.destroy();
@@ -291,8 +319,69 @@ export class VmRuntime implements Runtime {
         await killAndWait(vm.qemu);
       }
       await rm(dir, { recursive: true, force: true });
+      for (const l of from.layers) void this.releaseLayer(l);
       throw new Error(`the VM did not start: ${(err as Error).message}${tail ? ` (console: ${tail})` : ''}`);
     }
+  }
+
+  /**
+   * fork(n): the parent is paused at a fork point; its device state and RAM are migrated to a
+   * state file and a copy of its disk overlay becomes a read-only fork layer; the parent then
+   * continues on its own overlay. Each
+   * child is restored from that point with its own overlay over the fork layer, its own serial
+   * channel and network, and is told the time and fresh entropy. Everything in the guest is
+   * inherited: every process, not only the interpreter.
+   */
+  private async forkChildren(parent: VmSandbox, specs: SandboxSpec[]): Promise<RuntimeSandbox[]> {
+    if (!this.live.has(parent.id)) throw new ApiError('conflict', 'the sandbox is not running');
+    const t0 = performance.now();
+    const phase = (name: string) => this.opts.log.debug(`vm fork: ${name}`, { parent: parent.id, ms: Math.round(performance.now() - t0) });
+    const point = randomBytes(6).toString('hex');
+    const layersDir = path.join(this.vmDir, 'layers');
+    await mkdir(layersDir, { recursive: true });
+    const layer = path.join(layersDir, `${point}.qcow2`);
+    const state = path.join(layersDir, `${point}.state`);
+    const qmp = parent.vm.qmp;
+    await qmp.command('stop');
+    let resumed = false;
+    try {
+      // The migration saves RAM and device state, and flushes and deactivates the disk: its
+      // overlay file is consistent until `cont`, so a copy of it is the fork point's disk.
+      await qmp.command('migrate', { uri: `exec:cat > ${shellQuote(state)}` });
+      await waitMigration(qmp, this.opts.startTimeoutMs, parent.vm);
+      phase('memory saved');
+      await run('cp', ['--sparse=always', parent.disk, layer]);
+      await chmod(layer, 0o444);
+      this.retainLayer(layer);
+      phase('disk frozen');
+      await qmp.command('cont');
+      resumed = true;
+      const layers = [...parent.layers, layer];
+      const results = await Promise.allSettled(specs.map((spec) => this.restore(spec, { template: parent.template, backing: layer, state, layers })));
+      void this.releaseLayer(layer); // now held by the children alone
+      phase('children restored');
+      const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+      if (failed) {
+        await Promise.all(results.map((r) => (r.status === 'fulfilled' ? r.value.destroy() : undefined)));
+        throw failed.reason;
+      }
+      return results.map((r) => (r as PromiseFulfilledResult<VmSandbox>).value);
+    } finally {
+      if (!resumed) await qmp.command('cont').catch(() => undefined);
+      await rm(state, { force: true });
+      if (!this.layerRefs.has(layer)) await rm(layer, { force: true });
+    }
+  }
+
+  private retainLayer(layer: string): void {
+    this.layerRefs.set(layer, (this.layerRefs.get(layer) ?? 0) + 1);
+  }
+
+  private async releaseLayer(layer: string): Promise<void> {
+    const n = this.layerRefs.get(layer) ?? 0;
+    if (n > 1) return void this.layerRefs.set(layer, n - 1);
+    this.layerRefs.delete(layer);
+    await rm(layer, { force: true });
   }
 
   /** Starts QEMU and connects to its QMP socket and to the agent's port (before the guest runs). */
@@ -333,7 +422,7 @@ export class VmRuntime implements Runtime {
       // QMP answers once every device exists: connecting to the agent's port now makes the
       // guest see its host end open (connecting earlier can be missed by virtio-serial).
       const socket = await Promise.race([connectUnix(agentSocket, timeoutMs, alive), exited]);
-      return { qemu, slirp: await network, qmp, channel: new AgentChannel(socket), consoleLog };
+      return { qemu, stderr: () => stderr.trim().split('\n').slice(-3).join(' | '), slirp: await network, qmp, channel: new AgentChannel(socket), consoleLog };
     } catch (err) {
       void network.then((s) => s?.stop(), () => undefined);
       await killAndWait(qemu);
@@ -359,12 +448,15 @@ function withTimeout<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
 }
 
 /** Polls query-migrate until the migration (either direction) completes. */
-async function waitMigration(qmp: Qmp, timeoutMs: number): Promise<void> {
+async function waitMigration(qmp: Qmp, timeoutMs: number, vm?: VmProcess): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
     const r = await qmp.command<{ status?: string; 'error-desc'?: string }>('query-migrate');
     if (r.status === 'completed') return;
-    if (r.status === 'failed' || r.status === 'cancelled') throw new Error(`migration ${r.status}${r['error-desc'] ? `: ${r['error-desc']}` : ''}`);
+    if (r.status === 'failed' || r.status === 'cancelled') {
+      await new Promise((res) => setTimeout(res, 20)); // let QEMU's stderr arrive
+      throw new Error(`migration ${r.status}${r['error-desc'] ? `: ${r['error-desc']}` : ''}${vm?.stderr() ? ` (${vm.stderr()})` : ''}`);
+    }
     if (Date.now() > deadline) throw new Error('migration did not complete in time');
     await new Promise((res) => setTimeout(res, 3));
   }
