@@ -23,6 +23,8 @@
  *                doing that set-up themselves
  *   diff1000     a.diff(b) of two fork siblings with 1,000 changed files each
  *   forkmem      PSS of parent + 5 children right after fork(5) of a 300 MB state, vs before
+ *   vm           the microVM runtime (bench/vm.ts): cold boot, create from the pool of clones,
+ *                template restore, fork(1)/fork(5) beside the namespace runtime, idle clone PSS
  * The two on-demand measures use a second server whose pool is off (size 0): with a pool, a key
  * that misses once is kept warm afterwards, so later creates would not take the miss path.
  * The fork measures (bench/fork.ts) use a third server, pool as the main one; they use fewer runs.
@@ -40,8 +42,9 @@ import { detail, Failures, failLimit, failureState, notes, rows, status, timingR
 import { fmtMB, fmtMs, summarize, type Summary } from './stats.js';
 import { formatTable } from './table.js';
 import { measurePythonSdk } from './python-sdk.js';
+import { measureVmPooled, measureVmUnpooled } from './vm.js';
 
-const MEASURES = ['memory', 'create', 'destroy', 'exec', 'python', 'jupyter', 'cycle', 'nonet', 'ondemand', ...FORK_MEASURES] as const;
+const MEASURES = ['memory', 'create', 'destroy', 'exec', 'python', 'jupyter', 'cycle', 'nonet', 'ondemand', ...FORK_MEASURES, 'vm'] as const;
 type MeasureName = (typeof MEASURES)[number];
 
 const IMAGES_DIR = process.env.PODFLARE_IMAGES_DIR ?? '/var/lib/podflare/images';
@@ -499,6 +502,24 @@ async function main(): Promise<void> {
       if (has('diff1000')) await guarded('diff1000', () => measureDiff1000(forkServer, opts));
       if (has('forkmem')) await guarded('forkmem', () => measureForkMem(forkServer, opts));
       await guarded('server stop (fork measures)', () => stopBenchServer(forkServer));
+    }
+  }
+
+  if (has('vm')) {
+    // Two VM templates boot here (seconds each under TCG); a small pool: every clone is a QEMU.
+    let bs = null as BenchServer | null;
+    await guarded('server start (vm, pool 2)', async () => { bs = await startBenchServer({ poolSize: 2 }); });
+    if (bs) {
+      const vmServer: BenchServer = bs;
+      await guarded('vm (pooled)', () => measureVmPooled(vmServer, opts));
+      await guarded('server stop (vm, pool 2)', () => stopBenchServer(vmServer));
+    }
+    bs = null;
+    await guarded('server start (vm, pool off)', async () => { bs = await startBenchServer({ poolSize: 0 }); });
+    if (bs) {
+      const vmServer: BenchServer = bs;
+      await guarded('vm (pool off)', () => measureVmUnpooled(vmServer, opts));
+      await guarded('server stop (vm, pool off)', () => stopBenchServer(vmServer));
     }
   }
 
