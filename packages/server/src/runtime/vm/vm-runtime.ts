@@ -345,6 +345,8 @@ export class VmRuntime implements Runtime {
     await qmp.command('stop');
     let resumed = false;
     try {
+      // QEMU throttles migrations to 128 MiB/s by default (meant for live migration over a network).
+      await qmp.command('migrate-set-parameters', { 'max-bandwidth': 64 * 1024 ** 3 });
       // The migration saves RAM and device state, and flushes and deactivates the disk: its
       // overlay file is consistent until `cont`, so a copy of it is the fork point's disk.
       await qmp.command('migrate', { uri: `exec:cat > ${shellQuote(state)}` });
