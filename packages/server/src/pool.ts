@@ -112,7 +112,8 @@ export class WarmPool {
         },
         (err: Error) => {
           b.failures++;
-          this.opts.log.warn('pool start failed', { template: b.key.template, error: err.message });
+          // A start cut short by close() is not worth a warning.
+          if (!this.closed) this.opts.log.warn('pool start failed', { runtime: b.key.runtime, template: b.key.template, error: err.message });
         },
       ).finally(() => {
         b.starting--;

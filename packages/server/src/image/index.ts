@@ -138,7 +138,7 @@ async function agentLayerExists(imagesDir: string, agentSrc: string, rootfs: str
 
 /** `.tmp-<kind>-<hash>-<pid>-<rand>` → pid */
 function tmpOwner(name: string): number | undefined {
-  const m = /^\.tmp-(?:base|agent)-[0-9a-f]+-(\d+)-[0-9a-f]+$/.exec(name);
+  const m = /^\.tmp-(?:base|agent|vmkernel|vmroot)-[0-9a-f]+-(\d+)-[0-9a-f]+$/.exec(name);
   return m ? Number(m[1]) : undefined;
 }
 

@@ -193,7 +193,7 @@ async function must(cmd: string, args: string[], what: string, cwd?: string, tim
 
 async function buildKernelDir(imagesDir: string, target: string, pkg: KernelPackage, initScript: string, step: (s: string) => void): Promise<void> {
   if (!existsSync(BUSYBOX)) throw new ImageBuildError(`${BUSYBOX} is missing: install busybox-static (bash scripts/setup.sh)`);
-  const tmp = path.join(imagesDir, `.tmp-vmkernel-${process.pid}-${randomBytes(3).toString('hex')}`);
+  const tmp = path.join(imagesDir, `.tmp-vmkernel-${path.basename(target).slice('vmkernel-'.length)}-${process.pid}-${randomBytes(3).toString('hex')}`);
   const work = await mkdtemp(path.join(os.tmpdir(), 'podflare-kernel-'));
   try {
     await mkdir(tmp, { recursive: true });
@@ -297,7 +297,7 @@ async function initramfs(modulesRoot: string, initScript: string): Promise<Buffe
 }
 
 async function buildRootDir(imagesDir: string, target: string, image: ImagePaths, step: (s: string) => void): Promise<void> {
-  const tmp = path.join(imagesDir, `.tmp-vmroot-${process.pid}-${randomBytes(3).toString('hex')}`);
+  const tmp = path.join(imagesDir, `.tmp-vmroot-${path.basename(target).slice('vmroot-'.length)}-${process.pid}-${randomBytes(3).toString('hex')}`);
   const merged = path.join(tmp, 'merged');
   let mounted = false;
   try {
