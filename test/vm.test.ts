@@ -212,6 +212,37 @@ describe('vm runtime', { timeout: 600_000 }, () => {
     assert.ok(!existsSync(`${server.stateDir}/vm/${pooled[0]!.id}`), "the dead clone's files are gone");
   });
 
+  it('freezes a persistent sandbox to disk and resumes it with its state, also across a server restart', async () => {
+    const first = await startTestServer({ poolSize: 0 });
+    let second: TestServer | undefined;
+    try {
+      const keep = await Sandbox.create({ host: first.url, runtime: 'vm', persistent: true });
+      await keep.runCode('import random\nkept = "still here"');
+      await keep.upload('/root/kept.txt', Buffer.from('file kept'));
+      await keep.freeze();
+      assert.equal((await keep.info()).state, 'frozen');
+      assert.equal(qemuPidOf(keep.id), undefined, 'a frozen sandbox has no VM running');
+      // The next call resumes it transparently.
+      assert.equal((await keep.runCode('kept')).results[0]?.text, "'still here'");
+      assert.equal((await keep.info()).state, 'ready');
+      // A server shutting down freezes its live persistent sandboxes; the next server resumes them.
+      await first.close();
+      second = await startTestServer({ poolSize: 0, stateDir: first.stateDir });
+      const again = await Sandbox.connect(keep.id, { host: second.url });
+      assert.equal((await again.info()).state, 'frozen');
+      const r = await again.runCode('kept + " after a restart"');
+      assert.equal(r.results[0]?.text, "'still here after a restart'", r.stderr);
+      assert.equal((await again.download('/root/kept.txt')).toString(), 'file kept');
+      const clock = await again.runCode('import time; time.time()');
+      assert.ok(Math.abs(Number(clock.results[0]?.text) - Date.now() / 1000) < 30, 'the resumed guest took the host clock');
+      await again.close();
+      assert.ok(!existsSync(`${first.stateDir}/frozen/${keep.id}`), 'nothing frozen left after delete');
+    } finally {
+      await second?.stop();
+      await first.stop();
+    }
+  });
+
   it('leaves no QEMU process, overlay, socket or RAM file once the server stops', async () => {
     const stateDir = server.stateDir;
     await sbx.close();

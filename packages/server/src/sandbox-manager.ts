@@ -4,6 +4,8 @@
  * calls this; it never touches a runtime directly.
  */
 import { randomBytes } from 'node:crypto';
+import { rm } from 'node:fs/promises';
+import path from 'node:path';
 import type { AgentRequestBody, CreateSandboxBody, ExecStreamMessage, SandboxInfo } from '@podflare/protocol';
 import type { ServerConfig } from './config.js';
 import { ApiError } from './errors.js';
@@ -49,7 +51,7 @@ export class SandboxManager {
   private readonly sweeper: NodeJS.Timeout;
   private closing = false;
   readonly defaultRuntime: Runtime;
-  readonly counters = { created: 0, destroyed: 0, crashed: 0, expired: 0, forked: 0, merged: 0 };
+  readonly counters = { created: 0, destroyed: 0, crashed: 0, expired: 0, forked: 0, merged: 0, frozen: 0, resumed: 0 };
 
   private readonly runtimes = new Map<RuntimeKind, Runtime>();
 
@@ -137,6 +139,8 @@ export class SandboxManager {
     if (!record || (owner !== undefined && record.owner !== owner) || record.state === 'merged') {
       throw new ApiError('not_found', `sandbox ${id} not found`);
     }
+    // A frozen sandbox comes back transparently on the next call that needs it.
+    if (record.state === 'frozen') return this.resume(record);
     throw new ApiError('sandbox_gone', `sandbox ${id} is gone (${record.state}${record.endReason ? `: ${record.endReason}` : ''})`);
   }
 
@@ -181,7 +185,16 @@ export class SandboxManager {
 
   async destroy(id: string, owner?: string, reason = 'deleted'): Promise<void> {
     const s = this.live.get(id);
-    if (!s || (owner !== undefined && s.record.owner !== owner)) return;
+    if (!s) {
+      // A frozen sandbox is only files.
+      const record = await this.store.get(id);
+      if (record?.state === 'frozen' && (owner === undefined || record.owner === owner) && !this.resuming.has(id)) {
+        await rm(this.frozenDir(id), { recursive: true, force: true });
+        await this.store.update(id, { state: 'stopped', endedAt: Date.now(), endReason: reason });
+      }
+      return;
+    }
+    if (owner !== undefined && s.record.owner !== owner) return;
     await this.end(s, 'stopped', reason);
   }
 
@@ -189,7 +202,17 @@ export class SandboxManager {
     this.closing = true;
     clearInterval(this.sweeper);
     await this.pool.close();
-    await Promise.all([...this.live.values()].map((s) => this.end(s, 'stopped', 'server shut down')));
+    // Persistent sandboxes that can freeze outlive the server on disk; the others end.
+    await Promise.all([...this.live.values()].map(async (s) => {
+      if (s.record.persistent && s.runtime.capabilities.freeze && s.runtime.freeze) {
+        try {
+          return await this.freeze(s);
+        } catch (err) {
+          this.log.warn('could not freeze a persistent sandbox at shutdown', { sandbox: s.record.id, error: (err as Error).message });
+        }
+      }
+      return this.end(s, 'stopped', 'server shut down');
+    }));
     await Promise.all([...this.teardowns]);
     for (const r of this.runtimes.values()) await r.close();
   }
@@ -325,6 +348,65 @@ export class SandboxManager {
     return s.queue.run(async () => (await s.rt.channel.request({ op: 'vars' })).vars);
   }
 
+  private frozenDir(id: string): string {
+    return path.join(this.config.stateDir, 'frozen', id);
+  }
+
+  /**
+   * Freezes a sandbox to the state directory (memory and disk): it stops using CPU and memory, its
+   * record says `frozen`, and the next call on its id resumes it, even after a server restart.
+   */
+  async freeze(s: LiveSandbox): Promise<void> {
+    const freeze = s.runtime.freeze?.bind(s.runtime);
+    if (!freeze || !s.runtime.capabilities.freeze) {
+      throw new ApiError('bad_request', `the ${s.runtime.name} runtime cannot freeze a sandbox (its processes' memory has no way to disk here)`);
+    }
+    await s.queue.run(async () => {
+      if (this.live.get(s.record.id) !== s) throw new ApiError('sandbox_gone', `sandbox ${s.record.id} is gone`);
+      // Out of the live set first: the VM ending below is not a crash.
+      this.live.delete(s.record.id);
+      try {
+        await freeze(s.rt, this.frozenDir(s.record.id));
+      } catch (err) {
+        this.live.set(s.record.id, s);
+        throw err;
+      }
+      s.record.state = 'frozen';
+      await this.store.update(s.record.id, { state: 'frozen', lastActiveAt: s.record.lastActiveAt });
+      this.counters.frozen++;
+      this.log.debug('sandbox frozen', { sandbox: s.record.id });
+    });
+  }
+
+  private readonly resuming = new Map<string, Promise<LiveSandbox>>();
+
+  /** Resumes a frozen sandbox (one resume per id at a time; callers share it). */
+  async resume(record: SandboxRecord): Promise<LiveSandbox> {
+    const live = this.live.get(record.id);
+    if (live) return live;
+    if (record.state !== 'frozen') throw new ApiError('conflict', `sandbox ${record.id} is not frozen (${record.state})`);
+    let p = this.resuming.get(record.id);
+    if (!p) {
+      p = (async () => {
+        if (this.closing) throw new ApiError('unavailable', 'the server is shutting down');
+        const runtime = this.runtimes.get(record.runtime);
+        if (!runtime?.resume) throw new ApiError('unavailable', `the ${record.runtime} runtime is not available on this server to resume sandbox ${record.id}`);
+        const dir = this.frozenDir(record.id);
+        const rt = await runtime.resume({ id: record.id, template: record.template, egress: record.egress, hostname: `sbx-${record.id.slice(4, 16)}` }, dir);
+        await rm(dir, { recursive: true, force: true });
+        const now = Date.now();
+        record.state = 'ready';
+        record.lastActiveAt = now;
+        await this.store.update(record.id, { state: 'ready', lastActiveAt: now });
+        this.counters.resumed++;
+        return this.adopt(record, runtime, rt);
+      })();
+      this.resuming.set(record.id, p);
+      void p.finally(() => this.resuming.delete(record.id)).catch(() => undefined);
+    }
+    return p;
+  }
+
   diffFiles(a: LiveSandbox, b: LiveSandbox, opts: { paths?: string[]; content?: boolean }) {
     if (a.runtime !== b.runtime) throw new ApiError('bad_request', `cannot diff a ${a.runtime.name} sandbox against a ${b.runtime.name} sandbox`);
     return a.runtime.diff(a.rt, b.rt, opts);
@@ -358,6 +440,12 @@ export class SandboxManager {
         this.counters.expired++;
         void this.end(s, 'stopped', `max lifetime of ${r.maxLifetimeSeconds}s reached`);
       } else if (!s.running && s.queue.length === 0 && now - r.lastActiveAt > r.idleTimeoutSeconds * 1000) {
+        if (r.persistent && s.runtime.capabilities.freeze) {
+          // Idle persistent sandboxes go to disk instead of away.
+          r.lastActiveAt = now; // not picked again while the freeze runs
+          void this.freeze(s).catch((err: Error) => this.log.warn('idle freeze failed', { sandbox: r.id, error: err.message }));
+          continue;
+        }
         this.counters.expired++;
         void this.end(s, 'stopped', `idle for more than ${r.idleTimeoutSeconds}s`);
       }

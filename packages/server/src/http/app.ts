@@ -10,6 +10,7 @@ import { KeyRing } from './auth.js';
 import { sendJson } from './body.js';
 import { addFileRoutes } from './file-routes.js';
 import { addForkRoutes } from './fork-routes.js';
+import { addFreezeRoutes } from './freeze-routes.js';
 import { Router } from './router.js';
 import { addSandboxRoutes } from './sandbox-routes.js';
 
@@ -43,6 +44,7 @@ export function createApp(opts: AppOptions): RequestListener {
   addSandboxRoutes(router, opts.manager);
   addFileRoutes(router, opts.manager);
   addForkRoutes(router, opts.manager);
+  addFreezeRoutes(router, opts.manager);
 
   return (req, res) => {
     const started = performance.now();

@@ -106,7 +106,8 @@ export class SqliteStore implements SandboxStore {
   }
 
   async endAllLive(reason: string, at: number): Promise<number> {
-    const ended = ENDED_STATES.map((s) => `'${s}'`).join(',');
+    // Frozen sandboxes live on disk, not in the dead server's processes: they survive it.
+    const ended = [...ENDED_STATES, 'frozen'].map((s) => `'${s}'`).join(',');
     return this.db.prepare(`UPDATE sandboxes SET state='error', ended_at=?, end_reason=? WHERE state NOT IN (${ended})`).run(at, reason).changes;
   }
 

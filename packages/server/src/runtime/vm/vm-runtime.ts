@@ -22,7 +22,7 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
-import { chmod, mkdir, readdir, readFile, rm } from 'node:fs/promises';
+import { chmod, mkdir, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { AgentChannel } from '../../agent-channel.js';
@@ -79,6 +79,8 @@ export class VmSandbox implements RuntimeSandbox {
   private resolveExited!: (v: { reason: string }) => void;
   private destroying: Promise<void> | null = null;
   readonly channel: AgentChannel;
+  /** A RAM file of this VM alone (a resumed VM), removed with it. */
+  ownRamFile: string | null = null;
 
   constructor(
     readonly id: string,
@@ -128,6 +130,7 @@ export class VmSandbox implements RuntimeSandbox {
       await killAndWait(this.vm.qemu);
       this.resolveExited({ reason: 'destroyed' });
       await rm(this.dir, { recursive: true, force: true });
+      if (this.ownRamFile) await rm(this.ownRamFile, { force: true });
       this.onGone(this);
     })();
     return this.destroying;
@@ -136,7 +139,7 @@ export class VmSandbox implements RuntimeSandbox {
 
 export class VmRuntime implements Runtime {
   readonly name = 'vm' as const;
-  readonly capabilities = { fork: true, freeze: false, egress: true };
+  readonly capabilities = { fork: true, freeze: true, egress: true };
   private readonly layerRefs = new Map<string, number>();
   private readonly live = new Map<string, VmSandbox>();
   private readonly templates = new Map<string, Promise<Template>>();
@@ -276,7 +279,7 @@ export class VmRuntime implements Runtime {
    * parent's RAM; the template's RAM file is still mapped underneath, copy-on-write). Its disk is
    * a new overlay over `backing`.
    */
-  private async restore(spec: SandboxSpec, from: { template: Template; backing: string; state: string; layers: string[] }): Promise<VmSandbox> {
+  private async restore(spec: SandboxSpec, from: { template: Template; backing: string; state: string; layers: string[]; copyDisk?: boolean }): Promise<VmSandbox> {
     if (this.closed) throw new Error('the runtime is shut down');
     const dir = path.join(this.vmDir, spec.id);
     await mkdir(dir, { recursive: true });
@@ -284,7 +287,8 @@ export class VmRuntime implements Runtime {
     for (const l of from.layers) this.retainLayer(l);
     let vm: VmProcess | undefined;
     try {
-      await run('qemu-img', ['create', '-q', '-f', 'qcow2', '-F', 'qcow2', '-b', from.backing, disk]);
+      if (from.copyDisk) await run('cp', ['--sparse=always', from.backing, disk]);
+      else await run('qemu-img', ['create', '-q', '-f', 'qcow2', '-F', 'qcow2', '-b', from.backing, disk]);
       const tpl = from.template;
       vm = await this.launch({ dir, disk, ramFile: tpl.ramFile, shareRam: false, network: tpl.network, incoming: true, background: spec.background ?? false }, this.opts.startTimeoutMs);
       // Only a shared RAM block is skipped: the template's state has no RAM, a fork point's has the parent's.
@@ -373,6 +377,52 @@ export class VmRuntime implements Runtime {
       await rm(state, { force: true });
       if (!this.layerRefs.has(layer)) await rm(layer, { force: true });
     }
+  }
+
+  /**
+   * Freeze to disk: the VM's RAM and device state migrate to `dir/state` (the whole RAM: a
+   * clone's RAM is private), and its disk overlay is copied and rebased onto the image's ext4
+   * root (`qemu-img rebase`, which folds in the template's and fork layers' data), so nothing in
+   * it refers to this server's run-time files. Then the VM ends.
+   */
+  async freeze(rt: RuntimeSandbox, dir: string): Promise<void> {
+    const s = rt as VmSandbox;
+    const qmp = s.vm.qmp;
+    await mkdir(dir, { recursive: true });
+    await qmp.command('stop');
+    try {
+      await qmp.command('migrate-set-parameters', { 'max-bandwidth': 64 * 1024 ** 3 });
+      await qmp.command('migrate', { uri: `exec:cat > ${shellQuote(path.join(dir, 'state'))}` });
+      await waitMigration(qmp, this.opts.startTimeoutMs, s.vm);
+      const disk = path.join(dir, 'disk.qcow2');
+      await run('cp', ['--sparse=always', s.disk, disk]);
+      await run('qemu-img', ['rebase', '-f', 'qcow2', '-F', 'raw', '-b', s.template.image.rootfs, disk], { timeoutMs: 600_000 });
+      await writeFile(path.join(dir, 'vm.json'), JSON.stringify({ network: s.template.network, memoryMb: this.memoryMb, rootfs: s.template.image.rootfs, frozenAt: new Date().toISOString() }) + '\n');
+    } catch (err) {
+      await qmp.command('cont').catch(() => undefined);
+      await rm(dir, { recursive: true, force: true });
+      throw err;
+    }
+    await s.destroy();
+  }
+
+  async resume(spec: SandboxSpec, dir: string): Promise<RuntimeSandbox> {
+    return this.track(async () => {
+      const meta = JSON.parse(await readFile(path.join(dir, 'vm.json'), 'utf8')) as { network: boolean; memoryMb: number };
+      if (meta.memoryMb !== this.memoryMb) throw new Error(`frozen with ${meta.memoryMb} MB of RAM, this server gives VMs ${this.memoryMb} MB`);
+      const image = await this.opts.image();
+      // Any RAM file does (the state holds the whole RAM); this one is the resumed VM's own.
+      const rand = randomBytes(4).toString('hex');
+      const own: Template = { dir, disk: path.join(dir, 'disk.qcow2'), state: path.join(dir, 'state'), ramFile: path.join('/dev/shm', `${this.shmPrefix}r-${rand}.ram`), image, network: meta.network };
+      try {
+        const sandbox = await this.restore(spec, { template: own, backing: own.disk, state: own.state, layers: [], copyDisk: true });
+        sandbox.ownRamFile = own.ramFile;
+        return sandbox;
+      } catch (err) {
+        await rm(own.ramFile, { force: true });
+        throw err;
+      }
+    });
   }
 
   private retainLayer(layer: string): void {
