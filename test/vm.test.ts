@@ -243,6 +243,20 @@ describe('vm runtime', { timeout: 600_000 }, () => {
     }
   });
 
+  it('refuses to freeze a namespace sandbox, saying why', async () => {
+    const ns = await Sandbox.create({ host: server.url });
+    try {
+      await assert.rejects(ns.freeze(), (err: Error & { status?: number }) => {
+        assert.equal(err.status, 400);
+        assert.match(err.message, /ns runtime cannot freeze/);
+        return true;
+      });
+      assert.equal((await ns.runCode('1 + 1')).results[0]?.text, '2');
+    } finally {
+      await ns.close();
+    }
+  });
+
   it('leaves no QEMU process, overlay, socket or RAM file once the server stops', async () => {
     const stateDir = server.stateDir;
     await sbx.close();

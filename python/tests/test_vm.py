@@ -23,6 +23,17 @@ class VmSandboxTest(unittest.TestCase):
             self.assertNotEqual(release, os.uname().release)
             self.assertTrue(release.endswith("-cloud-amd64"), release)
 
+    def test_freeze_and_resume_keep_the_interpreter(self):
+        client = SERVER.client()
+        self.addCleanup(client.close)
+        with Sandbox(client=client, runtime="vm", persistent=True) as sbx:
+            sbx.run_code("kept = 'still here'")
+            sbx.freeze()
+            self.assertEqual(sbx.info().state, "frozen")
+            sbx.resume()
+            self.assertEqual(sbx.info().state, "ready")
+            self.assertEqual(sbx.run_code("kept").text, "'still here'")
+
     def test_the_servers_default_runtime_is_vm(self):
         client = SERVER.client()
         self.addCleanup(client.close)

@@ -22,7 +22,7 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
-import { chmod, mkdir, readdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { chmod, mkdir, readdir, readFile, readlink, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { AgentChannel } from '../../agent-channel.js';
@@ -466,11 +466,17 @@ export class VmRuntime implements Runtime {
     });
     exited.catch(() => undefined);
     const alive = () => qemu.exitCode === null && qemu.signalCode === null;
-    // The template never needs the network: only clones get one.
-    const network = o.network && o.incoming && qemu.pid ? startSlirp(qemu.pid, timeoutMs, { ownUserNamespace: false }) : Promise.resolve(null);
-    network.catch(() => undefined);
+    let network: Promise<Slirp | null> = Promise.resolve(null);
     try {
       const qmp = await Promise.race([Qmp.connect(qmpSocket, timeoutMs), exited]);
+      // The template never needs the network: only clones get one. QMP answering means QEMU runs,
+      // so `unshare --net` has happened: slirp4netns must attach to QEMU's namespace, never ours.
+      if (o.network && o.incoming && qemu.pid) {
+        const [theirs, ours] = await Promise.all([readlink(`/proc/${qemu.pid}/ns/net`), readlink('/proc/self/ns/net')]);
+        if (theirs === ours) throw new Error('QEMU is not in a network namespace of its own');
+        network = startSlirp(qemu.pid, timeoutMs, { ownUserNamespace: false });
+        network.catch(() => undefined);
+      }
       // QMP answers once every device exists: connecting to the agent's port now makes the
       // guest see its host end open (connecting earlier can be missed by virtio-serial).
       const socket = await Promise.race([connectUnix(agentSocket, timeoutMs, alive), exited]);
