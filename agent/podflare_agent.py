@@ -283,6 +283,46 @@ class FileOps:
         path = resolve_path(req.get('path'))
         return {'stat': file_stat(path, os.lstat(path))}
 
+    def manifest(self, req: dict) -> dict:
+        """Every entry of the root filesystem under `paths` (other mounts skipped: /proc, /sys,
+        /dev ...) as JSON lines `[path, type, size, mode, mtime_ns, link target]` written to `out`
+        (on a tmpfs, so the listing does not list itself). The VM runtime diffs two of these."""
+        paths = req.get('paths') or ['/']
+        if not isinstance(paths, list) or not all(isinstance(p, str) and p.startswith('/') for p in paths):
+            raise bad_request('paths must be absolute paths')
+        out = resolve_path(req.get('out'))
+        root_dev = os.lstat('/').st_dev
+        count = 0
+        with open(out, 'w', encoding='ascii') as f:
+            def emit(path: str, st: os.stat_result) -> None:
+                nonlocal count
+                mode = st.st_mode
+                kind = 'd' if stat.S_ISDIR(mode) else 'f' if stat.S_ISREG(mode) else 'l' if stat.S_ISLNK(mode) else 'o'
+                link = os.readlink(path) if kind == 'l' else None
+                f.write(json.dumps([path, kind, st.st_size if kind != 'd' else 0, stat.S_IMODE(mode), st.st_mtime_ns, link]) + '\n')
+                count += 1
+
+            def walk(path: str) -> None:
+                try:
+                    st = os.lstat(path)
+                except OSError:
+                    return
+                if st.st_dev != root_dev:
+                    return
+                emit(path, st)
+                if not stat.S_ISDIR(st.st_mode):
+                    return
+                try:
+                    names = sorted(os.listdir(path))
+                except OSError:
+                    return
+                for name in names:
+                    walk(os.path.join(path, name))
+
+            for p in paths:
+                walk(p)
+        return {'entries': count}
+
     def list(self, req: dict) -> dict:
         path = resolve_path(req.get('path'))
         entries = []
@@ -508,6 +548,7 @@ class Supervisor:
             'file_read': self.files.file_read,
             'stat': self.files.stat,
             'list': self.files.list,
+            'manifest': self.files.manifest,
             'remove': self.files.remove,
             'mkdir': self.files.mkdir,
             'fork': self._op_fork,

@@ -144,6 +144,15 @@ describe('vm runtime', { timeout: 600_000 }, () => {
       }
       const p = await parent.runCode('(counter, open("/root/shared.txt").read())');
       assert.equal(p.results[0]?.text, "(10, 'from the parent')");
+      // diff at the filesystem level, through the agents.
+      await kids[0]!.runCode('open("/root/new.txt", "w").write("new\\n")');
+      const d = await parent.diff(kids[0]!, { paths: ['/root'], content: true });
+      assert.deepEqual(d.added, ['/root/new.txt']);
+      assert.deepEqual(d.modified, ['/root/shared.txt']);
+      assert.match(d.content?.['/root/shared.txt'] ?? '', /^--- a\/root\/shared.txt\n\+\+\+ b\/root\/shared.txt\n[\s\S]*-from the parent[\s\S]*\+child 0/);
+      const whole = await parent.diff(kids[1]!);
+      assert.ok(whole.modified.includes('/root/shared.txt'), JSON.stringify(whole));
+      assert.ok(whole.added.length + whole.removed.length + whole.modified.length < 20, `noise in a whole-filesystem diff: ${JSON.stringify(whole)}`);
       // Fresh randomness per child: the interpreter's and numpy's RNGs, and the kernel's.
       const draws = await Promise.all([parent, ...kids].map(async (x) => (await x.runCode('(random.random(), float(np.random.rand()), open("/dev/urandom","rb").read(8).hex())')).results[0]?.text));
       assert.equal(new Set(draws).size, 4, draws.join('\n'));

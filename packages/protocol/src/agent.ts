@@ -62,12 +62,18 @@ export const RestoreRequest = z.object({
   hostname: z.string(),
   sandbox_id: z.string(),
 });
+/**
+ * Lists the root filesystem under `paths` (default `/`; other mounts skipped) into the file `out`
+ * (on a tmpfs): one JSON array per line, `[path, type "f"|"d"|"l"|"o", size, mode, mtime_ns,
+ * link target|null]`. The VM runtime's diff compares two of these.
+ */
+export const ManifestRequest = z.object({ id, op: z.literal('manifest'), paths: z.array(path).optional(), out: path });
 /** A snapshot of the interpreter's user variables (for diff with vars=1). */
 export const VarsRequest = z.object({ id, op: z.literal('vars') });
 
 export const AgentRequest = z.discriminatedUnion('op', [
   ExecRequest, InterruptRequest, PingRequest, UploadBeginRequest, UploadChunkRequest, UploadEndRequest,
-  FileReadRequest, StatRequest, ListRequest, RemoveRequest, MkdirRequest, ForkRequest, VarsRequest, RestoreRequest,
+  FileReadRequest, StatRequest, ListRequest, RemoveRequest, MkdirRequest, ForkRequest, VarsRequest, RestoreRequest, ManifestRequest,
 ]);
 export type AgentRequest = z.infer<typeof AgentRequest>;
 export type AgentOp = AgentRequest['op'];
@@ -144,6 +150,7 @@ export interface AgentReplies {
   fork: { pids: number[]; error?: string | null };
   vars: { vars: Record<string, VarInfo> };
   restore: Record<string, never>;
+  manifest: { entries: number };
 }
 
 export interface VarInfo { type: string; repr: string; fp: string }

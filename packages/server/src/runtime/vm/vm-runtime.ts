@@ -33,6 +33,7 @@ import { pssOf, run } from '../../proc.js';
 import type { DiffOptions, FileDiff, Runtime, RuntimeSandbox, SandboxSpec } from '../runtime.js';
 import { startSlirp, type Slirp } from '../namespace/network.js';
 import { qemuArgs, type Acceleration } from './qemu-args.js';
+import { vmDiff } from './vm-diff.js';
 import { connectUnix, Qmp } from './qmp.js';
 
 export interface VmRuntimeOptions {
@@ -181,8 +182,8 @@ export class VmRuntime implements Runtime {
     return this.track(() => this.forkChildren(parent as VmSandbox, specs));
   }
 
-  diff(_a: RuntimeSandbox, _b: RuntimeSandbox, _opts: DiffOptions): Promise<FileDiff> {
-    return Promise.reject(new ApiError('bad_request', 'diff is not available for vm sandboxes yet'));
+  diff(a: RuntimeSandbox, b: RuntimeSandbox, opts: DiffOptions): Promise<FileDiff> {
+    return vmDiff(a.channel, b.channel, opts);
   }
 
   async close(): Promise<void> {
