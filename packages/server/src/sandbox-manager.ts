@@ -369,6 +369,9 @@ export class SandboxManager {
         await freeze(s.rt, this.frozenDir(s.record.id));
       } catch (err) {
         this.live.set(s.record.id, s);
+        // A VM that died during the freeze went unnoticed while out of the live set: end it now.
+        const died = await Promise.race([s.rt.exited.then(() => true), new Promise<boolean>((r) => setTimeout(() => r(false), 50))]);
+        if (died) void this.end(s, 'error', `the sandbox died while freezing: ${(err as Error).message}`);
         throw err;
       }
       s.record.state = 'frozen';
