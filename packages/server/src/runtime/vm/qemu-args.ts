@@ -62,6 +62,9 @@ export function qemuArgs(o: QemuArgsOptions): string[] {
     ...(o.accel.kind === 'kvm' ? ['-accel', 'kvm', '-cpu', 'host'] : ['-accel', 'tcg,tb-size=128', '-cpu', 'max']),
     '-m', `${o.memoryMb}M`, '-smp', '1',
     '-nodefaults', '-no-user-config', '-no-reboot', '-display', 'none', '-monitor', 'none',
+    // seccomp: no obsolete syscalls, no privilege changes, no scheduler/affinity games. Spawning
+    // stays allowed: migrations to and from files run `cat` (exec: URIs; QEMU 7.2 has no file:).
+    '-sandbox', 'on,obsolete=deny,elevateprivileges=deny,resourcecontrol=deny',
     '-object', `memory-backend-file,id=mem,size=${o.memoryMb}M,mem-path=${o.ramFile},share=${o.shareRam ? 'on' : 'off'}`,
     '-machine', 'memory-backend=mem',
     '-kernel', o.vmlinux, '-initrd', o.initrd, '-append', kernelCommandLine(o.accel),
