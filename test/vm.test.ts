@@ -252,6 +252,18 @@ describe('vm runtime', { timeout: 600_000 }, () => {
     }
   });
 
+  it('freezes an idle persistent sandbox instead of destroying it', async () => {
+    const idle = await Sandbox.create({ host: server.url, runtime: 'vm', persistent: true, idleTimeoutSeconds: 1 });
+    try {
+      await idle.runCode('answer = 42');
+      await until('the idle freeze', 30_000, async () => ((await idle.info()).state === 'frozen' ? true : undefined));
+      assert.equal(qemuPidOf(idle.id), undefined);
+      assert.equal((await idle.runCode('answer')).results[0]?.text, '42');
+    } finally {
+      await idle.close();
+    }
+  });
+
   it('refuses to freeze a namespace sandbox, saying why', async () => {
     const ns = await Sandbox.create({ host: server.url });
     try {
