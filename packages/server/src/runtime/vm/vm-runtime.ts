@@ -22,7 +22,7 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
-import { chmod, mkdir, readdir, readFile, readlink, rm, writeFile } from 'node:fs/promises';
+import { chmod, mkdir, readdir, readFile, readlink, rm, stat, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { AgentChannel } from '../../agent-channel.js';
@@ -169,8 +169,20 @@ export class VmRuntime implements Runtime {
       try { process.kill(pid, 'SIGKILL'); } catch { /* gone */ }
     }
     await rm(this.vmDir, { recursive: true, force: true });
-    for (const name of await readdir('/dev/shm').catch(() => [] as string[])) {
+    const shm = (await readdir('/dev/shm').catch(() => [] as string[])).filter((n) => /^podflare-[0-9a-f]{10}-.+\.ram$/.test(n));
+    for (const name of shm) {
       if (name.startsWith(this.shmPrefix)) await rm(path.join('/dev/shm', name), { force: true });
+    }
+    // RAM files of servers that crashed for good (a test's temporary state directory never comes
+    // back): old, and mapped by no process on the machine.
+    const others = [];
+    for (const name of shm.filter((n) => !n.startsWith(this.shmPrefix))) {
+      const st = await stat(path.join('/dev/shm', name)).catch(() => null);
+      if (st && Date.now() - st.mtimeMs > 10 * 60_000) others.push(path.join('/dev/shm', name));
+    }
+    if (others.length) {
+      const mapped = await mappedFiles();
+      for (const file of others) if (!mapped.has(file)) await rm(file, { force: true });
     }
   }
 
@@ -553,6 +565,20 @@ async function consoleTail(file: string): Promise<string> {
   } catch {
     return '';
   }
+}
+
+/** Files under /dev/shm that some process on the machine maps. */
+async function mappedFiles(): Promise<Set<string>> {
+  const found = new Set<string>();
+  for (const pid of (await readdir('/proc')).filter((n) => /^\d+$/.test(n))) {
+    try {
+      for (const line of (await readFile(`/proc/${pid}/maps`, 'utf8')).split('\n')) {
+        const at = line.indexOf('/dev/shm/');
+        if (at !== -1) found.add(line.slice(at).replace(/ \(deleted\)$/, ''));
+      }
+    } catch { /* ended */ }
+  }
+  return found;
 }
 
 /** QEMU processes whose command line names a path under `dir` (left by a crashed server). */
