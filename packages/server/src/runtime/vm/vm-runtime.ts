@@ -467,7 +467,8 @@ export class VmRuntime implements Runtime {
     const prefix = [
       ...(o.background ? ['nice', '-n', String(BACKGROUND_NICE)] : []),
       ...(o.network ? ['unshare', '--net', '--'] : []),
-      'setpriv', '--pdeathsig', 'KILL', '--',
+      // No capabilities at all (and none to regain): QEMU runs as uid 0 only for file ownership.
+      'setpriv', '--pdeathsig', 'KILL', '--no-new-privs', '--inh-caps=-all', '--bounding-set=-all', '--',
     ];
     const qemu = spawn(prefix[0]!, [...prefix.slice(1), QEMU, ...args], { stdio: ['ignore', 'ignore', 'pipe'] });
     let stderr = '';
