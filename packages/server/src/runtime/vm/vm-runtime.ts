@@ -22,7 +22,7 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
-import { chmod, mkdir, readdir, readFile, readlink, rm, stat, writeFile } from 'node:fs/promises';
+import { chmod, mkdir, readdir, readFile, readlink, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { AgentChannel } from '../../agent-channel.js';
@@ -169,20 +169,11 @@ export class VmRuntime implements Runtime {
       try { process.kill(pid, 'SIGKILL'); } catch { /* gone */ }
     }
     await rm(this.vmDir, { recursive: true, force: true });
-    const shm = (await readdir('/dev/shm').catch(() => [] as string[])).filter((n) => /^podflare-[0-9a-f]{10}-.+\.ram$/.test(n));
-    for (const name of shm) {
-      if (name.startsWith(this.shmPrefix)) await rm(path.join('/dev/shm', name), { force: true });
-    }
-    // RAM files of servers that crashed for good (a test's temporary state directory never comes
-    // back): old, and mapped by no process on the machine.
-    const others = [];
-    for (const name of shm.filter((n) => !n.startsWith(this.shmPrefix))) {
-      const st = await stat(path.join('/dev/shm', name)).catch(() => null);
-      if (st && Date.now() - st.mtimeMs > 10 * 60_000) others.push(path.join('/dev/shm', name));
-    }
-    if (others.length) {
-      const mapped = await mappedFiles();
-      for (const file of others) if (!mapped.has(file)) await rm(file, { force: true });
+    // Ours (an earlier run on this state directory), and those of servers that died for good (a
+    // test's temporary state directory never comes back): the name carries the server's pid.
+    for (const name of await readdir('/dev/shm').catch(() => [] as string[])) {
+      const m = /^podflare-[0-9a-f]{10}-(\d+)-[0-9a-fr]+\.ram$/.exec(name);
+      if (m && (name.startsWith(this.shmPrefix) || !processAlive(Number(m[1])))) await rm(path.join('/dev/shm', name), { force: true });
     }
   }
 
@@ -237,7 +228,7 @@ export class VmRuntime implements Runtime {
     const image = await this.opts.image();
     const rand = randomBytes(4).toString('hex');
     const dir = path.join(this.vmDir, 'templates', `${name}-${network ? 'net' : 'nonet'}-${rand}`);
-    const tpl: Template = { dir, disk: path.join(dir, 'disk.qcow2'), state: path.join(dir, 'state'), ramFile: path.join('/dev/shm', `${this.shmPrefix}${rand}.ram`), image, network };
+    const tpl: Template = { dir, disk: path.join(dir, 'disk.qcow2'), state: path.join(dir, 'state'), ramFile: path.join('/dev/shm', `${this.shmPrefix}${process.pid}-${rand}.ram`), image, network };
     const bootTimeoutMs = this.opts.bootTimeoutMs ?? (this.opts.accel.kind === 'kvm' ? 20_000 : 90_000);
     const t0 = performance.now();
     // A TCG boot can stall early on a loaded host: one more attempt before giving up.
@@ -426,7 +417,7 @@ export class VmRuntime implements Runtime {
       const image = await this.opts.image();
       // Any RAM file does (the state holds the whole RAM); this one is the resumed VM's own.
       const rand = randomBytes(4).toString('hex');
-      const own: Template = { dir, disk: path.join(dir, 'disk.qcow2'), state: path.join(dir, 'state'), ramFile: path.join('/dev/shm', `${this.shmPrefix}r-${rand}.ram`), image, network: meta.network };
+      const own: Template = { dir, disk: path.join(dir, 'disk.qcow2'), state: path.join(dir, 'state'), ramFile: path.join('/dev/shm', `${this.shmPrefix}${process.pid}-r${rand}.ram`), image, network: meta.network };
       try {
         const sandbox = await this.restore(spec, { template: own, backing: own.disk, state: own.state, layers: [], copyDisk: true });
         sandbox.ownRamFile = own.ramFile;
@@ -568,18 +559,13 @@ async function consoleTail(file: string): Promise<string> {
   }
 }
 
-/** Files under /dev/shm that some process on the machine maps. */
-async function mappedFiles(): Promise<Set<string>> {
-  const found = new Set<string>();
-  for (const pid of (await readdir('/proc')).filter((n) => /^\d+$/.test(n))) {
-    try {
-      for (const line of (await readFile(`/proc/${pid}/maps`, 'utf8')).split('\n')) {
-        const at = line.indexOf('/dev/shm/');
-        if (at !== -1) found.add(line.slice(at).replace(/ \(deleted\)$/, ''));
-      }
-    } catch { /* ended */ }
+function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
   }
-  return found;
 }
 
 /** QEMU processes whose command line names a path under `dir` (left by a crashed server). */
