@@ -3,6 +3,8 @@
  * takes seconds) cloned from one frozen template that every test shares. Few tests, on purpose.
  */
 import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
+import { promisify } from 'node:util';
 import { readFileSync, readdirSync, existsSync } from 'node:fs';
 import { createHash } from 'node:crypto';
 import http from 'node:http';
@@ -13,7 +15,7 @@ import { after, before, describe, it } from 'node:test';
 import { Sandbox } from 'podflare';
 import { processesMentioning } from './helpers/leaks.js';
 import { startTestHost } from './helpers/netns.js';
-import { startTestServer, type TestServer } from './helpers/server.js';
+import { IMAGES_DIR, startTestServer, type TestServer } from './helpers/server.js';
 
 /** Host pid of the QEMU running a sandbox (its directory, named by the id, is on its command line). */
 function qemuPidOf(id: string): number | undefined {
@@ -267,6 +269,14 @@ describe('vm runtime', { timeout: 600_000 }, () => {
     } finally {
       await idle.close();
     }
+  });
+
+  it('podflare image build --runtime vm names the guest image it built or found', async () => {
+    const cli = path.resolve(import.meta.dirname, '../packages/cli/dist/main.js');
+    const { stdout } = await promisify(execFile)(process.execPath, [cli, 'image', 'build', '--runtime', 'vm', '--images-dir', IMAGES_DIR]);
+    assert.match(stdout, /^vm image [0-9a-f]{12}-[0-9a-f]{12} \(kernel [\w.-]+-cloud-amd64\)$/m);
+    assert.match(stdout, /kernel: .*\/vmkernel-[0-9a-f]{12}\/vmlinux\n/);
+    assert.match(stdout, /root: +.*\/vmroot-[0-9a-f]{12}\/rootfs\.ext4\n/);
   });
 
   it('refuses to freeze a namespace sandbox, saying why', async () => {
