@@ -293,6 +293,46 @@ class FileOps:
         path = resolve_path(req.get('path'))
         return {'stat': file_stat(path, os.lstat(path))}
 
+    def manifest(self, req: dict) -> dict:
+        """Every entry of the root filesystem under `paths` (other mounts skipped: /proc, /sys,
+        /dev ...) as JSON lines `[path, type, size, mode, mtime_ns, link target]` written to `out`
+        (on a tmpfs, so the listing does not list itself). The VM runtime diffs two of these."""
+        paths = req.get('paths') or ['/']
+        if not isinstance(paths, list) or not all(isinstance(p, str) and p.startswith('/') for p in paths):
+            raise bad_request('paths must be absolute paths')
+        out = resolve_path(req.get('out'))
+        root_dev = os.lstat('/').st_dev
+        count = 0
+        with open(out, 'w', encoding='ascii') as f:
+            def emit(path: str, st: os.stat_result) -> None:
+                nonlocal count
+                mode = st.st_mode
+                kind = 'd' if stat.S_ISDIR(mode) else 'f' if stat.S_ISREG(mode) else 'l' if stat.S_ISLNK(mode) else 'o'
+                link = os.readlink(path) if kind == 'l' else None
+                f.write(json.dumps([path, kind, st.st_size if kind != 'd' else 0, stat.S_IMODE(mode), st.st_mtime_ns, link]) + '\n')
+                count += 1
+
+            def walk(path: str) -> None:
+                try:
+                    st = os.lstat(path)
+                except OSError:
+                    return
+                if st.st_dev != root_dev:
+                    return
+                emit(path, st)
+                if not stat.S_ISDIR(st.st_mode):
+                    return
+                try:
+                    names = sorted(os.listdir(path))
+                except OSError:
+                    return
+                for name in names:
+                    walk(os.path.join(path, name))
+
+            for p in paths:
+                walk(p)
+        return {'entries': count}
+
     def list(self, req: dict) -> dict:
         path = resolve_path(req.get('path'))
         entries = []
@@ -430,6 +470,38 @@ class ChannelClosed(Exception):
     pass
 
 
+class PortChannel:
+    """The channel over a character device: a microVM's virtio-serial port (the host end is a
+    socket). Offers the few socket methods the supervisor uses."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def setblocking(self, flag: bool) -> None:
+        os.set_blocking(self.fd, flag)
+
+    def recv(self, size: int) -> bytes:
+        return os.read(self.fd, size)
+
+    def sendall(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view):]
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def open_channel(fd: int) -> 'socket.socket | PortChannel':
+    """A socket in the namespace runtime; a virtio-serial port in the VM runtime."""
+    if stat.S_ISCHR(os.fstat(fd).st_mode):
+        return PortChannel(fd)
+    return socket.socket(fileno=fd)
+
+
 class Supervisor:
     def __init__(self, channel_fd: int, inherited: 'Worker | None' = None, exec_count: int = 0):
         # In a fork child: the interpreter to adopt as the first worker (later restarts exec a
@@ -441,7 +513,7 @@ class Supervisor:
         self.pending_worker_ops: dict[int, str] = {}
         self.deferred_worker_msgs: list[dict] = []
         self.sel = selectors.DefaultSelector()
-        self.sock = socket.socket(fileno=channel_fd)
+        self.sock = open_channel(channel_fd)
         self.sock.setblocking(True)  # sends block (the server always reads); reads follow select
         self.requests = LineBuffer()
         self.files = FileOps()
@@ -490,10 +562,12 @@ class Supervisor:
             'file_read': self.files.file_read,
             'stat': self.files.stat,
             'list': self.files.list,
+            'manifest': self.files.manifest,
             'remove': self.files.remove,
             'mkdir': self.files.mkdir,
             'fork': self._op_fork,
             'vars': self._op_vars,
+            'restore': self._op_restore,
         }
 
     # ---- main loop ------------------------------------------------------------------------
@@ -758,6 +832,24 @@ class Supervisor:
 
     def _op_vars(self, req: dict) -> None:
         self._worker_op(req, 'vars', {'op': 'vars'})
+
+    def _op_restore(self, req: dict) -> None:
+        """A microVM clone just resumed from its template's (or fork point's) snapshot: every
+        clone has the same clock, the same kernel RNG state and the same hostname. Take the
+        host's time and entropy, reseed the kernel's RNG and then the interpreter's."""
+        time_ns = opt_field(req, 'time_ns', int)
+        entropy = opt_field(req, 'entropy', str)
+        hostname = opt_field(req, 'hostname', str)
+        sandbox_id = opt_field(req, 'sandbox_id', str)
+        if time_ns is not None:
+            time.clock_settime_ns(time.CLOCK_REALTIME, time_ns)
+        if entropy:
+            podflare_fork.add_entropy(base64.b64decode(entropy))
+        if hostname:
+            socket.sethostname(hostname)
+        env = {'PODFLARE_SANDBOX_ID': sandbox_id} if sandbox_id else {}
+        os.environ.update(env)
+        self._worker_op(req, 'reseeded', {'op': 'reseed', 'env': env})
 
     def _op_interrupt(self, _req: dict) -> dict:
         ex = self.exec
@@ -1030,8 +1122,10 @@ class Supervisor:
                            'is_main_result': bool(msg.get('main'))})
             if msg.get('ack'):
                 self._worker_send({'t': 'ack'})
-        elif kind in ('forked', 'vars') and self.pending_worker_ops.pop(msg.get('id'), None) == kind:
-            if kind == 'forked' and msg.get('error') and not msg.get('pids'):
+        elif kind in ('forked', 'vars', 'reseeded') and self.pending_worker_ops.pop(msg.get('id'), None) == kind:
+            if kind == 'reseeded':
+                self.send({'id': msg['id'], 'ok': True})
+            elif kind == 'forked' and msg.get('error') and not msg.get('pids'):
                 self.send({'id': msg['id'], 'ok': False, 'error': {'code': 'internal', 'message': msg['error']}})
             elif kind == 'forked':
                 self.send({'id': msg['id'], 'ok': True, 'pids': msg.get('pids') or [], 'error': msg.get('error')})
@@ -1288,6 +1382,10 @@ class Worker:
                     self.fork_children(msg)
                 elif op == 'vars':
                     self.send({'t': 'vars', 'id': msg.get('id'), 'vars': podflare_fork.snapshot_vars(self.ns)})
+                elif op == 'reseed':
+                    os.environ.update(msg.get('env') or {})
+                    podflare_fork.reseed()
+                    self.send({'t': 'reseeded', 'id': msg.get('id')})
             except KeyboardInterrupt:
                 self._abandon_exec(130, 'KeyboardInterrupt', '')
             except Exception as exc:  # a bug of ours: report it, keep the interpreter

@@ -27,6 +27,8 @@
  *                PODFLARE_BENCH_LOAD_SECONDS): zero errors, p50/p99 (bench/resilience.ts)
  *   crash        100 kill -9 / restart cycles with sandboxes at work (10 with --quick;
  *                PODFLARE_BENCH_CRASH_CYCLES): nothing leaked, restart p50/p99 (bench/resilience.ts)
+ *   vm           the microVM runtime (bench/vm.ts): cold boot, create from the pool of clones,
+ *                template restore, fork(1)/fork(5) beside the namespace runtime, idle clone PSS
  * The two on-demand measures use a second server whose pool is off (size 0): with a pool, a key
  * that misses once is kept warm afterwards, so later creates would not take the miss path.
  * The fork measures (bench/fork.ts) use a third server, pool as the main one; they use fewer runs.
@@ -46,7 +48,9 @@ import { formatTable } from './table.js';
 import { measurePythonSdk } from './python-sdk.js';
 import { measureCrashCycles, measureLoad, RESILIENCE_MEASURES } from './resilience.js';
 
-const MEASURES = ['memory', 'create', 'destroy', 'exec', 'python', 'jupyter', 'cycle', 'nonet', 'ondemand', ...FORK_MEASURES, ...RESILIENCE_MEASURES] as const;
+import { measureVmPooled, measureVmUnpooled } from './vm.js';
+
+const MEASURES = ['memory', 'create', 'destroy', 'exec', 'python', 'jupyter', 'cycle', 'nonet', 'ondemand', ...FORK_MEASURES, ...RESILIENCE_MEASURES, 'vm'] as const;
 type MeasureName = (typeof MEASURES)[number];
 
 const IMAGES_DIR = process.env.PODFLARE_IMAGES_DIR ?? '/var/lib/podflare/images';
@@ -510,6 +514,23 @@ async function main(): Promise<void> {
   // Each against its own `podflare serve` child process.
   if (has('load')) await guarded('load', () => measureLoad(opts));
   if (has('crash')) await guarded('crash', () => measureCrashCycles(opts));
+  if (has('vm')) {
+    // Two VM templates boot here (seconds each under TCG); a small pool: every clone is a QEMU.
+    let bs = null as BenchServer | null;
+    await guarded('server start (vm, pool 2)', async () => { bs = await startBenchServer({ poolSize: 2 }); });
+    if (bs) {
+      const vmServer: BenchServer = bs;
+      await guarded('vm (pooled)', () => measureVmPooled(vmServer, opts));
+      await guarded('server stop (vm, pool 2)', () => stopBenchServer(vmServer));
+    }
+    bs = null;
+    await guarded('server start (vm, pool off)', async () => { bs = await startBenchServer({ poolSize: 0 }); });
+    if (bs) {
+      const vmServer: BenchServer = bs;
+      await guarded('vm (pool off)', () => measureVmUnpooled(vmServer, opts));
+      await guarded('server stop (vm, pool off)', () => stopBenchServer(vmServer));
+    }
+  }
 
   await cleanup();
   for (const [m, k] of serverWarnings) notes.push(`server warned ${k}× ${m}`);

@@ -425,6 +425,16 @@ class Sandbox:
 
     # ---- fork / diff / merge -----------------------------------------------------------------
 
+    def freeze(self) -> None:
+        """Freezes this sandbox to the server's disk (memory and files; VM runtime). The next call
+        on it, or :meth:`resume`, brings it back as it was, even after a server restart.
+        Sandboxes created with ``persistent=True`` are frozen when idle instead of destroyed."""
+        self.client.json("POST", self._path + "/freeze")
+
+    def resume(self) -> None:
+        """Resumes a frozen sandbox now (any other call would too)."""
+        self.client.json("POST", self._path + "/resume")
+
     def fork(self, n: int = 1) -> List["Sandbox"]:
         """``n`` (1–32) copies of this sandbox's interpreter memory and filesystem as of now. Writes
         after the fork are isolated. The children share this sandbox's Client; close (or merge)

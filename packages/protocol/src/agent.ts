@@ -49,12 +49,31 @@ export const ForkRequest = z.object({
   op: z.literal('fork'),
   children: z.array(z.object({ id: z.string(), root: z.string(), hostname: z.string() })).min(1).max(32),
 });
+/**
+ * After a microVM clone resumes from a snapshot (VM runtime): set the clock, mix fresh entropy
+ * into the kernel's RNG and reseed the interpreter's RNGs, take the sandbox's hostname and id.
+ */
+export const RestoreRequest = z.object({
+  id,
+  op: z.literal('restore'),
+  time_ns: z.number().int().nonnegative(),
+  /** Random bytes, base64. */
+  entropy: z.string(),
+  hostname: z.string(),
+  sandbox_id: z.string(),
+});
+/**
+ * Lists the root filesystem under `paths` (default `/`; other mounts skipped) into the file `out`
+ * (on a tmpfs): one JSON array per line, `[path, type "f"|"d"|"l"|"o", size, mode, mtime_ns,
+ * link target|null]`. The VM runtime's diff compares two of these.
+ */
+export const ManifestRequest = z.object({ id, op: z.literal('manifest'), paths: z.array(path).optional(), out: path });
 /** A snapshot of the interpreter's user variables (for diff with vars=1). */
 export const VarsRequest = z.object({ id, op: z.literal('vars') });
 
 export const AgentRequest = z.discriminatedUnion('op', [
   ExecRequest, InterruptRequest, PingRequest, UploadBeginRequest, UploadChunkRequest, UploadEndRequest,
-  FileReadRequest, StatRequest, ListRequest, RemoveRequest, MkdirRequest, ForkRequest, VarsRequest,
+  FileReadRequest, StatRequest, ListRequest, RemoveRequest, MkdirRequest, ForkRequest, VarsRequest, RestoreRequest, ManifestRequest,
 ]);
 export type AgentRequest = z.infer<typeof AgentRequest>;
 export type AgentOp = AgentRequest['op'];
@@ -130,6 +149,8 @@ export interface AgentReplies {
   mkdir: Record<string, never>;
   fork: { pids: number[]; error?: string | null };
   vars: { vars: Record<string, VarInfo> };
+  restore: Record<string, never>;
+  manifest: { entries: number };
 }
 
 export interface VarInfo { type: string; repr: string; fp: string }

@@ -329,6 +329,21 @@ export class Sandbox {
   }
 
   /**
+   * Freezes this sandbox to the server's disk (memory and files; VM runtime): it stops costing CPU
+   * and memory, and the next call on it — or `resume()` — brings it back as it was, even after a
+   * server restart. Sandboxes created with `persistent: true` are frozen when idle instead of
+   * being destroyed.
+   */
+  async freeze(): Promise<void> {
+    await this.client.json({ method: 'POST', path: `${this.#path}/freeze` });
+  }
+
+  /** Resumes a frozen sandbox now (any other call would too). */
+  async resume(): Promise<void> {
+    await this.client.json({ method: 'POST', path: `${this.#path}/resume` });
+  }
+
+  /**
    * Compares this sandbox's files (and optionally interpreter variables) with another's. The second
    * argument may be the list of paths to compare, as in the hosted SDK.
    *

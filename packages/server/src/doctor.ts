@@ -147,7 +147,8 @@ async function checkTool(name: string, cmd: string, args: string[], required: bo
 
 async function checkKvm(): Promise<DoctorCheck> {
   const kvm = await detectKvm();
-  return { name: 'kvm', required: false, ok: kvm.kind === 'hardware', detail: kvm.detail };
+  const accel = kvm.kind === 'hardware' ? 'VM acceleration: KVM' : 'VM acceleration: TCG (software emulation; --runtime auto picks ns)';
+  return { name: 'kvm', required: false, ok: kvm.kind === 'hardware', detail: `${accel} — ${kvm.detail}` };
 }
 
 async function checkImage(imagesDir: string): Promise<DoctorCheck> {
@@ -184,7 +185,7 @@ export async function runDoctor(opts: { imagesDir: string }): Promise<DoctorRepo
     checkTool('mmdebstrap', 'mmdebstrap', ['--version'], true, 'apt-get install mmdebstrap (builds the sandbox image)'),
     checkRoot(),
     checkKvm(),
-    checkTool('qemu', 'qemu-system-x86_64', ['--version'], false, 'apt-get install qemu-system-x86 (only for the future VM runtime)'),
+    checkTool('qemu', 'qemu-system-x86_64', ['--version'], false, 'apt-get install qemu-system-x86 qemu-utils busybox-static (for the VM runtime)'),
     checkImage(opts.imagesDir),
   ]);
   return { ok: checks.every((c) => c.ok || !c.required), checks };

@@ -6,10 +6,11 @@
 import type { Logger } from './log.js';
 import type { RuntimeSandbox } from './runtime/runtime.js';
 
-export interface PoolKey { template: string; egress: boolean }
+export interface PoolKey { runtime: 'ns' | 'vm'; template: string; egress: boolean }
 export type StartFn = (key: PoolKey) => Promise<RuntimeSandbox>;
 
 export interface PoolStats {
+  runtime: 'ns' | 'vm';
   template: string;
   egress: boolean;
   ready: number;
@@ -29,7 +30,7 @@ interface Bucket {
   failures: number;
 }
 
-const keyOf = (k: PoolKey) => `${k.template}|${k.egress ? 'net' : 'nonet'}`;
+const keyOf = (k: PoolKey) => `${k.runtime}|${k.template}|${k.egress ? 'net' : 'nonet'}`;
 
 export class WarmPool {
   private readonly buckets = new Map<string, Bucket>();
@@ -47,14 +48,14 @@ export class WarmPool {
   }
 
   /** Pops a ready sandbox, or undefined on a miss. Either way the bucket is refilled behind. */
-  take(key: PoolKey): RuntimeSandbox | undefined {
+  take(key: PoolKey, missTarget = Math.max(1, Math.floor(this.opts.target / 4))): RuntimeSandbox | undefined {
     const b = this.bucket(key);
     const sandbox = b.ready.shift();
     if (sandbox) b.hits++;
     else {
       b.misses++;
       // A key asked for is a key worth keeping warm, if the pool is on at all.
-      if (b.target === 0 && this.opts.target > 0) b.target = Math.max(1, Math.floor(this.opts.target / 4));
+      if (b.target === 0 && this.opts.target > 0) b.target = missTarget;
     }
     this.refill(b);
     return sandbox;
@@ -62,7 +63,7 @@ export class WarmPool {
 
   stats(): PoolStats[] {
     return [...this.buckets.values()].map((b) => ({
-      template: b.key.template, egress: b.key.egress, ready: b.ready.length, starting: b.starting,
+      runtime: b.key.runtime, template: b.key.template, egress: b.key.egress, ready: b.ready.length, starting: b.starting,
       target: b.target, hits: b.hits, misses: b.misses,
     }));
   }
@@ -111,7 +112,8 @@ export class WarmPool {
         },
         (err: Error) => {
           b.failures++;
-          this.opts.log.warn('pool start failed', { template: b.key.template, error: err.message });
+          // A start cut short by close() is not worth a warning.
+          if (!this.closed) this.opts.log.warn('pool start failed', { runtime: b.key.runtime, template: b.key.template, error: err.message });
         },
       ).finally(() => {
         b.starting--;

@@ -5,6 +5,8 @@
  */
 import { randomBytes } from 'node:crypto';
 import { EventEmitter } from 'node:events';
+import { rm } from 'node:fs/promises';
+import path from 'node:path';
 import { isEgressPolicy, type AgentRequestBody, type CreateSandboxBody, type EgressSetting, type ExecStreamMessage, type SandboxEvent, type SandboxInfo } from '@podflare/protocol';
 import type { ServerConfig } from './config.js';
 import { ApiError } from './errors.js';
@@ -26,6 +28,8 @@ export function newSandboxId(): string {
 
 interface LiveSandbox {
   record: SandboxRecord;
+  /** The runtime that runs it (children of a fork share their parent's). */
+  runtime: Runtime;
   rt: RuntimeSandbox;
   queue: SerialQueue;
   /** Set while an exec runs: lets interrupt and the idle sweep know. */
@@ -35,6 +39,14 @@ interface LiveSandbox {
 export interface CreateOptions extends CreateSandboxBody {
   owner: string;
 }
+
+export type RuntimeKind = Runtime['name'];
+
+/**
+ * VM clones cost far more than namespace sandboxes (a QEMU each, ~100 MB): keep at most this many
+ * warm per key.
+ */
+const VM_POOL_MAX = 2;
 
 export class SandboxManager {
   private readonly live = new Map<string, LiveSandbox>();
@@ -47,7 +59,8 @@ export class SandboxManager {
   private readonly pool: WarmPool;
   private readonly sweeper: NodeJS.Timeout;
   private closing = false;
-  readonly counters = { created: 0, destroyed: 0, crashed: 0, expired: 0, forked: 0, merged: 0, limitKills: 0 };
+  readonly defaultRuntime: Runtime;
+  readonly counters = { created: 0, destroyed: 0, crashed: 0, expired: 0, forked: 0, merged: 0, limitKills: 0, frozen: 0, resumed: 0 };
   /** Latencies, pool and state gauges, limit kills: GET /v1/metrics and the dashboard. */
   readonly metrics = new ServerMetrics();
   /** What ran in each sandbox (bounded, in memory): the dashboard's exec history. */
@@ -55,15 +68,20 @@ export class SandboxManager {
   /** 'change' (sandbox id) whenever a sandbox is created, changes state, forks, merges or ends. */
   readonly changes = new EventEmitter<{ change: [string] }>();
 
+  private readonly runtimes = new Map<RuntimeKind, Runtime>();
+
   constructor(
-    private readonly runtime: Runtime,
+    /** Every runtime this server offers; the first is the default (`runtime` omitted or `auto`). */
+    runtimes: Runtime[],
     private readonly store: SandboxStore,
     private readonly config: ServerConfig,
     private readonly log: Logger,
     /** Where the runtime records sandbox events (egress decisions); read by GET …/events. */
     private readonly eventLog = new SandboxEventLog(),
   ) {
-    this.pool = new WarmPool((key) => this.startRuntimeSandbox(key.template, key.egress, true), {
+    for (const r of runtimes) this.runtimes.set(r.name, r);
+    this.defaultRuntime = runtimes[0]!;
+    this.pool = new WarmPool((key) => this.startRuntimeSandbox(key.runtime, key.template, key.egress, true), {
       target: config.poolSize,
       maxParallelStarts: 2,
       log,
@@ -98,15 +116,21 @@ export class SandboxManager {
    * still marked live becomes `lost`, its leftovers removed by the runtime. Then warm the pool.
    */
   async start(): Promise<void> {
-    const previous = await this.store.list({});
-    const { adopted } = await this.runtime.reconcile(previous.map((r) => r.id));
+    // Frozen sandboxes live on disk, not in the dead server's processes: they outlive it.
+    const previous = (await this.store.list({})).filter((r) => r.state !== 'frozen');
+    const adopted: RuntimeSandbox[] = [];
+    for (const runtime of this.runtimes.values()) {
+      const mine = previous.filter((r) => r.runtime === runtime.name);
+      adopted.push(...(await runtime.reconcile(mine.map((r) => r.id))).adopted);
+    }
     const byId = new Map(adopted.map((rt) => [rt.id, rt]));
     const now = Date.now();
     let lost = 0;
     for (const record of previous) {
       const rt = byId.get(record.id);
-      if (rt) {
-        this.adopt({ ...record, state: 'ready', lastActiveAt: now }, rt);
+      const runtime = this.runtimes.get(record.runtime);
+      if (rt && runtime) {
+        this.adopt({ ...record, state: 'ready', lastActiveAt: now }, runtime, rt);
         byId.delete(record.id);
         continue;
       }
@@ -119,7 +143,8 @@ export class SandboxManager {
     // Taken over but without a record (cannot happen with a consistent store): not ours to keep.
     for (const rt of byId.values()) await rt.destroy();
     if (lost || adopted.length) this.log.info('reconciled with the previous server', { adopted: adopted.length - byId.size, lost });
-    this.pool.warm({ template: DEFAULT_TEMPLATE, egress: true });
+    const key: PoolKey = { runtime: this.defaultRuntime.name, template: DEFAULT_TEMPLATE, egress: true };
+    this.pool.warm(key, this.poolTarget(key.runtime));
   }
 
   get poolStats() {
@@ -138,28 +163,29 @@ export class SandboxManager {
     if (this.closing) throw new ApiError('unavailable', 'the server is shutting down');
     const template = opts.template ?? DEFAULT_TEMPLATE;
     if (template !== DEFAULT_TEMPLATE) throw new ApiError('bad_request', `unknown template "${template}" (available: ${DEFAULT_TEMPLATE})`, 'template');
-    if (opts.runtime === 'vm') throw new ApiError('bad_request', 'the vm runtime is not available on this server (see `podflare doctor`)', 'runtime');
+    const runtime = this.pickRuntime(opts.runtime);
     const release = this.reserve(opts.owner, 1);
     try {
-      return await this.createReserved(opts, template, release);
+      return await this.createReserved(opts, runtime, template, release);
     } finally {
       release();
     }
   }
 
   /** `release` is called as soon as the sandbox counts as live (exactly once, with create's finally). */
-  private async createReserved(opts: CreateOptions, template: string, release: () => void): Promise<SandboxRecord> {
+  private async createReserved(opts: CreateOptions, runtime: Runtime, template: string, release: () => void): Promise<SandboxRecord> {
     const limits = resolveLimits(opts.limits, this.config.defaultLimits, this.config.maxLimits);
     const egress: EgressSetting = isEgressPolicy(opts.egress) ? { allow: [...opts.egress.allow] } : (opts.egress ?? true);
     const timed = this.metrics.createSeconds.time();
     let rt: RuntimeSandbox;
     if (isEgressPolicy(egress)) {
       // A policy is per sandbox: no pool serves it.
-      if (!this.runtime.capabilities.egressPolicy) throw new ApiError('bad_request', `the ${this.runtime.name} runtime cannot enforce egress allowlists`, 'egress');
-      rt = await this.startOnDemand(template, egress);
+      if (!runtime.capabilities.egressPolicy) throw new ApiError('bad_request', `the ${runtime.name} runtime cannot enforce egress allowlists`, 'egress');
+      rt = await this.startOnDemand(runtime.name, template, egress);
     } else {
-      const key: PoolKey = { template, egress };
-      rt = this.pool.take(key) ?? (await this.startOnDemand(template, egress));
+      const key: PoolKey = { runtime: runtime.name, template, egress };
+      rt = this.pool.take(key, Math.min(this.poolTarget(runtime.name), Math.max(1, Math.floor(this.config.poolSize / 4))))
+        ?? (await this.startOnDemand(runtime.name, template, egress));
     }
     // Pooled sandboxes start with the default limits; a creator asking for others gets them now.
     if (!sameLimits(limits, this.config.defaultLimits) && rt.setLimits) {
@@ -172,7 +198,7 @@ export class SandboxManager {
     }
     const now = Date.now();
     const record: SandboxRecord = {
-      id: rt.id, state: 'ready', template, runtime: this.runtime.name, egress,
+      id: rt.id, state: 'ready', template, runtime: runtime.name, egress,
       persistent: opts.persistent ?? false, parentId: null, createdAt: now, lastActiveAt: now,
       endedAt: null, endReason: null,
       idleTimeoutSeconds: opts.idle_timeout_seconds ?? this.config.idleTimeoutSeconds,
@@ -180,7 +206,7 @@ export class SandboxManager {
       metadata: opts.metadata ?? {}, owner: opts.owner, limits,
     };
     await this.store.insert(record);
-    this.adopt(record, rt);
+    this.adopt(record, runtime, rt);
     release();
     this.counters.created++;
     timed();
@@ -222,6 +248,18 @@ export class SandboxManager {
     };
   }
 
+  /** `vm`/`ns` must be offered by this server; omitted or `auto` is the server's default. */
+  private pickRuntime(name: CreateOptions['runtime']): Runtime {
+    if (name === undefined || name === 'auto') return this.defaultRuntime;
+    const r = this.runtimes.get(name);
+    if (!r) throw new ApiError('bad_request', `the ${name} runtime is not available on this server (see \`podflare doctor\`)`, 'runtime');
+    return r;
+  }
+
+  private poolTarget(runtime: RuntimeKind): number {
+    return runtime === 'vm' ? Math.min(VM_POOL_MAX, this.config.poolSize) : this.config.poolSize;
+  }
+
   /** The live sandbox, or the error a user should see: 404 never existed, 410 ended. */
   async get(id: string, owner?: string): Promise<LiveSandbox> {
     const s = this.live.get(id);
@@ -230,6 +268,8 @@ export class SandboxManager {
     if (!record || (owner !== undefined && record.owner !== owner) || record.state === 'merged') {
       throw new ApiError('not_found', `sandbox ${id} not found`);
     }
+    // A frozen sandbox comes back transparently on the next call that needs it.
+    if (record.state === 'frozen') return this.resume(record);
     throw new ApiError('sandbox_gone', `sandbox ${id} is gone (${record.state}${record.endReason ? `: ${record.endReason}` : ''})`);
   }
 
@@ -315,7 +355,16 @@ export class SandboxManager {
 
   async destroy(id: string, owner?: string, reason = 'deleted'): Promise<void> {
     const s = this.live.get(id);
-    if (!s || (owner !== undefined && s.record.owner !== owner)) return;
+    if (!s) {
+      // A frozen sandbox is only files.
+      const record = await this.store.get(id);
+      if (record?.state === 'frozen' && (owner === undefined || record.owner === owner) && !this.resuming.has(id)) {
+        await rm(this.frozenDir(id), { recursive: true, force: true });
+        await this.store.update(id, { state: 'stopped', endedAt: Date.now(), endReason: reason });
+      }
+      return;
+    }
+    if (owner !== undefined && s.record.owner !== owner) return;
     await this.end(s, 'stopped', reason);
   }
 
@@ -323,32 +372,44 @@ export class SandboxManager {
     this.closing = true;
     clearInterval(this.sweeper);
     await this.pool.close();
-    await Promise.all([...this.live.values()].map((s) => this.end(s, 'stopped', 'server shut down')));
+    // Persistent sandboxes that can freeze outlive the server on disk; the others end.
+    await Promise.all([...this.live.values()].map(async (s) => {
+      if (s.record.persistent && s.runtime.capabilities.freeze && s.runtime.freeze) {
+        try {
+          return await this.freeze(s);
+        } catch (err) {
+          this.log.warn('could not freeze a persistent sandbox at shutdown', { sandbox: s.record.id, error: (err as Error).message });
+        }
+      }
+      return this.end(s, 'stopped', 'server shut down');
+    }));
     await Promise.all([...this.teardowns]);
-    await this.runtime.close();
+    for (const r of this.runtimes.values()) await r.close();
   }
 
   /** A pool miss: start one now, retrying once, and say 503 (retryable) if the host cannot. */
-  private async startOnDemand(template: string, egress: EgressSetting): Promise<RuntimeSandbox> {
+  private async startOnDemand(runtime: RuntimeKind, template: string, egress: EgressSetting): Promise<RuntimeSandbox> {
     try {
-      return await this.startRuntimeSandbox(template, egress);
+      return await this.startRuntimeSandbox(runtime, template, egress);
     } catch (first) {
       this.log.warn('sandbox start failed, retrying', { error: (first as Error).message });
       try {
-        return await this.startRuntimeSandbox(template, egress);
+        return await this.startRuntimeSandbox(runtime, template, egress);
       } catch (err) {
         throw new ApiError('unavailable', `could not start a sandbox: ${(err as Error).message}`, undefined, { 'Retry-After': '1' });
       }
     }
   }
 
-  private async startRuntimeSandbox(template: string, egress: EgressSetting, background = false): Promise<RuntimeSandbox> {
+  private async startRuntimeSandbox(runtimeName: RuntimeKind, template: string, egress: EgressSetting, background = false): Promise<RuntimeSandbox> {
     const id = newSandboxId();
-    return this.runtime.start({ id, template, egress, hostname: `sbx-${id.slice(4, 16)}`, background, limits: this.config.defaultLimits });
+    const runtime = this.runtimes.get(runtimeName);
+    if (!runtime) throw new Error(`no ${runtimeName} runtime`);
+    return runtime.start({ id, template, egress, hostname: `sbx-${id.slice(4, 16)}`, background, limits: this.config.defaultLimits });
   }
 
-  private adopt(record: SandboxRecord, rt: RuntimeSandbox): LiveSandbox {
-    const s: LiveSandbox = { record, rt, queue: new SerialQueue(), running: 0 };
+  private adopt(record: SandboxRecord, runtime: Runtime, rt: RuntimeSandbox): LiveSandbox {
+    const s: LiveSandbox = { record, runtime, rt, queue: new SerialQueue(), running: 0 };
     this.live.set(record.id, s);
     // Execs and forks queue behind a runtime sandbox that is not fully set up yet.
     if (rt.ready) void s.queue.run(() => rt.ready!);
@@ -370,7 +431,7 @@ export class SandboxManager {
    * through the same queue). Children inherit egress, timeouts and metadata.
    */
   async fork(s: LiveSandbox, n: number): Promise<SandboxRecord[]> {
-    if (!this.runtime.capabilities.fork) throw new ApiError('bad_request', `the ${this.runtime.name} runtime cannot fork`);
+    if (!s.runtime.capabilities.fork) throw new ApiError('bad_request', `the ${s.runtime.name} runtime cannot fork`);
     return s.queue.run(async () => {
       if (!this.live.has(s.record.id)) throw new ApiError('sandbox_gone', `sandbox ${s.record.id} is gone`);
       const release = this.reserve(s.record.owner, n);
@@ -390,7 +451,7 @@ export class SandboxManager {
     let children: RuntimeSandbox[];
     const timed = this.metrics.forkSeconds.time();
     try {
-      children = await this.runtime.fork(s.rt, specs);
+      children = await s.runtime.fork(s.rt, specs);
     } catch (err) {
       // The children are processes of the parent's until they have groups of their own.
       const hit = await this.limitHit(s, s.rt, 0);
@@ -406,7 +467,7 @@ export class SandboxManager {
         endedAt: null, endReason: null, metadata: { ...s.record.metadata },
       };
       await this.store.insert(record);
-      this.adopt(record, rt);
+      this.adopt(record, s.runtime, rt);
       records.push(record);
     }
     release();
@@ -449,6 +510,7 @@ export class SandboxManager {
       const old = parent.rt;
       this.live.delete(winner.record.id);
       parent.rt = winner.rt;
+      parent.runtime = winner.runtime;
       this.watch(parent, winner.rt);
       parent.record.lastActiveAt = Date.now();
       winner.record.state = 'merged';
@@ -483,8 +545,73 @@ export class SandboxManager {
     return s.queue.run(async () => (await s.rt.channel.request({ op: 'vars' })).vars);
   }
 
+  private frozenDir(id: string): string {
+    return path.join(this.config.stateDir, 'frozen', id);
+  }
+
+  /**
+   * Freezes a sandbox to the state directory (memory and disk): it stops using CPU and memory, its
+   * record says `frozen`, and the next call on its id resumes it, even after a server restart.
+   */
+  async freeze(s: LiveSandbox): Promise<void> {
+    const freeze = s.runtime.freeze?.bind(s.runtime);
+    if (!freeze || !s.runtime.capabilities.freeze) {
+      throw new ApiError('bad_request', `the ${s.runtime.name} runtime cannot freeze a sandbox (its processes' memory has no way to disk here)`);
+    }
+    await s.queue.run(async () => {
+      if (this.live.get(s.record.id) !== s) throw new ApiError('sandbox_gone', `sandbox ${s.record.id} is gone`);
+      // Out of the live set first: the VM ending below is not a crash.
+      this.live.delete(s.record.id);
+      try {
+        await freeze(s.rt, this.frozenDir(s.record.id));
+      } catch (err) {
+        this.live.set(s.record.id, s);
+        // A VM that died during the freeze went unnoticed while out of the live set: end it now.
+        const died = await Promise.race([s.rt.exited.then(() => true), new Promise<boolean>((r) => setTimeout(() => r(false), 50))]);
+        if (died) void this.end(s, 'error', `the sandbox died while freezing: ${(err as Error).message}`);
+        throw err;
+      }
+      s.record.state = 'frozen';
+      await this.store.update(s.record.id, { state: 'frozen', lastActiveAt: s.record.lastActiveAt });
+      this.counters.frozen++;
+      this.log.debug('sandbox frozen', { sandbox: s.record.id });
+    });
+  }
+
+  private readonly resuming = new Map<string, Promise<LiveSandbox>>();
+
+  /** Resumes a frozen sandbox (one resume per id at a time; callers share it). */
+  async resume(record: SandboxRecord): Promise<LiveSandbox> {
+    const live = this.live.get(record.id);
+    if (live) return live;
+    if (record.state !== 'frozen') throw new ApiError('conflict', `sandbox ${record.id} is not frozen (${record.state})`);
+    let p = this.resuming.get(record.id);
+    if (!p) {
+      p = (async () => {
+        if (this.closing) throw new ApiError('unavailable', 'the server is shutting down');
+        const runtime = this.runtimes.get(record.runtime);
+        if (!runtime?.resume) throw new ApiError('unavailable', `the ${record.runtime} runtime is not available on this server to resume sandbox ${record.id}`);
+        const dir = this.frozenDir(record.id);
+        const rt = await runtime.resume({
+          id: record.id, template: record.template, egress: record.egress, hostname: `sbx-${record.id.slice(4, 16)}`, limits: record.limits ?? this.config.defaultLimits,
+        }, dir);
+        await rm(dir, { recursive: true, force: true });
+        const now = Date.now();
+        record.state = 'ready';
+        record.lastActiveAt = now;
+        await this.store.update(record.id, { state: 'ready', lastActiveAt: now });
+        this.counters.resumed++;
+        return this.adopt(record, runtime, rt);
+      })();
+      this.resuming.set(record.id, p);
+      void p.finally(() => this.resuming.delete(record.id)).catch(() => undefined);
+    }
+    return p;
+  }
+
   diffFiles(a: LiveSandbox, b: LiveSandbox, opts: { paths?: string[]; content?: boolean }) {
-    return this.runtime.diff(a.rt, b.rt, opts);
+    if (a.runtime !== b.runtime) throw new ApiError('bad_request', `cannot diff a ${a.runtime.name} sandbox against a ${b.runtime.name} sandbox`);
+    return a.runtime.diff(a.rt, b.rt, opts);
   }
 
   private async end(s: LiveSandbox, state: 'stopped' | 'error', reason: string): Promise<void> {
@@ -527,6 +654,12 @@ export class SandboxManager {
         this.counters.expired++;
         void this.end(s, 'stopped', `max lifetime of ${r.maxLifetimeSeconds}s reached`);
       } else if (!s.running && s.queue.length === 0 && now - r.lastActiveAt > r.idleTimeoutSeconds * 1000) {
+        if (r.persistent && s.runtime.capabilities.freeze) {
+          // Idle persistent sandboxes go to disk instead of away.
+          r.lastActiveAt = now; // not picked again while the freeze runs
+          void this.freeze(s).catch((err: Error) => this.log.warn('idle freeze failed', { sandbox: r.id, error: err.message }));
+          continue;
+        }
         this.counters.expired++;
         void this.end(s, 'stopped', `idle for more than ${r.idleTimeoutSeconds}s`);
       }

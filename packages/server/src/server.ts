@@ -13,6 +13,7 @@ import { ensureImage, type ImageProgress } from './image/index.js';
 import { createLogger, type Logger } from './log.js';
 import { NamespaceRuntime } from './runtime/namespace/namespace-runtime.js';
 import { SandboxEventLog } from './sandbox-events.js';
+import { createVmRuntime } from './runtime/vm/create.js';
 import { SandboxManager } from './sandbox-manager.js';
 import { lockStateDir, type StateDirLock } from './state-lock.js';
 import { SqliteStore } from './store/sqlite-store.js';
@@ -33,7 +34,6 @@ export async function startServer(config: ServerConfig, opts: StartOptions = {})
   if (!isLoopback(config.host) && config.apiKeys.length === 0) {
     throw new Error(`refusing to listen on ${config.host} without API keys: set PODFLARE_API_KEYS (or bind 127.0.0.1)`);
   }
-  if (config.runtime === 'vm') throw new Error('the vm runtime is not available yet: use --runtime ns (or auto)');
   await mkdir(config.stateDir, { recursive: true });
   const lock = await lockStateDir(config.stateDir);
   try {
@@ -49,7 +49,7 @@ async function startLocked(config: ServerConfig, opts: StartOptions, log: Logger
   const store = new SqliteStore(path.join(config.stateDir, 'podflare.db'));
   const events = new SandboxEventLog();
   const egress = new EgressService({ dnsServers: config.egressDnsServers, events, log });
-  const runtime = new NamespaceRuntime({
+  const ns = new NamespaceRuntime({
     stateDir: config.stateDir,
     lowerDirs: [image.agent, image.base],
     startTimeoutMs: config.startTimeoutMs,
@@ -58,7 +58,12 @@ async function startLocked(config: ServerConfig, opts: StartOptions, log: Logger
     log,
     egress,
   });
-  const manager = new SandboxManager(runtime, store, config, log, events);
+  const vm = await createVmRuntime(config, image, log, opts.onImageProgress);
+  const runtimes = [ns, ...(vm ? [vm.runtime] : [])];
+  if (vm && (config.runtime === 'vm' || (config.runtime === 'auto' && vm.runtime.accel.kind === 'kvm'))) runtimes.reverse();
+  const runtime = runtimes[0]!;
+  if (runtime.name === 'vm') await vm!.image(); // the default runtime's image is built before listening
+  const manager = new SandboxManager(runtimes, store, config, log, events);
   await manager.start();
 
   const server = http.createServer({ noDelay: true, keepAliveTimeout: 65_000, maxHeaderSize: 16 * 1024 }, createApp({
@@ -77,7 +82,7 @@ async function startLocked(config: ServerConfig, opts: StartOptions, log: Logger
   egress.protectedPorts.push(address.port);
   const host = address.family === 'IPv6' ? `[${address.address}]` : address.address;
   const url = `http://${host}:${address.port}`;
-  log.info('podflare listening', { url, runtime: runtime.name, pool: config.poolSize, image: image.id });
+  log.info('podflare listening', { url, runtime: runtime.name, runtimes: runtimes.map((r) => r.name).join(','), vm_accel: vm?.runtime.accel.kind, pool: config.poolSize, image: image.id });
 
   let closing: Promise<void> | null = null;
   return {

@@ -1,6 +1,6 @@
 /** `podflare image build|prune`: the sandbox image (Debian base + agent layer). */
 import path from 'node:path';
-import { ensureImage, loadConfig, pruneImages } from '@podflare/server';
+import { ensureImage, ensureVmImage, loadConfig, pruneImages } from '@podflare/server';
 import { EXIT_OK, formatMs, parse, UsageError, type Command } from '../args.js';
 import { imageProgress } from '../image-progress.js';
 
@@ -10,6 +10,9 @@ const HELP = `Usage: podflare image build [options]
 build   Builds the sandbox image if it is missing or out of date: a Debian root filesystem
         (mmdebstrap, needs root, about a minute) and the agent layer (the repo's agent/*.py,
         milliseconds). Instant when both are current. The server does the same on start.
+        With --runtime vm, also the microVM guest: Debian's cloud kernel (uncompressed), a
+        busybox initramfs and the image as an ext4 root (seconds; the server builds it on the
+        first VM sandbox otherwise).
 prune   Removes images other than the current one that no running sandbox uses, and the
         leftovers of interrupted builds.
 
@@ -17,6 +20,7 @@ Options:
   --images-dir DIR   where images live (default: $PODFLARE_IMAGES_DIR, else <state dir>/images)
   --state-dir DIR    the server's state directory (default: $PODFLARE_STATE_DIR, else /var/lib/podflare)
   --agent-dir DIR    the agent's Python files (default: the repo's agent/ folder)
+  --runtime NAME     build: ns (default) or vm (also the microVM guest image)
   --force            build: rebuild both layers even if they exist
   --dry-run          prune: only list what would be removed
   -q, --quiet        build: print nothing when the image is already current
@@ -27,6 +31,7 @@ const OPTIONS = {
   'images-dir': { type: 'string' },
   'state-dir': { type: 'string' },
   'agent-dir': { type: 'string' },
+  runtime: { type: 'string' },
   force: { type: 'boolean' },
   'dry-run': { type: 'boolean' },
   quiet: { type: 'boolean', short: 'q' },
@@ -57,6 +62,7 @@ export const imageCommand: Command = {
     });
     if (sub === 'build') {
       if (values['dry-run']) throw new UsageError('--dry-run is an option of `image prune`', 'image');
+      if (values.runtime !== undefined && values.runtime !== 'ns' && values.runtime !== 'vm') throw new UsageError(`--runtime must be ns or vm, got "${values.runtime}"`, 'image');
       // Progress only when something is built or waited for; --quiet (setup scripts) also drops the summary.
       const reporter = imageProgress({ quiet: true });
       const started = Date.now();
@@ -68,9 +74,13 @@ export const imageCommand: Command = {
           onProgress: reporter.onProgress,
           log: reporter.log,
         });
+        const vm = values.runtime === 'vm'
+          ? await ensureVmImage({ imagesDir: config.imagesDir, image, onProgress: reporter.onProgress, log: reporter.log })
+          : undefined;
         reporter.finish();
         if (values.quiet && !reporter.worked) return EXIT_OK;
         process.stdout.write(`image ${image.id} ready (${formatMs(Date.now() - started)})\n  base:  ${image.base}\n  agent: ${image.agent}\n`);
+        if (vm) process.stdout.write(`vm image ${vm.id} (kernel ${vm.kernelVersion})\n  kernel: ${vm.vmlinux}\n  initrd: ${vm.initrd}\n  root:   ${vm.rootfs}\n`);
         return EXIT_OK;
       } finally {
         reporter.finish();

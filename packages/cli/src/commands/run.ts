@@ -1,6 +1,6 @@
 /** `podflare run`: run code in a fresh sandbox, stream its output, exit with its exit code. */
 import { Sandbox } from 'podflare';
-import { EXIT_OK, intOption, parse, readStdin, UsageError, type Command } from '../args.js';
+import { enumOption, EXIT_OK, intOption, parse, readStdin, UsageError, type Command } from '../args.js';
 
 const HELP = `Usage: podflare run [options] <code>
        podflare run [options] -          (code from stdin)
@@ -14,11 +14,13 @@ Options:
   --host URL         the server (default: $PODFLARE_HOST, else http://127.0.0.1:7070);
                      the API key comes from $PODFLARE_API_KEY
   --timeout-ms N     interrupt the code after N ms (exit code 124)
+  --runtime NAME     ns, vm (a microVM with its own kernel) or auto (default: the server's)
   -h, --help         show this help
 
 Examples:
   podflare run 'import sys; print(sys.version)'
   podflare run --bash 'uname -a; ls /'
+  podflare run --runtime vm --bash 'uname -r'
   echo 'print(6*7)' | podflare run -
 `;
 
@@ -31,6 +33,7 @@ export const runCommand: Command = {
       bash: { type: 'boolean' },
       host: { type: 'string' },
       'timeout-ms': { type: 'string' },
+      runtime: { type: 'string' },
       help: { type: 'boolean', short: 'h' },
     }, true);
     if (values.help) {
@@ -43,7 +46,8 @@ export const runCommand: Command = {
     const code = positionals[0] === '-' ? await readStdin() : positionals[0]!;
     const language = values.bash ? 'bash' : 'python';
 
-    const sandbox = await Sandbox.create({ host: values.host });
+    const runtime = enumOption(values.runtime, 'runtime', ['ns', 'vm', 'auto'] as const, 'run');
+    const sandbox = await Sandbox.create({ host: values.host, runtime });
     let interrupts = 0;
     const onSigint = () => {
       interrupts++;

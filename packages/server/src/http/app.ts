@@ -14,6 +14,7 @@ import { addForkRoutes } from './fork-routes.js';
 import { addMetricsRoutes } from './metrics-routes.js';
 import { observeRequest } from './observe.js';
 import { RateLimiter, type RateLimitOptions } from './rate-limit.js';
+import { addFreezeRoutes } from './freeze-routes.js';
 import { Router } from './router.js';
 import { addSandboxRoutes } from './sandbox-routes.js';
 
@@ -52,6 +53,7 @@ export function createApp(opts: AppOptions): RequestListener {
   addForkRoutes(router, opts.manager);
   addMetricsRoutes(router, opts.manager);
   addDashboardRoutes(router, opts.manager);
+  addFreezeRoutes(router, opts.manager);
 
   return (req, res) => {
     const observed = observeRequest(req, res, opts.log, opts.manager.metrics);

@@ -20,12 +20,14 @@ import { mkdir, readdir, rm, stat } from 'node:fs/promises';
 import path from 'node:path';
 import { agentHash, agentLayerDir, baseDir, basePythonTag, buildAgent, buildBase, listAgentFiles } from './build.js';
 import { acquireLock, type HeldLock } from './lock.js';
+import { processesWithFilesUnder, vmRootHash } from './vm-image.js';
 import type { ImageProgress, ImageStage } from './progress.js';
 import { baseRecipe, recipeHash } from './recipe.js';
 import { formatBytes, isDir, pathInUse, processesUsing, removeTree, treeSize } from './tree.js';
 
 export { ImageBuildError } from './build.js';
 export { createProgressReporter } from './progress.js';
+export { ensureVmImage, AGENT_PORT_NAME, type VmImagePaths, type EnsureVmImageOptions } from './vm-image.js';
 export type { ImageProgress, ImageStage, ProgressReporter, ProgressReporterOptions } from './progress.js';
 export { baseRecipe, recipeHash, IMAGE_BUILDER_VERSION, BASE_PACKAGES, type BaseRecipe } from './recipe.js';
 
@@ -136,7 +138,7 @@ async function agentLayerExists(imagesDir: string, agentSrc: string, rootfs: str
 
 /** `.tmp-<kind>-<hash>-<pid>-<rand>` → pid */
 function tmpOwner(name: string): number | undefined {
-  const m = /^\.tmp-(?:base|agent)-[0-9a-f]+-(\d+)-[0-9a-f]+$/.exec(name);
+  const m = /^\.tmp-(?:base|agent|vmkernel|vmroot)-[0-9a-f]+-(\d+)-[0-9a-f]+$/.exec(name);
   return m ? Number(m[1]) : undefined;
 }
 
@@ -238,8 +240,25 @@ export async function pruneImages(opts: { imagesDir: string; agentDir: string; d
     const rootfs = path.join(baseDir(imagesDir, baseHash), 'rootfs');
     const files = await listAgentFiles(path.resolve(opts.agentDir)).catch(() => []);
     const currentAgent = files.length && (await isDir(rootfs)) ? `agent-${await agentHash(files, await basePythonTag(rootfs))}` : undefined;
+    const kernels = [];
+    for (const name of await readdir(imagesDir)) {
+      if (/^vmkernel-[0-9a-f]{12}$/.test(name)) kernels.push({ name, mtime: (await stat(path.join(imagesDir, name))).mtimeMs });
+    }
+    const newestKernel = kernels.sort((a, b) => b.mtime - a.mtime)[0]?.name;
     for (const name of (await readdir(imagesDir)).sort()) {
       const full = path.join(imagesDir, name);
+      if (/^vm(kernel|root)-[0-9a-f]{12}$/.test(name)) {
+        // VM images: keep the root of the current image, the newest kernel, and any a QEMU has open.
+        const current = name === `vmroot-${currentAgent ? vmRootHash(`${baseHash}-${currentAgent.slice('agent-'.length)}`) : ''}` || name === newestKernel;
+        if (current || (await processesWithFilesUnder(full)).length) {
+          result.kept.push({ path: full, reason: current ? 'current' : 'in use by a VM' });
+          continue;
+        }
+        const bytes = await treeSize(full);
+        if (!opts.dryRun) await removeTree(full);
+        result.removed.push({ path: full, bytes });
+        continue;
+      }
       const isImage = /^(base|agent)-[0-9a-f]{12}$/.test(name);
       const isFailedLog = /^base-[0-9a-f]{12}\.failed\.log$/.test(name);
       if (!isImage && !isFailedLog) continue;

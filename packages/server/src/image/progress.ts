@@ -14,6 +14,8 @@ export type ImageStage =
   | 'base'
   /** Copying the agent's Python files into their layer (well under a second). */
   | 'agent'
+  /** The microVM guest (kernel, initramfs, ext4 root) from Debian packages (seconds). */
+  | 'vm'
   /** The image is ready. */
   | 'done';
 
@@ -52,6 +54,7 @@ const STAGE_LABEL: Record<ImageStage, string> = {
   wait: 'waiting',
   base: 'building base',
   agent: 'agent layer',
+  vm: 'vm image',
   done: 'ready',
 };
 

@@ -106,6 +106,13 @@ export interface Runtime {
    * Resolves once every child's agent answers.
    */
   fork(parent: RuntimeSandbox, children: SandboxSpec[]): Promise<RuntimeSandbox[]>;
+  /**
+   * Freezes a sandbox into `dir` (memory and disk; capability `freeze`) and ends its processes.
+   * What is in `dir` survives a server restart.
+   */
+  freeze?(sandbox: RuntimeSandbox, dir: string): Promise<void>;
+  /** Resumes a sandbox frozen into `dir` under `spec` (its own id); `dir` may be removed after. */
+  resume?(spec: SandboxSpec, dir: string): Promise<RuntimeSandbox>;
   /** What differs between two sandboxes' filesystems: `b` relative to `a`. */
   diff(a: RuntimeSandbox, b: RuntimeSandbox, opts: DiffOptions): Promise<FileDiff>;
   /** Destroys every sandbox this runtime started. */

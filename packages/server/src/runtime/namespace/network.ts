@@ -12,12 +12,16 @@ export interface Slirp {
   stop(): void;
 }
 
-export function startSlirp(sandboxPid: number, timeoutMs: number): Promise<Slirp> {
+/**
+ * `ownUserNamespace: false` for a process that has only its own network namespace (a VM's QEMU):
+ * there is no user namespace of its own to enter.
+ */
+export function startSlirp(sandboxPid: number, timeoutMs: number, opts: { ownUserNamespace?: boolean } = {}): Promise<Slirp> {
   // fd 3: slirp writes "1" when the tap device is configured. fd 4: slirp exits when it closes,
   // which the kernel does for us if the server dies.
   const child = spawn('slirp4netns', [
     '--configure', '--mtu=65520', '--disable-host-loopback',
-    `--userns-path=/proc/${sandboxPid}/ns/user`,
+    ...(opts.ownUserNamespace === false ? [] : [`--userns-path=/proc/${sandboxPid}/ns/user`]),
     '--ready-fd=3', '--exit-fd=4',
     String(sandboxPid), 'tap0',
   ], { stdio: ['ignore', 'ignore', 'pipe', 'pipe', 'pipe'] });

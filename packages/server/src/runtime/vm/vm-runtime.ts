@@ -1,0 +1,587 @@
+/**
+ * The microVM runtime: every sandbox is a QEMU `microvm` with its own kernel (Debian's cloud
+ * kernel), the sandbox image as its root disk and the same Python agent as PID 1, reached over a
+ * virtio-serial port.
+ *
+ * Booting takes seconds (under TCG), so it happens once per template: the template VM boots, its
+ * agent starts the interpreter, then the VM is frozen — QMP `stop`, and a migration with
+ * `x-ignore-shared` writes only the device state to a file, because its RAM already lives in a
+ * file on /dev/shm (`memory-backend-file,share=on`). Every sandbox is then a *clone*: a QEMU with
+ * the same devices maps that RAM file `share=off` (MAP_PRIVATE: copy-on-write, the template's
+ * pages shared until written), loads the device state (`-incoming defer` + `migrate-incoming`)
+ * and continues. The agent is told the time, fresh entropy, its hostname and id right after,
+ * because every clone resumes with the template's clock and RNG state.
+ *
+ *   <stateDir>/vm/templates/<name>-<net|nonet>-<rand>/disk.qcow2  template disk (read-only once frozen)
+ *   <stateDir>/vm/templates/<…>/state                             device state
+ *   /dev/shm/podflare-<statehash>-<rand>.ram                      template RAM
+ *   <stateDir>/vm/<sandbox id>/{disk.qcow2,agent.sock,qmp.sock,console.log}
+ *
+ * Disks: the shared read-only ext4 root ← template overlay ← each sandbox's own qcow2 overlay.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { createHash, randomBytes } from 'node:crypto';
+import { existsSync } from 'node:fs';
+import { chmod, mkdir, readdir, readFile, readlink, rm, writeFile } from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import { AgentChannel } from '../../agent-channel.js';
+import { ApiError } from '../../errors.js';
+import type { VmImagePaths } from '../../image/vm-image.js';
+import type { Logger } from '../../log.js';
+import { pssOf, run } from '../../proc.js';
+import type { DiffOptions, FileDiff, ReconcileReport, Runtime, RuntimeSandbox, SandboxSpec } from '../runtime.js';
+import { startSlirp, type Slirp } from '../namespace/network.js';
+import { qemuArgs, type Acceleration } from './qemu-args.js';
+import { vmDiff } from './vm-diff.js';
+import { connectUnix, Qmp } from './qmp.js';
+
+export interface VmRuntimeOptions {
+  stateDir: string;
+  accel: Acceleration;
+  /** The guest image; built on first use when this returns a promise that builds it. */
+  image: () => Promise<VmImagePaths>;
+  /** Guest RAM. */
+  memoryMb?: number;
+  /** How long a template may take to boot to its agent's hello (TCG: seconds). */
+  bootTimeoutMs?: number;
+  /** How long a clone may take from QEMU start to the agent's answer after restore. */
+  startTimeoutMs: number;
+  log: Logger;
+}
+
+const QEMU = 'qemu-system-x86_64';
+const BACKGROUND_NICE = 10;
+const DEFAULT_MEMORY_MB = 512;
+
+interface Template {
+  dir: string;
+  disk: string;
+  state: string;
+  ramFile: string;
+  image: VmImagePaths;
+  network: boolean;
+}
+
+/** Processes of one VM: its QEMU, its QMP connection and the agent channel. */
+interface VmProcess {
+  qemu: ChildProcess;
+  /** QEMU's last words on stderr (migration errors land here). */
+  stderr(): string;
+  /** Outbound network of the QEMU's own network namespace (egress only). */
+  slirp: Slirp | null;
+  qmp: Qmp;
+  channel: AgentChannel;
+  consoleLog: string;
+}
+
+export class VmSandbox implements RuntimeSandbox {
+  readonly exited: Promise<{ reason: string }>;
+  private resolveExited!: (v: { reason: string }) => void;
+  private destroying: Promise<void> | null = null;
+  readonly channel: AgentChannel;
+  /** A RAM file of this VM alone (a resumed VM), removed with it. */
+  ownRamFile: string | null = null;
+
+  constructor(
+    readonly id: string,
+    readonly dir: string,
+    readonly template: Template,
+    /** This VM's own overlay. */
+    readonly disk: string,
+    /** Fork layers (read-only qcow2) under this VM's disk, which must outlive it. */
+    readonly layers: string[],
+    readonly vm: VmProcess,
+    private readonly onGone: (s: VmSandbox) => void,
+  ) {
+    this.channel = vm.channel;
+    this.exited = new Promise((resolve) => { this.resolveExited = resolve; });
+    const qemu = vm.qemu;
+    const done = async (reason: string) => {
+      vm.slirp?.stop();
+      this.channel.close(reason);
+      vm.qmp.close();
+      this.resolveExited({ reason });
+      // Killed from outside or crashed: release its files without waiting for a destroy().
+      await this.destroy();
+    };
+    if (qemu.exitCode !== null || qemu.signalCode !== null) void done('the VM had already exited');
+    qemu.once('exit', (code, signal) => {
+      void (async () => {
+        const tail = await consoleTail(vm.consoleLog);
+        await done(signal ? `the VM's QEMU was killed by ${signal}` : `the VM stopped (QEMU exit ${code})${tail ? `: ${tail}` : ''}`);
+      })();
+    });
+  }
+
+  get pid(): number | undefined {
+    return this.vm.qemu.pid;
+  }
+
+  async memoryPss(): Promise<number> {
+    const pids = [this.vm.qemu.pid, this.vm.slirp?.process.pid].filter((p): p is number => p !== undefined);
+    return pssOf(pids);
+  }
+
+  destroy(): Promise<void> {
+    this.destroying ??= (async () => {
+      this.channel.close('destroyed');
+      this.vm.qmp.close();
+      this.vm.slirp?.stop();
+      await killAndWait(this.vm.qemu);
+      this.resolveExited({ reason: 'destroyed' });
+      await rm(this.dir, { recursive: true, force: true });
+      if (this.ownRamFile) await rm(this.ownRamFile, { force: true });
+      this.onGone(this);
+    })();
+    return this.destroying;
+  }
+}
+
+export class VmRuntime implements Runtime {
+  readonly name = 'vm' as const;
+  readonly capabilities = { fork: true, freeze: true, egress: true, egressPolicy: false };
+  private readonly layerRefs = new Map<string, number>();
+  private readonly live = new Map<string, VmSandbox>();
+  private readonly templates = new Map<string, Promise<Template>>();
+  private readonly starting = new Set<Promise<unknown>>();
+  private closed = false;
+  private readonly memoryMb: number;
+  /** Names this server's RAM files on /dev/shm (shared by every server on the machine). */
+  private readonly shmPrefix: string;
+
+  constructor(private readonly opts: VmRuntimeOptions) {
+    this.memoryMb = opts.memoryMb ?? DEFAULT_MEMORY_MB;
+    this.shmPrefix = `podflare-${createHash('sha256').update(path.resolve(opts.stateDir)).digest('hex').slice(0, 10)}-`;
+  }
+
+  get accel(): Acceleration {
+    return this.opts.accel;
+  }
+
+  private get vmDir(): string {
+    return path.join(this.opts.stateDir, 'vm');
+  }
+
+  /** A VM cannot be taken back after a crash (its channel died with the server): clean up. */
+  async reconcile(_knownIds: string[]): Promise<ReconcileReport> {
+    // QEMUs die with the server (pdeathsig); a crashed server leaves only files behind.
+    for (const pid of await qemuPidsUnder(this.vmDir)) {
+      try { process.kill(pid, 'SIGKILL'); } catch { /* gone */ }
+    }
+    await rm(this.vmDir, { recursive: true, force: true });
+    // Ours (an earlier run on this state directory), and those of servers that died for good (a
+    // test's temporary state directory never comes back): the name carries the server's pid.
+    for (const name of await readdir('/dev/shm').catch(() => [] as string[])) {
+      const m = /^podflare-[0-9a-f]{10}-(\d+)-[0-9a-fr]+\.ram$/.exec(name);
+      if (m && (name.startsWith(this.shmPrefix) || !processAlive(Number(m[1])))) await rm(path.join('/dev/shm', name), { force: true });
+    }
+    return { adopted: [], cleaned: [] };
+  }
+
+  start(spec: SandboxSpec): Promise<RuntimeSandbox> {
+    return this.track(() => this.startClone(spec));
+  }
+
+  fork(parent: RuntimeSandbox, specs: SandboxSpec[]): Promise<RuntimeSandbox[]> {
+    return this.track(() => this.forkChildren(parent as VmSandbox, specs));
+  }
+
+  diff(a: RuntimeSandbox, b: RuntimeSandbox, opts: DiffOptions): Promise<FileDiff> {
+    return vmDiff(a.channel, b.channel, opts);
+  }
+
+  async close(): Promise<void> {
+    this.closed = true;
+    await Promise.allSettled([...this.starting]);
+    await Promise.all([...this.live.values()].map((s) => s.destroy()));
+    const templates = await Promise.allSettled([...this.templates.values()]);
+    this.templates.clear();
+    for (const t of templates) {
+      if (t.status === 'fulfilled') await removeTemplate(t.value);
+    }
+    await rm(this.vmDir, { recursive: true, force: true });
+  }
+
+  private async track<T>(work: () => Promise<T>): Promise<T> {
+    if (this.closed) throw new Error('the runtime is shut down');
+    const p = work();
+    this.starting.add(p);
+    try {
+      return await p;
+    } finally {
+      this.starting.delete(p);
+    }
+  }
+
+  /** The frozen template for (template, network), booted on first use; a failed boot is retried next time. */
+  private template(name: string, network: boolean): Promise<Template> {
+    const key = `${name}|${network ? 'net' : 'nonet'}`;
+    let t = this.templates.get(key);
+    if (!t) {
+      t = this.bootTemplate(name, network);
+      this.templates.set(key, t);
+      t.catch(() => this.templates.delete(key));
+    }
+    return t;
+  }
+
+  private async bootTemplate(name: string, network: boolean): Promise<Template> {
+    const image = await this.opts.image();
+    const rand = randomBytes(4).toString('hex');
+    const dir = path.join(this.vmDir, 'templates', `${name}-${network ? 'net' : 'nonet'}-${rand}`);
+    const tpl: Template = { dir, disk: path.join(dir, 'disk.qcow2'), state: path.join(dir, 'state'), ramFile: path.join('/dev/shm', `${this.shmPrefix}${process.pid}-${rand}.ram`), image, network };
+    const bootTimeoutMs = this.opts.bootTimeoutMs ?? (this.opts.accel.kind === 'kvm' ? 20_000 : 90_000);
+    const t0 = performance.now();
+    // A TCG boot can stall early on a loaded host: one more attempt before giving up.
+    for (let attempt = 1; ; attempt++) {
+      await rm(dir, { recursive: true, force: true });
+      await rm(tpl.ramFile, { force: true });
+      await mkdir(dir, { recursive: true });
+      await run('qemu-img', ['create', '-q', '-f', 'qcow2', '-F', 'raw', '-b', image.rootfs, tpl.disk]);
+      let vm: VmProcess | undefined;
+      try {
+        vm = await this.launch({ dir, disk: tpl.disk, ramFile: tpl.ramFile, shareRam: true, network, incoming: false, background: false }, bootTimeoutMs);
+        await vm.channel.waitHello(bootTimeoutMs);
+        // The interpreter is up (and has imported what it preloads) before the freeze.
+        const ready = await withTimeout(vm.channel.exec({ op: 'exec', language: 'python', code: 'pass' }, () => undefined), bootTimeoutMs, 'the template interpreter did not start');
+        if (ready.code !== 0) throw new Error('the template interpreter failed to start');
+        const booted = performance.now();
+        await vm.qmp.command('stop');
+        await vm.qmp.command('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] });
+        await vm.qmp.command('migrate', { uri: `exec:cat > ${shellQuote(tpl.state)}` });
+        await waitMigration(vm.qmp, bootTimeoutMs, vm);
+        await vm.qmp.command('quit').catch(() => undefined);
+        await waitExit(vm.qemu, 10_000);
+        vm.channel.close('template frozen');
+        await chmod(tpl.disk, 0o444);
+        this.opts.log.info('vm template ready', { template: name, network, boot_ms: Math.round(booted - t0), freeze_ms: Math.round(performance.now() - booted), accel: this.opts.accel.kind });
+        return tpl;
+      } catch (err) {
+        const tail = await consoleTail(path.join(dir, 'console.log'));
+        if (vm) {
+          vm.channel.close('template boot failed');
+          vm.qmp.close();
+          vm.slirp?.stop();
+          await killAndWait(vm.qemu);
+        }
+        const message = `${(err as Error).message}${tail ? ` (console: ${tail})` : ''}`;
+        if (attempt >= 2 || this.closed) {
+          await removeTemplate(tpl);
+          throw new Error(`the VM template did not boot: ${message}`);
+        }
+        this.opts.log.warn('vm template boot failed, retrying', { error: message });
+      }
+    }
+  }
+
+  private async startClone(spec: SandboxSpec): Promise<RuntimeSandbox> {
+    const tpl = await this.template(spec.template, spec.egress === true);
+    return this.restore(spec, { template: tpl, backing: tpl.disk, state: tpl.state, layers: [] });
+  }
+
+  /**
+   * A new VM from a frozen point: the template's, or a fork point's (whose state file carries the
+   * parent's RAM; the template's RAM file is still mapped underneath, copy-on-write). Its disk is
+   * a new overlay over `backing`.
+   */
+  private async restore(spec: SandboxSpec, from: { template: Template; backing: string; state: string; layers: string[]; copyDisk?: boolean }): Promise<VmSandbox> {
+    if (this.closed) throw new Error('the runtime is shut down');
+    const dir = path.join(this.vmDir, spec.id);
+    await mkdir(dir, { recursive: true });
+    const disk = path.join(dir, 'disk.qcow2');
+    for (const l of from.layers) this.retainLayer(l);
+    let vm: VmProcess | undefined;
+    try {
+      if (from.copyDisk) await run('cp', ['--sparse=always', from.backing, disk]);
+      else await run('qemu-img', ['create', '-q', '-f', 'qcow2', '-F', 'qcow2', '-b', from.backing, disk]);
+      const tpl = from.template;
+      vm = await this.launch({ dir, disk, ramFile: tpl.ramFile, shareRam: false, network: tpl.network, incoming: true, background: spec.background ?? false }, this.opts.startTimeoutMs);
+      // Only a shared RAM block is skipped: the template's state has no RAM, a fork point's has the parent's.
+      await vm.qmp.command('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] });
+      await vm.qmp.command('migrate-incoming', { uri: `exec:cat ${shellQuote(from.state)}` });
+      await waitMigration(vm.qmp, this.opts.startTimeoutMs, vm);
+      await vm.qmp.command('cont').catch(() => undefined); // already running when QEMU autostarted it
+      await withTimeout(vm.channel.request({
+        op: 'restore',
+        time_ns: Date.now() * 1_000_000,
+        entropy: randomBytes(64).toString('base64'),
+        hostname: spec.hostname,
+        sandbox_id: spec.id,
+      }), this.opts.startTimeoutMs, 'the restored VM did not answer');
+      if (spec.background && vm.qemu.pid) setPriorityAll(vm.qemu.pid, 0);
+      const sandbox = new VmSandbox(spec.id, dir, tpl, disk, [...from.layers], vm, (s) => {
+        this.live.delete(s.id);
+        for (const l of s.layers) void this.releaseLayer(l);
+      });
+      this.live.set(spec.id, sandbox);
+      if (this.closed) {
+        await sandbox.destroy();
+        throw new Error('the runtime is shut down');
+      }
+      return sandbox;
+    } catch (err) {
+      const tail = await consoleTail(path.join(dir, 'console.log'));
+      if (vm) {
+        vm.channel.close('start failed');
+        vm.qmp.close();
+        vm.slirp?.stop();
+        await killAndWait(vm.qemu);
+      }
+      await rm(dir, { recursive: true, force: true });
+      for (const l of from.layers) void this.releaseLayer(l);
+      throw new Error(`the VM did not start: ${(err as Error).message}${tail ? ` (console: ${tail})` : ''}`);
+    }
+  }
+
+  /**
+   * fork(n): the parent is paused at a fork point; its device state and RAM are migrated to a
+   * state file and a copy of its disk overlay becomes a read-only fork layer; the parent then
+   * continues on its own overlay. Each
+   * child is restored from that point with its own overlay over the fork layer, its own serial
+   * channel and network, and is told the time and fresh entropy. Everything in the guest is
+   * inherited: every process, not only the interpreter.
+   */
+  private async forkChildren(parent: VmSandbox, specs: SandboxSpec[]): Promise<RuntimeSandbox[]> {
+    if (!this.live.has(parent.id)) throw new ApiError('conflict', 'the sandbox is not running');
+    const t0 = performance.now();
+    const phase = (name: string) => this.opts.log.debug(`vm fork: ${name}`, { parent: parent.id, ms: Math.round(performance.now() - t0) });
+    const point = randomBytes(6).toString('hex');
+    const layersDir = path.join(this.vmDir, 'layers');
+    await mkdir(layersDir, { recursive: true });
+    const layer = path.join(layersDir, `${point}.qcow2`);
+    const state = path.join(layersDir, `${point}.state`);
+    const qmp = parent.vm.qmp;
+    await qmp.command('stop');
+    let resumed = false;
+    try {
+      // QEMU throttles migrations to 128 MiB/s by default (meant for live migration over a network).
+      await qmp.command('migrate-set-parameters', { 'max-bandwidth': 64 * 1024 ** 3 });
+      // The migration saves RAM and device state, and flushes and deactivates the disk: its
+      // overlay file is consistent until `cont`, so a copy of it is the fork point's disk.
+      await qmp.command('migrate', { uri: `exec:cat > ${shellQuote(state)}` });
+      await waitMigration(qmp, this.opts.startTimeoutMs, parent.vm);
+      phase('memory saved');
+      await run('cp', ['--sparse=always', parent.disk, layer]);
+      await chmod(layer, 0o444);
+      this.retainLayer(layer);
+      phase('disk frozen');
+      await qmp.command('cont');
+      resumed = true;
+      const layers = [...parent.layers, layer];
+      const results = await Promise.allSettled(specs.map((spec) => this.restore(spec, { template: parent.template, backing: layer, state, layers })));
+      void this.releaseLayer(layer); // now held by the children alone
+      phase('children restored');
+      const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+      if (failed) {
+        await Promise.all(results.map((r) => (r.status === 'fulfilled' ? r.value.destroy() : undefined)));
+        throw failed.reason;
+      }
+      return results.map((r) => (r as PromiseFulfilledResult<VmSandbox>).value);
+    } finally {
+      if (!resumed) await qmp.command('cont').catch(() => undefined);
+      await rm(state, { force: true });
+      if (!this.layerRefs.has(layer)) await rm(layer, { force: true });
+    }
+  }
+
+  /**
+   * Freeze to disk: the VM's RAM and device state migrate to `dir/state` (the whole RAM: a
+   * clone's RAM is private), and its disk overlay is copied and rebased onto the image's ext4
+   * root (`qemu-img rebase`, which folds in the template's and fork layers' data), so nothing in
+   * it refers to this server's run-time files. Then the VM ends.
+   */
+  async freeze(rt: RuntimeSandbox, dir: string): Promise<void> {
+    const s = rt as VmSandbox;
+    const qmp = s.vm.qmp;
+    await mkdir(dir, { recursive: true });
+    await qmp.command('stop');
+    try {
+      await qmp.command('migrate-set-parameters', { 'max-bandwidth': 64 * 1024 ** 3 });
+      await qmp.command('migrate', { uri: `exec:cat > ${shellQuote(path.join(dir, 'state'))}` });
+      await waitMigration(qmp, this.opts.startTimeoutMs, s.vm);
+      const disk = path.join(dir, 'disk.qcow2');
+      await run('cp', ['--sparse=always', s.disk, disk]);
+      await run('qemu-img', ['rebase', '-f', 'qcow2', '-F', 'raw', '-b', s.template.image.rootfs, disk], { timeoutMs: 600_000 });
+      await writeFile(path.join(dir, 'vm.json'), JSON.stringify({ network: s.template.network, memoryMb: this.memoryMb, rootfs: s.template.image.rootfs, frozenAt: new Date().toISOString() }) + '\n');
+    } catch (err) {
+      await qmp.command('cont').catch(() => undefined);
+      await rm(dir, { recursive: true, force: true });
+      throw err;
+    }
+    await s.destroy();
+  }
+
+  async resume(spec: SandboxSpec, dir: string): Promise<RuntimeSandbox> {
+    return this.track(async () => {
+      const meta = JSON.parse(await readFile(path.join(dir, 'vm.json'), 'utf8')) as { network: boolean; memoryMb: number };
+      if (meta.memoryMb !== this.memoryMb) throw new Error(`frozen with ${meta.memoryMb} MB of RAM, this server gives VMs ${this.memoryMb} MB`);
+      const image = await this.opts.image();
+      // Any RAM file does (the state holds the whole RAM); this one is the resumed VM's own.
+      const rand = randomBytes(4).toString('hex');
+      const own: Template = { dir, disk: path.join(dir, 'disk.qcow2'), state: path.join(dir, 'state'), ramFile: path.join('/dev/shm', `${this.shmPrefix}${process.pid}-r${rand}.ram`), image, network: meta.network };
+      try {
+        const sandbox = await this.restore(spec, { template: own, backing: own.disk, state: own.state, layers: [], copyDisk: true });
+        sandbox.ownRamFile = own.ramFile;
+        return sandbox;
+      } catch (err) {
+        await rm(own.ramFile, { force: true });
+        throw err;
+      }
+    });
+  }
+
+  private retainLayer(layer: string): void {
+    this.layerRefs.set(layer, (this.layerRefs.get(layer) ?? 0) + 1);
+  }
+
+  private async releaseLayer(layer: string): Promise<void> {
+    const n = this.layerRefs.get(layer) ?? 0;
+    if (n > 1) return void this.layerRefs.set(layer, n - 1);
+    this.layerRefs.delete(layer);
+    await rm(layer, { force: true });
+  }
+
+  /** Starts QEMU and connects to its QMP socket and to the agent's port (before the guest runs). */
+  private async launch(o: { dir: string; disk: string; ramFile: string; shareRam: boolean; network: boolean; incoming: boolean; background: boolean }, timeoutMs: number): Promise<VmProcess> {
+    const agentSocket = path.join(o.dir, 'agent.sock');
+    const qmpSocket = path.join(o.dir, 'qmp.sock');
+    const consoleLog = path.join(o.dir, 'console.log');
+    if (Buffer.byteLength(agentSocket) > 107) throw new Error(`socket path too long for a unix socket: ${agentSocket} (choose a shorter state directory)`);
+    const args = qemuArgs({
+      accel: this.opts.accel, memoryMb: this.memoryMb, vmlinux: (await this.opts.image()).vmlinux, initrd: (await this.opts.image()).initrd,
+      disk: o.disk, ramFile: o.ramFile, shareRam: o.shareRam, agentSocket, qmpSocket, consoleLog, network: o.network, incoming: o.incoming,
+    });
+    // setpriv --pdeathsig: the VM dies with the server, whatever way the server ends.
+    // unshare --net: QEMU's user-mode network opens its sockets in a network namespace of its
+    // own, which reaches out only through slirp4netns with --disable-host-loopback: the guest
+    // cannot reach the host's loopback (the API included) through 10.0.2.2. Without egress the
+    // VM has no network device at all.
+    const prefix = [
+      ...(o.background ? ['nice', '-n', String(BACKGROUND_NICE)] : []),
+      ...(o.network ? ['unshare', '--net', '--'] : []),
+      // No capabilities at all (and none to regain): QEMU runs as uid 0 only for file ownership.
+      'setpriv', '--pdeathsig', 'KILL', '--no-new-privs', '--inh-caps=-all', '--bounding-set=-all', '--',
+    ];
+    const qemu = spawn(prefix[0]!, [...prefix.slice(1), QEMU, ...args], { stdio: ['ignore', 'ignore', 'pipe'] });
+    let stderr = '';
+    qemu.stderr!.on('data', (d: Buffer) => { stderr = (stderr + d.toString()).slice(-2000); });
+    const exited = new Promise<never>((_, reject) => {
+      const fail = () => reject(new Error(`QEMU exited: ${stderr.trim().split('\n').slice(-3).join(' | ') || 'no message'}`));
+      qemu.once('exit', fail);
+      qemu.once('error', (e) => reject(new Error(`cannot start QEMU: ${e.message}`)));
+    });
+    exited.catch(() => undefined);
+    const alive = () => qemu.exitCode === null && qemu.signalCode === null;
+    let network: Promise<Slirp | null> = Promise.resolve(null);
+    try {
+      const qmp = await Promise.race([Qmp.connect(qmpSocket, timeoutMs), exited]);
+      // The template never needs the network: only clones get one. QMP answering means QEMU runs,
+      // so `unshare --net` has happened: slirp4netns must attach to QEMU's namespace, never ours.
+      if (o.network && o.incoming && qemu.pid) {
+        const [theirs, ours] = await Promise.all([readlink(`/proc/${qemu.pid}/ns/net`), readlink('/proc/self/ns/net')]);
+        if (theirs === ours) throw new Error('QEMU is not in a network namespace of its own');
+        network = startSlirp(qemu.pid, timeoutMs, { ownUserNamespace: false });
+        network.catch(() => undefined);
+      }
+      // QMP answers once every device exists: connecting to the agent's port now makes the
+      // guest see its host end open (connecting earlier can be missed by virtio-serial).
+      const socket = await Promise.race([connectUnix(agentSocket, timeoutMs, alive), exited]);
+      return { qemu, stderr: () => stderr.trim().split('\n').slice(-3).join(' | '), slirp: await network, qmp, channel: new AgentChannel(socket), consoleLog };
+    } catch (err) {
+      void network.then((s) => s?.stop(), () => undefined);
+      await killAndWait(qemu);
+      throw err;
+    }
+  }
+}
+
+async function removeTemplate(t: Template): Promise<void> {
+  await rm(t.ramFile, { force: true });
+  await rm(t.dir, { recursive: true, force: true });
+}
+
+function shellQuote(s: string): string {
+  return `'${s.replace(/'/g, `'\\''`)}'`;
+}
+
+function withTimeout<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
+  return new Promise<T>((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`${what} within ${ms} ms`)), ms);
+    p.then((v) => { clearTimeout(timer); resolve(v); }, (e: unknown) => { clearTimeout(timer); reject(e as Error); });
+  });
+}
+
+/** Polls query-migrate until the migration (either direction) completes. */
+async function waitMigration(qmp: Qmp, timeoutMs: number, vm?: VmProcess): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const r = await qmp.command<{ status?: string; 'error-desc'?: string }>('query-migrate');
+    if (r.status === 'completed') return;
+    if (r.status === 'failed' || r.status === 'cancelled') {
+      await new Promise((res) => setTimeout(res, 20)); // let QEMU's stderr arrive
+      throw new Error(`migration ${r.status}${r['error-desc'] ? `: ${r['error-desc']}` : ''}${vm?.stderr() ? ` (${vm.stderr()})` : ''}`);
+    }
+    if (Date.now() > deadline) throw new Error('migration did not complete in time');
+    await new Promise((res) => setTimeout(res, 3));
+  }
+}
+
+function waitExit(p: ChildProcess, timeoutMs: number): Promise<void> {
+  if (p.exitCode !== null || p.signalCode !== null) return Promise.resolve();
+  return new Promise((resolve) => {
+    const timer = setTimeout(() => { p.kill('SIGKILL'); }, timeoutMs);
+    p.once('exit', () => { clearTimeout(timer); resolve(); });
+  });
+}
+
+async function killAndWait(p: ChildProcess): Promise<void> {
+  if (p.exitCode !== null || p.signalCode !== null) return;
+  const gone = waitExit(p, 60_000);
+  p.kill('SIGKILL');
+  await gone;
+}
+
+/** setpriority() is per thread on Linux: renice every thread of the process (vCPU threads too). */
+function setPriorityAll(pid: number, nice: number): void {
+  void readdir(`/proc/${pid}/task`).then((tids) => {
+    for (const tid of tids) {
+      try { os.setPriority(Number(tid), nice); } catch { /* ended */ }
+    }
+  }, () => undefined);
+}
+
+/** The last lines the guest printed on its console (why it died, typically). */
+async function consoleTail(file: string): Promise<string> {
+  try {
+    const text = await readFile(file, 'utf8');
+    return text.trim().split('\n').slice(-4).map((l) => l.trim()).join(' | ').slice(-600);
+  } catch {
+    return '';
+  }
+}
+
+function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+/** QEMU processes whose command line names a path under `dir` (left by a crashed server). */
+async function qemuPidsUnder(dir: string): Promise<number[]> {
+  const pids: number[] = [];
+  if (!existsSync(dir)) return pids;
+  for (const name of await readdir('/proc')) {
+    if (!/^\d+$/.test(name)) continue;
+    try {
+      const cmdline = await readFile(`/proc/${name}/cmdline`, 'utf8');
+      if (cmdline.startsWith(QEMU) || cmdline.includes(`/${QEMU}\0`)) {
+        if (cmdline.includes(`${dir}/`)) pids.push(Number(name));
+      }
+    } catch { /* ended */ }
+  }
+  return pids;
+}
