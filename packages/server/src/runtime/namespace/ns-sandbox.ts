@@ -113,6 +113,13 @@ export abstract class NsSandbox implements RuntimeSandbox {
     this.finalizing ??= (async () => {
       this.channel.close('destroyed');
       this.slirp?.stop();
+      // A dying process frees its memory in its own time slices: at the lowest priority, a
+      // teardown does not slow down the live sandboxes (or the fork that may be running).
+      if (this.initPid) {
+        for (const pid of await processTree(this.initPid)) {
+          try { os.setPriority(pid, 19); } catch { /* ended meanwhile */ }
+        }
+      }
       await this.killAll();
       await this.cgroup?.remove().catch((e: Error) => this.log.warn('cgroup removal failed', { error: e.message }));
       this.resolveExited({ reason: 'destroyed' });
