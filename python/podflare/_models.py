@@ -261,6 +261,8 @@ class SandboxInfo:
     created_at: Optional[str] = None
     last_active_at: Optional[str] = None
     idle_timeout_seconds: Optional[int] = None
+    #: ``{"cpus", "memory_mb", "disk_mb", "processes"}``: what the sandbox may use.
+    limits: Dict[str, Union[int, float]] = field(default_factory=dict)
     metadata: Dict[str, str] = field(default_factory=dict)
     #: Fields this SDK does not know yet (a newer server).
     extras: Dict[str, Any] = field(default_factory=dict)
@@ -275,6 +277,8 @@ class SandboxInfo:
             kwargs["children"] = []
         if kwargs.get("metadata") is None:
             kwargs["metadata"] = {}
+        if kwargs.get("limits") is None:
+            kwargs["limits"] = {}
         info = cls(**kwargs)
         info.extras = {k: v for k, v in obj.items() if k not in known}
         return info

@@ -185,6 +185,10 @@ class Sandbox:
         max_lifetime_seconds: (ours) hard cap on its whole life.
         metadata: (ours) string labels kept with the sandbox.
         runtime: (ours) ``ns``, ``vm`` or ``auto``.
+        limits: (ours) resource limits, each optional: ``{"cpus": 2, "memory_mb": 1024,
+            "disk_mb": 4096, "processes": 512}`` (the server's defaults). Past memory the kernel
+            kills the offending process (the exec's error is ``MemoryLimitExceeded``); past
+            processes new ones are refused (``ProcessLimitExceeded``); past disk, writes fail.
     """
 
     id: str
@@ -204,6 +208,7 @@ class Sandbox:
         max_lifetime_seconds: Optional[int] = None,
         metadata: Optional[Mapping[str, str]] = None,
         runtime: Optional[str] = None,
+        limits: Optional[Mapping[str, Union[int, float]]] = None,
     ) -> None:
         c = _resolve_client(host, api_key, client)
         body: Dict[str, Any] = {"egress": _egress_body(egress), "persistent": bool(persistent)}
@@ -217,6 +222,8 @@ class Sandbox:
             body["metadata"] = dict(metadata)
         if runtime is not None:
             body["runtime"] = runtime
+        if limits is not None:
+            body["limits"] = dict(limits)
         try:
             answer = c.json("POST", "/v1/sandboxes", json=body)
         except BaseException:

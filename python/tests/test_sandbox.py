@@ -6,7 +6,7 @@ import time
 import unittest
 from unittest import mock
 
-from podflare import Event, ExecResult, NotFoundError, Sandbox, SandboxGoneError, SandboxInfo
+from podflare import BadRequestError, Event, ExecResult, NotFoundError, Sandbox, SandboxGoneError, SandboxInfo
 from tests.server import ModuleServer
 
 SERVER = ModuleServer()
@@ -225,6 +225,16 @@ class LifecycleTests(unittest.TestCase):
             self.assertEqual(info.idle_timeout_seconds, 120)
             self.assertEqual(info.metadata, {"owner": "tests"})
             self.assertEqual(info.template, "default")
+
+    def test_limits(self):
+        with Sandbox(client=self.client, limits={"memory_mb": 256, "processes": 64}) as sbx:
+            self.assertEqual(sbx.info().limits, {"cpus": 2, "memory_mb": 256, "disk_mb": 4096, "processes": 64})
+            r = sbx.run_code("x = bytearray(600 * 1024 * 1024)")
+            self.assertEqual(r.error.name, "MemoryLimitExceeded")
+            self.assertEqual(sbx.run_code("6 * 7").text, "42")
+        with self.assertRaises(BadRequestError) as caught:
+            Sandbox(client=self.client, limits={"memory_mb": 10 ** 8})
+        self.assertIn("memory_mb", str(caught.exception))
 
     def test_connect_and_list(self):
         with Sandbox(client=self.client) as sbx:
