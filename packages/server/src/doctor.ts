@@ -138,6 +138,24 @@ async function checkCgroups(): Promise<DoctorCheck> {
   };
 }
 
+/** Disk limits need btrfs (kernel) and btrfs-progs (mkfs.btrfs): without them, no disk quota. */
+async function checkDiskLimits(): Promise<DoctorCheck> {
+  const filesystems = await readFile('/proc/filesystems', 'utf8').catch(() => '');
+  if (!/\tbtrfs$/m.test(filesystems)) {
+    return { name: 'disk limits', required: false, ok: false, detail: 'btrfs not in /proc/filesystems (modprobe btrfs): sandboxes run without disk limits' };
+  }
+  const r = await run('mkfs.btrfs', ['--version']);
+  if (r.missing) return { name: 'disk limits', required: false, ok: false, detail: 'mkfs.btrfs not found: apt-get install btrfs-progs (sandboxes run without disk limits)' };
+  return { name: 'disk limits', required: false, ok: r.code === 0, detail: `btrfs volume with per-sandbox qgroups (${firstLine(r.stdout) || firstLine(r.stderr)})` };
+}
+
+/** The seccomp filter is compiled with libseccomp's Python binding (Debian python3-seccomp). */
+async function checkSeccomp(): Promise<DoctorCheck> {
+  const r = await run('/usr/bin/python3', ['-c', 'import seccomp; print(seccomp.__file__)']);
+  const ok = r.code === 0;
+  return { name: 'seccomp', required: true, ok, detail: ok ? 'libseccomp (python3-seccomp) compiles the sandboxes\' filter' : 'python3-seccomp missing: apt-get install python3-seccomp' };
+}
+
 async function checkTool(name: string, cmd: string, args: string[], required: boolean, hint: string): Promise<DoctorCheck> {
   const r = await run(cmd, args);
   if (r.missing) return { name, required, ok: false, detail: `${cmd} not found: ${hint}` };
@@ -180,6 +198,8 @@ export async function runDoctor(opts: { imagesDir: string }): Promise<DoctorRepo
     checkNamespaces(),
     checkOverlay(),
     checkCgroups(),
+    checkSeccomp(),
+    checkDiskLimits(),
     checkTool('slirp4netns', 'slirp4netns', ['--version'], true, 'apt-get install slirp4netns (sandbox network egress)'),
     checkTool('nsenter', 'nsenter', ['--version'], true, 'apt-get install util-linux (egress allowlists: the policy proxy listens inside sandboxes)'),
     checkTool('mmdebstrap', 'mmdebstrap', ['--version'], true, 'apt-get install mmdebstrap (builds the sandbox image)'),
