@@ -8,7 +8,7 @@
  * Counters of limit hits (OOM kills, refused forks) let the server say which limit an exec ran
  * into.
  */
-import { existsSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { appendFile, mkdir, readdir, readFile, rmdir, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import type { LimitCounters, SandboxLimits } from './runtime/runtime.js';
@@ -155,10 +155,14 @@ export class SandboxCgroup {
     await writeFile(path.join(this.dirs.cpu, 'cpu.cfs_quota_us'), String(quota));
   }
 
-  async counters(): Promise<LimitCounters> {
-    const field = async (file: string, key: string) => {
+  /**
+   * Read after every exec, so read synchronously: two tiny kernel files cost microseconds, while
+   * the thread pool's open/stat/read/close hops would add a good part of a millisecond.
+   */
+  counters(): LimitCounters {
+    const field = (file: string, key: string) => {
       try {
-        const m = new RegExp(`^${key}\\s+(\\d+)$`, 'm').exec(await readFile(file, 'utf8'));
+        const m = new RegExp(`^${key}\\s+(\\d+)$`, 'm').exec(readFileSync(file, 'utf8'));
         return m ? Number(m[1]) : 0;
       } catch {
         return 0;
@@ -166,8 +170,8 @@ export class SandboxCgroup {
     };
     const oomFile = this.h.version === 2 ? 'memory.events' : 'memory.oom_control';
     return {
-      oomKills: await field(path.join(this.dirs.memory, oomFile), 'oom_kill'),
-      pidsRefused: await field(path.join(this.dirs.pids, 'pids.events'), 'max'),
+      oomKills: field(path.join(this.dirs.memory, oomFile), 'oom_kill'),
+      pidsRefused: field(path.join(this.dirs.pids, 'pids.events'), 'max'),
     };
   }
 
