@@ -1,5 +1,6 @@
 /** Small helpers over child processes and /proc, shared by the runtimes. */
 import { execFile } from 'node:child_process';
+import { readdirSync, readFileSync } from 'node:fs';
 import { readFile, readdir } from 'node:fs/promises';
 
 /** Runs a command to completion; rejects with its stderr when it fails. */
@@ -21,7 +22,11 @@ export async function processTree(root: number): Promise<number[]> {
   }
 }
 
-/** Walks /proc/<pid>/task/<tid>/children (a few reads instead of one per process on the host). */
+/**
+ * Walks /proc/<pid>/task/<tid>/children (a few reads instead of one per process on the host).
+ * Synchronous reads: procfs answers from memory in microseconds, and this sits on the fork path,
+ * where each thread-pool hop of an asynchronous read would cost more than the read itself.
+ */
 async function processTreeFromChildren(root: number): Promise<number[]> {
   const out: number[] = [];
   const queue = [root];
@@ -30,12 +35,15 @@ async function processTreeFromChildren(root: number): Promise<number[]> {
     out.push(pid);
     let tasks: string[];
     try {
-      tasks = await readdir(`/proc/${pid}/task`);
+      tasks = readdirSync(`/proc/${pid}/task`);
     } catch {
       continue; // ended meanwhile
     }
     for (const tid of tasks) {
-      const text = await readFile(`/proc/${pid}/task/${tid}/children`, 'utf8').catch(() => '');
+      let text = '';
+      try {
+        text = readFileSync(`/proc/${pid}/task/${tid}/children`, 'utf8');
+      } catch { /* ended meanwhile */ }
       for (const child of text.split(' ')) if (child.trim()) queue.push(Number(child));
     }
   }

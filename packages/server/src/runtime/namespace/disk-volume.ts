@@ -26,6 +26,7 @@ export class DiskVolume {
    * btrfs), in which case disk limits are not enforced and the caller says so.
    */
   static async open(stateDir: string, mountPoint: string, log: Logger): Promise<DiskVolume | null> {
+    if (process.env.PODFLARE_DISK_LIMITS === '0') return null; // operators may opt out (no btrfs volume)
     try {
       await mkdir(mountPoint, { recursive: true });
       if ((await fsTypeAt(mountPoint)) === 'btrfs') return new DiskVolume(mountPoint);

@@ -115,6 +115,7 @@ export class NamespaceRuntime implements Runtime {
     this.prepared ??= (async () => {
       const sandboxes = sandboxesDir(this.opts.stateDir);
       this.volume = await DiskVolume.open(this.opts.stateDir, sandboxes, this.opts.log);
+      await mkdir(sandboxes, { recursive: true }); // without the volume, a plain directory
       for (const dir of [this.opts.stateDir, sandboxes]) {
         const mode = (await stat(dir)).mode & 0o7777;
         if ((mode & 0o001) === 0) await chmod(dir, mode | 0o001);

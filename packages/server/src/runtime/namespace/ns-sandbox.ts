@@ -11,6 +11,7 @@
  * finished off when its last child ends.
  */
 import type { ChildProcess } from 'node:child_process';
+import { readFileSync } from 'node:fs';
 import { readdir, readFile, readlink, rm } from 'node:fs/promises';
 import os from 'node:os';
 import { AgentChannel } from '../../agent-channel.js';
@@ -232,7 +233,7 @@ async function killNamespaceExceptInit(init: number): Promise<void> {
  */
 export async function hostPidsOfForkChildren(parentInit: number, nsPids: number[]): Promise<Map<number, number>> {
   const levelsOf = async (pid: number) => {
-    const status = await readFile(`/proc/${pid}/status`, 'utf8');
+    const status = readFileSync(`/proc/${pid}/status`, 'utf8'); // procfs: microseconds, on the fork path
     const line = /^NSpid:\s+(.+)$/m.exec(status);
     return line ? line[1]!.trim().split(/\s+/).map(Number) : [];
   };
