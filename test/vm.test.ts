@@ -120,8 +120,11 @@ describe('vm runtime', { timeout: 600_000 }, () => {
     const mounts = await sbx.runCode('cat /proc/mounts; cat /etc/machine-id 2>/dev/null', { language: 'bash' });
     assert.doesNotMatch(mounts.stdout, /overlay|\/work|podflare\/images/);
     if (hostMachineId) assert.ok(!mounts.stdout.includes(hostMachineId));
-    // The emulator itself holds no capabilities (and can gain none), under a seccomp filter.
+    // The emulator itself runs as an unprivileged host user (never root), holds no capabilities
+    // (and can gain none), under a seccomp filter.
     const status = readFileSync(`/proc/${qemuPidOf(sbx.id)}/status`, 'utf8');
+    assert.match(status, /^Uid:\s+165536\s+165536\s+165536\s+165536$/m);
+    assert.match(status, /^Gid:\s+165536\s+165536\s+165536\s+165536$/m);
     for (const cap of ['CapEff', 'CapPrm', 'CapBnd']) assert.match(status, new RegExp(`^${cap}:\\s+0+$`, 'm'), cap);
     assert.match(status, /^NoNewPrivs:\s+1$/m);
     assert.match(status, /^Seccomp:\s+2$/m);

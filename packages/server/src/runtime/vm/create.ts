@@ -45,6 +45,10 @@ export async function createVmRuntime(config: ServerConfig, image: ImagePaths, l
     building.catch(() => { building = null; });
     return building;
   };
-  const runtime = new VmRuntime({ stateDir: config.stateDir, accel, image: vmImage, startTimeoutMs: Math.max(config.startTimeoutMs, 30_000), log });
+  const runtime = new VmRuntime({
+    stateDir: config.stateDir, accel, image: vmImage, startTimeoutMs: Math.max(config.startTimeoutMs, 30_000), log,
+    // Past the 65536 ids of the namespace sandboxes: a QEMU is nobody to them, and they to it.
+    uid: config.sandboxUidBase + 65_536,
+  });
   return { runtime, image: vmImage };
 }

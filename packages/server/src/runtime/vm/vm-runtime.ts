@@ -22,7 +22,8 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
-import { chmod, mkdir, readdir, readFile, readlink, rm, writeFile } from 'node:fs/promises';
+import { statSync } from 'node:fs';
+import { chmod, chown, mkdir, readdir, readFile, readlink, rm, stat, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { AgentChannel } from '../../agent-channel.js';
@@ -47,6 +48,11 @@ export interface VmRuntimeOptions {
   bootTimeoutMs?: number;
   /** How long a clone may take from QEMU start to the agent's answer after restore. */
   startTimeoutMs: number;
+  /**
+   * Host uid/gid QEMU runs as (never root): the first id past the namespace sandboxes' range, so
+   * a QEMU escape lands as an ordinary user owning only the VMs' own files.
+   */
+  uid: number;
   log: Logger;
 }
 
@@ -237,8 +243,9 @@ export class VmRuntime implements Runtime {
     for (let attempt = 1; ; attempt++) {
       await rm(dir, { recursive: true, force: true });
       await rm(tpl.ramFile, { force: true });
-      await mkdir(dir, { recursive: true });
+      await this.ownDir(dir);
       await run('qemu-img', ['create', '-q', '-f', 'qcow2', '-F', 'raw', '-b', image.rootfs, tpl.disk]);
+      await chown(tpl.disk, this.opts.uid, this.opts.uid);
       let vm: VmProcess | undefined;
       try {
         vm = await this.launch({ dir, disk: tpl.disk, ramFile: tpl.ramFile, shareRam: true, network, incoming: false, background: false }, bootTimeoutMs);
@@ -288,13 +295,14 @@ export class VmRuntime implements Runtime {
   private async restore(spec: SandboxSpec, from: { template: Template; backing: string; state: string; layers: string[]; copyDisk?: boolean }): Promise<VmSandbox> {
     if (this.closed) throw new Error('the runtime is shut down');
     const dir = path.join(this.vmDir, spec.id);
-    await mkdir(dir, { recursive: true });
+    await this.ownDir(dir);
     const disk = path.join(dir, 'disk.qcow2');
     for (const l of from.layers) this.retainLayer(l);
     let vm: VmProcess | undefined;
     try {
       if (from.copyDisk) await run('cp', ['--sparse=always', from.backing, disk]);
       else await run('qemu-img', ['create', '-q', '-f', 'qcow2', '-F', 'qcow2', '-b', from.backing, disk]);
+      await chown(disk, this.opts.uid, this.opts.uid);
       const tpl = from.template;
       vm = await this.launch({ dir, disk, ramFile: tpl.ramFile, shareRam: false, network: tpl.network, incoming: true, background: spec.background ?? false }, this.opts.startTimeoutMs);
       // Only a shared RAM block is skipped: the template's state has no RAM, a fork point's has the parent's.
@@ -348,7 +356,7 @@ export class VmRuntime implements Runtime {
     const phase = (name: string) => this.opts.log.debug(`vm fork: ${name}`, { parent: parent.id, ms: Math.round(performance.now() - t0) });
     const point = randomBytes(6).toString('hex');
     const layersDir = path.join(this.vmDir, 'layers');
-    await mkdir(layersDir, { recursive: true });
+    await this.ownDir(layersDir); // QEMU (its `cat`) writes the fork point's state here
     const layer = path.join(layersDir, `${point}.qcow2`);
     const state = path.join(layersDir, `${point}.state`);
     const qmp = parent.vm.qmp;
@@ -394,7 +402,7 @@ export class VmRuntime implements Runtime {
   async freeze(rt: RuntimeSandbox, dir: string): Promise<void> {
     const s = rt as VmSandbox;
     const qmp = s.vm.qmp;
-    await mkdir(dir, { recursive: true });
+    await this.ownDir(dir); // QEMU (its `cat`) writes the frozen state here
     await qmp.command('stop');
     try {
       await qmp.command('migrate-set-parameters', { 'max-bandwidth': 64 * 1024 ** 3 });
@@ -431,6 +439,28 @@ export class VmRuntime implements Runtime {
     });
   }
 
+  /** A directory QEMU may write in (its sockets, console log, migration files), reachable by it. */
+  private async ownDir(dir: string): Promise<void> {
+    await mkdir(dir, { recursive: true });
+    await chown(dir, this.opts.uid, this.opts.uid);
+    // Every directory above it, up to the state directory, must at least be searchable.
+    for (let up = path.dirname(dir); up.startsWith(this.opts.stateDir); up = path.dirname(up)) {
+      const mode = (await stat(up)).mode & 0o7777;
+      if ((mode & 0o001) === 0) await chmod(up, mode | 0o001);
+      if (up === this.opts.stateDir) break;
+    }
+  }
+
+  /** The group of /dev/kvm, given to QEMU when it uses KVM (null under TCG). */
+  private get kvmGid(): number | null {
+    if (this.opts.accel.kind !== 'kvm') return null;
+    try {
+      return statSync('/dev/kvm').gid;
+    } catch {
+      return null;
+    }
+  }
+
   private retainLayer(layer: string): void {
     this.layerRefs.set(layer, (this.layerRefs.get(layer) ?? 0) + 1);
   }
@@ -460,8 +490,11 @@ export class VmRuntime implements Runtime {
     const prefix = [
       ...(o.background ? ['nice', '-n', String(BACKGROUND_NICE)] : []),
       ...(o.network ? ['unshare', '--net', '--'] : []),
-      // No capabilities at all (and none to regain): QEMU runs as uid 0 only for file ownership.
-      'setpriv', '--pdeathsig', 'KILL', '--no-new-privs', '--inh-caps=-all', '--bounding-set=-all', '--',
+      // An unprivileged uid with no capabilities at all, and none to regain. /dev/kvm through its
+      // group where KVM is used.
+      'setpriv', '--pdeathsig', 'KILL', '--no-new-privs', '--inh-caps=-all', '--bounding-set=-all',
+      `--reuid=${this.opts.uid}`, `--regid=${this.opts.uid}`,
+      ...(this.kvmGid !== null ? [`--groups=${this.kvmGid}`] : ['--clear-groups']), '--',
     ];
     const qemu = spawn(prefix[0]!, [...prefix.slice(1), QEMU, ...args], { stdio: ['ignore', 'ignore', 'pipe'] });
     let stderr = '';
