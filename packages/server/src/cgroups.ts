@@ -9,7 +9,7 @@
  * into.
  */
 import { existsSync, readFileSync } from 'node:fs';
-import { appendFile, mkdir, readdir, readFile, rmdir, writeFile } from 'node:fs/promises';
+import { appendFile, mkdir, readdir, stat, readFile, rmdir, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import type { LimitCounters, SandboxLimits } from './runtime/runtime.js';
 
@@ -83,6 +83,36 @@ export class Cgroups {
         continue;
       }
       for (const name of names) if (!live(name)) await removeGroup(path.join(dir, name));
+    }
+    await this.removeDeadScopes();
+  }
+
+  /**
+   * Groups other servers left (a test's temporary state directory never comes back): a sandbox's
+   * group always holds its agent while it lives, so one that has been empty for a minute is dead,
+   * and so is a scope with nothing left in it.
+   */
+  private async removeDeadScopes(): Promise<void> {
+    const own = new Set([this.h.memory, this.h.pids, this.h.cpu]);
+    for (const parent of new Set([...own].map((d) => path.dirname(d)))) {
+      let scopes: string[] = [];
+      try {
+        scopes = (await readdir(parent, { withFileTypes: true })).filter((e) => e.isDirectory()).map((e) => path.join(parent, e.name));
+      } catch {
+        continue;
+      }
+      for (const scope of scopes) {
+        if (own.has(scope)) continue;
+        const groups = (await readdir(scope, { withFileTypes: true }).catch(() => [])).filter((e) => e.isDirectory());
+        for (const g of groups) {
+          const dir = path.join(scope, g.name);
+          try {
+            const idle = Date.now() - (await stat(dir)).mtimeMs > 60_000;
+            if (idle && (await readFile(path.join(dir, 'cgroup.procs'), 'utf8')).trim() === '') await rmdir(dir);
+          } catch { /* busy or gone */ }
+        }
+        await rmdir(scope).catch(() => undefined); // only once empty
+      }
     }
   }
 

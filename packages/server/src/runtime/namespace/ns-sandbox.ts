@@ -122,6 +122,7 @@ export abstract class NsSandbox implements RuntimeSandbox {
         }
       }
       await this.killAll();
+      await this.ready; // a fork child closed at once may still be getting its cgroups
       await this.cgroup?.remove().catch((e: Error) => this.log.warn('cgroup removal failed', { error: e.message }));
       this.resolveExited({ reason: 'destroyed' });
       await rm(this.dirs.dir, { recursive: true, force: true });
