@@ -20,7 +20,13 @@ export async function startTestServer(overrides: Partial<ServerConfig> = {}): Pr
   // Short and free of ':' and ',' (overlayfs option separators).
   const stateDir = await mkdtemp(path.join(os.tmpdir(), 'pf-test-'));
   const config = loadConfig({ port: 0, poolSize: 2, logLevel: 'warn', imagesDir: IMAGES_DIR, stateDir, ...overrides }, { ...process.env, PODFLARE_API_KEYS: '' });
-  const server = await startServer(config);
+  let server: RunningServer;
+  try {
+    server = await startServer(config);
+  } catch (err) {
+    await rm(stateDir, { recursive: true, force: true }); // a server that did not start leaves nothing
+    throw err;
+  }
   return Object.assign(server, {
     stateDir,
     async stop() {
