@@ -17,6 +17,11 @@ export class UsageError extends Error {
   }
 }
 
+/** `-h`/`--help` given to a command: main prints the command's help instead of running it. */
+export class HelpRequested extends Error {
+  override readonly name = 'HelpRequested';
+}
+
 /** One podflare subcommand. */
 export interface Command {
   name: string;
@@ -33,15 +38,22 @@ type Options = NonNullable<ParseArgsConfig['options']>;
 /** What {@link parse} returns: parseArgs' result, typed by the options given. */
 export type Parsed<O extends Options> = ReturnType<typeof parseArgs<{ args: string[]; options: O; allowPositionals: true; strict: true }>>;
 
-/** parseArgs in strict mode; unknown options, missing values and stray arguments become UsageErrors. */
+/**
+ * parseArgs in strict mode; unknown options, missing values and stray arguments become UsageErrors,
+ * and -h/--help (added to every command's options) a HelpRequested.
+ */
 export function parse<O extends Options>(command: string, argv: string[], options: O, allowPositionals = false): Parsed<O> {
+  let parsed: Parsed<O>;
   try {
-    return parseArgs({ args: argv, options, allowPositionals, strict: true }) as Parsed<O>;
+    parsed = parseArgs({ args: argv, options: { ...options, help: { type: 'boolean', short: 'h' } }, allowPositionals, strict: true }) as Parsed<O>;
   } catch (err) {
     const code = (err as { code?: string }).code ?? '';
     if (code.startsWith('ERR_PARSE_ARGS')) throw new UsageError((err as Error).message, command);
     throw err;
   }
+  // Every command takes -h/--help.
+  if ((parsed.values as { help?: boolean }).help) throw new HelpRequested();
+  return parsed;
 }
 
 export function intOption(value: string | undefined, name: string, min: number, max: number, command: string): number | undefined {

@@ -4,7 +4,7 @@
  * and turns errors into exit codes: 0 ok, 1 failure, 2 usage.
  */
 import { readFileSync } from 'node:fs';
-import { EXIT_FAILURE, EXIT_OK, EXIT_USAGE, UsageError, type Command } from './args.js';
+import { EXIT_FAILURE, EXIT_OK, EXIT_USAGE, HelpRequested, UsageError, type Command } from './args.js';
 import { demoCommand } from './commands/demo.js';
 import { doctorCommand } from './commands/doctor.js';
 import { imageCommand } from './commands/image.js';
@@ -56,6 +56,10 @@ export async function main(argv: string[]): Promise<number> {
   try {
     return await command.run(rest);
   } catch (err) {
+    if (err instanceof HelpRequested) {
+      process.stdout.write(command.help);
+      return EXIT_OK;
+    }
     if (err instanceof UsageError) {
       process.stderr.write(`podflare ${command.name}: ${err.message}\nRun \`podflare ${command.name} --help\` for usage.\n`);
       return EXIT_USAGE;

@@ -16,9 +16,9 @@ Operations:
   subvolume {path, limit_bytes}   create a btrfs subvolume (a sandbox's directory on the disk
                                   volume) whose qgroup limits what the sandbox may write
   disk_limit {path, limit_bytes}  change that limit
-  squash_layers {sources, target}  squash overlay layers (topmost first) into one new layer
-  copy_layer {source, target}     copy an overlay upper into a new fork layer (keeps whiteouts,
-                                  opaque marks and owners)
+  squash_layers {sources, target}  squash overlay layers (topmost first) into one new layer (keeps
+                                  whiteouts, opaque marks and owners): a fork layer is the
+                                  parent's upper squashed alone, or with the fork layers below it
   detach  {pid, target}           lazily unmount `target` in that namespace and remove the directory
   tmpfs   {pid, target}           mount a small tmpfs at `target` in that namespace (once)
   diff    {a, b, paths?, content?, max_content_bytes?}
@@ -284,25 +284,6 @@ def _copy_entry(src, dst, st):
         os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
-def op_copy_layer(req):
-    """Copies an overlay upper layer (whiteouts, opaque marks, owners, modes, times) to a new
-    directory: the frozen, read-only fork layer. Directory times are set after their contents."""
-    src, dst = req["source"], req["target"]
-    dirs = []
-    for dirpath, dirnames, filenames in os.walk(src):
-        rel = os.path.relpath(dirpath, src)
-        target_dir = dst if rel == "." else os.path.join(dst, rel)
-        st = os.lstat(dirpath)
-        _copy_entry(dirpath, target_dir, st)
-        dirs.append((target_dir, st))
-        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
-            path = os.path.join(dirpath, name)
-            _copy_entry(path, os.path.join(target_dir, name), os.lstat(path))
-    for target_dir, st in reversed(dirs):
-        os.utime(target_dir, ns=(st.st_atime_ns, st.st_mtime_ns))
-    return {}
-
-
 def _remove(path):
     try:
         st = os.lstat(path)
@@ -526,7 +507,7 @@ def op_diff(req):
     return out
 
 
-OPS = {"idmap": op_idmap, "squash_layers": op_squash_layers, "subvolume": op_subvolume, "disk_limit": op_disk_limit, "copy_layer": op_copy_layer, "overlay": op_overlay, "detach": op_detach, "tmpfs": op_tmpfs, "diff": op_diff}
+OPS = {"idmap": op_idmap, "squash_layers": op_squash_layers, "subvolume": op_subvolume, "disk_limit": op_disk_limit, "overlay": op_overlay, "detach": op_detach, "tmpfs": op_tmpfs, "diff": op_diff}
 
 
 def main():

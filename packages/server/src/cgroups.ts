@@ -123,7 +123,7 @@ export class Cgroups {
 
   private prepare(): Promise<void> {
     this.prepared ??= (async () => {
-      for (const dir of new Set([this.h.memory, this.h.pids, this.h.cpu])) await mkdirIfMissing(dir);
+      for (const dir of new Set([this.h.memory, this.h.pids, this.h.cpu])) await mkdir(dir, { recursive: true });
       if (this.h.version === 2) {
         // Controllers must be enabled on the way down for the sandboxes' groups to have them.
         for (const dir of [ROOT, path.dirname(this.h.memory), this.h.memory]) {
@@ -151,7 +151,7 @@ export class SandboxCgroup {
   }
 
   async make(): Promise<void> {
-    for (const dir of this.unique()) await mkdirIfMissing(dir);
+    for (const dir of this.unique()) await mkdir(dir, { recursive: true });
   }
 
   /** Moves a process (and so everything it starts later) into the sandbox's groups. */
@@ -213,10 +213,6 @@ export class SandboxCgroup {
   private unique(): string[] {
     return [...new Set([this.dirs.memory, this.dirs.pids, this.dirs.cpu])];
   }
-}
-
-async function mkdirIfMissing(dir: string): Promise<void> {
-  await mkdir(dir, { recursive: true });
 }
 
 /** rmdir of a cgroup succeeds only once it has no process: kill them and wait a little. */

@@ -5,34 +5,12 @@
  * more than the caps. Emits every step as it happens, so a watcher can stream it live.
  */
 import { EventEmitter } from 'node:events';
-import type { ExecErrorInfo, ExecStreamMessage } from '@podflare/protocol';
+import type { ExecRecord, ExecStreamMessage, ExecUpdate as WireExecUpdate, HistoryOutput } from '@podflare/protocol';
 
-export type HistoryOutput =
-  | { type: 'stdout' | 'stderr'; data: string }
-  | { type: 'result'; data: Record<string, unknown>; is_main_result: boolean }
-  | { type: 'error'; data: ExecErrorInfo };
+export type { ExecRecord, HistoryOutput };
 
-export interface ExecRecord {
-  /** Unique on this server, increasing. */
-  id: number;
-  sandbox: string;
-  language: 'python' | 'bash';
-  code: string;
-  started_at: number;
-  ended_at: number | null;
-  exit_code: number | null;
-  execution_count: number | null;
-  state_lost: boolean;
-  outputs: HistoryOutput[];
-  /** True once output was dropped for the per-exec cap. */
-  truncated: boolean;
-}
-
-/** A step of an exec, as emitted on 'exec' (and sent to the dashboard). */
-export type ExecUpdate =
-  | { phase: 'start'; sandbox: string; owner: string; exec: ExecRecord }
-  | { phase: 'output'; sandbox: string; owner: string; id: number; output: HistoryOutput }
-  | { phase: 'end'; sandbox: string; owner: string; exec: ExecRecord };
+/** A step of an exec, as emitted on 'exec': the dashboard's update plus whose sandbox it is. */
+export type ExecUpdate = WireExecUpdate & { owner: string };
 
 export interface HistoryLimits {
   execsPerSandbox: number;

@@ -4,6 +4,7 @@
  * `GET /v1/metrics` and as JSON for the dashboard's "Pool and host" panel. One instance per server
  * (no module-level state), so several servers can share a test process.
  */
+import type { HistogramSnapshot } from '@podflare/protocol';
 
 type Labels = Record<string, string>;
 
@@ -42,15 +43,6 @@ export class Counter {
     return [`# HELP ${this.name} ${this.help}`, `# TYPE ${this.name} counter`,
       ...[...this.values.values()].map((e) => `${this.name}${renderLabels(e.labels)} ${num(e.value)}`)];
   }
-}
-
-export interface HistogramSnapshot {
-  /** Upper bounds in seconds; the last bucket (+Inf) is implicit in `count`. */
-  buckets: number[];
-  /** Observations per bucket (not cumulative), one per bound plus one for +Inf. */
-  counts: number[];
-  count: number;
-  sum: number;
 }
 
 export class Histogram {

@@ -5,20 +5,10 @@
  */
 import type { Logger } from './log.js';
 import type { RuntimeSandbox } from './runtime/runtime.js';
+import type { PoolStats } from '@podflare/protocol';
 
 export interface PoolKey { runtime: 'ns' | 'vm'; template: string; egress: boolean }
 export type StartFn = (key: PoolKey) => Promise<RuntimeSandbox>;
-
-export interface PoolStats {
-  runtime: 'ns' | 'vm';
-  template: string;
-  egress: boolean;
-  ready: number;
-  starting: number;
-  target: number;
-  hits: number;
-  misses: number;
-}
 
 interface Bucket {
   key: PoolKey;

@@ -86,12 +86,7 @@ export const demoCommand: Command = {
       'images-dir': { type: 'string' },
       'pool-size': { type: 'string' },
       'log-level': { type: 'string' },
-      help: { type: 'boolean', short: 'h' },
     });
-    if (values.help) {
-      process.stdout.write(HELP);
-      return EXIT_OK;
-    }
     const out = (s: string) => process.stdout.write(s);
     const t0 = Date.now();
     let stepNo = 0;

@@ -25,12 +25,7 @@ export const doctorCommand: Command = {
       'images-dir': { type: 'string' },
       'state-dir': { type: 'string' },
       json: { type: 'boolean' },
-      help: { type: 'boolean', short: 'h' },
     });
-    if (values.help) {
-      process.stdout.write(HELP);
-      return EXIT_OK;
-    }
     const config = loadConfig({
       stateDir: values['state-dir'] ? path.resolve(values['state-dir']) : undefined,
       imagesDir: values['images-dir'] ? path.resolve(values['images-dir']) : undefined,

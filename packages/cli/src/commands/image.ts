@@ -35,7 +35,6 @@ const OPTIONS = {
   force: { type: 'boolean' },
   'dry-run': { type: 'boolean' },
   quiet: { type: 'boolean', short: 'q' },
-  help: { type: 'boolean', short: 'h' },
 } as const;
 
 function mib(bytes: number | undefined): string {
@@ -49,10 +48,6 @@ export const imageCommand: Command = {
   help: HELP,
   async run(argv) {
     const { values, positionals } = parse('image', argv, OPTIONS, true);
-    if (values.help) {
-      process.stdout.write(HELP);
-      return EXIT_OK;
-    }
     const [sub, ...rest] = positionals;
     if (rest.length) throw new UsageError(`unexpected argument: ${rest[0]}`, 'image');
     const config = loadConfig({

@@ -44,12 +44,7 @@ export const lsCommand: Command = {
       all: { type: 'boolean' },
       host: { type: 'string' },
       json: { type: 'boolean' },
-      help: { type: 'boolean', short: 'h' },
     });
-    if (values.help) {
-      process.stdout.write(HELP);
-      return EXIT_OK;
-    }
     const list = await Sandbox.list({ host: values.host, all: values.all === true });
     list.sort((a, b) => a.createdAt.getTime() - b.createdAt.getTime());
     if (values.json) process.stdout.write(`${JSON.stringify(list, null, 2)}\n`);

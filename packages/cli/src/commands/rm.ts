@@ -21,12 +21,7 @@ export const rmCommand: Command = {
   async run(argv) {
     const { values, positionals } = parse('rm', argv, {
       host: { type: 'string' },
-      help: { type: 'boolean', short: 'h' },
     }, true);
-    if (values.help) {
-      process.stdout.write(HELP);
-      return EXIT_OK;
-    }
     if (positionals.length === 0) throw new UsageError('missing sandbox id', 'rm');
     const bad = positionals.find((id) => !ID.test(id));
     if (bad) throw new UsageError(`not a sandbox id: ${bad} (expected sbx_ and 32 hex digits)`, 'rm');

@@ -1,6 +1,6 @@
 /** `podflare run`: run code in a fresh sandbox, stream its output, exit with its exit code. */
 import { Sandbox } from 'podflare';
-import { enumOption, EXIT_OK, intOption, parse, readStdin, UsageError, type Command } from '../args.js';
+import { enumOption, intOption, parse, readStdin, UsageError, type Command } from '../args.js';
 
 const HELP = `Usage: podflare run [options] <code>
        podflare run [options] -          (code from stdin)
@@ -34,12 +34,7 @@ export const runCommand: Command = {
       host: { type: 'string' },
       'timeout-ms': { type: 'string' },
       runtime: { type: 'string' },
-      help: { type: 'boolean', short: 'h' },
     }, true);
-    if (values.help) {
-      process.stdout.write(HELP);
-      return EXIT_OK;
-    }
     if (positionals.length === 0) throw new UsageError('missing code to run (use - to read it from stdin)', 'run');
     if (positionals.length > 1) throw new UsageError('give the code as one argument (quote it)', 'run');
     const timeoutMs = intOption(values['timeout-ms'], 'timeout-ms', 1, 24 * 3600 * 1000, 'run');

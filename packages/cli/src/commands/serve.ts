@@ -28,7 +28,6 @@ const OPTIONS = {
   'pool-size': { type: 'string' },
   runtime: { type: 'string' },
   'log-level': { type: 'string' },
-  help: { type: 'boolean', short: 'h' },
 } as const;
 
 /** The CLI flags as loadConfig overrides (unset flags left out, so the environment applies). */
@@ -53,10 +52,6 @@ export const serveCommand: Command = {
   help: HELP,
   async run(argv) {
     const { values } = parse('serve', argv, OPTIONS);
-    if (values.help) {
-      process.stdout.write(HELP);
-      return EXIT_OK;
-    }
     const config = loadConfig(serveOverrides(values, 'serve'));
     const reporter = createProgressReporter();
     const server = await startServer(config, { onImageProgress: reporter.onProgress }).finally(() => reporter.finish());

@@ -13,6 +13,7 @@ import { readFile } from 'node:fs/promises';
 import { createRequire } from 'node:module';
 import os from 'node:os';
 import path from 'node:path';
+import type { DashboardSandbox } from '@podflare/protocol';
 import { ApiError } from '../errors.js';
 import type { ExecUpdate } from '../exec-history.js';
 import type { SandboxManager } from '../sandbox-manager.js';
@@ -57,22 +58,6 @@ function dashboardDir(): string | null {
   } catch {
     return null;
   }
-}
-
-export interface DashboardSandbox {
-  id: string;
-  template: string;
-  runtime: string;
-  state: SandboxRecord['state'];
-  egress: boolean | { allow: string[] };
-  parent: string | null;
-  created_at: number;
-  last_active_at: number;
-  ended_at: number | null;
-  end_reason: string | null;
-  idle_timeout_seconds: number;
-  memory_bytes: number | null;
-  metadata: Record<string, string>;
 }
 
 export function addDashboardRoutes(router: Router, manager: SandboxManager): void {

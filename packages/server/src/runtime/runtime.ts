@@ -4,6 +4,8 @@
  * manager and the API never look past this interface.
  */
 import type { EgressSetting } from '@podflare/protocol';
+import type { FileDiff } from '@podflare/protocol';
+export type { FileDiff };
 import type { AgentChannel } from '../agent-channel.js';
 
 export interface RuntimeCapabilities {
@@ -78,17 +80,6 @@ export interface DiffOptions {
   paths?: string[];
   /** Add unified diffs of text files. */
   content?: boolean;
-}
-
-export interface FileDiff {
-  added: string[];
-  removed: string[];
-  modified: string[];
-  /** Unified diff per changed text file. */
-  content?: Record<string, string>;
-  /** Changed files not shown in `content` because they are binary, or over the size cap. */
-  binary?: string[];
-  too_large?: string[];
 }
 
 export interface Runtime {

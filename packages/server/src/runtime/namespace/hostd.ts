@@ -46,10 +46,6 @@ export class HostHelper {
     return this.call({ op: 'squash_layers', sources, target }).then(() => undefined);
   }
 
-  copyLayer(source: string, target: string): Promise<void> {
-    return this.call({ op: 'copy_layer', source, target }).then(() => undefined);
-  }
-
   detach(pid: number, target: string): Promise<void> {
     return this.call({ op: 'detach', pid, target }).then(() => undefined);
   }

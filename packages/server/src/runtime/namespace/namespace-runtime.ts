@@ -26,6 +26,7 @@ import { ApiError } from '../../errors.js';
 import type { Logger } from '../../log.js';
 import { processTree, run } from '../../proc.js';
 import type { DiffOptions, FileDiff, ReconcileReport, Runtime, RuntimeSandbox, SandboxSpec } from '../runtime.js';
+import { InFlight } from '../in-flight.js';
 import { bwrapArgs, SANDBOX_PATH } from './bwrap-args.js';
 import { HostHelper } from './hostd.js';
 import { DiskVolume } from './disk-volume.js';
@@ -70,11 +71,10 @@ export class NamespaceRuntime implements Runtime {
   readonly name = 'ns' as const;
   readonly capabilities: Runtime['capabilities'];
   private readonly live = new Map<string, NsSandbox>();
-  private readonly starting = new Set<Promise<unknown>>();
+  private readonly inFlight = new InFlight();
   private readonly layerRefs = new Map<string, number>();
   private readonly hostd = new HostHelper();
   private readonly hooks: SandboxHooks;
-  private closed = false;
   private prepared: Promise<void> | null = null;
   /** Where limits are enforced; null on hosts without a usable cgroup hierarchy (warned once). */
   private cgroups: Cgroups | null = null;
@@ -107,9 +107,9 @@ export class NamespaceRuntime implements Runtime {
   }
 
   /**
-   * Once per runtime: the host helper's idmapped views of the image layers, and a state
-   * directory that bwrap (running as the sandboxes' unprivileged uid) may walk through to reach a
-   * sandbox's root — search permission only, no listing.
+   * Once per runtime: the disk volume, a state directory that bwrap (running as the sandboxes'
+   * unprivileged uid) may walk through to reach a sandbox's root — search permission only, no
+   * listing —, the host helper's idmapped views of the image layers, the cgroups, the seccomp filter.
    */
   private prepare(): Promise<void> {
     this.prepared ??= (async () => {
@@ -143,7 +143,7 @@ export class NamespaceRuntime implements Runtime {
   async reconcile(knownIds: string[]): Promise<ReconcileReport> {
     await this.prepare();
     // Groups of sandboxes a crashed server left: their processes are killed with them.
-    await (await this.detectCgroups())?.cleanupOrphans((id) => this.live.has(id));
+    await this.cgroups?.cleanupOrphans((id) => this.live.has(id));
     const left = await removeLeftovers(this.opts.stateDir, this.layersDir, knownIds);
     await rm(path.join(this.opts.stateDir, 'layers'), { recursive: true, force: true }); // from a run without the volume
     if (left.killed.length || left.unmounted.length || left.removed.length) {
@@ -155,11 +155,11 @@ export class NamespaceRuntime implements Runtime {
   }
 
   start(spec: SandboxSpec): Promise<RuntimeSandbox> {
-    return this.track(() => this.startRoot(spec));
+    return this.inFlight.track(() => this.startRoot(spec));
   }
 
   fork(parentRt: RuntimeSandbox, specs: SandboxSpec[]): Promise<RuntimeSandbox[]> {
-    return this.track(() => this.forkChildren(parentRt as NsSandbox, specs));
+    return this.inFlight.track(() => this.forkChildren(parentRt as NsSandbox, specs));
   }
 
   async diff(a: RuntimeSandbox, b: RuntimeSandbox, opts: DiffOptions): Promise<FileDiff> {
@@ -167,9 +167,8 @@ export class NamespaceRuntime implements Runtime {
   }
 
   async close(): Promise<void> {
-    this.closed = true;
     // Starts in flight finish (or fail) first, so none of them leaves a mount behind.
-    await Promise.allSettled([...this.starting]);
+    await this.inFlight.close();
     // Children first: a parent with live children would only become a husk.
     const byDepth = [...this.live.values()].sort((x, y) => y.depth - x.depth);
     for (const s of byDepth) await s.destroy();
@@ -179,17 +178,6 @@ export class NamespaceRuntime implements Runtime {
     await this.cgroups?.close();
     this.hostd.close();
     await this.volume?.close();
-  }
-
-  private async track<T>(work: () => Promise<T>): Promise<T> {
-    if (this.closed) throw new Error('the runtime is shut down');
-    const p = work();
-    this.starting.add(p);
-    try {
-      return await p;
-    } finally {
-      this.starting.delete(p);
-    }
   }
 
   private agentEnv(spec: SandboxSpec): Record<string, string> {
@@ -236,7 +224,7 @@ export class NamespaceRuntime implements Runtime {
     const lowers = this.opts.lowerDirs;
     await this.makeSandboxDir(dirs, spec);
     await this.mountOverlay(dirs, lowers);
-    if (this.closed) {
+    if (this.inFlight.closed) {
       await this.unmount(dirs);
       await rm(dirs.dir, { recursive: true, force: true });
       throw new Error('the runtime is shut down');
@@ -439,12 +427,9 @@ export class NamespaceRuntime implements Runtime {
     const layer = path.join(this.layersDir, `fork-${randomBytes(8).toString('hex')}`);
     await mkdir(this.layersDir, { recursive: true });
     const forkLayers = parent.lowers.filter((l) => l.startsWith(this.layersDir + '/'));
-    if (forkLayers.length < MAX_STACKED_FORK_LAYERS) {
-      await this.hostd.copyLayer(parent.dirs.upper, layer);
-      return [layer, ...parent.lowers];
-    }
-    await this.hostd.squashLayers([parent.dirs.upper, ...forkLayers], layer);
-    return [layer, ...parent.lowers.filter((l) => !forkLayers.includes(l))];
+    const squashed = forkLayers.length < MAX_STACKED_FORK_LAYERS ? [] : forkLayers;
+    await this.hostd.squashLayers([parent.dirs.upper, ...squashed], layer);
+    return [layer, ...parent.lowers.filter((l) => !squashed.includes(l))];
   }
 
   private retainLayer(layer: string): void {

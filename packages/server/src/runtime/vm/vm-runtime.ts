@@ -32,6 +32,7 @@ import type { VmImagePaths } from '../../image/vm-image.js';
 import type { Logger } from '../../log.js';
 import { pssOf, run } from '../../proc.js';
 import type { DiffOptions, FileDiff, ReconcileReport, Runtime, RuntimeSandbox, SandboxSpec } from '../runtime.js';
+import { InFlight } from '../in-flight.js';
 import { startSlirp, type Slirp } from '../namespace/network.js';
 import { qemuArgs, type Acceleration } from './qemu-args.js';
 import { vmDiff } from './vm-diff.js';
@@ -150,8 +151,7 @@ export class VmRuntime implements Runtime {
   private readonly layerRefs = new Map<string, number>();
   private readonly live = new Map<string, VmSandbox>();
   private readonly templates = new Map<string, Promise<Template>>();
-  private readonly starting = new Set<Promise<unknown>>();
-  private closed = false;
+  private readonly inFlight = new InFlight();
   private readonly memoryMb: number;
   /** Names this server's RAM files on /dev/shm (shared by every server on the machine). */
   private readonly shmPrefix: string;
@@ -186,11 +186,11 @@ export class VmRuntime implements Runtime {
   }
 
   start(spec: SandboxSpec): Promise<RuntimeSandbox> {
-    return this.track(() => this.startClone(spec));
+    return this.inFlight.track(() => this.startClone(spec));
   }
 
   fork(parent: RuntimeSandbox, specs: SandboxSpec[]): Promise<RuntimeSandbox[]> {
-    return this.track(() => this.forkChildren(parent as VmSandbox, specs));
+    return this.inFlight.track(() => this.forkChildren(parent as VmSandbox, specs));
   }
 
   diff(a: RuntimeSandbox, b: RuntimeSandbox, opts: DiffOptions): Promise<FileDiff> {
@@ -198,8 +198,7 @@ export class VmRuntime implements Runtime {
   }
 
   async close(): Promise<void> {
-    this.closed = true;
-    await Promise.allSettled([...this.starting]);
+    await this.inFlight.close();
     await Promise.all([...this.live.values()].map((s) => s.destroy()));
     const templates = await Promise.allSettled([...this.templates.values()]);
     this.templates.clear();
@@ -207,17 +206,6 @@ export class VmRuntime implements Runtime {
       if (t.status === 'fulfilled') await removeTemplate(t.value);
     }
     await rm(this.vmDir, { recursive: true, force: true });
-  }
-
-  private async track<T>(work: () => Promise<T>): Promise<T> {
-    if (this.closed) throw new Error('the runtime is shut down');
-    const p = work();
-    this.starting.add(p);
-    try {
-      return await p;
-    } finally {
-      this.starting.delete(p);
-    }
   }
 
   /** The frozen template for (template, network), booted on first use; a failed boot is retried next time. */
@@ -273,7 +261,7 @@ export class VmRuntime implements Runtime {
           await killAndWait(vm.qemu);
         }
         const message = `${(err as Error).message}${tail ? ` (console: ${tail})` : ''}`;
-        if (attempt >= 2 || this.closed) {
+        if (attempt >= 2 || this.inFlight.closed) {
           await removeTemplate(tpl);
           throw new Error(`the VM template did not boot: ${message}`);
         }
@@ -293,7 +281,7 @@ export class VmRuntime implements Runtime {
    * a new overlay over `backing`.
    */
   private async restore(spec: SandboxSpec, from: { template: Template; backing: string; state: string; layers: string[]; copyDisk?: boolean }): Promise<VmSandbox> {
-    if (this.closed) throw new Error('the runtime is shut down');
+    if (this.inFlight.closed) throw new Error('the runtime is shut down');
     const dir = path.join(this.vmDir, spec.id);
     await this.ownDir(dir);
     const disk = path.join(dir, 'disk.qcow2');
@@ -323,7 +311,7 @@ export class VmRuntime implements Runtime {
         for (const l of s.layers) void this.releaseLayer(l);
       });
       this.live.set(spec.id, sandbox);
-      if (this.closed) {
+      if (this.inFlight.closed) {
         await sandbox.destroy();
         throw new Error('the runtime is shut down');
       }
@@ -421,7 +409,7 @@ export class VmRuntime implements Runtime {
   }
 
   async resume(spec: SandboxSpec, dir: string): Promise<RuntimeSandbox> {
-    return this.track(async () => {
+    return this.inFlight.track(async () => {
       const meta = JSON.parse(await readFile(path.join(dir, 'vm.json'), 'utf8')) as { network: boolean; memoryMb: number };
       if (meta.memoryMb !== this.memoryMb) throw new Error(`frozen with ${meta.memoryMb} MB of RAM, this server gives VMs ${this.memoryMb} MB`);
       const image = await this.opts.image();

@@ -1,0 +1,113 @@
+/**
+ * What the server sends the dashboard (packages/server/src/http/dashboard-routes.ts), defined once
+ * for both: the server builds these, the page (packages/dashboard) reads them. Types only.
+ */
+import type { ExecErrorInfo } from './events.js';
+import type { EgressSetting } from './egress.js';
+import type { SandboxState } from './api.js';
+
+export interface DashboardSandbox {
+  id: string;
+  template: string;
+  runtime: string;
+  state: SandboxState;
+  egress: EgressSetting;
+  parent: string | null;
+  created_at: number;
+  last_active_at: number;
+  ended_at: number | null;
+  end_reason: string | null;
+  idle_timeout_seconds: number;
+  memory_bytes: number | null;
+  metadata: Record<string, string>;
+}
+
+export interface SandboxesSnapshot {
+  now: number;
+  sandboxes: DashboardSandbox[];
+}
+
+/** One piece of an exec's output, as the history keeps it. */
+export type HistoryOutput =
+  | { type: 'stdout' | 'stderr'; data: string }
+  | { type: 'result'; data: Record<string, unknown>; is_main_result: boolean }
+  | { type: 'error'; data: ExecErrorInfo };
+
+export interface ExecRecord {
+  /** Unique on this server, increasing. */
+  id: number;
+  sandbox: string;
+  language: 'python' | 'bash';
+  code: string;
+  started_at: number;
+  ended_at: number | null;
+  exit_code: number | null;
+  execution_count: number | null;
+  state_lost: boolean;
+  outputs: HistoryOutput[];
+  /** True once output was dropped for the per-exec cap. */
+  truncated: boolean;
+}
+
+/** A step of an exec, as streamed to the dashboard. */
+export type ExecUpdate =
+  | { phase: 'start'; sandbox: string; exec: ExecRecord }
+  | { phase: 'output'; sandbox: string; id: number; output: HistoryOutput }
+  | { phase: 'end'; sandbox: string; exec: ExecRecord };
+
+export interface HistogramSnapshot {
+  /** Upper bounds in seconds; the last bucket (+Inf) is implicit in `count`. */
+  buckets: number[];
+  /** Observations per bucket (not cumulative), one per bound plus one for +Inf. */
+  counts: number[];
+  count: number;
+  sum: number;
+}
+
+export interface PoolStats {
+  runtime: 'ns' | 'vm';
+  template: string;
+  egress: boolean;
+  ready: number;
+  starting: number;
+  target: number;
+  hits: number;
+  misses: number;
+}
+
+export interface HostSnapshot {
+  now: number;
+  pools: PoolStats[];
+  sandboxes: Record<string, number>;
+  metrics: {
+    uptime_seconds: number;
+    histograms: Record<'create' | 'exec' | 'fork', HistogramSnapshot>;
+    limit_kills: Record<string, number>;
+  };
+  history_bytes: number;
+  host: {
+    hostname: string; cpus: number; loadavg: number[]; total_memory: number; free_memory: number;
+    uptime_seconds: number; node: string; server_rss: number;
+  };
+}
+
+/** `diff` of two sandboxes' files (GET /v1/sandboxes/:id/diff). */
+export interface FileDiff {
+  added: string[];
+  removed: string[];
+  modified: string[];
+  /** Unified diff per changed text file (`?content=1`). */
+  content?: Record<string, string>;
+  /** Changed files not shown in `content` because they are binary, or over the size cap. */
+  binary?: string[];
+  too_large?: string[];
+}
+
+/** The diff answer with `?vars=1`: interpreter variables added, removed, changed. */
+export interface DiffAnswer extends FileDiff {
+  vars?: {
+    added: Array<{ name: string; type: string; repr: string }>;
+    removed: Array<{ name: string; type: string; repr: string }>;
+    changed: Array<{ name: string; type: string; before: string; after: string }>;
+  };
+}
