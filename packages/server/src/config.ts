@@ -6,6 +6,7 @@
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { MB } from './limits.js';
 import type { LogLevel } from './log.js';
 import type { SandboxLimits } from './runtime/runtime.js';
 
@@ -86,7 +87,6 @@ function num(value: string | undefined, name: string): number | undefined {
   return n;
 }
 
-const MB = 1024 * 1024;
 
 export function loadConfig(overrides: Partial<ServerConfig> = {}, env: NodeJS.ProcessEnv = process.env): ServerConfig {
   const stateDir = overrides.stateDir ?? env.PODFLARE_STATE_DIR ?? '/var/lib/podflare';

@@ -2,12 +2,11 @@
  * Resource limits as the API speaks of them (cpus, memory_mb, disk_mb, processes) and as the
  * runtimes apply them (bytes, pids), plus how an exec that ran into one is reported.
  */
-import type { LimitsBody, SandboxLimitsInfo } from '@podflare/protocol';
-import type { ExecStreamMessage } from '@podflare/protocol';
+import type { ExecStreamMessage, LimitsBody, SandboxLimitsInfo } from '@podflare/protocol';
 import { ApiError } from './errors.js';
 import type { LimitCounters, SandboxLimits } from './runtime/runtime.js';
 
-const MB = 1024 * 1024;
+export const MB = 1024 * 1024;
 
 /** The creator's limits over the server's defaults; 400 naming the field past a maximum. */
 export function resolveLimits(body: LimitsBody | undefined, defaults: SandboxLimits, max: SandboxLimits): SandboxLimits {

@@ -88,11 +88,12 @@ export async function pssOf(pids: number[]): Promise<number> {
   return kb * 1024;
 }
 
+/** Whether a process exists (EPERM: it does, but belongs to someone else). */
 export function isAlive(pid: number): boolean {
   try {
     process.kill(pid, 0);
     return true;
-  } catch {
-    return false;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
   }
 }

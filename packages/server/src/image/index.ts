@@ -18,6 +18,7 @@
  */
 import { mkdir, readdir, rm, stat } from 'node:fs/promises';
 import path from 'node:path';
+import { isAlive } from '../proc.js';
 import { agentHash, agentLayerDir, baseDir, basePythonTag, buildAgent, buildBase, listAgentFiles } from './build.js';
 import { acquireLock, type HeldLock } from './lock.js';
 import { processesWithFilesUnder, vmRootHash } from './vm-image.js';
@@ -142,14 +143,6 @@ function tmpOwner(name: string): number | undefined {
   return m ? Number(m[1]) : undefined;
 }
 
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
-  }
-}
 
 /**
  * Called with the lock held: removes half-built trees of dead builders (once no process works in
@@ -163,7 +156,7 @@ async function cleanLeftovers(imagesDir: string, log: (msg: string) => void, dry
     try {
       const pid = tmpOwner(name);
       let remove = false;
-      if (pid !== undefined && pid !== process.pid && !alive(pid)) {
+      if (pid !== undefined && pid !== process.pid && !isAlive(pid)) {
         const users = await processesUsing(full);
         if (users.length) log(`${name} is left by an interrupted build but still in use by pid ${users.join(', ')}; removing it later`);
         else remove = true;

@@ -15,6 +15,7 @@ import { randomBytes } from 'node:crypto';
 import { mkdir, readFile, rename, rm, stat, utimes, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
+import { isAlive } from '../proc.js';
 
 export interface LockOwner {
   pid: number;
@@ -45,15 +46,6 @@ export interface AcquireOptions {
 /** Grace for a lock directory that does not have its owner.json yet (between mkdir and write). */
 const UNOWNED_GRACE_MS = 10_000;
 
-function isAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    // EPERM: it exists but belongs to someone else.
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
-  }
-}
 
 async function readOwner(lockDir: string): Promise<{ owner?: LockOwner; touchedMs?: number }> {
   const file = path.join(lockDir, 'owner.json');

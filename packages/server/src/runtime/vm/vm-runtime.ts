@@ -30,7 +30,7 @@ import { AgentChannel } from '../../agent-channel.js';
 import { ApiError } from '../../errors.js';
 import type { VmImagePaths } from '../../image/vm-image.js';
 import type { Logger } from '../../log.js';
-import { pssOf, run } from '../../proc.js';
+import { isAlive, pssOf, run } from '../../proc.js';
 import type { DiffOptions, FileDiff, ReconcileReport, Runtime, RuntimeSandbox, SandboxSpec } from '../runtime.js';
 import { InFlight } from '../in-flight.js';
 import { startSlirp, type Slirp } from '../namespace/network.js';
@@ -180,7 +180,7 @@ export class VmRuntime implements Runtime {
     // test's temporary state directory never comes back): the name carries the server's pid.
     for (const name of await readdir('/dev/shm').catch(() => [] as string[])) {
       const m = /^podflare-[0-9a-f]{10}-(\d+)-[0-9a-fr]+\.ram$/.exec(name);
-      if (m && (name.startsWith(this.shmPrefix) || !processAlive(Number(m[1])))) await rm(path.join('/dev/shm', name), { force: true });
+      if (m && (name.startsWith(this.shmPrefix) || !isAlive(Number(m[1])))) await rm(path.join('/dev/shm', name), { force: true });
     }
     return { adopted: [], cleaned: [] };
   }
@@ -582,14 +582,6 @@ async function consoleTail(file: string): Promise<string> {
   }
 }
 
-function processAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
-  }
-}
 
 /** QEMU processes whose command line names a path under `dir` (left by a crashed server). */
 async function qemuPidsUnder(dir: string): Promise<number[]> {
