@@ -574,11 +574,12 @@ class Supervisor:
 
     def run(self) -> int:
         try:
-            self._start_worker()
             if FORK_CHILD:
                 # A fork child's interpreter already holds its state; execs that arrive before
-                # the worker says ready simply wait for it. Answer the server right away.
+                # the worker says ready simply wait for it. Answer the server right away,
+                # before forking that worker.
                 self._send_hello()
+            self._start_worker()
             while not self.terminate:
                 events = self.sel.select(self._next_timeout())
                 fd_map = self.sel.get_map()
@@ -1438,12 +1439,15 @@ class Worker:
     def _become_fork_child(self, child: dict, msg: dict, ready_w: int) -> None:
         # Leave the parent's worker process group and session: signals meant for the parent's
         # interpreter (interrupts, a restart's killpg) must not reach this sandbox.
+        podflare_fork.block_root_ready_signal()
         os.setsid()
         files = podflare_fork.capture_files(keep={self.cmd_fd, self.ctl_fd, ready_w})
         cwd = os.getcwd()
         podflare_fork.enter_namespaces(child['hostname'])
         os.write(ready_w, b'1')
         os.close(ready_w)
+        # The server mounts the root into our mount namespace now that it exists.
+        podflare_fork.wait_for_root(child['root'])
         podflare_fork.switch_root(child['root'])
         podflare_fork.restore_files(files)
         try:

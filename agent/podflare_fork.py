@@ -21,10 +21,12 @@ import ctypes
 import errno
 import fcntl
 import os
+import signal
 import socket
 import stat
 import struct
 import sys
+import time
 from typing import Any, Callable
 
 CLONE_NEWNS = 0x00020000
@@ -166,6 +168,30 @@ def protect_proc(proc: str = '/proc') -> None:
             pass
 
 
+ROOT_READY_SIGNAL = signal.SIGUSR2
+ROOT_WAIT_SECONDS = 60.0
+
+
+def block_root_ready_signal() -> None:
+    """Held pending until wait_for_root, so a signal sent early is not lost (nor fatal)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {ROOT_READY_SIGNAL})
+
+
+def wait_for_root(root: str) -> None:
+    """Waits until the server has mounted this child's root at `root` (in this child's own mount
+    namespace) and said so with ROOT_READY_SIGNAL. The server's socket, bound inside the new
+    root, is the proof: a stray signal from code in the parent sandbox only means another look."""
+    deadline = time.monotonic() + ROOT_WAIT_SECONDS
+    while not os.path.exists(root + AGENT_SOCKET):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError('the server did not mount this fork child\'s root')
+        signal.sigtimedwait([ROOT_READY_SIGNAL], left)
+    while signal.sigtimedwait([ROOT_READY_SIGNAL], 0) is not None:
+        pass  # extra ones must not stay pending: once unblocked, their default action is to kill
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {ROOT_READY_SIGNAL})
+
+
 def switch_root(root: str) -> None:
     """`root` (mounted by the server) becomes /, with a fresh /proc and the sandbox's /dev."""
     _mount('proc', f'{root}/proc', 'proc', MS_NOSUID | MS_NODEV | MS_NOEXEC)
@@ -256,4 +282,4 @@ def snapshot_vars(ns: dict[str, Any]) -> dict[str, dict[str, str]]:
     return out
 
 
-__all__ = ['protect_proc', 'spawn', 'capture_files', 'restore_files', 'enter_namespaces', 'switch_root', 'enter_new_root', 'reseed', 'connect_server', 'snapshot_vars', 'errno']
+__all__ = ['protect_proc', 'spawn', 'block_root_ready_signal', 'wait_for_root', 'capture_files', 'restore_files', 'enter_namespaces', 'switch_root', 'enter_new_root', 'reseed', 'connect_server', 'snapshot_vars', 'errno']

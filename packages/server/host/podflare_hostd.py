@@ -19,7 +19,6 @@ Operations:
   squash_layers {sources, target}  squash overlay layers (topmost first) into one new layer (keeps
                                   whiteouts, opaque marks and owners): a fork layer is the
                                   parent's upper squashed alone, or with the fork layers below it
-  detach  {pid, target}           lazily unmount `target` in that namespace and remove the directory
   tmpfs   {pid, target}           mount a small tmpfs at `target` in that namespace (once)
   diff    {a, b, paths?, content?, max_content_bytes?}
                                   compare two overlay layer stacks (lists of directories, topmost
@@ -48,7 +47,6 @@ AT_EMPTY_PATH = 0x1000
 MOUNT_ATTR_RDONLY, MOUNT_ATTR_IDMAP = 0x1, 0x00100000
 CLONE_NEWUSER = 0x10000000
 AT_FDCWD = -100
-MNT_DETACH = 2
 CLONE_NEWNS = 0x00020000
 
 libc.syscall.restype = ctypes.c_long
@@ -328,19 +326,6 @@ def op_squash_layers(req):
     return {}
 
 
-def op_detach(req):
-    with InNamespace(req["pid"]):
-        if libc.umount2(req["target"].encode(), MNT_DETACH) < 0:
-            err = ctypes.get_errno()
-            if err not in (22, 2):  # EINVAL: not a mount point any more; ENOENT: gone
-                raise OSError(err, f"umount {req['target']}: {os.strerror(err)}")
-        try:
-            os.rmdir(req["target"])
-        except OSError:
-            pass
-    return {}
-
-
 def op_tmpfs(req):
     with InNamespace(req["pid"]):
         target = req["target"]
@@ -507,7 +492,7 @@ def op_diff(req):
     return out
 
 
-OPS = {"idmap": op_idmap, "squash_layers": op_squash_layers, "subvolume": op_subvolume, "disk_limit": op_disk_limit, "overlay": op_overlay, "detach": op_detach, "tmpfs": op_tmpfs, "diff": op_diff}
+OPS = {"idmap": op_idmap, "squash_layers": op_squash_layers, "subvolume": op_subvolume, "disk_limit": op_disk_limit, "overlay": op_overlay, "tmpfs": op_tmpfs, "diff": op_diff}
 
 
 def main():

@@ -46,10 +46,6 @@ export class HostHelper {
     return this.call({ op: 'squash_layers', sources, target }).then(() => undefined);
   }
 
-  detach(pid: number, target: string): Promise<void> {
-    return this.call({ op: 'detach', pid, target }).then(() => undefined);
-  }
-
   /** A small private tmpfs at `target` in the mount namespace of `pid`, owned by uid/gid `owner`. */
   tmpfs(pid: number, target: string, owner: number): Promise<void> {
     return this.call({ op: 'tmpfs', pid, target, uid: owner, gid: owner }).then(() => undefined);
