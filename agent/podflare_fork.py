@@ -87,10 +87,12 @@ def spawn(child: Callable[[], None]) -> int:
         os.close(own)
 
 
-def capture_files(keep: set[int]) -> list[tuple[int, str, int, int]]:
+def capture_files(keep: set[int]) -> tuple[list[tuple[int, str, int, int]], list[int]]:
     """The regular files this process has open (fd, path, flags, offset), read while the parent's
-    filesystem is still the one in view. Sockets are closed right away. `keep` is left alone."""
+    filesystem is still the one in view, and its sockets (fds) for the children to close. `keep`
+    is left alone. Read once in the parent, before its children are forked."""
     files = []
+    sockets = []
     for name in os.listdir('/proc/self/fd'):
         fd = int(name)
         if fd in keep or fd <= 2:
@@ -100,10 +102,7 @@ def capture_files(keep: set[int]) -> list[tuple[int, str, int, int]]:
         except OSError:
             continue
         if stat.S_ISSOCK(st.st_mode):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+            sockets.append(fd)
             continue
         if not stat.S_ISREG(st.st_mode):
             continue
@@ -118,7 +117,16 @@ def capture_files(keep: set[int]) -> list[tuple[int, str, int, int]]:
         if path.endswith(' (deleted)') or not path.startswith('/'):
             continue
         files.append((fd, path, flags, pos))
-    return files
+    return files, sockets
+
+
+def close_fds(fds: list[int]) -> None:
+    """In a child: the parent's sockets are shared with it, never inherited (documented)."""
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def restore_files(files: list[tuple[int, str, int, int]]) -> None:
@@ -282,4 +290,4 @@ def snapshot_vars(ns: dict[str, Any]) -> dict[str, dict[str, str]]:
     return out
 
 
-__all__ = ['protect_proc', 'spawn', 'block_root_ready_signal', 'wait_for_root', 'capture_files', 'restore_files', 'enter_namespaces', 'switch_root', 'enter_new_root', 'reseed', 'connect_server', 'snapshot_vars', 'errno']
+__all__ = ['protect_proc', 'spawn', 'block_root_ready_signal', 'wait_for_root', 'capture_files', 'close_fds', 'restore_files', 'enter_namespaces', 'switch_root', 'enter_new_root', 'reseed', 'connect_server', 'snapshot_vars', 'errno']

@@ -345,8 +345,6 @@ export class NamespaceRuntime implements Runtime {
         return g;
       })));
       grouped?.catch(() => undefined);
-      const networks = prepared.map((p, i) => (p.spec.egress === true ? startSlirp(childPids[i]!, this.opts.startTimeoutMs) : Promise.resolve(null)));
-      for (const n of networks) n.catch(() => undefined);
       // A child with an allowlist gets a proxy of its own (same policy, its own events).
       policies = Promise.allSettled(prepared.map((p, i) => (isEgressPolicy(p.spec.egress) ? openEgressListeners(childPids[i]!, this.opts.startTimeoutMs) : null)));
       await grafted;
@@ -377,8 +375,9 @@ export class NamespaceRuntime implements Runtime {
       // - its cgroups: moving processes between groups waits for an RCU grace period on v1
       //   (milliseconds each). A child's PID 1 may have started its interpreter before it
       //   joined its group, hence the sweep (nothing else runs in a child before its first request).
+      // slirp4netns starts only now: its start-up would take CPU from the children still forking.
       for (const [i, c] of created.entries()) {
-        const network = networks[i]!.then((slirp) => {
+        const network = (c.spec.egress === true ? startSlirp(childPids[i]!, this.opts.startTimeoutMs) : Promise.resolve(null)).then((slirp) => {
           if (slirp && c.ended) slirp.stop();
           else c.slirp = slirp;
         }, (e: Error) => {
@@ -416,7 +415,8 @@ export class NamespaceRuntime implements Runtime {
       for (const l of lowers) void this.releaseLayer(l);
       for (const p of prepared) {
         p.listener.close();
-        await rm(p.runDir, { recursive: true, force: true });
+        // Not waited for: the children have connected (or are gone), nothing uses it any more.
+        void rm(p.runDir, { recursive: true, force: true }).catch(() => undefined);
       }
     }
   }
