@@ -2,15 +2,17 @@
  * The namespace runtime: each sandbox is a bubblewrap sandbox whose root is an overlay of the
  * read-only image (agent layer over the Debian base) plus the sandbox's own upper layer.
  *
- * The overlay is mounted on the host only while a sandbox starts: bwrap binds it as the root (or,
- * for a fork child, the host helper grafts it into the parent's mount namespace), and once the
- * agent says hello the host mount is detached. From then on the mount exists only inside the
- * sandbox's namespaces and disappears with them, so a crash of the server leaves no mounts behind.
+ * The overlay is mounted on the host only while a sandbox starts: bwrap binds it as the root, and
+ * once the agent says hello the host mount is detached (a fork child's root is never on the host:
+ * the host helper mounts it straight into the child's own mount namespace). From then on the mount
+ * exists only inside the sandbox's namespaces and disappears with them, so a crash of the server
+ * leaves no mounts behind.
  *
- * fork(n): the parent's upper layer is copied into a read-only fork layer shared by the children
- * (the parent keeps writing to its own upper); each child gets an overlay of its own upper over
- * that layer and the parent's lowers, and the parent's interpreter forks into it (agent side:
- * agent/podflare_fork.py). Memory is shared copy-on-write by the kernel.
+ * fork(n): the parent's interpreter forks once per child (agent side: agent/podflare_fork.py), each
+ * child taking new namespaces; meanwhile the parent's upper layer is copied into a read-only fork
+ * layer shared by the children (the parent keeps writing to its own upper). Each child then gets an
+ * overlay of its own upper over that layer and the parent's lowers, mounted into its mount
+ * namespace, and a signal to switch to it. Memory is shared copy-on-write by the kernel.
  */
 import { spawn } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
@@ -57,7 +59,8 @@ const ID_COUNT = 65_536;
 /** Niceness of sandboxes starting in the background (warm-pool refills). */
 const BACKGROUND_NICE = 10;
 const AGENT_COMMAND = ['/usr/bin/python3', '/opt/podflare/podflare_agent.py'];
-/** Where fork points are grafted inside a parent (a private tmpfs, only during a fork). */
+/** A private tmpfs in a parent, made at its first fork: in each child's copy of the parent's mount
+ * namespace, the child's root is mounted over it. */
 const SPAWN_AREA = '/.pf/spawn';
 /** Tells a fork child that its root is mounted (agent/podflare_fork.py waits for it). */
 const ROOT_READY_SIGNAL = 'SIGUSR2';
