@@ -504,6 +504,10 @@ def open_channel(fd: int) -> 'socket.socket | PortChannel':
     return socket.socket(fileno=fd)
 
 
+def hello_message() -> dict:
+    return {'ev': 'hello', 'version': PROTOCOL_VERSION, 'pid': os.getpid(), 'hostname': socket.gethostname()}
+
+
 class Supervisor:
     def __init__(self, channel_fd: int, inherited: 'Worker | None' = None, exec_count: int = 0):
         # In a fork child: the interpreter to adopt as the first worker (later restarts exec a
@@ -578,11 +582,10 @@ class Supervisor:
     def run(self) -> int:
         try:
             if FORK_CHILD:
-                # A fork child's interpreter already holds its state: answer the server right
-                # away. Its worker (a fork of this process) is started by the first request that
-                # needs it, or once the child has been idle a moment: not while its siblings
-                # are still being forked, nor at all in a child closed at once.
-                self._send_hello()
+                # A fork child's interpreter already holds its state (and it said hello as soon
+                # as it connected). Its worker (a fork of this process) is started by the first
+                # request that needs it, or once the child has been idle a moment: not while its
+                # siblings are still being forked, nor at all in a child closed at once.
                 self.worker_start_at = time.monotonic() + FORK_CHILD_WORKER_DELAY_S
             else:
                 self._start_worker()
@@ -1192,8 +1195,7 @@ class Supervisor:
     def _send_hello(self) -> None:
         if not self.hello_sent:
             self.hello_sent = True
-            self.send({'ev': 'hello', 'version': PROTOCOL_VERSION, 'pid': os.getpid(),
-                       'hostname': socket.gethostname()})
+            self.send(hello_message())
 
     def _worker_start_failed(self) -> None:
         """The worker cannot start: fail a waiting python exec; the next one tries again."""
@@ -1462,6 +1464,10 @@ class Worker:
         # The server mounts the root into our mount namespace now that it exists.
         podflare_fork.wait_for_root(child['root'])
         podflare_fork.switch_root(child['root'])
+        sock = podflare_fork.connect_server()
+        # Hello first: the server answers the fork on it. Requests it sends meanwhile wait in the
+        # socket until the supervisor below reads them, by when everything after this is done.
+        sock.sendall(encode_line(hello_message()))
         podflare_fork.restore_files(files)
         try:
             os.chdir(cwd)
@@ -1469,7 +1475,6 @@ class Worker:
             os.chdir(HOME if os.path.isdir(HOME) else '/')
         podflare_fork.reseed()
         os.environ['PODFLARE_SANDBOX_ID'] = child['id']
-        sock = podflare_fork.connect_server()
         for fd in (self.cmd_fd, self.ctl_fd):
             try:
                 os.close(fd)
@@ -1481,6 +1486,7 @@ class Worker:
         os.close(null)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         supervisor = Supervisor(sock.detach(), inherited=self, exec_count=int(msg.get('exec_count') or 0))
+        supervisor.hello_sent = True
         os._exit(supervisor.run())
 
     def _reap_fork_children(self) -> None:

@@ -282,11 +282,12 @@ export class NamespaceRuntime implements Runtime {
     // The children's cgroups are made while the layer freezes (a v1 memory group takes a while).
     const cgroups = this.cgroups;
     const groups = cgroups ? Promise.all(specs.map((spec) => cgroups.create(spec.id, spec.limits).catch((e: Error) => e))) : null;
-    const prepared: Array<{ spec: SandboxSpec; dirs: SandboxDirs; connection: Promise<net.Socket>; listener: net.Server; runDir: string }> = [];
+    const prepared: Array<{ spec: SandboxSpec; dirs: SandboxDirs; connection: Promise<net.Socket>; listener: net.Server; runDir: string; overlay?: number }> = [];
     const created: ForkedSandbox[] = [];
     let lowers: string[] = [];
     let forkedPids: number[] = [];
     let forking: Promise<{ pids: number[]; error?: string | null }> | undefined;
+    let making: Array<Promise<void>> = [];
     let policies: Promise<Array<PromiseSettledResult<EgressListeners | null>>> | null = null;
     const served = new Set<EgressListeners>();
     try {
@@ -295,8 +296,8 @@ export class NamespaceRuntime implements Runtime {
         parent.spawnAreaReady = true;
       }
       // The interpreter forks first: its children take their namespaces while the layer freezes
-      // and their directories are made; each then waits for its root (mounted straight into its
-      // own mount namespace below) and a signal before switching to it.
+      // and their directories and roots are made; each then waits for its root (placed straight
+      // into its own mount namespace below) and a signal before switching to it.
       forking = parent.channel.request({
         op: 'fork',
         children: specs.map((spec) => ({ id: spec.id, root: SPAWN_AREA, hostname: spec.hostname })),
@@ -307,7 +308,8 @@ export class NamespaceRuntime implements Runtime {
         for (const layer of l) this.retainLayer(layer);
         phase('layer frozen');
       });
-      await Promise.all([layered, ...specs.map(async (spec) => {
+      layered.catch(() => undefined);
+      making = specs.map(async (spec) => {
         const dirs = sandboxDirs(this.opts.stateDir, spec.id);
         // The child's way back to us: a socket in a host directory bound at /.pf/run in its root.
         const runDir = path.join(dirs.dir, 'run');
@@ -315,13 +317,19 @@ export class NamespaceRuntime implements Runtime {
         await mkdir(runDir, { recursive: true });
         const socketPath = path.join(runDir, 'agent.sock');
         const { listener, connection } = await listenOnce(socketPath, this.opts.startTimeoutMs);
-        prepared.push({ spec, dirs, connection, listener, runDir });
+        const entry: (typeof prepared)[number] = { spec, dirs, connection, listener, runDir };
+        prepared.push(entry);
         // Sandbox root (an unprivileged host uid) must be able to connect.
         await Promise.all([chown(runDir, this.opts.uidBase, this.opts.uidBase), chown(socketPath, this.opts.uidBase, this.opts.uidBase)]);
         await this.makeUpper(dirs);
-      })]);
+        await layered;
+        entry.overlay = await this.hostd.prepareOverlay({
+          lowers, upper: dirs.upper, work: dirs.work, binds: [{ source: runDir, target: '/.pf/run' }],
+        });
+      });
+      await Promise.all(making);
       prepared.sort((a, b) => specs.indexOf(a.spec) - specs.indexOf(b.spec));
-      phase('directories made');
+      phase('roots made');
       const answer = await forking;
       phase('interpreter forked');
       const hostPids = await hostPidsOfForkChildren(parent.initPid, answer.pids);
@@ -335,9 +343,9 @@ export class NamespaceRuntime implements Runtime {
       // Each root goes straight into its child's own mount namespace (neither the host's nor the
       // parent's mount table ever shows it); the signal tells the child it is there.
       const grafted = Promise.all(prepared.map(async (p, i) => {
-        await this.hostd.overlay(childPids[i]!, {
-          lowers, upper: p.dirs.upper, work: p.dirs.work, target: SPAWN_AREA, binds: [{ source: p.runDir, target: '/.pf/run' }],
-        });
+        const handle = p.overlay!;
+        p.overlay = undefined;
+        await this.hostd.attachOverlay(handle, childPids[i]!, SPAWN_AREA);
         process.kill(childPids[i]!, ROOT_READY_SIGNAL);
       }));
       grafted.catch(() => undefined);
@@ -411,7 +419,11 @@ export class NamespaceRuntime implements Runtime {
         if (late?.pids.length) forkedPids = [...(await hostPidsOfForkChildren(parent.initPid, late.pids).catch(() => new Map<number, number>())).values()];
       }
       for (const pid of forkedPids) if (!created.some((c) => c.initPid === pid)) try { process.kill(pid, 'SIGKILL'); } catch { /* gone */ }
-      for (const p of prepared) await rm(p.dirs.dir, { recursive: true, force: true });
+      await Promise.allSettled(making); // every child's directories and root, made or failed
+      for (const p of prepared) {
+        if (p.overlay !== undefined) await this.hostd.discardOverlay(p.overlay).catch(() => undefined);
+        await rm(p.dirs.dir, { recursive: true, force: true });
+      }
       for (const g of (await groups) ?? []) if (!(g instanceof Error)) await g.remove().catch(() => undefined);
       throw err;
     } finally {
