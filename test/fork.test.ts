@@ -91,6 +91,28 @@ describe('fork, diff, merge_into', () => {
     for (const column of [0, 1, 2, 3]) assert.equal(new Set(lines.map((l) => l[column])).size, 3, `column ${column} repeats: ${JSON.stringify(lines)}`);
   });
 
+  it('forks while code in the parent signals every process it can (the children wait for their roots)', async () => {
+    const parent = await make();
+    // SIGUSR2 is what tells a fork child its root is ready: a stray one must only mean another look.
+    await parent.runCode(`import os, signal, threading, time
+signal.signal(signal.SIGUSR2, lambda *a: None)
+def storm():
+    while True:
+        try:
+            os.kill(-1, signal.SIGUSR2)
+        except OSError:
+            pass
+        time.sleep(0.0002)
+threading.Thread(target=storm, daemon=True).start()`);
+    const kids = await parent.fork(3);
+    opened.push(...kids);
+    const names = await Promise.all(kids.map(async (k) => (await k.runCode('import socket\nopen("/tmp/mine", "w").write("x")\nprint(socket.gethostname())')).stdout.trim()));
+    assert.equal(new Set(names).size, 3);
+    const parentName = (await parent.runCode('import socket, os\nprint(socket.gethostname(), os.path.exists("/tmp/mine"))')).stdout.trim();
+    assert.ok(!names.some((n) => parentName.startsWith(`${n} `)), `${parentName} vs ${names}`);
+    assert.match(parentName, / False$/);
+  });
+
   it('supports grandchildren, and children survive their parent', async () => {
     const parent = await make();
     await parent.runCode('depth = 0');
