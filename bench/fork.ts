@@ -217,7 +217,7 @@ export async function measureFork5(bs: ForkBenchServer, opts: ForkOptions): Prom
   rows.push(timingRow('fork(5), parent holds a 200 MB DataFrame', s, `p50 ≤ ${FORK_TARGET.fork5P50} ms`, peer,
     failures.report(status(s.p50 <= FORK_TARGET.fork5P50))));
   notes.push(`fork5: parent DataFrame ${fmtMB(dfBytes)} (pd.DataFrame(np.random.rand(3_276_800, 8))); timed from the fork call to its answer ` +
-    `(every child's agent answered, its network attached: the children have egress like their parent); children closed outside the timing and ` +
+    `(every child's agent answered; the children have egress like their parent, and each child's network and cgroups are attached right after, before its first request is served); children closed outside the timing and ` +
     `their teardown waited for before the next run; ${runs} runs after ${warmup} warm-ups (fewer than the other measures: each run is heavy); ` +
     `vs hosted = ${FORK_TARGET.hostedFork5} ms / p50 (hosted reports ~80–101 ms); ${detail('fork(5)', s)}`);
 }
