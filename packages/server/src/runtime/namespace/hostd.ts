@@ -62,6 +62,11 @@ export class HostHelper {
     return this.call({ op: 'squash_layers', sources, target }).then(() => undefined);
   }
 
+  /** Lazily unmounts `target` in the host's mount namespace. */
+  unmount(target: string): Promise<void> {
+    return this.call({ op: 'unmount', target }).then(() => undefined);
+  }
+
   /** A small private tmpfs at `target` in the mount namespace of `pid`, owned by uid/gid `owner`. */
   tmpfs(pid: number, target: string, owner: number): Promise<void> {
     return this.call({ op: 'tmpfs', pid, target, uid: owner, gid: owner }).then(() => undefined);

@@ -220,7 +220,7 @@ export class NamespaceRuntime implements Runtime {
   }
 
   private async unmount(dirs: SandboxDirs): Promise<void> {
-    await run('umount', ['-l', dirs.root]).catch(() => undefined);
+    await this.hostd.unmount(dirs.root).catch((e: Error) => this.opts.log.warn('unmount failed', { path: dirs.root, error: e.message }));
   }
 
   private async startRoot(spec: SandboxSpec): Promise<RuntimeSandbox> {
