@@ -1464,11 +1464,12 @@ class Worker:
         # The server mounts the root into our mount namespace now that it exists.
         podflare_fork.wait_for_root(child['root'])
         podflare_fork.switch_root(child['root'])
+        # Files first: they go back to their own fd numbers, which the socket must not be on.
+        podflare_fork.restore_files(files)
         sock = podflare_fork.connect_server()
-        # Hello first: the server answers the fork on it. Requests it sends meanwhile wait in the
+        # Then hello: the server answers the fork on it. Requests it sends meanwhile wait in the
         # socket until the supervisor below reads them, by when everything after this is done.
         sock.sendall(encode_line(hello_message()))
-        podflare_fork.restore_files(files)
         try:
             os.chdir(cwd)
         except OSError:

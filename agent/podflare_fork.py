@@ -140,9 +140,15 @@ def restore_files(files: list[tuple[int, str, int, int]]) -> None:
         try:
             if not flags & os.O_APPEND:
                 os.lseek(new, pos, os.SEEK_SET)
-            os.dup2(new, fd, inheritable=not flags & os.O_CLOEXEC)
+            if new == fd:
+                # Its number was free: the object holding it was collected (and closed it) after
+                # it was read in the parent. The file is back where that object would look for it.
+                os.set_inheritable(new, not flags & os.O_CLOEXEC)
+            else:
+                os.dup2(new, fd, inheritable=not flags & os.O_CLOEXEC)
         finally:
-            os.close(new)
+            if new != fd:
+                os.close(new)
 
 
 def _loopback_up() -> None:

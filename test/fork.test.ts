@@ -113,6 +113,15 @@ threading.Thread(target=storm, daemon=True).start()`);
     assert.match(parentName, / False$/);
   });
 
+  it('forks a parent that has drawn a matplotlib figure (its open font files come along)', async () => {
+    const parent = await make();
+    const drawn = await parent.runCode('import matplotlib.pyplot as plt\nplt.plot([1, 2, 3])\nplt.show()\nprint("drawn")');
+    assert.equal(drawn.stdout, 'drawn\n');
+    const kids = await parent.fork(2);
+    opened.push(...kids);
+    for (const k of kids) assert.equal((await k.runCode('plt.plot([3, 2, 1])\nplt.show()\nprint("again")')).stdout, 'again\n');
+  });
+
   it('supports grandchildren, and children survive their parent', async () => {
     const parent = await make();
     await parent.runCode('depth = 0');
