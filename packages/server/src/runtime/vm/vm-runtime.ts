@@ -23,8 +23,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import { statSync } from 'node:fs';
-import { chmod, chown, copyFile, mkdir, open, readdir, readFile, readlink, rm, stat, writeFile, type FileHandle } from 'node:fs/promises';
-import net from 'node:net';
+import { chmod, chown, copyFile, mkdir, open, readdir, readFile, readlink, rm, stat, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { AgentChannel } from '../../agent-channel.js';
@@ -38,7 +37,7 @@ import { InFlight } from '../in-flight.js';
 import { startSlirp, type Slirp } from '../namespace/network.js';
 import { qemuArgs, type Acceleration } from './qemu-args.js';
 import { vmDiff } from './vm-diff.js';
-import { splitMigrationStream } from './migration-split.js';
+import { SplitWorker } from './migration-split.js';
 import { connectUnix, Qmp } from './qmp.js';
 
 export interface VmRuntimeOptions {
@@ -169,6 +168,7 @@ export class VmRuntime implements Runtime {
   private readonly live = new Map<string, VmSandbox>();
   private readonly templates = new Map<string, Promise<Template>>();
   private readonly inFlight = new InFlight();
+  private readonly splitter = new SplitWorker();
   private readonly memoryMb: number;
   /** Names this server's RAM files on /dev/shm (shared by every server on the machine). */
   private readonly shmPrefix: string;
@@ -223,6 +223,7 @@ export class VmRuntime implements Runtime {
       if (t.status === 'fulfilled') await removeTemplate(t.value);
     }
     await rm(this.vmDir, { recursive: true, force: true });
+    await this.splitter.close();
   }
 
   /** The frozen template for (template, network), booted on first use; a failed boot is retried next time. */
@@ -312,6 +313,9 @@ export class VmRuntime implements Runtime {
     layers: string[];
   }): Promise<VmSandbox> {
     if (this.inFlight.closed) throw new Error('the runtime is shut down');
+    const t0 = performance.now();
+    const steps: Record<string, number> = {};
+    const step = (name: string) => { steps[name] = Math.round(performance.now() - t0); };
     const dir = path.join(this.vmDir, spec.id);
     await this.ownDir(dir);
     const disk = path.join(dir, 'disk.qcow2');
@@ -321,13 +325,17 @@ export class VmRuntime implements Runtime {
       if ('copyOf' in from.disk) await run('cp', ['--sparse=always', from.disk.copyOf, disk]);
       else await copyFile(from.disk.overlayOf, disk);
       await chown(disk, this.opts.uid, this.opts.uid);
+      step('disk_ms');
       const tpl = from.template;
       vm = await this.launch({ dir, disk, ramFile: from.ramFile, shareRam: false, network: tpl.network, incoming: true, background: spec.background ?? false }, this.opts.startTimeoutMs);
       // Only a shared RAM block is skipped: the template's and a fork point's state have no
       // pages of the RAM file, a frozen sandbox's has them all (its RAM file starts empty).
       await vm.qmp.command('migrate-set-capabilities', { capabilities: MIGRATION_CAPABILITIES });
+      step('launch_ms');
       const state = await from.state;
+      step('state_ready_ms');
       await incoming(vm, state, path.join(dir, 'in.sock'), this.opts.startTimeoutMs);
+      step('loaded_ms');
       await vm.qmp.command('cont');
       await withTimeout(vm.channel.request({
         op: 'restore',
@@ -336,6 +344,8 @@ export class VmRuntime implements Runtime {
         hostname: spec.hostname,
         sandbox_id: spec.id,
       }), this.opts.startTimeoutMs, 'the restored VM did not answer');
+      step('answered_ms');
+      this.opts.log.debug('vm restored', { id: spec.id, ...steps });
       if (spec.background && vm.qemu.pid) setPriorityAll(vm.qemu.pid, 0);
       const sandbox = new VmSandbox(spec.id, dir, tpl, disk, [...from.layers], vm, (s) => {
         this.live.delete(s.id);
@@ -391,42 +401,42 @@ export class VmRuntime implements Runtime {
     const socketPath = path.join(layersDir, `${point}.sock`);
     const ramFile = path.join('/dev/shm', `${this.shmPrefix}${process.pid}-${point}.ram`);
     const qmp = parent.vm.qmp;
-    let ram: FileHandle | null = null;
-    let listener: net.Server | null = null;
-    let conn: net.Socket | null = null;
+    let split: ReturnType<SplitWorker['split']> | null = null;
     let layerHeld = false;
     let migrated: Promise<void> | null = null;
     let resumed = false;
     let settled: Promise<unknown> = Promise.resolve();
     await qmp.command('stop');
     try {
-      ram = await open(ramFile, 'wx', 0o600);
-      await ram.truncate(this.memoryMb * MB);
-      // MAP_PRIVATE still needs a file QEMU can open read-write (QEMU 7.2 has no read-only
-      // private mapping of guest RAM); the children own it as much as the template's RAM file.
-      await ram.chown(this.opts.uid, this.opts.uid);
-      const stream = listenOnce(socketPath, this.opts.uid);
-      listener = stream.server;
-      await stream.listening;
+      const ram = await open(ramFile, 'wx', 0o600);
+      try {
+        await ram.truncate(this.memoryMb * MB);
+        // MAP_PRIVATE still needs a file QEMU can open read-write (QEMU 7.2 has no read-only
+        // private mapping of guest RAM); the children own it as much as the template's RAM file.
+        await ram.chown(this.opts.uid, this.opts.uid);
+      } finally {
+        await ram.close();
+      }
+      split = this.splitter.split({ socketPath, uid: this.opts.uid, ramFile, ramBlock: RAM_BLOCK, ramSize: this.memoryMb * MB });
+      await split.listening;
       // QEMU throttles migrations to 128 MiB/s by default (meant for live migration over a network).
       await qmp.command('migrate-set-parameters', { 'max-bandwidth': 64 * 1024 ** 3 });
       migrated = waitMigration(qmp, this.opts.startTimeoutMs, parent.vm);
       await qmp.command('migrate', { uri: `unix:${socketPath}` });
-      const fd = ram.fd;
-      const split = stream.connection.then((sock) => splitMigrationStream((conn = sock), RAM_BLOCK, fd, this.memoryMb * MB));
-      split.catch(() => undefined);
-      const saved = Promise.all([migrated, split]).then(([, s]) => {
+      const saved = Promise.all([migrated, split.done]).then(([, s]) => {
         phase('memory saved', { pages: s.pages, state_bytes: s.state.length });
         return { data: s.state } satisfies StateSource;
       });
       saved.catch(() => undefined);
       // `stop` flushed the disk (QEMU's qcow2 caches included) and nothing writes it until
       // `cont`: a copy of the overlay is the fork point's disk, taken while the memory streams.
-      await run('cp', ['--sparse=always', parent.disk, layer]);
-      await chmod(layer, 0o444);
+      // The children's empty overlay over it is made meanwhile (-u: the copy need not exist yet).
       this.retainLayer(layer);
       layerHeld = true;
-      await run('qemu-img', ['create', '-q', '-f', 'qcow2', '-F', 'qcow2', '-b', layer, overlay]);
+      await Promise.all([
+        copyFile(parent.disk, layer).then(() => chmod(layer, 0o444)),
+        qcow2VirtualSize(parent.disk).then((size) => run('qemu-img', ['create', '-q', '-f', 'qcow2', '-u', '-F', 'qcow2', '-b', layer, overlay, String(size)])),
+      ]);
       phase('disk frozen');
       const layers = [...parent.layers, layer];
       const children = specs.map((spec) => this.restore(spec, { template: parent.template, ramFile, disk: { overlayOf: overlay }, state: saved, layers }));
@@ -448,17 +458,15 @@ export class VmRuntime implements Runtime {
       }
       return results.map((r) => (r as PromiseFulfilledResult<VmSandbox>).value);
     } finally {
-      (conn as net.Socket | null)?.destroy();
       if (!resumed) {
+        split?.cancel();
         if (migrated) {
           await qmp.command('migrate_cancel').catch(() => undefined);
           await withTimeout(migrated, 10_000, 'the cancelled migration did not end').catch(() => undefined);
         }
         await qmp.command('cont').catch(() => undefined);
       }
-      listener?.close();
       await rm(socketPath, { force: true });
-      await ram?.close();
       // Children still starting map the file: it goes once they all have (or have failed).
       await settled;
       await rm(ramFile, { force: true });
@@ -684,22 +692,16 @@ async function incoming(vm: VmProcess, state: StateSource, socketPath: string, t
   }
 }
 
-/** A unix socket for one connection from QEMU (which runs as `uid`). */
-function listenOnce(socketPath: string, uid: number): { server: net.Server; listening: Promise<void>; connection: Promise<net.Socket> } {
-  const server = net.createServer({ pauseOnConnect: false });
-  const connection = new Promise<net.Socket>((resolve, reject) => {
-    server.once('connection', (sock) => {
-      server.close(); // no second connection
-      resolve(sock);
-    });
-    server.once('error', reject);
-  });
-  connection.catch(() => undefined);
-  const listening = new Promise<void>((resolve, reject) => {
-    server.once('error', reject);
-    server.listen(socketPath, () => resolve());
-  }).then(() => chown(socketPath, uid, uid));
-  return { server, listening, connection };
+/** The virtual size of a qcow2 image, from its header (offset 24, big-endian). */
+async function qcow2VirtualSize(file: string): Promise<bigint> {
+  const f = await open(file, 'r');
+  try {
+    const { buffer, bytesRead } = await f.read(Buffer.alloc(32), 0, 32, 0);
+    if (bytesRead < 32 || buffer.readUInt32BE(0) !== 0x514649fb) throw new Error(`${file} is not a qcow2 image`);
+    return buffer.readBigUInt64BE(24);
+  } finally {
+    await f.close();
+  }
 }
 
 function waitExit(p: ChildProcess, timeoutMs: number): Promise<void> {
