@@ -8,14 +8,20 @@
  * `x-ignore-shared` writes only the device state to a file, because its RAM already lives in a
  * file on /dev/shm (`memory-backend-file,share=on`). Every sandbox is then a *clone*: a QEMU with
  * the same devices maps that RAM file `share=off` (MAP_PRIVATE: copy-on-write, the template's
- * pages shared until written), loads the device state (`-incoming defer` + `migrate-incoming`)
- * and continues. The agent is told the time, fresh entropy, its hostname and id right after,
- * because every clone resumes with the template's clock and RNG state.
+ * pages shared until written), loads the device state (`-incoming defer`, then `migrate-incoming`
+ * from a unix socket the server writes the state into) and continues. The agent is told the time,
+ * fresh entropy, its hostname and id right after, because every clone resumes with the template's
+ * clock and RNG state.
+ *
+ * A fork point is a frozen point of the same kind, made from a running VM: its migration stream is
+ * split by the server into a fresh RAM file (the pages) and the device state (see forkChildren).
  *
  *   <stateDir>/vm/templates/<name>-<net|nonet>-<rand>/disk.qcow2  template disk (read-only once frozen)
- *   <stateDir>/vm/templates/<…>/state                             device state
- *   /dev/shm/podflare-<statehash>-<rand>.ram                      template RAM
- *   <stateDir>/vm/<sandbox id>/{disk.qcow2,agent.sock,qmp.sock,console.log}
+ *   <stateDir>/vm/templates/<…>/{state,clone.qcow2}               device state, an empty overlay to copy
+ *   /dev/shm/podflare-<statehash>-<pid>-<rand>.ram                template RAM
+ *   /dev/shm/podflare-<statehash>-<pid>-<point>.ram               a fork point's RAM (unlinked once mapped)
+ *   <stateDir>/vm/layers/<point>.{qcow2,top.qcow2,sock}           fork layer, its children's empty overlay, stream socket
+ *   <stateDir>/vm/<sandbox id>/{disk.qcow2,agent.sock,qmp.sock,in.sock,console.log}
  *
  * Disks: the shared read-only ext4 root ← template overlay ← each sandbox's own qcow2 overlay.
  */
@@ -372,21 +378,24 @@ export class VmRuntime implements Runtime {
   }
 
   /**
-   * fork(n): the parent is paused at a fork point. Its migration stream goes to this server, which
-   * splits it (migration-split.ts): the pages of its RAM go into a fresh RAM file of the fork point
-   * on /dev/shm, the rest (device state, a few small ROM blocks) stays in memory as the fork
-   * point's state. A copy of its disk overlay becomes a read-only fork layer, and the parent
-   * continues on its own overlay. Each child is restored like a template clone: it maps the fork
-   * point's RAM file copy-on-write (the children share the parent's pages until they write them)
-   * and loads the state, with its own overlay over the fork layer, its own serial channel and
-   * network, and is told the time and fresh entropy. Everything in the guest is inherited: every
-   * process, not only the interpreter.
+   * fork(n): the parent is paused at a fork point. Its migration stream comes to this server (a
+   * unix socket), which splits it in a worker thread (migration-split.ts): the pages of its RAM go
+   * into a fresh RAM file of the fork point on /dev/shm (all-zero pages stay holes), the rest
+   * (device state, a few small ROM blocks: ~70 KB) stays in memory as the fork point's state. A
+   * copy of its disk overlay becomes a read-only fork layer, and the parent continues on its own
+   * overlay. Each child is restored like a template clone: it maps the fork point's RAM file
+   * copy-on-write (siblings share its pages until they write them) and loads the state, with its
+   * own overlay over the fork layer, its own serial channel and network, and is told the time and
+   * fresh entropy. Everything in the guest is inherited: every process, not only the interpreter.
+   * A fork of a fork child works the same way (its RAM is private, so all of it streams).
    *
-   * The children's QEMUs start while the stream is still being split: QEMU does not touch guest
-   * RAM before its incoming migration (it skips loading ROMs into RAM while in-migrate), and
-   * pages of a MAP_PRIVATE mapping it has not written read the file as it is then. Nothing writes
-   * the RAM file once the split is done, and it is unlinked once every child has been restored
-   * or has failed: the children's mappings keep its pages, so it needs no reference counting and
+   * The children's QEMUs start while the stream is still being split: a QEMU waiting for its
+   * incoming migration does not touch guest RAM (it skips loading ROMs into RAM while in-migrate;
+   * its mapping of the RAM file has no resident page until then), pages of a MAP_PRIVATE mapping
+   * that were never written read the file as it is when touched, and a child's guest runs only
+   * after `cont`, once its migration has completed — long after the split has. Nothing writes the
+   * RAM file once the split is done, and it is unlinked once every child has been restored or has
+   * failed: the children's mappings keep its pages alive, so it needs no reference counting and
    * nothing leaks (the start-up sweep removes one left by a crash).
    */
   private async forkChildren(parent: VmSandbox, specs: SandboxSpec[]): Promise<RuntimeSandbox[]> {
@@ -401,13 +410,14 @@ export class VmRuntime implements Runtime {
     const socketPath = path.join(layersDir, `${point}.sock`);
     const ramFile = path.join('/dev/shm', `${this.shmPrefix}${process.pid}-${point}.ram`);
     const qmp = parent.vm.qmp;
-    let split: ReturnType<SplitWorker['split']> | null = null;
+    type Split = ReturnType<SplitWorker['split']>;
+    let split: Split | null = null;
     let layerHeld = false;
     let migrated: Promise<void> | null = null;
     let resumed = false;
     let settled: Promise<unknown> = Promise.resolve();
-    await qmp.command('stop');
-    try {
+    // The fork point's RAM file and the socket its stream arrives on are made while QEMU stops.
+    const prepared = (async () => {
       const ram = await open(ramFile, 'wx', 0o600);
       try {
         await ram.truncate(this.memoryMb * MB);
@@ -419,11 +429,16 @@ export class VmRuntime implements Runtime {
       }
       split = this.splitter.split({ socketPath, uid: this.opts.uid, ramFile, ramBlock: RAM_BLOCK, ramSize: this.memoryMb * MB });
       await split.listening;
+    })();
+    prepared.catch(() => undefined);
+    await qmp.command('stop');
+    try {
+      await prepared;
       // QEMU throttles migrations to 128 MiB/s by default (meant for live migration over a network).
       await qmp.command('migrate-set-parameters', { 'max-bandwidth': 64 * 1024 ** 3 });
       migrated = waitMigration(qmp, this.opts.startTimeoutMs, parent.vm);
       await qmp.command('migrate', { uri: `unix:${socketPath}` });
-      const saved = Promise.all([migrated, split.done]).then(([, s]) => {
+      const saved = Promise.all([migrated, (split as Split | null)!.done]).then(([, s]) => {
         phase('memory saved', { pages: s.pages, state_bytes: s.state.length });
         return { data: s.state } satisfies StateSource;
       });
@@ -458,8 +473,9 @@ export class VmRuntime implements Runtime {
       }
       return results.map((r) => (r as PromiseFulfilledResult<VmSandbox>).value);
     } finally {
+      await prepared.catch(() => undefined); // nothing half made behind our back
       if (!resumed) {
-        split?.cancel();
+        (split as Split | null)?.cancel();
         if (migrated) {
           await qmp.command('migrate_cancel').catch(() => undefined);
           await withTimeout(migrated, 10_000, 'the cancelled migration did not end').catch(() => undefined);
