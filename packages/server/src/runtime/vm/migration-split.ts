@@ -496,7 +496,9 @@ export class SplitWorker {
 
   private start(): Worker {
     if (this.worker) return this.worker;
-    const worker = new Worker(new URL('./split-worker.js', import.meta.url));
+    // Next to this module: split-worker.js in dist (or .ts when run from source under tsx, whose
+    // loader the worker inherits).
+    const worker = new Worker(new URL(`./split-worker.${import.meta.url.endsWith('.ts') ? 'ts' : 'js'}`, import.meta.url));
     worker.unref();
     worker.on('message', (m: SplitMessage) => this.waiting.get(m.id)?.(m));
     const failAll = (message: string) => {
