@@ -55,6 +55,8 @@ HOME = os.environ.get('PODFLARE_AGENT_HOME', '/root')
 #: How long an interrupted exec may take to stop before its process (group) is killed.
 INTERRUPT_GRACE_S = int(os.environ.get('PODFLARE_INTERRUPT_GRACE_MS', '2000')) / 1000
 MPL_BACKEND = 'module://podflare_mpl_backend'
+#: A fork child starts its worker on the first request that needs it, or after this idle time.
+FORK_CHILD_WORKER_DELAY_S = 0.05
 FORK_CHILD = False  # set in a sandbox made by fork: its supervisor holds the parent's memory
 
 READ_CHUNK = 64 * 1024            # one stdout/stderr message carries at most one read of this size
@@ -502,6 +504,10 @@ def open_channel(fd: int) -> 'socket.socket | PortChannel':
     return socket.socket(fileno=fd)
 
 
+def hello_message() -> dict:
+    return {'ev': 'hello', 'version': PROTOCOL_VERSION, 'pid': os.getpid(), 'hostname': socket.gethostname()}
+
+
 class Supervisor:
     def __init__(self, channel_fd: int, inherited: 'Worker | None' = None, exec_count: int = 0):
         # In a fork child: the interpreter to adopt as the first worker (later restarts exec a
@@ -522,6 +528,7 @@ class Supervisor:
         self.exec_count = exec_count
         self.state_lost_pending = False   # the idle worker died; tell the next python exec
         self.hello_sent = False
+        self.worker_start_at: float | None = None  # a fork child's deferred worker start
         self.early_deaths = 0             # consecutive worker deaths before it became ready
         self.preload = True
         self.children: dict[int, Callable[[int, int], None]] = {}
@@ -574,11 +581,14 @@ class Supervisor:
 
     def run(self) -> int:
         try:
-            self._start_worker()
             if FORK_CHILD:
-                # A fork child's interpreter already holds its state; execs that arrive before
-                # the worker says ready simply wait for it. Answer the server right away.
-                self._send_hello()
+                # A fork child's interpreter already holds its state (and it said hello as soon
+                # as it connected). Its worker (a fork of this process) is started by the first
+                # request that needs it, or once the child has been idle a moment: not while its
+                # siblings are still being forked, nor at all in a child closed at once.
+                self.worker_start_at = time.monotonic() + FORK_CHILD_WORKER_DELAY_S
+            else:
+                self._start_worker()
             while not self.terminate:
                 events = self.sel.select(self._next_timeout())
                 fd_map = self.sel.get_map()
@@ -642,16 +652,20 @@ class Supervisor:
 
     def _next_timeout(self) -> float | None:
         ex = self.exec
-        if ex is None:
-            return None
-        times = [t for t in (ex.deadline, ex.kill_at) if t is not None]
+        times = [t for t in (ex.deadline, ex.kill_at) if t is not None] if ex is not None else []
+        if self.worker_start_at is not None:
+            times.append(self.worker_start_at)
         return max(0.0, min(times) - time.monotonic()) if times else None
 
     def _check_timers(self) -> None:
+        now = time.monotonic()
+        if self.worker_start_at is not None and (now >= self.worker_start_at or self.worker is not None):
+            self.worker_start_at = None
+            if self.worker is None:
+                self._start_worker()
         ex = self.exec
         if ex is None:
             return
-        now = time.monotonic()
         if ex.deadline is not None and now >= ex.deadline:
             self._interrupt(ex, 'timeout')
         if ex.kill_at is not None and now >= ex.kill_at:
@@ -1181,8 +1195,7 @@ class Supervisor:
     def _send_hello(self) -> None:
         if not self.hello_sent:
             self.hello_sent = True
-            self.send({'ev': 'hello', 'version': PROTOCOL_VERSION, 'pid': os.getpid(),
-                       'hostname': socket.gethostname()})
+            self.send(hello_message())
 
     def _worker_start_failed(self) -> None:
         """The worker cannot start: fail a waiting python exec; the next one tries again."""
@@ -1414,10 +1427,13 @@ class Worker:
         pids = []
         error = None
         signals = []
+        # What every child reopens (or closes) is the same: read once, here.
+        inherited = podflare_fork.capture_files(keep={self.cmd_fd, self.ctl_fd})
+        cwd = os.getcwd()
         for child in msg.get('children') or []:
             ready_r, ready_w = os.pipe()
             try:
-                pids.append(podflare_fork.spawn(lambda child=child, w=ready_w: self._become_fork_child(child, msg, w)))
+                pids.append(podflare_fork.spawn(lambda child=child, w=ready_w: self._become_fork_child(child, msg, w, inherited, cwd)))
                 signals.append(ready_r)
             except OSError as exc:
                 os.close(ready_r)
@@ -1435,16 +1451,23 @@ class Worker:
         self.fork_pids.extend(pids)
         self.send({'t': 'forked', 'id': msg.get('id'), 'pids': pids, 'error': error})
 
-    def _become_fork_child(self, child: dict, msg: dict, ready_w: int) -> None:
+    def _become_fork_child(self, child: dict, msg: dict, ready_w: int, inherited: tuple[list, list[int]], cwd: str) -> None:
         # Leave the parent's worker process group and session: signals meant for the parent's
         # interpreter (interrupts, a restart's killpg) must not reach this sandbox.
+        podflare_fork.block_root_ready_signal()
         os.setsid()
-        files = podflare_fork.capture_files(keep={self.cmd_fd, self.ctl_fd, ready_w})
-        cwd = os.getcwd()
+        files, sockets = inherited
+        podflare_fork.close_fds(sockets)
         podflare_fork.enter_namespaces(child['hostname'])
         os.write(ready_w, b'1')
         os.close(ready_w)
+        # The server mounts the root into our mount namespace now that it exists.
+        podflare_fork.wait_for_root(child['root'])
         podflare_fork.switch_root(child['root'])
+        sock = podflare_fork.connect_server()
+        # Hello first: the server answers the fork on it. Requests it sends meanwhile wait in the
+        # socket until the supervisor below reads them, by when everything after this is done.
+        sock.sendall(encode_line(hello_message()))
         podflare_fork.restore_files(files)
         try:
             os.chdir(cwd)
@@ -1452,7 +1475,6 @@ class Worker:
             os.chdir(HOME if os.path.isdir(HOME) else '/')
         podflare_fork.reseed()
         os.environ['PODFLARE_SANDBOX_ID'] = child['id']
-        sock = podflare_fork.connect_server()
         for fd in (self.cmd_fd, self.ctl_fd):
             try:
                 os.close(fd)
@@ -1464,6 +1486,7 @@ class Worker:
         os.close(null)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         supervisor = Supervisor(sock.detach(), inherited=self, exec_count=int(msg.get('exec_count') or 0))
+        supervisor.hello_sent = True
         os._exit(supervisor.run())
 
     def _reap_fork_children(self) -> None:

@@ -21,10 +21,12 @@ import ctypes
 import errno
 import fcntl
 import os
+import signal
 import socket
 import stat
 import struct
 import sys
+import time
 from typing import Any, Callable
 
 CLONE_NEWNS = 0x00020000
@@ -85,10 +87,12 @@ def spawn(child: Callable[[], None]) -> int:
         os.close(own)
 
 
-def capture_files(keep: set[int]) -> list[tuple[int, str, int, int]]:
+def capture_files(keep: set[int]) -> tuple[list[tuple[int, str, int, int]], list[int]]:
     """The regular files this process has open (fd, path, flags, offset), read while the parent's
-    filesystem is still the one in view. Sockets are closed right away. `keep` is left alone."""
+    filesystem is still the one in view, and its sockets (fds) for the children to close. `keep`
+    is left alone. Read once in the parent, before its children are forked."""
     files = []
+    sockets = []
     for name in os.listdir('/proc/self/fd'):
         fd = int(name)
         if fd in keep or fd <= 2:
@@ -98,10 +102,7 @@ def capture_files(keep: set[int]) -> list[tuple[int, str, int, int]]:
         except OSError:
             continue
         if stat.S_ISSOCK(st.st_mode):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+            sockets.append(fd)
             continue
         if not stat.S_ISREG(st.st_mode):
             continue
@@ -116,7 +117,16 @@ def capture_files(keep: set[int]) -> list[tuple[int, str, int, int]]:
         if path.endswith(' (deleted)') or not path.startswith('/'):
             continue
         files.append((fd, path, flags, pos))
-    return files
+    return files, sockets
+
+
+def close_fds(fds: list[int]) -> None:
+    """In a child: the parent's sockets are shared with it, never inherited (documented)."""
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def restore_files(files: list[tuple[int, str, int, int]]) -> None:
@@ -164,6 +174,30 @@ def protect_proc(proc: str = '/proc') -> None:
             _mount(None, path, None, MS_BIND | MS_REMOUNT | MS_RDONLY)
         except OSError:
             pass
+
+
+ROOT_READY_SIGNAL = signal.SIGUSR2
+ROOT_WAIT_SECONDS = 60.0
+
+
+def block_root_ready_signal() -> None:
+    """Held pending until wait_for_root, so a signal sent early is not lost (nor fatal)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {ROOT_READY_SIGNAL})
+
+
+def wait_for_root(root: str) -> None:
+    """Waits until the server has mounted this child's root at `root` (in this child's own mount
+    namespace) and said so with ROOT_READY_SIGNAL. The server's socket, bound inside the new
+    root, is the proof: a stray signal from code in the parent sandbox only means another look."""
+    deadline = time.monotonic() + ROOT_WAIT_SECONDS
+    while not os.path.exists(root + AGENT_SOCKET):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError('the server did not mount this fork child\'s root')
+        signal.sigtimedwait([ROOT_READY_SIGNAL], left)
+    while signal.sigtimedwait([ROOT_READY_SIGNAL], 0) is not None:
+        pass  # extra ones must not stay pending: once unblocked, their default action is to kill
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {ROOT_READY_SIGNAL})
 
 
 def switch_root(root: str) -> None:
@@ -256,4 +290,4 @@ def snapshot_vars(ns: dict[str, Any]) -> dict[str, dict[str, str]]:
     return out
 
 
-__all__ = ['protect_proc', 'spawn', 'capture_files', 'restore_files', 'enter_namespaces', 'switch_root', 'enter_new_root', 'reseed', 'connect_server', 'snapshot_vars', 'errno']
+__all__ = ['protect_proc', 'spawn', 'block_root_ready_signal', 'wait_for_root', 'capture_files', 'close_fds', 'restore_files', 'enter_namespaces', 'switch_root', 'enter_new_root', 'reseed', 'connect_server', 'snapshot_vars', 'errno']

@@ -61,7 +61,7 @@ async function py(sbx: Sandbox, code: string, what: string): Promise<string> {
 
 /**
  * Processes of every sandbox of this process: the bwrap trees and the slirp4netns (not the host
- * helper), live ones and zombies apart.
+ * helpers), live ones and zombies apart.
  */
 async function sandboxProcesses(): Promise<{ live: number; zombies: number }> {
   const procs = await processes();
@@ -74,7 +74,9 @@ async function sandboxProcesses(): Promise<{ live: number; zombies: number }> {
   }
   let live = 0;
   let zombies = 0;
-  const queue = procs.filter((p) => p.ppid === process.pid && (p.comm === 'bwrap' || p.comm === 'slirp4netns')).map((p) => p.pid);
+  // slirp4netns is started by the server's spawner (a python3 child of this process).
+  const helpers = new Set(procs.filter((p) => p.ppid === process.pid && p.comm === 'python3').map((p) => p.pid));
+  const queue = procs.filter((p) => (p.ppid === process.pid && p.comm === 'bwrap') || (helpers.has(p.ppid) && p.comm === 'slirp4netns')).map((p) => p.pid);
   while (queue.length) {
     const pid = queue.shift()!;
     if (byPid.get(pid)?.state === 'Z') zombies++;

@@ -2,7 +2,7 @@
  * Memory of idle pooled sandboxes, seen from the host. The pool is internal to the server, so the
  * sandboxes are found from /proc: each one is a `bwrap` child of this process (the server runs
  * in-process) with its descendants (the sandbox's init, the agent's supervisor and worker), plus the
- * `slirp4netns` child of this process attached to it (its arguments name a pid of that tree).
+ * `slirp4netns` attached to it (started by the server's spawner; its arguments name a pid of that tree).
  * PSS comes from /proc/<pid>/smaps_rollup, so pages shared between sandboxes (the image's
  * libraries in the page cache) are split between them rather than counted once per sandbox.
  */
@@ -78,7 +78,8 @@ function slirpsOf(tree: Set<string>, slirps: Proc[]): Proc[] {
 export async function sandboxMemory(parentPid = process.pid): Promise<SandboxMemory[]> {
   const children = childrenMap(await processes());
   const mine = children.get(parentPid) ?? [];
-  const slirps = mine.filter((p) => p.comm === 'slirp4netns');
+  // slirp4netns is started by the server's spawner, a python3 child of the server.
+  const slirps = mine.filter((p) => p.comm === 'python3').flatMap((h) => children.get(h.pid) ?? []).filter((p) => p.comm === 'slirp4netns');
   const result: SandboxMemory[] = [];
   for (const b of mine.filter((p) => p.comm === 'bwrap')) {
     const pids = treeOf(b.pid, children);

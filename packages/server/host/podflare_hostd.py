@@ -13,13 +13,16 @@ Operations:
                                   mount an overlay (new mount API, never in the host's table) at
                                   `target` inside the mount namespace of host process `pid`
                                   (`pid` null: in the host's own namespace)
+  overlay_prepare {lowers, upper, work, binds?}
+                                  the same mounts, made but not placed: returns {handle}
+  overlay_attach {handle, pid, target}   place them (in `pid`'s mount namespace)
+  overlay_discard {handle}        drop them unplaced
   subvolume {path, limit_bytes}   create a btrfs subvolume (a sandbox's directory on the disk
                                   volume) whose qgroup limits what the sandbox may write
   disk_limit {path, limit_bytes}  change that limit
   squash_layers {sources, target}  squash overlay layers (topmost first) into one new layer (keeps
                                   whiteouts, opaque marks and owners): a fork layer is the
                                   parent's upper squashed alone, or with the fork layers below it
-  detach  {pid, target}           lazily unmount `target` in that namespace and remove the directory
   tmpfs   {pid, target}           mount a small tmpfs at `target` in that namespace (once)
   diff    {a, b, paths?, content?, max_content_bytes?}
                                   compare two overlay layer stacks (lists of directories, topmost
@@ -27,6 +30,7 @@ Operations:
                                   the stacks do not share are looked at
 """
 import contextlib
+import itertools
 import ctypes
 import difflib
 import errno
@@ -48,7 +52,6 @@ AT_EMPTY_PATH = 0x1000
 MOUNT_ATTR_RDONLY, MOUNT_ATTR_IDMAP = 0x1, 0x00100000
 CLONE_NEWUSER = 0x10000000
 AT_FDCWD = -100
-MNT_DETACH = 2
 CLONE_NEWNS = 0x00020000
 
 libc.syscall.restype = ctypes.c_long
@@ -188,27 +191,71 @@ def _overlay_mount_fd(lowers, upper, work):
         os.close(fs)
 
 
-def op_overlay(req):
-    """Mounts an overlay (lowers, upper, work) at `target` inside the mount namespace of `pid`,
-    plus bind mounts of host directories below it (binds: [{source, target}], targets relative
-    to the overlay's root)."""
+PREPARED = {}  # handle -> (overlay mount fd, [(bind tree fd, target relative to the root)])
+HANDLES = itertools.count(1)
+
+
+def _prepare(req):
+    """The overlay and its bind trees as detached mounts, ready to be moved into place."""
     root = _overlay_mount_fd(req["lowers"], req["upper"], req["work"])
     trees = []
     try:
         for bind in req.get("binds", []):
             trees.append((_check(libc.syscall(SYS_OPEN_TREE, AT_FDCWD, bind["source"].encode(),
                                               OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC), "open_tree"), bind["target"]))
-        with InNamespace(req["pid"]) if req.get("pid") else contextlib.nullcontext():
-            os.makedirs(req["target"], exist_ok=True)
-            _check(libc.syscall(SYS_MOVE_MOUNT, root, b"", AT_FDCWD, req["target"].encode(), MOVE_MOUNT_F_EMPTY_PATH), "move_mount")
+            # The bind's mount point, made in the overlay's upper before anything else sees it.
+            os.makedirs(f"/proc/self/fd/{root}/{bind['target'].strip('/')}", exist_ok=True)
+    except BaseException:
+        _close_prepared((root, trees))
+        raise
+    return root, trees
+
+
+def _close_prepared(prepared):
+    root, trees = prepared
+    os.close(root)
+    for tree, _ in trees:
+        os.close(tree)
+
+
+def _attach(prepared, pid, target):
+    root, trees = prepared
+    try:
+        with InNamespace(pid) if pid else contextlib.nullcontext():
+            os.makedirs(target, exist_ok=True)
+            _check(libc.syscall(SYS_MOVE_MOUNT, root, b"", AT_FDCWD, target.encode(), MOVE_MOUNT_F_EMPTY_PATH), "move_mount")
             for tree, rel in trees:
-                where = os.path.join(req["target"], rel.lstrip("/"))
-                os.makedirs(where, exist_ok=True)
+                where = os.path.join(target, rel.lstrip("/"))
                 _check(libc.syscall(SYS_MOVE_MOUNT, tree, b"", AT_FDCWD, where.encode(), MOVE_MOUNT_F_EMPTY_PATH), "move_mount bind")
     finally:
-        os.close(root)
-        for tree, _ in trees:
-            os.close(tree)
+        _close_prepared(prepared)
+
+
+def op_overlay(req):
+    """Mounts an overlay (lowers, upper, work) at `target` inside the mount namespace of `pid`,
+    plus bind mounts of host directories below it (binds: [{source, target}], targets relative
+    to the overlay's root)."""
+    _attach(_prepare(req), req.get("pid"), req["target"])
+    return {}
+
+
+def op_overlay_prepare(req):
+    """The mounts of op_overlay, made but not yet placed anywhere (a fork child's root, made while
+    the child is still being forked); returns a handle for overlay_attach or overlay_discard."""
+    handle = next(HANDLES)
+    PREPARED[handle] = _prepare(req)
+    return {"handle": handle}
+
+
+def op_overlay_attach(req):
+    _attach(PREPARED.pop(int(req["handle"])), req["pid"], req["target"])
+    return {}
+
+
+def op_overlay_discard(req):
+    prepared = PREPARED.pop(int(req["handle"]), None)
+    if prepared is not None:
+        _close_prepared(prepared)
     return {}
 
 
@@ -325,19 +372,6 @@ def op_squash_layers(req):
         if os.path.isdir(target_dir):
             st = dirs[target_dir]
             os.utime(target_dir, ns=(st.st_atime_ns, st.st_mtime_ns))
-    return {}
-
-
-def op_detach(req):
-    with InNamespace(req["pid"]):
-        if libc.umount2(req["target"].encode(), MNT_DETACH) < 0:
-            err = ctypes.get_errno()
-            if err not in (22, 2):  # EINVAL: not a mount point any more; ENOENT: gone
-                raise OSError(err, f"umount {req['target']}: {os.strerror(err)}")
-        try:
-            os.rmdir(req["target"])
-        except OSError:
-            pass
     return {}
 
 
@@ -507,7 +541,7 @@ def op_diff(req):
     return out
 
 
-OPS = {"idmap": op_idmap, "squash_layers": op_squash_layers, "subvolume": op_subvolume, "disk_limit": op_disk_limit, "overlay": op_overlay, "detach": op_detach, "tmpfs": op_tmpfs, "diff": op_diff}
+OPS = {"idmap": op_idmap, "squash_layers": op_squash_layers, "subvolume": op_subvolume, "disk_limit": op_disk_limit, "overlay": op_overlay, "overlay_prepare": op_overlay_prepare, "overlay_attach": op_overlay_attach, "overlay_discard": op_overlay_discard, "tmpfs": op_tmpfs, "diff": op_diff}
 
 
 def main():

@@ -32,6 +32,22 @@ export class HostHelper {
     return this.call({ op: 'overlay', pid, ...o }).then(() => undefined);
   }
 
+  /**
+   * The mounts of `overlay`, made now but placed later by `attachOverlay` (or dropped by
+   * `discardOverlay`): a fork child's root is made while the child is still being forked.
+   */
+  async prepareOverlay(o: { lowers: string[]; upper: string; work: string; binds?: Array<{ source: string; target: string }> }): Promise<number> {
+    return (await this.call({ op: 'overlay_prepare', ...o })).handle as number;
+  }
+
+  attachOverlay(handle: number, pid: number, target: string): Promise<void> {
+    return this.call({ op: 'overlay_attach', handle, pid, target }).then(() => undefined);
+  }
+
+  discardOverlay(handle: number): Promise<void> {
+    return this.call({ op: 'overlay_discard', handle }).then(() => undefined);
+  }
+
   /** A btrfs subvolume at `path` (on the disk volume) that may hold at most `limitBytes`. */
   subvolume(path: string, limitBytes: number): Promise<void> {
     return this.call({ op: 'subvolume', path, limit_bytes: limitBytes }).then(() => undefined);
@@ -44,10 +60,6 @@ export class HostHelper {
   /** One new layer equal to `sources` (topmost first) stacked, over the same lowers. */
   squashLayers(sources: string[], target: string): Promise<void> {
     return this.call({ op: 'squash_layers', sources, target }).then(() => undefined);
-  }
-
-  detach(pid: number, target: string): Promise<void> {
-    return this.call({ op: 'detach', pid, target }).then(() => undefined);
   }
 
   /** A small private tmpfs at `target` in the mount namespace of `pid`, owned by uid/gid `owner`. */

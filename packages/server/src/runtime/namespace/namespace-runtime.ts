@@ -2,15 +2,17 @@
  * The namespace runtime: each sandbox is a bubblewrap sandbox whose root is an overlay of the
  * read-only image (agent layer over the Debian base) plus the sandbox's own upper layer.
  *
- * The overlay is mounted on the host only while a sandbox starts: bwrap binds it as the root (or,
- * for a fork child, the host helper grafts it into the parent's mount namespace), and once the
- * agent says hello the host mount is detached. From then on the mount exists only inside the
- * sandbox's namespaces and disappears with them, so a crash of the server leaves no mounts behind.
+ * The overlay is mounted on the host only while a sandbox starts: bwrap binds it as the root, and
+ * once the agent says hello the host mount is detached (a fork child's root is never on the host:
+ * the host helper mounts it straight into the child's own mount namespace). From then on the mount
+ * exists only inside the sandbox's namespaces and disappears with them, so a crash of the server
+ * leaves no mounts behind.
  *
- * fork(n): the parent's upper layer is copied into a read-only fork layer shared by the children
- * (the parent keeps writing to its own upper); each child gets an overlay of its own upper over
- * that layer and the parent's lowers, and the parent's interpreter forks into it (agent side:
- * agent/podflare_fork.py). Memory is shared copy-on-write by the kernel.
+ * fork(n): the parent's interpreter forks once per child (agent side: agent/podflare_fork.py), each
+ * child taking new namespaces; meanwhile the parent's upper layer is copied into a read-only fork
+ * layer shared by the children (the parent keeps writing to its own upper). Each child then gets an
+ * overlay of its own upper over that layer and the parent's lowers, mounted into its mount
+ * namespace, and a signal to switch to it. Memory is shared copy-on-write by the kernel.
  */
 import { spawn } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
@@ -57,8 +59,11 @@ const ID_COUNT = 65_536;
 /** Niceness of sandboxes starting in the background (warm-pool refills). */
 const BACKGROUND_NICE = 10;
 const AGENT_COMMAND = ['/usr/bin/python3', '/opt/podflare/podflare_agent.py'];
-/** Where fork points are grafted inside a parent (a private tmpfs, only during a fork). */
+/** A private tmpfs in a parent, made at its first fork: in each child's copy of the parent's mount
+ * namespace, the child's root is mounted over it. */
 const SPAWN_AREA = '/.pf/spawn';
+/** Tells a fork child that its root is mounted (agent/podflare_fork.py waits for it). */
+const ROOT_READY_SIGNAL = 'SIGUSR2';
 /**
  * Pid namespaces nest at most 32 deep, and each fork generation adds one level (merges keep the
  * winner's level). Refuse clearly before the kernel does.
@@ -277,11 +282,12 @@ export class NamespaceRuntime implements Runtime {
     // The children's cgroups are made while the layer freezes (a v1 memory group takes a while).
     const cgroups = this.cgroups;
     const groups = cgroups ? Promise.all(specs.map((spec) => cgroups.create(spec.id, spec.limits).catch((e: Error) => e))) : null;
-    const lowers = await this.freezeUpper(parent);
-    phase('layer frozen');
-    for (const l of lowers) this.retainLayer(l);
-    const prepared: Array<{ spec: SandboxSpec; dirs: SandboxDirs; connection: Promise<net.Socket>; listener: net.Server; target: string }> = [];
+    const prepared: Array<{ spec: SandboxSpec; dirs: SandboxDirs; connection: Promise<net.Socket>; listener: net.Server; runDir: string; overlay?: number }> = [];
     const created: ForkedSandbox[] = [];
+    let lowers: string[] = [];
+    let forkedPids: number[] = [];
+    let forking: Promise<{ pids: number[]; error?: string | null }> | undefined;
+    let making: Array<Promise<void>> = [];
     let policies: Promise<Array<PromiseSettledResult<EgressListeners | null>>> | null = null;
     const served = new Set<EgressListeners>();
     try {
@@ -289,7 +295,21 @@ export class NamespaceRuntime implements Runtime {
         await this.hostd.tmpfs(parent.initPid, SPAWN_AREA, this.opts.uidBase);
         parent.spawnAreaReady = true;
       }
-      await Promise.all(specs.map(async (spec) => {
+      // The interpreter forks first: its children take their namespaces while the layer freezes
+      // and their directories and roots are made; each then waits for its root (placed straight
+      // into its own mount namespace below) and a signal before switching to it.
+      forking = parent.channel.request({
+        op: 'fork',
+        children: specs.map((spec) => ({ id: spec.id, root: SPAWN_AREA, hostname: spec.hostname })),
+      });
+      forking.catch(() => undefined);
+      const layered = this.freezeUpper(parent).then((l) => {
+        lowers = l;
+        for (const layer of l) this.retainLayer(layer);
+        phase('layer frozen');
+      });
+      layered.catch(() => undefined);
+      making = specs.map(async (spec) => {
         const dirs = sandboxDirs(this.opts.stateDir, spec.id);
         // The child's way back to us: a socket in a host directory bound at /.pf/run in its root.
         const runDir = path.join(dirs.dir, 'run');
@@ -297,31 +317,38 @@ export class NamespaceRuntime implements Runtime {
         await mkdir(runDir, { recursive: true });
         const socketPath = path.join(runDir, 'agent.sock');
         const { listener, connection } = await listenOnce(socketPath, this.opts.startTimeoutMs);
-        const target = `${SPAWN_AREA}/${spec.id}`;
-        prepared.push({ spec, dirs, connection, listener, target });
+        const entry: (typeof prepared)[number] = { spec, dirs, connection, listener, runDir };
+        prepared.push(entry);
         // Sandbox root (an unprivileged host uid) must be able to connect.
         await Promise.all([chown(runDir, this.opts.uidBase, this.opts.uidBase), chown(socketPath, this.opts.uidBase, this.opts.uidBase)]);
         await this.makeUpper(dirs);
-        // Mounted straight into the parent's namespace: the host's mount table never sees it.
-        await this.hostd.overlay(parent.initPid!, {
-          lowers, upper: dirs.upper, work: dirs.work, target, binds: [{ source: runDir, target: '/.pf/run' }],
+        await layered;
+        entry.overlay = await this.hostd.prepareOverlay({
+          lowers, upper: dirs.upper, work: dirs.work, binds: [{ source: runDir, target: '/.pf/run' }],
         });
-      }));
-      phase('roots grafted');
-      const answer = await parent.channel.request({
-        op: 'fork',
-        children: prepared.map((p) => ({ id: p.spec.id, root: p.target, hostname: p.spec.hostname })),
       });
+      await Promise.all(making);
+      prepared.sort((a, b) => specs.indexOf(a.spec) - specs.indexOf(b.spec));
+      phase('roots made');
+      const answer = await forking;
       phase('interpreter forked');
-      if (answer.pids.length !== prepared.length) throw new Error(answer.error ?? 'the interpreter could not fork');
-      // The children have their network namespaces already: attach the network while they
-      // finish switching roots and connect back.
       const hostPids = await hostPidsOfForkChildren(parent.initPid, answer.pids);
+      forkedPids = [...hostPids.values()];
+      if (answer.pids.length !== prepared.length) throw new Error(answer.error ?? 'the interpreter could not fork');
       const childPids = answer.pids.map((pid) => {
         const host = hostPids.get(pid);
         if (!host) throw new Error('a forked child could not be found on the host');
         return host;
       });
+      // Each root goes straight into its child's own mount namespace (neither the host's nor the
+      // parent's mount table ever shows it); the signal tells the child it is there.
+      const grafted = Promise.all(prepared.map(async (p, i) => {
+        const handle = p.overlay!;
+        p.overlay = undefined;
+        await this.hostd.attachOverlay(handle, childPids[i]!, SPAWN_AREA);
+        process.kill(childPids[i]!, ROOT_READY_SIGNAL);
+      }));
+      grafted.catch(() => undefined);
       // Into their own groups at once: what each child starts from now on is accounted to it.
       const grouped = groups?.then((gs) => Promise.all(gs.map(async (g, i) => {
         if (g instanceof Error) throw g;
@@ -329,9 +356,10 @@ export class NamespaceRuntime implements Runtime {
         return g;
       })));
       grouped?.catch(() => undefined);
-      const networks = Promise.allSettled(prepared.map((p, i) => (p.spec.egress === true ? startSlirp(childPids[i]!, this.opts.startTimeoutMs) : null)));
       // A child with an allowlist gets a proxy of its own (same policy, its own events).
       policies = Promise.allSettled(prepared.map((p, i) => (isEgressPolicy(p.spec.egress) ? openEgressListeners(childPids[i]!, this.opts.startTimeoutMs) : null)));
+      await grafted;
+      phase('roots grafted');
       const sockets = await Promise.all(prepared.map((p) => p.connection));
       for (const [i, p] of prepared.entries()) {
         const child = new ForkedSandbox(p.spec, p.dirs, lowers, parent, sockets[i]!, this.hooks);
@@ -341,11 +369,6 @@ export class NamespaceRuntime implements Runtime {
         child.initPid = childPids[i]!;
       }
       phase('children connected');
-      const attached = await networks;
-      created.forEach((c, i) => {
-        const r = attached[i]!;
-        c.slirp = r.status === 'fulfilled' ? r.value : null;
-      });
       const listened = await policies;
       created.forEach((c, i) => {
         const r = listened[i]!;
@@ -354,43 +377,61 @@ export class NamespaceRuntime implements Runtime {
           served.add(r.value);
         }
       });
-      const failed = [...attached, ...listened].find((r): r is PromiseRejectedResult => r.status === 'rejected');
-      if (failed) throw failed.reason; // the children (and the slirps and proxies attached) are destroyed below
+      const failed = listened.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+      if (failed) throw failed.reason; // the children (and the proxies attached) are destroyed below
       await Promise.all(created.map((c) => c.channel.waitHello(this.opts.startTimeoutMs)));
-      phase('network attached');
-      // Moving processes between cgroups waits for an RCU grace period on v1 (milliseconds
-      // each): it finishes after the fork has answered, and the child's first exec or fork
-      // waits for it (`ready`). A child's PID 1 may have started its interpreter before it
-      // joined its group, hence the sweep (nothing else runs in a child before its first request).
-      if (grouped) {
-        for (const [i, c] of created.entries()) {
-          c.ready = grouped.then(async (gs) => {
-            c.cgroup = gs[i]!;
-            const tree = await processTree(c.initPid!);
-            await Promise.all(tree.slice(1).map((pid) => gs[i]!.add(pid).catch(() => undefined)));
-          }).catch((e: Error) => {
-            this.opts.log.warn('a fork child could not get cgroups of its own', { sandbox: c.id, error: e.message });
-            void groups!.then((gs) => gs.forEach((g) => {
-              if (!(g instanceof Error) && !created.some((x) => x.cgroup === g)) void g.remove().catch(() => undefined);
-            }));
-          });
-        }
+      phase('children answered');
+      // Finishing after the fork has answered, each child's first request waits for them (`ready`):
+      // - its network: slirp4netns takes milliseconds to configure the child's tap device;
+      // - its cgroups: moving processes between groups waits for an RCU grace period on v1
+      //   (milliseconds each). A child's PID 1 may have started its interpreter before it
+      //   joined its group, hence the sweep (nothing else runs in a child before its first request).
+      // slirp4netns starts only now: its start-up would take CPU from the children still forking.
+      for (const [i, c] of created.entries()) {
+        const network = (c.spec.egress === true ? startSlirp(childPids[i]!, this.opts.startTimeoutMs) : Promise.resolve(null)).then((slirp) => {
+          if (slirp && c.ended) slirp.stop();
+          else c.slirp = slirp;
+        }, (e: Error) => {
+          if (c.ended) return;
+          this.opts.log.warn('a fork child could not get its network; it is closed', { sandbox: c.id, error: e.message });
+          void c.destroy();
+        });
+        const grouping = grouped?.then(async (gs) => {
+          c.cgroup = gs[i]!;
+          const tree = await processTree(c.initPid!);
+          await Promise.all(tree.slice(1).map((pid) => gs[i]!.add(pid).catch(() => undefined)));
+        }).catch((e: Error) => {
+          if (!c.ended) this.opts.log.warn('a fork child could not get cgroups of its own', { sandbox: c.id, error: e.message });
+          void groups!.then((gs) => gs.forEach((g) => {
+            if (!(g instanceof Error) && !created.some((x) => x.cgroup === g)) void g.remove().catch(() => undefined);
+          }));
+        });
+        c.ready = Promise.all([network, grouping]).then(() => undefined);
       }
       return created;
     } catch (err) {
       // Listening sockets nobody serves would keep the children's network namespaces alive.
       for (const r of policies ? await policies : []) if (r.status === 'fulfilled' && r.value && !served.has(r.value)) closeEgressListeners(r.value);
       await Promise.all(created.map((c) => c.destroy()));
-      for (const p of prepared) await rm(p.dirs.dir, { recursive: true, force: true });
+      // Children that never became sandboxes: they wait for a root that will not come.
+      if (!forkedPids.length && parent.initPid) {
+        const late = await forking?.catch(() => null);
+        if (late?.pids.length) forkedPids = [...(await hostPidsOfForkChildren(parent.initPid, late.pids).catch(() => new Map<number, number>())).values()];
+      }
+      for (const pid of forkedPids) if (!created.some((c) => c.initPid === pid)) try { process.kill(pid, 'SIGKILL'); } catch { /* gone */ }
+      await Promise.allSettled(making); // every child's directories and root, made or failed
+      for (const p of prepared) {
+        if (p.overlay !== undefined) await this.hostd.discardOverlay(p.overlay).catch(() => undefined);
+        await rm(p.dirs.dir, { recursive: true, force: true });
+      }
       for (const g of (await groups) ?? []) if (!(g instanceof Error)) await g.remove().catch(() => undefined);
       throw err;
     } finally {
       for (const l of lowers) void this.releaseLayer(l);
       for (const p of prepared) {
         p.listener.close();
-        await rm(path.join(p.dirs.dir, 'run'), { recursive: true, force: true });
-        // The children have pivoted into their roots: the parent no longer needs to see them.
-        await this.hostd.detach(parent.initPid, p.target).catch((e: Error) => this.opts.log.warn('detach failed', { error: e.message }));
+        // Not waited for: the children have connected (or are gone), nothing uses it any more.
+        void rm(p.runDir, { recursive: true, force: true }).catch(() => undefined);
       }
     }
   }

@@ -39,8 +39,10 @@ export abstract class NsSandbox implements RuntimeSandbox {
   slirp: Slirp | null = null;
   /** Its cgroups (limits), where the host has them. */
   cgroup: SandboxCgroup | null = null;
-  /** Set while a fork child is still being moved into its own cgroups. */
+  /** Set while a fork child is still getting its network and being moved into its own cgroups. */
   ready?: Promise<void>;
+  /** Its processes are gone (or going): nothing may be attached to it any more. */
+  ended = false;
   readonly children = new Set<NsSandbox>();
   /** Set once the spawn tmpfs is mounted in this sandbox (fork points live there). */
   spawnAreaReady = false;
@@ -61,7 +63,10 @@ export abstract class NsSandbox implements RuntimeSandbox {
     this.log = hooks.log.child({ sandbox: spec.id });
     this.channel = new AgentChannel(socket);
     this.exited = new Promise((resolve) => { this.resolveExited = resolve; });
-    void this.exited.then(() => this.slirp?.stop());
+    void this.exited.then(() => {
+      this.ended = true;
+      this.slirp?.stop();
+    });
     parent?.children.add(this);
   }
 
@@ -79,7 +84,7 @@ export abstract class NsSandbox implements RuntimeSandbox {
     const ns = await pidNamespace(this.initPid);
     const pids: number[] = [];
     for (const pid of await processTree(this.initPid)) if ((await pidNamespace(pid)) === ns) pids.push(pid);
-    if (this.slirp?.process.pid) pids.push(this.slirp.process.pid);
+    if (this.slirp) pids.push(this.slirp.pid);
     return pssOf(pids);
   }
 
@@ -171,7 +176,7 @@ export class RootSandbox extends NsSandbox {
   async setPriority(nice: number): Promise<void> {
     if (this.bwrap.pid === undefined) return;
     const pids = await processTree(this.bwrap.pid);
-    if (this.slirp?.process.pid) pids.push(this.slirp.process.pid);
+    if (this.slirp) pids.push(this.slirp.pid);
     for (const pid of pids) {
       try { os.setPriority(pid, nice); } catch { /* ended meanwhile */ }
     }

@@ -148,7 +148,7 @@ export class VmSandbox implements RuntimeSandbox {
   }
 
   async memoryPss(): Promise<number> {
-    const pids = [this.vm.qemu.pid, this.vm.slirp?.process.pid].filter((p): p is number => p !== undefined);
+    const pids = [this.vm.qemu.pid, this.vm.slirp?.pid].filter((p): p is number => p !== undefined);
     return pssOf(pids);
   }
 

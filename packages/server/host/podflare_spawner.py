@@ -1,0 +1,209 @@
+"""Podflare process spawner: starts the server's helper processes (slirp4netns) on its behalf.
+
+Why a process of its own: Node starts a child with fork() + exec(), and fork() copies the page
+tables of the whole server (100+ MB), which blocks the server's event loop for milliseconds per
+child; a fork(5) with egress would stall five times on the critical path. This process is small and
+uses posix_spawn (vfork-style: nothing is copied), so a start costs a fraction of a millisecond.
+
+Protocol: JSON lines. Requests on stdin:
+  {"id": n, "op": "spawn", "argv": [...], "ready_fd": 3?, "exit_fd": 4?}
+      → {"id": n, "ok": true, "pid": p}
+      `ready_fd`: the child gets the write end of a pipe there; its first byte is reported as
+      {"ev": "ready", "pid": p}. `exit_fd`: the child gets the read end of a pipe whose write end
+      only this process holds (slirp4netns exits when it closes: when we die, so do they).
+  {"id": n, "op": "kill", "pid": p} → {"id": n, "ok": true}   (SIGKILL, if still ours)
+Events on stdout: {"ev": "exit", "pid": p, "code": c|null, "signal": s|null, "stderr": "..."}.
+When stdin closes (the server is gone) every child is killed, then this process exits; the
+kernel kills it (PR_SET_PDEATHSIG) if the server dies first.
+"""
+import ctypes
+import json
+import os
+import selectors
+import signal
+import sys
+
+PR_SET_PDEATHSIG = 1
+STDERR_KEEP = 2000
+
+
+class Child:
+    def __init__(self, pid, ready_r, exit_w, err_r):
+        self.pid = pid
+        self.ready_r = ready_r
+        self.exit_w = exit_w
+        self.err_r = err_r
+        self.stderr = b""
+
+
+class Spawner:
+    def __init__(self):
+        self.sel = selectors.DefaultSelector()
+        self.children = {}  # pid -> Child
+        self.out = sys.stdout
+        self.inbuf = b""
+        self.wake_r, wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(wake_w, False)
+        signal.set_wakeup_fd(wake_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        self.sel.register(self.wake_r, selectors.EVENT_READ, self.on_wake)
+        self.sel.register(sys.stdin.fileno(), selectors.EVENT_READ, self.on_stdin)
+        self.running = True
+
+    def send(self, msg):
+        self.out.write(json.dumps(msg) + "\n")
+        self.out.flush()
+
+    def on_stdin(self):
+        data = os.read(sys.stdin.fileno(), 65536)
+        if not data:
+            self.running = False
+            return
+        self.inbuf += data
+        while b"\n" in self.inbuf:
+            line, self.inbuf = self.inbuf.split(b"\n", 1)
+            if line.strip():
+                self.handle(line)
+
+    def handle(self, line):
+        rid = None
+        try:
+            req = json.loads(line)
+            rid = req.get("id")
+            if req["op"] == "spawn":
+                reply = {"pid": self.spawn(req["argv"], req.get("ready_fd"), req.get("exit_fd"))}
+            elif req["op"] == "kill":
+                child = self.children.get(int(req["pid"]))
+                if child is not None:  # not reaped yet: the pid is still this child's
+                    os.kill(child.pid, signal.SIGKILL)
+                reply = {}
+            else:
+                raise ValueError(f"unknown op {req['op']!r}")
+            self.send({"id": rid, "ok": True, **reply})
+        except Exception as exc:  # every failure goes back to the server, never kills the spawner
+            self.send({"id": rid, "ok": False, "error": f"{type(exc).__name__}: {exc}"})
+
+    def spawn(self, argv, ready_fd, exit_fd):
+        actions = []
+        opened = []
+        ready_r = exit_w = None
+        try:
+            null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+            opened.append(null)
+            err_r, err_w = os.pipe()
+            opened.append(err_w)
+            actions += [(os.POSIX_SPAWN_DUP2, null, 0), (os.POSIX_SPAWN_DUP2, null, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)]
+            if ready_fd is not None:
+                ready_r, ready_w = os.pipe()
+                opened.append(ready_w)
+                actions.append((os.POSIX_SPAWN_DUP2, ready_w, int(ready_fd)))
+            if exit_fd is not None:
+                exit_r, exit_w = os.pipe()
+                opened.append(exit_r)
+                actions.append((os.POSIX_SPAWN_DUP2, exit_r, int(exit_fd)))
+            pid = os.posix_spawnp(argv[0], argv, os.environ, file_actions=actions)
+        except Exception:
+            for fd in (ready_r, exit_w):
+                if fd is not None:
+                    os.close(fd)
+            raise
+        finally:
+            for fd in opened:
+                os.close(fd)
+        child = Child(pid, ready_r, exit_w, err_r)
+        self.children[pid] = child
+        os.set_blocking(err_r, False)
+        self.sel.register(err_r, selectors.EVENT_READ, lambda c=child: self.on_stderr(c))
+        if ready_r is not None:
+            self.sel.register(ready_r, selectors.EVENT_READ, lambda c=child: self.on_ready(c))
+        return pid
+
+    def on_ready(self, child):
+        if child.ready_r is None:
+            return
+        try:
+            data = os.read(child.ready_r, 64)
+        except OSError:
+            data = b""
+        self.sel.unregister(child.ready_r)
+        os.close(child.ready_r)
+        child.ready_r = None
+        if data:
+            self.send({"ev": "ready", "pid": child.pid})
+
+    def on_stderr(self, child):
+        if child.err_r is None:
+            return
+        try:
+            data = os.read(child.err_r, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            child.stderr = (child.stderr + data)[-STDERR_KEEP:]
+            return
+        self.sel.unregister(child.err_r)
+        os.close(child.err_r)
+        child.err_r = None
+
+    def on_wake(self):
+        try:
+            while os.read(self.wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        self.reap()
+
+    def reap(self):
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            child = self.children.pop(pid, None)
+            if child is None:
+                continue
+            if child.err_r is not None:  # what it wrote last
+                try:
+                    child.stderr = (child.stderr + os.read(child.err_r, 65536))[-STDERR_KEEP:]
+                except OSError:
+                    pass
+            for fd in (child.ready_r, child.err_r):
+                if fd is not None:
+                    self.sel.unregister(fd)
+                    os.close(fd)
+            if child.exit_w is not None:
+                os.close(child.exit_w)
+            self.send({"ev": "exit", "pid": pid,
+                       "code": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
+                       "signal": signal.Signals(os.WTERMSIG(status)).name if os.WIFSIGNALED(status) else None,
+                       "stderr": child.stderr.decode("utf-8", "replace")})
+
+    def run(self):
+        while self.running:
+            events = self.sel.select()
+            fd_map = self.sel.get_map()
+            for key, _ in events:
+                # A handler earlier in this batch may have closed (and even reused) this fd.
+                if fd_map.get(key.fd) is key:
+                    key.data()
+        for pid in list(self.children):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def main():
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() == 1:  # the server died before the line above took effect
+        return
+    Spawner().run()
+
+
+if __name__ == "__main__":
+    main()

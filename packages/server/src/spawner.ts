@@ -1,0 +1,141 @@
+/**
+ * Client of the process spawner (packages/server/host/podflare_spawner.py). Starting a child from
+ * Node forks the whole server first, which blocks the event loop for milliseconds (more the bigger
+ * the server); helper processes on latency paths (a fork child's slirp4netns) are started by that
+ * small process instead, with posix_spawn. One spawner per server process, started on first use;
+ * it dies with the server and takes its children with it.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const SPAWNER = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../host/podflare_spawner.py');
+
+export interface SpawnOptions {
+  /** The child gets a pipe's write end at this fd; its first byte resolves `ready`. */
+  readyFd?: number;
+  /** The child gets a pipe's read end at this fd that stays open while the spawner lives. */
+  exitFd?: number;
+}
+
+export interface ProcessExit {
+  code: number | null;
+  signal: string | null;
+  stderr: string;
+}
+
+export interface SpawnedProcess {
+  pid: number;
+  /** Resolves when the child writes to its ready fd; rejects if it exits first. */
+  ready: Promise<void>;
+  exited: Promise<ProcessExit>;
+  /** SIGKILL, unless it has already ended. */
+  kill(): void;
+}
+
+interface Watch {
+  ready(): void;
+  exit(e: ProcessExit): void;
+}
+
+class Spawner {
+  private child: ChildProcess | null = null;
+  private nextId = 1;
+  private buffer = '';
+  private readonly pending = new Map<number, { resolve(pid: number): void; reject(e: Error): void }>();
+  private readonly watches = new Map<number, Watch>();
+  /** Events that arrived before their spawn's answer was handled (never, in practice). */
+  private readonly early = new Map<number, Array<{ ev: string } & Partial<ProcessExit>>>();
+
+  async spawn(argv: string[], opts: SpawnOptions = {}): Promise<SpawnedProcess> {
+    let onReady!: () => void;
+    let onNotReady!: (e: Error) => void;
+    let onExit!: (e: ProcessExit) => void;
+    const ready = new Promise<void>((resolve, reject) => { onReady = resolve; onNotReady = reject; });
+    ready.catch(() => undefined);
+    const exited = new Promise<ProcessExit>((resolve) => { onExit = resolve; });
+    const pid = await this.request({ op: 'spawn', argv, ready_fd: opts.readyFd, exit_fd: opts.exitFd });
+    let ended = false;
+    const watch: Watch = {
+      ready: onReady,
+      exit: (e) => {
+        ended = true;
+        this.watches.delete(pid);
+        onNotReady(new Error(`${path.basename(argv[0]!)} exited (${e.code ?? e.signal}): ${e.stderr.trim()}`));
+        onExit(e);
+      },
+    };
+    this.watches.set(pid, watch);
+    for (const ev of this.early.get(pid) ?? []) this.dispatch(pid, ev);
+    this.early.delete(pid);
+    return {
+      pid, ready, exited,
+      kill: () => { if (!ended) void this.request({ op: 'kill', pid }).catch(() => undefined); },
+    };
+  }
+
+  private dispatch(pid: number, msg: { ev: string } & Partial<ProcessExit>): void {
+    const watch = this.watches.get(pid);
+    if (!watch) {
+      const list = this.early.get(pid) ?? [];
+      list.push(msg);
+      this.early.set(pid, list);
+      return;
+    }
+    if (msg.ev === 'ready') watch.ready();
+    else if (msg.ev === 'exit') watch.exit({ code: msg.code ?? null, signal: msg.signal ?? null, stderr: msg.stderr ?? '' });
+  }
+
+  private start(): ChildProcess {
+    const child = spawn('/usr/bin/python3', ['-I', SPAWNER], { stdio: ['pipe', 'pipe', 'inherit'] });
+    // Idle, it must not keep the server's process alive; a pending spawn has its own timer.
+    child.unref();
+    (child.stdin as unknown as { unref?: () => void }).unref?.();
+    (child.stdout as unknown as { unref?: () => void }).unref?.();
+    child.stdout!.setEncoding('utf8');
+    child.stdout!.on('data', (d: string) => {
+      this.buffer += d;
+      let nl: number;
+      while ((nl = this.buffer.indexOf('\n')) !== -1) {
+        const line = this.buffer.slice(0, nl);
+        this.buffer = this.buffer.slice(nl + 1);
+        const msg = JSON.parse(line) as { id?: number; ok?: boolean; error?: string; pid?: number; ev?: string } & Partial<ProcessExit>;
+        if (msg.ev) {
+          this.dispatch(msg.pid!, msg as { ev: string });
+          continue;
+        }
+        const p = this.pending.get(msg.id!);
+        if (!p) continue;
+        this.pending.delete(msg.id!);
+        if (msg.ok) p.resolve(msg.pid ?? 0);
+        else p.reject(new Error(`spawner: ${msg.error}`));
+      }
+    });
+    child.once('exit', () => {
+      if (this.child === child) this.child = null;
+      for (const p of this.pending.values()) p.reject(new Error('the spawner exited'));
+      this.pending.clear();
+      // Its children died with it (their exit fds closed, or killed on its way out).
+      for (const [pid, watch] of [...this.watches]) watch.exit({ code: null, signal: 'SIGKILL', stderr: 'the spawner exited' }), this.watches.delete(pid);
+      this.buffer = '';
+    });
+    return child;
+  }
+
+  private request(req: Record<string, unknown>): Promise<number> {
+    this.child ??= this.start();
+    const id = this.nextId++;
+    return new Promise((resolve, reject) => {
+      this.pending.set(id, { resolve, reject });
+      this.child!.stdin!.write(JSON.stringify({ ...req, id }) + '\n');
+    });
+  }
+}
+
+let shared: Spawner | null = null;
+
+/** Starts `argv` (argv[0] looked up on PATH) from the spawner; stdin/stdout are /dev/null. */
+export function spawnProcess(argv: string[], opts: SpawnOptions = {}): Promise<SpawnedProcess> {
+  shared ??= new Spawner();
+  return shared.spawn(argv, opts);
+}
