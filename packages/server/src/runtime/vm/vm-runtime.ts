@@ -431,8 +431,8 @@ export class VmRuntime implements Runtime {
       await split.listening;
     })();
     prepared.catch(() => undefined);
-    await qmp.command('stop');
     try {
+      await qmp.command('stop');
       await prepared;
       // QEMU throttles migrations to 128 MiB/s by default (meant for live migration over a network).
       await qmp.command('migrate-set-parameters', { 'max-bandwidth': 64 * 1024 ** 3 });
