@@ -2,7 +2,7 @@
  * Splits a QEMU 7.2 migration stream in two as it arrives: the guest RAM block's pages go into a
  * RAM file (at their offset in the block), everything else — header, configuration, the RAM
  * section's setup (its block list) and end-of-section markers, other RAM blocks' pages (ROMs,
- * a few hundred KB) and every device section after the RAM section — stays a valid migration
+ * tens of KB) and every device section after the RAM section — stays a valid migration
  * stream without those pages. A QEMU that maps the RAM file as its RAM block (`share=off`, so it
  * is not an x-ignore-shared block and the stream's block list still names it) and loads the
  * stripped stream ends up where the source was.
