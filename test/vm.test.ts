@@ -135,6 +135,10 @@ describe('vm runtime', { timeout: 600_000 }, () => {
     const kids: Sandbox[] = [];
     try {
       await parent.runCode('import random\nimport numpy as np\ncounter = 10\nopen("/root/shared.txt", "w").write("from the parent")');
+      // A few MB of random bytes in the parent's memory: every child must read them back intact
+      // (its RAM comes from the fork point's RAM file, its device state from the rest of the stream).
+      const blobHash = (await parent.runCode('import hashlib, os\nblob = os.urandom(6 * 1024 * 1024)\nhashlib.sha256(blob).hexdigest()')).results[0]?.text;
+      assert.match(blobHash ?? '', /^'[0-9a-f]{64}'$/);
       // A process started before the fork, outside the interpreter.
       await parent.runCode('nohup sleep 1000 > /dev/null 2>&1 &\necho started', { language: 'bash' });
       kids.push(...(await parent.fork(3)));
@@ -143,10 +147,26 @@ describe('vm runtime', { timeout: 600_000 }, () => {
         assert.equal((await kid.info()).runtime, 'vm');
         const r = await kid.runCode(`counter += ${i + 1}\n(counter, open("/root/shared.txt").read())`);
         assert.equal(r.results[0]?.text, `(${11 + i}, 'from the parent')`, r.stderr);
+        assert.equal((await kid.runCode('hashlib.sha256(blob).hexdigest()')).results[0]?.text, blobHash, `child ${i} read the parent's memory wrong`);
         const sleeping = await kid.runCode('pgrep -x sleep', { language: 'bash' });
         assert.equal(sleeping.exitCode, 0, 'the background process is not running in the child');
         await kid.runCode(`open("/root/shared.txt", "w").write("child ${i}")`);
       }
+      // The children share the fork point's pages: its RAM file (already unlinked) is mapped by
+      // each, and pages of it are mapped by more than one process.
+      const smaps = readFileSync(`/proc/${qemuPidOf(kids[0]!.id)}/smaps`, 'utf8').split(/\n(?=[0-9a-f]+-[0-9a-f]+ )/);
+      const ram = smaps.find((m) => /\/dev\/shm\/podflare-[^\n]*\.ram \(deleted\)\n/.test(m));
+      assert.ok(ram, 'the fork point\'s RAM file is not mapped (or not unlinked)');
+      // (tmpfs pages count as dirty: Shared_Dirty, not Shared_Clean)
+      const sharedKb = Number(/^Shared_Clean:\s+(\d+) kB/m.exec(ram)?.[1]) + Number(/^Shared_Dirty:\s+(\d+) kB/m.exec(ram)?.[1]);
+      assert.ok(sharedKb >= 4096, `only ${sharedKb} kB of the fork point's RAM shared between the children`);
+      // A grandchild: a fork of a fork child.
+      const [grandchild] = await kids[0]!.fork(1);
+      kids.push(grandchild!);
+      const g = await grandchild!.runCode('(counter, open("/root/shared.txt").read(), hashlib.sha256(blob).hexdigest())');
+      assert.equal(g.results[0]?.text, `(11, 'child 0', ${blobHash})`, g.stderr);
+      await grandchild!.close();
+      kids.pop();
       // Each diverged on its own: memory and files; the parent is untouched and still running.
       for (const [i, kid] of kids.entries()) {
         const r = await kid.runCode('(counter, open("/root/shared.txt").read())');

@@ -8,14 +8,20 @@
  * `x-ignore-shared` writes only the device state to a file, because its RAM already lives in a
  * file on /dev/shm (`memory-backend-file,share=on`). Every sandbox is then a *clone*: a QEMU with
  * the same devices maps that RAM file `share=off` (MAP_PRIVATE: copy-on-write, the template's
- * pages shared until written), loads the device state (`-incoming defer` + `migrate-incoming`)
- * and continues. The agent is told the time, fresh entropy, its hostname and id right after,
- * because every clone resumes with the template's clock and RNG state.
+ * pages shared until written), loads the device state (`-incoming defer`, then `migrate-incoming`
+ * from a unix socket the server writes the state into) and continues. The agent is told the time,
+ * fresh entropy, its hostname and id right after, because every clone resumes with the template's
+ * clock and RNG state.
+ *
+ * A fork point is a frozen point of the same kind, made from a running VM: its migration stream is
+ * split by the server into a fresh RAM file (the pages) and the device state (see forkChildren).
  *
  *   <stateDir>/vm/templates/<name>-<net|nonet>-<rand>/disk.qcow2  template disk (read-only once frozen)
- *   <stateDir>/vm/templates/<…>/state                             device state
- *   /dev/shm/podflare-<statehash>-<rand>.ram                      template RAM
- *   <stateDir>/vm/<sandbox id>/{disk.qcow2,agent.sock,qmp.sock,console.log}
+ *   <stateDir>/vm/templates/<…>/{state,clone.qcow2}               device state, an empty overlay to copy
+ *   /dev/shm/podflare-<statehash>-<pid>-<rand>.ram                template RAM
+ *   /dev/shm/podflare-<statehash>-<pid>-<point>.ram               a fork point's RAM (unlinked once mapped)
+ *   <stateDir>/vm/layers/<point>.{qcow2,top.qcow2,sock}           fork layer, its children's empty overlay, stream socket
+ *   <stateDir>/vm/<sandbox id>/{disk.qcow2,agent.sock,qmp.sock,in.sock,console.log}
  *
  * Disks: the shared read-only ext4 root ← template overlay ← each sandbox's own qcow2 overlay.
  */
@@ -23,12 +29,13 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import { statSync } from 'node:fs';
-import { chmod, chown, mkdir, readdir, readFile, readlink, rm, stat, writeFile } from 'node:fs/promises';
+import { chmod, chown, copyFile, mkdir, open, readdir, readFile, readlink, rm, stat, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { AgentChannel } from '../../agent-channel.js';
 import { ApiError } from '../../errors.js';
 import type { VmImagePaths } from '../../image/vm-image.js';
+import { MB } from '../../limits.js';
 import type { Logger } from '../../log.js';
 import { isAlive, pssOf, run } from '../../proc.js';
 import type { DiffOptions, FileDiff, ReconcileReport, Runtime, RuntimeSandbox, SandboxSpec } from '../runtime.js';
@@ -36,6 +43,7 @@ import { InFlight } from '../in-flight.js';
 import { startSlirp, type Slirp } from '../namespace/network.js';
 import { qemuArgs, type Acceleration } from './qemu-args.js';
 import { vmDiff } from './vm-diff.js';
+import { SplitWorker } from './migration-split.js';
 import { connectUnix, Qmp } from './qmp.js';
 
 export interface VmRuntimeOptions {
@@ -60,11 +68,25 @@ export interface VmRuntimeOptions {
 const QEMU = 'qemu-system-x86_64';
 const BACKGROUND_NICE = 10;
 const DEFAULT_MEMORY_MB = 512;
+/** The guest RAM block's name in migration streams (the id of qemu-args' memory backend). */
+const RAM_BLOCK = 'mem';
+/**
+ * Set on every VM: x-ignore-shared leaves a share=on RAM block (a template's) out of the stream;
+ * `events` makes QEMU announce migration states, so nothing polls.
+ */
+const MIGRATION_CAPABILITIES = [{ capability: 'x-ignore-shared', state: true }, { capability: 'events', state: true }];
+
+/** Where a restoring VM reads its migration state from: memory (small) or a file (a frozen VM's whole RAM). */
+type StateSource = { data: Buffer } | { file: string };
 
 interface Template {
   dir: string;
   disk: string;
   state: string;
+  /** The state, read once: every clone gets it from memory. */
+  stateData: StateSource;
+  /** An empty overlay over `disk`, copied for each clone (cheaper than a qemu-img per clone). */
+  cloneOverlay: string;
   ramFile: string;
   image: VmImagePaths;
   network: boolean;
@@ -152,6 +174,7 @@ export class VmRuntime implements Runtime {
   private readonly live = new Map<string, VmSandbox>();
   private readonly templates = new Map<string, Promise<Template>>();
   private readonly inFlight = new InFlight();
+  private readonly splitter = new SplitWorker();
   private readonly memoryMb: number;
   /** Names this server's RAM files on /dev/shm (shared by every server on the machine). */
   private readonly shmPrefix: string;
@@ -206,6 +229,7 @@ export class VmRuntime implements Runtime {
       if (t.status === 'fulfilled') await removeTemplate(t.value);
     }
     await rm(this.vmDir, { recursive: true, force: true });
+    await this.splitter.close();
   }
 
   /** The frozen template for (template, network), booted on first use; a failed boot is retried next time. */
@@ -224,7 +248,7 @@ export class VmRuntime implements Runtime {
     const image = await this.opts.image();
     const rand = randomBytes(4).toString('hex');
     const dir = path.join(this.vmDir, 'templates', `${name}-${network ? 'net' : 'nonet'}-${rand}`);
-    const tpl: Template = { dir, disk: path.join(dir, 'disk.qcow2'), state: path.join(dir, 'state'), ramFile: path.join('/dev/shm', `${this.shmPrefix}${process.pid}-${rand}.ram`), image, network };
+    const tpl: Template = { dir, disk: path.join(dir, 'disk.qcow2'), state: path.join(dir, 'state'), stateData: { data: Buffer.alloc(0) }, cloneOverlay: path.join(dir, 'clone.qcow2'), ramFile: path.join('/dev/shm', `${this.shmPrefix}${process.pid}-${rand}.ram`), image, network };
     const bootTimeoutMs = this.opts.bootTimeoutMs ?? (this.opts.accel.kind === 'kvm' ? 20_000 : 90_000);
     const t0 = performance.now();
     // A TCG boot can stall early on a loaded host: one more attempt before giving up.
@@ -243,13 +267,16 @@ export class VmRuntime implements Runtime {
         if (ready.code !== 0) throw new Error('the template interpreter failed to start');
         const booted = performance.now();
         await vm.qmp.command('stop');
-        await vm.qmp.command('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] });
+        await vm.qmp.command('migrate-set-capabilities', { capabilities: MIGRATION_CAPABILITIES });
+        const migrated = waitMigration(vm.qmp, bootTimeoutMs, vm);
         await vm.qmp.command('migrate', { uri: `exec:cat > ${shellQuote(tpl.state)}` });
-        await waitMigration(vm.qmp, bootTimeoutMs, vm);
+        await migrated;
         await vm.qmp.command('quit').catch(() => undefined);
         await waitExit(vm.qemu, 10_000);
         vm.channel.close('template frozen');
         await chmod(tpl.disk, 0o444);
+        tpl.stateData = { data: await readFile(tpl.state) };
+        await run('qemu-img', ['create', '-q', '-f', 'qcow2', '-F', 'qcow2', '-b', tpl.disk, tpl.cloneOverlay]);
         this.opts.log.info('vm template ready', { template: name, network, boot_ms: Math.round(booted - t0), freeze_ms: Math.round(performance.now() - booted), accel: this.opts.accel.kind });
         return tpl;
       } catch (err) {
@@ -272,32 +299,50 @@ export class VmRuntime implements Runtime {
 
   private async startClone(spec: SandboxSpec): Promise<RuntimeSandbox> {
     const tpl = await this.template(spec.template, spec.egress === true);
-    return this.restore(spec, { template: tpl, backing: tpl.disk, state: tpl.state, layers: [] });
+    return this.restore(spec, { template: tpl, ramFile: tpl.ramFile, disk: { overlayOf: tpl.cloneOverlay }, state: tpl.stateData, layers: [] });
   }
 
   /**
-   * A new VM from a frozen point: the template's, or a fork point's (whose state file carries the
-   * parent's RAM; the template's RAM file is still mapped underneath, copy-on-write). Its disk is
-   * a new overlay over `backing`.
+   * A new VM from a frozen point: the template's (RAM: the template's RAM file), a fork point's
+   * (RAM: the fork point's RAM file) or a frozen sandbox's (RAM: all in the state). The RAM file
+   * is mapped copy-on-write; the state is the rest of the migration stream (device state, and
+   * whatever RAM the file does not hold), handed to QEMU from memory over a unix socket, or
+   * read from a file. QEMU starts (and maps the RAM file) before the state is needed: `state`
+   * may still be in the making.
    */
-  private async restore(spec: SandboxSpec, from: { template: Template; backing: string; state: string; layers: string[]; copyDisk?: boolean }): Promise<VmSandbox> {
+  private async restore(spec: SandboxSpec, from: {
+    template: Template;
+    ramFile: string;
+    /** A copy of a ready-made empty overlay (over the right backing file), or a copy of a whole disk. */
+    disk: { overlayOf: string } | { copyOf: string };
+    state: StateSource | Promise<StateSource>;
+    layers: string[];
+  }): Promise<VmSandbox> {
     if (this.inFlight.closed) throw new Error('the runtime is shut down');
+    const t0 = performance.now();
+    const steps: Record<string, number> = {};
+    const step = (name: string) => { steps[name] = Math.round(performance.now() - t0); };
     const dir = path.join(this.vmDir, spec.id);
     await this.ownDir(dir);
     const disk = path.join(dir, 'disk.qcow2');
     for (const l of from.layers) this.retainLayer(l);
     let vm: VmProcess | undefined;
     try {
-      if (from.copyDisk) await run('cp', ['--sparse=always', from.backing, disk]);
-      else await run('qemu-img', ['create', '-q', '-f', 'qcow2', '-F', 'qcow2', '-b', from.backing, disk]);
+      if ('copyOf' in from.disk) await run('cp', ['--sparse=always', from.disk.copyOf, disk]);
+      else await copyFile(from.disk.overlayOf, disk);
       await chown(disk, this.opts.uid, this.opts.uid);
+      step('disk_ms');
       const tpl = from.template;
-      vm = await this.launch({ dir, disk, ramFile: tpl.ramFile, shareRam: false, network: tpl.network, incoming: true, background: spec.background ?? false }, this.opts.startTimeoutMs);
-      // Only a shared RAM block is skipped: the template's state has no RAM, a fork point's has the parent's.
-      await vm.qmp.command('migrate-set-capabilities', { capabilities: [{ capability: 'x-ignore-shared', state: true }] });
-      await vm.qmp.command('migrate-incoming', { uri: `exec:cat ${shellQuote(from.state)}` });
-      await waitMigration(vm.qmp, this.opts.startTimeoutMs, vm);
-      await vm.qmp.command('cont').catch(() => undefined); // already running when QEMU autostarted it
+      vm = await this.launch({ dir, disk, ramFile: from.ramFile, shareRam: false, network: tpl.network, incoming: true, background: spec.background ?? false }, this.opts.startTimeoutMs);
+      // Only a shared RAM block is skipped: the template's and a fork point's state have no
+      // pages of the RAM file, a frozen sandbox's has them all (its RAM file starts empty).
+      await vm.qmp.command('migrate-set-capabilities', { capabilities: MIGRATION_CAPABILITIES });
+      step('launch_ms');
+      const state = await from.state;
+      step('state_ready_ms');
+      await incoming(vm, state, path.join(dir, 'in.sock'), this.opts.startTimeoutMs);
+      step('loaded_ms');
+      await vm.qmp.command('cont');
       await withTimeout(vm.channel.request({
         op: 'restore',
         time_ns: Date.now() * 1_000_000,
@@ -305,6 +350,8 @@ export class VmRuntime implements Runtime {
         hostname: spec.hostname,
         sandbox_id: spec.id,
       }), this.opts.startTimeoutMs, 'the restored VM did not answer');
+      step('answered_ms');
+      this.opts.log.debug('vm restored', { id: spec.id, ...steps });
       if (spec.background && vm.qemu.pid) setPriorityAll(vm.qemu.pid, 0);
       const sandbox = new VmSandbox(spec.id, dir, tpl, disk, [...from.layers], vm, (s) => {
         this.live.delete(s.id);
@@ -331,53 +378,117 @@ export class VmRuntime implements Runtime {
   }
 
   /**
-   * fork(n): the parent is paused at a fork point; its device state and RAM are migrated to a
-   * state file and a copy of its disk overlay becomes a read-only fork layer; the parent then
-   * continues on its own overlay. Each
-   * child is restored from that point with its own overlay over the fork layer, its own serial
-   * channel and network, and is told the time and fresh entropy. Everything in the guest is
-   * inherited: every process, not only the interpreter.
+   * fork(n): the parent is paused at a fork point. Its migration stream comes to this server (a
+   * unix socket), which splits it in a worker thread (migration-split.ts): the pages of its RAM go
+   * into a fresh RAM file of the fork point on /dev/shm (all-zero pages stay holes), the rest
+   * (device state, a few small ROM blocks: ~70 KB) stays in memory as the fork point's state. A
+   * copy of its disk overlay becomes a read-only fork layer, and the parent continues on its own
+   * overlay. Each child is restored like a template clone: it maps the fork point's RAM file
+   * copy-on-write (siblings share its pages until they write them) and loads the state, with its
+   * own overlay over the fork layer, its own serial channel and network, and is told the time and
+   * fresh entropy. Everything in the guest is inherited: every process, not only the interpreter.
+   * A fork of a fork child works the same way (its RAM is private, so all of it streams).
+   *
+   * The children's QEMUs start while the stream is still being split: a QEMU waiting for its
+   * incoming migration does not touch guest RAM (it skips loading ROMs into RAM while in-migrate;
+   * its mapping of the RAM file has no resident page until then), pages of a MAP_PRIVATE mapping
+   * that were never written read the file as it is when touched, and a child's guest runs only
+   * after `cont`, once its migration has completed — long after the split has. Nothing writes the
+   * RAM file once the split is done, and it is unlinked once every child has been restored or has
+   * failed: the children's mappings keep its pages alive, so it needs no reference counting and
+   * nothing leaks (the start-up sweep removes one left by a crash).
    */
   private async forkChildren(parent: VmSandbox, specs: SandboxSpec[]): Promise<RuntimeSandbox[]> {
     if (!this.live.has(parent.id)) throw new ApiError('conflict', 'the sandbox is not running');
     const t0 = performance.now();
-    const phase = (name: string) => this.opts.log.debug(`vm fork: ${name}`, { parent: parent.id, ms: Math.round(performance.now() - t0) });
+    const phase = (name: string, extra: Record<string, unknown> = {}) => this.opts.log.debug(`vm fork: ${name}`, { parent: parent.id, ms: Math.round(performance.now() - t0), ...extra });
     const point = randomBytes(6).toString('hex');
     const layersDir = path.join(this.vmDir, 'layers');
-    await this.ownDir(layersDir); // QEMU (its `cat`) writes the fork point's state here
+    await this.ownDir(layersDir); // QEMU connects to the fork point's socket here
     const layer = path.join(layersDir, `${point}.qcow2`);
-    const state = path.join(layersDir, `${point}.state`);
+    const overlay = path.join(layersDir, `${point}.top.qcow2`);
+    const socketPath = path.join(layersDir, `${point}.sock`);
+    const ramFile = path.join('/dev/shm', `${this.shmPrefix}${process.pid}-${point}.ram`);
     const qmp = parent.vm.qmp;
-    await qmp.command('stop');
+    type Split = ReturnType<SplitWorker['split']>;
+    let split: Split | null = null;
+    let layerHeld = false;
+    let migrated: Promise<void> | null = null;
     let resumed = false;
+    let settled: Promise<unknown> = Promise.resolve();
+    // The fork point's RAM file and the socket its stream arrives on are made while QEMU stops.
+    const prepared = (async () => {
+      const ram = await open(ramFile, 'wx', 0o600);
+      try {
+        await ram.truncate(this.memoryMb * MB);
+        // MAP_PRIVATE still needs a file QEMU can open read-write (QEMU 7.2 has no read-only
+        // private mapping of guest RAM); the children own it as much as the template's RAM file.
+        await ram.chown(this.opts.uid, this.opts.uid);
+      } finally {
+        await ram.close();
+      }
+      split = this.splitter.split({ socketPath, uid: this.opts.uid, ramFile, ramBlock: RAM_BLOCK, ramSize: this.memoryMb * MB });
+      await split.listening;
+    })();
+    prepared.catch(() => undefined);
     try {
+      await qmp.command('stop');
+      await prepared;
       // QEMU throttles migrations to 128 MiB/s by default (meant for live migration over a network).
       await qmp.command('migrate-set-parameters', { 'max-bandwidth': 64 * 1024 ** 3 });
-      // The migration saves RAM and device state, and flushes and deactivates the disk: its
-      // overlay file is consistent until `cont`, so a copy of it is the fork point's disk.
-      await qmp.command('migrate', { uri: `exec:cat > ${shellQuote(state)}` });
-      await waitMigration(qmp, this.opts.startTimeoutMs, parent.vm);
-      phase('memory saved');
-      await run('cp', ['--sparse=always', parent.disk, layer]);
-      await chmod(layer, 0o444);
+      migrated = waitMigration(qmp, this.opts.startTimeoutMs, parent.vm);
+      await qmp.command('migrate', { uri: `unix:${socketPath}` });
+      const saved = Promise.all([migrated, (split as Split | null)!.done]).then(([, s]) => {
+        phase('memory saved', { pages: s.pages, state_bytes: s.state.length });
+        return { data: s.state } satisfies StateSource;
+      });
+      saved.catch(() => undefined);
+      // `stop` flushed the disk (QEMU's qcow2 caches included) and nothing writes it until
+      // `cont`: a copy of the overlay is the fork point's disk, taken while the memory streams.
+      // The children's empty overlay over it is made meanwhile (-u: the copy need not exist yet).
       this.retainLayer(layer);
+      layerHeld = true;
+      await Promise.all([
+        copyFile(parent.disk, layer).then(() => chmod(layer, 0o444)),
+        qcow2VirtualSize(parent.disk).then((size) => run('qemu-img', ['create', '-q', '-f', 'qcow2', '-u', '-F', 'qcow2', '-b', layer, overlay, String(size)])),
+      ]);
       phase('disk frozen');
-      await qmp.command('cont');
-      resumed = true;
       const layers = [...parent.layers, layer];
-      const results = await Promise.allSettled(specs.map((spec) => this.restore(spec, { template: parent.template, backing: layer, state, layers })));
-      void this.releaseLayer(layer); // now held by the children alone
+      const children = specs.map((spec) => this.restore(spec, { template: parent.template, ramFile, disk: { overlayOf: overlay }, state: saved, layers }));
+      settled = Promise.allSettled(children);
+      let error: unknown = null;
+      try {
+        await saved;
+        await qmp.command('cont');
+        resumed = true;
+      } catch (err) {
+        error = err;
+      }
+      const results = await Promise.allSettled(children);
       phase('children restored');
-      const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+      const failed = error ?? results.find((r): r is PromiseRejectedResult => r.status === 'rejected')?.reason;
       if (failed) {
         await Promise.all(results.map((r) => (r.status === 'fulfilled' ? r.value.destroy() : undefined)));
-        throw failed.reason;
+        throw failed;
       }
       return results.map((r) => (r as PromiseFulfilledResult<VmSandbox>).value);
     } finally {
-      if (!resumed) await qmp.command('cont').catch(() => undefined);
-      await rm(state, { force: true });
-      if (!this.layerRefs.has(layer)) await rm(layer, { force: true });
+      await prepared.catch(() => undefined); // nothing half made behind our back
+      if (!resumed) {
+        (split as Split | null)?.cancel();
+        if (migrated) {
+          await qmp.command('migrate_cancel').catch(() => undefined);
+          await withTimeout(migrated, 10_000, 'the cancelled migration did not end').catch(() => undefined);
+        }
+        await qmp.command('cont').catch(() => undefined);
+      }
+      await rm(socketPath, { force: true });
+      // Children still starting map the file: it goes once they all have (or have failed).
+      await settled;
+      await rm(ramFile, { force: true });
+      await rm(overlay, { force: true });
+      if (layerHeld) await this.releaseLayer(layer); // held by the children alone now, if any
+      else await rm(layer, { force: true });
     }
   }
 
@@ -394,8 +505,9 @@ export class VmRuntime implements Runtime {
     await qmp.command('stop');
     try {
       await qmp.command('migrate-set-parameters', { 'max-bandwidth': 64 * 1024 ** 3 });
+      const migrated = waitMigration(qmp, this.opts.startTimeoutMs, s.vm);
       await qmp.command('migrate', { uri: `exec:cat > ${shellQuote(path.join(dir, 'state'))}` });
-      await waitMigration(qmp, this.opts.startTimeoutMs, s.vm);
+      await migrated;
       const disk = path.join(dir, 'disk.qcow2');
       await run('cp', ['--sparse=always', s.disk, disk]);
       await run('qemu-img', ['rebase', '-f', 'qcow2', '-F', 'raw', '-b', s.template.image.rootfs, disk], { timeoutMs: 600_000 });
@@ -415,9 +527,10 @@ export class VmRuntime implements Runtime {
       const image = await this.opts.image();
       // Any RAM file does (the state holds the whole RAM); this one is the resumed VM's own.
       const rand = randomBytes(4).toString('hex');
-      const own: Template = { dir, disk: path.join(dir, 'disk.qcow2'), state: path.join(dir, 'state'), ramFile: path.join('/dev/shm', `${this.shmPrefix}${process.pid}-r${rand}.ram`), image, network: meta.network };
+      const state = path.join(dir, 'state');
+      const own: Template = { dir, disk: path.join(dir, 'disk.qcow2'), state, stateData: { file: state }, cloneOverlay: '', ramFile: path.join('/dev/shm', `${this.shmPrefix}${process.pid}-r${rand}.ram`), image, network: meta.network };
       try {
-        const sandbox = await this.restore(spec, { template: own, backing: own.disk, state: own.state, layers: [], copyDisk: true });
+        const sandbox = await this.restore(spec, { template: own, ramFile: own.ramFile, disk: { copyOf: own.disk }, state: own.stateData, layers: [] });
         sandbox.ownRamFile = own.ramFile;
         return sandbox;
       } catch (err) {
@@ -533,18 +646,77 @@ function withTimeout<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
   });
 }
 
-/** Polls query-migrate until the migration (either direction) completes. */
-async function waitMigration(qmp: Qmp, timeoutMs: number, vm?: VmProcess): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const r = await qmp.command<{ status?: string; 'error-desc'?: string }>('query-migrate');
-    if (r.status === 'completed') return;
-    if (r.status === 'failed' || r.status === 'cancelled') {
-      await new Promise((res) => setTimeout(res, 20)); // let QEMU's stderr arrive
-      throw new Error(`migration ${r.status}${r['error-desc'] ? `: ${r['error-desc']}` : ''}${vm?.stderr() ? ` (${vm.stderr()})` : ''}`);
-    }
-    if (Date.now() > deadline) throw new Error('migration did not complete in time');
-    await new Promise((res) => setTimeout(res, 3));
+/**
+ * Resolves when the migration (either direction) completes, from QEMU's MIGRATION events (the
+ * `events` capability): call it before starting the migration, so no event is missed. Rejects
+ * when it fails, is cancelled or QEMU goes away.
+ */
+function waitMigration(qmp: Qmp, timeoutMs: number, vm?: VmProcess): Promise<void> {
+  const done = new Promise<void>((resolve, reject) => {
+    let over = false;
+    const finish = (err?: Error) => {
+      if (over) return;
+      over = true;
+      clearTimeout(timer);
+      qmp.off('event', onEvent);
+      qmp.off('closed', onClosed);
+      if (err) reject(err);
+      else resolve();
+    };
+    const onEvent = (name: string, data: { status?: string } | undefined) => {
+      if (name !== 'MIGRATION') return;
+      if (data?.status === 'completed') finish();
+      else if (data?.status === 'failed' || data?.status === 'cancelled') {
+        // Why: query-migrate's error, and QEMU's last words (let its stderr arrive).
+        void qmp.command<{ 'error-desc'?: string }>('query-migrate').catch(() => ({} as { 'error-desc'?: string })).then(async (r) => {
+          await new Promise((res) => setTimeout(res, 20));
+          finish(new Error(`migration ${data.status}${r['error-desc'] ? `: ${r['error-desc']}` : ''}${vm?.stderr() ? ` (${vm.stderr()})` : ''}`));
+        });
+      }
+    };
+    const onClosed = (reason: string) => {
+      setTimeout(() => finish(new Error(`QEMU went away during the migration (${reason})${vm?.stderr() ? `: ${vm.stderr()}` : ''}`)), 20);
+    };
+    const timer = setTimeout(() => finish(new Error('migration did not complete in time')), timeoutMs);
+    qmp.on('event', onEvent);
+    qmp.on('closed', onClosed);
+  });
+  done.catch(() => undefined);
+  return done;
+}
+
+/**
+ * Loads a restoring VM's state: from memory through a unix socket QEMU listens on (no process
+ * spawned), or from a file through `cat`.
+ */
+async function incoming(vm: VmProcess, state: StateSource, socketPath: string, timeoutMs: number): Promise<void> {
+  const migrated = waitMigration(vm.qmp, timeoutMs, vm);
+  if ('file' in state) {
+    await vm.qmp.command('migrate-incoming', { uri: `exec:cat ${shellQuote(state.file)}` });
+    return migrated;
+  }
+  if (Buffer.byteLength(socketPath) > 107) throw new Error(`socket path too long for a unix socket: ${socketPath}`);
+  await vm.qmp.command('migrate-incoming', { uri: `unix:${socketPath}` });
+  // QEMU listens once migrate-incoming has returned.
+  const sock = await connectUnix(socketPath, timeoutMs);
+  sock.on('error', () => undefined); // a failure shows in the migration's state
+  sock.end(state.data);
+  try {
+    await migrated;
+  } finally {
+    sock.destroy();
+  }
+}
+
+/** The virtual size of a qcow2 image, from its header (offset 24, big-endian). */
+async function qcow2VirtualSize(file: string): Promise<bigint> {
+  const f = await open(file, 'r');
+  try {
+    const { buffer, bytesRead } = await f.read(Buffer.alloc(32), 0, 32, 0);
+    if (bytesRead < 32 || buffer.readUInt32BE(0) !== 0x514649fb) throw new Error(`${file} is not a qcow2 image`);
+    return buffer.readBigUInt64BE(24);
+  } finally {
+    await f.close();
   }
 }
 
@@ -598,3 +770,4 @@ async function qemuPidsUnder(dir: string): Promise<number[]> {
   }
   return pids;
 }
+

@@ -1,0 +1,513 @@
+/**
+ * Splits a QEMU 7.2 migration stream in two as it arrives: the guest RAM block's pages go into a
+ * RAM file (at their offset in the block), everything else — header, configuration, the RAM
+ * section's setup (its block list) and end-of-section markers, other RAM blocks' pages (ROMs,
+ * tens of KB) and every device section after the RAM section — stays a valid migration
+ * stream without those pages. A QEMU that maps the RAM file as its RAM block (`share=off`, so it
+ * is not an x-ignore-shared block and the stream's block list still names it) and loads the
+ * stripped stream ends up where the source was.
+ *
+ * Format (migration/savevm.c and migration/ram.c of QEMU 7.2):
+ *   be32 magic "QEVM", be32 version 3
+ *   0x07 configuration: be32 len + machine name, then subsections (0x05, len + name, be32 version, body)
+ *   sections: type byte, be32 section id; START (0x01) and FULL (0x04) add len + idstr, be32
+ *     instance id, be32 version id; each ends with a footer 0x7e + be32 section id
+ *   RAM sections (START, PART…, END of "ram"): be64 records, offset | flags:
+ *     MEM_SIZE 0x04  total bytes; then per block len + idstr, be64 length (+ be64 address with
+ *                    x-ignore-shared) until the lengths add up to the total
+ *     ZERO 0x02      one fill byte;  PAGE 0x08  4096 bytes;  both name their block (len + idstr)
+ *                    unless CONTINUE 0x20 says "same block as the last page"
+ *     EOS 0x10       end of this section's RAM data
+ *   After the END of "ram" only non-iterable device sections, EOF and the JSON description
+ *   follow: copied through unparsed.
+ * Anything else (XBZRLE, compression, multifd, postcopy, block migration) is refused: the split
+ * would be wrong, so the fork fails instead.
+ */
+import { writeSync, writevSync } from 'node:fs';
+import type { Readable } from 'node:stream';
+import { Worker } from 'node:worker_threads';
+import type { SplitMessage, SplitRequest } from './split-worker.js';
+
+const MAGIC = 0x5145564d;
+const VERSION = 3;
+const PAGE = 4096;
+
+const enum Section { Eof = 0x00, Start = 0x01, Part = 0x02, End = 0x03, Full = 0x04, Subsection = 0x05, Configuration = 0x07, Footer = 0x7e }
+const enum Flag { Zero = 0x02, MemSize = 0x04, Page = 0x08, Eos = 0x10, Continue = 0x20 }
+
+export interface SplitResult {
+  /** The stream without the RAM block's pages. */
+  state: Buffer;
+  /** Pages written to the RAM file (all-zero pages are not: the file is fresh and sparse). */
+  pages: number;
+}
+
+export class MigrationStreamError extends Error {}
+
+/**
+ * Exact byte counts out of the chunks received so far: views into them, copying only across
+ * chunk boundaries; skipped bytes cost nothing (most records are skipped: zero pages).
+ */
+class Reader {
+  private chunks: Buffer[] = [];
+  /** Read position in chunks[0]. */
+  private at = 0;
+  private available = 0;
+  consumed = 0;
+
+  push(chunk: Buffer): void {
+    if (!chunk.length) return;
+    this.chunks.push(chunk);
+    this.available += chunk.length;
+  }
+
+  has(n: number): boolean {
+    return this.available >= n;
+  }
+
+  /** The byte `ahead` bytes on, not consumed (the caller made sure it is there). */
+  peek(ahead = 0): number {
+    let i = this.at + ahead;
+    for (const c of this.chunks) {
+      if (i < c.length) return c[i]!;
+      i -= c.length;
+    }
+    throw new RangeError('peek past the data received');
+  }
+
+  /** A big-endian 32-bit word `ahead` bytes on, not consumed. */
+  peek32(ahead: number): number {
+    const c = this.chunks[0]!;
+    const i = this.at + ahead;
+    if (i + 4 <= c.length) return c.readUInt32BE(i);
+    return ((this.peek(ahead) << 24) | (this.peek(ahead + 1) << 16) | (this.peek(ahead + 2) << 8) | this.peek(ahead + 3)) >>> 0;
+  }
+
+  take(n: number): Buffer {
+    const first = this.chunks[0]!;
+    let out: Buffer;
+    if (this.at + n <= first.length) {
+      out = first.subarray(this.at, this.at + n);
+      this.advance(n);
+      return out;
+    }
+    out = Buffer.allocUnsafe(n);
+    let done = 0;
+    while (done < n) {
+      const c = this.chunks[0]!;
+      const k = Math.min(c.length - this.at, n - done);
+      c.copy(out, done, this.at, this.at + k);
+      done += k;
+      this.advance(k);
+    }
+    return out;
+  }
+
+  /** The first chunk and the read position in it (for a caller that parses in place). */
+  window(): { buf: Buffer; at: number } | null {
+    return this.chunks.length ? { buf: this.chunks[0]!, at: this.at } : null;
+  }
+
+  /** Moves on by `n` bytes parsed in place in `window()`. */
+  consume(n: number): void {
+    if (n > 0) this.advance(n);
+  }
+
+  skip(n: number): void {
+    while (n > 0) {
+      const k = Math.min(this.chunks[0]!.length - this.at, n);
+      this.advance(k);
+      n -= k;
+    }
+  }
+
+  /** Moves on by `k` bytes within the first chunk. */
+  private advance(k: number): void {
+    this.at += k;
+    this.available -= k;
+    this.consumed += k;
+    if (this.at === this.chunks[0]!.length) {
+      this.chunks.shift();
+      this.at = 0;
+    }
+  }
+
+  /** Everything received and not consumed. */
+  rest(): Buffer[] {
+    if (this.chunks.length && this.at) this.chunks[0] = this.chunks[0]!.subarray(this.at);
+    this.at = 0;
+    this.available = 0;
+    return this.chunks.splice(0);
+  }
+}
+
+/** Writes runs of consecutive pages with one pwritev each. */
+class PageWriter {
+  private run: Buffer[] = [];
+  private runStart = 0;
+  private runEnd = -1;
+  private readonly written: Uint8Array;
+  pages = 0;
+
+  constructor(private readonly fd: number, private readonly size: number) {
+    this.written = new Uint8Array(Math.ceil(size / PAGE));
+  }
+
+  page(offset: number, data: Buffer): void {
+    if (offset + PAGE > this.size) throw new MigrationStreamError(`a page at ${offset} lies outside the ${this.size}-byte RAM block`);
+    if (offset !== this.runEnd || this.run.length >= 1024) {
+      this.flush();
+      this.runStart = offset;
+    }
+    this.run.push(data);
+    this.runEnd = offset + PAGE;
+    this.written[offset / PAGE] = 1;
+    this.pages++;
+  }
+
+  /** A page of one byte repeated: only written when it is not zero or replaces an earlier page. */
+  fill(offset: number, byte: number): void {
+    if (offset + PAGE > this.size) throw new MigrationStreamError(`a page at ${offset} lies outside the ${this.size}-byte RAM block`);
+    if (byte === 0 && !this.written[offset / PAGE]) return;
+    this.flush();
+    writeSync(this.fd, Buffer.alloc(PAGE, byte), 0, PAGE, offset);
+    this.written[offset / PAGE] = 1;
+  }
+
+  flush(): void {
+    if (!this.run.length) return;
+    let at = this.runStart;
+    let bufs = this.run;
+    while (bufs.length) {
+      let n = writevSync(this.fd, bufs, at);
+      at += n;
+      // A short write (rare on tmpfs): continue from where it stopped.
+      while (n > 0 && bufs.length) {
+        if (n >= bufs[0]!.length) { n -= bufs[0]!.length; bufs = bufs.slice(1); } else { bufs = [bufs[0]!.subarray(n), ...bufs.slice(1)]; n = 0; }
+      }
+    }
+    this.run = [];
+    this.runEnd = -1;
+  }
+}
+
+/**
+ * Reads the whole stream from `source`; pages of RAM block `ramBlock` (which must be `ramSize`
+ * bytes long) are written to `ramFd` at their offset, the rest is returned. Chunks are parsed
+ * as they arrive, synchronously ('data' events: no promise per chunk).
+ */
+export function splitMigrationStream(source: Readable, ramBlock: string, ramFd: number, ramSize: number): Promise<SplitResult> {
+  return new Promise<SplitResult>((resolve, reject) => {
+    const r = new Reader();
+    const out: Buffer[] = [];
+    const pages = new PageWriter(ramFd, ramSize);
+    const where = { what: 'the header' };
+    const parser = parse(r, out, pages, ramBlock, ramSize, where);
+    let done = false;
+    let failed = false;
+    const fail = (err: Error) => {
+      if (failed) return;
+      failed = true;
+      source.destroy();
+      reject(err);
+    };
+    const step = () => {
+      done = parser.next().done === true;
+      if (done) out.push(...r.rest());
+    };
+    try {
+      step();
+    } catch (err) {
+      return fail(err as Error);
+    }
+    source.on('data', (chunk: Buffer) => {
+      if (failed) return;
+      if (done) return void out.push(chunk); // past the RAM section: device state, copied as it is
+      r.push(chunk);
+      try {
+        step();
+      } catch (err) {
+        fail(err as Error);
+      }
+    });
+    source.once('error', (err) => fail(new MigrationStreamError(`the migration stream broke: ${err.message}`)));
+    source.once('end', () => {
+      if (failed) return;
+      if (!done) return fail(new MigrationStreamError(`the migration stream ended inside ${where.what} (at byte ${r.consumed})`));
+      failed = true; // settled: a 'close' after the end is no failure
+      resolve({ state: Buffer.concat(out), pages: pages.pages });
+    });
+    source.once('close', () => fail(new MigrationStreamError(`the migration stream closed inside ${where.what} (at byte ${r.consumed})`)));
+  });
+}
+
+/**
+ * The parser, as a generator that yields whenever it needs more data than has arrived (a
+ * promise per record would cost more than the parsing). Returns at the end of the RAM section.
+ */
+function* parse(r: Reader, out: Buffer[], pages: PageWriter, ramBlock: string, ramSize: number, where: { what: string }): Generator<void, void, void> {
+  const keep = (n: number): Buffer => {
+    const b = r.take(n);
+    out.push(b);
+    return b;
+  };
+  const u8 = () => keep(1)[0]!;
+  const be32 = () => keep(4).readUInt32BE(0);
+  /** A length byte and that many bytes (an id string), both kept; the string with its length byte. */
+  const str = () => keep(1 + r.peek()).toString('latin1');
+  function* need(n: number, what: string): Generator<void, void, void> {
+    while (!r.has(n)) {
+      where.what = what;
+      yield;
+    }
+  }
+  /** A length byte and the string after it: waits for both. */
+  function* needStr(what: string): Generator<void, void, void> {
+    yield* need(1, what);
+    yield* need(1 + r.peek(), what);
+  }
+
+  yield* need(8, 'the header');
+  if (be32() !== MAGIC) throw new MigrationStreamError('not a QEMU migration stream');
+  const version = be32();
+  if (version !== VERSION) throw new MigrationStreamError(`migration stream version ${version}, expected ${VERSION}`);
+
+  let capabilities: string[] = [];
+  let ramSection: number | null = null;
+  let lastBlock: string | null = null;
+  let sawBlock = false;
+
+  /** Section footers are optional in the format (send-section-footer is on for every current machine). */
+  function* footer(sectionId: number): Generator<void, void, void> {
+    yield* need(1, 'a section footer');
+    if (r.peek() !== Section.Footer) return;
+    yield* need(5, 'a section footer');
+    u8();
+    const id = be32();
+    if (id !== sectionId) throw new MigrationStreamError(`section footer for ${id} closes section ${sectionId}`);
+  }
+
+  function* configuration(): Generator<void, void, void> {
+    yield* need(4, 'the configuration');
+    const len = r.peek(0) * 2 ** 24 + r.peek(1) * 2 ** 16 + r.peek(2) * 2 ** 8 + r.peek(3);
+    yield* need(4 + len, 'the configuration');
+    keep(4 + len); // the machine type
+    for (;;) {
+      yield* need(1, 'the configuration');
+      if (r.peek() !== Section.Subsection) return;
+      u8();
+      yield* needStr('a configuration subsection');
+      const name = str().slice(1);
+      yield* need(4, 'a configuration subsection');
+      be32(); // version
+      if (name === 'configuration/capabilities') {
+        yield* need(4, 'the capabilities');
+        const n = be32();
+        capabilities = [];
+        for (let i = 0; i < n; i++) {
+          yield* needStr('the capabilities');
+          capabilities.push(str().slice(1));
+        }
+      } else if (name === 'configuration/target-page-bits') {
+        yield* need(4, 'the target page bits');
+        if (be32() !== 12) throw new MigrationStreamError('target pages are not 4 KiB');
+      } else if (name === 'configuration/uuid') {
+        yield* need(16, 'the uuid');
+        keep(16);
+      } else {
+        throw new MigrationStreamError(`unknown configuration subsection ${name}`);
+      }
+    }
+  }
+
+  /** One RAM section's records, up to its EOS. */
+  function* ramRecords(): Generator<void, void, void> {
+    for (;;) {
+      if (lastBlock === ramBlock) continuations();
+      // The longest record (header, id string, page) is usually there already.
+      if (!r.has(8 + 256 + PAGE)) yield* need(8, 'a RAM record');
+      const hi = r.peek32(0);
+      const lo = r.peek32(4);
+      const flags = lo & 0xfff;
+      const offset = hi * 2 ** 32 + ((lo & ~0xfff) >>> 0);
+      if (flags === Flag.Eos) {
+        keep(8);
+        return;
+      }
+      if (flags === Flag.MemSize) {
+        keep(8);
+        if (capabilities.includes('postcopy-ram')) throw new MigrationStreamError('postcopy streams are not handled');
+        const withAddress = capabilities.includes('x-ignore-shared');
+        let left = offset;
+        while (left > 0) {
+          yield* needStr('the RAM block list');
+          const id = str().slice(1);
+          yield* need(withAddress ? 16 : 8, 'the RAM block list');
+          const length = Number(keep(8).readBigUInt64BE(0));
+          if (withAddress) keep(8);
+          if (id === ramBlock) {
+            if (length !== ramSize) throw new MigrationStreamError(`RAM block ${id} is ${length} bytes, the RAM file ${ramSize}`);
+            sawBlock = true;
+          }
+          left -= length;
+        }
+        if (!sawBlock) throw new MigrationStreamError(`the stream has no RAM block named ${ramBlock}`);
+        continue;
+      }
+      const zero = (flags & Flag.Zero) !== 0;
+      if ((flags & ~(Flag.Zero | Flag.Page | Flag.Continue)) !== 0 || zero === ((flags & Flag.Page) !== 0)) {
+        throw new MigrationStreamError(`unhandled RAM record flags 0x${flags.toString(16)} (only plain pages, zero pages and EOS are split)`);
+      }
+      const named = (flags & Flag.Continue) === 0;
+      if (named && !r.has(9)) yield* need(9, 'a RAM page');
+      const idLength = named ? 1 + r.peek(8) : 0;
+      const length = 8 + idLength + (zero ? 1 : PAGE);
+      if (!r.has(length)) yield* need(length, 'a RAM page');
+      if (named) {
+        const len = r.peek(8);
+        let id = '';
+        for (let i = 0; i < len; i++) id += String.fromCharCode(r.peek(9 + i));
+        lastBlock = id;
+      } else if (lastBlock === null) {
+        throw new MigrationStreamError('a RAM page continues no block');
+      }
+      if (lastBlock === ramBlock) {
+        if (zero) {
+          const fill = r.peek(8 + idLength);
+          r.skip(length);
+          pages.fill(offset, fill);
+        } else {
+          r.skip(8 + idLength);
+          pages.page(offset, r.take(PAGE));
+        }
+      } else {
+        out.push(r.take(length));
+      }
+    }
+  }
+
+  /**
+   * The bulk of the stream: pages of the RAM block that continue it (no id string), parsed in
+   * place in the current chunk without allocating (zero pages are just skipped).
+   */
+  const continuations = () => {
+    const w = r.window();
+    if (!w) return;
+    const { buf } = w;
+    let at = w.at;
+    for (;;) {
+      if (at + 9 > buf.length) break;
+      const lo = buf.readUInt32BE(at + 4);
+      const flags = lo & 0xfff;
+      const offset = buf.readUInt32BE(at) * 2 ** 32 + ((lo & ~0xfff) >>> 0);
+      if (flags === (Flag.Zero | Flag.Continue)) {
+        pages.fill(offset, buf[at + 8]!);
+        at += 9;
+      } else if (flags === (Flag.Page | Flag.Continue) && at + 8 + PAGE <= buf.length) {
+        pages.page(offset, buf.subarray(at + 8, at + 8 + PAGE));
+        at += 8 + PAGE;
+      } else {
+        break;
+      }
+    }
+    r.consume(at - w.at);
+  };
+
+  for (let first = true; ; first = false) {
+    yield* need(1, 'a section type');
+    const type = u8();
+    if (type === Section.Configuration && first) {
+      yield* configuration();
+      continue;
+    }
+    if (type === Section.Start || type === Section.Full) {
+      yield* need(5, 'a section header');
+      const id = be32();
+      yield* needStr('a section header');
+      const name = str().slice(1);
+      yield* need(8, 'a section header');
+      keep(8); // instance id, version id
+      if (type === Section.Full || name !== 'ram' || ramSection !== null) {
+        throw new MigrationStreamError(`section "${name}" (type ${type}) before the end of RAM: only RAM may be iterative`);
+      }
+      ramSection = id;
+      yield* ramRecords();
+      yield* footer(id);
+      continue;
+    }
+    if (type === Section.Part || type === Section.End) {
+      yield* need(4, 'a section header');
+      const id = be32();
+      if (id !== ramSection) throw new MigrationStreamError(`section ${id} is not the RAM section`);
+      yield* ramRecords();
+      yield* footer(id);
+      if (type === Section.End) break;
+      continue;
+    }
+    throw new MigrationStreamError(`unexpected section type 0x${type.toString(16)} before the end of RAM`);
+  }
+  pages.flush();
+}
+
+/**
+ * The split worker thread (split-worker.ts), started on first use and kept: a fork listens on a
+ * unix socket (in the worker) for its parent's migration stream and gets the stripped state back.
+ */
+export class SplitWorker {
+  private worker: Worker | null = null;
+  private nextId = 1;
+  private readonly waiting = new Map<number, (m: SplitMessage) => void>();
+
+  /**
+   * Listens on `socketPath` for one stream; `listening` resolves once QEMU (uid `uid`) may
+   * connect, `done` with the split. `cancel` stops it (the socket closes, `done` rejects).
+   */
+  split(o: Omit<SplitRequest, 'type' | 'id'>): { listening: Promise<void>; done: Promise<SplitResult>; cancel(): void } {
+    const worker = this.start();
+    const id = this.nextId++;
+    let onListening!: () => void;
+    let onFail!: (e: Error) => void;
+    const listening = new Promise<void>((resolve, reject) => { onListening = resolve; onFail = reject; });
+    const done = new Promise<SplitResult>((resolve, reject) => {
+      this.waiting.set(id, (m) => {
+        if (m.type === 'listening') return onListening();
+        this.waiting.delete(id);
+        if (this.waiting.size === 0) worker.unref();
+        if (m.type === 'done') resolve({ state: Buffer.from(m.state.buffer, m.state.byteOffset, m.state.byteLength), pages: m.pages });
+        else {
+          const err = new MigrationStreamError(m.message);
+          onFail(err);
+          reject(err);
+        }
+      });
+    });
+    listening.catch(() => undefined);
+    done.catch(() => undefined);
+    worker.ref(); // a split in progress keeps the process up
+    worker.postMessage({ type: 'split', id, ...o } satisfies SplitRequest);
+    return { listening, done, cancel: () => worker.postMessage({ type: 'cancel', id }) };
+  }
+
+  async close(): Promise<void> {
+    const w = this.worker;
+    this.worker = null;
+    await w?.terminate();
+  }
+
+  private start(): Worker {
+    if (this.worker) return this.worker;
+    // Next to this module: split-worker.js in dist (or .ts when run from source under tsx, whose
+    // loader the worker inherits).
+    const worker = new Worker(new URL(`./split-worker.${import.meta.url.endsWith('.ts') ? 'ts' : 'js'}`, import.meta.url));
+    worker.unref();
+    worker.on('message', (m: SplitMessage) => this.waiting.get(m.id)?.(m));
+    const failAll = (message: string) => {
+      if (this.worker === worker) this.worker = null;
+      for (const [id, w] of [...this.waiting]) w({ id, type: 'error', message });
+    };
+    worker.on('error', (e) => failAll(`the split worker failed: ${e.message}`));
+    worker.on('exit', () => failAll('the split worker exited'));
+    this.worker = worker;
+    return worker;
+  }
+}

@@ -1,0 +1,115 @@
+/**
+ * The split of a QEMU 7.2 migration stream (fork points of the VM runtime) on streams built here
+ * byte by byte in QEMU's format, fed in small odd-sized chunks so every record straddles chunk
+ * boundaries somewhere. The real thing (a VM's stream, children reading the parent's memory) is
+ * covered by the fork test in vm.test.ts.
+ */
+import assert from 'node:assert/strict';
+import { closeSync, ftruncateSync, mkdtempSync, openSync, readFileSync, rmSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { Readable } from 'node:stream';
+import { describe, it } from 'node:test';
+import { MigrationStreamError, splitMigrationStream } from '../packages/server/src/runtime/vm/migration-split.js';
+
+const PAGE = 4096;
+const RAM = 16 * PAGE;
+
+const be32 = (n: number) => { const b = Buffer.alloc(4); b.writeUInt32BE(n); return b; };
+const be64 = (n: number) => { const b = Buffer.alloc(8); b.writeBigUInt64BE(BigInt(n)); return b; };
+const str = (s: string) => Buffer.concat([Buffer.of(s.length), Buffer.from(s, 'latin1')]);
+const page = (seed: number) => Buffer.from(Array.from({ length: PAGE }, (_, i) => (i * 7 + seed) % 251));
+
+/** A record: be64 offset|flags, the block's id unless it continues the last block, the payload. */
+function rec(offset: number, flags: number, block: string | null, payload: Buffer): Buffer {
+  return Buffer.concat([be64(offset + flags), ...(block ? [str(block)] : []), payload]);
+}
+const ZERO = 0x02, PAGEF = 0x08, EOS = 0x10, CONT = 0x20;
+
+/**
+ * A stream like QEMU's: RAM block "mem" (ours) and a ROM block, two iterations, device sections
+ * after the RAM section. `withMem: false` gives what the split must leave: no "mem" pages.
+ */
+function stream(withMem: boolean, extra: Buffer[] = []): Buffer {
+  const mem = (b: Buffer) => (withMem ? [b] : []);
+  return Buffer.concat([
+    be32(0x5145564d), be32(3),
+    Buffer.of(0x07), be32(7), Buffer.from('microvm'),
+    Buffer.of(0x05), str('configuration/capabilities'), be32(1), be32(1), str('x-ignore-shared'),
+    // setup: the block list (with addresses: x-ignore-shared)
+    Buffer.of(0x01), be32(2), str('ram'), be32(0), be32(4),
+    be64((RAM + 2 * PAGE) | 0x04), str('mem'), be64(RAM), be64(0), str('pc.bios'), be64(2 * PAGE), be64(0xffff0000),
+    be64(EOS), Buffer.of(0x7e), be32(2),
+    // first pass
+    Buffer.of(0x02), be32(2),
+    ...mem(rec(0, PAGEF, 'mem', page(1))),
+    ...mem(rec(PAGE, PAGEF | CONT, null, page(2))),
+    ...mem(rec(2 * PAGE, ZERO | CONT, null, Buffer.of(0))),
+    rec(0, PAGEF, 'pc.bios', page(3)),
+    rec(PAGE, ZERO | CONT, null, Buffer.of(0)),
+    ...mem(rec(3 * PAGE, PAGEF, 'mem', page(4))),
+    ...extra,
+    be64(EOS), Buffer.of(0x7e), be32(2),
+    // second pass: a page sent again, a written page now zero
+    Buffer.of(0x02), be32(2),
+    ...mem(rec(PAGE, PAGEF | CONT, null, page(5))),
+    ...mem(rec(0, ZERO | CONT, null, Buffer.of(0))),
+    be64(EOS), Buffer.of(0x7e), be32(2),
+    Buffer.of(0x03), be32(2), be64(EOS), Buffer.of(0x7e), be32(2),
+    // device state, copied through
+    Buffer.of(0x04), be32(3), str('timer'), be32(0), be32(2), Buffer.from('device bytes'), Buffer.of(0x7e), be32(3),
+    Buffer.of(0x00),
+    Buffer.of(0x06), be32(2), Buffer.from('{}'),
+  ]);
+}
+
+/** Small chunks of varying sizes (1 to 13 bytes, then 5000: a page in one piece too). */
+function chunked(b: Buffer): Readable {
+  const chunks: Buffer[] = [];
+  for (let at = 0, i = 0; at < b.length; i++) {
+    const n = i % 5 === 4 ? 5000 : 1 + (i * 5) % 13;
+    chunks.push(b.subarray(at, at + n));
+    at += n;
+  }
+  return Readable.from(chunks);
+}
+
+async function split(input: Buffer, ramSize = RAM, whole = false) {
+  const dir = mkdtempSync(path.join(os.tmpdir(), 'pf-split-'));
+  const file = path.join(dir, 'ram');
+  const fd = openSync(file, 'w+');
+  ftruncateSync(fd, ramSize); // as the runtime makes it: sparse, the RAM's size
+  try {
+    const r = await splitMigrationStream(whole ? Readable.from([input]) : chunked(input), 'mem', fd, ramSize);
+    return { ...r, ram: readFileSync(file) };
+  } finally {
+    closeSync(fd);
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+describe('vm fork point: migration stream split', () => {
+  for (const whole of [false, true]) {
+    it(`writes the RAM block pages at their offsets and keeps everything else as a valid stream (${whole ? 'one chunk' : 'small chunks'})`, async () => {
+      const r = await split(stream(true), RAM, whole);
+      assert.deepEqual(r.state, stream(false));
+      assert.equal(r.pages, 4);
+      const at = (n: number) => r.ram.subarray(n * PAGE, (n + 1) * PAGE);
+      assert.ok(at(0).equals(Buffer.alloc(PAGE)), 'a page sent again as zero is zero');
+      assert.ok(at(1).equals(page(5)), 'a page sent twice has its last content');
+      assert.ok(at(2).equals(Buffer.alloc(PAGE)));
+      assert.ok(at(3).equals(page(4)));
+      assert.equal(r.ram.length, RAM);
+      assert.ok(r.ram.subarray(4 * PAGE).equals(Buffer.alloc(RAM - 4 * PAGE)), 'pages never sent stay zero');
+    });
+  }
+
+  it('refuses what it cannot split: compressed or XBZRLE pages, a wrong block size, a cut stream', async () => {
+    await assert.rejects(split(stream(true, [rec(4 * PAGE, 0x40 | CONT, null, Buffer.alloc(3))])), (e: Error) => e instanceof MigrationStreamError && /flags 0x60/.test(e.message));
+    await assert.rejects(split(stream(true, [rec(4 * PAGE, 0x100, 'mem', Buffer.alloc(3))])), /flags 0x100/);
+    await assert.rejects(split(stream(true), 2 * RAM), /RAM block mem is 65536 bytes, the RAM file 131072/);
+    const whole = stream(true);
+    await assert.rejects(split(whole.subarray(0, whole.length - 300)), /ended inside a RAM page/);
+    await assert.rejects(split(Buffer.from('not a stream at all')), /not a QEMU migration stream/);
+  });
+});
