@@ -504,6 +504,14 @@ def open_channel(fd: int) -> 'socket.socket | PortChannel':
     return socket.socket(fileno=fd)
 
 
+def _pidfd(pid: int) -> int | None:
+    """A pidfd for `pid` (readable once it ends), where the kernel and Python have them."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+
+
 def hello_message() -> dict:
     return {'ev': 'hello', 'version': PROTOCOL_VERSION, 'pid': os.getpid(), 'hostname': socket.gethostname()}
 
@@ -1370,7 +1378,8 @@ class Worker:
         self.ns: dict[str, Any] = {}
         self.stdout = self.stderr = None     # type: ignore[assignment]
         self.fflush: Callable[[Any], Any] | None = None
-        self.fork_pids: list[int] = []
+        # Fork children (pid -> a pidfd to watch it by, or None): ours to reap.
+        self.fork_pids: dict[int, int | None] = {}
 
     # ---- setup ----------------------------------------------------------------------------
 
@@ -1416,7 +1425,10 @@ class Worker:
         self.notes.clear()
         self.acks = 0
         self.exec_id = None
-        self.fork_pids = []
+        for pidfd in self.fork_pids.values():  # the parent's watches of our siblings
+            if pidfd is not None:
+                os.close(pidfd)
+        self.fork_pids = {}
         signal.signal(signal.SIGINT, self._on_sigint)
         self.main(fresh=False)
 
@@ -1448,7 +1460,8 @@ class Worker:
                 os.read(fd, 1)
             finally:
                 os.close(fd)
-        self.fork_pids.extend(pids)
+        for pid in pids:
+            self.fork_pids[pid] = _pidfd(pid)
         self.send({'t': 'forked', 'id': msg.get('id'), 'pids': pids, 'error': error})
 
     def _become_fork_child(self, child: dict, msg: dict, ready_w: int, inherited: tuple[list, list[int]], cwd: str) -> None:
@@ -1492,13 +1505,15 @@ class Worker:
 
     def _reap_fork_children(self) -> None:
         """Fork children start as our children: reap the ones that have ended."""
-        for pid in list(self.fork_pids):
+        for pid, pidfd in list(self.fork_pids.items()):
             try:
                 done, _ = os.waitpid(pid, os.WNOHANG)
             except ChildProcessError:
                 done = pid
             if done:
-                self.fork_pids.remove(pid)
+                del self.fork_pids[pid]
+                if pidfd is not None:
+                    os.close(pidfd)
 
     def _setup_process(self) -> None:
         signal.signal(signal.SIGINT, self._on_sigint)
@@ -1606,6 +1621,15 @@ class Worker:
 
     def _next_message(self) -> dict:
         while not self.inbox:
+            watched = [fd for fd in self.fork_pids.values() if fd is not None]
+            if watched:
+                # Idle: a fork child that ends (closed by the server) is reaped at once, so that
+                # its teardown (cgroups, which keep a zombie) is not left for our next exec.
+                ready = select.select([self.cmd_fd, *watched], [], [])[0]
+                if any(fd != self.cmd_fd for fd in ready):
+                    self._reap_fork_children()
+                if self.cmd_fd not in ready:
+                    continue
             self._read_commands(block=True)
         return self.inbox.popleft()
 

@@ -122,6 +122,22 @@ threading.Thread(target=storm, daemon=True).start()`);
     for (const k of kids) assert.equal((await k.runCode('plt.plot([3, 2, 1])\nplt.show()\nprint("again")')).stdout, 'again\n');
   });
 
+  it('leaves no zombie in the parent once its children are closed, even before its next Python exec', async () => {
+    const parent = await make();
+    await parent.runCode('x = 1');
+    const kids = await parent.fork(2);
+    await Promise.all(kids.map((k) => k.close()));
+    // A bash exec does not wake the interpreter: the interpreter reaps its ended children itself.
+    const zombies = () => parent.runCode('awk \'$3 == "Z"\' /proc/[0-9]*/stat 2>/dev/null | wc -l', { language: 'bash' });
+    let left = '';
+    for (let i = 0; i < 100; i++) {
+      left = (await zombies()).stdout.trim();
+      if (left === '0') break;
+      await new Promise((r) => setTimeout(r, 20));
+    }
+    assert.equal(left, '0');
+  });
+
   it('supports grandchildren, and children survive their parent', async () => {
     const parent = await make();
     await parent.runCode('depth = 0');
