@@ -461,7 +461,7 @@ export async function measureForkMem(bs: ForkBenchServer, opts: ForkOptions): Pr
   });
   notes.push(`forkmem: parent state np.random.rand → ${fmtMB(stateBytes)}; PSS summed from /proc/<pid>/smaps_rollup over the whole process tree of the ` +
     `parent's bwrap (the children are nested in it: ${mid(befores, (t) => t.pids.length)} processes before, ${mid(afters, (t) => t.pids.length)} after), ` +
-    `read once before the fork and right after it resolves; ${r.n} runs (children closed and gone between runs); ` +
+    `read once before the fork and right after it resolves (again until the set of processes holds still while it is read: a child starts its interpreter process within 50 ms); ${r.n} runs (children closed and gone between runs); ` +
     `with the slirp4netns processes (outside the tree; ${mid(befores, (t) => t.slirpPids.length)} before, ${mid(afters, (t) => t.slirpPids.length)} after: ` +
     `${fmtMB(mid(befores, (t) => t.slirpPssBytes))} → ${fmtMB(mid(afters, (t) => t.slirpPssBytes))}) the ratio is ${rs.p50.toFixed(2)}× (p50)`);
 }

@@ -119,22 +119,38 @@ export interface TreeMemory {
   /** Zombies in the tree (ended, not reaped yet: no memory left to count). */
   zombies: number;
   treePssBytes: number;
-  /** The slirp4netns processes (children of this process) attached to a pid of the tree. */
+  /** The slirp4netns processes (started by the server's spawner) attached to a pid of the tree. */
   slirpPids: number[];
   slirpPssBytes: number;
 }
 
-/** Summed PSS of the whole process tree below a sandbox's bwrap, and of its slirp4netns apart. */
+/**
+ * Summed PSS of the whole process tree below a sandbox's bwrap, and of its slirp4netns apart.
+ * Read again while the tree changes under the reading (a fork child starting its worker splits
+ * its pages with a process a snapshot taken before would not count): the sum is of one set of
+ * processes, all of them.
+ */
 export async function treeMemory(bwrapPid: number, parentPid = process.pid): Promise<TreeMemory> {
-  const procs = await processes();
-  const children = childrenMap(procs);
-  const zombie = new Set(procs.filter((p) => p.state === 'Z').map((p) => p.pid));
-  const all = treeOf(bwrapPid, children);
-  const pids = all.filter((pid) => !zombie.has(pid));
-  const slirps = slirpsOf(new Set(pids.map(String)), (children.get(parentPid) ?? []).filter((p) => p.comm === 'slirp4netns'));
-  let treePss = 0;
-  for (const pid of pids) treePss += await pssBytes(pid);
-  let slirpPss = 0;
-  for (const s of slirps) slirpPss += await pssBytes(s.pid);
-  return { pids, zombies: all.length - pids.length, treePssBytes: treePss, slirpPids: slirps.map((s) => s.pid), slirpPssBytes: slirpPss };
+  const snapshot = async () => {
+    const procs = await processes();
+    const children = childrenMap(procs);
+    const zombie = new Set(procs.filter((p) => p.state === 'Z').map((p) => p.pid));
+    const all = treeOf(bwrapPid, children);
+    const pids = all.filter((pid) => !zombie.has(pid));
+    // slirp4netns is started by the server's spawner, a python3 child of the server.
+    const helpers = (children.get(parentPid) ?? []).filter((p) => p.comm === 'python3').flatMap((h) => children.get(h.pid) ?? []);
+    const slirps = slirpsOf(new Set(pids.map(String)), helpers.filter((p) => p.comm === 'slirp4netns')).map((p) => p.pid);
+    return { pids, zombies: all.length - pids.length, slirps, key: [...pids, 0, ...slirps].join() };
+  };
+  let read: TreeMemory | null = null;
+  for (let attempt = 0; attempt < 10; attempt++) {
+    const before = await snapshot();
+    let treePss = 0;
+    for (const pid of before.pids) treePss += await pssBytes(pid);
+    let slirpPss = 0;
+    for (const pid of before.slirps) slirpPss += await pssBytes(pid);
+    read = { pids: before.pids, zombies: before.zombies, treePssBytes: treePss, slirpPids: before.slirps, slirpPssBytes: slirpPss };
+    if ((await snapshot()).key === before.key) break;
+  }
+  return read!;
 }
