@@ -6,11 +6,13 @@ child; a fork(5) with egress would stall five times on the critical path. This p
 uses posix_spawn (vfork-style: nothing is copied), so a start costs a fraction of a millisecond.
 
 Protocol: JSON lines. Requests on stdin:
-  {"id": n, "op": "spawn", "argv": [...], "ready_fd": 3?, "exit_fd": 4?}
+  {"id": n, "op": "spawn", "argv": [...], "ready_fd": 3?, "exit_fd": 4?, "stream_stderr": false?}
       → {"id": n, "ok": true, "pid": p}
       `ready_fd`: the child gets the write end of a pipe there; its first byte is reported as
       {"ev": "ready", "pid": p}. `exit_fd`: the child gets the read end of a pipe whose write end
       only this process holds (slirp4netns exits when it closes: when we die, so do they).
+      `stream_stderr`: what the child writes on stderr is passed on as it comes,
+      {"ev": "stderr", "pid": p, "data": "..."} (else only its tail, with the exit).
   {"id": n, "op": "kill", "pid": p} → {"id": n, "ok": true}   (SIGKILL, if still ours)
 Events on stdout: {"ev": "exit", "pid": p, "code": c|null, "signal": s|null, "stderr": "..."}.
 When stdin closes (the server is gone) every child is killed, then this process exits; the
@@ -28,11 +30,12 @@ STDERR_KEEP = 2000
 
 
 class Child:
-    def __init__(self, pid, ready_r, exit_w, err_r):
+    def __init__(self, pid, ready_r, exit_w, err_r, stream_stderr):
         self.pid = pid
         self.ready_r = ready_r
         self.exit_w = exit_w
         self.err_r = err_r
+        self.stream_stderr = stream_stderr
         self.stderr = b""
 
 
@@ -72,7 +75,7 @@ class Spawner:
             req = json.loads(line)
             rid = req.get("id")
             if req["op"] == "spawn":
-                reply = {"pid": self.spawn(req["argv"], req.get("ready_fd"), req.get("exit_fd"))}
+                reply = {"pid": self.spawn(req["argv"], req.get("ready_fd"), req.get("exit_fd"), bool(req.get("stream_stderr")))}
             elif req["op"] == "kill":
                 child = self.children.get(int(req["pid"]))
                 if child is not None:  # not reaped yet: the pid is still this child's
@@ -84,7 +87,7 @@ class Spawner:
         except Exception as exc:  # every failure goes back to the server, never kills the spawner
             self.send({"id": rid, "ok": False, "error": f"{type(exc).__name__}: {exc}"})
 
-    def spawn(self, argv, ready_fd, exit_fd):
+    def spawn(self, argv, ready_fd, exit_fd, stream_stderr=False):
         actions = []
         opened = []
         ready_r = exit_w = None
@@ -111,7 +114,7 @@ class Spawner:
         finally:
             for fd in opened:
                 os.close(fd)
-        child = Child(pid, ready_r, exit_w, err_r)
+        child = Child(pid, ready_r, exit_w, err_r, stream_stderr)
         self.children[pid] = child
         os.set_blocking(err_r, False)
         self.sel.register(err_r, selectors.EVENT_READ, lambda c=child: self.on_stderr(c))
@@ -143,6 +146,8 @@ class Spawner:
             data = b""
         if data:
             child.stderr = (child.stderr + data)[-STDERR_KEEP:]
+            if child.stream_stderr:
+                self.send({"ev": "stderr", "pid": child.pid, "data": data.decode("utf-8", "replace")})
             return
         self.sel.unregister(child.err_r)
         os.close(child.err_r)

@@ -6,6 +6,7 @@
  * it dies with the server and takes its children with it.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
+import { EventEmitter } from 'node:events';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
@@ -16,6 +17,8 @@ export interface SpawnOptions {
   readyFd?: number;
   /** The child gets a pipe's read end at this fd that stays open while the spawner lives. */
   exitFd?: number;
+  /** Called with what the child writes on stderr, as it comes (else only its tail, at exit). */
+  onStderr?: (text: string) => void;
 }
 
 export interface ProcessExit {
@@ -36,6 +39,7 @@ export interface SpawnedProcess {
 interface Watch {
   ready(): void;
   exit(e: ProcessExit): void;
+  stderr?: (text: string) => void;
 }
 
 class Spawner {
@@ -45,7 +49,7 @@ class Spawner {
   private readonly pending = new Map<number, { resolve(pid: number): void; reject(e: Error): void }>();
   private readonly watches = new Map<number, Watch>();
   /** Events that arrived before their spawn's answer was handled (never, in practice). */
-  private readonly early = new Map<number, Array<{ ev: string } & Partial<ProcessExit>>>();
+  private readonly early = new Map<number, Array<{ ev: string; data?: string } & Partial<ProcessExit>>>();
 
   async spawn(argv: string[], opts: SpawnOptions = {}): Promise<SpawnedProcess> {
     let onReady!: () => void;
@@ -54,10 +58,11 @@ class Spawner {
     const ready = new Promise<void>((resolve, reject) => { onReady = resolve; onNotReady = reject; });
     ready.catch(() => undefined);
     const exited = new Promise<ProcessExit>((resolve) => { onExit = resolve; });
-    const pid = await this.request({ op: 'spawn', argv, ready_fd: opts.readyFd, exit_fd: opts.exitFd });
+    const pid = await this.request({ op: 'spawn', argv, ready_fd: opts.readyFd, exit_fd: opts.exitFd, stream_stderr: opts.onStderr !== undefined });
     let ended = false;
     const watch: Watch = {
       ready: onReady,
+      stderr: opts.onStderr,
       exit: (e) => {
         ended = true;
         this.watches.delete(pid);
@@ -74,7 +79,7 @@ class Spawner {
     };
   }
 
-  private dispatch(pid: number, msg: { ev: string } & Partial<ProcessExit>): void {
+  private dispatch(pid: number, msg: { ev: string; data?: string } & Partial<ProcessExit>): void {
     const watch = this.watches.get(pid);
     if (!watch) {
       const list = this.early.get(pid) ?? [];
@@ -83,6 +88,7 @@ class Spawner {
       return;
     }
     if (msg.ev === 'ready') watch.ready();
+    else if (msg.ev === 'stderr') watch.stderr?.(msg.data ?? '');
     else if (msg.ev === 'exit') watch.exit({ code: msg.code ?? null, signal: msg.signal ?? null, stderr: msg.stderr ?? '' });
   }
 
@@ -138,4 +144,38 @@ let shared: Spawner | null = null;
 export function spawnProcess(argv: string[], opts: SpawnOptions = {}): Promise<SpawnedProcess> {
   shared ??= new Spawner();
   return shared.spawn(argv, opts);
+}
+
+/**
+ * The parts of a ChildProcess a long-lived helper's owner uses (pid, exit state and event, kill),
+ * for a process started by the spawner; `stderr` events carry what it writes there.
+ */
+export class SpawnedChild extends EventEmitter {
+  exitCode: number | null = null;
+  signalCode: NodeJS.Signals | null = null;
+
+  private constructor(readonly pid: number, private readonly handle: SpawnedProcess) {
+    super();
+    void handle.exited.then((e) => {
+      this.exitCode = e.code;
+      this.signalCode = (e.signal as NodeJS.Signals | null) ?? null;
+      // On a later turn: whoever just got this handle has attached its listeners by then.
+      setImmediate(() => this.emit('exit', this.exitCode, this.signalCode));
+    });
+  }
+
+  static async start(argv: string[]): Promise<SpawnedChild> {
+    let child: SpawnedChild | null = null;
+    const early: string[] = [];
+    const handle = await spawnProcess(argv, { onStderr: (text) => (child ? child.emit('stderr', text) : early.push(text)) });
+    child = new SpawnedChild(handle.pid, handle);
+    for (const text of early) child.emit('stderr', text);
+    return child;
+  }
+
+  kill(_signal: 'SIGKILL' = 'SIGKILL'): boolean {
+    if (this.exitCode !== null || this.signalCode !== null) return false;
+    this.handle.kill();
+    return true;
+  }
 }

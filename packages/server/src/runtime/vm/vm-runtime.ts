@@ -25,10 +25,8 @@
  *
  * Disks: the shared read-only ext4 root ← template overlay ← each sandbox's own qcow2 overlay.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { existsSync } from 'node:fs';
-import { statSync } from 'node:fs';
+import { existsSync, statSync } from 'node:fs';
 import { chmod, chown, copyFile, mkdir, open, readdir, readFile, readlink, rm, stat, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
@@ -38,6 +36,7 @@ import type { VmImagePaths } from '../../image/vm-image.js';
 import { MB } from '../../limits.js';
 import type { Logger } from '../../log.js';
 import { isAlive, pssOf, run } from '../../proc.js';
+import { SpawnedChild } from '../../spawner.js';
 import type { DiffOptions, FileDiff, ReconcileReport, Runtime, RuntimeSandbox, SandboxSpec } from '../runtime.js';
 import { InFlight } from '../in-flight.js';
 import { startSlirp, type Slirp } from '../namespace/network.js';
@@ -94,7 +93,7 @@ interface Template {
 
 /** Processes of one VM: its QEMU, its QMP connection and the agent channel. */
 interface VmProcess {
-  qemu: ChildProcess;
+  qemu: SpawnedChild;
   /** QEMU's last words on stderr (migration errors land here). */
   stderr(): string;
   /** Outbound network of the QEMU's own network namespace (egress only). */
@@ -135,7 +134,7 @@ export class VmSandbox implements RuntimeSandbox {
       await this.destroy();
     };
     if (qemu.exitCode !== null || qemu.signalCode !== null) void done('the VM had already exited');
-    qemu.once('exit', (code, signal) => {
+    qemu.once('exit', (code: number | null, signal: NodeJS.Signals | null) => {
       void (async () => {
         const tail = await consoleTail(vm.consoleLog);
         await done(signal ? `the VM's QEMU was killed by ${signal}` : `the VM stopped (QEMU exit ${code})${tail ? `: ${tail}` : ''}`);
@@ -597,13 +596,15 @@ export class VmRuntime implements Runtime {
       `--reuid=${this.opts.uid}`, `--regid=${this.opts.uid}`,
       ...(this.kvmGid !== null ? [`--groups=${this.kvmGid}`] : ['--clear-groups']), '--',
     ];
-    const qemu = spawn(prefix[0]!, [...prefix.slice(1), QEMU, ...args], { stdio: ['ignore', 'ignore', 'pipe'] });
+    // Started by the spawner: a fork of the server would block its event loop for milliseconds
+    // per VM, five times over in a fork(5).
+    const qemu = await SpawnedChild.start([...prefix, QEMU, ...args]).catch((e: Error) => {
+      throw new Error(`cannot start QEMU: ${e.message}`);
+    });
     let stderr = '';
-    qemu.stderr!.on('data', (d: Buffer) => { stderr = (stderr + d.toString()).slice(-2000); });
+    qemu.on('stderr', (text: string) => { stderr = (stderr + text).slice(-2000); });
     const exited = new Promise<never>((_, reject) => {
-      const fail = () => reject(new Error(`QEMU exited: ${stderr.trim().split('\n').slice(-3).join(' | ') || 'no message'}`));
-      qemu.once('exit', fail);
-      qemu.once('error', (e) => reject(new Error(`cannot start QEMU: ${e.message}`)));
+      qemu.once('exit', () => reject(new Error(`QEMU exited: ${stderr.trim().split('\n').slice(-3).join(' | ') || 'no message'}`)));
     });
     exited.catch(() => undefined);
     const alive = () => qemu.exitCode === null && qemu.signalCode === null;
@@ -720,7 +721,7 @@ async function qcow2VirtualSize(file: string): Promise<bigint> {
   }
 }
 
-function waitExit(p: ChildProcess, timeoutMs: number): Promise<void> {
+function waitExit(p: SpawnedChild, timeoutMs: number): Promise<void> {
   if (p.exitCode !== null || p.signalCode !== null) return Promise.resolve();
   return new Promise((resolve) => {
     const timer = setTimeout(() => { p.kill('SIGKILL'); }, timeoutMs);
@@ -728,7 +729,7 @@ function waitExit(p: ChildProcess, timeoutMs: number): Promise<void> {
   });
 }
 
-async function killAndWait(p: ChildProcess): Promise<void> {
+async function killAndWait(p: SpawnedChild): Promise<void> {
   if (p.exitCode !== null || p.signalCode !== null) return;
   const gone = waitExit(p, 60_000);
   p.kill('SIGKILL');
