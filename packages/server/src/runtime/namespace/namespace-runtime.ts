@@ -337,7 +337,7 @@ export class NamespaceRuntime implements Runtime {
       if (answer.pids.length !== prepared.length) throw new Error(answer.error ?? 'the interpreter could not fork');
       const childPids = answer.pids.map((pid) => {
         const host = hostPids.get(pid);
-        if (!host) throw new Error('a forked child could not be found on the host');
+        if (!host) throw new Error('a fork child ended before it could be set up (it died right after the fork)');
         return host;
       });
       // Each root goes straight into its child's own mount namespace (neither the host's nor the
