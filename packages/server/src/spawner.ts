@@ -5,8 +5,8 @@
  * small process instead, with posix_spawn. One spawner per server process, started on first use;
  * it dies with the server and takes its children with it.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
 import { EventEmitter } from 'node:events';
+import { HelperProcess } from './helper-process.js';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
@@ -43,10 +43,16 @@ interface Watch {
 }
 
 class Spawner {
-  private child: ChildProcess | null = null;
-  private nextId = 1;
-  private buffer = '';
-  private readonly pending = new Map<number, { resolve(pid: number): void; reject(e: Error): void }>();
+  private readonly helper = new HelperProcess({
+    script: SPAWNER,
+    name: 'spawner',
+    unref: true,
+    onEvent: (msg) => this.dispatch(msg.pid as number, msg as { ev: string }),
+    // Its children died with it (their exit fds closed, or killed on its way out).
+    onExit: () => {
+      for (const watch of [...this.watches.values()]) watch.exit({ code: null, signal: 'SIGKILL', stderr: 'the spawner exited' });
+    },
+  });
   private readonly watches = new Map<number, Watch>();
   /** Events that arrived before their spawn's answer was handled (never, in practice). */
   private readonly early = new Map<number, Array<{ ev: string; data?: string } & Partial<ProcessExit>>>();
@@ -92,49 +98,8 @@ class Spawner {
     else if (msg.ev === 'exit') watch.exit({ code: msg.code ?? null, signal: msg.signal ?? null, stderr: msg.stderr ?? '' });
   }
 
-  private start(): ChildProcess {
-    const child = spawn('/usr/bin/python3', ['-I', SPAWNER], { stdio: ['pipe', 'pipe', 'inherit'] });
-    // Idle, it must not keep the server's process alive; a pending spawn has its own timer.
-    child.unref();
-    (child.stdin as unknown as { unref?: () => void }).unref?.();
-    (child.stdout as unknown as { unref?: () => void }).unref?.();
-    child.stdout!.setEncoding('utf8');
-    child.stdout!.on('data', (d: string) => {
-      this.buffer += d;
-      let nl: number;
-      while ((nl = this.buffer.indexOf('\n')) !== -1) {
-        const line = this.buffer.slice(0, nl);
-        this.buffer = this.buffer.slice(nl + 1);
-        const msg = JSON.parse(line) as { id?: number; ok?: boolean; error?: string; pid?: number; ev?: string } & Partial<ProcessExit>;
-        if (msg.ev) {
-          this.dispatch(msg.pid!, msg as { ev: string });
-          continue;
-        }
-        const p = this.pending.get(msg.id!);
-        if (!p) continue;
-        this.pending.delete(msg.id!);
-        if (msg.ok) p.resolve(msg.pid ?? 0);
-        else p.reject(new Error(`spawner: ${msg.error}`));
-      }
-    });
-    child.once('exit', () => {
-      if (this.child === child) this.child = null;
-      for (const p of this.pending.values()) p.reject(new Error('the spawner exited'));
-      this.pending.clear();
-      // Its children died with it (their exit fds closed, or killed on its way out).
-      for (const [pid, watch] of [...this.watches]) watch.exit({ code: null, signal: 'SIGKILL', stderr: 'the spawner exited' }), this.watches.delete(pid);
-      this.buffer = '';
-    });
-    return child;
-  }
-
   private request(req: Record<string, unknown>): Promise<number> {
-    this.child ??= this.start();
-    const id = this.nextId++;
-    return new Promise((resolve, reject) => {
-      this.pending.set(id, { resolve, reject });
-      this.child!.stdin!.write(JSON.stringify({ ...req, id }) + '\n');
-    });
+    return this.helper.call(req).then((answer) => (answer.pid as number | undefined) ?? 0);
   }
 }
 

@@ -3,18 +3,15 @@
  * single-threaded Python process per server doing what Node cannot (setns into a sandbox's mount
  * namespace to mount a fork child's root there, copying and diffing overlay layers with their xattrs). JSON lines on its stdin/stdout.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { HelperProcess } from '../../helper-process.js';
 import type { DiffOptions, FileDiff } from '../runtime.js';
 
 const HOSTD = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../../host/podflare_hostd.py');
 
 export class HostHelper {
-  private child: ChildProcess | null = null;
-  private nextId = 1;
-  private readonly pending = new Map<number, { resolve(v: Record<string, unknown>): void; reject(e: Error): void }>();
-  private buffer = '';
+  private readonly helper = new HelperProcess({ script: HOSTD, name: 'host helper' });
 
   /**
    * Overlays made from now on see these image layers through idmapped mounts shifting owners by
@@ -78,42 +75,10 @@ export class HostHelper {
   }
 
   close(): void {
-    this.child?.kill('SIGKILL');
-    this.child = null;
-  }
-
-  private start(): ChildProcess {
-    const child = spawn('/usr/bin/python3', ['-I', HOSTD], { stdio: ['pipe', 'pipe', 'inherit'] });
-    child.stdout!.setEncoding('utf8');
-    child.stdout!.on('data', (d: string) => {
-      this.buffer += d;
-      let nl: number;
-      while ((nl = this.buffer.indexOf('\n')) !== -1) {
-        const line = this.buffer.slice(0, nl);
-        this.buffer = this.buffer.slice(nl + 1);
-        const msg = JSON.parse(line) as { id: number; ok: boolean; error?: string };
-        const p = this.pending.get(msg.id);
-        if (!p) continue;
-        this.pending.delete(msg.id);
-        if (msg.ok) p.resolve(msg as unknown as Record<string, unknown>);
-        else p.reject(new Error(`host helper: ${msg.error}`));
-      }
-    });
-    child.once('exit', () => {
-      if (this.child === child) this.child = null;
-      for (const p of this.pending.values()) p.reject(new Error('host helper exited'));
-      this.pending.clear();
-      this.buffer = '';
-    });
-    return child;
+    this.helper.close();
   }
 
   private call(req: Record<string, unknown>): Promise<Record<string, unknown>> {
-    this.child ??= this.start();
-    const id = this.nextId++;
-    return new Promise((resolve, reject) => {
-      this.pending.set(id, { resolve, reject });
-      this.child!.stdin!.write(JSON.stringify({ ...req, id }) + '\n');
-    });
+    return this.helper.call(req);
   }
 }
