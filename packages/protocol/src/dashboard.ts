@@ -103,11 +103,17 @@ export interface FileDiff {
   too_large?: string[];
 }
 
-/** The diff answer with `?vars=1`: interpreter variables added, removed, changed. */
+/** One interpreter variable, as a diff reports it. */
+export interface VarSummary { name: string; type: string; repr: string }
+
+/** The interpreter variables of the other sandbox relative to this one (`?vars=1`). */
+export interface VarsDiff {
+  added: VarSummary[];
+  removed: VarSummary[];
+  changed: Array<{ name: string; type: string; before: string; after: string }>;
+}
+
+/** The diff answer (GET /v1/sandboxes/:id/diff/:other): files, and variables with `?vars=1`. */
 export interface DiffAnswer extends FileDiff {
-  vars?: {
-    added: Array<{ name: string; type: string; repr: string }>;
-    removed: Array<{ name: string; type: string; repr: string }>;
-    changed: Array<{ name: string; type: string; before: string; after: string }>;
-  };
+  vars?: VarsDiff;
 }

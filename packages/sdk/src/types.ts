@@ -4,6 +4,7 @@
  */
 import type { Readable } from 'node:stream';
 import type { ReadableStream as WebReadableStream } from 'node:stream/web';
+import type { DiffAnswer, VarSummary, VarsDiff } from '@podflare/protocol';
 import type { EgressSetting } from '@podflare/protocol/egress';
 import type { ExecErrorInfo } from '@podflare/protocol/events';
 import type { Client } from './client.js';
@@ -255,29 +256,13 @@ export interface DiffOptions {
   vars?: boolean;
 }
 
-/** Answer of {@link Sandbox.diff}: the paths that differ between the two sandboxes, as the server reports them. */
-export interface DiffResult {
-  added: string[];
-  removed: string[];
-  modified: string[];
-  /** Unified diff per changed text file (when `content: true` was asked). */
-  content?: Record<string, string>;
-  /** Changed files left out of `content`: binary ones, and ones over the size cap. */
-  binary?: string[];
-  too_large?: string[];
-  /** Interpreter variables that differ (when `vars: true` was asked). */
-  vars?: VarsDiff;
-}
-
-/** One interpreter variable, as a diff reports it. */
-export interface VarSummary { name: string; type: string; repr: string }
-
-/** The interpreter variables of the other sandbox relative to this one. */
-export interface VarsDiff {
-  added: VarSummary[];
-  removed: VarSummary[];
-  changed: Array<{ name: string; type: string; before: string; after: string }>;
-}
+/**
+ * Answer of {@link Sandbox.diff}: the paths that differ between the two sandboxes (`content`,
+ * `binary` and `too_large` when `content: true` was asked), and the interpreter variables that
+ * differ (`vars`, when `vars: true` was asked), as the server reports them.
+ */
+export type DiffResult = DiffAnswer;
+export type { VarSummary, VarsDiff };
 
 /** Options of {@link Sandbox.mergeInto}. */
 export interface MergeOptions {

@@ -1,5 +1,5 @@
 /** fork, diff and merge_into (docs/api.md). */
-import { ForkBody, type VarInfo } from '@podflare/protocol';
+import { ForkBody, type VarInfo, type VarsDiff } from '@podflare/protocol';
 import { z } from 'zod';
 import { ApiError } from '../errors.js';
 import { copyPaths } from '../merge-paths.js';
@@ -25,7 +25,7 @@ function pathsParam(value: string | null): string[] | undefined {
 }
 
 /** Interpreter variables of `b` relative to `a`. */
-function diffVars(a: Record<string, VarInfo>, b: Record<string, VarInfo>) {
+function diffVars(a: Record<string, VarInfo>, b: Record<string, VarInfo>): VarsDiff {
   const view = (name: string, v: VarInfo) => ({ name, type: v.type, repr: v.repr });
   return {
     added: Object.keys(b).filter((k) => !(k in a)).sort().map((k) => view(k, b[k]!)),
