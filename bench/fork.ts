@@ -14,7 +14,7 @@
 import { performance } from 'node:perf_hooks';
 import { Sandbox, type Client } from 'podflare';
 import type { RunningServer } from '@podflare/server';
-import { findSandboxBwrap, processes, treeMemory, type TreeMemory } from './memory.js';
+import { childrenMap, findSandboxBwrap, processes, spawnedSlirps, treeMemory, type TreeMemory } from './memory.js';
 import { detail, Failures, failLimit, notes, rows, status, timingRow } from './report.js';
 import { fmtMB, fmtMs, summarize } from './stats.js';
 
@@ -66,22 +66,16 @@ async function py(sbx: Sandbox, code: string, what: string): Promise<string> {
 async function sandboxProcesses(): Promise<{ live: number; zombies: number }> {
   const procs = await processes();
   const byPid = new Map(procs.map((p) => [p.pid, p]));
-  const children = new Map<number, number[]>();
-  for (const p of procs) {
-    const list = children.get(p.ppid) ?? [];
-    list.push(p.pid);
-    children.set(p.ppid, list);
-  }
+  const children = childrenMap(procs);
   let live = 0;
   let zombies = 0;
-  // slirp4netns is started by the server's spawner (a python3 child of this process).
-  const helpers = new Set(procs.filter((p) => p.ppid === process.pid && p.comm === 'python3').map((p) => p.pid));
-  const queue = procs.filter((p) => (p.ppid === process.pid && p.comm === 'bwrap') || (helpers.has(p.ppid) && p.comm === 'slirp4netns')).map((p) => p.pid);
+  const roots = [...(children.get(process.pid) ?? []).filter((p) => p.comm === 'bwrap'), ...spawnedSlirps(children)];
+  const queue = roots.map((p) => p.pid);
   while (queue.length) {
     const pid = queue.shift()!;
     if (byPid.get(pid)?.state === 'Z') zombies++;
     else live++;
-    queue.push(...(children.get(pid) ?? []));
+    queue.push(...(children.get(pid) ?? []).map((c) => c.pid));
   }
   return { live, zombies };
 }

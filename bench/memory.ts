@@ -48,7 +48,7 @@ export async function pssBytes(pid: number): Promise<number> {
   }
 }
 
-function childrenMap(procs: Proc[]): Map<number, Proc[]> {
+export function childrenMap(procs: Proc[]): Map<number, Proc[]> {
   const children = new Map<number, Proc[]>();
   for (const p of procs) {
     const list = children.get(p.ppid) ?? [];
@@ -69,6 +69,12 @@ function treeOf(root: number, children: Map<number, Proc[]>): number[] {
   return pids;
 }
 
+/** Every slirp4netns of the server in process `parentPid`: its spawner (a python3 child) starts them. */
+export function spawnedSlirps(children: Map<number, Proc[]>, parentPid = process.pid): Proc[] {
+  return (children.get(parentPid) ?? []).filter((p) => p.comm === 'python3')
+    .flatMap((h) => children.get(h.pid) ?? []).filter((p) => p.comm === 'slirp4netns');
+}
+
 /** The slirp4netns processes attached to a pid of `tree` (their arguments name it). */
 function slirpsOf(tree: Set<string>, slirps: Proc[]): Proc[] {
   return slirps.filter((s) => s.args.some((a) => tree.has(a) || tree.has(/^--userns-path=\/proc\/(\d+)\//.exec(a)?.[1] ?? '')));
@@ -78,8 +84,7 @@ function slirpsOf(tree: Set<string>, slirps: Proc[]): Proc[] {
 export async function sandboxMemory(parentPid = process.pid): Promise<SandboxMemory[]> {
   const children = childrenMap(await processes());
   const mine = children.get(parentPid) ?? [];
-  // slirp4netns is started by the server's spawner, a python3 child of the server.
-  const slirps = mine.filter((p) => p.comm === 'python3').flatMap((h) => children.get(h.pid) ?? []).filter((p) => p.comm === 'slirp4netns');
+  const slirps = spawnedSlirps(children, parentPid);
   const result: SandboxMemory[] = [];
   for (const b of mine.filter((p) => p.comm === 'bwrap')) {
     const pids = treeOf(b.pid, children);
@@ -137,9 +142,7 @@ export async function treeMemory(bwrapPid: number, parentPid = process.pid): Pro
     const zombie = new Set(procs.filter((p) => p.state === 'Z').map((p) => p.pid));
     const all = treeOf(bwrapPid, children);
     const pids = all.filter((pid) => !zombie.has(pid));
-    // slirp4netns is started by the server's spawner, a python3 child of the server.
-    const helpers = (children.get(parentPid) ?? []).filter((p) => p.comm === 'python3').flatMap((h) => children.get(h.pid) ?? []);
-    const slirps = slirpsOf(new Set(pids.map(String)), helpers.filter((p) => p.comm === 'slirp4netns')).map((p) => p.pid);
+    const slirps = slirpsOf(new Set(pids.map(String)), spawnedSlirps(children, parentPid)).map((p) => p.pid);
     return { pids, zombies: all.length - pids.length, slirps, key: [...pids, 0, ...slirps].join() };
   };
   let read: TreeMemory | null = null;

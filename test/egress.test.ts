@@ -43,6 +43,15 @@ try:
 except Exception as e:
     print(type(e).__name__)`;
 
+/** Python, indented as an `if` body: a GET on the open connection `s`, then the page printed. */
+const GET_AND_PRINT_BODY = `    s.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n")
+    data = b""
+    while True:
+        chunk = s.recv(4096)
+        if not chunk: break
+        data += chunk
+    print(data.decode().split("\\r\\n\\r\\n", 1)[1])`;
+
 /** Python speaking HTTP CONNECT to the proxy, then a GET through the tunnel; prints the status line(s). */
 const connectTunnel = (target: string) => `import os, socket
 proxy = os.environ["HTTPS_PROXY"].split("//")[1]
@@ -52,13 +61,7 @@ s.sendall(b"CONNECT ${target} HTTP/1.1\\r\\nHost: ${target}\\r\\n\\r\\n")
 head = s.recv(4096).decode()
 print(head.split("\\r\\n")[0])
 if " 200 " in head:
-    s.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n")
-    data = b""
-    while True:
-        chunk = s.recv(4096)
-        if not chunk: break
-        data += chunk
-    print(data.decode().split("\\r\\n\\r\\n", 1)[1])`;
+${GET_AND_PRINT_BODY}`;
 
 /** Python speaking SOCKS5 (by name) to the proxy in ALL_PROXY; prints the reply code and the page. */
 const socksFetch = (name: string, port: number) => `import os, socket, struct
@@ -72,13 +75,7 @@ s.sendall(b"\\x05\\x01\\x00\\x03" + bytes([len(name)]) + name + struct.pack(">H"
 reply = s.recv(10)
 print("reply", reply[1])
 if reply[1] == 0:
-    s.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n")
-    data = b""
-    while True:
-        chunk = s.recv(4096)
-        if not chunk: break
-        data += chunk
-    print(data.decode().split("\\r\\n\\r\\n", 1)[1])`;
+${GET_AND_PRINT_BODY}`;
 
 /** The sandbox's NO_PROXY sends loopback straight to the sandbox's own lo: these calls ask the proxy. */
 const viaProxy = { env: { NO_PROXY: '', no_proxy: '' } };

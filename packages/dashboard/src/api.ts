@@ -47,28 +47,37 @@ export async function postJson<T>(path: string, body: unknown): Promise<T | null
 
 export const sandboxPath = (id: string, rest = '') => `/v1/sandboxes/${encodeURIComponent(id)}${rest}`;
 
+/** A text stream's pieces between `separator`s; at the end, what is left if `rest` (else dropped). */
+async function* pieces(body: NonNullable<Response['body']>, separator: string, rest: boolean): AsyncGenerator<string> {
+  const reader = body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = '';
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) {
+      if (rest) yield buffer;
+      return;
+    }
+    buffer += value;
+    let end: number;
+    while ((end = buffer.indexOf(separator)) !== -1) {
+      yield buffer.slice(0, end);
+      buffer = buffer.slice(end + separator.length);
+    }
+  }
+}
+
 /** Reads a text/event-stream until it ends or `signal` aborts; throws ApiProblem on a refusal. */
 export async function readEvents(path: string, onEvent: (event: string, data: unknown) => void, signal: AbortSignal): Promise<void> {
   const res = await fetch(path, { headers: headers({ Accept: 'text/event-stream' }), signal });
   if (!res.ok || !res.body) throw await problem(res);
-  const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
-  let buffer = '';
-  for (;;) {
-    const { value, done } = await reader.read();
-    if (done) return;
-    buffer += value;
-    let end: number;
-    while ((end = buffer.indexOf('\n\n')) !== -1) {
-      const block = buffer.slice(0, end);
-      buffer = buffer.slice(end + 2);
-      let event = 'message';
-      const data: string[] = [];
-      for (const line of block.split('\n')) {
-        if (line.startsWith('event:')) event = line.slice(6).trim();
-        else if (line.startsWith('data:')) data.push(line.slice(5).replace(/^ /, ''));
-      }
-      if (data.length) onEvent(event, JSON.parse(data.join('\n')));
+  for await (const block of pieces(res.body, '\n\n', false)) {
+    let event = 'message';
+    const data: string[] = [];
+    for (const line of block.split('\n')) {
+      if (line.startsWith('event:')) event = line.slice(6).trim();
+      else if (line.startsWith('data:')) data.push(line.slice(5).replace(/^ /, ''));
     }
+    if (data.length) onEvent(event, JSON.parse(data.join('\n')));
   }
 }
 
@@ -77,8 +86,6 @@ export interface ExecEnd { exit_code: number; execution_count: number | null; st
 /** Runs code in a sandbox, handing each output to `onOutput` as it streams in. */
 export async function runExec(id: string, code: string, language: 'python' | 'bash', onOutput: (o: ExecOutput) => void): Promise<ExecEnd> {
   const res = await request('POST', sandboxPath(id, '/exec'), JSON.stringify({ code, language }));
-  const reader = res.body!.pipeThrough(new TextDecoderStream()).getReader();
-  let buffer = '';
   let end: ExecEnd = { exit_code: 137, execution_count: null, state_lost: true };
   const line = (text: string) => {
     if (!text.trim()) return;
@@ -86,17 +93,7 @@ export async function runExec(id: string, code: string, language: 'python' | 'ba
     if (ev.type === 'exit') end = { exit_code: ev.data as number, execution_count: ev.execution_count ?? null, state_lost: ev.state_lost ?? false };
     else onOutput({ type: ev.type, data: ev.data, is_main_result: ev.is_main_result } as ExecOutput);
   };
-  for (;;) {
-    const { value, done } = await reader.read();
-    if (done) break;
-    buffer += value;
-    let nl: number;
-    while ((nl = buffer.indexOf('\n')) !== -1) {
-      line(buffer.slice(0, nl));
-      buffer = buffer.slice(nl + 1);
-    }
-  }
-  line(buffer);
+  for await (const text of pieces(res.body!, '\n', true)) line(text);
   return end;
 }
 

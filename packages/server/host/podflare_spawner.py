@@ -129,8 +129,7 @@ class Spawner:
             data = os.read(child.ready_r, 64)
         except OSError:
             data = b""
-        self.sel.unregister(child.ready_r)
-        os.close(child.ready_r)
+        self.unwatch(child.ready_r)
         child.ready_r = None
         if data:
             self.send({"ev": "ready", "pid": child.pid})
@@ -149,9 +148,12 @@ class Spawner:
             if child.stream_stderr:
                 self.send({"ev": "stderr", "pid": child.pid, "data": data.decode("utf-8", "replace")})
             return
-        self.sel.unregister(child.err_r)
-        os.close(child.err_r)
+        self.unwatch(child.err_r)
         child.err_r = None
+
+    def unwatch(self, fd):
+        self.sel.unregister(fd)
+        os.close(fd)
 
     def on_wake(self):
         try:
@@ -179,8 +181,7 @@ class Spawner:
                     pass
             for fd in (child.ready_r, child.err_r):
                 if fd is not None:
-                    self.sel.unregister(fd)
-                    os.close(fd)
+                    self.unwatch(fd)
             if child.exit_w is not None:
                 os.close(child.exit_w)
             self.send({"ev": "exit", "pid": pid,

@@ -153,10 +153,7 @@ export class VmSandbox implements RuntimeSandbox {
 
   destroy(): Promise<void> {
     this.destroying ??= (async () => {
-      this.channel.close('destroyed');
-      this.vm.qmp.close();
-      this.vm.slirp?.stop();
-      await killAndWait(this.vm.qemu);
+      await stopVm(this.vm, 'destroyed');
       this.resolveExited({ reason: 'destroyed' });
       await rm(this.dir, { recursive: true, force: true });
       if (this.ownRamFile) await rm(this.ownRamFile, { force: true });
@@ -280,12 +277,7 @@ export class VmRuntime implements Runtime {
         return tpl;
       } catch (err) {
         const tail = await consoleTail(path.join(dir, 'console.log'));
-        if (vm) {
-          vm.channel.close('template boot failed');
-          vm.qmp.close();
-          vm.slirp?.stop();
-          await killAndWait(vm.qemu);
-        }
+        if (vm) await stopVm(vm, 'template boot failed');
         const message = `${(err as Error).message}${tail ? ` (console: ${tail})` : ''}`;
         if (attempt >= 2 || this.inFlight.closed) {
           await removeTemplate(tpl);
@@ -364,12 +356,7 @@ export class VmRuntime implements Runtime {
       return sandbox;
     } catch (err) {
       const tail = await consoleTail(path.join(dir, 'console.log'));
-      if (vm) {
-        vm.channel.close('start failed');
-        vm.qmp.close();
-        vm.slirp?.stop();
-        await killAndWait(vm.qemu);
-      }
+      if (vm) await stopVm(vm, 'start failed');
       await rm(dir, { recursive: true, force: true });
       for (const l of from.layers) void this.releaseLayer(l);
       throw new Error(`the VM did not start: ${(err as Error).message}${tail ? ` (console: ${tail})` : ''}`);
@@ -727,6 +714,14 @@ function waitExit(p: SpawnedChild, timeoutMs: number): Promise<void> {
     const timer = setTimeout(() => { p.kill('SIGKILL'); }, timeoutMs);
     p.once('exit', () => { clearTimeout(timer); resolve(); });
   });
+}
+
+/** Ends a VM: its channels closed, its network and its QEMU gone. */
+async function stopVm(vm: VmProcess, reason: string): Promise<void> {
+  vm.channel.close(reason);
+  vm.qmp.close();
+  vm.slirp?.stop();
+  await killAndWait(vm.qemu);
 }
 
 async function killAndWait(p: SpawnedChild): Promise<void> {
