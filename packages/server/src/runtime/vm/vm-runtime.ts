@@ -81,7 +81,6 @@ type StateSource = { data: Buffer } | { file: string };
 interface Template {
   dir: string;
   disk: string;
-  state: string;
   /** The state, read once: every clone gets it from memory. */
   stateData: StateSource;
   /** An empty overlay over `disk`, copied for each clone (cheaper than a qemu-img per clone). */
@@ -244,7 +243,8 @@ export class VmRuntime implements Runtime {
     const image = await this.opts.image();
     const rand = randomBytes(4).toString('hex');
     const dir = path.join(this.vmDir, 'templates', `${name}-${network ? 'net' : 'nonet'}-${rand}`);
-    const tpl: Template = { dir, disk: path.join(dir, 'disk.qcow2'), state: path.join(dir, 'state'), stateData: { data: Buffer.alloc(0) }, cloneOverlay: path.join(dir, 'clone.qcow2'), ramFile: path.join('/dev/shm', `${this.shmPrefix}${process.pid}-${rand}.ram`), image, network };
+    const statePath = path.join(dir, 'state');
+    const tpl: Template = { dir, disk: path.join(dir, 'disk.qcow2'), stateData: { data: Buffer.alloc(0) }, cloneOverlay: path.join(dir, 'clone.qcow2'), ramFile: path.join('/dev/shm', `${this.shmPrefix}${process.pid}-${rand}.ram`), image, network };
     const bootTimeoutMs = this.opts.bootTimeoutMs ?? (this.opts.accel.kind === 'kvm' ? 20_000 : 90_000);
     const t0 = performance.now();
     // A TCG boot can stall early on a loaded host: one more attempt before giving up.
@@ -265,13 +265,13 @@ export class VmRuntime implements Runtime {
         await vm.qmp.command('stop');
         await vm.qmp.command('migrate-set-capabilities', { capabilities: MIGRATION_CAPABILITIES });
         const migrated = waitMigration(vm.qmp, bootTimeoutMs, vm);
-        await vm.qmp.command('migrate', { uri: `exec:cat > ${shellQuote(tpl.state)}` });
+        await vm.qmp.command('migrate', { uri: `exec:cat > ${shellQuote(statePath)}` });
         await migrated;
         await vm.qmp.command('quit').catch(() => undefined);
         await waitExit(vm.qemu, 10_000);
         vm.channel.close('template frozen');
         await chmod(tpl.disk, 0o444);
-        tpl.stateData = { data: await readFile(tpl.state) };
+        tpl.stateData = { data: await readFile(statePath) };
         await run('qemu-img', ['create', '-q', '-f', 'qcow2', '-F', 'qcow2', '-b', tpl.disk, tpl.cloneOverlay]);
         this.opts.log.info('vm template ready', { template: name, network, boot_ms: Math.round(booted - t0), freeze_ms: Math.round(performance.now() - booted), accel: this.opts.accel.kind });
         return tpl;
@@ -514,7 +514,7 @@ export class VmRuntime implements Runtime {
       // Any RAM file does (the state holds the whole RAM); this one is the resumed VM's own.
       const rand = randomBytes(4).toString('hex');
       const state = path.join(dir, 'state');
-      const own: Template = { dir, disk: path.join(dir, 'disk.qcow2'), state, stateData: { file: state }, cloneOverlay: '', ramFile: path.join('/dev/shm', `${this.shmPrefix}${process.pid}-r${rand}.ram`), image, network: meta.network };
+      const own: Template = { dir, disk: path.join(dir, 'disk.qcow2'), stateData: { file: state }, cloneOverlay: '', ramFile: path.join('/dev/shm', `${this.shmPrefix}${process.pid}-r${rand}.ram`), image, network: meta.network };
       try {
         const sandbox = await this.restore(spec, { template: own, ramFile: own.ramFile, disk: { copyOf: own.disk }, state: own.stateData, layers: [] });
         sandbox.ownRamFile = own.ramFile;
@@ -565,8 +565,9 @@ export class VmRuntime implements Runtime {
     const qmpSocket = path.join(o.dir, 'qmp.sock');
     const consoleLog = path.join(o.dir, 'console.log');
     if (Buffer.byteLength(agentSocket) > 107) throw new Error(`socket path too long for a unix socket: ${agentSocket} (choose a shorter state directory)`);
+    const image = await this.opts.image();
     const args = qemuArgs({
-      accel: this.opts.accel, memoryMb: this.memoryMb, vmlinux: (await this.opts.image()).vmlinux, initrd: (await this.opts.image()).initrd,
+      accel: this.opts.accel, memoryMb: this.memoryMb, vmlinux: image.vmlinux, initrd: image.initrd,
       disk: o.disk, ramFile: o.ramFile, shareRam: o.shareRam, agentSocket, qmpSocket, consoleLog, network: o.network, incoming: o.incoming,
     });
     // setpriv --pdeathsig: the VM dies with the server, whatever way the server ends.
