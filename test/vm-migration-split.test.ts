@@ -10,7 +10,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { Readable } from 'node:stream';
 import { describe, it } from 'node:test';
-import { MigrationStreamError, splitMigrationStream } from '../packages/server/src/runtime/vm/migration-split.js';
+import { MigrationStreamError, splitMigrationStream, StreamSplitter } from '../packages/server/src/runtime/vm/migration-split.js';
 
 const PAGE = 4096;
 const RAM = 16 * PAGE;
@@ -65,22 +65,43 @@ function stream(withMem: boolean, extra: Buffer[] = []): Buffer {
 
 /** Small chunks of varying sizes (1 to 13 bytes, then 5000: a page in one piece too). */
 function chunked(b: Buffer): Readable {
+  return Readable.from(chunksOf(b));
+}
+
+/**
+ * As the split worker reads: every chunk arrives in the same buffer, which the next read
+ * overwrites (here: scribbled over at once), so a split that kept a view into it would break.
+ */
+function pushThroughOneBuffer(input: Buffer, fd: number, ramSize: number) {
+  const splitter = new StreamSplitter('mem', fd, ramSize);
+  const buffer = Buffer.alloc(5000);
+  for (const chunk of chunksOf(input)) {
+    chunk.copy(buffer);
+    splitter.push(buffer.subarray(0, chunk.length), true);
+    buffer.fill(0xa5);
+  }
+  return splitter.end();
+}
+
+function chunksOf(b: Buffer): Buffer[] {
   const chunks: Buffer[] = [];
   for (let at = 0, i = 0; at < b.length; i++) {
     const n = i % 5 === 4 ? 5000 : 1 + (i * 5) % 13;
     chunks.push(b.subarray(at, at + n));
     at += n;
   }
-  return Readable.from(chunks);
+  return chunks;
 }
 
-async function split(input: Buffer, ramSize = RAM, whole = false) {
+async function split(input: Buffer, ramSize = RAM, whole = false, reusedBuffer = false) {
   const dir = mkdtempSync(path.join(os.tmpdir(), 'pf-split-'));
   const file = path.join(dir, 'ram');
   const fd = openSync(file, 'w+');
   ftruncateSync(fd, ramSize); // as the runtime makes it: sparse, the RAM's size
   try {
-    const r = await splitMigrationStream(whole ? Readable.from([input]) : chunked(input), 'mem', fd, ramSize);
+    const r = reusedBuffer
+      ? pushThroughOneBuffer(input, fd, ramSize)
+      : await splitMigrationStream(whole ? Readable.from([input]) : chunked(input), 'mem', fd, ramSize);
     return { ...r, ram: readFileSync(file) };
   } finally {
     closeSync(fd);
@@ -89,9 +110,9 @@ async function split(input: Buffer, ramSize = RAM, whole = false) {
 }
 
 describe('vm fork point: migration stream split', () => {
-  for (const whole of [false, true]) {
-    it(`writes the RAM block pages at their offsets and keeps everything else as a valid stream (${whole ? 'one chunk' : 'small chunks'})`, async () => {
-      const r = await split(stream(true), RAM, whole);
+  for (const [how, whole, reused] of [['small chunks', false, false], ['one chunk', true, false], ['small chunks, all read into one reused buffer', false, true]] as const) {
+    it(`writes the RAM block pages at their offsets and keeps everything else as a valid stream (${how})`, async () => {
+      const r = await split(stream(true), RAM, whole, reused);
       assert.deepEqual(r.state, stream(false));
       assert.equal(r.pages, 4);
       const at = (n: number) => r.ram.subarray(n * PAGE, (n + 1) * PAGE);
@@ -111,5 +132,6 @@ describe('vm fork point: migration stream split', () => {
     const whole = stream(true);
     await assert.rejects(split(whole.subarray(0, whole.length - 300)), /ended inside a RAM page/);
     await assert.rejects(split(Buffer.from('not a stream at all')), /not a QEMU migration stream/);
+    await assert.rejects(split(whole.subarray(0, whole.length - 300), RAM, false, true), /ended inside a RAM page/);
   });
 });

@@ -132,6 +132,17 @@ class Reader {
     }
   }
 
+  /**
+   * `chunk` (pushed last) is about to be overwritten: what of it is not consumed yet becomes a
+   * copy of its own.
+   */
+  own(chunk: Buffer): void {
+    const i = this.chunks.lastIndexOf(chunk);
+    if (i < 0) return;
+    this.chunks[i] = Buffer.from(i === 0 ? chunk.subarray(this.at) : chunk);
+    if (i === 0) this.at = 0;
+  }
+
   /** Everything received and not consumed. */
   rest(): Buffer[] {
     if (this.chunks.length && this.at) this.chunks[0] = this.chunks[0]!.subarray(this.at);
@@ -192,52 +203,96 @@ class PageWriter {
 }
 
 /**
- * Reads the whole stream from `source`; pages of RAM block `ramBlock` (which must be `ramSize`
- * bytes long) are written to `ramFd` at their offset, the rest is returned. Chunks are parsed
- * as they arrive, synchronously ('data' events: no promise per chunk).
+ * Splits one stream fed to it chunk by chunk: pages of RAM block `ramBlock` (which must be
+ * `ramSize` bytes long) are written to `ramFd` at their offset, the rest is kept. Each chunk is
+ * parsed as it arrives, synchronously (no promise per chunk or record).
+ */
+export class StreamSplitter {
+  private readonly r = new Reader();
+  private readonly out: Buffer[] = [];
+  private readonly pages: PageWriter;
+  private readonly where = { what: 'the header' };
+  private readonly parser: Generator<void, void, void>;
+  private done = false;
+
+  constructor(ramBlock: string, ramFd: number, ramSize: number) {
+    this.pages = new PageWriter(ramFd, ramSize);
+    this.parser = parse(this.r, this.out, this.pages, ramBlock, ramSize, this.where);
+    this.step();
+  }
+
+  /**
+   * Parses `chunk`. `reused`: the caller overwrites the chunk's memory once this returns (a read
+   * buffer of its own), so nothing may point into it afterwards — pages are written out and
+   * what is kept or not parsed yet is copied.
+   */
+  push(chunk: Buffer, reused: boolean): void {
+    if (this.done) return void this.out.push(reused ? Buffer.from(chunk) : chunk); // past the RAM section: device state, copied as it is
+    this.r.push(chunk);
+    this.step(reused);
+    if (reused) {
+      this.pages.flush();
+      this.r.own(chunk);
+    }
+  }
+
+  /** The stream ended: what it holds besides the RAM block's pages (throws if it ended early). */
+  end(): SplitResult {
+    if (!this.done) throw new MigrationStreamError(`the migration stream ended inside ${this.where.what} (at byte ${this.r.consumed})`);
+    return { state: Buffer.concat(this.out), pages: this.pages.pages };
+  }
+
+  /** Where the parse stands, for an error about a stream that broke off. */
+  get position(): string {
+    return `${this.where.what} (at byte ${this.r.consumed})`;
+  }
+
+  private step(reused = false): void {
+    this.done = this.parser.next().done === true;
+    if (this.done) this.out.push(...this.r.rest().map((b) => (reused ? Buffer.from(b) : b)));
+  }
+}
+
+/**
+ * Reads the whole stream from `source` through a StreamSplitter ('data' events: each chunk is
+ * the stream's own, so pages are written straight from it).
  */
 export function splitMigrationStream(source: Readable, ramBlock: string, ramFd: number, ramSize: number): Promise<SplitResult> {
   return new Promise<SplitResult>((resolve, reject) => {
-    const r = new Reader();
-    const out: Buffer[] = [];
-    const pages = new PageWriter(ramFd, ramSize);
-    const where = { what: 'the header' };
-    const parser = parse(r, out, pages, ramBlock, ramSize, where);
-    let done = false;
-    let failed = false;
+    let splitter: StreamSplitter;
+    let settled = false;
     const fail = (err: Error) => {
-      if (failed) return;
-      failed = true;
+      if (settled) return;
+      settled = true;
       source.destroy();
       reject(err);
     };
-    const step = () => {
-      done = parser.next().done === true;
-      if (done) out.push(...r.rest());
-    };
     try {
-      step();
+      splitter = new StreamSplitter(ramBlock, ramFd, ramSize);
     } catch (err) {
       return fail(err as Error);
     }
     source.on('data', (chunk: Buffer) => {
-      if (failed) return;
-      if (done) return void out.push(chunk); // past the RAM section: device state, copied as it is
-      r.push(chunk);
+      if (settled) return;
       try {
-        step();
+        splitter.push(chunk, false);
       } catch (err) {
         fail(err as Error);
       }
     });
     source.once('error', (err) => fail(new MigrationStreamError(`the migration stream broke: ${err.message}`)));
     source.once('end', () => {
-      if (failed) return;
-      if (!done) return fail(new MigrationStreamError(`the migration stream ended inside ${where.what} (at byte ${r.consumed})`));
-      failed = true; // settled: a 'close' after the end is no failure
-      resolve({ state: Buffer.concat(out), pages: pages.pages });
+      if (settled) return;
+      let result: SplitResult;
+      try {
+        result = splitter.end();
+      } catch (err) {
+        return fail(err as Error);
+      }
+      settled = true; // a 'close' after the end is no failure
+      resolve(result);
     });
-    source.once('close', () => fail(new MigrationStreamError(`the migration stream closed inside ${where.what} (at byte ${r.consumed})`)));
+    source.once('close', () => fail(new MigrationStreamError(`the migration stream closed inside ${splitter.position}`)));
   });
 }
 
@@ -246,8 +301,9 @@ export function splitMigrationStream(source: Readable, ramBlock: string, ramFd: 
  * promise per record would cost more than the parsing). Returns at the end of the RAM section.
  */
 function* parse(r: Reader, out: Buffer[], pages: PageWriter, ramBlock: string, ramSize: number, where: { what: string }): Generator<void, void, void> {
+  // Copied: the chunk may be a read buffer that is reused (kept bytes are few: ~70 KB a stream).
   const keep = (n: number): Buffer => {
-    const b = r.take(n);
+    const b = Buffer.from(r.take(n));
     out.push(b);
     return b;
   };
@@ -381,7 +437,7 @@ function* parse(r: Reader, out: Buffer[], pages: PageWriter, ramBlock: string, r
           pages.page(offset, r.take(PAGE));
         }
       } else {
-        out.push(r.take(length));
+        keep(length);
       }
     }
   }

@@ -43,6 +43,7 @@ import { startSlirp, type Slirp } from '../namespace/network.js';
 import { qemuArgs, type Acceleration } from './qemu-args.js';
 import { vmDiff } from './vm-diff.js';
 import { SplitWorker } from './migration-split.js';
+import { OverlayMaker } from './overlay-maker.js';
 import { connectUnix, Qmp } from './qmp.js';
 
 export interface VmRuntimeOptions {
@@ -170,6 +171,7 @@ export class VmRuntime implements Runtime {
   private readonly templates = new Map<string, Promise<Template>>();
   private readonly inFlight = new InFlight();
   private readonly splitter = new SplitWorker();
+  private readonly overlays = new OverlayMaker();
   private readonly memoryMb: number;
   /** Names this server's RAM files on /dev/shm (shared by every server on the machine). */
   private readonly shmPrefix: string;
@@ -431,12 +433,12 @@ export class VmRuntime implements Runtime {
       saved.catch(() => undefined);
       // `stop` flushed the disk (QEMU's qcow2 caches included) and nothing writes it until
       // `cont`: a copy of the overlay is the fork point's disk, taken while the memory streams.
-      // The children's empty overlay over it is made meanwhile (-u: the copy need not exist yet).
+      // The children's empty overlay over it is made meanwhile (the copy need not exist yet).
       this.retainLayer(layer);
       layerHeld = true;
       await Promise.all([
         copyFile(parent.disk, layer).then(() => chmod(layer, 0o444)),
-        qcow2VirtualSize(parent.disk).then((size) => run('qemu-img', ['create', '-q', '-f', 'qcow2', '-u', '-F', 'qcow2', '-b', layer, overlay, String(size)])),
+        qcow2VirtualSize(parent.disk).then((size) => this.overlays.make(layer, overlay, size)),
       ]);
       phase('disk frozen');
       const layers = [...parent.layers, layer];
