@@ -18,9 +18,15 @@ export function overlayMountsUnder(dir: string): string[] {
     .filter((m) => m.startsWith(dir));
 }
 
+/**
+ * What is in the sandboxes' directory: sandboxes' directories, and whatever is in the runtime's
+ * own fork layers' and trash directories there (those two may stay, empty).
+ */
 export function sandboxDirsIn(stateDir: string): string[] {
   const dir = `${stateDir}/sandboxes`;
-  return existsSync(dir) ? readdirSync(dir) : [];
+  if (!existsSync(dir)) return [];
+  const own = ['.layers', '.trash'];
+  return readdirSync(dir).flatMap((name) => (own.includes(name) ? readdirSync(`${dir}/${name}`).map((n) => `${name}/${n}`) : [name]));
 }
 
 /** Processes whose command line mentions this state dir (bwrap, slirp4netns) — none may remain. */

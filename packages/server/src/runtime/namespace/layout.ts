@@ -3,6 +3,7 @@
  *   <stateDir>/sandboxes/<id>/upper   the sandbox's own overlay layer (its writes)
  *   <stateDir>/sandboxes/<id>/work    overlayfs's scratch directory
  *   <stateDir>/sandboxes/<id>/root    where the overlay is mounted on the host, only while starting
+ *   <stateDir>/sandboxes/.trash/      directories of ended sandboxes, on their way out (trash.ts)
  */
 import path from 'node:path';
 
@@ -11,6 +12,8 @@ export interface SandboxDirs {
   upper: string;
   work: string;
   root: string;
+  /** Where `dir` goes to be removed (removeSandboxDir). */
+  trash: string;
 }
 
 export function sandboxesDir(stateDir: string): string {
@@ -19,7 +22,11 @@ export function sandboxesDir(stateDir: string): string {
 
 export function sandboxDirs(stateDir: string, id: string): SandboxDirs {
   const dir = path.join(sandboxesDir(stateDir), id);
-  return { dir, upper: path.join(dir, 'upper'), work: path.join(dir, 'work'), root: path.join(dir, 'root') };
+  return { dir, upper: path.join(dir, 'upper'), work: path.join(dir, 'work'), root: path.join(dir, 'root'), trash: trashDir(stateDir) };
+}
+
+export function trashDir(stateDir: string): string {
+  return path.join(sandboxesDir(stateDir), '.trash');
 }
 
 /** overlayfs options separate paths with ':' and ','; refuse paths that would break them. */

@@ -32,7 +32,8 @@ import { InFlight } from '../in-flight.js';
 import { bwrapArgs, SANDBOX_PATH } from './bwrap-args.js';
 import { HostHelper } from './hostd.js';
 import { DiskVolume } from './disk-volume.js';
-import { assertMountablePath, sandboxDirs, sandboxesDir, type SandboxDirs } from './layout.js';
+import { assertMountablePath, sandboxDirs, sandboxesDir, trashDir, type SandboxDirs } from './layout.js';
+import { Trash } from './trash.js';
 import { proxyEnvironment } from './netns-addresses.js';
 import { closeEgressListeners, openEgressListeners, type EgressListeners } from './netns-listeners.js';
 import { startSlirp } from './network.js';
@@ -85,15 +86,19 @@ export class NamespaceRuntime implements Runtime {
   private cgroups: Cgroups | null = null;
   /** The btrfs volume holding the sandboxes' directories (disk limits); null where unavailable. */
   private volume: DiskVolume | null = null;
+  /** Ended sandboxes' directories, removed when nothing is being started. */
+  private readonly trash: Trash;
 
   constructor(private readonly opts: NamespaceRuntimeOptions) {
     this.capabilities = { fork: true, freeze: false, egress: true, egressPolicy: opts.egress !== undefined };
+    this.trash = new Trash(trashDir(opts.stateDir));
     for (const d of [opts.stateDir, ...opts.lowerDirs]) assertMountablePath(d);
     this.hooks = {
       log: opts.log,
       setDiskLimit: async (dir, bytes) => {
         if (this.volume) await this.hostd.diskLimit(dir, bytes);
       },
+      removeDir: (dirs) => this.trash.throwAway(dirs),
       onFinalized: (s) => {
         this.live.delete(s.id);
         for (const layer of s.lowers) void this.releaseLayer(layer);
@@ -121,6 +126,7 @@ export class NamespaceRuntime implements Runtime {
       const sandboxes = sandboxesDir(this.opts.stateDir);
       this.volume = await DiskVolume.open(this.opts.stateDir, sandboxes, this.opts.log);
       await mkdir(sandboxes, { recursive: true }); // without the volume, a plain directory
+      await Promise.all([mkdir(trashDir(this.opts.stateDir), { recursive: true }), mkdir(this.layersDir, { recursive: true })]);
       for (const dir of [this.opts.stateDir, sandboxes]) {
         const mode = (await stat(dir)).mode & 0o7777;
         if ((mode & 0o001) === 0) await chmod(dir, mode | 0o001);
@@ -150,7 +156,8 @@ export class NamespaceRuntime implements Runtime {
     // Groups of sandboxes a crashed server left: their processes are killed with them.
     await this.cgroups?.cleanupOrphans((id) => this.live.has(id));
     const left = await removeLeftovers(this.opts.stateDir, this.layersDir, knownIds);
-    await rm(path.join(this.opts.stateDir, 'layers'), { recursive: true, force: true }); // from a run without the volume
+    const oldLayers = path.join(this.opts.stateDir, 'layers'); // from a run without the volume
+    if (oldLayers !== this.layersDir) await rm(oldLayers, { recursive: true, force: true });
     if (left.killed.length || left.unmounted.length || left.removed.length) {
       this.opts.log.info('removed what the previous server left', {
         sandboxes: left.sandboxes.length, killed: left.killed.length, unmounted: left.unmounted.length, removed: left.removed.length,
@@ -160,11 +167,17 @@ export class NamespaceRuntime implements Runtime {
   }
 
   start(spec: SandboxSpec): Promise<RuntimeSandbox> {
-    return this.inFlight.track(() => this.startRoot(spec));
+    return this.busy(() => this.startRoot(spec));
   }
 
   fork(parentRt: RuntimeSandbox, specs: SandboxSpec[]): Promise<RuntimeSandbox[]> {
-    return this.inFlight.track(() => this.forkChildren(parentRt as NsSandbox, specs));
+    return this.busy(() => this.forkChildren(parentRt as NsSandbox, specs));
+  }
+
+  /** A start or fork: tracked (close waits for it), and the trash is not emptied around it. */
+  private busy<T>(work: () => Promise<T>): Promise<T> {
+    this.trash.touch();
+    return this.inFlight.track(work).finally(() => this.trash.touch());
   }
 
   async diff(a: RuntimeSandbox, b: RuntimeSandbox, opts: DiffOptions): Promise<FileDiff> {
@@ -180,6 +193,8 @@ export class NamespaceRuntime implements Runtime {
     // Every sandbox is gone: no fork layer is in use any more (their refcounted removals may
     // still be in flight).
     await rm(this.layersDir, { recursive: true, force: true });
+    await this.trash.close();
+    await rm(trashDir(this.opts.stateDir), { recursive: true, force: true });
     await this.cgroups?.close();
     this.hostd.close();
     await this.volume?.close();
@@ -231,7 +246,7 @@ export class NamespaceRuntime implements Runtime {
     await this.mountOverlay(dirs, lowers);
     if (this.inFlight.closed) {
       await this.unmount(dirs);
-      await rm(dirs.dir, { recursive: true, force: true });
+      await this.trash.throwAway(dirs);
       throw new Error('the runtime is shut down');
     }
     const args = bwrapArgs({ root: dirs.root, hostname: spec.hostname, env: this.agentEnv(spec), infoFd: 4, userNsBlockFd: 5, seccompFd: 6, command: AGENT_COMMAND });
@@ -422,7 +437,7 @@ export class NamespaceRuntime implements Runtime {
       await Promise.allSettled(making); // every child's directories and root, made or failed
       for (const p of prepared) {
         if (p.overlay !== undefined) await this.hostd.discardOverlay(p.overlay).catch(() => undefined);
-        await rm(p.dirs.dir, { recursive: true, force: true });
+        await this.trash.throwAway(p.dirs);
       }
       for (const g of (await groups) ?? []) if (!(g instanceof Error)) await g.remove().catch(() => undefined);
       throw err;
@@ -466,7 +481,8 @@ export class NamespaceRuntime implements Runtime {
    */
   private async freezeUpper(parent: NsSandbox): Promise<string[]> {
     const layer = path.join(this.layersDir, `fork-${randomBytes(8).toString('hex')}`);
-    await mkdir(this.layersDir, { recursive: true });
+    // The layers' directory exists from the start (prepare): even a lookup in the sandboxes'
+    // directory can wait behind a sandbox's directory being made there.
     const forkLayers = parent.lowers.filter((l) => l.startsWith(this.layersDir + '/'));
     const squashed = forkLayers.length < MAX_STACKED_FORK_LAYERS ? [] : forkLayers;
     await this.hostd.squashLayers([parent.dirs.upper, ...squashed], layer);

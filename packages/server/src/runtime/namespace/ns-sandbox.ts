@@ -25,6 +25,8 @@ import type { Slirp } from './network.js';
 export interface SandboxHooks {
   /** Sets the most the sandbox's directory may hold (where disk limits are enforced). */
   setDiskLimit(dir: string, bytes: number): Promise<void>;
+  /** Removes the sandbox's directory (its processes are gone; nothing is mounted from it). */
+  removeDir(dirs: SandboxDirs): Promise<void>;
   /** Called once the sandbox is finally gone (processes dead, directories removed). */
   onFinalized(sandbox: NsSandbox): void;
   log: Logger;
@@ -130,7 +132,7 @@ export abstract class NsSandbox implements RuntimeSandbox {
       await this.ready; // a fork child closed at once may still be getting its cgroups
       await this.cgroup?.remove().catch((e: Error) => this.log.warn('cgroup removal failed', { error: e.message }));
       this.resolveExited({ reason: 'destroyed' });
-      await rm(this.dirs.dir, { recursive: true, force: true });
+      await this.hooks.removeDir(this.dirs);
       this.parent?.childGone(this);
       this.hooks.onFinalized(this);
     })();

@@ -18,7 +18,7 @@
 import { readdir, readFile, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { run } from '../../proc.js';
-import { sandboxesDir } from './layout.js';
+import { sandboxesDir, trashDir } from './layout.js';
 
 export interface LeftoverReport {
   /** Sandbox ids with anything left (a directory, a process or a mount). */
@@ -73,13 +73,20 @@ export async function removeLeftovers(stateDir: string, layersDir: string, known
     touched.add(path.relative(root, m).split('/')[0]!);
   }
 
+  // The layers' and trash directories stay (the runtime made them already); what is in them goes.
+  const kept = new Set([layersDir, trashDir(stateDir)]);
   for (const name of onDisk) {
-    await rm(path.join(root, name), { recursive: true, force: true });
-    report.removed.push(path.join(root, name));
+    const p = path.join(root, name);
+    if (kept.has(p)) continue;
+    await rm(p, { recursive: true, force: true });
+    report.removed.push(p);
   }
-  const layers = await readdir(layersDir).catch(() => [] as string[]);
-  for (const name of layers) report.removed.push(path.join(layersDir, name));
-  await rm(layersDir, { recursive: true, force: true });
+  for (const dir of kept) {
+    for (const name of await readdir(dir).catch(() => [] as string[])) {
+      await rm(path.join(dir, name), { recursive: true, force: true });
+      report.removed.push(path.join(dir, name));
+    }
+  }
   report.sandboxes = [...touched].filter((id) => ids.has(id)).sort();
   return report;
 }
