@@ -258,8 +258,29 @@ export class StreamSplitter {
  * the stream's own, so pages are written straight from it).
  */
 export function splitMigrationStream(source: Readable, ramBlock: string, ramFd: number, ramSize: number): Promise<SplitResult> {
+  let splitter: StreamSplitter;
+  try {
+    splitter = new StreamSplitter(ramBlock, ramFd, ramSize);
+  } catch (err) {
+    source.destroy();
+    return Promise.reject(err as Error);
+  }
+  source.on('data', (chunk: Buffer) => {
+    try {
+      splitter.push(chunk, false);
+    } catch (err) {
+      source.destroy(err as Error);
+    }
+  });
+  return splitEnded(source, splitter);
+}
+
+/**
+ * The split's result once `source` has ended. A chunk the splitter refused ends the stream with
+ * that error (`destroy(err)`): it is what the promise rejects with.
+ */
+export function splitEnded(source: Readable, splitter: StreamSplitter): Promise<SplitResult> {
   return new Promise<SplitResult>((resolve, reject) => {
-    let splitter: StreamSplitter;
     let settled = false;
     const fail = (err: Error) => {
       if (settled) return;
@@ -267,20 +288,7 @@ export function splitMigrationStream(source: Readable, ramBlock: string, ramFd: 
       source.destroy();
       reject(err);
     };
-    try {
-      splitter = new StreamSplitter(ramBlock, ramFd, ramSize);
-    } catch (err) {
-      return fail(err as Error);
-    }
-    source.on('data', (chunk: Buffer) => {
-      if (settled) return;
-      try {
-        splitter.push(chunk, false);
-      } catch (err) {
-        fail(err as Error);
-      }
-    });
-    source.once('error', (err) => fail(new MigrationStreamError(`the migration stream broke: ${err.message}`)));
+    source.once('error', (err) => fail(err instanceof MigrationStreamError ? err : new MigrationStreamError(`the migration stream broke: ${err.message}`)));
     source.once('end', () => {
       if (settled) return;
       let result: SplitResult;

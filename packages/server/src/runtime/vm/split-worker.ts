@@ -15,7 +15,7 @@ import { closeSync, openSync } from 'node:fs';
 import { chown } from 'node:fs/promises';
 import net from 'node:net';
 import { parentPort } from 'node:worker_threads';
-import { MigrationStreamError, StreamSplitter, type SplitResult } from './migration-split.js';
+import { splitEnded, StreamSplitter } from './migration-split.js';
 
 export interface SplitRequest {
   type: 'split';
@@ -81,31 +81,6 @@ function reading(accepted: net.Socket, onChunk: (chunk: Buffer) => void): net.So
   return sock;
 }
 
-/** The split's result once the stream has ended (a parse error ends the connection). */
-function ended(sock: net.Socket, splitter: StreamSplitter): Promise<SplitResult> {
-  return new Promise<SplitResult>((resolve, reject) => {
-    let settled = false;
-    const fail = (err: Error) => {
-      if (settled) return;
-      settled = true;
-      sock.destroy();
-      reject(err);
-    };
-    sock.once('error', (err) => fail(err instanceof MigrationStreamError ? err : new MigrationStreamError(`the migration stream broke: ${err.message}`)));
-    sock.once('end', () => {
-      if (settled) return;
-      try {
-        const r = splitter.end();
-        settled = true;
-        resolve(r);
-      } catch (err) {
-        fail(err as Error);
-      }
-    });
-    sock.once('close', () => fail(new MigrationStreamError(`the migration stream closed inside ${splitter.position}`)));
-  });
-}
-
 async function split(m: SplitRequest): Promise<void> {
   const send = (msg: SplitMessage) => port.postMessage(msg);
   // Paused: the connection's handle moves to a socket that reads into READ_BUFFER before any read.
@@ -136,7 +111,7 @@ async function split(m: SplitRequest): Promise<void> {
     fd = openSync(m.ramFile, 'r+');
     const splitter = new StreamSplitter(m.ramBlock, fd, m.ramSize);
     conn = reading(accepted, (chunk) => splitter.push(chunk, true));
-    const r = await ended(conn, splitter);
+    const r = await splitEnded(conn, splitter);
     send({ id: m.id, type: 'done', state: r.state, pages: r.pages });
   } catch (err) {
     send({ id: m.id, type: 'error', message: (err as Error).message });
