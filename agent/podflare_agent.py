@@ -583,6 +583,7 @@ class Supervisor:
             'fork': self._op_fork,
             'vars': self._op_vars,
             'restore': self._op_restore,
+            'set_time': self._op_set_time,
         }
 
     # ---- main loop ------------------------------------------------------------------------
@@ -872,6 +873,12 @@ class Supervisor:
         env = {'PODFLARE_SANDBOX_ID': sandbox_id} if sandbox_id else {}
         os.environ.update(env)
         self._worker_op(req, 'reseeded', {'op': 'reseed', 'env': env})
+
+    def _op_set_time(self, req: dict) -> dict:
+        """A VM paused for a while (a fork's parent) resumes with its clock where the pause
+        began: take the host's time. Its RNGs stay as they were (it is the original)."""
+        time.clock_settime_ns(time.CLOCK_REALTIME, req_int(req, 'time_ns', 0))
+        return {}
 
     def _op_interrupt(self, _req: dict) -> dict:
         ex = self.exec

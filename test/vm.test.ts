@@ -51,6 +51,13 @@ async function until<T>(what: string, timeoutMs: number, probe: () => Promise<T 
   }
 }
 
+/** The guest's clock minus the host's, at the middle of the call that read it. */
+async function clockSkewMs(sbx: Sandbox): Promise<number> {
+  const before = Date.now();
+  const r = await sbx.runCode('import time\nprint(time.time_ns())');
+  return Number(BigInt(r.stdout.trim()) / 1_000_000n) - (before + Date.now()) / 2;
+}
+
 describe('vm runtime', { timeout: 600_000 }, () => {
   let server!: TestServer;
   let sbx!: Sandbox;
@@ -174,6 +181,14 @@ describe('vm runtime', { timeout: 600_000 }, () => {
       }
       const p = await parent.runCode('(counter, open("/root/shared.txt").read())');
       assert.equal(p.results[0]?.text, "(10, 'from the parent')");
+      // Clocks: a child takes the host's time when it is restored; the parent's stood still while
+      // it was paused for each fork and is set again once it continues (two more forks here, so a
+      // parent left behind would be off by several hundred ms).
+      for (let i = 0; i < 2; i++) await Promise.all((await parent.fork(1)).map((k) => k.close()));
+      for (const x of [parent, ...kids]) {
+        const skew = await clockSkewMs(x);
+        assert.ok(Math.abs(skew) < 150, `${x.id === parent.id ? 'the parent' : 'a child'}'s clock is ${Math.round(skew)} ms off the host's`);
+      }
       // diff at the filesystem level, through the agents.
       await kids[0]!.runCode('open("/root/new.txt", "w").write("new\\n")');
       const d = await parent.diff(kids[0]!, { paths: ['/root'], content: true });

@@ -63,6 +63,11 @@ export const RestoreRequest = z.object({
   sandbox_id: z.string(),
 });
 /**
+ * A VM that was paused (a fork's parent, while its memory was saved) resumes with its clock where
+ * the pause began: set it. Nothing else changes (its RNGs are its own: they stay as they were).
+ */
+export const SetTimeRequest = z.object({ id, op: z.literal('set_time'), time_ns: z.number().int().nonnegative() });
+/**
  * Lists the root filesystem under `paths` (default `/`; other mounts skipped) into the file `out`
  * (on a tmpfs): one JSON array per line, `[path, type "f"|"d"|"l"|"o", size, mode, mtime_ns,
  * link target|null]`. The VM runtime's diff compares two of these.
@@ -73,7 +78,7 @@ export const VarsRequest = z.object({ id, op: z.literal('vars') });
 
 export const AgentRequest = z.discriminatedUnion('op', [
   ExecRequest, InterruptRequest, PingRequest, UploadBeginRequest, UploadChunkRequest, UploadEndRequest,
-  FileReadRequest, StatRequest, ListRequest, RemoveRequest, MkdirRequest, ForkRequest, VarsRequest, RestoreRequest, ManifestRequest,
+  FileReadRequest, StatRequest, ListRequest, RemoveRequest, MkdirRequest, ForkRequest, VarsRequest, RestoreRequest, SetTimeRequest, ManifestRequest,
 ]);
 export type AgentRequest = z.infer<typeof AgentRequest>;
 export type AgentOp = AgentRequest['op'];
@@ -150,6 +155,7 @@ export interface AgentReplies {
   fork: { pids: number[]; error?: string | null };
   vars: { vars: Record<string, VarInfo> };
   restore: Record<string, never>;
+  set_time: Record<string, never>;
   manifest: { entries: number };
 }
 

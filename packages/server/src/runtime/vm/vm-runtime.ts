@@ -343,6 +343,9 @@ export class VmRuntime implements Runtime {
         hostname: spec.hostname,
         sandbox_id: spec.id,
       }), this.opts.startTimeoutMs, 'the restored VM did not answer');
+      // The time in `restore` was the host's when it was sent; a guest just resumed takes a while
+      // (100+ ms under TCG) to act on it. Now that it answers promptly, it gets it again.
+      await withTimeout(vm.channel.request({ op: 'set_time', time_ns: Date.now() * 1_000_000 }), this.opts.startTimeoutMs, 'the restored VM did not take the time');
       step('answered_ms');
       this.opts.log.debug('vm restored', { id: spec.id, ...steps });
       if (spec.background && vm.qemu.pid) setPriorityAll(vm.qemu.pid, 0);
@@ -449,6 +452,10 @@ export class VmRuntime implements Runtime {
         await saved;
         await qmp.command('cont');
         resumed = true;
+        // Its clock stood still while it was paused: the parent would fall behind by every fork.
+        void parent.vm.channel.request({ op: 'set_time', time_ns: Date.now() * 1_000_000 }).catch((e: Error) => {
+          this.opts.log.warn('the fork\'s parent did not take the time', { sandbox: parent.id, error: e.message });
+        });
       } catch (err) {
         error = err;
       }
