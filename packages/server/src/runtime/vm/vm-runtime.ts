@@ -26,7 +26,7 @@
  * Disks: the shared read-only ext4 root ← template overlay ← each sandbox's own qcow2 overlay.
  */
 import { createHash, randomBytes } from 'node:crypto';
-import { existsSync, statSync } from 'node:fs';
+import { constants as fsConstants, existsSync, statSync } from 'node:fs';
 import { chmod, chown, copyFile, mkdir, open, readdir, readFile, readlink, rm, stat, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
@@ -321,7 +321,7 @@ export class VmRuntime implements Runtime {
     for (const l of from.layers) this.retainLayer(l);
     let vm: VmProcess | undefined;
     try {
-      if ('copyOf' in from.disk) await run('cp', ['--sparse=always', from.disk.copyOf, disk]);
+      if ('copyOf' in from.disk) await run('cp', ['--sparse=always', '--reflink=auto', from.disk.copyOf, disk]);
       else await copyFile(from.disk.overlayOf, disk);
       await chown(disk, this.opts.uid, this.opts.uid);
       step('disk_ms');
@@ -444,7 +444,9 @@ export class VmRuntime implements Runtime {
       this.retainLayer(layer);
       layerHeld = true;
       await Promise.all([
-        copyFile(parent.disk, layer).then(() => chmod(layer, 0o444)),
+        // A reflink where the state directory's filesystem has them (btrfs, XFS): a parent that
+        // wrote gigabytes forks as fast as one that wrote nothing. Elsewhere a copy.
+        copyFile(parent.disk, layer, fsConstants.COPYFILE_FICLONE).then(() => chmod(layer, 0o444)),
         qcow2VirtualSize(parent.disk).then((size) => this.overlays.make(layer, overlay, size)),
       ]);
       phase('disk frozen');
@@ -508,7 +510,7 @@ export class VmRuntime implements Runtime {
       await qmp.command('migrate', { uri: `exec:cat > ${shellQuote(path.join(dir, 'state'))}` });
       await migrated;
       const disk = path.join(dir, 'disk.qcow2');
-      await run('cp', ['--sparse=always', s.disk, disk]);
+      await run('cp', ['--sparse=always', '--reflink=auto', s.disk, disk]);
       await run('qemu-img', ['rebase', '-f', 'qcow2', '-F', 'raw', '-b', s.template.image.rootfs, disk], { timeoutMs: 600_000 });
       await writeFile(path.join(dir, 'vm.json'), JSON.stringify({ network: s.template.network, memoryMb: this.memoryMb, rootfs: s.template.image.rootfs, frozenAt: new Date().toISOString() }) + '\n');
     } catch (err) {
