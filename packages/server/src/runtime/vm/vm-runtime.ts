@@ -310,6 +310,8 @@ export class VmRuntime implements Runtime {
     disk: { overlayOf: string } | { copyOf: string };
     state: StateSource | Promise<StateSource>;
     layers: string[];
+    /** The caller sets the clock (setClock) once its other restores are done: a fork's children. */
+    clockLater?: boolean;
   }): Promise<VmSandbox> {
     if (this.inFlight.closed) throw new Error('the runtime is shut down');
     const t0 = performance.now();
@@ -344,13 +346,7 @@ export class VmRuntime implements Runtime {
         sandbox_id: spec.id,
       }), this.opts.startTimeoutMs, 'the restored VM did not answer');
       step('answered_ms');
-      // The time in `restore` was the host's when it was sent; a guest just resumed takes a while
-      // (100+ ms under TCG) to act on it. Now that it answers promptly, it gets it again. Not
-      // waited for: the agent takes requests in order, so it is set before anything sent later.
-      const clockVm = vm;
-      void vm.channel.request({ op: 'set_time', time_ns: Date.now() * 1_000_000 }).catch((e: Error) => {
-        if (clockVm.qemu.exitCode === null) this.opts.log.warn('a restored VM did not take the time', { sandbox: spec.id, error: e.message });
-      });
+      if (!from.clockLater) this.setClock(spec.id, vm);
       this.opts.log.debug('vm restored', { id: spec.id, ...steps });
       if (spec.background && vm.qemu.pid) setPriorityAll(vm.qemu.pid, 0);
       const sandbox = new VmSandbox(spec.id, dir, tpl, disk, [...from.layers], vm, (s) => {
@@ -370,6 +366,18 @@ export class VmRuntime implements Runtime {
       for (const l of from.layers) void this.releaseLayer(l);
       throw new Error(`the VM did not start: ${(err as Error).message}${tail ? ` (console: ${tail})` : ''}`);
     }
+  }
+
+  /**
+   * Gives a VM the host's time. After `restore`, whose time was the host's when it was sent: a
+   * guest just resumed takes a while (100+ ms under TCG) to act on it. After a pause (a fork's
+   * parent): its clock stood still meanwhile, so it would fall behind by every fork. Not waited
+   * for: the agent takes requests in order, so the time is set before anything sent later.
+   */
+  private setClock(id: string, vm: VmProcess): void {
+    void vm.channel.request({ op: 'set_time', time_ns: Date.now() * 1_000_000 }).catch((e: Error) => {
+      if (vm.qemu.exitCode === null) this.opts.log.warn('a VM did not take the time', { sandbox: id, error: e.message });
+    });
   }
 
   /**
@@ -451,22 +459,21 @@ export class VmRuntime implements Runtime {
       ]);
       phase('disk frozen');
       const layers = [...parent.layers, layer];
-      const children = specs.map((spec) => this.restore(spec, { template: parent.template, ramFile, disk: { overlayOf: overlay }, state: saved, layers }));
+      // Clocks are set once every child is up: a guest acting on it takes CPU the others need.
+      const children = specs.map((spec) => this.restore(spec, { template: parent.template, ramFile, disk: { overlayOf: overlay }, state: saved, layers, clockLater: true }));
       settled = Promise.allSettled(children);
       let error: unknown = null;
       try {
         await saved;
         await qmp.command('cont');
         resumed = true;
-        // Its clock stood still while it was paused: the parent would fall behind by every fork.
-        void parent.vm.channel.request({ op: 'set_time', time_ns: Date.now() * 1_000_000 }).catch((e: Error) => {
-          this.opts.log.warn('the fork\'s parent did not take the time', { sandbox: parent.id, error: e.message });
-        });
       } catch (err) {
         error = err;
       }
       const results = await Promise.allSettled(children);
       phase('children restored');
+      if (resumed) this.setClock(parent.id, parent.vm);
+      for (const r of results) if (r.status === 'fulfilled') this.setClock(r.value.id, r.value.vm);
       const failed = error ?? results.find((r): r is PromiseRejectedResult => r.status === 'rejected')?.reason;
       if (failed) {
         await Promise.all(results.map((r) => (r.status === 'fulfilled' ? r.value.destroy() : undefined)));
