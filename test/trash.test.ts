@@ -45,7 +45,7 @@ describe('namespace runtime: the trash of ended sandboxes\' directories', () => 
   it('removes the oldest at once past its bound, and everything on close', async () => {
     const trash = new Trash(trashDir(state));
     trash.touch();
-    const all = [];
+    const all: ReturnType<typeof sandbox>[] = [];
     for (let i = 0; i < 70; i++) {
       const dirs = sandbox();
       all.push(dirs);
@@ -54,6 +54,9 @@ describe('namespace runtime: the trash of ended sandboxes\' directories', () => 
     await sleep(50); // the overflow's removals run in the background
     const left = readdirSync(trashDir(state)).length;
     assert.ok(left <= 64, `at most 64 wait in the trash (${left})`);
+    await sleep(300 + 64 * 5 + 500); // then quiet: the rest go too, with no further throwAway
+    assert.deepEqual(readdirSync(trashDir(state)), [], 'the ones left after the overflow go once quiet');
+    for (let i = 0; i < 3; i++) await trash.throwAway(sandbox());
     trash.touch();
     await trash.close();
     assert.deepEqual(readdirSync(trashDir(state)), [], 'close empties it');

@@ -34,7 +34,7 @@ export class Trash {
       return rm(dirs.dir, { recursive: true, force: true }); // gone already, or no trash directory
     }
     this.entries.push(doomed);
-    if (this.entries.length > TRASH_MAX_ENTRIES) void this.empty(this.entries.length - TRASH_MAX_ENTRIES);
+    if (this.entries.length > TRASH_MAX_ENTRIES) void this.empty(this.entries.length - TRASH_MAX_ENTRIES).then(() => this.schedule());
     else this.schedule();
   }
 

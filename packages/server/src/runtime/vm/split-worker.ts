@@ -83,7 +83,7 @@ function reading(accepted: net.Socket, onChunk: (chunk: Buffer) => void): net.So
 
 async function split(m: SplitRequest): Promise<void> {
   const send = (msg: SplitMessage) => port.postMessage(msg);
-  // Paused: the connection's handle moves to a socket that reads into READ_BUFFER before any read.
+  // Paused: the connection's handle moves to a socket reading into the reused buffer before any read.
   const server = net.createServer({ pauseOnConnect: true });
   let conn: net.Socket | null = null;
   let cancelled = false;
