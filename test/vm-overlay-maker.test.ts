@@ -19,14 +19,14 @@ describe('vm fork point: disk overlays from a skeleton', () => {
   const dir = mkdtempSync(path.join(os.tmpdir(), 'pf-overlay-'));
   after(() => rmSync(dir, { recursive: true, force: true }));
 
-  it('names each overlay\'s own backing layer, at the size asked, and passes qemu-img check', async () => {
+  it('names each overlay\'s own backing layer, as large as the image asked, and passes qemu-img check', async () => {
     const maker = new OverlayMaker();
     const size = 3n * 1024n ** 3n + 512n * 1024n;
     const layers = ['0123456789ab', 'ba9876543210'].map((id) => path.join(dir, `${id}.qcow2`));
     for (const layer of layers) execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', layer, String(size)]);
     for (const [i, layer] of layers.entries()) {
       const overlay = path.join(dir, `top${i}.qcow2`);
-      await maker.make(layer, overlay, size);
+      await maker.make(layer, overlay, layer);
       const got = info(overlay);
       assert.equal(got.format, 'qcow2');
       assert.equal(got['virtual-size'], Number(size));
@@ -37,7 +37,7 @@ describe('vm fork point: disk overlays from a skeleton', () => {
     // A layer name of another length: a skeleton (placeholder) of its own.
     const odd = path.join(dir, 'short.qcow2');
     execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', odd, String(size)]);
-    await maker.make(odd, path.join(dir, 'top-odd.qcow2'), size);
+    await maker.make(odd, path.join(dir, 'top-odd.qcow2'), odd);
     assert.equal(info(path.join(dir, 'top-odd.qcow2'))['backing-filename'], odd);
     assert.deepEqual(readdirSync(dir).filter((f) => f.startsWith('.skeleton')), [], 'no skeleton file is left behind');
   });

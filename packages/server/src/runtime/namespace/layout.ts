@@ -12,8 +12,6 @@ export interface SandboxDirs {
   upper: string;
   work: string;
   root: string;
-  /** Where `dir` goes to be removed (removeSandboxDir). */
-  trash: string;
 }
 
 export function sandboxesDir(stateDir: string): string {
@@ -22,7 +20,7 @@ export function sandboxesDir(stateDir: string): string {
 
 export function sandboxDirs(stateDir: string, id: string): SandboxDirs {
   const dir = path.join(sandboxesDir(stateDir), id);
-  return { dir, upper: path.join(dir, 'upper'), work: path.join(dir, 'work'), root: path.join(dir, 'root'), trash: trashDir(stateDir) };
+  return { dir, upper: path.join(dir, 'upper'), work: path.join(dir, 'work'), root: path.join(dir, 'root') };
 }
 
 export function trashDir(stateDir: string): string {

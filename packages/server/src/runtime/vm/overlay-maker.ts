@@ -8,21 +8,26 @@
  * with the real path written over the placeholder; nothing else in a qcow2 image depends on the
  * backing file's name. Where the lengths differ, qemu-img makes the overlay as before.
  */
-import { rm, writeFile, readFile } from 'node:fs/promises';
+import { open, readFile, rm, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { run } from '../../proc.js';
 
-/** qcow2 header fields (big-endian): the backing file name's offset (u64) and length (u32). */
+/** qcow2 header fields (big-endian): the backing file name's offset (u64) and length (u32), the virtual size (u64). */
 const BACKING_OFFSET_AT = 8;
 const BACKING_SIZE_AT = 16;
+const VIRTUAL_SIZE_AT = 24;
 const QCOW2_MAGIC = 0x514649fb;
 
 export class OverlayMaker {
   private readonly skeletons = new Map<string, Promise<{ image: Buffer; at: number }>>();
 
-  /** Writes `overlay`: an empty qcow2 image of `size` bytes over `backing` (which need not exist yet). */
-  async make(backing: string, overlay: string, size: bigint): Promise<void> {
+  /**
+   * Writes `overlay`: an empty qcow2 image over `backing` (which need not exist yet), as large as
+   * the qcow2 image `sizeOf`.
+   */
+  async make(backing: string, overlay: string, sizeOf: string): Promise<void> {
+    const size = await qcow2VirtualSize(sizeOf);
     const placeholder = path.join(path.dirname(backing), '_'.repeat(path.basename(backing).length));
     if (Buffer.byteLength(backing) !== Buffer.byteLength(placeholder)) return void (await create(backing, overlay, size));
     const key = `${size}:${placeholder}`;
@@ -36,6 +41,18 @@ export class OverlayMaker {
     const copy = Buffer.from(image);
     copy.write(backing, at, 'utf8');
     await writeFile(overlay, copy, { flag: 'wx' });
+  }
+}
+
+/** The virtual size of a qcow2 image, from its header. */
+async function qcow2VirtualSize(file: string): Promise<bigint> {
+  const f = await open(file, 'r');
+  try {
+    const { buffer, bytesRead } = await f.read(Buffer.alloc(32), 0, 32, 0);
+    if (bytesRead < 32 || buffer.readUInt32BE(0) !== QCOW2_MAGIC) throw new Error(`${file} is not a qcow2 image`);
+    return buffer.readBigUInt64BE(VIRTUAL_SIZE_AT);
+  } finally {
+    await f.close();
   }
 }
 

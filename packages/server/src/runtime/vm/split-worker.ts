@@ -15,7 +15,7 @@ import { closeSync, openSync } from 'node:fs';
 import { chown } from 'node:fs/promises';
 import net from 'node:net';
 import { parentPort } from 'node:worker_threads';
-import { splitEnded, StreamSplitter } from './migration-split.js';
+import { splitEnded, splitMigrationStream, StreamSplitter, type SplitResult } from './migration-split.js';
 
 export interface SplitRequest {
   type: 'split';
@@ -47,34 +47,32 @@ const READ_BUFFER_BYTES = 1 << 20;
 let readBufferFree: Buffer | null = Buffer.allocUnsafe(READ_BUFFER_BYTES);
 
 /**
- * The accepted connection as a socket that reads into a reused buffer (`onread`). net.Server has
- * no such option for accepted sockets, so its handle moves to a socket made with one; where that
- * is not possible (no handle), the connection is read as it is.
+ * The accepted connection as a socket that reads into a reused buffer (`onread`), handing each
+ * chunk to `onChunk`; a chunk it throws on ends the connection with that error. net.Server has no
+ * such option for accepted sockets, so the connection's handle moves to a socket made with one.
+ * Null where there is no handle to move (the connection is then read as it is).
  */
-function reading(accepted: net.Socket, onChunk: (chunk: Buffer) => void): net.Socket {
-  // A chunk the parse refuses ends the connection with that error (its 'error' event).
-  const feed = (sock: net.Socket, chunk: Buffer): boolean => {
-    try {
-      onChunk(chunk);
-      return true;
-    } catch (err) {
-      sock.destroy(err as Error);
-      return false;
-    }
-  };
+function readingIntoOneBuffer(accepted: net.Socket, onChunk: (chunk: Buffer) => void): net.Socket | null {
   const holder = accepted as unknown as { _handle: unknown };
   const handle = holder._handle;
-  if (!handle) {
-    accepted.on('data', (chunk: Buffer) => feed(accepted, chunk));
-    accepted.resume();
-    return accepted;
-  }
+  if (!handle) return null;
   holder._handle = null;
   const buffer = readBufferFree ?? Buffer.allocUnsafe(READ_BUFFER_BYTES);
   readBufferFree = null;
   const sock: net.Socket = new net.Socket({
     handle,
-    onread: { buffer, callback: (n: number, buf: Uint8Array) => feed(sock, Buffer.from(buf.buffer, buf.byteOffset, n)) },
+    onread: {
+      buffer,
+      callback: (n: number, buf: Uint8Array) => {
+        try {
+          onChunk(Buffer.from(buf.buffer, buf.byteOffset, n));
+          return true;
+        } catch (err) {
+          sock.destroy(err as Error);
+          return false;
+        }
+      },
+    },
   } as net.SocketConstructorOpts & { handle: unknown });
   sock.once('close', () => { readBufferFree = buffer; });
   sock.resume();
@@ -110,8 +108,16 @@ async function split(m: SplitRequest): Promise<void> {
     if (cancelled) throw new Error('cancelled');
     fd = openSync(m.ramFile, 'r+');
     const splitter = new StreamSplitter(m.ramBlock, fd, m.ramSize);
-    conn = reading(accepted, (chunk) => splitter.push(chunk, true));
-    const r = await splitEnded(conn, splitter);
+    const reader = readingIntoOneBuffer(accepted, (chunk) => splitter.push(chunk, true));
+    let r: SplitResult;
+    if (reader) {
+      conn = reader;
+      r = await splitEnded(reader, splitter);
+    } else {
+      const whole = splitMigrationStream(accepted, m.ramBlock, fd, m.ramSize);
+      accepted.resume(); // paused on connect
+      r = await whole;
+    }
     send({ id: m.id, type: 'done', state: r.state, pages: r.pages });
   } catch (err) {
     send({ id: m.id, type: 'error', message: (err as Error).message });

@@ -455,7 +455,7 @@ export class VmRuntime implements Runtime {
         // A reflink where the state directory's filesystem has them (btrfs, XFS): a parent that
         // wrote gigabytes forks as fast as one that wrote nothing. Elsewhere a copy.
         copyFile(parent.disk, layer, fsConstants.COPYFILE_FICLONE).then(() => chmod(layer, 0o444)),
-        qcow2VirtualSize(parent.disk).then((size) => this.overlays.make(layer, overlay, size)),
+        this.overlays.make(layer, overlay, parent.disk),
       ]);
       phase('disk frozen');
       const layers = [...parent.layers, layer];
@@ -719,18 +719,6 @@ async function incoming(vm: VmProcess, state: StateSource, socketPath: string, t
   }
 }
 
-/** The virtual size of a qcow2 image, from its header (offset 24, big-endian). */
-async function qcow2VirtualSize(file: string): Promise<bigint> {
-  const f = await open(file, 'r');
-  try {
-    const { buffer, bytesRead } = await f.read(Buffer.alloc(32), 0, 32, 0);
-    if (bytesRead < 32 || buffer.readUInt32BE(0) !== 0x514649fb) throw new Error(`${file} is not a qcow2 image`);
-    return buffer.readBigUInt64BE(24);
-  } finally {
-    await f.close();
-  }
-}
-
 function waitExit(p: SpawnedChild, timeoutMs: number): Promise<void> {
   if (p.exitCode !== null || p.signalCode !== null) return Promise.resolve();
   return new Promise((resolve) => {
@@ -789,4 +777,3 @@ async function qemuPidsUnder(dir: string): Promise<number[]> {
   }
   return pids;
 }
-
