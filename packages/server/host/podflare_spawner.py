@@ -29,6 +29,16 @@ PR_SET_PDEATHSIG = 1
 STDERR_KEEP = 2000
 
 
+
+def read_some(fd, n):
+    """What a watched fd has: b"" at its end (or when it failed), None if nothing yet."""
+    try:
+        return os.read(fd, n)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""
+
 class Child:
     def __init__(self, pid, ready_r, exit_w, err_r, stream_stderr):
         self.pid = pid
@@ -125,10 +135,7 @@ class Spawner:
     def on_ready(self, child):
         if child.ready_r is None:
             return
-        try:
-            data = os.read(child.ready_r, 64)
-        except OSError:
-            data = b""
+        data = read_some(child.ready_r, 64)
         self.unwatch(child.ready_r)
         child.ready_r = None
         if data:
@@ -137,12 +144,9 @@ class Spawner:
     def on_stderr(self, child):
         if child.err_r is None:
             return
-        try:
-            data = os.read(child.err_r, 65536)
-        except BlockingIOError:
+        data = read_some(child.err_r, 65536)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if data:
             child.stderr = (child.stderr + data)[-STDERR_KEEP:]
             if child.stream_stderr:
