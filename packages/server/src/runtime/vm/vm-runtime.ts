@@ -30,7 +30,7 @@ import { constants as fsConstants, existsSync, statSync } from 'node:fs';
 import { chmod, chown, copyFile, mkdir, open, readdir, readFile, readlink, rm, stat, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
-import { AgentChannel } from '../../agent-channel.js';
+import { AgentChannel, ChannelClosedError } from '../../agent-channel.js';
 import { ApiError } from '../../errors.js';
 import type { VmImagePaths } from '../../image/vm-image.js';
 import { MB } from '../../limits.js';
@@ -376,7 +376,9 @@ export class VmRuntime implements Runtime {
    */
   private setClock(id: string, vm: VmProcess): void {
     void vm.channel.request({ op: 'set_time', time_ns: Date.now() * 1_000_000 }).catch((e: Error) => {
-      if (vm.qemu.exitCode === null) this.opts.log.warn('a VM did not take the time', { sandbox: id, error: e.message });
+      // A sandbox closed meanwhile (a fork's children closed at once) is no news; a VM that died
+      // is reported where its end is noticed.
+      if (!(e instanceof ChannelClosedError) && vm.qemu.exitCode === null) this.opts.log.warn('a VM did not take the time', { sandbox: id, error: e.message });
     });
   }
 
