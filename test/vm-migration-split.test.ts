@@ -30,7 +30,7 @@ const ZERO = 0x02, PAGEF = 0x08, EOS = 0x10, CONT = 0x20;
  * A stream like QEMU's: RAM block "mem" (ours) and a ROM block, two iterations, device sections
  * after the RAM section. `withMem: false` gives what the split must leave: no "mem" pages.
  */
-function stream(withMem: boolean, extra: Buffer[] = []): Buffer {
+function stream(withMem: boolean, extra: Buffer[] = [], beforeEnd: Buffer[] = []): Buffer {
   const mem = (b: Buffer) => (withMem ? [b] : []);
   return Buffer.concat([
     be32(0x5145564d), be32(3),
@@ -55,6 +55,7 @@ function stream(withMem: boolean, extra: Buffer[] = []): Buffer {
     ...mem(rec(PAGE, PAGEF | CONT, null, page(5))),
     ...mem(rec(0, ZERO | CONT, null, Buffer.of(0))),
     be64(EOS), Buffer.of(0x7e), be32(2),
+    ...beforeEnd,
     Buffer.of(0x03), be32(2), be64(EOS), Buffer.of(0x7e), be32(2),
     // device state, copied through
     Buffer.of(0x04), be32(3), str('timer'), be32(0), be32(2), Buffer.from('device bytes'), Buffer.of(0x7e), be32(3),
@@ -124,6 +125,16 @@ describe('vm fork point: migration stream split', () => {
       assert.ok(r.ram.subarray(4 * PAGE).equals(Buffer.alloc(RAM - 4 * PAGE)), 'pages never sent stay zero');
     });
   }
+
+  it('passes through the commands newer QEMUs send between sections (ping, switchover-start)', async () => {
+    const be16 = (n: number) => Buffer.of(n >> 8, n & 0xff);
+    const commands = [Buffer.of(0x08), be16(2), be16(4), be32(42), Buffer.of(0x08), be16(11), be16(0)];
+    const r = await split(stream(true, [], commands));
+    assert.deepEqual(r.state, stream(false, [], commands));
+    assert.equal(r.pages, 4);
+    const packaged = [Buffer.of(0x08), be16(8), be16(4), be32(100)];
+    await assert.rejects(split(stream(true, [], packaged)), (e: Error) => e instanceof MigrationStreamError && /unhandled migration command 8/.test(e.message));
+  });
 
   it('refuses what it cannot split: compressed or XBZRLE pages, a wrong block size, a cut stream', async () => {
     await assert.rejects(split(stream(true, [rec(4 * PAGE, 0x40 | CONT, null, Buffer.alloc(3))])), (e: Error) => e instanceof MigrationStreamError && /flags 0x60/.test(e.message));

@@ -17,12 +17,15 @@ import { processesMentioning } from './helpers/leaks.js';
 import { startTestHost } from './helpers/netns.js';
 import { IMAGES_DIR, startTestServer, type TestServer } from './helpers/server.js';
 
+/** A QEMU's command line: QEMU by name from PATH, or at a path of its own (a newer one installed aside). */
+const isQemu = (cmd: string) => path.basename(cmd.slice(0, cmd.indexOf('\0'))) === 'qemu-system-x86_64';
+
 /** Host pid of the QEMU running a sandbox (its directory, named by the id, is on its command line). */
 function qemuPidOf(id: string): number | undefined {
   for (const pid of readdirSync('/proc').filter((n) => /^\d+$/.test(n))) {
     try {
       const cmd = readFileSync(`/proc/${pid}/cmdline`, 'utf8');
-      if (cmd.startsWith('qemu-system-x86_64') && cmd.includes(`/vm/${id}/`)) return Number(pid);
+      if (isQemu(cmd) && cmd.includes(`/vm/${id}/`)) return Number(pid);
     } catch { /* gone */ }
   }
   return undefined;
@@ -35,7 +38,7 @@ function qemuPids(stateDir: string): Array<{ id: string; pid: number }> {
     try {
       const cmd = readFileSync(`/proc/${pid}/cmdline`, 'utf8');
       const m = new RegExp(`${stateDir}/vm/(sbx_[0-9a-f]+)/`).exec(cmd);
-      if (cmd.startsWith('qemu-system-x86_64') && m) out.push({ id: m[1]!, pid: Number(pid) });
+      if (isQemu(cmd) && m) out.push({ id: m[1]!, pid: Number(pid) });
     } catch { /* gone */ }
   }
   return out;

@@ -32,7 +32,9 @@ const MAGIC = 0x5145564d;
 const VERSION = 3;
 const PAGE = 4096;
 
-const enum Section { Eof = 0x00, Start = 0x01, Part = 0x02, End = 0x03, Full = 0x04, Subsection = 0x05, Configuration = 0x07, Footer = 0x7e }
+const enum Section { Eof = 0x00, Start = 0x01, Part = 0x02, End = 0x03, Full = 0x04, Subsection = 0x05, Configuration = 0x07, Command = 0x08, Footer = 0x7e }
+/** MIG_CMD_PING (2), MIG_CMD_SWITCHOVER_START (11): no more bytes than their length says. */
+const PASSED_COMMANDS = new Set([2, 11]);
 const enum Flag { Zero = 0x02, MemSize = 0x04, Page = 0x08, Eos = 0x10, Continue = 0x20 }
 
 export interface SplitResult {
@@ -497,6 +499,19 @@ function* parse(r: Reader, out: Buffer[], pages: PageWriter, ramBlock: string, r
       ramSection = id;
       yield* ramRecords();
       yield* footer(id);
+      continue;
+    }
+    if (type === Section.Command) {
+      // Newer QEMUs (10 in Debian 13) send commands between sections: switchover-start before
+      // the last of RAM and the device state. A 16-bit command and a 16-bit length, kept for the
+      // children as they are. Only those whose bytes are all inside: a packaged stream (postcopy)
+      // follows its command.
+      yield* need(4, 'a command');
+      const cmd = r.peek(0) * 2 ** 8 + r.peek(1);
+      const len = r.peek(2) * 2 ** 8 + r.peek(3);
+      if (!PASSED_COMMANDS.has(cmd)) throw new MigrationStreamError(`unhandled migration command ${cmd} (only ping and switchover-start are passed through)`);
+      yield* need(4 + len, 'a command');
+      keep(4 + len);
       continue;
     }
     if (type === Section.Part || type === Section.End) {
