@@ -14,6 +14,9 @@
  *   clone PSS       private memory of an idle pooled clone against its RAM size
  * Two servers of their own: one with a pool (pool create, PSS), one without (restore, forks).
  */
+import { readdirSync, readFileSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { Sandbox, type Client } from 'podflare';
 import type { RunningServer } from '@podflare/server';
@@ -34,6 +37,29 @@ const VM_RAM_BYTES = 512 * 1024 * 1024;
 export const VM_TARGET = { poolCreateP50: 20, fork5VsRestore: 3, fork5Ms: 1500, clonePssShare: 0.3 };
 
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
+
+/** CPU time (ms) the whole machine spent busy and idle so far, from /proc/stat (USER_HZ = 100). */
+function machineCpuMs(): { busy: number; idle: number } {
+  const f = readFileSync('/proc/stat', 'utf8').split('\n', 1)[0]!.trim().split(/\s+/).slice(1).map(Number);
+  const [user = 0, nice = 0, system = 0, idle = 0, iowait = 0, irq = 0, softirq = 0, steal = 0] = f;
+  return { busy: (user + nice + system + irq + softirq + steal) * 10, idle: (idle + iowait) * 10 };
+}
+
+/** CPU time (ms) of the QEMU running sandbox `id` so far (its threads', ended ones included). */
+function qemuCpuMs(id: string): number {
+  for (const pid of readdirSync('/proc').filter((n) => /^\d+$/.test(n))) {
+    try {
+      const cmd = readFileSync(`/proc/${pid}/cmdline`, 'utf8');
+      if (path.basename(cmd.slice(0, cmd.indexOf('\0'))) !== 'qemu-system-x86_64' || !cmd.includes(`/vm/${id}/`)) continue;
+      const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+      const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+      return (Number(f[11]) + Number(f[12])) * 10;
+    } catch { /* gone */ }
+  }
+  return NaN;
+}
+
+const median = (xs: number[]) => summarize(xs.filter((x) => !Number.isNaN(x))).p50;
 
 async function timed<T>(fn: () => Promise<T>): Promise<{ ms: number; value: T }> {
   const t = performance.now();
@@ -84,10 +110,16 @@ export async function measureVmUnpooled(bs: VmBenchServer, opts: VmOptions): Pro
   // The first VM create boots the template (not timed here).
   await (await Sandbox.create({ client: bs.client, runtime: 'vm' })).close();
   const restore: Record<'vm' | 'ns', number[]> = { vm: [], ns: [] };
+  const restoreCpu = { machine: [] as number[], qemu: [] as number[] };
   for (const runtime of ['vm', 'ns'] as const) {
     for (let i = 0; i < runs; i++) {
+      const before = machineCpuMs();
       const { ms, value } = await timed(() => Sandbox.create({ client: bs.client, runtime }));
       restore[runtime].push(ms);
+      if (runtime === 'vm') {
+        restoreCpu.machine.push(machineCpuMs().busy - before.busy);
+        restoreCpu.qemu.push(qemuCpuMs(value.id));
+      }
       await value.close();
     }
   }
@@ -100,9 +132,19 @@ export async function measureVmUnpooled(bs: VmBenchServer, opts: VmOptions): Pro
       await parent.runCode('import random\nstate = list(range(100000))');
       for (const n of [1, 5]) {
         const samples: number[] = [];
+        const cpu = { machine: [] as number[], idle: [] as number[], children: [] as number[], parent: [] as number[] };
         for (let i = 0; i < runs; i++) {
+          const before = machineCpuMs();
+          const parentBefore = runtime === 'vm' ? qemuCpuMs(parent.id) : NaN;
           const { ms, value: kids } = await timed(() => parent.fork(n));
           samples.push(ms);
+          const after = machineCpuMs();
+          cpu.machine.push(after.busy - before.busy);
+          cpu.idle.push(after.idle - before.idle);
+          if (runtime === 'vm') {
+            cpu.children.push(kids.reduce((sum, k) => sum + qemuCpuMs(k.id), 0));
+            cpu.parent.push(qemuCpuMs(parent.id) - parentBefore);
+          }
           await Promise.all(kids.map((k) => k.close()));
           await sleep(runtime === 'vm' ? 500 : 100); // let the teardowns finish before the next timed fork
         }
@@ -111,6 +153,13 @@ export async function measureVmUnpooled(bs: VmBenchServer, opts: VmOptions): Pro
           const ratio = s.p50 / rv.p50;
           const ok = ratio <= VM_TARGET.fork5VsRestore && s.p50 <= VM_TARGET.fork5Ms;
           rows.push(timingRow('vm: fork(5)', s, `≤ ${VM_TARGET.fork5VsRestore}× restore, ≤ ${VM_TARGET.fork5Ms} ms`, `${ratio.toFixed(1)}× restore`, status(ok)));
+          // Where the time goes: under TCG the work is CPU-bound, so the CPU a fork(5) uses, spread
+          // over every core, is as fast as it can be on this host.
+          const cores = os.availableParallelism();
+          const forkCpu = median(cpu.machine);
+          notes.push(`vm CPU, p50 of ${runs} (/proc, 10 ms ticks): one restore ${fmtMs(median(restoreCpu.machine))} on the machine (its QEMU ${fmtMs(median(restoreCpu.qemu))}); ` +
+            `one fork(5) ${fmtMs(forkCpu)} (the 5 children's QEMUs ${fmtMs(median(cpu.children))}, the parent's QEMU ${fmtMs(median(cpu.parent))}, the rest: the server's split and bookkeeping, launch helpers), machine idle meanwhile ${fmtMs(median(cpu.idle))}; ` +
+            `that CPU over ${cores} cores alone takes ${fmtMs(forkCpu / cores)} = ${(forkCpu / cores / rv.p50).toFixed(1)}× the restore`);
         } else {
           rows.push(timingRow(`${runtime}: fork(${n})`, s, '– (side by side)', '–', '–'));
         }
