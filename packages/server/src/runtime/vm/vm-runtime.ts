@@ -26,25 +26,23 @@
  * Disks: the shared read-only ext4 root ← template overlay ← each sandbox's own qcow2 overlay.
  */
 import { createHash, randomBytes } from 'node:crypto';
-import { constants as fsConstants, existsSync, statSync } from 'node:fs';
-import { chmod, chown, copyFile, mkdir, open, readdir, readFile, readlink, rm, stat, writeFile } from 'node:fs/promises';
-import os from 'node:os';
+import { constants as fsConstants, statSync } from 'node:fs';
+import { chmod, chown, copyFile, mkdir, open, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import path from 'node:path';
-import { AgentChannel, ChannelClosedError } from '../../agent-channel.js';
+import { ChannelClosedError, type AgentChannel } from '../../agent-channel.js';
 import { ApiError } from '../../errors.js';
 import type { VmImagePaths } from '../../image/vm-image.js';
 import { MB } from '../../limits.js';
 import type { Logger } from '../../log.js';
 import { isAlive, pssOf, run } from '../../proc.js';
-import { SpawnedChild } from '../../spawner.js';
 import type { DiffOptions, FileDiff, ReconcileReport, Runtime, RuntimeSandbox, SandboxSpec } from '../runtime.js';
 import { InFlight } from '../in-flight.js';
-import { startSlirp, type Slirp } from '../namespace/network.js';
-import { qemuArgs, type Acceleration } from './qemu-args.js';
+import type { Acceleration } from './qemu-args.js';
 import { vmDiff } from './vm-diff.js';
 import { SplitWorker } from './migration-split.js';
 import { OverlayMaker } from './overlay-maker.js';
-import { connectUnix, Qmp } from './qmp.js';
+import { incoming, migrateToFile, MIGRATION_CAPABILITIES, UNTHROTTLED, waitMigration, type StateSource } from './vm-migration.js';
+import { consoleTail, launchQemu, qemuPidsUnder, setPriorityAll, stopVm, waitExit, type QemuHost, type VmProcess } from './vm-process.js';
 
 export interface VmRuntimeOptions {
   stateDir: string;
@@ -65,19 +63,9 @@ export interface VmRuntimeOptions {
   log: Logger;
 }
 
-const QEMU = 'qemu-system-x86_64';
-const BACKGROUND_NICE = 10;
 const DEFAULT_MEMORY_MB = 512;
 /** The guest RAM block's name in migration streams (the id of qemu-args' memory backend). */
 const RAM_BLOCK = 'mem';
-/**
- * Set on every VM: x-ignore-shared leaves a share=on RAM block (a template's) out of the stream;
- * `events` makes QEMU announce migration states, so nothing polls.
- */
-const MIGRATION_CAPABILITIES = [{ capability: 'x-ignore-shared', state: true }, { capability: 'events', state: true }];
-
-/** Where a restoring VM reads its migration state from: memory (small) or a file (a frozen VM's whole RAM). */
-type StateSource = { data: Buffer } | { file: string };
 
 interface Template {
   dir: string;
@@ -89,18 +77,6 @@ interface Template {
   ramFile: string;
   image: VmImagePaths;
   network: boolean;
-}
-
-/** Processes of one VM: its QEMU, its QMP connection and the agent channel. */
-interface VmProcess {
-  qemu: SpawnedChild;
-  /** QEMU's last words on stderr (migration errors land here). */
-  stderr(): string;
-  /** Outbound network of the QEMU's own network namespace (egress only). */
-  slirp: Slirp | null;
-  qmp: Qmp;
-  channel: AgentChannel;
-  consoleLog: string;
 }
 
 export class VmSandbox implements RuntimeSandbox {
@@ -258,7 +234,7 @@ export class VmRuntime implements Runtime {
       await chown(tpl.disk, this.opts.uid, this.opts.uid);
       let vm: VmProcess | undefined;
       try {
-        vm = await this.launch({ dir, disk: tpl.disk, ramFile: tpl.ramFile, shareRam: true, network, incoming: false, background: false }, bootTimeoutMs);
+        vm = await launchQemu(this.qemuHost, { dir, disk: tpl.disk, ramFile: tpl.ramFile, shareRam: true, network, incoming: false, background: false }, bootTimeoutMs);
         await vm.channel.waitHello(bootTimeoutMs);
         // The interpreter is up (and has imported what it preloads) before the freeze.
         const ready = await withTimeout(vm.channel.exec({ op: 'exec', language: 'python', code: 'pass' }, () => undefined), bootTimeoutMs, 'the template interpreter did not start');
@@ -266,9 +242,7 @@ export class VmRuntime implements Runtime {
         const booted = performance.now();
         await vm.qmp.command('stop');
         await vm.qmp.command('migrate-set-capabilities', { capabilities: MIGRATION_CAPABILITIES });
-        const migrated = waitMigration(vm.qmp, bootTimeoutMs, vm);
-        await vm.qmp.command('migrate', { uri: `exec:cat > ${shellQuote(statePath)}` });
-        await migrated;
+        await migrateToFile(vm.qmp, statePath, bootTimeoutMs, vm.stderr);
         await vm.qmp.command('quit').catch(() => undefined);
         await waitExit(vm.qemu, 10_000);
         vm.channel.close('template frozen');
@@ -328,14 +302,14 @@ export class VmRuntime implements Runtime {
       await chown(disk, this.opts.uid, this.opts.uid);
       step('disk_ms');
       const tpl = from.template;
-      vm = await this.launch({ dir, disk, ramFile: from.ramFile, shareRam: false, network: tpl.network, incoming: true, background: spec.background ?? false }, this.opts.startTimeoutMs);
+      vm = await launchQemu(this.qemuHost, { dir, disk, ramFile: from.ramFile, shareRam: false, network: tpl.network, incoming: true, background: spec.background ?? false }, this.opts.startTimeoutMs);
       // Only a shared RAM block is skipped: the template's and a fork point's state have no
       // pages of the RAM file, a frozen sandbox's has them all (its RAM file starts empty).
       await vm.qmp.command('migrate-set-capabilities', { capabilities: MIGRATION_CAPABILITIES });
       step('launch_ms');
       const state = await from.state;
       step('state_ready_ms');
-      await incoming(vm, state, path.join(dir, 'in.sock'), this.opts.startTimeoutMs);
+      await incoming(vm.qmp, state, path.join(dir, 'in.sock'), this.opts.startTimeoutMs, vm.stderr);
       step('loaded_ms');
       await vm.qmp.command('cont');
       await withTimeout(vm.channel.request({
@@ -439,9 +413,8 @@ export class VmRuntime implements Runtime {
     try {
       await qmp.command('stop');
       await prepared;
-      // QEMU throttles migrations to 128 MiB/s by default (meant for live migration over a network).
-      await qmp.command('migrate-set-parameters', { 'max-bandwidth': 64 * 1024 ** 3 });
-      migrated = waitMigration(qmp, this.opts.startTimeoutMs, parent.vm);
+      await qmp.command('migrate-set-parameters', UNTHROTTLED);
+      migrated = waitMigration(qmp, this.opts.startTimeoutMs, parent.vm.stderr);
       await qmp.command('migrate', { uri: `unix:${socketPath}` });
       const saved = Promise.all([migrated, (split as Split | null)!.done]).then(([, s]) => {
         phase('memory saved', { pages: s.pages, state_bytes: s.state.length });
@@ -514,10 +487,7 @@ export class VmRuntime implements Runtime {
     await this.ownDir(dir); // QEMU (its `cat`) writes the frozen state here
     await qmp.command('stop');
     try {
-      await qmp.command('migrate-set-parameters', { 'max-bandwidth': 64 * 1024 ** 3 });
-      const migrated = waitMigration(qmp, this.opts.startTimeoutMs, s.vm);
-      await qmp.command('migrate', { uri: `exec:cat > ${shellQuote(path.join(dir, 'state'))}` });
-      await migrated;
+      await migrateToFile(qmp, path.join(dir, 'state'), this.opts.startTimeoutMs, s.vm.stderr);
       const disk = path.join(dir, 'disk.qcow2');
       await run('cp', ['--sparse=always', '--reflink=auto', s.disk, disk]);
       await run('qemu-img', ['rebase', '-f', 'qcow2', '-F', 'raw', '-b', s.template.image.rootfs, disk], { timeoutMs: 600_000 });
@@ -562,6 +532,10 @@ export class VmRuntime implements Runtime {
     }
   }
 
+  private get qemuHost(): QemuHost {
+    return { accel: this.opts.accel, memoryMb: this.memoryMb, uid: this.opts.uid, kvmGid: this.kvmGid, image: () => this.opts.image() };
+  }
+
   /** The group of /dev/kvm, given to QEMU when it uses KVM (null under TCG). */
   private get kvmGid(): number | null {
     if (this.opts.accel.kind !== 'kvm') return null;
@@ -582,65 +556,6 @@ export class VmRuntime implements Runtime {
     this.layerRefs.delete(layer);
     await rm(layer, { force: true });
   }
-
-  /** Starts QEMU and connects to its QMP socket and to the agent's port (before the guest runs). */
-  private async launch(o: { dir: string; disk: string; ramFile: string; shareRam: boolean; network: boolean; incoming: boolean; background: boolean }, timeoutMs: number): Promise<VmProcess> {
-    const agentSocket = path.join(o.dir, 'agent.sock');
-    const qmpSocket = path.join(o.dir, 'qmp.sock');
-    const consoleLog = path.join(o.dir, 'console.log');
-    if (Buffer.byteLength(agentSocket) > 107) throw new Error(`socket path too long for a unix socket: ${agentSocket} (choose a shorter state directory)`);
-    const image = await this.opts.image();
-    const args = qemuArgs({
-      accel: this.opts.accel, memoryMb: this.memoryMb, vmlinux: image.vmlinux, initrd: image.initrd,
-      disk: o.disk, ramFile: o.ramFile, shareRam: o.shareRam, agentSocket, qmpSocket, consoleLog, network: o.network, incoming: o.incoming,
-    });
-    // setpriv --pdeathsig: the VM dies with the server, whatever way the server ends.
-    // unshare --net: QEMU's user-mode network opens its sockets in a network namespace of its
-    // own, which reaches out only through slirp4netns with --disable-host-loopback: the guest
-    // cannot reach the host's loopback (the API included) through 10.0.2.2. Without egress the
-    // VM has no network device at all.
-    const prefix = [
-      ...(o.background ? ['nice', '-n', String(BACKGROUND_NICE)] : []),
-      ...(o.network ? ['unshare', '--net', '--'] : []),
-      // An unprivileged uid with no capabilities at all, and none to regain. /dev/kvm through its
-      // group where KVM is used.
-      'setpriv', '--pdeathsig', 'KILL', '--no-new-privs', '--inh-caps=-all', '--bounding-set=-all',
-      `--reuid=${this.opts.uid}`, `--regid=${this.opts.uid}`,
-      ...(this.kvmGid !== null ? [`--groups=${this.kvmGid}`] : ['--clear-groups']), '--',
-    ];
-    // Started by the spawner: a fork of the server would block its event loop for milliseconds
-    // per VM, five times over in a fork(5).
-    const qemu = await SpawnedChild.start([...prefix, QEMU, ...args]).catch((e: Error) => {
-      throw new Error(`cannot start QEMU: ${e.message}`);
-    });
-    let stderr = '';
-    qemu.on('stderr', (text: string) => { stderr = (stderr + text).slice(-2000); });
-    const exited = new Promise<never>((_, reject) => {
-      qemu.once('exit', () => reject(new Error(`QEMU exited: ${stderr.trim().split('\n').slice(-3).join(' | ') || 'no message'}`)));
-    });
-    exited.catch(() => undefined);
-    const alive = () => qemu.exitCode === null && qemu.signalCode === null;
-    let network: Promise<Slirp | null> = Promise.resolve(null);
-    try {
-      const qmp = await Promise.race([Qmp.connect(qmpSocket, timeoutMs), exited]);
-      // The template never needs the network: only clones get one. QMP answering means QEMU runs,
-      // so `unshare --net` has happened: slirp4netns must attach to QEMU's namespace, never ours.
-      if (o.network && o.incoming && qemu.pid) {
-        const [theirs, ours] = await Promise.all([readlink(`/proc/${qemu.pid}/ns/net`), readlink('/proc/self/ns/net')]);
-        if (theirs === ours) throw new Error('QEMU is not in a network namespace of its own');
-        network = startSlirp(qemu.pid, timeoutMs, { ownUserNamespace: false });
-        network.catch(() => undefined);
-      }
-      // QMP answers once every device exists: connecting to the agent's port now makes the
-      // guest see its host end open (connecting earlier can be missed by virtio-serial).
-      const socket = await Promise.race([connectUnix(agentSocket, timeoutMs, alive), exited]);
-      return { qemu, stderr: () => stderr.trim().split('\n').slice(-3).join(' | '), slirp: await network, qmp, channel: new AgentChannel(socket), consoleLog };
-    } catch (err) {
-      void network.then((s) => s?.stop(), () => undefined);
-      await killAndWait(qemu);
-      throw err;
-    }
-  }
 }
 
 async function removeTemplate(t: Template): Promise<void> {
@@ -648,134 +563,9 @@ async function removeTemplate(t: Template): Promise<void> {
   await rm(t.dir, { recursive: true, force: true });
 }
 
-function shellQuote(s: string): string {
-  return `'${s.replace(/'/g, `'\\''`)}'`;
-}
-
 function withTimeout<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
   return new Promise<T>((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error(`${what} within ${ms} ms`)), ms);
     p.then((v) => { clearTimeout(timer); resolve(v); }, (e: unknown) => { clearTimeout(timer); reject(e as Error); });
   });
-}
-
-/**
- * Resolves when the migration (either direction) completes, from QEMU's MIGRATION events (the
- * `events` capability): call it before starting the migration, so no event is missed. Rejects
- * when it fails, is cancelled or QEMU goes away.
- */
-function waitMigration(qmp: Qmp, timeoutMs: number, vm?: VmProcess): Promise<void> {
-  const done = new Promise<void>((resolve, reject) => {
-    let over = false;
-    const finish = (err?: Error) => {
-      if (over) return;
-      over = true;
-      clearTimeout(timer);
-      qmp.off('event', onEvent);
-      qmp.off('closed', onClosed);
-      if (err) reject(err);
-      else resolve();
-    };
-    const onEvent = (name: string, data: { status?: string } | undefined) => {
-      if (name !== 'MIGRATION') return;
-      if (data?.status === 'completed') finish();
-      else if (data?.status === 'failed' || data?.status === 'cancelled') {
-        // Why: query-migrate's error, and QEMU's last words (let its stderr arrive).
-        void qmp.command<{ 'error-desc'?: string }>('query-migrate').catch(() => ({} as { 'error-desc'?: string })).then(async (r) => {
-          await new Promise((res) => setTimeout(res, 20));
-          finish(new Error(`migration ${data.status}${r['error-desc'] ? `: ${r['error-desc']}` : ''}${vm?.stderr() ? ` (${vm.stderr()})` : ''}`));
-        });
-      }
-    };
-    const onClosed = (reason: string) => {
-      setTimeout(() => finish(new Error(`QEMU went away during the migration (${reason})${vm?.stderr() ? `: ${vm.stderr()}` : ''}`)), 20);
-    };
-    const timer = setTimeout(() => finish(new Error('migration did not complete in time')), timeoutMs);
-    qmp.on('event', onEvent);
-    qmp.on('closed', onClosed);
-  });
-  done.catch(() => undefined);
-  return done;
-}
-
-/**
- * Loads a restoring VM's state: from memory through a unix socket QEMU listens on (no process
- * spawned), or from a file through `cat`.
- */
-async function incoming(vm: VmProcess, state: StateSource, socketPath: string, timeoutMs: number): Promise<void> {
-  const migrated = waitMigration(vm.qmp, timeoutMs, vm);
-  if ('file' in state) {
-    await vm.qmp.command('migrate-incoming', { uri: `exec:cat ${shellQuote(state.file)}` });
-    return migrated;
-  }
-  if (Buffer.byteLength(socketPath) > 107) throw new Error(`socket path too long for a unix socket: ${socketPath}`);
-  await vm.qmp.command('migrate-incoming', { uri: `unix:${socketPath}` });
-  // QEMU listens once migrate-incoming has returned.
-  const sock = await connectUnix(socketPath, timeoutMs);
-  sock.on('error', () => undefined); // a failure shows in the migration's state
-  sock.end(state.data);
-  try {
-    await migrated;
-  } finally {
-    sock.destroy();
-  }
-}
-
-function waitExit(p: SpawnedChild, timeoutMs: number): Promise<void> {
-  if (p.exitCode !== null || p.signalCode !== null) return Promise.resolve();
-  return new Promise((resolve) => {
-    const timer = setTimeout(() => { p.kill('SIGKILL'); }, timeoutMs);
-    p.once('exit', () => { clearTimeout(timer); resolve(); });
-  });
-}
-
-/** Ends a VM: its channels closed, its network and its QEMU gone. */
-async function stopVm(vm: VmProcess, reason: string): Promise<void> {
-  vm.channel.close(reason);
-  vm.qmp.close();
-  vm.slirp?.stop();
-  await killAndWait(vm.qemu);
-}
-
-async function killAndWait(p: SpawnedChild): Promise<void> {
-  if (p.exitCode !== null || p.signalCode !== null) return;
-  const gone = waitExit(p, 60_000);
-  p.kill('SIGKILL');
-  await gone;
-}
-
-/** setpriority() is per thread on Linux: renice every thread of the process (vCPU threads too). */
-function setPriorityAll(pid: number, nice: number): void {
-  void readdir(`/proc/${pid}/task`).then((tids) => {
-    for (const tid of tids) {
-      try { os.setPriority(Number(tid), nice); } catch { /* ended */ }
-    }
-  }, () => undefined);
-}
-
-/** The last lines the guest printed on its console (why it died, typically). */
-async function consoleTail(file: string): Promise<string> {
-  try {
-    const text = await readFile(file, 'utf8');
-    return text.trim().split('\n').slice(-4).map((l) => l.trim()).join(' | ').slice(-600);
-  } catch {
-    return '';
-  }
-}
-
-
-/** QEMU processes whose command line names a path under `dir` (left by a crashed server). */
-async function qemuPidsUnder(dir: string): Promise<number[]> {
-  const pids: number[] = [];
-  if (!existsSync(dir)) return pids;
-  for (const name of await readdir('/proc')) {
-    if (!/^\d+$/.test(name)) continue;
-    try {
-      const cmdline = await readFile(`/proc/${name}/cmdline`, 'utf8');
-      if (cmdline.startsWith(QEMU) || cmdline.includes(`/${QEMU}\0`)) {
-        if (cmdline.includes(`${dir}/`)) pids.push(Number(name));
-      }
-    } catch { /* ended */ }
-  }
-  return pids;
 }

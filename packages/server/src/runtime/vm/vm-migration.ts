@@ -1,0 +1,95 @@
+/**
+ * Migrations of a VM, in and out: QEMU's MIGRATION events say when one is done (or why it failed),
+ * a restoring VM's state comes from memory through a unix socket or from a file, and a frozen VM's
+ * goes to a file. The stream of a fork point goes to the split worker instead (migration-split.ts).
+ */
+import { connectUnix, type Qmp } from './qmp.js';
+
+/**
+ * Set on every VM: x-ignore-shared leaves a share=on RAM block (a template's) out of the stream;
+ * `events` makes QEMU announce migration states, so nothing polls.
+ */
+export const MIGRATION_CAPABILITIES = [{ capability: 'x-ignore-shared', state: true }, { capability: 'events', state: true }];
+
+/** Where a restoring VM reads its migration state from: memory (small) or a file (a frozen VM's whole RAM). */
+export type StateSource = { data: Buffer } | { file: string };
+
+/** QEMU throttles migrations to 128 MiB/s by default (meant for live migration over a network). */
+export const UNTHROTTLED = { 'max-bandwidth': 64 * 1024 ** 3 };
+
+/**
+ * Resolves when the migration (either direction) completes, from QEMU's MIGRATION events (the
+ * `events` capability): call it before starting the migration, so no event is missed. Rejects
+ * when it fails, is cancelled or QEMU goes away.
+ */
+export function waitMigration(qmp: Qmp, timeoutMs: number, stderr?: () => string): Promise<void> {
+  const done = new Promise<void>((resolve, reject) => {
+    let over = false;
+    const finish = (err?: Error) => {
+      if (over) return;
+      over = true;
+      clearTimeout(timer);
+      qmp.off('event', onEvent);
+      qmp.off('closed', onClosed);
+      if (err) reject(err);
+      else resolve();
+    };
+    const onEvent = (name: string, data: { status?: string } | undefined) => {
+      if (name !== 'MIGRATION') return;
+      if (data?.status === 'completed') finish();
+      else if (data?.status === 'failed' || data?.status === 'cancelled') {
+        // Why: query-migrate's error, and QEMU's last words (let its stderr arrive).
+        void qmp.command<{ 'error-desc'?: string }>('query-migrate').catch(() => ({} as { 'error-desc'?: string })).then(async (r) => {
+          await new Promise((res) => setTimeout(res, 20));
+          finish(new Error(`migration ${data.status}${r['error-desc'] ? `: ${r['error-desc']}` : ''}${stderr?.() ? ` (${stderr()})` : ''}`));
+        });
+      }
+    };
+    const onClosed = (reason: string) => {
+      setTimeout(() => finish(new Error(`QEMU went away during the migration (${reason})${stderr?.() ? `: ${stderr()}` : ''}`)), 20);
+    };
+    const timer = setTimeout(() => finish(new Error('migration did not complete in time')), timeoutMs);
+    qmp.on('event', onEvent);
+    qmp.on('closed', onClosed);
+  });
+  done.catch(() => undefined);
+  return done;
+}
+
+/**
+ * Loads a restoring VM's state: from memory through a unix socket QEMU listens on (no process
+ * spawned), or from a file through `cat`.
+ */
+export async function incoming(qmp: Qmp, state: StateSource, socketPath: string, timeoutMs: number, stderr?: () => string): Promise<void> {
+  const migrated = waitMigration(qmp, timeoutMs, stderr);
+  if ('file' in state) {
+    await qmp.command('migrate-incoming', { uri: `exec:cat ${shellQuote(state.file)}` });
+    return migrated;
+  }
+  if (Buffer.byteLength(socketPath) > 107) throw new Error(`socket path too long for a unix socket: ${socketPath}`);
+  await qmp.command('migrate-incoming', { uri: `unix:${socketPath}` });
+  // QEMU listens once migrate-incoming has returned.
+  const sock = await connectUnix(socketPath, timeoutMs);
+  sock.on('error', () => undefined); // a failure shows in the migration's state
+  sock.end(state.data);
+  try {
+    await migrated;
+  } finally {
+    sock.destroy();
+  }
+}
+
+/**
+ * Migrates a stopped VM's state to `file` (through `cat`: QEMU 7.2 has no file: URI) and waits
+ * for it to be written.
+ */
+export async function migrateToFile(qmp: Qmp, file: string, timeoutMs: number, stderr?: () => string): Promise<void> {
+  await qmp.command('migrate-set-parameters', UNTHROTTLED);
+  const migrated = waitMigration(qmp, timeoutMs, stderr);
+  await qmp.command('migrate', { uri: `exec:cat > ${shellQuote(file)}` });
+  await migrated;
+}
+
+function shellQuote(s: string): string {
+  return `'${s.replace(/'/g, `'\\''`)}'`;
+}

@@ -1,0 +1,173 @@
+/**
+ * The processes of one VM: QEMU started unprivileged (as the VMs' uid, no capabilities, dying with
+ * the server), its QMP connection, the agent channel on its virtio-serial port, and slirp4netns
+ * for a VM with egress; and how they end.
+ */
+import { existsSync } from 'node:fs';
+import { readdir, readFile, readlink } from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import { AgentChannel } from '../../agent-channel.js';
+import type { VmImagePaths } from '../../image/vm-image.js';
+import { SpawnedChild } from '../../spawner.js';
+import { startSlirp, type Slirp } from '../namespace/network.js';
+import { qemuArgs, type Acceleration } from './qemu-args.js';
+import { connectUnix, Qmp } from './qmp.js';
+
+const QEMU = 'qemu-system-x86_64';
+/** Pool fills: their VMs start at this nice, to leave the CPU to sandboxes in use. */
+const BACKGROUND_NICE = 10;
+
+/** Processes of one VM: its QEMU, its QMP connection and the agent channel. */
+export interface VmProcess {
+  qemu: SpawnedChild;
+  /** QEMU's last words on stderr (migration errors land here). */
+  stderr(): string;
+  /** Outbound network of the QEMU's own network namespace (egress only). */
+  slirp: Slirp | null;
+  qmp: Qmp;
+  channel: AgentChannel;
+  consoleLog: string;
+}
+
+/** What every VM of a runtime shares. */
+export interface QemuHost {
+  accel: Acceleration;
+  memoryMb: number;
+  /** The uid and gid QEMU runs as. */
+  uid: number;
+  /** /dev/kvm's group, given to QEMU when it uses KVM (null under TCG). */
+  kvmGid: number | null;
+  image(): Promise<VmImagePaths>;
+}
+
+export interface LaunchOptions {
+  /** The VM's directory: its sockets and console log. */
+  dir: string;
+  disk: string;
+  ramFile: string;
+  shareRam: boolean;
+  network: boolean;
+  /** A clone: waits for its state (migrate-incoming) instead of booting. */
+  incoming: boolean;
+  /** At BACKGROUND_NICE (the caller renices it once it is wanted). */
+  background: boolean;
+}
+
+/** Starts QEMU and connects to its QMP socket and to the agent's port (before the guest runs). */
+export async function launchQemu(host: QemuHost, o: LaunchOptions, timeoutMs: number): Promise<VmProcess> {
+  const agentSocket = path.join(o.dir, 'agent.sock');
+  const qmpSocket = path.join(o.dir, 'qmp.sock');
+  const consoleLog = path.join(o.dir, 'console.log');
+  if (Buffer.byteLength(agentSocket) > 107) throw new Error(`socket path too long for a unix socket: ${agentSocket} (choose a shorter state directory)`);
+  const image = await host.image();
+  const args = qemuArgs({
+    accel: host.accel, memoryMb: host.memoryMb, vmlinux: image.vmlinux, initrd: image.initrd,
+    disk: o.disk, ramFile: o.ramFile, shareRam: o.shareRam, agentSocket, qmpSocket, consoleLog, network: o.network, incoming: o.incoming,
+  });
+  // setpriv --pdeathsig: the VM dies with the server, whatever way the server ends.
+  // unshare --net: QEMU's user-mode network opens its sockets in a network namespace of its
+  // own, which reaches out only through slirp4netns with --disable-host-loopback: the guest
+  // cannot reach the host's loopback (the API included) through 10.0.2.2. Without egress the
+  // VM has no network device at all.
+  const prefix = [
+    ...(o.background ? ['nice', '-n', String(BACKGROUND_NICE)] : []),
+    ...(o.network ? ['unshare', '--net', '--'] : []),
+    // An unprivileged uid with no capabilities at all, and none to regain. /dev/kvm through its
+    // group where KVM is used.
+    'setpriv', '--pdeathsig', 'KILL', '--no-new-privs', '--inh-caps=-all', '--bounding-set=-all',
+    `--reuid=${host.uid}`, `--regid=${host.uid}`,
+    ...(host.kvmGid !== null ? [`--groups=${host.kvmGid}`] : ['--clear-groups']), '--',
+  ];
+  // Started by the spawner: a fork of the server would block its event loop for milliseconds
+  // per VM, five times over in a fork(5).
+  const qemu = await SpawnedChild.start([...prefix, QEMU, ...args]).catch((e: Error) => {
+    throw new Error(`cannot start QEMU: ${e.message}`);
+  });
+  let stderr = '';
+  qemu.on('stderr', (text: string) => { stderr = (stderr + text).slice(-2000); });
+  const exited = new Promise<never>((_, reject) => {
+    qemu.once('exit', () => reject(new Error(`QEMU exited: ${stderr.trim().split('\n').slice(-3).join(' | ') || 'no message'}`)));
+  });
+  exited.catch(() => undefined);
+  const alive = () => qemu.exitCode === null && qemu.signalCode === null;
+  let network: Promise<Slirp | null> = Promise.resolve(null);
+  try {
+    const qmp = await Promise.race([Qmp.connect(qmpSocket, timeoutMs), exited]);
+    // The template never needs the network: only clones get one. QMP answering means QEMU runs,
+    // so `unshare --net` has happened: slirp4netns must attach to QEMU's namespace, never ours.
+    if (o.network && o.incoming && qemu.pid) {
+      const [theirs, ours] = await Promise.all([readlink(`/proc/${qemu.pid}/ns/net`), readlink('/proc/self/ns/net')]);
+      if (theirs === ours) throw new Error('QEMU is not in a network namespace of its own');
+      network = startSlirp(qemu.pid, timeoutMs, { ownUserNamespace: false });
+      network.catch(() => undefined);
+    }
+    // QMP answers once every device exists: connecting to the agent's port now makes the
+    // guest see its host end open (connecting earlier can be missed by virtio-serial).
+    const socket = await Promise.race([connectUnix(agentSocket, timeoutMs, alive), exited]);
+    return { qemu, stderr: () => stderr.trim().split('\n').slice(-3).join(' | '), slirp: await network, qmp, channel: new AgentChannel(socket), consoleLog };
+  } catch (err) {
+    void network.then((s) => s?.stop(), () => undefined);
+    await killAndWait(qemu);
+    throw err;
+  }
+}
+
+/** Resolves once `p` has exited; SIGKILLs it if it has not after `timeoutMs`. */
+export function waitExit(p: SpawnedChild, timeoutMs: number): Promise<void> {
+  if (p.exitCode !== null || p.signalCode !== null) return Promise.resolve();
+  return new Promise((resolve) => {
+    const timer = setTimeout(() => { p.kill('SIGKILL'); }, timeoutMs);
+    p.once('exit', () => { clearTimeout(timer); resolve(); });
+  });
+}
+
+/** Ends a VM: its channels closed, its network and its QEMU gone. */
+export async function stopVm(vm: VmProcess, reason: string): Promise<void> {
+  vm.channel.close(reason);
+  vm.qmp.close();
+  vm.slirp?.stop();
+  await killAndWait(vm.qemu);
+}
+
+async function killAndWait(p: SpawnedChild): Promise<void> {
+  if (p.exitCode !== null || p.signalCode !== null) return;
+  const gone = waitExit(p, 60_000);
+  p.kill('SIGKILL');
+  await gone;
+}
+
+/** setpriority() is per thread on Linux: renice every thread of the process (vCPU threads too). */
+export function setPriorityAll(pid: number, nice: number): void {
+  void readdir(`/proc/${pid}/task`).then((tids) => {
+    for (const tid of tids) {
+      try { os.setPriority(Number(tid), nice); } catch { /* ended */ }
+    }
+  }, () => undefined);
+}
+
+/** The last lines the guest printed on its console (why it died, typically). */
+export async function consoleTail(file: string): Promise<string> {
+  try {
+    const text = await readFile(file, 'utf8');
+    return text.trim().split('\n').slice(-4).map((l) => l.trim()).join(' | ').slice(-600);
+  } catch {
+    return '';
+  }
+}
+
+/** QEMU processes whose command line names a path under `dir` (left by a crashed server). */
+export async function qemuPidsUnder(dir: string): Promise<number[]> {
+  const pids: number[] = [];
+  if (!existsSync(dir)) return pids;
+  for (const name of await readdir('/proc')) {
+    if (!/^\d+$/.test(name)) continue;
+    try {
+      const cmdline = await readFile(`/proc/${name}/cmdline`, 'utf8');
+      if (cmdline.startsWith(QEMU) || cmdline.includes(`/${QEMU}\0`)) {
+        if (cmdline.includes(`${dir}/`)) pids.push(Number(name));
+      }
+    } catch { /* ended */ }
+  }
+  return pids;
+}
