@@ -22,8 +22,8 @@ backend_version = '1'
 
 def _publish(figure: Any) -> bool:
     """Hands the figure to the agent; False when not running inside its worker."""
-    agent = sys.modules.get('podflare_agent')
-    publish = getattr(agent, 'publish_figure', None)
+    worker = sys.modules.get('podflare_worker')
+    publish = getattr(worker, 'publish_figure', None)
     return bool(publish is not None and publish(figure))
 
 
