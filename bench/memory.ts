@@ -15,8 +15,11 @@ export interface SandboxMemory {
   pssBytes: number;
 }
 
-/** `state` is the one-letter state of /proc/<pid>/stat (Z: a zombie, ended but not reaped). */
-export interface Proc { pid: number; ppid: number; comm: string; state: string; args: string[] }
+/**
+ * `state` is the one-letter state of /proc/<pid>/stat (Z: a zombie, ended but not reaped);
+ * `cpuMs` its user + system CPU time so far (ended threads' included; 10 ms ticks).
+ */
+export interface Proc { pid: number; ppid: number; comm: string; state: string; args: string[]; cpuMs: number }
 
 /** Every process on the host (pid, parent, command name, arguments). */
 export async function processes(): Promise<Proc[]> {
@@ -29,10 +32,11 @@ export async function processes(): Promise<Proc[]> {
       const open = stat.indexOf('(');
       const close = stat.lastIndexOf(')');
       const comm = stat.slice(open + 1, close);
-      const [state = '?', ppidText] = stat.slice(close + 2).split(' ');
-      const ppid = Number(ppidText);
+      const fields = stat.slice(close + 2).split(' ');
+      const ppid = Number(fields[1]);
+      const cpuMs = (Number(fields[11]) + Number(fields[12])) * 10; // utime, stime (USER_HZ = 100)
       const args = (await readFile(`/proc/${pid}/cmdline`, 'utf8')).split('\0').filter(Boolean);
-      out.push({ pid, ppid, comm, state, args });
+      out.push({ pid, ppid, comm, state: fields[0] ?? '?', args, cpuMs });
     } catch { /* ended meanwhile */ }
   }
   return out;

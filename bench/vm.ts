@@ -15,12 +15,13 @@
  *   clone PSS       private memory of an idle pooled clone against its RAM size
  * Two servers of their own: one with a pool (pool create, PSS), one without (restore, forks).
  */
-import { readdirSync, readFileSync } from 'node:fs';
+import { readFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { Sandbox, type Client } from 'podflare';
 import type { RunningServer } from '@podflare/server';
+import { processes } from './memory.js';
 import { Failures, failLimit, notes, rows, status, timingRow } from './report.js';
 import { fmtMB, fmtMs, summarize } from './stats.js';
 
@@ -46,18 +47,10 @@ function machineCpuMs(): { busy: number; idle: number } {
   return { busy: (user + nice + system + irq + softirq + steal) * 10, idle: (idle + iowait) * 10 };
 }
 
-/** CPU time (ms) of the QEMU running sandbox `id` so far (its threads', ended ones included). */
-function qemuCpuMs(id: string): number {
-  for (const pid of readdirSync('/proc').filter((n) => /^\d+$/.test(n))) {
-    try {
-      const cmd = readFileSync(`/proc/${pid}/cmdline`, 'utf8');
-      if (path.basename(cmd.slice(0, cmd.indexOf('\0'))) !== 'qemu-system-x86_64' || !cmd.includes(`/vm/${id}/`)) continue;
-      const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-      const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-      return (Number(f[11]) + Number(f[12])) * 10;
-    } catch { /* gone */ }
-  }
-  return NaN;
+/** CPU time (ms) so far of the QEMUs running these sandboxes (NaN for one not found): one /proc scan. */
+async function qemuCpuMs(ids: string[]): Promise<number[]> {
+  const qemus = (await processes()).filter((p) => path.basename(p.args[0] ?? '') === 'qemu-system-x86_64');
+  return ids.map((id) => qemus.find((p) => p.args.some((a) => a.includes(`/vm/${id}/`)))?.cpuMs ?? NaN);
 }
 
 const median = (xs: number[]) => summarize(xs.filter((x) => !Number.isNaN(x))).p50;
@@ -170,7 +163,7 @@ async function restoreOnce(bs: VmBenchServer, runtime: 'vm' | 'ns'): Promise<Res
   const before = machineCpuMs();
   const { ms, value } = await timed(() => Sandbox.create({ client: bs.client, runtime }));
   const machineCpu = machineCpuMs().busy - before.busy;
-  const qemuCpu = runtime === 'vm' ? qemuCpuMs(value.id) : NaN;
+  const [qemuCpu = NaN] = runtime === 'vm' ? await qemuCpuMs([value.id]) : [];
   await value.close();
   return { ms, machineCpu, qemuCpu };
 }
@@ -185,16 +178,18 @@ interface ForkSample {
 
 /** One fork(n) of `parent`; the children are closed (and their teardown let finish) after. */
 async function forkOnce(parent: Sandbox, n: number, runtime: 'vm' | 'ns'): Promise<ForkSample> {
+  // The /proc scans stay out of the machine's figures: before it is read, and after.
+  const [parentBefore = NaN] = runtime === 'vm' ? await qemuCpuMs([parent.id]) : [];
   const before = machineCpuMs();
-  const parentBefore = runtime === 'vm' ? qemuCpuMs(parent.id) : NaN;
   const { ms, value: kids } = await timed(() => parent.fork(n));
   const after = machineCpuMs();
+  const [parentAfter = NaN, ...children] = runtime === 'vm' ? await qemuCpuMs([parent.id, ...kids.map((k) => k.id)]) : [];
   const sample = {
     ms,
     machineCpu: after.busy - before.busy,
     idle: after.idle - before.idle,
-    childrenCpu: runtime === 'vm' ? kids.reduce((sum, k) => sum + qemuCpuMs(k.id), 0) : NaN,
-    parentCpu: runtime === 'vm' ? qemuCpuMs(parent.id) - parentBefore : NaN,
+    childrenCpu: runtime === 'vm' ? children.reduce((sum, c) => sum + c, 0) : NaN,
+    parentCpu: parentAfter - parentBefore,
   };
   await Promise.all(kids.map((k) => k.close()));
   await sleep(runtime === 'vm' ? 500 : 100); // let the teardowns finish before the next timed fork

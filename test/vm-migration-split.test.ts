@@ -102,7 +102,7 @@ async function split(input: Buffer, ramSize = RAM, whole = false, reusedBuffer =
   try {
     const r = reusedBuffer
       ? pushThroughOneBuffer(input, fd, ramSize)
-      : await splitMigrationStream(whole ? Readable.from([input]) : chunked(input), 'mem', fd, ramSize);
+      : await splitMigrationStream(whole ? Readable.from([input]) : chunked(input), new StreamSplitter('mem', fd, ramSize));
     return { ...r, ram: readFileSync(file) };
   } finally {
     closeSync(fd);

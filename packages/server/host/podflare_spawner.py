@@ -29,7 +29,6 @@ PR_SET_PDEATHSIG = 1
 STDERR_KEEP = 2000
 
 
-
 def read_some(fd, n):
     """What a watched fd has: b"" at its end (or when it failed), None if nothing yet."""
     try:
@@ -38,6 +37,7 @@ def read_some(fd, n):
         return None
     except OSError:
         return b""
+
 
 class Child:
     def __init__(self, pid, ready_r, exit_w, err_r, stream_stderr):

@@ -256,17 +256,10 @@ export class StreamSplitter {
 }
 
 /**
- * Reads the whole stream from `source` through a StreamSplitter ('data' events: each chunk is
- * the stream's own, so pages are written straight from it).
+ * Reads the whole stream from `source` through `splitter` ('data' events: each chunk is the
+ * stream's own, so pages are written straight from it).
  */
-export function splitMigrationStream(source: Readable, ramBlock: string, ramFd: number, ramSize: number): Promise<SplitResult> {
-  let splitter: StreamSplitter;
-  try {
-    splitter = new StreamSplitter(ramBlock, ramFd, ramSize);
-  } catch (err) {
-    source.destroy();
-    return Promise.reject(err as Error);
-  }
+export function splitMigrationStream(source: Readable, splitter: StreamSplitter): Promise<SplitResult> {
   source.on('data', (chunk: Buffer) => {
     try {
       splitter.push(chunk, false);

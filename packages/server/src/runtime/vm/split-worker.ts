@@ -114,7 +114,7 @@ async function split(m: SplitRequest): Promise<void> {
       conn = reader;
       r = await splitEnded(reader, splitter);
     } else {
-      const whole = splitMigrationStream(accepted, m.ramBlock, fd, m.ramSize);
+      const whole = splitMigrationStream(accepted, splitter);
       accepted.resume(); // paused on connect
       r = await whole;
     }

@@ -3,7 +3,7 @@
  * the server), its QMP connection, the agent channel on its virtio-serial port, and slirp4netns
  * for a VM with egress; and how they end.
  */
-import { existsSync } from 'node:fs';
+import { existsSync, statSync } from 'node:fs';
 import { readdir, readFile, readlink } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
@@ -52,6 +52,16 @@ export interface LaunchOptions {
   incoming: boolean;
   /** At BACKGROUND_NICE (the caller renices it once it is wanted). */
   background: boolean;
+}
+
+/** The group of /dev/kvm, given to QEMU when it uses KVM (null under TCG). */
+export function kvmGroup(accel: Acceleration): number | null {
+  if (accel.kind !== 'kvm') return null;
+  try {
+    return statSync('/dev/kvm').gid;
+  } catch {
+    return null;
+  }
 }
 
 /** Starts QEMU and connects to its QMP socket and to the agent's port (before the guest runs). */

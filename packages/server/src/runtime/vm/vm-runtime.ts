@@ -26,7 +26,7 @@
  * Disks: the shared read-only ext4 root ← template overlay ← each sandbox's own qcow2 overlay.
  */
 import { createHash, randomBytes } from 'node:crypto';
-import { constants as fsConstants, statSync } from 'node:fs';
+import { constants as fsConstants } from 'node:fs';
 import { chmod, chown, copyFile, mkdir, open, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { ChannelClosedError, type AgentChannel } from '../../agent-channel.js';
@@ -42,7 +42,7 @@ import { vmDiff } from './vm-diff.js';
 import { SplitWorker } from './migration-split.js';
 import { OverlayMaker } from './overlay-maker.js';
 import { incoming, migrateToFile, MIGRATION_CAPABILITIES, UNTHROTTLED, waitMigration, type StateSource } from './vm-migration.js';
-import { consoleTail, launchQemu, qemuPidsUnder, setPriorityAll, stopVm, waitExit, type QemuHost, type VmProcess } from './vm-process.js';
+import { consoleTail, kvmGroup, launchQemu, qemuPidsUnder, setPriorityAll, stopVm, waitExit, type QemuHost, type VmProcess } from './vm-process.js';
 
 export interface VmRuntimeOptions {
   stateDir: string;
@@ -152,8 +152,12 @@ export class VmRuntime implements Runtime {
   /** Names this server's RAM files on /dev/shm (shared by every server on the machine). */
   private readonly shmPrefix: string;
 
+  /** What every QEMU of this runtime is started with. */
+  private readonly qemuHost: QemuHost;
+
   constructor(private readonly opts: VmRuntimeOptions) {
     this.memoryMb = opts.memoryMb ?? DEFAULT_MEMORY_MB;
+    this.qemuHost = { accel: opts.accel, memoryMb: this.memoryMb, uid: opts.uid, kvmGid: kvmGroup(opts.accel), image: () => opts.image() };
     this.shmPrefix = `podflare-${createHash('sha256').update(path.resolve(opts.stateDir)).digest('hex').slice(0, 10)}-`;
   }
 
@@ -529,20 +533,6 @@ export class VmRuntime implements Runtime {
       const mode = (await stat(up)).mode & 0o7777;
       if ((mode & 0o001) === 0) await chmod(up, mode | 0o001);
       if (up === this.opts.stateDir) break;
-    }
-  }
-
-  private get qemuHost(): QemuHost {
-    return { accel: this.opts.accel, memoryMb: this.memoryMb, uid: this.opts.uid, kvmGid: this.kvmGid, image: () => this.opts.image() };
-  }
-
-  /** The group of /dev/kvm, given to QEMU when it uses KVM (null under TCG). */
-  private get kvmGid(): number | null {
-    if (this.opts.accel.kind !== 'kvm') return null;
-    try {
-      return statSync('/dev/kvm').gid;
-    } catch {
-      return null;
     }
   }
 
