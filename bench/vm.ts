@@ -104,7 +104,7 @@ export async function measureVmPooled(bs: VmBenchServer, opts: VmOptions): Promi
  * file as a parent's fork leaves it: wholly resident).
  */
 export async function measureVmUnpooled(bs: VmBenchServer, opts: VmOptions): Promise<void> {
-  const runs = opts.quick ? 3 : 5;
+  const runs = opts.quick ? 3 : 9;
   // The first VM create boots the template (not timed here).
   await (await Sandbox.create({ client: bs.client, runtime: 'vm' })).close();
   const nsRestores: number[] = [];

@@ -1,16 +1,22 @@
 /**
- * The split of a QEMU 7.2 migration stream (fork points of the VM runtime) on streams built here
- * byte by byte in QEMU's format, fed in small odd-sized chunks so every record straddles chunk
- * boundaries somewhere. The real thing (a VM's stream, children reading the parent's memory) is
- * covered by the fork test in vm.test.ts.
+ * The VM runtime's fork memory on streams built here byte by byte in QEMU 7.2's format: the split
+ * of a parent's migration stream (fed in small odd-sized chunks so every record straddles chunk
+ * boundaries somewhere), and the state made by copy (a template's stream, the parent's private
+ * pages, its device state), checked by splitting it back. The private pages themselves are found
+ * in a real process's page table. The real thing (a VM's stream, children reading the parent's
+ * memory) is covered by the fork tests in vm.test.ts.
  */
 import assert from 'node:assert/strict';
-import { closeSync, ftruncateSync, mkdtempSync, openSync, readFileSync, rmSync } from 'node:fs';
+import { spawn } from 'node:child_process';
+import { once } from 'node:events';
+import { closeSync, ftruncateSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { Readable } from 'node:stream';
 import { describe, it } from 'node:test';
+import { deviceSections, forkSkeleton, forkStateHead } from '../packages/server/src/runtime/vm/fork-state.js';
 import { MigrationStreamError, splitMigrationStream, StreamSplitter } from '../packages/server/src/runtime/vm/migration-split.js';
+import { findPrivatePages, PageReader } from '../packages/server/src/runtime/vm/private-pages.js';
 
 const PAGE = 4096;
 const RAM = 16 * PAGE;
@@ -144,5 +150,73 @@ describe('vm fork point: migration stream split', () => {
     await assert.rejects(split(whole.subarray(0, whole.length - 300)), /ended inside a RAM page/);
     await assert.rejects(split(Buffer.from('not a stream at all')), /not a QEMU migration stream/);
     await assert.rejects(split(whole.subarray(0, whole.length - 300), RAM, false, true), /ended inside a RAM page/);
+  });
+});
+
+describe('vm fork by copy: the children\'s state and the parent\'s private pages', () => {
+  // What xen-save-devices-state writes: header, device sections, EOF.
+  const devices = Buffer.concat([be32(0x5145564d), be32(3), Buffer.of(0x04), be32(3), str('timer'), be32(0), be32(2), Buffer.from('parent devices'), Buffer.of(0x7e), be32(3), Buffer.of(0x00)]);
+
+  it('puts the private pages into the template\'s RAM section and the parent\'s devices after it', async () => {
+    // A template's stream has no pages of its (shared) RAM block.
+    const skeleton = forkSkeleton(stream(false), 'mem', RAM);
+    const own = new Map([[1, page(11)], [5, Buffer.alloc(PAGE)], [7, page(17)]]);
+    const head = forkStateHead(skeleton, 'mem', Uint32Array.of(1, 5, 7), (into, at, n) => own.get(n)!.copy(into, at));
+    const state = Buffer.concat([head, deviceSections(devices)]);
+    // Split back: the pages land where they belong, the rest is a stream with the template's
+    // frame, ROM pages and the parent's devices.
+    const r = await split(state);
+    assert.equal(r.pages, 2, 'an all-zero page goes as a one-byte record');
+    const at = (n: number) => r.ram.subarray(n * PAGE, (n + 1) * PAGE);
+    assert.ok(at(1).equals(page(11)));
+    assert.ok(at(7).equals(page(17)));
+    assert.ok(at(5).equals(Buffer.alloc(PAGE)));
+    assert.ok(r.state.includes(page(3)), 'the ROM block\'s page is kept');
+    assert.ok(r.state.includes(Buffer.from('parent devices')));
+    assert.ok(!r.state.includes(Buffer.from('device bytes')), 'the template\'s device state is not the children\'s');
+    assert.ok(state.length < 3 * PAGE + 2000, `${state.length} bytes`);
+  });
+
+  it('refuses a template stream with pages of the RAM block, and a device state that is not one', () => {
+    assert.throws(() => forkSkeleton(stream(true), 'mem', RAM), /a page of the RAM block at 0, in a stream that must have none/);
+    assert.throws(() => deviceSections(Buffer.from('QEVM')), /not a complete QEMU device state/);
+    assert.throws(() => deviceSections(devices.subarray(0, devices.length - 1)), /not a complete QEMU device state/);
+  });
+
+  it('finds the pages a process wrote in its private mapping of a file, and reads them from its memory', async () => {
+    const dir = mkdtempSync(path.join(os.tmpdir(), 'pf-pages-'));
+    const file = path.join(dir, 'ram');
+    const size = 64 * PAGE;
+    writeFileSync(file, Buffer.alloc(size, 0x11));
+    // MAP_PRIVATE (ACCESS_COPY), as QEMU maps a RAM file share=off: pages 3, 10 and 11 written,
+    // page 20 only read, so it is mapped but still the file's.
+    const py = spawn('python3', ['-c', `
+import mmap, sys
+f = open(sys.argv[1], "r+b")
+m = mmap.mmap(f.fileno(), ${size}, access=mmap.ACCESS_COPY)
+for n in (3, 10, 11):
+    m[n * 4096:(n + 1) * 4096] = bytes([n]) * 4096
+m[20 * 4096]
+print("ready", flush=True)
+sys.stdin.read()
+`, file], { stdio: ['pipe', 'pipe', 'inherit'] });
+    try {
+      const [line] = await once(py.stdout!, 'data');
+      assert.equal(String(line).trim(), 'ready');
+      const found = findPrivatePages(py.pid!, file, size);
+      assert.deepEqual([...found.pages], [3, 10, 11]);
+      const reader = new PageReader(py.pid!, found.start);
+      const into = Buffer.alloc(2 * PAGE);
+      try {
+        reader.read(into, PAGE, 10);
+      } finally {
+        reader.close();
+      }
+      assert.ok(into.subarray(PAGE).equals(Buffer.alloc(PAGE, 10)));
+      assert.throws(() => findPrivatePages(py.pid!, file, 2 * size), /does not map/);
+    } finally {
+      py.kill();
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 });

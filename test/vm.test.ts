@@ -61,6 +61,16 @@ async function clockSkewMs(sbx: Sandbox): Promise<number> {
   return Number(BigInt(r.stdout.trim()) / 1_000_000n) - (before + Date.now()) / 2;
 }
 
+/** A VM's mapping of its RAM file: how much of it is shared with other processes, how much its own. */
+function ramMapping(sandboxId: string, unlinked: boolean): { sharedKb: number; privateKb: number } {
+  const smaps = readFileSync(`/proc/${qemuPidOf(sandboxId)}/smaps`, 'utf8').split(/\n(?=[0-9a-f]+-[0-9a-f]+ )/);
+  const ram = smaps.find((m) => (unlinked ? /\/dev\/shm\/podflare-[^\n]*\.ram \(deleted\)\n/ : /\/dev\/shm\/podflare-[^\n]*\.ram\n/).test(m));
+  assert.ok(ram, `the VM does not map ${unlinked ? 'an unlinked' : 'a'} RAM file on /dev/shm`);
+  const kb = (field: string) => Number(new RegExp(`^${field}:\\s+(\\d+) kB`, 'm').exec(ram)?.[1]);
+  // (tmpfs pages count as dirty: Shared_Dirty, not Shared_Clean)
+  return { sharedKb: kb('Shared_Clean') + kb('Shared_Dirty'), privateKb: kb('Private_Clean') + kb('Private_Dirty') };
+}
+
 describe('vm runtime', { timeout: 600_000 }, () => {
   let server!: TestServer;
   let sbx!: Sandbox;
@@ -146,7 +156,8 @@ describe('vm runtime', { timeout: 600_000 }, () => {
     try {
       await parent.runCode('import random\nimport numpy as np\ncounter = 10\nopen("/root/shared.txt", "w").write("from the parent")');
       // A few MB of random bytes in the parent's memory: every child must read them back intact
-      // (its RAM comes from the fork point's RAM file, its device state from the rest of the stream).
+      // (a parent this small forks by copy: its own pages go to each child in its state, the rest
+      // of its RAM is the template's RAM file).
       const blobHash = (await parent.runCode('import hashlib, os\nblob = os.urandom(6 * 1024 * 1024)\nhashlib.sha256(blob).hexdigest()')).results[0]?.text;
       assert.match(blobHash ?? '', /^'[0-9a-f]{64}'$/);
       // A process started before the fork, outside the interpreter.
@@ -162,14 +173,11 @@ describe('vm runtime', { timeout: 600_000 }, () => {
         assert.equal(sleeping.exitCode, 0, 'the background process is not running in the child');
         await kid.runCode(`open("/root/shared.txt", "w").write("child ${i}")`);
       }
-      // The children share the fork point's pages: its RAM file (already unlinked) is mapped by
-      // each, and pages of it are mapped by more than one process.
-      const smaps = readFileSync(`/proc/${qemuPidOf(kids[0]!.id)}/smaps`, 'utf8').split(/\n(?=[0-9a-f]+-[0-9a-f]+ )/);
-      const ram = smaps.find((m) => /\/dev\/shm\/podflare-[^\n]*\.ram \(deleted\)\n/.test(m));
-      assert.ok(ram, 'the fork point\'s RAM file is not mapped (or not unlinked)');
-      // (tmpfs pages count as dirty: Shared_Dirty, not Shared_Clean)
-      const sharedKb = Number(/^Shared_Clean:\s+(\d+) kB/m.exec(ram)?.[1]) + Number(/^Shared_Dirty:\s+(\d+) kB/m.exec(ram)?.[1]);
-      assert.ok(sharedKb >= 4096, `only ${sharedKb} kB of the fork point's RAM shared between the children`);
+      // The children map the template's RAM file (on /dev/shm, not unlinked) and share its pages
+      // with the pool's clones; what is theirs alone is about what the parent had written.
+      const ram = ramMapping(kids[0]!.id, false);
+      assert.ok(ram.sharedKb >= 16_384, `only ${ram.sharedKb} kB of the template's RAM shared with other VMs`);
+      assert.ok(ram.privateKb < 100 * 1024, `${ram.privateKb} kB of the child's RAM is its own`);
       // A grandchild: a fork of a fork child.
       const [grandchild] = await kids[0]!.fork(1);
       kids.push(grandchild!);
@@ -214,6 +222,32 @@ describe('vm runtime', { timeout: 600_000 }, () => {
       const dir = `${server.stateDir}/vm/layers`;
       return !existsSync(dir) || readdirSync(dir).length === 0;
     });
+  });
+
+  it('forks a VM holding more than a fork copies through a fork point RAM file its children share', async () => {
+    const parent = await Sandbox.create({ host: server.url, runtime: 'vm' });
+    const kids: Sandbox[] = [];
+    // 96 MB, every page different (its number): more than the 64 MB a fork copies into each child.
+    const sample = 'hashlib.sha256(big[::512]).hexdigest()';
+    try {
+      const made = await parent.runCode(`import hashlib\nbig = b"".join(n.to_bytes(4, "little") * 1024 for n in range(96 * 256))\n(len(big), ${sample})`);
+      const expected = made.results[0]?.text;
+      assert.match(expected ?? '', /^\(100663296, '[0-9a-f]{64}'\)$/, made.stderr);
+      kids.push(...(await parent.fork(2)));
+      for (const kid of kids) assert.equal((await kid.runCode(`(len(big), ${sample})`)).results[0]?.text, expected);
+      // Its pages are in the fork point's RAM file (unlinked once the children mapped it), shared
+      // by the children, not copied into each.
+      const ram = ramMapping(kids[0]!.id, true);
+      assert.ok(ram.sharedKb >= 96 * 1024, `only ${ram.sharedKb} kB of the fork point's RAM shared between the children`);
+      // A fork of such a child (its RAM is not the template's) goes the same way.
+      const [grandchild] = await kids[0]!.fork(1);
+      kids.push(grandchild!);
+      assert.equal((await grandchild!.runCode(`(len(big), ${sample})`)).results[0]?.text, expected);
+      assert.equal((await parent.runCode(`(len(big), ${sample})`)).results[0]?.text, expected, 'the parent goes on with its memory');
+    } finally {
+      await Promise.all(kids.map((k) => k.close()));
+      await parent.close();
+    }
   });
 
   it('reaches out only with egress, never to the host loopback; without egress it has no network device', async () => {

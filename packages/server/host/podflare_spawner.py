@@ -85,7 +85,7 @@ class Spawner:
             req = json.loads(line)
             rid = req.get("id")
             if req["op"] == "spawn":
-                reply = {"pid": self.spawn(req["argv"], req.get("ready_fd"), req.get("exit_fd"), bool(req.get("stream_stderr")))}
+                reply = {"pid": self.spawn(req["argv"], req.get("ready_fd"), req.get("exit_fd"), bool(req.get("stream_stderr")), bool(req.get("batch")))}
             elif req["op"] == "kill":
                 child = self.children.get(int(req["pid"]))
                 if child is not None:  # not reaped yet: the pid is still this child's
@@ -97,7 +97,7 @@ class Spawner:
         except Exception as exc:  # every failure goes back to the server, never kills the spawner
             self.send({"id": rid, "ok": False, "error": f"{type(exc).__name__}: {exc}"})
 
-    def spawn(self, argv, ready_fd, exit_fd, stream_stderr=False):
+    def spawn(self, argv, ready_fd, exit_fd, stream_stderr=False, batch=False):
         actions = []
         opened = []
         ready_r = exit_w = None
@@ -115,7 +115,15 @@ class Spawner:
                 exit_r, exit_w = os.pipe()
                 opened.append(exit_r)
                 actions.append((os.POSIX_SPAWN_DUP2, exit_r, int(exit_fd)))
-            pid = os.posix_spawnp(argv[0], argv, os.environ, file_actions=actions)
+            if batch:
+                # Inherited by the child. posix_spawn's own scheduler attribute takes only
+                # SCHED_OTHER, FIFO and RR; the spawner is single-threaded, so the switch is safe.
+                os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+            try:
+                pid = os.posix_spawnp(argv[0], argv, os.environ, file_actions=actions)
+            finally:
+                if batch:
+                    os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
         except Exception:
             for fd in (ready_r, exit_w):
                 if fd is not None:

@@ -19,6 +19,8 @@ export interface SpawnOptions {
   exitFd?: number;
   /** Called with what the child writes on stderr, as it comes (else only its tail, at exit). */
   onStderr?: (text: string) => void;
+  /** Scheduled as SCHED_BATCH: CPU-bound, so its wake-ups do not preempt what runs. */
+  batch?: boolean;
 }
 
 export interface ProcessExit {
@@ -64,7 +66,7 @@ class Spawner {
     const ready = new Promise<void>((resolve, reject) => { onReady = resolve; onNotReady = reject; });
     ready.catch(() => undefined);
     const exited = new Promise<ProcessExit>((resolve) => { onExit = resolve; });
-    const pid = await this.request({ op: 'spawn', argv, ready_fd: opts.readyFd, exit_fd: opts.exitFd, stream_stderr: opts.onStderr !== undefined });
+    const pid = await this.request({ op: 'spawn', argv, ready_fd: opts.readyFd, exit_fd: opts.exitFd, stream_stderr: opts.onStderr !== undefined, batch: opts.batch === true });
     let ended = false;
     const watch: Watch = {
       ready: onReady,
@@ -129,10 +131,10 @@ export class SpawnedChild extends EventEmitter {
     });
   }
 
-  static async start(argv: string[]): Promise<SpawnedChild> {
+  static async start(argv: string[], opts: Pick<SpawnOptions, 'batch'> = {}): Promise<SpawnedChild> {
     let child: SpawnedChild | null = null;
     const early: string[] = [];
-    const handle = await spawnProcess(argv, { onStderr: (text) => (child ? child.emit('stderr', text) : early.push(text)) });
+    const handle = await spawnProcess(argv, { ...opts, onStderr: (text) => (child ? child.emit('stderr', text) : early.push(text)) });
     child = new SpawnedChild(handle.pid, handle);
     for (const text of early) child.emit('stderr', text);
     return child;

@@ -21,6 +21,13 @@ export class InFlight {
     }
   }
 
+  /** Clean-up that need not hold up its caller, waited for by the shutdown all the same. */
+  background(p: Promise<unknown>): void {
+    const settled = p.catch(() => undefined);
+    this.running.add(settled);
+    void settled.then(() => this.running.delete(settled));
+  }
+
   /** Refuses new work and waits for what runs (finishing or failing). */
   async close(): Promise<void> {
     this.shut = true;

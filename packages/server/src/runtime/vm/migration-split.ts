@@ -25,23 +25,29 @@
  */
 import { writeSync, writevSync } from 'node:fs';
 import type { Readable } from 'node:stream';
-import { Worker } from 'node:worker_threads';
-import type { SplitMessage, SplitRequest } from './split-worker.js';
 
-const MAGIC = 0x5145564d;
-const VERSION = 3;
-const PAGE = 4096;
+export const MAGIC = 0x5145564d;
+export const VERSION = 3;
+export const PAGE = 4096;
 
-const enum Section { Eof = 0x00, Start = 0x01, Part = 0x02, End = 0x03, Full = 0x04, Subsection = 0x05, Configuration = 0x07, Command = 0x08, Footer = 0x7e }
+export const enum Section { Eof = 0x00, Start = 0x01, Part = 0x02, End = 0x03, Full = 0x04, Subsection = 0x05, Configuration = 0x07, Command = 0x08, Footer = 0x7e }
 /** MIG_CMD_PING (2), MIG_CMD_SWITCHOVER_START (11): no more bytes than their length says. */
 const PASSED_COMMANDS = new Set([2, 11]);
-const enum Flag { Zero = 0x02, MemSize = 0x04, Page = 0x08, Eos = 0x10, Continue = 0x20 }
+export const enum Flag { Zero = 0x02, MemSize = 0x04, Page = 0x08, Eos = 0x10, Continue = 0x20 }
 
 export interface SplitResult {
   /** The stream without the RAM block's pages. */
   state: Buffer;
   /** Pages written to the RAM file (all-zero pages are not: the file is fresh and sparse). */
   pages: number;
+  /** Where the RAM section is in `state`: its id, the end of its setup (the START section with its block list), and its end (after END). */
+  ram: RamSectionMarks;
+}
+
+export interface RamSectionMarks {
+  section: number;
+  setupEnd: number;
+  end: number;
 }
 
 export class MigrationStreamError extends Error {}
@@ -162,12 +168,14 @@ class PageWriter {
   private readonly written: Uint8Array;
   pages = 0;
 
-  constructor(private readonly fd: number, private readonly size: number) {
+  /** fd null: the stream must not carry pages of the block (a template's: its RAM was shared). */
+  constructor(private readonly fd: number | null, private readonly size: number) {
     this.written = new Uint8Array(Math.ceil(size / PAGE));
   }
 
   page(offset: number, data: Buffer): void {
     if (offset + PAGE > this.size) throw new MigrationStreamError(`a page at ${offset} lies outside the ${this.size}-byte RAM block`);
+    if (this.fd === null) throw new MigrationStreamError(`a page of the RAM block at ${offset}, in a stream that must have none`);
     if (offset !== this.runEnd || this.run.length >= 1024) {
       this.flush();
       this.runStart = offset;
@@ -181,6 +189,7 @@ class PageWriter {
   /** A page of one byte repeated: only written when it is not zero or replaces an earlier page. */
   fill(offset: number, byte: number): void {
     if (offset + PAGE > this.size) throw new MigrationStreamError(`a page at ${offset} lies outside the ${this.size}-byte RAM block`);
+    if (this.fd === null) throw new MigrationStreamError(`a page of the RAM block at ${offset}, in a stream that must have none`);
     if (byte === 0 && !this.written[offset / PAGE]) return;
     this.flush();
     writeSync(this.fd, Buffer.alloc(PAGE, byte), 0, PAGE, offset);
@@ -188,11 +197,11 @@ class PageWriter {
   }
 
   flush(): void {
-    if (!this.run.length) return;
+    if (!this.run.length || this.fd === null) return;
     let at = this.runStart;
     let bufs = this.run;
     while (bufs.length) {
-      let n = writevSync(this.fd, bufs, at);
+      let n = writevSync(this.fd!, bufs, at);
       at += n;
       // A short write (rare on tmpfs): continue from where it stopped.
       while (n > 0 && bufs.length) {
@@ -214,12 +223,14 @@ export class StreamSplitter {
   private readonly out: Buffer[] = [];
   private readonly pages: PageWriter;
   private readonly where = { what: 'the header' };
+  private readonly marks: RamSectionMarks & { kept: number } = { section: -1, setupEnd: -1, end: -1, kept: 0 };
   private readonly parser: Generator<void, void, void>;
   private done = false;
 
-  constructor(ramBlock: string, ramFd: number, ramSize: number) {
+  /** `ramFd` null: the stream must have no pages of the block (it is only parsed). */
+  constructor(ramBlock: string, ramFd: number | null, ramSize: number) {
     this.pages = new PageWriter(ramFd, ramSize);
-    this.parser = parse(this.r, this.out, this.pages, ramBlock, ramSize, this.where);
+    this.parser = parse(this.r, this.out, this.pages, ramBlock, ramSize, this.where, this.marks);
     this.step();
   }
 
@@ -241,7 +252,8 @@ export class StreamSplitter {
   /** The stream ended: what it holds besides the RAM block's pages (throws if it ended early). */
   end(): SplitResult {
     if (!this.done) throw new MigrationStreamError(`the migration stream ended inside ${this.where.what} (at byte ${this.r.consumed})`);
-    return { state: Buffer.concat(this.out), pages: this.pages.pages };
+    const { section, setupEnd, end } = this.marks;
+    return { state: Buffer.concat(this.out), pages: this.pages.pages, ram: { section, setupEnd, end } };
   }
 
   /** Where the parse stands, for an error about a stream that broke off. */
@@ -303,11 +315,12 @@ export function splitEnded(source: Readable, splitter: StreamSplitter): Promise<
  * The parser, as a generator that yields whenever it needs more data than has arrived (a
  * promise per record would cost more than the parsing). Returns at the end of the RAM section.
  */
-function* parse(r: Reader, out: Buffer[], pages: PageWriter, ramBlock: string, ramSize: number, where: { what: string }): Generator<void, void, void> {
+function* parse(r: Reader, out: Buffer[], pages: PageWriter, ramBlock: string, ramSize: number, where: { what: string }, marks: RamSectionMarks & { kept: number }): Generator<void, void, void> {
   // Copied: the chunk may be a read buffer that is reused (kept bytes are few: ~70 KB a stream).
   const keep = (n: number): Buffer => {
     const b = Buffer.from(r.take(n));
     out.push(b);
+    marks.kept += n;
     return b;
   };
   const u8 = () => keep(1)[0]!;
@@ -490,8 +503,10 @@ function* parse(r: Reader, out: Buffer[], pages: PageWriter, ramBlock: string, r
         throw new MigrationStreamError(`section "${name}" (type ${type}) before the end of RAM: only RAM may be iterative`);
       }
       ramSection = id;
+      marks.section = id;
       yield* ramRecords();
       yield* footer(id);
+      marks.setupEnd = marks.kept;
       continue;
     }
     if (type === Section.Command) {
@@ -513,73 +528,13 @@ function* parse(r: Reader, out: Buffer[], pages: PageWriter, ramBlock: string, r
       if (id !== ramSection) throw new MigrationStreamError(`section ${id} is not the RAM section`);
       yield* ramRecords();
       yield* footer(id);
-      if (type === Section.End) break;
+      if (type === Section.End) {
+        marks.end = marks.kept;
+        break;
+      }
       continue;
     }
     throw new MigrationStreamError(`unexpected section type 0x${type.toString(16)} before the end of RAM`);
   }
   pages.flush();
-}
-
-/**
- * The split worker thread (split-worker.ts), started on first use and kept: a fork listens on a
- * unix socket (in the worker) for its parent's migration stream and gets the stripped state back.
- */
-export class SplitWorker {
-  private worker: Worker | null = null;
-  private nextId = 1;
-  private readonly waiting = new Map<number, (m: SplitMessage) => void>();
-
-  /**
-   * Listens on `socketPath` for one stream; `listening` resolves once QEMU (uid `uid`) may
-   * connect, `done` with the split. `cancel` stops it (the socket closes, `done` rejects).
-   */
-  split(o: Omit<SplitRequest, 'type' | 'id'>): { listening: Promise<void>; done: Promise<SplitResult>; cancel(): void } {
-    const worker = this.start();
-    const id = this.nextId++;
-    let onListening!: () => void;
-    let onFail!: (e: Error) => void;
-    const listening = new Promise<void>((resolve, reject) => { onListening = resolve; onFail = reject; });
-    const done = new Promise<SplitResult>((resolve, reject) => {
-      this.waiting.set(id, (m) => {
-        if (m.type === 'listening') return onListening();
-        this.waiting.delete(id);
-        if (this.waiting.size === 0) worker.unref();
-        if (m.type === 'done') resolve({ state: Buffer.from(m.state.buffer, m.state.byteOffset, m.state.byteLength), pages: m.pages });
-        else {
-          const err = new MigrationStreamError(m.message);
-          onFail(err);
-          reject(err);
-        }
-      });
-    });
-    listening.catch(() => undefined);
-    done.catch(() => undefined);
-    worker.ref(); // a split in progress keeps the process up
-    worker.postMessage({ type: 'split', id, ...o } satisfies SplitRequest);
-    return { listening, done, cancel: () => worker.postMessage({ type: 'cancel', id }) };
-  }
-
-  async close(): Promise<void> {
-    const w = this.worker;
-    this.worker = null;
-    await w?.terminate();
-  }
-
-  private start(): Worker {
-    if (this.worker) return this.worker;
-    // Next to this module: split-worker.js in dist (or .ts when run from source under tsx, whose
-    // loader the worker inherits).
-    const worker = new Worker(new URL(`./split-worker.${import.meta.url.endsWith('.ts') ? 'ts' : 'js'}`, import.meta.url));
-    worker.unref();
-    worker.on('message', (m: SplitMessage) => this.waiting.get(m.id)?.(m));
-    const failAll = (message: string) => {
-      if (this.worker === worker) this.worker = null;
-      for (const [id, w] of [...this.waiting]) w({ id, type: 'error', message });
-    };
-    worker.on('error', (e) => failAll(`the split worker failed: ${e.message}`));
-    worker.on('exit', () => failAll('the split worker exited'));
-    this.worker = worker;
-    return worker;
-  }
 }

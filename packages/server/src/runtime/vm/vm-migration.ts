@@ -11,8 +11,11 @@ import { connectUnix, type Qmp } from './qmp.js';
  */
 export const MIGRATION_CAPABILITIES = [{ capability: 'x-ignore-shared', state: true }, { capability: 'events', state: true }];
 
-/** Where a restoring VM reads its migration state from: memory (small) or a file (a frozen VM's whole RAM). */
-export type StateSource = { data: Buffer } | { file: string };
+/**
+ * Where a restoring VM reads its migration state from: memory (small; in parts, sent one after
+ * another) or a file (a frozen VM's whole RAM).
+ */
+export type StateSource = { data: Buffer | readonly Buffer[] } | { file: string };
 
 /** QEMU throttles migrations to 128 MiB/s by default (meant for live migration over a network). */
 export const UNTHROTTLED = { 'max-bandwidth': 64 * 1024 ** 3 };
@@ -71,7 +74,8 @@ export async function incoming(qmp: Qmp, state: StateSource, socketPath: string,
   // QEMU listens once migrate-incoming has returned.
   const sock = await connectUnix(socketPath, timeoutMs);
   sock.on('error', () => undefined); // a failure shows in the migration's state
-  sock.end(state.data);
+  for (const part of Buffer.isBuffer(state.data) ? [state.data] : state.data) sock.write(part);
+  sock.end();
   try {
     await migrated;
   } finally {

@@ -90,8 +90,11 @@ export async function launchQemu(host: QemuHost, o: LaunchOptions, timeoutMs: nu
     ...(host.kvmGid !== null ? [`--groups=${host.kvmGid}`] : ['--clear-groups']), '--',
   ];
   // Started by the spawner: a fork of the server would block its event loop for milliseconds
-  // per VM, five times over in a fork(5).
-  const qemu = await SpawnedChild.start([...prefix, QEMU, ...args]).catch((e: Error) => {
+  // per VM, five times over in a fork(5). SCHED_BATCH: a VM is CPU-bound (under TCG wholly so);
+  // as a batch task its wake-ups do not preempt the server or other VMs, so several VMs on few
+  // cores (a fork's children) take turns in longer slices, each running on a warmer cache
+  // (measured: fork(5) ~4% faster on 2 cores), and the API stays responsive while they run.
+  const qemu = await SpawnedChild.start([...prefix, QEMU, ...args], { batch: true }).catch((e: Error) => {
     throw new Error(`cannot start QEMU: ${e.message}`);
   });
   let stderr = '';

@@ -39,9 +39,11 @@ import type { DiffOptions, FileDiff, ReconcileReport, Runtime, RuntimeSandbox, S
 import { InFlight } from '../in-flight.js';
 import type { Acceleration } from './qemu-args.js';
 import { vmDiff } from './vm-diff.js';
-import { SplitWorker } from './migration-split.js';
+import { ForkMemoryWorker } from './fork-memory.js';
+import { deviceSections, forkSkeleton, type ForkSkeleton } from './fork-state.js';
 import { OverlayMaker } from './overlay-maker.js';
 import { incoming, migrateToFile, MIGRATION_CAPABILITIES, UNTHROTTLED, waitMigration, type StateSource } from './vm-migration.js';
+import type { Qmp } from './qmp.js';
 import { consoleTail, kvmGroup, launchQemu, qemuPidsUnder, setPriorityAll, stopVm, waitExit, type QemuHost, type VmProcess } from './vm-process.js';
 
 export interface VmRuntimeOptions {
@@ -51,6 +53,12 @@ export interface VmRuntimeOptions {
   image: () => Promise<VmImagePaths>;
   /** Guest RAM. */
   memoryMb?: number;
+  /**
+   * A fork copies the parent's own pages (those it wrote since it was cloned) into each child when
+   * they are at most this much; above it, children share a fork point's RAM file (default: an
+   * eighth of the RAM).
+   */
+  forkCopyLimitMb?: number;
   /** How long a template may take to boot to its agent's hello (TCG: seconds). */
   bootTimeoutMs?: number;
   /** How long a clone may take from QEMU start to the agent's answer after restore. */
@@ -64,6 +72,18 @@ export interface VmRuntimeOptions {
 }
 
 const DEFAULT_MEMORY_MB = 512;
+/** A VM's device state is tens of KB (the RAM is apart): a file much larger is not one. */
+const MAX_DEVICE_STATE = 16 * MB;
+
+/** A fork point's memory: the file the children's RAM maps, and the state they load. */
+interface ForkMemory {
+  ramFile: string;
+  state: Promise<StateSource>;
+  /** The fork failed before the parent continued: stop taking it. */
+  abandon(): Promise<void>;
+  /** Once every child has mapped the RAM file (or failed). */
+  release(): Promise<void>;
+}
 /** The guest RAM block's name in migration streams (the id of qemu-args' memory backend). */
 const RAM_BLOCK = 'mem';
 
@@ -77,6 +97,8 @@ interface Template {
   ramFile: string;
   image: VmImagePaths;
   network: boolean;
+  /** Its state cut for forks by copy (fork-state.ts); null: this QEMU cannot save device state alone. */
+  skeleton: ForkSkeleton | null;
 }
 
 export class VmSandbox implements RuntimeSandbox {
@@ -91,6 +113,8 @@ export class VmSandbox implements RuntimeSandbox {
     readonly id: string,
     readonly dir: string,
     readonly template: Template,
+    /** The file its RAM maps copy-on-write: its template's, or a fork point's. */
+    readonly ramFile: string,
     /** This VM's own overlay. */
     readonly disk: string,
     /** Fork layers (read-only qcow2) under this VM's disk, which must outlive it. */
@@ -146,9 +170,10 @@ export class VmRuntime implements Runtime {
   private readonly live = new Map<string, VmSandbox>();
   private readonly templates = new Map<string, Promise<Template>>();
   private readonly inFlight = new InFlight();
-  private readonly splitter = new SplitWorker();
+  private readonly forkWorker = new ForkMemoryWorker();
   private readonly overlays = new OverlayMaker();
   private readonly memoryMb: number;
+  private readonly forkCopyLimitMb: number;
   /** Names this server's RAM files on /dev/shm (shared by every server on the machine). */
   private readonly shmPrefix: string;
 
@@ -157,6 +182,7 @@ export class VmRuntime implements Runtime {
 
   constructor(private readonly opts: VmRuntimeOptions) {
     this.memoryMb = opts.memoryMb ?? DEFAULT_MEMORY_MB;
+    this.forkCopyLimitMb = opts.forkCopyLimitMb ?? this.memoryMb / 8;
     this.qemuHost = { accel: opts.accel, memoryMb: this.memoryMb, uid: opts.uid, kvmGid: kvmGroup(opts.accel), image: () => opts.image() };
     this.shmPrefix = `podflare-${createHash('sha256').update(path.resolve(opts.stateDir)).digest('hex').slice(0, 10)}-`;
   }
@@ -206,7 +232,7 @@ export class VmRuntime implements Runtime {
       if (t.status === 'fulfilled') await removeTemplate(t.value);
     }
     await rm(this.vmDir, { recursive: true, force: true });
-    await this.splitter.close();
+    await this.forkWorker.close();
   }
 
   /** The frozen template for (template, network), booted on first use; a failed boot is retried next time. */
@@ -226,7 +252,7 @@ export class VmRuntime implements Runtime {
     const rand = randomBytes(4).toString('hex');
     const dir = path.join(this.vmDir, 'templates', `${name}-${network ? 'net' : 'nonet'}-${rand}`);
     const statePath = path.join(dir, 'state');
-    const tpl: Template = { dir, disk: path.join(dir, 'disk.qcow2'), stateData: { data: Buffer.alloc(0) }, cloneOverlay: path.join(dir, 'clone.qcow2'), ramFile: path.join('/dev/shm', `${this.shmPrefix}${process.pid}-${rand}.ram`), image, network };
+    const tpl: Template = { dir, disk: path.join(dir, 'disk.qcow2'), stateData: { data: Buffer.alloc(0) }, cloneOverlay: path.join(dir, 'clone.qcow2'), ramFile: path.join('/dev/shm', `${this.shmPrefix}${process.pid}-${rand}.ram`), image, network, skeleton: null };
     const bootTimeoutMs = this.opts.bootTimeoutMs ?? (this.opts.accel.kind === 'kvm' ? 20_000 : 90_000);
     const t0 = performance.now();
     // A TCG boot can stall early on a loaded host: one more attempt before giving up.
@@ -244,6 +270,7 @@ export class VmRuntime implements Runtime {
         const ready = await withTimeout(vm.channel.exec({ op: 'exec', language: 'python', code: 'pass' }, () => undefined), bootTimeoutMs, 'the template interpreter did not start');
         if (ready.code !== 0) throw new Error('the template interpreter failed to start');
         const booted = performance.now();
+        const commands = await vm.qmp.command<Array<{ name: string }>>('query-commands');
         await vm.qmp.command('stop');
         await vm.qmp.command('migrate-set-capabilities', { capabilities: MIGRATION_CAPABILITIES });
         await migrateToFile(vm.qmp, statePath, bootTimeoutMs, vm.stderr);
@@ -251,7 +278,11 @@ export class VmRuntime implements Runtime {
         await waitExit(vm.qemu, 10_000);
         vm.channel.close('template frozen');
         await chmod(tpl.disk, 0o444);
-        tpl.stateData = { data: await readFile(statePath) };
+        const stateData = await readFile(statePath);
+        tpl.stateData = { data: stateData };
+        // Forks by copy need the device state alone (every QEMU has it so far; a build without it
+        // forks by migration).
+        if (commands.some((c) => c.name === 'xen-save-devices-state')) tpl.skeleton = forkSkeleton(stateData, RAM_BLOCK, this.memoryMb * MB);
         await run('qemu-img', ['create', '-q', '-f', 'qcow2', '-F', 'qcow2', '-b', tpl.disk, tpl.cloneOverlay]);
         this.opts.log.info('vm template ready', { template: name, network, boot_ms: Math.round(booted - t0), freeze_ms: Math.round(performance.now() - booted), accel: this.opts.accel.kind });
         return tpl;
@@ -327,7 +358,7 @@ export class VmRuntime implements Runtime {
       if (!from.clockLater) this.setClock(spec.id, vm);
       this.opts.log.debug('vm restored', { id: spec.id, ...steps });
       if (spec.background && vm.qemu.pid) setPriorityAll(vm.qemu.pid, 0);
-      const sandbox = new VmSandbox(spec.id, dir, tpl, disk, [...from.layers], vm, (s) => {
+      const sandbox = new VmSandbox(spec.id, dir, tpl, from.ramFile, disk, [...from.layers], vm, (s) => {
         this.live.delete(s.id);
         for (const l of s.layers) void this.releaseLayer(l);
       });
@@ -361,25 +392,17 @@ export class VmRuntime implements Runtime {
   }
 
   /**
-   * fork(n): the parent is paused at a fork point. Its migration stream comes to this server (a
-   * unix socket), which splits it in a worker thread (migration-split.ts): the pages of its RAM go
-   * into a fresh RAM file of the fork point on /dev/shm (all-zero pages stay holes), the rest
-   * (device state, a few small ROM blocks: ~70 KB) stays in memory as the fork point's state. A
-   * copy of its disk overlay becomes a read-only fork layer, and the parent continues on its own
-   * overlay. Each child is restored like a template clone: it maps the fork point's RAM file
-   * copy-on-write (siblings share its pages until they write them) and loads the state, with its
-   * own overlay over the fork layer, its own serial channel and network, and is told the time and
-   * fresh entropy. Everything in the guest is inherited: every process, not only the interpreter.
-   * A fork of a fork child works the same way (its RAM is private, so all of it streams).
+   * fork(n): the parent is paused at a fork point: its RAM and device state as they are (see
+   * forkMemory), and a copy of its disk overlay as a read-only fork layer. Each child is restored
+   * like a template clone from that point, with its own overlay over the fork layer, its own serial
+   * channel and network, and is told the time and fresh entropy. Everything in the guest is
+   * inherited: every process, not only the interpreter. The parent continues once its memory is
+   * taken, on its own overlay.
    *
-   * The children's QEMUs start while the stream is still being split: a QEMU waiting for its
+   * The children's QEMUs start while the memory is still being taken: a QEMU waiting for its
    * incoming migration does not touch guest RAM (it skips loading ROMs into RAM while in-migrate;
-   * its mapping of the RAM file has no resident page until then), pages of a MAP_PRIVATE mapping
-   * that were never written read the file as it is when touched, and a child's guest runs only
-   * after `cont`, once its migration has completed — long after the split has. Nothing writes the
-   * RAM file once the split is done, and it is unlinked once every child has been restored or has
-   * failed: the children's mappings keep its pages alive, so it needs no reference counting and
-   * nothing leaks (the start-up sweep removes one left by a crash).
+   * its mapping of the RAM file has no resident page until then), and a child's guest runs only
+   * once its migration has completed.
    */
   private async forkChildren(parent: VmSandbox, specs: SandboxSpec[]): Promise<RuntimeSandbox[]> {
     if (!this.live.has(parent.id)) throw new ApiError('conflict', 'the sandbox is not running');
@@ -387,63 +410,43 @@ export class VmRuntime implements Runtime {
     const phase = (name: string, extra: Record<string, unknown> = {}) => this.opts.log.debug(`vm fork: ${name}`, { parent: parent.id, ms: Math.round(performance.now() - t0), ...extra });
     const point = randomBytes(6).toString('hex');
     const layersDir = path.join(this.vmDir, 'layers');
-    await this.ownDir(layersDir); // QEMU connects to the fork point's socket here
+    await this.ownDir(layersDir); // QEMU connects to a fork point's stream socket here
     const layer = path.join(layersDir, `${point}.qcow2`);
     const overlay = path.join(layersDir, `${point}.top.qcow2`);
-    const socketPath = path.join(layersDir, `${point}.sock`);
-    const ramFile = path.join('/dev/shm', `${this.shmPrefix}${process.pid}-${point}.ram`);
     const qmp = parent.vm.qmp;
-    type Split = ReturnType<SplitWorker['split']>;
-    let split: Split | null = null;
+    let memory: ForkMemory | null = null;
     let layerHeld = false;
-    let migrated: Promise<void> | null = null;
     let resumed = false;
+    let forked = false;
     let settled: Promise<unknown> = Promise.resolve();
-    // The fork point's RAM file and the socket its stream arrives on are made while QEMU stops.
-    const prepared = (async () => {
-      const ram = await open(ramFile, 'wx', 0o600);
-      try {
-        await ram.truncate(this.memoryMb * MB);
-        // MAP_PRIVATE still needs a file QEMU can open read-write (QEMU 7.2 has no read-only
-        // private mapping of guest RAM); the children own it as much as the template's RAM file.
-        await ram.chown(this.opts.uid, this.opts.uid);
-      } finally {
-        await ram.close();
-      }
-      split = this.splitter.split({ socketPath, uid: this.opts.uid, ramFile, ramBlock: RAM_BLOCK, ramSize: this.memoryMb * MB });
-      await split.listening;
-    })();
-    prepared.catch(() => undefined);
     try {
       await qmp.command('stop');
-      await prepared;
-      await qmp.command('migrate-set-parameters', UNTHROTTLED);
-      migrated = waitMigration(qmp, this.opts.startTimeoutMs, parent.vm.stderr);
-      await qmp.command('migrate', { uri: `unix:${socketPath}` });
-      const saved = Promise.all([migrated, (split as Split | null)!.done]).then(([, s]) => {
-        phase('memory saved', { pages: s.pages, state_bytes: s.state.length });
-        return { data: s.state } satisfies StateSource;
-      });
-      saved.catch(() => undefined);
       // `stop` flushed the disk (QEMU's qcow2 caches included) and nothing writes it until
-      // `cont`: a copy of the overlay is the fork point's disk, taken while the memory streams.
+      // `cont`: a copy of the overlay is the fork point's disk, taken while the memory is taken.
       // The children's empty overlay over it is made meanwhile (the copy need not exist yet).
       this.retainLayer(layer);
       layerHeld = true;
-      await Promise.all([
-        // A reflink where the state directory's filesystem has them (btrfs, XFS): a parent that
-        // wrote gigabytes forks as fast as one that wrote nothing. Elsewhere a copy.
-        copyFile(parent.disk, layer, fsConstants.COPYFILE_FICLONE).then(() => chmod(layer, 0o444)),
-        this.overlays.make(layer, overlay, parent.disk),
+      const [mem, disk] = await Promise.allSettled([
+        this.forkMemory(parent, point, phase),
+        Promise.all([
+          // A reflink where the state directory's filesystem has them (btrfs, XFS): a parent that
+          // wrote gigabytes forks as fast as one that wrote nothing. Elsewhere a copy.
+          copyFile(parent.disk, layer, fsConstants.COPYFILE_FICLONE).then(() => chmod(layer, 0o444)),
+          this.overlays.make(layer, overlay, parent.disk),
+        ]),
       ]);
+      if (mem.status === 'rejected') throw mem.reason;
+      memory = mem.value;
+      if (disk.status === 'rejected') throw disk.reason;
       phase('disk frozen');
       const layers = [...parent.layers, layer];
+      const { ramFile, state } = mem.value;
       // Clocks are set once every child is up: a guest acting on it takes CPU the others need.
-      const children = specs.map((spec) => this.restore(spec, { template: parent.template, ramFile, disk: { overlayOf: overlay }, state: saved, layers, clockLater: true }));
+      const children = specs.map((spec) => this.restore(spec, { template: parent.template, ramFile, disk: { overlayOf: overlay }, state, layers, clockLater: true }));
       settled = Promise.allSettled(children);
       let error: unknown = null;
       try {
-        await saved;
+        await state;
         await qmp.command('cont');
         resumed = true;
       } catch (err) {
@@ -458,25 +461,144 @@ export class VmRuntime implements Runtime {
         await Promise.all(results.map((r) => (r.status === 'fulfilled' ? r.value.destroy() : undefined)));
         throw failed;
       }
+      forked = true;
       return results.map((r) => (r as PromiseFulfilledResult<VmSandbox>).value);
     } finally {
-      await prepared.catch(() => undefined); // nothing half made behind our back
       if (!resumed) {
-        (split as Split | null)?.cancel();
-        if (migrated) {
-          await qmp.command('migrate_cancel').catch(() => undefined);
-          await withTimeout(migrated, 10_000, 'the cancelled migration did not end').catch(() => undefined);
-        }
+        await memory?.abandon();
         await qmp.command('cont').catch(() => undefined);
       }
-      await rm(socketPath, { force: true });
-      // Children still starting map the file: it goes once they all have (or have failed).
-      await settled;
-      await rm(ramFile, { force: true });
-      await rm(overlay, { force: true });
-      if (layerHeld) await this.releaseLayer(layer); // held by the children alone now, if any
-      else await rm(layer, { force: true });
+      const cleanup = (async () => {
+        // Children still starting map the RAM file: it goes once they all have (or have failed).
+        await settled;
+        await memory?.release();
+        await rm(overlay, { force: true });
+        if (layerHeld) await this.releaseLayer(layer); // held by the children alone now, if any
+        else await rm(layer, { force: true });
+      })();
+      // A fork that failed has cleaned up when it says so; a fork that worked need not wait.
+      if (forked) this.inFlight.background(cleanup);
+      else await cleanup;
     }
+  }
+
+  /**
+   * A stopped parent's memory for its children: the file their RAM maps and the state they load.
+   * By copy when the parent's RAM maps its template's file and its own pages (those it wrote since)
+   * are few: they are read from its QEMU's memory (private-pages.ts) and go into the state, with
+   * its device state (fork-state.ts); every child maps the template's RAM file and has a copy of
+   * them. Else by migration: the parent's stream is split into a fresh RAM file of the fork point,
+   * which its children share (forkBySplit).
+   */
+  private async forkMemory(parent: VmSandbox, point: string, phase: (name: string, extra?: Record<string, unknown>) => void): Promise<ForkMemory> {
+    const skeleton = parent.template.skeleton;
+    if (!skeleton || parent.ramFile !== parent.template.ramFile || parent.vm.qemu.pid === undefined) return this.forkBySplit(parent, point, phase);
+    const devicesFile = path.join(this.vmDir, 'points', `${point}.dev`);
+    const devices = this.saveDevices(parent.vm, devicesFile);
+    devices.catch(() => undefined);
+    const own = this.forkWorker.privatePages({ pid: parent.vm.qemu.pid, ramFile: parent.ramFile, ramSize: this.memoryMb * MB, limitBytes: this.forkCopyLimitMb * MB, skeleton, ramBlock: RAM_BLOCK });
+    const { count, copy } = await own.counted;
+    if (!copy) {
+      await devices.catch(() => undefined);
+      phase('too many pages to copy', { pages: count });
+      return this.forkBySplit(parent, point, phase);
+    }
+    // The children start while the pages are read.
+    const state = Promise.all([own.stateHead, devices]).then(([head, d]) => {
+      phase('pages read', { pages: count });
+      return { data: [head, deviceSections(d)] } satisfies StateSource;
+    });
+    state.catch(() => undefined);
+    return { ramFile: parent.ramFile, state, abandon: async () => undefined, release: async () => undefined };
+  }
+
+  /**
+   * A stopped VM's device state, without RAM (QMP `xen-save-devices-state`, made for Xen, whose
+   * RAM is saved apart: here it is the pages QEMU would otherwise scan for). QEMU writes the file
+   * by name: it is made here first, in a directory of the server's own, so QEMU can neither
+   * replace it nor point it elsewhere (this server, root, reads it back).
+   */
+  private async saveDevices(vm: VmProcess, file: string): Promise<Buffer> {
+    await mkdir(path.dirname(file), { recursive: true, mode: 0o711 });
+    try {
+      const fd = await open(file, 'wx', 0o600);
+      try {
+        await fd.chown(this.opts.uid, this.opts.uid);
+      } finally {
+        await fd.close();
+      }
+      // live: false, or QEMU would hand the disk over as at the end of a migration.
+      await vm.qmp.command('xen-save-devices-state', { filename: file, live: false });
+      const fd2 = await open(file, fsConstants.O_RDONLY | fsConstants.O_NOFOLLOW);
+      try {
+        const { size } = await fd2.stat();
+        if (size > MAX_DEVICE_STATE) throw new Error(`the device state is ${size} bytes, more than a VM's devices hold`);
+        return await fd2.readFile();
+      } finally {
+        await fd2.close();
+      }
+    } finally {
+      await rm(file, { force: true });
+    }
+  }
+
+  /**
+   * The parent migrates to this server (a unix socket), which splits the stream in its fork
+   * worker (migration-split.ts): the pages of its RAM go into a fresh RAM file of the fork point on
+   * /dev/shm (all-zero pages stay holes), the rest (device state, a few small ROM blocks: ~70 KB)
+   * stays in memory as the fork point's state. Children map the RAM file copy-on-write (siblings
+   * share its pages until they write them). Nothing writes it once the split is done, and it is
+   * unlinked once every child has been restored or has failed: the children's mappings keep its
+   * pages alive, so it needs no reference counting and nothing leaks (the start-up sweep removes
+   * one left by a crash). A fork of such a child works the same way (its RAM is not its
+   * template's), and so does a fork of a resumed VM.
+   */
+  private async forkBySplit(parent: VmSandbox, point: string, phase: (name: string, extra?: Record<string, unknown>) => void): Promise<ForkMemory> {
+    const qmp = parent.vm.qmp;
+    const socketPath = path.join(this.vmDir, 'layers', `${point}.sock`);
+    const ramFile = path.join('/dev/shm', `${this.shmPrefix}${process.pid}-${point}.ram`);
+    let split: ReturnType<ForkMemoryWorker['split']> | null = null;
+    let migrated: Promise<void> | null = null;
+    const release = async () => {
+      await rm(socketPath, { force: true });
+      await rm(ramFile, { force: true });
+    };
+    try {
+      const ram = await open(ramFile, 'wx', 0o600);
+      try {
+        await ram.truncate(this.memoryMb * MB);
+        // MAP_PRIVATE still needs a file QEMU can open read-write (QEMU 7.2 has no read-only
+        // private mapping of guest RAM); the children own it as much as the template's RAM file.
+        await ram.chown(this.opts.uid, this.opts.uid);
+      } finally {
+        await ram.close();
+      }
+      split = this.forkWorker.split({ socketPath, uid: this.opts.uid, ramFile, ramBlock: RAM_BLOCK, ramSize: this.memoryMb * MB });
+      await split.listening;
+      await qmp.command('migrate-set-parameters', UNTHROTTLED);
+      migrated = waitMigration(qmp, this.opts.startTimeoutMs, parent.vm.stderr);
+      await qmp.command('migrate', { uri: `unix:${socketPath}` });
+    } catch (err) {
+      split?.cancel();
+      if (migrated) await this.cancelMigration(qmp, migrated);
+      await release();
+      throw err;
+    }
+    const state = Promise.all([migrated, split.done]).then(([, s]) => {
+      phase('memory saved', { pages: s.pages, state_bytes: s.state.length });
+      return { data: s.state } satisfies StateSource;
+    });
+    state.catch(() => undefined);
+    const abandon = async () => {
+      split?.cancel();
+      await this.cancelMigration(qmp, migrated!);
+    };
+    return { ramFile, state, abandon, release };
+  }
+
+  private async cancelMigration(qmp: Qmp, migrated: Promise<void>): Promise<void> {
+    await qmp.command('migrate_cancel').catch(() => undefined);
+    await withTimeout(migrated, 10_000, 'the cancelled migration did not end').catch(() => undefined);
   }
 
   /**
@@ -512,7 +634,7 @@ export class VmRuntime implements Runtime {
       // Any RAM file does (the state holds the whole RAM); this one is the resumed VM's own.
       const rand = randomBytes(4).toString('hex');
       const state = path.join(dir, 'state');
-      const own: Template = { dir, disk: path.join(dir, 'disk.qcow2'), stateData: { file: state }, cloneOverlay: '', ramFile: path.join('/dev/shm', `${this.shmPrefix}${process.pid}-r${rand}.ram`), image, network: meta.network };
+      const own: Template = { dir, disk: path.join(dir, 'disk.qcow2'), stateData: { file: state }, cloneOverlay: '', ramFile: path.join('/dev/shm', `${this.shmPrefix}${process.pid}-r${rand}.ram`), image, network: meta.network, skeleton: null };
       try {
         const sandbox = await this.restore(spec, { template: own, ramFile: own.ramFile, disk: { copyOf: own.disk }, state: own.stateData, layers: [] });
         sandbox.ownRamFile = own.ramFile;
@@ -559,3 +681,4 @@ function withTimeout<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
     p.then((v) => { clearTimeout(timer); resolve(v); }, (e: unknown) => { clearTimeout(timer); reject(e as Error); });
   });
 }
+

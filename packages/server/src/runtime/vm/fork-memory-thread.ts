@@ -1,21 +1,21 @@
 /**
- * The worker thread that splits fork points' migration streams (migration-split.ts). In a thread
- * of its own, the 100+ MB each fork streams (socket reads, parsing, page writes, and the garbage
- * collections the socket's buffers set off) stay off the server's event loop, which meanwhile
- * spawns the children's QEMUs.
- *
- * The stream is read into one buffer, reused for every read: a fresh buffer per read (Node's
- * default) means ~100 MB of new memory per fork, each page of it faulted in and then collected by
- * V8 — about half the CPU a split took.
- *
- * Messages in: {type: 'split', id, socketPath, uid, ramFile, ramBlock, ramSize} | {type: 'cancel', id}
- * Messages out: {id, type: 'listening'} | {id, type: 'done', state, pages} | {id, type: 'error', message}
+ * The fork worker thread: it gets a fork point's memory (fork-memory.ts) off the server's event
+ * loop, which meanwhile spawns the children's QEMUs. Either of:
+ * - `pages`: the parent's private pages, read from its QEMU's memory (private-pages.ts) into the
+ *   children's state (fork-state.ts);
+ * - `split`: the parent's migration stream, split as it arrives (migration-split.ts): the 100+ MB
+ *   it streams (socket reads, parsing, page writes, and the garbage collections the socket's
+ *   buffers set off) stay here. The stream is read into one buffer, reused for every read: a
+ *   fresh buffer per read (Node's default) means ~100 MB of new memory per fork, each page of it
+ *   faulted in and then collected by V8 — about half the CPU a split took.
  */
 import { closeSync, openSync } from 'node:fs';
 import { chown } from 'node:fs/promises';
 import net from 'node:net';
 import { parentPort } from 'node:worker_threads';
-import { splitEnded, splitMigrationStream, StreamSplitter, type SplitResult } from './migration-split.js';
+import { PAGE, splitEnded, splitMigrationStream, StreamSplitter, type SplitResult } from './migration-split.js';
+import { forkStateHead, type ForkSkeleton } from './fork-state.js';
+import { findPrivatePages, PageReader } from './private-pages.js';
 
 export interface SplitRequest {
   type: 'split';
@@ -28,18 +28,64 @@ export interface SplitRequest {
   ramSize: number;
 }
 
-export type SplitMessage =
+export interface PagesRequest {
+  type: 'pages';
+  id: number;
+  pid: number;
+  ramFile: string;
+  ramSize: number;
+  limitBytes: number;
+  skeleton: ForkSkeleton;
+  ramBlock: string;
+}
+
+export type WorkerRequest = SplitRequest | PagesRequest | { type: 'cancel'; id: number };
+
+export type WorkerMessage =
   | { id: number; type: 'listening' }
-  | { id: number; type: 'done'; state: Uint8Array; pages: number }
+  | { id: number; type: 'split'; state: Uint8Array; pages: number }
+  | { id: number; type: 'counted'; count: number; copy: boolean }
+  | { id: number; type: 'pages'; stateHead: Uint8Array }
   | { id: number; type: 'error'; message: string };
 
 const port = parentPort!;
 const cancels = new Map<number, () => void>();
 
-port.on('message', (m: SplitRequest | { type: 'cancel'; id: number }) => {
+port.on('message', (m: WorkerRequest) => {
   if (m.type === 'cancel') return void cancels.get(m.id)?.();
+  if (m.type === 'pages') return pages(m);
   void split(m);
 });
+
+/**
+ * Counts the private pages first, then, unless they are more than the limit, reads them into the
+ * children's state.
+ */
+function pages(m: PagesRequest): void {
+  try {
+    const found = findPrivatePages(m.pid, m.ramFile, m.ramSize);
+    const copy = found.pages.length * PAGE <= m.limitBytes;
+    port.postMessage({ id: m.id, type: 'counted', count: found.pages.length, copy } satisfies WorkerMessage);
+    if (!copy) return;
+    const reader = new PageReader(m.pid, found.start);
+    let stateHead: Buffer;
+    try {
+      // Buffers arrive as plain Uint8Arrays.
+      const skeleton = { ...m.skeleton, head: asBuffer(m.skeleton.head), ramRest: asBuffer(m.skeleton.ramRest) };
+      stateHead = forkStateHead(skeleton, m.ramBlock, found.pages, (into, at, page) => reader.read(into, at, page));
+    } finally {
+      reader.close();
+    }
+    // Handed over, not copied (its own memory: allocUnsafeSlow).
+    port.postMessage({ id: m.id, type: 'pages', stateHead } satisfies WorkerMessage, [stateHead.buffer as ArrayBuffer]);
+  } catch (err) {
+    port.postMessage({ id: m.id, type: 'error', message: (err as Error).message } satisfies WorkerMessage);
+  }
+}
+
+function asBuffer(a: Uint8Array): Buffer {
+  return Buffer.from(a.buffer, a.byteOffset, a.byteLength);
+}
 
 /** One read buffer for the worker's splits (they run one after another in practice; a second
  * concurrent split gets its own). */
@@ -80,7 +126,7 @@ function readingIntoOneBuffer(accepted: net.Socket, onChunk: (chunk: Buffer) => 
 }
 
 async function split(m: SplitRequest): Promise<void> {
-  const send = (msg: SplitMessage) => port.postMessage(msg);
+  const send = (msg: WorkerMessage) => port.postMessage(msg);
   // Paused: the connection's handle moves to a socket reading into the reused buffer before any read.
   const server = net.createServer({ pauseOnConnect: true });
   let conn: net.Socket | null = null;
@@ -118,7 +164,7 @@ async function split(m: SplitRequest): Promise<void> {
       accepted.resume(); // paused on connect
       r = await whole;
     }
-    send({ id: m.id, type: 'done', state: r.state, pages: r.pages });
+    send({ id: m.id, type: 'split', state: r.state, pages: r.pages });
   } catch (err) {
     send({ id: m.id, type: 'error', message: (err as Error).message });
   } finally {
