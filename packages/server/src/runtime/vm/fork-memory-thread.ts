@@ -14,7 +14,7 @@ import { chown } from 'node:fs/promises';
 import net from 'node:net';
 import { parentPort } from 'node:worker_threads';
 import { PAGE, splitEnded, splitMigrationStream, StreamSplitter, type SplitResult } from './migration-split.js';
-import { forkStateHead, type ForkSkeleton } from './fork-state.js';
+import { forkStateHead, MAX_RUN, type ForkSkeleton } from './fork-state.js';
 import { findPrivatePages, PageReader } from './private-pages.js';
 
 export interface SplitRequest {
@@ -67,12 +67,12 @@ function pages(m: PagesRequest): void {
     const copy = found.pages.length * PAGE <= m.limitBytes;
     port.postMessage({ id: m.id, type: 'counted', count: found.pages.length, copy } satisfies WorkerMessage);
     if (!copy) return;
-    const reader = new PageReader(m.pid, found.start);
+    const reader = new PageReader(m.pid, found.start, MAX_RUN);
     let stateHead: Buffer;
     try {
       // Buffers arrive as plain Uint8Arrays.
       const skeleton = { ...m.skeleton, head: asBuffer(m.skeleton.head), ramRest: asBuffer(m.skeleton.ramRest) };
-      stateHead = forkStateHead(skeleton, m.ramBlock, found.pages, (into, at, page) => reader.read(into, at, page));
+      stateHead = forkStateHead(skeleton, m.ramBlock, found.pages, (first, count) => reader.read(first, count));
     } finally {
       reader.close();
     }

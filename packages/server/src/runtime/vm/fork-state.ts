@@ -34,12 +34,15 @@ const ZERO_PAGE = Buffer.alloc(PAGE);
 /** Device state: the header, then sections, then EOF. */
 const DEVICE_STATE_HEADER = 8;
 
+/** Pages read at most at once (a run of consecutive pages). */
+export const MAX_RUN = 256;
+
 /**
  * The state for children of a fork, up to the device state: `skeleton` with the parent's private
- * pages of `ramBlock` (`pages`, page numbers) in its RAM section, each read straight into its place
- * by `readPage`; an all-zero page becomes a one-byte record.
+ * pages of `ramBlock` (`pages`, page numbers, ascending) in its RAM section, read run by run with
+ * `readRun` (consecutive pages, at most MAX_RUN); an all-zero page becomes a one-byte record.
  */
-export function forkStateHead(skeleton: ForkSkeleton, ramBlock: string, pages: Uint32Array, readPage: (into: Buffer, at: number, page: number) => void): Buffer {
+export function forkStateHead(skeleton: ForkSkeleton, ramBlock: string, pages: Uint32Array, readRun: (first: number, count: number) => Buffer): Buffer {
   const n = pages.length;
   const name = Buffer.from(ramBlock, 'latin1');
   // Section PART of RAM: records (offset | flags), the first naming the block; EOS; footer. At
@@ -49,7 +52,16 @@ export function forkStateHead(skeleton: ForkSkeleton, ramBlock: string, pages: U
   out[at] = Section.Part;
   out.writeUInt32BE(skeleton.ramSection, at + 1);
   at += 5;
+  let run: Buffer = Buffer.alloc(0);
+  let runStart = 0;
   for (let i = 0; i < n; i++) {
+    if (i >= runStart + run.length / PAGE) {
+      let j = i + 1;
+      while (j < n && pages[j] === pages[j - 1]! + 1 && j - i < MAX_RUN) j++;
+      run = readRun(pages[i]!, j - i);
+      runStart = i;
+    }
+    const data = run.subarray((i - runStart) * PAGE, (i - runStart + 1) * PAGE);
     const offset = pages[i]! * PAGE;
     const flagsAt = at + 4;
     out.writeUInt32BE(Math.floor(offset / 2 ** 32), at);
@@ -59,9 +71,8 @@ export function forkStateHead(skeleton: ForkSkeleton, ramBlock: string, pages: U
       out[at] = name.length;
       at += 1 + name.copy(out, at + 1);
     }
-    readPage(out, at, pages[i]!);
-    if (!out.subarray(at, at + PAGE).equals(ZERO_PAGE)) {
-      at += PAGE;
+    if (!data.equals(ZERO_PAGE)) {
+      at += data.copy(out, at);
     } else {
       out.writeUInt32BE((offset % 2 ** 32) + Flag.Zero + (i ? Flag.Continue : 0), flagsAt);
       out[at++] = 0; // the fill byte
