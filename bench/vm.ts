@@ -8,10 +8,11 @@
  *   pool create     Sandbox.create({ runtime: 'vm' }) served from the warm pool of clones
  *   restore         create on a server with the pool off: one clone restored from the template,
  *                   alternating with the fork(5)s (the same host state for both)
- *   fork(1/5)       of an idle VM sandbox: its migration stream split by the server into a fresh RAM
- *                   file (~100 MB of pages) and device state, its disk overlay copied; the children
- *                   start meanwhile and restore like clones, mapping that file copy-on-write. Under
- *                   TCG on 2 cores the 5 children's own restores alone are ~2.5 restores of CPU.
+ *   fork(1/5)       of an idle VM sandbox holding a small interpreter state: forked by copy (its
+ *                   ~8 MB of own pages read from its QEMU's memory, its device state saved alone),
+ *                   its disk overlay copied; the children start meanwhile and restore like clones
+ *                   of the template with those pages. Under TCG on 2 cores the 5 children's own
+ *                   restores alone are ~2.5 restores of CPU.
  *   clone PSS       private memory of an idle pooled clone against its RAM size
  * Two servers of their own: one with a pool (pool create, PSS), one without (restore, forks).
  */
@@ -137,7 +138,7 @@ export async function measureVmUnpooled(bs: VmBenchServer, opts: VmOptions): Pro
   const cores = os.availableParallelism();
   const forkCpu = median(fork5.map((f) => f.machineCpu));
   notes.push(`vm CPU, p50 of ${runs} (/proc, 10 ms ticks; restores and fork(5)s alternate): one restore ${fmtMs(median(restores.map((r) => r.machineCpu)))} on the machine (its QEMU ${fmtMs(median(restores.map((r) => r.qemuCpu)))}); ` +
-    `one fork(5) ${fmtMs(forkCpu)} (the 5 children's QEMUs ${fmtMs(median(fork5.map((f) => f.childrenCpu)))}, the parent's QEMU ${fmtMs(median(fork5.map((f) => f.parentCpu)))}, the rest: the server's split and bookkeeping, launch helpers), machine idle meanwhile ${fmtMs(median(fork5.map((f) => f.idle)))}; ` +
+    `one fork(5) ${fmtMs(forkCpu)} (the 5 children's QEMUs ${fmtMs(median(fork5.map((f) => f.childrenCpu)))}, the parent's QEMU ${fmtMs(median(fork5.map((f) => f.parentCpu)))}, the rest: the server taking the parent's memory and its bookkeeping, launch helpers), machine idle meanwhile ${fmtMs(median(fork5.map((f) => f.idle)))}; ` +
     `that CPU over ${cores} cores alone takes ${fmtMs(forkCpu / cores)} = ${(forkCpu / cores / rv.p50).toFixed(1)}× the restore`);
 
   const nsParent = await Sandbox.create({ client: bs.client, runtime: 'ns' });

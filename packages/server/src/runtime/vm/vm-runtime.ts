@@ -13,14 +13,16 @@
  * fresh entropy, its hostname and id right after, because every clone resumes with the template's
  * clock and RNG state.
  *
- * A fork point is a frozen point of the same kind, made from a running VM: its migration stream is
- * split by the server into a fresh RAM file (the pages) and the device state (see forkChildren).
+ * A fork point is a frozen point of the same kind, made from a running VM (see forkMemory): by
+ * copy, the template's RAM file and a state holding the parent's own pages and device state; or
+ * by migration, its stream split by the server into a fresh RAM file and the device state.
  *
  *   <stateDir>/vm/templates/<name>-<net|nonet>-<rand>/disk.qcow2  template disk (read-only once frozen)
  *   <stateDir>/vm/templates/<…>/{state,clone.qcow2}               device state, an empty overlay to copy
  *   /dev/shm/podflare-<statehash>-<pid>-<rand>.ram                template RAM
  *   /dev/shm/podflare-<statehash>-<pid>-<point>.ram               a fork point's RAM (unlinked once mapped)
  *   <stateDir>/vm/layers/<point>.{qcow2,top.qcow2,sock}           fork layer, its children's empty overlay, stream socket
+ *   <stateDir>/vm/points/<point>.dev                              a fork point's device state (QEMU writes it, the server reads it)
  *   <stateDir>/vm/<sandbox id>/{disk.qcow2,agent.sock,qmp.sock,in.sock,console.log}
  *
  * Disks: the shared read-only ext4 root ← template overlay ← each sandbox's own qcow2 overlay.
