@@ -45,7 +45,8 @@ export type WorkerMessage =
   | { id: number; type: 'listening' }
   | { id: number; type: 'split'; state: Uint8Array; pages: number }
   | { id: number; type: 'counted'; count: number; copy: boolean }
-  | { id: number; type: 'pages'; stateHead: Uint8Array }
+  /** null: too many pages to copy. */
+  | { id: number; type: 'pages'; stateHead: Uint8Array | null }
   | { id: number; type: 'error'; message: string };
 
 const port = parentPort!;
@@ -66,13 +67,11 @@ function pages(m: PagesRequest): void {
     const found = findPrivatePages(m.pid, m.ramFile, m.ramSize);
     const copy = found.pages.length * PAGE <= m.limitBytes;
     port.postMessage({ id: m.id, type: 'counted', count: found.pages.length, copy } satisfies WorkerMessage);
-    if (!copy) return;
+    if (!copy) return port.postMessage({ id: m.id, type: 'pages', stateHead: null } satisfies WorkerMessage);
     const reader = new PageReader(m.pid, found.start, MAX_RUN);
     let stateHead: Buffer;
     try {
-      // Buffers arrive as plain Uint8Arrays.
-      const skeleton = { ...m.skeleton, head: asBuffer(m.skeleton.head), ramRest: asBuffer(m.skeleton.ramRest) };
-      stateHead = forkStateHead(skeleton, m.ramBlock, found.pages, (first, count) => reader.read(first, count));
+      stateHead = forkStateHead(m.skeleton, m.ramBlock, found.pages, (first, count) => reader.read(first, count));
     } finally {
       reader.close();
     }
@@ -81,10 +80,6 @@ function pages(m: PagesRequest): void {
   } catch (err) {
     port.postMessage({ id: m.id, type: 'error', message: (err as Error).message } satisfies WorkerMessage);
   }
-}
-
-function asBuffer(a: Uint8Array): Buffer {
-  return Buffer.from(a.buffer, a.byteOffset, a.byteLength);
 }
 
 /** One read buffer for the worker's splits (they run one after another in practice; a second

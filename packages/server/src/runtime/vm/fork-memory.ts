@@ -13,32 +13,17 @@ export class ForkMemoryWorker {
 
   /**
    * The private pages of a stopped VM's QEMU (private-pages.ts): `counted` says how many there
-   * are and whether they are to be copied (at most `limitBytes`); if so, `stateHead` is the
-   * children's state with them, up to the device state (fork-state.ts).
+   * are and whether they are to be copied (at most `limitBytes`); `stateHead` is then the
+   * children's state with them, up to the device state (fork-state.ts), or null.
    */
-  privatePages(o: Omit<PagesRequest, 'type' | 'id'>): { counted: Promise<{ count: number; copy: boolean }>; stateHead: Promise<Buffer> } {
-    let onCounted!: (c: { count: number; copy: boolean }) => void;
-    let onFail!: (e: Error) => void;
-    const counted = new Promise<{ count: number; copy: boolean }>((resolve, reject) => { onCounted = resolve; onFail = reject; });
-    const stateHead = new Promise<Buffer>((resolve, reject) => {
-      this.request({ type: 'pages', ...o }, (m) => {
-        if (m.type === 'counted') {
-          onCounted(m);
-          if (m.copy) return false;
-          reject(new Error('the pages were too many to copy'));
-        } else if (m.type === 'pages') {
-          resolve(Buffer.from(m.stateHead.buffer, m.stateHead.byteOffset, m.stateHead.byteLength));
-        } else {
-          const err = new Error(m.type === 'error' ? m.message : `unexpected answer ${m.type}`);
-          onFail(err);
-          reject(err);
-        }
-        return true;
-      });
-    });
-    counted.catch(() => undefined);
-    stateHead.catch(() => undefined);
-    return { counted, stateHead };
+  privatePages(o: Omit<PagesRequest, 'type' | 'id'>): { counted: Promise<{ count: number; copy: boolean }>; stateHead: Promise<Buffer | null> } {
+    const { first, last } = this.twoAnswers(
+      { type: 'pages', ...o },
+      (m) => (m.type === 'counted' ? { count: m.count, copy: m.copy } : undefined),
+      (m) => (m.type === 'pages' ? (m.stateHead ? asBuffer(m.stateHead) : null) : undefined),
+      (message) => new Error(message),
+    );
+    return { counted: first, stateHead: last };
   }
 
   /**
@@ -46,28 +31,45 @@ export class ForkMemoryWorker {
    * may connect, `done` with the split. `cancel` stops it (the socket closes, `done` rejects).
    */
   split(o: Omit<SplitRequest, 'type' | 'id'>): { listening: Promise<void>; done: Promise<{ state: Buffer; pages: number }>; cancel(): void } {
-    let onListening!: () => void;
+    const { id, first, last } = this.twoAnswers(
+      { type: 'split', ...o },
+      (m) => (m.type === 'listening' ? true : undefined),
+      (m) => (m.type === 'split' ? { state: asBuffer(m.state), pages: m.pages } : undefined),
+      (message) => new MigrationStreamError(message),
+    );
+    return { listening: first.then(() => undefined), done: last, cancel: () => this.worker?.postMessage({ type: 'cancel', id } satisfies WorkerRequest) };
+  }
+
+  /**
+   * A request answered twice: a first message (what `first` picks out of it), then the last
+   * (what `last` picks). An error from the worker (or an answer neither expects) fails both.
+   */
+  private twoAnswers<A, B>(req: Omit<SplitRequest, 'id'> | Omit<PagesRequest, 'id'>, first: (m: WorkerMessage) => A | undefined, last: (m: WorkerMessage) => B | undefined, failure: (message: string) => Error): { id: number; first: Promise<A>; last: Promise<B> } {
+    let onFirst!: (a: A) => void;
     let onFail!: (e: Error) => void;
+    const firstAnswer = new Promise<A>((resolve, reject) => { onFirst = resolve; onFail = reject; });
     let id = 0;
-    const listening = new Promise<void>((resolve, reject) => { onListening = resolve; onFail = reject; });
-    const done = new Promise<{ state: Buffer; pages: number }>((resolve, reject) => {
-      id = this.request({ type: 'split', ...o }, (m) => {
-        if (m.type === 'listening') {
-          onListening();
+    const lastAnswer = new Promise<B>((resolve, reject) => {
+      id = this.request(req, (m) => {
+        const a = first(m);
+        if (a !== undefined) {
+          onFirst(a);
           return false;
         }
-        if (m.type === 'split') resolve({ state: Buffer.from(m.state.buffer, m.state.byteOffset, m.state.byteLength), pages: m.pages });
-        else {
-          const err = new MigrationStreamError(m.type === 'error' ? m.message : `unexpected answer ${m.type}`);
-          onFail(err);
-          reject(err);
+        const b = last(m);
+        if (b !== undefined) {
+          resolve(b);
+          return true;
         }
+        const err = failure(m.type === 'error' ? m.message : `unexpected answer ${m.type}`);
+        onFail(err);
+        reject(err);
         return true;
       });
     });
-    listening.catch(() => undefined);
-    done.catch(() => undefined);
-    return { listening, done, cancel: () => this.worker?.postMessage({ type: 'cancel', id } satisfies WorkerRequest) };
+    firstAnswer.catch(() => undefined);
+    lastAnswer.catch(() => undefined);
+    return { id, first: firstAnswer, last: lastAnswer };
   }
 
   async close(): Promise<void> {
@@ -106,4 +108,8 @@ export class ForkMemoryWorker {
     this.worker = worker;
     return worker;
   }
+}
+
+function asBuffer(a: Uint8Array): Buffer {
+  return Buffer.from(a.buffer, a.byteOffset, a.byteLength);
 }

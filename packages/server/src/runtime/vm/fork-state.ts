@@ -10,12 +10,15 @@
  */
 import { Flag, MAGIC, MigrationStreamError, PAGE, Section, StreamSplitter, VERSION } from './migration-split.js';
 
-/** A template's stream cut where a fork's pages go: after the RAM section's setup. */
+/**
+ * A template's stream cut where a fork's pages go: after the RAM section's setup. (Byte arrays:
+ * what Buffers become when posted to the fork worker.)
+ */
 export interface ForkSkeleton {
   /** Header, configuration and the RAM section's setup (START: its block list). */
-  head: Buffer;
+  head: Uint8Array;
   /** The rest of the RAM section: other blocks' pages (ROMs), up to its END. */
-  ramRest: Buffer;
+  ramRest: Uint8Array;
   ramSection: number;
 }
 
@@ -48,7 +51,8 @@ export function forkStateHead(skeleton: ForkSkeleton, ramBlock: string, pages: U
   // Section PART of RAM: records (offset | flags), the first naming the block; EOS; footer. At
   // most this long (an all-zero page takes one byte, not a page).
   const out = Buffer.allocUnsafeSlow(skeleton.head.length + 5 + 1 + name.length + n * (8 + PAGE) + 8 + 5 + skeleton.ramRest.length);
-  let at = skeleton.head.copy(out, 0);
+  out.set(skeleton.head, 0);
+  let at = skeleton.head.length;
   out[at] = Section.Part;
   out.writeUInt32BE(skeleton.ramSection, at + 1);
   at += 5;
@@ -83,8 +87,8 @@ export function forkStateHead(skeleton: ForkSkeleton, ramBlock: string, pages: U
   out[at + 8] = Section.Footer;
   out.writeUInt32BE(skeleton.ramSection, at + 9);
   at += 13;
-  at += skeleton.ramRest.copy(out, at);
-  return out.subarray(0, at);
+  out.set(skeleton.ramRest, at);
+  return out.subarray(0, at + skeleton.ramRest.length);
 }
 
 /** The device sections and EOF of a `xen-save-devices-state` file (throws if it is not one). */

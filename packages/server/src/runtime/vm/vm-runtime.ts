@@ -508,7 +508,7 @@ export class VmRuntime implements Runtime {
     // The children start while the pages are read.
     const state = Promise.all([own.stateHead, devices]).then(([head, d]) => {
       phase('pages read', { pages: count });
-      return { data: [head, deviceSections(d)] } satisfies StateSource;
+      return { data: [head!, deviceSections(d)] } satisfies StateSource;
     });
     state.catch(() => undefined);
     return { ramFile: parent.ramFile, state, abandon: async () => undefined, release: async () => undefined };
