@@ -96,6 +96,8 @@ describe('vm runtime', { timeout: 600_000 }, () => {
     try {
       assert.ok(ms < 500, `create from the vm pool took ${ms.toFixed(0)} ms`);
       assert.equal((await pooled.info()).runtime, 'vm');
+      // Its QEMU is a batch task (SCHED_BATCH = 3): its wake-ups do not preempt the server.
+      assert.match(readFileSync(`/proc/${qemuPidOf(pooled.id)}/sched`, 'utf8'), /^policy\s+:\s+3$/m);
       const r = await pooled.runCode('import os; os.environ["PODFLARE_SANDBOX_ID"]');
       assert.equal(r.results[0]?.text, `'${pooled.id}'`);
       // Clones of one snapshot must not share their randomness or the snapshot's clock.
