@@ -282,9 +282,15 @@ export class VmRuntime implements Runtime {
         await chmod(tpl.disk, 0o444);
         const stateData = await readFile(statePath);
         tpl.stateData = { data: stateData };
-        // Forks by copy need the device state alone (every QEMU has it so far; a build without it
-        // forks by migration).
-        if (commands.some((c) => c.name === 'xen-save-devices-state')) tpl.skeleton = forkSkeleton(stateData, RAM_BLOCK, this.memoryMb * MB);
+        // Forks by copy need the device state alone (every QEMU has it so far) and a template
+        // stream the split understands; without either, forks go by migration.
+        if (commands.some((c) => c.name === 'xen-save-devices-state')) {
+          try {
+            tpl.skeleton = forkSkeleton(stateData, RAM_BLOCK, this.memoryMb * MB);
+          } catch (err) {
+            this.opts.log.warn('vm template: forks will migrate (its stream cannot be cut for forks by copy)', { error: (err as Error).message });
+          }
+        }
         await run('qemu-img', ['create', '-q', '-f', 'qcow2', '-F', 'qcow2', '-b', tpl.disk, tpl.cloneOverlay]);
         this.opts.log.info('vm template ready', { template: name, network, boot_ms: Math.round(booted - t0), freeze_ms: Math.round(performance.now() - booted), accel: this.opts.accel.kind });
         return tpl;
@@ -499,12 +505,17 @@ export class VmRuntime implements Runtime {
     const devices = this.saveDevices(parent.vm, devicesFile);
     devices.catch(() => undefined);
     const own = this.forkWorker.privatePages({ pid: parent.vm.qemu.pid, ramFile: parent.ramFile, ramSize: this.memoryMb * MB, limitBytes: this.forkCopyLimitMb * MB, skeleton, ramBlock: RAM_BLOCK });
-    const { count, copy } = await own.counted;
-    if (!copy) {
+    const counted = await own.counted.catch((err: Error) => {
+      // Its page table could not be read: a fork by migration needs none of it.
+      this.opts.log.warn('vm fork: the parent\'s pages could not be found, it forks by migration', { parent: parent.id, error: err.message });
+      return null;
+    });
+    if (!counted?.copy) {
       await devices.catch(() => undefined);
-      phase('too many pages to copy', { pages: count });
+      if (counted) phase('too many pages to copy', { pages: counted.count });
       return this.forkBySplit(parent, point, phase);
     }
+    const { count } = counted;
     // The children start while the pages are read.
     const state = Promise.all([own.stateHead, devices]).then(([head, d]) => {
       phase('pages read', { pages: count });
