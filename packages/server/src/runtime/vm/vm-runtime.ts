@@ -274,6 +274,12 @@ export class VmRuntime implements Runtime {
         const booted = performance.now();
         const commands = await vm.qmp.command<Array<{ name: string }>>('query-commands');
         await vm.qmp.command('stop');
+        // Forks by copy need the device state alone: tried once here, on this QEMU.
+        const devicesAlone = commands.some((c) => c.name === 'xen-save-devices-state')
+          && await this.saveDevices(vm, path.join(this.vmDir, 'points', `template-${rand}.dev`)).then(deviceSections).then(() => true, (err: Error) => {
+            this.opts.log.warn('vm template: forks will migrate (no device state alone from this QEMU)', { error: err.message });
+            return false;
+          });
         await vm.qmp.command('migrate-set-capabilities', { capabilities: MIGRATION_CAPABILITIES });
         await migrateToFile(vm.qmp, statePath, bootTimeoutMs, vm.stderr);
         await vm.qmp.command('quit').catch(() => undefined);
@@ -282,9 +288,8 @@ export class VmRuntime implements Runtime {
         await chmod(tpl.disk, 0o444);
         const stateData = await readFile(statePath);
         tpl.stateData = { data: stateData };
-        // Forks by copy need the device state alone (every QEMU has it so far) and a template
-        // stream the split understands; without either, forks go by migration.
-        if (commands.some((c) => c.name === 'xen-save-devices-state')) {
+        // Forks by copy also need a template stream the split understands; else they migrate.
+        if (devicesAlone) {
           try {
             tpl.skeleton = forkSkeleton(stateData, RAM_BLOCK, this.memoryMb * MB);
           } catch (err) {
