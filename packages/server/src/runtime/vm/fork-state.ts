@@ -66,21 +66,17 @@ export function forkStateHead(skeleton: ForkSkeleton, ramBlock: string, pages: U
       runStart = i;
     }
     const data = run.subarray((i - runStart) * PAGE, (i - runStart + 1) * PAGE);
+    const zero = data.equals(ZERO_PAGE);
     const offset = pages[i]! * PAGE;
-    const flagsAt = at + 4;
     out.writeUInt32BE(Math.floor(offset / 2 ** 32), at);
-    out.writeUInt32BE((offset % 2 ** 32) + Flag.Page + (i ? Flag.Continue : 0), flagsAt);
+    out.writeUInt32BE((offset % 2 ** 32) + (zero ? Flag.Zero : Flag.Page) + (i ? Flag.Continue : 0), at + 4);
     at += 8;
     if (!i) {
       out[at] = name.length;
       at += 1 + name.copy(out, at + 1);
     }
-    if (!data.equals(ZERO_PAGE)) {
-      at += data.copy(out, at);
-    } else {
-      out.writeUInt32BE((offset % 2 ** 32) + Flag.Zero + (i ? Flag.Continue : 0), flagsAt);
-      out[at++] = 0; // the fill byte
-    }
+    if (zero) out[at++] = 0; // the fill byte
+    else at += data.copy(out, at);
   }
   out.writeUInt32BE(0, at);
   out.writeUInt32BE(Flag.Eos, at + 4);

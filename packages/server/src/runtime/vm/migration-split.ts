@@ -174,8 +174,7 @@ class PageWriter {
   }
 
   page(offset: number, data: Buffer): void {
-    if (offset + PAGE > this.size) throw new MigrationStreamError(`a page at ${offset} lies outside the ${this.size}-byte RAM block`);
-    if (this.fd === null) throw new MigrationStreamError(`a page of the RAM block at ${offset}, in a stream that must have none`);
+    this.fdFor(offset);
     if (offset !== this.runEnd || this.run.length >= 1024) {
       this.flush();
       this.runStart = offset;
@@ -188,20 +187,19 @@ class PageWriter {
 
   /** A page of one byte repeated: only written when it is not zero or replaces an earlier page. */
   fill(offset: number, byte: number): void {
-    if (offset + PAGE > this.size) throw new MigrationStreamError(`a page at ${offset} lies outside the ${this.size}-byte RAM block`);
-    if (this.fd === null) throw new MigrationStreamError(`a page of the RAM block at ${offset}, in a stream that must have none`);
+    const fd = this.fdFor(offset);
     if (byte === 0 && !this.written[offset / PAGE]) return;
     this.flush();
-    writeSync(this.fd, Buffer.alloc(PAGE, byte), 0, PAGE, offset);
+    writeSync(fd, Buffer.alloc(PAGE, byte), 0, PAGE, offset);
     this.written[offset / PAGE] = 1;
   }
 
   flush(): void {
-    if (!this.run.length || this.fd === null) return;
+    if (!this.run.length || this.fd === null) return; // (no run without a file: see fdFor)
     let at = this.runStart;
     let bufs = this.run;
     while (bufs.length) {
-      let n = writevSync(this.fd!, bufs, at);
+      let n = writevSync(this.fd, bufs, at);
       at += n;
       // A short write (rare on tmpfs): continue from where it stopped.
       while (n > 0 && bufs.length) {
@@ -210,6 +208,13 @@ class PageWriter {
     }
     this.run = [];
     this.runEnd = -1;
+  }
+
+  /** The file a page at `offset` goes to; throws if the page has no place in it. */
+  private fdFor(offset: number): number {
+    if (offset + PAGE > this.size) throw new MigrationStreamError(`a page at ${offset} lies outside the ${this.size}-byte RAM block`);
+    if (this.fd === null) throw new MigrationStreamError(`a page of the RAM block at ${offset}, in a stream that must have none`);
+    return this.fd;
   }
 }
 

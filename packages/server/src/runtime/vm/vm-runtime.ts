@@ -272,14 +272,13 @@ export class VmRuntime implements Runtime {
         const ready = await withTimeout(vm.channel.exec({ op: 'exec', language: 'python', code: 'pass' }, () => undefined), bootTimeoutMs, 'the template interpreter did not start');
         if (ready.code !== 0) throw new Error('the template interpreter failed to start');
         const booted = performance.now();
-        const commands = await vm.qmp.command<Array<{ name: string }>>('query-commands');
         await vm.qmp.command('stop');
-        // Forks by copy need the device state alone: tried once here, on this QEMU.
-        const devicesAlone = commands.some((c) => c.name === 'xen-save-devices-state')
-          && await this.saveDevices(vm, path.join(this.vmDir, 'points', `template-${rand}.dev`)).then(deviceSections).then(() => true, (err: Error) => {
-            this.opts.log.warn('vm template: forks will migrate (no device state alone from this QEMU)', { error: err.message });
-            return false;
-          });
+        // Forks by copy need the device state alone: tried once here, on this QEMU (one without
+        // the command fails here too).
+        const devicesAlone = await this.saveDevices(vm, path.join(this.vmDir, 'points', `template-${rand}.dev`)).then(deviceSections).then(() => true, (err: Error) => {
+          this.opts.log.warn('vm template: forks will migrate (no device state alone from this QEMU)', { error: err.message });
+          return false;
+        });
         await vm.qmp.command('migrate-set-capabilities', { capabilities: MIGRATION_CAPABILITIES });
         await migrateToFile(vm.qmp, statePath, bootTimeoutMs, vm.stderr);
         await vm.qmp.command('quit').catch(() => undefined);
@@ -699,4 +698,3 @@ function withTimeout<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
     p.then((v) => { clearTimeout(timer); resolve(v); }, (e: unknown) => { clearTimeout(timer); reject(e as Error); });
   });
 }
-
