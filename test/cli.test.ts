@@ -3,6 +3,7 @@ import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
+import { detectKvm } from '@podflare/server';
 import { Sandbox } from 'podflare';
 import { IMAGES_DIR, startTestServer, type TestServer } from './helpers/server.js';
 
@@ -44,11 +45,30 @@ describe('podflare CLI', () => {
     assert.equal((await cli(['rm', 'not-an-id'], server.url)).status, 2);
   });
 
-  it('reports the machine with doctor, including what kind of KVM it has', async () => {
+  it('reports the machine with doctor, including what kind of KVM it has and which acceleration follows', async () => {
     const r = await cli(['doctor', '--images-dir', IMAGES_DIR]);
     assert.equal(r.status, 0, r.stdout + r.stderr);
     assert.match(r.stdout, /bubblewrap/i);
-    assert.match(r.stdout, /kvm/i);
+    const kvm = await detectKvm();
+    const line = r.stdout.split('\n').find((l) => /\]\s+kvm\s/.test(l)) ?? '';
+    // Hardware KVM only: a nested (PVM) or missing /dev/kvm means TCG, and the line says why.
+    assert.ok(line.includes(kvm.kind === 'hardware' ? 'VM acceleration: KVM' : 'VM acceleration: TCG'), r.stdout);
+    assert.ok(line.includes(kvm.detail), r.stdout);
+  });
+
+  it('runtime auto: the VM runtime is the default only with hardware KVM, else the namespace runtime', async () => {
+    const kvm = await detectKvm();
+    const auto = await startTestServer({ runtime: 'auto', poolSize: 1 });
+    try {
+      const sbx = await Sandbox.create({ host: auto.url });
+      try {
+        assert.equal((await sbx.info()).runtime, kvm.kind === 'hardware' ? 'vm' : 'ns');
+      } finally {
+        await sbx.close();
+      }
+    } finally {
+      await auto.stop();
+    }
   });
 
   it('serves until SIGTERM, then leaves nothing behind', async () => {
