@@ -29,6 +29,8 @@
  *                PODFLARE_BENCH_CRASH_CYCLES): nothing leaked, restart p50/p99 (bench/resilience.ts)
  *   vm           the microVM runtime (bench/vm.ts): cold boot, create from the pool of clones,
  *                template restore, fork(1)/fork(5) beside the namespace runtime, idle clone PSS
+ *   paired       fork(1) and diff of this build against a baseline build of an earlier commit, in
+ *                one run (bench/paired.ts); only with --baseline DIR (scripts/bench-baseline.sh)
  * The two on-demand measures use a second server whose pool is off (size 0): with a pool, a key
  * that misses once is kept warm afterwards, so later creates would not take the miss path.
  * The fork measures (bench/fork.ts) use a third server, pool as the main one; they use fewer runs.
@@ -49,8 +51,9 @@ import { measurePythonSdk } from './python-sdk.js';
 import { measureCrashCycles, measureLoad, RESILIENCE_MEASURES } from './resilience.js';
 
 import { measureVmPooled, measureVmUnpooled } from './vm.js';
+import { measurePaired } from './paired.js';
 
-const MEASURES = ['memory', 'create', 'destroy', 'exec', 'python', 'jupyter', 'cycle', 'nonet', 'ondemand', ...FORK_MEASURES, ...RESILIENCE_MEASURES, 'vm'] as const;
+const MEASURES = ['memory', 'create', 'destroy', 'exec', 'python', 'jupyter', 'cycle', 'nonet', 'ondemand', ...FORK_MEASURES, ...RESILIENCE_MEASURES, 'vm', 'paired'] as const;
 type MeasureName = (typeof MEASURES)[number];
 
 const IMAGES_DIR = process.env.PODFLARE_IMAGES_DIR ?? '/var/lib/podflare/images';
@@ -75,17 +78,20 @@ interface Options {
   only: Set<MeasureName>;
   n: number;
   warmup: number;
+  /** A built checkout of an earlier commit, for the paired measure. */
+  baseline: string | null;
 }
 
 function usage(message?: string): never {
   if (message) console.error(`bench: ${message}`);
-  console.error(`usage: node --import tsx bench/run.ts [--quick] [--only ${MEASURES.join(',')}] [--n <runs>]`);
+  console.error(`usage: node --import tsx bench/run.ts [--quick] [--only ${MEASURES.join(',')}] [--n <runs>] [--baseline <built checkout>]`);
   process.exit(2);
 }
 
 function parseArgs(argv: string[]): Options {
   let quick = false;
   let n: number | undefined;
+  let baseline: string | null = process.env.PODFLARE_BENCH_BASELINE ?? null;
   const only = new Set<MeasureName>();
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i]!;
@@ -105,12 +111,17 @@ function parseArgs(argv: string[]): Options {
     } else if (a === '--n' || a.startsWith('--n=')) {
       n = Number(value());
       if (!Number.isInteger(n) || n < 1) usage('--n must be a positive integer');
-    } else if (a === '--help' || a === '-h') usage();
+    } else if (a === '--baseline' || a.startsWith('--baseline=')) baseline = value();
+    else if (a === '--help' || a === '-h') usage();
     else usage(`unknown argument "${a}"`);
   }
+  if (only.has('paired') && !baseline) usage('the paired measure needs --baseline <a built checkout> (scripts/bench-baseline.sh)');
+  // A full run includes the paired measure only when a baseline is given.
+  const all = MEASURES.filter((m) => m !== 'paired' || baseline);
   return {
+    baseline,
     quick,
-    only: only.size ? only : new Set(MEASURES),
+    only: only.size ? only : new Set(all),
     n: n ?? (quick ? 40 : 200),
     warmup: quick ? 3 : 10,
   };
@@ -509,6 +520,10 @@ async function main(): Promise<void> {
       if (has('forkmem')) await guarded('forkmem', () => measureForkMem(forkServer, opts));
       await guarded('server stop (fork measures)', () => stopBenchServer(forkServer));
     }
+  }
+
+  if (has('paired')) {
+    await guarded('paired', () => measurePaired({ quick: opts.quick, n: opts.n, warmup: opts.warmup, imagesDir: IMAGES_DIR, baselineDir: opts.baseline! }));
   }
 
   // Each against its own `podflare serve` child process.
