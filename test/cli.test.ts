@@ -35,6 +35,29 @@ describe('podflare CLI', () => {
     assert.match(bash.stdout, /from-stdin/);
   });
 
+  it('finds the server through PODFLARE_HOSTD_URL (the hosted SDKs\' variable) and names an unreachable one', async () => {
+    const run = (env: NodeJS.ProcessEnv) => {
+      const child = spawn(process.execPath, [CLI, 'ls'], { env });
+      let out = '';
+      child.stdout.on('data', (d: Buffer) => { out += d.toString(); });
+      child.stderr.on('data', (d: Buffer) => { out += d.toString(); });
+      return new Promise<{ status: number | null; out: string }>((resolve) => child.once('close', (status) => resolve({ status, out })));
+    };
+    const { PODFLARE_HOST: _ignored, ...base } = process.env;
+    const sbx = await Sandbox.create({ host: server.url });
+    try {
+      const ok = await run({ ...base, PODFLARE_HOSTD_URL: server.url });
+      assert.equal(ok.status, 0, ok.out);
+      assert.ok(ok.out.includes(sbx.id), ok.out);
+      const down = await run({ ...base, PODFLARE_HOSTD_URL: 'http://127.0.0.1:9' });
+      assert.notEqual(down.status, 0);
+      assert.match(down.out, /127\.0\.0\.1:9/);
+      assert.match(down.out, /PODFLARE_HOSTD_URL/);
+    } finally {
+      await sbx.close();
+    }
+  });
+
   it('lists and removes sandboxes', async () => {
     const sbx = await Sandbox.create({ host: server.url });
     const ls = await cli(['ls'], server.url);

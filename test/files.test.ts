@@ -48,6 +48,18 @@ describe('files', () => {
     assert.equal((await sbx.runCode('print(open("/root/relative/deep/file.txt").read())')).stdout, 'x\n');
   });
 
+  it('takes upload(data, path) too, told apart by type, and refuses calls with no path string', async () => {
+    // Code written for the hosted product's docs passes the data first; before, a Buffer first
+    // became the query's path ("[object Object]"-like names) or failed obscurely.
+    const flipped = sbx.upload.bind(sbx) as unknown as (data: unknown, path: unknown) => ReturnType<Sandbox['upload']>;
+    const up = await flipped(Buffer.from('a,b\n1,2\n'), '/root/flipped.csv');
+    assert.equal(up.path, '/root/flipped.csv');
+    assert.equal((await sbx.download('/root/flipped.csv')).toString(), 'a,b\n1,2\n');
+    await assert.rejects(flipped(Buffer.from('x'), Buffer.from('y')), (e: Error) => e.name === 'BadRequestError' && /sandbox path as a string/.test(e.message));
+    const listing = (await sbx.runCode('import os\nprint(sorted(os.listdir("/root")))')).stdout;
+    assert.doesNotMatch(listing, /object|Buffer|\by\b/);
+  });
+
   it('moves 200 MB both ways byte-identical without the server holding it', async () => {
     const size = 200 * MB;
     const source = generated(size, 'podflare');

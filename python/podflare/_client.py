@@ -33,7 +33,7 @@ __all__ = ["Client", "DEFAULT_HOST", "SDK_VERSION"]
 #: The SDK's version, sent in the User-Agent header.
 SDK_VERSION = "0.1.0"
 
-#: Where the server listens when neither ``host=`` nor ``PODFLARE_HOST`` says otherwise.
+#: Where the server listens when neither ``host=`` nor the environment says otherwise.
 DEFAULT_HOST = "http://127.0.0.1:7070"
 
 #: Default client-side bound, in seconds, on each socket wait of a call (not on execs: see run_code).
@@ -62,7 +62,20 @@ _UNSET: Any = object()
 
 def _env(name: str) -> Optional[str]:
     value = os.environ.get(name)
-    return value if value else None
+    return value.strip() if value and value.strip() else None
+
+
+def _host_setting(host: Optional[str]) -> "tuple[str, str]":
+    """The server's address and where it came from: ``host=``, else ``PODFLARE_HOST``, else
+    ``PODFLARE_HOSTD_URL`` (what the hosted product's SDKs read, so their users' settings work
+    unchanged), else the default."""
+    if host:
+        return host, "host="
+    for name in ("PODFLARE_HOST", "PODFLARE_HOSTD_URL"):
+        value = _env(name)
+        if value:
+            return value, name
+    return DEFAULT_HOST, "the default host"
 
 
 class _Conn(http_client.HTTPConnection):
@@ -325,7 +338,8 @@ class Client:
 
     Args:
         host: base URL, ``http://host:port`` or ``https://…`` (a bare ``host:port`` means http; a path
-            prefix is kept). Default: ``PODFLARE_HOST``, else ``http://127.0.0.1:7070``.
+            prefix is kept). Default: ``PODFLARE_HOST``, else ``PODFLARE_HOSTD_URL``, else
+            ``http://127.0.0.1:7070``.
         api_key: sent as ``Authorization: Bearer <key>``. Default: ``PODFLARE_API_KEY`` (none is fine
             for a loopback server without keys).
         timeout: seconds to wait on any one socket operation of a call (connect, each read) before
@@ -344,18 +358,19 @@ class Client:
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         max_idle_connections: int = 16,
     ) -> None:
-        raw = host if host else (_env("PODFLARE_HOST") or DEFAULT_HOST)
+        raw, self._host_source = _host_setting(host)
         if "://" not in raw:
             raw = "http://" + raw
         url = urllib.parse.urlsplit(raw)
         if url.scheme not in ("http", "https") or not url.hostname:
-            raise BadRequestError(f"host must look like http://host:port or https://host, got {raw!r}", field="host")
+            raise BadRequestError(f"host must look like http://host:port or https://host, got {raw!r} "
+                                  f"(from {self._host_source})", field="host")
         self._secure = url.scheme == "https"
         self._hostname = url.hostname
         try:
             port = url.port
         except ValueError:
-            raise BadRequestError(f"host has an invalid port: {raw!r}", field="host") from None
+            raise BadRequestError(f"host has an invalid port: {raw!r} (from {self._host_source})", field="host") from None
         self._port = port if port is not None else (443 if self._secure else 80)
         self._base_path = url.path.rstrip("/")
         netloc = f"[{self._hostname}]" if ":" in self._hostname else self._hostname
@@ -482,8 +497,9 @@ class Client:
                 code="timeout", status=0)
         if connecting:
             return PodflareConnectionError(
-                f"cannot reach the Podflare server at {self.host} ({err.__class__.__name__}: {err}): check that "
-                "PODFLARE_HOST (or host=) points at it and that `podflare serve` is running there",
+                f"cannot reach the Podflare server at {self.host} ({err.__class__.__name__}: {err}; "
+                f"from {self._host_source}): check that it points at the server (PODFLARE_HOST or host=) "
+                "and that `podflare serve` is running there",
                 code="connection_error", status=0)
         return PodflareConnectionError(
             f"lost the connection to the Podflare server at {self.host} during {what} "

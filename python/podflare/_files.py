@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import os
 import urllib.parse
-from typing import Any, BinaryIO, Dict, Iterator, List, Optional, Union, cast
+from typing import Any, BinaryIO, Dict, Iterator, List, Optional, Tuple, Union, cast
 
 from ._client import Client, Response
-from ._errors import NotFoundError, PodflareConnectionError
+from ._errors import BadRequestError, NotFoundError, PodflareConnectionError
 from ._models import FileInfo
 
 __all__ = ["Files", "DownloadStream", "DEFAULT_CHUNK_SIZE"]
@@ -88,18 +88,23 @@ class Files:
     def _base(self) -> str:
         return f"/v1/sandboxes/{urllib.parse.quote(self._id, safe='')}/files"
 
-    def upload(self, data: Any, path: str) -> Dict[str, Any]:
-        """Writes ``data`` to ``path`` in the sandbox (parents created; the file appears atomically
-        when complete). ``data``: bytes, str (UTF-8), a file object (read in blocks, never loaded
-        whole) or an iterable of bytes chunks (sent chunked as produced).
+    def upload(self, *args: Any, **kwargs: Any) -> Dict[str, Any]:
+        """Writes data to a path in the sandbox (parents created; the file appears atomically when
+        complete). Both orders work, told apart by type (the hosted docs show both):
+        ``upload(path, data)`` and ``upload(data, path)`` where ``data`` is bytes, a file object
+        (read in blocks, never loaded whole), an iterable of bytes chunks (sent chunked as produced)
+        or a ``str`` (UTF-8). With two strings the first is the path, as in the TypeScript SDK;
+        keywords ``path=`` and ``data=`` always work. Anything ambiguous raises
+        :class:`BadRequestError` instead of writing a file under a wrong name.
 
         Returns ``{"path": …, "size": …}``.
         """
+        path, data = upload_arguments(args, kwargs)
         return cast(Dict[str, Any], self._client.json("PUT", self._base, query={"path": path}, body=data))
 
     def write(self, path: str, data: Any) -> Dict[str, Any]:
-        """Same as :meth:`upload` with the arguments the other way round (``files.write(path, data)``)."""
-        return self.upload(data, path)
+        """Same as :meth:`upload` (``files.write(path, data)``)."""
+        return self.upload(path=path, data=data)
 
     def download(self, path: str) -> bytes:
         """The whole file as bytes (use :meth:`download_stream` or :meth:`download_to` for big ones)."""
@@ -165,3 +170,34 @@ class Files:
         """Creates a directory and its parents; returns its path."""
         answer = self._client.json("POST", self._base + "/mkdir", query={"path": path})
         return str((answer or {}).get("path", path))
+
+
+def upload_arguments(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[str, Any]:
+    """``(path, data)`` from an upload call in either order.
+
+    The path is the one ``str`` among the two; with two ``str`` the first is the path. A path
+    holding a newline or a NUL byte is refused: it is data passed first, not a file name anyone
+    means, and writing it would silently lose the upload under a name made from its contents."""
+    unknown = set(kwargs) - {"path", "data"}
+    if unknown:
+        raise TypeError(f"upload() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
+    if len(args) + len(kwargs) != 2:
+        raise TypeError("upload() takes a path and the data: upload(path, data)")
+    if "path" in kwargs or "data" in kwargs:
+        path = kwargs.get("path", args[0] if args and "data" in kwargs else None)
+        data = kwargs.get("data", args[0] if args and "path" in kwargs else None)
+    elif isinstance(args[0], str):
+        path, data = args[0], args[1]
+    elif isinstance(args[1], str):
+        data, path = args[0], args[1]
+    else:
+        raise BadRequestError(
+            f"upload(path, data) needs the sandbox path as a str; got {type(args[0]).__name__} "
+            f"and {type(args[1]).__name__}", field="path")
+    if not isinstance(path, str):
+        raise BadRequestError(f"the upload path must be a str, got {type(path).__name__}", field="path")
+    if "\n" in path or "\0" in path:
+        raise BadRequestError(
+            f"the upload path {path[:40]!r}… holds a newline or NUL byte: it looks like data. "
+            "With two strings the first is the path: upload(path, data)", field="path")
+    return path, data

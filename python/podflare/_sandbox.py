@@ -406,16 +406,18 @@ class Sandbox:
 
     # ---- files -------------------------------------------------------------------------------
 
-    def upload(self, data: Any, path: str) -> Dict[str, Any]:
-        """Writes ``data`` (bytes, str, a binary file object read in blocks, or an iterable of bytes)
-        to ``path`` in the sandbox; returns ``{"path", "size"}``. See :meth:`Files.upload`.
+    def upload(self, *args: Any, **kwargs: Any) -> Dict[str, Any]:
+        """Writes data to a path in the sandbox; returns ``{"path", "size"}``. Either order:
+        ``upload(path, data)`` or ``upload(data, path)``, told apart by type (two strings: path
+        first). See :meth:`Files.upload`.
 
         Example::
 
+            sbx.upload("/root/data.csv", b"a,b\n1,2\n")
             with open("data.csv", "rb") as f:
                 sbx.upload(f, "/root/data.csv")
         """
-        return self.files.upload(data, path)
+        return self.files.upload(*args, **kwargs)
 
     def download(self, path: str) -> bytes:
         """The file at ``path`` as bytes."""

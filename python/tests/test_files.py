@@ -45,7 +45,7 @@ class FileTests(unittest.TestCase):
         self.assertEqual(r.stdout, f"{len(data)}\n")
 
     def test_str_file_object_and_iterable(self):
-        self.sbx.upload("héllo\n", "/root/t/s.txt")
+        self.sbx.upload("/root/t/s.txt", "héllo\n")
         self.assertEqual(self.sbx.download("/root/t/s.txt"), "héllo\n".encode())
         self.sbx.upload(io.BytesIO(b"from a file object"), "/root/t/f.bin")
         self.assertEqual(self.sbx.download("/root/t/f.bin"), b"from a file object")
@@ -53,6 +53,28 @@ class FileTests(unittest.TestCase):
         self.assertEqual(self.sbx.download("/root/t/gen.bin"), b"".join(bytes([i]) * 70000 for i in range(20)))
         self.sbx.upload(b"", "/root/t/empty")
         self.assertEqual(self.sbx.download("/root/t/empty"), b"")
+
+    def test_upload_takes_either_order_and_refuses_ambiguity(self):
+        # The hosted docs show upload(path, data) and upload(data, path): both must land the bytes
+        # at the path. (Before, upload("data.csv", b"...") wrote b"data.csv" to a file named after
+        # the bytes and reported success.)
+        self.sbx.upload("/root/t/order1.csv", b"a,b\n1,2\n")
+        self.assertEqual(self.sbx.download("/root/t/order1.csv"), b"a,b\n1,2\n")
+        self.sbx.upload(b"x,y\n", "/root/t/order2.csv")
+        self.assertEqual(self.sbx.download("/root/t/order2.csv"), b"x,y\n")
+        self.sbx.upload(data=b"kw", path="/root/t/order3.txt")
+        self.assertEqual(self.sbx.download("/root/t/order3.txt"), b"kw")
+        self.sbx.files.write("/root/t/order4.txt", "via write")
+        self.assertEqual(self.sbx.download("/root/t/order4.txt"), b"via write")
+        with self.assertRaises(BadRequestError) as caught:
+            self.sbx.upload(b"no path", b"here")
+        self.assertIn("path", str(caught.exception))
+        with self.assertRaises(BadRequestError) as caught:
+            self.sbx.upload("a,b\n1,2\n", "/root/t/order5.csv")  # data first, both str
+        self.assertIn("newline", str(caught.exception))
+        listing = self.sbx.run_code("import os\nprint(sorted(os.listdir('/root/t')))").stdout
+        self.assertNotIn("here", listing)
+        self.assertNotIn("a,b", listing)
 
     def test_code_sees_uploads_and_downloads_see_code(self):
         self.sbx.run_code("open('/root/t2.txt', 'w').write('written by code')")

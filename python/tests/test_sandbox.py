@@ -6,7 +6,7 @@ import time
 import unittest
 from unittest import mock
 
-from podflare import BadRequestError, Event, ExecResult, NotFoundError, Sandbox, SandboxGoneError, SandboxInfo
+from podflare import BadRequestError, Event, ExecResult, NotFoundError, PodflareConnectionError, Sandbox, SandboxGoneError, SandboxInfo
 from tests.server import ModuleServer
 
 SERVER = ModuleServer()
@@ -257,6 +257,26 @@ class LifecycleTests(unittest.TestCase):
                 self.assertEqual(sbx.client.host, SERVER.url)
                 self.assertEqual(sbx.run_code("print('env')").stdout, "env\n")
             self.assertEqual(sbx.client.idle_connections, 0, "a private client is closed with its sandbox")
+
+    def test_hosted_sdk_variable_names_the_server(self):
+        # PODFLARE_HOSTD_URL is what the hosted SDKs read; with only it set, the SDK must talk to
+        # it (it used to fall back to 127.0.0.1:7070 silently), and PODFLARE_HOST still wins.
+        env = {k: v for k, v in os.environ.items() if k != "PODFLARE_HOST"}
+        env["PODFLARE_HOSTD_URL"] = SERVER.url
+        with mock.patch.dict(os.environ, env, clear=True):
+            with Sandbox() as sbx:
+                self.assertEqual(sbx.client.host, SERVER.url)
+                self.assertEqual(sbx.run_code("print('hostd')").stdout, "hostd\n")
+        unreachable = "http://127.0.0.1:9"  # discard port: nothing listens
+        with mock.patch.dict(os.environ, {"PODFLARE_HOST": SERVER.url, "PODFLARE_HOSTD_URL": unreachable}):
+            with Sandbox() as sbx:
+                self.assertEqual(sbx.client.host, SERVER.url)
+        env["PODFLARE_HOSTD_URL"] = unreachable
+        with mock.patch.dict(os.environ, env, clear=True):
+            with self.assertRaises(PodflareConnectionError) as caught:
+                Sandbox()
+        self.assertIn("127.0.0.1:9", str(caught.exception))
+        self.assertIn("PODFLARE_HOSTD_URL", str(caught.exception))
 
     def test_one_client_many_sandboxes_one_pool(self):
         client = SERVER.client()

@@ -24,7 +24,7 @@ Podflare's MCP server: sandboxes with a persistent Python interpreter, fork, dif
 for Claude Desktop, Cursor, Zed and any MCP client. Speaks MCP over stdio unless --http is given.
 
 Options:
-  --server URL             Podflare server (default: $PODFLARE_HOST, else http://127.0.0.1:7070)
+  --server URL             Podflare server (default: $PODFLARE_HOST, else $PODFLARE_HOSTD_URL, else http://127.0.0.1:7070)
   --http                   Serve Streamable HTTP at http://ADDR:PORT${MCP_PATH} instead of stdio
   --port N                 HTTP port (default ${DEFAULT_HTTP_PORT}; 0 picks a free one)
   --host ADDR              HTTP listen address (default 127.0.0.1; any other needs PODFLARE_MCP_TOKEN)
@@ -35,6 +35,7 @@ Options:
 
 Environment:
   PODFLARE_HOST            Podflare server URL (overridden by --server)
+  PODFLARE_HOSTD_URL       the same, under the hosted SDKs' name (read when PODFLARE_HOST is unset)
   PODFLARE_API_KEY         API key for the Podflare server
   PODFLARE_MCP_TOKEN       Bearer token HTTP clients must send (required off loopback)
 `;

@@ -20,7 +20,7 @@ import type { Capacity, ConnectionOptions, UploadData } from './types.js';
 /** The SDK's version, sent in the User-Agent header. */
 export const SDK_VERSION = '0.1.0';
 
-/** Where the server listens when neither the `host` option nor `PODFLARE_HOST` says otherwise. */
+/** Where the server listens when neither the `host` option nor the environment says otherwise. */
 export const DEFAULT_HOST = 'http://127.0.0.1:7070';
 
 /** Default of {@link ClientOptions.requestTimeoutMs}. */
@@ -31,7 +31,8 @@ export interface ClientOptions {
   /**
    * Base URL of the Podflare server: `http://host:port` or `https://…`; a bare `host:port` means http.
    * A path prefix (`https://proxy.example/podflare`) is kept.
-   * @default process.env.PODFLARE_HOST, else `http://127.0.0.1:7070`
+   * @default process.env.PODFLARE_HOST, else process.env.PODFLARE_HOSTD_URL (the hosted SDKs' name
+   * for it), else `http://127.0.0.1:7070`
    */
   host?: string;
   /**
@@ -122,6 +123,8 @@ class UploadSourceError extends Error {
 export class Client {
   /** The server's base URL as used (normalized, no trailing slash), e.g. `http://127.0.0.1:7070`. */
   readonly host: string;
+  /** Where {@link host} came from (the option, which variable, or the default): error messages name it. */
+  readonly #hostSource: string;
   /** The client-side timeout in ms (0: none). */
   readonly requestTimeoutMs: number;
   readonly #apiKey: string | undefined;
@@ -133,8 +136,9 @@ export class Client {
   readonly #userAgent = `podflare-js/${SDK_VERSION} node/${process.version}`;
 
   constructor(options: ClientOptions = {}) {
-    const raw = options.host ?? nonEmpty(process.env.PODFLARE_HOST) ?? DEFAULT_HOST;
-    const url = parseHost(raw);
+    const { raw, source } = hostSetting(options.host);
+    this.#hostSource = source;
+    const url = parseHost(raw, source);
     const secure = url.protocol === 'https:';
     this.#basePath = url.pathname.replace(/\/+$/, '');
     this.host = `${url.protocol}//${url.host}${this.#basePath}`;
@@ -272,10 +276,10 @@ export class Client {
     const code = (err as NodeJS.ErrnoException | null)?.code;
     if (typeof code !== 'string' || !NETWORK_ERROR_CODES.has(code)) return err;
     const message = UNREACHABLE_CODES.has(code)
-      ? `cannot reach the Podflare server at ${this.host} (${code}): check that PODFLARE_HOST ` +
-        '(or the host option) points at it and that `podflare serve` is running there'
+      ? `cannot reach the Podflare server at ${this.host} (${code}; from ${this.#hostSource}): check that ` +
+        'it points at the server (PODFLARE_HOST or the host option) and that `podflare serve` is running there'
       : `lost the connection to the Podflare server at ${this.host} during ${spec.method} ${spec.path} ` +
-        `(${code}): check that \`podflare serve\` is still running there (PODFLARE_HOST)`;
+        `(${code}): check that \`podflare serve\` is still running there (from ${this.#hostSource})`;
     return new ConnectionError(message, { code: 'connection_error', status: 0, cause: err });
   }
 
@@ -399,8 +403,8 @@ export class Client {
   #timeoutError(spec: RequestSpec, phase: 'connect' | 'answer', ms: number): TimeoutError {
     const message =
       phase === 'connect'
-        ? `could not connect to the Podflare server at ${this.host} within ${ms} ms: check that ` +
-          'PODFLARE_HOST (or the host option) points at it and that `podflare serve` is running there'
+        ? `could not connect to the Podflare server at ${this.host} within ${ms} ms (from ${this.#hostSource}): ` +
+          'check that it points at the server (PODFLARE_HOST or the host option) and that `podflare serve` is running there'
         : `no answer from the Podflare server at ${this.host} within ${ms} ms (${spec.method} ${spec.path}); ` +
           'raise requestTimeoutMs if the call is legitimately slow';
     return new TimeoutError(message, { code: 'timeout', status: 0 });
@@ -459,7 +463,21 @@ function nonEmpty(value: string | undefined): string | undefined {
   return value === undefined || value.trim() === '' ? undefined : value.trim();
 }
 
-function parseHost(raw: string): URL {
+/**
+ * The server's address and where it came from: the `host` option, else `PODFLARE_HOST`, else
+ * `PODFLARE_HOSTD_URL` (what the hosted product's SDKs read, so their users' settings work
+ * unchanged), else the default.
+ */
+function hostSetting(option: string | undefined): { raw: string; source: string } {
+  if (option !== undefined) return { raw: option, source: 'the host option' };
+  for (const name of ['PODFLARE_HOST', 'PODFLARE_HOSTD_URL']) {
+    const value = nonEmpty(process.env[name]);
+    if (value !== undefined) return { raw: value, source: name };
+  }
+  return { raw: DEFAULT_HOST, source: 'the default host' };
+}
+
+function parseHost(raw: string, source: string): URL {
   const withScheme = /^[a-z][a-z0-9+.-]*:\/\//i.test(raw) ? raw : `http://${raw}`;
   let url: URL | undefined;
   try {
@@ -469,7 +487,7 @@ function parseHost(raw: string): URL {
   }
   if (!url || (url.protocol !== 'http:' && url.protocol !== 'https:')) {
     throw new BadRequestError(
-      `invalid Podflare host ${JSON.stringify(raw)} (from the host option or PODFLARE_HOST): ` +
+      `invalid Podflare host ${JSON.stringify(raw)} (from ${source}): ` +
         'expected a URL like http://127.0.0.1:7070',
       { code: 'bad_request', status: 0, field: 'host' },
     );

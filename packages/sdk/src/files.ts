@@ -6,7 +6,7 @@
 import type { Readable } from 'node:stream';
 import type { Client } from './client.js';
 import { readAll } from './client.js';
-import { NotFoundError } from './errors.js';
+import { BadRequestError, NotFoundError } from './errors.js';
 import type { FileOptions, FileStat, RemoveOptions, UploadData, UploadResult } from './types.js';
 
 /**
@@ -38,8 +38,12 @@ export class Files {
    * await sandbox.files.upload('/root/hello.txt', 'hello\n');
    * await sandbox.files.upload('/root/big.bin', fs.createReadStream('big.bin'));
    * ```
+   *
+   * The path comes first. Code written as `upload(data, path)` (an order some of the hosted
+   * product's docs show) works too when the data is not a string: the path is the one string.
    */
   async upload(path: string, data: UploadData, options: FileOptions = {}): Promise<UploadResult> {
+    [path, data] = uploadArguments(path, data);
     const answer = await this.#client.json<{ path: string; size: number }>({
       method: 'PUT',
       path: this.#base,
@@ -188,4 +192,24 @@ export class Files {
       timeoutScope: 'headers' as const,
     };
   }
+}
+
+/**
+ * `upload(path, data)`, or `upload(data, path)` where the data is bytes or a stream: told apart by
+ * type, never guessed from contents. Two strings are path first. Anything else is refused, never
+ * written under a name made from the data.
+ */
+function uploadArguments(path: unknown, data: unknown): [string, UploadData] {
+  if (typeof path === 'string') return [path, data as UploadData];
+  if (typeof data === 'string' && path !== null && path !== undefined) return [data, path as UploadData];
+  throw new BadRequestError(
+    `upload(path, data) needs the sandbox path as a string; got ${describe(path)} and ${describe(data)}`,
+    { code: 'bad_request', status: 0, field: 'path' },
+  );
+}
+
+function describe(value: unknown): string {
+  if (value === null || value === undefined) return String(value);
+  if (typeof value === 'object') return value.constructor?.name ?? 'an object';
+  return typeof value;
 }

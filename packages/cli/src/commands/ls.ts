@@ -8,7 +8,7 @@ Lists the server's sandboxes (live ones; with --all also destroyed and merged on
 
 Options:
   --all              include destroyed sandboxes
-  --host URL         the server (default: $PODFLARE_HOST, else http://127.0.0.1:7070)
+  --host URL         the server (default: $PODFLARE_HOST, else $PODFLARE_HOSTD_URL, else http://127.0.0.1:7070)
   --json             print JSON instead of a table
   -h, --help         show this help
 `;

@@ -8,7 +8,7 @@ Destroys the given sandboxes (their interpreter, processes and files). Exits 1 i
 unknown to the server; already destroyed ones are fine.
 
 Options:
-  --host URL         the server (default: $PODFLARE_HOST, else http://127.0.0.1:7070)
+  --host URL         the server (default: $PODFLARE_HOST, else $PODFLARE_HOSTD_URL, else http://127.0.0.1:7070)
   -h, --help         show this help
 `;
 

@@ -11,7 +11,7 @@ with the code's exit code. Ctrl-C interrupts the code; a second Ctrl-C gives up.
 
 Options:
   --bash             the code is a bash script
-  --host URL         the server (default: $PODFLARE_HOST, else http://127.0.0.1:7070);
+  --host URL         the server (default: $PODFLARE_HOST, else $PODFLARE_HOSTD_URL, else http://127.0.0.1:7070);
                      the API key comes from $PODFLARE_API_KEY
   --timeout-ms N     interrupt the code after N ms (exit code 124)
   --runtime NAME     ns, vm (a microVM with its own kernel) or auto (default: the server's)
