@@ -1,6 +1,9 @@
 /** The `podflare` command against a real server: run, ls, rm, doctor, serve. */
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import { chmod, mkdtemp, rm, stat } from 'node:fs/promises';
+import os from 'node:os';
 import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { detectKvm } from '@podflare/server';
@@ -91,6 +94,31 @@ describe('podflare CLI', () => {
       }
     } finally {
       await auto.stop();
+    }
+  });
+
+  it('refuses a state directory the sandboxes cannot reach, at start and in doctor, naming the directory to change', async () => {
+    // mktemp -d makes 0700 directories: a state directory inside one used to start, then fail
+    // every sandbox with "the sandbox's agent is gone: channel closed".
+    const closed = await mkdtemp(path.join(os.tmpdir(), 'pf-closed-'));
+    try {
+      assert.equal((await stat(closed)).mode & 0o777, 0o700);
+      const stateDir = path.join(closed, 'state');
+      const started = Date.now();
+      const serve = await cli(['serve', '--port', '0', '--state-dir', stateDir, '--images-dir', IMAGES_DIR, '--pool-size', '1']);
+      assert.notEqual(serve.status, 0);
+      assert.ok(serve.stderr.includes(`${closed} is mode 0700`), serve.stderr);
+      assert.match(serve.stderr, /chmod o\+x/);
+      assert.ok(Date.now() - started < 20_000, 'refused before building or starting anything');
+      assert.ok(!existsSync(stateDir), 'nothing made in the unreachable directory');
+      const doctor = await cli(['doctor', '--images-dir', IMAGES_DIR, '--state-dir', stateDir]);
+      assert.notEqual(doctor.status, 0);
+      assert.match(doctor.stdout, /\[FAIL\] state dir .*is mode 0700/);
+      await chmod(closed, 0o711);
+      const fixed = await cli(['doctor', '--images-dir', IMAGES_DIR, '--state-dir', stateDir]);
+      assert.match(fixed.stdout, /\[ ok \] state dir/);
+    } finally {
+      await rm(closed, { recursive: true, force: true });
     }
   });
 

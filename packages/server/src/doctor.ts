@@ -7,6 +7,7 @@ import { execFile } from 'node:child_process';
 import { access, constants, readFile, readdir } from 'node:fs/promises';
 import { existsSync } from 'node:fs';
 import { inspectImages } from './image/index.js';
+import { unreachableMessage, unreachableParent } from './state-dir-access.js';
 
 export interface DoctorCheck {
   name: string;
@@ -192,8 +193,9 @@ async function checkRoot(): Promise<DoctorCheck> {
   };
 }
 
-export async function runDoctor(opts: { imagesDir: string }): Promise<DoctorReport> {
+export async function runDoctor(opts: { imagesDir: string; stateDir?: string }): Promise<DoctorReport> {
   const checks = await Promise.all([
+    ...(opts.stateDir ? [checkStateDir(opts.stateDir)] : []),
     checkBubblewrap(),
     checkNamespaces(),
     checkOverlay(),
@@ -209,6 +211,12 @@ export async function runDoctor(opts: { imagesDir: string }): Promise<DoctorRepo
     checkImage(opts.imagesDir),
   ]);
   return { ok: checks.every((c) => c.ok || !c.required), checks };
+}
+
+/** The sandboxes' unprivileged uids must be able to reach the state directory. */
+async function checkStateDir(stateDir: string): Promise<DoctorCheck> {
+  const p = await unreachableParent(stateDir);
+  return { name: 'state dir', required: true, ok: p === null, detail: p ? unreachableMessage(stateDir, p) : `${stateDir} (reachable by the sandboxes' uids)` };
 }
 
 /** One line per check: `[ ok ]`, `[FAIL]` (required), `[warn]` (optional), then a verdict. */

@@ -6,6 +6,7 @@ import http from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { mkdir } from 'node:fs/promises';
 import path from 'node:path';
+import { assertStateDirReachable } from './state-dir-access.js';
 import { isLoopback, type ServerConfig } from './config.js';
 import { EgressService } from './egress/index.js';
 import { createApp } from './http/app.js';
@@ -34,6 +35,9 @@ export async function startServer(config: ServerConfig, opts: StartOptions = {})
   if (!isLoopback(config.host) && config.apiKeys.length === 0) {
     throw new Error(`refusing to listen on ${config.host} without API keys: set PODFLARE_API_KEYS (or bind 127.0.0.1)`);
   }
+  // Before anything is built or started: a state directory the sandboxes cannot reach would only
+  // show later, as every sandbox failing.
+  await assertStateDirReachable(config.stateDir);
   await mkdir(config.stateDir, { recursive: true });
   const lock = await lockStateDir(config.stateDir);
   try {

@@ -30,7 +30,7 @@ export const doctorCommand: Command = {
       stateDir: values['state-dir'] ? path.resolve(values['state-dir']) : undefined,
       imagesDir: values['images-dir'] ? path.resolve(values['images-dir']) : undefined,
     });
-    const report = await runDoctor({ imagesDir: config.imagesDir });
+    const report = await runDoctor({ imagesDir: config.imagesDir, stateDir: config.stateDir });
     process.stdout.write(values.json ? `${JSON.stringify(report, null, 2)}\n` : `${formatDoctorReport(report)}\n`);
     return report.ok ? EXIT_OK : EXIT_FAILURE;
   },
