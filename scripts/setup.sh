@@ -2,13 +2,23 @@
 # Everything Podflare needs on this machine, idempotent: Debian packages, npm dependencies, the
 # TypeScript build, and the sandbox image. Quiet when there is nothing to do; says what it installs.
 #
-#   bash scripts/setup.sh
+#   bash scripts/setup.sh          what the server and the demo run on (`npm start`)
+#   bash scripts/setup.sh --test   that, plus what only the tests and the bench use: Chromium (the
+#                                  dashboard's browser tests), Jupyter (the bench's peer), numpy and
+#                                  matplotlib on the host (the agent's own unit tests)
 #
 # Environment: PODFLARE_STATE_DIR (default /var/lib/podflare): the image goes to <state dir>/images
 # (or PODFLARE_IMAGES_DIR).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+FOR_TESTS=0
+for arg in "$@"; do
+  case "$arg" in
+    --test) FOR_TESTS=1 ;;
+    *) printf 'usage: bash scripts/setup.sh [--test]\n' >&2; exit 2 ;;
+  esac
+done
 STATE_DIR="${PODFLARE_STATE_DIR:-/var/lib/podflare}"
 
 SUDO=()
@@ -21,10 +31,45 @@ say() { printf 'setup: %s\n' "$*" >&2; }
 # (a) Debian packages ------------------------------------------------------------------------
 PACKAGES=(
   bubblewrap mmdebstrap slirp4netns iproute2 uidmap python3-seccomp btrfs-progs
-  qemu-system-x86 qemu-utils busybox-static lz4 e2fsprogs
-  python3 python3-numpy python3-matplotlib python3-jupyter-client python3-ipykernel
-  chromium # the dashboard's end-to-end tests drive it through playwright-core
+  qemu-system-x86 qemu-utils busybox-static lz4 e2fsprogs python3
 )
+if [ "$FOR_TESTS" = 1 ]; then
+  PACKAGES+=(
+    python3-numpy python3-matplotlib # the agent's unit tests run on the host's Python
+    python3-jupyter-client python3-ipykernel # the bench's Jupyter peer
+    chromium # the dashboard's end-to-end tests drive it through playwright-core
+  )
+fi
+
+# apt-get with one progress line instead of pages of "Unpacking …": its machine-readable status
+# (APT::Status-Fd) drives the line; everything else goes to a log, shown only if apt fails.
+apt_quietly() {
+  local what=$1 log
+  shift
+  log="$(mktemp)"
+  local last=-1 percent line
+  if ! { "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get -o APT::Status-Fd=3 "$@" 3>&1 >"$log" 2>&1; } |
+    while IFS=: read -r kind _ percent line; do
+      case "$kind" in dlstatus|pmstatus) ;; *) continue ;; esac
+      percent="${percent%%.*}"
+      [[ "$percent" =~ ^[0-9]+$ ]] || continue
+      if [ -t 2 ]; then
+        printf '\rsetup: %s: %3s%% %-50.50s' "$what" "$percent" "$line" >&2
+      elif [ "$((percent / 25))" != "$last" ]; then # not a terminal: a line per quarter
+        last=$((percent / 25))
+        printf 'setup: %s: %s%% (%s)\n' "$what" "$percent" "$line" >&2
+      fi
+    done; then
+    [ -t 2 ] && printf '\n' >&2
+    say "apt-get failed; its output:"
+    tail -n 40 "$log" >&2
+    rm -f "$log"
+    return 1
+  fi
+  [ -t 2 ] && printf '\rsetup: %s: done%-60s\n' "$what" "" >&2
+  rm -f "$log"
+}
+
 missing=()
 for pkg in "${PACKAGES[@]}"; do
   status="$(dpkg-query -W -f='${db:Status-Status}' "$pkg" 2>/dev/null || true)"
@@ -34,8 +79,8 @@ for pkg in "${PACKAGES[@]}"; do
 done
 if [ "${#missing[@]}" -gt 0 ]; then
   say "installing Debian packages: ${missing[*]}"
-  "${SUDO[@]}" apt-get update -qq
-  "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+  apt_quietly "updating the package lists" update
+  apt_quietly "installing" install -y --no-install-recommends "${missing[@]}"
 fi
 
 # (b) npm dependencies -----------------------------------------------------------------------
@@ -67,7 +112,11 @@ fi
 
 # (c) TypeScript build (incremental: instant when nothing changed) ---------------------------
 npm run --silent build
-chmod +x packages/cli/dist/main.js packages/mcp/dist/main.js # the `podflare` bin (npm links it, but it did not exist at install time)
+chmod +x packages/cli/dist/main.js packages/mcp/dist/main.js
+# The bins of our own packages: npm links a workspace's bin only if it exists at install time, and
+# these are built after it. `npx podflare …` in the repo runs node_modules/.bin/podflare.
+ln -sfn ../@podflare/cli/dist/main.js node_modules/.bin/podflare
+ln -sfn ../@podflare/mcp/dist/main.js node_modules/.bin/podflare-mcp
 
 # (d) the sandbox image (instant when current; about a minute the first time) ----------------
 # mmdebstrap --mode=root needs root. sudo resets PATH and the environment: pass node's full path

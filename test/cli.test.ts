@@ -61,6 +61,19 @@ describe('podflare CLI', () => {
     }
   });
 
+  it('runs as `npx podflare` inside the repo, as the README says', async () => {
+    // The npm package named `podflare` is the SDK (no bin): npx used to answer "could not determine
+    // executable to run". scripts/setup.sh links the CLI's bin once it is built.
+    const repo = path.resolve(import.meta.dirname, '..');
+    const child = spawn('npx', ['--no-install', 'podflare', 'ls', '--host', server.url], { cwd: repo });
+    let out = '';
+    child.stdout.on('data', (d: Buffer) => { out += d.toString(); });
+    child.stderr.on('data', (d: Buffer) => { out += d.toString(); });
+    const status = await new Promise<number | null>((resolve) => child.once('close', resolve));
+    assert.equal(status, 0, out);
+    assert.doesNotMatch(out, /could not determine executable/);
+  });
+
   it('lists and removes sandboxes', async () => {
     const sbx = await Sandbox.create({ host: server.url });
     const ls = await cli(['ls'], server.url);
