@@ -131,3 +131,96 @@ describe('allowlist matching', () => {
     assert.ok(!m.addressVerdict('127.0.0.1', apiPort, null).allowed); // but never the API
   });
 });
+
+describe('address rules: IPv4 and IPv6 never cross, guarded addresses first', () => {
+  const verdict = (allow: string[], address: string, viaName: string | null = null) =>
+    new EgressMatcher({ allow }, () => [7070]).addressVerdict(address, 8000, viaName).allowed;
+
+  // [rules, address, allowed?]: what a sandbox with these rules may connect to (by address).
+  const table: Array<[string[], string, boolean]> = [
+    // An IPv6 rule holds no IPv4 address, however the IPv4 address is written.
+    [['::/0'], '127.0.0.1', false],
+    [['::/0'], '10.0.0.1', false],
+    [['::/0'], '192.0.2.1', false],
+    [['::/0'], '169.254.169.254', false],
+    [['::/0'], '::ffff:127.0.0.1', false],
+    [['::/0'], '::ffff:7f00:1', false],
+    [['::/0'], '::ffff:10.0.0.1', false],
+    [['::/0'], '64:ff9b::127.0.0.1', false], // well-known NAT64: the IPv4 address behind it
+    [['::/0'], '64:ff9b::c000:201', false],
+    [['::/0'], '2001:db8::1', true],
+    // ...and it does not name the IPv6 guarded ranges it merely contains.
+    [['::/0'], '::1', false],
+    [['::/0'], '::', false],
+    [['::/0'], 'fe80::1', false],
+    [['::/0'], 'fe80::1%lo', false],
+    [['::/0'], 'ff02::1', false],
+    [['::/0'], 'fd00:ec2::254', false],
+    [['::/0'], '2002:7f00:1::1', false], // 6to4 relays through 127.0.0.1
+    [['::/0'], '2001:0:7f00:1::1', false], // Teredo
+    [['::/0'], '::127.0.0.1', false], // IPv4-compatible (deprecated)
+    // An IPv4 rule holds no IPv6 address, and does not name loopback or metadata either.
+    [['0.0.0.0/0'], '127.0.0.1', false],
+    [['0.0.0.0/0'], '127.1.2.3', false],
+    [['0.0.0.0/0'], '::ffff:127.0.0.1', false],
+    [['0.0.0.0/0'], '169.254.169.254', false],
+    [['0.0.0.0/0'], '0.0.0.0', false],
+    [['0.0.0.0/0'], '224.0.0.1', false],
+    [['0.0.0.0/0'], '255.255.255.255', false],
+    [['0.0.0.0/0'], '::1', false],
+    [['0.0.0.0/0'], '2001:db8::1', false],
+    [['0.0.0.0/0'], '10.0.0.1', true],
+    [['0.0.0.0/0'], '::ffff:10.0.0.1', true],
+    [['0.0.0.0/0'], '64:ff9b::c000:201', true],
+    [['100.0.0.0/6'], '127.0.0.1', false], // holds loopback, is not within it
+    [['::/1'], '::1', false],
+    // A rule within the guarded range opens it (and only what it holds).
+    [['127.0.0.1/32'], '127.0.0.1', true],
+    [['127.0.0.1/32'], '::ffff:127.0.0.1', true],
+    [['127.0.0.1/32'], '127.0.0.2', false],
+    [['127.0.0.0/8'], '127.0.0.1', true],
+    [['::ffff:127.0.0.1/128'], '127.0.0.1', true], // a mapped rule is the IPv4 rule it spells
+    [['::ffff:0:0/96'], '127.0.0.1', false], // = 0.0.0.0/0
+    [['::1/128'], '::1', true],
+    [['::1/128'], '127.0.0.1', false],
+    [['169.254.0.0/16'], '169.254.1.1', true],
+    [['169.254.0.0/16'], '169.254.169.254', false], // metadata needs a rule of its own
+    [['169.254.169.254/32'], '169.254.169.254', true],
+    [['fe80::/10'], 'fe80::1', true],
+    [['fd00::/8'], 'fd00:ec2::254', false],
+    [['fd00:ec2::254'], 'fd00:ec2::254', true],
+  ];
+
+  for (const [allow, address, allowed] of table) {
+    it(`${allow.join(', ')} ${allowed ? 'admits' : 'does not admit'} ${address}`, () => {
+      assert.equal(verdict(allow, address), allowed);
+    });
+  }
+
+  it('keeps guarded addresses guarded when they come from an allowed name', () => {
+    for (const a of ['127.0.0.1', '::ffff:127.0.0.1', '169.254.169.254', '::1', '64:ff9b::a9fe:a9fe']) {
+      assert.equal(verdict(['*', 'svc.test', '::/0', '0.0.0.0/0'], a, 'svc.test'), false, a);
+    }
+    assert.equal(verdict(['svc.test', '127.0.0.1/32'], '127.0.0.1', 'svc.test'), true);
+  });
+
+  it("guards the host's own interface addresses: only a rule for that very address opens one", () => {
+    const own = Object.values(os.networkInterfaces()).flat().find((i) => i && i.family === 'IPv4' && !i.internal);
+    if (!own) return;
+    const [a, b] = own.address.split('.');
+    assert.equal(verdict(['0.0.0.0/0'], own.address), false);
+    assert.equal(verdict([`${a}.${b}.0.0/16`], own.address), false);
+    assert.equal(verdict(['::/0'], `::ffff:${own.address}`), false);
+    assert.equal(verdict([`${own.address}/32`], own.address), true);
+  });
+
+  it("never opens the server's API port on a guarded address, whatever the rules", () => {
+    const m = new EgressMatcher({ allow: ['127.0.0.1/32', '::1/128'] }, () => [7070]);
+    for (const a of ['127.0.0.1', '::ffff:127.0.0.1', '::1']) assert.equal(m.addressVerdict(a, 7070, null).allowed, false, a);
+  });
+
+  it('names the guarded range and the rule that would open it when refusing', () => {
+    const v = new EgressMatcher({ allow: ['::/0'] }, () => []).addressVerdict('::ffff:127.0.0.1', 80, null);
+    assert.deepEqual(v, { allowed: false, reason: '127.0.0.1 is loopback: only an address rule within 127.0.0.0/8 opens it' });
+  });
+});

@@ -321,6 +321,39 @@ except Exception as e:
     }
   });
 
+  it("lets no IPv6 rule reach IPv4 loopback, and no all-addresses rule reach loopback at all", async () => {
+    // The test's own listeners on the host's loopback; each connection they see is counted.
+    const connections: string[] = [];
+    const listen = async (address: string) => {
+      const s = http.createServer((_req, res) => res.end('should not be reached'));
+      s.on('connection', (socket) => connections.push(`${address} from ${socket.remoteAddress}`));
+      await new Promise<void>((r) => s.listen(0, address, () => r()));
+      return { s, port: (s.address() as AddressInfo).port };
+    };
+    const v4 = await listen('127.0.0.1');
+    const v6 = await listen('::1');
+    const v6only = await Sandbox.create({ host: server.url, egress: { allow: ['::/0'] } });
+    const v4all = await Sandbox.create({ host: server.url, egress: { allow: ['0.0.0.0/0'] } });
+    try {
+      for (const url of [`http://127.0.0.1:${v4.port}/`, `http://[::ffff:127.0.0.1]:${v4.port}/`, `http://[::ffff:7f00:1]:${v4.port}/`, `http://[::1]:${v6.port}/`]) {
+        assert.equal((await v6only.runCode(fetchFrom(url), viaProxy)).stdout.trim(), 'http 403', url);
+      }
+      assert.match((await v6only.runCode(connectTunnel(`127.0.0.1:${v4.port}`), viaProxy)).stdout, /^HTTP\/1.1 403 /);
+      assert.equal((await v6only.runCode(socksFetch('127.0.0.1', v4.port), viaProxy)).stdout, 'reply 2\n');
+      for (const url of [`http://127.0.0.1:${v4.port}/`, `http://[::ffff:127.0.0.1]:${v4.port}/`, `http://[::1]:${v6.port}/`]) {
+        assert.equal((await v4all.runCode(fetchFrom(url), viaProxy)).stdout.trim(), 'http 403', url);
+      }
+      assert.deepEqual(connections, []);
+      const reasons = (await v6only.events()).filter((e) => e.type === 'egress_denied').map((e) => e.data.reason ?? '');
+      assert.ok(reasons.includes('127.0.0.1 is loopback: only an address rule within 127.0.0.0/8 opens it'), reasons.join(' | '));
+    } finally {
+      await v6only.close();
+      await v4all.close();
+      v4.s.close();
+      v6.s.close();
+    }
+  });
+
   it('leaves no socket behind once a sandbox with a policy is gone', async () => {
     const before = foreignSockets();
     const temp = await Sandbox.create({ host: server.url, egress: { allow: ['allowed.test'] } });

@@ -14,6 +14,7 @@ import * as http from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { StreamableHTTPServerTransport } from '@modelcontextprotocol/sdk/server/streamableHttp.js';
 import { isInitializeRequest } from '@modelcontextprotocol/sdk/types.js';
+import { hostHeaderName, isLoopbackHost, isServedHost, originOf } from '@podflare/protocol/browser-access';
 import { Client } from 'podflare';
 import { PodflareMcpServer } from './server.js';
 import type { PodflareMcpServerOptions } from './server.js';
@@ -245,29 +246,25 @@ function track(session: Session, res: http.ServerResponse): void {
 }
 
 /**
- * DNS-rebinding and cross-site protection for a loopback listener: the Host must name this machine,
- * and a browser's Origin (when sent) must be local too.
+ * DNS-rebinding and cross-site protection for a loopback listener (the threat model is in
+ * @podflare/protocol's browser-access, shared with the Podflare API): the Host must name this
+ * machine (a loopback name or an IP literal: rebinding needs a name), and a browser's Origin (when
+ * sent) must be local too. Unlike the API, which serves a dashboard of its own, any local origin
+ * may call: browser-based MCP clients run on local pages of their own.
  */
 function checkLocalRequest(req: http.IncomingMessage, listenHost: string): string | undefined {
-  const allowed = new Set(['localhost', '127.0.0.1', '[::1]', listenHost.includes(':') ? `[${listenHost}]` : listenHost]);
-  const hostname = hostnameOf(`http://${req.headers.host ?? ''}`);
-  if (hostname === undefined || !allowed.has(hostname)) return `forbidden: Host header ${JSON.stringify(req.headers.host ?? '')} is not local`;
+  if (!isServedHost(req.headers.host, [listenHost])) return `forbidden: Host header ${JSON.stringify(req.headers.host ?? '')} is not local`;
   const origin = req.headers.origin;
   if (origin !== undefined && origin !== 'null') {
-    const originHost = hostnameOf(origin);
-    if (originHost === undefined || !allowed.has(originHost)) return `forbidden: Origin ${JSON.stringify(origin)} is not local`;
+    const serialized = originOf(origin);
+    const originHost = serialized === undefined ? undefined : hostHeaderName(new URL(serialized).host);
+    const local = originHost !== undefined && (isLoopbackHost(originHost) || originHost === listenHost);
+    if (!local) return `forbidden: Origin ${JSON.stringify(origin)} is not local`;
   }
   return undefined;
 }
 
-function hostnameOf(url: string): string | undefined {
-  try {
-    return new URL(url).hostname || undefined;
-  } catch {
-    return undefined;
-  }
-}
-
+/** A listen address that is loopback for sure (a `*.localhost` name would go through the resolver). */
 function isLoopback(host: string): boolean {
   return host === 'localhost' || host === '::1' || /^127\.\d{1,3}\.\d{1,3}\.\d{1,3}$/.test(host);
 }

@@ -10,8 +10,10 @@
  *   - `*`             any name, public addresses only (private ones need the name listed or an
  *                     address rule; the host's own, loopback and link-local stay denied);
  *   - `10.1.2.3`, `10.0.0.0/8`, `fd00::/8` an address or CIDR block, for connections by address
- *     and for what allowed names resolve to. Only a rule like this can open the host's own
- *     addresses or loopback (never the server's API port).
+ *     and for what allowed names resolve to. IPv4 rules hold IPv4 addresses only, IPv6 rules IPv6
+ *     only (`::ffff:a.b.c.d` is IPv4). The host's own addresses, loopback, link-local, metadata and
+ *     other guarded ranges open only to a rule lying within them (`127.0.0.1/32`, never `0.0.0.0/0`
+ *     or `::/0`), and the server's API port never (server: egress/policy.ts, docs/api.md).
  */
 
 export interface EgressPolicy {

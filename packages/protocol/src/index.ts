@@ -3,4 +3,5 @@ export * from './events.js';
 export * from './agent.js';
 export * from './api.js';
 export * from './egress.js';
+export * from './browser-access.js';
 export type * from './dashboard.js';

@@ -6,6 +6,7 @@
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { parseAllowedHost, parseAllowedOrigin } from '@podflare/protocol/browser-access';
 import { MB } from './limits.js';
 import type { LogLevel } from './log.js';
 import type { SandboxLimits } from './runtime/runtime.js';
@@ -61,6 +62,18 @@ export interface ServerConfig {
    * allowlist permits. @default PODFLARE_EGRESS_DNS (comma-separated), else the host's resolver
    */
   egressDnsServers: string[];
+  /**
+   * Host names the API answers to besides loopback names (localhost, *.localhost) and IP literals,
+   * e.g. the public name of a reverse proxy in front of it. Any other `Host` gets a 403 (a guard
+   * against DNS rebinding). @default PODFLARE_ALLOWED_HOSTS (comma-separated), else none
+   */
+  allowedHosts: string[];
+  /**
+   * Web origins (`scheme://host[:port]`) whose pages may call the API cross-origin (with CORS).
+   * Pages of other origins get a 403; the dashboard (the server's own origin) always works.
+   * @default PODFLARE_ALLOWED_ORIGINS (comma-separated), else none
+   */
+  allowedOrigins: string[];
 }
 
 /** The repo's agent/ folder, found relative to this file (packages/server/dist/config.js). */
@@ -124,14 +137,31 @@ export function loadConfig(overrides: Partial<ServerConfig> = {}, env: NodeJS.Pr
       diskBytes: (int(env.PODFLARE_MAX_DISK_MB, 'PODFLARE_MAX_DISK_MB') ?? 65536) * MB,
       pids: int(env.PODFLARE_MAX_PROCESSES, 'PODFLARE_MAX_PROCESSES') ?? 4096,
     },
-    egressDnsServers: (env.PODFLARE_EGRESS_DNS ?? '').split(',').map((s) => s.trim()).filter(Boolean),
+    egressDnsServers: list(env.PODFLARE_EGRESS_DNS),
+    allowedHosts: list(env.PODFLARE_ALLOWED_HOSTS),
+    allowedOrigins: list(env.PODFLARE_ALLOWED_ORIGINS),
   };
   if (config.sandboxUidBase < 1 || config.sandboxUidBase + 65_536 > 0xffff_fffe) {
     throw new Error(`PODFLARE_SANDBOX_UID_BASE must leave room for 65536 ids above it and be at least 1, got ${config.sandboxUidBase}`);
   }
   const merged = { ...config, ...stripUndefined(overrides) };
   if (overrides.stateDir && !overrides.imagesDir && !env.PODFLARE_IMAGES_DIR) merged.imagesDir = path.join(overrides.stateDir, 'images');
+  merged.allowedHosts = checked(merged.allowedHosts, parseAllowedHost, 'allowed host (PODFLARE_ALLOWED_HOSTS, --allowed-host)');
+  merged.allowedOrigins = checked(merged.allowedOrigins, parseAllowedOrigin, 'allowed origin (PODFLARE_ALLOWED_ORIGINS, --allowed-origin)');
   return merged;
+}
+
+function list(value: string | undefined): string[] {
+  return (value ?? '').split(',').map((s) => s.trim()).filter(Boolean);
+}
+
+/** Each entry in its normal form; the first bad one throws, naming where it came from. */
+function checked(entries: string[], parse: (raw: string) => string | { error: string }, what: string): string[] {
+  return entries.map((raw) => {
+    const parsed = parse(raw);
+    if (typeof parsed !== 'string') throw new Error(`bad ${what}: ${parsed.error}`);
+    return parsed;
+  });
 }
 
 function stripUndefined<T extends object>(o: T): Partial<T> {

@@ -73,6 +73,7 @@ async function startLocked(config: ServerConfig, opts: StartOptions, log: Logger
   const server = http.createServer({ noDelay: true, keepAliveTimeout: 65_000, maxHeaderSize: 16 * 1024 }, createApp({
     manager, apiKeys: config.apiKeys, runtimeName: runtime.name, maxSandboxes: config.maxSandboxes, log,
     rateLimit: { perSecond: config.rateLimitPerSecond, burst: config.rateLimitBurst },
+    browserAccess: { allowedHosts: config.allowedHosts, allowedOrigins: config.allowedOrigins },
   }));
   server.headersTimeout = 30_000;
   // Header size is capped by maxHeaderSize above (Node answers 431); the count too.

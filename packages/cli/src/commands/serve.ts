@@ -17,6 +17,12 @@ Options:
   --pool-size N      warm sandboxes kept ready (default: $PODFLARE_POOL_SIZE, else 2 per core)
   --runtime NAME     ns, vm or auto (default: $PODFLARE_RUNTIME, else ns)
   --log-level LEVEL  debug, info, warn, error or silent (default: $PODFLARE_LOG_LEVEL, else info)
+  --allowed-host NAME
+                     a host name the API answers to besides localhost and IP addresses, e.g. the
+                     public name of a proxy in front of it (repeatable; also $PODFLARE_ALLOWED_HOSTS)
+  --allowed-origin ORIGIN
+                     a web origin (https://app.example.com) whose pages may call the API
+                     cross-origin (repeatable; also $PODFLARE_ALLOWED_ORIGINS)
   -h, --help         show this help
 `;
 
@@ -28,11 +34,18 @@ const OPTIONS = {
   'pool-size': { type: 'string' },
   runtime: { type: 'string' },
   'log-level': { type: 'string' },
+  'allowed-host': { type: 'string', multiple: true },
+  'allowed-origin': { type: 'string', multiple: true },
 } as const;
 
 /** The CLI flags as loadConfig overrides (unset flags left out, so the environment applies). */
-export function serveOverrides(values: Record<string, string | boolean | undefined>, command: string): Partial<ServerConfig> {
+export function serveOverrides(values: Record<string, string | string[] | boolean | undefined>, command: string): Partial<ServerConfig> {
   const str = (k: string) => (typeof values[k] === 'string' ? (values[k] as string) : undefined);
+  // Repeatable, and each may hold a comma-separated list (as the environment variables do).
+  const strs = (k: string) => {
+    const v = values[k];
+    return Array.isArray(v) ? v.flatMap((s) => s.split(',')).map((s) => s.trim()).filter(Boolean) : undefined;
+  };
   const overrides: Partial<ServerConfig> = {
     host: str('host'),
     port: intOption(str('port'), 'port', 0, 65535, command),
@@ -41,6 +54,8 @@ export function serveOverrides(values: Record<string, string | boolean | undefin
     poolSize: intOption(str('pool-size'), 'pool-size', 0, 1024, command),
     runtime: enumOption(str('runtime'), 'runtime', ['ns', 'vm', 'auto'] as const, command),
     logLevel: enumOption(str('log-level'), 'log-level', ['debug', 'info', 'warn', 'error', 'silent'] as const, command),
+    allowedHosts: strs('allowed-host'),
+    allowedOrigins: strs('allowed-origin'),
   };
   for (const key of Object.keys(overrides) as (keyof ServerConfig)[]) if (overrides[key] === undefined) delete overrides[key];
   return overrides;

@@ -7,6 +7,7 @@ import type { EgressPolicy } from '@podflare/protocol';
 import type { Logger } from '../log.js';
 import type { SandboxEventLog } from '../sandbox-events.js';
 import { EgressMatcher } from './policy.js';
+import { HostAddresses } from './special-addresses.js';
 import { EgressProxy, type EgressProxyListeners } from './proxy.js';
 import { cachedResolver, createResolver, type NameResolver } from './resolver.js';
 
@@ -21,6 +22,8 @@ export class EgressService {
   private readonly resolver: NameResolver;
   /** Ports of the server's API (known once it listens): never reachable on the host's addresses. */
   readonly protectedPorts: number[] = [];
+  /** The host's own addresses, guarded from every sandbox's allowlist. */
+  private readonly hostAddresses = new HostAddresses();
 
   constructor(private readonly opts: EgressServiceOptions) {
     this.resolver = cachedResolver(createResolver(opts.dnsServers));
@@ -29,7 +32,7 @@ export class EgressService {
   /** Serves `policy` for sandbox `sandboxId` on its listeners until the returned proxy is closed. */
   attach(sandboxId: string, policy: EgressPolicy, listeners: EgressProxyListeners): EgressProxy {
     return new EgressProxy(listeners, {
-      matcher: new EgressMatcher(policy, () => this.protectedPorts),
+      matcher: new EgressMatcher(policy, () => this.protectedPorts, this.hostAddresses),
       resolver: this.resolver,
       record: (event) => this.opts.events.record(sandboxId, event),
       log: this.opts.log.child({ sandbox: sandboxId }),

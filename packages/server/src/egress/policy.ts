@@ -3,78 +3,60 @@
  *
  * Names and addresses are separate questions on purpose. A name rule (`example.com`, `*.example.com`,
  * `*`) lets a sandbox ask for that name; the addresses the name resolves to are then used only if
- * they are ordinary addresses. The host's own addresses, loopback, link-local (cloud metadata) and
- * the like are reachable only through an address rule (`127.0.0.1/32`) naming them, so a name that
- * resolves to 127.0.0.1 (DNS rebinding) opens nothing. The server's API is never reachable.
+ * they are ordinary addresses, so a name that resolves to 127.0.0.1 (DNS rebinding) opens nothing.
+ *
+ * The order of the address questions (addressVerdict), refusals first:
+ *   1. The server's API port on any guarded address: never, whatever the rules say.
+ *   2. Guarded addresses — the host's own, loopback, link-local, cloud metadata (169.254.169.254,
+ *      fd00:ec2::254), multicast, reserved and IPv6 transition ranges (special-addresses.ts) — are
+ *      refused unless an address rule holding the address lies *within every range guarding it*:
+ *      `127.0.0.1/32` or `127.0.0.0/8` open 127.0.0.1; `0.0.0.0/0`, `::/0` or `100.0.0.0/6` do not,
+ *      since they do not name loopback, they merely contain it. The metadata address needs a rule for
+ *      itself (a link-local /16 does not open it); the host's own interface addresses need a rule for
+ *      exactly that address.
+ *   3. An address held by an address rule: allowed.
+ *   4. Otherwise only through an allowed name, and then not to a private network unless the name is
+ *      listed by itself (`*` means the internet) — or an address rule, as in 3.
+ *
+ * Families never mix: an IPv4 address is matched only against IPv4 rules and an IPv6 address only
+ * against IPv6 rules. IPv4-mapped (`::ffff:a.b.c.d`) and well-known NAT64 (`64:ff9b::a.b.c.d`)
+ * addresses are their IPv4 address, for the rules and the guards alike (ip-address.ts).
  */
-import net from 'node:net';
-import os from 'node:os';
 import { parseEgressRule, type EgressPolicy } from '@podflare/protocol';
+import { contains, effectiveAddress, effectiveSubnet, formatIp, formatSubnet, parseIp, within, type IpAddress, type Subnet } from './ip-address.js';
+import { guardsOf, HostAddresses, PRIVATE_RANGES, type Guard } from './special-addresses.js';
+
+export { normalizeAddress } from './ip-address.js';
 
 export type Verdict = { allowed: true } | { allowed: false; reason: string };
-
-const SPECIAL_V4: Array<[string, number]> = [
-  ['0.0.0.0', 8], // "this network"
-  ['127.0.0.0', 8], // loopback
-  ['169.254.0.0', 16], // link-local (cloud metadata services live here)
-  ['224.0.0.0', 4], // multicast
-  ['240.0.0.0', 4], // reserved, broadcast
-];
-const SPECIAL_V6: Array<[string, number]> = [
-  ['::', 128], ['::1', 128], ['fe80::', 10], ['ff00::', 8],
-];
-
-const special = new net.BlockList();
-for (const [a, p] of SPECIAL_V4) special.addSubnet(a, p, 'ipv4');
-for (const [a, p] of SPECIAL_V6) special.addSubnet(a, p, 'ipv6');
-
-/** Private networks: what `*` (any name) does not reach by itself, so it means "the internet". */
-const PRIVATE = new net.BlockList();
-for (const [a, p] of [['10.0.0.0', 8], ['172.16.0.0', 12], ['192.168.0.0', 16], ['100.64.0.0', 10]] as const) PRIVATE.addSubnet(a, p, 'ipv4');
-PRIVATE.addSubnet('fc00::', 7, 'ipv6');
-
-/** Addresses of the host's own interfaces, refreshed at most every few seconds. */
-let hostAddresses: { at: number; set: Set<string> } = { at: 0, set: new Set() };
-function ownAddresses(): Set<string> {
-  if (Date.now() - hostAddresses.at > 5000) {
-    const set = new Set<string>();
-    for (const list of Object.values(os.networkInterfaces())) for (const i of list ?? []) set.add(normalizeAddress(i.address));
-    hostAddresses = { at: Date.now(), set };
-  }
-  return hostAddresses.set;
-}
-
-/** IPv4-mapped IPv6 (::ffff:1.2.3.4) is the IPv4 address; IPv6 zone ids are dropped. */
-export function normalizeAddress(address: string): string {
-  const a = address.toLowerCase().replace(/%.*$/, '');
-  const mapped = /^::ffff:(\d+\.\d+\.\d+\.\d+)$/.exec(a);
-  return mapped ? mapped[1]! : a;
-}
-
-function familyOf(address: string): 'ipv4' | 'ipv6' {
-  return net.isIPv4(address) ? 'ipv4' : 'ipv6';
-}
-
-/** True for the host's own addresses and ranges no sandbox should reach by accident. */
-export function isHostOrSpecial(address: string): boolean {
-  const a = normalizeAddress(address);
-  return special.check(a, familyOf(a)) || ownAddresses().has(a);
-}
 
 export class EgressMatcher {
   private readonly names = new Set<string>();
   private readonly suffixes: string[] = [];
   private anyName = false;
-  private readonly addresses = new net.BlockList();
+  /** Address rules, each in effective terms (a mapped-IPv4 rule is an IPv4 rule). */
+  private readonly rules: Subnet[] = [];
 
-  constructor(readonly policy: EgressPolicy, private readonly protectedPorts: () => number[]) {
+  /**
+   * @param protectedPorts the server's API ports, never reachable on a guarded address
+   * @param hostAddresses the host's interface addresses (one cache per egress service)
+   */
+  constructor(
+    readonly policy: EgressPolicy,
+    private readonly protectedPorts: () => number[],
+    private readonly hostAddresses: HostAddresses = new HostAddresses(),
+  ) {
     for (const raw of policy.allow) {
       const rule = parseEgressRule(raw);
       if (typeof rule === 'string') throw new Error(`invalid egress rule ${rule}`); // validated by the API already
       if (rule.kind === 'name') this.names.add(rule.name);
       else if (rule.kind === 'suffix') this.suffixes.push(rule.suffix);
       else if (rule.kind === 'any-name') this.anyName = true;
-      else this.addresses.addSubnet(rule.address, rule.prefix, rule.family === 4 ? 'ipv4' : 'ipv6');
+      else {
+        const parsed = parseIp(rule.address);
+        if (!parsed || parsed.family !== rule.family) throw new Error(`invalid egress rule ${raw}`);
+        this.rules.push(effectiveSubnet({ family: rule.family, base: parsed.value, prefix: rule.prefix }));
+      }
     }
   }
 
@@ -89,24 +71,36 @@ export class EgressMatcher {
     return this.names.has(n) || this.suffixes.some((s) => n.endsWith('.' + s));
   }
 
-  /** Named by an address rule (what it takes to reach the host's own or special addresses). */
-  addressListed(address: string): boolean {
-    const a = normalizeAddress(address);
-    return this.addresses.check(a, familyOf(a));
-  }
-
   /** May a connection go to this address (resolved from the allowed name `viaName`, or asked for by address)? */
   addressVerdict(address: string, port: number | null, viaName: string | null): Verdict {
-    const a = normalizeAddress(address);
-    if (port !== null && this.protectedPorts().includes(port) && isHostOrSpecial(a)) {
-      return { allowed: false, reason: "the server's API is never reachable from a sandbox" };
+    const parsed = parseIp(address);
+    if (!parsed) return { allowed: false, reason: `${address} is not an IP address` };
+    const a = effectiveAddress(parsed);
+    const shown = formatIp(a);
+    const guards = guardsOf(a, this.hostAddresses);
+    if (guards.length > 0) {
+      if (port !== null && this.protectedPorts().includes(port)) {
+        return { allowed: false, reason: "the server's API is never reachable from a sandbox" };
+      }
+      if (this.rules.some((r) => opens(r, a, guards))) return { allowed: true };
+      return { allowed: false, reason: `${shown} is ${guards.map((g) => g.what).join(', ')}: ${howToOpen(guards)}` };
     }
-    if (this.addressListed(a)) return { allowed: true };
-    if (isHostOrSpecial(a)) return { allowed: false, reason: `${a} is the host's own, loopback or link-local: allow it with an address rule` };
-    if (viaName === null) return { allowed: false, reason: `${a} is not in the allowlist` };
-    if (PRIVATE.check(a, familyOf(a)) && !this.nameListed(viaName)) {
-      return { allowed: false, reason: `${a} is a private address, which "*" does not cover: name the host or allow the address` };
+    if (this.rules.some((r) => contains(r, a))) return { allowed: true };
+    if (viaName === null) return { allowed: false, reason: `${shown} is not in the allowlist` };
+    if (PRIVATE_RANGES.some((p) => contains(p, a)) && !this.nameListed(viaName)) {
+      return { allowed: false, reason: `${shown} is a private address, which "*" does not cover: name the host or allow the address` };
     }
     return { allowed: true };
   }
+}
+
+/** A rule opens a guarded address when it holds the address and names every range guarding it. */
+function opens(rule: Subnet, address: IpAddress, guards: Guard[]): boolean {
+  return contains(rule, address) && guards.every((g) => within(rule, g.subnet));
+}
+
+function howToOpen(guards: Guard[]): string {
+  // Ranges holding one address are nested: the narrowest is the one a rule must lie within.
+  const narrowest = guards.reduce((a, b) => (b.subnet.prefix > a.subnet.prefix ? b : a));
+  return `only an address rule within ${formatSubnet(narrowest.subnet)} opens it`;
 }

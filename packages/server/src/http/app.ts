@@ -3,11 +3,13 @@
  * server module owns the socket, so tests can run several apps in one process.
  */
 import type { IncomingMessage, ServerResponse } from 'node:http';
+import type { BrowserAccess } from '@podflare/protocol/browser-access';
 import { ApiError } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { SandboxManager } from '../sandbox-manager.js';
 import { KeyRing } from './auth.js';
 import { sendJson } from './body.js';
+import { BrowserGuard } from './browser-guard.js';
 import { addDashboardRoutes } from './dashboard-routes.js';
 import { addFileRoutes } from './file-routes.js';
 import { addForkRoutes } from './fork-routes.js';
@@ -25,6 +27,8 @@ export interface AppOptions {
   maxSandboxes: number;
   /** Per-key request rate limit (off when absent). */
   rateLimit?: RateLimitOptions;
+  /** Host names and origins answered besides loopback names, IP literals and the server's own origin. */
+  browserAccess?: BrowserAccess;
   log: Logger;
 }
 
@@ -33,6 +37,7 @@ export type RequestListener = (req: IncomingMessage, res: ServerResponse) => voi
 export function createApp(opts: AppOptions): RequestListener {
   const keys = new KeyRing(opts.apiKeys);
   const limiter = new RateLimiter(opts.rateLimit ?? { perSecond: 0, burst: 0 });
+  const guard = new BrowserGuard(opts.browserAccess ?? { allowedHosts: [], allowedOrigins: [] });
   const router = new Router();
   router.add('GET', '/v1/healthz', ({ res }) => {
     res.writeHead(200, { 'Content-Type': 'text/plain' });
@@ -60,6 +65,8 @@ export function createApp(opts: AppOptions): RequestListener {
     let url: URL | undefined;
     void (async () => {
       try {
+        // Before anything else, auth included: a web page must not learn even which requests fail.
+        if (guard.check(req, res) === 'answered') return;
         url = parseTarget(req.url);
         const { route, params } = router.match(req.method ?? 'GET', url.pathname);
         const owner = route.auth ? keys.authenticate(req) : '';

@@ -9,19 +9,24 @@ export const MAX_JSON_BODY_BYTES = 8 * 1024 * 1024;
 const JSON_BODY_TIMEOUT_MS = 60_000;
 
 /**
- * Media types a JSON body may be declared as: JSON itself, none at all, and curl's default for
- * `-d` (form-urlencoded), so `curl -d '{"code": "1"}'` works. Anything else is a client mistake.
+ * A JSON body must say `Content-Type: application/json` (parameters such as charset aside). The
+ * types a web page may send cross-site without a CORS preflight (form-urlencoded, multipart,
+ * text/plain) or with none at all (a Blob) are refused, so no page can smuggle JSON in through
+ * them. A request without a body may leave the type out (`POST /v1/sandboxes` with defaults), but
+ * not declare another one (an empty form post).
  */
-function isJsonContentType(header: string | undefined): boolean {
-  if (!header) return true;
-  const type = header.split(';')[0]!.trim().toLowerCase();
-  return type === '' || type === 'application/json' || type.endsWith('+json') || type === 'application/x-www-form-urlencoded';
+function checkJsonContentType(req: IncomingMessage): void {
+  const header = req.headers['content-type'];
+  const length = req.headers['content-length'];
+  const hasBody = (length !== undefined && length !== '0') || req.headers['transfer-encoding'] !== undefined;
+  const type = header?.split(';')[0]!.trim().toLowerCase() ?? '';
+  if (type === 'application/json' || (type === '' && !hasBody)) return;
+  const got = header === undefined ? 'no Content-Type' : `Content-Type ${header.slice(0, 100)}`;
+  throw new ApiError('unsupported_media_type', `this endpoint takes a JSON body with Content-Type: application/json, got ${got}`);
 }
 
 export async function readJson(req: IncomingMessage): Promise<unknown> {
-  if (!isJsonContentType(req.headers['content-type']) && (req.headers['content-length'] !== '0' || req.headers['transfer-encoding'])) {
-    throw new ApiError('unsupported_media_type', `this endpoint takes a JSON body (Content-Type: application/json), got ${req.headers['content-type']!.slice(0, 100)}`);
-  }
+  checkJsonContentType(req);
   const declared = Number(req.headers['content-length'] ?? 0);
   if (declared > MAX_JSON_BODY_BYTES) throw new ApiError('payload_too_large', `request body over ${MAX_JSON_BODY_BYTES} bytes`);
   const chunks: Buffer[] = [];
