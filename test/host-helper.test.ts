@@ -11,6 +11,7 @@
  *   directory, mount or process.
  */
 import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
 import { readdirSync, readFileSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import os from 'node:os';
@@ -201,14 +202,15 @@ describe('podflare serve stopped by a signal to its whole process group', () => 
   for (const signal of ['SIGTERM', 'SIGINT'] as const) {
     it(`${signal}: exits 0, no unhandled error or traceback, no sandbox directory, mount or process left`, async () => {
       const stateDir = await mkdtemp(path.join(os.tmpdir(), 'pf-group-'));
+      let group = 0;
       try {
         const serve = await startServe(stateDir, { poolSize: 1, detached: true });
+        group = serve.pid;
         const id = await serve.create();
         assert.equal(await serve.run(id, 'x = 1\nprint(x)'), '1\n');
         const children = await serve.fork(id, 2); // the host helper's mounts, fork layers
         assert.equal(await serve.run(children[0]!, 'print(x + 1)'), '2\n');
         await serve.create({ egress: false });
-        const group = serve.pid;
         assert.ok(processes().some((p) => p.pgrp === group && p.cmd.includes('podflare_hostd.py')), 'the host helpers are in the group');
 
         process.kill(-group, signal);
@@ -227,7 +229,12 @@ describe('podflare serve stopped by a signal to its whole process group', () => 
         assert.deepEqual(overlayMountsUnder(stateDir), [], 'no mount under the state directory (overlays, the disk volume)');
         assert.deepEqual(sandboxDirsIn(stateDir), []);
       } finally {
-        await rm(stateDir, { recursive: true, force: true });
+        // Whatever a failed stop left, so that this test's failure is the one reported.
+        try { if (group) process.kill(-group, 'SIGKILL'); } catch { /* none left */ }
+        for (const m of overlayMountsUnder(stateDir).reverse()) {
+          try { execFileSync('umount', ['-l', m]); } catch { /* gone */ }
+        }
+        await rm(stateDir, { recursive: true, force: true }).catch(() => undefined);
       }
     });
   }
