@@ -6,6 +6,8 @@
  * - one worker stopped (SIGSTOP) in the middle of a call: other tenants' forks and diffs go on
  *   through the other workers; the stuck call fails after its timeout, naming the op; the
  *   stopped worker is killed and replaced;
+ * - a helper that writes garbage, an endless line, or stops reading its stdin: the call fails
+ *   with an error saying so and the helper is killed; nothing is thrown at the server;
  * - `podflare serve` whose whole process group gets SIGTERM or SIGINT (systemd, Ctrl-C,
  *   `timeout`): exits 0 with no unhandled error or Python traceback, and leaves no sandbox
  *   directory, mount or process.
@@ -13,11 +15,12 @@
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { readdirSync, readFileSync } from 'node:fs';
-import { mkdtemp, rm } from 'node:fs/promises';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { Sandbox } from 'podflare';
+import { HelperProcess, type HelperExit } from '../packages/server/src/helper-process.js';
 import { overlayMountsUnder, processesMentioning, sandboxDirsIn } from './helpers/leaks.js';
 import { startServe } from './helpers/serve.js';
 import { startTestServer, type TestServer } from './helpers/server.js';
@@ -210,7 +213,9 @@ describe('podflare serve stopped by a signal to its whole process group', () => 
         assert.equal(await serve.run(id, 'x = 1\nprint(x)'), '1\n');
         const children = await serve.fork(id, 2); // the host helper's mounts, fork layers
         assert.equal(await serve.run(children[0]!, 'print(x + 1)'), '2\n');
-        await serve.create({ egress: false });
+        const busy = await serve.create({ egress: false });
+        serve.runInFlight(busy, 'import time\ntime.sleep(600)'); // a stop with an exec in flight
+        for (let i = 0; i < 100 && (await serve.info(busy)).state !== 'running'; i++) await new Promise((r) => setTimeout(r, 20));
         assert.ok(processes().some((p) => p.pgrp === group && p.cmd.includes('podflare_hostd.py')), 'the host helpers are in the group');
 
         process.kill(-group, signal);
@@ -238,4 +243,43 @@ describe('podflare serve stopped by a signal to its whole process group', () => 
       }
     });
   }
+});
+
+describe('a helper process that misbehaves', () => {
+  let dir: string;
+  before(async () => { dir = await mkdtemp(path.join(os.tmpdir(), 'pf-helper-')); });
+  after(async () => { await rm(dir, { recursive: true, force: true }); });
+
+  /** A real helper process running `body` (Python); resolves its first call's outcome and its exit. */
+  async function misbehave(name: string, body: string, timeoutMs?: number) {
+    const script = path.join(dir, `${name}.py`);
+    await writeFile(script, body);
+    let exit!: (e: HelperExit) => void;
+    const exited = new Promise<HelperExit>((resolve) => { exit = resolve; });
+    const helper = new HelperProcess({ script, name: `test helper ${name}`, maxLineChars: 1024 * 1024, onExit: (e) => exit(e) });
+    const outcome = await helper.call({ op: 'ping' }, { timeoutMs }).then(() => new Error('answered'), (err: Error) => err);
+    // Writes to it after it is gone or deaf (EPIPE) must not reach the server as an error either.
+    const later = await helper.call({ op: 'again' }, { timeoutMs: 2_000 }).then(() => null, (err: Error) => err);
+    helper.close();
+    return { outcome, exit: await within(10_000, 'its exit', exited), later };
+  }
+
+  it('kills a helper whose reply line never ends (bounded buffer)', async () => {
+    const { outcome, exit } = await misbehave('endless', 'import sys\nsys.stdin.readline()\nwhile True:\n    sys.stdout.write("x" * 65536)\n    sys.stdout.flush()\n');
+    assert.match(outcome.message, /test helper endless: a reply line is longer than 1048576 characters/);
+    assert.equal(exit.signal, 'SIGKILL');
+    assert.match(String(exit.reason?.message), /longer than/);
+  });
+
+  it('kills a helper that answers something other than JSON', async () => {
+    const { outcome, exit } = await misbehave('garbage', 'import sys, time\nsys.stdin.readline()\nprint("{not json", flush=True)\ntime.sleep(60)\n');
+    assert.match(outcome.message, /test helper garbage: unreadable reply .*\{not json/);
+    assert.equal(exit.signal, 'SIGKILL');
+  });
+
+  it('survives a helper that stopped reading its stdin (EPIPE): the call times out, naming the op', async () => {
+    const { outcome, later } = await misbehave('deaf', 'import os, time\nos.close(0)\ntime.sleep(60)\n', 1_000);
+    assert.match(outcome.message, /test helper deaf: ping timed out after 1000 ms/);
+    assert.ok(later instanceof Error, 'a call after that fails too (or a new helper is started and times out)');
+  });
 });

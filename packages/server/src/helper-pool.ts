@@ -87,11 +87,6 @@ export class HelperPool {
     return RESTART_REASONS.map((reason) => ({ reason, count: this.restartCounts.get(reason) ?? 0 }));
   }
 
-  /** The live workers' pids. */
-  pids(): number[] {
-    return this.workers.flatMap((w) => (w?.alive && w.proc.pid !== undefined ? [w.proc.pid] : []));
-  }
-
   /**
    * Runs `req` on every worker now, and on every worker started later before it serves anything
    * (state the helper keeps in its process). Resolves when every live worker has done it.
@@ -100,10 +95,14 @@ export class HelperPool {
     this.startAll();
     this.setUps.push(req);
     // Straight into each worker's pipe, behind its own set-up: nothing sent later can overtake it.
+    const onWorker = (w: Worker) => w.proc.call(req, { timeoutMs: this.o.timeoutMs(String(req.op)) }).catch((err: Error) => {
+      // The worker died or hung (logged and counted): its replacement replays the set-up.
+      if (!(err instanceof HelperError)) throw err;
+    });
     try {
-      await Promise.all(this.live().map((w) => w.proc.call(req, { timeoutMs: this.o.timeoutMs(String(req.op)) })));
+      await Promise.all(this.live().map(onWorker));
     } catch (err) {
-      // Not replayed on new workers: the caller sees the error and may set up again.
+      // The op itself failed: not replayed on new workers; the caller sees why and may retry.
       this.setUps.splice(this.setUps.indexOf(req), 1);
       throw err;
     }
@@ -180,7 +179,7 @@ export class HelperPool {
     this.startAll();
     const live = this.live();
     // Every worker is between a death and its (backed-off) replacement: start one now.
-    if (live.length === 0) return this.spawn(this.workers.findIndex(() => true));
+    if (live.length === 0) return this.spawn(0);
     const idle = live.filter((w) => w.load === 0);
     if (idle.length) return idle.reduce((a, b) => (b.lastUsed < a.lastUsed ? b : a));
     const oldest = (w: Worker) => Math.min(...w.busySince);

@@ -58,11 +58,6 @@ export class HostHelper {
     return this.pool.restarts();
   }
 
-  /** The workers' pids (for diagnostics). */
-  pids(): number[] {
-    return this.pool.pids();
-  }
-
   /**
    * Overlays made from now on see these image layers through idmapped mounts shifting owners by
    * `base` (image root = the sandboxes' unprivileged root, host uid `base`). Replayed on every
