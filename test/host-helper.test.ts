@@ -27,7 +27,7 @@ import { startTestServer, type TestServer } from './helpers/server.js';
 
 const WORKERS = 3;
 /** Diffs and squashes: short, so the stuck call's test does not wait long. */
-const SLOW_TIMEOUT_MS = 8_000;
+const SLOW_TIMEOUT_MS = 12_000;
 
 interface Proc { pid: number; ppid: number; pgrp: number; state: string; cmd: string }
 
@@ -165,9 +165,11 @@ describe('host helper workers', () => {
       // lands on the stopped worker and hangs there.
       const started = Date.now();
       let settledAt = 0;
-      const diffsA = Promise.allSettled(Array.from({ length: WORKERS + 1 }, () => a.diff(a2!)))
+      let answered = 0;
+      const diffsA = Promise.allSettled(Array.from({ length: WORKERS + 1 }, () => a.diff(a2!).finally(() => { answered++; })))
         .finally(() => { settledAt = Date.now(); });
-      await new Promise((r) => setTimeout(r, 300));
+      // All but one answered: that one is stuck on the stopped worker (which takes no other).
+      await waitFor('all but the stuck diff to answer', () => answered === WORKERS, 60_000);
 
       // Meanwhile tenant B forks and diffs, through the other workers.
       const [b2] = await within(60_000, "tenant B's fork", b.fork(1));

@@ -57,7 +57,7 @@ interface Worker extends WorkerRef {
   /** Its set-up replayed; rejects if that failed (the worker is then killed). */
   ready: Promise<void>;
   load: number;
-  /** When its oldest call in flight started (Infinity when idle). */
+  /** When its calls in flight were sent (in `useCounter` ticks: strictly increasing). */
   busySince: number[];
   lastUsed: number;
   startedAt: number;
@@ -154,8 +154,7 @@ export class HelperPool {
   private async run(w: Worker, req: Record<string, unknown>): Promise<Record<string, unknown>> {
     const op = String(req.op);
     w.load++;
-    w.lastUsed = ++this.useCounter;
-    const since = Date.now();
+    const since = (w.lastUsed = ++this.useCounter);
     w.busySince.push(since);
     try {
       try {
