@@ -2,8 +2,9 @@
 """Podflare's host helper: the few privileged filesystem operations the Node server cannot do itself.
 
 Node is multi-threaded, so it cannot setns(2) into a sandbox's mount namespace; this small,
-single-threaded process can. It is started once per server (as root, like the server), speaks JSON
-lines on stdin/stdout, and never runs sandbox code.
+single-threaded process can. The server runs a few of them (as root, like the server; see
+src/helper-pool.ts), each answering one call at a time; they speak JSON lines on stdin/stdout,
+exit when stdin closes, and never run sandbox code.
 
 Operations:
   idmap   {base, count, layers}   from now on, overlays use these read-only image layers through
