@@ -6,6 +6,8 @@
  * - one worker stopped (SIGSTOP) in the middle of a call: other tenants' forks and diffs go on
  *   through the other workers; the stuck call fails after its timeout, naming the op; the
  *   stopped worker is killed and replaced;
+ * - an overlay prepared by one worker is attached or discarded by that worker; once it has died,
+ *   an attach fails saying so and a discard has nothing left to do;
  * - a helper that writes garbage, an endless line, or stops reading its stdin: the call fails
  *   with an error saying so and the helper is killed; nothing is thrown at the server;
  * - `podflare serve` whose whole process group gets SIGTERM or SIGINT (systemd, Ctrl-C,
@@ -15,12 +17,14 @@
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { readdirSync, readFileSync } from 'node:fs';
-import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { Sandbox } from 'podflare';
 import { HelperProcess, type HelperExit } from '../packages/server/src/helper-process.js';
+import { createLogger } from '../packages/server/src/log.js';
+import { HostHelper } from '../packages/server/src/runtime/namespace/hostd.js';
 import { overlayMountsUnder, processesMentioning, sandboxDirsIn } from './helpers/leaks.js';
 import { startServe } from './helpers/serve.js';
 import { startTestServer, type TestServer } from './helpers/server.js';
@@ -283,5 +287,49 @@ describe('a helper process that misbehaves', () => {
     const { outcome, later } = await misbehave('deaf', 'import os, time\nos.close(0)\ntime.sleep(60)\n', 1_000);
     assert.match(outcome.message, /test helper deaf: ping timed out after 1000 ms/);
     assert.ok(later instanceof Error, 'a call after that fails too (or a new helper is started and times out)');
+  });
+});
+
+describe('overlay handles pinned to the worker that holds them', () => {
+  it('attaches through the worker that prepared; once it died, attach fails clearly and discard is a no-op', async () => {
+    const dir = await mkdtemp(path.join(os.tmpdir(), 'pf-handles-'));
+    const hostd = new HostHelper({ workers: 2, log: createLogger('silent') });
+    /** An overlay's directories; its lower holds `name.txt` saying `name`. */
+    const layer = async (name: string) => {
+      const [lower, upper, work] = ['lower', 'upper', 'work'].map((d) => path.join(dir, name, d));
+      await Promise.all([lower, upper, work].map((d) => mkdir(d!, { recursive: true })));
+      await writeFile(path.join(lower!, `${name}.txt`), name);
+      return { lowers: [lower!], upper: upper!, work: work! };
+    };
+    const target = path.join(dir, 'target');
+    try {
+      await mkdir(target);
+      // Several prepared at once, spread over the workers (whose own handle numbers overlap):
+      // each attach finds its own mounts.
+      const handles = await Promise.all(['a', 'b', 'c'].map(async (name) => hostd.prepareOverlay(await layer(name))));
+      for (const [i, name] of [[1, 'b'], [0, 'a']] as const) {
+        await hostd.attachOverlay(handles[i]!, process.pid, target);
+        assert.deepEqual(readdirSync(target), [`${name}.txt`]);
+        await hostd.unmount(target);
+      }
+
+      const workers = hostHelpers();
+      assert.equal(workers.length, 2);
+      for (const pid of workers) process.kill(pid, 'SIGKILL');
+      await waitFor('the workers to be gone', () => workers.every((pid) => !alive(pid)));
+      await assert.rejects(hostd.attachOverlay(handles[2]!, process.pid, target),
+        /host helper: overlay_attach needs worker #\d, which held what it works on and has exited/);
+      const orphan = await hostd.prepareOverlay(await layer('d'));
+      for (const pid of hostHelpers()) process.kill(pid, 'SIGKILL');
+      await hostd.discardOverlay(orphan); // its mounts died with the worker
+      await assert.rejects(hostd.discardOverlay(orphan), /no prepared overlay/);
+      assert.deepEqual(overlayMountsUnder(dir), []);
+    } finally {
+      hostd.close();
+      for (const m of overlayMountsUnder(dir).reverse()) {
+        try { execFileSync('umount', ['-l', m]); } catch { /* gone */ }
+      }
+      await rm(dir, { recursive: true, force: true });
+    }
   });
 });

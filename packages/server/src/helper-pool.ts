@@ -125,19 +125,13 @@ export class HelperPool {
   /** Runs `req` on the worker that answered an earlier call; fails if it has exited since. */
   async callOn(ref: WorkerRef, req: Record<string, unknown>): Promise<Record<string, unknown>> {
     const w = this.workers[ref.index];
-    if (!w || w.generation !== ref.generation || !w.alive) throw this.goneError(ref, String(req.op));
+    if (!w || w.generation !== ref.generation || !w.alive || !w.proc.running) throw this.goneError(ref, String(req.op));
     try {
       return await this.run(w, req);
     } catch (err) {
-      if (err instanceof HelperExitedError && !err.started) throw this.goneError(ref, String(req.op));
+      if (err instanceof HelperExitedError) throw this.goneError(ref, String(req.op), err);
       throw err;
     }
-  }
-
-  /** Whether the worker that answered an earlier call still runs (its state with it). */
-  holds(ref: WorkerRef): boolean {
-    const w = this.workers[ref.index];
-    return !!w && w.alive && w.generation === ref.generation;
   }
 
   close(): void {
@@ -147,8 +141,9 @@ export class HelperPool {
     for (const w of this.workers) w?.proc.close();
   }
 
-  private goneError(ref: WorkerRef, op: string): HelperWorkerGoneError {
-    return new HelperWorkerGoneError(`${this.o.name}: ${op} needs worker #${ref.index}, which has exited since the call it depends on`);
+  private goneError(ref: WorkerRef, op: string, cause?: Error): HelperWorkerGoneError {
+    return new HelperWorkerGoneError(`${this.o.name}: ${op} needs worker #${ref.index}, which held what it works on and has exited`
+      + (cause ? ` (${cause.message})` : ''));
   }
 
   private async run(w: Worker, req: Record<string, unknown>): Promise<Record<string, unknown>> {
@@ -170,7 +165,7 @@ export class HelperPool {
   }
 
   private live(): Worker[] {
-    return this.workers.filter((w): w is Worker => w !== null && w.alive);
+    return this.workers.filter((w): w is Worker => w !== null && w.alive && w.proc.running);
   }
 
   private pick(): Worker {

@@ -86,12 +86,19 @@ export class HelperProcess {
   private readonly pending = new Map<number, Pending>();
   /** Why the current child is being killed (set before the kill, reported at its exit). */
   private killReason: { error: Error; expected: boolean } | null = null;
+  /** The current child has exited, but its pipes are not drained yet ('close' comes later). */
+  private childExited = false;
 
   constructor(private readonly o: HelperProcessOptions) {}
 
   /** The running helper's pid (undefined before it starts or after it ended). */
   get pid(): number | undefined {
     return this.child?.pid;
+  }
+
+  /** Started and not known to have exited. */
+  get running(): boolean {
+    return this.child !== null && !this.childExited;
   }
 
   /** Starts the helper now, if it is not running. */
@@ -101,6 +108,9 @@ export class HelperProcess {
 
   call(req: Record<string, unknown>, opts: CallOptions = {}): Promise<Record<string, unknown>> {
     const child = (this.child ??= this.spawnChild());
+    if (this.childExited) {
+      return Promise.reject(new HelperExitedError(`${this.o.name} exited; ${String(req.op)} had not started`, false));
+    }
     const id = this.nextId++;
     return new Promise((resolve, reject) => {
       this.pending.set(id, { op: String(req.op), timeoutMs: opts.timeoutMs, resolve, reject });
@@ -127,6 +137,8 @@ export class HelperProcess {
   private spawnChild(): ChildProcess {
     const child = spawn('/usr/bin/python3', ['-I', this.o.script], { stdio: ['pipe', 'pipe', 'inherit'] });
     this.killReason = null;
+    this.childExited = false;
+    child.once('exit', () => { if (this.child === child) this.childExited = true; });
     if (this.o.unref) {
       child.unref();
       (child.stdin as unknown as { unref?: () => void }).unref?.();
@@ -160,7 +172,10 @@ export class HelperProcess {
     const onExit = (code: number | null, signal: NodeJS.Signals | null) => {
       if (exited) return;
       exited = true;
-      if (this.child === child) this.child = null;
+      if (this.child === child) {
+        this.child = null;
+        this.childExited = false;
+      }
       const killed = this.killReason;
       this.killReason = null;
       const ended = killed?.error.message ?? `${this.o.name} exited (${signal ?? `code ${code}`})`;

@@ -14,7 +14,7 @@
  */
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { HelperPool, type RestartReason, type WorkerRef } from '../../helper-pool.js';
+import { HelperPool, HelperWorkerGoneError, type RestartReason, type WorkerRef } from '../../helper-pool.js';
 import type { Logger } from '../../log.js';
 import type { DiffOptions, FileDiff } from '../runtime.js';
 
@@ -94,8 +94,12 @@ export class HostHelper {
 
   async discardOverlay(handle: number): Promise<void> {
     const held = this.takeHandle(handle);
-    // A worker that has exited took the mounts with it: nothing left to drop.
-    if (this.pool.holds(held.worker)) await this.pool.callOn(held.worker, { op: 'overlay_discard', handle: held.handle });
+    try {
+      await this.pool.callOn(held.worker, { op: 'overlay_discard', handle: held.handle });
+    } catch (err) {
+      // A worker that has exited took the mounts with it: nothing left to drop.
+      if (!(err instanceof HelperWorkerGoneError)) throw err;
+    }
   }
 
   /** A btrfs subvolume at `path` (on the disk volume) that may hold at most `limitBytes`. */
