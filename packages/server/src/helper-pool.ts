@@ -5,12 +5,13 @@
  * means more processes.
  *
  * - A call goes to an idle worker (the least recently used one, so every worker gets work), else
- *   to the one with the fewest calls in flight, preferring the one whose current call started last.
+ *   to the one with the fewest calls in flight, preferring the one whose oldest call was sent last.
  * - Every call has a timeout (chosen by its op); a worker that misses it is killed and replaced.
  * - Set-up calls (`setUp`, e.g. the host helper's idmap: state held inside the process) run on
  *   every worker, and again on each replacement before it serves anything.
- * - A worker that dies is logged as an error, counted, and replaced at once. Its call in progress
- *   fails; calls queued behind it (never started) go to another worker, unless pinned to it.
+ * - A worker that dies is logged as an error, counted, and replaced at once (after a short,
+ *   growing pause if replacements keep dying within seconds). Its call in progress fails; calls
+ *   queued behind it (never started) go to another worker, unless pinned to it.
  * - A call may be pinned to a worker (state made by an earlier call lives there); when that worker
  *   is gone, it fails with a HelperWorkerGoneError.
  */
