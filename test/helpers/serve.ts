@@ -17,6 +17,10 @@ export interface ServeProcess {
   url: string;
   pid: number;
   child: ChildProcess;
+  /** The tail of what it wrote on stderr. */
+  stderr(): string;
+  /** Resolves with its exit code (null: killed by a signal). */
+  exited: Promise<number | null>;
   /** SIGTERM and wait for a clean exit. */
   stop(): Promise<void>;
   /** SIGKILL and wait until the process is gone. */
@@ -30,11 +34,13 @@ export interface ServeProcess {
   info(id: string): Promise<{ id: string; state: string }>;
 }
 
-export async function startServe(stateDir: string, opts: { poolSize?: number; env?: Record<string, string> } = {}): Promise<ServeProcess> {
+/** `detached`: in a process group of its own (pgid = its pid), to signal the whole group. */
+export async function startServe(stateDir: string, opts: { poolSize?: number; env?: Record<string, string>; detached?: boolean } = {}): Promise<ServeProcess> {
   const child = spawn(process.execPath, [CLI, 'serve', '--port', '0', '--state-dir', stateDir, '--images-dir', IMAGES_DIR,
     '--pool-size', String(opts.poolSize ?? 1), '--log-level', 'warn'], {
     stdio: ['ignore', 'pipe', 'pipe'],
     env: { ...process.env, PODFLARE_API_KEYS: '', ...opts.env },
+    detached: opts.detached === true,
   });
   let stderr = '';
   child.stderr!.on('data', (d: Buffer) => { stderr = (stderr + d.toString()).slice(-4000); });
@@ -65,6 +71,8 @@ export async function startServe(stateDir: string, opts: { poolSize?: number; en
     url,
     pid: child.pid!,
     child,
+    stderr: () => stderr,
+    exited,
     async stop() {
       if (child.exitCode !== null || child.signalCode !== null) return;
       child.kill('SIGTERM');

@@ -2,8 +2,9 @@
 """Podflare's host helper: the few privileged filesystem operations the Node server cannot do itself.
 
 Node is multi-threaded, so it cannot setns(2) into a sandbox's mount namespace; this small,
-single-threaded process can. It is started once per server (as root, like the server), speaks JSON
-lines on stdin/stdout, and never runs sandbox code.
+single-threaded process can. The server runs a few of them (as root, like the server; see
+src/helper-pool.ts), each answering one call at a time; they speak JSON lines on stdin/stdout,
+exit when stdin closes, and never run sandbox code.
 
 Operations:
   idmap   {base, count, layers}   from now on, overlays use these read-only image layers through
@@ -39,6 +40,7 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import stat
 import struct
 import sys
@@ -556,7 +558,17 @@ def op_diff(req):
 OPS = {"idmap": op_idmap, "squash_layers": op_squash_layers, "subvolume": op_subvolume, "disk_limit": op_disk_limit, "overlay": op_overlay, "overlay_prepare": op_overlay_prepare, "overlay_attach": op_overlay_attach, "overlay_discard": op_overlay_discard, "unmount": op_unmount, "tmpfs": op_tmpfs, "diff": op_diff}
 
 
+def _ignore_stop_signals():
+    """SIGINT/SIGTERM to the server's whole process group (Ctrl-C, systemd's stop, `timeout`) are
+    for the server: it then stops its sandboxes, with this helper's help, and closes our stdin,
+    which is when we exit. A handler that does nothing, not SIG_IGN: anything this process execs
+    starts with the default action again."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+
+
 def main():
+    _ignore_stop_signals()
     out = sys.stdout
     for line in sys.stdin:
         if not line.strip():
@@ -571,8 +583,12 @@ def main():
             reply = {"id": rid, "ok": False, "error": f"bad request: missing {exc}"}
         except Exception as exc:  # every failure goes back to the server, never kills the helper
             reply = {"id": rid, "ok": False, "error": f"{type(exc).__name__}: {exc}"}
-        out.write(json.dumps(reply) + "\n")
-        out.flush()
+        try:
+            out.write(json.dumps(reply) + "\n")
+            out.flush()
+        except BrokenPipeError:  # the server is gone: nobody to answer, nothing to report
+            os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
+            return
 
 
 if __name__ == "__main__":

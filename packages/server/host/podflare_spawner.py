@@ -60,6 +60,11 @@ class Spawner:
         os.set_blocking(wake_w, False)
         signal.set_wakeup_fd(wake_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)
+        # SIGINT/SIGTERM to the server's whole process group are for the server, which stops its
+        # sandboxes (through this spawner's children) before it goes: this process ends when its
+        # stdin closes or the server dies. A handler, not SIG_IGN: children start with the default.
+        signal.signal(signal.SIGINT, lambda *_: None)
+        signal.signal(signal.SIGTERM, lambda *_: None)
         self.sel.register(self.wake_r, selectors.EVENT_READ, self.on_wake)
         self.sel.register(sys.stdin.fileno(), selectors.EVENT_READ, self.on_stdin)
         self.running = True

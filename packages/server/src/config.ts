@@ -74,6 +74,14 @@ export interface ServerConfig {
    * @default PODFLARE_ALLOWED_ORIGINS (comma-separated), else none
    */
   allowedOrigins: string[];
+  /**
+   * The host helper (root, does the namespace runtime's mounts, layer copies and diffs): how many
+   * worker processes, and how long a call may take before its worker is killed and replaced —
+   * `fastTimeoutMs` for mount ops, `slowTimeoutMs` for diffs, layer squashes and the rest.
+   * @default PODFLARE_HOST_HELPER_WORKERS or 3; PODFLARE_HOST_HELPER_FAST_TIMEOUT_MS or 10000;
+   * PODFLARE_HOST_HELPER_SLOW_TIMEOUT_MS or 120000
+   */
+  hostHelper: { workers: number; fastTimeoutMs: number; slowTimeoutMs: number };
 }
 
 /** The repo's agent/ folder, found relative to this file (packages/server/dist/config.js). */
@@ -140,11 +148,22 @@ export function loadConfig(overrides: Partial<ServerConfig> = {}, env: NodeJS.Pr
     egressDnsServers: list(env.PODFLARE_EGRESS_DNS),
     allowedHosts: list(env.PODFLARE_ALLOWED_HOSTS),
     allowedOrigins: list(env.PODFLARE_ALLOWED_ORIGINS),
+    hostHelper: {
+      workers: int(env.PODFLARE_HOST_HELPER_WORKERS, 'PODFLARE_HOST_HELPER_WORKERS') ?? 3,
+      fastTimeoutMs: int(env.PODFLARE_HOST_HELPER_FAST_TIMEOUT_MS, 'PODFLARE_HOST_HELPER_FAST_TIMEOUT_MS') ?? 10_000,
+      slowTimeoutMs: int(env.PODFLARE_HOST_HELPER_SLOW_TIMEOUT_MS, 'PODFLARE_HOST_HELPER_SLOW_TIMEOUT_MS') ?? 120_000,
+    },
   };
   if (config.sandboxUidBase < 1 || config.sandboxUidBase + 65_536 > 0xffff_fffe) {
     throw new Error(`PODFLARE_SANDBOX_UID_BASE must leave room for 65536 ids above it and be at least 1, got ${config.sandboxUidBase}`);
   }
   const merged = { ...config, ...stripUndefined(overrides) };
+  // A partial override (a test's short timeout) keeps the other fields.
+  if (overrides.hostHelper) merged.hostHelper = { ...config.hostHelper, ...stripUndefined(overrides.hostHelper) };
+  const { workers, fastTimeoutMs, slowTimeoutMs } = merged.hostHelper;
+  if (workers < 1 || fastTimeoutMs < 1 || slowTimeoutMs < 1) {
+    throw new Error(`the host helper needs at least 1 worker and timeouts of at least 1 ms, got ${JSON.stringify(merged.hostHelper)}`);
+  }
   if (overrides.stateDir && !overrides.imagesDir && !env.PODFLARE_IMAGES_DIR) merged.imagesDir = path.join(overrides.stateDir, 'images');
   merged.allowedHosts = checked(merged.allowedHosts, parseAllowedHost, 'allowed host (PODFLARE_ALLOWED_HOSTS, --allowed-host)');
   merged.allowedOrigins = checked(merged.allowedOrigins, parseAllowedOrigin, 'allowed origin (PODFLARE_ALLOWED_ORIGINS, --allowed-origin)');

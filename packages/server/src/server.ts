@@ -61,6 +61,7 @@ async function startLocked(config: ServerConfig, opts: StartOptions, log: Logger
     uidBase: config.sandboxUidBase,
     log,
     egress,
+    hostHelper: config.hostHelper,
   });
   const vm = await createVmRuntime(config, image, log, opts.onImageProgress);
   const runtimes = [ns, ...(vm ? [vm.runtime] : [])];
@@ -68,6 +69,9 @@ async function startLocked(config: ServerConfig, opts: StartOptions, log: Logger
   const runtime = runtimes[0]!;
   if (runtime.name === 'vm') await vm!.image(); // the default runtime's image is built before listening
   const manager = new SandboxManager(runtimes, store, config, log, events);
+  manager.metrics.gauge('podflare_host_helper_restarts_total',
+    'Host helper workers replaced: died on their own (exit), missed a call\'s timeout (timeout), or killed for a fault (fault).',
+    () => ns.hostHelperRestarts().map(({ reason, count }) => ({ labels: { reason }, value: count })), 'counter');
   await manager.start();
 
   const server = http.createServer({ noDelay: true, keepAliveTimeout: 65_000, maxHeaderSize: 16 * 1024 }, createApp({

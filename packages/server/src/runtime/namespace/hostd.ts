@@ -1,24 +1,70 @@
 /**
- * Client of the host helper (packages/server/host/podflare_hostd.py): one long-lived,
- * single-threaded Python process per server doing what Node cannot (setns into a sandbox's mount
- * namespace to mount a fork child's root there, copying and diffing overlay layers with their xattrs). JSON lines on its stdin/stdout.
+ * Client of the host helper (packages/server/host/podflare_hostd.py): a few long-lived,
+ * single-threaded Python processes per server (a HelperPool) doing what Node cannot (setns into a
+ * sandbox's mount namespace to mount a fork child's root there, copying and diffing overlay layers
+ * with their xattrs). JSON lines on their stdin/stdout.
+ *
+ * Several workers, so one tenant's slow call (a huge diff) cannot stall another's fork; a timeout
+ * on every call, so a stuck one cannot stall its caller forever (the worker is killed and
+ * replaced). `idmap` is set-up: state inside each worker, replayed on every replacement. An
+ * overlay handle lives in the worker that prepared it, so its attach or discard goes there.
+ *
+ * Adding an op: one method calling `this.run({ op, ... })`; it gets the slow class's timeout
+ * unless listed in FAST_OPS.
  */
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { HelperProcess } from '../../helper-process.js';
+import { HelperPool, HelperWorkerGoneError, type RestartReason, type WorkerRef } from '../../helper-pool.js';
+import type { Logger } from '../../log.js';
 import type { DiffOptions, FileDiff } from '../runtime.js';
 
 const HOSTD = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../../host/podflare_hostd.py');
 
+/** Ops that touch no tree of unbounded size: a few mount syscalls each. */
+const FAST_OPS = new Set(['idmap', 'overlay', 'overlay_prepare', 'overlay_attach', 'overlay_discard', 'unmount', 'tmpfs']);
+
+export interface HostHelperOptions {
+  /** Worker processes. @default 3 */
+  workers?: number;
+  /** Timeout of a mount op (overlay, unmount, tmpfs, idmap). @default 10 s */
+  fastTimeoutMs?: number;
+  /** Timeout of everything else (diff, squash, subvolumes, removals). @default 120 s */
+  slowTimeoutMs?: number;
+  log: Logger;
+}
+
+export const HOST_HELPER_DEFAULTS = { workers: 3, fastTimeoutMs: 10_000, slowTimeoutMs: 120_000 } as const;
+
 export class HostHelper {
-  private readonly helper = new HelperProcess({ script: HOSTD, name: 'host helper' });
+  private readonly pool: HelperPool;
+  /** Overlay handles given out → the worker holding the mounts and its own handle for them. */
+  private readonly handles = new Map<number, { worker: WorkerRef; handle: number }>();
+  private nextHandle = 1;
+
+  constructor(o: HostHelperOptions) {
+    const fast = o.fastTimeoutMs ?? HOST_HELPER_DEFAULTS.fastTimeoutMs;
+    const slow = o.slowTimeoutMs ?? HOST_HELPER_DEFAULTS.slowTimeoutMs;
+    this.pool = new HelperPool({
+      script: HOSTD,
+      name: 'host helper',
+      size: o.workers ?? HOST_HELPER_DEFAULTS.workers,
+      timeoutMs: (op) => (FAST_OPS.has(op) ? fast : slow),
+      log: o.log,
+    });
+  }
+
+  /** Workers replaced so far (died, timed out, faulted): the restarts metric. */
+  restarts(): Array<{ reason: RestartReason; count: number }> {
+    return this.pool.restarts();
+  }
 
   /**
    * Overlays made from now on see these image layers through idmapped mounts shifting owners by
-   * `base` (image root = the sandboxes' unprivileged root, host uid `base`).
+   * `base` (image root = the sandboxes' unprivileged root, host uid `base`). Replayed on every
+   * worker that starts later.
    */
   idmap(base: number, count: number, layers: string[]): Promise<void> {
-    return this.call({ op: 'idmap', base, count, layers }).then(() => undefined);
+    return this.pool.setUp({ op: 'idmap', base, count, layers });
   }
 
   /**
@@ -26,7 +72,7 @@ export class HostHelper {
    * host binds below it.
    */
   overlay(pid: number | null, o: { lowers: string[]; upper: string; work: string; target: string; binds?: Array<{ source: string; target: string }> }): Promise<void> {
-    return this.call({ op: 'overlay', pid, ...o }).then(() => undefined);
+    return this.run({ op: 'overlay', pid, ...o }).then(() => undefined);
   }
 
   /**
@@ -34,51 +80,70 @@ export class HostHelper {
    * `discardOverlay`): a fork child's root is made while the child is still being forked.
    */
   async prepareOverlay(o: { lowers: string[]; upper: string; work: string; binds?: Array<{ source: string; target: string }> }): Promise<number> {
-    return (await this.call({ op: 'overlay_prepare', ...o })).handle as number;
+    const { reply, worker } = await this.pool.call({ op: 'overlay_prepare', ...o });
+    const handle = this.nextHandle++;
+    this.handles.set(handle, { worker, handle: reply.handle as number });
+    return handle;
   }
 
-  attachOverlay(handle: number, pid: number, target: string): Promise<void> {
-    return this.call({ op: 'overlay_attach', handle, pid, target }).then(() => undefined);
+  /** Places prepared mounts; fails clearly if the worker holding them has exited since. */
+  async attachOverlay(handle: number, pid: number, target: string): Promise<void> {
+    const held = this.takeHandle(handle);
+    await this.pool.callOn(held.worker, { op: 'overlay_attach', handle: held.handle, pid, target });
   }
 
-  discardOverlay(handle: number): Promise<void> {
-    return this.call({ op: 'overlay_discard', handle }).then(() => undefined);
+  async discardOverlay(handle: number): Promise<void> {
+    const held = this.takeHandle(handle);
+    try {
+      await this.pool.callOn(held.worker, { op: 'overlay_discard', handle: held.handle });
+    } catch (err) {
+      // A worker that has exited took the mounts with it: nothing left to drop.
+      if (!(err instanceof HelperWorkerGoneError)) throw err;
+    }
   }
 
   /** A btrfs subvolume at `path` (on the disk volume) that may hold at most `limitBytes`. */
   subvolume(path: string, limitBytes: number): Promise<void> {
-    return this.call({ op: 'subvolume', path, limit_bytes: limitBytes }).then(() => undefined);
+    return this.run({ op: 'subvolume', path, limit_bytes: limitBytes }).then(() => undefined);
   }
 
   diskLimit(path: string, limitBytes: number): Promise<void> {
-    return this.call({ op: 'disk_limit', path, limit_bytes: limitBytes }).then(() => undefined);
+    return this.run({ op: 'disk_limit', path, limit_bytes: limitBytes }).then(() => undefined);
   }
 
   /** One new layer equal to `sources` (topmost first) stacked, over the same lowers. */
   squashLayers(sources: string[], target: string): Promise<void> {
-    return this.call({ op: 'squash_layers', sources, target }).then(() => undefined);
+    return this.run({ op: 'squash_layers', sources, target }).then(() => undefined);
   }
 
   /** Lazily unmounts `target` in the host's mount namespace. */
   unmount(target: string): Promise<void> {
-    return this.call({ op: 'unmount', target }).then(() => undefined);
+    return this.run({ op: 'unmount', target }).then(() => undefined);
   }
 
   /** A small private tmpfs at `target` in the mount namespace of `pid`, owned by uid/gid `owner`. */
   tmpfs(pid: number, target: string, owner: number): Promise<void> {
-    return this.call({ op: 'tmpfs', pid, target, uid: owner, gid: owner }).then(() => undefined);
+    return this.run({ op: 'tmpfs', pid, target, uid: owner, gid: owner }).then(() => undefined);
   }
 
   async diff(a: string[], b: string[], opts: DiffOptions): Promise<FileDiff> {
-    const { id: _id, ok: _ok, ...diff } = await this.call({ op: 'diff', a, b, paths: opts.paths, content: opts.content });
+    const { id: _id, ok: _ok, ...diff } = await this.run({ op: 'diff', a, b, paths: opts.paths, content: opts.content });
     return diff as unknown as FileDiff;
   }
 
   close(): void {
-    this.helper.close();
+    this.pool.close();
   }
 
-  private call(req: Record<string, unknown>): Promise<Record<string, unknown>> {
-    return this.helper.call(req);
+  /** One call on whichever worker is free. */
+  private async run(req: Record<string, unknown> & { op: string }): Promise<Record<string, unknown>> {
+    return (await this.pool.call(req)).reply;
+  }
+
+  private takeHandle(handle: number): { worker: WorkerRef; handle: number } {
+    const held = this.handles.get(handle);
+    if (!held) throw new Error(`host helper: no prepared overlay ${handle}`);
+    this.handles.delete(handle);
+    return held;
   }
 }

@@ -30,7 +30,7 @@ import { processTree, run } from '../../proc.js';
 import type { DiffOptions, FileDiff, ReconcileReport, Runtime, RuntimeSandbox, SandboxSpec } from '../runtime.js';
 import { InFlight } from '../in-flight.js';
 import { bwrapArgs, SANDBOX_PATH } from './bwrap-args.js';
-import { HostHelper } from './hostd.js';
+import { HostHelper, type HostHelperOptions } from './hostd.js';
 import { DiskVolume } from './disk-volume.js';
 import { assertMountablePath, sandboxDirs, sandboxesDir, trashDir, type SandboxDirs } from './layout.js';
 import { Trash } from './trash.js';
@@ -51,6 +51,8 @@ export interface NamespaceRuntimeOptions {
   log: Logger;
   /** Serves sandboxes with an egress allowlist (without it, such sandboxes are refused). */
   egress?: EgressService;
+  /** The host helper's workers and timeouts (defaults in hostd.ts). */
+  hostHelper?: Omit<HostHelperOptions, 'log'>;
 }
 
 const SECCOMP_POLICY = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../../host/podflare_seccomp.py');
@@ -79,7 +81,7 @@ export class NamespaceRuntime implements Runtime {
   private readonly live = new Map<string, NsSandbox>();
   private readonly inFlight = new InFlight();
   private readonly layerRefs = new Map<string, number>();
-  private readonly hostd = new HostHelper();
+  private readonly hostd: HostHelper;
   private readonly hooks: SandboxHooks;
   private prepared: Promise<void> | null = null;
   /** Where limits are enforced; null on hosts without a usable cgroup hierarchy (warned once). */
@@ -92,6 +94,7 @@ export class NamespaceRuntime implements Runtime {
   constructor(private readonly opts: NamespaceRuntimeOptions) {
     this.capabilities = { fork: true, freeze: false, egress: true, egressPolicy: opts.egress !== undefined };
     this.trash = new Trash(trashDir(opts.stateDir));
+    this.hostd = new HostHelper({ ...opts.hostHelper, log: opts.log });
     for (const d of [opts.stateDir, ...opts.lowerDirs]) assertMountablePath(d);
     this.hooks = {
       log: opts.log,
@@ -178,6 +181,11 @@ export class NamespaceRuntime implements Runtime {
   private busy<T>(work: () => Promise<T>): Promise<T> {
     this.trash.touch();
     return this.inFlight.track(work).finally(() => this.trash.touch());
+  }
+
+  /** Host helper workers replaced so far, by reason (the podflare_host_helper_restarts_total metric). */
+  hostHelperRestarts(): ReturnType<HostHelper['restarts']> {
+    return this.hostd.restarts();
   }
 
   async diff(a: RuntimeSandbox, b: RuntimeSandbox, opts: DiffOptions): Promise<FileDiff> {
