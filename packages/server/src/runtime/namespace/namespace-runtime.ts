@@ -331,6 +331,8 @@ export class NamespaceRuntime implements Runtime {
     let making: Array<Promise<void>> = [];
     /** Settles once the fork layer is made (and retained) or has failed: what `finally` gives back. */
     let settledLayer: Promise<void> = Promise.resolve();
+    /** Every child directory made, whatever step failed after it. */
+    const madeDirs: SandboxDirs[] = [];
     let policies: Promise<Array<PromiseSettledResult<EgressListeners | null>>> | null = null;
     const served = new Set<EgressListeners>();
     try {
@@ -358,6 +360,7 @@ export class NamespaceRuntime implements Runtime {
         // The child's way back to us: a socket in a host directory bound at /.pf/run in its root.
         const runDir = path.join(dirs.dir, 'run');
         await this.makeSandboxDir(dirs, spec);
+        madeDirs.push(dirs);
         await mkdir(runDir, { recursive: true });
         const socketPath = path.join(runDir, 'agent.sock');
         const { listener, connection } = await listenOnce(socketPath, this.opts.startTimeoutMs);
@@ -464,10 +467,8 @@ export class NamespaceRuntime implements Runtime {
       }
       for (const pid of forkedPids) if (!created.some((c) => c.initPid === pid)) try { process.kill(pid, 'SIGKILL'); } catch { /* gone */ }
       await Promise.allSettled(making); // every child's directories and root, made or failed
-      for (const p of prepared) {
-        if (p.overlay !== undefined) await this.hostd.discardOverlay(p.overlay).catch(() => undefined);
-        await this.trash.throwAway(p.dirs);
-      }
+      for (const p of prepared) if (p.overlay !== undefined) await this.hostd.discardOverlay(p.overlay).catch(() => undefined);
+      for (const dirs of madeDirs) await this.trash.throwAway(dirs);
       for (const g of (await groups) ?? []) if (!(g instanceof Error)) await g.remove().catch(() => undefined);
       throw err;
     } finally {
