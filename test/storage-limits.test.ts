@@ -158,17 +158,33 @@ describe('storage limits and process lifetime', () => {
     }
   });
 
-  it('kills a process in a nested pid namespace when its sandbox is deleted, while the fork child lives on', async () => {
+  it('kills processes in nested pid namespaces when their sandbox is deleted, while the fork child lives on', async () => {
     const parent = await tenant(0);
     const [child] = await parent.fork(1);
-    const marker = `sleep ${100_000 + Math.floor(Math.random() * 800_000)}`;
+    const unique = () => `sleep ${100_000 + Math.floor(Math.random() * 800_000)}`;
+    // Each in a pid namespace of its own below the sandbox's, in a session of its own (out of
+    // reach of the exec's process group): `unshare -fp`, and the same by hand from Python.
+    const [viaUnshare, viaPython] = [unique(), unique()];
+    const leaked: number[] = [];
     try {
-      await parent.runCode(`unshare -fp --mount-proc ${marker} > /dev/null 2>&1 &\nsleep 0.5`, 'bash');
-      await eventually(() => hostProcesses(marker).length === 1, `${marker} did not start`);
+      await parent.runCode(`setsid unshare -fp --mount-proc ${viaUnshare} > /dev/null 2>&1 &\nsleep 0.2`, 'bash');
+      await parent.runCode([
+        'import ctypes, os',
+        'assert ctypes.CDLL(None, use_errno=True).unshare(0x20000000) == 0  # CLONE_NEWPID',
+        'if os.fork() == 0:',
+        '    os.setsid()',
+        `    os.execvp("sleep", ${JSON.stringify(viaPython.split(' '))})`,
+      ].join('\n'));
+      await eventually(() => hostProcesses(viaUnshare).length === 1 && hostProcesses(viaPython).length === 1, 'the nested processes did not start');
       await parent.close();
-      await eventually(() => hostProcesses(marker).length === 0, `${marker} (pid ${hostProcesses(marker).join(', ')}) outlived its sandbox`);
+      await eventually(() => hostProcesses(viaUnshare).length + hostProcesses(viaPython).length === 0, 'a nested process outlived its sandbox')
+        .catch((err: Error) => {
+          leaked.push(...hostProcesses(viaUnshare), ...hostProcesses(viaPython));
+          throw err;
+        });
       assert.equal((await child!.runCode('6 * 7')).text, '42');
     } finally {
+      for (const pid of leaked) try { process.kill(pid, 'SIGKILL'); } catch { /* gone */ }
       await child!.close();
       await parent.close().catch(() => undefined);
     }
@@ -191,7 +207,7 @@ describe('storage limits and process lifetime', () => {
   });
 });
 
-describe('a fork failing before its layer is made', () => {
+describe('a fork failing while its layer is being made (its children refused)', () => {
   it('leaves no fork layer behind once its sandboxes are gone', async () => {
     // A state directory so long that a fork child's socket path does not fit a unix socket: every
     // fork fails while its layer is still being frozen.
@@ -204,7 +220,8 @@ describe('a fork failing before its layer is made', () => {
     try {
       const sbx = await Sandbox.create({ host: server.url });
       try {
-        await sbx.runCode('head -c 2097152 /dev/urandom > /root/data', 'bash');
+        // Many files: freezing them into a fork layer takes a while, the failure comes first.
+        await sbx.runCode('import os\nos.makedirs("/root/many", exist_ok=True)\nfor i in range(6000): open(f"/root/many/{i}", "w").write(str(i))');
         for (let i = 0; i < 3; i++) await assert.rejects(sbx.fork(1), /socket path too long/);
         assert.equal((await sbx.runCode('6 * 7')).text, '42');
       } finally {
@@ -216,6 +233,27 @@ describe('a fork failing before its layer is made', () => {
       await server.close();
       await rm(base, { recursive: true, force: true });
     }
+  });
+});
+
+describe('a fork interrupted by its parent\'s DELETE', () => {
+  let server: TestServer;
+  before(async () => { server = await startTestServer({ poolSize: 0 }); });
+  after(async () => { await server?.stop(); });
+
+  it('leaves no fork layer and no child directory behind, however often a tenant does it', async () => {
+    for (let round = 0; round < 3; round++) {
+      const parent = await Sandbox.create({ host: server.url });
+      // Many files: the layer is still being frozen when the DELETE comes.
+      await parent.runCode('import os\nos.makedirs("/root/many", exist_ok=True)\nfor i in range(6000): open(f"/root/many/{i}", "w").write(str(i))');
+      const forking = parent.fork(2).then((children) => Promise.all(children.map((c) => c.close())), () => undefined);
+      await new Promise((r) => setTimeout(r, 30));
+      await parent.close();
+      await forking;
+    }
+    await eventually(() => forkLayersIn(server.stateDir).length === 0, `fork layers left: ${forkLayersIn(server.stateDir).join(', ')}`);
+    await eventually(() => sandboxDirsIn(server.stateDir).filter((d) => !d.startsWith('.trash/')).length === 0,
+      `left: ${sandboxDirsIn(server.stateDir).join(', ')}`);
   });
 });
 
@@ -236,7 +274,8 @@ describe('a host without the disk volume\'s room', () => {
     mkdirSync(stateDir);
     const config = loadConfig({ port: 0, poolSize: 0, logLevel: 'silent', imagesDir: IMAGES_DIR, stateDir, diskVolumeBytes: TEST_DISK_VOLUME_BYTES },
       { ...process.env, PODFLARE_API_KEYS: '' });
-    await assert.rejects(startServer(config), (e: Error) => {
+    // (A server that starts regardless is closed again, so the failure is this assertion's.)
+    await assert.rejects(startServer(config).then(async (started) => { await started.close(); return started; }), (e: Error) => {
       assert.match(e.message, /needs 1024 MB reserved/);
       assert.match(e.message, /6\d MB free/);
       assert.match(e.message, /PODFLARE_DISK_VOLUME_MB/);

@@ -470,6 +470,8 @@ export class NamespaceRuntime implements Runtime {
       for (const p of prepared) if (p.overlay !== undefined) await this.hostd.discardOverlay(p.overlay).catch(() => undefined);
       for (const dirs of madeDirs) await this.trash.throwAway(dirs);
       for (const g of (await groups) ?? []) if (!(g instanceof Error)) await g.remove().catch(() => undefined);
+      // Deleted while it forked: its files went away under the copy, which is no server fault.
+      if (parent.ended && !(err instanceof ApiError)) throw new ApiError('sandbox_gone', `sandbox ${parent.id} was deleted while it forked`);
       throw err;
     } finally {
       // A fork failing early (a child's directory refused, the interpreter gone) may not have
