@@ -115,8 +115,9 @@ export abstract class NsSandbox implements RuntimeSandbox {
 
   /** A husk's end: every process of this sandbox but its PID 1, and none of its children's. */
   private async killAllButInit(init: number): Promise<void> {
-    // A child still being moved into its own cgroup would otherwise be killed as one of ours.
-    await Promise.all([...this.children].map((c) => c.ready?.catch(() => undefined)));
+    // A child still being moved into its own cgroup would otherwise be killed as one of ours (and
+    // a fork child of our own gets its group only once ready).
+    await Promise.all([this, ...this.children].map((s) => s.ready?.catch(() => undefined)));
     const group = this.cgroup;
     const ours = group
       ? () => group.processes()
