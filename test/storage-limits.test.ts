@@ -70,7 +70,7 @@ describe('storage limits and process lifetime', () => {
     assert.ok(image.blocks * 512 >= 512 * MB, `only ${Math.round((image.blocks * 512) / MB)} MB of the image are allocated on the host`);
   });
 
-  it('a fork refused because its layer does not fit leaves no fork layer, and repeated forks stay within the parent\'s disk limit', async () => {
+  it('repeated forks stay within the parent\'s disk limit, and forks refused for it leave no fork layer', async () => {
     const parent = await tenant(0, { limits: { diskMb: 100 } });
     const children: Sandbox[] = [];
     const before = volumeUsed(server.stateDir);

@@ -55,6 +55,12 @@ export class DiskVolume {
     const image = diskImagePath(o.stateDir);
     const size = Math.floor(o.sizeBytes / 4096) * 4096;
     if (!(await isReserved(image, size))) {
+      // Without btrfs-progs there will be no volume: nothing to reserve (and no reason to refuse).
+      const tools = await run('mkfs.btrfs', ['--version']).then(() => null, (err: Error) => err);
+      if (tools) {
+        o.log.warn('no disk volume: sandboxes disk limits are not enforced', { error: tools.message });
+        return null;
+      }
       await rm(image, { force: true }); // nothing in it survives a restart anyway (see reconcile.ts)
       await reserve(o.stateDir, image, size);
     }

@@ -241,8 +241,11 @@ export class NamespaceRuntime implements Runtime {
 
   /** A sandbox's directory: on the disk volume, a subvolume holding at most its disk limit. */
   private async makeSandboxDir(dirs: SandboxDirs, spec: SandboxSpec): Promise<void> {
-    if (this.volume) await this.hostd.subvolume(dirs.dir, spec.limits.diskBytes);
-    else await mkdir(dirs.dir, { recursive: true });
+    if (!this.volume) return void (await mkdir(dirs.dir, { recursive: true }));
+    await this.hostd.subvolume(dirs.dir, spec.limits.diskBytes).catch((err: Error) => {
+      if (!isOutOfSpace(err)) throw err;
+      throw new ApiError('insufficient_storage', 'the server\'s disk volume is full: no room for a new sandbox (its other sandboxes must free space first)');
+    });
   }
 
   /**
@@ -525,8 +528,7 @@ export class NamespaceRuntime implements Runtime {
       await this.hostd.squashLayers([parent.dirs.upper, ...squashed], layer);
     } catch (err) {
       await rm(layer, { recursive: true, force: true }); // what was copied before the failure
-      // The helper's OSError: EDQUOT (122), or ENOSPC (28) on a full volume.
-      if (/\[Errno (122|28)\]/.test((err as Error).message)) {
+      if (isOutOfSpace(err as Error)) {
         throw new ApiError('insufficient_storage', `sandbox ${parent.id} has no disk space left for its fork layer (a copy of its files, counted against its disk limit): free space in it first`);
       }
       throw err;
@@ -546,6 +548,11 @@ export class NamespaceRuntime implements Runtime {
     this.layerRefs.delete(layer);
     await rm(layer, { recursive: true, force: true });
   }
+}
+
+/** A host helper's OSError for a full quota (EDQUOT, errno 122) or a full volume (ENOSPC, 28). */
+function isOutOfSpace(err: Error): boolean {
+  return /\[Errno (122|28)\]/.test(err.message);
 }
 
 /** A unix socket that accepts exactly one connection (a fork child's agent). */
