@@ -117,7 +117,10 @@ def error_info(exc: BaseException) -> tuple[str, str]:
         return 'forbidden', str(exc)
     if isinstance(exc, OSError) and exc.errno in (errno.EBUSY, errno.ETXTBSY):
         return 'conflict', str(exc)
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+    # The sandbox's disk limit (EDQUOT) or the server's disk volume (ENOSPC) is full: 507.
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return 'insufficient_storage', str(exc)
+    if isinstance(exc, OSError) and exc.errno == errno.EFBIG:
         return 'payload_too_large', str(exc)
     return 'internal', f'{type(exc).__name__}: {exc}'
 

@@ -136,7 +136,7 @@ describe('podflare CLI', () => {
   });
 
   it('serves until SIGTERM, then leaves nothing behind', async () => {
-    const child = spawn(process.execPath, [CLI, 'serve', '--port', '0', '--state-dir', `${server.stateDir}/cli-serve`, '--images-dir', IMAGES_DIR, '--pool-size', '1'], { stdio: ['ignore', 'pipe', 'pipe'] });
+    const child = spawn(process.execPath, [CLI, 'serve', '--port', '0', '--state-dir', `${server.stateDir}/cli-serve`, '--images-dir', IMAGES_DIR, '--pool-size', '1', '--disk-volume-mb', '512'], { stdio: ['ignore', 'pipe', 'pipe'] });
     const url = await new Promise<string>((resolve, reject) => {
       let out = '';
       const timer = setTimeout(() => reject(new Error(`no listening line: ${out}`)), 30_000);

@@ -8,7 +8,7 @@ import { existsSync, readdirSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
-import { BadRequestError, ConflictError, Sandbox } from 'podflare';
+import { BadRequestError, ConflictError, InsufficientStorageError, Sandbox } from 'podflare';
 import { startTestServer, type TestServer } from './helpers/server.js';
 
 /** p50 of `n` round trips of a trivial exec. */
@@ -135,6 +135,8 @@ describe('limits and hostile code', () => {
       assert.match(r.stderr, /Disk quota exceeded/);
       const written = Number(r.stdout.trim().split('\n').pop());
       assert.ok(written <= 100 * 1024 * 1024 && written > 50 * 1024 * 1024, `wrote ${written} bytes`);
+      // An upload into the full sandbox: 507, its own error class.
+      await assert.rejects(sbx.files.upload('/root/up.bin', Buffer.alloc(1024 * 1024)), (e: unknown) => e instanceof InsufficientStorageError && e.status === 507);
       // Free space again: the sandbox is usable.
       await sbx.runCode('rm /root/fill', 'bash');
       assert.equal((await sbx.runCode('dd if=/dev/zero of=/root/small bs=1M count=10 2>/dev/null && echo ok', 'bash')).stdout, 'ok\n');

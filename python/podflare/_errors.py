@@ -25,6 +25,7 @@ __all__ = [
     "ConflictError",
     "SandboxGoneError",
     "PayloadTooLargeError",
+    "InsufficientStorageError",
     "RateLimitError",
     "RateLimitedError",
     "PodflareTimeoutError",
@@ -50,6 +51,7 @@ ERROR_STATUS: Mapping[str, int] = {
     "internal": 500,
     "unavailable": 503,
     "timeout": 504,
+    "insufficient_storage": 507,
 }
 
 _RETRYABLE = frozenset({"rate_limited", "unavailable", "timeout", "connection_error"})
@@ -160,6 +162,14 @@ class PayloadTooLargeError(BadRequestError):
     default_code = "payload_too_large"
 
 
+class InsufficientStorageError(PodflareError):
+    """The sandbox's disk is full (507): its own disk limit (``limits.disk_mb``) is reached, or the
+    server's disk volume, shared by every sandbox, is. Free space in the sandbox (or ask for a
+    larger ``disk_mb``) and try again; other sandboxes are not affected."""
+
+    default_code = "insufficient_storage"
+
+
 class RateLimitError(PodflareError):
     """Too many requests or sandboxes (429). Wait ``retry_after`` seconds before trying again.
 
@@ -216,6 +226,7 @@ ERROR_CLASSES: Mapping[str, Type[PodflareError]] = {
     "internal": ServerError,
     "unavailable": ServerError,
     "timeout": PodflareTimeoutError,
+    "insufficient_storage": InsufficientStorageError,
 }
 
 

@@ -41,10 +41,16 @@ export function processesMentioning(text: string): string[] {
   return out;
 }
 
-/** Fork layers still on disk (none may outlive the sandboxes that use them). */
+/**
+ * Fork layers still on disk (none may outlive the sandboxes that use them): in the forking
+ * sandbox's directory (`sandboxes/<id>/layers`), or where older versions kept them
+ * (`sandboxes/.layers`, `layers`).
+ */
 export function forkLayersIn(stateDir: string): string[] {
-  const dir = `${stateDir}/layers`;
-  return existsSync(dir) ? readdirSync(dir) : [];
+  const list = (dir: string) => (existsSync(dir) ? readdirSync(dir).map((n) => `${dir}/${n}`) : []);
+  const sandboxes = `${stateDir}/sandboxes`;
+  const own = existsSync(sandboxes) ? readdirSync(sandboxes).filter((n) => !n.startsWith('.')).flatMap((id) => list(`${sandboxes}/${id}/layers`)) : [];
+  return [...list(`${stateDir}/layers`), ...list(`${sandboxes}/.layers`), ...own].map((p) => path.relative(stateDir, p));
 }
 
 export interface ProcessStamp {

@@ -39,7 +39,8 @@ export async function startServe(stateDir: string, opts: { poolSize?: number; en
   const child = spawn(process.execPath, [CLI, 'serve', '--port', '0', '--state-dir', stateDir, '--images-dir', IMAGES_DIR,
     '--pool-size', String(opts.poolSize ?? 1), '--log-level', 'warn'], {
     stdio: ['ignore', 'pipe', 'pipe'],
-    env: { ...process.env, PODFLARE_API_KEYS: '', ...opts.env },
+    // A modest disk volume (reserved on the host; see TEST_DISK_VOLUME_BYTES in server.ts).
+    env: { ...process.env, PODFLARE_API_KEYS: '', PODFLARE_DISK_VOLUME_MB: '1024', ...opts.env },
     detached: opts.detached === true,
   });
   let stderr = '';

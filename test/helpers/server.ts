@@ -16,10 +16,18 @@ export interface TestServer extends RunningServer {
   stop(): Promise<void>;
 }
 
+/**
+ * Each server reserves its disk volume on the host (config.ts, diskVolumeBytes), and tests start
+ * dozens of servers: a modest volume, room enough for what the tests write.
+ */
+export const TEST_DISK_VOLUME_BYTES = 1024 * 1024 * 1024;
+
 export async function startTestServer(overrides: Partial<ServerConfig> = {}): Promise<TestServer> {
   // Short and free of ':' and ',' (overlayfs option separators).
   const stateDir = await mkdtemp(path.join(os.tmpdir(), 'pf-test-'));
-  const config = loadConfig({ port: 0, poolSize: 2, logLevel: 'warn', imagesDir: IMAGES_DIR, stateDir, ...overrides }, { ...process.env, PODFLARE_API_KEYS: '' });
+  const config = loadConfig({
+    port: 0, poolSize: 2, logLevel: 'warn', imagesDir: IMAGES_DIR, diskVolumeBytes: TEST_DISK_VOLUME_BYTES, stateDir, ...overrides,
+  }, { ...process.env, PODFLARE_API_KEYS: '' });
   let server: RunningServer;
   try {
     server = await startServer(config);

@@ -18,6 +18,8 @@ export const ERROR_STATUS = {
   internal: 500,
   unavailable: 503,
   timeout: 504,
+  /** The sandbox's disk limit is reached, or the server's disk volume is full. */
+  insufficient_storage: 507,
 } as const;
 
 export type ErrorCode = keyof typeof ERROR_STATUS;

@@ -152,6 +152,15 @@ export class ConnectionError extends PodflareError {
   override name = 'ConnectionError';
 }
 
+/**
+ * The sandbox's disk is full (507): its own disk limit (`limits.diskMb`) is reached, or the server's
+ * disk volume, shared by every sandbox, is. Free space in the sandbox (or ask for a larger
+ * `diskMb`) and try again; other sandboxes are not affected.
+ */
+export class InsufficientStorageError extends PodflareError {
+  override name = 'InsufficientStorageError';
+}
+
 type ErrorClass = new (message: string, init: PodflareErrorInit & { retryAfterMs?: number }) => PodflareError;
 
 /** The one table mapping the server's stable codes to error classes (exhaustive over `ErrorCode`). */
@@ -169,6 +178,7 @@ export const ERROR_CLASSES = {
   internal: ServerError,
   unavailable: ServerError,
   timeout: TimeoutError,
+  insufficient_storage: InsufficientStorageError,
 } as const satisfies Record<ErrorCode, ErrorClass>;
 
 /** Parses a `Retry-After` header (delta seconds or an HTTP date) into milliseconds from now. */

@@ -27,6 +27,7 @@ export {
   ConflictError,
   SandboxGoneError,
   PayloadTooLargeError,
+  InsufficientStorageError,
   RateLimitError,
   TimeoutError,
   ServerError,

@@ -175,11 +175,27 @@ def _fs_messages(fs):
     return f" ({'; '.join(said)})" if said else ""
 
 
+def _open_layer(path):
+    """An O_PATH fd of a layer directory, for overlayfs to be given as /proc/self/fd/N."""
+    return os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+
 def _overlay_mount_fd(lowers, upper, work):
-    """A detached overlay mount (new mount API): nothing appears in the host's mount table."""
+    """A detached overlay mount (new mount API): nothing appears in the host's mount table.
+
+    Every layer is named to overlayfs as /proc/self/fd/N of an fd this process holds: overlayfs
+    shows the names it was given in /proc/self/mountinfo, which every process inside the sandbox
+    can read, and host paths of the state directory are none of the sandbox's business."""
     fs = _check(libc.syscall(SYS_FSOPEN, b"overlay", FSOPEN_CLOEXEC), "fsopen overlay")
+    held = []
+
+    def by_fd(path):
+        held.append(_open_layer(path))
+        return f"/proc/self/fd/{held[-1]}"
+
     try:
-        lowers = [IDMAP.path(layer) for layer in lowers]
+        lowers = [IDMAP.path(layer) if layer in IDMAP.views else by_fd(layer) for layer in lowers]
+        upper, work = by_fd(upper), by_fd(work)
         # fsconfig takes strings of at most 256 bytes: one "lowerdir+" per layer (Linux 6.8+)
         # where a joined "lowerdir" would be longer.
         joined = ":".join(lowers)
@@ -193,6 +209,8 @@ def _overlay_mount_fd(lowers, upper, work):
         return _check(libc.syscall(SYS_FSMOUNT, fs, FSMOUNT_CLOEXEC, 0), "fsmount")
     finally:
         os.close(fs)
+        for fd in held:  # the mount holds the layers now
+            os.close(fd)
 
 
 PREPARED = {}  # handle -> (overlay mount fd, [(bind tree fd, target relative to the root)])

@@ -159,6 +159,15 @@ export class SandboxCgroup {
     for (const dir of this.unique()) await writeFile(path.join(dir, 'cgroup.procs'), String(pid));
   }
 
+  /**
+   * Host pids of every process in the sandbox's group: all of its processes, in whatever pid
+   * namespace they made below its own (a fork child's are in the child's own group).
+   */
+  async processes(): Promise<number[]> {
+    const text = await readFile(path.join(this.dirs.pids, 'cgroup.procs'), 'utf8');
+    return text.split('\n').filter(Boolean).map(Number);
+  }
+
   async setLimits(l: Limits): Promise<void> {
     const quota = Math.max(1000, Math.round(l.cpus * CPU_PERIOD_US));
     if (this.h.version === 2) {

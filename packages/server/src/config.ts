@@ -53,6 +53,14 @@ export interface ServerConfig {
    * ids): never host root. Pick a range no host account uses.
    */
   sandboxUidBase: number;
+  /**
+   * Size of the namespace runtime's disk volume (the btrfs filesystem holding every sandbox's
+   * files, fork layers included), reserved on the state directory's filesystem at start: the
+   * server refuses to start where that much is not free. Sandboxes' disk limits may add up to more
+   * (a full volume answers 507 to its writers); the host's disk stays out of their reach.
+   * @default PODFLARE_DISK_VOLUME_MB or 8192 MB
+   */
+  diskVolumeBytes: number;
   /** Limits of a sandbox created without any. */
   defaultLimits: SandboxLimits;
   /** The most a create may ask for. */
@@ -94,6 +102,9 @@ function defaultPoolSize(): number {
   return Math.max(2, Math.min(16, os.availableParallelism() * 2));
 }
 
+/** The smallest disk volume worth making: btrfs keeps a few hundred MB of metadata and reserves. */
+export const MIN_DISK_VOLUME_BYTES = 256 * MB;
+
 function int(value: string | undefined, name: string): number | undefined {
   if (value === undefined || value === '') return undefined;
   const n = Number(value);
@@ -131,6 +142,7 @@ export function loadConfig(overrides: Partial<ServerConfig> = {}, env: NodeJS.Pr
     rateLimitBurst: int(env.PODFLARE_RATE_LIMIT_BURST, 'PODFLARE_RATE_LIMIT_BURST') ?? 2000,
     startTimeoutMs: 15_000,
     interruptGraceMs: int(env.PODFLARE_INTERRUPT_GRACE_MS, 'PODFLARE_INTERRUPT_GRACE_MS') ?? 2000,
+    diskVolumeBytes: (int(env.PODFLARE_DISK_VOLUME_MB, 'PODFLARE_DISK_VOLUME_MB') ?? 8192) * MB,
     sandboxUidBase: int(env.PODFLARE_SANDBOX_UID_BASE, 'PODFLARE_SANDBOX_UID_BASE') ?? 100_000,
     // The hosted services' defaults: 2 vCPU, 1 GB RAM, 4 GB disk; 512 processes.
     defaultLimits: {
@@ -163,6 +175,9 @@ export function loadConfig(overrides: Partial<ServerConfig> = {}, env: NodeJS.Pr
   const { workers, fastTimeoutMs, slowTimeoutMs } = merged.hostHelper;
   if (workers < 1 || fastTimeoutMs < 1 || slowTimeoutMs < 1) {
     throw new Error(`the host helper needs at least 1 worker and timeouts of at least 1 ms, got ${JSON.stringify(merged.hostHelper)}`);
+  }
+  if (merged.diskVolumeBytes < MIN_DISK_VOLUME_BYTES) {
+    throw new Error(`PODFLARE_DISK_VOLUME_MB must be at least ${MIN_DISK_VOLUME_BYTES / MB} (a btrfs volume needs room for its metadata), got ${Math.floor(merged.diskVolumeBytes / MB)}`);
   }
   if (overrides.stateDir && !overrides.imagesDir && !env.PODFLARE_IMAGES_DIR) merged.imagesDir = path.join(overrides.stateDir, 'images');
   merged.allowedHosts = checked(merged.allowedHosts, parseAllowedHost, 'allowed host (PODFLARE_ALLOWED_HOSTS, --allowed-host)');

@@ -6,8 +6,10 @@
 import { execFile } from 'node:child_process';
 import { access, constants, readFile, readdir } from 'node:fs/promises';
 import { existsSync } from 'node:fs';
+import path from 'node:path';
 import { inspectImages } from './image/index.js';
 import { unreachableMessage, unreachableParent } from './state-dir-access.js';
+import { diskImagePath, isReserved, volumeSpaceProblem } from './runtime/namespace/disk-volume.js';
 
 export interface DoctorCheck {
   name: string;
@@ -183,6 +185,25 @@ async function checkImage(imagesDir: string): Promise<DoctorCheck> {
   };
 }
 
+/**
+ * The disk volume the server reserves at start (PODFLARE_DISK_VOLUME_MB): reserved already, or
+ * room for it on the state directory's filesystem. Without that room the server refuses to start.
+ */
+async function checkDiskVolume(stateDir: string, sizeBytes: number): Promise<DoctorCheck> {
+  const name = 'disk volume';
+  const mb = Math.ceil(sizeBytes / 1024 ** 2);
+  if (process.env.PODFLARE_DISK_LIMITS === '0') return { name, required: false, ok: true, detail: 'disk limits turned off (PODFLARE_DISK_LIMITS=0): no volume' };
+  if (await isReserved(diskImagePath(stateDir), Math.floor(sizeBytes / 4096) * 4096)) {
+    return { name, required: true, ok: true, detail: `${mb} MB reserved in ${diskImagePath(stateDir)}` };
+  }
+  let dir = path.resolve(stateDir);
+  while (!existsSync(dir) && path.dirname(dir) !== dir) dir = path.dirname(dir);
+  const problem = await volumeSpaceProblem(dir, sizeBytes).catch((e: Error) => e.message);
+  return problem
+    ? { name, required: true, ok: false, detail: problem }
+    : { name, required: true, ok: true, detail: `${mb} MB to reserve in ${stateDir} at start: the host has room for it` };
+}
+
 async function checkRoot(): Promise<DoctorCheck> {
   const uid = process.getuid?.();
   return {
@@ -193,7 +214,7 @@ async function checkRoot(): Promise<DoctorCheck> {
   };
 }
 
-export async function runDoctor(opts: { imagesDir: string; stateDir?: string }): Promise<DoctorReport> {
+export async function runDoctor(opts: { imagesDir: string; stateDir?: string; diskVolumeBytes?: number }): Promise<DoctorReport> {
   const checks = await Promise.all([
     ...(opts.stateDir ? [checkStateDir(opts.stateDir)] : []),
     checkBubblewrap(),
@@ -202,6 +223,7 @@ export async function runDoctor(opts: { imagesDir: string; stateDir?: string }):
     checkCgroups(),
     checkSeccomp(),
     checkDiskLimits(),
+    ...(opts.stateDir && opts.diskVolumeBytes ? [checkDiskVolume(opts.stateDir, opts.diskVolumeBytes)] : []),
     checkTool('slirp4netns', 'slirp4netns', ['--version'], true, 'apt-get install slirp4netns (sandbox network egress)'),
     checkTool('nsenter', 'nsenter', ['--version'], true, 'apt-get install util-linux (egress allowlists: the policy proxy listens inside sandboxes)'),
     checkTool('mmdebstrap', 'mmdebstrap', ['--version'], true, 'apt-get install mmdebstrap (builds the sandbox image)'),

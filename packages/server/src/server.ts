@@ -59,6 +59,7 @@ async function startLocked(config: ServerConfig, opts: StartOptions, log: Logger
     startTimeoutMs: config.startTimeoutMs,
     interruptGraceMs: config.interruptGraceMs,
     uidBase: config.sandboxUidBase,
+    diskVolumeBytes: config.diskVolumeBytes,
     log,
     egress,
     hostHelper: config.hostHelper,

@@ -6,7 +6,8 @@ import { EXIT_FAILURE, EXIT_OK, parse, type Command } from '../args.js';
 const HELP = `Usage: podflare doctor [options]
 
 Checks what sandboxes need on this machine (bubblewrap, namespaces, overlayfs, cgroups,
-slirp4netns, mmdebstrap) and what is optional (KVM, QEMU, whether the image is built).
+slirp4netns, mmdebstrap, room for the disk volume of $PODFLARE_DISK_VOLUME_MB in the state
+directory) and what is optional (KVM, QEMU, whether the image is built).
 Exits 1 when a required check fails.
 
 Options:
@@ -30,7 +31,7 @@ export const doctorCommand: Command = {
       stateDir: values['state-dir'] ? path.resolve(values['state-dir']) : undefined,
       imagesDir: values['images-dir'] ? path.resolve(values['images-dir']) : undefined,
     });
-    const report = await runDoctor({ imagesDir: config.imagesDir, stateDir: config.stateDir });
+    const report = await runDoctor({ imagesDir: config.imagesDir, stateDir: config.stateDir, diskVolumeBytes: config.diskVolumeBytes });
     process.stdout.write(values.json ? `${JSON.stringify(report, null, 2)}\n` : `${formatDoctorReport(report)}\n`);
     return report.ok ? EXIT_OK : EXIT_FAILURE;
   },

@@ -15,6 +15,10 @@ Options:
   --state-dir DIR    sandboxes' layers and the database (default: $PODFLARE_STATE_DIR, else /var/lib/podflare)
   --images-dir DIR   built images (default: $PODFLARE_IMAGES_DIR, else <state dir>/images)
   --pool-size N      warm sandboxes kept ready (default: $PODFLARE_POOL_SIZE, else 2 per core)
+  --disk-volume-mb N
+                     MB of the sandboxes' disk volume, reserved in the state directory at start;
+                     the server refuses to start without that much free (default:
+                     $PODFLARE_DISK_VOLUME_MB, else 8192)
   --runtime NAME     ns, vm or auto (default: $PODFLARE_RUNTIME, else ns)
   --log-level LEVEL  debug, info, warn, error or silent (default: $PODFLARE_LOG_LEVEL, else info)
   --allowed-host NAME
@@ -32,6 +36,7 @@ const OPTIONS = {
   'state-dir': { type: 'string' },
   'images-dir': { type: 'string' },
   'pool-size': { type: 'string' },
+  'disk-volume-mb': { type: 'string' },
   runtime: { type: 'string' },
   'log-level': { type: 'string' },
   'allowed-host': { type: 'string', multiple: true },
@@ -52,6 +57,7 @@ export function serveOverrides(values: Record<string, string | string[] | boolea
     stateDir: str('state-dir') ? path.resolve(str('state-dir')!) : undefined,
     imagesDir: str('images-dir') ? path.resolve(str('images-dir')!) : undefined,
     poolSize: intOption(str('pool-size'), 'pool-size', 0, 1024, command),
+    diskVolumeBytes: mb(intOption(str('disk-volume-mb'), 'disk-volume-mb', 256, 16 * 1024 * 1024, command)),
     runtime: enumOption(str('runtime'), 'runtime', ['ns', 'vm', 'auto'] as const, command),
     logLevel: enumOption(str('log-level'), 'log-level', ['debug', 'info', 'warn', 'error', 'silent'] as const, command),
     allowedHosts: strs('allowed-host'),
@@ -59,6 +65,10 @@ export function serveOverrides(values: Record<string, string | string[] | boolea
   };
   for (const key of Object.keys(overrides) as (keyof ServerConfig)[]) if (overrides[key] === undefined) delete overrides[key];
   return overrides;
+}
+
+function mb(n: number | undefined): number | undefined {
+  return n === undefined ? undefined : n * 1024 * 1024;
 }
 
 export const serveCommand: Command = {

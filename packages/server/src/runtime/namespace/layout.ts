@@ -3,6 +3,8 @@
  *   <stateDir>/sandboxes/<id>/upper   the sandbox's own overlay layer (its writes)
  *   <stateDir>/sandboxes/<id>/work    overlayfs's scratch directory
  *   <stateDir>/sandboxes/<id>/root    where the overlay is mounted on the host, only while starting
+ *   <stateDir>/sandboxes/<id>/layers/fork-*   fork layers it made (frozen copies of its upper, the
+ *                                     lowers of its children), counted against its disk limit
  *   <stateDir>/sandboxes/.trash/      directories of ended sandboxes, on their way out (trash.ts)
  */
 import path from 'node:path';

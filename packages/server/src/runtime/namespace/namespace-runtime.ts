@@ -13,6 +13,17 @@
  * layer shared by the children (the parent keeps writing to its own upper). Each child then gets an
  * overlay of its own upper over that layer and the parent's lowers, mounted into its mount
  * namespace, and a signal to switch to it. Memory is shared copy-on-write by the kernel.
+ *
+ * A fork layer lives in the forking sandbox's own directory (`<id>/layers/fork-*`), which on the
+ * disk volume is that sandbox's subvolume: the layer counts against the forking sandbox's disk
+ * limit, like its upper. Why this bounds what one tenant can take: a fork layer is a reflink copy
+ * of the upper (same subvolume, so the shared extents count once, and a fork costs the quota
+ * nothing until the parent rewrites what was frozen), and whatever the parent then deletes or
+ * rewrites stays charged to it for as long as the layer lives. However often it forks, a sandbox
+ * holds at most its own disk limit: its upper plus every fork layer it made. A layer cannot
+ * outlive its sandbox's directory: a sandbox with live children is only a husk, finalized (and
+ * its directory removed) once its last child is gone, and only its descendants use its layers.
+ * A fork that fails gives its layer back at once.
  */
 import { spawn } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
@@ -48,6 +59,8 @@ export interface NamespaceRuntimeOptions {
   interruptGraceMs: number;
   /** First host uid/gid of the range sandboxes run as (root inside = this uid; 65536 ids). */
   uidBase: number;
+  /** Size of the disk volume holding the sandboxes' directories, reserved on the host (config.ts). */
+  diskVolumeBytes: number;
   log: Logger;
   /** Serves sandboxes with an egress allowlist (without it, such sandboxes are refused). */
   egress?: EgressService;
@@ -114,9 +127,18 @@ export class NamespaceRuntime implements Runtime {
     return path.join(this.opts.stateDir, 'seccomp.bpf');
   }
 
-  /** Fork layers: on the disk volume when there is one (copies of an upper are reflinks there). */
+  /**
+   * Where earlier versions kept fork layers (now in their sandboxes' directories): removed at start
+   * and stop, and kept (empty) for tools that look there.
+   */
   private get layersDir(): string {
     return this.volume ? path.join(sandboxesDir(this.opts.stateDir), '.layers') : path.join(this.opts.stateDir, 'layers');
+  }
+
+  /** A fork layer of ours (not an image layer): `<sandboxes>/<id>/layers/fork-*`. */
+  private isForkLayer(layer: string): boolean {
+    const rel = path.relative(sandboxesDir(this.opts.stateDir), layer).split(path.sep);
+    return rel.length === 3 && rel[1] === 'layers' && rel[2]!.startsWith('fork-');
   }
 
   /**
@@ -127,7 +149,7 @@ export class NamespaceRuntime implements Runtime {
   private prepare(): Promise<void> {
     this.prepared ??= (async () => {
       const sandboxes = sandboxesDir(this.opts.stateDir);
-      this.volume = await DiskVolume.open(this.opts.stateDir, sandboxes, this.opts.log);
+      this.volume = await DiskVolume.open({ stateDir: this.opts.stateDir, mountPoint: sandboxes, sizeBytes: this.opts.diskVolumeBytes, log: this.opts.log });
       await mkdir(sandboxes, { recursive: true }); // without the volume, a plain directory
       await Promise.all([mkdir(trashDir(this.opts.stateDir), { recursive: true }), mkdir(this.layersDir, { recursive: true })]);
       for (const dir of [this.opts.stateDir, sandboxes]) {
@@ -227,13 +249,20 @@ export class NamespaceRuntime implements Runtime {
 
   /** A sandbox's directory: on the disk volume, a subvolume holding at most its disk limit. */
   private async makeSandboxDir(dirs: SandboxDirs, spec: SandboxSpec): Promise<void> {
-    if (this.volume) await this.hostd.subvolume(dirs.dir, spec.limits.diskBytes);
-    else await mkdir(dirs.dir, { recursive: true });
+    if (!this.volume) return void (await mkdir(dirs.dir, { recursive: true }));
+    await this.hostd.subvolume(dirs.dir, spec.limits.diskBytes).catch((err: Error) => {
+      if (!isOutOfSpace(err)) throw err;
+      throw new ApiError('insufficient_storage', 'the server\'s disk volume is full: no room for a new sandbox (its other sandboxes must free space first)');
+    });
   }
 
-  /** A sandbox's own layer: its top directory is the root directory inside, owned by sandbox root. */
+  /**
+   * A sandbox's own layer: its top directory is the root directory inside, owned by sandbox root.
+   * Beside it, where its fork layers will go (made now: a fork does not wait for it).
+   */
   private async makeUpper(dirs: SandboxDirs): Promise<void> {
-    await Promise.all([mkdir(dirs.upper, { recursive: true }), mkdir(dirs.work, { recursive: true })]);
+    const layers = path.join(dirs.dir, 'layers');
+    await Promise.all([mkdir(dirs.upper, { recursive: true }), mkdir(dirs.work, { recursive: true }), mkdir(layers, { recursive: true })]);
     await chown(dirs.upper, this.opts.uidBase, this.opts.uidBase);
   }
 
@@ -311,6 +340,10 @@ export class NamespaceRuntime implements Runtime {
     let forkedPids: number[] = [];
     let forking: Promise<{ pids: number[]; error?: string | null }> | undefined;
     let making: Array<Promise<void>> = [];
+    /** Settles once the fork layer is made (and retained) or has failed: what `finally` gives back. */
+    let settledLayer: Promise<void> = Promise.resolve();
+    /** Every child directory made, whatever step failed after it. */
+    const madeDirs: SandboxDirs[] = [];
     let policies: Promise<Array<PromiseSettledResult<EgressListeners | null>>> | null = null;
     const served = new Set<EgressListeners>();
     try {
@@ -332,11 +365,13 @@ export class NamespaceRuntime implements Runtime {
         phase('layer frozen');
       });
       layered.catch(() => undefined);
+      settledLayer = layered.catch(() => undefined);
       making = specs.map(async (spec) => {
         const dirs = sandboxDirs(this.opts.stateDir, spec.id);
         // The child's way back to us: a socket in a host directory bound at /.pf/run in its root.
         const runDir = path.join(dirs.dir, 'run');
         await this.makeSandboxDir(dirs, spec);
+        madeDirs.push(dirs);
         await mkdir(runDir, { recursive: true });
         const socketPath = path.join(runDir, 'agent.sock');
         const { listener, connection } = await listenOnce(socketPath, this.opts.startTimeoutMs);
@@ -443,13 +478,16 @@ export class NamespaceRuntime implements Runtime {
       }
       for (const pid of forkedPids) if (!created.some((c) => c.initPid === pid)) try { process.kill(pid, 'SIGKILL'); } catch { /* gone */ }
       await Promise.allSettled(making); // every child's directories and root, made or failed
-      for (const p of prepared) {
-        if (p.overlay !== undefined) await this.hostd.discardOverlay(p.overlay).catch(() => undefined);
-        await this.trash.throwAway(p.dirs);
-      }
+      for (const p of prepared) if (p.overlay !== undefined) await this.hostd.discardOverlay(p.overlay).catch(() => undefined);
+      for (const dirs of madeDirs) await this.trash.throwAway(dirs);
       for (const g of (await groups) ?? []) if (!(g instanceof Error)) await g.remove().catch(() => undefined);
+      // Deleted while it forked: its files went away under the copy, which is no server fault.
+      if (parent.ended && !(err instanceof ApiError)) throw new ApiError('sandbox_gone', `sandbox ${parent.id} was deleted while it forked`);
       throw err;
     } finally {
+      // A fork failing early (a child's directory refused, the interpreter gone) may not have
+      // waited for its layer yet: wait, so the layer is given back rather than left behind.
+      await settledLayer;
       for (const l of lowers) void this.releaseLayer(l);
       for (const p of prepared) {
         p.listener.close();
@@ -488,17 +526,26 @@ export class NamespaceRuntime implements Runtime {
    * layers the chain is squashed into that one new layer, so a deep chain costs one lookup.
    */
   private async freezeUpper(parent: NsSandbox): Promise<string[]> {
-    const layer = path.join(this.layersDir, `fork-${randomBytes(8).toString('hex')}`);
-    // The layers' directory exists from the start (prepare): even a lookup in the sandboxes'
-    // directory can wait behind a sandbox's directory being made there.
-    const forkLayers = parent.lowers.filter((l) => l.startsWith(this.layersDir + '/'));
+    // In the parent's own directory (its subvolume on the disk volume): the layer counts against
+    // the parent's disk limit (see the top of this file).
+    const layers = path.join(parent.dirs.dir, 'layers');
+    const layer = path.join(layers, `fork-${randomBytes(8).toString('hex')}`);
+    const forkLayers = parent.lowers.filter((l) => this.isForkLayer(l));
     const squashed = forkLayers.length < MAX_STACKED_FORK_LAYERS ? [] : forkLayers;
-    await this.hostd.squashLayers([parent.dirs.upper, ...squashed], layer);
+    try {
+      await this.hostd.squashLayers([parent.dirs.upper, ...squashed], layer);
+    } catch (err) {
+      await rm(layer, { recursive: true, force: true }); // what was copied before the failure
+      if (isOutOfSpace(err as Error)) {
+        throw new ApiError('insufficient_storage', `sandbox ${parent.id} has no disk space left for its fork layer (a copy of its files, counted against its disk limit): free space in it first`);
+      }
+      throw err;
+    }
     return [layer, ...parent.lowers.filter((l) => !squashed.includes(l))];
   }
 
   private retainLayer(layer: string): void {
-    if (!layer.startsWith(this.layersDir + '/')) return; // image layers are not ours to remove
+    if (!this.isForkLayer(layer)) return; // image layers are not ours to remove
     this.layerRefs.set(layer, (this.layerRefs.get(layer) ?? 0) + 1);
   }
 
@@ -509,6 +556,11 @@ export class NamespaceRuntime implements Runtime {
     this.layerRefs.delete(layer);
     await rm(layer, { recursive: true, force: true });
   }
+}
+
+/** A host helper's OSError for a full quota (EDQUOT, errno 122) or a full volume (ENOSPC, 28). */
+function isOutOfSpace(err: Error): boolean {
+  return /\[Errno (122|28)\]/.test(err.message);
 }
 
 /** A unix socket that accepts exactly one connection (a fork child's agent). */

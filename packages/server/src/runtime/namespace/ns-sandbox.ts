@@ -6,13 +6,15 @@
  *
  * A forked sandbox's pid namespace is nested inside its parent's, so a parent must not take its
  * namespace down while children live ("deleting the parent does not kill its children"). A
- * destroyed sandbox with live children becomes a husk: every process of its own namespace except
- * PID 1 is killed and its channel closed; its PID 1 (the agent) then only reaps, and the husk is
- * finished off when its last child ends.
+ * destroyed sandbox with live children becomes a husk: every process of its own except PID 1 is
+ * killed — those in pid namespaces its code made below its own included (`unshare -fp`) — and its
+ * channel closed; its PID 1 (the agent) then only reaps, and the husk is finished off when its
+ * last child ends. Its own processes are those in its cgroup (each fork child has a group of its
+ * own); without cgroups, its process tree less its children's trees.
  */
 import type { ChildProcess } from 'node:child_process';
 import { readFileSync } from 'node:fs';
-import { readdir, readFile, readlink, rm } from 'node:fs/promises';
+import { readFile, readlink, rm } from 'node:fs/promises';
 import os from 'node:os';
 import { AgentChannel } from '../../agent-channel.js';
 import type { Logger } from '../../log.js';
@@ -106,9 +108,34 @@ export abstract class NsSandbox implements RuntimeSandbox {
       this.channel.close('destroyed');
       this.slirp?.stop();
       this.resolveExited({ reason: 'destroyed' });
-      if (this.initPid) return killNamespaceExceptInit(this.initPid);
+      if (this.initPid) return this.killAllButInit(this.initPid);
     }
     return Promise.resolve();
+  }
+
+  /** A husk's end: every process of this sandbox but its PID 1, and none of its children's. */
+  private async killAllButInit(init: number): Promise<void> {
+    // A child still being moved into its own cgroup would otherwise be killed as one of ours (and
+    // a fork child of our own gets its group only once ready).
+    await Promise.all([this, ...this.children].map((s) => s.ready?.catch(() => undefined)));
+    const group = this.cgroup;
+    const ours = group
+      ? () => group.processes()
+      : async () => {
+        const theirs = new Set<number>();
+        for (const c of this.children) if (c.initPid) for (const pid of await processTree(c.initPid)) theirs.add(pid);
+        return (await processTree(init)).filter((pid) => !theirs.has(pid));
+      };
+    // Again until none is left: a process may fork while its siblings are being killed.
+    for (let round = 0; round < 100; round++) {
+      const doomed = (await ours().catch(() => [])).filter((pid) => pid !== init);
+      if (doomed.length === 0) return;
+      for (const pid of doomed) {
+        try { process.kill(pid, 'SIGKILL'); } catch { /* ended meanwhile */ }
+      }
+      await new Promise((r) => setTimeout(r, 10));
+    }
+    this.log.warn('processes of a deleted sandbox survived SIGKILL', { init });
   }
 
   /** A child of ours is gone: a husk with no children left can go too. */
@@ -218,19 +245,6 @@ async function isLiveProcess(pid: number): Promise<boolean> {
     return stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3) !== 'Z';
   } catch {
     return false;
-  }
-}
-
-/** SIGKILLs every process whose pid namespace is `init`'s, except `init` itself. */
-async function killNamespaceExceptInit(init: number): Promise<void> {
-  const ns = await pidNamespace(init);
-  if (!ns) return;
-  for (const name of await readdir('/proc')) {
-    const pid = Number(name);
-    if (!Number.isInteger(pid) || pid === init) continue;
-    if ((await pidNamespace(pid)) === ns) {
-      try { process.kill(pid, 'SIGKILL'); } catch { /* gone */ }
-    }
   }
 }
 
