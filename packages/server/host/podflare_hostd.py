@@ -250,8 +250,15 @@ def _namespace_dir(target):
     ns_root = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         return safefs.make_dirs(ns_root, target)
+    except safefs.UnsafeEntry:
+        raise SandboxRefused(f"the sandbox's {target} is not a directory (something else was put on the way): "
+                             "podflare keeps its fork mount points there, so it cannot fork") from None
     finally:
         os.close(ns_root)
+
+
+class SandboxRefused(Exception):
+    """What the sandbox did makes the operation impossible (its message says what to do)."""
 
 
 def _attach(prepared, pid, target):

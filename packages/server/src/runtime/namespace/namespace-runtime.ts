@@ -307,7 +307,7 @@ export class NamespaceRuntime implements Runtime {
     const served = new Set<EgressListeners>();
     try {
       if (!parent.spawnAreaReady) {
-        await this.hostd.tmpfs(parent.initPid, SPAWN_AREA, this.opts.uidBase);
+        await this.hostd.tmpfs(parent.initPid, SPAWN_AREA, this.opts.uidBase).catch((e: Error) => { throw refusedBySandbox(e); });
         parent.spawnAreaReady = true;
       }
       // The interpreter forks first: its children take their namespaces while the layer freezes
@@ -363,7 +363,7 @@ export class NamespaceRuntime implements Runtime {
       const grafted = Promise.all(prepared.map(async (p, i) => {
         const handle = p.overlay!;
         p.overlay = undefined;
-        await this.hostd.attachOverlay(handle, childPids[i]!, SPAWN_AREA);
+        await this.hostd.attachOverlay(handle, childPids[i]!, SPAWN_AREA).catch((e: Error) => { throw refusedBySandbox(e); });
         process.kill(childPids[i]!, ROOT_READY_SIGNAL);
       }));
       grafted.catch(() => undefined);
@@ -504,6 +504,12 @@ export class NamespaceRuntime implements Runtime {
     this.layerRefs.delete(layer);
     await this.hostd.removeTree(layer);
   }
+}
+
+/** The host helper refused because of what the sandbox did (a planted /.pf): a 409 that says so. */
+function refusedBySandbox(err: Error): Error {
+  const said = /SandboxRefused: (.*)$/s.exec(err.message);
+  return said ? new ApiError('conflict', said[1]!) : err;
 }
 
 /** A fork's run directory: root's, search-only for others (the sandbox connects to its socket). */
