@@ -53,6 +53,9 @@ from collections import OrderedDict
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import podflare_safefs as safefs  # noqa: E402
 
+# A fork's layer copy recurses once per directory level of a sandbox's tree (an fd pair each).
+sys.setrecursionlimit(20_000)
+
 libc = ctypes.CDLL(None, use_errno=True)
 MNT_DETACH = 2
 SYS_OPEN_TREE, SYS_MOVE_MOUNT, SYS_FSOPEN, SYS_FSCONFIG, SYS_FSMOUNT, SYS_MOUNT_SETATTR = 428, 429, 430, 431, 432, 442
@@ -518,24 +521,33 @@ class LayerView:
         if found is not None:
             self.dirs.move_to_end(rel)
             return found
-        parent, _, name = rel.rpartition("/")
-        parent_fd, hides = self.dir(parent)
-        found = (None, hides)
-        if parent_fd is not None:
-            try:
-                fd = safefs.open_dir(parent_fd, name)
-                found = (fd, hides or safefs.is_opaque(fd))
-            except OSError as exc:
-                if exc.errno in safefs.NOT_A_DIR:
-                    found = (None, True)  # a file, whiteout or symlink hides what lies below
-                elif exc.errno != errno.ENOENT:
-                    raise
+        # Down from the deepest ancestor already open (iterative: paths may be thousands deep).
+        parts = rel.split("/")
+        depth = len(parts) - 1
+        while depth > 0 and "/".join(parts[:depth]) not in self.dirs:
+            depth -= 1
+        fd, hides = self.dir("/".join(parts[:depth]))
+        for i in range(depth, len(parts)):
+            found = (None, hides)
+            if fd is not None:
+                try:
+                    sub = safefs.open_dir(fd, parts[i])
+                    found = (sub, hides or safefs.is_opaque(sub))
+                except OSError as exc:
+                    if exc.errno in safefs.NOT_A_DIR:
+                        found = (None, True)  # a file, whiteout or symlink hides what lies below
+                    elif exc.errno != errno.ENOENT:
+                        raise
+            self._remember("/".join(parts[:i + 1]), found)
+            fd, hides = found
+        return found
+
+    def _remember(self, rel, found):
         self.dirs[rel] = found
         if len(self.dirs) > OPEN_DIRS_PER_LAYER:
             _, (old_fd, _) = self.dirs.popitem(last=False)
             if old_fd is not None:
                 os.close(old_fd)
-        return found
 
     def close(self):
         for fd, _ in self.dirs.values():
@@ -582,41 +594,49 @@ def resolve(views, rel):
     return None
 
 
-def _walk(view, prefixes, limit):
-    """Relative paths of the entries of one layer (without /.pf), restricted to the given path
-    prefixes; at most `limit` of them (then None is yielded last)."""
+def _walk(view, prefixes, into, limit):
+    """Adds to `into` the relative paths of the entries of one layer (without /.pf), restricted
+    to the given path prefixes, until it holds `limit`; says whether it stopped there. Depth first
+    with an explicit stack holding one open directory per level (any depth, bounded fds)."""
     if view.fd is None:
-        return
+        return False
 
     def wanted(rel):
         return prefixes is None or any(rel == p or rel.startswith(p + "/") or p.startswith(rel + "/") for p in prefixes)
 
-    count = 0
-    stack = [("", os.dup(view.fd))]
+    def entries(fd):
+        with os.scandir(fd) as it:
+            return [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
+
+    top = os.dup(view.fd)
+    stack = [("", top, entries(top))]  # (relative path, fd, entries not yet looked at)
     try:
         while stack:
-            rel_dir, fd = stack.pop()
-            try:
-                with os.scandir(fd) as it:
-                    entries = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
-                for name, is_dir in entries:
-                    rel = f"{rel_dir}/{name}" if rel_dir else name
-                    if rel == ".pf" or not wanted(rel):
-                        continue
-                    count += 1
-                    if count > limit:
-                        yield None
-                        return
-                    yield rel
-                    if is_dir:
-                        try:
-                            stack.append((rel, safefs.open_dir(fd, name)))
-                        except OSError:
-                            pass  # swapped for a non-directory, or gone: not entered
-            finally:
+            rel_dir, fd, todo = stack[-1]
+            if not todo:
+                stack.pop()
                 os.close(fd)
+                continue
+            name, is_dir = todo.pop()
+            rel = f"{rel_dir}/{name}" if rel_dir else name
+            if rel == ".pf" or not wanted(rel):
+                continue
+            if len(into) >= limit:
+                return True
+            into.add(rel)
+            if is_dir:
+                try:
+                    sub = safefs.open_dir(fd, name)
+                except OSError:
+                    continue  # swapped for a non-directory, or gone: not entered
+                try:
+                    stack.append((rel, sub, entries(sub)))
+                except BaseException:
+                    os.close(sub)
+                    raise
+        return False
     finally:
-        for _, fd in stack:
+        for _, fd, _ in stack:
             os.close(fd)
 
 
@@ -706,11 +726,9 @@ def _diff(req, unshared, stack_a, stack_b):
     truncated = False
     candidates = set()
     for view in dict.fromkeys(unshared):
-        for rel in _walk(view, prefixes, MAX_DIFF_WALK - len(candidates)):
-            if rel is None:
-                truncated = True
-                break
-            candidates.add(rel)
+        if _walk(view, prefixes, candidates, MAX_DIFF_WALK):
+            truncated = True
+            break
     added, removed, modified, content, binary, too_large = [], [], [], {}, [], []
     cap = int(req.get("max_content_bytes", 256 * 1024))
     listed = path_bytes = content_bytes = 0

@@ -57,9 +57,10 @@ def _check_name(name):
 
 
 def open_root(path):
-    """The fd of a tree's root, named by a trusted path (the server's own directories); the last
-    component must be a real directory, not a symlink."""
-    return os.open(path, O_DIR)
+    """The fd of a tree's root, named by a trusted path: the server's own directories (a sandbox's
+    directory, its upper, a fork layer, an image layer, the trash), which no sandbox can replace.
+    Only what lies below is the sandbox's."""
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
 def open_dir(dir_fd, name):
@@ -173,26 +174,6 @@ def scandir(dir_fd):
         return [e.name for e in it]
 
 
-def walk(dir_fd, rel=""):
-    """(relative path, is a directory) of every entry below an open directory, depth first,
-    parents first; each subdirectory is entered through O_NOFOLLOW, so a directory swapped for a
-    symlink is not entered (it is reported as what the walk found)."""
-    with os.scandir(dir_fd) as it:
-        entries = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
-    for name, is_dir in entries:
-        path = f"{rel}/{name}" if rel else name
-        yield path, is_dir
-        if is_dir:
-            try:
-                sub = open_dir(dir_fd, name)
-            except OSError:
-                continue  # swapped or gone meanwhile
-            try:
-                yield from walk(sub, path)
-            finally:
-                os.close(sub)
-
-
 # ---- xattrs ------------------------------------------------------------------------------------
 
 def xattr_names(target):
@@ -281,10 +262,15 @@ def copy_node(src_dir_fd, dst_dir_fd, name, st):
     return True
 
 
+# Directories held open at once while removing a tree; a deeper subtree is moved up to the tree's
+# top first (a rename between two fds of ours), so any depth is removed with bounded fds.
+REMOVE_DEPTH = 128
+
+
 def remove_entry(dir_fd, name, retries=3):
-    """Removes `name` from an open directory, recursively for a directory (fd-relative all the
-    way down: a directory swapped for a symlink mid-walk is unlinked, never followed). Something
-    still writing there is raced a few times, then the error is raised."""
+    """Removes `name` from an open directory, recursively for a directory: fd-relative all the way
+    down (a directory swapped for a symlink mid-walk is unlinked, never followed), iterative (any
+    depth). Something still writing there is raced a few times, then the error is raised."""
     _check_name(name)
     st = lstat(dir_fd, name)
     if st is None:
@@ -293,18 +279,52 @@ def remove_entry(dir_fd, name, retries=3):
         _unlink_quiet(dir_fd, name)
         return
     try:
-        sub = open_dir(dir_fd, name)
+        top = open_dir(dir_fd, name)
     except OSError as exc:
         if exc.errno in NOT_A_DIR and retries:  # swapped for a non-directory meanwhile
             return remove_entry(dir_fd, name, retries - 1)
         if exc.errno == errno.ENOENT:
             return
         raise
+    # Each level: (its parent's fd, its name, its fd, names still to remove in it).
+    stack = [(dir_fd, name, top, scandir(top))]
+    moved = 0
     try:
-        for child in scandir(sub):
-            remove_entry(sub, child)
+        while stack:
+            parent, dname, fd, names = stack[-1]
+            if not names:
+                stack.pop()
+                os.close(fd)
+                _rmdir_or_retry(parent, dname, retries)
+                continue
+            child = names.pop()
+            cst = lstat(fd, child)
+            if cst is None:
+                continue
+            if not stat.S_ISDIR(cst.st_mode):
+                _unlink_quiet(fd, child)
+                continue
+            if len(stack) >= REMOVE_DEPTH:
+                moved += 1
+                up = f".pf-removing-{moved}-{os.urandom(4).hex()}"
+                os.rename(child, up, src_dir_fd=fd, dst_dir_fd=top)
+                stack[0][3].append(up)
+                continue
+            try:
+                sub = open_dir(fd, child)
+            except OSError as exc:
+                if exc.errno in NOT_A_DIR:
+                    _unlink_quiet(fd, child)  # swapped for a non-directory meanwhile
+                elif exc.errno != errno.ENOENT:
+                    raise
+                continue
+            stack.append((fd, child, sub, scandir(sub)))
     finally:
-        os.close(sub)
+        for _, _, fd, _ in stack:
+            os.close(fd)
+
+
+def _rmdir_or_retry(dir_fd, name, retries):
     try:
         os.rmdir(name, dir_fd=dir_fd)
     except FileNotFoundError:
