@@ -352,27 +352,30 @@ def op_squash_layers(req):
     parent, name = os.path.split(req["target"].rstrip("/"))
     parent_fd = safefs.open_root(parent)
     try:
-        safefs._mkdir_quiet(parent_fd, name, 0o700)
+        os.mkdir(name, 0o700, dir_fd=parent_fd)  # a new layer: nothing in it to replace
         dst = safefs.open_dir(parent_fd, name)
     finally:
         os.close(parent_fd)
     try:
+        fresh = True
         for source in reversed(req["sources"]):  # bottom first: each higher layer overrides
             src = safefs.open_root(source)
             try:
                 st = os.fstat(src)
-                _squash_dir(src, dst, st)
+                _squash_dir(src, dst, st, fresh)
                 os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
             finally:
                 os.close(src)
+            fresh = False
     finally:
         os.close(dst)
     return {}
 
 
-def _squash_dir(src, dst, st):
-    """Lays the directory `src` over `dst` (both open fds): its mode, owner and xattrs, then each
-    entry (directories recursively; their times once their contents are in place)."""
+def _squash_dir(src, dst, st, fresh):
+    """Lays the directory `src` over `dst` (both open fds; `fresh`: dst was just made, empty): its
+    mode, owner and xattrs, then each entry (directories recursively; their times once their
+    contents are in place)."""
     os.fchown(dst, st.st_uid, st.st_gid)
     os.fchmod(dst, stat.S_IMODE(st.st_mode))
     safefs.copy_xattrs(src, dst)  # overlayfs keeps opaque-directory marks in xattrs
@@ -389,40 +392,41 @@ def _squash_dir(src, dst, st):
                 est = safefs.lstat(src, name)  # swapped for something else: copy that instead
             else:
                 try:
-                    _squash_subdir(child, dst, name, os.fstat(child))
+                    _squash_subdir(child, dst, name, os.fstat(child), fresh)
                 finally:
                     os.close(child)
                 continue
         if est is None or stat.S_ISDIR(est.st_mode):
             continue  # still racing: the live sandbox changed it twice meanwhile
-        safefs.remove_entry(dst, name)
+        if not fresh:
+            safefs.remove_entry(dst, name)
         if stat.S_ISREG(est.st_mode):
             try:
-                fd = safefs.open_regular(src, name)
+                fd, fst = safefs.open_regular_stat(src, name)
             except OSError:
                 continue  # not a regular file any more (a FIFO swapped in), or gone
             try:
-                safefs.copy_file(fd, dst, name, os.fstat(fd))
+                safefs.copy_file(fd, dst, name, fst)
             finally:
                 os.close(fd)
         else:
             try:
                 safefs.copy_node(src, dst, name, est)
-            except (FileNotFoundError, OSError) as exc:
+            except OSError as exc:
                 if exc.errno not in (errno.ENOENT, errno.EINVAL):  # gone or changed meanwhile
                     raise
 
 
-def _squash_subdir(src, dst_parent, name, st):
-    existing = safefs.lstat(dst_parent, name)
+def _squash_subdir(src, dst_parent, name, st, fresh):
+    existing = None if fresh else safefs.lstat(dst_parent, name)
     if existing is not None and (not stat.S_ISDIR(existing.st_mode) or safefs.is_opaque(src)):
         safefs.remove_entry(dst_parent, name)
         existing = None
     if existing is None:
-        safefs._mkdir_quiet(dst_parent, name, 0o700)
+        os.mkdir(name, 0o700, dir_fd=dst_parent)
     dst = safefs.open_dir(dst_parent, name)
     try:
-        _squash_dir(src, dst, st)
+        _squash_dir(src, dst, st, existing is None)
         os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
     finally:
         os.close(dst)

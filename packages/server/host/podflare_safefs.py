@@ -130,6 +130,11 @@ def lstat(dir_fd, name):
 def open_regular(dir_fd, name, expected=None):
     """An fd of the regular file `name`: never a FIFO, device, socket or symlink, and (given the
     stat that chose it) the same inode."""
+    return open_regular_stat(dir_fd, name, expected)[0]
+
+
+def open_regular_stat(dir_fd, name, expected=None):
+    """open_regular, and the fstat of what it opened."""
     _check_name(name)
     fd = os.open(name, O_FILE, dir_fd=dir_fd)
     try:
@@ -138,7 +143,7 @@ def open_regular(dir_fd, name, expected=None):
             raise UnsafeEntry(f"{name}: not a regular file")
         if expected is not None and (st.st_dev, st.st_ino) != (expected.st_dev, expected.st_ino):
             raise UnsafeEntry(f"{name}: replaced while being read")
-        return fd
+        return fd, st
     except BaseException:
         os.close(fd)
         raise
