@@ -133,6 +133,18 @@ describe('host attacks: a sandbox cannot steer the host helpers', () => {
     await assertHostIntact();
   });
 
+  // Class: an unbounded diff reply (one tenant's huge change set held in the server's memory).
+  it('a huge change set gives a bounded diff that says it was cut', { timeout: 300_000 }, async () => {
+    const parent = await make();
+    const [child] = await fork(parent);
+    await sh(child!, 'import os\nos.makedirs("/root/many")\nfor i in range(12000): open(f"/root/many/{i:05d}-" + "n" * 150, "w").write(f"{i}\\n")');
+    const d = await within(120_000, 'diff', parent.diff(child!, { content: true }));
+    assert.equal(d.truncated, true, 'the answer says it was cut');
+    assert.ok(d.added.length + d.removed.length + d.modified.length <= 10_000, `at most 10,000 paths (${d.added.length})`);
+    assert.ok(JSON.stringify(d).length < 16 * 1024 * 1024, 'a bounded answer');
+    await assertHostIntact();
+  });
+
   // Class: a FIFO (planted, or swapped in for a regular file between the stat and the open)
   // blocking the single host helper: every tenant's diffs and forks would stop.
   it('a FIFO, even one swapped in for a file in a loop, does not hang diff or anyone else', { timeout: 300_000 }, async () => {
