@@ -206,7 +206,7 @@ def _overlay_mount_fd(lowers, upper, work):
         os.close(fs)
 
 
-PREPARED = {}  # handle -> (overlay mount fd, [(bind tree fd, target relative to the root)])
+PREPARED = {}  # handle -> (overlay mount fd, [(bind tree fd, fd of its mount point below the overlay)])
 HANDLES = itertools.count(1)
 
 

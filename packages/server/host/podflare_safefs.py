@@ -28,9 +28,17 @@ sandbox cannot change (a directory of the server's, or an fd it holds):
     (a FIFO does not block), then fstat'd: anything but a regular file, or a different inode than
     the stat that chose it, is refused. Reads stop at a byte cap counted on what was read.
   - Device nodes are never copied, except overlayfs whiteouts (character device 0/0).
-  - Removal is fd-relative (unlinkat below directory fds opened without following symlinks).
+  - Removal is fd-relative (unlinkat below directory fds opened without following symlinks),
+    iterative, with a bounded number of open directories (deeper subtrees are first moved up to
+    the top of the tree being removed, a rename between two fds of ours).
 A redirect can therefore reach only what lies below the root it started from: at worst, the
 sandbox's own files, which it could change itself anyway.
+
+Why one component at a time rather than openat2(RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS): it refuses
+the same things (a symlink or magic link anywhere, ".."), works on any kernel, and tells a
+missing component from one that is not a directory, which overlay semantics need (a non-directory
+in a higher layer hides the lower layers' tree). Inside a sandbox's mount namespace (after setns)
+the caller starts from an fd of that namespace's root; no path through the sandbox's /proc is used.
 """
 import errno
 import os
@@ -67,21 +75,6 @@ def open_dir(dir_fd, name):
     """The directory `name` below `dir_fd`, never through a symlink."""
     _check_name(name)
     return os.open(name, O_DIR, dir_fd=dir_fd)
-
-
-def open_path(dir_fd, rel):
-    """The directory at relative path `rel` below `dir_fd`, one component at a time, never
-    through a symlink (ENOTDIR/ELOOP where a component is not a directory)."""
-    fd = os.dup(dir_fd)
-    try:
-        for name in [p for p in rel.split("/") if p]:
-            nxt = open_dir(fd, name)
-            os.close(fd)
-            fd = nxt
-        return fd
-    except BaseException:
-        os.close(fd)
-        raise
 
 
 def make_dirs(dir_fd, rel, mode=0o755, replace=False):
@@ -180,13 +173,6 @@ def scandir(dir_fd):
 
 
 # ---- xattrs ------------------------------------------------------------------------------------
-
-def xattr_names(target):
-    try:
-        return os.listxattr(target)
-    except OSError:
-        return []
-
 
 def get_xattr(target, name):
     """One xattr of an fd, or of a '/proc/self/fd/N/name' path (not followed); None if unset."""
