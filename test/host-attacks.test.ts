@@ -8,11 +8,15 @@
  */
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
-import { lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
+import { spawn } from 'node:child_process';
 import { Sandbox } from 'podflare';
+import { HostHelper } from '../packages/server/src/runtime/namespace/hostd.js';
+import { sandboxDirs, trashDir } from '../packages/server/src/runtime/namespace/layout.js';
+import { Trash } from '../packages/server/src/runtime/namespace/trash.js';
 import { overlayMountsUnder, processesMentioning, sandboxDirsIn } from './helpers/leaks.js';
 import { startTestServer, type TestServer } from './helpers/server.js';
 
@@ -292,6 +296,42 @@ while True:
     assert.equal(counts['run-written'], 0, `no write into a run directory: ${report}`);
     await parent.close();
     await assertHostIntact();
+  });
+
+  // Class: recursive removal by path of a directory something can still write (a process that
+  // outlived its sandbox): a directory swapped for a symlink mid-walk would delete host files.
+  it('removing an ended sandbox\'s directory while a process there swaps a directory for a symlink deletes nothing of the host', { timeout: 300_000 }, async () => {
+    const state = mkdtempSync(path.join(os.tmpdir(), 'pf-rm-'));
+    const hostd = new HostHelper();
+    try {
+      mkdirSync(trashDir(state), { recursive: true });
+      for (let i = 0; i < 40; i++) {
+        const dirs = sandboxDirs(state, `sbx_${String(i).padStart(32, '0')}`);
+        const race = path.join(dirs.upper, 'root', 'race');
+        mkdirSync(path.join(race, 'd', 'sub'), { recursive: true });
+        writeFileSync(path.join(race, 'd', 'secret.txt'), 'sandbox');
+        writeFileSync(path.join(race, 'd', 'sub', 'secret.txt'), 'sandbox');
+        symlinkSync(canary, path.join(race, 'l'));
+        // The racer holds the directory by fd: it goes on wherever the tree is moved (the trash).
+        const racer = spawn('python3', ['-c', `import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+fd = os.open(${JSON.stringify(race)}, os.O_RDONLY | os.O_DIRECTORY)
+print("go", flush=True)
+while True: libc.renameat2(fd, b"d", fd, b"l", 2)`], { stdio: ['ignore', 'pipe', 'inherit'] });
+        await new Promise((resolve) => racer.stdout!.once('data', resolve));
+        const trash = new Trash(trashDir(state), (tree) => hostd.removeTree(tree));
+        await trash.throwAway(dirs);
+        await trash.close().catch(() => undefined);
+        racer.kill('SIGKILL');
+        await new Promise((resolve) => racer.once('exit', resolve));
+        assert.equal(snapshot(canary), before_, `removal #${i}: the canary directory is untouched`);
+        assert.equal(existsSync(dirs.dir), false);
+      }
+      assert.deepEqual(readdirSync(trashDir(state)), [], 'everything removed');
+    } finally {
+      hostd.close();
+      rmSync(state, { recursive: true, force: true });
+    }
   });
 
   it('leaves nothing behind once everything is closed', { timeout: 120_000 }, async () => {

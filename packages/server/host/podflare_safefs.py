@@ -261,22 +261,12 @@ REMOVE_DEPTH = 128
 def remove_entry(dir_fd, name, retries=3):
     """Removes `name` from an open directory, recursively for a directory: fd-relative all the way
     down (a directory swapped for a symlink mid-walk is unlinked, never followed), iterative (any
-    depth). Something still writing there is raced a few times, then the error is raised."""
+    depth). Something still writing there is raced for a while, then the error is raised."""
     _check_name(name)
-    st = lstat(dir_fd, name)
-    if st is None:
+    budget = [RACE_BUDGET]
+    top = _open_or_unlink(dir_fd, name, budget)
+    if top is None:
         return
-    if not stat.S_ISDIR(st.st_mode):
-        _unlink_quiet(dir_fd, name)
-        return
-    try:
-        top = open_dir(dir_fd, name)
-    except OSError as exc:
-        if exc.errno in NOT_A_DIR and retries:  # swapped for a non-directory meanwhile
-            return remove_entry(dir_fd, name, retries - 1)
-        if exc.errno == errno.ENOENT:
-            return
-        raise
     # Each level: (its parent's fd, its name, its fd, names still to remove in it).
     stack = [(dir_fd, name, top, scandir(top))]
     moved = 0
@@ -289,44 +279,73 @@ def remove_entry(dir_fd, name, retries=3):
                 _rmdir_or_retry(parent, dname, retries)
                 continue
             child = names.pop()
-            cst = lstat(fd, child)
-            if cst is None:
-                continue
-            if not stat.S_ISDIR(cst.st_mode):
-                _unlink_quiet(fd, child)
-                continue
-            if len(stack) >= REMOVE_DEPTH:
+            if len(stack) >= REMOVE_DEPTH and (st := lstat(fd, child)) is not None and stat.S_ISDIR(st.st_mode):
                 moved += 1
                 up = f".pf-removing-{moved}-{os.urandom(4).hex()}"
                 os.rename(child, up, src_dir_fd=fd, dst_dir_fd=top)
                 stack[0][3].append(up)
                 continue
-            try:
-                sub = open_dir(fd, child)
-            except OSError as exc:
-                if exc.errno in NOT_A_DIR:
-                    _unlink_quiet(fd, child)  # swapped for a non-directory meanwhile
-                elif exc.errno != errno.ENOENT:
+            sub = _open_or_unlink(fd, child, budget)
+            if sub is not None:
+                try:
+                    stack.append((fd, child, sub, scandir(sub)))
+                except BaseException:
+                    os.close(sub)
                     raise
-                continue
-            stack.append((fd, child, sub, scandir(sub)))
     finally:
         for _, _, fd, _ in stack:
             os.close(fd)
 
 
+# Times an entry may change type under a removal (a live writer exchanging names) before it gives up.
+RACE_BUDGET = 10_000
+
+
+def _open_or_unlink(dir_fd, name, budget):
+    """A directory entry on its way out: a directory is opened (never through a symlink) and its
+    fd returned; anything else is unlinked (None). An entry that keeps changing between the two is
+    tried again while the budget lasts."""
+    while True:
+        try:
+            return open_dir(dir_fd, name)
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                return None
+            if exc.errno not in NOT_A_DIR:
+                raise
+        try:
+            os.unlink(name, dir_fd=dir_fd)
+            return None
+        except FileNotFoundError:
+            return None
+        except IsADirectoryError:  # a directory again by now
+            budget[0] -= 1
+            if budget[0] < 0:
+                raise
+
+
 def _rmdir_or_retry(dir_fd, name, retries):
-    try:
-        os.rmdir(name, dir_fd=dir_fd)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST) and retries:
-            remove_entry(dir_fd, name, retries - 1)  # something was added meanwhile: once more
-        elif exc.errno == errno.ENOTDIR:
-            _unlink_quiet(dir_fd, name)
-        else:
+    """Removes the directory just emptied; a live writer may have exchanged it with something else
+    under the same name meanwhile (then that goes: unlinked, or emptied in turn)."""
+    for _ in range(RACE_BUDGET):
+        try:
+            os.rmdir(name, dir_fd=dir_fd)
+            return
+        except FileNotFoundError:
+            return
+        except NotADirectoryError:
+            try:
+                os.unlink(name, dir_fd=dir_fd)
+                return
+            except FileNotFoundError:
+                return
+            except IsADirectoryError:
+                continue  # a directory again by now
+        except OSError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST) and retries:
+                return remove_entry(dir_fd, name, retries - 1)  # something was added meanwhile: once more
             raise
+    raise OSError(errno.EBUSY, f"{name}: keeps changing while being removed")
 
 
 def _unlink_quiet(dir_fd, name):
