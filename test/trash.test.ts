@@ -9,13 +9,20 @@ import os from 'node:os';
 import path from 'node:path';
 import { after, describe, it } from 'node:test';
 import { sandboxDirs, trashDir } from '../packages/server/src/runtime/namespace/layout.js';
+import { HostHelper } from '../packages/server/src/runtime/namespace/hostd.js';
 import { Trash } from '../packages/server/src/runtime/namespace/trash.js';
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 describe('namespace runtime: the trash of ended sandboxes\' directories', () => {
   const state = mkdtempSync(path.join(os.tmpdir(), 'pf-trash-'));
-  after(() => rmSync(state, { recursive: true, force: true }));
+  // Removal goes through the host helper's fd-relative remove_tree, as in the runtime.
+  const hostd = new HostHelper();
+  const remove = (tree: string) => hostd.removeTree(tree);
+  after(() => {
+    hostd.close();
+    rmSync(state, { recursive: true, force: true });
+  });
   mkdirSync(trashDir(state), { recursive: true });
   let n = 0;
   const sandbox = () => {
@@ -26,7 +33,7 @@ describe('namespace runtime: the trash of ended sandboxes\' directories', () => 
   };
 
   it('moves a directory out at once and removes it only after a quiet moment', async () => {
-    const trash = new Trash(trashDir(state));
+    const trash = new Trash(trashDir(state), remove);
     const dirs = sandbox();
     trash.touch();
     await trash.throwAway(dirs);
@@ -43,7 +50,7 @@ describe('namespace runtime: the trash of ended sandboxes\' directories', () => 
   });
 
   it('removes the oldest at once past its bound, and everything on close', async () => {
-    const trash = new Trash(trashDir(state));
+    const trash = new Trash(trashDir(state), remove);
     trash.touch();
     const all: ReturnType<typeof sandbox>[] = [];
     for (let i = 0; i < 70; i++) {
@@ -64,7 +71,7 @@ describe('namespace runtime: the trash of ended sandboxes\' directories', () => 
   });
 
   it('removes in place what it cannot move (no trash directory)', async () => {
-    const trash = new Trash(path.join(state, 'no-such-dir'));
+    const trash = new Trash(path.join(state, 'no-such-dir'), remove);
     const dirs = sandbox();
     await trash.throwAway(dirs);
     assert.equal(existsSync(dirs.dir), false);

@@ -101,6 +101,8 @@ export interface FileDiff {
   /** Changed files not shown in `content` because they are binary, or over the size cap. */
   binary?: string[];
   too_large?: string[];
+  /** Set when the answer was cut at the server's bounds (changed paths listed, text diff bytes). */
+  truncated?: boolean;
 }
 
 /** One interpreter variable, as a diff reports it. */

@@ -29,7 +29,13 @@ Operations:
   diff    {a, b, paths?, content?, max_content_bytes?}
                                   compare two overlay layer stacks (lists of directories, topmost
                                   first) without mounting them: only paths present in a layer that
-                                  the stacks do not share are looked at
+                                  the stacks do not share are looked at; a reply past its bounds
+                                  says `truncated: true`
+  remove_tree {path}              remove a tree a sandbox made (its directory, a fork layer, a
+                                  trash entry) without following anything planted in it
+
+Every operation on a tree a sandbox controls goes through podflare_safefs.py (its threat model is
+written there): fd-relative, never through a symlink, regular files only.
 """
 import contextlib
 import ctypes
@@ -39,11 +45,18 @@ import fcntl
 import itertools
 import json
 import os
-import shutil
 import signal
 import stat
 import struct
 import sys
+from collections import OrderedDict
+
+# Run with `python3 -I` (its directory is not on sys.path): the sibling module is found here.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import podflare_safefs as safefs  # noqa: E402
+
+# A fork's layer copy recurses once per directory level of a sandbox's tree (an fd pair each).
+sys.setrecursionlimit(20_000)
 
 libc = ctypes.CDLL(None, use_errno=True)
 MNT_DETACH = 2
@@ -51,7 +64,7 @@ SYS_OPEN_TREE, SYS_MOVE_MOUNT, SYS_FSOPEN, SYS_FSCONFIG, SYS_FSMOUNT, SYS_MOUNT_
 FSOPEN_CLOEXEC, FSMOUNT_CLOEXEC = 1, 1
 FSCONFIG_SET_STRING, FSCONFIG_CMD_CREATE = 1, 6
 OPEN_TREE_CLONE, OPEN_TREE_CLOEXEC, AT_RECURSIVE = 1, 0o2000000, 0x8000
-MOVE_MOUNT_F_EMPTY_PATH = 4
+MOVE_MOUNT_F_EMPTY_PATH, MOVE_MOUNT_T_EMPTY_PATH = 4, 0x40
 AT_EMPTY_PATH = 0x1000
 MOUNT_ATTR_RDONLY, MOUNT_ATTR_IDMAP = 0x1, 0x00100000
 CLONE_NEWUSER = 0x10000000
@@ -213,7 +226,7 @@ def _overlay_mount_fd(lowers, upper, work):
             os.close(fd)
 
 
-PREPARED = {}  # handle -> (overlay mount fd, [(bind tree fd, target relative to the root)])
+PREPARED = {}  # handle -> (overlay mount fd, [(bind tree fd, fd of its mount point below the overlay)])
 HANDLES = itertools.count(1)
 
 
@@ -223,10 +236,17 @@ def _prepare(req):
     trees = []
     try:
         for bind in req.get("binds", []):
-            trees.append((_check(libc.syscall(SYS_OPEN_TREE, AT_FDCWD, bind["source"].encode(),
-                                              OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC), "open_tree"), bind["target"]))
-            # The bind's mount point, made in the overlay's upper before anything else sees it.
-            os.makedirs(f"/proc/self/fd/{root}/{bind['target'].strip('/')}", exist_ok=True)
+            tree = _check(libc.syscall(SYS_OPEN_TREE, AT_FDCWD, bind["source"].encode(),
+                                       OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC), "open_tree")
+            try:
+                # The bind's mount point, made in the overlay's upper before anything else sees it.
+                # The layers below came from a sandbox: a component that is not a real directory
+                # (say /.pf planted as a symlink to a host path) is replaced, never followed.
+                point = safefs.make_dirs(root, bind["target"], replace=True)
+            except BaseException:
+                os.close(tree)
+                raise
+            trees.append((tree, point))
     except BaseException:
         _close_prepared((root, trees))
         raise
@@ -236,19 +256,50 @@ def _prepare(req):
 def _close_prepared(prepared):
     root, trees = prepared
     os.close(root)
-    for tree, _ in trees:
+    for tree, point in trees:
         os.close(tree)
+        os.close(point)
+
+
+def _move_mount_onto(mount_fd, target_fd, what):
+    """Moves a detached mount onto the directory an fd names (no path is resolved)."""
+    _check(libc.syscall(SYS_MOVE_MOUNT, mount_fd, b"", target_fd, b"", MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH), what)
+
+
+def _namespace_dir(target):
+    """The directory `target` in the current mount namespace (a sandbox's, after setns), made where
+    missing, resolved one component at a time below that namespace's root, never through a symlink
+    the sandbox may have planted there."""
+    ns_root = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return safefs.make_dirs(ns_root, target)
+    except safefs.UnsafeEntry:
+        raise SandboxRefused(f"the sandbox's {target} is not a directory (something else was put on the way): "
+                             "podflare keeps its fork mount points there, so it cannot fork") from None
+    finally:
+        os.close(ns_root)
+
+
+class SandboxRefused(Exception):
+    """What the sandbox did makes the operation impossible (its message says what to do)."""
 
 
 def _attach(prepared, pid, target):
     root, trees = prepared
     try:
         with InNamespace(pid) if pid else contextlib.nullcontext():
-            os.makedirs(target, exist_ok=True)
-            _check(libc.syscall(SYS_MOVE_MOUNT, root, b"", AT_FDCWD, target.encode(), MOVE_MOUNT_F_EMPTY_PATH), "move_mount")
-            for tree, rel in trees:
-                where = os.path.join(target, rel.lstrip("/"))
-                _check(libc.syscall(SYS_MOVE_MOUNT, tree, b"", AT_FDCWD, where.encode(), MOVE_MOUNT_F_EMPTY_PATH), "move_mount bind")
+            if pid:
+                where = _namespace_dir(target)
+            else:  # a path of the server's own, on the host
+                os.makedirs(target, exist_ok=True)
+                where = safefs.open_root(target)
+            try:
+                _move_mount_onto(root, where, "move_mount")
+            finally:
+                os.close(where)
+            # Mount points opened below the overlay's root when it was prepared.
+            for tree, point in trees:
+                _move_mount_onto(tree, point, "move_mount bind")
     finally:
         _close_prepared(prepared)
 
@@ -310,90 +361,103 @@ def op_disk_limit(req):
     return {}
 
 
-def _copy_xattrs(src, dst):
-    try:
-        names = os.listxattr(src, follow_symlinks=False)
-    except OSError:
-        return
-    for name in names:
-        try:
-            os.setxattr(dst, name, os.getxattr(src, name, follow_symlinks=False), follow_symlinks=False)
-        except OSError:
-            pass
-
-
-def _copy_entry(src, dst, st):
-    mode = st.st_mode
-    if stat.S_ISDIR(mode):
-        os.mkdir(dst, stat.S_IMODE(mode))
-    elif stat.S_ISREG(mode):
-        with open(src, "rb") as fin, open(dst, "wb") as fout:
-            remaining = st.st_size
-            while remaining > 0:
-                try:
-                    # Same filesystem (the btrfs disk volume): a reflink, no data copied.
-                    n = os.copy_file_range(fin.fileno(), fout.fileno(), min(remaining, 1 << 30))
-                except OSError as exc:
-                    if exc.errno not in (errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS):
-                        raise
-                    n = os.sendfile(fout.fileno(), fin.fileno(), None, min(remaining, 1 << 30))
-                if n == 0:
-                    break
-                remaining -= n
-        os.chmod(dst, stat.S_IMODE(mode))
-    elif stat.S_ISLNK(mode):
-        os.symlink(os.readlink(src), dst)
-    elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
-        os.mknod(dst, mode, st.st_rdev)  # whiteouts are character devices 0/0
-    else:
-        return
-    os.lchown(dst, st.st_uid, st.st_gid)
-    _copy_xattrs(src, dst)  # overlayfs keeps opaque-directory marks in xattrs
-    if not stat.S_ISLNK(mode):
-        os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
-
-
-def _remove(path):
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(path)
-    else:
-        os.unlink(path)
-
-
 def op_squash_layers(req):
     """Squashes overlay layers (`sources`, topmost first) into one new layer that, over the same
     lowers, shows exactly what they showed stacked: a path in a higher layer replaces the lower
     ones' (a whiteout included: it keeps hiding what lies further down), an opaque directory drops
-    what the lower layers had in it. Deep fork chains stay one lookup deep this way."""
-    dst = req["target"]
-    dirs = {}
-    for src in reversed(req["sources"]):  # bottom first: each higher layer overrides
-        for dirpath, dirnames, filenames in os.walk(src):
-            rel = os.path.relpath(dirpath, src)
-            target_dir = dst if rel == "." else os.path.join(dst, rel)
-            st = os.lstat(dirpath)
-            if rel != "." and (_is_opaque(dirpath) or not os.path.isdir(target_dir) or os.path.islink(target_dir)):
-                _remove(target_dir)
-            if not os.path.lexists(target_dir):
-                _copy_entry(dirpath, target_dir, st)
+    what the lower layers had in it. Deep fork chains stay one lookup deep this way.
+
+    The topmost source is a live sandbox's upper (its processes may race every step): it is read
+    only through safefs, below the source's fd, and the target is written only below its own."""
+    parent, name = os.path.split(req["target"].rstrip("/"))
+    parent_fd = safefs.open_root(parent)
+    try:
+        os.mkdir(name, 0o700, dir_fd=parent_fd)  # a new layer: nothing in it to replace
+        dst = safefs.open_dir(parent_fd, name)
+    finally:
+        os.close(parent_fd)
+    try:
+        fresh = True
+        for source in reversed(req["sources"]):  # bottom first: each higher layer overrides
+            src = safefs.open_root(source)
+            try:
+                st = os.fstat(src)
+                _squash_dir(src, dst, st, fresh)
+                os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+            finally:
+                os.close(src)
+            fresh = False
+    finally:
+        os.close(dst)
+    return {}
+
+
+def _squash_dir(src, dst, st, fresh):
+    """Lays the directory `src` over `dst` (both open fds; `fresh`: dst was just made, empty): its
+    mode, owner and xattrs, then each entry (directories recursively; their times once their
+    contents are in place)."""
+    os.fchown(dst, st.st_uid, st.st_gid)
+    os.fchmod(dst, stat.S_IMODE(st.st_mode))
+    safefs.copy_xattrs(src, dst)  # overlayfs keeps opaque-directory marks in xattrs
+    for name in safefs.scandir(src):
+        est = safefs.lstat(src, name)
+        if est is None:
+            continue
+        if stat.S_ISDIR(est.st_mode):
+            try:
+                child = safefs.open_dir(src, name)
+            except OSError as exc:
+                if exc.errno not in safefs.NOT_A_DIR:
+                    continue  # gone meanwhile
+                est = safefs.lstat(src, name)  # swapped for something else: copy that instead
             else:
-                os.chmod(target_dir, stat.S_IMODE(st.st_mode))
-                os.lchown(target_dir, st.st_uid, st.st_gid)
-                _copy_xattrs(dirpath, target_dir)
-            dirs[target_dir] = st
-            for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
-                path = os.path.join(dirpath, name)
-                target = os.path.join(target_dir, name)
-                _remove(target)
-                _copy_entry(path, target, os.lstat(path))
-    for target_dir in sorted(dirs, key=len, reverse=True):
-        if os.path.isdir(target_dir):
-            st = dirs[target_dir]
-            os.utime(target_dir, ns=(st.st_atime_ns, st.st_mtime_ns))
+                try:
+                    _squash_subdir(child, dst, name, os.fstat(child), fresh)
+                finally:
+                    os.close(child)
+                continue
+        if est is None or stat.S_ISDIR(est.st_mode):
+            continue  # still racing: the live sandbox changed it twice meanwhile
+        if not fresh:
+            safefs.remove_entry(dst, name)
+        if stat.S_ISREG(est.st_mode):
+            try:
+                fd, fst = safefs.open_regular_stat(src, name)
+            except OSError:
+                continue  # not a regular file any more (a FIFO swapped in), or gone
+            try:
+                safefs.copy_file(fd, dst, name, fst)
+            finally:
+                os.close(fd)
+        else:
+            try:
+                safefs.copy_node(src, dst, name, est)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOENT, errno.EINVAL):  # gone or changed meanwhile
+                    raise
+
+
+def _squash_subdir(src, dst_parent, name, st, fresh):
+    existing = None if fresh else safefs.lstat(dst_parent, name)
+    if existing is not None and (not stat.S_ISDIR(existing.st_mode) or safefs.is_opaque(src)):
+        safefs.remove_entry(dst_parent, name)
+        existing = None
+    if existing is None:
+        os.mkdir(name, 0o700, dir_fd=dst_parent)
+    dst = safefs.open_dir(dst_parent, name)
+    try:
+        _squash_dir(src, dst, st, existing is None)
+        os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+    finally:
+        os.close(dst)
+
+
+def op_remove_tree(req):
+    """Removes a tree a sandbox made or filled (`path`: its parent is the server's own directory)."""
+    path = req["path"]
+    if not os.path.isabs(path) or os.path.normpath(path) in ("/", ""):
+        raise ValueError(f"remove_tree needs an absolute path below a directory: {path!r}")
+    safefs.remove_tree(path)
     return {}
 
 
@@ -408,107 +472,242 @@ def op_unmount(req):
 
 
 def op_tmpfs(req):
+    """A small tmpfs at `target` in the mount namespace of `pid`, made once. The path is resolved
+    below that namespace's root without following symlinks (the sandbox owns every component), and
+    the tmpfs is made with the new mount API and moved onto the directory's fd: no path inside the
+    sandbox (its /proc included) is trusted."""
     with InNamespace(req["pid"]):
-        target = req["target"]
-        os.makedirs(target, exist_ok=True)
-        if not os.path.ismount(target):
-            # Owned by sandbox root (a fork child walks into its root here), invisible to others.
-            owner = f"uid={int(req.get('uid', 0))},gid={int(req.get('gid', 0))}"
-            _check(libc.mount(b"tmpfs", target.encode(), b"tmpfs", 0, f"mode=0700,size=64k,{owner}".encode()), "mount tmpfs")
+        parent_rel, name = os.path.split(req["target"].rstrip("/"))
+        parent = _namespace_dir(parent_rel)
+        try:
+            where = safefs.make_dirs(parent, name)
+            try:
+                if os.fstat(where).st_dev == os.fstat(parent).st_dev:  # not mounted yet
+                    tmpfs = _tmpfs_mount_fd(int(req.get("uid", 0)), int(req.get("gid", 0)))
+                    try:
+                        _move_mount_onto(tmpfs, where, "mount tmpfs")
+                    finally:
+                        os.close(tmpfs)
+            finally:
+                os.close(where)
+        finally:
+            os.close(parent)
     return {}
 
 
+def _tmpfs_mount_fd(uid, gid):
+    """A detached small tmpfs owned by sandbox root (a fork child walks into its root there),
+    invisible to others."""
+    fs = _check(libc.syscall(SYS_FSOPEN, b"tmpfs", FSOPEN_CLOEXEC), "fsopen tmpfs")
+    try:
+        for key, value in (("mode", "0700"), ("size", "64k"), ("uid", str(uid)), ("gid", str(gid))):
+            _check(libc.syscall(SYS_FSCONFIG, fs, FSCONFIG_SET_STRING, key.encode(), value.encode(), 0), f"fsconfig {key}")
+        _check(libc.syscall(SYS_FSCONFIG, fs, FSCONFIG_CMD_CREATE, None, None, 0), "fsconfig create")
+        return _check(libc.syscall(SYS_FSMOUNT, fs, FSMOUNT_CLOEXEC, 0), "fsmount tmpfs")
+    finally:
+        os.close(fs)
+
+
 # ---- diff of two layer stacks -------------------------------------------------------------
+
+# Bounds of one diff's reply (and of the memory the helper and the server hold for it): changed
+# paths listed, bytes of their names, bytes of text diffs, entries walked. Past one, the reply
+# says `truncated: true`.
+MAX_DIFF_PATHS = 10_000
+MAX_DIFF_PATH_BYTES = 2 << 20
+MAX_DIFF_CONTENT_BYTES = 4 << 20
+MAX_DIFF_WALK = 200_000
+# Directories of a layer kept open during a diff (candidates come sorted: ancestors stay warm).
+OPEN_DIRS_PER_LAYER = 64
+
 
 def _is_whiteout(st):
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
-def _is_opaque(path):
-    for name in ("trusted.overlay.opaque", "user.overlay.opaque"):
-        try:
-            if os.getxattr(path, name, follow_symlinks=False) == b"y":
-                return True
-        except OSError:
-            pass
-    return False
+class LayerView:
+    """One layer of a stack, read for a diff while its sandbox may be live: directories below its
+    root are opened one component at a time without following symlinks (safefs), and the last few
+    are kept open. For each directory: its fd (None where this layer has none) and whether it hides
+    the lower layers' entries below it (an opaque directory, or a non-directory on the way)."""
 
-
-def resolve(stack, rel):
-    """The entry `rel` (relative path) of the merged view of `stack`: (layer path, lstat) or None."""
-    parts = rel.split("/")
-    for layer in stack:
-        full = os.path.join(layer, rel)
+    def __init__(self, path):
         try:
-            st = os.lstat(full)
+            self.fd = safefs.open_root(path)
         except FileNotFoundError:
-            st = None
-        except NotADirectoryError:
-            st = None
-        if st is not None:
-            return None if _is_whiteout(st) else (full, st)
-        # An opaque directory or a whiteout on the way hides everything below in lower layers.
-        for i in range(1, len(parts)):
-            parent = os.path.join(layer, *parts[:i])
-            try:
-                pst = os.lstat(parent)
-            except OSError:
-                continue
-            if _is_whiteout(pst) or (stat.S_ISDIR(pst.st_mode) and _is_opaque(parent)) or not stat.S_ISDIR(pst.st_mode):
-                return None
+            self.fd = None
+        self.dirs = OrderedDict()
+
+    def dir(self, rel):
+        if rel == "":
+            return self.fd, False
+        found = self.dirs.get(rel)
+        if found is not None:
+            self.dirs.move_to_end(rel)
+            return found
+        # Down from the deepest ancestor already open (iterative: paths may be thousands deep).
+        parts = rel.split("/")
+        depth = len(parts) - 1
+        while depth > 0 and "/".join(parts[:depth]) not in self.dirs:
+            depth -= 1
+        fd, hides = self.dir("/".join(parts[:depth]))
+        for i in range(depth, len(parts)):
+            found = (None, hides)
+            if fd is not None:
+                try:
+                    sub = safefs.open_dir(fd, parts[i])
+                    found = (sub, hides or safefs.is_opaque(sub))
+                except OSError as exc:
+                    if exc.errno in safefs.NOT_A_DIR:
+                        found = (None, True)  # a file, whiteout or symlink hides what lies below
+                    elif exc.errno != errno.ENOENT:
+                        raise
+            self._remember("/".join(parts[:i + 1]), found)
+            fd, hides = found
+        return found
+
+    def _remember(self, rel, found):
+        self.dirs[rel] = found
+        if len(self.dirs) > OPEN_DIRS_PER_LAYER:
+            _, (old_fd, _) = self.dirs.popitem(last=False)
+            if old_fd is not None:
+                os.close(old_fd)
+
+    def close(self):
+        for fd, _ in self.dirs.values():
+            if fd is not None:
+                os.close(fd)
+        self.dirs.clear()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+class Entry:
+    """An entry of a merged view: the layer holding it, its directory and name there, its lstat."""
+
+    def __init__(self, view, parent, name, st):
+        self.view, self.parent, self.name, self.st = view, parent, name, st
+
+    def dir_fd(self):
+        fd, _ = self.view.dir(self.parent)
+        if fd is None:
+            raise FileNotFoundError(errno.ENOENT, f"{self.parent}: gone")
+        return fd
+
+    def open(self):
+        """Its contents: a regular file, the same inode the stat saw (a FIFO swapped in is refused)."""
+        return safefs.open_regular(self.dir_fd(), self.name, self.st)
+
+    def readlink(self):
+        return os.readlink(self.name, dir_fd=self.dir_fd())
+
+
+def resolve(views, rel):
+    """The entry `rel` (relative path) of the merged view of a stack (LayerViews, topmost first),
+    or None (absent, or a whiteout)."""
+    parent, _, name = rel.rpartition("/")
+    for view in views:
+        fd, hides = view.dir(parent)
+        if fd is not None:
+            st = safefs.lstat(fd, name)
+            if st is not None:
+                return None if _is_whiteout(st) else Entry(view, parent, name, st)
+        if hides:  # an opaque directory or a non-directory on the way hides the lower layers
+            return None
     return None
 
 
-def _walk(layer, prefixes):
-    """Relative paths of every entry in one layer, restricted to the given path prefixes."""
-    for dirpath, dirnames, filenames in os.walk(layer):
-        rel_dir = os.path.relpath(dirpath, layer)
-        rel_dir = "" if rel_dir == "." else rel_dir
-        if rel_dir == ".pf" or rel_dir.startswith(".pf/"):
-            dirnames[:] = []
-            continue
-        for name in dirnames + filenames:
-            rel = f"{rel_dir}/{name}" if rel_dir else name
-            if rel == ".pf":
+def _walk(view, prefixes, into, limit):
+    """Adds to `into` the relative paths of the entries of one layer (without /.pf), restricted
+    to the given path prefixes, until it holds `limit`; says whether it stopped there. Depth first
+    with an explicit stack holding one open directory per level (any depth, bounded fds)."""
+    if view.fd is None:
+        return False
+
+    def wanted(rel):
+        return prefixes is None or any(rel == p or rel.startswith(p + "/") or p.startswith(rel + "/") for p in prefixes)
+
+    def entries(fd):
+        with os.scandir(fd) as it:
+            return [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
+
+    top = os.dup(view.fd)
+    stack = [("", top, entries(top))]  # (relative path, fd, entries not yet looked at)
+    try:
+        while stack:
+            rel_dir, fd, todo = stack[-1]
+            if not todo:
+                stack.pop()
+                os.close(fd)
                 continue
-            if prefixes is None or any(rel == p or rel.startswith(p + "/") or p.startswith(rel + "/") for p in prefixes):
-                yield rel
+            name, is_dir = todo.pop()
+            rel = f"{rel_dir}/{name}" if rel_dir else name
+            if rel == ".pf" or not wanted(rel):
+                continue
+            if len(into) >= limit:
+                return True
+            into.add(rel)
+            if is_dir:
+                try:
+                    sub = safefs.open_dir(fd, name)
+                except OSError:
+                    continue  # swapped for a non-directory, or gone: not entered
+                try:
+                    stack.append((rel, sub, entries(sub)))
+                except BaseException:
+                    os.close(sub)
+                    raise
+        return False
+    finally:
+        for _, fd, _ in stack:
+            os.close(fd)
 
 
 def _same_content(a, b, chunk=1 << 20):
-    (pa, sa), (pb, sb) = a, b
+    sa, sb = a.st, b.st
     if stat.S_IFMT(sa.st_mode) != stat.S_IFMT(sb.st_mode):
         return False
     if stat.S_ISDIR(sa.st_mode):
         return True
-    if stat.S_ISLNK(sa.st_mode):
-        return os.readlink(pa) == os.readlink(pb)
-    if not stat.S_ISREG(sa.st_mode):
-        return sa.st_rdev == sb.st_rdev
-    if sa.st_size != sb.st_size:
-        return False
-    if (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino):
-        return True
-    with open(pa, "rb") as fa, open(pb, "rb") as fb:
-        while True:
-            ba, bb = fa.read(chunk), fb.read(chunk)
-            if ba != bb:
-                return False
-            if not ba:
-                return True
+    try:
+        if stat.S_ISLNK(sa.st_mode):
+            return a.readlink() == b.readlink()
+        if not stat.S_ISREG(sa.st_mode):
+            return sa.st_rdev == sb.st_rdev
+        if sa.st_size != sb.st_size:
+            return False
+        if (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino):
+            return True
+        fa = a.open()
+        try:
+            fb = b.open()
+            try:
+                return safefs.same_bytes(fa, fb, chunk)
+            finally:
+                os.close(fb)
+        finally:
+            os.close(fa)
+    except OSError:
+        return False  # changed, replaced (a FIFO swapped in) or gone while compared: it differs
 
 
 def _text_diff(rel, a, b, cap):
     def read(entry):
         if entry is None:
             return ""
-        path, st = entry
-        if not stat.S_ISREG(st.st_mode):
+        if not stat.S_ISREG(entry.st.st_mode):
             return None
-        if st.st_size > cap:
+        try:
+            fd = entry.open()
+        except OSError:
+            return None  # not a regular file any more
+        try:
+            data = safefs.read_capped(fd, cap)
+        finally:
+            os.close(fd)
+        if data is None:
             return False
-        with open(path, "rb") as f:
-            data = f.read()
         if b"\0" in data:
             return None
         try:
@@ -530,17 +729,33 @@ def op_diff(req):
     while a and b and a[-1] == b[-1]:
         a.pop()
         b.pop()
-    stack_a, stack_b = list(req["a"]), list(req["b"])
+    views = {}
+    try:
+        for layer in req["a"] + req["b"]:
+            if layer not in views:
+                views[layer] = LayerView(layer)
+        return _diff(req, [views[layer] for layer in a + b], [views[layer] for layer in req["a"]],
+                     [views[layer] for layer in req["b"]])
+    finally:
+        for view in views.values():
+            view.close()
+
+
+def _diff(req, unshared, stack_a, stack_b):
     prefixes = None
     if req.get("paths"):
         prefixes = [p.strip("/") for p in req["paths"]]
         if "" in prefixes:
             prefixes = None
+    truncated = False
     candidates = set()
-    for layer in a + b:
-        candidates.update(_walk(layer, prefixes))
+    for view in dict.fromkeys(unshared):
+        if _walk(view, prefixes, candidates, MAX_DIFF_WALK):
+            truncated = True
+            break
     added, removed, modified, content, binary, too_large = [], [], [], {}, [], []
     cap = int(req.get("max_content_bytes", 256 * 1024))
+    listed = path_bytes = content_bytes = 0
     for rel in sorted(candidates):
         if prefixes is not None and not any(rel == p or rel.startswith(p + "/") for p in prefixes):
             continue
@@ -549,31 +764,41 @@ def op_diff(req):
             continue
         path = "/" + rel
         if ea is None:
-            added.append(path)
+            changed = added
         elif eb is None:
-            removed.append(path)
+            changed = removed
         elif not _same_content(ea, eb):
-            if stat.S_ISDIR(ea[1].st_mode) and stat.S_ISDIR(eb[1].st_mode):
+            if stat.S_ISDIR(ea.st.st_mode) and stat.S_ISDIR(eb.st.st_mode):
                 continue
-            modified.append(path)
+            changed = modified
         else:
             continue
-        regular_or_absent = all(e is None or stat.S_ISREG(e[1].st_mode) for e in (ea, eb))
+        listed += 1
+        path_bytes += len(path)
+        if listed > MAX_DIFF_PATHS or path_bytes > MAX_DIFF_PATH_BYTES:
+            truncated = True
+            break
+        changed.append(path)
+        regular_or_absent = all(e is None or stat.S_ISREG(e.st.st_mode) for e in (ea, eb))
         if req.get("content") and regular_or_absent:
-            verdict = _text_diff(rel, ea, eb, cap)
-            if "diff" in verdict:
+            verdict = _text_diff(rel, ea, eb, min(cap, MAX_DIFF_CONTENT_BYTES - content_bytes))
+            if "diff" in verdict and content_bytes + len(verdict["diff"]) <= MAX_DIFF_CONTENT_BYTES:
                 content[path] = verdict["diff"]
+                content_bytes += len(verdict["diff"])
             elif verdict.get("binary"):
                 binary.append(path)
             else:
                 too_large.append(path)
+                truncated = truncated or content_bytes + cap > MAX_DIFF_CONTENT_BYTES
     out = {"added": added, "removed": removed, "modified": modified}
     if req.get("content"):
         out.update(content=content, binary=binary, too_large=too_large)
+    if truncated:
+        out["truncated"] = True
     return out
 
 
-OPS = {"idmap": op_idmap, "squash_layers": op_squash_layers, "subvolume": op_subvolume, "disk_limit": op_disk_limit, "overlay": op_overlay, "overlay_prepare": op_overlay_prepare, "overlay_attach": op_overlay_attach, "overlay_discard": op_overlay_discard, "unmount": op_unmount, "tmpfs": op_tmpfs, "diff": op_diff}
+OPS = {"idmap": op_idmap, "squash_layers": op_squash_layers, "subvolume": op_subvolume, "disk_limit": op_disk_limit, "overlay": op_overlay, "overlay_prepare": op_overlay_prepare, "overlay_attach": op_overlay_attach, "overlay_discard": op_overlay_discard, "unmount": op_unmount, "tmpfs": op_tmpfs, "diff": op_diff, "remove_tree": op_remove_tree}
 
 
 def _ignore_stop_signals():

@@ -126,6 +126,15 @@ export class HostHelper {
     return this.run({ op: 'tmpfs', pid, target, uid: owner, gid: owner }).then(() => undefined);
   }
 
+  /**
+   * Removes a tree a sandbox made or filled (its directory, a fork layer, a trash entry) without
+   * following anything planted in it: fd-relative, as root (podflare_safefs.py). Missing is fine.
+   */
+  removeTree(path: string): Promise<void> {
+    return this.call({ op: 'remove_tree', path }).then(() => undefined);
+  }
+
+  /** Two layer stacks compared; the reply is bounded (`truncated: true` past its bounds). */
   async diff(a: string[], b: string[], opts: DiffOptions): Promise<FileDiff> {
     const { id: _id, ok: _ok, ...diff } = await this.run({ op: 'diff', a, b, paths: opts.paths, content: opts.content });
     return diff as unknown as FileDiff;

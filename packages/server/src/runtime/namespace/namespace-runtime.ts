@@ -27,7 +27,7 @@
  */
 import { spawn } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { chmod, chown, mkdir, open, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { chmod, chown, mkdir, open, rm, rmdir, stat, writeFile } from 'node:fs/promises';
 import { fileURLToPath } from 'node:url';
 import net from 'node:net';
 import path from 'node:path';
@@ -106,8 +106,8 @@ export class NamespaceRuntime implements Runtime {
 
   constructor(private readonly opts: NamespaceRuntimeOptions) {
     this.capabilities = { fork: true, freeze: false, egress: true, egressPolicy: opts.egress !== undefined };
-    this.trash = new Trash(trashDir(opts.stateDir));
     this.hostd = new HostHelper({ ...opts.hostHelper, log: opts.log });
+    this.trash = new Trash(trashDir(opts.stateDir), (tree) => this.hostd.removeTree(tree));
     for (const d of [opts.stateDir, ...opts.lowerDirs]) assertMountablePath(d);
     this.hooks = {
       log: opts.log,
@@ -180,9 +180,9 @@ export class NamespaceRuntime implements Runtime {
     await this.prepare();
     // Groups of sandboxes a crashed server left: their processes are killed with them.
     await this.cgroups?.cleanupOrphans((id) => this.live.has(id));
-    const left = await removeLeftovers(this.opts.stateDir, this.layersDir, knownIds);
+    const left = await removeLeftovers(this.opts.stateDir, this.layersDir, knownIds, (tree) => this.hostd.removeTree(tree));
     const oldLayers = path.join(this.opts.stateDir, 'layers'); // from a run without the volume
-    if (oldLayers !== this.layersDir) await rm(oldLayers, { recursive: true, force: true });
+    if (oldLayers !== this.layersDir) await this.hostd.removeTree(oldLayers);
     if (left.killed.length || left.unmounted.length || left.removed.length) {
       this.opts.log.info('removed what the previous server left', {
         sandboxes: left.sandboxes.length, killed: left.killed.length, unmounted: left.unmounted.length, removed: left.removed.length,
@@ -222,9 +222,9 @@ export class NamespaceRuntime implements Runtime {
     for (const s of byDepth) await s.destroy();
     // Every sandbox is gone: no fork layer is in use any more (their refcounted removals may
     // still be in flight).
-    await rm(this.layersDir, { recursive: true, force: true });
+    await this.hostd.removeTree(this.layersDir);
     await this.trash.close();
-    await rm(trashDir(this.opts.stateDir), { recursive: true, force: true });
+    await this.hostd.removeTree(trashDir(this.opts.stateDir));
     await this.cgroups?.close();
     this.hostd.close();
     await this.volume?.close();
@@ -348,7 +348,7 @@ export class NamespaceRuntime implements Runtime {
     const served = new Set<EgressListeners>();
     try {
       if (!parent.spawnAreaReady) {
-        await this.hostd.tmpfs(parent.initPid, SPAWN_AREA, this.opts.uidBase);
+        await this.hostd.tmpfs(parent.initPid, SPAWN_AREA, this.opts.uidBase).catch((e: Error) => { throw refusedBySandbox(e); });
         parent.spawnAreaReady = true;
       }
       // The interpreter forks first: its children take their namespaces while the layer freezes
@@ -369,16 +369,19 @@ export class NamespaceRuntime implements Runtime {
       making = specs.map(async (spec) => {
         const dirs = sandboxDirs(this.opts.stateDir, spec.id);
         // The child's way back to us: a socket in a host directory bound at /.pf/run in its root.
+        // The directory stays root's (search only for others): nothing in a sandbox can put
+        // anything there, so removing it is two fixed names, never a walk.
         const runDir = path.join(dirs.dir, 'run');
         await this.makeSandboxDir(dirs, spec);
         madeDirs.push(dirs);
-        await mkdir(runDir, { recursive: true });
+        await mkdir(runDir, { mode: RUN_DIR_MODE });
+        await chmod(runDir, RUN_DIR_MODE); // whatever the umask
         const socketPath = path.join(runDir, 'agent.sock');
         const { listener, connection } = await listenOnce(socketPath, this.opts.startTimeoutMs);
         const entry: (typeof prepared)[number] = { spec, dirs, connection, listener, runDir };
         prepared.push(entry);
-        // Sandbox root (an unprivileged host uid) must be able to connect.
-        await Promise.all([chown(runDir, this.opts.uidBase, this.opts.uidBase), chown(socketPath, this.opts.uidBase, this.opts.uidBase)]);
+        // Sandbox root (an unprivileged host uid) must be able to connect: write on the socket.
+        await chown(socketPath, this.opts.uidBase, this.opts.uidBase);
         await this.makeUpper(dirs);
         await layered;
         entry.overlay = await this.hostd.prepareOverlay({
@@ -403,7 +406,7 @@ export class NamespaceRuntime implements Runtime {
       const grafted = Promise.all(prepared.map(async (p, i) => {
         const handle = p.overlay!;
         p.overlay = undefined;
-        await this.hostd.attachOverlay(handle, childPids[i]!, SPAWN_AREA);
+        await this.hostd.attachOverlay(handle, childPids[i]!, SPAWN_AREA).catch((e: Error) => { throw refusedBySandbox(e); });
         process.kill(childPids[i]!, ROOT_READY_SIGNAL);
       }));
       grafted.catch(() => undefined);
@@ -492,7 +495,7 @@ export class NamespaceRuntime implements Runtime {
       for (const p of prepared) {
         p.listener.close();
         // Not waited for: the children have connected (or are gone), nothing uses it any more.
-        void rm(p.runDir, { recursive: true, force: true }).catch(() => undefined);
+        void removeRunDir(p.runDir);
       }
     }
   }
@@ -535,7 +538,7 @@ export class NamespaceRuntime implements Runtime {
     try {
       await this.hostd.squashLayers([parent.dirs.upper, ...squashed], layer);
     } catch (err) {
-      await rm(layer, { recursive: true, force: true }); // what was copied before the failure
+      await this.hostd.removeTree(layer).catch(() => undefined); // what was copied before the failure
       if (isOutOfSpace(err as Error)) {
         throw new ApiError('insufficient_storage', `sandbox ${parent.id} has no disk space left for its fork layer (a copy of its files, counted against its disk limit): free space in it first`);
       }
@@ -554,13 +557,28 @@ export class NamespaceRuntime implements Runtime {
     if (n === undefined) return;
     if (n > 1) return void this.layerRefs.set(layer, n - 1);
     this.layerRefs.delete(layer);
-    await rm(layer, { recursive: true, force: true });
+    await this.hostd.removeTree(layer);
   }
 }
 
 /** A host helper's OSError for a full quota (EDQUOT, errno 122) or a full volume (ENOSPC, 28). */
 function isOutOfSpace(err: Error): boolean {
   return /\[Errno (122|28)\]/.test(err.message);
+}
+
+/** The host helper refused because of what the sandbox did (a planted /.pf): a 409 that says so. */
+function refusedBySandbox(err: Error): Error {
+  const said = /SandboxRefused: (.*)$/s.exec(err.message);
+  return said ? new ApiError('conflict', said[1]!) : err;
+}
+
+/** A fork's run directory: root's, search-only for others (the sandbox connects to its socket). */
+const RUN_DIR_MODE = 0o711;
+
+/** Removes a fork's run directory: only the server ever writes there (see RUN_DIR_MODE). */
+async function removeRunDir(runDir: string): Promise<void> {
+  await rm(path.join(runDir, 'agent.sock'), { force: true }).catch(() => undefined);
+  await rmdir(runDir).catch(() => undefined);
 }
 
 /** A unix socket that accepts exactly one connection (a fork child's agent). */

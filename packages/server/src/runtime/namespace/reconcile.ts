@@ -15,7 +15,7 @@
  *   and the fork layers. (Cgroups are the runtime's to remove, before this runs.)
  * Processes are killed first (so nothing writes while files go), then mounts, then files.
  */
-import { readdir, readFile, rm } from 'node:fs/promises';
+import { readdir, readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { run } from '../../proc.js';
 import { sandboxesDir, trashDir } from './layout.js';
@@ -44,8 +44,11 @@ const HELPERS = ['/podflare_hostd.py', '/netns-listen-child.js'];
 /**
  * Kills, unmounts and removes everything the sandboxes of an earlier server on `stateDir` left.
  * `knownIds` are sandboxes the store still lists as live (their directories may already be gone).
+ * `removeTree` removes one tree without following what a sandbox planted in it (the host helper's).
  */
-export async function removeLeftovers(stateDir: string, layersDir: string, knownIds: Iterable<string>): Promise<LeftoverReport> {
+export async function removeLeftovers(
+  stateDir: string, layersDir: string, knownIds: Iterable<string>, removeTree: (tree: string) => Promise<void>,
+): Promise<LeftoverReport> {
   const root = sandboxesDir(stateDir);
   // Everything in the sandboxes' directory is a sandbox's, or the fork layers (`.layers`).
   const onDisk = await readdir(root).catch(() => [] as string[]);
@@ -78,12 +81,12 @@ export async function removeLeftovers(stateDir: string, layersDir: string, known
   for (const name of onDisk) {
     const p = path.join(root, name);
     if (kept.has(p)) continue;
-    await rm(p, { recursive: true, force: true });
+    await removeTree(p);
     report.removed.push(p);
   }
   for (const dir of kept) {
     for (const name of await readdir(dir).catch(() => [] as string[])) {
-      await rm(path.join(dir, name), { recursive: true, force: true });
+      await removeTree(path.join(dir, name));
       report.removed.push(path.join(dir, name));
     }
   }

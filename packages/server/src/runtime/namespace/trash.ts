@@ -1,5 +1,5 @@
 import { randomBytes } from 'node:crypto';
-import { rename, rm } from 'node:fs/promises';
+import { rename } from 'node:fs/promises';
 import path from 'node:path';
 import type { SandboxDirs } from './layout.js';
 
@@ -18,7 +18,11 @@ export class Trash {
   private timer: NodeJS.Timeout | null = null;
   private emptying: Promise<void> | null = null;
 
-  constructor(private readonly dir: string) {}
+  /**
+   * @param remove removes one tree without following what a sandbox planted in it (the host
+   *   helper's `remove_tree`: a process outliving its sandbox may still write there)
+   */
+  constructor(private readonly dir: string, private readonly remove: (tree: string) => Promise<void>) {}
 
   /** A sandbox is being made: emptying waits until things are quiet again. */
   touch(): void {
@@ -31,7 +35,7 @@ export class Trash {
     try {
       await rename(dirs.dir, doomed);
     } catch {
-      return rm(dirs.dir, { recursive: true, force: true }); // gone already, or no trash directory
+      return this.remove(dirs.dir); // gone already, or no trash directory
     }
     this.entries.push(doomed);
     if (this.entries.length > TRASH_MAX_ENTRIES) void this.empty(this.entries.length - TRASH_MAX_ENTRIES).then(() => this.schedule());
@@ -62,7 +66,7 @@ export class Trash {
     const batch = this.entries.splice(0, count);
     const previous = this.emptying ?? Promise.resolve();
     const current: Promise<void> = previous.then(async () => {
-      for (const doomed of batch) await rm(doomed, { recursive: true, force: true }).catch(() => undefined);
+      for (const doomed of batch) await this.remove(doomed).catch(() => undefined);
     }).finally(() => {
       if (this.emptying === current) this.emptying = null;
     });
