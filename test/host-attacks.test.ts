@@ -15,6 +15,7 @@ import { after, before, describe, it } from 'node:test';
 import { spawn } from 'node:child_process';
 import { Sandbox } from 'podflare';
 import { HostHelper } from '../packages/server/src/runtime/namespace/hostd.js';
+import { createLogger } from '../packages/server/src/log.js';
 import { sandboxDirs, trashDir } from '../packages/server/src/runtime/namespace/layout.js';
 import { Trash } from '../packages/server/src/runtime/namespace/trash.js';
 import { overlayMountsUnder, processesMentioning, sandboxDirsIn } from './helpers/leaks.js';
@@ -302,7 +303,7 @@ while True:
   // outlived its sandbox): a directory swapped for a symlink mid-walk would delete host files.
   it('removing an ended sandbox\'s directory while a process there swaps a directory for a symlink deletes nothing of the host', { timeout: 300_000 }, async () => {
     const state = mkdtempSync(path.join(os.tmpdir(), 'pf-rm-'));
-    const hostd = new HostHelper();
+    const hostd = new HostHelper({ log: createLogger('silent') });
     try {
       mkdirSync(trashDir(state), { recursive: true });
       for (let i = 0; i < 40; i++) {

@@ -10,6 +10,7 @@ import path from 'node:path';
 import { after, describe, it } from 'node:test';
 import { sandboxDirs, trashDir } from '../packages/server/src/runtime/namespace/layout.js';
 import { HostHelper } from '../packages/server/src/runtime/namespace/hostd.js';
+import { createLogger } from '../packages/server/src/log.js';
 import { Trash } from '../packages/server/src/runtime/namespace/trash.js';
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
@@ -17,7 +18,7 @@ const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 describe('namespace runtime: the trash of ended sandboxes\' directories', () => {
   const state = mkdtempSync(path.join(os.tmpdir(), 'pf-trash-'));
   // Removal goes through the host helper's fd-relative remove_tree, as in the runtime.
-  const hostd = new HostHelper();
+  const hostd = new HostHelper({ log: createLogger('silent') });
   const remove = (tree: string) => hostd.removeTree(tree);
   after(() => {
     hostd.close();

@@ -131,7 +131,7 @@ export class HostHelper {
    * following anything planted in it: fd-relative, as root (podflare_safefs.py). Missing is fine.
    */
   removeTree(path: string): Promise<void> {
-    return this.call({ op: 'remove_tree', path }).then(() => undefined);
+    return this.run({ op: 'remove_tree', path }).then(() => undefined);
   }
 
   /** Two layer stacks compared; the reply is bounded (`truncated: true` past its bounds). */
