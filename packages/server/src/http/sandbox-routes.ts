@@ -7,6 +7,7 @@ import { readBody, sendEmpty, sendJson } from './body.js';
 import { noteSandbox } from './observe.js';
 import { flagParam } from './params.js';
 import type { RequestContext, Router } from './router.js';
+import { drainedOrClosed } from './drain.js';
 
 const STATES: SandboxState[] = ['starting', 'ready', 'running', 'stopped', 'error', 'merged', 'frozen', 'lost'];
 
@@ -83,7 +84,12 @@ export function addSandboxRoutes(router: Router, manager: SandboxManager): void 
 
 type EventBody = ExecEvent extends infer E ? (E extends ExecEvent ? Omit<E, 'seq' | 'ts'> : never) : never;
 
-/** Writes exec events as NDJSON, numbering and timestamping them, headers sent on the first. */
+/**
+ * Writes exec events as NDJSON, numbering and timestamping them, headers sent on the first. When
+ * the client does not keep up (its socket's buffer is full), `agentMessage` returns a promise that
+ * settles once it has drained or gone: the agent channel holds until then, so the server keeps at
+ * most one message (≤ 4 MiB, the channel's line cap) beyond the socket's high-water mark per exec.
+ */
 class EventStream {
   private seq = 0;
   started = false;
@@ -91,7 +97,7 @@ class EventStream {
 
   constructor(private readonly res: ServerResponse) {}
 
-  agentMessage(msg: ExecStreamMessage, final = false): void {
+  agentMessage(msg: ExecStreamMessage, final = false): Promise<void> | undefined {
     switch (msg.ev) {
       case 'stdout':
       case 'stderr':
@@ -107,13 +113,15 @@ class EventStream {
     }
   }
 
-  emit(event: EventBody): void {
+  /** Writes one event; a promise when the client's buffer is full (settles when it drained or left). */
+  emit(event: EventBody): Promise<void> | undefined {
     if (!this.started) {
       this.started = true;
       this.res.writeHead(200, { 'Content-Type': 'application/x-ndjson', 'Cache-Control': 'no-store', 'X-Accel-Buffering': 'no' });
     }
     if (this.res.writableEnded || this.res.destroyed) return;
-    this.res.write(JSON.stringify({ ...event, seq: this.seq++, ts: Date.now() }) + '\n');
+    if (this.res.write(JSON.stringify({ ...event, seq: this.seq++, ts: Date.now() }) + '\n')) return;
+    return drainedOrClosed(this.res);
   }
 
   end(): void {
