@@ -696,7 +696,7 @@ export class SandboxManager {
       id: r.id, state: r.state, template: r.template, runtime: r.runtime, egress: r.egress, persistent: r.persistent,
       parent: r.parentId, children, created_at: new Date(r.createdAt).toISOString(),
       last_active_at: new Date(r.lastActiveAt).toISOString(), idle_timeout_seconds: r.idleTimeoutSeconds,
-      limits: limitsInfo(r.limits ?? this.config.defaultLimits), metadata: r.metadata,
+      limits: limitsInfo(r.limits ?? this.config.defaultLimits), metadata: r.metadata, end_reason: r.endReason,
     };
   }
 }

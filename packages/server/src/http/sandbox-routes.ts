@@ -59,13 +59,18 @@ export function addSandboxRoutes(router: Router, manager: SandboxManager): void 
       }, (msg) => stream.agentMessage(msg));
       stream.agentMessage(exit, true);
     } catch (err) {
-      if (!stream.started) throw err;
+      // Refused before any output (the agent's 4xx, a protocol violation, a sandbox gone): a JSON
+      // error answer, not a bare exit 137 that hides why.
+      if (!stream.started) {
+        finished = true;
+        throw err;
+      }
       // The sandbox died mid-call: say so in the stream, which has already begun.
       stream.emit({ type: 'error', data: { name: 'SandboxError', value: (err as Error).message, traceback: '' } });
       stream.emit({ type: 'exit', data: 137, execution_count: null, state_lost: true });
     } finally {
       finished = true;
-      stream.end();
+      if (stream.started) stream.end();
     }
   });
 

@@ -1,0 +1,208 @@
+/**
+ * The server trusts nothing a sandbox's agent sends. A hostile agent of the test's own
+ * (helpers/hostile_agent.py) takes the real agent's channel over from user code inside a namespace
+ * sandbox (pidfd_getfd of the supervisor's fd 3, then ptrace-stopping the supervisor) and answers the
+ * server's requests with endless output, endless or broken diff listings, impossible sizes, a
+ * sibling sandbox's pid, or a closed channel. Each time: the server's RSS stays within the bound
+ * written down in docs/security.md, other sandboxes stay responsive, and only the offender's request
+ * fails, with a JSON error. Plus the agent's own robustness: a NUL byte in bash code.
+ */
+import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
+import http from 'node:http';
+import path from 'node:path';
+import { after, before, describe, it } from 'node:test';
+import { fileURLToPath } from 'node:url';
+import { BadRequestError, NotFoundError, Sandbox } from 'podflare';
+// The built module, as the server in this process uses it (its channels are the built class).
+import { vmDiff } from '../packages/server/dist/runtime/vm/vm-diff.js';
+import { startTestServer, type TestServer } from './helpers/server.js';
+
+const HOSTILE = readFileSync(path.join(path.dirname(fileURLToPath(import.meta.url)), 'helpers/hostile_agent.py'), 'utf8');
+const MIB = 1024 * 1024;
+/**
+ * The documented bounds (docs/security.md, "Memory one tenant can make the server hold"), plus slack
+ * for the garbage collector's own lag (heap growth of the V8 young and old generations).
+ */
+const GC_SLACK = 48 * MIB;
+const EXEC_STREAM_BOUND = 10 * MIB + GC_SLACK;
+const VM_DIFF_BOUND = 160 * MIB + GC_SLACK;
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+function rss(): number {
+  global.gc?.();
+  return process.memoryUsage().rss;
+}
+
+/** Watches the RSS of this process (the server runs in it) while `work` runs; stops it past `limit`. */
+async function peakGrowthDuring<T>(limit: number, onOverLimit: () => void, work: () => Promise<T>): Promise<{ peak: number; result: T | Error }> {
+  const base = rss();
+  let peak = 0;
+  const timer = setInterval(() => {
+    peak = Math.max(peak, process.memoryUsage().rss - base);
+    if (peak > limit) onOverLimit();
+  }, 50);
+  try {
+    const result = await work().catch((err: Error) => err);
+    return { peak, result };
+  } finally {
+    clearInterval(timer);
+  }
+}
+
+describe('a hostile agent', () => {
+  let server: TestServer;
+  let bystander: Sandbox;
+  const opened: Sandbox[] = [];
+  const make = async () => {
+    const s = await Sandbox.create({ host: server.url });
+    opened.push(s);
+    return s;
+  };
+
+  /** Starts the hostile agent in `sbx` and waits until it has the channel. */
+  async function turnHostile(sbx: Sandbox, mode: string, waitReady = true): Promise<void> {
+    await sbx.upload('/tmp/hostile_agent.py', HOSTILE);
+    const started = await sbx.runCode(`setsid python3 /tmp/hostile_agent.py ${mode} </dev/null >/tmp/hostile.log 2>&1 &`, 'bash');
+    assert.equal(started.exitCode, 0, started.stderr);
+    if (!waitReady) return;
+    for (let i = 0; i < 200; i++) {
+      try {
+        await sbx.files.stat('/hostile-ready');
+        return;
+      } catch (err) {
+        if (!(err instanceof NotFoundError)) throw err;
+      }
+      await sleep(100);
+    }
+    throw new Error('the hostile agent did not take the channel over');
+  }
+
+  /** The bystander answers while the hostile sandbox misbehaves. */
+  async function bystanderAnswers(): Promise<void> {
+    const r = await bystander.runCode('print(6 * 7)');
+    assert.equal(r.stdout, '42\n');
+  }
+
+  const channelOf = async (sbx: Sandbox) => (await server.manager.get(sbx.id)).rt.channel;
+
+  before(async () => {
+    server = await startTestServer({ poolSize: 1 });
+    bystander = await make();
+  });
+  after(async () => {
+    await Promise.all(opened.map((s) => s.close().catch(() => undefined)));
+    await server?.stop();
+  });
+
+  it('endless output to a client that does not read: the server holds the channel, RSS stays bounded', async () => {
+    const hostile = await make();
+    await turnHostile(hostile, 'flood');
+    let request: http.ClientRequest | undefined;
+    const { peak, result } = await peakGrowthDuring(EXEC_STREAM_BOUND, () => request?.destroy(), async () => {
+      const res = await new Promise<http.IncomingMessage>((resolve, reject) => {
+        request = http.request(`${server.url}/v1/sandboxes/${hostile.id}/exec`, { method: 'POST', headers: { 'content-type': 'application/json' } }, resolve);
+        request.once('error', reject);
+        request.end(JSON.stringify({ code: 'print(1)' }));
+      });
+      assert.equal(res.statusCode, 200);
+      res.pause(); // and never read again
+      await sleep(8000);
+      await bystanderAnswers(); // the flood stalls only its own sandbox
+      await sleep(2000);
+      assert.ok(!request!.destroyed, 'the server kept memory under the bound all along');
+      // The client goes away: what was held for it is freed (the agent, still flooding, is read
+      // and dropped), the server and the bystander go on.
+      request!.destroy();
+      await sleep(3000);
+      await bystanderAnswers();
+    });
+    if (result instanceof Error) throw result;
+    console.log(`exec flood to a non-reading client: peak RSS growth ${(peak / MIB).toFixed(1)} MiB (bound ${EXEC_STREAM_BOUND / MIB} MiB)`);
+    assert.ok(peak < EXEC_STREAM_BOUND, `RSS grew by ${(peak / MIB).toFixed(0)} MiB`);
+    await hostile.close();
+  });
+
+  it('impossible download sizes end that request with a JSON 502, never reaching a header', async () => {
+    const hostile = await make();
+    await turnHostile(hostile, 'sizes');
+    for (const file of ['/neg', '/abc', '/frac', '/huge']) {
+      const answer = await new Promise<{ status: number; headers: http.IncomingHttpHeaders; body: string }>((resolve, reject) => {
+        http.get(`${server.url}/v1/sandboxes/${hostile.id}/files?path=${file}`, (res) => {
+          let body = '';
+          res.setEncoding('utf8');
+          res.on('data', (d: string) => { body += d; });
+          res.on('end', () => resolve({ status: res.statusCode!, headers: res.headers, body }));
+        }).once('error', reject);
+      });
+      assert.equal(answer.status, 502, `${file}: ${answer.body}`);
+      const json = JSON.parse(answer.body) as { code: string; error: string };
+      assert.equal(json.code, 'agent_protocol');
+      assert.match(json.error, /protocol violation: file_read reply: size/);
+    }
+    await bystanderAnswers();
+  });
+
+  it('a fork reply naming a sibling sandbox\'s pid is refused; the sibling lives on', async () => {
+    const parent = await make();
+    await parent.runCode('x = 1');
+    const [sibling] = await parent.fork(1);
+    opened.push(sibling!);
+    assert.equal((await sibling!.runCode('print(x)')).stdout, '1\n');
+    await turnHostile(parent, 'fork');
+    const res = await fetch(`${server.url}/v1/sandboxes/${parent.id}/fork`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: '{}' });
+    const body = (await res.json()) as { code: string; error: string };
+    assert.equal(res.status, 502, JSON.stringify(body));
+    assert.equal(body.code, 'agent_protocol');
+    assert.match(body.error, /not a child of this fork/);
+    // The sibling was neither grafted into nor killed.
+    assert.equal((await sibling!.runCode('print(x + 1)')).stdout, '2\n');
+    assert.equal((await sibling!.info()).state, 'ready');
+    assert.deepEqual((await sibling!.runCode('ls /.pf/spawn 2>/dev/null | wc -l', 'bash')).stdout, '0\n');
+    await bystanderAnswers();
+  });
+
+  it('an endless diff listing is cut at its cap (413), with bounded RSS', async () => {
+    const hostile = await make();
+    await turnHostile(hostile, 'manifest');
+    const [a, b] = [await channelOf(hostile), await channelOf(bystander)];
+    const { peak, result } = await peakGrowthDuring(VM_DIFF_BOUND, () => void hostile.close(), () => vmDiff(a, b, {}));
+    console.log(`endless VM diff listing: peak RSS growth ${(peak / MIB).toFixed(1)} MiB (bound ${VM_DIFF_BOUND / MIB} MiB)`);
+    assert.ok(result instanceof Error, 'the diff must fail');
+    assert.equal((result as Error & { code?: string }).code, 'payload_too_large', result.message);
+    assert.ok(peak < VM_DIFF_BOUND, `RSS grew by ${(peak / MIB).toFixed(0)} MiB`);
+    await bystanderAnswers();
+  });
+
+  it('a diff listing that is not JSON is a protocol violation, not an unhandled error', async () => {
+    const hostile = await make();
+    await turnHostile(hostile, 'badmanifest');
+    const [a, b] = [await channelOf(hostile), await channelOf(bystander)];
+    const err = await vmDiff(a, b, {}).then(() => null, (e: Error & { code?: string; status?: number }) => e);
+    assert.ok(err);
+    assert.equal(err.code, 'agent_protocol', err.message);
+    assert.equal(err.status, 502);
+    assert.match(err.message, /manifest line 1 is not JSON/);
+  });
+
+  it('a sandbox whose agent channel broke is reported as such, not ready', async () => {
+    const hostile = await make();
+    await turnHostile(hostile, 'close', false);
+    let info = await hostile.info();
+    for (let i = 0; i < 150 && info.state === 'ready'; i++) {
+      await sleep(100);
+      info = await hostile.info();
+    }
+    assert.equal(info.state, 'error');
+    assert.match(info.endReason ?? '', /channel/);
+    await bystanderAnswers();
+  });
+
+  it('a NUL byte in bash code is a clear 400, and the next exec runs', async () => {
+    const sbx = await make();
+    await assert.rejects(sbx.runCode('echo a\0b', 'bash'), (err: Error) => err instanceof BadRequestError && /NUL/.test(err.message));
+    assert.equal((await sbx.runCode('echo next', 'bash')).stdout, 'next\n');
+    assert.equal((await sbx.runCode('print("next")')).stdout, 'next\n');
+  });
+});
