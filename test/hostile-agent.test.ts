@@ -4,7 +4,7 @@
  * sandbox (pidfd_getfd of the supervisor's fd 3, then ptrace-stopping the supervisor) and answers the
  * server's requests with endless output, endless or broken diff listings, impossible sizes, a
  * sibling sandbox's pid, or a closed channel. Each time: the server's RSS stays within the bound
- * written down in docs/security.md, other sandboxes stay responsive, and only the offender's request
+ * written down in docs/untrusted-agent.md, other sandboxes stay responsive, and only the offender's request
  * fails, with a JSON error. Plus the agent's own robustness: a NUL byte in bash code.
  */
 import assert from 'node:assert/strict';
@@ -21,7 +21,7 @@ import { startTestServer, type TestServer } from './helpers/server.js';
 const HOSTILE = readFileSync(path.join(path.dirname(fileURLToPath(import.meta.url)), 'helpers/hostile_agent.py'), 'utf8');
 const MIB = 1024 * 1024;
 /**
- * The documented bounds (docs/security.md, "Memory one tenant can make the server hold"), plus slack
+ * The documented bounds (docs/untrusted-agent.md, "Memory one tenant can make the server hold"), plus slack
  * for the garbage collector's own lag (heap growth of the V8 young and old generations).
  */
 const GC_SLACK = 48 * MIB;
