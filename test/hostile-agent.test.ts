@@ -199,6 +199,27 @@ describe('a hostile agent', () => {
     await bystanderAnswers();
   });
 
+  it('a dashboard watcher that does not read is dropped once 8 MiB are queued for it', async () => {
+    const sbx = await make();
+    const watchers = () => server.manager.history.listenerCount('exec');
+    const before = watchers();
+    const res = await new Promise<http.IncomingMessage>((resolve, reject) => {
+      http.get(`${server.url}/v1/dashboard/events`, resolve).once('error', reject);
+    });
+    res.pause(); // and never read
+    assert.equal(watchers(), before + 1);
+    const { peak, result } = await peakGrowthDuring(EXEC_STREAM_BOUND, () => res.destroy(), async () => {
+      // Each exec's `end` record carries its output (1 MiB here, the history's cap per exec).
+      for (let i = 0; i < 40 && watchers() > before; i++) await sbx.runCode("import sys; sys.stdout.write('y' * (1 << 20))");
+    });
+    if (result instanceof Error) throw result;
+    console.log(`dashboard watcher that does not read: peak RSS growth ${(peak / MIB).toFixed(1)} MiB`);
+    assert.equal(watchers(), before, 'the server dropped the watcher');
+    assert.ok(peak < EXEC_STREAM_BOUND, `RSS grew by ${(peak / MIB).toFixed(0)} MiB`);
+    res.destroy();
+    await bystanderAnswers();
+  });
+
   it('a NUL byte in bash code is a clear 400, and the next exec runs', async () => {
     const sbx = await make();
     await assert.rejects(sbx.runCode('echo a\0b', 'bash'), (err: Error) => err instanceof BadRequestError && /NUL/.test(err.message));

@@ -4,7 +4,8 @@ It takes the real agent's channel over, as any code in a sandbox can: the superv
 sandbox) and user code run as the same user in the same user namespace, so `pidfd_getfd` copies the
 supervisor's channel socket (its fd 3) into this process, and `PTRACE_SEIZE` + `PTRACE_INTERRUPT`
 stop the supervisor so that this process alone reads the server's requests and answers them. The
-supervisor stays stopped as long as this process (its tracer) lives.
+supervisor stays stopped as long as this process (its tracer) lives. In a microVM the same works
+from the guest's root: the channel is then a virtio-serial port (a character device).
 
 Usage: python3 hostile_agent.py MODE. Modes (what it answers with, beyond the common ops):
   flood       exec: stdout events of 1 MiB, endlessly (never an exit)
@@ -20,6 +21,7 @@ import ctypes
 import json
 import os
 import socket
+import stat
 import sys
 import time
 
@@ -28,7 +30,25 @@ PTRACE_SEIZE, PTRACE_INTERRUPT = 0x4206, 0x4207
 MIB = 1024 * 1024
 
 
-def take_channel() -> socket.socket:
+class PortChannel:
+    """A microVM's channel: a virtio-serial port (a character device), read and written like a socket."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def recv(self, size: int) -> bytes:
+        return os.read(self.fd, size)
+
+    def sendall(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view):]
+
+    def shutdown(self, _how: int) -> None:
+        raise SystemExit('a port cannot be shut down')
+
+
+def take_channel() -> 'socket.socket | PortChannel':
     libc = ctypes.CDLL(None, use_errno=True)
     libc.syscall.restype = ctypes.c_long
     libc.ptrace.restype = ctypes.c_long
@@ -42,6 +62,9 @@ def take_channel() -> socket.socket:
     for request in (PTRACE_SEIZE, PTRACE_INTERRUPT):
         if libc.ptrace(request, 1, None, None) < 0:
             raise OSError(ctypes.get_errno(), f'ptrace({request:#x}, 1)')
+    if stat.S_ISCHR(os.fstat(fd).st_mode):
+        os.set_blocking(fd, True)
+        return PortChannel(fd)
     sock = socket.socket(fileno=fd)
     sock.setblocking(True)
     return sock

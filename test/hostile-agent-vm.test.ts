@@ -1,0 +1,102 @@
+/**
+ * The hostile agent of hostile-agent.test.ts inside a microVM (QEMU microvm, TCG here: one template
+ * boot, then clones). The guest is root in its own kernel: its user code takes the agent's
+ * virtio-serial port over (pidfd_getfd of PID 1's fd 3, ptrace-stop of PID 1) and answers the VM
+ * runtime's diff and downloads through the real HTTP routes.
+ */
+import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
+import http from 'node:http';
+import path from 'node:path';
+import { after, before, describe, it } from 'node:test';
+import { fileURLToPath } from 'node:url';
+import { NotFoundError, Sandbox } from 'podflare';
+import { startTestServer, type TestServer } from './helpers/server.js';
+
+const HOSTILE = readFileSync(path.join(path.dirname(fileURLToPath(import.meta.url)), 'helpers/hostile_agent.py'), 'utf8');
+const MIB = 1024 * 1024;
+/** docs/untrusted-agent.md: a VM diff holds ≲ 160 MiB; plus slack for the garbage collector. */
+const VM_DIFF_BOUND = 160 * MIB + 48 * MIB;
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+function get(url: string): Promise<{ status: number; body: string }> {
+  return new Promise((resolve, reject) => {
+    http.get(url, (res) => {
+      let body = '';
+      res.setEncoding('utf8');
+      res.on('data', (d: string) => { body += d; });
+      res.on('end', () => resolve({ status: res.statusCode!, body }));
+      res.on('error', reject);
+    }).once('error', reject);
+  });
+}
+
+describe('a hostile agent in a microVM', () => {
+  let server: TestServer;
+  let bystander: Sandbox;
+  const opened: Sandbox[] = [];
+  const make = async () => {
+    const s = await Sandbox.create({ host: server.url, runtime: 'vm' });
+    opened.push(s);
+    return s;
+  };
+
+  async function turnHostile(sbx: Sandbox, mode: string): Promise<void> {
+    await sbx.upload('/tmp/hostile_agent.py', HOSTILE);
+    const started = await sbx.runCode(`setsid python3 /tmp/hostile_agent.py ${mode} </dev/null >/tmp/hostile.log 2>&1 &`, 'bash');
+    assert.equal(started.exitCode, 0, started.stderr);
+    for (let i = 0; i < 300; i++) {
+      try {
+        await sbx.files.stat('/hostile-ready');
+        return;
+      } catch (err) {
+        if (!(err instanceof NotFoundError)) throw err;
+      }
+      await sleep(200);
+    }
+    throw new Error(`the hostile agent did not take the channel over: ${(await sbx.runCode('cat /tmp/hostile.log', 'bash').catch(() => null))?.stdout}`);
+  }
+
+  before(async () => {
+    server = await startTestServer({ poolSize: 0 });
+    bystander = await make(); // boots and freezes the template (TCG: seconds)
+  });
+  after(async () => {
+    await Promise.all(opened.map((s) => s.close().catch(() => undefined)));
+    await server?.stop();
+  });
+
+  it('an endless diff listing is refused with a JSON 413, RSS bounded; the bystander answers', async () => {
+    const hostile = await make();
+    await turnHostile(hostile, 'manifest');
+    global.gc?.();
+    const base = process.memoryUsage().rss;
+    let peak = 0;
+    const timer = setInterval(() => {
+      peak = Math.max(peak, process.memoryUsage().rss - base);
+      if (peak > VM_DIFF_BOUND) void hostile.close();
+    }, 50);
+    const answer = await get(`${server.url}/v1/sandboxes/${bystander.id}/diff/${hostile.id}`).finally(() => clearInterval(timer));
+    console.log(`endless VM diff listing (VM): peak RSS growth ${(peak / MIB).toFixed(1)} MiB`);
+    assert.equal(answer.status, 413, answer.body);
+    assert.equal((JSON.parse(answer.body) as { code: string }).code, 'payload_too_large');
+    assert.ok(peak < VM_DIFF_BOUND, `RSS grew by ${(peak / MIB).toFixed(0)} MiB`);
+    assert.equal((await bystander.runCode('print(6 * 7)')).stdout, '42\n');
+  });
+
+  it('a listing that is not JSON, and impossible download sizes: JSON 502s', async () => {
+    const hostile = await make();
+    await turnHostile(hostile, 'badmanifest');
+    const diff = await get(`${server.url}/v1/sandboxes/${bystander.id}/diff/${hostile.id}`);
+    assert.equal(diff.status, 502, diff.body);
+    assert.match((JSON.parse(diff.body) as { error: string }).error, /protocol violation: manifest line 1 is not JSON/);
+    const sizes = await make();
+    await turnHostile(sizes, 'sizes');
+    for (const file of ['/neg', '/abc', '/frac', '/huge']) {
+      const answer = await get(`${server.url}/v1/sandboxes/${sizes.id}/files?path=${file}`);
+      assert.equal(answer.status, 502, `${file}: ${answer.body}`);
+      assert.equal((JSON.parse(answer.body) as { code: string }).code, 'agent_protocol');
+    }
+    assert.equal((await bystander.runCode('print(6 * 7)')).stdout, '42\n');
+  });
+});
