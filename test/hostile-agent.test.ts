@@ -51,6 +51,29 @@ async function peakGrowthDuring<T>(limit: number, onOverLimit: () => void, work:
   }
 }
 
+/** The server's log lines (it runs in this process and logs JSON lines to stderr) while `work` runs. */
+async function serverLogDuring(work: () => Promise<void>): Promise<Array<Record<string, unknown>>> {
+  const lines: Array<Record<string, unknown>> = [];
+  const write = process.stderr.write.bind(process.stderr);
+  process.stderr.write = ((chunk: string | Uint8Array, ...rest: unknown[]) => {
+    for (const line of String(chunk).split('\n')) {
+      try {
+        if (line.startsWith('{')) lines.push(JSON.parse(line) as Record<string, unknown>);
+      } catch { /* not a log line */ }
+    }
+    return (write as (...a: unknown[]) => boolean)(chunk, ...rest);
+  }) as typeof process.stderr.write;
+  try {
+    await work();
+  } finally {
+    process.stderr.write = write;
+  }
+  return lines;
+}
+
+const violationsOf = (lines: Array<Record<string, unknown>>, sandbox: string) =>
+  lines.filter((l) => l.msg === 'sandbox agent protocol violation' && l.sandbox === sandbox).map((l) => String(l.violation));
+
 describe('a hostile agent', () => {
   let server: TestServer;
   let bystander: Sandbox;
@@ -127,20 +150,23 @@ describe('a hostile agent', () => {
   it('impossible download sizes end that request with a JSON 502, never reaching a header', async () => {
     const hostile = await make();
     await turnHostile(hostile, 'sizes');
-    for (const file of ['/neg', '/abc', '/frac', '/huge']) {
-      const answer = await new Promise<{ status: number; headers: http.IncomingHttpHeaders; body: string }>((resolve, reject) => {
-        http.get(`${server.url}/v1/sandboxes/${hostile.id}/files?path=${file}`, (res) => {
-          let body = '';
-          res.setEncoding('utf8');
-          res.on('data', (d: string) => { body += d; });
-          res.on('end', () => resolve({ status: res.statusCode!, headers: res.headers, body }));
-        }).once('error', reject);
-      });
-      assert.equal(answer.status, 502, `${file}: ${answer.body}`);
-      const json = JSON.parse(answer.body) as { code: string; error: string };
-      assert.equal(json.code, 'agent_protocol');
-      assert.match(json.error, /protocol violation: file_read reply: size/);
-    }
+    const logged = await serverLogDuring(async () => {
+      for (const file of ['/neg', '/abc', '/frac', '/huge']) {
+        const answer = await new Promise<{ status: number; headers: http.IncomingHttpHeaders; body: string }>((resolve, reject) => {
+          http.get(`${server.url}/v1/sandboxes/${hostile.id}/files?path=${file}`, (res) => {
+            let body = '';
+            res.setEncoding('utf8');
+            res.on('data', (d: string) => { body += d; });
+            res.on('end', () => resolve({ status: res.statusCode!, headers: res.headers, body }));
+          }).once('error', reject);
+        });
+        assert.equal(answer.status, 502, `${file}: ${answer.body}`);
+        const json = JSON.parse(answer.body) as { code: string; error: string };
+        assert.equal(json.code, 'agent_protocol');
+        assert.match(json.error, /protocol violation: file_read reply: size/);
+      }
+    });
+    assert.equal(violationsOf(logged, hostile.id).length, 4, 'each violation is logged with its sandbox');
     await bystanderAnswers();
   });
 
@@ -151,7 +177,11 @@ describe('a hostile agent', () => {
     opened.push(sibling!);
     assert.equal((await sibling!.runCode('print(x)')).stdout, '1\n');
     await turnHostile(parent, 'fork');
-    const res = await fetch(`${server.url}/v1/sandboxes/${parent.id}/fork`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: '{}' });
+    let res!: Response;
+    const logged = await serverLogDuring(async () => {
+      res = await fetch(`${server.url}/v1/sandboxes/${parent.id}/fork`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: '{}' });
+    });
+    assert.match(violationsOf(logged, parent.id).join(), /not a child of this fork/);
     const body = (await res.json()) as { code: string; error: string };
     assert.equal(res.status, 502, JSON.stringify(body));
     assert.equal(body.code, 'agent_protocol');
@@ -179,8 +209,14 @@ describe('a hostile agent', () => {
     const hostile = await make();
     await turnHostile(hostile, 'badmanifest');
     const [a, b] = [await channelOf(hostile), await channelOf(bystander)];
-    const err = await vmDiff(a, b, {}).then(() => null, (e: Error & { code?: string; status?: number }) => e);
-    assert.ok(err);
+    type Failure = Error & { code?: string; status?: number };
+    const failures: Failure[] = [];
+    const logged = await serverLogDuring(async () => {
+      await vmDiff(a, b, {}).catch((e: Failure) => failures.push(e));
+    });
+    const err = failures[0];
+    assert.ok(err, 'the diff must fail');
+    assert.match(violationsOf(logged, hostile.id).join(), /manifest line 1 is not JSON/);
     assert.equal(err.code, 'agent_protocol', err.message);
     assert.equal(err.status, 502);
     assert.match(err.message, /manifest line 1 is not JSON/);

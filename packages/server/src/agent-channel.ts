@@ -165,6 +165,15 @@ export class AgentChannel extends EventEmitter<{ close: [string]; violation: [st
     this.emit('violation', what);
   }
 
+  /**
+   * For checks made outside the channel (a diff listing's contents, fork pids): reports the
+   * violation like the channel's own (the sandbox manager logs it) and returns the error to throw.
+   */
+  protocolViolation(what: string): AgentProtocolError {
+    this.violation(what);
+    return new AgentProtocolError(what);
+  }
+
   private onData(chunk: Buffer): void {
     let start = 0;
     let nl = chunk.indexOf(10);

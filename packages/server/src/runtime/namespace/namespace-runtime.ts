@@ -39,7 +39,6 @@ import { closeEgressListeners, openEgressListeners, type EgressListeners } from 
 import { startSlirp } from './network.js';
 import { removeLeftovers } from './reconcile.js';
 import { bootTicksNow, ForkedSandbox, hostPidsOfForkChildren, NsSandbox, RootSandbox, type SandboxHooks } from './ns-sandbox.js';
-import { AgentProtocolError } from '../../agent-channel.js';
 
 export interface NamespaceRuntimeOptions {
   stateDir: string;
@@ -361,9 +360,7 @@ export class NamespaceRuntime implements Runtime {
         if (host === undefined) throw new Error('a fork child ended before it could be set up (it died right after the fork)');
         // Not a child of this fork (a sibling sandbox's PID 1, any other process): nothing is ever
         // attached to, or killed on the word of, the agent alone.
-        const what = `fork reply: pid ${pid} is not a child of this fork`;
-        this.opts.log.warn('sandbox agent protocol violation', { sandbox: parent.id, violation: what });
-        throw new AgentProtocolError(what);
+        throw parent.channel.protocolViolation(`fork reply: pid ${pid} is not a child of this fork`);
       });
       // Each root goes straight into its child's own mount namespace (neither the host's nor the
       // parent's mount table ever shows it); the signal tells the child it is there.

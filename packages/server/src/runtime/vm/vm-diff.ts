@@ -9,7 +9,7 @@ import { randomBytes } from 'node:crypto';
 import { createTwoFilesPatch } from 'diff';
 import { z } from 'zod';
 import { FILE_CHUNK_BYTES } from '@podflare/protocol';
-import { AgentProtocolError, type AgentChannel } from '../../agent-channel.js';
+import type { AgentChannel } from '../../agent-channel.js';
 import { ApiError } from '../../errors.js';
 import type { DiffOptions, FileDiff } from '../runtime.js';
 
@@ -70,10 +70,10 @@ async function manifest(channel: AgentChannel, paths: string[] | undefined): Pro
       try {
         value = JSON.parse(line.toString('utf8'));
       } catch {
-        throw new AgentProtocolError(`manifest line ${lineNo} is not JSON`);
+        throw channel.protocolViolation(`manifest line ${lineNo} is not JSON`);
       }
       const e = ManifestEntry.safeParse(value);
-      if (!e.success) throw new AgentProtocolError(`manifest line ${lineNo}: ${e.error.issues[0]?.message ?? 'invalid'}`);
+      if (!e.success) throw channel.protocolViolation(`manifest line ${lineNo}: ${e.error.issues[0]?.message ?? 'invalid'}`);
       entries.set(e.data[0], e.data as Entry);
       if (entries.size > MAX_MANIFEST_ENTRIES) throw tooLarge(`more than ${MAX_MANIFEST_ENTRIES} entries`);
     };
