@@ -13,6 +13,9 @@ import http from 'node:http';
 import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { fileURLToPath } from 'node:url';
+import { Client as McpClient } from '@modelcontextprotocol/sdk/client/index.js';
+import { InMemoryTransport } from '@modelcontextprotocol/sdk/inMemory.js';
+import { createPodflareMcpServer } from '@podflare/mcp';
 import { BadRequestError, NotFoundError, Sandbox } from 'podflare';
 // The built module, as the server in this process uses it (its channels are the built class).
 import { vmDiff } from '../packages/server/dist/runtime/vm/vm-diff.js';
@@ -21,34 +24,55 @@ import { startTestServer, type TestServer } from './helpers/server.js';
 const HOSTILE = readFileSync(path.join(path.dirname(fileURLToPath(import.meta.url)), 'helpers/hostile_agent.py'), 'utf8');
 const MIB = 1024 * 1024;
 /**
- * The documented bounds (docs/untrusted-agent.md, "Memory one tenant can make the server hold"), plus slack
- * for the garbage collector's own lag (heap growth of the V8 young and old generations).
+ * The documented bounds (docs/untrusted-agent.md, "Memory one tenant can make the server hold").
+ * Two measures, both after a full garbage collection: what the JavaScript heap and its buffers hold
+ * (`heapUsed + external`, allowed the bound plus 16 MiB), and the process's RSS, allowed the bound
+ * plus 96 MiB: after a burst of 1 MiB strings V8 keeps ~40 MiB of freed heap pages (and malloc its
+ * arenas) without holding anything in them. Today's code, for comparison, grows by gigabytes.
  */
-const GC_SLACK = 48 * MIB;
-const EXEC_STREAM_BOUND = 10 * MIB + GC_SLACK;
-const VM_DIFF_BOUND = 160 * MIB + GC_SLACK;
+const HELD_SLACK = 16 * MIB;
+const RSS_SLACK = 96 * MIB;
+const EXEC_STREAM_BOUND = 10 * MIB;
+const VM_DIFF_BOUND = 160 * MIB;
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
-function rss(): number {
+interface Usage { rss: number; held: number }
+
+function usage(): Usage {
   global.gc?.();
-  return process.memoryUsage().rss;
+  const m = process.memoryUsage();
+  return { rss: m.rss, held: m.heapUsed + m.external };
 }
 
-/** Watches the RSS of this process (the server runs in it) while `work` runs; stops it past `limit`. */
-async function peakGrowthDuring<T>(limit: number, onOverLimit: () => void, work: () => Promise<T>): Promise<{ peak: number; result: T | Error }> {
-  const base = rss();
-  let peak = 0;
+/**
+ * Watches what this process (the server runs in it) holds while `work` runs, every 200 ms after a
+ * full garbage collection (garbage not yet collected is not held). Calls `onOverLimit` once the
+ * growth passes `bound` by more than the slack.
+ */
+async function peakGrowthDuring<T>(bound: number, onOverLimit: () => void, work: () => Promise<T>): Promise<{ peak: Usage; result: T | Error }> {
+  const base = usage();
+  const peak: Usage = { rss: 0, held: 0 };
   const timer = setInterval(() => {
-    peak = Math.max(peak, process.memoryUsage().rss - base);
-    if (peak > limit) onOverLimit();
-  }, 50);
+    const now = usage();
+    peak.rss = Math.max(peak.rss, now.rss - base.rss);
+    peak.held = Math.max(peak.held, now.held - base.held);
+    if (!withinBound(peak, bound)) onOverLimit();
+  }, 200);
   try {
     const result = await work().catch((err: Error) => err);
     return { peak, result };
   } finally {
     clearInterval(timer);
   }
+}
+
+const withinBound = (peak: Usage, bound: number) => peak.held <= bound + HELD_SLACK && peak.rss <= bound + RSS_SLACK;
+
+function reportAndCheck(what: string, peak: Usage, bound: number): void {
+  const mib = (n: number) => (n / MIB).toFixed(1);
+  console.log(`${what}: peak growth after GC: held ${mib(peak.held)} MiB, RSS ${mib(peak.rss)} MiB (bound ${mib(bound)} MiB)`);
+  assert.ok(withinBound(peak, bound), `${what}: held +${mib(peak.held)} MiB, RSS +${mib(peak.rss)} MiB`);
 }
 
 /** The server's log lines (it runs in this process and logs JSON lines to stderr) while `work` runs. */
@@ -142,9 +166,34 @@ describe('a hostile agent', () => {
       await bystanderAnswers();
     });
     if (result instanceof Error) throw result;
-    console.log(`exec flood to a non-reading client: peak RSS growth ${(peak / MIB).toFixed(1)} MiB (bound ${EXEC_STREAM_BOUND / MIB} MiB)`);
-    assert.ok(peak < EXEC_STREAM_BOUND, `RSS grew by ${(peak / MIB).toFixed(0)} MiB`);
+    reportAndCheck('exec flood to a client that does not read', peak, EXEC_STREAM_BOUND);
     await hostile.close();
+  });
+
+  it('endless output through the MCP server: it keeps only what it can show, with bounded RSS', async () => {
+    const hostile = await make();
+    await turnHostile(hostile, 'flood');
+    const mcpServer = createPodflareMcpServer({ host: server.url, sessionSandbox: false, log: () => undefined });
+    const [clientSide, serverSide] = InMemoryTransport.createLinkedPair();
+    await mcpServer.connect(serverSide);
+    const client = new McpClient({ name: 'hostile-agent-test', version: '1.0.0' });
+    await client.connect(clientSide);
+    const abort = new AbortController();
+    const { peak, result } = await peakGrowthDuring(EXEC_STREAM_BOUND, () => abort.abort(new Error('over the bound')), async () => {
+      const call = client.callTool({ name: 'run_bash', arguments: { sandbox_id: hostile.id, command: 'true' } }, undefined,
+        { signal: abort.signal, timeout: 600_000 });
+      call.catch(() => undefined);
+      await sleep(8000); // the MCP server reads the flood as fast as it comes
+      assert.ok(!abort.signal.aborted, 'memory stayed under the bound');
+      abort.abort(new Error('enough'));
+      await call.catch(() => undefined);
+    });
+    await client.close();
+    await mcpServer.close();
+    if (result instanceof Error) throw result;
+    reportAndCheck('exec flood read by the MCP server', peak, EXEC_STREAM_BOUND);
+    await hostile.close();
+    await bystanderAnswers();
   });
 
   it('impossible download sizes end that request with a JSON 502, never reaching a header', async () => {
@@ -198,10 +247,9 @@ describe('a hostile agent', () => {
     await turnHostile(hostile, 'manifest');
     const [a, b] = [await channelOf(hostile), await channelOf(bystander)];
     const { peak, result } = await peakGrowthDuring(VM_DIFF_BOUND, () => void hostile.close(), () => vmDiff(a, b, {}));
-    console.log(`endless VM diff listing: peak RSS growth ${(peak / MIB).toFixed(1)} MiB (bound ${VM_DIFF_BOUND / MIB} MiB)`);
     assert.ok(result instanceof Error, 'the diff must fail');
     assert.equal((result as Error & { code?: string }).code, 'payload_too_large', result.message);
-    assert.ok(peak < VM_DIFF_BOUND, `RSS grew by ${(peak / MIB).toFixed(0)} MiB`);
+    reportAndCheck('endless VM diff listing', peak, VM_DIFF_BOUND);
     await bystanderAnswers();
   });
 
@@ -249,9 +297,8 @@ describe('a hostile agent', () => {
       for (let i = 0; i < 40 && watchers() > before; i++) await sbx.runCode("import sys; sys.stdout.write('y' * (1 << 20))");
     });
     if (result instanceof Error) throw result;
-    console.log(`dashboard watcher that does not read: peak RSS growth ${(peak / MIB).toFixed(1)} MiB`);
     assert.equal(watchers(), before, 'the server dropped the watcher');
-    assert.ok(peak < EXEC_STREAM_BOUND, `RSS grew by ${(peak / MIB).toFixed(0)} MiB`);
+    reportAndCheck('dashboard watcher that does not read', peak, EXEC_STREAM_BOUND);
     res.destroy();
     await bystanderAnswers();
   });

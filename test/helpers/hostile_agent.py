@@ -95,8 +95,16 @@ def main() -> None:
     send = lambda obj: sock.sendall(json.dumps(obj).encode() + b'\n')  # noqa: E731
     file_stat = {'name': 'f', 'path': '/f', 'type': 'file', 'size': 5, 'mode': 0o644, 'mtime': 0}
     sizes = {'/neg': -5, '/abc': 'abc', '/frac': 1.5, '/huge': 2 ** 60}
-    entry = (json.dumps(['/x' * 40, 'f', 1, 0o644, 1, None]) + '\n').encode()
-    listing = base64.b64encode(entry * (MIB // len(entry))).decode()
+    listed = 0
+
+    def listing() -> str:
+        """The next ~1 MiB of an endless listing, every path a new one."""
+        nonlocal listed
+        lines = []
+        for _ in range(MIB // 100):
+            listed += 1
+            lines.append(json.dumps([f'/data/{listed:012d}' + '/x' * 20, 'f', 1, 0o644, 1, None]))
+        return base64.b64encode(('\n'.join(lines) + '\n').encode()).decode()
     buf = b''
     while True:
         data = sock.recv(MIB)
@@ -122,7 +130,7 @@ def main() -> None:
             elif mode in ('manifest', 'badmanifest') and op == 'manifest':
                 send({'id': rid, 'ok': True, 'entries': 1})
             elif mode == 'manifest' and op == 'file_read':
-                send({'id': rid, 'ok': True, 'data': listing, 'eof': False, 'size': 0})
+                send({'id': rid, 'ok': True, 'data': listing(), 'eof': False, 'size': 0})
             elif mode == 'badmanifest' and op == 'file_read':
                 send({'id': rid, 'ok': True, 'data': base64.b64encode(b'this is not json\n').decode(), 'eof': True, 'size': 17})
             elif op in ('remove', 'ping', 'interrupt'):
