@@ -242,6 +242,21 @@ describe('a hostile agent', () => {
     await bystanderAnswers();
   });
 
+  it('merge_into paths: a listed entry that names a path outside its directory is not followed', async () => {
+    const parent = await make();
+    await parent.upload('/root/precious', 'keep');
+    const [winner] = await parent.fork(1);
+    opened.push(winner!);
+    await turnHostile(winner!, 'merge');
+    const res = await fetch(`${server.url}/v1/sandboxes/${parent.id}/merge_into/${winner!.id}`, {
+      method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ paths: ['/root/d'] }),
+    });
+    assert.ok(res.status < 300, await res.text());
+    // Copied where it belongs (its directory and its name), and nowhere else.
+    assert.equal((await parent.download('/root/d/x')).toString(), 'pwned');
+    assert.equal((await parent.download('/root/precious')).toString(), 'keep');
+  });
+
   it('an endless diff listing is cut at its cap (413), with bounded RSS', async () => {
     const hostile = await make();
     await turnHostile(hostile, 'manifest');

@@ -13,6 +13,7 @@ Usage: python3 hostile_agent.py MODE. Modes (what it answers with, beyond the co
   fork        fork: the pid of a sibling sandbox (another fork child of this sandbox's PID 1)
   manifest    manifest + file_read of its listing: valid listing lines, endlessly
   badmanifest manifest + file_read of its listing: text that is not JSON
+  merge       stat/list/file_read: a directory whose entry names a path outside it (merge_into)
   close       shuts the channel down at once
 Every mode answers `stat` of /hostile-ready (the test's sign that the takeover is done).
 """
@@ -48,6 +49,23 @@ class PortChannel:
         raise SystemExit('a port cannot be shut down')
 
 
+def channel_fd_of_init() -> int:
+    """The supervisor's channel: fd 3 in a sandbox it was started in; in a fork child, the socket
+    it connected to the server with (its only socket)."""
+    links = {}
+    for name in os.listdir('/proc/1/fd'):
+        try:
+            links[int(name)] = os.readlink(f'/proc/1/fd/{name}')
+        except OSError:
+            continue
+    if 3 in links and (links[3].startswith('socket:') or links[3].startswith('/dev/')):
+        return 3
+    sockets = sorted(fd for fd, link in links.items() if link.startswith('socket:'))
+    if not sockets:
+        raise SystemExit(f'no channel among {links}')
+    return sockets[0]
+
+
 def take_channel() -> 'socket.socket | PortChannel':
     libc = ctypes.CDLL(None, use_errno=True)
     libc.syscall.restype = ctypes.c_long
@@ -56,9 +74,10 @@ def take_channel() -> 'socket.socket | PortChannel':
     pidfd = libc.syscall(SYS_PIDFD_OPEN, 1, 0)
     if pidfd < 0:
         raise OSError(ctypes.get_errno(), 'pidfd_open(1)')
-    fd = libc.syscall(SYS_PIDFD_GETFD, pidfd, 3, 0)
+    target = channel_fd_of_init()
+    fd = libc.syscall(SYS_PIDFD_GETFD, pidfd, target, 0)
     if fd < 0:
-        raise OSError(ctypes.get_errno(), 'pidfd_getfd(1, 3)')
+        raise OSError(ctypes.get_errno(), f'pidfd_getfd(1, {target})')
     for request in (PTRACE_SEIZE, PTRACE_INTERRUPT):
         if libc.ptrace(request, 1, None, None) < 0:
             raise OSError(ctypes.get_errno(), f'ptrace({request:#x}, 1)')
@@ -125,6 +144,13 @@ def main() -> None:
                 send({'id': rid, 'ok': True, 'stat': file_stat})
             elif mode == 'sizes' and op == 'file_read':
                 send({'id': rid, 'ok': True, 'data': 'aGVsbG8=', 'eof': True, 'size': sizes.get(req['path'], 5)})
+            elif mode == 'merge' and op == 'stat':
+                kind = 'dir' if req['path'] == '/root/d' else 'file'
+                send({'id': rid, 'ok': True, 'stat': {**file_stat, 'path': req['path'], 'type': kind}})
+            elif mode == 'merge' and op == 'list':
+                send({'id': rid, 'ok': True, 'entries': [{**file_stat, 'name': 'x', 'path': '/root/precious'}]})
+            elif mode == 'merge' and op == 'file_read':
+                send({'id': rid, 'ok': True, 'data': base64.b64encode(b'pwned').decode(), 'eof': True, 'size': 5})
             elif mode == 'fork' and op == 'fork':
                 send({'id': rid, 'ok': True, 'pids': [sibling_fork_child()]})
             elif mode in ('manifest', 'badmanifest') and op == 'manifest':
