@@ -176,7 +176,7 @@ export const AgentReplySchemas = {
   remove: none,
   mkdir: none,
   /** The children's pids as seen in the parent's pid namespace (the server proves they are its fork's). */
-  fork: z.object({ pids: z.array(pid).max(32), error: shortText(4096).nullable().optional() }),
+  fork: z.object({ pids: z.array(pid).max(32), error: shortText(64 * 1024).nullable().optional() }),
   vars: z.object({ vars: z.record(shortText(1024), VarInfoSchema) }),
   restore: none,
   set_time: none,

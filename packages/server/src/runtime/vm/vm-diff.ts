@@ -4,6 +4,13 @@
  * link) into a tmpfs file, the server reads both listings and compares them. Files whose
  * metadata differ but whose size is equal are compared byte for byte (a rewrite with the same
  * content is not a change). Text diffs are unified diffs of the two contents.
+ *
+ * Both listings and every file come from the guests, which are untrusted: nothing they say is held
+ * whole or believed. A listing is parsed line by line as it is read, up to MAX_MANIFEST_BYTES and
+ * MAX_MANIFEST_ENTRIES per side (~200 bytes held per entry); compares read at most
+ * MAX_COMPARE_BYTES per side, text diffs MAX_CONTENT_BYTES per file and MAX_DIFF_CONTENT_BYTES in
+ * all. One diff holds at most ~160 MiB (docs/untrusted-agent.md); the sandbox manager runs one diff
+ * per sandbox at a time.
  */
 import { randomBytes } from 'node:crypto';
 import { createTwoFilesPatch } from 'diff';
