@@ -80,6 +80,18 @@ def resolve_path(value: Any) -> str:
     return value if os.path.isabs(value) else os.path.join(HOME, value)
 
 
+def check_code(code: str, language: str) -> None:
+    """Code the agent can run: bash takes its code as an argv string (no NUL possible; Python
+    answers NUL in source with its own SyntaxError), and both need it encodable as UTF-8 (JSON
+    can carry lone surrogates, which cannot be)."""
+    if language == 'bash' and '\0' in code:
+        raise bad_request('bash code must not contain NUL bytes')
+    try:
+        code.encode('utf-8')
+    except UnicodeEncodeError as exc:
+        raise bad_request(f'code is not valid Unicode text (a lone surrogate at character {exc.start})') from None
+
+
 def opt_field(req: dict, name: str, kind: type | tuple, default: Any = None) -> Any:
     """An optional request field of the given type (bools are not ints here)."""
     value = req.get(name)
@@ -727,6 +739,7 @@ class Supervisor:
         code = req.get('code')
         if not isinstance(code, str):
             raise bad_request('code must be a string')
+        check_code(code, language)
         timeout_ms = opt_field(req, 'timeout_ms', int)
         if timeout_ms is not None and timeout_ms <= 0:
             raise bad_request('timeout_ms must be positive')
@@ -744,7 +757,13 @@ class Supervisor:
         self.exec = ex
         self._flush_idle_output(ex)
         if language == 'bash':
-            self._start_bash(ex)
+            try:
+                self._start_bash(ex)
+            except BaseException:
+                # Whatever failed, this exec is over: the next one must not find it "running".
+                if self.exec is ex:
+                    self.exec = None
+                raise
             return None
         self.exec_count += 1
         ex.count = self.exec_count
@@ -888,9 +907,11 @@ class Supervisor:
             ex.proc = subprocess.Popen(
                 ['bash', '-c', ex.code], stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w,
                 cwd=cwd, env=env, process_group=0, close_fds=True)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             os.close(out_r)
             os.close(err_r)
+            if not isinstance(exc, OSError):  # an argument exec cannot take (checked above; belt and braces)
+                raise bad_request(f'bash cannot run this: {exc}') from None
             what = f'cd: {cwd}' if exc.filename == cwd else 'bash'
             self.send({'id': ex.id, 'ev': 'stderr', 'data': f'bash: {what}: {exc.strerror}\n'})
             self._finish(ex, 1)

@@ -439,6 +439,45 @@ class TestBash(AgentTestCase):
         self.assertEqual(self.run_ok('true', 'bash').stdout, 'late\n')
 
 
+class TestBadInput(AgentTestCase):
+    """Input the agent cannot run is refused with a clear error, and the agent stays usable."""
+
+    def test_nul_byte_in_bash_code(self) -> None:
+        reply = self.agent.run('echo a\0b', 'bash').exit
+        self.assertEqual((reply['ok'], reply['error']['code']), (False, 'bad_request'), reply)
+        self.assertIn('NUL', reply['error']['message'])
+        self.assertEqual(self.run_ok('echo next', 'bash').stdout, 'next\n')
+        self.assertEqual(self.run_ok('print("next")').stdout, 'next\n')
+
+    def test_nul_byte_in_python_code_is_a_syntax_error(self) -> None:
+        res = self.agent.run('print(1)\0')
+        self.assertEqual(res.code, 1, res)
+        self.assertIn(res.error['name'], ('SyntaxError', 'ValueError'))
+        self.assertIn('null bytes', res.error['value'])
+        self.assertEqual(self.run_ok('print("next")').stdout, 'next\n')
+
+    def test_lone_surrogates(self) -> None:
+        for language in ('bash', 'python'):
+            reply = self.agent.run('echo \ud800' if language == 'bash' else 'print("\ud800")', language).exit
+            self.assertEqual((reply['ok'], reply['error']['code']), (False, 'bad_request'), reply)
+            self.assertIn('surrogate', reply['error']['message'])
+        self.assertEqual(self.run_ok('echo next', 'bash').stdout, 'next\n')
+
+    def test_huge_single_line_of_output(self) -> None:
+        size = 20 * 1024 * 1024
+        res = self.run_ok(f"import sys; sys.stdout.write('x' * {size})")
+        self.assertEqual(len(res.stdout), size)
+        res = self.run_ok(f"head -c {size} /dev/zero | tr '\\0' y", 'bash')
+        self.assertEqual(len(res.stdout), size)
+        self.assertEqual(self.run_ok('echo next', 'bash').stdout, 'next\n')
+
+    def test_huge_request_line_is_refused_and_the_agent_goes_on(self) -> None:
+        self.agent.send(b'{"id": 5, "op": "ping", "pad": "' + b'x' * (65 * 1024 * 1024) + b'"}\n')
+        reply = self.agent.recv_for(None, timeout=30)
+        self.assertEqual((reply['ok'], reply['error']['code']), (False, 'bad_request'))
+        self.assertTrue(self.agent.request('ping')['ok'])
+
+
 class TestFiles(AgentTestCase):
     def upload(self, path: str, chunks: list[bytes], **fields: Any) -> dict:
         begin = self.agent.request('upload_begin', path=path, **fields)

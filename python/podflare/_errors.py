@@ -49,6 +49,7 @@ ERROR_STATUS: Mapping[str, int] = {
     "unsupported_media_type": 415,
     "rate_limited": 429,
     "internal": 500,
+    "agent_protocol": 502,
     "unavailable": 503,
     "timeout": 504,
     "insufficient_storage": 507,
@@ -197,8 +198,9 @@ class PodflareTimeoutError(PodflareError, builtins.TimeoutError):
 
 
 class ServerError(PodflareError):
-    """The server failed (5xx): a bug (``internal``) or it cannot start a sandbox now
-    (``unavailable``, 503: retry later)."""
+    """The server failed (5xx): a bug (``internal``), it cannot start a sandbox now
+    (``unavailable``, 503: retry later), or the sandbox's agent broke the protocol
+    (``agent_protocol``, 502)."""
 
     default_code = "internal"
 
@@ -224,6 +226,7 @@ ERROR_CLASSES: Mapping[str, Type[PodflareError]] = {
     "unsupported_media_type": BadRequestError,
     "rate_limited": RateLimitError,
     "internal": ServerError,
+    "agent_protocol": ServerError,
     "unavailable": ServerError,
     "timeout": PodflareTimeoutError,
     "insufficient_storage": InsufficientStorageError,
@@ -233,7 +236,8 @@ ERROR_CLASSES: Mapping[str, Type[PodflareError]] = {
 def code_for_status(status: int) -> str:
     """The closest code for an HTTP status whose body carries none we understand."""
     for code, s in ERROR_STATUS.items():
-        if s == status:
+        # A bare 502 is a proxy's; agent_protocol always comes with our JSON body.
+        if s == status and code != "agent_protocol":
             return code
     return "internal" if status >= 500 else "bad_request"
 

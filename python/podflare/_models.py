@@ -264,6 +264,8 @@ class SandboxInfo:
     #: ``{"cpus", "memory_mb", "disk_mb", "processes"}``: what the sandbox may use.
     limits: Dict[str, Union[int, float]] = field(default_factory=dict)
     metadata: Dict[str, str] = field(default_factory=dict)
+    #: Why it ended (deleted, idle timeout, crash, its agent's channel broke, ...); None while live.
+    end_reason: Optional[str] = None
     #: Fields this SDK does not know yet (a newer server).
     extras: Dict[str, Any] = field(default_factory=dict)
 

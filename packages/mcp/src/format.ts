@@ -30,13 +30,16 @@ export function textResult(text: string, isError = false): CallToolResult {
  * the rest as their text form), the exception if it is not already in stderr, and the exit code.
  * A non-zero exit code makes it a tool error, as in the Anthropic adapter: the model should notice.
  */
-export function executionResult(ex: Execution, options: { maxOutputChars: number; note?: string | undefined }): CallToolResult {
+export function executionResult(
+  ex: Execution,
+  options: { maxOutputChars: number; note?: string | undefined; cut?: { stdout: number; stderr: number }; droppedResults?: number },
+): CallToolResult {
   const sections: string[] = [];
   const images: Content[] = [];
   if (options.note) sections.push(`note: ${options.note}`);
   // One trailing newline is dropped: sections are separated by a blank line anyway.
-  if (ex.stdout) sections.push(`stdout:\n${clip(ex.stdout.replace(/\n$/, ''), options.maxOutputChars)}`);
-  if (ex.stderr) sections.push(`stderr:\n${clip(ex.stderr.replace(/\n$/, ''), options.maxOutputChars)}`);
+  if (ex.stdout) sections.push(`stdout:\n${clip(ex.stdout.replace(/\n$/, ''), options.maxOutputChars, options.cut?.stdout)}`);
+  if (ex.stderr) sections.push(`stderr:\n${clip(ex.stderr.replace(/\n$/, ''), options.maxOutputChars, options.cut?.stderr)}`);
   for (const result of ex.results) {
     const image = IMAGE_MIME_TYPES.find((mime) => typeof result.data[mime] === 'string');
     if (image) {
@@ -47,6 +50,7 @@ export function executionResult(ex: Execution, options: { maxOutputChars: number
     if (text === undefined) continue;
     sections.push(`${result.isMainResult ? 'result' : 'display'}:\n${clip(text, options.maxOutputChars)}`);
   }
+  if (options.droppedResults) sections.push(`${options.droppedResults} more rich results were dropped (too many or too large)`);
   if (images.length > 0) sections.push(`${images.length} image${images.length === 1 ? '' : 's'} attached`);
   // The agent prints uncaught exceptions to stderr as well; repeat only what stderr lacks.
   if (ex.error && !ex.stderr.includes(ex.error.name)) {
@@ -107,13 +111,16 @@ export function errorMessage(err: unknown): string {
   return hint ? `${message}. ${hint}` : message;
 }
 
-/** Keeps the start and the end of an over-long output, saying how much was cut in between. */
-export function clip(text: string, max: number): string {
-  if (text.length <= max) return text;
-  const head = Math.ceil(max * 0.6);
-  const tail = max - head;
+/**
+ * Keeps the start and the end of an over-long output, saying how much was cut in between
+ * (`alreadyCut`: characters dropped from its middle before it got here).
+ */
+export function clip(text: string, max: number, alreadyCut = 0): string {
+  if (text.length <= max && !alreadyCut) return text;
+  const head = Math.min(text.length, Math.ceil(max * 0.6));
+  const tail = Math.min(text.length - head, max - head);
   return (
-    `${text.slice(0, head)}\n… [${text.length - max} characters cut: print less, or write the output ` +
+    `${text.slice(0, head)}\n… [${text.length - head - tail + alreadyCut} characters cut: print less, or write the output ` +
     `to a file and read parts of it] …\n${text.slice(text.length - tail)}`
   );
 }

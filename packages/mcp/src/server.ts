@@ -9,6 +9,7 @@ import type { CallToolResult } from '@modelcontextprotocol/sdk/types.js';
 import { Client } from 'podflare';
 import type { Sandbox } from 'podflare';
 import { z } from 'zod';
+import { runBounded } from './bounded-exec.js';
 import { downloadResult, errorResult, executionResult, textResult } from './format.js';
 import { SandboxSession } from './session.js';
 
@@ -198,9 +199,9 @@ function registerTools(server: McpServer, session: SandboxSession, settings: Too
     async ({ sandbox_id, code, timeout_ms }, extra) =>
       guard(async () => {
         const { value, note } = await session.withSandbox(sandbox_id, (s) =>
-          s.runCode({ code, language: 'python', timeoutMs: timeout_ms, signal: extra.signal }),
+          runBounded(s, { code, language: 'python', timeoutMs: timeout_ms, signal: extra.signal }, maxOutputChars),
         );
-        return executionResult(value, { maxOutputChars, note });
+        return executionResult(value.execution, { maxOutputChars, note, cut: value.cut, droppedResults: value.droppedResults });
       }),
   );
 
@@ -222,9 +223,9 @@ function registerTools(server: McpServer, session: SandboxSession, settings: Too
     async ({ sandbox_id, command, timeout_ms }, extra) =>
       guard(async () => {
         const { value, note } = await session.withSandbox(sandbox_id, (s) =>
-          s.runCode({ code: command, language: 'bash', timeoutMs: timeout_ms, signal: extra.signal }),
+          runBounded(s, { code: command, language: 'bash', timeoutMs: timeout_ms, signal: extra.signal }, maxOutputChars),
         );
-        return executionResult(value, { maxOutputChars, note });
+        return executionResult(value.execution, { maxOutputChars, note, cut: value.cut, droppedResults: value.droppedResults });
       }),
   );
 
@@ -414,9 +415,20 @@ async function readCapped(sandbox: Sandbox, filePath: string, maxBytes: number):
       `with run_bash (e.g. head -c 100000 ${filePath}) or summarise it with run_python.`
     );
   }
-  const data = await sandbox.download(filePath);
-  if (data.length > maxBytes) return `${filePath} grew past the ${formatBytes(maxBytes)} download limit while being read.`;
-  return data;
+  // Read as a stream and stopped at the limit: the file may grow meanwhile (or its size be a lie).
+  const stream = await sandbox.files.downloadStream(filePath);
+  const chunks: Buffer[] = [];
+  let size = 0;
+  try {
+    for await (const chunk of stream as AsyncIterable<Buffer>) {
+      size += chunk.length;
+      if (size > maxBytes) return `${filePath} grew past the ${formatBytes(maxBytes)} download limit while being read.`;
+      chunks.push(chunk);
+    }
+  } finally {
+    stream.destroy();
+  }
+  return Buffer.concat(chunks);
 }
 
 function formatBytes(n: number): string {

@@ -87,20 +87,35 @@ export type AgentRequestBody<Op extends AgentOp = AgentOp> = AgentRequest extend
   ? R extends { op: Op } ? Omit<R, 'id'> : never
   : never;
 
+// ---- what the agent sends ----------------------------------------------------------------
+// The agent is inside the sandbox and so untrusted: everything it says is validated like a
+// request, with bounds. A number that reaches an HTTP header or an allocation is a non-negative
+// safe integer; a string the server keeps or passes on has a maximum length.
+
+/** A size or count from the agent: an integer in [0, 2^53). */
+const count = z.number().int().nonnegative().max(Number.MAX_SAFE_INTEGER);
+/** A pid from the agent (pids are at most 2^22 on Linux). */
+const pid = z.number().int().min(1).max(4_194_304);
+/** A file name, a path, a type name: what the server echoes back to the sandbox's own caller. */
+const shortText = (max: number) => z.string().max(max);
+const agentPath = shortText(4096);
+/** Base64 of at most `bytes` bytes. */
+const base64Of = (bytes: number) => z.string().max(Math.ceil(bytes / 3) * 4).regex(/^[A-Za-z0-9+/]*={0,2}$/, 'must be base64');
+
 export const FileStat = z.object({
-  name: z.string(),
-  path: z.string(),
+  name: shortText(1024),
+  path: agentPath,
   type: z.enum(['file', 'dir', 'symlink', 'other']),
-  size: z.number(),
-  mode: z.number().int(),
-  mtime: z.number(),
+  size: count,
+  mode: z.number().int().min(0).max(0o7777),
+  mtime: z.number().finite(),
 });
 export type FileStat = z.infer<typeof FileStat>;
 
 export const AgentErrorInfo = z.object({
   /** One of the codes in errors.ts (not_found, bad_request, conflict, internal, ...). */
-  code: z.string(),
-  message: z.string(),
+  code: shortText(64),
+  message: shortText(64 * 1024),
 });
 
 const MimeBundle = z.record(z.string(), z.unknown());
@@ -108,8 +123,8 @@ const MimeBundle = z.record(z.string(), z.unknown());
 export const HelloMessage = z.object({
   ev: z.literal('hello'),
   version: z.number().int(),
-  pid: z.number().int(),
-  hostname: z.string(),
+  pid,
+  hostname: shortText(255),
 });
 export const OutputMessage = z.object({ id, ev: z.enum(['stdout', 'stderr']), data: z.string() });
 export const ResultMessage = z.object({ id, ev: z.literal('result'), data: MimeBundle, is_main_result: z.boolean() });
@@ -121,10 +136,11 @@ export const ErrorMessage = z.object({
 export const ExitMessage = z.object({
   id,
   ev: z.literal('exit'),
-  code: z.number().int(),
-  execution_count: z.number().int().nullable().optional(),
+  code: z.number().int().min(-(2 ** 31)).max(2 ** 31),
+  execution_count: count.nullable().optional(),
   state_lost: z.boolean().optional(),
 });
+/** The envelope of a success: its fields are checked against the op's reply schema (AgentReplySchemas). */
 export const OkResponse = z.object({ id, ok: z.literal(true) }).passthrough();
 /** `id` is missing when the agent could not read one from the request it refuses. */
 export const FailResponse = z.object({ id: id.optional(), ok: z.literal(false), error: AgentErrorInfo });
@@ -140,23 +156,34 @@ export type ExecStreamMessage =
   | z.infer<typeof ExitMessage>;
 export type OkResponse = z.infer<typeof OkResponse>;
 
-/** What each non-streaming op answers with, beyond `{id, ok: true}`. */
-export interface AgentReplies {
-  ping: { pid: number; hostname: string };
-  interrupt: { interrupted: boolean };
-  upload_begin: { handle: string };
-  upload_chunk: Record<string, never>;
-  upload_end: { size: number };
-  file_read: { data: string; eof: boolean; size: number };
-  stat: { stat: FileStat };
-  list: { entries: FileStat[] };
-  remove: Record<string, never>;
-  mkdir: Record<string, never>;
-  fork: { pids: number[]; error?: string | null };
-  vars: { vars: Record<string, VarInfo> };
-  restore: Record<string, never>;
-  set_time: Record<string, never>;
-  manifest: { entries: number };
-}
+const none = z.object({});
+const VarInfoSchema = z.object({ type: shortText(1024), repr: shortText(1024), fp: shortText(256) });
 
-export interface VarInfo { type: string; repr: string; fp: string }
+/**
+ * What each non-streaming op answers with, beyond `{id, ok: true}`: one schema per op. A reply that
+ * does not match is a protocol violation (it ends that request with `agent_protocol`, 502). Unknown
+ * fields are dropped. `file_read` data is checked against the length asked for by the server.
+ */
+export const AgentReplySchemas = {
+  ping: z.object({ pid, hostname: shortText(255) }),
+  interrupt: z.object({ interrupted: z.boolean() }),
+  upload_begin: z.object({ handle: z.string().min(1).max(64) }),
+  upload_chunk: none,
+  upload_end: z.object({ size: count }),
+  file_read: z.object({ data: base64Of(FILE_CHUNK_BYTES), eof: z.boolean(), size: count }),
+  stat: z.object({ stat: FileStat }),
+  list: z.object({ entries: z.array(FileStat).max(100_000) }),
+  remove: none,
+  mkdir: none,
+  /** The children's pids as seen in the parent's pid namespace (the server proves they are its fork's). */
+  fork: z.object({ pids: z.array(pid).max(32), error: shortText(64 * 1024).nullable().optional() }),
+  vars: z.object({ vars: z.record(shortText(1024), VarInfoSchema) }),
+  restore: none,
+  set_time: none,
+  manifest: z.object({ entries: count }),
+} satisfies { [Op in Exclude<AgentOp, 'exec'>]: z.ZodType };
+
+/** What each non-streaming op answers with, beyond `{id, ok: true}`. */
+export type AgentReplies = { [Op in keyof typeof AgentReplySchemas]: z.infer<(typeof AgentReplySchemas)[Op]> };
+
+export type VarInfo = z.infer<typeof VarInfoSchema>;

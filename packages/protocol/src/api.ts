@@ -78,6 +78,8 @@ export interface SandboxInfo {
   idle_timeout_seconds: number;
   limits: SandboxLimitsInfo;
   metadata: Record<string, string>;
+  /** Why it ended (deleted, idle timeout, crash, its agent's channel broke, ...); null while live. */
+  end_reason: string | null;
 }
 
 /**

@@ -16,6 +16,8 @@ export const ERROR_STATUS = {
   unsupported_media_type: 415,
   rate_limited: 429,
   internal: 500,
+  /** The sandbox's agent answered something the protocol does not allow (a hostile or broken agent). */
+  agent_protocol: 502,
   unavailable: 503,
   timeout: 504,
   /** The sandbox's disk limit is reached, or the server's disk volume is full. */
@@ -38,6 +40,7 @@ export function isErrorCode(value: unknown): value is ErrorCode {
 
 /** Maps an HTTP status back to the closest code, for answers that carry no body we understand. */
 export function codeForStatus(status: number): ErrorCode {
-  for (const [code, s] of Object.entries(ERROR_STATUS)) if (s === status) return code as ErrorCode;
+  // A bare 502 is a proxy's: agent_protocol always comes with our JSON body.
+  for (const [code, s] of Object.entries(ERROR_STATUS)) if (s === status && code !== 'agent_protocol') return code as ErrorCode;
   return status >= 500 ? 'internal' : 'bad_request';
 }

@@ -139,7 +139,10 @@ export class TimeoutError extends PodflareError {
   override name = 'TimeoutError';
 }
 
-/** The server failed (5xx): a bug (`internal`) or it cannot start a sandbox now (`unavailable`, 503). */
+/**
+ * The server failed (5xx): a bug (`internal`), it cannot start a sandbox now (`unavailable`, 503), or
+ * the sandbox's agent broke the protocol (`agent_protocol`, 502).
+ */
 export class ServerError extends PodflareError {
   override name = 'ServerError';
 }
@@ -176,6 +179,7 @@ export const ERROR_CLASSES = {
   unsupported_media_type: BadRequestError,
   rate_limited: RateLimitError,
   internal: ServerError,
+  agent_protocol: ServerError,
   unavailable: ServerError,
   timeout: TimeoutError,
   insufficient_storage: InsufficientStorageError,

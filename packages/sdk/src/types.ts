@@ -133,6 +133,8 @@ export interface SandboxInfo {
   idleTimeoutSeconds: number;
   limits: SandboxLimits;
   metadata: Record<string, string>;
+  /** Why it ended (deleted, idle timeout, crash, its agent's channel broke, ...); null while live. */
+  endReason: string | null;
 }
 
 /** Options of {@link Sandbox.runCodeStream} (and the base of {@link RunCodeOptions}). */
@@ -307,6 +309,7 @@ export interface WireSandboxInfo {
   idle_timeout_seconds: number;
   limits?: { cpus: number; memory_mb: number; disk_mb: number; processes: number };
   metadata: Record<string, string>;
+  end_reason?: string | null;
 }
 
 /** @internal Converts the wire form of a sandbox record. */
@@ -327,5 +330,6 @@ export function toSandboxInfo(w: WireSandboxInfo): SandboxInfo {
       cpus: w.limits?.cpus ?? 0, memoryMb: w.limits?.memory_mb ?? 0, diskMb: w.limits?.disk_mb ?? 0, processes: w.limits?.processes ?? 0,
     },
     metadata: w.metadata ?? {},
+    endReason: w.end_reason ?? null,
   };
 }

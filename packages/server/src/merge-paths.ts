@@ -2,12 +2,24 @@
  * Selective merge: copies chosen paths from one sandbox into another through their agents (each
  * sees its own filesystem; the host never resolves a sandbox path itself). Files stream in 1 MiB
  * chunks; a path missing in the source is removed from the destination; directories are walked.
+ * The source's agent is untrusted: the paths it lists are never used as such (a listed entry is
+ * its directory's path joined with a plain name), and what it prints for a link target is capped.
  */
 import { FILE_CHUNK_BYTES, type FileStat } from '@podflare/protocol';
 import type { AgentChannel } from './agent-channel.js';
 import { AgentError } from './agent-channel.js';
 
 const shellQuote = (s: string) => `'${s.replace(/'/g, `'\\''`)}'`;
+/** Longest link target read (PATH_MAX). */
+const MAX_LINK_BYTES = 4096;
+
+/** The path of an entry listed in `dir`, from its name alone; a name that is not plain is a violation. */
+function entryPath(channel: AgentChannel, dir: string, name: string): string {
+  if (!name || name === '.' || name === '..' || name.includes('/') || name.includes('\0')) {
+    throw channel.protocolViolation(`list reply: ${JSON.stringify(name.slice(0, 200))} is not a name in ${dir}`);
+  }
+  return dir.endsWith('/') ? dir + name : `${dir}/${name}`;
+}
 
 export async function copyPaths(from: AgentChannel, to: AgentChannel, paths: string[]): Promise<void> {
   for (const p of paths) await copyPath(from, to, p);
@@ -37,10 +49,10 @@ async function copyPath(from: AgentChannel, to: AgentChannel, path: string): Pro
       const names = new Set(inSource.map((e) => e.name));
       if (target?.type === 'dir') {
         for (const e of (await to.request({ op: 'list', path })).entries) {
-          if (!names.has(e.name)) await to.request({ op: 'remove', path: e.path, recursive: true });
+          if (!names.has(e.name)) await to.request({ op: 'remove', path: entryPath(to, path, e.name), recursive: true });
         }
       }
-      for (const e of inSource) await copyPath(from, to, e.path);
+      for (const e of inSource) await copyPath(from, to, entryPath(from, path, e.name));
       return;
     }
     case 'file':
@@ -48,8 +60,13 @@ async function copyPath(from: AgentChannel, to: AgentChannel, path: string): Pro
     case 'symlink': {
       const link = await new Promise<string>((resolve, reject) => {
         let out = '';
-        from.exec({ op: 'exec', language: 'bash', code: `readlink -n -- ${shellQuote(path)}` }, (m) => { if (m.ev === 'stdout') out += m.data; })
-          .then((exit) => (exit.code === 0 ? resolve(out) : reject(new Error(`cannot read the link ${path}`))), reject);
+        from.exec({ op: 'exec', language: 'bash', code: `readlink -n -- ${shellQuote(path)}` }, (m) => {
+          if (m.ev === 'stdout' && out.length <= MAX_LINK_BYTES) out += m.data;
+        }).then((exit) => {
+          if (out.length > MAX_LINK_BYTES) reject(from.protocolViolation(`the target of the link ${path} is longer than ${MAX_LINK_BYTES}`));
+          else if (exit.code === 0) resolve(out);
+          else reject(new Error(`cannot read the link ${path}`));
+        }, reject);
       });
       const exit = await to.exec({ op: 'exec', language: 'bash', code: `ln -sfn -- ${shellQuote(link)} ${shellQuote(path)}` }, () => undefined);
       if (exit.code !== 0) throw new Error(`cannot create the link ${path}`);

@@ -18,6 +18,7 @@ import { limitError, limitsInfo, resolveLimits, sameLimits } from './limits.js';
 import type { LimitCounters, Runtime, RuntimeSandbox } from './runtime/runtime.js';
 import { SandboxEventLog } from './sandbox-events.js';
 import { SerialQueue } from './serial-queue.js';
+import type { ExecEventSink } from './agent-channel.js';
 import type { SandboxRecord, SandboxStore } from './store/store.js';
 
 export const DEFAULT_TEMPLATE = 'default';
@@ -34,6 +35,11 @@ interface LiveSandbox {
   queue: SerialQueue;
   /** Set while an exec runs: lets interrupt and the idle sweep know. */
   running: number;
+  /**
+   * Diffs involving this sandbox, one at a time: a diff reads the agents' listings, and what one
+   * tenant can make the server hold must not multiply with concurrent requests.
+   */
+  diffs: SerialQueue;
 }
 
 export interface CreateOptions extends CreateSandboxBody {
@@ -47,6 +53,8 @@ export type RuntimeKind = Runtime['name'];
  * warm per key.
  */
 const VM_POOL_MAX = 2;
+/** After its agent's channel closed, how long a sandbox's own exit may take to say why. */
+const CHANNEL_EXIT_GRACE_MS = 1000;
 
 export class SandboxManager {
   private readonly live = new Map<string, LiveSandbox>();
@@ -285,8 +293,11 @@ export class SandboxManager {
     return Promise.all(records.map(async (r) => this.toInfo(this.live.get(r.id)?.record ?? r, await this.store.children(r.id))));
   }
 
-  /** Runs code; `onEvent` sees the agent's stream. Queued behind other execs of the same sandbox. */
-  async exec(s: LiveSandbox, body: AgentRequestBody<'exec'>, onEvent: (msg: ExecStreamMessage) => void) {
+  /**
+   * Runs code; `onEvent` sees the agent's stream (a promise it returns holds the agent's channel
+   * until it settles: backpressure). Queued behind other execs of the same sandbox.
+   */
+  async exec(s: LiveSandbox, body: AgentRequestBody<'exec'>, onEvent: ExecEventSink) {
     return s.queue.run(async () => {
       if (!this.live.has(s.record.id)) throw new ApiError('sandbox_gone', `sandbox ${s.record.id} is gone`);
       s.running++;
@@ -299,7 +310,7 @@ export class SandboxManager {
         // Everything the caller sees is also recorded for the dashboard's history.
         const emit = (msg: ExecStreamMessage) => {
           recorded.message(msg);
-          onEvent(msg);
+          return onEvent(msg);
         };
         if (!rt.limitCounters) return (exit = await rt.channel.exec(body, emit));
         // The error and exit are held back until the exit: if a limit caused the error (or the
@@ -307,14 +318,14 @@ export class SandboxManager {
         let held: Extract<ExecStreamMessage, { ev: 'error' }> | undefined;
         const result = await rt.channel.exec(body, (m) => {
           if (m.ev === 'error') held = m;
-          else if (m.ev !== 'exit') emit(m);
+          else if (m.ev !== 'exit') return emit(m);
         });
         // Read after every exec (two small cgroup files): a bash child killed for memory
         // leaves a zero exit code, and the kill must not be blamed on the next exec.
         const hit = await this.limitHit(s, rt, result.id, held);
         if (hit) held = hit;
-        if (held) emit(held);
-        emit(result);
+        if (held) void emit(held);
+        void emit(result);
         exit = result;
         return result;
       } finally {
@@ -409,7 +420,8 @@ export class SandboxManager {
   }
 
   private adopt(record: SandboxRecord, runtime: Runtime, rt: RuntimeSandbox): LiveSandbox {
-    const s: LiveSandbox = { record, runtime, rt, queue: new SerialQueue(), running: 0 };
+    const s: LiveSandbox = { record, runtime, rt, queue: new SerialQueue(), running: 0, diffs: new SerialQueue() };
+    rt.channel.on('violation', (what) => this.log.warn('sandbox agent protocol violation', { sandbox: record.id, violation: what }));
     this.live.set(record.id, s);
     // Execs and forks queue behind a runtime sandbox that is not fully set up yet.
     if (rt.ready) void s.queue.run(() => rt.ready!);
@@ -417,13 +429,22 @@ export class SandboxManager {
     return s;
   }
 
-  /** A runtime sandbox dying on its own ends whichever API sandbox drives it at that moment. */
+  /**
+   * A runtime sandbox dying on its own ends whichever API sandbox drives it at that moment; so does
+   * its agent's channel breaking (the sandbox cannot be driven any more: it is not `ready`).
+   */
   private watch(s: LiveSandbox, rt: RuntimeSandbox): void {
-    void rt.exited.then(({ reason }) => {
+    const crashed = (reason: string) => {
       if (s.rt !== rt || this.live.get(s.record.id) !== s) return;
       this.counters.crashed++;
       void this.end(s, 'error', reason);
-    });
+    };
+    void rt.exited.then(({ reason }) => crashed(reason));
+    // A dying sandbox closes its channel first: its own exit reason, when it comes soon, says more.
+    const onClose = (reason: string) => void Promise.race([rt.exited, new Promise((r) => setTimeout(r, CHANNEL_EXIT_GRACE_MS))])
+      .then(() => crashed(`the sandbox's agent channel broke: ${reason}`));
+    if (rt.channel.closed) onClose(rt.channel.closeReason ?? 'closed');
+    else rt.channel.once('close', onClose);
   }
 
   /**
@@ -611,7 +632,11 @@ export class SandboxManager {
 
   diffFiles(a: LiveSandbox, b: LiveSandbox, opts: { paths?: string[]; content?: boolean }) {
     if (a.runtime !== b.runtime) throw new ApiError('bad_request', `cannot diff a ${a.runtime.name} sandbox against a ${b.runtime.name} sandbox`);
-    return a.runtime.diff(a.rt, b.rt, opts);
+    const diff = () => a.runtime.diff(a.rt, b.rt, opts);
+    if (a === b) return a.diffs.run(diff);
+    // Both queues, always taken in the same order (by id): two opposite diffs cannot deadlock.
+    const [first, second] = a.record.id < b.record.id ? [a, b] : [b, a];
+    return first.diffs.run(() => second.diffs.run(diff));
   }
 
   private async end(s: LiveSandbox, state: 'stopped' | 'error', reason: string): Promise<void> {
@@ -671,7 +696,7 @@ export class SandboxManager {
       id: r.id, state: r.state, template: r.template, runtime: r.runtime, egress: r.egress, persistent: r.persistent,
       parent: r.parentId, children, created_at: new Date(r.createdAt).toISOString(),
       last_active_at: new Date(r.lastActiveAt).toISOString(), idle_timeout_seconds: r.idleTimeoutSeconds,
-      limits: limitsInfo(r.limits ?? this.config.defaultLimits), metadata: r.metadata,
+      limits: limitsInfo(r.limits ?? this.config.defaultLimits), metadata: r.metadata, end_reason: r.endReason,
     };
   }
 }

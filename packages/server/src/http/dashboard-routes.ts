@@ -31,6 +31,12 @@ const HOST_EVERY_MS = 3000;
 const SNAPSHOT_COALESCE_MS = 250;
 /** Beyond this much unsent data to a slow watcher, exec output is skipped (the page refetches history). */
 const MAX_BUFFERED_BYTES = 4 * 1024 * 1024;
+/**
+ * Beyond this much unsent data, a watcher that does not read is dropped (its page reconnects and
+ * starts from a fresh snapshot): per watcher the server holds at most this plus one event (an exec
+ * record: ≤ 1 MiB of output and 64 KiB of code, or a snapshot).
+ */
+export const MAX_WATCHER_BUFFERED_BYTES = 8 * 1024 * 1024;
 
 const CONTENT_TYPES: Record<string, string> = {
   '.html': 'text/html; charset=utf-8',
@@ -151,7 +157,13 @@ export function addDashboardRoutes(router: Router, manager: SandboxManager): voi
     res.writeHead(200, { 'Content-Type': 'text/event-stream; charset=utf-8', 'Cache-Control': 'no-store', 'X-Accel-Buffering': 'no' });
     res.flushHeaders();
     const send = (event: string, data: unknown) => {
-      if (!res.writableEnded && !res.destroyed) res.write(`event: ${event}\ndata: ${JSON.stringify(data)}\n\n`);
+      if (res.writableEnded || res.destroyed) return;
+      if (res.writableLength > MAX_WATCHER_BUFFERED_BYTES) {
+        // It does not read: no more queueing for it (the 'close' below cleans up its listeners).
+        res.destroy();
+        return;
+      }
+      res.write(`event: ${event}\ndata: ${JSON.stringify(data)}\n\n`);
     };
 
     // Snapshots are coalesced: a burst of changes (a fork(5), an exec's state flips) sends one.

@@ -11,6 +11,7 @@ import type { LiveSandbox, SandboxManager } from '../sandbox-manager.js';
 import { sendEmpty, sendJson } from './body.js';
 import { flagParam } from './params.js';
 import type { RequestContext, Router } from './router.js';
+import { drainedOrClosed } from './drain.js';
 import { sandboxId } from './sandbox-routes.js';
 
 function pathParam(ctx: RequestContext): string {
@@ -116,15 +117,3 @@ export function addFileRoutes(router: Router, manager: SandboxManager): void {
   });
 }
 
-/** Waits for the response to drain (or the client to go), leaving no listener behind. */
-function drainedOrClosed(res: ServerResponse): Promise<void> {
-  return new Promise((resolve) => {
-    const done = () => {
-      res.off('drain', done);
-      res.off('close', done);
-      resolve();
-    };
-    res.on('drain', done);
-    res.on('close', done);
-  });
-}

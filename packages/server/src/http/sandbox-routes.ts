@@ -7,6 +7,7 @@ import { readBody, sendEmpty, sendJson } from './body.js';
 import { noteSandbox } from './observe.js';
 import { flagParam } from './params.js';
 import type { RequestContext, Router } from './router.js';
+import { drainedOrClosed } from './drain.js';
 
 const STATES: SandboxState[] = ['starting', 'ready', 'running', 'stopped', 'error', 'merged', 'frozen', 'lost'];
 
@@ -58,13 +59,18 @@ export function addSandboxRoutes(router: Router, manager: SandboxManager): void 
       }, (msg) => stream.agentMessage(msg));
       stream.agentMessage(exit, true);
     } catch (err) {
-      if (!stream.started) throw err;
+      // Refused before any output (the agent's 4xx, a protocol violation, a sandbox gone): a JSON
+      // error answer, not a bare exit 137 that hides why.
+      if (!stream.started) {
+        finished = true;
+        throw err;
+      }
       // The sandbox died mid-call: say so in the stream, which has already begun.
       stream.emit({ type: 'error', data: { name: 'SandboxError', value: (err as Error).message, traceback: '' } });
       stream.emit({ type: 'exit', data: 137, execution_count: null, state_lost: true });
     } finally {
       finished = true;
-      stream.end();
+      if (stream.started) stream.end();
     }
   });
 
@@ -83,7 +89,12 @@ export function addSandboxRoutes(router: Router, manager: SandboxManager): void 
 
 type EventBody = ExecEvent extends infer E ? (E extends ExecEvent ? Omit<E, 'seq' | 'ts'> : never) : never;
 
-/** Writes exec events as NDJSON, numbering and timestamping them, headers sent on the first. */
+/**
+ * Writes exec events as NDJSON, numbering and timestamping them, headers sent on the first. When
+ * the client does not keep up (its socket's buffer is full), `agentMessage` returns a promise that
+ * settles once it has drained or gone: the agent channel holds until then, so the server keeps at
+ * most one message (≤ 4 MiB, the channel's line cap) beyond the socket's high-water mark per exec.
+ */
 class EventStream {
   private seq = 0;
   started = false;
@@ -91,7 +102,7 @@ class EventStream {
 
   constructor(private readonly res: ServerResponse) {}
 
-  agentMessage(msg: ExecStreamMessage, final = false): void {
+  agentMessage(msg: ExecStreamMessage, final = false): Promise<void> | undefined {
     switch (msg.ev) {
       case 'stdout':
       case 'stderr':
@@ -107,13 +118,15 @@ class EventStream {
     }
   }
 
-  emit(event: EventBody): void {
+  /** Writes one event; a promise when the client's buffer is full (settles when it drained or left). */
+  emit(event: EventBody): Promise<void> | undefined {
     if (!this.started) {
       this.started = true;
       this.res.writeHead(200, { 'Content-Type': 'application/x-ndjson', 'Cache-Control': 'no-store', 'X-Accel-Buffering': 'no' });
     }
     if (this.res.writableEnded || this.res.destroyed) return;
-    this.res.write(JSON.stringify({ ...event, seq: this.seq++, ts: Date.now() }) + '\n');
+    if (this.res.write(JSON.stringify({ ...event, seq: this.seq++, ts: Date.now() }) + '\n')) return;
+    return drainedOrClosed(this.res);
   }
 
   end(): void {

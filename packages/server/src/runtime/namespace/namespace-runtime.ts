@@ -49,7 +49,7 @@ import { proxyEnvironment } from './netns-addresses.js';
 import { closeEgressListeners, openEgressListeners, type EgressListeners } from './netns-listeners.js';
 import { startSlirp } from './network.js';
 import { removeLeftovers } from './reconcile.js';
-import { ForkedSandbox, hostPidsOfForkChildren, NsSandbox, RootSandbox, type SandboxHooks } from './ns-sandbox.js';
+import { bootTicksNow, ForkedSandbox, hostPidsOfForkChildren, NsSandbox, RootSandbox, type SandboxHooks } from './ns-sandbox.js';
 
 export interface NamespaceRuntimeOptions {
   stateDir: string;
@@ -339,6 +339,7 @@ export class NamespaceRuntime implements Runtime {
     let lowers: string[] = [];
     let forkedPids: number[] = [];
     let forking: Promise<{ pids: number[]; error?: string | null }> | undefined;
+    let provenPids: (pids: number[]) => Promise<Map<number, number | null>> = async () => new Map();
     let making: Array<Promise<void>> = [];
     /** Settles once the fork layer is made (and retained) or has failed: what `finally` gives back. */
     let settledLayer: Promise<void> = Promise.resolve();
@@ -354,6 +355,9 @@ export class NamespaceRuntime implements Runtime {
       // The interpreter forks first: its children take their namespaces while the layer freezes
       // and their directories and roots are made; each then waits for its root (placed straight
       // into its own mount namespace below) and a signal before switching to it.
+      // What proves the pids the agent will name: new since now, and no sandbox's already.
+      const proof = { notBefore: bootTicksNow() - 1, known: new Set([...this.live.values()].map((s) => s.initPid).filter((p): p is number => p !== null)) };
+      provenPids = (pids) => hostPidsOfForkChildren(parent.initPid!, pids, proof);
       forking = parent.channel.request({
         op: 'fork',
         children: specs.map((spec) => ({ id: spec.id, root: SPAWN_AREA, hostname: spec.hostname })),
@@ -393,13 +397,16 @@ export class NamespaceRuntime implements Runtime {
       phase('roots made');
       const answer = await forking;
       phase('interpreter forked');
-      const hostPids = await hostPidsOfForkChildren(parent.initPid, answer.pids);
-      forkedPids = [...hostPids.values()];
+      const hostPids = await provenPids(answer.pids);
+      forkedPids = provenOnly(hostPids);
       if (answer.pids.length !== prepared.length) throw new Error(answer.error ?? 'the interpreter could not fork');
       const childPids = answer.pids.map((pid) => {
         const host = hostPids.get(pid);
-        if (!host) throw new Error('a fork child ended before it could be set up (it died right after the fork)');
-        return host;
+        if (host) return host;
+        if (host === undefined) throw new Error('a fork child ended before it could be set up (it died right after the fork)');
+        // Not a child of this fork (a sibling sandbox's PID 1, any other process): nothing is ever
+        // attached to, or killed on the word of, the agent alone.
+        throw parent.channel.protocolViolation(`fork reply: pid ${pid} is not a child of this fork`);
       });
       // Each root goes straight into its child's own mount namespace (neither the host's nor the
       // parent's mount table ever shows it); the signal tells the child it is there.
@@ -477,7 +484,7 @@ export class NamespaceRuntime implements Runtime {
       // Children that never became sandboxes: they wait for a root that will not come.
       if (!forkedPids.length && parent.initPid) {
         const late = await forking?.catch(() => null);
-        if (late?.pids.length) forkedPids = [...(await hostPidsOfForkChildren(parent.initPid, late.pids).catch(() => new Map<number, number>())).values()];
+        if (late?.pids.length) forkedPids = provenOnly(await provenPids(late.pids).catch(() => new Map()));
       }
       for (const pid of forkedPids) if (!created.some((c) => c.initPid === pid)) try { process.kill(pid, 'SIGKILL'); } catch { /* gone */ }
       await Promise.allSettled(making); // every child's directories and root, made or failed
@@ -579,6 +586,11 @@ const RUN_DIR_MODE = 0o711;
 async function removeRunDir(runDir: string): Promise<void> {
   await rm(path.join(runDir, 'agent.sock'), { force: true }).catch(() => undefined);
   await rmdir(runDir).catch(() => undefined);
+}
+
+/** The host pids proven to be a fork's children (see hostPidsOfForkChildren). */
+function provenOnly(pids: Map<number, number | null>): number[] {
+  return [...pids.values()].filter((p): p is number => p !== null);
 }
 
 /** A unix socket that accepts exactly one connection (a fork child's agent). */

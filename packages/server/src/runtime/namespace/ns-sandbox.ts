@@ -248,24 +248,43 @@ async function isLiveProcess(pid: number): Promise<boolean> {
   }
 }
 
+/** Now, in the clock of /proc/<pid>/stat start times (ticks since boot; USER_HZ is 100 on Linux). */
+export function bootTicksNow(): number {
+  return Math.floor(Number(readFileSync('/proc/uptime', 'utf8').split(' ')[0]) * 100);
+}
+
 /**
- * Host pids of fork children, from their pids in the parent's namespace: each child is PID 1 of a
- * namespace one level below the parent's (NSpid in /proc/<pid>/status lists a process's pid at
- * every level). One pass over the parent's process tree.
+ * Host pids of fork children, from their pids in the parent's namespace as the parent's agent names
+ * them. The agent is untrusted, so only pids the server can prove are children of this fork are
+ * returned: each is PID 1 of a pid namespace one level below the parent's (NSpid in
+ * /proc/<pid>/status lists a process's pid at every level) inside the parent's process tree, was
+ * started no earlier than the fork request (`notBefore`, in boot ticks), and is not the PID 1 of a
+ * sandbox the server already knows (`known`: a sibling from an earlier fork). One pass over the
+ * parent's process tree. A named pid that is alive in the parent's namespace but not proven maps to
+ * null; a named pid found nowhere (ended) is absent.
  */
-export async function hostPidsOfForkChildren(parentInit: number, nsPids: number[]): Promise<Map<number, number>> {
-  const levelsOf = async (pid: number) => {
+export async function hostPidsOfForkChildren(
+  parentInit: number, nsPids: number[], proof: { notBefore: number; known: ReadonlySet<number> },
+): Promise<Map<number, number | null>> {
+  const levelsOf = (pid: number) => {
     const status = readFileSync(`/proc/${pid}/status`, 'utf8'); // procfs: microseconds, on the fork path
     const line = /^NSpid:\s+(.+)$/m.exec(status);
     return line ? line[1]!.trim().split(/\s+/).map(Number) : [];
   };
-  const depth = (await levelsOf(parentInit)).length;
+  const startedAt = (pid: number) => {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    return Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19]);
+  };
+  const depth = levelsOf(parentInit).length;
   const wanted = new Set(nsPids);
-  const found = new Map<number, number>();
+  const found = new Map<number, number | null>();
   for (const pid of await processTree(parentInit)) {
     try {
-      const levels = await levelsOf(pid);
-      if (levels.length === depth + 1 && levels[depth] === 1 && wanted.has(levels[depth - 1]!)) found.set(levels[depth - 1]!, pid);
+      const levels = levelsOf(pid);
+      const inParent = levels[depth - 1]!;
+      if (!wanted.has(inParent)) continue;
+      const proven = !proof.known.has(pid) && levels.length === depth + 1 && levels[depth] === 1 && startedAt(pid) >= proof.notBefore;
+      found.set(inParent, proven ? pid : null);
     } catch { /* ended meanwhile */ }
   }
   return found;

@@ -7,6 +7,12 @@ import net from 'node:net';
 
 export class QmpError extends Error {}
 
+/**
+ * Longest QMP line kept (QEMU's answers here are small: a status, a migration's progress): a QEMU
+ * gone rogue (a guest escape) must not make the server buffer without end.
+ */
+const MAX_QMP_LINE = 16 * 1024 * 1024;
+
 interface Waiting { resolve(v: unknown): void; reject(e: Error): void }
 
 export class Qmp extends EventEmitter {
@@ -56,6 +62,12 @@ export class Qmp extends EventEmitter {
 
   private onData(chunk: string): void {
     this.buffer += chunk;
+    if (this.buffer.length > MAX_QMP_LINE && !this.buffer.includes('\n')) {
+      this.buffer = '';
+      this.fail(`QMP sent a line longer than ${MAX_QMP_LINE} characters`);
+      this.socket.destroy();
+      return;
+    }
     let nl: number;
     while ((nl = this.buffer.indexOf('\n')) !== -1) {
       const line = this.buffer.slice(0, nl).trim();
