@@ -52,6 +52,15 @@ export interface ServerConfig {
    * ids): never host root. Pick a range no host account uses.
    */
   sandboxUidBase: number;
+  /**
+   * First host id of the range VMs run as: the first is the group every VM's QEMU has (it may read
+   * the templates), each QEMU gets one of the others as its own uid and gid, and each fork point
+   * one as the group of its children. Must not overlap the sandboxes' range.
+   * @default PODFLARE_VM_UID_BASE or sandboxUidBase + 65536 (just past the sandboxes' range)
+   */
+  vmUidBase: number;
+  /** How many ids the VM range holds (at most one less VMs and fork points at a time). @default PODFLARE_VM_UID_COUNT or 4096 */
+  vmUidCount: number;
   /** Limits of a sandbox created without any. */
   defaultLimits: SandboxLimits;
   /** The most a create may ask for. */
@@ -111,6 +120,8 @@ export function loadConfig(overrides: Partial<ServerConfig> = {}, env: NodeJS.Pr
     startTimeoutMs: 15_000,
     interruptGraceMs: int(env.PODFLARE_INTERRUPT_GRACE_MS, 'PODFLARE_INTERRUPT_GRACE_MS') ?? 2000,
     sandboxUidBase: int(env.PODFLARE_SANDBOX_UID_BASE, 'PODFLARE_SANDBOX_UID_BASE') ?? 100_000,
+    vmUidBase: int(env.PODFLARE_VM_UID_BASE, 'PODFLARE_VM_UID_BASE') ?? -1, // -1: past the sandboxes' range (below)
+    vmUidCount: int(env.PODFLARE_VM_UID_COUNT, 'PODFLARE_VM_UID_COUNT') ?? 4096,
     // The hosted services' defaults: 2 vCPU, 1 GB RAM, 4 GB disk; 512 processes.
     defaultLimits: {
       cpus: num(env.PODFLARE_DEFAULT_CPUS, 'PODFLARE_DEFAULT_CPUS') ?? 2,
@@ -131,7 +142,20 @@ export function loadConfig(overrides: Partial<ServerConfig> = {}, env: NodeJS.Pr
   }
   const merged = { ...config, ...stripUndefined(overrides) };
   if (overrides.stateDir && !overrides.imagesDir && !env.PODFLARE_IMAGES_DIR) merged.imagesDir = path.join(overrides.stateDir, 'images');
+  if (merged.vmUidBase < 0) merged.vmUidBase = merged.sandboxUidBase + 65_536;
+  checkVmUidRange(merged);
   return merged;
+}
+
+/** The VM range: inside the id space, never root, and apart from the namespace sandboxes' ids. */
+function checkVmUidRange(c: ServerConfig): void {
+  const { vmUidBase: base, vmUidCount: count, sandboxUidBase: sandboxes } = c;
+  if (count < 2) throw new Error(`PODFLARE_VM_UID_COUNT must be at least 2 (a group and one VM), got ${count}`);
+  if (base < 1 || base + count > 0xffff_fffe) throw new Error(`PODFLARE_VM_UID_BASE must be at least 1 and leave room for ${count} ids above it, got ${base}`);
+  // A VM sharing an id with a namespace sandbox could reach its files (and it the VM's).
+  if (base < sandboxes + 65_536 && sandboxes < base + count) {
+    throw new Error(`the VM uid range ${base}–${base + count - 1} overlaps the sandboxes' ${sandboxes}–${sandboxes + 65_535}: set PODFLARE_VM_UID_BASE apart`);
+  }
 }
 
 function stripUndefined<T extends object>(o: T): Partial<T> {

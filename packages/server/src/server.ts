@@ -4,7 +4,7 @@
  */
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
-import { mkdir } from 'node:fs/promises';
+import { chmod, mkdir } from 'node:fs/promises';
 import path from 'node:path';
 import { isLoopback, type ServerConfig } from './config.js';
 import { EgressService } from './egress/index.js';
@@ -35,6 +35,8 @@ export async function startServer(config: ServerConfig, opts: StartOptions = {})
     throw new Error(`refusing to listen on ${config.host} without API keys: set PODFLARE_API_KEYS (or bind 127.0.0.1)`);
   }
   await mkdir(config.stateDir, { recursive: true });
+  // Others may only pass through (sandboxes' and VMs' uids reach their own files below it).
+  await chmod(config.stateDir, 0o711);
   const lock = await lockStateDir(config.stateDir);
   try {
     return await startLocked(config, opts, log, lock);

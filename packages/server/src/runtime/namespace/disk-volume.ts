@@ -10,7 +10,7 @@
  * mkfs.btrfs) and reused; it stays mounted over a crash and is found again at the next start.
  */
 import { existsSync } from 'node:fs';
-import { mkdir, readFile, statfs } from 'node:fs/promises';
+import { chmod, mkdir, readFile, statfs } from 'node:fs/promises';
 import path from 'node:path';
 import type { Logger } from '../../log.js';
 import { run } from '../../proc.js';
@@ -37,6 +37,7 @@ export class DiskVolume {
         await run('truncate', ['-s', String(size), image]);
         await run('mkfs.btrfs', ['-q', '-f', image]);
       }
+      await chmod(image, 0o600); // every sandbox's files, raw: root's alone
       await run('mount', ['-o', 'loop', image, mountPoint]);
       await run('btrfs', ['quota', 'enable', mountPoint]);
       return new DiskVolume(mountPoint);
