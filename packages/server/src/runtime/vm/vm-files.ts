@@ -37,8 +37,6 @@ import { constants as fsConstants } from 'node:fs';
 import { chmod, lchown, lstat, mkdir, open, rm, stat, type FileHandle } from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
-import { Transform } from 'node:stream';
-import { pipeline } from 'node:stream/promises';
 import { spawnProcess } from '../../spawner.js';
 
 const { O_CREAT, O_EXCL, O_NOFOLLOW, O_NONBLOCK, O_RDONLY, O_RDWR } = fsConstants;
@@ -232,8 +230,19 @@ export async function runAsVm(id: VmIdentity, argv: string[], timeoutMs = 600_00
 export function receiveInto(socketPath: string, uid: number, file: string, maxBytes: number): { listening: Promise<void>; done: Promise<number>; close(): void } {
   const server = net.createServer({ pauseOnConnect: true });
   let conn: net.Socket | null = null;
-  let closed = false;
+  // Listened for from the start: QEMU may connect as soon as the socket exists.
+  const accepted = new Promise<net.Socket>((resolve, reject) => {
+    server.once('connection', (c: net.Socket) => {
+      conn = c;
+      server.close(); // one connection only
+      resolve(c);
+    });
+    server.once('close', () => reject(new Error('closed before QEMU connected')));
+  });
+  accepted.catch(() => undefined);
+  let out: FileHandle | null = null;
   const listening = (async () => {
+    out = await privateFile(file, { uid: 0, gid: 0 });
     await rm(socketPath, { force: true });
     await new Promise<void>((resolve, reject) => {
       server.once('error', reject);
@@ -242,28 +251,18 @@ export function receiveInto(socketPath: string, uid: number, file: string, maxBy
     await handOverSocket(socketPath, uid);
   })();
   const done = (async () => {
-    await listening;
-    const out = await privateFile(file, { uid: 0, gid: 0 });
     try {
-      const accepted = await new Promise<net.Socket>((resolve, reject) => {
-        server.once('connection', resolve);
-        server.once('close', () => reject(new Error('closed before QEMU connected')));
-        if (closed) reject(new Error('closed before QEMU connected'));
-      });
-      server.close(); // one connection only
-      conn = accepted;
+      await listening;
+      const source = await accepted;
       let bytes = 0;
-      const limit = new Transform({
-        transform(chunk: Buffer, _enc, cb) {
-          bytes += chunk.length;
-          if (bytes > maxBytes) cb(new UntrustedFileError(`the stream is longer than the ${maxBytes} bytes it may be`));
-          else cb(null, chunk);
-        },
-      });
-      await pipeline(accepted, limit, out.createWriteStream({ autoClose: false }));
+      for await (const chunk of source as AsyncIterable<Buffer>) {
+        bytes += chunk.length;
+        if (bytes > maxBytes) throw new UntrustedFileError(`the stream is longer than the ${maxBytes} bytes it may be`);
+        await out!.write(chunk);
+      }
       return bytes;
     } finally {
-      await out.close();
+      await (out as FileHandle | null)?.close();
       server.close();
       await rm(socketPath, { force: true });
     }
@@ -274,9 +273,8 @@ export function receiveInto(socketPath: string, uid: number, file: string, maxBy
     listening,
     done,
     close: () => {
-      closed = true;
       server.close();
-      conn?.destroy();
+      (conn as net.Socket | null)?.destroy();
     },
   };
 }

@@ -5,7 +5,9 @@
  * split worker instead (migration-split.ts).
  */
 import { constants as fsConstants } from 'node:fs';
-import { pipeline } from 'node:stream/promises';
+import { once } from 'node:events';
+import type { FileHandle } from 'node:fs/promises';
+import type net from 'node:net';
 import { connectUnix, type Qmp } from './qmp.js';
 import { openRegular, receiveInto } from './vm-files.js';
 
@@ -78,7 +80,7 @@ export async function incoming(qmp: Qmp, state: StateSource, socketPath: string,
     sock.on('error', () => undefined); // a failure shows in the migration's state
     try {
       if (file) {
-        await pipeline(file.createReadStream({ autoClose: false }), sock).catch(() => undefined);
+        await streamFile(file, sock).catch(() => undefined); // a failure shows in the migration's state
       } else if ('data' in state) {
         for (const part of Buffer.isBuffer(state.data) ? [state.data] : state.data) sock.write(part);
         sock.end();
@@ -111,3 +113,16 @@ export async function migrateToFile(qmp: Qmp, to: { file: string; socketPath: st
     throw err;
   }
 }
+
+/** Writes a whole open file into a socket, a chunk at a time (each its own buffer, as the socket keeps it until sent). */
+async function streamFile(file: FileHandle, sock: net.Socket): Promise<void> {
+  for (let pos = 0; ;) {
+    const { buffer, bytesRead } = await file.read(Buffer.allocUnsafe(STREAM_CHUNK), 0, STREAM_CHUNK, pos);
+    if (bytesRead === 0) break;
+    pos += bytesRead;
+    if (!sock.write(buffer.subarray(0, bytesRead))) await once(sock, 'drain');
+  }
+  sock.end();
+}
+
+const STREAM_CHUNK = 1 << 20;
