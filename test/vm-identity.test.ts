@@ -136,8 +136,8 @@ function dirsOwnedBy(top: string, uid: number): string[] {
  * Plants links named like the runtime's files, owned by `uid`, in `dir`, pointing at `target`: a
  * regular file of that name is moved aside (its QEMU keeps it open), anything else is left.
  */
-function plant(dir: string, uid: number, target: string): void {
-  for (const name of PLANTED_NAMES) {
+function plant(dir: string, uid: number, target: string, names = PLANTED_NAMES): void {
+  for (const name of names) {
     const p = path.join(dir, name);
     let st;
     try { st = lstatSync(p); } catch { st = null; }
@@ -149,10 +149,10 @@ function plant(dir: string, uid: number, target: string): void {
 }
 
 /** A directory made the uid's (as an older server handed it to QEMU), with links planted. */
-function plantedDir(dir: string, uid: number, target: string): void {
+function plantedDir(dir: string, uid: number, target: string, names = PLANTED_NAMES): void {
   mkdirSync(dir, { recursive: true });
   chownSync(dir, uid, uid);
-  plant(dir, uid, target);
+  plant(dir, uid, target, names);
 }
 
 describe('vm identity', { timeout: 900_000 }, () => {
@@ -259,8 +259,10 @@ describe('vm identity', { timeout: 900_000 }, () => {
     const qemu = qemuPidOf(a.id)!;
     const uid = idsOf(qemu).uids[0]!;
     const onFreeze = canaries(mkdtempSync(path.join(scratch, 'freeze-')));
-    for (const dir of dirsOwnedBy(path.join(server.stateDir, 'vm', a.id), uid)) plant(dir, uid, onFreeze.read);
-    plantedDir(path.join(server.stateDir, 'frozen', a.id), uid, onFreeze.written);
+    // (Its disk stays: an older server's QEMU reopens it by name to end the migration.)
+    for (const dir of dirsOwnedBy(path.join(server.stateDir, 'vm', a.id), uid)) plant(dir, uid, onFreeze.read, PLANTED_NAMES.filter((n) => n !== 'disk.qcow2'));
+    // (Not `state`: an older server's QEMU wrote that one itself, as its own uid.)
+    plantedDir(path.join(server.stateDir, 'frozen', a.id), uid, onFreeze.written, ['disk.qcow2', 'vm.json']);
     const froze = await a.freeze().then(() => null, (err: Error) => err);
     onFreeze.assertUntouched('freeze');
     assert.equal(froze, null, `the freeze failed: ${froze?.message}`);
