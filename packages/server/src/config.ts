@@ -151,10 +151,13 @@ export function loadConfig(overrides: Partial<ServerConfig> = {}, env: NodeJS.Pr
 function checkVmUidRange(c: ServerConfig): void {
   const { vmUidBase: base, vmUidCount: count, sandboxUidBase: sandboxes } = c;
   if (count < 2) throw new Error(`PODFLARE_VM_UID_COUNT must be at least 2 (a group and one VM), got ${count}`);
-  if (base < 1 || base + count > 0xffff_fffe) throw new Error(`PODFLARE_VM_UID_BASE must be at least 1 and leave room for ${count} ids above it, got ${base}`);
+  if (base < 1 || base + count > 0xffff_fffe) {
+    throw new Error(`PODFLARE_VM_UID_BASE must be at least 1 and leave room for ${count} ids above it, got ${base}`);
+  }
   // A VM sharing an id with a namespace sandbox could reach its files (and it the VM's).
   if (base < sandboxes + 65_536 && sandboxes < base + count) {
-    throw new Error(`the VM uid range ${base}–${base + count - 1} overlaps the sandboxes' ${sandboxes}–${sandboxes + 65_535}: set PODFLARE_VM_UID_BASE apart`);
+    const ranges = `${base}–${base + count - 1} overlaps the sandboxes' ${sandboxes}–${sandboxes + 65_535}`;
+    throw new Error(`the VM uid range ${ranges}: set PODFLARE_VM_UID_BASE apart`);
   }
 }
 

@@ -64,7 +64,9 @@ export interface VmIdentity {
 export async function rootDir(dir: string, mode: number, top: string): Promise<void> {
   await mkdir(dir, { recursive: true, mode });
   const st = await lstat(dir);
-  if (!st.isDirectory() || st.uid !== 0 || (st.mode & 0o022) !== 0) throw new UntrustedFileError(`${dir} is not a directory of root's that only root writes`);
+  if (!st.isDirectory() || st.uid !== 0 || (st.mode & 0o022) !== 0) {
+    throw new UntrustedFileError(`${dir} is not a directory of root's that only root writes`);
+  }
   if ((st.mode & 0o7777) !== mode) await chmod(dir, mode);
   for (let up = path.dirname(dir); up.startsWith(top); up = path.dirname(up)) {
     const m = (await stat(up)).mode & 0o7777;
@@ -89,11 +91,17 @@ export async function freshDir(dir: string, mode: number, gid = 0): Promise<void
   }
 }
 
+/** What vmDir made: QEMU's own directory for its sockets, and its console log. */
+export interface VmDirPaths {
+  runDir: string;
+  consoleLog: string;
+}
+
 /**
  * The directory of one VM: root-owned (root:uid 0710), with a pre-made console log of the VM's
  * and `run/`, the VM's own (0700), where QEMU makes its sockets.
  */
-export async function vmDir(dir: string, owner: Owner, dirGid = owner.gid, dirMode = 0o710): Promise<{ runDir: string; consoleLog: string }> {
+export async function vmDir(dir: string, owner: Owner, dirGid = owner.gid, dirMode = 0o710): Promise<VmDirPaths> {
   await freshDir(dir, dirMode, dirGid);
   const runDir = path.join(dir, 'run');
   await mkdir(runDir, { mode: 0o700 });
@@ -147,13 +155,16 @@ export async function openRegular(file: string, flags: number, maxBytes?: number
   try {
     fd = await open(file, flags | O_NOFOLLOW | O_NONBLOCK);
   } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'ELOOP') throw new UntrustedFileError(`${file} is a symbolic link, not the file the server made`);
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === 'ELOOP') throw new UntrustedFileError(`${file} is a symbolic link, not the file the server made`);
     throw err;
   }
   try {
     const st = await fd.stat();
     if (!st.isFile()) throw new UntrustedFileError(`${file} is not a regular file`);
-    if (maxBytes !== undefined && st.size > maxBytes) throw new UntrustedFileError(`${file} is ${st.size} bytes, more than the ${maxBytes} it may hold`);
+    if (maxBytes !== undefined && st.size > maxBytes) {
+      throw new UntrustedFileError(`${file} is ${st.size} bytes, more than the ${maxBytes} it may hold`);
+    }
     return fd;
   } catch (err) {
     await fd.close();
@@ -214,11 +225,23 @@ export async function copyRegular(from: string, to: string, owner: Owner = { uid
 export async function runAsVm(id: VmIdentity, argv: string[], timeoutMs = 600_000): Promise<void> {
   const p = await spawnProcess([
     'setpriv', '--pdeathsig', 'KILL', '--no-new-privs', '--inh-caps=-all', '--bounding-set=-all',
-    `--reuid=${id.uid}`, `--regid=${id.uid}`, id.groups.length ? `--groups=${id.groups.join(',')}` : '--clear-groups', '--', ...argv,
+    `--reuid=${id.uid}`, `--regid=${id.uid}`, id.groups.length ? `--groups=${id.groups.join(',')}` : '--clear-groups',
+    '--', ...argv,
   ]);
   const timer = setTimeout(() => p.kill(), timeoutMs);
   const exit = await p.exited.finally(() => clearTimeout(timer));
-  if (exit.code !== 0) throw new Error(`${argv[0]} (as uid ${id.uid}) failed: ${exit.stderr.trim().split('\n').slice(-3).join(' | ') || `exit ${exit.code ?? exit.signal}`}`);
+  if (exit.code !== 0) {
+    const why = exit.stderr.trim().split('\n').slice(-3).join(' | ') || `exit ${exit.code ?? exit.signal}`;
+    throw new Error(`${argv[0]} (as uid ${id.uid}) failed: ${why}`);
+  }
+}
+
+/** A stream on its way into a file (receiveInto). */
+export interface StreamReceiver {
+  listening: Promise<void>;
+  /** The bytes written, once the stream has ended. */
+  done: Promise<number>;
+  close(): void;
 }
 
 /**
@@ -227,7 +250,7 @@ export async function runAsVm(id: VmIdentity, argv: string[], timeoutMs = 600_00
  * into the new file `file` (root's, 0600), at most `maxBytes`. `listening` resolves once QEMU may
  * connect, `done` once the stream has ended and is written; `close` gives up.
  */
-export function receiveInto(socketPath: string, uid: number, file: string, maxBytes: number): { listening: Promise<void>; done: Promise<number>; close(): void } {
+export function receiveInto(socketPath: string, uid: number, file: string, maxBytes: number): StreamReceiver {
   const server = net.createServer({ pauseOnConnect: true });
   let conn: net.Socket | null = null;
   // Listened for from the start: QEMU may connect as soon as the socket exists.
