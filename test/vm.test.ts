@@ -159,11 +159,14 @@ describe('vm runtime', { timeout: 600_000 }, () => {
     const mounts = await sbx.runCode('cat /proc/mounts; cat /etc/machine-id 2>/dev/null', { language: 'bash' });
     assert.doesNotMatch(mounts.stdout, /overlay|\/work|podflare\/images/);
     if (hostMachineId) assert.ok(!mounts.stdout.includes(hostMachineId));
-    // The emulator itself runs as an unprivileged host user (never root), holds no capabilities
-    // (and can gain none), under a seccomp filter.
+    // The emulator itself runs as an unprivileged host user of its own (never root: an id of the
+    // VM range, past the VMs' group), holds no capabilities (and can gain none), under a seccomp filter.
     const status = readFileSync(`/proc/${qemuPidOf(sbx.id)}/status`, 'utf8');
-    assert.match(status, /^Uid:\s+165536\s+165536\s+165536\s+165536$/m);
-    assert.match(status, /^Gid:\s+165536\s+165536\s+165536\s+165536$/m);
+    const { vmUidBase, vmUidCount } = server.config;
+    const uid = Number(/^Uid:\s+(\d+)\s+\1\s+\1\s+\1$/m.exec(status)?.[1]);
+    assert.ok(uid > vmUidBase && uid < vmUidBase + vmUidCount, `QEMU runs as uid ${uid}`);
+    assert.match(status, new RegExp(`^Gid:\\s+${uid}\\s+${uid}\\s+${uid}\\s+${uid}$`, 'm'));
+    assert.match(status, new RegExp(`^Groups:\\s+${vmUidBase}\\s*$`, 'm'));
     for (const cap of ['CapEff', 'CapPrm', 'CapBnd']) assert.match(status, new RegExp(`^${cap}:\\s+0+$`, 'm'), cap);
     assert.match(status, /^NoNewPrivs:\s+1$/m);
     assert.match(status, /^Seccomp:\s+2$/m);

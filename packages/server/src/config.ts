@@ -61,6 +61,15 @@ export interface ServerConfig {
    * @default PODFLARE_DISK_VOLUME_MB or 8192 MB
    */
   diskVolumeBytes: number;
+  /**
+   * First host id of the range VMs run as: the first is the group every VM's QEMU has (it may read
+   * the templates), each QEMU gets one of the others as its own uid and gid, and each fork point
+   * one as the group of its children. Must not overlap the sandboxes' range.
+   * @default PODFLARE_VM_UID_BASE or sandboxUidBase + 65536 (just past the sandboxes' range)
+   */
+  vmUidBase: number;
+  /** How many ids the VM range holds (at most one less VMs and fork points at a time). @default PODFLARE_VM_UID_COUNT or 4096 */
+  vmUidCount: number;
   /** Limits of a sandbox created without any. */
   defaultLimits: SandboxLimits;
   /** The most a create may ask for. */
@@ -144,6 +153,8 @@ export function loadConfig(overrides: Partial<ServerConfig> = {}, env: NodeJS.Pr
     interruptGraceMs: int(env.PODFLARE_INTERRUPT_GRACE_MS, 'PODFLARE_INTERRUPT_GRACE_MS') ?? 2000,
     diskVolumeBytes: (int(env.PODFLARE_DISK_VOLUME_MB, 'PODFLARE_DISK_VOLUME_MB') ?? 8192) * MB,
     sandboxUidBase: int(env.PODFLARE_SANDBOX_UID_BASE, 'PODFLARE_SANDBOX_UID_BASE') ?? 100_000,
+    vmUidBase: int(env.PODFLARE_VM_UID_BASE, 'PODFLARE_VM_UID_BASE') ?? -1, // -1: past the sandboxes' range (below)
+    vmUidCount: int(env.PODFLARE_VM_UID_COUNT, 'PODFLARE_VM_UID_COUNT') ?? 4096,
     // The hosted services' defaults: 2 vCPU, 1 GB RAM, 4 GB disk; 512 processes.
     defaultLimits: {
       cpus: num(env.PODFLARE_DEFAULT_CPUS, 'PODFLARE_DEFAULT_CPUS') ?? 2,
@@ -180,6 +191,8 @@ export function loadConfig(overrides: Partial<ServerConfig> = {}, env: NodeJS.Pr
     throw new Error(`PODFLARE_DISK_VOLUME_MB must be at least ${MIN_DISK_VOLUME_BYTES / MB} (a btrfs volume needs room for its metadata), got ${Math.floor(merged.diskVolumeBytes / MB)}`);
   }
   if (overrides.stateDir && !overrides.imagesDir && !env.PODFLARE_IMAGES_DIR) merged.imagesDir = path.join(overrides.stateDir, 'images');
+  if (merged.vmUidBase < 0) merged.vmUidBase = merged.sandboxUidBase + 65_536;
+  checkVmUidRange(merged);
   merged.allowedHosts = checked(merged.allowedHosts, parseAllowedHost, 'allowed host (PODFLARE_ALLOWED_HOSTS, --allowed-host)');
   merged.allowedOrigins = checked(merged.allowedOrigins, parseAllowedOrigin, 'allowed origin (PODFLARE_ALLOWED_ORIGINS, --allowed-origin)');
   return merged;
@@ -196,6 +209,20 @@ function checked(entries: string[], parse: (raw: string) => string | { error: st
     if (typeof parsed !== 'string') throw new Error(`bad ${what}: ${parsed.error}`);
     return parsed;
   });
+}
+
+/** The VM range: inside the id space, never root, and apart from the namespace sandboxes' ids. */
+function checkVmUidRange(c: ServerConfig): void {
+  const { vmUidBase: base, vmUidCount: count, sandboxUidBase: sandboxes } = c;
+  if (count < 2) throw new Error(`PODFLARE_VM_UID_COUNT must be at least 2 (a group and one VM), got ${count}`);
+  if (base < 1 || base + count > 0xffff_fffe) {
+    throw new Error(`PODFLARE_VM_UID_BASE must be at least 1 and leave room for ${count} ids above it, got ${base}`);
+  }
+  // A VM sharing an id with a namespace sandbox could reach its files (and it the VM's).
+  if (base < sandboxes + 65_536 && sandboxes < base + count) {
+    const ranges = `${base}–${base + count - 1} overlaps the sandboxes' ${sandboxes}–${sandboxes + 65_535}`;
+    throw new Error(`the VM uid range ${ranges}: set PODFLARE_VM_UID_BASE apart`);
+  }
 }
 
 function stripUndefined<T extends object>(o: T): Partial<T> {

@@ -4,7 +4,7 @@
  */
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
-import { mkdir } from 'node:fs/promises';
+import { chmod, mkdir } from 'node:fs/promises';
 import path from 'node:path';
 import { assertStateDirReachable } from './state-dir-access.js';
 import { isLoopback, type ServerConfig } from './config.js';
@@ -39,6 +39,8 @@ export async function startServer(config: ServerConfig, opts: StartOptions = {})
   // show later, as every sandbox failing.
   await assertStateDirReachable(config.stateDir);
   await mkdir(config.stateDir, { recursive: true });
+  // Others may only pass through (sandboxes' and VMs' uids reach their own files below it).
+  await chmod(config.stateDir, 0o711);
   const lock = await lockStateDir(config.stateDir);
   try {
     return await startLocked(config, opts, log, lock);

@@ -1,4 +1,5 @@
 /** The SQLite store (better-sqlite3: synchronous, in-process, one file in the state directory). */
+import { chmodSync, closeSync, existsSync, openSync } from 'node:fs';
 import Database from 'better-sqlite3';
 import type { EgressSetting, SandboxState } from '@podflare/protocol';
 import type { SandboxLimits } from '../runtime/runtime.js';
@@ -69,6 +70,9 @@ export class SqliteStore implements SandboxStore {
   private readonly db: Database.Database;
 
   constructor(file: string) {
+    // Every tenant's records: root's alone. SQLite gives the -wal and -shm files the database's mode.
+    closeSync(openSync(file, 'a', 0o600));
+    for (const f of [file, `${file}-wal`, `${file}-shm`]) if (existsSync(f)) chmodSync(f, 0o600);
     this.db = new Database(file);
     this.db.pragma('journal_mode = WAL');
     this.db.pragma('synchronous = NORMAL');

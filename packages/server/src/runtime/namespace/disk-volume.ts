@@ -19,7 +19,7 @@
  * space promised refuses to start (InsufficientHostSpaceError) instead of failing later.
  */
 import { existsSync } from 'node:fs';
-import { mkdir, open, readFile, rm, stat, statfs } from 'node:fs/promises';
+import { chmod, mkdir, open, readFile, rm, stat, statfs } from 'node:fs/promises';
 import path from 'node:path';
 import type { Logger } from '../../log.js';
 import { run } from '../../proc.js';
@@ -65,6 +65,7 @@ export class DiskVolume {
       await reserve(o.stateDir, image, size);
     }
     try {
+      await chmod(image, 0o600); // every sandbox's files, raw: root's alone
       if (!(await hasBtrfs(image))) await run('mkfs.btrfs', ['-q', '-f', '-K', image]);
       await run('mount', ['-o', 'loop,nodiscard', image, o.mountPoint]);
       await run('btrfs', ['quota', 'enable', o.mountPoint]);

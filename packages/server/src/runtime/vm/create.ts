@@ -47,8 +47,8 @@ export async function createVmRuntime(config: ServerConfig, image: ImagePaths, l
   };
   const runtime = new VmRuntime({
     stateDir: config.stateDir, accel, image: vmImage, startTimeoutMs: Math.max(config.startTimeoutMs, 30_000), log,
-    // Past the 65536 ids of the namespace sandboxes: a QEMU is nobody to them, and they to it.
-    uid: config.sandboxUidBase + 65_536,
+    // Apart from the namespace sandboxes' ids (config.ts checks): a QEMU is nobody to them, and they to it.
+    ids: { base: config.vmUidBase, count: config.vmUidCount },
   });
   return { runtime, image: vmImage };
 }

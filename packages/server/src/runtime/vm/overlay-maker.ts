@@ -40,7 +40,7 @@ export class OverlayMaker {
     const { image, at } = await skeleton;
     const copy = Buffer.from(image);
     copy.write(backing, at, 'utf8');
-    await writeFile(overlay, copy, { flag: 'wx' });
+    await writeFile(overlay, copy, { flag: 'wx', mode: 0o600 }); // root's: copied into each child's directory, then handed to it
   }
 }
 

@@ -1,9 +1,15 @@
 /**
  * Migrations of a VM, in and out: QEMU's MIGRATION events say when one is done (or why it failed),
- * a restoring VM's state comes from memory through a unix socket or from a file, and a frozen VM's
- * goes to a file. The stream of a fork point goes to the split worker instead (migration-split.ts).
+ * a restoring VM's state comes from memory or from a file through a unix socket, and a frozen VM's
+ * goes to a file through a unix socket of the server's. The stream of a fork point goes to the
+ * split worker instead (migration-split.ts).
  */
+import { constants as fsConstants } from 'node:fs';
+import { once } from 'node:events';
+import type { FileHandle } from 'node:fs/promises';
+import type net from 'node:net';
 import { connectUnix, type Qmp } from './qmp.js';
+import { openRegular, receiveInto } from './vm-files.js';
 
 /**
  * Set on every VM: x-ignore-shared leaves a share=on RAM block (a template's) out of the stream;
@@ -60,40 +66,63 @@ export function waitMigration(qmp: Qmp, timeoutMs: number, stderr?: () => string
 }
 
 /**
- * Loads a restoring VM's state: from memory through a unix socket QEMU listens on (no process
- * spawned), or from a file through `cat`.
+ * Loads a restoring VM's state through a unix socket QEMU listens on (no process spawned): from
+ * memory, or from a file the server opens itself (O_NOFOLLOW, regular: vm-files.ts) and streams.
  */
 export async function incoming(qmp: Qmp, state: StateSource, socketPath: string, timeoutMs: number, stderr?: () => string): Promise<void> {
   const migrated = waitMigration(qmp, timeoutMs, stderr);
-  if ('file' in state) {
-    await qmp.command('migrate-incoming', { uri: `exec:cat ${shellQuote(state.file)}` });
-    return migrated;
-  }
   if (Buffer.byteLength(socketPath) > 107) throw new Error(`socket path too long for a unix socket: ${socketPath}`);
-  await qmp.command('migrate-incoming', { uri: `unix:${socketPath}` });
-  // QEMU listens once migrate-incoming has returned.
-  const sock = await connectUnix(socketPath, timeoutMs);
-  sock.on('error', () => undefined); // a failure shows in the migration's state
-  for (const part of Buffer.isBuffer(state.data) ? [state.data] : state.data) sock.write(part);
-  sock.end();
+  const file = 'file' in state ? await openRegular(state.file, fsConstants.O_RDONLY) : null;
   try {
-    await migrated;
+    await qmp.command('migrate-incoming', { uri: `unix:${socketPath}` });
+    // QEMU listens once migrate-incoming has returned.
+    const sock = await connectUnix(socketPath, timeoutMs);
+    sock.on('error', () => undefined); // a failure shows in the migration's state
+    try {
+      if (file) {
+        await streamFile(file, sock).catch(() => undefined); // a failure shows in the migration's state
+      } else if ('data' in state) {
+        for (const part of Buffer.isBuffer(state.data) ? [state.data] : state.data) sock.write(part);
+        sock.end();
+      }
+      await migrated;
+    } finally {
+      sock.destroy();
+    }
   } finally {
-    sock.destroy();
+    await file?.close();
   }
 }
 
 /**
- * Migrates a stopped VM's state to `file` (through `cat`: QEMU 7.2 has no file: URI) and waits
- * for it to be written.
+ * Migrates a stopped VM's state into the new file `file` (root's): QEMU (uid `uid`) streams it to
+ * a unix socket of the server's at `socketPath`, never to a path of its choosing; at most
+ * `maxBytes` are taken.
  */
-export async function migrateToFile(qmp: Qmp, file: string, timeoutMs: number, stderr?: () => string): Promise<void> {
-  await qmp.command('migrate-set-parameters', UNTHROTTLED);
-  const migrated = waitMigration(qmp, timeoutMs, stderr);
-  await qmp.command('migrate', { uri: `exec:cat > ${shellQuote(file)}` });
-  await migrated;
+export async function migrateToFile(qmp: Qmp, to: { file: string; socketPath: string; uid: number; maxBytes: number }, timeoutMs: number, stderr?: () => string): Promise<void> {
+  const receiver = receiveInto(to.socketPath, to.uid, to.file, to.maxBytes);
+  try {
+    await receiver.listening;
+    await qmp.command('migrate-set-parameters', UNTHROTTLED);
+    const migrated = waitMigration(qmp, timeoutMs, stderr);
+    await qmp.command('migrate', { uri: `unix:${to.socketPath}` });
+    await Promise.all([migrated, receiver.done]);
+  } catch (err) {
+    receiver.close();
+    await qmp.command('migrate_cancel').catch(() => undefined);
+    throw err;
+  }
 }
 
-function shellQuote(s: string): string {
-  return `'${s.replace(/'/g, `'\\''`)}'`;
+/** Writes a whole open file into a socket, a chunk at a time (each its own buffer, as the socket keeps it until sent). */
+async function streamFile(file: FileHandle, sock: net.Socket): Promise<void> {
+  for (let pos = 0; ;) {
+    const { buffer, bytesRead } = await file.read(Buffer.allocUnsafe(STREAM_CHUNK), 0, STREAM_CHUNK, pos);
+    if (bytesRead === 0) break;
+    pos += bytesRead;
+    if (!sock.write(buffer.subarray(0, bytesRead))) await once(sock, 'drain');
+  }
+  sock.end();
 }
+
+const STREAM_CHUNK = 1 << 20;

@@ -1,6 +1,6 @@
 /**
- * The processes of one VM: QEMU started unprivileged (as the VMs' uid, no capabilities, dying with
- * the server), its QMP connection, the agent channel on its virtio-serial port, and slirp4netns
+ * The processes of one VM: QEMU started unprivileged (as the VM's own uid, no capabilities, dying
+ * with the server), its QMP connection, the agent channel on its virtio-serial port, and slirp4netns
  * for a VM with egress; and how they end.
  */
 import { existsSync, statSync } from 'node:fs';
@@ -12,9 +12,12 @@ import type { VmImagePaths } from '../../image/vm-image.js';
 import { SpawnedChild } from '../../spawner.js';
 import { startSlirp, type Slirp } from '../namespace/network.js';
 import { qemuArgs, type Acceleration } from './qemu-args.js';
+import { readRegular, type VmIdentity } from './vm-files.js';
 import { connectUnix, Qmp } from './qmp.js';
 
 const QEMU = 'qemu-system-x86_64';
+/** A console log is read whole for its last lines: a guest writing gigabytes gets no answer. */
+const CONSOLE_LOG_READ_MAX = 16 * 1024 * 1024;
 /** Pool fills: their VMs start at this nice, to leave the CPU to sandboxes in use. */
 const BACKGROUND_NICE = 10;
 
@@ -34,16 +37,18 @@ export interface VmProcess {
 export interface QemuHost {
   accel: Acceleration;
   memoryMb: number;
-  /** The uid and gid QEMU runs as. */
-  uid: number;
   /** /dev/kvm's group, given to QEMU when it uses KVM (null under TCG). */
   kvmGid: number | null;
   image(): Promise<VmImagePaths>;
 }
 
 export interface LaunchOptions {
-  /** The VM's directory: its sockets and console log. */
-  dir: string;
+  /** Who QEMU runs as: the VM's own uid and gid, and the groups of the shared files it maps. */
+  identity: VmIdentity;
+  /** The VM's own directory (run/ of vm-files' vmDir), where QEMU makes its sockets. */
+  runDir: string;
+  /** Made by the server (vm-files' vmDir), written by QEMU. */
+  consoleLog: string;
   disk: string;
   ramFile: string;
   shareRam: boolean;
@@ -66,15 +71,16 @@ export function kvmGroup(accel: Acceleration): number | null {
 
 /** Starts QEMU and connects to its QMP socket and to the agent's port (before the guest runs). */
 export async function launchQemu(host: QemuHost, o: LaunchOptions, timeoutMs: number): Promise<VmProcess> {
-  const agentSocket = path.join(o.dir, 'agent.sock');
-  const qmpSocket = path.join(o.dir, 'qmp.sock');
-  const consoleLog = path.join(o.dir, 'console.log');
+  const agentSocket = path.join(o.runDir, 'agent.sock');
+  const qmpSocket = path.join(o.runDir, 'qmp.sock');
+  const consoleLog = o.consoleLog;
   if (Buffer.byteLength(agentSocket) > 107) throw new Error(`socket path too long for a unix socket: ${agentSocket} (choose a shorter state directory)`);
   const image = await host.image();
   const args = qemuArgs({
     accel: host.accel, memoryMb: host.memoryMb, vmlinux: image.vmlinux, initrd: image.initrd,
     disk: o.disk, ramFile: o.ramFile, shareRam: o.shareRam, agentSocket, qmpSocket, consoleLog, network: o.network, incoming: o.incoming,
   });
+  const groups = [...o.identity.groups, ...(host.kvmGid !== null ? [host.kvmGid] : [])];
   // setpriv --pdeathsig: the VM dies with the server, whatever way the server ends.
   // unshare --net: QEMU's user-mode network opens its sockets in a network namespace of its
   // own, which reaches out only through slirp4netns with --disable-host-loopback: the guest
@@ -83,11 +89,11 @@ export async function launchQemu(host: QemuHost, o: LaunchOptions, timeoutMs: nu
   const prefix = [
     ...(o.background ? ['nice', '-n', String(BACKGROUND_NICE)] : []),
     ...(o.network ? ['unshare', '--net', '--'] : []),
-    // An unprivileged uid with no capabilities at all, and none to regain. /dev/kvm through its
-    // group where KVM is used.
+    // The VM's own uid with no capabilities at all, and none to regain; the groups of what it
+    // shares (templates, fork layers), and /dev/kvm's where KVM is used.
     'setpriv', '--pdeathsig', 'KILL', '--no-new-privs', '--inh-caps=-all', '--bounding-set=-all',
-    `--reuid=${host.uid}`, `--regid=${host.uid}`,
-    ...(host.kvmGid !== null ? [`--groups=${host.kvmGid}`] : ['--clear-groups']), '--',
+    `--reuid=${o.identity.uid}`, `--regid=${o.identity.uid}`,
+    ...(groups.length ? [`--groups=${groups.join(',')}`] : ['--clear-groups']), '--',
   ];
   // Started by the spawner: a fork of the server would block its event loop for milliseconds
   // per VM, five times over in a fork(5). SCHED_BATCH: a VM is CPU-bound (under TCG wholly so);
@@ -162,7 +168,8 @@ export function setPriorityAll(pid: number, nice: number): void {
 /** The last lines the guest printed on its console (why it died, typically). */
 export async function consoleTail(file: string): Promise<string> {
   try {
-    const text = await readFile(file, 'utf8');
+    // Written by QEMU: read as untrusted (no symlink, regular, bounded), only its end kept.
+    const text = (await readRegular(file, CONSOLE_LOG_READ_MAX)).toString('utf8');
     return text.trim().split('\n').slice(-4).map((l) => l.trim()).join(' | ').slice(-600);
   } catch {
     return '';

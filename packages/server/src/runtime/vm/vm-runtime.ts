@@ -23,13 +23,18 @@
  *   /dev/shm/podflare-<statehash>-<pid>-<point>.ram               a fork point's RAM (unlinked once mapped)
  *   <stateDir>/vm/layers/<point>.{qcow2,top.qcow2,sock}           fork layer, its children's empty overlay, stream socket
  *   <stateDir>/vm/points/<point>.dev                              a fork point's device state (QEMU writes it, the server reads it)
- *   <stateDir>/vm/<sandbox id>/{disk.qcow2,agent.sock,qmp.sock,in.sock,console.log}
+ *   <stateDir>/vm/<sandbox id>/{disk.qcow2,console.log,out.sock}  the VM's files (its directory is root's)
+ *   <stateDir>/vm/<sandbox id>/run/{agent.sock,qmp.sock,in.sock}  QEMU's own sockets (the one directory it owns)
+ *   <stateDir>/frozen/<sandbox id>/{state,disk.qcow2,vm.json}     a frozen VM (root's alone)
  *
  * Disks: the shared read-only ext4 root ← template overlay ← each sandbox's own qcow2 overlay.
+ *
+ * Identity: every QEMU runs as a uid of its own (vm-ids.ts), and who may read what, and how the
+ * server (root) touches files a QEMU can reach, is in vm-files.ts (its threat model on top).
  */
 import { createHash, randomBytes } from 'node:crypto';
 import { constants as fsConstants } from 'node:fs';
-import { chmod, chown, copyFile, mkdir, open, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { copyFile, readdir, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { ChannelClosedError, type AgentChannel } from '../../agent-channel.js';
 import { ApiError } from '../../errors.js';
@@ -47,6 +52,8 @@ import { OverlayMaker } from './overlay-maker.js';
 import { incoming, migrateToFile, MIGRATION_CAPABILITIES, UNTHROTTLED, waitMigration, type StateSource } from './vm-migration.js';
 import type { Qmp } from './qmp.js';
 import { consoleTail, kvmGroup, launchQemu, qemuPidsUnder, setPriorityAll, stopVm, waitExit, type QemuHost, type VmProcess } from './vm-process.js';
+import { copyRegular, freshDir, handOver, privateFile, readRegular, rootDir, runAsVm, vmDir, writeNew, type Owner, type VmIdentity } from './vm-files.js';
+import { VmIdPool } from './vm-ids.js';
 
 export interface VmRuntimeOptions {
   stateDir: string;
@@ -66,16 +73,22 @@ export interface VmRuntimeOptions {
   /** How long a clone may take from QEMU start to the agent's answer after restore. */
   startTimeoutMs: number;
   /**
-   * Host uid/gid QEMU runs as (never root): the first id past the namespace sandboxes' range, so
-   * a QEMU escape lands as an ordinary user owning only the VMs' own files.
+   * Host ids VMs run as (never root, apart from the namespace sandboxes'): the first is the group
+   * of every VM, each QEMU gets one of the others of its own, each fork point one as its group.
    */
-  uid: number;
+  ids: { base: number; count: number; lockDir?: string };
   log: Logger;
 }
 
 const DEFAULT_MEMORY_MB = 512;
 /** A VM's device state is tens of KB (the RAM is apart): a file much larger is not one. */
 const MAX_DEVICE_STATE = 16 * MB;
+/** A template's state: its device state and a few small ROM blocks (its RAM stays in the RAM file). */
+const MAX_TEMPLATE_STATE = 64 * MB;
+/** A frozen VM's state holds its whole RAM, with page headers and device state on top. */
+const FROZEN_STATE_OVERHEAD = 64 * MB;
+/** vm.json of a frozen VM. */
+const MAX_FROZEN_META = 64 * 1024;
 
 /** A fork point's memory: the file the children's RAM maps, and the state they load. */
 interface ForkMemory {
@@ -122,7 +135,10 @@ export class VmSandbox implements RuntimeSandbox {
     /** Fork layers (read-only qcow2) under this VM's disk, which must outlive it. */
     readonly layers: string[],
     readonly vm: VmProcess,
-    private readonly onGone: (s: VmSandbox) => void,
+    /** Who its QEMU runs as. */
+    readonly identity: VmIdentity,
+    /** Once its QEMU is gone: its files removed, its uid given back (after every process of it is dead). */
+    private readonly onGone: (s: VmSandbox) => Promise<void>,
   ) {
     this.channel = vm.channel;
     this.exited = new Promise((resolve) => { this.resolveExited = resolve; });
@@ -157,9 +173,7 @@ export class VmSandbox implements RuntimeSandbox {
     this.destroying ??= (async () => {
       await stopVm(this.vm, 'destroyed');
       this.resolveExited({ reason: 'destroyed' });
-      await rm(this.dir, { recursive: true, force: true });
-      if (this.ownRamFile) await rm(this.ownRamFile, { force: true });
-      this.onGone(this);
+      await this.onGone(this);
     })();
     return this.destroying;
   }
@@ -168,7 +182,9 @@ export class VmSandbox implements RuntimeSandbox {
 export class VmRuntime implements Runtime {
   readonly name = 'vm' as const;
   readonly capabilities = { fork: true, freeze: true, egress: true, egressPolicy: false };
-  private readonly layerRefs = new Map<string, number>();
+  /** Fork layers: how many VMs stand on each, and its fork point's group. */
+  private readonly layerRefs = new Map<string, { refs: number; gid: number }>();
+  private readonly ids: VmIdPool;
   private readonly live = new Map<string, VmSandbox>();
   private readonly templates = new Map<string, Promise<Template>>();
   private readonly inFlight = new InFlight();
@@ -185,7 +201,8 @@ export class VmRuntime implements Runtime {
   constructor(private readonly opts: VmRuntimeOptions) {
     this.memoryMb = opts.memoryMb ?? DEFAULT_MEMORY_MB;
     this.forkCopyLimitMb = opts.forkCopyLimitMb ?? this.memoryMb / 8;
-    this.qemuHost = { accel: opts.accel, memoryMb: this.memoryMb, uid: opts.uid, kvmGid: kvmGroup(opts.accel), image: () => opts.image() };
+    this.qemuHost = { accel: opts.accel, memoryMb: this.memoryMb, kvmGid: kvmGroup(opts.accel), image: () => opts.image() };
+    this.ids = new VmIdPool(opts.ids);
     this.shmPrefix = `podflare-${createHash('sha256').update(path.resolve(opts.stateDir)).digest('hex').slice(0, 10)}-`;
   }
 
@@ -203,6 +220,8 @@ export class VmRuntime implements Runtime {
     for (const pid of await qemuPidsUnder(this.vmDir)) {
       try { process.kill(pid, 'SIGKILL'); } catch { /* gone */ }
     }
+    // Whatever else ran as a dead server's VM ids goes before their directories are walked.
+    await this.ids.reclaimStale();
     await rm(this.vmDir, { recursive: true, force: true });
     // Ours (an earlier run on this state directory), and those of servers that died for good (a
     // test's temporary state directory never comes back): the name carries the server's pid.
@@ -234,6 +253,7 @@ export class VmRuntime implements Runtime {
       if (t.status === 'fulfilled') await removeTemplate(t.value);
     }
     await rm(this.vmDir, { recursive: true, force: true });
+    await this.ids.releaseAll();
     await this.forkWorker.close();
   }
 
@@ -257,57 +277,73 @@ export class VmRuntime implements Runtime {
     const tpl: Template = { dir, disk: path.join(dir, 'disk.qcow2'), stateData: { data: Buffer.alloc(0) }, cloneOverlay: path.join(dir, 'clone.qcow2'), ramFile: path.join('/dev/shm', `${this.shmPrefix}${process.pid}-${rand}.ram`), image, network, skeleton: null };
     const bootTimeoutMs = this.opts.bootTimeoutMs ?? (this.opts.accel.kind === 'kvm' ? 20_000 : 90_000);
     const t0 = performance.now();
-    // A TCG boot can stall early on a loaded host: one more attempt before giving up.
-    for (let attempt = 1; ; attempt++) {
-      await rm(dir, { recursive: true, force: true });
-      await rm(tpl.ramFile, { force: true });
-      await this.ownDir(dir);
-      await run('qemu-img', ['create', '-q', '-f', 'qcow2', '-F', 'raw', '-b', image.rootfs, tpl.disk]);
-      await chown(tpl.disk, this.opts.uid, this.opts.uid);
-      let vm: VmProcess | undefined;
-      try {
-        vm = await launchQemu(this.qemuHost, { dir, disk: tpl.disk, ramFile: tpl.ramFile, shareRam: true, network, incoming: false, background: false }, bootTimeoutMs);
-        await vm.channel.waitHello(bootTimeoutMs);
-        // The interpreter is up (and has imported what it preloads) before the freeze.
-        const ready = await withTimeout(vm.channel.exec({ op: 'exec', language: 'python', code: 'pass' }, () => undefined), bootTimeoutMs, 'the template interpreter did not start');
-        if (ready.code !== 0) throw new Error('the template interpreter failed to start');
-        const booted = performance.now();
-        await vm.qmp.command('stop');
-        // Forks by copy need the device state alone: tried once here, on this QEMU (one without
-        // the command fails here too).
-        const devicesAlone = await this.saveDevices(vm, path.join(this.vmDir, 'points', `template-${rand}.dev`)).then(deviceSections).then(() => true, (err: Error) => {
-          this.opts.log.warn('vm template: forks will migrate (no device state alone from this QEMU)', { error: err.message });
-          return false;
-        });
-        await vm.qmp.command('migrate-set-capabilities', { capabilities: MIGRATION_CAPABILITIES });
-        await migrateToFile(vm.qmp, statePath, bootTimeoutMs, vm.stderr);
-        await vm.qmp.command('quit').catch(() => undefined);
-        await waitExit(vm.qemu, 10_000);
-        vm.channel.close('template frozen');
-        await chmod(tpl.disk, 0o444);
-        const stateData = await readFile(statePath);
-        tpl.stateData = { data: stateData };
-        // Forks by copy also need a template stream the split understands; else they migrate.
-        if (devicesAlone) {
-          try {
-            tpl.skeleton = forkSkeleton(stateData, RAM_BLOCK, this.memoryMb * MB);
-          } catch (err) {
-            this.opts.log.warn('vm template: forks will migrate (its stream cannot be cut for forks by copy)', { error: (err as Error).message });
+    await rootDir(path.dirname(dir), 0o711, this.opts.stateDir);
+    // The template's QEMU has a uid of its own while it boots; once frozen, its files are root's,
+    // readable (the RAM file writable: QEMU 7.2 maps it so) by the VMs' group.
+    const uid = await this.ids.allocate();
+    const owner: Owner = { uid, gid: uid };
+    const shared: Owner = { uid: 0, gid: this.ids.group };
+    try {
+      // A TCG boot can stall early on a loaded host: one more attempt before giving up.
+      for (let attempt = 1; ; attempt++) {
+        await rm(tpl.ramFile, { force: true });
+        const { runDir, consoleLog } = await vmDir(dir, owner, this.ids.group, 0o750);
+        let vm: VmProcess | undefined;
+        try {
+          await run('qemu-img', ['create', '-q', '-f', 'qcow2', '-F', 'raw', '-b', image.rootfs, tpl.disk]);
+          await handOver(tpl.disk, owner, 0o600);
+          await (await privateFile(tpl.ramFile, owner, 0o600, this.memoryMb * MB)).close();
+          vm = await launchQemu(this.qemuHost, { identity: { uid, groups: [this.ids.group] }, runDir, consoleLog, disk: tpl.disk, ramFile: tpl.ramFile, shareRam: true, network, incoming: false, background: false }, bootTimeoutMs);
+          await vm.channel.waitHello(bootTimeoutMs);
+          // The interpreter is up (and has imported what it preloads) before the freeze.
+          const ready = await withTimeout(vm.channel.exec({ op: 'exec', language: 'python', code: 'pass' }, () => undefined), bootTimeoutMs, 'the template interpreter did not start');
+          if (ready.code !== 0) throw new Error('the template interpreter failed to start');
+          const booted = performance.now();
+          await vm.qmp.command('stop');
+          // Forks by copy need the device state alone: tried once here, on this QEMU (one without
+          // the command fails here too).
+          const devicesAlone = await this.saveDevices(vm, uid, path.join(this.vmDir, 'points', `template-${rand}.dev`)).then(deviceSections).then(() => true, (err: Error) => {
+            this.opts.log.warn('vm template: forks will migrate (no device state alone from this QEMU)', { error: err.message });
+            return false;
+          });
+          await vm.qmp.command('migrate-set-capabilities', { capabilities: MIGRATION_CAPABILITIES });
+          await migrateToFile(vm.qmp, { file: statePath, socketPath: path.join(dir, 'out.sock'), uid, maxBytes: MAX_TEMPLATE_STATE }, bootTimeoutMs, vm.stderr);
+          await vm.qmp.command('quit').catch(() => undefined);
+          await waitExit(vm.qemu, 10_000);
+          vm.channel.close('template frozen');
+          // Nothing of the template's uid stays in its directory (the uid goes to other VMs).
+          await rm(runDir, { recursive: true, force: true });
+          await handOver(consoleLog, { uid: 0, gid: 0 }, 0o600);
+          // Written by a guest that ran our image alone (no tenant's code yet): its disk is trusted.
+          await handOver(tpl.disk, shared, 0o440);
+          await handOver(tpl.ramFile, shared, 0o660);
+          const stateData = await readRegular(statePath, MAX_TEMPLATE_STATE);
+          tpl.stateData = { data: stateData };
+          // Forks by copy also need a template stream the split understands; else they migrate.
+          if (devicesAlone) {
+            try {
+              tpl.skeleton = forkSkeleton(stateData, RAM_BLOCK, this.memoryMb * MB);
+            } catch (err) {
+              this.opts.log.warn('vm template: forks will migrate (its stream cannot be cut for forks by copy)', { error: (err as Error).message });
+            }
           }
+          await run('qemu-img', ['create', '-q', '-f', 'qcow2', '-F', 'qcow2', '-b', tpl.disk, tpl.cloneOverlay]);
+          await handOver(tpl.cloneOverlay, { uid: 0, gid: 0 }, 0o600);
+          this.opts.log.info('vm template ready', { template: name, network, boot_ms: Math.round(booted - t0), freeze_ms: Math.round(performance.now() - booted), accel: this.opts.accel.kind });
+          return tpl;
+        } catch (err) {
+          const tail = await consoleTail(consoleLog);
+          if (vm) await stopVm(vm, 'template boot failed');
+          const message = `${(err as Error).message}${tail ? ` (console: ${tail})` : ''}`;
+          if (attempt >= 2 || this.inFlight.closed) {
+            await removeTemplate(tpl);
+            throw new Error(`the VM template did not boot: ${message}`);
+          }
+          this.opts.log.warn('vm template boot failed, retrying', { error: message });
         }
-        await run('qemu-img', ['create', '-q', '-f', 'qcow2', '-F', 'qcow2', '-b', tpl.disk, tpl.cloneOverlay]);
-        this.opts.log.info('vm template ready', { template: name, network, boot_ms: Math.round(booted - t0), freeze_ms: Math.round(performance.now() - booted), accel: this.opts.accel.kind });
-        return tpl;
-      } catch (err) {
-        const tail = await consoleTail(path.join(dir, 'console.log'));
-        if (vm) await stopVm(vm, 'template boot failed');
-        const message = `${(err as Error).message}${tail ? ` (console: ${tail})` : ''}`;
-        if (attempt >= 2 || this.inFlight.closed) {
-          await removeTemplate(tpl);
-          throw new Error(`the VM template did not boot: ${message}`);
-        }
-        this.opts.log.warn('vm template boot failed, retrying', { error: message });
       }
+    } finally {
+      await this.ids.release(uid);
     }
   }
 
@@ -327,6 +363,8 @@ export class VmRuntime implements Runtime {
   private async restore(spec: SandboxSpec, from: {
     template: Template;
     ramFile: string;
+    /** The RAM file is this VM's own, made here (a resumed VM: the state holds all its RAM). */
+    ownRam?: boolean;
     /** A copy of a ready-made empty overlay (over the right backing file), or a copy of a whole disk. */
     disk: { overlayOf: string } | { copyOf: string };
     state: StateSource | Promise<StateSource>;
@@ -339,24 +377,42 @@ export class VmRuntime implements Runtime {
     const steps: Record<string, number> = {};
     const step = (name: string) => { steps[name] = Math.round(performance.now() - t0); };
     const dir = path.join(this.vmDir, spec.id);
-    await this.ownDir(dir);
     const disk = path.join(dir, 'disk.qcow2');
     for (const l of from.layers) this.retainLayer(l);
+    const uid = await this.ids.allocate().catch((err: Error) => {
+      for (const l of from.layers) void this.releaseLayer(l);
+      throw err;
+    });
+    const owner: Owner = { uid, gid: uid };
+    // Its own ids, the VMs' group (the template's files) and its fork points' (their layers and RAM).
+    const identity: VmIdentity = { uid, groups: [this.ids.group, ...from.layers.map((l) => this.layerRefs.get(l)!.gid)] };
+    const removeFiles = async () => {
+      await rm(dir, { recursive: true, force: true });
+      if (from.ownRam) await rm(from.ramFile, { force: true });
+    };
     let vm: VmProcess | undefined;
+    let sandbox: VmSandbox | undefined; // once made, it releases its uid, files and layers itself
+    let consoleLog = path.join(dir, 'console.log');
     try {
-      if ('copyOf' in from.disk) await run('cp', ['--sparse=always', '--reflink=auto', from.disk.copyOf, disk]);
-      else await copyFile(from.disk.overlayOf, disk);
-      await chown(disk, this.opts.uid, this.opts.uid);
+      await rootDir(this.vmDir, 0o711, this.opts.stateDir);
+      const made = await vmDir(dir, owner);
+      consoleLog = made.consoleLog;
+      if ('copyOf' in from.disk) await copyRegular(from.disk.copyOf, disk, owner);
+      else {
+        await copyFile(from.disk.overlayOf, disk, fsConstants.COPYFILE_EXCL);
+        await handOver(disk, owner, 0o600);
+      }
+      if (from.ownRam) await (await privateFile(from.ramFile, owner, 0o600, this.memoryMb * MB)).close();
       step('disk_ms');
       const tpl = from.template;
-      vm = await launchQemu(this.qemuHost, { dir, disk, ramFile: from.ramFile, shareRam: false, network: tpl.network, incoming: true, background: spec.background ?? false }, this.opts.startTimeoutMs);
+      vm = await launchQemu(this.qemuHost, { identity, runDir: made.runDir, consoleLog, disk, ramFile: from.ramFile, shareRam: false, network: tpl.network, incoming: true, background: spec.background ?? false }, this.opts.startTimeoutMs);
       // Only a shared RAM block is skipped: the template's and a fork point's state have no
       // pages of the RAM file, a frozen sandbox's has them all (its RAM file starts empty).
       await vm.qmp.command('migrate-set-capabilities', { capabilities: MIGRATION_CAPABILITIES });
       step('launch_ms');
       const state = await from.state;
       step('state_ready_ms');
-      await incoming(vm.qmp, state, path.join(dir, 'in.sock'), this.opts.startTimeoutMs, vm.stderr);
+      await incoming(vm.qmp, state, path.join(made.runDir, 'in.sock'), this.opts.startTimeoutMs, vm.stderr);
       step('loaded_ms');
       await vm.qmp.command('cont');
       await withTimeout(vm.channel.request({
@@ -370,10 +426,12 @@ export class VmRuntime implements Runtime {
       if (!from.clockLater) this.setClock(spec.id, vm);
       this.opts.log.debug('vm restored', { id: spec.id, ...steps });
       if (spec.background && vm.qemu.pid) setPriorityAll(vm.qemu.pid, 0);
-      const sandbox = new VmSandbox(spec.id, dir, tpl, from.ramFile, disk, [...from.layers], vm, (s) => {
+      sandbox = new VmSandbox(spec.id, dir, tpl, from.ramFile, disk, [...from.layers], vm, identity, async (s) => {
         this.live.delete(s.id);
+        await this.ids.release(uid, removeFiles);
         for (const l of s.layers) void this.releaseLayer(l);
       });
+      if (from.ownRam) sandbox.ownRamFile = from.ramFile;
       this.live.set(spec.id, sandbox);
       if (this.inFlight.closed) {
         await sandbox.destroy();
@@ -381,10 +439,12 @@ export class VmRuntime implements Runtime {
       }
       return sandbox;
     } catch (err) {
-      const tail = await consoleTail(path.join(dir, 'console.log'));
+      const tail = await consoleTail(consoleLog);
       if (vm) await stopVm(vm, 'start failed');
-      await rm(dir, { recursive: true, force: true });
-      for (const l of from.layers) void this.releaseLayer(l);
+      if (!sandbox) {
+        await this.ids.release(uid, removeFiles);
+        for (const l of from.layers) void this.releaseLayer(l);
+      }
       throw new Error(`the VM did not start: ${(err as Error).message}${tail ? ` (console: ${tail})` : ''}`);
     }
   }
@@ -422,7 +482,7 @@ export class VmRuntime implements Runtime {
     const phase = (name: string, extra: Record<string, unknown> = {}) => this.opts.log.debug(`vm fork: ${name}`, { parent: parent.id, ms: Math.round(performance.now() - t0), ...extra });
     const point = randomBytes(6).toString('hex');
     const layersDir = path.join(this.vmDir, 'layers');
-    await this.ownDir(layersDir); // QEMU connects to a fork point's stream socket here
+    await rootDir(layersDir, 0o711, this.opts.stateDir); // QEMU connects to a fork point's stream socket here
     const layer = path.join(layersDir, `${point}.qcow2`);
     const overlay = path.join(layersDir, `${point}.top.qcow2`);
     const qmp = parent.vm.qmp;
@@ -431,19 +491,21 @@ export class VmRuntime implements Runtime {
     let resumed = false;
     let forked = false;
     let settled: Promise<unknown> = Promise.resolve();
+    // The fork point's group: its layer and RAM file are readable by its children alone.
+    const pointGid = await this.ids.allocate();
     try {
       await qmp.command('stop');
       // `stop` flushed the disk (QEMU's qcow2 caches included) and nothing writes it until
       // `cont`: a copy of the overlay is the fork point's disk, taken while the memory is taken.
       // The children's empty overlay over it is made meanwhile (the copy need not exist yet).
-      this.retainLayer(layer);
+      this.retainLayer(layer, pointGid);
       layerHeld = true;
       const [mem, disk] = await Promise.allSettled([
-        this.forkMemory(parent, point, phase),
+        this.forkMemory(parent, point, pointGid, phase),
         Promise.all([
           // A reflink where the state directory's filesystem has them (btrfs, XFS): a parent that
           // wrote gigabytes forks as fast as one that wrote nothing. Elsewhere a copy.
-          copyFile(parent.disk, layer, fsConstants.COPYFILE_FICLONE).then(() => chmod(layer, 0o444)),
+          copyFile(parent.disk, layer, fsConstants.COPYFILE_FICLONE | fsConstants.COPYFILE_EXCL).then(() => handOver(layer, { uid: 0, gid: pointGid }, 0o440)),
           this.overlays.make(layer, overlay, parent.disk),
         ]),
       ]);
@@ -486,7 +548,7 @@ export class VmRuntime implements Runtime {
         await memory?.release();
         await rm(overlay, { force: true });
         if (layerHeld) await this.releaseLayer(layer); // held by the children alone now, if any
-        else await rm(layer, { force: true });
+        else await this.ids.release(pointGid, () => rm(layer, { force: true }));
       })();
       // A fork that failed has cleaned up when it says so; a fork that worked need not wait.
       if (forked) this.inFlight.background(cleanup);
@@ -502,11 +564,11 @@ export class VmRuntime implements Runtime {
    * them. Else by migration: the parent's stream is split into a fresh RAM file of the fork point,
    * which its children share (forkBySplit).
    */
-  private async forkMemory(parent: VmSandbox, point: string, phase: (name: string, extra?: Record<string, unknown>) => void): Promise<ForkMemory> {
+  private async forkMemory(parent: VmSandbox, point: string, pointGid: number, phase: (name: string, extra?: Record<string, unknown>) => void): Promise<ForkMemory> {
     const skeleton = parent.template.skeleton;
-    if (!skeleton || parent.ramFile !== parent.template.ramFile || parent.vm.qemu.pid === undefined) return this.forkBySplit(parent, point, phase);
+    if (!skeleton || parent.ramFile !== parent.template.ramFile || parent.vm.qemu.pid === undefined) return this.forkBySplit(parent, point, pointGid, phase);
     const devicesFile = path.join(this.vmDir, 'points', `${point}.dev`);
-    const devices = this.saveDevices(parent.vm, devicesFile);
+    const devices = this.saveDevices(parent.vm, parent.identity.uid, devicesFile);
     devices.catch(() => undefined);
     const own = this.forkWorker.privatePages({ pid: parent.vm.qemu.pid, ramFile: parent.ramFile, ramSize: this.memoryMb * MB, limitBytes: this.forkCopyLimitMb * MB, skeleton, ramBlock: RAM_BLOCK });
     const counted = await own.counted.catch((err: Error) => {
@@ -517,7 +579,7 @@ export class VmRuntime implements Runtime {
     if (!counted?.copy) {
       await devices.catch(() => undefined);
       if (counted) phase('too many pages to copy', { pages: counted.count });
-      return this.forkBySplit(parent, point, phase);
+      return this.forkBySplit(parent, point, pointGid, phase);
     }
     const { count } = counted;
     // The children start while the pages are read.
@@ -535,25 +597,13 @@ export class VmRuntime implements Runtime {
    * by name: it is made here first, in a directory of the server's own, so QEMU can neither
    * replace it nor point it elsewhere (this server, root, reads it back).
    */
-  private async saveDevices(vm: VmProcess, file: string): Promise<Buffer> {
-    await mkdir(path.dirname(file), { recursive: true, mode: 0o711 });
+  private async saveDevices(vm: VmProcess, uid: number, file: string): Promise<Buffer> {
+    await rootDir(path.dirname(file), 0o711, this.opts.stateDir);
     try {
-      const fd = await open(file, 'wx', 0o600);
-      try {
-        await fd.chown(this.opts.uid, this.opts.uid);
-      } finally {
-        await fd.close();
-      }
+      await (await privateFile(file, { uid, gid: uid })).close();
       // live: false, or QEMU would hand the disk over as at the end of a migration.
       await vm.qmp.command('xen-save-devices-state', { filename: file, live: false });
-      const fd2 = await open(file, fsConstants.O_RDONLY | fsConstants.O_NOFOLLOW);
-      try {
-        const { size } = await fd2.stat();
-        if (size > MAX_DEVICE_STATE) throw new Error(`the device state is ${size} bytes, more than a VM's devices hold`);
-        return await fd2.readFile();
-      } finally {
-        await fd2.close();
-      }
+      return await readRegular(file, MAX_DEVICE_STATE);
     } finally {
       await rm(file, { force: true });
     }
@@ -570,7 +620,7 @@ export class VmRuntime implements Runtime {
    * one left by a crash). A fork of such a child works the same way (its RAM is not its
    * template's), and so does a fork of a resumed VM.
    */
-  private async forkBySplit(parent: VmSandbox, point: string, phase: (name: string, extra?: Record<string, unknown>) => void): Promise<ForkMemory> {
+  private async forkBySplit(parent: VmSandbox, point: string, pointGid: number, phase: (name: string, extra?: Record<string, unknown>) => void): Promise<ForkMemory> {
     const qmp = parent.vm.qmp;
     const socketPath = path.join(this.vmDir, 'layers', `${point}.sock`);
     const ramFile = path.join('/dev/shm', `${this.shmPrefix}${process.pid}-${point}.ram`);
@@ -581,16 +631,10 @@ export class VmRuntime implements Runtime {
       await rm(ramFile, { force: true });
     };
     try {
-      const ram = await open(ramFile, 'wx', 0o600);
-      try {
-        await ram.truncate(this.memoryMb * MB);
-        // MAP_PRIVATE still needs a file QEMU can open read-write (QEMU 7.2 has no read-only
-        // private mapping of guest RAM); the children own it as much as the template's RAM file.
-        await ram.chown(this.opts.uid, this.opts.uid);
-      } finally {
-        await ram.close();
-      }
-      split = this.forkWorker.split({ socketPath, uid: this.opts.uid, ramFile, ramBlock: RAM_BLOCK, ramSize: this.memoryMb * MB });
+      // MAP_PRIVATE still needs a file QEMU can open read-write (QEMU 7.2 has no read-only
+      // private mapping of guest RAM): the fork point's group (its children alone) may.
+      await (await privateFile(ramFile, { uid: 0, gid: pointGid }, 0o660, this.memoryMb * MB)).close();
+      split = this.forkWorker.split({ socketPath, uid: parent.identity.uid, ramFile, ramBlock: RAM_BLOCK, ramSize: this.memoryMb * MB });
       await split.listening;
       await qmp.command('migrate-set-parameters', UNTHROTTLED);
       migrated = waitMigration(qmp, this.opts.startTimeoutMs, parent.vm.stderr);
@@ -623,67 +667,65 @@ export class VmRuntime implements Runtime {
    * clone's RAM is private), and its disk overlay is copied and rebased onto the image's ext4
    * root (`qemu-img rebase`, which folds in the template's and fork layers' data), so nothing in
    * it refers to this server's run-time files. Then the VM ends.
+   *
+   * `dir` is root's alone (0700), made fresh: whatever was at its name goes first. QEMU streams
+   * its state to a socket of the server's, which writes the file; the overlay QEMU wrote is
+   * rebased by qemu-img as the VM's own uid (its header names the backing file qemu-img opens),
+   * in the VM's directory, and only then copied into `dir` (vm-files.ts).
    */
   async freeze(rt: RuntimeSandbox, dir: string): Promise<void> {
     const s = rt as VmSandbox;
     const qmp = s.vm.qmp;
-    await this.ownDir(dir); // QEMU (its `cat`) writes the frozen state here
+    await rootDir(path.dirname(dir), 0o700, this.opts.stateDir);
+    await freshDir(dir, 0o700);
+    const scratch = path.join(s.dir, 'frozen.qcow2');
     await qmp.command('stop');
     try {
-      await migrateToFile(qmp, path.join(dir, 'state'), this.opts.startTimeoutMs, s.vm.stderr);
-      const disk = path.join(dir, 'disk.qcow2');
-      await run('cp', ['--sparse=always', '--reflink=auto', s.disk, disk]);
-      await run('qemu-img', ['rebase', '-f', 'qcow2', '-F', 'raw', '-b', s.template.image.rootfs, disk], { timeoutMs: 600_000 });
-      await writeFile(path.join(dir, 'vm.json'), JSON.stringify({ network: s.template.network, memoryMb: this.memoryMb, rootfs: s.template.image.rootfs, frozenAt: new Date().toISOString() }) + '\n');
+      const maxBytes = this.memoryMb * MB + FROZEN_STATE_OVERHEAD;
+      await migrateToFile(qmp, { file: path.join(dir, 'state'), socketPath: path.join(s.dir, 'out.sock'), uid: s.identity.uid, maxBytes }, this.opts.startTimeoutMs, s.vm.stderr);
+      await rm(scratch, { force: true });
+      await copyRegular(s.disk, scratch, { uid: s.identity.uid, gid: s.identity.uid });
+      await runAsVm(s.identity, ['qemu-img', 'rebase', '-f', 'qcow2', '-F', 'raw', '-b', s.template.image.rootfs, scratch]);
+      await copyRegular(scratch, path.join(dir, 'disk.qcow2'));
+      await writeNew(path.join(dir, 'vm.json'), JSON.stringify({ network: s.template.network, memoryMb: this.memoryMb, rootfs: s.template.image.rootfs, frozenAt: new Date().toISOString() }) + '\n');
     } catch (err) {
       await qmp.command('cont').catch(() => undefined);
       await rm(dir, { recursive: true, force: true });
       throw err;
+    } finally {
+      await rm(scratch, { force: true });
     }
     await s.destroy();
   }
 
   async resume(spec: SandboxSpec, dir: string): Promise<RuntimeSandbox> {
     return this.inFlight.track(async () => {
-      const meta = JSON.parse(await readFile(path.join(dir, 'vm.json'), 'utf8')) as { network: boolean; memoryMb: number };
+      // Read as untrusted: a frozen directory of an older server was its QEMU's.
+      const meta = JSON.parse((await readRegular(path.join(dir, 'vm.json'), MAX_FROZEN_META)).toString('utf8')) as { network: boolean; memoryMb: number };
       if (meta.memoryMb !== this.memoryMb) throw new Error(`frozen with ${meta.memoryMb} MB of RAM, this server gives VMs ${this.memoryMb} MB`);
       const image = await this.opts.image();
       // Any RAM file does (the state holds the whole RAM); this one is the resumed VM's own.
       const rand = randomBytes(4).toString('hex');
       const state = path.join(dir, 'state');
-      const own: Template = { dir, disk: path.join(dir, 'disk.qcow2'), stateData: { file: state }, cloneOverlay: '', ramFile: path.join('/dev/shm', `${this.shmPrefix}${process.pid}-r${rand}.ram`), image, network: meta.network, skeleton: null };
-      try {
-        const sandbox = await this.restore(spec, { template: own, ramFile: own.ramFile, disk: { copyOf: own.disk }, state: own.stateData, layers: [] });
-        sandbox.ownRamFile = own.ramFile;
-        return sandbox;
-      } catch (err) {
-        await rm(own.ramFile, { force: true });
-        throw err;
-      }
+      const own: Template = { dir, disk: path.join(dir, 'disk.qcow2'), stateData: { file: state }, cloneOverlay: '', ramFile: path.join('/dev/shm', `${this.shmPrefix}${process.pid}-r${rand}.ram`), image, network: meta.network === true, skeleton: null };
+      return this.restore(spec, { template: own, ramFile: own.ramFile, ownRam: true, disk: { copyOf: own.disk }, state: own.stateData, layers: [] });
     });
   }
 
-  /** A directory QEMU may write in (its sockets, console log, migration files), reachable by it. */
-  private async ownDir(dir: string): Promise<void> {
-    await mkdir(dir, { recursive: true });
-    await chown(dir, this.opts.uid, this.opts.uid);
-    // Every directory above it, up to the state directory, must at least be searchable.
-    for (let up = path.dirname(dir); up.startsWith(this.opts.stateDir); up = path.dirname(up)) {
-      const mode = (await stat(up)).mode & 0o7777;
-      if ((mode & 0o001) === 0) await chmod(up, mode | 0o001);
-      if (up === this.opts.stateDir) break;
-    }
+  private retainLayer(layer: string, gid?: number): void {
+    const held = this.layerRefs.get(layer);
+    if (held) held.refs++;
+    else if (gid !== undefined) this.layerRefs.set(layer, { refs: 1, gid });
+    else throw new Error(`fork layer ${layer} has no group`);
   }
 
-  private retainLayer(layer: string): void {
-    this.layerRefs.set(layer, (this.layerRefs.get(layer) ?? 0) + 1);
-  }
-
+  /** One VM (or the fork itself) less on a layer: the last one removes it and frees its group. */
   private async releaseLayer(layer: string): Promise<void> {
-    const n = this.layerRefs.get(layer) ?? 0;
-    if (n > 1) return void this.layerRefs.set(layer, n - 1);
+    const held = this.layerRefs.get(layer);
+    if (!held) return;
+    if (held.refs > 1) return void held.refs--;
     this.layerRefs.delete(layer);
-    await rm(layer, { force: true });
+    await this.ids.release(held.gid, () => rm(layer, { force: true }));
   }
 }
 
