@@ -3,6 +3,9 @@
 # agent's own tests and the Python SDK's tests. Prints one closing line "N passed, N failed".
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# Every server a test starts reserves its disk volume on the host (fallocate): a modest size keeps
+# the suite's disk use small (the servers' default is 8 GB).
+export PODFLARE_DISK_VOLUME_MB="${PODFLARE_DISK_VOLUME_MB:-1024}"
 
 passed=0
 failed=0
