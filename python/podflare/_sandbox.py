@@ -5,7 +5,9 @@ that can be forked into copies, diffed against them and merged back. Every metho
 from __future__ import annotations
 
 import json as _json
+import logging
 import threading
+import time
 import urllib.parse
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Union
 
@@ -13,6 +15,8 @@ from ._client import Client, Response, _Pending
 from ._errors import NotFoundError, PodflareConnectionError, PodflareError, SandboxGoneError
 from ._files import DEFAULT_CHUNK_SIZE, DownloadStream, Files
 from ._models import Event, ExecError, ExecResult, ExecResultBuilder, Result, SandboxInfo
+
+_log = logging.getLogger("podflare")
 
 __all__ = ["Sandbox", "ExecStream"]
 
@@ -224,6 +228,7 @@ class Sandbox:
             body["runtime"] = runtime
         if limits is not None:
             body["limits"] = dict(limits)
+        started = time.monotonic()
         try:
             answer = c.json("POST", "/v1/sandboxes", json=body)
         except BaseException:
@@ -231,8 +236,22 @@ class Sandbox:
                 c.close()
             raise
         self._init(str(answer["id"]), c)
+        pool = answer.get("pool") if isinstance(answer, dict) else None
+        if isinstance(pool, dict) and isinstance(pool.get("hit"), bool):
+            self.pool = {"hit": pool["hit"]}
+            if isinstance(pool.get("miss_reason"), str):
+                self.pool["miss_reason"] = pool["miss_reason"]
+            if not pool["hit"]:
+                _log.info("%s missed the warm pool (%s): created cold in %.0f ms", self.id,
+                          pool.get("miss_reason", "unknown"), (time.monotonic() - started) * 1000)
 
     def _init(self, sandbox_id: str, client: Client) -> None:
+        #: How the constructor got it: ``{"hit": True}`` from the server's warm pool, or
+        #: ``{"hit": False, "miss_reason": …}`` when it started cold (``pool_off``, ``cold_key``,
+        #: ``refilling`` — creates came faster than the pool refills —, ``starts_failing``,
+        #: ``empty``, ``egress_policy``); None for connected or forked sandboxes. A cold create is
+        #: also logged (INFO) on the ``podflare`` logger.
+        self.pool: Optional[Dict[str, Any]] = None
         self.id = sandbox_id
         self.client = client
         self.files = Files(client, sandbox_id)

@@ -58,6 +58,13 @@ export class Sandbox {
   readonly client: Client;
   /** File operations: list, stat, exists, remove, mkdir, upload, download. */
   readonly files: Files;
+  /**
+   * How {@link Sandbox.create} got it: from the server's warm pool (`hit`), or started cold and why
+   * (`missReason`: `pool_off`, `cold_key`, `refilling` — creates came faster than the pool
+   * refills —, `starts_failing`, `empty`, `egress_policy`). Undefined for connected or forked
+   * sandboxes. With `PODFLARE_DEBUG` set, a cold create is also written to stderr.
+   */
+  pool?: { hit: boolean; missReason?: string };
   /** The in-flight or finished DELETE; shared by concurrent close() calls. */
   #closing: Promise<void> | undefined;
   /** Set once this sandbox's id was retired by merging it into its parent: close() has nothing to do. */
@@ -94,8 +101,17 @@ export class Sandbox {
       metadata: options.metadata,
     };
     for (const key of Object.keys(body)) if (body[key] === undefined) delete body[key];
-    const answer = await client.json<{ id: string }>({ method: 'POST', path: '/v1/sandboxes', json: body });
-    return new Sandbox(answer.id, client);
+    const t0 = performance.now();
+    const answer = await client.json<{ id: string; pool?: { hit?: boolean; miss_reason?: string } }>({ method: 'POST', path: '/v1/sandboxes', json: body });
+    const sandbox = new Sandbox(answer.id, client);
+    if (answer.pool && typeof answer.pool.hit === 'boolean') {
+      sandbox.pool = { hit: answer.pool.hit, ...(typeof answer.pool.miss_reason === 'string' ? { missReason: answer.pool.miss_reason } : {}) };
+      if (!answer.pool.hit && process.env.PODFLARE_DEBUG) {
+        process.stderr.write(`podflare: ${answer.id} missed the warm pool (${answer.pool.miss_reason ?? 'unknown'}): ` +
+          `created cold in ${Math.round(performance.now() - t0)} ms\n`);
+      }
+    }
+    return sandbox;
   }
 
   /**

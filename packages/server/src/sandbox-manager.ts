@@ -13,7 +13,7 @@ import { ApiError } from './errors.js';
 import { ExecHistory } from './exec-history.js';
 import type { Logger } from './log.js';
 import { ServerMetrics } from './metrics.js';
-import { WarmPool, type PoolKey } from './pool.js';
+import { WarmPool, type PoolKey, type PoolMissReason } from './pool.js';
 import { limitError, limitsInfo, resolveLimits, sameLimits } from './limits.js';
 import type { LimitCounters, Runtime, RuntimeSandbox } from './runtime/runtime.js';
 import { SandboxEventLog } from './sandbox-events.js';
@@ -46,6 +46,15 @@ export interface CreateOptions extends CreateSandboxBody {
   owner: string;
 }
 
+/** Why a create started its sandbox cold: a pool miss, or an egress allowlist (no pool serves those). */
+export type CreateMissReason = PoolMissReason | 'egress_policy';
+
+export interface Created {
+  record: SandboxRecord;
+  /** Null when the warm pool served it. */
+  poolMiss: CreateMissReason | null;
+}
+
 export type RuntimeKind = Runtime['name'];
 
 /**
@@ -65,6 +74,8 @@ export class SandboxManager {
   /** Sandboxes being created or forked, counted against the caps before they are live. */
   private readonly reserved = { total: 0, byOwner: new Map<string, number>() };
   private readonly pool: WarmPool;
+  /** Creates with an egress allowlist (started cold: no pool serves them). */
+  private policyCreates = 0;
   private readonly sweeper: NodeJS.Timeout;
   private closing = false;
   readonly defaultRuntime: Runtime;
@@ -108,6 +119,11 @@ export class SandboxManager {
     m.gauge('podflare_pool_starting', 'Warm sandboxes starting, per template.', () => pools().map((p) => ({ labels: poolLabels(p), value: p.starting })));
     m.gauge('podflare_pool_hits_total', 'Creates served from the warm pool.', () => pools().map((p) => ({ labels: poolLabels(p), value: p.hits })), 'counter');
     m.gauge('podflare_pool_misses_total', 'Creates that had to start a sandbox on demand.', () => pools().map((p) => ({ labels: poolLabels(p), value: p.misses })), 'counter');
+    m.gauge('podflare_create_cold_total', 'Creates that started their sandbox cold, by why: pool_off, cold_key, refilling (the pool did not keep up), starts_failing, empty, egress_policy.',
+      () => [
+        ...this.pool.missReasons().map((r) => ({ labels: { ...poolLabels(r.key), reason: r.reason }, value: r.count })),
+        { labels: { template: '*', egress: 'policy', reason: 'egress_policy' }, value: this.policyCreates },
+      ], 'counter');
     m.gauge('podflare_sandboxes', 'Live sandboxes by state.', () => {
       const byState: Record<string, number> = { ready: 0, running: 0 };
       for (const s of this.live.values()) byState[s.record.state] = (byState[s.record.state] ?? 0) + 1;
@@ -167,7 +183,7 @@ export class SandboxManager {
     return this.live.size;
   }
 
-  async create(opts: CreateOptions): Promise<SandboxRecord> {
+  async create(opts: CreateOptions): Promise<Created> {
     if (this.closing) throw new ApiError('unavailable', 'the server is shutting down');
     const template = opts.template ?? DEFAULT_TEMPLATE;
     if (template !== DEFAULT_TEMPLATE) throw new ApiError('bad_request', `unknown template "${template}" (available: ${DEFAULT_TEMPLATE})`, 'template');
@@ -181,19 +197,30 @@ export class SandboxManager {
   }
 
   /** `release` is called as soon as the sandbox counts as live (exactly once, with create's finally). */
-  private async createReserved(opts: CreateOptions, runtime: Runtime, template: string, release: () => void): Promise<SandboxRecord> {
+  private async createReserved(opts: CreateOptions, runtime: Runtime, template: string, release: () => void): Promise<Created> {
     const limits = resolveLimits(opts.limits, this.config.defaultLimits, this.config.maxLimits);
     const egress: EgressSetting = isEgressPolicy(opts.egress) ? { allow: [...opts.egress.allow] } : (opts.egress ?? true);
     const timed = this.metrics.createSeconds.time();
     let rt: RuntimeSandbox;
+    /** Why this create started a sandbox cold (undefined: served from the pool). */
+    let poolMiss: CreateMissReason | undefined;
     if (isEgressPolicy(egress)) {
+      poolMiss = 'egress_policy';
       // A policy is per sandbox: no pool serves it.
       if (!runtime.capabilities.egressPolicy) throw new ApiError('bad_request', `the ${runtime.name} runtime cannot enforce egress allowlists`, 'egress');
       rt = await this.startOnDemand(runtime.name, template, egress);
     } else {
       const key: PoolKey = { runtime: runtime.name, template, egress };
-      rt = this.pool.take(key, Math.min(this.poolTarget(runtime.name), Math.max(1, Math.floor(this.config.poolSize / 4))))
-        ?? (await this.startOnDemand(runtime.name, template, egress));
+      const taken = this.pool.take(key, Math.min(this.poolTarget(runtime.name), Math.max(1, Math.floor(this.config.poolSize / 4))));
+      if (taken.sandbox) rt = taken.sandbox;
+      else {
+        poolMiss = taken.miss;
+        const t0 = performance.now();
+        rt = await this.startOnDemand(runtime.name, template, egress);
+        // A miss the configuration asks for is no news; one the pool could not keep up with is.
+        const level = poolMiss === 'pool_off' ? 'debug' : 'info';
+        this.log[level]('create missed the warm pool', { reason: poolMiss, template, egress, runtime: runtime.name, ms: Math.round(performance.now() - t0) });
+      }
     }
     // Pooled sandboxes start with the default limits; a creator asking for others gets them now.
     if (!sameLimits(limits, this.config.defaultLimits) && rt.setLimits) {
@@ -217,9 +244,10 @@ export class SandboxManager {
     this.adopt(record, runtime, rt);
     release();
     this.counters.created++;
+    if (poolMiss === 'egress_policy') this.policyCreates++;
     timed();
     this.changes.emit('change', record.id);
-    return record;
+    return { record, poolMiss: poolMiss ?? null };
   }
 
   /**

@@ -20,9 +20,10 @@ export function sandboxId(ctx: RequestContext, param = 'id'): string {
 export function addSandboxRoutes(router: Router, manager: SandboxManager): void {
   router.add('POST', '/v1/sandboxes', async (ctx) => {
     const body = await readBody(ctx.req, CreateSandboxBody);
-    const record = await manager.create({ ...body, owner: ctx.owner });
+    const { record, poolMiss } = await manager.create({ ...body, owner: ctx.owner });
     noteSandbox(ctx.res, record.id);
-    sendJson(ctx.res, 201, { id: record.id, state: 'ready' });
+    // `pool`: ours, so a client can tell a warm create from a cold one and why (the hosted shape is id + state).
+    sendJson(ctx.res, 201, { id: record.id, state: 'ready', pool: poolMiss ? { hit: false, miss_reason: poolMiss } : { hit: true } });
   });
 
   router.add('GET', '/v1/sandboxes', async (ctx) => {
