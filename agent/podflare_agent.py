@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import podflare_fork
-from podflare_common import CHANNEL_READ, HOME, LineBuffer, encode_line, hello_message
+from podflare_common import CHANNEL_READ, HOME, TIMEOUT_EXIT_CODE, LineBuffer, encode_line, hello_message
 from podflare_worker import Worker
 
 AGENT_FILE = os.path.abspath(__file__)
@@ -875,7 +875,7 @@ class Supervisor:
             if restarted and ex.language == 'python' else ''
         if ex.reason == 'timeout':
             value = f'execution exceeded timeout_ms={ex.timeout_ms}{note}'
-            return 124, {'name': 'TimeoutError', 'value': value, 'traceback': f'TimeoutError: {value}\n'}
+            return TIMEOUT_EXIT_CODE, {'name': 'TimeoutError', 'value': value, 'traceback': f'TimeoutError: {value}\n'}
         value = f'interrupted{note}' if note else 'interrupted'
         return 130, {'name': 'KeyboardInterrupt', 'value': value,
                      'traceback': f'KeyboardInterrupt: {value}\n'}

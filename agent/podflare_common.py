@@ -1,5 +1,9 @@
 """What the agent's two processes share: the channel's framing (JSON lines), the hello each
-supervisor sends, and where the agent lives. Standard library only."""
+supervisor sends, the protocol's constants, and where the agent lives. Standard library only.
+
+The protocol's constants (its version, the named exit codes) come from podflare_protocol.json, which
+is generated from packages/protocol (`npm run gen:protocol`) and travels in the image's agent layer
+next to this file; a test fails when the copy drifts from the TypeScript definitions."""
 from __future__ import annotations
 
 import json
@@ -7,8 +11,21 @@ import os
 import socket
 from typing import Any
 
-PROTOCOL_VERSION = 1
 AGENT_DIR = os.path.dirname(os.path.abspath(__file__))
+PROTOCOL_FILE = os.path.join(AGENT_DIR, 'podflare_protocol.json')
+
+
+def load_protocol(path: str = PROTOCOL_FILE) -> dict[str, Any]:
+    """The protocol document (packages/protocol/src/spec.ts)."""
+    with open(path, encoding='utf-8') as f:
+        return json.load(f)
+
+
+_PROTOCOL = load_protocol()
+#: Sent in the hello; the server refuses an agent whose version is not its own.
+PROTOCOL_VERSION: int = _PROTOCOL['agent_protocol_version']
+#: The exit code of an exec that hit its timeout.
+TIMEOUT_EXIT_CODE: int = _PROTOCOL['exit_codes']['timeout']
 #: Relative paths are taken from here, and it is the default working directory.
 HOME = os.environ.get('PODFLARE_AGENT_HOME', '/root')
 CHANNEL_READ = 1024 * 1024

@@ -28,7 +28,7 @@ from collections import deque
 from typing import Any, Callable
 
 import podflare_fork
-from podflare_common import AGENT_DIR, CHANNEL_READ, HOME, LineBuffer, encode_line, hello_message
+from podflare_common import AGENT_DIR, CHANNEL_READ, HOME, TIMEOUT_EXIT_CODE, LineBuffer, encode_line, hello_message
 
 MPL_BACKEND = 'module://podflare_mpl_backend'
 CO_COROUTINE = 0x0080             # code flag of a cell compiled with top-level await
@@ -593,7 +593,7 @@ class Worker:
             return code, error
         self.user_active = True
         try:
-            if backend is not None and code != 130 and code != 124 and self._backend_active():
+            if backend is not None and code != 130 and code != TIMEOUT_EXIT_CODE and self._backend_active():
                 backend.show()
             self.user_active = False
         except KeyboardInterrupt as exc:
@@ -650,7 +650,7 @@ class Worker:
         lines[-1] = f'TimeoutError: {value}\n'
         text = ''.join(lines)
         self._write_stderr(text)
-        return 124, {'name': 'TimeoutError', 'value': value, 'traceback': text}
+        return TIMEOUT_EXIT_CODE, {'name': 'TimeoutError', 'value': value, 'traceback': text}
 
     def _report(self, exc: BaseException, with_traceback: bool = True) -> dict:
         """The error event's data; the same traceback goes to stderr, which is all the hosted API

@@ -131,11 +131,15 @@ describe('persistent interpreter', () => {
   });
 
   it('queues concurrent execs on one sandbox instead of mixing them', async () => {
-    await sbx.runCode('order = []');
+    assert.equal((await sbx.runCode('order = []')).error, undefined);
     const calls = [0, 1, 2, 3].map((i) => sbx.runCode(`import time\norder.append(${i}); time.sleep(0.05); order.append(${i})`));
-    await Promise.all(calls);
-    const r = await sbx.runCode('order');
-    const order = JSON.parse(r.results[0]!.text!.replace(/'/g, '"')) as number[];
+    for (const r of await Promise.all(calls)) assert.deepEqual([r.error, r.exitCode], [undefined, 0]);
+    const r = await sbx.runCode('import json; print(json.dumps(order))');
+    assert.equal(r.exitCode, 0, r.stderr);
+    const order = JSON.parse(r.stdout) as number[];
+    // Every call ran (an empty or short list would make the pair check below pass vacuously),
+    // each one's two appends side by side.
+    assert.deepEqual([...order].sort(), [0, 0, 1, 1, 2, 2, 3, 3]);
     for (let i = 0; i < order.length; i += 2) assert.equal(order[i], order[i + 1], `interleaved: ${order}`);
   });
 });

@@ -6,6 +6,7 @@
 import assert from 'node:assert/strict';
 import { createHash, randomBytes } from 'node:crypto';
 import { readFileSync } from 'node:fs';
+import { SANDBOX_ID_SOURCE } from '@podflare/protocol/sandbox';
 import http from 'node:http';
 import net from 'node:net';
 import path from 'node:path';
@@ -117,7 +118,7 @@ function fuzzRequest(r: Rng, live: string, hostMarker: string): FuzzRequest {
       // DELETE of a well-formed unknown id is a 204: deleting is idempotent (docs/api.md).
       // (`…/diff/..` is the same path once the URL is normalised.)
       const path = `/v1/sandboxes/${id}${sub}`;
-      const idempotent = method === 'DELETE' && /^\/v1\/sandboxes\/sbx_[0-9a-f]{32}\/?$/.test(new URL(path, 'http://x').pathname);
+      const idempotent = method === 'DELETE' && new RegExp(`^/v1/sandboxes/${SANDBOX_ID_SOURCE}/?$`).test(new URL(path, 'http://x').pathname);
       return { kind: 'unknown or malformed id', method, path, headers: json, body: JSON.stringify({ code: '1' }), expect: idempotent ? 'ok' : '4xx' };
     }
     case 4: {

@@ -14,12 +14,13 @@ import { StreamableHTTPClientTransport } from '@modelcontextprotocol/sdk/client/
 import { InMemoryTransport } from '@modelcontextprotocol/sdk/inMemory.js';
 import type { CallToolResult } from '@modelcontextprotocol/sdk/types.js';
 import { createPodflareMcpServer } from '@podflare/mcp';
+import { SANDBOX_ID_SOURCE } from '@podflare/protocol/sandbox';
 import { Sandbox } from 'podflare';
 import { startTestServer, type TestServer } from './helpers/server.js';
 
 const MAIN = path.resolve(import.meta.dirname, '../packages/mcp/dist/main.js');
 const TOOLS = ['create_sandbox', 'run_python', 'run_bash', 'fork', 'diff', 'merge_into', 'upload', 'download', 'destroy_sandbox'];
-const ID = /sbx_[0-9a-f]{32}/g;
+const ID = new RegExp(SANDBOX_ID_SOURCE, 'g');
 const UNKNOWN_ID = `sbx_${'0'.repeat(32)}`;
 
 type ToolResult = CallToolResult;

@@ -607,6 +607,46 @@ class TestProtocol(AgentTestCase):
         self.assertLess(p50, 5000)
 
 
+class TestProtocolDocument(unittest.TestCase):
+    """The agent speaks what packages/protocol defines: its constants come from the generated
+    podflare_protocol.json (test/protocol-spec.test.ts checks that copy against the TypeScript)."""
+
+    AGENT_DIR = os.path.dirname(AGENT)
+
+    def document(self) -> dict[str, Any]:
+        with open(os.path.join(self.AGENT_DIR, 'podflare_protocol.json'), encoding='utf-8') as f:
+            return json.load(f)
+
+    def test_hello_carries_the_documented_version(self) -> None:
+        agent = Agent()
+        try:
+            self.assertEqual(agent.hello['ev'], 'hello')
+            self.assertEqual(agent.hello['version'], self.document()['agent_protocol_version'])
+        finally:
+            agent.close()
+
+    def test_timeout_exit_code_is_the_documented_one(self) -> None:
+        agent = Agent()
+        try:
+            res = agent.run('import time; time.sleep(30)', timeout_ms=300)
+            self.assertEqual(res.code, self.document()['exit_codes']['timeout'])
+        finally:
+            agent.close()
+
+    def test_every_error_code_the_agent_sends_is_in_the_table(self) -> None:
+        import re
+        patterns = [r"AgentError\('(\w+)'", r"'code': '(\w+)'", r"return '(\w+)', str\(exc\)"]
+        used: set[str] = set()
+        for name in os.listdir(self.AGENT_DIR):
+            if name.endswith('.py'):
+                with open(os.path.join(self.AGENT_DIR, name), encoding='utf-8') as f:
+                    text = f.read()
+                for pattern in patterns:
+                    used.update(re.findall(pattern, text))
+        self.assertGreaterEqual(len(used), 5, used)  # the scan found the agent's codes at all
+        self.assertEqual(used - set(self.document()['errors']), set())
+
+
 class TestLifecycle(unittest.TestCase):
     def test_eof_stops_agent_and_worker(self) -> None:
         agent = Agent()

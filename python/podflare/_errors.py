@@ -16,6 +16,8 @@ import json
 import time
 from typing import Any, Dict, Mapping, Optional, Type, cast
 
+from ._protocol import ERROR_STATUS, RETRYABLE_CODES
+
 __all__ = [
     "PodflareError",
     "BadRequestError",
@@ -36,26 +38,10 @@ __all__ = [
     "error_from_response",
 ]
 
-#: The server's stable error codes and their HTTP statuses (docs/api.md, packages/protocol/src/errors.ts).
-ERROR_STATUS: Mapping[str, int] = {
-    "bad_request": 400,
-    "unauthorized": 401,
-    "forbidden": 403,
-    "not_found": 404,
-    "method_not_allowed": 405,
-    "conflict": 409,
-    "sandbox_gone": 410,
-    "payload_too_large": 413,
-    "unsupported_media_type": 415,
-    "rate_limited": 429,
-    "internal": 500,
-    "agent_protocol": 502,
-    "unavailable": 503,
-    "timeout": 504,
-    "insufficient_storage": 507,
-}
-
-_RETRYABLE = frozenset({"rate_limited", "unavailable", "timeout", "connection_error"})
+# ERROR_STATUS (code -> HTTP status) and the retryable codes come from the protocol document
+# (packages/protocol/src/errors.ts, through protocol.json); the classes below are the SDK's own.
+#: Retryable: the protocol's retryable codes, plus no answer at all (the same call may get through).
+_RETRYABLE = RETRYABLE_CODES | {"connection_error"}
 
 
 class PodflareError(Exception):

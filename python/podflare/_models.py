@@ -7,6 +7,8 @@ import base64
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Union
 
+from ._protocol import ENDED_SANDBOX_STATES, TIMEOUT_EXIT_CODE  # noqa: F401 (TIMEOUT_EXIT_CODE: importable from here as before)
+
 __all__ = [
     "Event",
     "ExecError",
@@ -16,10 +18,6 @@ __all__ = [
     "FileInfo",
     "ExecResultBuilder",
 ]
-
-#: Exit code the server reports when an exec hit its ``timeout_ms`` (as coreutils' ``timeout``).
-TIMEOUT_EXIT_CODE = 124
-
 
 @dataclass
 class Event:
@@ -288,7 +286,7 @@ class SandboxInfo:
     @property
     def alive(self) -> bool:
         """True unless the sandbox was destroyed, crashed, retired by a merge or lost in a server crash."""
-        return self.state not in ("stopped", "error", "merged", "lost")
+        return self.state not in ENDED_SANDBOX_STATES
 
 
 @dataclass

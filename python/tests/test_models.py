@@ -1,5 +1,7 @@
 """Offline tests of the data types and the error table (no server needed)."""
 
+import json
+import os
 import pickle
 import unittest
 
@@ -8,7 +10,16 @@ from podflare import (AuthenticationError, BadRequestError, Event, ExecResult, F
                       PayloadTooLargeError, PodflareError, PodflareTimeoutError, RateLimitError, SandboxGoneError,
                       ServerError)
 from podflare._errors import ERROR_CLASSES, ERROR_STATUS, error_from_response, parse_retry_after
-from podflare._models import ExecResultBuilder
+from podflare._models import ExecResultBuilder, SandboxInfo
+
+PACKAGE_DIR = os.path.dirname(os.path.abspath(podflare.__file__))
+REPO = os.path.dirname(os.path.dirname(PACKAGE_DIR))
+
+
+def protocol_document():
+    """The SDK's copy of the protocol document (generated from packages/protocol), read directly."""
+    with open(os.path.join(PACKAGE_DIR, "protocol.json"), encoding="utf-8") as f:
+        return json.load(f)
 
 
 def ev(**kw):
@@ -55,9 +66,46 @@ class EventAndResultTests(unittest.TestCase):
         self.assertEqual(r.stdout, "")
 
 
+class ProtocolDocumentTests(unittest.TestCase):
+    """The SDK against the protocol document that test/protocol-spec.test.ts checks against the
+    TypeScript definitions: a code added there fails here until it has its class."""
+
+    def test_every_code_of_the_table_has_its_class_and_status(self):
+        errors = protocol_document()["errors"]
+        self.assertEqual(set(ERROR_CLASSES), set(errors))
+        self.assertEqual(dict(ERROR_STATUS), {code: spec["status"] for code, spec in errors.items()})
+        for code, spec in errors.items():
+            body = json.dumps({"error": "x", "code": code}).encode()
+            err = error_from_response(spec["status"], body, {}, "")
+            self.assertIsInstance(err, ERROR_CLASSES[code], code)
+            self.assertEqual((err.code, err.status, err.retryable), (code, spec["status"], spec["retryable"]), code)
+            self.assertIn(ERROR_CLASSES[code].default_code, errors, code)
+
+    def test_every_status_of_the_table_falls_back_to_a_class(self):
+        errors = protocol_document()["errors"]
+        for code, spec in errors.items():
+            if code == "agent_protocol":
+                continue  # by design: a bare 502 is a proxy's, so it reads as internal
+            err = error_from_response(spec["status"], b"<html>not ours</html>", {}, "")
+            self.assertEqual(errors[err.code]["status"], spec["status"], code)
+
+    def test_states_exit_codes_and_ids_follow_the_document(self):
+        doc = protocol_document()
+        self.assertEqual(doc["exit_codes"], {"timeout": 124, "killed": 137})
+        for state in doc["sandbox_states"]:
+            info = SandboxInfo.from_json({"id": "sbx_" + "0" * 32, "state": state})
+            self.assertEqual(info.alive, state not in doc["ended_sandbox_states"], state)
+        self.assertRegex("sbx_" + "ab" * 16, doc["sandbox_id_pattern"])
+
+    def test_the_agent_carries_the_same_document(self):
+        agent_copy = os.path.join(REPO, "agent", "podflare_protocol.json")
+        if not os.path.exists(agent_copy):
+            self.skipTest("not in the repository (an installed SDK): no agent directory next to it")
+        with open(agent_copy, encoding="utf-8") as a, open(os.path.join(PACKAGE_DIR, "protocol.json"), encoding="utf-8") as b:
+            self.assertEqual(a.read(), b.read())
+
+
 class ErrorTableTests(unittest.TestCase):
-    def test_every_server_code_maps_to_a_class(self):
-        self.assertEqual(set(ERROR_CLASSES), set(ERROR_STATUS))
 
     def test_code_wins_over_status(self):
         err = error_from_response(400, b'{"error":"sandbox sbx_x is gone","code":"sandbox_gone"}', {}, "GET x")

@@ -3,6 +3,7 @@ import { readFileSync, readdirSync, existsSync } from 'node:fs';
 import { execFileSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import path from 'node:path';
+import { SANDBOX_ID_SOURCE } from '@podflare/protocol/sandbox';
 
 export function bwrapProcesses(): number[] {
   try {
@@ -87,7 +88,7 @@ export function processesOf(ids: string[], serverPid?: number): ProcessStamp[] {
       const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
       const ppid = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]);
       const env = readFileSync(`/proc/${pid}/environ`, 'latin1');
-      const id = /(?:^|\0)PODFLARE_SANDBOX_ID=(sbx_[0-9a-f]{32})/.exec(env)?.[1];
+      const id = new RegExp(`(?:^|\\0)PODFLARE_SANDBOX_ID=(${SANDBOX_ID_SOURCE})`).exec(env)?.[1];
       if ((id && wanted.has(id)) || (serverPid !== undefined && ppid === serverPid)) {
         const s = stamp(pid);
         if (s) out.push(s);

@@ -3,6 +3,7 @@
  * localStorage), server-sent events are read through fetch so the key travels in a header rather
  * than in a URL, and execs stream their NDJSON events as they come.
  */
+import { KILLED_EXIT_CODE } from '@podflare/protocol/events';
 import type { ExecOutput } from './types.js';
 
 const KEY_STORAGE = 'podflare.apiKey';
@@ -86,7 +87,7 @@ export interface ExecEnd { exit_code: number; execution_count: number | null; st
 /** Runs code in a sandbox, handing each output to `onOutput` as it streams in. */
 export async function runExec(id: string, code: string, language: 'python' | 'bash', onOutput: (o: ExecOutput) => void): Promise<ExecEnd> {
   const res = await request('POST', sandboxPath(id, '/exec'), JSON.stringify({ code, language }));
-  let end: ExecEnd = { exit_code: 137, execution_count: null, state_lost: true };
+  let end: ExecEnd = { exit_code: KILLED_EXIT_CODE, execution_count: null, state_lost: true };
   const line = (text: string) => {
     if (!text.trim()) return;
     const ev = JSON.parse(text) as { type: string; data: unknown; is_main_result?: boolean; execution_count?: number | null; state_lost?: boolean };

@@ -1,10 +1,9 @@
 /** The live sandboxes table and the fork tree, both fed by the server's `sandboxes` events. */
+import { isEndedState } from '@podflare/protocol/sandbox';
 import { bytes, duration, shortId } from './format.js';
 import type { DashboardSandbox } from './types.js';
 
-/** `lost`: a sandbox a killed server left behind, cleaned up at the next start. */
-const ENDED = new Set(['stopped', 'error', 'merged', 'lost']);
-export const isEnded = (s: DashboardSandbox) => ENDED.has(s.state);
+export const isEnded = (s: DashboardSandbox) => isEndedState(s.state);
 
 interface ListProps {
   sandboxes: DashboardSandbox[];

@@ -6,6 +6,7 @@
 import { readFileSync } from 'node:fs';
 import { McpServer } from '@modelcontextprotocol/sdk/server/mcp.js';
 import type { CallToolResult } from '@modelcontextprotocol/sdk/types.js';
+import { SANDBOX_ID_PATTERN } from '@podflare/protocol/sandbox';
 import { Client } from 'podflare';
 import type { Sandbox } from 'podflare';
 import { z } from 'zod';
@@ -67,8 +68,7 @@ const INSTRUCTIONS = `Podflare runs code in isolated Linux sandboxes with a pers
 - To try alternatives, fork a sandbox into n copies, run a different approach in each, compare them with diff, and keep the best with merge_into(parent, winner).
 - Move files with upload and download; destroy sandboxes you created with destroy_sandbox when done.`;
 
-const SANDBOX_ID = /^sbx_[0-9a-f]{32}$/;
-const sandboxId = z.string().regex(SANDBOX_ID, 'must be a sandbox id: "sbx_" followed by 32 hex digits');
+const sandboxId = z.string().regex(SANDBOX_ID_PATTERN, 'must be a sandbox id: "sbx_" followed by 32 hex digits');
 const path = z.string().min(1).max(4096).describe('Absolute path inside the sandbox, e.g. /root/data.csv');
 const timeoutMs = z
   .number()

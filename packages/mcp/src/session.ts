@@ -4,6 +4,7 @@
  * was given by id. When the session ends, everything it created is destroyed; sandboxes it only
  * attached to by id are left alone (someone else owns them).
  */
+import { isEndedState } from '@podflare/protocol/sandbox';
 import { NotFoundError, Sandbox, SandboxGoneError } from 'podflare';
 import type { Client, EgressSetting } from 'podflare';
 
@@ -248,7 +249,7 @@ export function isGone(err: unknown): boolean {
 async function isAlive(sandbox: Sandbox): Promise<boolean> {
   try {
     const { state } = await sandbox.info();
-    return state !== 'stopped' && state !== 'error' && state !== 'merged' && state !== 'lost';
+    return !isEndedState(state);
   } catch (err) {
     if (isGone(err)) return false;
     throw err;

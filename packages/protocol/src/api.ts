@@ -4,8 +4,8 @@
  */
 import { z } from 'zod';
 import { MAX_EGRESS_RULES, parseEgressRule, type EgressSetting } from './egress.js';
+import type { SandboxState } from './sandbox.js';
 
-export const SANDBOX_ID_PATTERN = /^sbx_[0-9a-f]{32}$/;
 export const MAX_CODE_BYTES = 4 * 1024 * 1024;
 export const MAX_TIMEOUT_MS = 24 * 60 * 60 * 1000;
 export const MAX_METADATA_ENTRIES = 64;
@@ -81,12 +81,6 @@ export interface SandboxInfo {
   /** Why it ended (deleted, idle timeout, crash, its agent's channel broke, ...); null while live. */
   end_reason: string | null;
 }
-
-/**
- * `lost`: the server was killed while the sandbox ran, and after the restart its agent no longer
- * answered, so everything it left (processes, mounts, files) was cleaned up.
- */
-export type SandboxState = 'starting' | 'ready' | 'running' | 'stopped' | 'error' | 'merged' | 'frozen' | 'lost';
 
 export interface CreateSandboxResponse { id: string; state: 'ready' }
 export interface ForkResponse { children: string[] }

@@ -4,7 +4,7 @@
  */
 import type { ExecErrorInfo } from './events.js';
 import type { EgressSetting } from './egress.js';
-import type { SandboxState } from './api.js';
+import type { SandboxState } from './sandbox.js';
 
 export interface DashboardSandbox {
   id: string;

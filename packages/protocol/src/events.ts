@@ -42,8 +42,24 @@ export interface ExitEvent extends EventBase {
 export type ExecEvent = StdoutEvent | StderrEvent | ResultEvent | ErrorEvent | ExitEvent;
 export type ExecEventType = ExecEvent['type'];
 
+/** Every exec event type, in no particular order (the Python SDK and agent read it from the protocol JSON). */
+export const EXEC_EVENT_TYPES = ['stdout', 'stderr', 'result', 'error', 'exit'] as const satisfies readonly ExecEventType[];
+// Fails to compile when an ExecEvent type is missing from the list above.
+const execEventTypesComplete: Exclude<ExecEventType, (typeof EXEC_EVENT_TYPES)[number]> extends never ? true : never = true;
+void execEventTypesComplete;
+
+/** The exit codes the server and agent give an exec that did not end by itself. */
+export const EXIT_CODES = Object.freeze({
+  /** The exec hit its timeout (the same as coreutils' `timeout`). */
+  timeout: 124,
+  /** The exec was killed: its sandbox ended or its agent's channel broke mid-run (128 + SIGKILL). */
+  killed: 137,
+} as const);
+
 /** Exit code reported when an exec hit its timeout (the same as coreutils' `timeout`). */
-export const TIMEOUT_EXIT_CODE = 124;
+export const TIMEOUT_EXIT_CODE = EXIT_CODES.timeout;
+/** Exit code reported when an exec was killed before it could exit (its sandbox ended). */
+export const KILLED_EXIT_CODE = EXIT_CODES.killed;
 
 /**
  * Events of a sandbox's life (`GET /v1/sandboxes/:id/events`), numbered per sandbox from 0. Today:
@@ -70,3 +86,8 @@ export interface EgressAllowedEvent extends EventBase { type: 'egress_allowed'; 
 
 export type SandboxEvent = EgressDeniedEvent | EgressAllowedEvent;
 export type SandboxEventType = SandboxEvent['type'];
+
+/** Every sandbox event type. */
+export const SANDBOX_EVENT_TYPES = ['egress_denied', 'egress_allowed'] as const satisfies readonly SandboxEventType[];
+const sandboxEventTypesComplete: Exclude<SandboxEventType, (typeof SANDBOX_EVENT_TYPES)[number]> extends never ? true : never = true;
+void sandboxEventTypesComplete;

@@ -1,5 +1,7 @@
 export * from './errors.js';
 export * from './events.js';
+export * from './sandbox.js';
+export * from './spec.js';
 export * from './agent.js';
 export * from './api.js';
 export * from './egress.js';

@@ -6,7 +6,7 @@
  * What is NOT an exception: a non-zero exit code and an `error` event inside an exec's NDJSON stream
  * (an uncaught exception in the user's code). Those are results, found on `Execution.error`.
  */
-import { codeForStatus, isErrorCode } from '@podflare/protocol/errors';
+import { codeForStatus, isErrorCode, RETRYABLE_ERROR_CODES } from '@podflare/protocol/errors';
 import type { ErrorCode } from '@podflare/protocol/errors';
 
 /**
@@ -31,12 +31,8 @@ export interface PodflareErrorInit {
   cause?: unknown;
 }
 
-const RETRYABLE_CODES: ReadonlySet<PodflareErrorCode> = new Set<PodflareErrorCode>([
-  'rate_limited',
-  'unavailable',
-  'timeout',
-  'connection_error',
-]);
+/** The protocol's retryable codes, plus a failed connection (the same call may well get through). */
+const RETRYABLE_CODES: ReadonlySet<PodflareErrorCode> = new Set<PodflareErrorCode>([...RETRYABLE_ERROR_CODES, 'connection_error']);
 
 /**
  * The root of every error the SDK throws.

@@ -62,7 +62,9 @@ export type {
 } from './types.js';
 export type { EgressPolicy, EgressSetting } from '@podflare/protocol/egress';
 export type { SandboxEvent, EgressEventData } from '@podflare/protocol/events';
-export { TIMEOUT_EXIT_CODE } from '@podflare/protocol/events';
+export { EXIT_CODES, KILLED_EXIT_CODE, TIMEOUT_EXIT_CODE } from '@podflare/protocol/events';
+export { ENDED_SANDBOX_STATES, SANDBOX_ID_PATTERN, SANDBOX_STATES, isEndedState, isSandboxId } from '@podflare/protocol/sandbox';
+export type { EndedSandboxState } from '@podflare/protocol/sandbox';
 export type {
   ExecEvent,
   ExecEventType,

@@ -4,8 +4,9 @@
  */
 import type { Readable } from 'node:stream';
 import type { ReadableStream as WebReadableStream } from 'node:stream/web';
-import type { DiffAnswer, VarSummary, VarsDiff } from '@podflare/protocol';
+import type { DiffAnswer, SandboxInfo as ProtocolSandboxInfo, VarSummary, VarsDiff } from '@podflare/protocol';
 import type { EgressSetting } from '@podflare/protocol/egress';
+import type { SandboxState } from '@podflare/protocol/sandbox';
 import type { ExecErrorInfo } from '@podflare/protocol/events';
 import type { Client } from './client.js';
 import type { Result } from './execution.js';
@@ -19,9 +20,9 @@ export type Runtime = 'ns' | 'vm' | 'auto';
 /**
  * Lifecycle state of a sandbox: `starting`, `ready` (idle), `running` (an exec in flight), `stopped`
  * (destroyed), `error` (crashed), `merged` (retired by `mergeInto`), `frozen`, `lost` (the server was killed
- * while it ran; cleaned up after the restart).
+ * while it ran; cleaned up after the restart). Defined once in `@podflare/protocol`.
  */
-export type SandboxState = 'starting' | 'ready' | 'running' | 'stopped' | 'error' | 'merged' | 'frozen' | 'lost';
+export type { SandboxState };
 
 /** How to reach the server. Give a `client` to share its connections; `host`/`apiKey` make a new one. */
 export interface ConnectionOptions {
@@ -294,23 +295,11 @@ export interface Capacity {
   runtime: string;
 }
 
-/** @internal The wire (snake_case) form of {@link SandboxInfo}. */
-export interface WireSandboxInfo {
-  id: string;
-  state: SandboxState;
-  template: string;
-  runtime: 'ns' | 'vm';
-  egress: EgressSetting;
-  persistent: boolean;
-  parent: string | null;
-  children: string[];
-  created_at: string;
-  last_active_at: string;
-  idle_timeout_seconds: number;
-  limits?: { cpus: number; memory_mb: number; disk_mb: number; processes: number };
-  metadata: Record<string, string>;
-  end_reason?: string | null;
-}
+/**
+ * @internal The wire (snake_case) form of {@link SandboxInfo}: the protocol's, with the fields older
+ * servers leave out optional.
+ */
+export type WireSandboxInfo = Omit<ProtocolSandboxInfo, 'limits' | 'end_reason'> & Partial<Pick<ProtocolSandboxInfo, 'limits' | 'end_reason'>>;
 
 /** @internal Converts the wire form of a sandbox record. */
 export function toSandboxInfo(w: WireSandboxInfo): SandboxInfo {

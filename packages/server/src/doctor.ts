@@ -7,6 +7,7 @@ import { execFile } from 'node:child_process';
 import { access, constants, readFile, readdir } from 'node:fs/promises';
 import { existsSync } from 'node:fs';
 import path from 'node:path';
+import { TIMEOUT_EXIT_CODE } from '@podflare/protocol/events';
 import { inspectImages } from './image/index.js';
 import { unreachableMessage, unreachableParent } from './state-dir-access.js';
 import { diskImagePath, isReserved, volumeSpaceProblem } from './runtime/namespace/disk-volume.js';
@@ -48,7 +49,7 @@ function run(cmd: string, args: string[], timeoutMs = 10_000): Promise<RunResult
       const e = err as (NodeJS.ErrnoException & { code?: unknown; killed?: boolean }) | null;
       // EACCES from spawn: some PATH directory is unreadable for this user and the command is in none of the others.
       const missing = e?.code === 'ENOENT' || e?.code === 'EACCES';
-      const code = !e ? 0 : typeof e.code === 'number' ? e.code : e.killed ? 124 : 1;
+      const code = !e ? 0 : typeof e.code === 'number' ? e.code : e.killed ? TIMEOUT_EXIT_CODE : 1;
       resolve({ code, stdout: String(stdout ?? ''), stderr: String(stderr ?? '') || (e && !missing && typeof e.code !== 'number' ? e.message : ''), missing, ms: Date.now() - t });
     });
   });

@@ -7,7 +7,9 @@ import { randomBytes } from 'node:crypto';
 import { EventEmitter } from 'node:events';
 import { rm } from 'node:fs/promises';
 import path from 'node:path';
-import { isEgressPolicy, type AgentRequestBody, type CreateSandboxBody, type EgressSetting, type ExecStreamMessage, type SandboxEvent, type SandboxInfo } from '@podflare/protocol';
+import {
+  isEgressPolicy, KILLED_EXIT_CODE, TIMEOUT_EXIT_CODE, type AgentRequestBody, type CreateSandboxBody, type EgressSetting, type ExecStreamMessage, type SandboxEvent, type SandboxInfo,
+} from '@podflare/protocol';
 import type { ServerConfig } from './config.js';
 import { ApiError } from './errors.js';
 import { ExecHistory } from './exec-history.js';
@@ -332,7 +334,7 @@ export class SandboxManager {
       this.setState(s, 'running');
       const timed = this.metrics.execSeconds.time();
       const recorded = this.history.begin(s.record.id, s.record.owner, body.language, body.code);
-      let exit: { code: number; execution_count?: number | null; state_lost?: boolean } = { code: 137, state_lost: true };
+      let exit: { code: number; execution_count?: number | null; state_lost?: boolean } = { code: KILLED_EXIT_CODE, state_lost: true };
       try {
         const rt = s.rt;
         // Everything the caller sees is also recorded for the dashboard's history.
@@ -359,7 +361,7 @@ export class SandboxManager {
       } finally {
         timed();
         recorded.end(exit);
-        this.metrics.execs.inc({ language: body.language, outcome: exit.code === 0 ? 'ok' : exit.code === 124 ? 'timeout' : 'error' });
+        this.metrics.execs.inc({ language: body.language, outcome: exit.code === 0 ? 'ok' : exit.code === TIMEOUT_EXIT_CODE ? 'timeout' : 'error' });
         s.running--;
         s.record.lastActiveAt = Date.now();
         if (this.live.has(s.record.id)) this.setState(s, 'ready');

@@ -28,6 +28,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Mapping, Optional, cast
 
 from .._models import ExecResult
+from .._protocol import TIMEOUT_EXIT_CODE
 from .._sandbox import Sandbox
 
 __all__ = [
@@ -119,7 +120,7 @@ def format_result_text(result: ExecResult, max_chars: Optional[int] = None) -> s
         if not result.stderr or tb not in result.stderr:
             parts.append(tb)
     if result.exit_code != 0 and result.error is None:
-        note = "timed out" if result.exit_code == 124 else f"exit code {result.exit_code}"
+        note = "timed out" if result.exit_code == TIMEOUT_EXIT_CODE else f"exit code {result.exit_code}"
         parts.append(f"[{note}]")
     if result.state_lost:
         parts.append("[the interpreter was restarted: earlier variables are gone]")

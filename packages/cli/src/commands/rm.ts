@@ -1,5 +1,5 @@
 /** `podflare rm`: destroy sandboxes. */
-import { NotFoundError, Sandbox, SandboxGoneError } from 'podflare';
+import { NotFoundError, SANDBOX_ID_PATTERN, Sandbox, SandboxGoneError } from 'podflare';
 import { EXIT_FAILURE, EXIT_OK, parse, UsageError, type Command } from '../args.js';
 
 const HELP = `Usage: podflare rm [options] <id> [<id>...]
@@ -12,8 +12,6 @@ Options:
   -h, --help         show this help
 `;
 
-const ID = /^sbx_[0-9a-f]{32}$/;
-
 export const rmCommand: Command = {
   name: 'rm',
   summary: 'destroy sandboxes',
@@ -23,7 +21,7 @@ export const rmCommand: Command = {
       host: { type: 'string' },
     }, true);
     if (positionals.length === 0) throw new UsageError('missing sandbox id', 'rm');
-    const bad = positionals.find((id) => !ID.test(id));
+    const bad = positionals.find((id) => !SANDBOX_ID_PATTERN.test(id));
     if (bad) throw new UsageError(`not a sandbox id: ${bad} (expected sbx_ and 32 hex digits)`, 'rm');
     let status = EXIT_OK;
     for (const id of positionals) {

@@ -30,6 +30,7 @@
  * ```
  * @packageDocumentation
  */
+import { TIMEOUT_EXIT_CODE } from '@podflare/protocol/events';
 import { BadRequestError, NotFoundError } from '../errors.js';
 import type { Sandbox } from '../sandbox.js';
 import type { FileStat } from '../types.js';
@@ -269,7 +270,7 @@ export async function handleBashToolUse(block: ToolUseBlockLike, sandbox: Sandbo
     onStderr: (text) => void output.push(text),
   });
   const parts = [output.join('').replace(/\n+$/, '')].filter((p) => p !== '');
-  if (ex.exitCode === 124) parts.push('[Timed out: the command was interrupted (exit code 124).]');
+  if (ex.exitCode === TIMEOUT_EXIT_CODE) parts.push(`[Timed out: the command was interrupted (exit code ${TIMEOUT_EXIT_CODE}).]`);
   else if (ex.exitCode !== 0) parts.push(`[exit code ${ex.exitCode}]`);
   const text = truncateMiddle(parts.join('\n') || NO_OUTPUT, options.maxOutputChars ?? DEFAULT_MAX_OUTPUT_CHARS);
   return textResult(id, text, ex.exitCode !== 0);

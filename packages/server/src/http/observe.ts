@@ -6,6 +6,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import type { IncomingMessage, ServerResponse } from 'node:http';
+import { SANDBOX_ID_SOURCE } from '@podflare/protocol/sandbox';
 import type { Logger } from '../log.js';
 import type { ServerMetrics } from '../metrics.js';
 
@@ -33,7 +34,7 @@ export function traceContext(header: string | string[] | undefined): TraceContex
 
 export const formatTraceparent = (t: TraceContext) => `00-${t.traceId}-${t.spanId}-${t.flags}`;
 
-const SANDBOX_IN_PATH = /^\/v1\/sandboxes\/(sbx_[0-9a-f]{32})(?:\/|$)/;
+const SANDBOX_IN_PATH = new RegExp(`^/v1/sandboxes/(${SANDBOX_ID_SOURCE})(?:/|$)`);
 
 /** Sandboxes a request touched that its path does not name (a create's new id). */
 const noted = new WeakMap<ServerResponse, string>();

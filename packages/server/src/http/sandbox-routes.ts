@@ -1,6 +1,8 @@
 /** Sandbox lifecycle and exec endpoints (docs/api.md). */
 import type { ServerResponse } from 'node:http';
-import { CreateSandboxBody, ExecBody, SANDBOX_ID_PATTERN, type ExecEvent, type ExecStreamMessage, type SandboxState } from '@podflare/protocol';
+import {
+  CreateSandboxBody, ExecBody, KILLED_EXIT_CODE, SANDBOX_ID_PATTERN, SANDBOX_STATES, isSandboxState, type ExecEvent, type ExecStreamMessage,
+} from '@podflare/protocol';
 import { ApiError } from '../errors.js';
 import type { SandboxManager } from '../sandbox-manager.js';
 import { readBody, sendEmpty, sendJson } from './body.js';
@@ -9,7 +11,6 @@ import { flagParam } from './params.js';
 import type { RequestContext, Router } from './router.js';
 import { drainedOrClosed } from './drain.js';
 
-const STATES: SandboxState[] = ['starting', 'ready', 'running', 'stopped', 'error', 'merged', 'frozen', 'lost'];
 
 export function sandboxId(ctx: RequestContext, param = 'id'): string {
   const id = ctx.params[param] ?? '';
@@ -30,9 +31,9 @@ export function addSandboxRoutes(router: Router, manager: SandboxManager): void 
     const ancestor = ctx.query.get('ancestor') ?? undefined;
     if (ancestor !== undefined && !SANDBOX_ID_PATTERN.test(ancestor)) throw new ApiError('bad_request', 'ancestor: not a sandbox id', 'ancestor');
     const state = ctx.query.get('state') ?? undefined;
-    if (state !== undefined && !STATES.includes(state as SandboxState)) throw new ApiError('bad_request', `state: must be one of ${STATES.join(', ')}`, 'state');
+    if (state !== undefined && !isSandboxState(state)) throw new ApiError('bad_request', `state: must be one of ${SANDBOX_STATES.join(', ')}`, 'state');
     const all = flagParam(ctx.query, 'all');
-    const sandboxes = await manager.list({ ancestor, state: state as SandboxState | undefined, all }, ctx.owner || undefined);
+    const sandboxes = await manager.list({ ancestor, state, all }, ctx.owner || undefined);
     sendJson(ctx.res, 200, { sandboxes });
   });
 
@@ -68,7 +69,7 @@ export function addSandboxRoutes(router: Router, manager: SandboxManager): void 
       }
       // The sandbox died mid-call: say so in the stream, which has already begun.
       stream.emit({ type: 'error', data: { name: 'SandboxError', value: (err as Error).message, traceback: '' } });
-      stream.emit({ type: 'exit', data: 137, execution_count: null, state_lost: true });
+      stream.emit({ type: 'exit', data: KILLED_EXIT_CODE, execution_count: null, state_lost: true });
     } finally {
       finished = true;
       if (stream.started) stream.end();
@@ -131,7 +132,7 @@ class EventStream {
   }
 
   end(): void {
-    if (!this.started) this.emit({ type: 'exit', data: 137, execution_count: null, state_lost: true });
+    if (!this.started) this.emit({ type: 'exit', data: KILLED_EXIT_CODE, execution_count: null, state_lost: true });
     if (!this.res.writableEnded) this.res.end();
   }
 }

@@ -1,7 +1,7 @@
 /**
  * The two builders behind ensureImage():
  *   - buildBase: mmdebstrap → post-steps → rename into <imagesDir>/base-<hash>/rootfs (minutes, rare)
- *   - buildAgent: copy agent/*.py → byte-compile → rename into <imagesDir>/agent-<hash>/ (milliseconds)
+ *   - buildAgent: copy agent/*.py (+ *.json: the protocol document) → byte-compile → rename into <imagesDir>/agent-<hash>/ (milliseconds)
  * Both write into a private `.tmp-*` directory next to the target and rename it into place, so a
  * reader never sees a half-built image and a crash leaves only a `.tmp-*` to clean up.
  */
@@ -209,7 +209,10 @@ export interface AgentFile {
   abs: string;
 }
 
-/** Every *.py under agentDir, skipping tests/, caches and hidden directories, in a stable order. */
+/**
+ * Every *.py under agentDir and the data files the agent reads (*.json: podflare_protocol.json, the
+ * generated protocol document), skipping tests/, caches and hidden directories, in a stable order.
+ */
 export async function listAgentFiles(agentDir: string): Promise<AgentFile[]> {
   const out: AgentFile[] = [];
   const walk = async (dir: string, rel: string) => {
@@ -219,13 +222,19 @@ export async function listAgentFiles(agentDir: string): Promise<AgentFile[]> {
       if (e.isDirectory()) {
         if (e.name === 'tests' || e.name === 'test' || e.name === '__pycache__' || e.name.startsWith('.')) continue;
         await walk(path.join(dir, e.name), childRel);
-      } else if (e.isFile() && e.name.endsWith('.py') && !/^test_.*\.py$|_test\.py$/.test(e.name)) {
+      } else if (e.isFile() && isAgentFileName(e.name)) {
         out.push({ rel: childRel, abs: path.join(dir, e.name) });
       }
     }
   };
   await walk(agentDir, '');
   return out;
+}
+
+/** A module of the agent (not a test) or a JSON document it reads. */
+function isAgentFileName(name: string): boolean {
+  if (name.endsWith('.json')) return true;
+  return name.endsWith('.py') && !/^test_.*\.py$|_test\.py$/.test(name);
 }
 
 /**
@@ -255,7 +264,7 @@ export async function basePythonTag(rootfs: string): Promise<string> {
 export const AGENT_MOUNT = '/opt/podflare';
 
 /**
- * Builds <imagesDir>/agent-<hash>/opt/podflare/ from agentDir's *.py files and byte-compiles them
+ * Builds <imagesDir>/agent-<hash>/opt/podflare/ from agentDir's files and byte-compiles the *.py
  * with the base's own interpreter (run under bubblewrap with the base as its root), so a fresh
  * sandbox imports the agent without compiling it. Compilation is an optimisation: if it fails the
  * layer is still built, just without __pycache__.

@@ -2,7 +2,7 @@
  * What the server keeps about sandboxes beyond a process's life: records and lineage. Async so a
  * networked database (PostgreSQL, for the cluster mode) can stand behind the same interface.
  */
-import type { EgressSetting, SandboxState } from '@podflare/protocol';
+import { ENDED_SANDBOX_STATES, type EgressSetting, type SandboxState } from '@podflare/protocol';
 import type { SandboxLimits } from '../runtime/runtime.js';
 
 export interface SandboxRecord {
@@ -43,4 +43,5 @@ export interface SandboxStore {
   close(): Promise<void>;
 }
 
-export const ENDED_STATES: readonly SandboxState[] = ['stopped', 'error', 'merged', 'lost'];
+/** The states of sandboxes that are over (the protocol's list). */
+export const ENDED_STATES: readonly SandboxState[] = ENDED_SANDBOX_STATES;

@@ -17,6 +17,7 @@
  */
 import { readdir, readFile } from 'node:fs/promises';
 import path from 'node:path';
+import { SANDBOX_ID_PATTERN, SANDBOX_ID_SOURCE } from '@podflare/protocol/sandbox';
 import { run } from '../../proc.js';
 import { sandboxesDir, trashDir } from './layout.js';
 
@@ -36,8 +37,7 @@ interface ProcInfo {
   cmdline: string[];
 }
 
-const SANDBOX_ID = /^sbx_[0-9a-f]{32}$/;
-const SANDBOX_ID_ENV = /(?:^|\0)PODFLARE_SANDBOX_ID=(sbx_[0-9a-f]{32})(?:\0|$)/;
+const SANDBOX_ID_ENV = new RegExp(`(?:^|\\0)PODFLARE_SANDBOX_ID=(${SANDBOX_ID_SOURCE})(?:\\0|$)`);
 /** The server's own helper processes: they exit once the server is gone, but may lag behind. */
 const HELPERS = ['/podflare_hostd.py', '/netns-listen-child.js'];
 
@@ -52,7 +52,7 @@ export async function removeLeftovers(
   const root = sandboxesDir(stateDir);
   // Everything in the sandboxes' directory is a sandbox's, or the fork layers (`.layers`).
   const onDisk = await readdir(root).catch(() => [] as string[]);
-  const ids = new Set([...knownIds, ...onDisk.filter((name) => SANDBOX_ID.test(name))]);
+  const ids = new Set([...knownIds, ...onDisk.filter((name) => SANDBOX_ID_PATTERN.test(name))]);
   const report: LeftoverReport = { sandboxes: [], killed: [], unmounted: [], removed: [] };
   const touched = new Set<string>(onDisk.filter((name) => ids.has(name)));
 
