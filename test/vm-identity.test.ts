@@ -47,7 +47,7 @@ function idsOf(pid: number): { uids: number[]; gids: number[]; groups: number[] 
 /**
  * What a QEMU that got out of its guest would try, as its uid and groups, against the shared RAM
  * other VMs map: every path given (a RAM file, another process's fd by /proc) opened read-write,
- * then write(), a shared writable mapping, truncation and a punched hole. Prints one JSON object:
+ * then write(), a shared writable mapping, resizing and a punched hole. Prints one JSON object:
  * for each path, each way and whether it went through ("ok") or how it was refused.
  */
 const WRITE_ATTACK = String.raw`
@@ -64,7 +64,8 @@ def shared_map(fd):
 ways = {
     "write": lambda fd: os.pwrite(fd, b"ESCAPED!", 4096),
     "mmap_shared": shared_map,
-    "truncate": lambda fd: os.ftruncate(fd, 4096),
+    # Grown, not shrunk: shrinking would kill every VM mapping it (SIGBUS), not just change it.
+    "truncate": lambda fd: os.ftruncate(fd, os.fstat(fd).st_size + 4096),
     "punch_hole": punch,
 }
 out = {}
