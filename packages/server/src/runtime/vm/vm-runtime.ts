@@ -6,21 +6,23 @@
  * Booting takes seconds (under TCG), so it happens once per template: the template VM boots, its
  * agent starts the interpreter, then the VM is frozen — QMP `stop`, and a migration with
  * `x-ignore-shared` writes only the device state to a file, because its RAM already lives in a
- * file on /dev/shm (`memory-backend-file,share=on`). Every sandbox is then a *clone*: a QEMU with
- * the same devices maps that RAM file `share=off` (MAP_PRIVATE: copy-on-write, the template's
+ * memfd (`memory-backend-file,share=on,mem-path=/dev/fd/3`), sealed once its QEMU is gone (so it
+ * never changes while clones map it: shared-ram.ts). Every sandbox is then a *clone*: a QEMU with
+ * the same devices maps that RAM `share=off` (MAP_PRIVATE: copy-on-write, the template's
  * pages shared until written), loads the device state (`-incoming defer`, then `migrate-incoming`
  * from a unix socket the server writes the state into) and continues. The agent is told the time,
  * fresh entropy, its hostname and id right after, because every clone resumes with the template's
  * clock and RNG state.
  *
  * A fork point is a frozen point of the same kind, made from a running VM (see forkMemory): by
- * copy, the template's RAM file and a state holding the parent's own pages and device state; or
- * by migration, its stream split by the server into a fresh RAM file and the device state.
+ * copy, the template's RAM and a state holding the parent's own pages and device state; or
+ * by migration, its stream split by the server into fresh shared RAM (sealed) and the device state.
  *
  *   <stateDir>/vm/templates/<name>-<net|nonet>-<rand>/disk.qcow2  template disk (read-only once frozen)
  *   <stateDir>/vm/templates/<…>/{state,clone.qcow2}               device state, an empty overlay to copy
- *   /dev/shm/podflare-<statehash>-<pid>-<rand>.ram                template RAM
- *   /dev/shm/podflare-<statehash>-<pid>-<point>.ram               a fork point's RAM (unlinked once mapped)
+ *   memfd podflare-<statehash>-<pid>-t<rand>.ram                  template RAM (sealed; held by the spawner)
+ *   memfd podflare-<statehash>-<pid>-p<point>.ram                 a fork point's RAM (sealed; let go once mapped)
+ *   /dev/shm/podflare-<statehash>-<pid>-r<rand>.ram               a resumed VM's own RAM file
  *   <stateDir>/vm/layers/<point>.{qcow2,top.qcow2,sock}           fork layer, its children's empty overlay, stream socket
  *   <stateDir>/vm/points/<point>.dev                              a fork point's device state (QEMU writes it, the server reads it)
  *   <stateDir>/vm/<sandbox id>/{disk.qcow2,console.log,out.sock}  the VM's files (its directory is root's)
