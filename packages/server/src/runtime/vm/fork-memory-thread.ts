@@ -23,6 +23,7 @@ export interface SplitRequest {
   socketPath: string;
   /** QEMU's uid: it must be able to connect. */
   uid: number;
+  /** Where the pages go: a path the server opens read-write (shared RAM's fillPath). */
   ramFile: string;
   ramBlock: string;
   ramSize: number;
@@ -32,6 +33,7 @@ export interface PagesRequest {
   type: 'pages';
   id: number;
   pid: number;
+  /** The RAM's name in /proc/<pid>/maps (shared RAM's mapsName: `/memfd:<name> (deleted)`). */
   ramFile: string;
   ramSize: number;
   limitBytes: number;
