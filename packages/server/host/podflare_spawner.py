@@ -15,14 +15,15 @@ Protocol: JSON lines. Requests on stdin:
       {"ev": "stderr", "pid": p, "data": "..."} (else only its tail, with the exit).
   {"id": n, "op": "kill", "pid": p} → {"id": n, "ok": true}   (SIGKILL, if still ours)
   {"id": n, "op": "memfd", "name": s, "size": b} → {"id": n, "ok": true, "fd": f, "pid": spawner's pid}
-      A memfd of `size` bytes (sealable, not yet sealed) this process holds as fd `f`: shared guest
-      RAM. The server (root) fills it through /proc/<pid>/fd/<f>; a spawn passes it to a child with
-      "fds": [[child_fd, f], ...].
-  {"id": n, "op": "seal", "fd": f} → {"id": n, "ok": true}
+      A memfd of `size` bytes (sealable, not yet sealed) this process holds as fd `f`, known by its
+      `name` (unique; never by fd number: a restarted spawner may reuse the number for another
+      VM's memory): shared guest RAM. The server (root) fills it through /proc/<pid>/fd/<f>; a
+      spawn passes it to a child with "fds": [[child_fd, name], ...].
+  {"id": n, "op": "seal", "name": s} → {"id": n, "ok": true}
       Seals it for good (no write, no resize, no further seal change): refused (EBUSY) while
       anything maps it shared and writable. From then on nobody, root included, changes its bytes;
       copy-on-write private mappings still work.
-  {"id": n, "op": "close", "fd": f} → {"id": n, "ok": true}   (the processes it was passed to keep theirs)
+  {"id": n, "op": "close", "name": s} → {"id": n, "ok": true}   (the processes it was passed to keep theirs)
 Events on stdout: {"ev": "exit", "pid": p, "code": c|null, "signal": s|null, "stderr": "..."}.
 When stdin closes (the server is gone) every child is killed, then this process exits; the
 kernel kills it (PR_SET_PDEATHSIG) if the server dies first.
@@ -66,7 +67,7 @@ class Spawner:
     def __init__(self):
         self.sel = selectors.DefaultSelector()
         self.children = {}  # pid -> Child
-        self.memfds = set()  # shared guest RAM this process holds (op memfd)
+        self.memfds = {}  # name -> fd: shared guest RAM this process holds (op memfd)
         self.out = sys.stdout
         self.inbuf = b""
         self.wake_r, wake_w = os.pipe()
@@ -109,12 +110,11 @@ class Spawner:
             elif req["op"] == "memfd":
                 reply = {"fd": self.memfd(str(req["name"]), int(req["size"])), "pid": os.getpid()}
             elif req["op"] == "seal":
-                fcntl.fcntl(self.own_memfd(req["fd"]), F_ADD_SEALS, ALL_SEALS)
+                fcntl.fcntl(self.own_memfd(req["name"]), F_ADD_SEALS, ALL_SEALS)
                 reply = {}
             elif req["op"] == "close":
-                fd = self.own_memfd(req["fd"])
-                self.memfds.discard(fd)
-                os.close(fd)
+                self.own_memfd(req["name"])
+                os.close(self.memfds.pop(str(req["name"])))
                 reply = {}
             elif req["op"] == "kill":
                 child = self.children.get(int(req["pid"]))
@@ -128,19 +128,21 @@ class Spawner:
             self.send({"id": rid, "ok": False, "error": f"{type(exc).__name__}: {exc}"})
 
     def memfd(self, name, size):
+        if name in self.memfds:
+            raise ValueError(f"a memfd named {name!r} exists")
         fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, size)
         except Exception:
             os.close(fd)
             raise
-        self.memfds.add(fd)
+        self.memfds[name] = fd
         return fd
 
-    def own_memfd(self, fd):
-        fd = int(fd)
-        if fd not in self.memfds:
-            raise ValueError(f"fd {fd} is not a memfd of this spawner's")
+    def own_memfd(self, name):
+        fd = self.memfds.get(str(name))
+        if fd is None:
+            raise ValueError(f"no memfd named {name!r} in this spawner")
         return fd
 
     def spawn(self, argv, ready_fd, exit_fd, stream_stderr=False, batch=False, fds=()):

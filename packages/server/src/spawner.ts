@@ -21,13 +21,13 @@ export interface SpawnOptions {
   onStderr?: (text: string) => void;
   /** Scheduled as SCHED_BATCH: CPU-bound, so its wake-ups do not preempt what runs. */
   batch?: boolean;
-  /** Memfds of the spawner's (createMemfd) the child gets, as [its fd, the spawner's fd] (fds above 2). */
-  fds?: Array<[number, number]>;
+  /** Memfds of the spawner's (createMemfd) the child gets, as [its fd (above 2), the memfd's name]. */
+  fds?: Array<[number, string]>;
 }
 
-/** A memfd held by the spawner (createMemfd): its fd there, and where root may reopen it. */
+/** A memfd held by the spawner (createMemfd): its name (unique: how the spawner knows it), and where root may reopen it. */
 export interface SpawnerMemfd {
-  fd: number;
+  name: string;
   /** /proc/<spawner pid>/fd/<fd>: root (the server) reopens it here to fill it. */
   path: string;
 }
@@ -111,11 +111,11 @@ class Spawner {
 
   async memfd(name: string, size: number): Promise<SpawnerMemfd> {
     const answer = await this.helper.call({ op: 'memfd', name, size });
-    return { fd: answer.fd as number, path: `/proc/${answer.pid as number}/fd/${answer.fd as number}` };
+    return { name, path: `/proc/${answer.pid as number}/fd/${answer.fd as number}` };
   }
 
-  async memfdOp(op: 'seal' | 'close', fd: number): Promise<void> {
-    await this.helper.call({ op, fd });
+  async memfdOp(op: 'seal' | 'close', name: string): Promise<void> {
+    await this.helper.call({ op, name });
   }
 
   private request(req: Record<string, unknown>): Promise<number> {
@@ -148,13 +148,13 @@ export function createMemfd(name: string, size: number): Promise<SpawnerMemfd> {
  */
 export function sealMemfd(m: SpawnerMemfd): Promise<void> {
   shared ??= new Spawner();
-  return shared.memfdOp('seal', m.fd);
+  return shared.memfdOp('seal', m.name);
 }
 
 /** The spawner lets go of a memfd (the children it was passed to keep their own). */
 export function closeMemfd(m: SpawnerMemfd): Promise<void> {
   shared ??= new Spawner();
-  return shared.memfdOp('close', m.fd);
+  return shared.memfdOp('close', m.name);
 }
 
 /**

@@ -41,8 +41,8 @@ export class SharedRam {
   }
 
   /** For SpawnOptions.fds: the spawner's memfd at QEMU_RAM_FD in the child. */
-  get passed(): [number, number] {
-    return [QEMU_RAM_FD, this.memfd.fd];
+  get passed(): [number, string] {
+    return [QEMU_RAM_FD, this.memfd.name];
   }
 
   /** Nobody changes it any more (fails while it is mapped shared and writable: a QEMU still on it). */

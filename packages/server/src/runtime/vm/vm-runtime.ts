@@ -638,7 +638,7 @@ export class VmRuntime implements Runtime {
     };
     try {
       ram = await SharedRam.create(`${this.shmPrefix}${process.pid}-p${point}.ram`, this.memoryMb * MB);
-      split = this.forkWorker.split({ socketPath, uid: parent.identity.uid, ramFile: ram.fillPath, ramBlock: RAM_BLOCK, ramSize: this.memoryMb * MB });
+      split = this.forkWorker.split({ socketPath, uid: parent.identity.uid, ramFile: ram.fillPath, ramName: ram.mapsName, ramBlock: RAM_BLOCK, ramSize: this.memoryMb * MB });
       await split.listening;
       await qmp.command('migrate-set-parameters', UNTHROTTLED);
       migrated = waitMigration(qmp, this.opts.startTimeoutMs, parent.vm.stderr);
