@@ -12,8 +12,9 @@
  */
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
+import { createHash } from 'node:crypto';
 import {
-  chownSync, existsSync, lchownSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, renameSync, rmSync, statSync,
+  chownSync, closeSync, existsSync, openSync, readSync, readlinkSync, lchownSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, renameSync, rmSync, statSync,
   symlinkSync, utimesSync, writeFileSync,
 } from 'node:fs';
 import os from 'node:os';
@@ -41,6 +42,123 @@ function idsOf(pid: number): { uids: number[]; gids: number[]; groups: number[] 
   const status = readFileSync(`/proc/${pid}/status`, 'utf8');
   const field = (name: string) => (new RegExp(`^${name}:\\s*(.*)$`, 'm').exec(status)?.[1] ?? '').trim().split(/\s+/).filter(Boolean).map(Number);
   return { uids: field('Uid'), gids: field('Gid'), groups: field('Groups') };
+}
+
+/**
+ * What a QEMU that got out of its guest would try, as its uid and groups, against the shared RAM
+ * other VMs map: every path given (a RAM file, another process's fd by /proc) opened read-write,
+ * then write(), a shared writable mapping, resizing and a punched hole. Prints one JSON object:
+ * for each path, each way and whether it went through ("ok") or how it was refused.
+ */
+const WRITE_ATTACK = String.raw`
+import ctypes, json, mmap, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+def punch(fd):
+    if libc.fallocate(fd, 3, 0, 4096) != 0:  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+def shared_map(fd):
+    m = mmap.mmap(fd, 4096, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    m[0:8] = b"ESCAPED!"
+    m.close()
+ways = {
+    "write": lambda fd: os.pwrite(fd, b"ESCAPED!", 4096),
+    "mmap_shared": shared_map,
+    # Grown, not shrunk: shrinking would kill every VM mapping it (SIGBUS), not just change it.
+    "truncate": lambda fd: os.ftruncate(fd, os.fstat(fd).st_size + 4096),
+    "punch_hole": punch,
+}
+out = {}
+for path in sys.argv[1:]:
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError as e:
+        out[path] = {"open": e.strerror}
+        continue
+    r = {"open": "ok"}
+    for name, way in ways.items():
+        try:
+            way(fd)
+            r[name] = "ok"
+        except OSError as e:
+            r[name] = e.strerror
+    os.close(fd)
+    out[path] = r
+print(json.dumps(out))
+`;
+
+/** Runs WRITE_ATTACK as `who` against `paths`: for each path, the ways that went through. */
+async function writeAttack(who: string[], paths: string[]): Promise<Record<string, Record<string, string>>> {
+  const { stdout } = await run(who[0]!, [...who.slice(1), '/usr/bin/python3', '-c', WRITE_ATTACK, ...paths]);
+  return JSON.parse(stdout) as Record<string, Record<string, string>>;
+}
+
+/** What a QEMU maps as its guest RAM (a /dev/shm file, or a memfd: `/memfd:<name> (deleted)`), from its maps. */
+function ramNameOf(qemuPid: number): string {
+  const m = /^[0-9a-f]+-[0-9a-f]+ \S+ \S+ \S+ \d+\s+(\/(?:dev\/shm|memfd:)\S*podflare-\S+\.ram(?: \(deleted\))?)$/m.exec(readFileSync(`/proc/${qemuPid}/maps`, 'utf8'));
+  assert.ok(m, `QEMU ${qemuPid} maps no guest RAM of the server's`);
+  return m[1]!;
+}
+
+/**
+ * Every path to the guest RAM a QEMU maps: its file (if it has a name), and every (pid, fd) through
+ * which a process holds it.
+ */
+function sharedRamPaths(qemuPid: number): { name: string; paths: string[] } {
+  const name = ramNameOf(qemuPid);
+  const paths: string[] = name.startsWith('/dev/shm/') && !name.endsWith(' (deleted)') ? [name] : [];
+  for (const pid of readdirSync('/proc').filter((n) => /^\d+$/.test(n))) {
+    let fds: string[] = [];
+    try { fds = readdirSync(`/proc/${pid}/fd`); } catch { continue; }
+    for (const fd of fds) {
+      try {
+        if (readlinkSync(`/proc/${pid}/fd/${fd}`) === name) paths.push(`/proc/${pid}/fd/${fd}`);
+      } catch { /* closed meanwhile */ }
+    }
+  }
+  return { name, paths };
+}
+
+/** sha256 of the first `bytes` of a file (root reads it). */
+function hashOf(file: string, bytes: number): string {
+  const fd = openSync(file, 'r');
+  try {
+    const buf = Buffer.alloc(bytes);
+    let off = 0;
+    while (off < bytes) {
+      const n = readSync(fd, buf, off, bytes - off, off);
+      if (n === 0) break;
+      off += n;
+    }
+    return createHash('sha256').update(buf.subarray(0, off)).digest('hex');
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/**
+ * As the QEMU of `attacker` (its uid and groups), every way to write the shared RAM `victim`'s QEMU
+ * maps (through the victim's fd, its own, the server's, any RAM file on /dev/shm): all refused,
+ * and its first 64 MB (the attack writes at 0 and 4096) unchanged.
+ */
+async function assertSharedRamUnwritable(stateDir: string, attackerPid: number, victimPid: number, what: string): Promise<void> {
+  const { name, paths } = sharedRamPaths(victimPid);
+  assert.equal(ramNameOf(attackerPid), name, `${what}: the two VMs do not map the same RAM`);
+  const own = paths.find((p) => p.startsWith(`/proc/${attackerPid}/`));
+  const readable = paths.find((p) => p.startsWith(`/proc/${victimPid}/`)) ?? paths[0]!;
+  // This server's RAM files (named after its state directory; other servers on the machine have their own).
+  const prefix = `podflare-${createHash('sha256').update(path.resolve(stateDir)).digest('hex').slice(0, 10)}-`;
+  const files = readdirSync('/dev/shm').filter((n) => n.startsWith(prefix)).map((n) => path.join('/dev/shm', n));
+  const before = hashOf(readable, 64 * 1024 * 1024);
+  const tried = await writeAttack(asIdentity(idsOf(attackerPid)), [...new Set([...paths, ...files])]);
+  for (const [p, r] of Object.entries(tried)) {
+    for (const [way, result] of Object.entries(r)) {
+      if (way !== 'open') assert.notEqual(result, 'ok', `${what}: ${way} through ${p} went through (${JSON.stringify(r)})`);
+    }
+  }
+  // Its own fd at least opens (QEMU reopens it read-write): the refusals above are the seal's.
+  if (own) assert.equal(tried[own]?.open, 'ok', `${what}: ${JSON.stringify(tried)}`);
+  assert.equal(hashOf(readable, 64 * 1024 * 1024), before, `${what}: the shared RAM changed`);
 }
 
 /** The RAM file a VM's QEMU maps (/dev/shm), by the name it was mapped under. */
@@ -200,8 +318,9 @@ describe('vm identity', { timeout: 900_000 }, () => {
         const st = lstatSync(path.join(dir, f));
         if (st.uid === ids.uids[0]) assertPrivate(path.join(dir, f), `${id}'s ${f}`, {});
       }
-      // The RAM file it maps: the template's, shared by every VM, and nobody else's.
-      assertPrivate(ramFileOf(ids === ia ? pa : pb), `${id}'s RAM file`, { uid: 0 }, 0o060);
+      // The RAM it maps copy-on-write: the template's, no file anybody could open by name.
+      assert.match(readFileSync(`/proc/${ids === ia ? pa : pb}/maps`, 'utf8'), /^[0-9a-f]+-[0-9a-f]+ rw-p .* \/memfd:podflare-\S+-t[0-9a-f]+\.ram \(deleted\)$/m,
+        `${id} does not map the template's RAM copy-on-write`);
       // As the other VM's QEMU (its uid and groups): its overlay and sockets are out of reach.
       await assertUnreadable(asIdentity(otherIds), path.join(dir, 'disk.qcow2'), `${id}'s overlay, as ${other}'s QEMU`);
       await assertUnreadable(asIdentity(otherIds), path.join(dir, 'console.log'), `${id}'s console log, as ${other}'s QEMU`);
@@ -211,11 +330,36 @@ describe('vm identity', { timeout: 900_000 }, () => {
     assert.equal((await b.runCode('6*7')).results[0]?.text, '42');
   });
 
+  it("lets no QEMU write the RAM other VMs map: the template's, a fork point's", async () => {
+    const [pa, pb] = [qemuPidOf(a.id)!, qemuPidOf(b.id)!];
+    // The template's RAM, as b's QEMU, which maps it too (and as a, the other way round).
+    await assertSharedRamUnwritable(server.stateDir, pb, pa, "the template's RAM, as a clone's QEMU");
+    await assertSharedRamUnwritable(server.stateDir, pa, pb, "the template's RAM, as another clone's QEMU");
+    assert.equal((await a.runCode('6*7')).results[0]?.text, '42');
+    // A new clone still starts from it, and a fork by copy still works.
+    const c = await Sandbox.create({ host: server.url, runtime: 'vm' });
+    const kids: Sandbox[] = [];
+    try {
+      assert.equal((await c.runCode('6*7')).results[0]?.text, '42');
+      // A fork point's RAM (a fork by migration: more written than a fork copies), mapped by two
+      // siblings: neither can write what the other maps.
+      const made = await c.runCode('import hashlib\nbig = bytes(range(256)) * (96 * 4096)\nhashlib.sha256(big).hexdigest()');
+      const digest = made.results[0]?.text;
+      assert.match(digest ?? '', /^'[0-9a-f]{64}'$/, made.stderr);
+      kids.push(...(await c.fork(2)));
+      const [k0, k1] = [qemuPidOf(kids[0]!.id)!, qemuPidOf(kids[1]!.id)!];
+      assert.match(ramNameOf(k0), /-p[0-9a-f]+\.ram \(deleted\)$/, "the children do not map a fork point's RAM");
+      await assertSharedRamUnwritable(server.stateDir, k0, k1, "a fork point's RAM, as a sibling's QEMU");
+      for (const kid of kids) assert.equal((await kid.runCode('hashlib.sha256(big).hexdigest()')).results[0]?.text, digest);
+      assert.equal((await c.runCode('hashlib.sha256(big).hexdigest()')).results[0]?.text, digest);
+    } finally {
+      await Promise.all([...kids, c].map((s) => s.close()));
+    }
+  });
+
   it('keeps VM files, frozen VMs, the volume and the database from other local users', async () => {
-    const pa = qemuPidOf(a.id)!;
     const files: Array<[string, string]> = [
       [path.join(server.stateDir, 'vm', a.id, 'disk.qcow2'), "a VM's overlay"],
-      [ramFileOf(pa), "a VM's RAM file (the template's)"],
       [path.join(server.stateDir, 'podflare.db'), 'the database'],
     ];
     for (const t of readdirSync(path.join(server.stateDir, 'vm', 'templates'))) {

@@ -5,7 +5,7 @@
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
-import { readFileSync, readdirSync, existsSync } from 'node:fs';
+import { readFileSync, readdirSync, readlinkSync, existsSync } from 'node:fs';
 import { createHash } from 'node:crypto';
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
@@ -54,6 +54,22 @@ async function until<T>(what: string, timeoutMs: number, probe: () => Promise<T 
   }
 }
 
+/** Processes holding a memfd whose name starts with `prefix`, as "pid: name". */
+function memfdHolders(prefix: string): string[] {
+  const found: string[] = [];
+  for (const pid of readdirSync('/proc').filter((n) => /^\d+$/.test(n))) {
+    let fds: string[] = [];
+    try { fds = readdirSync(`/proc/${pid}/fd`); } catch { continue; }
+    for (const fd of fds) {
+      try {
+        const target = readlinkSync(`/proc/${pid}/fd/${fd}`);
+        if (target.startsWith(`/memfd:${prefix}`)) found.push(`${pid}: ${target}`);
+      } catch { /* closed meanwhile */ }
+    }
+  }
+  return found;
+}
+
 /** The guest's clock minus the host's, at the middle of the call that read it. */
 async function clockSkewMs(sbx: Sandbox): Promise<number> {
   const before = Date.now();
@@ -61,11 +77,16 @@ async function clockSkewMs(sbx: Sandbox): Promise<number> {
   return Number(BigInt(r.stdout.trim()) / 1_000_000n) - (before + Date.now()) / 2;
 }
 
-/** A VM's mapping of its RAM file: how much of it is shared with other processes, how much its own. */
-function ramMapping(sandboxId: string, unlinked: boolean): { sharedKb: number; privateKb: number } {
+/**
+ * A VM's mapping of its shared RAM (a sealed memfd: its template's, or a fork point's): how much
+ * of it is shared with other processes, how much its own.
+ */
+function ramMapping(sandboxId: string, of: 'template' | 'fork point'): { sharedKb: number; privateKb: number } {
   const smaps = readFileSync(`/proc/${qemuPidOf(sandboxId)}/smaps`, 'utf8').split(/\n(?=[0-9a-f]+-[0-9a-f]+ )/);
-  const ram = smaps.find((m) => (unlinked ? /\/dev\/shm\/podflare-[^\n]*\.ram \(deleted\)\n/ : /\/dev\/shm\/podflare-[^\n]*\.ram\n/).test(m));
-  assert.ok(ram, `the VM does not map ${unlinked ? 'an unlinked' : 'a'} RAM file on /dev/shm`);
+  const name = of === 'template' ? /^[0-9a-f]+-[0-9a-f]+ rw-p .*\/memfd:podflare-[0-9a-f]{10}-\d+-t[0-9a-f]+\.ram \(deleted\)\n/
+    : /^[0-9a-f]+-[0-9a-f]+ rw-p .*\/memfd:podflare-[0-9a-f]{10}-\d+-p[0-9a-f]+\.ram \(deleted\)\n/;
+  const ram = smaps.find((m) => name.test(m));
+  assert.ok(ram, `the VM does not map its ${of}'s RAM copy-on-write`);
   const kb = (field: string) => Number(new RegExp(`^${field}:\\s+(\\d+) kB`, 'm').exec(ram)?.[1]);
   // (tmpfs pages count as dirty: Shared_Dirty, not Shared_Clean)
   return { sharedKb: kb('Shared_Clean') + kb('Shared_Dirty'), privateKb: kb('Private_Clean') + kb('Private_Dirty') };
@@ -195,9 +216,9 @@ describe('vm runtime', { timeout: 600_000 }, () => {
         assert.equal(sleeping.exitCode, 0, 'the background process is not running in the child');
         await kid.runCode(`open("/root/shared.txt", "w").write("child ${i}")`);
       }
-      // The children map the template's RAM file (on /dev/shm, not unlinked) and share its pages
+      // The children map the template's RAM (copy-on-write) and share its pages
       // with the pool's clones; what is theirs alone is about what the parent had written.
-      const ram = ramMapping(kids[0]!.id, false);
+      const ram = ramMapping(kids[0]!.id, 'template');
       assert.ok(ram.sharedKb >= 16_384, `only ${ram.sharedKb} kB of the template's RAM shared with other VMs`);
       assert.ok(ram.privateKb < 100 * 1024, `${ram.privateKb} kB of the child's RAM is its own`);
       // A grandchild: a fork of a fork child.
@@ -257,9 +278,9 @@ describe('vm runtime', { timeout: 600_000 }, () => {
       assert.match(expected ?? '', /^\(100663296, '[0-9a-f]{64}'\)$/, made.stderr);
       kids.push(...(await parent.fork(2)));
       for (const kid of kids) assert.equal((await kid.runCode(`(len(big), ${sample})`)).results[0]?.text, expected);
-      // Its pages are in the fork point's RAM file (unlinked once the children mapped it), shared
+      // Its pages are in the fork point's RAM (a memfd the server let go of once the children mapped it), shared
       // by the children, not copied into each.
-      const ram = ramMapping(kids[0]!.id, true);
+      const ram = ramMapping(kids[0]!.id, 'fork point');
       assert.ok(ram.sharedKb >= 96 * 1024, `only ${ram.sharedKb} kB of the fork point's RAM shared between the children`);
       // A fork of such a child (its RAM is not the template's) goes the same way.
       const [grandchild] = await kids[0]!.fork(1);
@@ -399,5 +420,7 @@ describe('vm runtime', { timeout: 600_000 }, () => {
     // Template RAM files are named after the state directory (other servers may have their own).
     const prefix = `podflare-${createHash('sha256').update(path.resolve(stateDir)).digest('hex').slice(0, 10)}-`;
     assert.deepEqual(readdirSync('/dev/shm').filter((n) => n.startsWith(prefix)), []);
+    // Nor is any shared RAM (a memfd the spawner held) still held by a process.
+    assert.deepEqual(memfdHolders(prefix), []);
   });
 });

@@ -14,11 +14,22 @@ Protocol: JSON lines. Requests on stdin:
       `stream_stderr`: what the child writes on stderr is passed on as it comes,
       {"ev": "stderr", "pid": p, "data": "..."} (else only its tail, with the exit).
   {"id": n, "op": "kill", "pid": p} → {"id": n, "ok": true}   (SIGKILL, if still ours)
+  {"id": n, "op": "memfd", "name": s, "size": b} → {"id": n, "ok": true, "fd": f, "pid": spawner's pid}
+      A memfd of `size` bytes (sealable, not yet sealed) this process holds as fd `f`, known by its
+      `name` (unique; never by fd number: a restarted spawner may reuse the number for another
+      VM's memory): shared guest RAM. The server (root) fills it through /proc/<pid>/fd/<f>; a
+      spawn passes it to a child with "fds": [[child_fd, name], ...].
+  {"id": n, "op": "seal", "name": s} → {"id": n, "ok": true}
+      Seals it for good (no write, no resize, no further seal change): refused (EBUSY) while
+      anything maps it shared and writable. From then on nobody, root included, changes its bytes;
+      copy-on-write private mappings still work.
+  {"id": n, "op": "close", "name": s} → {"id": n, "ok": true}   (the processes it was passed to keep theirs)
 Events on stdout: {"ev": "exit", "pid": p, "code": c|null, "signal": s|null, "stderr": "..."}.
 When stdin closes (the server is gone) every child is killed, then this process exits; the
 kernel kills it (PR_SET_PDEATHSIG) if the server dies first.
 """
 import ctypes
+import fcntl
 import json
 import os
 import selectors
@@ -26,6 +37,9 @@ import signal
 import sys
 
 PR_SET_PDEATHSIG = 1
+F_ADD_SEALS = 1033
+F_SEAL_SEAL, F_SEAL_SHRINK, F_SEAL_GROW, F_SEAL_WRITE = 1, 2, 4, 8
+ALL_SEALS = F_SEAL_SEAL | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE
 STDERR_KEEP = 2000
 
 
@@ -53,6 +67,7 @@ class Spawner:
     def __init__(self):
         self.sel = selectors.DefaultSelector()
         self.children = {}  # pid -> Child
+        self.memfds = {}  # name -> fd: shared guest RAM this process holds (op memfd)
         self.out = sys.stdout
         self.inbuf = b""
         self.wake_r, wake_w = os.pipe()
@@ -90,7 +105,17 @@ class Spawner:
             req = json.loads(line)
             rid = req.get("id")
             if req["op"] == "spawn":
-                reply = {"pid": self.spawn(req["argv"], req.get("ready_fd"), req.get("exit_fd"), bool(req.get("stream_stderr")), bool(req.get("batch")))}
+                reply = {"pid": self.spawn(req["argv"], req.get("ready_fd"), req.get("exit_fd"), bool(req.get("stream_stderr")),
+                                           bool(req.get("batch")), req.get("fds") or [])}
+            elif req["op"] == "memfd":
+                reply = {"fd": self.memfd(str(req["name"]), int(req["size"])), "pid": os.getpid()}
+            elif req["op"] == "seal":
+                fcntl.fcntl(self.own_memfd(req["name"]), F_ADD_SEALS, ALL_SEALS)
+                reply = {}
+            elif req["op"] == "close":
+                self.own_memfd(req["name"])
+                os.close(self.memfds.pop(str(req["name"])))
+                reply = {}
             elif req["op"] == "kill":
                 child = self.children.get(int(req["pid"]))
                 if child is not None:  # not reaped yet: the pid is still this child's
@@ -102,7 +127,30 @@ class Spawner:
         except Exception as exc:  # every failure goes back to the server, never kills the spawner
             self.send({"id": rid, "ok": False, "error": f"{type(exc).__name__}: {exc}"})
 
-    def spawn(self, argv, ready_fd, exit_fd, stream_stderr=False, batch=False):
+    def memfd(self, name, size):
+        if name in self.memfds:
+            raise ValueError(f"a memfd named {name!r} exists")
+        fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, size)
+        except Exception:
+            os.close(fd)
+            raise
+        self.memfds[name] = fd
+        return fd
+
+    def own_memfd(self, name):
+        fd = self.memfds.get(str(name))
+        if fd is None:
+            raise ValueError(f"no memfd named {name!r} in this spawner")
+        return fd
+
+    def spawn(self, argv, ready_fd, exit_fd, stream_stderr=False, batch=False, fds=()):
+        # The memfds it is given, at the fds it names (dup2 clears close-on-exec on the copy): last,
+        # so that no fd opened below (which may have such a number here) is overwritten first.
+        passed = [(os.POSIX_SPAWN_DUP2, self.own_memfd(src), int(at)) for at, src in fds]
+        if any(at <= 2 for _, _, at in passed):
+            raise ValueError("a memfd cannot replace stdin, stdout or stderr")
         actions = []
         opened = []
         ready_r = exit_w = None
@@ -120,6 +168,7 @@ class Spawner:
                 exit_r, exit_w = os.pipe()
                 opened.append(exit_r)
                 actions.append((os.POSIX_SPAWN_DUP2, exit_r, int(exit_fd)))
+            actions += passed
             if batch:
                 # Inherited by the child. posix_spawn's own scheduler attribute takes only
                 # SCHED_OTHER, FIFO and RR; the spawner is single-threaded, so the switch is safe.

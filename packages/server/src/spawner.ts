@@ -21,6 +21,15 @@ export interface SpawnOptions {
   onStderr?: (text: string) => void;
   /** Scheduled as SCHED_BATCH: CPU-bound, so its wake-ups do not preempt what runs. */
   batch?: boolean;
+  /** Memfds of the spawner's (createMemfd) the child gets, as [its fd (above 2), the memfd's name]. */
+  fds?: Array<[number, string]>;
+}
+
+/** A memfd held by the spawner (createMemfd): its name (unique: how the spawner knows it), and where root may reopen it. */
+export interface SpawnerMemfd {
+  name: string;
+  /** /proc/<spawner pid>/fd/<fd>: root (the server) reopens it here to fill it. */
+  path: string;
 }
 
 export interface ProcessExit {
@@ -66,7 +75,7 @@ class Spawner {
     const ready = new Promise<void>((resolve, reject) => { onReady = resolve; onNotReady = reject; });
     ready.catch(() => undefined);
     const exited = new Promise<ProcessExit>((resolve) => { onExit = resolve; });
-    const pid = await this.request({ op: 'spawn', argv, ready_fd: opts.readyFd, exit_fd: opts.exitFd, stream_stderr: opts.onStderr !== undefined, batch: opts.batch === true });
+    const pid = await this.request({ op: 'spawn', argv, ready_fd: opts.readyFd, exit_fd: opts.exitFd, stream_stderr: opts.onStderr !== undefined, batch: opts.batch === true, fds: opts.fds ?? [] });
     let ended = false;
     const watch: Watch = {
       ready: onReady,
@@ -100,6 +109,15 @@ class Spawner {
     else if (msg.ev === 'exit') watch.exit({ code: msg.code ?? null, signal: msg.signal ?? null, stderr: msg.stderr ?? '' });
   }
 
+  async memfd(name: string, size: number): Promise<SpawnerMemfd> {
+    const answer = await this.helper.call({ op: 'memfd', name, size });
+    return { name, path: `/proc/${answer.pid as number}/fd/${answer.fd as number}` };
+  }
+
+  async memfdOp(op: 'seal' | 'close', name: string): Promise<void> {
+    await this.helper.call({ op, name });
+  }
+
   private request(req: Record<string, unknown>): Promise<number> {
     return this.helper.call(req).then((answer) => (answer.pid as number | undefined) ?? 0);
   }
@@ -111,6 +129,32 @@ let shared: Spawner | null = null;
 export function spawnProcess(argv: string[], opts: SpawnOptions = {}): Promise<SpawnedProcess> {
   shared ??= new Spawner();
   return shared.spawn(argv, opts);
+}
+
+/**
+ * A memfd of `size` bytes (zeros) that the spawner holds, and can pass to the children it starts
+ * (SpawnOptions.fds): memory no file names, which the spawner can seal (sealMemfd). It lives until
+ * closeMemfd, or the spawner's end (the server's).
+ */
+export function createMemfd(name: string, size: number): Promise<SpawnerMemfd> {
+  shared ??= new Spawner();
+  return shared.memfd(name, size);
+}
+
+/**
+ * Seals a memfd of the spawner's for good: nobody (root included) can write it, resize it or
+ * unseal it any more; private (copy-on-write) mappings still work. Fails while anything maps it
+ * shared and writable.
+ */
+export function sealMemfd(m: SpawnerMemfd): Promise<void> {
+  shared ??= new Spawner();
+  return shared.memfdOp('seal', m.name);
+}
+
+/** The spawner lets go of a memfd (the children it was passed to keep their own). */
+export function closeMemfd(m: SpawnerMemfd): Promise<void> {
+  shared ??= new Spawner();
+  return shared.memfdOp('close', m.name);
 }
 
 /**
@@ -131,7 +175,7 @@ export class SpawnedChild extends EventEmitter {
     });
   }
 
-  static async start(argv: string[], opts: Pick<SpawnOptions, 'batch'> = {}): Promise<SpawnedChild> {
+  static async start(argv: string[], opts: Pick<SpawnOptions, 'batch' | 'fds'> = {}): Promise<SpawnedChild> {
     let child: SpawnedChild | null = null;
     const early: string[] = [];
     const handle = await spawnProcess(argv, { ...opts, onStderr: (text) => (child ? child.emit('stderr', text) : early.push(text)) });

@@ -9,7 +9,7 @@
  *   fresh buffer per read (Node's default) means ~100 MB of new memory per fork, each page of it
  *   faulted in and then collected by V8 — about half the CPU a split took.
  */
-import { closeSync, openSync } from 'node:fs';
+import { closeSync, openSync, readlinkSync } from 'node:fs';
 import { chown } from 'node:fs/promises';
 import net from 'node:net';
 import { parentPort } from 'node:worker_threads';
@@ -23,7 +23,10 @@ export interface SplitRequest {
   socketPath: string;
   /** QEMU's uid: it must be able to connect. */
   uid: number;
+  /** Where the pages go: a path the server opens read-write (shared RAM's fillPath). */
   ramFile: string;
+  /** What the file opened must be (/proc/self/fd's link): shared RAM's mapsName. */
+  ramName: string;
   ramBlock: string;
   ramSize: number;
 }
@@ -32,6 +35,7 @@ export interface PagesRequest {
   type: 'pages';
   id: number;
   pid: number;
+  /** The RAM's name in /proc/<pid>/maps (shared RAM's mapsName: `/memfd:<name> (deleted)`). */
   ramFile: string;
   ramSize: number;
   limitBytes: number;
@@ -148,6 +152,8 @@ async function split(m: SplitRequest): Promise<void> {
     conn = accepted;
     if (cancelled) throw new Error('cancelled');
     fd = openSync(m.ramFile, 'r+');
+    // A /proc/<spawner>/fd/<n> path: it is the memfd made for this split, nothing else of the host.
+    if (readlinkSync(`/proc/self/fd/${fd}`) !== m.ramName) throw new Error(`${m.ramFile} is not the fork point's RAM`);
     const splitter = new StreamSplitter(m.ramBlock, fd, m.ramSize);
     const reader = readingIntoOneBuffer(accepted, (chunk) => splitter.push(chunk, true));
     let r: SplitResult;

@@ -21,7 +21,10 @@ export interface PageList {
   pages: Uint32Array;
 }
 
-/** `pid`'s private pages of its mapping of `ramFile` (`ramSize` bytes), from its page table. */
+/**
+ * `pid`'s private pages of its mapping of `ramFile` (`ramSize` bytes; the name /proc/<pid>/maps
+ * shows: a path, or `/memfd:<name> (deleted)` for shared RAM), from its page table.
+ */
 export function findPrivatePages(pid: number, ramFile: string, ramSize: number): PageList {
   const start = mappingStart(pid, ramFile, ramSize);
   const count = ramSize / PAGE;

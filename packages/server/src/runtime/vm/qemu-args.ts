@@ -23,7 +23,10 @@ export interface QemuArgsOptions {
   initrd: string;
   /** The VM's own overlay (qcow2). */
   disk: string;
-  /** RAM file on /dev/shm: written by a template (share=on), mapped copy-on-write by clones. */
+  /**
+   * Guest RAM: /dev/fd/3 (shared RAM, shared-ram.ts: written by a template, share=on; mapped
+   * copy-on-write by clones once sealed), or a resumed VM's own RAM file on /dev/shm.
+   */
   ramFile: string;
   shareRam: boolean;
   agentSocket: string;

@@ -26,10 +26,14 @@
  * - Images a QEMU could have written are handled by qemu-img only as that VM's uid (runAsVm), which
  *   can open no file the VM could not; root only copies their bytes.
  * - Shared files: the image (kernel, initrd, root: no tenant data) is world-readable as it always
- *   was; a frozen template's disk is root:VM group 0440 and its RAM file 0660 (QEMU 7.2 maps a
- *   private RAM file only through a read-write descriptor); a fork point's layer and RAM file are
- *   root:<fork point's group> 0440/0660, a group only that fork point's children have. Everything
- *   of one VM alone (overlay, RAM file, console log, sockets) is 0600/0700 of its own uid;
+ *   was; a frozen template's disk is root:VM group 0440; a fork point's layer is root:<fork point's
+ *   group> 0440, a group only that fork point's children have.
+ * - Shared RAM (a template's, a fork point's) is no file: QEMU 7.2 opens a RAM file read-write even
+ *   to map it privately, so as a file it would be writable by every VM mapping it. It is a sealed
+ *   memfd (shared-ram.ts) the spawner holds and passes to each QEMU as fd 3: the seal refuses every
+ *   write (write(), shared writable mappings, resizing, punched holes) to anyone, through any fd,
+ *   and no other uid can reach a QEMU's fds (/proc/<pid>/fd needs ptrace access). Everything
+ *   of one VM alone (overlay, a resumed VM's RAM file, console log, sockets) is 0600/0700 of its own uid;
  *   everything of the server alone (frozen VMs, states) 0600/0700 of root's.
  */
 import { spawn } from 'node:child_process';

@@ -13,6 +13,7 @@ import { SpawnedChild } from '../../spawner.js';
 import { startSlirp, type Slirp } from '../namespace/network.js';
 import { qemuArgs, type Acceleration } from './qemu-args.js';
 import { readRegular, type VmIdentity } from './vm-files.js';
+import { QEMU_RAM_PATH, type SharedRam } from './shared-ram.js';
 import { connectUnix, Qmp } from './qmp.js';
 
 const QEMU = 'qemu-system-x86_64';
@@ -50,7 +51,8 @@ export interface LaunchOptions {
   /** Made by the server (vm-files' vmDir), written by QEMU. */
   consoleLog: string;
   disk: string;
-  ramFile: string;
+  /** Its RAM: a file of its own, or shared RAM (a memfd, passed as an fd; sealed when shareRam is false). */
+  ram: { file: string } | { shared: SharedRam };
   shareRam: boolean;
   network: boolean;
   /** A clone: waits for its state (migrate-incoming) instead of booting. */
@@ -78,7 +80,7 @@ export async function launchQemu(host: QemuHost, o: LaunchOptions, timeoutMs: nu
   const image = await host.image();
   const args = qemuArgs({
     accel: host.accel, memoryMb: host.memoryMb, vmlinux: image.vmlinux, initrd: image.initrd,
-    disk: o.disk, ramFile: o.ramFile, shareRam: o.shareRam, agentSocket, qmpSocket, consoleLog, network: o.network, incoming: o.incoming,
+    disk: o.disk, ramFile: 'file' in o.ram ? o.ram.file : QEMU_RAM_PATH, shareRam: o.shareRam, agentSocket, qmpSocket, consoleLog, network: o.network, incoming: o.incoming,
   });
   const groups = [...o.identity.groups, ...(host.kvmGid !== null ? [host.kvmGid] : [])];
   // setpriv --pdeathsig: the VM dies with the server, whatever way the server ends.
@@ -100,7 +102,8 @@ export async function launchQemu(host: QemuHost, o: LaunchOptions, timeoutMs: nu
   // as a batch task its wake-ups do not preempt the server or other VMs, so several VMs on few
   // cores (a fork's children) take turns in longer slices, each running on a warmer cache
   // (measured: fork(5) ~4% faster on 2 cores), and the API stays responsive while they run.
-  const qemu = await SpawnedChild.start([...prefix, QEMU, ...args], { batch: true }).catch((e: Error) => {
+  const fds = 'shared' in o.ram ? [o.ram.shared.passed] : [];
+  const qemu = await SpawnedChild.start([...prefix, QEMU, ...args], { batch: true, fds }).catch((e: Error) => {
     throw new Error(`cannot start QEMU: ${e.message}`);
   });
   let stderr = '';

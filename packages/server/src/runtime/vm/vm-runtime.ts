@@ -6,21 +6,23 @@
  * Booting takes seconds (under TCG), so it happens once per template: the template VM boots, its
  * agent starts the interpreter, then the VM is frozen — QMP `stop`, and a migration with
  * `x-ignore-shared` writes only the device state to a file, because its RAM already lives in a
- * file on /dev/shm (`memory-backend-file,share=on`). Every sandbox is then a *clone*: a QEMU with
- * the same devices maps that RAM file `share=off` (MAP_PRIVATE: copy-on-write, the template's
+ * memfd (`memory-backend-file,share=on,mem-path=/dev/fd/3`), sealed once its QEMU is gone (so it
+ * never changes while clones map it: shared-ram.ts). Every sandbox is then a *clone*: a QEMU with
+ * the same devices maps that RAM `share=off` (MAP_PRIVATE: copy-on-write, the template's
  * pages shared until written), loads the device state (`-incoming defer`, then `migrate-incoming`
  * from a unix socket the server writes the state into) and continues. The agent is told the time,
  * fresh entropy, its hostname and id right after, because every clone resumes with the template's
  * clock and RNG state.
  *
  * A fork point is a frozen point of the same kind, made from a running VM (see forkMemory): by
- * copy, the template's RAM file and a state holding the parent's own pages and device state; or
- * by migration, its stream split by the server into a fresh RAM file and the device state.
+ * copy, the template's RAM and a state holding the parent's own pages and device state; or
+ * by migration, its stream split by the server into fresh shared RAM (sealed) and the device state.
  *
  *   <stateDir>/vm/templates/<name>-<net|nonet>-<rand>/disk.qcow2  template disk (read-only once frozen)
  *   <stateDir>/vm/templates/<…>/{state,clone.qcow2}               device state, an empty overlay to copy
- *   /dev/shm/podflare-<statehash>-<pid>-<rand>.ram                template RAM
- *   /dev/shm/podflare-<statehash>-<pid>-<point>.ram               a fork point's RAM (unlinked once mapped)
+ *   memfd podflare-<statehash>-<pid>-t<rand>.ram                  template RAM (sealed; held by the spawner)
+ *   memfd podflare-<statehash>-<pid>-p<point>.ram                 a fork point's RAM (sealed; let go once mapped)
+ *   /dev/shm/podflare-<statehash>-<pid>-r<rand>.ram               a resumed VM's own RAM file
  *   <stateDir>/vm/layers/<point>.{qcow2,top.qcow2,sock}           fork layer, its children's empty overlay, stream socket
  *   <stateDir>/vm/points/<point>.dev                              a fork point's device state (QEMU writes it, the server reads it)
  *   <stateDir>/vm/<sandbox id>/{disk.qcow2,console.log,out.sock}  the VM's files (its directory is root's)
@@ -54,6 +56,7 @@ import type { Qmp } from './qmp.js';
 import { consoleTail, kvmGroup, launchQemu, qemuPidsUnder, setPriorityAll, stopVm, waitExit, type QemuHost, type VmProcess } from './vm-process.js';
 import { copyRegular, freshDir, handOver, privateFile, readRegular, rootDir, runAsVm, vmDir, writeNew, type Owner, type VmIdentity } from './vm-files.js';
 import { VmIdPool } from './vm-ids.js';
+import { SharedRam } from './shared-ram.js';
 
 export interface VmRuntimeOptions {
   stateDir: string;
@@ -90,9 +93,9 @@ const FROZEN_STATE_OVERHEAD = 64 * MB;
 /** vm.json of a frozen VM. */
 const MAX_FROZEN_META = 64 * 1024;
 
-/** A fork point's memory: the file the children's RAM maps, and the state they load. */
+/** A fork point's memory: the shared RAM the children map, and the state they load. */
 interface ForkMemory {
-  ramFile: string;
+  ram: SharedRam;
   state: Promise<StateSource>;
   /** The fork failed before the parent continued: stop taking it. */
   abandon(): Promise<void>;
@@ -109,7 +112,8 @@ interface Template {
   stateData: StateSource;
   /** An empty overlay over `disk`, copied for each clone (cheaper than a qemu-img per clone). */
   cloneOverlay: string;
-  ramFile: string;
+  /** Its RAM, sealed (shared-ram.ts); null for a resumed VM's (its RAM is its own file). */
+  ram: SharedRam | null;
   image: VmImagePaths;
   network: boolean;
   /** Its state cut for forks by copy (fork-state.ts); null: this QEMU cannot save device state alone. */
@@ -128,8 +132,8 @@ export class VmSandbox implements RuntimeSandbox {
     readonly id: string,
     readonly dir: string,
     readonly template: Template,
-    /** The file its RAM maps copy-on-write: its template's, or a fork point's. */
-    readonly ramFile: string,
+    /** The shared RAM it maps copy-on-write: its template's, or a fork point's (null: a RAM file of its own). */
+    readonly ram: SharedRam | null,
     /** This VM's own overlay. */
     readonly disk: string,
     /** Fork layers (read-only qcow2) under this VM's disk, which must outlive it. */
@@ -274,26 +278,27 @@ export class VmRuntime implements Runtime {
     const rand = randomBytes(4).toString('hex');
     const dir = path.join(this.vmDir, 'templates', `${name}-${network ? 'net' : 'nonet'}-${rand}`);
     const statePath = path.join(dir, 'state');
-    const tpl: Template = { dir, disk: path.join(dir, 'disk.qcow2'), stateData: { data: Buffer.alloc(0) }, cloneOverlay: path.join(dir, 'clone.qcow2'), ramFile: path.join('/dev/shm', `${this.shmPrefix}${process.pid}-${rand}.ram`), image, network, skeleton: null };
+    const tpl: Template = { dir, disk: path.join(dir, 'disk.qcow2'), stateData: { data: Buffer.alloc(0) }, cloneOverlay: path.join(dir, 'clone.qcow2'), ram: null, image, network, skeleton: null };
     const bootTimeoutMs = this.opts.bootTimeoutMs ?? (this.opts.accel.kind === 'kvm' ? 20_000 : 90_000);
     const t0 = performance.now();
     await rootDir(path.dirname(dir), 0o711, this.opts.stateDir);
-    // The template's QEMU has a uid of its own while it boots; once frozen, its files are root's,
-    // readable (the RAM file writable: QEMU 7.2 maps it so) by the VMs' group.
+    // The template's QEMU has a uid of its own while it boots; once frozen, its disk is root's,
+    // readable by the VMs' group, and its RAM (a memfd it wrote while it ran) is sealed.
     const uid = await this.ids.allocate();
     const owner: Owner = { uid, gid: uid };
     const shared: Owner = { uid: 0, gid: this.ids.group };
     try {
       // A TCG boot can stall early on a loaded host: one more attempt before giving up.
       for (let attempt = 1; ; attempt++) {
-        await rm(tpl.ramFile, { force: true });
+        await tpl.ram?.close();
+        tpl.ram = null;
         const { runDir, consoleLog } = await vmDir(dir, owner, this.ids.group, 0o750);
         let vm: VmProcess | undefined;
         try {
           await run('qemu-img', ['create', '-q', '-f', 'qcow2', '-F', 'raw', '-b', image.rootfs, tpl.disk]);
           await handOver(tpl.disk, owner, 0o600);
-          await (await privateFile(tpl.ramFile, owner, 0o600, this.memoryMb * MB)).close();
-          vm = await launchQemu(this.qemuHost, { identity: { uid, groups: [this.ids.group] }, runDir, consoleLog, disk: tpl.disk, ramFile: tpl.ramFile, shareRam: true, network, incoming: false, background: false }, bootTimeoutMs);
+          tpl.ram = await SharedRam.create(`${this.shmPrefix}${process.pid}-t${rand}.ram`, this.memoryMb * MB);
+          vm = await launchQemu(this.qemuHost, { identity: { uid, groups: [this.ids.group] }, runDir, consoleLog, disk: tpl.disk, ram: { shared: tpl.ram }, shareRam: true, network, incoming: false, background: false }, bootTimeoutMs);
           await vm.channel.waitHello(bootTimeoutMs);
           // The interpreter is up (and has imported what it preloads) before the freeze.
           const ready = await withTimeout(vm.channel.exec({ op: 'exec', language: 'python', code: 'pass' }, () => undefined), bootTimeoutMs, 'the template interpreter did not start');
@@ -311,12 +316,13 @@ export class VmRuntime implements Runtime {
           await vm.qmp.command('quit').catch(() => undefined);
           await waitExit(vm.qemu, 10_000);
           vm.channel.close('template frozen');
+          // Its QEMU is gone (nothing maps it shared any more): from now on its RAM never changes.
+          await tpl.ram.seal();
           // Nothing of the template's uid stays in its directory (the uid goes to other VMs).
           await rm(runDir, { recursive: true, force: true });
           await handOver(consoleLog, { uid: 0, gid: 0 }, 0o600);
           // Written by a guest that ran our image alone (no tenant's code yet): its disk is trusted.
           await handOver(tpl.disk, shared, 0o440);
-          await handOver(tpl.ramFile, shared, 0o660);
           const stateData = await readRegular(statePath, MAX_TEMPLATE_STATE);
           tpl.stateData = { data: stateData };
           // Forks by copy also need a template stream the split understands; else they migrate.
@@ -349,22 +355,21 @@ export class VmRuntime implements Runtime {
 
   private async startClone(spec: SandboxSpec): Promise<RuntimeSandbox> {
     const tpl = await this.template(spec.template, spec.egress === true);
-    return this.restore(spec, { template: tpl, ramFile: tpl.ramFile, disk: { overlayOf: tpl.cloneOverlay }, state: tpl.stateData, layers: [] });
+    return this.restore(spec, { template: tpl, ram: { shared: tpl.ram! }, disk: { overlayOf: tpl.cloneOverlay }, state: tpl.stateData, layers: [] });
   }
 
   /**
-   * A new VM from a frozen point: the template's (RAM: the template's RAM file), a fork point's
-   * (RAM: the fork point's RAM file) or a frozen sandbox's (RAM: all in the state). The RAM file
-   * is mapped copy-on-write; the state is the rest of the migration stream (device state, and
+   * A new VM from a frozen point: the template's (RAM: the template's shared RAM), a fork point's
+   * (RAM: the fork point's shared RAM) or a frozen sandbox's (RAM: all in the state, loaded into a
+   * RAM file of its own). Shared RAM is mapped copy-on-write; the state is the rest of the migration stream (device state, and
    * whatever RAM the file does not hold), handed to QEMU from memory over a unix socket, or
    * read from a file. QEMU starts (and maps the RAM file) before the state is needed: `state`
    * may still be in the making.
    */
   private async restore(spec: SandboxSpec, from: {
     template: Template;
-    ramFile: string;
-    /** The RAM file is this VM's own, made here (a resumed VM: the state holds all its RAM). */
-    ownRam?: boolean;
+    /** Shared RAM (sealed), or a RAM file of this VM's own, made here (a resumed VM: the state holds all its RAM). */
+    ram: { shared: SharedRam } | { file: string };
     /** A copy of a ready-made empty overlay (over the right backing file), or a copy of a whole disk. */
     disk: { overlayOf: string } | { copyOf: string };
     state: StateSource | Promise<StateSource>;
@@ -388,7 +393,7 @@ export class VmRuntime implements Runtime {
     const identity: VmIdentity = { uid, groups: [this.ids.group, ...from.layers.map((l) => this.layerRefs.get(l)!.gid)] };
     const removeFiles = async () => {
       await rm(dir, { recursive: true, force: true });
-      if (from.ownRam) await rm(from.ramFile, { force: true });
+      if ('file' in from.ram) await rm(from.ram.file, { force: true });
     };
     let vm: VmProcess | undefined;
     let sandbox: VmSandbox | undefined; // once made, it releases its uid, files and layers itself
@@ -402,10 +407,10 @@ export class VmRuntime implements Runtime {
         await copyFile(from.disk.overlayOf, disk, fsConstants.COPYFILE_EXCL);
         await handOver(disk, owner, 0o600);
       }
-      if (from.ownRam) await (await privateFile(from.ramFile, owner, 0o600, this.memoryMb * MB)).close();
+      if ('file' in from.ram) await (await privateFile(from.ram.file, owner, 0o600, this.memoryMb * MB)).close();
       step('disk_ms');
       const tpl = from.template;
-      vm = await launchQemu(this.qemuHost, { identity, runDir: made.runDir, consoleLog, disk, ramFile: from.ramFile, shareRam: false, network: tpl.network, incoming: true, background: spec.background ?? false }, this.opts.startTimeoutMs);
+      vm = await launchQemu(this.qemuHost, { identity, runDir: made.runDir, consoleLog, disk, ram: from.ram, shareRam: false, network: tpl.network, incoming: true, background: spec.background ?? false }, this.opts.startTimeoutMs);
       // Only a shared RAM block is skipped: the template's and a fork point's state have no
       // pages of the RAM file, a frozen sandbox's has them all (its RAM file starts empty).
       await vm.qmp.command('migrate-set-capabilities', { capabilities: MIGRATION_CAPABILITIES });
@@ -426,12 +431,12 @@ export class VmRuntime implements Runtime {
       if (!from.clockLater) this.setClock(spec.id, vm);
       this.opts.log.debug('vm restored', { id: spec.id, ...steps });
       if (spec.background && vm.qemu.pid) setPriorityAll(vm.qemu.pid, 0);
-      sandbox = new VmSandbox(spec.id, dir, tpl, from.ramFile, disk, [...from.layers], vm, identity, async (s) => {
+      sandbox = new VmSandbox(spec.id, dir, tpl, 'shared' in from.ram ? from.ram.shared : null, disk, [...from.layers], vm, identity, async (s) => {
         this.live.delete(s.id);
         await this.ids.release(uid, removeFiles);
         for (const l of s.layers) void this.releaseLayer(l);
       });
-      if (from.ownRam) sandbox.ownRamFile = from.ramFile;
+      if ('file' in from.ram) sandbox.ownRamFile = from.ram.file;
       this.live.set(spec.id, sandbox);
       if (this.inFlight.closed) {
         await sandbox.destroy();
@@ -491,7 +496,7 @@ export class VmRuntime implements Runtime {
     let resumed = false;
     let forked = false;
     let settled: Promise<unknown> = Promise.resolve();
-    // The fork point's group: its layer and RAM file are readable by its children alone.
+    // The fork point's group: its layer is readable by its children alone.
     const pointGid = await this.ids.allocate();
     try {
       await qmp.command('stop');
@@ -501,7 +506,7 @@ export class VmRuntime implements Runtime {
       this.retainLayer(layer, pointGid);
       layerHeld = true;
       const [mem, disk] = await Promise.allSettled([
-        this.forkMemory(parent, point, pointGid, phase),
+        this.forkMemory(parent, point, phase),
         Promise.all([
           // A reflink where the state directory's filesystem has them (btrfs, XFS): a parent that
           // wrote gigabytes forks as fast as one that wrote nothing. Elsewhere a copy.
@@ -514,9 +519,9 @@ export class VmRuntime implements Runtime {
       if (disk.status === 'rejected') throw disk.reason;
       phase('disk frozen');
       const layers = [...parent.layers, layer];
-      const { ramFile, state } = mem.value;
+      const { ram, state } = mem.value;
       // Clocks are set once every child is up: a guest acting on it takes CPU the others need.
-      const children = specs.map((spec) => this.restore(spec, { template: parent.template, ramFile, disk: { overlayOf: overlay }, state, layers, clockLater: true }));
+      const children = specs.map((spec) => this.restore(spec, { template: parent.template, ram: { shared: ram }, disk: { overlayOf: overlay }, state, layers, clockLater: true }));
       settled = Promise.allSettled(children);
       let error: unknown = null;
       try {
@@ -543,7 +548,7 @@ export class VmRuntime implements Runtime {
         await qmp.command('cont').catch(() => undefined);
       }
       const cleanup = (async () => {
-        // Children still starting map the RAM file: it goes once they all have (or have failed).
+        // Children still starting map the shared RAM: it goes once they all have (or have failed).
         await settled;
         await memory?.release();
         await rm(overlay, { force: true });
@@ -564,13 +569,13 @@ export class VmRuntime implements Runtime {
    * them. Else by migration: the parent's stream is split into a fresh RAM file of the fork point,
    * which its children share (forkBySplit).
    */
-  private async forkMemory(parent: VmSandbox, point: string, pointGid: number, phase: (name: string, extra?: Record<string, unknown>) => void): Promise<ForkMemory> {
+  private async forkMemory(parent: VmSandbox, point: string, phase: (name: string, extra?: Record<string, unknown>) => void): Promise<ForkMemory> {
     const skeleton = parent.template.skeleton;
-    if (!skeleton || parent.ramFile !== parent.template.ramFile || parent.vm.qemu.pid === undefined) return this.forkBySplit(parent, point, pointGid, phase);
+    if (!skeleton || !parent.ram || parent.ram !== parent.template.ram || parent.vm.qemu.pid === undefined) return this.forkBySplit(parent, point, phase);
     const devicesFile = path.join(this.vmDir, 'points', `${point}.dev`);
     const devices = this.saveDevices(parent.vm, parent.identity.uid, devicesFile);
     devices.catch(() => undefined);
-    const own = this.forkWorker.privatePages({ pid: parent.vm.qemu.pid, ramFile: parent.ramFile, ramSize: this.memoryMb * MB, limitBytes: this.forkCopyLimitMb * MB, skeleton, ramBlock: RAM_BLOCK });
+    const own = this.forkWorker.privatePages({ pid: parent.vm.qemu.pid, ramFile: parent.ram.mapsName, ramSize: this.memoryMb * MB, limitBytes: this.forkCopyLimitMb * MB, skeleton, ramBlock: RAM_BLOCK });
     const counted = await own.counted.catch((err: Error) => {
       // Its page table could not be read: a fork by migration needs none of it.
       this.opts.log.warn('vm fork: the parent\'s pages could not be found, it forks by migration', { parent: parent.id, error: err.message });
@@ -579,7 +584,7 @@ export class VmRuntime implements Runtime {
     if (!counted?.copy) {
       await devices.catch(() => undefined);
       if (counted) phase('too many pages to copy', { pages: counted.count });
-      return this.forkBySplit(parent, point, pointGid, phase);
+      return this.forkBySplit(parent, point, phase);
     }
     const { count } = counted;
     // The children start while the pages are read.
@@ -588,7 +593,7 @@ export class VmRuntime implements Runtime {
       return { data: [head!, deviceSections(d)] } satisfies StateSource;
     });
     state.catch(() => undefined);
-    return { ramFile: parent.ramFile, state, abandon: async () => undefined, release: async () => undefined };
+    return { ram: parent.ram, state, abandon: async () => undefined, release: async () => undefined };
   }
 
   /**
@@ -611,30 +616,29 @@ export class VmRuntime implements Runtime {
 
   /**
    * The parent migrates to this server (a unix socket), which splits the stream in its fork
-   * worker (migration-split.ts): the pages of its RAM go into a fresh RAM file of the fork point on
-   * /dev/shm (all-zero pages stay holes), the rest (device state, a few small ROM blocks: ~70 KB)
-   * stays in memory as the fork point's state. Children map the RAM file copy-on-write (siblings
-   * share its pages until they write them). Nothing writes it once the split is done, and it is
-   * unlinked once every child has been restored or has failed: the children's mappings keep its
-   * pages alive, so it needs no reference counting and nothing leaks (the start-up sweep removes
-   * one left by a crash). A fork of such a child works the same way (its RAM is not its
-   * template's), and so does a fork of a resumed VM.
+   * worker (migration-split.ts): the pages of its RAM go into fresh shared RAM of the fork point
+   * (a memfd, shared-ram.ts; all-zero pages stay holes), the rest (device state, a few small ROM
+   * blocks: ~70 KB) stays in memory as the fork point's state. Children map it copy-on-write
+   * (siblings share its pages until they write them). It is sealed once the split is done, before
+   * any child's guest runs (they run once the state is loaded), so no child can change what its
+   * siblings map; the server lets go of it once every child has been restored or has failed: the
+   * children's mappings (and fds) keep its pages alive, so it needs no reference counting and
+   * nothing leaks (a crash takes it with the spawner). A fork of such a child works the same way
+   * (its RAM is not its template's), and so does a fork of a resumed VM.
    */
-  private async forkBySplit(parent: VmSandbox, point: string, pointGid: number, phase: (name: string, extra?: Record<string, unknown>) => void): Promise<ForkMemory> {
+  private async forkBySplit(parent: VmSandbox, point: string, phase: (name: string, extra?: Record<string, unknown>) => void): Promise<ForkMemory> {
     const qmp = parent.vm.qmp;
     const socketPath = path.join(this.vmDir, 'layers', `${point}.sock`);
-    const ramFile = path.join('/dev/shm', `${this.shmPrefix}${process.pid}-${point}.ram`);
+    let ram: SharedRam | null = null;
     let split: ReturnType<ForkMemoryWorker['split']> | null = null;
     let migrated: Promise<void> | null = null;
     const release = async () => {
       await rm(socketPath, { force: true });
-      await rm(ramFile, { force: true });
+      await ram?.close();
     };
     try {
-      // MAP_PRIVATE still needs a file QEMU can open read-write (QEMU 7.2 has no read-only
-      // private mapping of guest RAM): the fork point's group (its children alone) may.
-      await (await privateFile(ramFile, { uid: 0, gid: pointGid }, 0o660, this.memoryMb * MB)).close();
-      split = this.forkWorker.split({ socketPath, uid: parent.identity.uid, ramFile, ramBlock: RAM_BLOCK, ramSize: this.memoryMb * MB });
+      ram = await SharedRam.create(`${this.shmPrefix}${process.pid}-p${point}.ram`, this.memoryMb * MB);
+      split = this.forkWorker.split({ socketPath, uid: parent.identity.uid, ramFile: ram.fillPath, ramName: ram.mapsName, ramBlock: RAM_BLOCK, ramSize: this.memoryMb * MB });
       await split.listening;
       await qmp.command('migrate-set-parameters', UNTHROTTLED);
       migrated = waitMigration(qmp, this.opts.startTimeoutMs, parent.vm.stderr);
@@ -645,7 +649,10 @@ export class VmRuntime implements Runtime {
       await release();
       throw err;
     }
-    const state = Promise.all([migrated, split.done]).then(([, s]) => {
+    const shared = ram!;
+    const state = Promise.all([migrated, split.done]).then(async ([, s]) => {
+      // Filled: from now on nobody (a child's QEMU above all) changes what the children map.
+      await shared.seal();
       phase('memory saved', { pages: s.pages, state_bytes: s.state.length });
       return { data: s.state } satisfies StateSource;
     });
@@ -654,7 +661,7 @@ export class VmRuntime implements Runtime {
       split?.cancel();
       await this.cancelMigration(qmp, migrated!);
     };
-    return { ramFile, state, abandon, release };
+    return { ram: shared, state, abandon, release };
   }
 
   private async cancelMigration(qmp: Qmp, migrated: Promise<void>): Promise<void> {
@@ -707,8 +714,9 @@ export class VmRuntime implements Runtime {
       // Any RAM file does (the state holds the whole RAM); this one is the resumed VM's own.
       const rand = randomBytes(4).toString('hex');
       const state = path.join(dir, 'state');
-      const own: Template = { dir, disk: path.join(dir, 'disk.qcow2'), stateData: { file: state }, cloneOverlay: '', ramFile: path.join('/dev/shm', `${this.shmPrefix}${process.pid}-r${rand}.ram`), image, network: meta.network === true, skeleton: null };
-      return this.restore(spec, { template: own, ramFile: own.ramFile, ownRam: true, disk: { copyOf: own.disk }, state: own.stateData, layers: [] });
+      const own: Template = { dir, disk: path.join(dir, 'disk.qcow2'), stateData: { file: state }, cloneOverlay: '', ram: null, image, network: meta.network === true, skeleton: null };
+      const ramFile = path.join('/dev/shm', `${this.shmPrefix}${process.pid}-r${rand}.ram`);
+      return this.restore(spec, { template: own, ram: { file: ramFile }, disk: { copyOf: own.disk }, state: own.stateData, layers: [] });
     });
   }
 
@@ -730,7 +738,7 @@ export class VmRuntime implements Runtime {
 }
 
 async function removeTemplate(t: Template): Promise<void> {
-  await rm(t.ramFile, { force: true });
+  await t.ram?.close();
   await rm(t.dir, { recursive: true, force: true });
 }
 
