@@ -150,12 +150,14 @@ describe('host helper workers', () => {
   });
 
   it("fails a stuck call after its timeout, naming the op, while other tenants' forks and diffs go on", async () => {
-    // Tenant A: a parent and its fork child, diffed. Tenant B: a sandbox to fork and diff.
+    // Tenant A: pairs of fork siblings, each pair diffed (the manager runs one diff per sandbox
+    // at a time, so concurrent diffs need disjoint pairs). Tenant B: a sandbox to fork and diff.
     const a = await make();
     await a.runCode('open("/root/a.txt", "w").write("a\\n")');
-    const [a2] = await a.fork(1);
-    opened.push(a2!);
-    await a2!.runCode('open("/root/a2.txt", "w").write("a2\\n")');
+    const kids = await a.fork(2 * (WORKERS + 1));
+    opened.push(...kids);
+    const pairs = Array.from({ length: WORKERS + 1 }, (_, i) => [kids[2 * i]!, kids[2 * i + 1]!] as const);
+    for (const [, second] of pairs) await second.runCode('open("/root/a2.txt", "w").write("a2\\n")');
     const b = await make();
     await b.runCode('y = 6');
     const before = await restarts(server.url);
@@ -170,7 +172,7 @@ describe('host helper workers', () => {
       const started = Date.now();
       let settledAt = 0;
       let answered = 0;
-      const diffsA = Promise.allSettled(Array.from({ length: WORKERS + 1 }, () => a.diff(a2!).finally(() => { answered++; })))
+      const diffsA = Promise.allSettled(pairs.map(([first, second]) => first.diff(second).finally(() => { answered++; })))
         .finally(() => { settledAt = Date.now(); });
       // All but one answered: that one is stuck on the stopped worker (which takes no other).
       await waitFor('all but the stuck diff to answer', () => answered === WORKERS, 60_000);
@@ -203,7 +205,7 @@ describe('host helper workers', () => {
     assert.ok(logs.some((l) => l.level === 'error' && l.reason === 'timeout' && l.pid === stuck && /diff timed out/.test(String(l.error))),
       JSON.stringify(logs.slice(-3)));
     // And the replacement works: tenant A diffs again.
-    assert.deepEqual((await within(60_000, 'diff after the restart', a.diff(a2!))).added, ['/root/a2.txt']);
+    assert.deepEqual((await within(60_000, 'diff after the restart', pairs[0]![0].diff(pairs[0]![1]))).added, ['/root/a2.txt']);
   });
 });
 
