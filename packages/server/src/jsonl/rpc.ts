@@ -95,6 +95,7 @@ export class JsonlRpc {
   private holds = 0;
   /** What was read but not yet framed when a hold began. */
   private stash: Buffer | null = null;
+
   constructor(private readonly o: JsonlRpcOptions) {
     this.framer = new LineFramer(o.maxLineBytes);
     // Left attached (and flowing) once stopped: a process's 'close' waits for its pipes to end.
@@ -163,7 +164,7 @@ export class JsonlRpc {
   /** One line; false when reading must stop. */
   private onLine(line: string): boolean {
     if (this.stopped) return false;
-    if (line.trim() === '') return true;
+    if (line.length === 0) return true; // a blank line says nothing (whitespace is not JSON, though)
     let parsed: unknown;
     try {
       parsed = JSON.parse(line);
