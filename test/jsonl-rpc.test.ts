@@ -14,6 +14,7 @@ import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { HelperProcess } from '../packages/server/src/helper-process.js';
 import { HelperReplyError, HostdReplySchemas, parseHelperReply } from '../packages/server/src/host-protocol.js';
+import { Spawner } from '../packages/server/src/spawner.js';
 import { JsonlRpc, RpcRefusedError, type JsonlRpcOptions, type PendingCall, type RpcFault } from '../packages/server/src/jsonl/rpc.js';
 
 /** A Python peer on a child's stdin/stdout running `body`; `rpc` speaks to it. */
@@ -244,6 +245,28 @@ describe("the host helpers' reply schemas", () => {
     } finally {
       bad.close();
       await rm(dir, { recursive: true, force: true });
+    }
+  });
+});
+
+describe('the spawner, an object of its server (no module state)', () => {
+  it('two spawners in one process are independent: closing one ends only its own children', async () => {
+    const [one, two] = [new Spawner(), new Spawner()];
+    // A spawner does not keep the process alive by itself (the server's listener does).
+    const keepAlive = setInterval(() => undefined, 1_000);
+    try {
+      const [a, b] = await Promise.all([one.spawn(['sleep', '60']), two.spawn(['sleep', '60'])]);
+      assert.notEqual(a.pid, b.pid);
+      one.close();
+      const ended = await Promise.race([a.exited, sleep(30_000).then(() => null)]);
+      assert.equal(ended?.signal, 'SIGKILL', "the closed spawner's child ended with it");
+      assert.doesNotThrow(() => process.kill(b.pid, 0), "the other spawner's child still runs");
+      b.kill();
+      assert.ok((await Promise.race([b.exited, sleep(30_000).then(() => null)])) !== null, 'killed through its own spawner');
+    } finally {
+      clearInterval(keepAlive);
+      one.close();
+      two.close();
     }
   });
 });
