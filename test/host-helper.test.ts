@@ -264,7 +264,7 @@ describe('a helper process that misbehaves', () => {
     await writeFile(script, body);
     let exit!: (e: HelperExit) => void;
     const exited = new Promise<HelperExit>((resolve) => { exit = resolve; });
-    const helper = new HelperProcess({ script, name: `test helper ${name}`, maxLineChars: 1024 * 1024, onExit: (e) => exit(e) });
+    const helper = new HelperProcess({ script, name: `test helper ${name}`, maxLineBytes: 1024 * 1024, onExit: (e) => exit(e) });
     const outcome = await helper.call({ op: 'ping' }, { timeoutMs }).then(() => new Error('answered'), (err: Error) => err);
     // Writes to it after it is gone or deaf (EPIPE) must not reach the server as an error either.
     const later = await helper.call({ op: 'again' }, { timeoutMs: 2_000 }).then(() => null, (err: Error) => err);
@@ -274,7 +274,7 @@ describe('a helper process that misbehaves', () => {
 
   it('kills a helper whose reply line never ends (bounded buffer)', async () => {
     const { outcome, exit } = await misbehave('endless', 'import sys\nsys.stdin.readline()\nwhile True:\n    sys.stdout.write("x" * 65536)\n    sys.stdout.flush()\n');
-    assert.match(outcome.message, /test helper endless: a reply line is longer than 1048576 characters/);
+    assert.match(outcome.message, /test helper endless: a reply line is longer than 1048576 bytes/);
     assert.equal(exit.signal, 'SIGKILL');
     assert.match(String(exit.reason?.message), /longer than/);
   });

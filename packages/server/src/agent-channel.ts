@@ -20,6 +20,7 @@ import type { ErrorCode } from '@podflare/protocol/errors';
 import { isErrorCode } from '@podflare/protocol/errors';
 import type { z } from 'zod';
 import { ApiError } from './errors.js';
+import { JsonlRpc, type CallStep, type RpcFault } from './jsonl/rpc.js';
 
 /** Longest line accepted from an agent: a 1 MiB file chunk in base64 plus slack. */
 export const MAX_LINE_BYTES = 4 * 1024 * 1024;
@@ -32,13 +33,6 @@ type ExitMsg = Extract<ExecStreamMessage, { ev: 'exit' }>;
  * from the agent) until it settles: how a consumer whose own buffer is full applies backpressure.
  */
 export type ExecEventSink = (msg: ExecStreamMessage) => void | Promise<void>;
-
-interface Pending {
-  body: AgentRequestBody;
-  resolve(msg: Record<string, unknown>): void;
-  reject(err: Error): void;
-  onEvent?: ExecEventSink;
-}
 
 /** Thrown when the agent answers `ok: false`; carries the agent's code so the API can map it. */
 export class AgentError extends ApiError {}
@@ -79,21 +73,26 @@ function replyProblem(body: AgentRequestBody, reply: Record<string, unknown>): s
 }
 
 export class AgentChannel extends EventEmitter<{ close: [string]; violation: [string] }> {
-  private nextId = 1;
-  private readonly pending = new Map<number, Pending>();
-  private buffered: Buffer[] = [];
-  private bufferedBytes = 0;
+  /** Framing, correlation and backpressure; the protocol's rules are this class's. */
+  private readonly rpc: JsonlRpc;
   private closedReason: string | null = null;
   private hello: Hello | null = null;
   private helloWaiters: Array<(h: Hello) => void> = [];
-  /** Consumers holding the channel (reading paused while > 0). */
-  private holds = 0;
-  /** What was read but not yet handled when a hold began. */
-  private stash: Buffer | null = null;
 
   constructor(private readonly socket: Duplex) {
     super();
-    socket.on('data', (chunk: Buffer) => this.onData(chunk));
+    this.rpc = new JsonlRpc({
+      readable: socket,
+      writable: socket,
+      maxLineBytes: MAX_LINE_BYTES,
+      checkMessage: (msg) => {
+        const result = AgentMessage.safeParse(msg);
+        return result.success ? null : `invalid message: ${describeIssue(result.error)}`;
+      },
+      callError: (call, problem) => this.protocolViolation(`${call.label}: ${problem}`),
+      onEvent: (msg) => this.onEvent(msg),
+      onFault: (fault) => this.onFault(fault),
+    });
     socket.on('error', (err) => this.close(`channel error: ${err.message}`));
     socket.on('close', () => this.close('channel closed'));
   }
@@ -132,37 +131,9 @@ export class AgentChannel extends EventEmitter<{ close: [string]; violation: [st
   close(reason = 'closed by server'): void {
     if (this.closedReason) return;
     this.closedReason = reason;
-    for (const p of this.pending.values()) p.reject(new ChannelClosedError(reason));
-    this.pending.clear();
-    this.stash = null;
-    this.buffered = [];
+    this.rpc.close(() => new ChannelClosedError(reason));
     this.socket.destroy();
     this.emit('close', reason);
-  }
-
-  private send(body: AgentRequestBody, onEvent?: ExecEventSink): Promise<Record<string, unknown>> {
-    if (this.closedReason) return Promise.reject(new ChannelClosedError(this.closedReason));
-    const id = this.nextId++;
-    return new Promise((resolve, reject) => {
-      this.pending.set(id, { body, resolve, reject, onEvent });
-      this.socket.write(JSON.stringify({ ...body, id }) + '\n');
-    });
-  }
-
-  /** Stops reading from the agent until `until` settles (several holds may overlap). */
-  private hold(until: Promise<void>): void {
-    if (this.holds++ === 0) this.socket.pause();
-    void until.catch(() => undefined).then(() => {
-      if (--this.holds > 0 || this.closedReason) return;
-      const stash = this.stash;
-      this.stash = null;
-      if (stash) this.onData(stash);
-      if (this.holds === 0 && !this.closedReason) this.socket.resume();
-    });
-  }
-
-  private violation(what: string): void {
-    this.emit('violation', what);
   }
 
   /**
@@ -174,95 +145,64 @@ export class AgentChannel extends EventEmitter<{ close: [string]; violation: [st
     return new AgentProtocolError(what);
   }
 
-  private onData(chunk: Buffer): void {
-    let start = 0;
-    let nl = chunk.indexOf(10);
-    while (nl !== -1) {
-      const piece = chunk.subarray(start, nl);
-      const line = this.buffered.length ? Buffer.concat([...this.buffered, piece]) : piece;
-      this.buffered = [];
-      this.bufferedBytes = 0;
-      this.onLine(line);
-      start = nl + 1;
-      if (this.closedReason) return;
-      if (this.holds > 0) {
-        // A consumer is full: keep the rest of this read for when it has room.
-        if (start < chunk.length) this.stash = chunk.subarray(start);
-        return;
-      }
-      nl = chunk.indexOf(10, start);
-    }
-    if (start < chunk.length) {
-      const rest = chunk.subarray(start);
-      this.bufferedBytes += rest.length;
-      if (this.bufferedBytes > MAX_LINE_BYTES) {
-        this.violation(`a line longer than ${MAX_LINE_BYTES} bytes`);
-        return this.close('agent sent an oversized line');
-      }
-      this.buffered.push(rest);
-    }
+  private send(body: AgentRequestBody, onEvent?: ExecEventSink): Promise<Record<string, unknown>> {
+    if (this.closedReason) return Promise.reject(new ChannelClosedError(this.closedReason));
+    return this.rpc.call<Record<string, unknown>>(body as Record<string, unknown>, {
+      label: body.op,
+      onMessage: (msg) => this.onReply(body, msg, onEvent),
+    });
   }
 
-  private onLine(line: Buffer): void {
-    if (line.length === 0 || this.closedReason) return;
-    let parsed: unknown;
-    try {
-      parsed = JSON.parse(line.toString('utf8'));
-    } catch {
+  private violation(what: string): void {
+    this.emit('violation', what);
+  }
+
+  /** A line the channel cannot use, naming no request: nothing from this agent can be trusted. */
+  private onFault(fault: RpcFault): void {
+    if (fault.kind === 'too_long') {
+      this.violation(`a line longer than ${MAX_LINE_BYTES} bytes`);
+      return this.close('agent sent an oversized line');
+    }
+    if (fault.kind === 'not_json') {
       this.violation('a line that is not JSON');
       return this.close('agent sent a line that is not JSON');
     }
-    const result = AgentMessage.safeParse(parsed);
-    if (!result.success) {
-      // Attributable to a request: only that request fails. Otherwise nothing can be trusted.
-      const id = (parsed as { id?: unknown } | null)?.id;
-      const pending = typeof id === 'number' ? this.pending.get(id) : undefined;
-      const what = `invalid message: ${describeIssue(result.error)}`;
-      if (pending) return this.fail(id as number, pending, `${pending.body.op}: ${what}`);
-      this.violation(what);
-      return this.close(`agent sent an invalid message: ${describeIssue(result.error)}`);
-    }
-    const msg = result.data as Record<string, unknown>;
-    if (msg.ev === 'hello') {
-      if (msg.version !== AGENT_PROTOCOL_VERSION) return this.close(`agent speaks protocol ${String(msg.version)}, server ${AGENT_PROTOCOL_VERSION}`);
-      this.hello = msg as unknown as Hello;
-      for (const w of this.helloWaiters.splice(0)) w(this.hello);
-      return;
-    }
-    if (typeof msg.id !== 'number') return; // the agent refused a line it could not read: nothing waits for it
-    const id = msg.id;
-    const pending = this.pending.get(id);
-    if (!pending) return; // an answer to a request we gave up on
-    const op = pending.body.op;
+    this.violation(fault.problem);
+    this.close(`agent sent an invalid message: ${fault.problem.replace(/^invalid message: /, '')}`);
+  }
+
+  /** A message without an id: the hello (anything else without an id is a refusal nothing waits for). */
+  private onEvent(msg: Record<string, unknown>): void {
+    if (msg.ev !== 'hello') return;
+    if (msg.version !== AGENT_PROTOCOL_VERSION) return this.close(`agent speaks protocol ${String(msg.version)}, server ${AGENT_PROTOCOL_VERSION}`);
+    this.hello = msg as unknown as Hello;
+    for (const w of this.helloWaiters.splice(0)) w(this.hello);
+  }
+
+  /** One message answering `body` (validated against AgentMessage already). */
+  private onReply(body: AgentRequestBody, msg: Record<string, unknown>, onEvent?: ExecEventSink): CallStep<Record<string, unknown>> {
+    const op = body.op;
     if ('ok' in msg) {
       if (!msg.ok) {
-        this.pending.delete(id);
         const err = msg.error as { code: string; message: string };
         const code: ErrorCode = isErrorCode(err.code) ? err.code : 'internal';
-        return pending.reject(new AgentError(code, err.message));
+        return { done: true, error: new AgentError(code, err.message) };
       }
-      if (op === 'exec') return this.fail(id, pending, 'exec: answered with ok instead of a stream ending in exit');
+      if (op === 'exec') return this.fail('exec: answered with ok instead of a stream ending in exit');
       const reply = AgentReplySchemas[op].safeParse(msg);
-      if (!reply.success) return this.fail(id, pending, `${op} reply: ${describeIssue(reply.error)}`);
-      const problem = replyProblem(pending.body, reply.data as Record<string, unknown>);
-      if (problem) return this.fail(id, pending, `${op} reply: ${problem}`);
-      this.pending.delete(id);
-      return pending.resolve(reply.data as Record<string, unknown>);
+      if (!reply.success) return this.fail(`${op} reply: ${describeIssue(reply.error)}`);
+      const problem = replyProblem(body, reply.data as Record<string, unknown>);
+      if (problem) return this.fail(`${op} reply: ${problem}`);
+      return { done: true, value: reply.data as Record<string, unknown> };
     }
-    if (op !== 'exec' || !pending.onEvent) return this.fail(id, pending, `${op}: answered with an exec stream event`);
+    if (op !== 'exec' || !onEvent) return this.fail(`${op}: answered with an exec stream event`);
     const event = msg as unknown as ExecStreamMessage;
-    const held = pending.onEvent(event);
-    if (held) this.hold(held);
-    if (event.ev === 'exit') {
-      this.pending.delete(id);
-      pending.resolve(msg);
-    }
+    const held = onEvent(event) || undefined;
+    return event.ev === 'exit' ? { done: true, value: msg, hold: held } : { done: false, hold: held };
   }
 
   /** Ends one request with a protocol violation (logged by whoever listens to 'violation'). */
-  private fail(id: number, pending: Pending, what: string): void {
-    this.pending.delete(id);
-    this.violation(what);
-    pending.reject(new AgentProtocolError(what));
+  private fail(what: string): CallStep<never> {
+    return { done: true, error: this.protocolViolation(what) };
   }
 }

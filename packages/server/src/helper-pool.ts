@@ -34,7 +34,7 @@ export interface HelperPoolOptions {
   /** The timeout of a call, by its op. */
   timeoutMs: (op: string) => number;
   log: Logger;
-  maxLineChars?: number;
+  maxLineBytes?: number;
 }
 
 /** A pinned call's worker has exited since the call it depends on. */
@@ -192,7 +192,7 @@ export class HelperPool {
     const proc = new HelperProcess({
       script: this.o.script,
       name: this.o.name,
-      maxLineChars: this.o.maxLineChars,
+      maxLineBytes: this.o.maxLineBytes,
       onExit: (exit) => this.onExit(worker, exit),
     });
     proc.start();

@@ -4,14 +4,15 @@
  * an `id` is an event. Started on first use (or by `start()`), and again on the next call after it
  * has exited.
  *
- * Nothing the helper does (or fails to do) may crash the server: writes to a dead helper's stdin
- * (EPIPE) are caught, a reply line longer than `maxLineChars` or one that is not JSON kills the
+ * The framing, correlation and timeouts are the shared JSON-lines RPC (jsonl/rpc.ts); this class
+ * owns the process. Nothing the helper does (or fails to do) may crash the server: writes to a
+ * dead helper's stdin (EPIPE) are caught, a reply line longer than `maxLineBytes` or one that is not JSON kills the
  * helper with an error, and a call may carry a timeout after which the helper is killed. The
  * helper answers in order, so the oldest pending call is the one it is working on: its timer runs
  * from when it became that call, not from when it was queued.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { LineReader } from './line-reader.js';
+import { JsonlRpc, type RpcFault } from './jsonl/rpc.js';
 
 export interface HelperProcessOptions {
   /** The helper's script (run by the system's python3, isolated mode). */
@@ -24,8 +25,8 @@ export interface HelperProcessOptions {
   onExit?: (exit: HelperExit) => void;
   /** Idle, it does not keep the server's process alive (a caller waiting on it has its own timer). */
   unref?: boolean;
-  /** The longest reply line accepted; a longer one kills the helper. @default 64 Mi characters */
-  maxLineChars?: number;
+  /** The longest reply line accepted (UTF-8 bytes); a longer one kills the helper. @default 64 MiB */
+  maxLineBytes?: number;
 }
 
 /** How a helper process ended. */
@@ -69,21 +70,12 @@ export class HelperExitedError extends HelperError {
   }
 }
 
-const DEFAULT_MAX_LINE_CHARS = 64 * 1024 * 1024;
-
-interface Pending {
-  op: string;
-  timeoutMs?: number;
-  timer?: NodeJS.Timeout;
-  resolve(v: Record<string, unknown>): void;
-  reject(e: Error): void;
-}
+const DEFAULT_MAX_LINE_BYTES = 64 * 1024 * 1024;
 
 export class HelperProcess {
   private child: ChildProcess | null = null;
-  private nextId = 1;
-  /** In the order sent: the first is the one the helper is working on. */
-  private readonly pending = new Map<number, Pending>();
+  /** The current child's RPC (its calls in the order sent: the first is the one it works on). */
+  private rpc: JsonlRpc | null = null;
   /** Why the current child is being killed (set before the kill, reported at its exit). */
   private killReason: { error: Error; expected: boolean } | null = null;
   /** The current child has exited, but its pipes are not drained yet ('close' comes later). */
@@ -106,18 +98,19 @@ export class HelperProcess {
     this.child ??= this.spawnChild();
   }
 
+  /** Sends `req`; resolves with the helper's `ok` answer, rejects with its error (or the helper's end). */
   call(req: Record<string, unknown>, opts: CallOptions = {}): Promise<Record<string, unknown>> {
-    const child = (this.child ??= this.spawnChild());
+    this.start();
+    const op = String(req.op);
     if (this.childExited) {
-      return Promise.reject(new HelperExitedError(`${this.o.name} exited; ${String(req.op)} had not started`, false));
+      return Promise.reject(new HelperExitedError(`${this.o.name} exited; ${op} had not started`, false));
     }
-    const id = this.nextId++;
-    return new Promise((resolve, reject) => {
-      this.pending.set(id, { op: String(req.op), timeoutMs: opts.timeoutMs, resolve, reject });
-      this.armHead();
-      // A dead pipe is reported by the stream's 'error' event and then by the exit, which fails
-      // this call: nothing to do here.
-      child.stdin?.write(JSON.stringify({ ...req, id }) + '\n');
+    return this.rpc!.call<Record<string, unknown>>(req, {
+      label: op,
+      timeoutMs: opts.timeoutMs,
+      onMessage: (msg) => (msg.ok
+        ? { done: true, value: msg }
+        : { done: true, error: new Error(`${this.o.name}: ${String(msg.error)}`) }),
     });
   }
 
@@ -131,6 +124,7 @@ export class HelperProcess {
     const child = this.child;
     if (!child) return;
     this.killReason ??= { error: reason, expected };
+    this.rpc?.stopReading(); // what it says from now on is not trusted (nor waited for)
     child.kill('SIGKILL');
   }
 
@@ -153,77 +147,45 @@ export class HelperProcess {
     });
     child.stdin!.on('error', () => undefined);
     child.stdout!.on('error', () => undefined);
-    const lines = new LineReader(this.o.maxLineChars ?? DEFAULT_MAX_LINE_CHARS);
-    child.stdout!.setEncoding('utf8');
-    child.stdout!.on('data', (d: string) => {
-      if (this.child !== child || this.killReason) return;
-      let got: string[];
-      try {
-        got = lines.push(d);
-      } catch (err) {
-        this.kill(new HelperError(`${this.o.name}: ${(err as Error).message}`));
-        return;
-      }
-      for (const line of got) {
-        if (!this.handleLine(line)) return;
-      }
+    const rpc = new JsonlRpc({
+      readable: child.stdout!,
+      writable: child.stdin!,
+      maxLineBytes: this.o.maxLineBytes ?? DEFAULT_MAX_LINE_BYTES,
+      inOrder: true,
+      onEvent: (msg) => this.o.onEvent?.(msg),
+      onFault: (fault) => this.kill(new HelperError(`${this.o.name}: ${describeFault(fault)}`)),
+      onTimeout: (call, timeoutMs) => this.kill(new HelperTimeoutError(this.o.name, call.label, timeoutMs)),
     });
+    this.rpc = rpc;
     let exited = false;
     const onExit = (code: number | null, signal: NodeJS.Signals | null) => {
       if (exited) return;
       exited = true;
       if (this.child === child) {
         this.child = null;
+        this.rpc = null;
         this.childExited = false;
       }
       const killed = this.killReason;
       this.killReason = null;
       const ended = killed?.error.message ?? `${this.o.name} exited (${signal ?? `code ${code}`})`;
-      let first = true;
-      for (const [id, p] of this.pending) {
-        this.pending.delete(id);
-        clearTimeout(p.timer);
-        if (first && killed?.error instanceof HelperTimeoutError) p.reject(killed.error);
-        else p.reject(new HelperExitedError(first ? ended : `${ended}; ${p.op} had not started`, first));
-        first = false;
-      }
+      // The first pending call is the one it was working on; the others never started.
+      rpc.close((call, index) => {
+        if (index === 0 && killed?.error instanceof HelperTimeoutError) return killed.error;
+        if (index === 0) return new HelperExitedError(ended, true);
+        return new HelperExitedError(`${ended}; ${call.label} had not started`, false);
+      });
       this.o.onExit?.({ pid: child.pid, code, signal, expected: killed?.expected ?? false, reason: killed?.error });
     };
     // 'close', not 'exit': replies it wrote before it ended are read first.
     child.once('close', onExit);
     return child;
   }
+}
 
-  /** One reply or event; false when the line was bad and the helper is being killed. */
-  private handleLine(line: string): boolean {
-    let msg: Record<string, unknown> & { id?: number; ok?: boolean; error?: string };
-    try {
-      msg = JSON.parse(line) as typeof msg;
-      if (msg === null || typeof msg !== 'object') throw new Error('not an object');
-    } catch (err) {
-      this.kill(new HelperError(`${this.o.name}: unreadable reply (${(err as Error).message}): ${line.slice(0, 200)}`));
-      return false;
-    }
-    if (msg.id === undefined || msg.id === null) {
-      this.o.onEvent?.(msg);
-      return true;
-    }
-    const p = this.pending.get(msg.id);
-    if (!p) return true;
-    this.pending.delete(msg.id);
-    clearTimeout(p.timer);
-    this.armHead();
-    if (msg.ok) p.resolve(msg);
-    else p.reject(new Error(`${this.o.name}: ${msg.error}`));
-    return true;
-  }
-
-  /** Starts the timer of the call the helper is now working on (the oldest pending). */
-  private armHead(): void {
-    const head = this.pending.values().next();
-    if (head.done) return;
-    const p = head.value;
-    if (p.timer || p.timeoutMs === undefined) return;
-    p.timer = setTimeout(() => this.kill(new HelperTimeoutError(this.o.name, p.op, p.timeoutMs!)), p.timeoutMs);
-  }
+/** How a helper's unreadable output is reported. */
+function describeFault(fault: RpcFault): string {
+  if (fault.kind === 'too_long') return `a reply line is longer than ${fault.maxLineBytes} bytes`;
+  if (fault.kind === 'not_json') return `unreadable reply (${fault.error.message}): ${fault.line.slice(0, 200)}`;
+  return `unreadable reply (${fault.problem}): ${JSON.stringify(fault.message).slice(0, 200)}`;
 }

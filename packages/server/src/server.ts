@@ -18,6 +18,7 @@ import { createVmRuntime } from './runtime/vm/create.js';
 import { SandboxManager } from './sandbox-manager.js';
 import { lockStateDir, type StateDirLock } from './state-lock.js';
 import { SqliteStore } from './store/sqlite-store.js';
+import { Spawner } from './spawner.js';
 
 export interface RunningServer {
   url: string;
@@ -55,6 +56,8 @@ async function startLocked(config: ServerConfig, opts: StartOptions, log: Logger
   const store = new SqliteStore(path.join(config.stateDir, 'podflare.db'));
   const events = new SandboxEventLog();
   const egress = new EgressService({ dnsServers: config.egressDnsServers, events, log });
+  // Starts the runtimes' helper processes (slirp4netns, QEMU): one per server, not per process.
+  const spawner = new Spawner(log);
   const ns = new NamespaceRuntime({
     stateDir: config.stateDir,
     lowerDirs: [image.agent, image.base],
@@ -65,8 +68,9 @@ async function startLocked(config: ServerConfig, opts: StartOptions, log: Logger
     log,
     egress,
     hostHelper: config.hostHelper,
+    spawner,
   });
-  const vm = await createVmRuntime(config, image, log, opts.onImageProgress);
+  const vm = await createVmRuntime(config, image, log, spawner, opts.onImageProgress);
   const runtimes = [ns, ...(vm ? [vm.runtime] : [])];
   if (vm && (config.runtime === 'vm' || (config.runtime === 'auto' && vm.runtime.accel.kind === 'kvm'))) runtimes.reverse();
   const runtime = runtimes[0]!;
@@ -106,6 +110,7 @@ async function startLocked(config: ServerConfig, opts: StartOptions, log: Logger
         const closed = new Promise<void>((resolve) => server.close(() => resolve()));
         server.closeIdleConnections();
         await manager.close();
+        spawner.close(); // after the sandboxes: whatever it started dies with it
         server.closeAllConnections();
         await closed;
         await store.close();

@@ -2,11 +2,19 @@
  * Client of the process spawner (packages/server/host/podflare_spawner.py). Starting a child from
  * Node forks the whole server first, which blocks the event loop for milliseconds (more the bigger
  * the server); helper processes on latency paths (a fork child's slirp4netns) are started by that
- * small process instead, with posix_spawn. One spawner per server process, started on first use;
- * it dies with the server and takes its children with it.
+ * small process instead, with posix_spawn. The server makes one Spawner (its runtimes share it);
+ * its process starts on first use and dies with the server, taking its children with it.
+ *
+ * Its messages are host-protocol.ts's: a reply or event that does not match is a spawner bug,
+ * which fails the call (a reply) or is logged and dropped (an event).
  */
 import { EventEmitter } from 'node:events';
 import { HelperProcess } from './helper-process.js';
+import {
+  describeIssue, parseHelperReply, SpawnerEvent, SpawnerReplySchemas, SpawnerRequestSchemas,
+  type SpawnerOp, type SpawnerReply, type SpawnerRequest,
+} from './host-protocol.js';
+import type { Logger } from './log.js';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
@@ -53,21 +61,27 @@ interface Watch {
   stderr?: (text: string) => void;
 }
 
-class Spawner {
-  private readonly helper = new HelperProcess({
-    script: SPAWNER,
-    name: 'spawner',
-    unref: true,
-    onEvent: (msg) => this.dispatch(msg.pid as number, msg as { ev: string }),
-    // Its children died with it (their exit fds closed, or killed on its way out).
-    onExit: () => {
-      for (const watch of [...this.watches.values()]) watch.exit({ code: null, signal: 'SIGKILL', stderr: 'the spawner exited' });
-    },
-  });
+/** Starts processes through the spawner helper; one per server, shared by its runtimes. */
+export class Spawner {
+  private readonly helper: HelperProcess;
   private readonly watches = new Map<number, Watch>();
   /** Events that arrived before their spawn's answer was handled (never, in practice). */
-  private readonly early = new Map<number, Array<{ ev: string; data?: string } & Partial<ProcessExit>>>();
+  private readonly early = new Map<number, SpawnerEvent[]>();
 
+  constructor(private readonly log?: Logger) {
+    this.helper = new HelperProcess({
+      script: SPAWNER,
+      name: 'spawner',
+      unref: true,
+      onEvent: (msg) => this.onEvent(msg),
+      // Its children died with it (their exit fds closed, or killed on its way out).
+      onExit: () => {
+        for (const watch of [...this.watches.values()]) watch.exit({ code: null, signal: 'SIGKILL', stderr: 'the spawner exited' });
+      },
+    });
+  }
+
+  /** Starts `argv` (argv[0] looked up on PATH); stdin/stdout are /dev/null. */
   async spawn(argv: string[], opts: SpawnOptions = {}): Promise<SpawnedProcess> {
     let onReady!: () => void;
     let onNotReady!: (e: Error) => void;
@@ -75,7 +89,10 @@ class Spawner {
     const ready = new Promise<void>((resolve, reject) => { onReady = resolve; onNotReady = reject; });
     ready.catch(() => undefined);
     const exited = new Promise<ProcessExit>((resolve) => { onExit = resolve; });
-    const pid = await this.request({ op: 'spawn', argv, ready_fd: opts.readyFd, exit_fd: opts.exitFd, stream_stderr: opts.onStderr !== undefined, batch: opts.batch === true, fds: opts.fds ?? [] });
+    const { pid } = await this.request<'spawn'>({
+      op: 'spawn', argv, ready_fd: opts.readyFd, exit_fd: opts.exitFd, stream_stderr: opts.onStderr !== undefined, batch: opts.batch === true,
+      fds: opts.fds ?? [],
+    });
     let ended = false;
     const watch: Watch = {
       ready: onReady,
@@ -92,11 +109,25 @@ class Spawner {
     this.early.delete(pid);
     return {
       pid, ready, exited,
-      kill: () => { if (!ended) void this.request({ op: 'kill', pid }).catch(() => undefined); },
+      kill: () => { if (!ended) void this.request<'kill'>({ op: 'kill', pid }).catch(() => undefined); },
     };
   }
 
-  private dispatch(pid: number, msg: { ev: string; data?: string } & Partial<ProcessExit>): void {
+  /** Kills the spawner (and so every process it started): the server is stopping. */
+  close(): void {
+    this.helper.close();
+  }
+
+  private onEvent(msg: Record<string, unknown>): void {
+    const event = SpawnerEvent.safeParse(msg);
+    if (!event.success) {
+      this.log?.error('spawner bug: an event does not match its schema', { error: describeIssue(event.error), ev: String(msg.ev) });
+      return;
+    }
+    this.dispatch(event.data.pid, event.data);
+  }
+
+  private dispatch(pid: number, msg: SpawnerEvent): void {
     const watch = this.watches.get(pid);
     if (!watch) {
       const list = this.early.get(pid) ?? [];
@@ -105,56 +136,47 @@ class Spawner {
       return;
     }
     if (msg.ev === 'ready') watch.ready();
-    else if (msg.ev === 'stderr') watch.stderr?.(msg.data ?? '');
-    else if (msg.ev === 'exit') watch.exit({ code: msg.code ?? null, signal: msg.signal ?? null, stderr: msg.stderr ?? '' });
+    else if (msg.ev === 'stderr') watch.stderr?.(msg.data);
+    else watch.exit({ code: msg.code, signal: msg.signal, stderr: msg.stderr });
   }
 
-  async memfd(name: string, size: number): Promise<SpawnerMemfd> {
-    const answer = await this.helper.call({ op: 'memfd', name, size });
-    return { name, path: `/proc/${answer.pid as number}/fd/${answer.fd as number}` };
+  /**
+   * A memfd of `size` bytes (zeros) that the spawner holds, and can pass to the children it starts
+   * (SpawnOptions.fds): memory no file names, which the spawner can seal (sealMemfd). It lives until
+   * closeMemfd, or the spawner's end (the server's).
+   */
+  async createMemfd(name: string, size: number): Promise<SpawnerMemfd> {
+    const answer = await this.request<'memfd'>({ op: 'memfd', name, size });
+    return { name, path: `/proc/${answer.pid}/fd/${answer.fd}` };
   }
 
-  async memfdOp(op: 'seal' | 'close', name: string): Promise<void> {
-    await this.helper.call({ op, name });
+  /**
+   * Seals a memfd of the spawner's for good: nobody (root included) can write it, resize it or
+   * unseal it any more; private (copy-on-write) mappings still work. Fails while anything maps it
+   * shared and writable.
+   */
+  async sealMemfd(m: SpawnerMemfd): Promise<void> {
+    await this.request<'seal'>({ op: 'seal', name: m.name });
   }
 
-  private request(req: Record<string, unknown>): Promise<number> {
-    return this.helper.call(req).then((answer) => (answer.pid as number | undefined) ?? 0);
+  /** The spawner lets go of a memfd (the children it was passed to keep their own). */
+  async closeMemfd(m: SpawnerMemfd): Promise<void> {
+    await this.request<'close'>({ op: 'close', name: m.name });
   }
-}
 
-let shared: Spawner | null = null;
-
-/** Starts `argv` (argv[0] looked up on PATH) from the spawner; stdin/stdout are /dev/null. */
-export function spawnProcess(argv: string[], opts: SpawnOptions = {}): Promise<SpawnedProcess> {
-  shared ??= new Spawner();
-  return shared.spawn(argv, opts);
-}
-
-/**
- * A memfd of `size` bytes (zeros) that the spawner holds, and can pass to the children it starts
- * (SpawnOptions.fds): memory no file names, which the spawner can seal (sealMemfd). It lives until
- * closeMemfd, or the spawner's end (the server's).
- */
-export function createMemfd(name: string, size: number): Promise<SpawnerMemfd> {
-  shared ??= new Spawner();
-  return shared.memfd(name, size);
-}
-
-/**
- * Seals a memfd of the spawner's for good: nobody (root included) can write it, resize it or
- * unseal it any more; private (copy-on-write) mappings still work. Fails while anything maps it
- * shared and writable.
- */
-export function sealMemfd(m: SpawnerMemfd): Promise<void> {
-  shared ??= new Spawner();
-  return shared.memfdOp('seal', m.name);
-}
-
-/** The spawner lets go of a memfd (the children it was passed to keep their own). */
-export function closeMemfd(m: SpawnerMemfd): Promise<void> {
-  shared ??= new Spawner();
-  return shared.memfdOp('close', m.name);
+  /** One call, its request and reply checked against their op's schemas. */
+  private async request<O extends SpawnerOp>(req: SpawnerRequest<O>): Promise<SpawnerReply<O>> {
+    const op = req.op as O;
+    const checked = SpawnerRequestSchemas[op].safeParse(req);
+    if (!checked.success) throw new Error(`spawner: bad ${op} request: ${describeIssue(checked.error)}`);
+    const reply = await this.helper.call(checked.data as Record<string, unknown>);
+    try {
+      return parseHelperReply('spawner', op, SpawnerReplySchemas[op], reply) as SpawnerReply<O>;
+    } catch (err) {
+      this.log?.error('spawner bug: a reply does not match its schema', { op, error: (err as Error).message });
+      throw err;
+    }
+  }
 }
 
 /**
@@ -175,10 +197,10 @@ export class SpawnedChild extends EventEmitter {
     });
   }
 
-  static async start(argv: string[], opts: Pick<SpawnOptions, 'batch' | 'fds'> = {}): Promise<SpawnedChild> {
+  static async start(spawner: Spawner, argv: string[], opts: Pick<SpawnOptions, 'batch' | 'fds'> = {}): Promise<SpawnedChild> {
     let child: SpawnedChild | null = null;
     const early: string[] = [];
-    const handle = await spawnProcess(argv, { ...opts, onStderr: (text) => (child ? child.emit('stderr', text) : early.push(text)) });
+    const handle = await spawner.spawn(argv, { ...opts, onStderr: (text) => (child ? child.emit('stderr', text) : early.push(text)) });
     child = new SpawnedChild(handle.pid, handle);
     for (const text of early) child.emit('stderr', text);
     return child;

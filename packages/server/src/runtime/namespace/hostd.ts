@@ -9,19 +9,25 @@
  * replaced). `idmap` is set-up: state inside each worker, replayed on every replacement. An
  * overlay handle lives in the worker that prepared it, so its attach or discard goes there.
  *
- * Adding an op: one method calling `this.run({ op, ... })`; it gets the slow class's timeout
- * unless listed in FAST_OPS.
+ * Adding an op: its request and reply schemas in host-protocol.ts, one method calling
+ * `this.run({ op, ... })`; it gets the slow class's timeout unless listed in FAST_OPS.
+ * Requests are checked before they are sent, replies against their op's schema when they come: a
+ * reply that does not match fails its call and is logged as a helper bug.
  */
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { HelperPool, HelperWorkerGoneError, type RestartReason, type WorkerRef } from '../../helper-pool.js';
 import type { Logger } from '../../log.js';
+import {
+  describeIssue, HelperReplyError, HostdReplySchemas, HostdRequestSchemas, parseHelperReply,
+  type HostdOp, type HostdReply, type HostdRequest,
+} from '../../host-protocol.js';
 import type { DiffOptions, FileDiff } from '../runtime.js';
 
 const HOSTD = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../../host/podflare_hostd.py');
 
 /** Ops that touch no tree of unbounded size: a few mount syscalls each. */
-const FAST_OPS = new Set(['idmap', 'overlay', 'overlay_prepare', 'overlay_attach', 'overlay_discard', 'unmount', 'tmpfs']);
+const FAST_OPS = new Set<HostdOp>(['idmap', 'overlay', 'overlay_prepare', 'overlay_attach', 'overlay_discard', 'unmount', 'tmpfs']);
 
 export interface HostHelperOptions {
   /** Worker processes. @default 3 */
@@ -40,15 +46,17 @@ export class HostHelper {
   /** Overlay handles given out → the worker holding the mounts and its own handle for them. */
   private readonly handles = new Map<number, { worker: WorkerRef; handle: number }>();
   private nextHandle = 1;
+  private readonly log: Logger;
 
   constructor(o: HostHelperOptions) {
+    this.log = o.log;
     const fast = o.fastTimeoutMs ?? HOST_HELPER_DEFAULTS.fastTimeoutMs;
     const slow = o.slowTimeoutMs ?? HOST_HELPER_DEFAULTS.slowTimeoutMs;
     this.pool = new HelperPool({
       script: HOSTD,
       name: 'host helper',
       size: o.workers ?? HOST_HELPER_DEFAULTS.workers,
-      timeoutMs: (op) => (FAST_OPS.has(op) ? fast : slow),
+      timeoutMs: (op) => (FAST_OPS.has(op as HostdOp) ? fast : slow),
       log: o.log,
     });
   }
@@ -64,7 +72,7 @@ export class HostHelper {
    * worker that starts later.
    */
   idmap(base: number, count: number, layers: string[]): Promise<void> {
-    return this.pool.setUp({ op: 'idmap', base, count, layers });
+    return this.pool.setUp(this.request({ op: 'idmap', base, count, layers }));
   }
 
   /**
@@ -80,22 +88,23 @@ export class HostHelper {
    * `discardOverlay`): a fork child's root is made while the child is still being forked.
    */
   async prepareOverlay(o: { lowers: string[]; upper: string; work: string; binds?: Array<{ source: string; target: string }> }): Promise<number> {
-    const { reply, worker } = await this.pool.call({ op: 'overlay_prepare', ...o });
+    const { reply, worker } = await this.pool.call(this.request({ op: 'overlay_prepare', ...o }));
+    const prepared = this.reply('overlay_prepare', reply);
     const handle = this.nextHandle++;
-    this.handles.set(handle, { worker, handle: reply.handle as number });
+    this.handles.set(handle, { worker, handle: prepared.handle });
     return handle;
   }
 
   /** Places prepared mounts; fails clearly if the worker holding them has exited since. */
   async attachOverlay(handle: number, pid: number, target: string): Promise<void> {
     const held = this.takeHandle(handle);
-    await this.pool.callOn(held.worker, { op: 'overlay_attach', handle: held.handle, pid, target });
+    this.reply('overlay_attach', await this.pool.callOn(held.worker, this.request({ op: 'overlay_attach', handle: held.handle, pid, target })));
   }
 
   async discardOverlay(handle: number): Promise<void> {
     const held = this.takeHandle(handle);
     try {
-      await this.pool.callOn(held.worker, { op: 'overlay_discard', handle: held.handle });
+      this.reply('overlay_discard', await this.pool.callOn(held.worker, this.request({ op: 'overlay_discard', handle: held.handle })));
     } catch (err) {
       // A worker that has exited took the mounts with it: nothing left to drop.
       if (!(err instanceof HelperWorkerGoneError)) throw err;
@@ -136,17 +145,33 @@ export class HostHelper {
 
   /** Two layer stacks compared; the reply is bounded (`truncated: true` past its bounds). */
   async diff(a: string[], b: string[], opts: DiffOptions): Promise<FileDiff> {
-    const { id: _id, ok: _ok, ...diff } = await this.run({ op: 'diff', a, b, paths: opts.paths, content: opts.content });
-    return diff as unknown as FileDiff;
+    return this.run<'diff'>({ op: 'diff', a, b, paths: opts.paths, content: opts.content });
   }
 
   close(): void {
     this.pool.close();
   }
 
-  /** One call on whichever worker is free. */
-  private async run(req: Record<string, unknown> & { op: string }): Promise<Record<string, unknown>> {
-    return (await this.pool.call(req)).reply;
+  /** One call on whichever worker is free; its reply checked against its op's schema. */
+  private async run<O extends HostdOp>(req: HostdRequest<O>): Promise<HostdReply<O>> {
+    return this.reply(req.op as O, (await this.pool.call(this.request(req))).reply);
+  }
+
+  /** `req` checked against its op's schema (a failure is a bug of the server's, not the helper's). */
+  private request<O extends HostdOp>(req: HostdRequest<O>): Record<string, unknown> {
+    const checked = HostdRequestSchemas[req.op as O].safeParse(req);
+    if (!checked.success) throw new Error(`host helper: bad ${req.op} request: ${describeIssue(checked.error)}`);
+    return checked.data as Record<string, unknown>;
+  }
+
+  /** The reply's result, checked against its op's schema; a mismatch is logged as a helper bug. */
+  private reply<O extends HostdOp>(op: O, reply: Record<string, unknown>): HostdReply<O> {
+    try {
+      return parseHelperReply('host helper', op, HostdReplySchemas[op], reply) as HostdReply<O>;
+    } catch (err) {
+      if (err instanceof HelperReplyError) this.log.error('host helper bug: a reply does not match its schema', { op, error: err.problem });
+      throw err;
+    }
   }
 
   private takeHandle(handle: number): { worker: WorkerRef; handle: number } {

@@ -42,6 +42,7 @@ import type { DiffOptions, FileDiff, ReconcileReport, Runtime, RuntimeSandbox, S
 import { InFlight } from '../in-flight.js';
 import { bwrapArgs, SANDBOX_PATH } from './bwrap-args.js';
 import { HostHelper, type HostHelperOptions } from './hostd.js';
+import type { Spawner } from '../../spawner.js';
 import { DiskVolume } from './disk-volume.js';
 import { assertMountablePath, sandboxDirs, sandboxesDir, trashDir, type SandboxDirs } from './layout.js';
 import { Trash } from './trash.js';
@@ -64,6 +65,8 @@ export interface NamespaceRuntimeOptions {
   log: Logger;
   /** Serves sandboxes with an egress allowlist (without it, such sandboxes are refused). */
   egress?: EgressService;
+  /** Starts the sandboxes' helper processes (slirp4netns); the server's, shared with other runtimes. */
+  spawner: Spawner;
   /** The host helper's workers and timeouts (defaults in hostd.ts). */
   hostHelper?: Omit<HostHelperOptions, 'log'>;
 }
@@ -312,7 +315,7 @@ export class NamespaceRuntime implements Runtime {
       // Attach the network only once the agent runs: bwrap configures the namespace's loopback
       // before it execs the agent, and slirp4netns racing with that makes bwrap fail.
       await sandbox.channel.waitHello(this.opts.startTimeoutMs);
-      if (spec.egress === true) sandbox.slirp = await startSlirp(info.childPid, this.opts.startTimeoutMs);
+      if (spec.egress === true) sandbox.slirp = await startSlirp(this.opts.spawner, info.childPid, this.opts.startTimeoutMs);
       else if (isEgressPolicy(spec.egress)) await this.attachEgressPolicy(sandbox, info.childPid);
       await this.unmount(dirs); // bwrap holds the root now
       if (spec.background) await sandbox.setPriority(0);
@@ -456,7 +459,7 @@ export class NamespaceRuntime implements Runtime {
       //   joined its group, hence the sweep (nothing else runs in a child before its first request).
       // slirp4netns starts only now: its start-up would take CPU from the children still forking.
       for (const [i, c] of created.entries()) {
-        const network = (c.spec.egress === true ? startSlirp(childPids[i]!, this.opts.startTimeoutMs) : Promise.resolve(null)).then((slirp) => {
+        const network = (c.spec.egress === true ? startSlirp(this.opts.spawner, childPids[i]!, this.opts.startTimeoutMs) : Promise.resolve(null)).then((slirp) => {
           if (slirp && c.ended) slirp.stop();
           else c.slirp = slirp;
         }, (e: Error) => {

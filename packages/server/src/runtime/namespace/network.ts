@@ -4,7 +4,7 @@
  * `--disable-host-loopback` keeps the host's 127.0.0.1 (the server's API included) out of reach.
  * Nothing listens inbound. With egress off no slirp is attached: the namespace has only `lo`.
  */
-import { spawnProcess } from '../../spawner.js';
+import type { Spawner } from '../../spawner.js';
 
 export interface Slirp {
   pid: number;
@@ -15,11 +15,11 @@ export interface Slirp {
  * `ownUserNamespace: false` for a process that has only its own network namespace (a VM's QEMU):
  * there is no user namespace of its own to enter.
  */
-export async function startSlirp(sandboxPid: number, timeoutMs: number, opts: { ownUserNamespace?: boolean } = {}): Promise<Slirp> {
+export async function startSlirp(spawner: Spawner, sandboxPid: number, timeoutMs: number, opts: { ownUserNamespace?: boolean } = {}): Promise<Slirp> {
   // fd 3: slirp writes "1" when the tap device is configured. fd 4: slirp exits when it closes,
   // which happens when the spawner (and so the server) dies. Started by the spawner: a fork of
   // the server would stall it for milliseconds (see spawner.ts).
-  const child = await spawnProcess([
+  const child = await spawner.spawn([
     'slirp4netns', '--configure', '--mtu=65520', '--disable-host-loopback',
     ...(opts.ownUserNamespace === false ? [] : [`--userns-path=/proc/${sandboxPid}/ns/user`]),
     '--ready-fd=3', '--exit-fd=4',

@@ -11,6 +11,7 @@ import { detectKvm } from '../../doctor.js';
 import type { ImagePaths, ImageProgress } from '../../image/index.js';
 import { ensureVmImage, type VmImagePaths } from '../../image/vm-image.js';
 import type { Logger } from '../../log.js';
+import type { Spawner } from '../../spawner.js';
 import type { Acceleration } from './qemu-args.js';
 import { VmRuntime } from './vm-runtime.js';
 
@@ -28,7 +29,9 @@ export async function detectAcceleration(): Promise<Acceleration> {
   return kvm.kind === 'hardware' ? { kind: 'kvm', reason: kvm.detail } : { kind: 'tcg', reason: kvm.detail };
 }
 
-export async function createVmRuntime(config: ServerConfig, image: ImagePaths, log: Logger, onProgress?: (p: ImageProgress) => void): Promise<VmRuntimeSetup | null> {
+export async function createVmRuntime(
+  config: ServerConfig, image: ImagePaths, log: Logger, spawner: Spawner, onProgress?: (p: ImageProgress) => void,
+): Promise<VmRuntimeSetup | null> {
   const missing = [];
   if (!(await hasCommand('qemu-system-x86_64'))) missing.push('qemu-system-x86');
   if (!(await hasCommand('qemu-img'))) missing.push('qemu-utils');
@@ -46,7 +49,7 @@ export async function createVmRuntime(config: ServerConfig, image: ImagePaths, l
     return building;
   };
   const runtime = new VmRuntime({
-    stateDir: config.stateDir, accel, image: vmImage, startTimeoutMs: Math.max(config.startTimeoutMs, 30_000), log,
+    stateDir: config.stateDir, accel, image: vmImage, spawner, startTimeoutMs: Math.max(config.startTimeoutMs, 30_000), log,
     // Apart from the namespace sandboxes' ids (config.ts checks): a QEMU is nobody to them, and they to it.
     ids: { base: config.vmUidBase, count: config.vmUidCount },
   });

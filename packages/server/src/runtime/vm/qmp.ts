@@ -4,6 +4,7 @@
  */
 import { EventEmitter } from 'node:events';
 import net from 'node:net';
+import { LineFramer, LineTooLongError } from '../../jsonl/line-framer.js';
 
 export class QmpError extends Error {}
 
@@ -16,14 +17,13 @@ const MAX_QMP_LINE = 16 * 1024 * 1024;
 interface Waiting { resolve(v: unknown): void; reject(e: Error): void }
 
 export class Qmp extends EventEmitter {
-  private buffer = '';
+  private readonly framer = new LineFramer(MAX_QMP_LINE);
   private readonly waiting: Waiting[] = [];
   private closedReason: string | null = null;
 
   private constructor(private readonly socket: net.Socket) {
     super();
-    socket.setEncoding('utf8');
-    socket.on('data', (d: string) => this.onData(d));
+    socket.on('data', (d: Buffer) => this.onData(d));
     socket.on('error', (e) => this.fail(`QMP socket error: ${e.message}`));
     socket.on('close', () => this.fail('QMP socket closed'));
   }
@@ -60,36 +60,41 @@ export class Qmp extends EventEmitter {
     });
   }
 
-  private onData(chunk: string): void {
-    this.buffer += chunk;
-    if (this.buffer.length > MAX_QMP_LINE && !this.buffer.includes('\n')) {
-      this.buffer = '';
-      this.fail(`QMP sent a line longer than ${MAX_QMP_LINE} characters`);
+  /**
+   * QEMU answers commands in order and without ids (one command at a time), so replies are matched
+   * by order here rather than by the shared RPC's ids; only the framing is shared.
+   */
+  private onData(chunk: Buffer): void {
+    if (this.closedReason) return;
+    try {
+      this.framer.push(chunk, (line) => this.onLine(line));
+    } catch (err) {
+      if (!(err instanceof LineTooLongError)) throw err;
+      this.fail(`QMP sent a line longer than ${MAX_QMP_LINE} bytes`);
       this.socket.destroy();
+    }
+  }
+
+  private onLine(text: string): void {
+    const line = text.trim();
+    if (!line) return;
+    let msg: Record<string, unknown>;
+    try {
+      msg = JSON.parse(line) as Record<string, unknown>;
+    } catch {
       return;
     }
-    let nl: number;
-    while ((nl = this.buffer.indexOf('\n')) !== -1) {
-      const line = this.buffer.slice(0, nl).trim();
-      this.buffer = this.buffer.slice(nl + 1);
-      if (!line) continue;
-      let msg: Record<string, unknown>;
-      try {
-        msg = JSON.parse(line) as Record<string, unknown>;
-      } catch {
-        continue;
-      }
-      if ('QMP' in msg) {
-        this.greetingResolve?.();
-        this.greetingResolve = null;
-      } else if ('event' in msg) {
-        this.emit('event', msg.event as string, msg.data);
-      } else if ('return' in msg) {
-        this.waiting.shift()?.resolve(msg.return);
-      } else if ('error' in msg) {
-        const err = msg.error as { class?: string; desc?: string };
-        this.waiting.shift()?.reject(new QmpError(`${err.class ?? 'Error'}: ${err.desc ?? 'QMP command failed'}`));
-      }
+    if (msg === null || typeof msg !== 'object') return;
+    if ('QMP' in msg) {
+      this.greetingResolve?.();
+      this.greetingResolve = null;
+    } else if ('event' in msg) {
+      this.emit('event', msg.event as string, msg.data);
+    } else if ('return' in msg) {
+      this.waiting.shift()?.resolve(msg.return);
+    } else if ('error' in msg) {
+      const err = msg.error as { class?: string; desc?: string };
+      this.waiting.shift()?.reject(new QmpError(`${err.class ?? 'Error'}: ${err.desc ?? 'QMP command failed'}`));
     }
   }
 

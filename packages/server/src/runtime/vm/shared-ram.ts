@@ -14,7 +14,7 @@
  * construction; and another VM's QEMU cannot even reach it (/proc/<pid>/fd of a process of
  * another uid is closed to it).
  */
-import { closeMemfd, createMemfd, sealMemfd, type SpawnerMemfd } from '../../spawner.js';
+import type { Spawner, SpawnerMemfd } from '../../spawner.js';
 
 /** The fd a QEMU gets its shared RAM at, and the mem-path that names it. */
 export const QEMU_RAM_FD = 3;
@@ -23,11 +23,11 @@ export const QEMU_RAM_PATH = `/dev/fd/${QEMU_RAM_FD}`;
 export class SharedRam {
   private closed = false;
 
-  private constructor(readonly name: string, private readonly memfd: SpawnerMemfd) {}
+  private constructor(readonly name: string, private readonly memfd: SpawnerMemfd, private readonly spawner: Spawner) {}
 
   /** `size` bytes of zeros, writable until sealed; `name` (unique) is what /proc/<pid>/maps shows. */
-  static async create(name: string, size: number): Promise<SharedRam> {
-    return new SharedRam(name, await createMemfd(name, size));
+  static async create(spawner: Spawner, name: string, size: number): Promise<SharedRam> {
+    return new SharedRam(name, await spawner.createMemfd(name, size), spawner);
   }
 
   /** How a QEMU's mapping of it shows in /proc/<pid>/maps. */
@@ -47,13 +47,13 @@ export class SharedRam {
 
   /** Nobody changes it any more (fails while it is mapped shared and writable: a QEMU still on it). */
   seal(): Promise<void> {
-    return sealMemfd(this.memfd);
+    return this.spawner.sealMemfd(this.memfd);
   }
 
   /** The server lets go of it: the QEMUs that map it keep it as long as they do. */
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
-    await closeMemfd(this.memfd).catch(() => undefined); // the spawner is gone: so is the memfd
+    await this.spawner.closeMemfd(this.memfd).catch(() => undefined); // the spawner is gone: so is the memfd
   }
 }

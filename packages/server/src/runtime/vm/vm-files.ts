@@ -41,7 +41,7 @@ import { constants as fsConstants } from 'node:fs';
 import { chmod, lchown, lstat, mkdir, open, rm, stat, type FileHandle } from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
-import { spawnProcess } from '../../spawner.js';
+import type { Spawner } from '../../spawner.js';
 
 const { O_CREAT, O_EXCL, O_NOFOLLOW, O_NONBLOCK, O_RDONLY, O_RDWR } = fsConstants;
 
@@ -226,8 +226,8 @@ export async function copyRegular(from: string, to: string, owner: Owner = { uid
  * Runs a tool (qemu-img on an image a VM could have written) as that VM's identity: no
  * capabilities, no new privileges, dying with the server. Rejects with its stderr when it fails.
  */
-export async function runAsVm(id: VmIdentity, argv: string[], timeoutMs = 600_000): Promise<void> {
-  const p = await spawnProcess([
+export async function runAsVm(spawner: Spawner, id: VmIdentity, argv: string[], timeoutMs = 600_000): Promise<void> {
+  const p = await spawner.spawn([
     'setpriv', '--pdeathsig', 'KILL', '--no-new-privs', '--inh-caps=-all', '--bounding-set=-all',
     `--reuid=${id.uid}`, `--regid=${id.uid}`, id.groups.length ? `--groups=${id.groups.join(',')}` : '--clear-groups',
     '--', ...argv,

@@ -16,7 +16,7 @@ import { randomBytes } from 'node:crypto';
 import { constants as fsConstants } from 'node:fs';
 import { lstat, mkdir, open, readdir, readFile, stat, unlink } from 'node:fs/promises';
 import path from 'node:path';
-import { spawnProcess } from '../../spawner.js';
+import type { Spawner } from '../../spawner.js';
 
 /** Machine-wide (every server's ids), on tmpfs: gone with a reboot, as every VM is. */
 export const DEFAULT_ID_LOCK_DIR = '/run/podflare-vm-ids';
@@ -34,7 +34,7 @@ export class VmIdPool {
   /** Lock content naming this pool: its process, and the pool itself (two servers in one process). */
   private readonly owner: Promise<string>;
 
-  constructor(private readonly opts: { base: number; count: number; lockDir?: string }) {
+  constructor(private readonly opts: { base: number; count: number; lockDir?: string; spawner: Spawner }) {
     this.owner = startTime(process.pid).then((t) => `${process.pid} ${t} ${randomBytes(6).toString('hex')}\n`);
   }
 
@@ -56,7 +56,7 @@ export class VmIdPool {
       const took = await this.tryTake(id);
       if (took === 'taken') continue;
       this.cursor = (id - this.opts.base) % slots;
-      if (took === 'stale') await killAllOf(id); // left by a crashed server: whatever runs as it goes
+      if (took === 'stale') await killAllOf(this.opts.spawner, id); // left by a crashed server: whatever runs as it goes
       return id;
     }
     throw new VmIdsExhaustedError(this.opts.count);
@@ -72,7 +72,7 @@ export class VmIdPool {
     if (mine === undefined) return void (await cleanup?.());
     this.held.delete(id);
     try {
-      await killAllOf(id);
+      await killAllOf(this.opts.spawner, id);
       await cleanup?.();
     } finally {
       const file = path.join(this.lockDir, String(id));
@@ -96,7 +96,7 @@ export class VmIdPool {
       if (!/^\d+$/.test(name) || id <= this.opts.base || id >= this.opts.base + this.opts.count) continue;
       const file = path.join(this.lockDir, name);
       if (await lockLive(file)) continue;
-      await killAllOf(id);
+      await killAllOf(this.opts.spawner, id);
       await unlink(file).catch(() => undefined);
     }
   }
@@ -156,7 +156,7 @@ async function startTime(pid: number): Promise<string | null> {
  * SIGKILLs every process running as `uid` (its real or saved uid): `kill -1` sent from a process
  * of that uid, which the kernel delivers in one pass over all processes.
  */
-export async function killAllOf(uid: number): Promise<void> {
-  const p = await spawnProcess(['setpriv', `--reuid=${uid}`, `--regid=${uid}`, '--clear-groups', '--', 'kill', '-KILL', '-1']);
+export async function killAllOf(spawner: Spawner, uid: number): Promise<void> {
+  const p = await spawner.spawn(['setpriv', `--reuid=${uid}`, `--regid=${uid}`, '--clear-groups', '--', 'kill', '-KILL', '-1']);
   await p.exited; // "no such process" when none was left: the usual case
 }

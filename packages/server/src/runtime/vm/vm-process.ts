@@ -9,7 +9,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { AgentChannel } from '../../agent-channel.js';
 import type { VmImagePaths } from '../../image/vm-image.js';
-import { SpawnedChild } from '../../spawner.js';
+import { SpawnedChild, type Spawner } from '../../spawner.js';
 import { startSlirp, type Slirp } from '../namespace/network.js';
 import { qemuArgs, type Acceleration } from './qemu-args.js';
 import { readRegular, type VmIdentity } from './vm-files.js';
@@ -41,6 +41,8 @@ export interface QemuHost {
   /** /dev/kvm's group, given to QEMU when it uses KVM (null under TCG). */
   kvmGid: number | null;
   image(): Promise<VmImagePaths>;
+  /** Starts QEMU and its slirp4netns (the server's spawner). */
+  spawner: Spawner;
 }
 
 export interface LaunchOptions {
@@ -103,7 +105,7 @@ export async function launchQemu(host: QemuHost, o: LaunchOptions, timeoutMs: nu
   // cores (a fork's children) take turns in longer slices, each running on a warmer cache
   // (measured: fork(5) ~4% faster on 2 cores), and the API stays responsive while they run.
   const fds = 'shared' in o.ram ? [o.ram.shared.passed] : [];
-  const qemu = await SpawnedChild.start([...prefix, QEMU, ...args], { batch: true, fds }).catch((e: Error) => {
+  const qemu = await SpawnedChild.start(host.spawner, [...prefix, QEMU, ...args], { batch: true, fds }).catch((e: Error) => {
     throw new Error(`cannot start QEMU: ${e.message}`);
   });
   let stderr = '';
@@ -121,7 +123,7 @@ export async function launchQemu(host: QemuHost, o: LaunchOptions, timeoutMs: nu
     if (o.network && o.incoming && qemu.pid) {
       const [theirs, ours] = await Promise.all([readlink(`/proc/${qemu.pid}/ns/net`), readlink('/proc/self/ns/net')]);
       if (theirs === ours) throw new Error('QEMU is not in a network namespace of its own');
-      network = startSlirp(qemu.pid, timeoutMs, { ownUserNamespace: false });
+      network = startSlirp(host.spawner, qemu.pid, timeoutMs, { ownUserNamespace: false });
       network.catch(() => undefined);
     }
     // QMP answers once every device exists: connecting to the agent's port now makes the

@@ -53,6 +53,7 @@ import { deviceSections, forkSkeleton, type ForkSkeleton } from './fork-state.js
 import { OverlayMaker } from './overlay-maker.js';
 import { incoming, migrateToFile, MIGRATION_CAPABILITIES, UNTHROTTLED, waitMigration, type StateSource } from './vm-migration.js';
 import type { Qmp } from './qmp.js';
+import type { Spawner } from '../../spawner.js';
 import { consoleTail, kvmGroup, launchQemu, qemuPidsUnder, setPriorityAll, stopVm, waitExit, type QemuHost, type VmProcess } from './vm-process.js';
 import { copyRegular, freshDir, handOver, privateFile, readRegular, rootDir, runAsVm, vmDir, writeNew, type Owner, type VmIdentity } from './vm-files.js';
 import { VmIdPool } from './vm-ids.js';
@@ -80,6 +81,8 @@ export interface VmRuntimeOptions {
    * of every VM, each QEMU gets one of the others of its own, each fork point one as its group.
    */
   ids: { base: number; count: number; lockDir?: string };
+  /** Starts QEMU, slirp4netns and tools run as a VM's uid (the server's, shared with other runtimes). */
+  spawner: Spawner;
   log: Logger;
 }
 
@@ -205,8 +208,8 @@ export class VmRuntime implements Runtime {
   constructor(private readonly opts: VmRuntimeOptions) {
     this.memoryMb = opts.memoryMb ?? DEFAULT_MEMORY_MB;
     this.forkCopyLimitMb = opts.forkCopyLimitMb ?? this.memoryMb / 8;
-    this.qemuHost = { accel: opts.accel, memoryMb: this.memoryMb, kvmGid: kvmGroup(opts.accel), image: () => opts.image() };
-    this.ids = new VmIdPool(opts.ids);
+    this.qemuHost = { accel: opts.accel, memoryMb: this.memoryMb, kvmGid: kvmGroup(opts.accel), image: () => opts.image(), spawner: opts.spawner };
+    this.ids = new VmIdPool({ ...opts.ids, spawner: opts.spawner });
     this.shmPrefix = `podflare-${createHash('sha256').update(path.resolve(opts.stateDir)).digest('hex').slice(0, 10)}-`;
   }
 
@@ -297,7 +300,7 @@ export class VmRuntime implements Runtime {
         try {
           await run('qemu-img', ['create', '-q', '-f', 'qcow2', '-F', 'raw', '-b', image.rootfs, tpl.disk]);
           await handOver(tpl.disk, owner, 0o600);
-          tpl.ram = await SharedRam.create(`${this.shmPrefix}${process.pid}-t${rand}.ram`, this.memoryMb * MB);
+          tpl.ram = await SharedRam.create(this.opts.spawner, `${this.shmPrefix}${process.pid}-t${rand}.ram`, this.memoryMb * MB);
           vm = await launchQemu(this.qemuHost, { identity: { uid, groups: [this.ids.group] }, runDir, consoleLog, disk: tpl.disk, ram: { shared: tpl.ram }, shareRam: true, network, incoming: false, background: false }, bootTimeoutMs);
           await vm.channel.waitHello(bootTimeoutMs);
           // The interpreter is up (and has imported what it preloads) before the freeze.
@@ -637,7 +640,7 @@ export class VmRuntime implements Runtime {
       await ram?.close();
     };
     try {
-      ram = await SharedRam.create(`${this.shmPrefix}${process.pid}-p${point}.ram`, this.memoryMb * MB);
+      ram = await SharedRam.create(this.opts.spawner, `${this.shmPrefix}${process.pid}-p${point}.ram`, this.memoryMb * MB);
       split = this.forkWorker.split({ socketPath, uid: parent.identity.uid, ramFile: ram.fillPath, ramName: ram.mapsName, ramBlock: RAM_BLOCK, ramSize: this.memoryMb * MB });
       await split.listening;
       await qmp.command('migrate-set-parameters', UNTHROTTLED);
@@ -692,7 +695,7 @@ export class VmRuntime implements Runtime {
       await migrateToFile(qmp, { file: path.join(dir, 'state'), socketPath: path.join(s.dir, 'out.sock'), uid: s.identity.uid, maxBytes }, this.opts.startTimeoutMs, s.vm.stderr);
       await rm(scratch, { force: true });
       await copyRegular(s.disk, scratch, { uid: s.identity.uid, gid: s.identity.uid });
-      await runAsVm(s.identity, ['qemu-img', 'rebase', '-f', 'qcow2', '-F', 'raw', '-b', s.template.image.rootfs, scratch]);
+      await runAsVm(this.opts.spawner, s.identity, ['qemu-img', 'rebase', '-f', 'qcow2', '-F', 'raw', '-b', s.template.image.rootfs, scratch]);
       await copyRegular(scratch, path.join(dir, 'disk.qcow2'));
       await writeNew(path.join(dir, 'vm.json'), JSON.stringify({ network: s.template.network, memoryMb: this.memoryMb, rootfs: s.template.image.rootfs, frozenAt: new Date().toISOString() }) + '\n');
     } catch (err) {
