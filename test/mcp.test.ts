@@ -7,6 +7,8 @@ import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
 import * as http from 'node:http';
 import path from 'node:path';
+import { mkdtemp, rm } from 'node:fs/promises';
+import os from 'node:os';
 import { after, before, describe, it } from 'node:test';
 import { Client } from '@modelcontextprotocol/sdk/client/index.js';
 import { StdioClientTransport } from '@modelcontextprotocol/sdk/client/stdio.js';
@@ -16,9 +18,10 @@ import type { CallToolResult } from '@modelcontextprotocol/sdk/types.js';
 import { createPodflareMcpServer } from '@podflare/mcp';
 import { SANDBOX_ID_SOURCE } from '@podflare/protocol/sandbox';
 import { Sandbox } from 'podflare';
-import { startTestServer, type TestServer } from './helpers/server.js';
+import { IMAGES_DIR, startTestServer, type TestServer } from './helpers/server.js';
 
 const MAIN = path.resolve(import.meta.dirname, '../packages/mcp/dist/main.js');
+const CLI = path.resolve(import.meta.dirname, '../packages/cli/dist/main.js');
 const TOOLS = ['create_sandbox', 'run_python', 'run_bash', 'fork', 'diff', 'merge_into', 'upload', 'download', 'destroy_sandbox'];
 const ID = new RegExp(SANDBOX_ID_SOURCE, 'g');
 const UNKNOWN_ID = `sbx_${'0'.repeat(32)}`;
@@ -362,8 +365,10 @@ describe('podflare-mcp over stdio', () => {
 });
 
 /** Starts `podflare-mcp --http` as a child process; resolves with its MCP URL once it listens. */
-async function startHttpChild(serverUrl: string): Promise<{ child: ChildProcess; url: URL; stderr: () => string }> {
-  const child = spawn(process.execPath, [MAIN, '--http', '--port', '0', '--server', serverUrl], { stdio: ['ignore', 'pipe', 'pipe'] });
+async function startHttpChild(serverUrl: string, env: NodeJS.ProcessEnv = {}): Promise<{ child: ChildProcess; url: URL; stderr: () => string }> {
+  const child = spawn(process.execPath, [MAIN, '--http', '--port', '0', '--server', serverUrl], {
+    stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...env },
+  });
   let stderr = '';
   const url = await new Promise<URL>((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error(`no "listening on" line: ${stderr}`)), 20_000);
@@ -458,7 +463,7 @@ describe('podflare-mcp over Streamable HTTP', () => {
     assert.match(mcp.stderr(), /shutting down \(SIGTERM\)/);
   });
 
-  it('refuses requests that are not local (DNS rebinding) and non-initialize requests without a session', async () => {
+  it('refuses requests that are not local (DNS rebinding) and GETs without a session', async () => {
     const fresh = await startHttpChild(server.url);
     try {
       const init = JSON.stringify({
@@ -466,12 +471,11 @@ describe('podflare-mcp over Streamable HTTP', () => {
         params: { protocolVersion: '2025-06-18', capabilities: {}, clientInfo: { name: 'raw', version: '0' } },
       });
       assert.equal(await rawPost(fresh.url, 'evil.example:80', init), 403);
-      const noSession = await fetch(fresh.url, {
-        method: 'POST',
-        headers: { 'content-type': 'application/json', accept: 'application/json, text/event-stream' },
-        body: JSON.stringify({ jsonrpc: '2.0', id: 1, method: 'tools/list' }),
-      });
-      assert.equal(noSession.status, 400);
+      // A POST without a session is answered on its own (below); a GET stream needs a session.
+      const noSession = await fetch(fresh.url, { headers: { accept: 'text/event-stream' } });
+      assert.equal(noSession.status, 405);
+      assert.match(((await noSession.json()) as { error: { message: string } }).error.message, /mcp-session-id/);
+      assert.equal(await rawPost(new URL('/', fresh.url), 'evil.example:80', init), 403);
       const crossSite = await fetch(fresh.url, {
         method: 'POST',
         headers: { 'content-type': 'application/json', accept: 'application/json, text/event-stream', origin: 'https://evil.example' },
@@ -557,5 +561,214 @@ describe('createPodflareMcpServer in process', () => {
     await mcpServer.close();
     assert.ok(!(await liveIds(server.url)).has(id));
     await client.close();
+  });
+});
+
+/**
+ * A JSON-RPC request as the hosted product's agent skill sends it (and as `curl` would): one POST,
+ * no initialize, no mcp-session-id, a bearer key when one is set, and the Accept header the
+ * Streamable HTTP spec asks every POST to carry.
+ */
+async function plainRpc(url: URL, method: string, params: Record<string, unknown>, key?: string) {
+  const res = await fetch(url, {
+    method: 'POST',
+    headers: {
+      'content-type': 'application/json',
+      accept: 'application/json, text/event-stream',
+      ...(key ? { authorization: `Bearer ${key}` } : {}),
+    },
+    body: JSON.stringify({ jsonrpc: '2.0', id: 7, method, params }),
+  });
+  const body = (await res.json()) as { id?: number; result?: ToolResult & { tools?: Array<{ name: string }> }; error?: { message: string } };
+  return { status: res.status, sessionId: res.headers.get('mcp-session-id'), body };
+}
+
+/** A plain `tools/call`; asserts it succeeded and returns the tool's text. */
+async function plainCall(url: URL, name: string, args: Record<string, unknown>, key?: string): Promise<string> {
+  const r = await plainRpc(url, 'tools/call', { name, arguments: args }, key);
+  assert.equal(r.status, 200, JSON.stringify(r.body));
+  assert.equal(r.sessionId, null, 'a stateless answer opens no session');
+  assert.equal(r.body.id, 7);
+  assert.ok(r.body.result, JSON.stringify(r.body));
+  assert.notEqual(r.body.result.isError, true, `${name} failed: ${text(r.body.result)}`);
+  return text(r.body.result);
+}
+
+/**
+ * What the hosted skill does, end to end, against one endpoint: list the tools, create a sandbox,
+ * run code in it, and reach it again by sandbox_id in a later, unrelated request.
+ */
+async function statelessRoundTrip(url: URL, key?: string): Promise<string> {
+  const listed = await plainRpc(url, 'tools/list', {}, key);
+  assert.equal(listed.status, 200, JSON.stringify(listed.body));
+  assert.deepEqual(listed.body.result?.tools?.map((t) => t.name).sort(), [...TOOLS].sort());
+  const { sandbox_id: id } = JSON.parse(await plainCall(url, 'create_sandbox', {}, key)) as { sandbox_id: string };
+  assert.match(id, /^sbx_[0-9a-f]{32}$/);
+  assert.match(await plainCall(url, 'run_python', { sandbox_id: id, code: 'x = 41\nprint("set")' }, key), /stdout:\nset\n/);
+  assert.match(await plainCall(url, 'run_python', { sandbox_id: id, code: 'print(x + 1)' }, key), /stdout:\n42\n/);
+  assert.match(await plainCall(url, 'run_bash', { sandbox_id: id, command: 'echo $((6 * 7))' }, key), /stdout:\n42\n/);
+  // Without a session there is no session sandbox: leaving sandbox_id out is a clear tool error.
+  const missing = await plainRpc(url, 'tools/call', { name: 'run_python', arguments: { code: '1' } }, key);
+  assert.equal(missing.body.result?.isError, true);
+  assert.match(text(missing.body.result!), /sandbox_id/);
+  return id;
+}
+
+describe('MCP as plain JSON-RPC POSTs, without a session (the hosted skill)', () => {
+  let server: TestServer;
+  before(async () => { server = await startTestServer({ poolSize: 2 }); });
+  after(async () => server?.stop());
+
+  it('answers tools/list and tools/call at / and /mcp of podflare-mcp --http, sandboxes persisting by id', async () => {
+    const mcp = await startHttpChild(server.url, { PODFLARE_MCP_TOKEN: 'mcp-secret' });
+    try {
+      const root = new URL('/', mcp.url);
+      const unauthorized = await plainRpc(root, 'tools/list', {});
+      assert.equal(unauthorized.status, 401);
+      for (const url of [root, mcp.url]) {
+        const id = await statelessRoundTrip(url, 'mcp-secret');
+        // The request ended, the sandbox did not: it lives until destroy_sandbox (or its idle timeout).
+        assert.ok((await liveIds(server.url)).has(id));
+        assert.equal(await plainCall(url, 'destroy_sandbox', { sandbox_id: id }, 'mcp-secret'), `Destroyed ${id}.`);
+        assert.ok(!(await liveIds(server.url)).has(id));
+      }
+      // Sessions keep working beside it, at / too.
+      const transport = new StreamableHTTPClientTransport(root, { requestInit: { headers: { authorization: 'Bearer mcp-secret' } } });
+      const client = new Client({ name: 'session-beside-stateless', version: '1' });
+      await client.connect(transport);
+      assert.ok(transport.sessionId);
+      await ok(client, 'run_python', { code: 'kept = "yes"' });
+      assert.match(await ok(client, 'run_python', { code: 'print(kept)' }), /stdout:\nyes\n/);
+      await transport.terminateSession();
+      await client.close();
+      // Bad input: a 4xx with a JSON-RPC error body.
+      const notJson = await fetch(mcp.url, {
+        method: 'POST',
+        headers: { 'content-type': 'application/json', accept: 'application/json, text/event-stream', authorization: 'Bearer mcp-secret' },
+        body: '{nope',
+      });
+      assert.equal(notJson.status, 400);
+      assert.match(((await notJson.json()) as { error: { message: string } }).error.message, /not JSON/);
+    } finally {
+      mcp.child.kill('SIGTERM');
+      await exited(mcp.child);
+    }
+  });
+});
+
+/** Starts `podflare serve` (the CLI) as a child with these API keys; resolves with its URL. */
+async function startServe(stateDir: string, apiKeys: string): Promise<{ child: ChildProcess; url: string; output: () => string }> {
+  const child = spawn(process.execPath, [
+    CLI, 'serve', '--port', '0', '--state-dir', stateDir, '--images-dir', IMAGES_DIR, '--pool-size', '1', '--disk-volume-mb', '512',
+  ], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, PODFLARE_API_KEYS: apiKeys, PODFLARE_LOG_LEVEL: 'warn' } });
+  let output = '';
+  const url = await new Promise<string>((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`no listening line: ${output}`)), 60_000);
+    const onData = (d: Buffer) => {
+      output += d.toString();
+      // The last line serve prints once it is up.
+      const m = /podflare listening on (http:\/\/\S+)[^]*\nmcp: /.exec(output);
+      if (m) { clearTimeout(timer); resolve(m[1]!); }
+    };
+    child.stdout!.on('data', onData);
+    child.stderr!.on('data', onData);
+    child.once('exit', (code) => { clearTimeout(timer); reject(new Error(`serve exited with ${code}: ${output}`)); });
+  });
+  return { child, url, output: () => output };
+}
+
+describe('podflare serve serves MCP at /mcp', () => {
+  let stateDir: string;
+  let serve: Awaited<ReturnType<typeof startServe>>;
+  let mcpUrl: URL;
+  before(async () => {
+    stateDir = await mkdtemp(path.join(os.tmpdir(), 'pf-test-'));
+    serve = await startServe(stateDir, 'key-alice,key-bob');
+    mcpUrl = new URL('/mcp', serve.url);
+  });
+  after(async () => {
+    if (serve?.child.exitCode === null) {
+      serve.child.kill('SIGTERM');
+      await exited(serve.child);
+    }
+    if (stateDir) await rm(stateDir, { recursive: true, force: true });
+  });
+
+  it('says where, and answers the official MCP client with the API key, in a session', async () => {
+    assert.ok(serve.output().includes(`mcp: ${serve.url}/mcp\n`), serve.output());
+    const anonymous = new Client({ name: 'anon', version: '1' });
+    await assert.rejects(anonymous.connect(new StreamableHTTPClientTransport(mcpUrl)), /401|API key/i);
+    const transport = new StreamableHTTPClientTransport(mcpUrl, { requestInit: { headers: { authorization: 'Bearer key-alice' } } });
+    const client = new Client({ name: 'serve-session', version: '1' });
+    await client.connect(transport);
+    assert.ok(transport.sessionId);
+    assert.deepEqual((await client.listTools()).tools.map((t) => t.name).sort(), [...TOOLS].sort());
+    await ok(client, 'run_python', { code: 'who = "alice"' });
+    assert.match(await ok(client, 'run_python', { code: 'print(who)' }), /stdout:\nalice\n/);
+    // The session's sandbox belongs to alice's key: the REST API shows it to her, not to bob.
+    const alice = await Sandbox.list({ host: serve.url, apiKey: 'key-alice' });
+    const own = alice.filter((s) => s.metadata.role === 'session');
+    assert.equal(own.length, 1);
+    assert.equal((await Sandbox.list({ host: serve.url, apiKey: 'key-bob' })).filter((s) => s.id === own[0]!.id).length, 0);
+    // Another key cannot use alice's session id.
+    const hijack = await fetch(mcpUrl, {
+      method: 'POST',
+      headers: {
+        'content-type': 'application/json', accept: 'application/json, text/event-stream',
+        authorization: 'Bearer key-bob', 'mcp-session-id': transport.sessionId!,
+      },
+      body: JSON.stringify({ jsonrpc: '2.0', id: 1, method: 'tools/list' }),
+    });
+    assert.equal(hijack.status, 404);
+    // Ending the session destroys its sandbox.
+    await transport.terminateSession();
+    await client.close();
+    const after = await Sandbox.list({ host: serve.url, apiKey: 'key-alice' });
+    assert.ok(!after.some((s) => s.id === own[0]!.id), 'the session sandbox is destroyed with the session');
+  });
+
+  it('answers plain JSON-RPC tools/call without a session, sandboxes persisting by id', async () => {
+    const unauthorized = await plainRpc(mcpUrl, 'tools/list', {});
+    assert.equal(unauthorized.status, 401);
+    const wrongKey = await plainRpc(mcpUrl, 'tools/list', {}, 'key-mallory');
+    assert.equal(wrongKey.status, 401);
+    const id = await statelessRoundTrip(mcpUrl, 'key-bob');
+    const bobs = await Sandbox.list({ host: serve.url, apiKey: 'key-bob' });
+    assert.ok(bobs.some((s) => s.id === id), 'made with the caller\'s own key');
+    // Alice's key cannot reach bob's sandbox through MCP either.
+    const foreign = await plainRpc(mcpUrl, 'tools/call', { name: 'run_python', arguments: { sandbox_id: id, code: 'print(x)' } }, 'key-alice');
+    assert.equal(foreign.body.result?.isError, true);
+    assert.match(text(foreign.body.result!), /not found/);
+    assert.equal(await plainCall(mcpUrl, 'destroy_sandbox', { sandbox_id: id }, 'key-bob'), `Destroyed ${id}.`);
+  });
+
+  it('keeps web pages out of /mcp (the API\'s browser guard)', async () => {
+    const init = JSON.stringify({
+      jsonrpc: '2.0', id: 1, method: 'initialize',
+      params: { protocolVersion: '2025-06-18', capabilities: {}, clientInfo: { name: 'raw', version: '0' } },
+    });
+    const url = new URL(mcpUrl);
+    assert.equal(await rawPost(url, 'evil.example', init), 403);
+    const crossSite = await fetch(mcpUrl, {
+      method: 'POST',
+      headers: {
+        'content-type': 'application/json', accept: 'application/json, text/event-stream',
+        authorization: 'Bearer key-alice', origin: 'https://evil.example',
+      },
+      body: init,
+    });
+    assert.equal(crossSite.status, 403);
+  });
+
+  it('stops on SIGTERM with an MCP session open, destroying its sandbox', async () => {
+    const transport = new StreamableHTTPClientTransport(mcpUrl, { requestInit: { headers: { authorization: 'Bearer key-alice' } } });
+    const client = new Client({ name: 'serve-shutdown', version: '1' });
+    await client.connect(transport);
+    await ok(client, 'run_python', { code: 'y = 1' });
+    serve.child.kill('SIGTERM');
+    assert.equal(await exited(serve.child), 0);
+    assert.doesNotMatch(serve.output(), /could not destroy/);
+    assert.match(serve.output(), /session ended: destroyed sbx_/);
+    await client.close().catch(() => undefined);
   });
 });

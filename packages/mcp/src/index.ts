@@ -17,5 +17,7 @@ export { createPodflareMcpServer, PodflareMcpServer, SERVER_NAME, SERVER_VERSION
 export type { PodflareMcpServerOptions } from './server.js';
 export { startPodflareMcpHttpServer, DEFAULT_HTTP_PORT, MCP_PATH } from './http.js';
 export type { PodflareMcpHttpOptions, PodflareMcpHttpServer } from './http.js';
+export { createMcpHttpHandler } from './http-handler.js';
+export type { McpCaller, McpHttpHandler, McpHttpHandlerOptions } from './http-handler.js';
 export { SandboxSession, SessionClosedError, MissingSandboxIdError } from './session.js';
 export type { SandboxSessionOptions, WithSandbox } from './session.js';

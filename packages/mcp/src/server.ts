@@ -50,6 +50,14 @@ export interface PodflareMcpServerOptions {
    * @default 8388608 (8 MiB)
    */
   maxDownloadBytes?: number;
+  /**
+   * Serve one stateless request (a JSON-RPC POST without an MCP session): there is no session
+   * sandbox, so `sandbox_id` is required, and the sandboxes `create_sandbox` and `fork` make are
+   * not destroyed when the server closes — they persist for later requests until `destroy_sandbox`
+   * or the Podflare server's idle timeout. Implies `sessionSandbox: false`.
+   * @default false
+   */
+  stateless?: boolean;
   /** Where diagnostics go. Must not be stdout under stdio (that is the protocol channel). @default stderr */
   log?: (message: string) => void;
 }
@@ -90,14 +98,18 @@ export class PodflareMcpServer extends McpServer {
     super({ name: SERVER_NAME, version: SERVER_VERSION }, { instructions: INSTRUCTIONS, capabilities: { tools: {} } });
     const log = options.log ?? ((message: string) => process.stderr.write(`podflare-mcp: ${message}\n`));
     const client = options.client ?? new Client({ host: options.host, apiKey: options.apiKey });
+    const stateless = options.stateless === true;
+    const sessionSandbox = !stateless && (options.sessionSandbox ?? true);
     this.session = new SandboxSession({
       client,
-      sessionSandbox: options.sessionSandbox ?? true,
+      sessionSandbox,
+      keepSandboxes: stateless,
       idleTimeoutSeconds: options.idleTimeoutSeconds,
       log,
     });
     registerTools(this, this.session, {
-      sessionSandbox: options.sessionSandbox ?? true,
+      sessionSandbox,
+      stateless,
       maxOutputChars: options.maxOutputChars ?? DEFAULT_MAX_OUTPUT_CHARS,
       maxDownloadBytes: options.maxDownloadBytes ?? DEFAULT_MAX_DOWNLOAD_BYTES,
     });
@@ -139,6 +151,7 @@ export function createPodflareMcpServer(options: PodflareMcpServerOptions = {}):
 
 interface ToolSettings {
   sessionSandbox: boolean;
+  stateless: boolean;
   maxOutputChars: number;
   maxDownloadBytes: number;
 }
@@ -159,8 +172,10 @@ function registerTools(server: McpServer, session: SandboxSession, settings: Too
     {
       title: 'Create sandbox',
       description:
-        'Start a new sandbox (a Linux machine with Python and bash) and return its id. It is destroyed when this ' +
-        'session ends, or with destroy_sandbox.' +
+        'Start a new sandbox (a Linux machine with Python and bash) and return its id. ' +
+        (settings.stateless
+          ? 'It lives until destroy_sandbox, or until it has been idle for the server\'s idle timeout: pass its id to later calls.'
+          : 'It is destroyed when this session ends, or with destroy_sandbox.') +
         (sessionSandbox ? " Not needed for a single workspace: tools without sandbox_id use this session's own sandbox." : ''),
       inputSchema: {
         template: z.string().min(1).max(64).optional().describe('Image template to start from. Default: the server\'s default template'),

@@ -22,6 +22,11 @@ export interface SandboxSessionOptions {
   client: Client;
   /** Whether calls without `sandbox_id` use a sandbox of the session's own. */
   sessionSandbox: boolean;
+  /**
+   * Leave the sandboxes this session creates alive when it ends (a stateless request: later
+   * requests reach them by id; the server's idle timeout reaps forgotten ones).
+   */
+  keepSandboxes?: boolean;
   /** Idle timeout of the sandboxes this session creates (undefined: the server's default). */
   idleTimeoutSeconds: number | undefined;
   log: (message: string) => void;
@@ -167,6 +172,11 @@ export class SandboxSession {
   }
 
   async #destroyAll(): Promise<void> {
+    if (this.#options.keepSandboxes) {
+      this.#handles.clear();
+      this.#owned.clear();
+      return;
+    }
     const doomed = new Map(this.#owned);
     if (this.#own) {
       try {

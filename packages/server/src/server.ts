@@ -10,6 +10,7 @@ import { assertStateDirReachable } from './state-dir-access.js';
 import { isLoopback, type ServerConfig } from './config.js';
 import { EgressService } from './egress/index.js';
 import { createApp } from './http/app.js';
+import type { HttpMount } from './http/mounts.js';
 import { ensureImage, type ImageProgress } from './image/index.js';
 import { createLogger, type Logger } from './log.js';
 import { NamespaceRuntime } from './runtime/namespace/namespace-runtime.js';
@@ -29,6 +30,8 @@ export interface RunningServer {
 
 export interface StartOptions {
   onImageProgress?: (p: ImageProgress) => void;
+  /** Handlers to serve beside the API (e.g. the CLI's MCP endpoint at /mcp); closed first on close(). */
+  mounts?: readonly HttpMount[];
 }
 
 export async function startServer(config: ServerConfig, opts: StartOptions = {}): Promise<RunningServer> {
@@ -81,7 +84,9 @@ async function startLocked(config: ServerConfig, opts: StartOptions, log: Logger
     () => ns.hostHelperRestarts().map(({ reason, count }) => ({ labels: { reason }, value: count })), 'counter');
   await manager.start();
 
+  let loopbackUrl = '';
   const server = http.createServer({ noDelay: true, keepAliveTimeout: 65_000, maxHeaderSize: 16 * 1024 }, createApp({
+    mounts: opts.mounts, loopbackUrl: () => loopbackUrl,
     manager, apiKeys: config.apiKeys, runtimeName: runtime.name, maxSandboxes: config.maxSandboxes, log,
     rateLimit: { perSecond: config.rateLimitPerSecond, burst: config.rateLimitBurst },
     browserAccess: { allowedHosts: config.allowedHosts, allowedOrigins: config.allowedOrigins },
@@ -98,6 +103,7 @@ async function startLocked(config: ServerConfig, opts: StartOptions, log: Logger
   egress.protectedPorts.push(address.port);
   const host = address.family === 'IPv6' ? `[${address.address}]` : address.address;
   const url = `http://${host}:${address.port}`;
+  loopbackUrl = `http://${loopbackHost(address)}:${address.port}`;
   log.info('podflare listening', { url, runtime: runtime.name, runtimes: runtimes.map((r) => r.name).join(','), vm_accel: vm?.runtime.accel.kind, pool: config.poolSize, image: image.id });
 
   let closing: Promise<void> | null = null;
@@ -107,6 +113,8 @@ async function startLocked(config: ServerConfig, opts: StartOptions, log: Logger
     manager,
     close() {
       closing ??= (async () => {
+        // Mounts first, while the API still answers: they may act through it (MCP sessions destroy their sandboxes).
+        await Promise.all((opts.mounts ?? []).map((m) => m.close?.().catch((err: unknown) => log.warn('closing a mount', { error: String(err) }))));
         const closed = new Promise<void>((resolve) => server.close(() => resolve()));
         server.closeIdleConnections();
         await manager.close();
@@ -119,4 +127,11 @@ async function startLocked(config: ServerConfig, opts: StartOptions, log: Logger
       return closing;
     },
   };
+}
+
+/** The address this process reaches the listener at: a wildcard bind is reached through loopback. */
+function loopbackHost(address: AddressInfo): string {
+  if (address.address === '0.0.0.0') return '127.0.0.1';
+  if (address.address === '::') return '[::1]';
+  return address.family === 'IPv6' ? `[${address.address}]` : address.address;
 }

@@ -2,11 +2,13 @@
 import path from 'node:path';
 import { createProgressReporter, loadConfig, startServer, type ServerConfig } from '@podflare/server';
 import { enumOption, EXIT_OK, intOption, parse, type Command } from '../args.js';
+import { createMcpMount } from '../mcp-mount.js';
 
 const HELP = `Usage: podflare serve [options]
 
 Runs the Podflare server in the foreground until SIGINT/SIGTERM. Builds the sandbox image
-first if it is missing (about a minute, once).
+first if it is missing (about a minute, once). Serves the REST API, the dashboard at /, and
+MCP (Streamable HTTP, with or without sessions) at /mcp, all behind the same API keys.
 
 Options:
   --host HOST        address to bind (default: $PODFLARE_BIND_HOST, else 127.0.0.1);
@@ -79,9 +81,11 @@ export const serveCommand: Command = {
     const { values } = parse('serve', argv, OPTIONS);
     const config = loadConfig(serveOverrides(values, 'serve'));
     const reporter = createProgressReporter();
-    const server = await startServer(config, { onImageProgress: reporter.onProgress }).finally(() => reporter.finish());
+    const mcp = createMcpMount((message) => process.stderr.write(`podflare mcp: ${message}\n`));
+    const server = await startServer(config, { onImageProgress: reporter.onProgress, mounts: [mcp] }).finally(() => reporter.finish());
     process.stdout.write(`podflare listening on ${server.url} (runtime ${config.runtime}, state ${config.stateDir})\n`);
     process.stdout.write(`dashboard: ${server.url}/\n`);
+    process.stdout.write(`mcp: ${server.url}${mcp.path}\n`);
 
     return new Promise<number>((resolve) => {
       let stopping = false;

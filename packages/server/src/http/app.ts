@@ -7,13 +7,14 @@ import type { BrowserAccess } from '@podflare/protocol/browser-access';
 import { ApiError } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { SandboxManager } from '../sandbox-manager.js';
-import { KeyRing } from './auth.js';
+import { bearerKey, KeyRing } from './auth.js';
 import { sendJson } from './body.js';
 import { BrowserGuard } from './browser-guard.js';
 import { addDashboardRoutes } from './dashboard-routes.js';
 import { addFileRoutes } from './file-routes.js';
 import { addForkRoutes } from './fork-routes.js';
 import { addMetricsRoutes } from './metrics-routes.js';
+import type { HttpMount } from './mounts.js';
 import { observeRequest } from './observe.js';
 import { RateLimiter, type RateLimitOptions } from './rate-limit.js';
 import { addFreezeRoutes } from './freeze-routes.js';
@@ -29,6 +30,10 @@ export interface AppOptions {
   rateLimit?: RateLimitOptions;
   /** Host names and origins answered besides loopback names, IP literals and the server's own origin. */
   browserAccess?: BrowserAccess;
+  /** Handlers mounted beside the API (e.g. MCP at /mcp), behind the same guard, keys and rate limit. */
+  mounts?: readonly HttpMount[];
+  /** This server's API as reachable from this process; known once it listens (for mounts). */
+  loopbackUrl?: () => string;
   log: Logger;
 }
 
@@ -59,6 +64,12 @@ export function createApp(opts: AppOptions): RequestListener {
   addMetricsRoutes(router, opts.manager);
   addDashboardRoutes(router, opts.manager);
   addFreezeRoutes(router, opts.manager);
+  for (const mount of opts.mounts ?? []) {
+    for (const method of mount.methods) {
+      router.add(method, mount.path, ({ req, res, owner }) =>
+        mount.handle(req, res, { owner, apiKey: keys.enabled ? bearerKey(req) : undefined, loopbackUrl: opts.loopbackUrl?.() ?? '' }));
+    }
+  }
 
   return (req, res) => {
     const observed = observeRequest(req, res, opts.log, opts.manager.metrics);

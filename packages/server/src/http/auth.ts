@@ -27,11 +27,16 @@ export class KeyRing {
   /** The caller's owner id; throws 401 when keys are configured and the request has none of them. */
   authenticate(req: IncomingMessage): string {
     if (!this.enabled) return '';
-    const header = req.headers.authorization ?? '';
-    const m = /^Bearer\s+(\S{1,512})$/i.exec(header);
-    if (!m) throw new ApiError('unauthorized', 'missing API key: send "Authorization: Bearer <key>" (PODFLARE_API_KEY in the SDKs)');
-    const digest = hashKey(m[1]!);
+    const key = bearerKey(req);
+    if (key === undefined) throw new ApiError('unauthorized', 'missing API key: send "Authorization: Bearer <key>" (PODFLARE_API_KEY in the SDKs)');
+    const digest = hashKey(key);
     if (!this.digests.some((d) => timingSafeEqual(d, digest))) throw new ApiError('unauthorized', 'invalid API key');
     return digest.toString('hex');
   }
+}
+
+/** The key of an `Authorization: Bearer <key>` header, if the request has a well-formed one. */
+export function bearerKey(req: IncomingMessage): string | undefined {
+  const m = /^Bearer\s+(\S{1,512})$/i.exec(req.headers.authorization ?? '');
+  return m ? m[1]! : undefined;
 }
