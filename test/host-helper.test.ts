@@ -27,6 +27,7 @@ import { createLogger } from '../packages/server/src/log.js';
 import { HostHelper } from '../packages/server/src/runtime/namespace/hostd.js';
 import { overlayMountsUnder, processesMentioning, sandboxDirsIn } from './helpers/leaks.js';
 import { startServe } from './helpers/serve.js';
+import { captureServerLogs, type CapturedLogs } from './helpers/logs.js';
 import { startTestServer, type TestServer } from './helpers/server.js';
 
 const WORKERS = 3;
@@ -85,20 +86,13 @@ async function restarts(url: string): Promise<Record<string, number>> {
 
 describe('host helper workers', () => {
   let server: TestServer;
-  const logs: Array<Record<string, unknown>> = [];
-  const realWrite = process.stderr.write.bind(process.stderr);
+  let captured: CapturedLogs | undefined;
+  let logs: Array<Record<string, unknown>> = [];
   const opened: Sandbox[] = [];
 
   before(async () => {
-    // The server logs JSON lines to stderr: keep them (and pass everything else through).
-    process.stderr.write = ((chunk: string | Uint8Array, ...rest: unknown[]) => {
-      const text = typeof chunk === 'string' ? chunk : Buffer.from(chunk).toString();
-      if (text.startsWith('{"ts"')) {
-        for (const line of text.split('\n').filter(Boolean)) logs.push(JSON.parse(line) as Record<string, unknown>);
-        return true;
-      }
-      return (realWrite as (c: unknown, ...r: unknown[]) => boolean)(chunk, ...rest);
-    }) as typeof process.stderr.write;
+    captured = captureServerLogs();
+    logs = captured.lines;
     server = await startTestServer({
       poolSize: 0, logLevel: 'warn', hostHelper: { workers: WORKERS, fastTimeoutMs: 10_000, slowTimeoutMs: SLOW_TIMEOUT_MS },
     });
@@ -106,7 +100,7 @@ describe('host helper workers', () => {
   after(async () => {
     for (const s of opened) await s.close().catch(() => undefined);
     await server?.stop();
-    process.stderr.write = realWrite;
+    captured?.restore();
   });
 
   const make = async () => {

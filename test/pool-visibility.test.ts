@@ -9,6 +9,7 @@ import { promisify } from 'node:util';
 import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { Sandbox } from 'podflare';
+import { captureServerLogs, type CapturedLogs } from './helpers/logs.js';
 import { startTestServer, type TestServer } from './helpers/server.js';
 
 async function metric(server: TestServer, name: string, labels: Record<string, string>): Promise<number> {
@@ -19,21 +20,15 @@ async function metric(server: TestServer, name: string, labels: Record<string, s
 }
 
 describe('pool misses are visible', () => {
-  const logs: Array<Record<string, unknown>> = [];
-  const realWrite = process.stderr.write.bind(process.stderr);
+  let captured: CapturedLogs | undefined;
+  let logs: Array<Record<string, unknown>> = [];
   let off: TestServer;
   let pooled: TestServer;
   const opened: Sandbox[] = [];
 
   before(async () => {
-    process.stderr.write = ((chunk: string | Uint8Array, ...rest: unknown[]) => {
-      const text = typeof chunk === 'string' ? chunk : Buffer.from(chunk).toString();
-      if (text.startsWith('{"ts"')) {
-        for (const line of text.split('\n').filter(Boolean)) logs.push(JSON.parse(line) as Record<string, unknown>);
-        return true;
-      }
-      return (realWrite as (c: unknown, ...r: unknown[]) => boolean)(chunk, ...rest);
-    }) as typeof process.stderr.write;
+    captured = captureServerLogs();
+    logs = captured.lines;
     off = await startTestServer({ poolSize: 0, logLevel: 'info' });
     pooled = await startTestServer({ poolSize: 1, logLevel: 'info' });
     await pooled.manager.waitPoolFull(120_000);
@@ -42,7 +37,7 @@ describe('pool misses are visible', () => {
     for (const s of opened) await s.close().catch(() => undefined);
     await off?.stop();
     await pooled?.stop();
-    process.stderr.write = realWrite;
+    captured?.restore();
   });
 
   it('a server without a pool: the answer, the SDK and the metrics say pool_off', async () => {
