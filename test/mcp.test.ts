@@ -16,7 +16,7 @@ import { StreamableHTTPClientTransport } from '@modelcontextprotocol/sdk/client/
 import { InMemoryTransport } from '@modelcontextprotocol/sdk/inMemory.js';
 import type { CallToolResult } from '@modelcontextprotocol/sdk/types.js';
 import { createPodflareMcpServer } from '@podflare/mcp';
-import { SANDBOX_ID_SOURCE } from '@podflare/protocol/sandbox';
+import { SANDBOX_ID_PATTERN, SANDBOX_ID_SOURCE } from '@podflare/protocol/sandbox';
 import { Sandbox } from 'podflare';
 import { IMAGES_DIR, startTestServer, type TestServer } from './helpers/server.js';
 
@@ -603,7 +603,7 @@ async function statelessRoundTrip(url: URL, key?: string): Promise<string> {
   assert.equal(listed.status, 200, JSON.stringify(listed.body));
   assert.deepEqual(listed.body.result?.tools?.map((t) => t.name).sort(), [...TOOLS].sort());
   const { sandbox_id: id } = JSON.parse(await plainCall(url, 'create_sandbox', {}, key)) as { sandbox_id: string };
-  assert.match(id, /^sbx_[0-9a-f]{32}$/);
+  assert.match(id, SANDBOX_ID_PATTERN);
   assert.match(await plainCall(url, 'run_python', { sandbox_id: id, code: 'x = 41\nprint("set")' }, key), /stdout:\nset\n/);
   assert.match(await plainCall(url, 'run_python', { sandbox_id: id, code: 'print(x + 1)' }, key), /stdout:\n42\n/);
   assert.match(await plainCall(url, 'run_bash', { sandbox_id: id, command: 'echo $((6 * 7))' }, key), /stdout:\n42\n/);
