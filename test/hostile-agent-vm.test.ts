@@ -5,15 +5,12 @@
  * runtime's diff, downloads and an exec stream through the real HTTP routes.
  */
 import assert from 'node:assert/strict';
-import { readFileSync } from 'node:fs';
 import http from 'node:http';
-import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
-import { fileURLToPath } from 'node:url';
-import { NotFoundError, Sandbox } from 'podflare';
+import { Sandbox } from 'podflare';
+import { turnHostile } from './helpers/hostile.js';
 import { startTestServer, type TestServer } from './helpers/server.js';
 
-const HOSTILE = readFileSync(path.join(path.dirname(fileURLToPath(import.meta.url)), 'helpers/hostile_agent.py'), 'utf8');
 const MIB = 1024 * 1024;
 /** docs/untrusted-agent.md: a VM diff holds ≲ 160 MiB; plus 96 MiB for heap pages V8 keeps (as hostile-agent.test.ts). */
 const VM_DIFF_BOUND = 160 * MIB + 96 * MIB;
@@ -43,21 +40,6 @@ describe('a hostile agent in a microVM', () => {
     return s;
   };
 
-  async function turnHostile(sbx: Sandbox, mode: string): Promise<void> {
-    await sbx.upload('/tmp/hostile_agent.py', HOSTILE);
-    const started = await sbx.runCode(`setsid python3 /tmp/hostile_agent.py ${mode} </dev/null >/tmp/hostile.log 2>&1 &`, 'bash');
-    assert.equal(started.exitCode, 0, started.stderr);
-    for (let i = 0; i < 300; i++) {
-      try {
-        await sbx.files.stat('/hostile-ready');
-        return;
-      } catch (err) {
-        if (!(err instanceof NotFoundError)) throw err;
-      }
-      await sleep(200);
-    }
-    throw new Error(`the hostile agent did not take the channel over: ${(await sbx.runCode('cat /tmp/hostile.log', 'bash').catch(() => null))?.stdout}`);
-  }
 
   before(async () => {
     server = await startTestServer({ poolSize: 0 });
@@ -70,7 +52,7 @@ describe('a hostile agent in a microVM', () => {
 
   it('an endless diff listing is refused with a JSON 413, RSS bounded; the bystander answers', async () => {
     const hostile = await make();
-    await turnHostile(hostile, 'manifest');
+    await turnHostile(hostile, 'manifest', { timeoutMs: 60_000 });
     global.gc?.();
     const base = process.memoryUsage().rss;
     let peak = 0;
@@ -88,7 +70,7 @@ describe('a hostile agent in a microVM', () => {
 
   it('endless output to a client that does not read: the channel is held, RSS bounded', async () => {
     const hostile = await make();
-    await turnHostile(hostile, 'flood');
+    await turnHostile(hostile, 'flood', { timeoutMs: 60_000 });
     global.gc?.();
     const base = process.memoryUsage().rss;
     let peak = 0;
@@ -121,12 +103,12 @@ describe('a hostile agent in a microVM', () => {
 
   it('a listing that is not JSON, and impossible download sizes: JSON 502s', async () => {
     const hostile = await make();
-    await turnHostile(hostile, 'badmanifest');
+    await turnHostile(hostile, 'badmanifest', { timeoutMs: 60_000 });
     const diff = await get(`${server.url}/v1/sandboxes/${bystander.id}/diff/${hostile.id}`);
     assert.equal(diff.status, 502, diff.body);
     assert.match((JSON.parse(diff.body) as { error: string }).error, /protocol violation: manifest line 1 is not JSON/);
     const sizes = await make();
-    await turnHostile(sizes, 'sizes');
+    await turnHostile(sizes, 'sizes', { timeoutMs: 60_000 });
     for (const file of ['/neg', '/abc', '/frac', '/huge']) {
       const answer = await get(`${server.url}/v1/sandboxes/${sizes.id}/files?path=${file}`);
       assert.equal(answer.status, 502, `${file}: ${answer.body}`);

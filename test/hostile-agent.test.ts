@@ -8,21 +8,18 @@
  * fails, with a JSON error. Plus the agent's own robustness: a NUL byte in bash code.
  */
 import assert from 'node:assert/strict';
-import { readFileSync } from 'node:fs';
 import http from 'node:http';
-import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
-import { fileURLToPath } from 'node:url';
 import { Client as McpClient } from '@modelcontextprotocol/sdk/client/index.js';
 import { InMemoryTransport } from '@modelcontextprotocol/sdk/inMemory.js';
 import { createPodflareMcpServer } from '@podflare/mcp';
-import { BadRequestError, NotFoundError, Sandbox } from 'podflare';
+import { BadRequestError, Sandbox } from 'podflare';
 // The built module, as the server in this process uses it (its channels are the built class).
 import { vmDiff } from '../packages/server/dist/runtime/vm/vm-diff.js';
 import { processesMentioning } from './helpers/leaks.js';
+import { turnHostile } from './helpers/hostile.js';
 import { startTestServer, type TestServer } from './helpers/server.js';
 
-const HOSTILE = readFileSync(path.join(path.dirname(fileURLToPath(import.meta.url)), 'helpers/hostile_agent.py'), 'utf8');
 const MIB = 1024 * 1024;
 /**
  * The documented bounds (docs/untrusted-agent.md, "Memory one tenant can make the server hold").
@@ -112,22 +109,6 @@ describe('a hostile agent', () => {
   };
 
   /** Starts the hostile agent in `sbx` and waits until it has the channel. */
-  async function turnHostile(sbx: Sandbox, mode: string, waitReady = true): Promise<void> {
-    await sbx.upload('/tmp/hostile_agent.py', HOSTILE);
-    const started = await sbx.runCode(`setsid python3 /tmp/hostile_agent.py ${mode} </dev/null >/tmp/hostile.log 2>&1 &`, 'bash');
-    assert.equal(started.exitCode, 0, started.stderr);
-    if (!waitReady) return;
-    for (let i = 0; i < 200; i++) {
-      try {
-        await sbx.files.stat('/hostile-ready');
-        return;
-      } catch (err) {
-        if (!(err instanceof NotFoundError)) throw err;
-      }
-      await sleep(100);
-    }
-    throw new Error('the hostile agent did not take the channel over');
-  }
 
   /** The bystander answers while the hostile sandbox misbehaves. */
   async function bystanderAnswers(): Promise<void> {
@@ -292,7 +273,7 @@ describe('a hostile agent', () => {
 
   it('a sandbox whose agent channel broke is reported as such, not ready', async () => {
     const hostile = await make();
-    await turnHostile(hostile, 'close', false);
+    await turnHostile(hostile, 'close', { waitReady: false });
     let info = await hostile.info();
     for (let i = 0; i < 150 && info.state === 'ready'; i++) {
       await sleep(100);
