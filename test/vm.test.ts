@@ -143,7 +143,10 @@ describe('vm runtime', { timeout: 600_000 }, () => {
         'before = written(); time.sleep(2); print(written() - before)',
       ].join('\n'));
       assert.equal(r.exitCode, 0, r.stderr);
-      assert.equal(r.stdout.trim(), '0', 'sectors written to the root by an idle VM');
+      // Lazy init wrote ~100,000 sectors in those 2 s. An idle guest may still flush one journal
+      // commit now and then (8 sectors, seen on f3ed23c too); anything near lazy init fails.
+      const sectors = Number(r.stdout.trim());
+      assert.ok(Number.isInteger(sectors) && sectors <= 64, `${r.stdout.trim()} sectors written to the root by an idle VM`);
     } finally {
       await clone.close();
     }
