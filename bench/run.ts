@@ -10,6 +10,7 @@
  *
  * Measures (names for --only):
  *   memory    idle pooled sandbox memory (PSS of every process of a sandbox, from /proc)
+ *   templates each template's image size and its idle pooled PSS (default, python-datasci)
  *   create    Sandbox.create() served from the warm pool (pool full before each timed create)
  *   destroy   sandbox.close() (the DELETE returning), measured in the same loop as create
  *   exec      hot runCode("print(6*7)") round trip on one sandbox, and the Jupyter peer
@@ -52,8 +53,9 @@ import { measureCrashCycles, measureLoad, RESILIENCE_MEASURES } from './resilien
 
 import { measureVmPooled, measureVmUnpooled } from './vm.js';
 import { measurePaired } from './paired.js';
+import { measureTemplates, TEMPLATE_MEASURES } from './templates.js';
 
-const MEASURES = ['memory', 'create', 'destroy', 'exec', 'python', 'jupyter', 'cycle', 'nonet', 'ondemand', ...FORK_MEASURES, ...RESILIENCE_MEASURES, 'vm', 'paired'] as const;
+const MEASURES = ['memory', 'create', 'destroy', 'exec', 'python', 'jupyter', 'cycle', 'nonet', 'ondemand', ...FORK_MEASURES, ...RESILIENCE_MEASURES, ...TEMPLATE_MEASURES, 'vm', 'paired'] as const;
 type MeasureName = (typeof MEASURES)[number];
 
 const IMAGES_DIR = process.env.PODFLARE_IMAGES_DIR ?? '/var/lib/podflare/images';
@@ -527,6 +529,7 @@ async function main(): Promise<void> {
   }
 
   // Each against its own `podflare serve` child process.
+  if (has('templates')) await guarded('templates', () => measureTemplates({ imagesDir: IMAGES_DIR, quick: opts.quick }));
   if (has('load')) await guarded('load', () => measureLoad(opts));
   if (has('crash')) await guarded('crash', () => measureCrashCycles(opts));
   if (has('vm')) {

@@ -127,6 +127,13 @@ for var in PODFLARE_IMAGES_DIR PODFLARE_AGENT_DIR; do
 done
 "${SUDO[@]}" env "${image_env[@]}" "$(command -v node)" packages/cli/dist/main.js image build --quiet --state-dir "$STATE_DIR"
 
+# (d2) tests only: the python-datasci template (a layer over the image: scipy, scikit-learn…; a few
+# minutes the first time, instant after). `npm start` does not build it: a server builds it on the
+# first sandbox that asks for it.
+if [ "$FOR_TESTS" = 1 ]; then
+  "${SUDO[@]}" env "${image_env[@]}" "$(command -v node)" packages/cli/dist/main.js template build python-datasci --quiet --state-dir "$STATE_DIR"
+fi
+
 # (e) the microVM guest (kernel from Debian's cloud kernel package, initramfs, ext4 root; seconds).
 # Optional for the namespace runtime: a failure here is reported, not fatal.
 if ! "${SUDO[@]}" env "${image_env[@]}" "$(command -v node)" packages/cli/dist/main.js image build --runtime vm --quiet --state-dir "$STATE_DIR"; then

@@ -12,8 +12,9 @@ import { lsCommand } from './commands/ls.js';
 import { rmCommand } from './commands/rm.js';
 import { runCommand } from './commands/run.js';
 import { serveCommand } from './commands/serve.js';
+import { templateCommand } from './commands/template.js';
 
-const COMMANDS: Command[] = [serveCommand, demoCommand, runCommand, lsCommand, rmCommand, imageCommand, doctorCommand];
+const COMMANDS: Command[] = [serveCommand, demoCommand, runCommand, lsCommand, rmCommand, imageCommand, templateCommand, doctorCommand];
 
 function version(): string {
   try {

@@ -24,6 +24,14 @@ export interface ServerConfig {
   apiKeys: string[];
   /** Ready sandboxes kept per template. @default PODFLARE_POOL_SIZE or sized to the machine */
   poolSize: number;
+  /**
+   * Warm sandboxes per template, overriding poolSize (default) and the on-demand size of the others
+   * (a quarter of poolSize); a template named here is kept warm from start-up and never shrinks.
+   * @default PODFLARE_TEMPLATE_POOL_SIZES, e.g. `python-datasci=2,scraper=1`
+   */
+  templatePoolSizes: Record<string, number>;
+  /** A template's pool nobody took from for this long (and not in templatePoolSizes) shrinks to none. @default PODFLARE_POOL_IDLE_SECONDS or 600 */
+  poolIdleSeconds: number;
   runtime: RuntimeName;
   logLevel: LogLevel;
   /** The repo's agent/ folder, copied into the image's agent layer. */
@@ -140,6 +148,8 @@ export function loadConfig(overrides: Partial<ServerConfig> = {}, env: NodeJS.Pr
     imagesDir: env.PODFLARE_IMAGES_DIR ?? path.join(overrides.stateDir ?? stateDir, 'images'),
     apiKeys: (env.PODFLARE_API_KEYS ?? '').split(',').map((k) => k.trim()).filter(Boolean),
     poolSize: int(env.PODFLARE_POOL_SIZE, 'PODFLARE_POOL_SIZE') ?? defaultPoolSize(),
+    templatePoolSizes: templateSizes(env.PODFLARE_TEMPLATE_POOL_SIZES),
+    poolIdleSeconds: int(env.PODFLARE_POOL_IDLE_SECONDS, 'PODFLARE_POOL_IDLE_SECONDS') ?? 600,
     runtime,
     logLevel: (env.PODFLARE_LOG_LEVEL as LogLevel | undefined) ?? 'info',
     agentDir: env.PODFLARE_AGENT_DIR ?? defaultAgentDir(),
@@ -196,6 +206,17 @@ export function loadConfig(overrides: Partial<ServerConfig> = {}, env: NodeJS.Pr
   merged.allowedHosts = checked(merged.allowedHosts, parseAllowedHost, 'allowed host (PODFLARE_ALLOWED_HOSTS, --allowed-host)');
   merged.allowedOrigins = checked(merged.allowedOrigins, parseAllowedOrigin, 'allowed origin (PODFLARE_ALLOWED_ORIGINS, --allowed-origin)');
   return merged;
+}
+
+/** `name=n,name=n` (PODFLARE_TEMPLATE_POOL_SIZES). */
+function templateSizes(value: string | undefined): Record<string, number> {
+  const sizes: Record<string, number> = {};
+  for (const entry of list(value)) {
+    const m = /^([a-z][a-z0-9-]{0,39})=(\d+)$/.exec(entry);
+    if (!m) throw new Error(`PODFLARE_TEMPLATE_POOL_SIZES: expected template=count, got "${entry}"`);
+    sizes[m[1]!] = Number(m[2]);
+  }
+  return sizes;
 }
 
 function list(value: string | undefined): string[] {

@@ -32,6 +32,10 @@ interface Bucket {
   misses: number;
   missReasons: Record<PoolMissReason, number>;
   failures: number;
+  /** Kept warm by warm() (start-up, configuration): never shrinks when idle. */
+  pinned: boolean;
+  /** Last take(), for shrinking idle buckets. */
+  lastTakenAt: number;
 }
 
 const keyOf = (k: PoolKey) => `${k.runtime}|${k.template}|${k.egress ? 'net' : 'nonet'}`;
@@ -48,12 +52,14 @@ export class WarmPool {
   warm(key: PoolKey, target = this.opts.target): void {
     const b = this.bucket(key);
     b.target = Math.max(b.target, target);
+    b.pinned = true;
     this.refill(b);
   }
 
   /** Pops a ready sandbox, or says why there was none. Either way the bucket is refilled behind. */
   take(key: PoolKey, missTarget = Math.max(1, Math.floor(this.opts.target / 4))): PoolTake {
     const b = this.bucket(key);
+    b.lastTakenAt = Date.now();
     const sandbox = b.ready.shift();
     if (sandbox) {
       b.hits++;
@@ -71,6 +77,21 @@ export class WarmPool {
     if (b.target === 0 && this.opts.target > 0) b.target = missTarget;
     this.refill(b);
     return { miss };
+  }
+
+  /**
+   * Buckets warmed on demand (not pinned by warm()) that nobody took from for `idleMs` give their
+   * sandboxes back: a template asked for once does not hold memory for ever.
+   */
+  shrinkIdle(idleMs: number, now = Date.now()): void {
+    for (const b of this.buckets.values()) {
+      // (Also catches a refill that finished after the bucket shrank.)
+      if (b.pinned || now - b.lastTakenAt < idleMs || (b.target === 0 && b.ready.length === 0)) continue;
+      b.target = 0;
+      const idle = b.ready.splice(0);
+      if (idle.length) this.opts.log.info('idle pool shrunk', { runtime: b.key.runtime, template: b.key.template, egress: b.key.egress, destroyed: idle.length });
+      for (const s of idle) void s.destroy();
+    }
   }
 
   /** Misses so far by reason, per bucket (for /v1/metrics). */
@@ -107,7 +128,8 @@ export class WarmPool {
     const k = keyOf(key);
     let b = this.buckets.get(k);
     if (!b) {
-      b = { key, ready: [], starting: 0, target: 0, hits: 0, misses: 0, missReasons: { pool_off: 0, cold_key: 0, refilling: 0, starts_failing: 0, empty: 0 }, failures: 0 };
+      b = { key, ready: [], starting: 0, target: 0, hits: 0, misses: 0, missReasons: { pool_off: 0, cold_key: 0, refilling: 0, starts_failing: 0, empty: 0 }, failures: 0,
+        pinned: false, lastTakenAt: Date.now() };
       this.buckets.set(k, b);
     }
     return b;

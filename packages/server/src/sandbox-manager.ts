@@ -22,6 +22,7 @@ import { SandboxEventLog } from './sandbox-events.js';
 import { SerialQueue } from './serial-queue.js';
 import type { ExecEventSink } from './agent-channel.js';
 import type { SandboxRecord, SandboxStore } from './store/store.js';
+import { checkTemplate, templatePoolTarget, warmConfiguredTemplates, type TemplateLookup } from './template-policy.js';
 
 export const DEFAULT_TEMPLATE = 'default';
 
@@ -99,6 +100,8 @@ export class SandboxManager {
     private readonly log: Logger,
     /** Where the runtime records sandbox events (egress decisions); read by GET …/events. */
     private readonly eventLog = new SandboxEventLog(),
+    /** The templates besides `default` (image/templates.ts); without it, only `default` exists. */
+    private readonly templates?: TemplateLookup,
   ) {
     for (const r of runtimes) this.runtimes.set(r.name, r);
     this.defaultRuntime = runtimes[0]!;
@@ -170,7 +173,8 @@ export class SandboxManager {
     for (const rt of byId.values()) await rt.destroy();
     if (lost || adopted.length) this.log.info('reconciled with the previous server', { adopted: adopted.length - byId.size, lost });
     const key: PoolKey = { runtime: this.defaultRuntime.name, template: DEFAULT_TEMPLATE, egress: true };
-    this.pool.warm(key, this.poolTarget(key.runtime));
+    this.pool.warm(key, this.config.templatePoolSizes[DEFAULT_TEMPLATE] ?? this.poolTarget(key.runtime));
+    warmConfiguredTemplates(this.config, this.templates, this.runtimes.get('ns'), (k, n) => this.pool.warm(k, n), this.log);
   }
 
   get poolStats() {
@@ -188,8 +192,8 @@ export class SandboxManager {
   async create(opts: CreateOptions): Promise<Created> {
     if (this.closing) throw new ApiError('unavailable', 'the server is shutting down');
     const template = opts.template ?? DEFAULT_TEMPLATE;
-    if (template !== DEFAULT_TEMPLATE) throw new ApiError('bad_request', `unknown template "${template}" (available: ${DEFAULT_TEMPLATE})`, 'template');
     const runtime = this.pickRuntime(opts.runtime);
+    await checkTemplate(template, runtime.name, this.templates);
     const release = this.reserve(opts.owner, 1);
     try {
       return await this.createReserved(opts, runtime, template, release);
@@ -213,7 +217,7 @@ export class SandboxManager {
       rt = await this.startOnDemand(runtime.name, template, egress);
     } else {
       const key: PoolKey = { runtime: runtime.name, template, egress };
-      const taken = this.pool.take(key, Math.min(this.poolTarget(runtime.name), Math.max(1, Math.floor(this.config.poolSize / 4))));
+      const taken = this.pool.take(key, templatePoolTarget(this.config, template, this.poolTarget(runtime.name)));
       if (taken.sandbox) rt = taken.sandbox;
       else {
         poolMiss = taken.miss;
@@ -703,6 +707,7 @@ export class SandboxManager {
   /** Idle timeouts (not while an exec runs or waits) and maximum lifetimes. */
   private async sweep(): Promise<void> {
     const now = Date.now();
+    this.pool.shrinkIdle(this.config.poolIdleSeconds * 1000, now);
     for (const s of [...this.live.values()]) {
       const r = s.record;
       if (now - r.createdAt > r.maxLifetimeSeconds * 1000) {

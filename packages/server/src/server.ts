@@ -11,7 +11,7 @@ import { isLoopback, type ServerConfig } from './config.js';
 import { EgressService } from './egress/index.js';
 import { createApp } from './http/app.js';
 import type { HttpMount } from './http/mounts.js';
-import { ensureImage, type ImageProgress } from './image/index.js';
+import { ensureImage, TemplateCatalog, type ImageProgress } from './image/index.js';
 import { createLogger, type Logger } from './log.js';
 import { NamespaceRuntime } from './runtime/namespace/namespace-runtime.js';
 import { SandboxEventLog } from './sandbox-events.js';
@@ -64,6 +64,7 @@ async function startLocked(config: ServerConfig, opts: StartOptions, log: Logger
   const ns = new NamespaceRuntime({
     stateDir: config.stateDir,
     lowerDirs: [image.agent, image.base],
+    layersFor: (template: string): Promise<string[]> => templates.layers(template),
     startTimeoutMs: config.startTimeoutMs,
     interruptGraceMs: config.interruptGraceMs,
     uidBase: config.sandboxUidBase,
@@ -78,7 +79,13 @@ async function startLocked(config: ServerConfig, opts: StartOptions, log: Logger
   if (vm && (config.runtime === 'vm' || (config.runtime === 'auto' && vm.runtime.accel.kind === 'kvm'))) runtimes.reverse();
   const runtime = runtimes[0]!;
   if (runtime.name === 'vm') await vm!.image(); // the default runtime's image is built before listening
-  const manager = new SandboxManager(runtimes, store, config, log, events);
+  // Templates other than `default` are built on first use (or by `podflare template build`).
+  const templates: TemplateCatalog = new TemplateCatalog({
+    imagesDir: config.imagesDir, base: { rootfs: image.base, hash: image.baseHash }, runtimes: runtimes.map((r) => r.name),
+    log: (m: string) => log.info(m),
+    onProgress: (p) => log.info('template build', { message: p.message, step: p.step, seconds: Math.round(p.elapsedMs / 1000) }),
+  });
+  const manager = new SandboxManager(runtimes, store, config, log, events, templates);
   manager.metrics.gauge('podflare_host_helper_restarts_total',
     'Host helper workers replaced: died on their own (exit), missed a call\'s timeout (timeout), or killed for a fault (fault).',
     () => ns.hostHelperRestarts().map(({ reason, count }) => ({ labels: { reason }, value: count })), 'counter');
@@ -87,7 +94,7 @@ async function startLocked(config: ServerConfig, opts: StartOptions, log: Logger
   let loopbackUrl = '';
   const server = http.createServer({ noDelay: true, keepAliveTimeout: 65_000, maxHeaderSize: 16 * 1024 }, createApp({
     mounts: opts.mounts, loopbackUrl: () => loopbackUrl,
-    manager, apiKeys: config.apiKeys, runtimeName: runtime.name, maxSandboxes: config.maxSandboxes, log,
+    manager, templates, apiKeys: config.apiKeys, runtimeName: runtime.name, maxSandboxes: config.maxSandboxes, log,
     rateLimit: { perSecond: config.rateLimitPerSecond, burst: config.rateLimitBurst },
     browserAccess: { allowedHosts: config.allowedHosts, allowedOrigins: config.allowedOrigins },
   }));

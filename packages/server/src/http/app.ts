@@ -20,9 +20,13 @@ import { RateLimiter, type RateLimitOptions } from './rate-limit.js';
 import { addFreezeRoutes } from './freeze-routes.js';
 import { Router } from './router.js';
 import { addSandboxRoutes } from './sandbox-routes.js';
+import { addTemplateRoutes } from './template-routes.js';
+import type { TemplateCatalog } from '../image/templates.js';
 
 export interface AppOptions {
   manager: SandboxManager;
+  /** GET /v1/templates (absent: only `default` is listed). */
+  templates?: TemplateCatalog;
   apiKeys: string[];
   runtimeName: string;
   maxSandboxes: number;
@@ -64,6 +68,7 @@ export function createApp(opts: AppOptions): RequestListener {
   addMetricsRoutes(router, opts.manager);
   addDashboardRoutes(router, opts.manager);
   addFreezeRoutes(router, opts.manager);
+  addTemplateRoutes(router, opts.templates, opts.manager);
   for (const mount of opts.mounts ?? []) {
     for (const method of mount.methods) {
       router.add(method, mount.path, ({ req, res, owner }) =>

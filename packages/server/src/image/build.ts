@@ -39,7 +39,7 @@ export interface BuildHooks {
 }
 
 /** `<prefix>-<hash>-<pid>-<random>`, hidden: a crashed build's leftovers are recognisable by pid. */
-export function tempName(imagesDir: string, kind: 'base' | 'agent', hash: string): string {
+export function tempName(imagesDir: string, kind: 'base' | 'agent' | 'tpl', hash: string): string {
   return path.join(imagesDir, `.tmp-${kind}-${hash}-${process.pid}-${randomBytes(3).toString('hex')}`);
 }
 

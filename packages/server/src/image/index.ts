@@ -30,6 +30,11 @@ export { ImageBuildError } from './build.js';
 export { createProgressReporter } from './progress.js';
 export { ensureVmImage, AGENT_PORT_NAME, type VmImagePaths, type EnsureVmImageOptions } from './vm-image.js';
 export type { ImageProgress, ImageStage, ProgressReporter, ProgressReporterOptions } from './progress.js';
+export {
+  TemplateCatalog, buildTemplate, registerTemplate, readRegistry, UnknownTemplateError, BrokenTemplateError,
+  type TemplateRecord, type TemplateSummary, type BuildTemplateOptions,
+} from './templates.js';
+export { BUILTIN_TEMPLATES, DEFAULT_TEMPLATE_NAME, RecipeError, loadRecipeFile, parseRecipe, type TemplateRecipe } from './template-recipe.js';
 export { baseRecipe, recipeHash, IMAGE_BUILDER_VERSION, BASE_PACKAGES, type BaseRecipe } from './recipe.js';
 
 export interface ImagePaths {
@@ -39,6 +44,8 @@ export interface ImagePaths {
   base: string;
   /** The agent layer, holding opt/podflare/ (overlay lower, above base). */
   agent: string;
+  /** The base's recipe hash (templates are built over it). */
+  baseHash: string;
 }
 
 export interface EnsureImageOptions {
@@ -115,7 +122,7 @@ export async function ensureImage(opts: EnsureImageOptions): Promise<ImagePaths>
     // --force moved the previous build to .trash-*: delete it now unless a sandbox still runs on it.
     if (opts.force) await cleanLeftovers(imagesDir, log);
     if (builtBase || opts.force || !before) await noteOldImages(imagesDir, baseHash, agent.hash, log);
-    const paths: ImagePaths = { id: `${baseHash}-${agent.hash}`, base: rootfs, agent: agent.dir };
+    const paths: ImagePaths = { id: `${baseHash}-${agent.hash}`, base: rootfs, agent: agent.dir, baseHash };
     report('done', `image ${paths.id} ready`);
     return paths;
   } finally {
@@ -129,7 +136,7 @@ async function existing(imagesDir: string, agentSrc: string, baseHash: string, r
   if (!files.length) return undefined; // let the builder say what is wrong
   const hash = await agentHash(files, await basePythonTag(rootfs));
   const dir = agentLayerDir(imagesDir, hash);
-  return (await isDir(dir)) ? { id: `${baseHash}-${hash}`, base: rootfs, agent: dir } : undefined;
+  return (await isDir(dir)) ? { id: `${baseHash}-${hash}`, base: rootfs, agent: dir, baseHash } : undefined;
 }
 
 async function agentLayerExists(imagesDir: string, agentSrc: string, rootfs: string): Promise<boolean> {
@@ -139,7 +146,7 @@ async function agentLayerExists(imagesDir: string, agentSrc: string, rootfs: str
 
 /** `.tmp-<kind>-<hash>-<pid>-<rand>` → pid */
 function tmpOwner(name: string): number | undefined {
-  const m = /^\.tmp-(?:base|agent|vmkernel|vmroot)-[0-9a-f]+-(\d+)-[0-9a-f]+$/.exec(name);
+  const m = /^\.tmp-(?:base|agent|tpl|vmkernel|vmroot)-[0-9a-f]+-(\d+)-[0-9a-f]+$/.exec(name);
   return m ? Number(m[1]) : undefined;
 }
 

@@ -16,6 +16,8 @@ export type ImageStage =
   | 'agent'
   /** The microVM guest (kernel, initramfs, ext4 root) from Debian packages (seconds). */
   | 'vm'
+  /** A template's layer over the base: apt-get, pip, files, setup script (seconds to minutes). */
+  | 'template'
   /** The image is ready. */
   | 'done';
 
@@ -55,6 +57,7 @@ const STAGE_LABEL: Record<ImageStage, string> = {
   base: 'building base',
   agent: 'agent layer',
   vm: 'vm image',
+  template: 'building template',
   done: 'ready',
 };
 

@@ -34,6 +34,13 @@ export const BASE_PACKAGES: readonly string[] = [
   'coreutils',
   'procps',
   'ca-certificates',
+  // The usual agent toolbox: hosted users are told pip, git and curl work by default.
+  'curl',
+  'wget',
+  'git',
+  'python3-pip',
+  'python3-requests',
+  'python3-httpx',
   // python3-fonttools (a matplotlib dependency) depends on "python3-scipy | python3-munkres"; apt
   // takes the first, and scipy drags in pythran, g++ and the Python headers (~500 MB). Naming the
   // small alternative makes apt use it.
@@ -78,6 +85,9 @@ export const CUSTOMIZE_HOOKS: readonly string[] = [
     'numpy/tests numpy/*/tests numpy/*/*/tests',
   `chroot "$1" env -i HOME=/root PATH=/usr/sbin:/usr/bin:/sbin:/bin MPLBACKEND=Agg python3 -c ` +
     `'import numpy, pandas, matplotlib.pyplot as plt; plt.figure(); print("python ok", pandas.__version__)'`,
+  // The toolbox answers (a package that installed but cannot run fails the build, not a sandbox).
+  `chroot "$1" env -i HOME=/root PATH=/usr/sbin:/usr/bin:/sbin:/bin sh -c ` +
+    `'curl --version >/dev/null && wget --version >/dev/null && git --version && python3 -m pip --version && python3 -c "import requests, httpx"'`,
   // Leftovers of the build that no sandbox needs.
   'rm -rf "$1"/var/cache/debconf/*-old "$1"/var/lib/dpkg/*-old "$1"/var/log/apt "$1"/var/log/*.log',
 ];

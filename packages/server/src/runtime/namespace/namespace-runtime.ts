@@ -56,6 +56,11 @@ export interface NamespaceRuntimeOptions {
   stateDir: string;
   /** Lower layers, topmost first: the agent layer, then the Debian base. */
   lowerDirs: string[];
+  /**
+   * A template's lower layers, topmost first (image/templates.ts); without it every sandbox gets
+   * `lowerDirs`. Called on each start: a template built after the server started is found.
+   */
+  layersFor?: (template: string) => Promise<string[]>;
   startTimeoutMs: number;
   interruptGraceMs: number;
   /** First host uid/gid of the range sandboxes run as (root inside = this uid; 65536 ids). */
@@ -100,6 +105,8 @@ export class NamespaceRuntime implements Runtime {
   private readonly hostd: HostHelper;
   private readonly hooks: SandboxHooks;
   private prepared: Promise<void> | null = null;
+  /** Image layers the host helper has idmapped views of (templates add theirs on first use). */
+  private readonly idmapped = new Set<string>();
   /** Where limits are enforced; null on hosts without a usable cgroup hierarchy (warned once). */
   private cgroups: Cgroups | null = null;
   /** The btrfs volume holding the sandboxes' directories (disk limits); null where unavailable. */
@@ -160,6 +167,7 @@ export class NamespaceRuntime implements Runtime {
         if ((mode & 0o001) === 0) await chmod(dir, mode | 0o001);
       }
       await this.hostd.idmap(this.opts.uidBase, ID_COUNT, this.opts.lowerDirs);
+      for (const d of this.opts.lowerDirs) this.idmapped.add(d);
       this.cgroups = await this.detectCgroups();
       await run('/usr/bin/python3', ['-I', SECCOMP_POLICY, this.seccompFile]);
     })();
@@ -281,7 +289,7 @@ export class NamespaceRuntime implements Runtime {
   private async startRoot(spec: SandboxSpec): Promise<RuntimeSandbox> {
     await this.prepare();
     const dirs = sandboxDirs(this.opts.stateDir, spec.id);
-    const lowers = this.opts.lowerDirs;
+    const lowers = await this.templateLowers(spec.template);
     await this.makeSandboxDir(dirs, spec);
     await this.mountOverlay(dirs, lowers);
     if (this.inFlight.closed) {
@@ -325,6 +333,19 @@ export class NamespaceRuntime implements Runtime {
       await sandbox.destroy();
       throw err;
     }
+  }
+
+  /** The agent layer over the template's layers, each idmapped for the sandboxes once. */
+  private async templateLowers(template: string): Promise<string[]> {
+    if (!this.opts.layersFor) return this.opts.lowerDirs;
+    const lowers = [this.opts.lowerDirs[0]!, ...(await this.opts.layersFor(template))];
+    const fresh = lowers.filter((d) => !this.idmapped.has(d));
+    if (fresh.length) {
+      for (const d of fresh) assertMountablePath(d);
+      await this.hostd.idmap(this.opts.uidBase, ID_COUNT, fresh);
+      for (const d of fresh) this.idmapped.add(d);
+    }
+    return lowers;
   }
 
   private async forkChildren(parent: NsSandbox, specs: SandboxSpec[]): Promise<RuntimeSandbox[]> {

@@ -1,0 +1,240 @@
+/**
+ * The templates a server offers, and where each one's layers are:
+ *   - `default`: the base image (no layer of its own);
+ *   - built-ins (`python-datasci`): a recipe in code, its layer built over the current base on
+ *     first use (or ahead of time by `podflare template build python-datasci`);
+ *   - user templates: registered in <imagesDir>/templates/<name>.json once their layer is built
+ *     (`podflare template build recipe.json`), read on each lookup, so a server picks up a
+ *     template built while it runs.
+ *
+ * A registered template names its lower layers (topmost first, the base last) rather than a
+ * recipe: a template keeps working on the base it was built over when `default` moves on, and a
+ * template whose root is any read-only directory (e.g. one saved from a live sandbox) registers
+ * the same way (`registerTemplate` with `source: 'directory'`).
+ */
+import { mkdir, readFile, readdir, rename, writeFile } from 'node:fs/promises';
+import path from 'node:path';
+import { randomBytes } from 'node:crypto';
+import { acquireLock } from './lock.js';
+import type { ImageProgress } from './progress.js';
+import { buildTemplateLayer, templateLayerDir } from './template-build.js';
+import { BUILTIN_TEMPLATES, DEFAULT_TEMPLATE_NAME, TEMPLATE_NAME_PATTERN, templateHash, type TemplateRecipe } from './template-recipe.js';
+import { isDir, treeSize } from './tree.js';
+
+/** What a registry file holds. */
+export interface TemplateRecord {
+  name: string;
+  /** How its root was made. */
+  source: 'recipe' | 'directory';
+  description?: string;
+  /** Read-only lower layers, topmost first; the last is a Debian base. The agent layer goes on top. */
+  layers: string[];
+  /** Bytes the template adds to its base (its own layers). */
+  sizeBytes?: number;
+  builtAt: string;
+  hash?: string;
+  recipe?: TemplateRecipe;
+}
+
+/** One line of `GET /v1/templates` and `podflare template ls`. */
+export interface TemplateSummary {
+  name: string;
+  kind: 'base' | 'builtin' | 'recipe' | 'directory';
+  description?: string;
+  /** Whether a sandbox can start from it now (a built-in is built on first use otherwise). */
+  built: boolean;
+  /** Disk bytes of its own layers (for `default`: the base), when known. */
+  size_bytes: number | null;
+  /** Runtimes that can start it. */
+  runtimes: Array<'ns' | 'vm'>;
+  built_at: string | null;
+}
+
+/** No template of that name: the message names the ones there are. */
+export class UnknownTemplateError extends Error {
+  override readonly name = 'UnknownTemplateError';
+  constructor(readonly template: string, readonly available: string[]) {
+    super(`unknown template "${template}" (available: ${available.join(', ')})`);
+  }
+}
+
+/** A registered template whose layers are gone (pruned, or its base removed). */
+export class BrokenTemplateError extends Error {
+  override readonly name = 'BrokenTemplateError';
+}
+
+const REGISTRY_DIR = 'templates';
+const LOCK_NAME = '.build.lock';
+
+export function registryDir(imagesDir: string): string {
+  return path.join(imagesDir, REGISTRY_DIR);
+}
+
+/** Adds (or replaces) a template in the registry, atomically. */
+export async function registerTemplate(imagesDir: string, record: TemplateRecord): Promise<void> {
+  if (!TEMPLATE_NAME_PATTERN.test(record.name) || record.name === DEFAULT_TEMPLATE_NAME || record.name in BUILTIN_TEMPLATES) {
+    throw new Error(`cannot register a template named "${record.name}"`);
+  }
+  const dir = registryDir(imagesDir);
+  await mkdir(dir, { recursive: true });
+  const tmp = path.join(dir, `.${record.name}.${randomBytes(4).toString('hex')}.tmp`);
+  await writeFile(tmp, JSON.stringify(record, null, 2) + '\n');
+  await rename(tmp, path.join(dir, `${record.name}.json`));
+}
+
+/** Every registered template (files that do not parse are skipped). */
+export async function readRegistry(imagesDir: string): Promise<TemplateRecord[]> {
+  let names: string[];
+  try {
+    names = (await readdir(registryDir(imagesDir))).filter((n) => n.endsWith('.json'));
+  } catch {
+    return [];
+  }
+  const out: TemplateRecord[] = [];
+  for (const n of names.sort()) {
+    try {
+      const r = JSON.parse(await readFile(path.join(registryDir(imagesDir), n), 'utf8')) as TemplateRecord;
+      if (r.name === n.slice(0, -'.json'.length) && TEMPLATE_NAME_PATTERN.test(r.name) && Array.isArray(r.layers)) out.push(r);
+    } catch {
+      /* half-written or foreign: not a template */
+    }
+  }
+  return out;
+}
+
+export interface BuildTemplateOptions {
+  imagesDir: string;
+  /** The default image's base (what layers are built over). */
+  base: { rootfs: string; hash: string };
+  onProgress?: (p: ImageProgress) => void;
+  log?: (msg: string) => void;
+  signal?: AbortSignal;
+}
+
+/**
+ * Builds `recipe`'s layer over the base (instant when built already) and, for a user recipe,
+ * registers it. Returns the template's lower layers (topmost first, base last).
+ */
+export async function buildTemplate(recipe: TemplateRecipe, opts: BuildTemplateOptions): Promise<TemplateRecord> {
+  const started = Date.now();
+  const report = (message: string, step?: string, detail?: string) =>
+    opts.onProgress?.({ stage: 'template', message, step, detail, elapsedMs: Date.now() - started });
+  const hash = await templateHash(recipe, opts.base.hash);
+  const layer = path.join(templateLayerDir(opts.imagesDir, hash), 'layer');
+  if (!(await isDir(layer))) {
+    // One build of the images directory at a time (the base's builder takes the same lock).
+    const lock = await acquireLock(path.join(opts.imagesDir, LOCK_NAME), {
+      signal: opts.signal,
+      onWait: (holder) => report(holder ? `another process (pid ${holder.pid}) is building an image; waiting` : 'another process is building an image; waiting'),
+    });
+    try {
+      report(`building template ${recipe.name}`);
+      await buildTemplateLayer(opts.imagesDir, opts.base, recipe, hash, {
+        signal: opts.signal, log: opts.log, onStep: (step, detail) => report(`building template ${recipe.name}`, step, detail),
+      });
+    } finally {
+      await lock.release();
+    }
+  }
+  const record: TemplateRecord = {
+    name: recipe.name, source: 'recipe', description: recipe.description, layers: [layer, opts.base.rootfs],
+    sizeBytes: await treeSize(layer), builtAt: new Date().toISOString(), hash, recipe,
+  };
+  if (!(recipe.name in BUILTIN_TEMPLATES)) await registerTemplate(opts.imagesDir, record);
+  report(`template ${recipe.name} ready`);
+  return record;
+}
+
+export interface TemplateCatalogOptions {
+  imagesDir: string;
+  base: { rootfs: string; hash: string };
+  /** Runtimes this server offers (`vm` serves `default` only). */
+  runtimes: Array<'ns' | 'vm'>;
+  log: (msg: string) => void;
+  onProgress?: (p: ImageProgress) => void;
+}
+
+/** A server's view of its templates: lookups for starting sandboxes, the list for the API. */
+export class TemplateCatalog {
+  /** Built-ins being built on first use: creates asking meanwhile share the build. */
+  private readonly building = new Map<string, Promise<TemplateRecord>>();
+  private readonly sizes = new Map<string, number | null>();
+
+  constructor(private readonly opts: TemplateCatalogOptions) {}
+
+  /** Names a create may ask for. */
+  async names(): Promise<string[]> {
+    return [DEFAULT_TEMPLATE_NAME, ...Object.keys(BUILTIN_TEMPLATES), ...(await readRegistry(this.opts.imagesDir)).map((r) => r.name)];
+  }
+
+  /** Throws UnknownTemplateError unless `name` is a template of this server. */
+  async check(name: string): Promise<void> {
+    const names = await this.names();
+    if (!names.includes(name)) throw new UnknownTemplateError(name, names);
+  }
+
+  /**
+   * The lower layers of a template below the agent layer, topmost first (base last), building a
+   * built-in one first if needed. `default` has none of its own: just the base.
+   */
+  async layers(name: string): Promise<string[]> {
+    if (name === DEFAULT_TEMPLATE_NAME) return [this.opts.base.rootfs];
+    const builtin = BUILTIN_TEMPLATES[name];
+    if (builtin) {
+      let p = this.building.get(name);
+      if (!p) {
+        p = buildTemplate(builtin, { imagesDir: this.opts.imagesDir, base: this.opts.base, log: this.opts.log, onProgress: this.opts.onProgress });
+        this.building.set(name, p);
+        // Kept once built (the lookup is then instant); a failed build is retried next time.
+        p.catch(() => this.building.delete(name));
+      }
+      return (await p).layers;
+    }
+    const record = (await readRegistry(this.opts.imagesDir)).find((r) => r.name === name);
+    if (!record) throw new UnknownTemplateError(name, await this.names());
+    for (const layer of record.layers) {
+      if (!(await isDir(layer))) throw new BrokenTemplateError(`template ${name} is broken: its layer ${layer} is gone (build it again)`);
+    }
+    return record.layers;
+  }
+
+  /** Every template with whether it is built, its size and the runtimes that can start it. */
+  async list(): Promise<TemplateSummary[]> {
+    const { runtimes } = this.opts;
+    const nsOnly = runtimes.filter((r) => r === 'ns');
+    const out: TemplateSummary[] = [{
+      name: DEFAULT_TEMPLATE_NAME, kind: 'base', description: 'Debian with Python, numpy, pandas, matplotlib, curl, wget, git, pip, requests, httpx',
+      built: true, size_bytes: await this.size(this.opts.base.rootfs), runtimes, built_at: null,
+    }];
+    for (const recipe of Object.values(BUILTIN_TEMPLATES)) {
+      const hash = await templateHash(recipe, this.opts.base.hash);
+      const dir = templateLayerDir(this.opts.imagesDir, hash);
+      const built = await isDir(path.join(dir, 'layer'));
+      out.push({
+        name: recipe.name, kind: 'builtin', description: recipe.description, built,
+        size_bytes: built ? await this.size(path.join(dir, 'layer')) : null, runtimes: nsOnly, built_at: built ? await builtAt(dir) : null,
+      });
+    }
+    for (const r of await readRegistry(this.opts.imagesDir)) {
+      let built = true;
+      for (const layer of r.layers) built &&= await isDir(layer);
+      out.push({
+        name: r.name, kind: r.source, description: r.description, built, size_bytes: r.sizeBytes ?? null, runtimes: nsOnly, built_at: r.builtAt,
+      });
+    }
+    return out;
+  }
+
+  private async size(dir: string): Promise<number | null> {
+    if (!this.sizes.has(dir)) this.sizes.set(dir, (await treeSize(dir)) ?? null);
+    return this.sizes.get(dir)!;
+  }
+}
+
+async function builtAt(dir: string): Promise<string | null> {
+  try {
+    return (JSON.parse(await readFile(path.join(dir, 'template.json'), 'utf8')) as { builtAt?: string }).builtAt ?? null;
+  } catch {
+    return null;
+  }
+}
