@@ -158,7 +158,7 @@ describe('templates', () => {
     // fork works within the template: the child has its packages and the parent's memory.
     const [child] = await sbx.fork(1);
     opened.push(child!);
-    const inChild = await run(child!, 'import pftinywheel, subprocess; print(state, pftinywheel.VALUE, subprocess.run(["jq", "--version"]).returncode)');
+    const inChild = await run(child!, 'import pftinywheel, subprocess; print(state, pftinywheel.VALUE, subprocess.run(["jq", "--version"], capture_output=True).returncode)');
     assert.equal(inChild.exitCode, 0, inChild.stderr);
     assert.equal(inChild.stdout.trim(), '42 42 0');
     assert.equal((await child!.info()).template, TEMPLATE);

@@ -117,8 +117,8 @@ export interface BuildTemplateOptions {
  */
 export async function buildTemplate(recipe: TemplateRecipe, opts: BuildTemplateOptions): Promise<TemplateRecord> {
   const started = Date.now();
-  const report = (message: string, step?: string, detail?: string) =>
-    opts.onProgress?.({ stage: 'template', message, step, detail, elapsedMs: Date.now() - started });
+  const report = (message: string, step?: string, detail?: string, stage: 'template' | 'done' = 'template') =>
+    opts.onProgress?.({ stage, message, step, detail, elapsedMs: Date.now() - started });
   const hash = await templateHash(recipe, opts.base.hash);
   const layer = path.join(templateLayerDir(opts.imagesDir, hash), 'layer');
   if (!(await isDir(layer))) {
@@ -141,7 +141,7 @@ export async function buildTemplate(recipe: TemplateRecipe, opts: BuildTemplateO
     sizeBytes: await treeSize(layer), builtAt: new Date().toISOString(), hash, recipe,
   };
   if (!(recipe.name in BUILTIN_TEMPLATES)) await registerTemplate(opts.imagesDir, record);
-  report(`template ${recipe.name} ready`);
+  report(`template ${recipe.name} ready`, undefined, undefined, 'done');
   return record;
 }
 
