@@ -24,6 +24,7 @@ import { acquireLock, type HeldLock } from './lock.js';
 import { processesWithFilesUnder, vmRootHash } from './vm-image.js';
 import type { ImageProgress, ImageStage } from './progress.js';
 import { baseRecipe, recipeHash } from './recipe.js';
+import { readRegistry } from './templates.js';
 import { formatBytes, isDir, pathInUse, processesUsing, removeTree, treeSize } from './tree.js';
 
 export { ImageBuildError } from './build.js';
@@ -240,6 +241,8 @@ export async function pruneImages(opts: { imagesDir: string; agentDir: string; d
     const rootfs = path.join(baseDir(imagesDir, baseHash), 'rootfs');
     const files = await listAgentFiles(path.resolve(opts.agentDir)).catch(() => []);
     const currentAgent = files.length && (await isDir(rootfs)) ? `agent-${await agentHash(files, await basePythonTag(rootfs))}` : undefined;
+    // Bases that user templates were built over (their layers sit on them).
+    const templateBases = new Set((await readRegistry(imagesDir)).flatMap((r) => r.layers).map((l) => path.dirname(l)));
     const kernels = [];
     for (const name of await readdir(imagesDir)) {
       if (/^vmkernel-[0-9a-f]{12}$/.test(name)) kernels.push({ name, mtime: (await stat(path.join(imagesDir, name))).mtimeMs });
@@ -264,6 +267,10 @@ export async function pruneImages(opts: { imagesDir: string; agentDir: string; d
       if (!isImage && !isFailedLog) continue;
       if (name === `base-${baseHash}` || name === currentAgent) {
         result.kept.push({ path: full, reason: 'current' });
+        continue;
+      }
+      if (isImage && templateBases.has(full)) {
+        result.kept.push({ path: full, reason: 'a registered template is built over it' });
         continue;
       }
       if (isImage && (await pathInUse(full))) {

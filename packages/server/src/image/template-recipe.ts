@@ -80,6 +80,10 @@ export const BUILTIN_TEMPLATES: Readonly<Record<string, TemplateRecipe>> = {
       // The libraries' own test suites (tens of MB); nothing imports them.
       'cd /usr/lib/python3/dist-packages',
       'find scipy sklearn statsmodels sympy seaborn -depth -type d -name tests -exec rm -rf {} +',
+      // Boost's headers (160 MB) come with pythran, a compiler of Python to C++ that scipy's
+      // installed modules never call. (The C/C++ compilers and Python's headers stay: pip can
+      // still build an extension from source here.)
+      'rm -rf /usr/include/boost',
       // A smoke test: a stack that installed but cannot import fails the build, not every sandbox.
       'python3 -c "import scipy, sklearn, seaborn, statsmodels, sympy, openpyxl; print(\'datasci ok\', scipy.__version__, sklearn.__version__)"',
     ].join('\n'),
