@@ -177,6 +177,33 @@ describe('templates', () => {
     assert.equal((await run(warm, 'import pftinywheel')).exitCode, 0);
   });
 
+  it("an idle template's pool shrinks to none; a configured one is warm from start-up and stays", async () => {
+    // Runs after the user template is built (the test above).
+    const idle = await startTestServer({ poolSize: 2, poolIdleSeconds: 2, templatePoolSizes: { 'python-datasci': 1 } });
+    try {
+      const pool = async (name: string) => (await listTemplates(idle)).find((t) => t.name === name)?.pool ?? null;
+      const until = async (what: string, ok: () => Promise<boolean>) => {
+        const deadline = Date.now() + 120_000;
+        while (!(await ok())) {
+          assert.ok(Date.now() < deadline, what);
+          await new Promise((r) => setTimeout(r, 250));
+        }
+      };
+      await until('python-datasci (configured) is warmed at start-up', async () => ((await pool('python-datasci'))?.ready ?? 0) >= 1);
+      const sbx = await Sandbox.create({ host: idle.url, template: TEMPLATE });
+      await sbx.close();
+      await until('the user template gets a pool', async () => ((await pool(TEMPLATE))?.ready ?? 0) >= 1);
+      await until('the idle user template pool shrinks', async () => {
+        const p = await pool(TEMPLATE);
+        return p !== null && p.ready === 0 && p.target === 0;
+      });
+      assert.equal((await pool('python-datasci'))?.target, 1, 'a configured pool does not shrink');
+      assert.equal((await pool('default'))?.target, 2, 'the default pool does not shrink');
+    } finally {
+      await idle.stop();
+    }
+  });
+
   it('a bad recipe fails clearly and leaves nothing half-built', async () => {
     const before = (await readdir(IMAGES_DIR)).filter((n) => /^tpl-[0-9a-f]{12}$/.test(n)).sort();
     const cases = [
