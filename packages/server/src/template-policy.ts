@@ -5,7 +5,7 @@
  */
 import type { ServerConfig } from './config.js';
 import { ApiError } from './errors.js';
-import { UnknownTemplateError } from './image/templates.js';
+import { TemplateBuildingError, UnknownTemplateError } from './image/templates.js';
 import { DEFAULT_TEMPLATE_NAME } from './image/template-recipe.js';
 import type { Logger } from './log.js';
 import type { PoolKey } from './pool.js';
@@ -14,6 +14,8 @@ import type { PoolKey } from './pool.js';
 export interface TemplateLookup {
   /** Throws UnknownTemplateError unless the template exists. */
   check(name: string): Promise<void>;
+  /** Throws TemplateBuildingError while a built-in template is built on its first use. */
+  ensureReady?(name: string): Promise<void>;
 }
 
 /**
@@ -32,6 +34,12 @@ export async function checkTemplate(template: string, runtime: 'ns' | 'vm', temp
   }
   if (runtime === 'vm') {
     throw new ApiError('bad_request', `the vm runtime starts only the "${DEFAULT_TEMPLATE_NAME}" template; "${template}" is built for the namespace runtime (ask for runtime "ns")`, 'template');
+  }
+  try {
+    await templates.ensureReady?.(template);
+  } catch (err) {
+    if (err instanceof TemplateBuildingError) throw new ApiError('unavailable', err.message, 'template', { 'Retry-After': '30' });
+    throw err;
   }
 }
 

@@ -32,7 +32,7 @@ export { createProgressReporter } from './progress.js';
 export { ensureVmImage, AGENT_PORT_NAME, type VmImagePaths, type EnsureVmImageOptions } from './vm-image.js';
 export type { ImageProgress, ImageStage, ProgressReporter, ProgressReporterOptions } from './progress.js';
 export {
-  TemplateCatalog, buildTemplate, registerTemplate, readRegistry, UnknownTemplateError, BrokenTemplateError,
+  TemplateCatalog, buildTemplate, registerTemplate, readRegistry, UnknownTemplateError, BrokenTemplateError, TemplateBuildingError,
   type TemplateRecord, type TemplateSummary, type BuildTemplateOptions,
 } from './templates.js';
 export { BUILTIN_TEMPLATES, DEFAULT_TEMPLATE_NAME, RecipeError, loadRecipeFile, parseRecipe, type TemplateRecipe } from './template-recipe.js';

@@ -83,7 +83,9 @@ if [ -f "$PF_INPUTS/setup.sh" ]; then
     DEBIAN_FRONTEND=noninteractive sh -c 'cd /root && exec bash -euo pipefail /tmp/pf-build/setup.sh'
 fi
 echo "==> cleaning up"
-rm -rf "$M/root/.cache" "$M/var/log/apt"
+# Only what the build added: removing anything of the base's would leave a whiteout hiding it
+# (the base's /root/.cache holds matplotlib's font cache).
+rm -rf "$M/root/.cache/pip" "$M/var/log/apt"
 rm -f "$M"/var/cache/debconf/*-old "$M"/var/lib/dpkg/*-old
 umount -R "$M"
 `;

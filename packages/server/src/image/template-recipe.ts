@@ -29,6 +29,9 @@ export const TEMPLATE_NAME_PATTERN = /^[a-z][a-z0-9-]{0,39}$/;
 
 export const DEFAULT_TEMPLATE_NAME = 'default';
 
+/** Bump when the layer builder (template-build.ts) changes in a way the recipe does not capture. */
+export const TEMPLATE_BUILDER_VERSION = 2;
+
 /** A recipe that cannot be built as written (a bad field, a missing file): the user's to fix. */
 export class RecipeError extends Error {
   override readonly name = 'RecipeError';
@@ -194,6 +197,7 @@ async function contentHash(p: string, h = createHash('sha256'), rel = ''): Promi
  */
 export async function templateHash(recipe: TemplateRecipe, baseHash: string): Promise<string> {
   const inputs = {
+    builderVersion: TEMPLATE_BUILDER_VERSION,
     baseHash,
     name: recipe.name,
     apt: recipe.apt,

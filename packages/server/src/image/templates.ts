@@ -19,7 +19,8 @@ import { acquireLock } from './lock.js';
 import type { ImageProgress } from './progress.js';
 import { buildTemplateLayer, templateLayerDir } from './template-build.js';
 import { BUILTIN_TEMPLATES, DEFAULT_TEMPLATE_NAME, TEMPLATE_NAME_PATTERN, templateHash, type TemplateRecipe } from './template-recipe.js';
-import { isDir, treeSize } from './tree.js';
+import { isAlive } from '../proc.js';
+import { isDir, processesUsing, removeTree, treeSize } from './tree.js';
 
 /** What a registry file holds. */
 export interface TemplateRecord {
@@ -55,6 +56,16 @@ export class UnknownTemplateError extends Error {
   override readonly name = 'UnknownTemplateError';
   constructor(readonly template: string, readonly available: string[]) {
     super(`unknown template "${template}" (available: ${available.join(', ')})`);
+  }
+}
+
+/** A built-in template asked for before it is built: its build has started (or is under way). */
+export class TemplateBuildingError extends Error {
+  override readonly name = 'TemplateBuildingError';
+  constructor(readonly template: string, readonly elapsedMs: number, readonly lastFailure?: string) {
+    super(`template ${template} is being built on its first use (${Math.round(elapsedMs / 1000)} s so far; it takes a few minutes): ` +
+      `retry later, or build it ahead with \`podflare template build ${template}\`` +
+      (lastFailure ? ` (the previous attempt failed: ${lastFailure})` : ''));
   }
 }
 
@@ -128,6 +139,7 @@ export async function buildTemplate(recipe: TemplateRecipe, opts: BuildTemplateO
       onWait: (holder) => report(holder ? `another process (pid ${holder.pid}) is building an image; waiting` : 'another process is building an image; waiting'),
     });
     try {
+      await removeDeadBuilds(opts.imagesDir, opts.log);
       report(`building template ${recipe.name}`);
       await buildTemplateLayer(opts.imagesDir, opts.base, recipe, hash, {
         signal: opts.signal, log: opts.log, onStep: (step, detail) => report(`building template ${recipe.name}`, step, detail),
@@ -145,6 +157,22 @@ export async function buildTemplate(recipe: TemplateRecipe, opts: BuildTemplateO
   return record;
 }
 
+/**
+ * With the lock held: the `.tmp-tpl-*` trees of template builds whose process died (killed
+ * mid-build). They hold plain files only (the build's mounts lived in its own mount namespace),
+ * but one of its processes may still run in it: such a tree is left for a later build.
+ */
+async function removeDeadBuilds(imagesDir: string, log?: (msg: string) => void): Promise<void> {
+  for (const name of await readdir(imagesDir)) {
+    const pid = Number(/^\.tmp-tpl-[0-9a-f]+-(\d+)-[0-9a-f]+$/.exec(name)?.[1]);
+    if (!pid || pid === process.pid || isAlive(pid)) continue;
+    const full = path.join(imagesDir, name);
+    if ((await processesUsing(full)).length) continue;
+    log?.(`removing ${name} (left by an interrupted template build)`);
+    await removeTree(full).catch((err: Error) => log?.(`could not remove ${full}: ${err.message}`));
+  }
+}
+
 export interface TemplateCatalogOptions {
   imagesDir: string;
   base: { rootfs: string; hash: string };
@@ -157,7 +185,9 @@ export interface TemplateCatalogOptions {
 /** A server's view of its templates: lookups for starting sandboxes, the list for the API. */
 export class TemplateCatalog {
   /** Built-ins being built on first use: creates asking meanwhile share the build. */
-  private readonly building = new Map<string, Promise<TemplateRecord>>();
+  private readonly building = new Map<string, { promise: Promise<TemplateRecord>; startedAt: number }>();
+  /** Why the last build of a built-in failed (said once to the next create, which retries it). */
+  private readonly failures = new Map<string, string>();
   private readonly sizes = new Map<string, number | null>();
 
   constructor(private readonly opts: TemplateCatalogOptions) {}
@@ -174,22 +204,44 @@ export class TemplateCatalog {
   }
 
   /**
+   * Throws TemplateBuildingError for a built-in template that is not built yet, having started
+   * its build: a create answers at once (503, retry) instead of waiting minutes for apt-get.
+   */
+  async ensureReady(name: string): Promise<void> {
+    const builtin = BUILTIN_TEMPLATES[name];
+    if (!builtin) return;
+    const hash = await templateHash(builtin, this.opts.base.hash);
+    if (await isDir(path.join(templateLayerDir(this.opts.imagesDir, hash), 'layer'))) return;
+    const lastFailure = this.failures.get(name);
+    this.failures.delete(name);
+    const build = this.build(name, builtin);
+    throw new TemplateBuildingError(name, Date.now() - build.startedAt, lastFailure);
+  }
+
+  /** A built-in's build: the one under way, or a new one. */
+  private build(name: string, recipe: TemplateRecipe): { promise: Promise<TemplateRecord>; startedAt: number } {
+    let b = this.building.get(name);
+    if (!b) {
+      b = { promise: buildTemplate(recipe, { imagesDir: this.opts.imagesDir, base: this.opts.base, log: this.opts.log, onProgress: this.opts.onProgress }), startedAt: Date.now() };
+      this.building.set(name, b);
+      // Kept once built (the lookup is then instant); a failed build is retried next time.
+      b.promise.catch((err: Error) => {
+        this.building.delete(name);
+        this.failures.set(name, err.message.split('\n')[0]!);
+        this.opts.log(`building template ${name} failed: ${err.message}`);
+      });
+    }
+    return b;
+  }
+
+  /**
    * The lower layers of a template below the agent layer, topmost first (base last), building a
    * built-in one first if needed. `default` has none of its own: just the base.
    */
   async layers(name: string): Promise<string[]> {
     if (name === DEFAULT_TEMPLATE_NAME) return [this.opts.base.rootfs];
     const builtin = BUILTIN_TEMPLATES[name];
-    if (builtin) {
-      let p = this.building.get(name);
-      if (!p) {
-        p = buildTemplate(builtin, { imagesDir: this.opts.imagesDir, base: this.opts.base, log: this.opts.log, onProgress: this.opts.onProgress });
-        this.building.set(name, p);
-        // Kept once built (the lookup is then instant); a failed build is retried next time.
-        p.catch(() => this.building.delete(name));
-      }
-      return (await p).layers;
-    }
+    if (builtin) return (await this.build(name, builtin).promise).layers;
     const record = (await readRegistry(this.opts.imagesDir)).find((r) => r.name === name);
     if (!record) throw new UnknownTemplateError(name, await this.names());
     for (const layer of record.layers) {
