@@ -69,7 +69,7 @@ class CellsMixin:
     def _send_done(self, code: int, error: dict | None) -> None:
         if not self.done_sent:
             self.done_sent = True
-            self.send({'t': 'done', 'id': self.exec_id, 'code': code, 'error': error})
+            self.send({'type': 'done', 'id': self.exec_id, 'code': code, 'error': error})
         self.exec_id = None
 
     def _abandon_exec(self, code: int, name: str, value: str) -> None:

@@ -27,10 +27,10 @@ class OutputPipe:
     """The read end of a pipe carrying stdout or stderr, decoded incrementally (UTF-8, errors
     replaced) so a character split across two reads is not mangled."""
 
-    def __init__(self, fd: int, ev: str):
+    def __init__(self, fd: int, stream: str):
         os.set_blocking(fd, False)
         self.fd = fd
-        self.ev = ev
+        self.stream = stream  # 'stdout' or 'stderr': the event type its output travels as
         self.decoder = codecs.getincrementaldecoder('utf-8')('replace')
         self.eof = False
 
@@ -75,7 +75,7 @@ class ExecMixin:
         def on_readable(_mask: int) -> None:
             text = pipe.read()
             if text:
-                self._output(pipe.ev, text)
+                self._output(pipe.stream, text)
             if pipe.eof:
                 self.sel.unregister(pipe.fd)
                 os.close(pipe.fd)
@@ -88,9 +88,9 @@ class ExecMixin:
                 text = pipe.read()
                 if not text:
                     break
-                self._output(pipe.ev, text)
+                self._output(pipe.stream, text)
 
-    def _output(self, ev: str, text: str) -> None:
+    def _output(self, stream: str, text: str) -> None:
         """Output belongs to the running exec; between execs it waits for the next one
         (background threads and processes), up to IDLE_OUTPUT_CAP, beyond which it is dropped."""
         ex = self.exec
@@ -102,19 +102,19 @@ class ExecMixin:
                 if not text:
                     return
             ex.output_size += len(text)
-            self.send({'id': ex.id, 'ev': ev, 'data': text})
+            self.send({'id': ex.id, 'type': stream, 'data': text})
             return
         if self.idle_output_size + len(text) > IDLE_OUTPUT_CAP:
             return
         self.idle_output_size += len(text)
-        if self.idle_output and self.idle_output[-1][0] == ev:
+        if self.idle_output and self.idle_output[-1][0] == stream:
             self.idle_output[-1][1] += text
         else:
-            self.idle_output.append([ev, text])
+            self.idle_output.append([stream, text])
 
     def _flush_idle_output(self, ex: Exec) -> None:
-        for ev, text in self.idle_output:
-            self.send({'id': ex.id, 'ev': ev, 'data': text})
+        for stream, text in self.idle_output:
+            self.send({'id': ex.id, 'type': stream, 'data': text})
         self.idle_output.clear()
         self.idle_output_size = 0
 
@@ -190,7 +190,7 @@ class ExecMixin:
         try:
             if ex.language == 'python' and self.worker is not None:
                 # The note tells the worker why, so its traceback can say TimeoutError.
-                self._worker_send({'t': 'interrupt', 'id': ex.id, 'reason': reason,
+                self._worker_send({'type': 'interrupt', 'id': ex.id, 'reason': reason,
                                    'timeout_ms': ex.timeout_ms})
                 os.kill(self.worker.pid, signal.SIGINT)
             elif ex.proc is not None:
@@ -223,15 +223,15 @@ class ExecMixin:
     def _finish(self, ex: Exec, code: int, error: dict | None = None, echo: bool = True) -> None:
         """Ends an exec: error (mirrored on stderr when the agent made it up), then exit."""
         if ex.output_dropped:
-            self.send({'id': ex.id, 'ev': 'stderr', 'data':
+            self.send({'id': ex.id, 'type': 'stderr', 'data':
                        f'\n[podflare] output truncated: {ex.output_dropped} more characters were dropped '
                        f'after the first {EXEC_OUTPUT_CAP} (PODFLARE_MAX_EXEC_OUTPUT_BYTES)\n'})
         if error is not None:
             if echo:
-                self.send({'id': ex.id, 'ev': 'stderr', 'data': error['traceback']})
-            self.send({'id': ex.id, 'ev': 'error', 'data': error})
+                self.send({'id': ex.id, 'type': 'stderr', 'data': error['traceback']})
+            self.send({'id': ex.id, 'type': 'error', 'data': error})
         self.exec = None
-        self.send({'id': ex.id, 'ev': 'exit', 'code': code,
+        self.send({'id': ex.id, 'type': 'exit', 'code': code,
                    'execution_count': ex.count, 'state_lost': ex.state_lost})
 
     # ---- bash -----------------------------------------------------------------------------
@@ -253,7 +253,7 @@ class ExecMixin:
             if not isinstance(exc, OSError):  # an argument exec cannot take (checked above; belt and braces)
                 raise bad_request(f'bash cannot run this: {exc}') from None
             what = f'cd: {cwd}' if exc.filename == cwd else 'bash'
-            self.send({'id': ex.id, 'ev': 'stderr', 'data': f'bash: {what}: {exc.strerror}\n'})
+            self.send({'id': ex.id, 'type': 'stderr', 'data': f'bash: {what}: {exc.strerror}\n'})
             self._finish(ex, 1)
             return
         finally:

@@ -96,7 +96,7 @@ class Worker(CellsMixin):
             if self.preload_enabled:
                 self._preload()
         self._flush_stdio()
-        self.send({'t': 'ready', 'pid': self.pid})
+        self.send({'type': 'ready', 'pid': self.pid})
         while True:
             try:
                 msg = self._next_message()
@@ -107,11 +107,11 @@ class Worker(CellsMixin):
                 elif op == 'fork':
                     self.fork_children(msg)
                 elif op == 'vars':
-                    self.send({'t': 'vars', 'id': msg.get('id'), 'vars': podflare_fork.snapshot_vars(self.ns)})
+                    self.send({'type': 'vars', 'id': msg.get('id'), 'vars': podflare_fork.snapshot_vars(self.ns)})
                 elif op == 'reseed':
                     os.environ.update(msg.get('env') or {})
                     podflare_fork.reseed()
-                    self.send({'t': 'reseeded', 'id': msg.get('id')})
+                    self.send({'type': 'reseeded', 'id': msg.get('id')})
             except KeyboardInterrupt:
                 self._abandon_exec(130, 'KeyboardInterrupt', '')
             except Exception as exc:  # a bug of ours: report it, keep the interpreter
@@ -166,7 +166,7 @@ class Worker(CellsMixin):
                 os.close(fd)
         for pid in pids:
             self.fork_pids[pid] = _pidfd(pid)
-        self.send({'t': 'forked', 'id': msg.get('id'), 'pids': pids, 'error': error})
+        self.send({'type': 'forked', 'id': msg.get('id'), 'pids': pids, 'error': error})
 
     def _become_fork_child(self, child: dict, msg: dict, ready_w: int, inherited: tuple[list, list[int]], cwd: str) -> None:
         # Leave the parent's worker process group and session: signals meant for the parent's
@@ -313,9 +313,9 @@ class Worker(CellsMixin):
                 msg = None
             if not isinstance(msg, dict):
                 continue
-            if msg.get('t') == 'interrupt':
+            if msg.get('type') == 'interrupt':
                 self.notes[msg.get('id')] = msg
-            elif msg.get('t') == 'ack':
+            elif msg.get('type') == 'ack':
                 self.acks += 1
             else:
                 self.inbox.append(msg)
@@ -343,7 +343,7 @@ class Worker(CellsMixin):
         """Sends a result. Display results wait for the supervisor's ack so that output printed
         after display() cannot overtake it."""
         self._flush_stdio()
-        self.send({'t': 'result', 'id': self.exec_id, 'data': bundle, 'main': main, 'ack': not main})
+        self.send({'type': 'result', 'id': self.exec_id, 'data': bundle, 'main': main, 'ack': not main})
         if not main:
             self._wait_ack()
 

@@ -150,7 +150,7 @@ class WorkerMixin:
     def _on_worker_message(self, worker: WorkerHandle, msg: dict) -> None:
         # Output written before this message must reach the server before it.
         self._drain(self.worker_pipes)
-        kind = msg.get('t')
+        kind = msg.get('type')
         ex = self.exec
         current = ex is not None and ex.language == 'python' and ex.dispatched and msg.get('id') == ex.id
         if kind == 'ready':
@@ -164,10 +164,10 @@ class WorkerMixin:
             self.deferred_worker_msgs.clear()
         elif kind == 'result':
             if current and ex is not None:
-                self.send({'id': ex.id, 'ev': 'result', 'data': msg.get('data') or {},
+                self.send({'id': ex.id, 'type': 'result', 'data': msg.get('data') or {},
                            'is_main_result': bool(msg.get('main'))})
             if msg.get('ack'):
-                self._worker_send({'t': 'ack'})
+                self._worker_send({'type': 'ack'})
         elif kind in ('forked', 'vars', 'reseeded') and self.pending_worker_ops.pop(msg.get('id'), None) == kind:
             if kind == 'reseeded':
                 self.send({'id': msg['id'], 'ok': True})
