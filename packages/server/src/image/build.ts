@@ -25,7 +25,7 @@ export class ImageBuildError extends Error {
   ) {
     super(
       message +
-        (outputTail.length ? `\n--- last ${outputTail.length} lines of mmdebstrap's output ---\n${outputTail.join('\n')}` : '') +
+        (outputTail.length ? `\n--- last ${outputTail.length} lines of the build's output ---\n${outputTail.join('\n')}` : '') +
         (logFile ? `\n(full log: ${logFile})` : ''),
     );
   }

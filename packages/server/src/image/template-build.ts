@@ -55,14 +55,14 @@ in_image() { chroot "$M" /usr/bin/env -i HOME=/root LANG=C.UTF-8 PATH=/usr/local
 if [ -s "$PF_INPUTS/apt.txt" ]; then
   echo "==> apt-get update"
   in_image apt-get update -q -o APT::Update::Error-Mode=any
-  echo "==> apt-get install $(tr '\n' ' ' < "$PF_INPUTS/apt.txt")"
+  echo "==> apt-get install $(paste -sd ' ' "$PF_INPUTS/apt.txt")"
   # shellcheck disable=SC2046
   in_image apt-get install -y -q --no-install-recommends $(cat "$PF_INPUTS/apt.txt")
   in_image apt-get clean
   find "$M/var/lib/apt/lists" -maxdepth 1 -type f ! -name lock -delete
 fi
 if [ -s "$PF_INPUTS/requirements.txt" ]; then
-  echo "==> pip install $(tr '\n' ' ' < "$PF_INPUTS/requirements.txt")"
+  echo "==> pip install $(paste -sd ' ' "$PF_INPUTS/requirements.txt")"
   src=()
   if [ -d "$PF_INPUTS/wheels" ]; then src+=(--find-links /tmp/pf-build/wheels); fi
   if [ -n "$PF_PIP_INDEX_URL" ]; then src+=(--index-url "$PF_PIP_INDEX_URL"); else src+=(--no-index); fi
