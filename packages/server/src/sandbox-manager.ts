@@ -1,7 +1,7 @@
 /**
  * Owns the live sandboxes: the one way from the HTTP layer (and server.ts) to a runtime. A thin
  * facade over the parts in manager/, each with one job: lifecycle (create, adopt, crash, end),
- * lookup (find, info, lists), pool use, the exec queue, fork/merge/diff, freeze/resume, the sweep
+ * lookup (find, info, lists), pool use, files, the exec queue, fork/merge/diff, freeze/resume, the sweep
  * of idle and expired sandboxes, and the metrics gauges.
  */
 import { EventEmitter } from 'node:events';
@@ -14,6 +14,7 @@ import { Capacity } from './manager/capacity.js';
 import { newCounters, type ManagerContext } from './manager/context.js';
 import { ExecQueue } from './manager/exec-queue.js';
 import { ForkMerge } from './manager/fork-merge.js';
+import { SandboxFiles } from './manager/files.js';
 import { Freezer } from './manager/freezer.js';
 import { registerManagerGauges } from './manager/gauges.js';
 import { Lifecycle, type CreateOptions, type Created } from './manager/lifecycle.js';
@@ -40,6 +41,8 @@ export class SandboxManager {
   readonly history = new ExecHistory();
   /** 'change' (sandbox id) whenever a sandbox is created, changes state, forks, merges or ends. */
   readonly changes = new EventEmitter<{ change: [string] }>();
+  /** A live sandbox's files (upload, read, stat, list, remove, mkdir). */
+  readonly files = new SandboxFiles();
 
   private readonly ctx: ManagerContext;
   private readonly pool: PoolUse;
@@ -123,8 +126,8 @@ export class SandboxManager {
   }
 
   /**
-   * Runs code; `onEvent` sees the agent's stream (a promise it returns holds the agent's channel
-   * until it settles: backpressure). Queued behind other execs of the same sandbox.
+   * Runs code; `onEvent` sees its output (a promise it returns holds the agent's channel until it
+   * settles: backpressure); resolves with the exit. Queued behind other execs of the same sandbox.
    */
   exec(s: LiveSandbox, body: AgentRequestBody<'exec'>, onEvent: ExecEventSink) {
     return this.execs.exec(s, body, onEvent);
@@ -136,11 +139,6 @@ export class SandboxManager {
 
   vars(s: LiveSandbox) {
     return this.execs.vars(s);
-  }
-
-  /** Marks activity (file operations count as use for the idle timeout). */
-  touch(s: LiveSandbox): void {
-    s.record.lastActiveAt = Date.now();
   }
 
   async destroy(id: string, owner?: string, reason = 'deleted'): Promise<void> {
@@ -157,6 +155,11 @@ export class SandboxManager {
 
   mergeParties(parentId: string, winnerId: string, owner?: string) {
     return this.forks.mergeParties(parentId, winnerId, owner);
+  }
+
+  /** Copies `paths` from `winner` into `parent` (docs/api.md merge_into with paths). */
+  mergePaths(parent: LiveSandbox, winner: LiveSandbox, paths: string[]): Promise<void> {
+    return this.forks.mergePaths(parent, winner, paths);
   }
 
   mergeWhole(parent: LiveSandbox, winner: LiveSandbox): Promise<void> {

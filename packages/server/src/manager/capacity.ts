@@ -1,5 +1,5 @@
 /** The server's and each owner's sandbox caps, with room reserved for creates and forks in flight. */
-import { ApiError } from '../errors.js';
+import { SandboxError } from '../runtime/sandbox-error.js';
 import type { ManagerContext } from './context.js';
 
 export class Capacity {
@@ -18,16 +18,16 @@ export class Capacity {
     const { maxSandboxes, maxSandboxesPerKey } = this.ctx.config;
     const total = this.ctx.live.size + this.reserved.total;
     if (total + more > maxSandboxes) {
-      throw new ApiError('rate_limited', `the server runs ${total} sandboxes and allows ${maxSandboxes}: ` +
-        `${more} more would exceed that; delete some or retry later`, undefined, { 'Retry-After': '5' });
+      throw new SandboxError('rate_limited', `the server runs ${total} sandboxes and allows ${maxSandboxes}: ` +
+        `${more} more would exceed that; delete some or retry later`, { retryAfterSeconds: 5 });
     }
     let owned = this.reserved.byOwner.get(owner) ?? 0;
     for (const s of this.ctx.live.values()) if (s.record.owner === owner) owned++;
     if (owned + more > maxSandboxesPerKey) {
       // Without API keys every caller is the same (anonymous) owner.
       const who = owner ? 'this API key has' : 'callers of this server (it has no API keys, so they share one allowance) have';
-      throw new ApiError('rate_limited', `${who} ${owned} live sandboxes and may have ${maxSandboxesPerKey}: ` +
-        `${more} more would exceed that; delete some or retry later`, undefined, { 'Retry-After': '5' });
+      throw new SandboxError('rate_limited', `${who} ${owned} live sandboxes and may have ${maxSandboxesPerKey}: ` +
+        `${more} more would exceed that; delete some or retry later`, { retryAfterSeconds: 5 });
     }
     this.reserved.total += more;
     this.reserved.byOwner.set(owner, (this.reserved.byOwner.get(owner) ?? 0) + more);

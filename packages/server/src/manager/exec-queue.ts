@@ -1,10 +1,10 @@
 /**
  * Running code in a sandbox: one exec at a time per sandbox (its queue), limit kills reported as
- * such, every exec timed and recorded for the dashboard's history; and interrupting the one running.
+ * such, the exit returned (never emitted) so it reaches the caller once, every exec timed and recorded for the dashboard's history; and interrupting the one running.
  */
 import { KILLED_EXIT_CODE, TIMEOUT_EXIT_CODE, type AgentRequestBody, type ExecStreamMessage } from '@podflare/protocol';
-import type { ExecEventSink } from '../agent-channel.js';
-import { ApiError } from '../errors.js';
+import type { ExecEventSink, ExecOutputMessage } from '../agent-channel.js';
+import { SandboxError } from '../runtime/sandbox-error.js';
 import type { SandboxRecord } from '../store/store.js';
 import type { ManagerContext } from './context.js';
 import type { LimitWatch } from './limit-watch.js';
@@ -14,13 +14,13 @@ export class ExecQueue {
   constructor(private readonly ctx: ManagerContext, private readonly limits: LimitWatch) {}
 
   /**
-   * Runs code; `onEvent` sees the agent's stream (a promise it returns holds the agent's channel
-   * until it settles: backpressure). Queued behind other execs of the same sandbox.
+   * Runs code; `onEvent` sees its output (a promise it returns holds the agent's channel until it
+   * settles: backpressure); resolves with the exit. Queued behind other execs of the same sandbox.
    */
   async exec(s: LiveSandbox, body: AgentRequestBody<'exec'>, onEvent: ExecEventSink) {
     const { live, metrics, history } = this.ctx;
     return s.queue.run(async () => {
-      if (!live.has(s.record.id)) throw new ApiError('sandbox_gone', `sandbox ${s.record.id} is gone`);
+      if (!live.has(s.record.id)) throw new SandboxError('sandbox_gone', `sandbox ${s.record.id} is gone`);
       s.running++;
       this.setState(s, 'running');
       const timed = metrics.execSeconds.time();
@@ -29,24 +29,24 @@ export class ExecQueue {
       try {
         const rt = s.rt;
         // Everything the caller sees is also recorded for the dashboard's history.
-        const emit = (msg: ExecStreamMessage) => {
+        const emit = (msg: ExecOutputMessage) => {
           recorded.message(msg);
           return onEvent(msg);
         };
+        // The exit is not emitted: it is what this resolves with, for the caller to write last.
         if (!rt.limitCounters) return (exit = await rt.channel.exec(body, emit));
-        // The error and exit are held back until the exit: if a limit caused the error (or the
-        // exit), it is reported as such.
+        // The error is held back until the exit: if a limit caused the error (or the exit), it is
+        // reported as such.
         let held: Extract<ExecStreamMessage, { ev: 'error' }> | undefined;
         const result = await rt.channel.exec(body, (m) => {
           if (m.ev === 'error') held = m;
-          else if (m.ev !== 'exit') return emit(m);
+          else return emit(m);
         });
         // Read after every exec (two small cgroup files): a bash child killed for memory
         // leaves a zero exit code, and the kill must not be blamed on the next exec.
         const hit = await this.limits.hit(s, rt, result.id, held);
         if (hit) held = hit;
         if (held) void emit(held);
-        void emit(result);
         exit = result;
         return result;
       } finally {

@@ -1,8 +1,9 @@
 /**
  * Fork (copy-on-write children of an idle sandbox), whole-state merge of a descendant back into its
- * ancestor, and the file diff between two sandboxes.
+ * ancestor, selective merge of chosen paths, and the file diff between two sandboxes.
  */
-import { ApiError } from '../errors.js';
+import { SandboxError } from '../runtime/sandbox-error.js';
+import { copyPaths } from '../merge-paths.js';
 import type { RuntimeSandbox } from '../runtime/runtime.js';
 import type { SandboxRecord } from '../store/store.js';
 import type { Capacity } from './capacity.js';
@@ -28,9 +29,9 @@ export class ForkMerge {
    * through the same queue). Children inherit egress, timeouts and metadata.
    */
   async fork(s: LiveSandbox, n: number): Promise<SandboxRecord[]> {
-    if (!s.runtime.capabilities.fork) throw new ApiError('bad_request', `the ${s.runtime.name} runtime cannot fork`);
+    if (!s.runtime.capabilities.fork) throw new SandboxError('bad_request', `the ${s.runtime.name} runtime cannot fork`);
     return s.queue.run(async () => {
-      if (!this.ctx.live.has(s.record.id)) throw new ApiError('sandbox_gone', `sandbox ${s.record.id} is gone`);
+      if (!this.ctx.live.has(s.record.id)) throw new SandboxError('sandbox_gone', `sandbox ${s.record.id} is gone`);
       const release = this.capacity.reserve(s.record.owner, n);
       try {
         return await this.forkReserved(s, n, release);
@@ -53,7 +54,7 @@ export class ForkMerge {
     } catch (err) {
       // The children are processes of the parent's until they have groups of their own.
       const hit = await this.limits.hit(s, s.rt, 0);
-      if (hit) throw new ApiError('conflict', `cannot fork: ${hit.data.value}`);
+      if (hit) throw new SandboxError('conflict', `cannot fork: ${hit.data.value}`);
       throw err;
     }
     timed();
@@ -88,13 +89,13 @@ export class ForkMerge {
 
   /** Checks a merge's parties: into itself 400, unknown/retired winner 404, not a descendant 400. */
   async mergeParties(parentId: string, winnerId: string, owner?: string): Promise<{ parent: LiveSandbox; winner: LiveSandbox }> {
-    if (parentId === winnerId) throw new ApiError('bad_request', 'a sandbox cannot be merged into itself', 'winner');
+    if (parentId === winnerId) throw new SandboxError('bad_request', 'a sandbox cannot be merged into itself', { field: 'winner' });
     const parent = await this.get(parentId, owner);
-    const winner = await this.get(winnerId, owner).catch((err: ApiError) => {
-      throw err.code === 'sandbox_gone' ? new ApiError('not_found', err.message) : err;
+    const winner = await this.get(winnerId, owner).catch((err: SandboxError) => {
+      throw err.code === 'sandbox_gone' ? new SandboxError('not_found', err.message) : err;
     });
     if (!(await this.isDescendant(winnerId, parentId))) {
-      throw new ApiError('bad_request', `sandbox ${winnerId} is not a descendant of ${parentId}`, 'winner');
+      throw new SandboxError('bad_request', `sandbox ${winnerId} is not a descendant of ${parentId}`, { field: 'winner' });
     }
     return { parent, winner };
   }
@@ -106,7 +107,7 @@ export class ForkMerge {
   async mergeWhole(parent: LiveSandbox, winner: LiveSandbox): Promise<void> {
     const { live, store, counters, changes, eventLog } = this.ctx;
     await parent.queue.run(() => winner.queue.run(async () => {
-      if (live.get(winner.record.id) !== winner) throw new ApiError('not_found', `sandbox ${winner.record.id} not found`);
+      if (live.get(winner.record.id) !== winner) throw new SandboxError('not_found', `sandbox ${winner.record.id} not found`);
       const old = parent.rt;
       live.delete(winner.record.id);
       parent.rt = winner.rt;
@@ -130,9 +131,17 @@ export class ForkMerge {
     }));
   }
 
+  /**
+   * Selective merge: copies `paths` from the winner into the parent through their agents (both
+   * queues held: no exec changes either side meanwhile). Both sandboxes live on.
+   */
+  async mergePaths(parent: LiveSandbox, winner: LiveSandbox, paths: string[]): Promise<void> {
+    await parent.queue.run(() => winner.queue.run(() => copyPaths(winner.rt.channel, parent.rt.channel, paths)));
+  }
+
   /** The files that differ between two sandboxes of one runtime (one diff per sandbox at a time). */
   diffFiles(a: LiveSandbox, b: LiveSandbox, opts: { paths?: string[]; content?: boolean }) {
-    if (a.runtime !== b.runtime) throw new ApiError('bad_request', `cannot diff a ${a.runtime.name} sandbox against a ${b.runtime.name} sandbox`);
+    if (a.runtime !== b.runtime) throw new SandboxError('bad_request', `cannot diff a ${a.runtime.name} sandbox against a ${b.runtime.name} sandbox`);
     const diff = () => a.runtime.diff(a.rt, b.rt, opts);
     if (a === b) return a.diffs.run(diff);
     // Both queues, always taken in the same order (by id): two opposite diffs cannot deadlock.

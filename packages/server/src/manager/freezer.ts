@@ -4,7 +4,7 @@
  */
 import { rm } from 'node:fs/promises';
 import path from 'node:path';
-import { ApiError } from '../errors.js';
+import { SandboxError } from '../runtime/sandbox-error.js';
 import type { SandboxRecord } from '../store/store.js';
 import type { ManagerContext } from './context.js';
 import type { Lifecycle } from './lifecycle.js';
@@ -27,10 +27,10 @@ export class Freezer {
     const { live, store, counters, log } = this.ctx;
     const freeze = s.runtime.freeze?.bind(s.runtime);
     if (!freeze || !s.runtime.capabilities.freeze) {
-      throw new ApiError('bad_request', `the ${s.runtime.name} runtime cannot freeze a sandbox (its processes' memory has no way to disk here)`);
+      throw new SandboxError('bad_request', `the ${s.runtime.name} runtime cannot freeze a sandbox (its processes' memory has no way to disk here)`);
     }
     await s.queue.run(async () => {
-      if (live.get(s.record.id) !== s) throw new ApiError('sandbox_gone', `sandbox ${s.record.id} is gone`);
+      if (live.get(s.record.id) !== s) throw new SandboxError('sandbox_gone', `sandbox ${s.record.id} is gone`);
       // Out of the live set first: the VM ending below is not a crash.
       live.delete(s.record.id);
       try {
@@ -53,13 +53,13 @@ export class Freezer {
   async resume(record: SandboxRecord): Promise<LiveSandbox> {
     const live = this.ctx.live.get(record.id);
     if (live) return live;
-    if (record.state !== 'frozen') throw new ApiError('conflict', `sandbox ${record.id} is not frozen (${record.state})`);
+    if (record.state !== 'frozen') throw new SandboxError('conflict', `sandbox ${record.id} is not frozen (${record.state})`);
     let p = this.resuming.get(record.id);
     if (!p) {
       p = (async () => {
-        if (this.ctx.status.closing) throw new ApiError('unavailable', 'the server is shutting down');
+        if (this.ctx.status.closing) throw new SandboxError('unavailable', 'the server is shutting down');
         const runtime = this.ctx.runtimes.get(record.runtime);
-        if (!runtime?.resume) throw new ApiError('unavailable', `the ${record.runtime} runtime is not available on this server to resume sandbox ${record.id}`);
+        if (!runtime?.resume) throw new SandboxError('unavailable', `the ${record.runtime} runtime is not available on this server to resume sandbox ${record.id}`);
         const dir = this.frozenDir(record.id);
         const rt = await runtime.resume({
           id: record.id, template: record.template, egress: record.egress, hostname: `sbx-${record.id.slice(4, 16)}`,

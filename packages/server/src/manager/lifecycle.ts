@@ -4,7 +4,7 @@
  * (record first, teardown behind the answer).
  */
 import { isEgressPolicy, type CreateSandboxBody, type EgressSetting } from '@podflare/protocol';
-import { ApiError } from '../errors.js';
+import { SandboxError } from '../runtime/sandbox-error.js';
 import { resolveLimits, sameLimits } from '../limits.js';
 import type { Runtime, RuntimeSandbox } from '../runtime/runtime.js';
 import type { SandboxRecord } from '../store/store.js';
@@ -73,9 +73,9 @@ export class Lifecycle {
   }
 
   async create(opts: CreateOptions): Promise<Created> {
-    if (this.ctx.status.closing) throw new ApiError('unavailable', 'the server is shutting down');
+    if (this.ctx.status.closing) throw new SandboxError('unavailable', 'the server is shutting down');
     const template = opts.template ?? DEFAULT_TEMPLATE;
-    if (template !== DEFAULT_TEMPLATE) throw new ApiError('bad_request', `unknown template "${template}" (available: ${DEFAULT_TEMPLATE})`, 'template');
+    if (template !== DEFAULT_TEMPLATE) throw new SandboxError('bad_request', `unknown template "${template}" (available: ${DEFAULT_TEMPLATE})`, { field: 'template' });
     const runtime = this.pickRuntime(opts.runtime);
     const release = this.capacity.reserve(opts.owner, 1);
     try {
@@ -98,7 +98,7 @@ export class Lifecycle {
         await rt.setLimits(limits);
       } catch (err) {
         void rt.destroy();
-        throw new ApiError('unavailable', `could not apply the sandbox's limits: ${(err as Error).message}`, undefined, { 'Retry-After': '1' });
+        throw new SandboxError('unavailable', `could not apply the sandbox's limits: ${(err as Error).message}`, { retryAfterSeconds: 1 });
       }
     }
     const now = Date.now();
@@ -124,7 +124,7 @@ export class Lifecycle {
   private pickRuntime(name: CreateOptions['runtime']): Runtime {
     if (name === undefined || name === 'auto') return this.ctx.defaultRuntime;
     const r = this.ctx.runtimes.get(name);
-    if (!r) throw new ApiError('bad_request', `the ${name} runtime is not available on this server (see \`podflare doctor\`)`, 'runtime');
+    if (!r) throw new SandboxError('bad_request', `the ${name} runtime is not available on this server (see \`podflare doctor\`)`, { field: 'runtime' });
     return r;
   }
 

@@ -1,6 +1,6 @@
 /** Finding sandboxes by id (with the error a user should see) and listing their records and infos. */
 import type { SandboxInfo } from '@podflare/protocol';
-import { ApiError } from '../errors.js';
+import { SandboxError } from '../runtime/sandbox-error.js';
 import { limitsInfo } from '../limits.js';
 import type { SandboxRecord } from '../store/store.js';
 import type { ManagerContext } from './context.js';
@@ -18,10 +18,10 @@ export class SandboxLookup {
     if (s && (owner === undefined || s.record.owner === owner)) return s;
     const record = await this.ctx.store.get(id);
     if (!record || (owner !== undefined && record.owner !== owner) || record.state === 'merged') {
-      throw new ApiError('not_found', `sandbox ${id} not found`);
+      throw new SandboxError('not_found', `sandbox ${id} not found`);
     }
     if (record.state === 'frozen') return record;
-    throw new ApiError('sandbox_gone', `sandbox ${id} is gone (${record.state}${record.endReason ? `: ${record.endReason}` : ''})`);
+    throw new SandboxError('sandbox_gone', `sandbox ${id} is gone (${record.state}${record.endReason ? `: ${record.endReason}` : ''})`);
   }
 
   /** A live sandbox's record, else the store's (ended ones too). */
@@ -31,7 +31,7 @@ export class SandboxLookup {
 
   async info(id: string, owner?: string): Promise<SandboxInfo> {
     const record = await this.record(id);
-    if (!record || (owner !== undefined && record.owner !== owner) || record.state === 'merged') throw new ApiError('not_found', `sandbox ${id} not found`);
+    if (!record || (owner !== undefined && record.owner !== owner) || record.state === 'merged') throw new SandboxError('not_found', `sandbox ${id} not found`);
     return this.toInfo(record, await this.ctx.store.children(id));
   }
 

@@ -4,7 +4,7 @@
  * cold: a policy is per sandbox, no pool serves it.
  */
 import { isEgressPolicy, type EgressSetting } from '@podflare/protocol';
-import { ApiError } from '../errors.js';
+import { SandboxError } from '../runtime/sandbox-error.js';
 import { WarmPool, type PoolKey, type PoolMissReason } from '../pool.js';
 import type { Runtime, RuntimeSandbox } from '../runtime/runtime.js';
 import type { ManagerContext } from './context.js';
@@ -45,7 +45,7 @@ export class PoolUse {
   async acquire(runtime: Runtime, template: string, egress: EgressSetting): Promise<{ rt: RuntimeSandbox; poolMiss?: CreateMissReason }> {
     if (isEgressPolicy(egress)) {
       // A policy is per sandbox: no pool serves it.
-      if (!runtime.capabilities.egressPolicy) throw new ApiError('bad_request', `the ${runtime.name} runtime cannot enforce egress allowlists`, 'egress');
+      if (!runtime.capabilities.egressPolicy) throw new SandboxError('bad_request', `the ${runtime.name} runtime cannot enforce egress allowlists`, { field: 'egress' });
       return { rt: await this.startOnDemand(runtime.name, template, egress), poolMiss: 'egress_policy' };
     }
     const key: PoolKey = { runtime: runtime.name, template, egress };
@@ -98,7 +98,7 @@ export class PoolUse {
       try {
         return await this.startRuntimeSandbox(runtime, template, egress);
       } catch (err) {
-        throw new ApiError('unavailable', `could not start a sandbox: ${(err as Error).message}`, undefined, { 'Retry-After': '1' });
+        throw new SandboxError('unavailable', `could not start a sandbox: ${(err as Error).message}`, { retryAfterSeconds: 1 });
       }
     }
   }
