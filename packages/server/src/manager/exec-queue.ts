@@ -1,6 +1,7 @@
 /**
  * Running code in a sandbox: one exec at a time per sandbox (its queue), limit kills reported as
- * such, the exit returned (never emitted) so it reaches the caller once, every exec timed and recorded for the dashboard's history; and interrupting the one running.
+ * such, the exit returned (never emitted) so it reaches the caller once, every exec timed and
+ * recorded for the dashboard's history; and interrupting the one running.
  */
 import { KILLED_EXIT_CODE, TIMEOUT_EXIT_CODE, type AgentRequestBody, type ExecStreamMessage } from '@podflare/protocol';
 import type { ExecEventSink, ExecOutputMessage } from '../agent-channel.js';
@@ -52,7 +53,8 @@ export class ExecQueue {
       } finally {
         timed();
         recorded.end(exit);
-        metrics.execs.inc({ language: body.language, outcome: exit.code === 0 ? 'ok' : exit.code === TIMEOUT_EXIT_CODE ? 'timeout' : 'error' });
+        const outcome = exit.code === 0 ? 'ok' : exit.code === TIMEOUT_EXIT_CODE ? 'timeout' : 'error';
+        metrics.execs.inc({ language: body.language, outcome });
         s.running--;
         s.record.lastActiveAt = Date.now();
         if (live.has(s.record.id)) this.setState(s, 'ready');

@@ -45,7 +45,10 @@ export class ForkMerge {
     const { config, metrics, store, counters, changes } = this.ctx;
     const specs = Array.from({ length: n }, () => {
       const id = newSandboxId();
-      return { id, template: s.record.template, egress: s.record.egress, hostname: `sbx-${id.slice(4, 16)}`, limits: s.record.limits ?? config.defaultLimits };
+      return {
+        id, template: s.record.template, egress: s.record.egress, hostname: `sbx-${id.slice(4, 16)}`,
+        limits: s.record.limits ?? config.defaultLimits,
+      };
     });
     let children: RuntimeSandbox[];
     const timed = metrics.forkSeconds.time();
@@ -141,7 +144,9 @@ export class ForkMerge {
 
   /** The files that differ between two sandboxes of one runtime (one diff per sandbox at a time). */
   diffFiles(a: LiveSandbox, b: LiveSandbox, opts: { paths?: string[]; content?: boolean }) {
-    if (a.runtime !== b.runtime) throw new SandboxError('bad_request', `cannot diff a ${a.runtime.name} sandbox against a ${b.runtime.name} sandbox`);
+    if (a.runtime !== b.runtime) {
+      throw new SandboxError('bad_request', `cannot diff a ${a.runtime.name} sandbox against a ${b.runtime.name} sandbox`);
+    }
     const diff = () => a.runtime.diff(a.rt, b.rt, opts);
     if (a === b) return a.diffs.run(diff);
     // Both queues, always taken in the same order (by id): two opposite diffs cannot deadlock.

@@ -27,7 +27,8 @@ export class Freezer {
     const { live, store, counters, log } = this.ctx;
     const freeze = s.runtime.freeze?.bind(s.runtime);
     if (!freeze || !s.runtime.capabilities.freeze) {
-      throw new SandboxError('bad_request', `the ${s.runtime.name} runtime cannot freeze a sandbox (its processes' memory has no way to disk here)`);
+      throw new SandboxError('bad_request',
+        `the ${s.runtime.name} runtime cannot freeze a sandbox (its processes' memory has no way to disk here)`);
     }
     await s.queue.run(async () => {
       if (live.get(s.record.id) !== s) throw new SandboxError('sandbox_gone', `sandbox ${s.record.id} is gone`);
@@ -59,7 +60,9 @@ export class Freezer {
       p = (async () => {
         if (this.ctx.status.closing) throw new SandboxError('unavailable', 'the server is shutting down');
         const runtime = this.ctx.runtimes.get(record.runtime);
-        if (!runtime?.resume) throw new SandboxError('unavailable', `the ${record.runtime} runtime is not available on this server to resume sandbox ${record.id}`);
+        if (!runtime?.resume) {
+          throw new SandboxError('unavailable', `the ${record.runtime} runtime is not available on this server to resume sandbox ${record.id}`);
+        }
         const dir = this.frozenDir(record.id);
         const rt = await runtime.resume({
           id: record.id, template: record.template, egress: record.egress, hostname: `sbx-${record.id.slice(4, 16)}`,

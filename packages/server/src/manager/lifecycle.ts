@@ -75,7 +75,9 @@ export class Lifecycle {
   async create(opts: CreateOptions): Promise<Created> {
     if (this.ctx.status.closing) throw new SandboxError('unavailable', 'the server is shutting down');
     const template = opts.template ?? DEFAULT_TEMPLATE;
-    if (template !== DEFAULT_TEMPLATE) throw new SandboxError('bad_request', `unknown template "${template}" (available: ${DEFAULT_TEMPLATE})`, { field: 'template' });
+    if (template !== DEFAULT_TEMPLATE) {
+      throw new SandboxError('bad_request', `unknown template "${template}" (available: ${DEFAULT_TEMPLATE})`, { field: 'template' });
+    }
     const runtime = this.pickRuntime(opts.runtime);
     const release = this.capacity.reserve(opts.owner, 1);
     try {
@@ -124,7 +126,9 @@ export class Lifecycle {
   private pickRuntime(name: CreateOptions['runtime']): Runtime {
     if (name === undefined || name === 'auto') return this.ctx.defaultRuntime;
     const r = this.ctx.runtimes.get(name);
-    if (!r) throw new SandboxError('bad_request', `the ${name} runtime is not available on this server (see \`podflare doctor\`)`, { field: 'runtime' });
+    if (!r) {
+      throw new SandboxError('bad_request', `the ${name} runtime is not available on this server (see \`podflare doctor\`)`, { field: 'runtime' });
+    }
     return r;
   }
 

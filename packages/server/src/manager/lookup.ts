@@ -31,7 +31,9 @@ export class SandboxLookup {
 
   async info(id: string, owner?: string): Promise<SandboxInfo> {
     const record = await this.record(id);
-    if (!record || (owner !== undefined && record.owner !== owner) || record.state === 'merged') throw new SandboxError('not_found', `sandbox ${id} not found`);
+    if (!record || (owner !== undefined && record.owner !== owner) || record.state === 'merged') {
+      throw new SandboxError('not_found', `sandbox ${id} not found`);
+    }
     return this.toInfo(record, await this.ctx.store.children(id));
   }
 

@@ -45,7 +45,9 @@ export class PoolUse {
   async acquire(runtime: Runtime, template: string, egress: EgressSetting): Promise<{ rt: RuntimeSandbox; poolMiss?: CreateMissReason }> {
     if (isEgressPolicy(egress)) {
       // A policy is per sandbox: no pool serves it.
-      if (!runtime.capabilities.egressPolicy) throw new SandboxError('bad_request', `the ${runtime.name} runtime cannot enforce egress allowlists`, { field: 'egress' });
+      if (!runtime.capabilities.egressPolicy) {
+        throw new SandboxError('bad_request', `the ${runtime.name} runtime cannot enforce egress allowlists`, { field: 'egress' });
+      }
       return { rt: await this.startOnDemand(runtime.name, template, egress), poolMiss: 'egress_policy' };
     }
     const key: PoolKey = { runtime: runtime.name, template, egress };
@@ -56,7 +58,8 @@ export class PoolUse {
     const rt = await this.startOnDemand(runtime.name, template, egress);
     // A miss the configuration asks for is no news; one the pool could not keep up with is.
     const level = poolMiss === 'pool_off' ? 'debug' : 'info';
-    this.ctx.log[level]('create missed the warm pool', { reason: poolMiss, template, egress, runtime: runtime.name, ms: Math.round(performance.now() - t0) });
+    const ms = Math.round(performance.now() - t0);
+    this.ctx.log[level]('create missed the warm pool', { reason: poolMiss, template, egress, runtime: runtime.name, ms });
     return { rt, poolMiss };
   }
 
@@ -103,7 +106,9 @@ export class PoolUse {
     }
   }
 
-  private async startRuntimeSandbox(runtimeName: RuntimeKind, template: string, egress: EgressSetting, background = false): Promise<RuntimeSandbox> {
+  private async startRuntimeSandbox(
+    runtimeName: RuntimeKind, template: string, egress: EgressSetting, background = false,
+  ): Promise<RuntimeSandbox> {
     const id = newSandboxId();
     const runtime = this.ctx.runtimes.get(runtimeName);
     if (!runtime) throw new Error(`no ${runtimeName} runtime`);
