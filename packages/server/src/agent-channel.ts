@@ -26,10 +26,10 @@ import { JsonlRpc, type CallStep, type RpcFault } from './jsonl/rpc.js';
 export const MAX_LINE_BYTES = 4 * 1024 * 1024;
 
 export interface Hello { version: number; pid: number; hostname: string }
-type ExitMsg = Extract<ExecStreamMessage, { ev: 'exit' }>;
+type ExitMsg = Extract<ExecStreamMessage, { type: 'exit' }>;
 
 /** An exec's output (stdout, stderr, result, error): the stream before its exit. */
-export type ExecOutputMessage = Exclude<ExecStreamMessage, { ev: 'exit' }>;
+export type ExecOutputMessage = Exclude<ExecStreamMessage, { type: 'exit' }>;
 
 /**
  * Sees one exec output message. Returning a promise holds the channel (no further message is read
@@ -177,7 +177,7 @@ export class AgentChannel extends EventEmitter<{ close: [string]; violation: [st
 
   /** A message without an id: the hello (anything else without an id is a refusal nothing waits for). */
   private onEvent(msg: Record<string, unknown>): void {
-    if (msg.ev !== 'hello') return;
+    if (msg.type !== 'hello') return;
     if (msg.version !== AGENT_PROTOCOL_VERSION) return this.close(`agent speaks protocol ${String(msg.version)}, server ${AGENT_PROTOCOL_VERSION}`);
     this.hello = msg as unknown as Hello;
     for (const w of this.helloWaiters.splice(0)) w(this.hello);
@@ -201,7 +201,7 @@ export class AgentChannel extends EventEmitter<{ close: [string]; violation: [st
     }
     if (op !== 'exec' || !onEvent) return this.fail(`${op}: answered with an exec stream event`);
     const event = msg as unknown as ExecStreamMessage;
-    if (event.ev === 'exit') return { done: true, value: msg };
+    if (event.type === 'exit') return { done: true, value: msg };
     return { done: false, hold: onEvent(event) || undefined };
   }
 

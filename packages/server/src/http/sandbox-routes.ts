@@ -106,10 +106,10 @@ class EventStream {
 
   /** One output message of the exec (its exit comes once, through {@link exit}). */
   output(msg: ExecOutputMessage): Promise<void> | undefined {
-    switch (msg.ev) {
+    switch (msg.type) {
       case 'stdout':
       case 'stderr':
-        return this.emit({ type: msg.ev, data: msg.data });
+        return this.emit({ type: msg.type, data: msg.data });
       case 'result':
         return this.emit({ type: 'result', data: msg.data, is_main_result: msg.is_main_result });
       case 'error':
@@ -118,7 +118,7 @@ class EventStream {
   }
 
   /** The exec's exit: the last event of the stream. */
-  exit(msg: Extract<ExecStreamMessage, { ev: 'exit' }>): void {
+  exit(msg: Extract<ExecStreamMessage, { type: 'exit' }>): void {
     void this.emit({ type: 'exit', data: msg.code, execution_count: msg.execution_count ?? null, state_lost: msg.state_lost ?? false });
   }
 

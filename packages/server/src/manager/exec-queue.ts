@@ -38,9 +38,9 @@ export class ExecQueue {
         if (!rt.limitCounters) return (exit = await rt.channel.exec(body, emit));
         // The error is held back until the exit: if a limit caused the error (or the exit), it is
         // reported as such.
-        let held: Extract<ExecStreamMessage, { ev: 'error' }> | undefined;
+        let held: Extract<ExecStreamMessage, { type: 'error' }> | undefined;
         const result = await rt.channel.exec(body, (m) => {
-          if (m.ev === 'error') held = m;
+          if (m.type === 'error') held = m;
           else return emit(m);
         });
         // Read after every exec (two small cgroup files): a bash child killed for memory

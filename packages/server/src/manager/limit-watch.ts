@@ -12,7 +12,7 @@ export class LimitWatch {
   constructor(private readonly ctx: ManagerContext) {}
 
   /** The limit error for what happened since the last look, if the sandbox ran into a limit. */
-  async hit(s: LiveSandbox, rt: RuntimeSandbox, id: number, original?: Extract<ExecStreamMessage, { ev: 'error' }>) {
+  async hit(s: LiveSandbox, rt: RuntimeSandbox, id: number, original?: Extract<ExecStreamMessage, { type: 'error' }>) {
     if (!rt.limitCounters) return null;
     const before = this.baseline.get(rt) ?? { oomKills: 0, pidsRefused: 0 };
     const after = await rt.limitCounters();
