@@ -3,12 +3,12 @@
  * runtime), how many of its sandboxes to keep warm, and which to warm at start-up. The templates
  * themselves (recipes, layers, the registry) live in image/templates.ts.
  */
-import type { ServerConfig } from './config.js';
-import { ApiError } from './errors.js';
-import { TemplateBuildingError, UnknownTemplateError } from './image/templates.js';
-import { DEFAULT_TEMPLATE_NAME } from './image/template-recipe.js';
-import type { Logger } from './log.js';
-import type { PoolKey } from './pool.js';
+import type { ServerConfig } from '../config.js';
+import { TemplateBuildingError, UnknownTemplateError } from '../image/templates.js';
+import { DEFAULT_TEMPLATE_NAME } from '../image/template-recipe.js';
+import type { Logger } from '../log.js';
+import type { PoolKey } from '../pool.js';
+import { SandboxError } from '../runtime/sandbox-error.js';
 
 /** The part of the TemplateCatalog the manager needs. */
 export interface TemplateLookup {
@@ -25,20 +25,20 @@ export interface TemplateLookup {
  */
 export async function checkTemplate(template: string, runtime: 'ns' | 'vm', templates: TemplateLookup | undefined): Promise<void> {
   if (template === DEFAULT_TEMPLATE_NAME) return;
-  if (!templates) throw new ApiError('bad_request', `unknown template "${template}" (available: ${DEFAULT_TEMPLATE_NAME})`, 'template');
+  if (!templates) throw new SandboxError('bad_request', `unknown template "${template}" (available: ${DEFAULT_TEMPLATE_NAME})`, { field: 'template' });
   try {
     await templates.check(template);
   } catch (err) {
-    if (err instanceof UnknownTemplateError) throw new ApiError('bad_request', err.message, 'template');
+    if (err instanceof UnknownTemplateError) throw new SandboxError('bad_request', err.message, { field: 'template' });
     throw err;
   }
   if (runtime === 'vm') {
-    throw new ApiError('bad_request', `the vm runtime starts only the "${DEFAULT_TEMPLATE_NAME}" template; "${template}" is built for the namespace runtime (ask for runtime "ns")`, 'template');
+    throw new SandboxError('bad_request', `the vm runtime starts only the "${DEFAULT_TEMPLATE_NAME}" template; "${template}" is built for the namespace runtime (ask for runtime "ns")`, { field: 'template' });
   }
   try {
     await templates.ensureReady?.(template);
   } catch (err) {
-    if (err instanceof TemplateBuildingError) throw new ApiError('unavailable', err.message, 'template', { 'Retry-After': '30' });
+    if (err instanceof TemplateBuildingError) throw new SandboxError('unavailable', err.message, { field: 'template', retryAfterSeconds: 30 });
     throw err;
   }
 }
