@@ -25,7 +25,8 @@ export async function measureTemplates(opts: { imagesDir: string; quick: boolean
       }, { ...process.env, PODFLARE_API_KEYS: '' });
       const server = await startServer(config);
       try {
-        const listed = ((await (await fetch(server.url + '/v1/templates')).json()) as { templates: Array<{ name: string; built: boolean; size_bytes: number | null; kind: string }> }).templates;
+        type Listed = { templates: Array<{ name: string; built: boolean; size_bytes: number | null; kind: string }> };
+        const listed = ((await (await fetch(server.url + '/v1/templates')).json()) as Listed).templates;
         for (const t of listed) if (!sizes.has(t.name)) sizes.set(t.name, t);
         if (!listed.find((t) => t.name === template)?.built) {
           notes.push(`templates: ${template} is not built (podflare template build ${template}): not measured`);

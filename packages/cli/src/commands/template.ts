@@ -64,7 +64,8 @@ export const templateCommand: Command = {
         });
         reporter.finish();
         if (values.quiet && !reporter.worked) return EXIT_OK;
-        process.stdout.write(`template ${record.name} ready (${formatMs(Date.now() - started)}, ${size(record.sizeBytes ?? null)} over the default image)\n  layer: ${record.layers[0]}\n`);
+        const took = formatMs(Date.now() - started);
+        process.stdout.write(`template ${record.name} ready (${took}, ${size(record.sizeBytes ?? null)} over the default image)\n  layer: ${record.layers[0]}\n`);
         return EXIT_OK;
       } finally {
         reporter.finish();

@@ -117,7 +117,8 @@ export async function buildTemplateLayer(
     await rm(dirs.work, { recursive: true, force: true });
     await rm(dirs.inputs, { recursive: true, force: true });
     await rm(dirs.merged, { recursive: true, force: true });
-    await writeFile(path.join(tmp, 'template.json'), JSON.stringify({ hash, baseHash: base.hash, base: base.rootfs, builtAt: new Date().toISOString(), recipe }, null, 2) + '\n');
+    const about = { hash, baseHash: base.hash, base: base.rootfs, builtAt: new Date().toISOString(), recipe };
+    await writeFile(path.join(tmp, 'template.json'), JSON.stringify(about, null, 2) + '\n');
     await rename(tmp, target).catch(async (err: NodeJS.ErrnoException) => {
       // Another process built the same layer meanwhile: theirs is as good.
       if ((err.code === 'ENOTEMPTY' || err.code === 'EEXIST') && (await isDir(target))) return removeTree(tmp);
@@ -173,7 +174,8 @@ async function runBuild(
   };
   // setpriv --pdeathsig: if the server dies, the build dies too (and its namespace, mounts and all).
   const setpriv = existsSync('/usr/bin/setpriv') ? ['/usr/bin/setpriv', '--pdeathsig', 'KILL', '--'] : [];
-  const [cmd, ...args] = [...setpriv, 'unshare', '--mount', '--propagation', 'private', '--', 'bash', '-c', BUILD_SCRIPT] as unknown as [string, ...string[]];
+  const [cmd, ...args] = [...setpriv, 'unshare', '--mount', '--propagation', 'private', '--', 'bash', '-c', BUILD_SCRIPT] as unknown as
+    [string, ...string[]];
   const code = await new Promise<number>((resolve, reject) => {
     const child = spawn(cmd, args, {
       stdio: ['ignore', 'pipe', 'pipe'],

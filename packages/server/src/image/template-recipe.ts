@@ -111,7 +111,9 @@ export async function parseRecipe(raw: unknown, baseDir: string): Promise<Templa
   if (!raw || typeof raw !== 'object' || Array.isArray(raw)) throw new RecipeError('a recipe is a JSON object');
   const r = raw as Record<string, unknown>;
   const unknown = Object.keys(r).filter((k) => !KNOWN_KEYS.has(k));
-  if (unknown.length) throw new RecipeError(`unknown recipe field${unknown.length > 1 ? 's' : ''}: ${unknown.join(', ')} (known: ${[...KNOWN_KEYS].join(', ')})`);
+  if (unknown.length) {
+    throw new RecipeError(`unknown recipe field${unknown.length > 1 ? 's' : ''}: ${unknown.join(', ')} (known: ${[...KNOWN_KEYS].join(', ')})`);
+  }
   const name = r.name;
   if (typeof name !== 'string' || !TEMPLATE_NAME_PATTERN.test(name)) {
     throw new RecipeError(`"name" must match ${TEMPLATE_NAME_PATTERN.source} (lower case, digits, dashes), got ${JSON.stringify(name)}`);
@@ -154,7 +156,9 @@ export async function parseRecipe(raw: unknown, baseDir: string): Promise<Templa
     if (!dest.startsWith('/') || normal !== dest.replace(/\/+$/, '') || normal === '/' || dest.split('/').includes('..')) {
       throw new RecipeError(`"files": dest ${JSON.stringify(dest)} must be a normalized absolute path below /`);
     }
-    if (FORBIDDEN_DESTS.some((p) => normal === p || normal.startsWith(`${p}/`))) throw new RecipeError(`"files": ${normal} is reserved (${FORBIDDEN_DESTS.join(', ')})`);
+    if (FORBIDDEN_DESTS.some((p) => normal === p || normal.startsWith(`${p}/`))) {
+      throw new RecipeError(`"files": ${normal} is reserved (${FORBIDDEN_DESTS.join(', ')})`);
+    }
     const abs = path.resolve(baseDir, src);
     try {
       const st = await stat(abs);

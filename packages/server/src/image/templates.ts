@@ -136,7 +136,7 @@ export async function buildTemplate(recipe: TemplateRecipe, opts: BuildTemplateO
     // One build of the images directory at a time (the base's builder takes the same lock).
     const lock = await acquireLock(path.join(opts.imagesDir, LOCK_NAME), {
       signal: opts.signal,
-      onWait: (holder) => report(holder ? `another process (pid ${holder.pid}) is building an image; waiting` : 'another process is building an image; waiting'),
+      onWait: (holder) => report(`another process${holder ? ` (pid ${holder.pid})` : ''} is building an image; waiting`),
     });
     try {
       await removeDeadBuilds(opts.imagesDir, opts.log);
@@ -222,7 +222,8 @@ export class TemplateCatalog {
   private build(name: string, recipe: TemplateRecipe): { promise: Promise<TemplateRecord>; startedAt: number } {
     let b = this.building.get(name);
     if (!b) {
-      b = { promise: buildTemplate(recipe, { imagesDir: this.opts.imagesDir, base: this.opts.base, log: this.opts.log, onProgress: this.opts.onProgress }), startedAt: Date.now() };
+      const { imagesDir, base, log, onProgress } = this.opts;
+      b = { promise: buildTemplate(recipe, { imagesDir, base, log, onProgress }), startedAt: Date.now() };
       this.building.set(name, b);
       // Kept once built (the lookup is then instant); a failed build is retried next time.
       b.promise.catch((err: Error) => {

@@ -33,7 +33,9 @@ export async function checkTemplate(template: string, runtime: 'ns' | 'vm', temp
     throw err;
   }
   if (runtime === 'vm') {
-    throw new SandboxError('bad_request', `the vm runtime starts only the "${DEFAULT_TEMPLATE_NAME}" template; "${template}" is built for the namespace runtime (ask for runtime "ns")`, { field: 'template' });
+    throw new SandboxError('bad_request',
+      `the vm runtime starts only the "${DEFAULT_TEMPLATE_NAME}" template; "${template}" is built for the namespace runtime (ask for runtime "ns")`,
+      { field: 'template' });
   }
   try {
     await templates.ensureReady?.(template);
