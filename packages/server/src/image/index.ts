@@ -25,6 +25,7 @@ import { processesWithFilesUnder, vmRootHash } from './vm-image.js';
 import type { ImageProgress, ImageStage } from './progress.js';
 import { baseRecipe, recipeHash } from './recipe.js';
 import { readRegistry } from './templates.js';
+import { BUILTIN_TEMPLATES as BUILTINS, templateHash } from './template-recipe.js';
 import { formatBytes, isDir, pathInUse, processesUsing, removeTree, treeSize } from './tree.js';
 
 export { ImageBuildError } from './build.js';
@@ -243,6 +244,7 @@ export async function pruneImages(opts: { imagesDir: string; agentDir: string; d
     const currentAgent = files.length && (await isDir(rootfs)) ? `agent-${await agentHash(files, await basePythonTag(rootfs))}` : undefined;
     // Bases that user templates were built over (their layers sit on them).
     const templateBases = new Set((await readRegistry(imagesDir)).flatMap((r) => r.layers).map((l) => path.dirname(l)));
+    const currentBuiltins = new Set(await Promise.all(Object.values(BUILTINS).map(async (r) => `tpl-${await templateHash(r, baseHash)}`)));
     const kernels = [];
     for (const name of await readdir(imagesDir)) {
       if (/^vmkernel-[0-9a-f]{12}$/.test(name)) kernels.push({ name, mtime: (await stat(path.join(imagesDir, name))).mtimeMs });
@@ -262,9 +264,14 @@ export async function pruneImages(opts: { imagesDir: string; agentDir: string; d
         result.removed.push({ path: full, bytes });
         continue;
       }
-      const isImage = /^(base|agent)-[0-9a-f]{12}$/.test(name);
-      const isFailedLog = /^base-[0-9a-f]{12}\.failed\.log$/.test(name);
+      const isImage = /^(base|agent|tpl)-[0-9a-f]{12}$/.test(name);
+      const isFailedLog = /^(base|tpl)-[0-9a-f]{12}\.failed\.log$/.test(name);
       if (!isImage && !isFailedLog) continue;
+      // Template layers: those a registered template or a built-in over the current base uses.
+      if (name.startsWith('tpl-') && isImage && (templateBases.has(full) || currentBuiltins.has(name))) {
+        result.kept.push({ path: full, reason: 'a template uses it' });
+        continue;
+      }
       if (name === `base-${baseHash}` || name === currentAgent) {
         result.kept.push({ path: full, reason: 'current' });
         continue;
