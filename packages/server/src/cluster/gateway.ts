@@ -27,6 +27,7 @@ import { migrate } from '../store/pg-migrations.js';
 import { HostTable, type HostView } from './host-table.js';
 import { acquireLease, LEASE_GUARD } from './lease.js';
 import { checkNodeToken } from './node-token.js';
+import { NodeProber } from './node-prober.js';
 import { claimSlot, pickByLoad } from './placement.js';
 import { NodeUnreachableError, pipeAnswer, readAnswer, sendToNode, type ForwardRequest } from './proxy.js';
 
@@ -78,6 +79,7 @@ export async function startGateway(config: ServerConfig, opts: GatewayOptions): 
   const hosts = new HostTable(db, { hostTtlMs: opts.hostTtlMs, onError: (err) => log.debug('host table read failed', { error: err.message }) });
   await hosts.start();
   const gateway = new Gateway(config, opts, nodeToken, db, hosts, log);
+  gateway.prober.start();
   const server = http.createServer({ noDelay: true, keepAliveTimeout: 65_000, maxHeaderSize: 16 * 1024 }, (req, res) => gateway.handle(req, res));
   server.headersTimeout = 30_000;
   server.requestTimeout = 0;
@@ -97,12 +99,13 @@ export async function startGateway(config: ServerConfig, opts: GatewayOptions): 
     close() {
       closing ??= (async () => {
         clearInterval(janitor);
+        gateway.prober.close();
         await Promise.all((opts.mounts ?? []).map((m) => m.close?.().catch(() => {})));
         const closed = new Promise<void>((resolve) => server.close(() => resolve()));
         server.closeIdleConnections();
         server.closeAllConnections();
         await closed;
-        gateway.agent.destroy();
+        gateway.destroyAgents();
         await hosts.close();
         await db.end();
       })();
@@ -112,7 +115,9 @@ export async function startGateway(config: ServerConfig, opts: GatewayOptions): 
 }
 
 class Gateway {
-  readonly agent = new http.Agent({ keepAlive: true, maxSockets: 256, keepAliveMsecs: 10_000 });
+  /** Keep-alive connections per host, dropped whole when the host becomes unreachable from here. */
+  private readonly agents = new Map<string, http.Agent>();
+  readonly prober: NodeProber;
   private readonly keys: KeyRing;
   private readonly guard: BrowserGuard;
   /** Sandbox id → host id. Sandboxes never move between hosts, so an entry stays right while its sandbox lives. */
@@ -131,6 +136,29 @@ class Gateway {
   ) {
     this.keys = new KeyRing(config.apiKeys);
     this.guard = new BrowserGuard({ allowedHosts: config.allowedHosts, allowedOrigins: config.allowedOrigins });
+    this.prober = new NodeProber(hosts, {
+      timeoutMs: opts.connectTimeoutMs ?? 2000,
+      onUnreachable: (hostId) => {
+        log.warn('a node is unreachable from this gateway; its sandboxes answer 503 until it is back', { host: hostId });
+        // Requests in flight there (and idle pooled sockets) would wait forever across a partition.
+        this.agents.get(hostId)?.destroy();
+        this.agents.delete(hostId);
+      },
+    });
+  }
+
+  private agentFor(hostId: string): http.Agent {
+    let agent = this.agents.get(hostId);
+    if (!agent) {
+      agent = new http.Agent({ keepAlive: true, maxSockets: 256, keepAliveMsecs: 10_000 });
+      this.agents.set(hostId, agent);
+    }
+    return agent;
+  }
+
+  destroyAgents(): void {
+    for (const agent of this.agents.values()) agent.destroy();
+    this.agents.clear();
   }
 
   handle(req: IncomingMessage, res: ServerResponse): void {
@@ -174,7 +202,7 @@ class Gateway {
   }
 
   private target(h: HostView) {
-    return { address: h.address, nodeToken: this.nodeToken, agent: this.agent, connectTimeoutMs: this.opts.connectTimeoutMs ?? 2000 };
+    return { address: h.address, nodeToken: this.nodeToken, agent: this.agentFor(h.id), connectTimeoutMs: this.opts.connectTimeoutMs ?? 2000 };
   }
 
   private unavailable(hostId: string, why: string): ApiError {
@@ -233,9 +261,15 @@ class Gateway {
   }
 
   private async forwardTo(hostId: string, request: ForwardRequest): Promise<IncomingMessage> {
-    const h = this.hosts.get(hostId);
+    let h = this.hosts.get(hostId);
+    if (!h || !this.hosts.isFresh(h)) {
+      // Only on the failure path: the view may be up to one refresh behind a node that came back.
+      await this.hosts.refresh();
+      h = this.hosts.get(hostId);
+    }
     if (!h) throw this.unavailable(hostId, 'is not registered');
     if (!this.hosts.isFresh(h)) throw this.unavailable(hostId, `stopped heartbeating ${Math.round(this.hosts.ageOf(h) / 1000)} s ago`);
+    if (!this.prober.isReachable(hostId)) throw this.unavailable(hostId, 'cannot be reached from this gateway (its health probes fail)');
     try {
       return await sendToNode(this.target(h), request);
     } catch (err) {
@@ -245,7 +279,7 @@ class Gateway {
   }
 
   private async toAnyHost(req: IncomingMessage, res: ServerResponse): Promise<void> {
-    const live = this.hosts.placeable();
+    const live = this.hosts.placeable().filter((h) => this.prober.isReachable(h.id));
     const h = live[Math.floor(Math.random() * live.length)];
     if (!h) throw new ApiError('no_capacity', 'no host of the cluster is up', undefined, { 'Retry-After': '2' });
     pipeAnswer(await sendToNode(this.target(h), { method: req.method ?? 'GET', path: req.url ?? '/', headers: req.headers, body: null }), res);
@@ -256,7 +290,7 @@ class Gateway {
     const all = this.hosts.all();
     const unavailable: string[] = [];
     const lists = await Promise.all(all.map(async (h) => {
-      if (!this.hosts.isFresh(h)) { unavailable.push(h.id); return []; }
+      if (!this.hosts.isFresh(h) || !this.prober.isReachable(h.id)) { unavailable.push(h.id); return []; }
       try {
         const answer = await sendToNode(this.target(h), { method: 'GET', path: req.url ?? '/', headers: req.headers, body: null });
         const body = JSON.parse((await readAnswer(answer, 64 * 1024 * 1024)).toString('utf8')) as Record<string, unknown>;
@@ -293,7 +327,8 @@ class Gateway {
     const template = typeof spec.template === 'string' ? spec.template : 'default';
     const payload = Buffer.from(JSON.stringify(spec));
     const headers = { ...req.headers, 'content-type': 'application/json' };
-    const excluded: string[] = [];
+    // Hosts this gateway cannot reach take nothing from it, whatever their heartbeats say.
+    const excluded: string[] = this.hosts.all().filter((h) => !this.prober.isReachable(h.id)).map((h) => h.id);
     this.counters.creates++;
     let lastRefusal: { status: number; body: Buffer; headers: http.IncomingHttpHeaders } | null = null;
     for (let attempt = 0; attempt < (this.opts.createAttempts ?? 4); attempt++) {
@@ -331,7 +366,7 @@ class Gateway {
     }
     if (key !== undefined) await this.releaseIdempotencyKey(owner, key);
     const why = lastRefusal ? `; the last refusal: ${lastRefusal.body.toString('utf8').slice(0, 300)}` : '';
-    throw new ApiError('no_capacity', `no host of the cluster could take the sandbox (${excluded.length} tried)${why}`, undefined, { 'Retry-After': '2' });
+    throw new ApiError('no_capacity', `no host of the cluster could take the sandbox (${excluded.length} excluded)${why}`, undefined, { 'Retry-After': '2' });
   }
 
   /** A warm slot's host, else the best of a few by load; null when no host is left. */
@@ -397,7 +432,7 @@ class Gateway {
   private hostsAnswer(res: ServerResponse): void {
     sendJson(res, 200, {
       hosts: this.hosts.all().sort((a, b) => a.id.localeCompare(b.id)).map((h) => ({
-        id: h.id, address: h.address, ready: h.ready, draining: h.draining, fresh: this.hosts.isFresh(h),
+        id: h.id, address: h.address, ready: h.ready, draining: h.draining, fresh: this.hosts.isFresh(h), reachable: this.prober.isReachable(h.id),
         heartbeat_age_ms: Math.round(this.hosts.ageOf(h)), live: h.live, capacity: h.capacity,
         pool: { ready: h.poolReady, target: h.poolTarget },
       })),

@@ -35,6 +35,8 @@ export class HostTable {
   private frozenAt = 0;
   private timer: NodeJS.Timeout | undefined;
   private listener: pg.PoolClient | undefined;
+  private listening = false;
+  private closed = false;
   private refreshing: Promise<void> | null = null;
   private again = false;
   readonly hostTtlMs: number;
@@ -46,19 +48,29 @@ export class HostTable {
   async start(): Promise<void> {
     await this.refresh();
     this.timer = setInterval(() => void this.refresh(), this.opts.refreshMs ?? 500);
-    await this.listen();
   }
 
   /** LISTENs on its own connection; re-established after the database comes back. */
   private async listen(): Promise<void> {
+    if (this.listening || this.closed) return;
+    this.listening = true;
+    let client: pg.PoolClient | undefined;
     try {
-      const client = await this.db.connect();
-      client.on('notification', () => void this.refresh());
-      client.on('error', () => { client.release(true); if (this.listener === client) this.listener = undefined; });
-      await client.query(`LISTEN ${HOSTS_CHANNEL}`);
-      this.listener = client;
+      client = await this.db.connect();
+      const mine = client;
+      mine.on('notification', () => void this.refresh());
+      mine.on('error', () => {
+        if (this.listener === mine) this.listener = undefined;
+        mine.release(true);
+      });
+      await mine.query(`LISTEN ${HOSTS_CHANNEL}`);
+      if (this.closed) mine.release(true);
+      else this.listener = mine;
     } catch (err) {
+      client?.release(true);
       this.opts.onError?.(err as Error);
+    } finally {
+      this.listening = false;
     }
   }
 
@@ -115,6 +127,7 @@ export class HostTable {
   }
 
   async close(): Promise<void> {
+    this.closed = true;
     clearInterval(this.timer);
     await this.refreshing;
     if (this.listener) {
