@@ -10,6 +10,7 @@ import { after, before, describe, it } from 'node:test';
 import { Client as McpClient } from '@modelcontextprotocol/sdk/client/index.js';
 import { StreamableHTTPClientTransport } from '@modelcontextprotocol/sdk/client/streamableHttp.js';
 import type { CallToolResult } from '@modelcontextprotocol/sdk/types.js';
+import { SANDBOX_ID_SOURCE } from '@podflare/protocol/sandbox';
 import { Sandbox } from 'podflare';
 import { startCluster, type TestCluster } from './helpers/cluster.js';
 
@@ -135,8 +136,9 @@ describe('cluster: the API through gateways', () => {
     const result = (await client.callTool({ name: 'run_python', arguments: { code: 'print(6 * 7)' } })) as CallToolResult;
     const text = result.content.flatMap((c) => (c.type === 'text' ? [c.text] : [])).join('\n');
     assert.match(text, /42/);
-    const id = /sbx_[0-9a-f]{32}/.exec(text)?.[0] ?? /sbx_[0-9a-f]{32}/.exec(JSON.stringify(result))?.[0];
-    if (id) assert.match(hostOf(id), /^node-\d$/);
+    const id = new RegExp(SANDBOX_ID_SOURCE).exec(JSON.stringify(result))?.[0];
+    assert.ok(id, 'the tool names the sandbox it used');
+    assert.match(hostOf(id), /^node-\d$/);
     await transport.terminateSession();
     await client.close();
   });
