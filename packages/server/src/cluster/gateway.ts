@@ -17,7 +17,7 @@ import type { AddressInfo } from 'node:net';
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import pg from 'pg';
 import type { ServerConfig } from '../config.js';
-import { ApiError } from '../errors.js';
+import { ApiError } from '../http/api-error.js';
 import { bearerKey, KeyRing } from '../http/auth.js';
 import { readJson, sendJson } from '../http/body.js';
 import { BrowserGuard } from '../http/browser-guard.js';
