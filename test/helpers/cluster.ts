@@ -143,7 +143,8 @@ export async function startCluster(opts: ClusterOptions = {}): Promise<TestClust
         id, netns, ip, hostIp, stateDir,
         pid: () => proc?.child.pid ?? -1,
         async start() {
-          const { proc: p } = await spawnUntil('ip', ['netns', 'exec', netns, process.execPath, CLI, 'node',
+          // nsenter, not `ip netns exec`: that one mounts a fresh /sys, hiding the cgroup hierarchies.
+          const { proc: p } = await spawnUntil('nsenter', [`--net=/run/netns/${netns}`, process.execPath, CLI, 'node',
             '--host', ip, '--port', String(NODE_PORT), '--advertise', `${ip}:${NODE_PORT}`, '--node-id', id,
             '--state-dir', stateDir, '--images-dir', IMAGES_DIR, '--pool-size', String(opts.poolSize ?? 1), '--log-level', 'warn'],
           { ...baseEnv, PODFLARE_SANDBOX_UID_BASE: String(uidBase), PODFLARE_VM_UID_BASE: String(uidBase + 70_000),
@@ -156,7 +157,7 @@ export async function startCluster(opts: ClusterOptions = {}): Promise<TestClust
           await stopProc(proc, 'SIGTERM');
         },
         signal(sig) { proc?.child.kill(sig); },
-        inNetns: (...args) => execFileSync('ip', ['netns', 'exec', netns, ...args], { stdio: 'pipe' }).toString(),
+        inNetns: (...args) => execFileSync('nsenter', [`--net=/run/netns/${netns}`, ...args], { stdio: 'pipe' }).toString(),
         direct: (method, p, body) => fetch(`http://${ip}:${NODE_PORT}${p}`, {
           method, body: body === undefined ? undefined : JSON.stringify(body),
           headers: { authorization: `Bearer ${CLUSTER_API_KEY}`, 'x-podflare-node-token': NODE_TOKEN, ...(body === undefined ? {} : { 'content-type': 'application/json' }) },
