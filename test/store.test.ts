@@ -9,6 +9,8 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
+import { acquireLease, LEASE_GUARD } from '../packages/server/dist/cluster/lease.js';
+import { claimSlot } from '../packages/server/dist/cluster/placement.js';
 import { PgStore } from '../packages/server/dist/store/pg-store.js';
 import { SqliteStore } from '../packages/server/dist/store/sqlite-store.js';
 import type { SandboxRecord, SandboxStore } from '../packages/server/dist/store/store.js';
@@ -151,5 +153,50 @@ describe('PostgreSQL store in the cluster', () => {
 
   it('a wrong database address fails to open with the driver\'s error', async () => {
     await assert.rejects(PgStore.open({ connectionString: `postgres://postgres@/podflare?host=${encodeURIComponent('/nonexistent')}&port=1` }));
+  });
+
+  it('warm slots: concurrent claims (FOR UPDATE SKIP LOCKED) take each slot once, only from fresh, ready, non-draining hosts', async () => {
+    const store = await PgStore.open({ connectionString: pgServer.url });
+    const db = store.connections;
+    await db.query(`INSERT INTO hosts (id, address, ready, draining, heartbeat_at) VALUES
+      ('slot-a', 'a:1', true, false, now()), ('slot-b', 'b:1', true, false, now()),
+      ('slot-stale', 's:1', true, false, now() - interval '1 hour'), ('slot-draining', 'd:1', true, true, now()),
+      ('slot-starting', 'n:1', false, false, now())`);
+    for (const h of ['slot-a', 'slot-b', 'slot-stale', 'slot-draining', 'slot-starting']) {
+      await db.query(`INSERT INTO slots (host_id, template) SELECT $1, 'slot-test' FROM generate_series(1, 25)`, [h]);
+    }
+    const claimed: string[] = [];
+    await Promise.all(Array.from({ length: 8 }, async () => {
+      for (;;) {
+        const host = await claimSlot(db, 'slot-test', 3000, []);
+        if (!host) return;
+        claimed.push(host);
+      }
+    }));
+    assert.equal(claimed.length, 50, 'the 50 slots of the two placeable hosts, each once');
+    assert.deepEqual([...new Set(claimed)].sort(), ['slot-a', 'slot-b']);
+    assert.equal(await claimSlot(db, 'slot-test', 3000, []), null);
+    await db.query(`INSERT INTO slots (host_id, template) VALUES ('slot-a', 'slot-test')`);
+    assert.equal(await claimSlot(db, 'slot-test', 3000, ['slot-a']), null, 'an excluded host is skipped');
+    await store.close();
+  });
+
+  it('a leader lease: one holder at a time, the epoch grows on a change of hands, a lost holder cannot write', async () => {
+    const store = await PgStore.open({ connectionString: pgServer.url });
+    const db = store.connections;
+    const first = await acquireLease(db, 'test-job', 'gw-1', 300);
+    assert.ok(first);
+    assert.equal(await acquireLease(db, 'test-job', 'gw-2', 300), null, 'held by another');
+    assert.equal((await acquireLease(db, 'test-job', 'gw-1', 300))?.epoch, first.epoch, 'a renewal keeps the epoch');
+    await new Promise((r) => setTimeout(r, 400));
+    const second = await acquireLease(db, 'test-job', 'gw-2', 10_000);
+    assert.ok(second && second.epoch === first.epoch + 1, 'expired: taken over with the next epoch');
+    // gw-1 paused past its lease and now writes with its old epoch: the guard refuses.
+    await db.query(`INSERT INTO idempotency_keys (owner, key, created_at) VALUES ('lease-test', 'k', now() - interval '2 days')`);
+    const stale = await db.query(`DELETE FROM idempotency_keys WHERE owner='lease-test' AND ${LEASE_GUARD}`, ['test-job', 'gw-1', first.epoch]);
+    assert.equal(stale.rowCount, 0);
+    const current = await db.query(`DELETE FROM idempotency_keys WHERE owner='lease-test' AND ${LEASE_GUARD}`, ['test-job', 'gw-2', second.epoch]);
+    assert.equal(current.rowCount, 1);
+    await store.close();
   });
 });
