@@ -146,6 +146,22 @@ describe('cluster: the API through gateways', () => {
     await client.close();
   });
 
+  it('hosts, load, pools and each sandbox\'s host: /v1/cluster/hosts, /v1/metrics, the merged list; the dashboard page through a gateway', async () => {
+    const sb = await Sandbox.create(sdk(1));
+    const hosts = (await (await api(1, 'GET', '/v1/cluster/hosts')).json()) as
+      { hosts: Array<{ id: string; live: number; capacity: number; pool: { ready: number; target: number } }> };
+    assert.deepEqual(hosts.hosts.map((h) => h.id), ['node-0', 'node-1', 'node-2']);
+    for (const h of hosts.hosts) assert.ok(h.capacity === 24 && h.pool.target === 1, JSON.stringify(h));
+    const metrics = await (await api(1, 'GET', '/v1/metrics')).text();
+    for (const id of ['node-0', 'node-1', 'node-2']) assert.match(metrics, new RegExp(`podflare_cluster_host_up\\{host="${id}"\\} 1`));
+    const listed = (await (await api(1, 'GET', '/v1/sandboxes')).json()) as { sandboxes: Array<{ id: string; host: string }> };
+    assert.equal(listed.sandboxes.find((s) => s.id === sb.id)?.host, hostOf(sb.id));
+    const page = await fetch(`${cluster.gateways[1]!.url}/`);
+    assert.equal(page.status, 200);
+    assert.match(await page.text(), /<html/i);
+    await sb.close();
+  });
+
   it('nodes answer only gateways: no node token, 401', async () => {
     const res = await fetch(`http://${cluster.nodes[0]!.ip}:7070/v1/sandboxes`, { headers: { authorization: `Bearer ${cluster.apiKey}` } });
     assert.equal(res.status, 401);

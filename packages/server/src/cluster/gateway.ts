@@ -170,7 +170,7 @@ class Gateway {
         const method = req.method ?? 'GET';
         if (path === '/v1/healthz') return void res.writeHead(200, { 'Content-Type': 'text/plain' }).end('ok');
         // The dashboard's page and assets carry no data: any live node serves them.
-        if (method === 'GET' && (path === '/' || path.startsWith('/ui/'))) return await this.toAnyHost(req, res);
+        if (method === 'GET' && (path === '/' || path.startsWith('/ui/'))) return await this.toFirstLiveHost(req, res);
         const owner = this.keys.authenticate(req);
         const mount = this.opts.mounts?.find((m) => path === m.path || path === `${m.path}/`);
         if (mount) {
@@ -185,7 +185,7 @@ class Gateway {
         if (path === '/v1/metrics' && method === 'GET') return this.metricsAnswer(res);
         const m = /^\/v1\/sandboxes\/([^/]+)(\/.*)?$/.exec(path);
         if (m) return await this.route(req, res, decodeURIComponent(m[1]!));
-        if (path.startsWith('/v1/dashboard/')) return await this.toAnyHost(req, res);
+        if (path.startsWith('/v1/dashboard/')) return await this.toFirstLiveHost(req, res);
         throw new ApiError('not_found', `no route ${method} ${path}`);
       } catch (err) {
         this.sendError(res, err);
@@ -278,9 +278,10 @@ class Gateway {
     }
   }
 
-  private async toAnyHost(req: IncomingMessage, res: ServerResponse): Promise<void> {
-    const live = this.hosts.placeable().filter((h) => this.prober.isReachable(h.id));
-    const h = live[Math.floor(Math.random() * live.length)];
+  private async toFirstLiveHost(req: IncomingMessage, res: ServerResponse): Promise<void> {
+    // The first live host by id, not a random one: the dashboard's pool and event views then stay
+    // on one node instead of jumping between nodes from one poll to the next.
+    const h = this.hosts.placeable().filter((x) => this.prober.isReachable(x.id)).sort((a, b) => a.id.localeCompare(b.id))[0];
     if (!h) throw new ApiError('no_capacity', 'no host of the cluster is up', undefined, { 'Retry-After': '2' });
     pipeAnswer(await sendToNode(this.target(h), { method: req.method ?? 'GET', path: req.url ?? '/', headers: req.headers, body: null }), res);
   }
