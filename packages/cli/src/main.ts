@@ -13,8 +13,12 @@ import { rmCommand } from './commands/rm.js';
 import { runCommand } from './commands/run.js';
 import { serveCommand } from './commands/serve.js';
 import { templateCommand } from './commands/template.js';
+import { gatewayCommand } from './commands/gateway.js';
+import { nodeCommand } from './commands/node.js';
 
-const COMMANDS: Command[] = [serveCommand, demoCommand, runCommand, lsCommand, rmCommand, imageCommand, templateCommand, doctorCommand];
+const COMMANDS: Command[] = [
+  serveCommand, demoCommand, runCommand, lsCommand, rmCommand, imageCommand, templateCommand, doctorCommand, nodeCommand, gatewayCommand,
+];
 
 function version(): string {
   try {
