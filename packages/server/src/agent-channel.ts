@@ -18,6 +18,7 @@ import {
 } from '@podflare/protocol';
 import type { ErrorCode } from '@podflare/protocol/errors';
 import { isErrorCode } from '@podflare/protocol/errors';
+import type { AgentClient, ExecEventSink, ExecExit } from '@podflare/runtime';
 import type { z } from 'zod';
 import { ApiError } from './errors.js';
 import { JsonlRpc, type CallStep, type RpcFault } from './jsonl/rpc.js';
@@ -26,13 +27,8 @@ import { JsonlRpc, type CallStep, type RpcFault } from './jsonl/rpc.js';
 export const MAX_LINE_BYTES = 4 * 1024 * 1024;
 
 export interface Hello { version: number; pid: number; hostname: string }
-type ExitMsg = Extract<ExecStreamMessage, { ev: 'exit' }>;
-
-/**
- * Sees one exec stream message. Returning a promise holds the channel (no further message is read
- * from the agent) until it settles: how a consumer whose own buffer is full applies backpressure.
- */
-export type ExecEventSink = (msg: ExecStreamMessage) => void | Promise<void>;
+type ExitMsg = ExecExit;
+export type { ExecEventSink };
 
 /** Thrown when the agent answers `ok: false`; carries the agent's code so the API can map it. */
 export class AgentError extends ApiError {}
@@ -72,7 +68,8 @@ function replyProblem(body: AgentRequestBody, reply: Record<string, unknown>): s
   return null;
 }
 
-export class AgentChannel extends EventEmitter<{ close: [string]; violation: [string] }> {
+/** The built-in drivers' AgentClient: JSON lines over a socket to the agent. */
+export class AgentChannel extends EventEmitter<{ close: [string]; violation: [string] }> implements AgentClient {
   /** Framing, correlation and backpressure; the protocol's rules are this class's. */
   private readonly rpc: JsonlRpc;
   private closedReason: string | null = null;

@@ -17,7 +17,7 @@ import type { Logger } from './log.js';
 import { ServerMetrics } from './metrics.js';
 import { WarmPool, type PoolKey, type PoolMissReason } from './pool.js';
 import { limitError, limitsInfo, resolveLimits, sameLimits } from './limits.js';
-import type { LimitCounters, Runtime, RuntimeSandbox } from './runtime/runtime.js';
+import { AUTO_RUNTIME, type LimitCounters, type Runtime, type RuntimeSandbox } from '@podflare/runtime';
 import { SandboxEventLog } from './sandbox-events.js';
 import { SerialQueue } from './serial-queue.js';
 import type { ExecEventSink } from './agent-channel.js';
@@ -59,11 +59,6 @@ export interface Created {
 
 export type RuntimeKind = Runtime['name'];
 
-/**
- * VM clones cost far more than namespace sandboxes (a QEMU each, ~100 MB): keep at most this many
- * warm per key.
- */
-const VM_POOL_MAX = 2;
 /** After its agent's channel closed, how long a sandbox's own exit may take to say why. */
 const CHANNEL_EXIT_GRACE_MS = 1000;
 
@@ -99,6 +94,8 @@ export class SandboxManager {
     private readonly log: Logger,
     /** Where the runtime records sandbox events (egress decisions); read by GET …/events. */
     private readonly eventLog = new SandboxEventLog(),
+    /** Every registered runtime name, offered here or not (an unknown one is a bad request). */
+    private readonly knownRuntimes: readonly string[] = runtimes.map((r) => r.name),
   ) {
     for (const r of runtimes) this.runtimes.set(r.name, r);
     this.defaultRuntime = runtimes[0]!;
@@ -286,16 +283,20 @@ export class SandboxManager {
     };
   }
 
-  /** `vm`/`ns` must be offered by this server; omitted or `auto` is the server's default. */
+  /** A registered runtime this server offers; omitted or `auto` is the server's default. */
   private pickRuntime(name: CreateOptions['runtime']): Runtime {
-    if (name === undefined || name === 'auto') return this.defaultRuntime;
+    if (name === undefined || name === AUTO_RUNTIME) return this.defaultRuntime;
+    if (!this.knownRuntimes.includes(name)) {
+      const choices = [...this.knownRuntimes, AUTO_RUNTIME].map((n) => JSON.stringify(n)).join('|');
+      throw new ApiError('bad_request', `runtime: Invalid option: expected one of ${choices}`, 'runtime');
+    }
     const r = this.runtimes.get(name);
     if (!r) throw new ApiError('bad_request', `the ${name} runtime is not available on this server (see \`podflare doctor\`)`, 'runtime');
     return r;
   }
 
   private poolTarget(runtime: RuntimeKind): number {
-    return runtime === 'vm' ? Math.min(VM_POOL_MAX, this.config.poolSize) : this.config.poolSize;
+    return Math.min(this.runtimes.get(runtime)?.warmPoolMax ?? Infinity, this.config.poolSize);
   }
 
   /** The live sandbox, or the error a user should see: 404 never existed, 410 ended. */
