@@ -54,9 +54,9 @@ export interface RuntimeDriver<Ctx> {
 }
 
 /** A driver with the name it is registered under. */
-export interface RegisteredDriver<Ctx> {
+export interface RegisteredDriver<D> {
   readonly name: RuntimeName;
-  readonly driver: RuntimeDriver<Ctx>;
+  readonly driver: D;
 }
 
 /** A runtime name that no driver is registered under. */
@@ -85,11 +85,15 @@ export interface StartedRuntimes {
   skipped: Array<{ name: RuntimeName; reason: string }>;
 }
 
-export class RuntimeRegistry<Ctx> implements Iterable<RegisteredDriver<Ctx>> {
-  private readonly drivers = new Map<RuntimeName, RuntimeDriver<Ctx>>();
+/**
+ * Drivers by name. `D` is the host's driver type (a server may ask more of its drivers than
+ * `RuntimeDriver`, e.g. how to build their images ahead of time).
+ */
+export class RuntimeRegistry<Ctx, D extends RuntimeDriver<Ctx> = RuntimeDriver<Ctx>> implements Iterable<RegisteredDriver<D>> {
+  private readonly drivers = new Map<RuntimeName, D>();
 
   /** Adds a driver under `name`, which must be new, well-formed and not `auto`. */
-  register(name: RuntimeName, driver: RuntimeDriver<Ctx>): this {
+  register(name: RuntimeName, driver: D): this {
     if (!RUNTIME_NAME_PATTERN.test(name) || name === AUTO_RUNTIME) {
       throw new Error(`invalid runtime driver name "${name}" (must match ${RUNTIME_NAME_PATTERN} and not be ${AUTO_RUNTIME})`);
     }
@@ -99,13 +103,13 @@ export class RuntimeRegistry<Ctx> implements Iterable<RegisteredDriver<Ctx>> {
   }
 
   /** A copy with one more driver (a test plugs a driver in without touching the built-in registry). */
-  with(name: RuntimeName, driver: RuntimeDriver<Ctx>): RuntimeRegistry<Ctx> {
-    const copy = new RuntimeRegistry<Ctx>();
+  with(name: RuntimeName, driver: D): RuntimeRegistry<Ctx, D> {
+    const copy = new RuntimeRegistry<Ctx, D>();
     for (const d of this) copy.register(d.name, d.driver);
     return copy.register(name, driver);
   }
 
-  get(name: RuntimeName): RuntimeDriver<Ctx> | undefined {
+  get(name: RuntimeName): D | undefined {
     return this.drivers.get(name);
   }
 
@@ -125,7 +129,7 @@ export class RuntimeRegistry<Ctx> implements Iterable<RegisteredDriver<Ctx>> {
     return name;
   }
 
-  *[Symbol.iterator](): Iterator<RegisteredDriver<Ctx>> {
+  *[Symbol.iterator](): Iterator<RegisteredDriver<D>> {
     for (const [name, driver] of this.drivers) yield { name, driver };
   }
 
@@ -136,7 +140,7 @@ export class RuntimeRegistry<Ctx> implements Iterable<RegisteredDriver<Ctx>> {
    */
   async startAll(requested: string, ctx: Ctx): Promise<StartedRuntimes> {
     this.check(requested);
-    const usable: Array<{ name: RuntimeName; driver: RuntimeDriver<Ctx>; preferred: boolean }> = [];
+    const usable: Array<{ name: RuntimeName; driver: D; preferred: boolean }> = [];
     const skipped: StartedRuntimes['skipped'] = [];
     for (const [name, driver] of this.drivers) {
       const found = await driver.detect(ctx);

@@ -17,6 +17,8 @@ export interface RuntimeCapabilities {
   egress: boolean;
   /** Outbound network through the host's policy proxy (egress: {allow: [...]}). */
   egressPolicy: boolean;
+  /** Enforces each sandbox's CPU, memory and process limits (`setLimits`, `limitCounters`). */
+  limits: boolean;
 }
 
 export interface SandboxSpec {

@@ -13,8 +13,7 @@ import { createApp } from './http/app.js';
 import type { HttpMount } from './http/mounts.js';
 import { ensureImage, type ImageProgress } from './image/index.js';
 import { createLogger, type Logger } from './log.js';
-import type { RuntimeRegistry } from '@podflare/runtime';
-import type { DriverContext } from './runtime/driver-context.js';
+import type { ServerRuntimes } from './runtime/driver-context.js';
 import { builtinRuntimes } from './runtime/drivers.js';
 import { SandboxEventLog } from './sandbox-events.js';
 import { SandboxManager } from './sandbox-manager.js';
@@ -36,7 +35,7 @@ export interface StartOptions {
   /** Handlers to serve beside the API (e.g. the CLI's MCP endpoint at /mcp); closed first on close(). */
   mounts?: readonly HttpMount[];
   /** The runtime drivers to offer (default: the built-in ones, runtime/drivers.ts). */
-  runtimes?: RuntimeRegistry<DriverContext>;
+  runtimes?: ServerRuntimes;
 }
 
 export async function startServer(config: ServerConfig, opts: StartOptions = {}): Promise<RunningServer> {

@@ -3,7 +3,7 @@
  * logger, the services drivers share (the spawner, the egress proxy), and the slice of the
  * configuration runtimes read. Runtime code sees only this, never the server's configuration type.
  */
-import type { RuntimeDriver } from '@podflare/runtime';
+import type { RuntimeDriver, RuntimeRegistry } from '@podflare/runtime';
 import type { EgressService } from '../egress/index.js';
 import type { ImagePaths, ImageProgress } from '../image/index.js';
 import type { Logger } from '../log.js';
@@ -41,5 +41,23 @@ export interface DriverContext {
   onImageProgress?: (p: ImageProgress) => void;
 }
 
+/** What `podflare image build --runtime <name>` hands a driver that has an image of its own. */
+export interface DriverImageOptions {
+  imagesDir: string;
+  /** The sandbox image it builds on. */
+  image: ImagePaths;
+  onProgress?: (p: ImageProgress) => void;
+  log: (message: string) => void;
+}
+
 /** A runtime driver of this server. */
-export type ServerDriver = RuntimeDriver<DriverContext>;
+export interface ServerDriver extends RuntimeDriver<DriverContext> {
+  /**
+   * Builds (or finds) this runtime's own image beyond the sandbox image (the VM guest), ahead of
+   * the first sandbox; resolves with lines describing it.
+   */
+  buildImage?(opts: DriverImageOptions): Promise<string[]>;
+}
+
+/** The drivers a server offers, by name. */
+export type ServerRuntimes = RuntimeRegistry<DriverContext, ServerDriver>;

@@ -53,4 +53,8 @@ export const vmDriver: ServerDriver = {
     });
     return { runtime, prepareDefault: async () => { await vmImage(); }, logFields: { vm_accel: accel.kind } };
   },
+  async buildImage(opts) {
+    const vm = await ensureVmImage(opts);
+    return [`vm image ${vm.id} (kernel ${vm.kernelVersion})`, `  kernel: ${vm.vmlinux}`, `  initrd: ${vm.initrd}`, `  root:   ${vm.rootfs}`];
+  },
 };

@@ -192,7 +192,7 @@ export class VmRuntime implements Runtime<VmSandbox> {
   readonly name: RuntimeName;
   /** VM clones cost far more than namespace sandboxes (a QEMU each, ~100 MB): few warm per key. */
   readonly warmPoolMax = 2;
-  readonly capabilities = { fork: true, freeze: true, egress: true, egressPolicy: false };
+  readonly capabilities = { fork: true, freeze: true, egress: true, egressPolicy: false, limits: false };
   /** Fork layers: how many VMs stand on each, and its fork point's group. */
   private readonly layerRefs = new Map<string, { refs: number; gid: number }>();
   private readonly ids: VmIdPool;
