@@ -7,7 +7,7 @@
 import type { AgentOp, AgentReplies, AgentRequestBody, ExecStreamMessage } from '@podflare/protocol';
 
 /** The final message of an exec stream. */
-export type ExecExit = Extract<ExecStreamMessage, { ev: 'exit' }>;
+export type ExecExit = Extract<ExecStreamMessage, { type: 'exit' }>;
 
 /**
  * Sees one exec stream message. Returning a promise holds the channel (no further message is read
