@@ -7,11 +7,11 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseAllowedHost, parseAllowedOrigin } from '@podflare/protocol/browser-access';
+import type { RuntimeName } from '@podflare/runtime';
 import { MB } from './limits.js';
 import type { LogLevel } from './log.js';
 import type { SandboxLimits } from './runtime/runtime.js';
 
-import type { RuntimeName } from '@podflare/runtime';
 export type { RuntimeName };
 
 export interface ServerConfig {
