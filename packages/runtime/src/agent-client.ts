@@ -9,11 +9,15 @@ import type { AgentOp, AgentReplies, AgentRequestBody, ExecStreamMessage } from 
 /** The final message of an exec stream. */
 export type ExecExit = Extract<ExecStreamMessage, { type: 'exit' }>;
 
+/** An exec's output (stdout, stderr, result, error): the stream before its exit. */
+export type ExecOutputMessage = Exclude<ExecStreamMessage, { type: 'exit' }>;
+
 /**
- * Sees one exec stream message. Returning a promise holds the channel (no further message is read
+ * Sees one exec output message. Returning a promise holds the channel (no further message is read
  * from the agent) until it settles: how a consumer whose own buffer is full applies backpressure.
+ * The exit is not among them: it is what `exec` resolves with (one path for it, end to end).
  */
-export type ExecEventSink = (msg: ExecStreamMessage) => void | Promise<void>;
+export type ExecEventSink = (msg: ExecOutputMessage) => void | Promise<void>;
 
 /** The client's lifecycle events: `close` (why), `violation` (what the agent did wrong, for the log). */
 export type AgentClientEvent = 'close' | 'violation';
@@ -28,7 +32,7 @@ export interface AgentClient {
    * agent's `ok` answer, validated against the op's reply schema; rejects with a domain error.
    */
   request<B extends AgentRequestBody<Exclude<AgentOp, 'exec'>>>(body: B): Promise<AgentReplies[B['op']]>;
-  /** Runs code; `onEvent` sees every stream message, the promise resolves with the final `exit`. */
+  /** Runs code; `onEvent` sees its output, the promise resolves with the final `exit`. */
   exec(body: AgentRequestBody<'exec'>, onEvent: ExecEventSink): Promise<ExecExit>;
   /**
    * For checks of the agent's answers made outside the client (a listing's names, fork pids):

@@ -7,3 +7,4 @@ export * from './agent-client.js';
 export * from './names.js';
 export * from './registry.js';
 export * from './runtime.js';
+export * from './sandbox-error.js';

@@ -39,11 +39,12 @@ import { constants as fsConstants } from 'node:fs';
 import { copyFile, readdir, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { ChannelClosedError, type AgentChannel } from '../../agent-channel.js';
-import { ApiError } from '../../errors.js';
 import type { VmImagePaths } from '../../image/vm-image.js';
 import type { Logger } from '../../log.js';
 import { isAlive, pssOf, run } from '../../proc.js';
-import type { DiffOptions, FileDiff, ReconcileReport, Runtime, RuntimeName, RuntimeSandbox, SandboxSpec } from '@podflare/runtime';
+import {
+  SandboxError, type DiffOptions, type FileDiff, type ReconcileReport, type Runtime, type RuntimeName, type RuntimeSandbox, type SandboxSpec,
+} from '@podflare/runtime';
 import { InFlight } from '../in-flight.js';
 import type { Acceleration } from './qemu-args.js';
 import { vmDiff } from './vm-diff.js';
@@ -490,7 +491,7 @@ export class VmRuntime implements Runtime<VmSandbox> {
    * once its migration has completed.
    */
   private async forkChildren(parent: VmSandbox, specs: SandboxSpec[]): Promise<VmSandbox[]> {
-    if (!this.live.has(parent.id)) throw new ApiError('conflict', 'the sandbox is not running');
+    if (!this.live.has(parent.id)) throw new SandboxError('conflict', 'the sandbox is not running');
     const t0 = performance.now();
     const phase = (name: string, extra: Record<string, unknown> = {}) => this.opts.log.debug(`vm fork: ${name}`, { parent: parent.id, ms: Math.round(performance.now() - t0), ...extra });
     const point = randomBytes(6).toString('hex');
