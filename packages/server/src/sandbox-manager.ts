@@ -62,6 +62,8 @@ export class SandboxManager {
     log: Logger,
     /** Where the runtime records sandbox events (egress decisions); read by GET …/events. */
     eventLog = new SandboxEventLog(),
+    /** Every registered runtime name, offered here or not (an unknown one is a bad request). */
+    knownRuntimes: readonly string[] = runtimes.map((r) => r.name),
     /** The templates besides `default` (image/templates.ts); without it, only `default` exists. */
     templates?: TemplateLookup,
   ) {
@@ -70,6 +72,7 @@ export class SandboxManager {
       config, store, log, eventLog,
       runtimes: new Map<RuntimeKind, Runtime>(runtimes.map((r) => [r.name, r])),
       defaultRuntime: this.defaultRuntime,
+      knownRuntimes,
       live: new Map(),
       counters: this.counters, metrics: this.metrics, history: this.history, changes: this.changes,
       status: { closing: false },

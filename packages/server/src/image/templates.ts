@@ -47,7 +47,7 @@ export interface TemplateSummary {
   /** Disk bytes of its own layers (for `default`: the base), when known. */
   size_bytes: number | null;
   /** Runtimes that can start it. */
-  runtimes: Array<'ns' | 'vm'>;
+  runtimes: string[];
   built_at: string | null;
 }
 
@@ -176,8 +176,8 @@ async function removeDeadBuilds(imagesDir: string, log?: (msg: string) => void):
 export interface TemplateCatalogOptions {
   imagesDir: string;
   base: { rootfs: string; hash: string };
-  /** Runtimes this server offers (`vm` serves `default` only). */
-  runtimes: Array<'ns' | 'vm'>;
+  /** Runtimes this server offers (only `ns` serves templates other than `default`). */
+  runtimes: string[];
   log: (msg: string) => void;
   onProgress?: (p: ImageProgress) => void;
 }

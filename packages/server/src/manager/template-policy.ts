@@ -8,7 +8,7 @@ import { TemplateBuildingError, UnknownTemplateError } from '../image/templates.
 import { DEFAULT_TEMPLATE_NAME } from '../image/template-recipe.js';
 import type { Logger } from '../log.js';
 import type { PoolKey } from '../pool.js';
-import { SandboxError } from '../runtime/sandbox-error.js';
+import { SandboxError } from '@podflare/runtime';
 
 /** The part of the TemplateCatalog the manager needs. */
 export interface TemplateLookup {
@@ -23,7 +23,7 @@ export interface TemplateLookup {
  * the VM runtime boots the default image only (its guest root is one ext4 file made from it;
  * templates are layers for the namespace runtime's overlay).
  */
-export async function checkTemplate(template: string, runtime: 'ns' | 'vm', templates: TemplateLookup | undefined): Promise<void> {
+export async function checkTemplate(template: string, runtime: string, templates: TemplateLookup | undefined): Promise<void> {
   if (template === DEFAULT_TEMPLATE_NAME) return;
   if (!templates) throw new SandboxError('bad_request', `unknown template "${template}" (available: ${DEFAULT_TEMPLATE_NAME})`, { field: 'template' });
   try {
@@ -32,9 +32,9 @@ export async function checkTemplate(template: string, runtime: 'ns' | 'vm', temp
     if (err instanceof UnknownTemplateError) throw new SandboxError('bad_request', err.message, { field: 'template' });
     throw err;
   }
-  if (runtime === 'vm') {
+  if (runtime !== 'ns') {
     throw new SandboxError('bad_request',
-      `the vm runtime starts only the "${DEFAULT_TEMPLATE_NAME}" template; "${template}" is built for the namespace runtime (ask for runtime "ns")`,
+      `the ${runtime} runtime starts only the "${DEFAULT_TEMPLATE_NAME}" template; "${template}" is built for the namespace runtime (ask for runtime "ns")`,
       { field: 'template' });
   }
   try {
