@@ -22,6 +22,8 @@ import { SandboxEventLog } from './sandbox-events.js';
 import { SerialQueue } from './serial-queue.js';
 import type { ExecEventSink } from './agent-channel.js';
 import type { SandboxRecord, SandboxStore } from './store/store.js';
+import { templatePreload } from './template-preload.js';
+import { Zygotes } from './zygote.js';
 
 export const DEFAULT_TEMPLATE = 'default';
 
@@ -76,6 +78,8 @@ export class SandboxManager {
   /** Sandboxes being created or forked, counted against the caps before they are live. */
   private readonly reserved = { total: 0, byOwner: new Map<string, number>() };
   private readonly pool: WarmPool;
+  /** Per template, the pre-warmed sandbox that refills and misses are forked from (zygote.ts). */
+  private readonly zygotes: Zygotes;
   /** Creates with an egress allowlist (started cold: no pool serves them). */
   private policyCreates = 0;
   private readonly sweeper: NodeJS.Timeout;
@@ -102,9 +106,21 @@ export class SandboxManager {
   ) {
     for (const r of runtimes) this.runtimes.set(r.name, r);
     this.defaultRuntime = runtimes[0]!;
+    this.zygotes = new Zygotes({
+      enabled: config.zygote,
+      preload: templatePreload,
+      zygoteSpec: (template) => {
+        const id = newSandboxId();
+        const env = { PODFLARE_ZYGOTE_PRELOAD: templatePreload(template).join(',') };
+        return { id, template, egress: false, hostname: `sbx-${id.slice(4, 16)}`, background: true, env, limits: config.defaultLimits };
+      },
+      maxBatch: 4,
+      log,
+    });
     this.pool = new WarmPool((key) => this.startRuntimeSandbox(key.runtime, key.template, key.egress, true), {
       target: config.poolSize,
-      maxParallelStarts: 2,
+      // Refills forked from a zygote are cheap, and the zygote forks those asked for together.
+      maxParallelStarts: config.zygote ? 8 : 2,
       log,
     });
     this.sweeper = setInterval(() => void this.sweep(), 1000);
@@ -126,6 +142,12 @@ export class SandboxManager {
         ...this.pool.missReasons().map((r) => ({ labels: { ...poolLabels(r.key), reason: r.reason }, value: r.count })),
         { labels: { template: '*', egress: 'policy', reason: 'egress_policy' }, value: this.policyCreates },
       ], 'counter');
+    const zygotes = () => this.zygotes.stats();
+    m.gauge('podflare_zygote_ready', 'Whether the template\'s zygote (what pool refills and misses are forked from) is ready.',
+      () => zygotes().map((z) => ({ labels: { template: z.template }, value: z.ready ? 1 : 0 })));
+    m.gauge('podflare_zygote_forks_total', 'Sandboxes forked from the template\'s zygotes.', () => zygotes().map((z) => ({ labels: { template: z.template }, value: z.forked })), 'counter');
+    m.gauge('podflare_zygote_starts_total', 'Zygotes started per template (more than one: one died and was replaced).',
+      () => zygotes().map((z) => ({ labels: { template: z.template }, value: z.started })), 'counter');
     m.gauge('podflare_sandboxes', 'Live sandboxes by state.', () => {
       const byState: Record<string, number> = { ready: 0, running: 0 };
       for (const s of this.live.values()) byState[s.record.state] = (byState[s.record.state] ?? 0) + 1;
@@ -170,6 +192,8 @@ export class SandboxManager {
     for (const rt of byId.values()) await rt.destroy();
     if (lost || adopted.length) this.log.info('reconciled with the previous server', { adopted: adopted.length - byId.size, lost });
     const key: PoolKey = { runtime: this.defaultRuntime.name, template: DEFAULT_TEMPLATE, egress: true };
+    // Even without a pool: misses are forks of the zygote.
+    this.zygotes.warm(this.defaultRuntime, DEFAULT_TEMPLATE);
     this.pool.warm(key, this.poolTarget(key.runtime));
   }
 
@@ -413,6 +437,7 @@ export class SandboxManager {
     this.closing = true;
     clearInterval(this.sweeper);
     await this.pool.close();
+    await this.zygotes.close();
     // Persistent sandboxes that can freeze outlive the server on disk; the others end.
     await Promise.all([...this.live.values()].map(async (s) => {
       if (s.record.persistent && s.runtime.capabilities.freeze && s.runtime.freeze) {
@@ -443,10 +468,20 @@ export class SandboxManager {
   }
 
   private async startRuntimeSandbox(runtimeName: RuntimeKind, template: string, egress: EgressSetting, background = false): Promise<RuntimeSandbox> {
-    const id = newSandboxId();
     const runtime = this.runtimes.get(runtimeName);
     if (!runtime) throw new Error(`no ${runtimeName} runtime`);
-    return runtime.start({ id, template, egress, hostname: `sbx-${id.slice(4, 16)}`, background, limits: this.config.defaultLimits });
+    const spec = () => {
+      const id = newSandboxId();
+      return { id, template, egress, hostname: `sbx-${id.slice(4, 16)}`, background, limits: this.config.defaultLimits };
+    };
+    // A refill waits for a zygote still starting; a create does not (it starts cold meanwhile).
+    const fromZygote = () => this.zygotes.fork(runtime, spec(), { wait: background, urgent: !background });
+    // A refill tries again once (a zygote that died is being replaced); a create starts cold.
+    const forked = await fromZygote().catch((err: Error) => (background ? fromZygote() : Promise.reject(err))).catch((err: Error) => {
+      if (!this.closing) this.log.warn('fork from the zygote failed; starting cold', { template, error: err.message });
+      return null;
+    });
+    return forked ?? runtime.start(spec());
   }
 
   private adopt(record: SandboxRecord, runtime: Runtime, rt: RuntimeSandbox): LiveSandbox {

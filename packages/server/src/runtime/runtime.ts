@@ -82,6 +82,15 @@ export interface DiffOptions {
   content?: boolean;
 }
 
+export interface ForkOptions {
+  /**
+   * The children's files start as a fresh sandbox's (the parent's image layers), not as the
+   * parent's: for a zygote (zygote.ts), whose own files are nobody's. Memory is the parent's as
+   * with any fork. No fork layer is made, so nothing of the parent's disk is copied.
+   */
+  freshFiles?: boolean;
+}
+
 export interface Runtime {
   readonly name: 'ns' | 'vm';
   readonly capabilities: RuntimeCapabilities;
@@ -96,7 +105,7 @@ export interface Runtime {
    * Copy-on-write children of a live, idle sandbox: memory and files as of now (capability `fork`).
    * Resolves once every child's agent answers.
    */
-  fork(parent: RuntimeSandbox, children: SandboxSpec[]): Promise<RuntimeSandbox[]>;
+  fork(parent: RuntimeSandbox, children: SandboxSpec[], opts?: ForkOptions): Promise<RuntimeSandbox[]>;
   /**
    * Freezes a sandbox into `dir` (memory and disk; capability `freeze`) and ends its processes.
    * What is in `dir` survives a server restart.

@@ -38,7 +38,7 @@ import type { EgressService } from '../../egress/index.js';
 import { ApiError } from '../../errors.js';
 import type { Logger } from '../../log.js';
 import { processTree, run } from '../../proc.js';
-import type { DiffOptions, FileDiff, ReconcileReport, Runtime, RuntimeSandbox, SandboxSpec } from '../runtime.js';
+import type { DiffOptions, FileDiff, ForkOptions, ReconcileReport, Runtime, RuntimeSandbox, SandboxSpec } from '../runtime.js';
 import { InFlight } from '../in-flight.js';
 import { bwrapArgs, SANDBOX_PATH } from './bwrap-args.js';
 import { HostHelper, type HostHelperOptions } from './hostd.js';
@@ -198,8 +198,8 @@ export class NamespaceRuntime implements Runtime {
     return this.busy(() => this.startRoot(spec));
   }
 
-  fork(parentRt: RuntimeSandbox, specs: SandboxSpec[]): Promise<RuntimeSandbox[]> {
-    return this.busy(() => this.forkChildren(parentRt as NsSandbox, specs));
+  fork(parentRt: RuntimeSandbox, specs: SandboxSpec[], opts: ForkOptions = {}): Promise<RuntimeSandbox[]> {
+    return this.busy(() => this.forkChildren(parentRt as NsSandbox, specs, opts));
   }
 
   /** A start or fork: tracked (close waits for it), and the trash is not emptied around it. */
@@ -327,7 +327,7 @@ export class NamespaceRuntime implements Runtime {
     }
   }
 
-  private async forkChildren(parent: NsSandbox, specs: SandboxSpec[]): Promise<RuntimeSandbox[]> {
+  private async forkChildren(parent: NsSandbox, specs: SandboxSpec[], opts: ForkOptions): Promise<RuntimeSandbox[]> {
     if (!parent.initPid) throw new ApiError('conflict', 'the sandbox is not running');
     if (parent.depth >= MAX_FORK_DEPTH) {
       throw new ApiError('conflict', `fork chains are limited to ${MAX_FORK_DEPTH} generations (pid namespaces nest at most 32 deep)`);
@@ -366,7 +366,9 @@ export class NamespaceRuntime implements Runtime {
         children: specs.map((spec) => ({ id: spec.id, root: SPAWN_AREA, hostname: spec.hostname })),
       });
       forking.catch(() => undefined);
-      const layered = this.freezeUpper(parent).then((l) => {
+      // Fresh files: the image's layers as they are (no fork layer to make, none to retain).
+      const layers = opts.freshFiles ? Promise.resolve(parent.lowers.filter((l) => !this.isForkLayer(l))) : this.freezeUpper(parent);
+      const layered = layers.then((l) => {
         lowers = l;
         for (const layer of l) this.retainLayer(layer);
         phase('layer frozen');
