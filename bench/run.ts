@@ -29,6 +29,9 @@
  *                PODFLARE_BENCH_CRASH_CYCLES): nothing leaked, restart p50/p99 (bench/resilience.ts)
  *   vm           the microVM runtime (bench/vm.ts): cold boot, create from the pool of clones,
  *                template restore, fork(1)/fork(5) beside the namespace runtime, idle clone PSS
+ *   churn     1,000 back-to-back create → print(1) → close, default pool (bench/churn.ts)
+ *   churn4    the same from 4 concurrent clients
+ *   miss      create on a pool miss served by the zygote (pool off) vs a cold start, and `import pandas`
  *   paired       fork(1) and diff of this build against a baseline build of an earlier commit, in
  *                one run (bench/paired.ts); only with --baseline DIR (scripts/bench-baseline.sh)
  * The two on-demand measures use a second server whose pool is off (size 0): with a pool, a key
@@ -52,8 +55,9 @@ import { measureCrashCycles, measureLoad, RESILIENCE_MEASURES } from './resilien
 
 import { measureVmPooled, measureVmUnpooled } from './vm.js';
 import { measurePaired } from './paired.js';
+import { CHURN_MEASURES, measureChurn, measureMiss } from './churn.js';
 
-const MEASURES = ['memory', 'create', 'destroy', 'exec', 'python', 'jupyter', 'cycle', 'nonet', 'ondemand', ...FORK_MEASURES, ...RESILIENCE_MEASURES, 'vm', 'paired'] as const;
+const MEASURES = ['memory', 'create', 'destroy', 'exec', 'python', 'jupyter', 'cycle', 'nonet', 'ondemand', ...FORK_MEASURES, ...RESILIENCE_MEASURES, ...CHURN_MEASURES, 'vm', 'paired'] as const;
 type MeasureName = (typeof MEASURES)[number];
 
 const IMAGES_DIR = process.env.PODFLARE_IMAGES_DIR ?? '/var/lib/podflare/images';
@@ -520,6 +524,13 @@ async function main(): Promise<void> {
       if (has('forkmem')) await guarded('forkmem', () => measureForkMem(forkServer, opts));
       await guarded('server stop (fork measures)', () => stopBenchServer(forkServer));
     }
+  }
+
+  if (has(...CHURN_MEASURES)) {
+    const churnOpts = { quick: opts.quick, start: startBenchServer, stop: stopBenchServer };
+    if (has('churn')) await guarded('churn', () => measureChurn(churnOpts, 1));
+    if (has('churn4')) await guarded('churn4', () => measureChurn(churnOpts, 4));
+    if (has('miss')) await guarded('miss', () => measureMiss(churnOpts));
   }
 
   if (has('paired')) {

@@ -188,3 +188,23 @@ describe('sandboxes forked from a zygote', () => {
     assert.deepEqual(cgroupScopesOf(server.stateDir), []);
   });
 });
+
+describe('a pool sized from the create rate', () => {
+  it('grows while creates come faster than it refills, and shrinks back to its size once idle', async () => {
+    const server = await startTestServer({ poolSize: 1, poolMaxSize: 4, poolIdleSeconds: 3 });
+    try {
+      await server.manager.waitPoolFull(120_000);
+      const target = () => server.manager.poolStats.find((p) => p.template === 'default' && p.egress)?.target ?? 0;
+      let grown = 0;
+      for (let i = 0; i < 20; i++) {
+        const sbx = await Sandbox.create({ host: server.url });
+        await sbx.close();
+        grown = Math.max(grown, target());
+      }
+      assert.ok(grown > 1 && grown <= 4, `the pool target went to ${grown}`);
+      await until('the pool back at its size', () => target() === 1 && (server.manager.poolStats[0]?.ready ?? 0) <= 1, 60_000);
+    } finally {
+      await server.stop();
+    }
+  });
+});

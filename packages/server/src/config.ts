@@ -29,6 +29,8 @@ export interface ServerConfig {
    * observed create rate, back down to `poolSize` when idle). @default PODFLARE_POOL_MAX or 4 × poolSize (at most 32)
    */
   poolMaxSize: number;
+  /** After this long without a create, a pool grown past `poolSize` shrinks back. @default PODFLARE_POOL_IDLE_SECONDS or 30 */
+  poolIdleSeconds: number;
   /**
    * Per template, a pre-warmed zygote whose interpreter has imported the template's modules:
    * pool refills and misses are forks of it, not cold starts (namespace runtime). @default PODFLARE_ZYGOTE or on
@@ -151,6 +153,7 @@ export function loadConfig(overrides: Partial<ServerConfig> = {}, env: NodeJS.Pr
     apiKeys: (env.PODFLARE_API_KEYS ?? '').split(',').map((k) => k.trim()).filter(Boolean),
     poolSize: int(env.PODFLARE_POOL_SIZE, 'PODFLARE_POOL_SIZE') ?? defaultPoolSize(),
     poolMaxSize: int(env.PODFLARE_POOL_MAX, 'PODFLARE_POOL_MAX') ?? -1, // -1: from poolSize (below)
+    poolIdleSeconds: int(env.PODFLARE_POOL_IDLE_SECONDS, 'PODFLARE_POOL_IDLE_SECONDS') ?? 30,
     zygote: !['0', 'false', 'off', 'no'].includes((env.PODFLARE_ZYGOTE ?? '').trim().toLowerCase()),
     runtime,
     logLevel: (env.PODFLARE_LOG_LEVEL as LogLevel | undefined) ?? 'info',

@@ -121,6 +121,8 @@ export class SandboxManager {
       target: config.poolSize,
       // Refills forked from a zygote are cheap, and the zygote forks those asked for together.
       maxParallelStarts: config.zygote ? 8 : 2,
+      maxTarget: config.poolMaxSize,
+      idleMs: Math.max(1, config.poolIdleSeconds) * 1000,
       log,
     });
     this.sweeper = setInterval(() => void this.sweep(), 1000);
