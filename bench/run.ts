@@ -46,7 +46,7 @@ import { Client, Sandbox } from 'podflare';
 import { loadConfig, startServer, type RunningServer, type ServerConfig } from '@podflare/server';
 import { FORK_MEASURES, measureDiff1000, measureFork1, measureFork5, measureForkMem, measureForkVsNaive } from './fork.js';
 import { runJupyterPeer, PEER_PYTHON, type JupyterResult } from './jupyter.js';
-import { sandboxMemory } from './memory.js';
+import { sandboxMemoryByNamespace } from './memory.js';
 import { detail, Failures, failLimit, failureState, notes, rows, status, timingRow, type Row } from './report.js';
 import { fmtMB, fmtMs, summarize, type Summary } from './stats.js';
 import { formatTable } from './table.js';
@@ -242,8 +242,10 @@ async function measureMemory(bs: BenchServer, opts: Options): Promise<void> {
   await bs.server.manager.waitPoolFull(120_000);
   const live = bs.server.manager.liveCount;
   const pooled = bs.server.manager.poolStats.reduce((s, p) => s + p.ready, 0);
-  const found = await sandboxMemory();
-  if (found.length === 0) throw new Error('no bwrap sandbox process found under this process');
+  // Pooled sandboxes forked from a zygote are nested in its bwrap tree: each is counted on its own.
+  const byNs = await sandboxMemoryByNamespace();
+  const found = [...byNs.children, ...byNs.plain];
+  if (found.length === 0) throw new Error('no sandbox process found under this process');
   const pss = found.map((s) => s.pssBytes);
   const avg = pss.reduce((s, x) => s + x, 0) / pss.length;
   const max = Math.max(...pss);
@@ -255,6 +257,10 @@ async function measureMemory(bs: BenchServer, opts: Options): Promise<void> {
   });
   notes.push(`memory: ${found.length} sandboxes found (pool ready ${pooled}, live ${live}); ${withSlirp} with slirp4netns; ` +
     `${Math.min(...procs)}–${Math.max(...procs)} processes each; min ${fmtMB(Math.min(...pss))}`);
+  for (const z of byNs.zygotes) {
+    notes.push(`memory: a zygote (what the pooled sandboxes are forked from, data stack imported) holds ${fmtMB(z.pssBytes)} PSS of its own ` +
+      `(${z.pids.length} processes); its pages are shared with its ${byNs.children.length} children, whose PSS counts their share`);
+  }
   if (found.length !== pooled + live) notes.push(`memory: WARNING found ${found.length} bwrap processes but the server reports ${pooled} pooled + ${live} live`);
 }
 
@@ -512,7 +518,9 @@ async function main(): Promise<void> {
   if (has(...FORK_MEASURES)) {
     let bs = null as BenchServer | null;
     await guarded('server start (fork measures)', async () => {
-      bs = await startBenchServer({ poolSize: POOL_SIZE });
+      // Parents started by bwrap as before zygotes: forkmem reads the parent's own bwrap tree (a
+      // sandbox forked from a zygote shares its tree with its pool siblings).
+      bs = await startBenchServer({ poolSize: POOL_SIZE, zygote: false });
       await bs.server.manager.waitPoolFull(120_000);
     });
     if (bs) {
