@@ -32,6 +32,7 @@
  *   churn     1,000 back-to-back create → print(1) → close, default pool (bench/churn.ts)
  *   churn4    the same from 4 concurrent clients
  *   miss      create on a pool miss served by the zygote (pool off) vs a cold start, and `import pandas`
+ *   fork5py   fork(5) of the 200 MB DataFrame parent timed at the Python SDK (bench/fork-python.ts)
  *   paired       fork(1) and diff of this build against a baseline build of an earlier commit, in
  *                one run (bench/paired.ts); only with --baseline DIR (scripts/bench-baseline.sh)
  * The two on-demand measures use a second server whose pool is off (size 0): with a pool, a key
@@ -56,8 +57,9 @@ import { measureCrashCycles, measureLoad, RESILIENCE_MEASURES } from './resilien
 import { measureVmPooled, measureVmUnpooled } from './vm.js';
 import { measurePaired } from './paired.js';
 import { CHURN_MEASURES, measureChurn, measureMiss } from './churn.js';
+import { measureFork5Python } from './fork-python.js';
 
-const MEASURES = ['memory', 'create', 'destroy', 'exec', 'python', 'jupyter', 'cycle', 'nonet', 'ondemand', ...FORK_MEASURES, ...RESILIENCE_MEASURES, ...CHURN_MEASURES, 'vm', 'paired'] as const;
+const MEASURES = ['memory', 'create', 'destroy', 'exec', 'python', 'jupyter', 'cycle', 'nonet', 'ondemand', ...FORK_MEASURES, ...RESILIENCE_MEASURES, ...CHURN_MEASURES, 'fork5py', 'vm', 'paired'] as const;
 type MeasureName = (typeof MEASURES)[number];
 
 const IMAGES_DIR = process.env.PODFLARE_IMAGES_DIR ?? '/var/lib/podflare/images';
@@ -515,7 +517,7 @@ async function main(): Promise<void> {
     }
   }
 
-  if (has(...FORK_MEASURES)) {
+  if (has(...FORK_MEASURES, 'fork5py')) {
     let bs = null as BenchServer | null;
     await guarded('server start (fork measures)', async () => {
       // Parents started by bwrap as before zygotes: forkmem reads the parent's own bwrap tree (a
@@ -526,6 +528,7 @@ async function main(): Promise<void> {
     if (bs) {
       const forkServer: BenchServer = bs;
       if (has('fork5')) await guarded('fork5', () => measureFork5(forkServer, opts));
+      if (has('fork5py')) await guarded('fork5py', () => measureFork5Python(forkServer.server.url, opts.quick));
       if (has('fork1')) await guarded('fork1', () => measureFork1(forkServer, opts));
       if (has('forkvsnaive')) await guarded('forkvsnaive', () => measureForkVsNaive(forkServer, opts));
       if (has('diff1000')) await guarded('diff1000', () => measureDiff1000(forkServer, opts));
