@@ -12,6 +12,9 @@ import { Sandbox } from 'podflare';
 import { cgroupScopesOf, forkLayersIn, overlayMountsUnder, processesMentioning, sandboxDirsIn } from './helpers/leaks.js';
 import { startTestServer, type TestServer } from './helpers/server.js';
 
+/** What the tests' zygotes import (the data stack, as an operator of a data-heavy server sets it). */
+const DATA_STACK = ['numpy', 'pandas', 'matplotlib', 'matplotlib.pyplot'];
+
 const PROBE = [
   'import sys, os, socket, random, uuid, json, time',
   "preloaded = [m for m in ('numpy', 'pandas', 'matplotlib') if m in sys.modules]",
@@ -81,7 +84,7 @@ describe('sandboxes forked from a zygote', () => {
   const opened: Sandbox[] = [];
 
   before(async () => {
-    pooled = await startTestServer({ poolSize: 2 });
+    pooled = await startTestServer({ poolSize: 2, defaultTemplatePreload: DATA_STACK });
     cold = await startTestServer({ poolSize: 0, zygote: false });
     await pooled.manager.waitPoolFull(120_000);
   });
@@ -143,7 +146,7 @@ describe('sandboxes forked from a zygote', () => {
   });
 
   it('without a pool, a create is served by the zygote (a pool miss, not a cold start)', async () => {
-    const off = await startTestServer({ poolSize: 0 });
+    const off = await startTestServer({ poolSize: 0, defaultTemplatePreload: DATA_STACK });
     try {
       await until('the zygote', async () => (await metric(off, 'podflare_zygote_ready', { template: 'default' })) === 1, 120_000);
       const sbx = await Sandbox.create({ host: off.url });
@@ -171,11 +174,13 @@ describe('sandboxes forked from a zygote', () => {
     await until('the pool refilled from the new zygote', async () => (await metric(pooled, 'podflare_zygote_forks_total', { template: 'default' })) > forks);
   });
 
-  it('a stopped server leaves no process, mount, directory or cgroup behind', async () => {
+  it('the default template preloads its light list; a stopped server leaves no process, mount, directory or cgroup behind', async () => {
     const server = await startTestServer({ poolSize: 2 });
     await server.manager.waitPoolFull(120_000);
     const sbx = await Sandbox.create({ host: server.url });
-    await sbx.runCode('print(1)');
+    // The default template's own list: light standard-library modules, not the data stack (forks stay small).
+    const modules = await sbx.runCode("import sys; print('statistics' in sys.modules, 'decimal' in sys.modules, 'pandas' in sys.modules)");
+    assert.equal(modules.stdout, 'True True False\n');
     await sbx.fork(1); // a grandchild of the zygote: its husk must go too
     const zygotes = zygotePids(server);
     assert.equal(zygotes.length, 1);

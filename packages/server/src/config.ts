@@ -36,6 +36,12 @@ export interface ServerConfig {
    * pool refills and misses are forks of it, not cold starts (namespace runtime). @default PODFLARE_ZYGOTE or on
    */
   zygote: boolean;
+  /**
+   * What the `default` template's zygote imports instead of its own light list (Python module
+   * names), e.g. numpy,pandas,matplotlib,matplotlib.pyplot where users are data people: instant
+   * imports, at the price of slower forks (bigger interpreters). @default PODFLARE_DEFAULT_PRELOAD (comma-separated), else the template's list
+   */
+  defaultTemplatePreload: string[] | null;
   runtime: RuntimeName;
   logLevel: LogLevel;
   /** The repo's agent/ folder, copied into the image's agent layer. */
@@ -153,6 +159,7 @@ export function loadConfig(overrides: Partial<ServerConfig> = {}, env: NodeJS.Pr
     apiKeys: (env.PODFLARE_API_KEYS ?? '').split(',').map((k) => k.trim()).filter(Boolean),
     poolSize: int(env.PODFLARE_POOL_SIZE, 'PODFLARE_POOL_SIZE') ?? defaultPoolSize(),
     poolMaxSize: int(env.PODFLARE_POOL_MAX, 'PODFLARE_POOL_MAX') ?? -1, // -1: from poolSize (below)
+    defaultTemplatePreload: env.PODFLARE_DEFAULT_PRELOAD === undefined ? null : list(env.PODFLARE_DEFAULT_PRELOAD),
     poolIdleSeconds: int(env.PODFLARE_POOL_IDLE_SECONDS, 'PODFLARE_POOL_IDLE_SECONDS') ?? 30,
     zygote: !['0', 'false', 'off', 'no'].includes((env.PODFLARE_ZYGOTE ?? '').trim().toLowerCase()),
     runtime,

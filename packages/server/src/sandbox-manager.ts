@@ -106,12 +106,13 @@ export class SandboxManager {
   ) {
     for (const r of runtimes) this.runtimes.set(r.name, r);
     this.defaultRuntime = runtimes[0]!;
+    const preload = (template: string) => (template === DEFAULT_TEMPLATE && config.defaultTemplatePreload ? config.defaultTemplatePreload : templatePreload(template));
     this.zygotes = new Zygotes({
       enabled: config.zygote,
-      preload: templatePreload,
+      preload,
       zygoteSpec: (template) => {
         const id = newSandboxId();
-        const env = { PODFLARE_ZYGOTE_PRELOAD: templatePreload(template).join(',') };
+        const env = { PODFLARE_ZYGOTE_PRELOAD: preload(template).join(',') };
         return { id, template, egress: false, hostname: `sbx-${id.slice(4, 16)}`, background: true, env, limits: config.defaultLimits };
       },
       maxBatch: 4,
