@@ -107,7 +107,8 @@ export class WarmPool {
   /** Resolves when every bucket is full (for start-up and benchmarks). */
   async waitFull(timeoutMs = 60_000): Promise<void> {
     const deadline = Date.now() + timeoutMs;
-    while (!this.closed && [...this.buckets.values()].some((b) => b.ready.length < b.target)) {
+    // Full as sized now (grown while creates came fast): refills still running are no quiet pool.
+    while (!this.closed && [...this.buckets.values()].some((b) => b.ready.length < this.want(b))) {
       if (Date.now() > deadline) throw new Error('the warm pool did not fill in time');
       await new Promise<void>((resolve) => {
         const t = setTimeout(resolve, 200);

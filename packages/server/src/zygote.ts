@@ -104,13 +104,27 @@ export class Zygotes {
       if (!opts.wait) return null;
       if (!(await ready)) return null;
     }
-    return new Promise<RuntimeSandbox>((resolve, reject) => {
+    const child = await new Promise<RuntimeSandbox>((resolve, reject) => {
       const request: Request = { spec, urgent: opts.urgent, resolve, reject };
       // Urgent ones after the other urgent ones, ahead of every refill.
       const firstRefill = opts.urgent ? z.waiting.findIndex((r) => !r.urgent) : -1;
       z.waiting.splice(firstRefill === -1 ? z.waiting.length : firstRefill, 0, request);
       this.pump(z);
     });
+    if (!opts.urgent) {
+      // A pooled sandbox is handed out fully set up, as a cold-started one was: its network and
+      // cgroups attached, and its interpreter process started (a fork child starts it lazily;
+      // `vars` is answered by it). Its first exec then waits for nothing, and the pool's "full"
+      // means no work of its own is still running.
+      try {
+        await child.ready;
+        await child.channel.request({ op: 'vars' });
+      } catch (err) {
+        await child.destroy();
+        throw err;
+      }
+    }
+    return child;
   }
 
   stats(): ZygoteStats[] {
