@@ -99,7 +99,8 @@ export async function measurePaired(opts: PairedOptions): Promise<void> {
       // Which side goes first alternates too: neither always follows the other's teardown.
       const order = i % 2 === 0 ? sides : [...sides].reverse();
       for (const side of order) {
-        await side.server.manager.waitPoolFull(120_000);
+        // Both pools full: the other side's refills (after its cycles) must not run under this side's timing.
+        await Promise.all(sides.map((s) => s.server.manager.waitPoolFull(120_000)));
         const fork = await timed(failures, `fork (${side.name})`, () => side.parent.fork(1));
         if (fork) {
           await Promise.all(fork.value.map((k) => k.close()));
