@@ -109,7 +109,6 @@ export class SandboxManager {
     const preload = (template: string) => (template === DEFAULT_TEMPLATE && config.defaultTemplatePreload ? config.defaultTemplatePreload : templatePreload(template));
     this.zygotes = new Zygotes({
       enabled: config.zygote,
-      preload,
       zygoteSpec: (template) => {
         const id = newSandboxId();
         const env = { PODFLARE_ZYGOTE_PRELOAD: preload(template).join(',') };

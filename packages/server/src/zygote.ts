@@ -29,9 +29,7 @@ import type { Runtime, RuntimeSandbox, SandboxSpec } from './runtime/runtime.js'
 export interface ZygoteOptions {
   /** Off: every start is cold (as before zygotes). */
   enabled: boolean;
-  /** The modules a template's zygote imports. */
-  preload(template: string): readonly string[];
-  /** The zygote's own spec (a fresh id each time it is started). */
+  /** The zygote's own spec (a fresh id each time it is started; its env names what it preloads). */
   zygoteSpec(template: string): SandboxSpec;
   /** Children per fork at most: a create waiting behind a large batch would wait for all of it. */
   maxBatch: number;
