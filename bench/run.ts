@@ -260,7 +260,7 @@ async function measureMemory(bs: BenchServer, opts: Options): Promise<void> {
   notes.push(`memory: ${found.length} sandboxes found (pool ready ${pooled}, live ${live}); ${withSlirp} with slirp4netns; ` +
     `${Math.min(...procs)}–${Math.max(...procs)} processes each; min ${fmtMB(Math.min(...pss))}`);
   for (const z of byNs.zygotes) {
-    notes.push(`memory: a zygote (what the pooled sandboxes are forked from, data stack imported) holds ${fmtMB(z.pssBytes)} PSS of its own ` +
+    notes.push(`memory: a zygote (what the pooled sandboxes are forked from, its template's modules imported) holds ${fmtMB(z.pssBytes)} PSS of its own ` +
       `(${z.pids.length} processes); its pages are shared with its ${byNs.children.length} children, whose PSS counts their share`);
   }
   if (found.length !== pooled + live) notes.push(`memory: WARNING found ${found.length} bwrap processes but the server reports ${pooled} pooled + ${live} live`);
