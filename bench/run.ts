@@ -33,6 +33,9 @@
  *   churn4    the same from 4 concurrent clients
  *   miss      create on a pool miss served by the zygote (pool off) vs a cold start, and `import pandas`
  *   fork5py   fork(5) of the 200 MB DataFrame parent timed at the Python SDK (bench/fork-python.ts)
+ *   cluster      cluster mode (bench/cluster.ts): 3 nodes in network namespaces + a gateway + PostgreSQL;
+ *                create p50/p99 and creates/s with 8 clients through the gateway, the gateway's
+ *                paired overhead on exec, 3 nodes × N live sandboxes with 8 clients at work
  *   paired       fork(1) and diff of this build against a baseline build of an earlier commit, in
  *                one run (bench/paired.ts); only with --baseline DIR (scripts/bench-baseline.sh)
  * The two on-demand measures use a second server whose pool is off (size 0): with a pool, a key
@@ -56,10 +59,14 @@ import { measureCrashCycles, measureLoad, RESILIENCE_MEASURES } from './resilien
 
 import { measureVmPooled, measureVmUnpooled } from './vm.js';
 import { measurePaired } from './paired.js';
+import { measureCluster } from './cluster.js';
 import { CHURN_MEASURES, measureChurn, measureMiss } from './churn.js';
 import { measureFork5Python } from './fork-python.js';
 
-const MEASURES = ['memory', 'create', 'destroy', 'exec', 'python', 'jupyter', 'cycle', 'nonet', 'ondemand', ...FORK_MEASURES, ...RESILIENCE_MEASURES, ...CHURN_MEASURES, 'fork5py', 'vm', 'paired'] as const;
+const MEASURES = [
+  'memory', 'create', 'destroy', 'exec', 'python', 'jupyter', 'cycle', 'nonet', 'ondemand', ...FORK_MEASURES, ...RESILIENCE_MEASURES,
+  ...CHURN_MEASURES, 'fork5py', 'vm', 'paired', 'cluster',
+] as const;
 type MeasureName = (typeof MEASURES)[number];
 
 const IMAGES_DIR = process.env.PODFLARE_IMAGES_DIR ?? '/var/lib/podflare/images';
@@ -548,6 +555,7 @@ async function main(): Promise<void> {
     await guarded('paired', () => measurePaired({ quick: opts.quick, n: opts.n, warmup: opts.warmup, imagesDir: IMAGES_DIR, baselineDir: opts.baseline! }));
   }
 
+  if (has('cluster')) await guarded('cluster', () => measureCluster(opts));
   // Each against its own `podflare serve` child process.
   if (has('load')) await guarded('load', () => measureLoad(opts));
   if (has('crash')) await guarded('crash', () => measureCrashCycles(opts));
