@@ -180,7 +180,7 @@ describe('templates', () => {
 
   it("an idle template's pool shrinks to none; a configured one is warm from start-up and stays", async () => {
     // Runs after the user template is built (the test above).
-    const idle = await startTestServer({ poolSize: 2, poolIdleSeconds: 2, templatePoolSizes: { 'python-datasci': 1 } });
+    const idle = await startTestServer({ poolSize: 2, templatePoolIdleSeconds: 2, templatePoolSizes: { 'python-datasci': 1 } });
     try {
       const pool = async (name: string) => (await listTemplates(idle)).find((t) => t.name === name)?.pool ?? null;
       const until = async (what: string, ok: () => Promise<boolean>) => {

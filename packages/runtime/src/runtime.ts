@@ -85,6 +85,16 @@ export interface DiffOptions {
   content?: boolean;
 }
 
+/** How a fork is made. */
+export interface ForkOptions {
+  /**
+   * The children's files start as a fresh sandbox's (the parent's image layers), not as the
+   * parent's: for a zygote (server zygote.ts), whose own files are nobody's. Memory is the
+   * parent's as with any fork. No fork layer is made, so nothing of the parent's disk is copied.
+   */
+  freshFiles?: boolean;
+}
+
 /**
  * One runtime: starts, forks, freezes and diffs sandboxes of its own type `S`. Every method that
  * takes a sandbox is only ever given one this runtime returned (the manager keeps each sandbox with
@@ -110,7 +120,7 @@ export interface Runtime<S extends RuntimeSandbox = RuntimeSandbox> {
    * Copy-on-write children of a live, idle sandbox: memory and files as of now (capability `fork`).
    * Resolves once every child's agent answers.
    */
-  fork(parent: S, children: SandboxSpec[]): Promise<S[]>;
+  fork(parent: S, children: SandboxSpec[], opts?: ForkOptions): Promise<S[]>;
   /**
    * Freezes a sandbox into `dir` (memory and disk; capability `freeze`) and ends its processes.
    * What is in `dir` survives a server restart.

@@ -37,7 +37,7 @@ import { detectCgroups, type Cgroups } from '../shared/cgroups.js';
 import type { EgressService } from '../../egress/index.js';
 import type { Logger } from '../../log.js';
 import { processTree, run } from '../../proc.js';
-import { SandboxError, type DiffOptions, type FileDiff, type ReconcileReport, type Runtime, type RuntimeName, type SandboxSpec } from '@podflare/runtime';
+import { SandboxError, type DiffOptions, type FileDiff, type ForkOptions, type ReconcileReport, type Runtime, type RuntimeName, type SandboxSpec } from '@podflare/runtime';
 import { InFlight } from '../in-flight.js';
 import { bwrapArgs, SANDBOX_PATH } from './bwrap-args.js';
 import { HostHelper, type HostHelperOptions } from './hostd.js';
@@ -208,8 +208,8 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
     return this.busy(() => this.startRoot(spec));
   }
 
-  fork(parent: NsSandbox, specs: SandboxSpec[]): Promise<NsSandbox[]> {
-    return this.busy(() => this.forkChildren(parent, specs));
+  fork(parent: NsSandbox, specs: SandboxSpec[], opts: ForkOptions = {}): Promise<NsSandbox[]> {
+    return this.busy(() => this.forkChildren(parent, specs, opts));
   }
 
   /** A start or fork: tracked (close waits for it), and the trash is not emptied around it. */
@@ -350,7 +350,7 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
     return lowers;
   }
 
-  private async forkChildren(parent: NsSandbox, specs: SandboxSpec[]): Promise<NsSandbox[]> {
+  private async forkChildren(parent: NsSandbox, specs: SandboxSpec[], opts: ForkOptions): Promise<NsSandbox[]> {
     if (!parent.initPid) throw new SandboxError('conflict', 'the sandbox is not running');
     if (parent.depth >= MAX_FORK_DEPTH) {
       throw new SandboxError('conflict', `fork chains are limited to ${MAX_FORK_DEPTH} generations (pid namespaces nest at most 32 deep)`);
@@ -389,7 +389,9 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
         children: specs.map((spec) => ({ id: spec.id, root: SPAWN_AREA, hostname: spec.hostname })),
       });
       forking.catch(() => undefined);
-      const layered = this.freezeUpper(parent).then((l) => {
+      // Fresh files: the image's layers as they are (no fork layer to make, none to retain).
+      const layers = opts.freshFiles ? Promise.resolve(parent.lowers.filter((l) => !this.isForkLayer(l))) : this.freezeUpper(parent);
+      const layered = layers.then((l) => {
         lowers = l;
         for (const layer of l) this.retainLayer(layer);
         phase('layer frozen');
