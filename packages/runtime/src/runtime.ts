@@ -19,6 +19,11 @@ export interface RuntimeCapabilities {
   egressPolicy: boolean;
   /** Enforces each sandbox's CPU, memory and process limits (`setLimits`, `limitCounters`). */
   limits: boolean;
+  /**
+   * Pool sandboxes may be forks of a pre-warmed zygote (`fork` with `freshFiles`), cheap enough to
+   * refill a pool with. @default false
+   */
+  zygote?: boolean;
 }
 
 export interface SandboxSpec {

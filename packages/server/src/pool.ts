@@ -55,8 +55,8 @@ export class WarmPool {
     private readonly start: StartFn,
     private readonly opts: {
       target: number; maxParallelStarts: number; log: Logger;
-      /** The most ready sandboxes a bucket grows to under load (default: target, no growth). */
-      maxTarget?: number;
+      /** The most ready sandboxes a key's bucket grows to under load (default: its target, no growth). */
+      maxTarget?: (key: PoolKey) => number;
       /** After this long without a create a grown bucket shrinks back to its target. @default 30 s */
       idleMs?: number;
     },
@@ -151,9 +151,8 @@ export class WarmPool {
     if (!b) {
       b = {
         key, ready: [], starting: 0, target: 0, hits: 0, misses: 0, missReasons: { pool_off: 0, cold_key: 0, refilling: 0, starts_failing: 0, empty: 0 }, failures: 0,
-        // VM clones are a QEMU each: their buckets keep their target, never more.
         pinned: false, lastTakenAt: Date.now(),
-        sizer: new PoolSizer({ ceiling: key.runtime === 'vm' ? 0 : this.opts.maxTarget ?? 0, idleMs: this.opts.idleMs ?? 30_000 }),
+        sizer: new PoolSizer({ ceiling: this.opts.maxTarget?.(key) ?? 0, idleMs: this.opts.idleMs ?? 30_000 }),
       };
       this.buckets.set(k, b);
     }

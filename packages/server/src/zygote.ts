@@ -80,12 +80,12 @@ export class Zygotes {
 
   /** Whether sandboxes of this runtime can come from a zygote (it must fork; egress lists never). */
   serves(runtime: Runtime, spec: Pick<SandboxSpec, 'egress'>): boolean {
-    return this.opts.enabled && !this.closed && runtime.capabilities.fork && runtime.name === 'ns' && typeof spec.egress === 'boolean';
+    return this.opts.enabled && !this.closed && runtime.capabilities.fork && runtime.capabilities.zygote === true && typeof spec.egress === 'boolean';
   }
 
   /** Starts the template's zygote in the background, if it has none. */
   warm(runtime: Runtime, template: string): void {
-    if (!this.opts.enabled || runtime.name !== 'ns') return;
+    if (!this.opts.enabled || !runtime.capabilities.zygote) return;
     void this.ensure(this.zygote(runtime, template));
   }
 

@@ -42,7 +42,8 @@ export class PoolUse {
       target: config.poolSize,
       // Refills forked from a zygote are cheap, and the zygote forks those asked for together.
       maxParallelStarts: config.zygote ? 8 : 2,
-      maxTarget: config.poolMaxSize,
+      // Where warm sandboxes are costly (a VM's QEMU each), a bucket keeps its target, never more.
+      maxTarget: (key) => (this.ctx.runtimes.get(key.runtime)?.warmPoolMax === undefined ? config.poolMaxSize : 0),
       idleMs: Math.max(1, config.poolIdleSeconds) * 1000,
       log: ctx.log,
     });
