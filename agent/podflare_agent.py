@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import podflare_fork
+from podflare_processes import ProcError, ProcessTable
 from podflare_common import CHANNEL_READ, HOME, TIMEOUT_EXIT_CODE, LineBuffer, encode_line, hello_message
 from podflare_worker import Worker
 
@@ -111,7 +112,7 @@ def req_int(req: dict, name: str, minimum: int) -> int:
 
 def error_info(exc: BaseException) -> tuple[str, str]:
     """Maps an exception from a request handler to (code, message)."""
-    if isinstance(exc, AgentError):
+    if isinstance(exc, (AgentError, ProcError)):
         return exc.code, exc.message
     if isinstance(exc, FileNotFoundError):
         return 'not_found', str(exc)
@@ -509,6 +510,8 @@ class Supervisor:
             self.sel.register(pipe.fd, selectors.EVENT_READ, self._pipe_reader(pipe))
         self.sel.register(self.wake_r, selectors.EVENT_READ, self._on_wakeup)
         self.sel.register(self.sock, selectors.EVENT_READ, self._on_channel)
+        # Background processes (podflare_processes.py): their own pipes, log and ops.
+        self.procs = ProcessTable(self.sel, self.send, self.children.__setitem__, self._worker_cwd, resolve_path)
 
         self.ops: dict[str, Callable[[dict], dict | None]] = {
             'exec': self._op_exec,
@@ -527,6 +530,7 @@ class Supervisor:
             'vars': self._op_vars,
             'restore': self._op_restore,
             'set_time': self._op_set_time,
+            **self.procs.ops(),
         }
 
     # ---- main loop ------------------------------------------------------------------------
@@ -558,6 +562,7 @@ class Supervisor:
     def _shutdown(self) -> None:
         """Channel gone: remove pending uploads and kill everything we started."""
         self.files.abort_all()
+        self.procs.kill_all()
         self._prune_bash_groups()
         groups = set(self.bash_groups)
         if self.worker is not None:
@@ -607,10 +612,13 @@ class Supervisor:
         times = [t for t in (ex.deadline, ex.kill_at) if t is not None] if ex is not None else []
         if self.worker_start_at is not None:
             times.append(self.worker_start_at)
+        if (proc_deadline := self.procs.next_deadline()) is not None:
+            times.append(proc_deadline)
         return max(0.0, min(times) - time.monotonic()) if times else None
 
     def _check_timers(self) -> None:
         now = time.monotonic()
+        self.procs.check_timers(now)
         if self.worker_start_at is not None and (now >= self.worker_start_at or self.worker is not None):
             self.worker_start_at = None
             if self.worker is None:
@@ -1003,7 +1011,7 @@ class Supervisor:
             signal.signal(sig, signal.SIG_DFL)
         # Everything the supervisor watches (channel, pipes, leftover bash pipes), plus the rest.
         fds = [key.fd for key in self.sel.get_map().values() if key.fileobj is not self.sock]
-        fds += [self.wake_w, *parent_ends, *self.files.open_fds()]
+        fds += [self.wake_w, *parent_ends, *self.files.open_fds(), *self.procs.open_fds()]
         self.sel.close()
         self.sock.close()
         for fd in fds:

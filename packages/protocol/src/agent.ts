@@ -9,6 +9,9 @@
  * all others answer with exactly one `{id, ok, ...}`.
  */
 import { z } from 'zod';
+import {
+  ProcListRequest, ProcReadRequest, ProcSignalRequest, ProcStartRequest, ProcWriteRequest, ProcessReplySchemas,
+} from './processes.js';
 
 export const AGENT_PROTOCOL_VERSION = 1;
 
@@ -79,6 +82,7 @@ export const VarsRequest = z.object({ id, op: z.literal('vars') });
 export const AgentRequest = z.discriminatedUnion('op', [
   ExecRequest, InterruptRequest, PingRequest, UploadBeginRequest, UploadChunkRequest, UploadEndRequest,
   FileReadRequest, StatRequest, ListRequest, RemoveRequest, MkdirRequest, ForkRequest, VarsRequest, RestoreRequest, SetTimeRequest, ManifestRequest,
+  ProcStartRequest, ProcListRequest, ProcReadRequest, ProcWriteRequest, ProcSignalRequest,
 ]);
 export type AgentRequest = z.infer<typeof AgentRequest>;
 export type AgentOp = AgentRequest['op'];
@@ -181,6 +185,7 @@ export const AgentReplySchemas = {
   restore: none,
   set_time: none,
   manifest: z.object({ entries: count }),
+  ...ProcessReplySchemas,
 } satisfies { [Op in Exclude<AgentOp, 'exec'>]: z.ZodType };
 
 /** What each non-streaming op answers with, beyond `{id, ok: true}`. */

@@ -18,6 +18,8 @@ export type { ClientOptions } from './client.js';
 export { Execution, Result } from './execution.js';
 export type { Logs } from './execution.js';
 export { Files } from './files.js';
+export { Commands, CommandHandle } from './commands.js';
+export type { CommandConnectOptions, CommandResult, CommandStartOptions, ProcessInfo, ProcessOutputEvent } from './commands.js';
 export {
   PodflareError,
   BadRequestError,

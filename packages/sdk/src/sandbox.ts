@@ -10,6 +10,7 @@ import type { Client, RequestSpec } from './client.js';
 import { NotFoundError, SandboxGoneError } from './errors.js';
 import { Execution, ExecutionBuilder, truncatedStreamError } from './execution.js';
 import { Files } from './files.js';
+import { Commands } from './commands.js';
 import { parseNdjson } from './ndjson.js';
 import { toSandboxInfo } from './types.js';
 import type {
@@ -59,6 +60,11 @@ export class Sandbox {
   /** File operations: list, stat, exists, remove, mkdir, upload, download. */
   readonly files: Files;
   /**
+   * Shell commands beside the interpreter: foreground, or background processes (stream output,
+   * stdin, kill, reconnect by pid). A fork's children do not get this sandbox's processes.
+   */
+  readonly commands: Commands;
+  /**
    * How {@link Sandbox.create} got it: from the server's warm pool (`hit`), or started cold and why
    * (`missReason`: `pool_off`, `cold_key`, `refilling` — creates came faster than the pool
    * refills —, `starts_failing`, `empty`, `egress_policy`). Undefined for connected or forked
@@ -75,6 +81,7 @@ export class Sandbox {
     this.id = id;
     this.client = client;
     this.files = new Files(client, id);
+    this.commands = new Commands(client, id);
   }
 
   /**

@@ -18,6 +18,8 @@ import type { HttpMount } from './mounts.js';
 import { observeRequest } from './observe.js';
 import { RateLimiter, type RateLimitOptions } from './rate-limit.js';
 import { addFreezeRoutes } from './freeze-routes.js';
+import { addProcessRoutes } from './process-routes.js';
+import { SandboxProcesses } from '../sandbox-processes.js';
 import { Router } from './router.js';
 import { addSandboxRoutes } from './sandbox-routes.js';
 
@@ -64,6 +66,7 @@ export function createApp(opts: AppOptions): RequestListener {
   addMetricsRoutes(router, opts.manager);
   addDashboardRoutes(router, opts.manager);
   addFreezeRoutes(router, opts.manager);
+  addProcessRoutes(router, new SandboxProcesses(opts.manager));
   for (const mount of opts.mounts ?? []) {
     for (const method of mount.methods) {
       router.add(method, mount.path, ({ req, res, owner }) =>

@@ -1,0 +1,112 @@
+"""Background processes in the agent (agent/podflare_processes.py), driven over the channel."""
+from __future__ import annotations
+
+import os
+import time
+import unittest
+
+from test_agent import Agent, AgentTestCase
+
+
+def read_all(agent: Agent, pid: int, offset: int = 0, timeout: float = 20) -> tuple[str, dict]:
+    """Everything from `offset` until the process has ended and its output is read."""
+    text = ''
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        reply = agent.request('proc_read', pid=pid, offset=offset, wait_ms=2000)
+        assert reply['ok'], reply
+        text += ''.join(c['data'] for c in reply['chunks'])
+        offset = reply['next']
+        if reply['eof']:
+            return text, reply
+    raise AssertionError(f'process {pid} did not finish: {text[-200:]!r}')
+
+
+class TestProcesses(AgentTestCase):
+    def start(self, cmd: str, **fields) -> int:
+        reply = self.agent.request('proc_start', cmd=cmd, **fields)
+        self.assertTrue(reply['ok'], reply)
+        return reply['process']['pid']
+
+    def test_runs_beside_execs_and_keeps_output(self) -> None:
+        pid = self.start('for i in 1 2 3; do echo out$i; echo err$i >&2; sleep 0.2; done; exit 7')
+        # Execs are not blocked by it.
+        self.assertEqual(self.agent.run('print(6*7)').stdout, '42\n')
+        text, last = read_all(self.agent, pid)
+        self.assertEqual(last['process']['exit_code'], 7)
+        self.assertEqual(sorted(text.split()), sorted(['out1', 'err1', 'out2', 'err2', 'out3', 'err3']))
+        # A reconnecting reader from offset 0 gets the same again.
+        again, _ = read_all(self.agent, pid)
+        self.assertEqual(again, text)
+
+    def test_stdin_cwd_env(self) -> None:
+        pid = self.start('read line; echo "got $line in $PWD with $FOO"', cwd='/tmp', env={'FOO': 'bar'})
+        self.assertTrue(self.agent.request('proc_write', pid=pid, data='hello\n')['ok'])
+        text, _ = read_all(self.agent, pid)
+        self.assertEqual(text, 'got hello in /tmp with bar\n')
+
+    def test_signal_kills_the_group(self) -> None:
+        pid = self.start('sleep 300 & sleep 300')
+        time.sleep(0.3)
+        self.assertTrue(self.agent.request('proc_signal', pid=pid, signal='SIGKILL')['delivered'])
+        _, last = read_all(self.agent, pid)
+        self.assertEqual(last['process']['exit_code'], 128 + 9)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        else:
+            self.fail('the background sleep survived the kill of its group')
+
+    def test_log_is_bounded_and_the_sandbox_stays_responsive(self) -> None:
+        pid = self.start('yes 0123456789 | head -c 5000000; echo END', log_chars=4096)
+        self.assertEqual(self.agent.run('print(1)').stdout, '1\n')
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # nobody reads while it writes 5 MB: it must not stall
+            listed = {p['pid']: p for p in self.agent.request('proc_list')['processes']}
+            if not listed[pid]['running']:
+                break
+            time.sleep(0.1)
+        text, last = read_all(self.agent, pid)
+        self.assertLessEqual(len(text), 4096)
+        self.assertTrue(text.endswith('END\n'))
+        first = self.agent.request('proc_read', pid=pid, offset=0)
+        self.assertEqual(first['lost'], 5_000_004 - 4096)
+
+    def test_errors(self) -> None:
+        self.assertEqual(self.agent.request('proc_read', pid=999999)['error']['code'], 'not_found')
+        self.assertEqual(self.agent.request('proc_start', cmd='')['error']['code'], 'bad_request')
+        self.assertEqual(self.agent.request('proc_start', cmd='true', cwd='/nonexistent')['error']['code'], 'bad_request')
+        pid = self.start('sleep 30')
+        self.assertEqual(self.agent.request('proc_signal', pid=pid, signal='SIGNOPE')['error']['code'], 'bad_request')
+        self.agent.request('proc_signal', pid=pid, signal='SIGTERM')
+
+    def test_listed(self) -> None:
+        pid = self.start('sleep 30')
+        listed = {p['pid']: p for p in self.agent.request('proc_list')['processes']}
+        self.assertTrue(listed[pid]['running'])
+        self.assertEqual(listed[pid]['cmd'], 'sleep 30')
+        self.agent.request('proc_signal', pid=pid, signal='SIGKILL')
+
+
+class TestProcessesDieWithTheAgent(unittest.TestCase):
+    def test_no_orphan_after_the_channel_closes(self) -> None:
+        agent = Agent()
+        reply = agent.request('proc_start', cmd='sleep 300')
+        pid = reply['process']['pid']
+        agent.close()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
+        self.fail('a background process outlived its agent')
+
+
+if __name__ == '__main__':
+    unittest.main()
