@@ -27,6 +27,7 @@ from ._errors import (
     SandboxGoneError,
     ServerError,
 )
+from ._commands import CommandHandle, CommandResult, Commands, ProcessInfo
 from ._files import DownloadStream, Files
 from ._models import Event, ExecError, ExecResult, FileInfo, Result, SandboxInfo
 from ._sandbox import ExecStream, Sandbox
@@ -49,6 +50,10 @@ __all__ = [
     "SandboxInfo",
     "FileInfo",
     "Files",
+    "Commands",
+    "CommandHandle",
+    "CommandResult",
+    "ProcessInfo",
     "DownloadStream",
     "PodflareError",
     "BadRequestError",

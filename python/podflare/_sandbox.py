@@ -13,6 +13,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optio
 
 from ._client import Client, Response, _Pending
 from ._errors import NotFoundError, PodflareConnectionError, PodflareError, SandboxGoneError
+from ._commands import Commands
 from ._files import DEFAULT_CHUNK_SIZE, DownloadStream, Files
 from ._models import Event, ExecError, ExecResult, ExecResultBuilder, Result, SandboxInfo
 
@@ -255,6 +256,9 @@ class Sandbox:
         self.id = sandbox_id
         self.client = client
         self.files = Files(client, sandbox_id)
+        #: Shell commands beside the interpreter (foreground, or background processes). A fork's
+        #: children do not get this sandbox's processes.
+        self.commands = Commands(client, sandbox_id)
         self._path = _sandbox_path(sandbox_id)
         self._closed = False
         self._retired = False

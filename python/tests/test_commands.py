@@ -1,0 +1,75 @@
+"""sandbox.commands against a real server: foreground and background commands, reconnect by pid,
+stdin, kill, and a fork child that gets none of its parent's processes."""
+
+import time
+import unittest
+
+from podflare import BadRequestError, CommandHandle, NotFoundError, Sandbox
+from tests.server import ModuleServer
+
+SERVER = ModuleServer()
+
+
+def setUpModule():
+    SERVER.set_up()
+
+
+def tearDownModule():
+    SERVER.tear_down()
+
+
+class CommandTests(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.client = SERVER.client(timeout=120)
+        cls.sbx = Sandbox(client=cls.client)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.sbx.close()
+        cls.client.close()
+
+    def test_foreground(self):
+        r = self.sbx.commands.run('echo "$PWD $X"; echo e >&2; exit 4', cwd="/tmp", envs={"X": "y"})
+        self.assertEqual((r.stdout, r.stderr, r.exit_code), ("/tmp y\n", "e\n", 4))
+
+    def test_background_reconnect_stdin_kill(self):
+        seen = []
+        handle = self.sbx.commands.run('while read line; do echo "got $line"; done', background=True)
+        self.assertIsInstance(handle, CommandHandle)
+        # The interpreter is free while it runs.
+        self.assertEqual(self.sbx.run_code("print(6*7)").stdout, "42\n")
+        handle.send_stdin("a\n")
+        self.sbx.commands.send_stdin(handle.pid, "b\n", eof=True)
+        again = self.sbx.commands.connect(handle.pid)
+        result = again.wait(on_stdout=seen.append)
+        self.assertEqual(result.stdout, "got a\ngot b\n")
+        self.assertEqual("".join(seen), result.stdout)
+        self.assertEqual(result.exit_code, 0)
+        self.assertEqual(handle.wait().stdout, result.stdout)
+
+        sleeper = self.sbx.commands.run("sleep 300", background=True)
+        self.assertTrue(any(p.pid == sleeper.pid and p.running for p in self.sbx.commands.list()))
+        self.assertTrue(sleeper.kill())
+        self.assertEqual(sleeper.wait().exit_code, 137)
+        self.assertFalse(self.sbx.commands.get(sleeper.pid).running)
+
+    def test_fork_child_has_no_processes(self):
+        p = self.sbx.commands.run("sleep 300", background=True)
+        child = self.sbx.fork(1)[0]
+        try:
+            self.assertEqual(child.commands.list(), [])
+        finally:
+            child.close()
+        self.assertTrue(self.sbx.commands.get(p.pid).running)
+        p.kill()
+
+    def test_errors(self):
+        with self.assertRaises(NotFoundError):
+            self.sbx.commands.get(999999)
+        with self.assertRaises(BadRequestError):
+            self.sbx.commands.run("")
+
+
+if __name__ == "__main__":
+    unittest.main()
