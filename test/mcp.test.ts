@@ -24,7 +24,7 @@ const MAIN = path.resolve(import.meta.dirname, '../packages/mcp/dist/main.js');
 const CLI = path.resolve(import.meta.dirname, '../packages/cli/dist/main.js');
 const TOOLS = [
   'create_sandbox', 'run_python', 'run_bash', 'fork', 'diff', 'merge_into', 'upload', 'download', 'destroy_sandbox',
-  'start_process', 'read_process_output', 'kill_process',
+  'start_process', 'read_process_output', 'kill_process', 'expose_port',
 ];
 const ID = new RegExp(SANDBOX_ID_SOURCE, 'g');
 const UNKNOWN_ID = `sbx_${'0'.repeat(32)}`;
@@ -189,6 +189,8 @@ describe('podflare-mcp over stdio', () => {
     for (let i = 0; i < 100 && !more.includes('hello'); i++) more = await ok(session.client, 'read_process_output', { pid, offset: head(first).next_offset });
     assert.match(more, /\nsecond hello\n$/);
     assert.doesNotMatch(more, /first/);
+    const exposed = JSON.parse(await ok(session.client, 'expose_port', { port: 8123 })) as { url: string };
+    assert.match(exposed.url, /^http:\/\/127\.0\.0\.1:\d+\/v1\/ports\/sbx_[0-9a-f]{32}\.8123\./);
     assert.match(await ok(session.client, 'kill_process', { pid }), /Killed/);
     const after = await ok(session.client, 'read_process_output', { pid });
     assert.equal(head(after).exit_code, 137);

@@ -467,6 +467,26 @@ class Sandbox:
         """Resumes a frozen sandbox now (any other call would too)."""
         self.client.json("POST", self._path + "/resume")
 
+    def get_host(self, port: int, expires_in_seconds: Optional[int] = None) -> str:
+        """The address of a port the sandbox listens on, reachable through the Podflare server
+        without the API key: ``<server>/v1/ports/<signed token>`` (E2B's ``get_host`` shape: no
+        scheme). It reaches that port only (HTTP and WebSocket) until it expires (default 1 hour)
+        or the server restarts.
+
+        Example::
+
+            sbx.commands.run("python3 -m http.server 8000", background=True)
+            urllib.request.urlopen(f"http://{sbx.get_host(8000)}/")
+        """
+        return str(self.get_port_url(port, expires_in_seconds)["host"])
+
+    def get_port_url(self, port: int, expires_in_seconds: Optional[int] = None) -> Dict[str, Any]:
+        """Like :meth:`get_host`: ``{"url", "host", "token", "port", "expires_at"}``."""
+        body: Dict[str, Any] = {}
+        if expires_in_seconds is not None:
+            body["expires_in_seconds"] = expires_in_seconds
+        return dict(self.client.json("POST", f"{self._path}/ports/{int(port)}/url", json=body))
+
     def fork(self, n: int = 1) -> List["Sandbox"]:
         """``n`` (1–32) copies of this sandbox's interpreter memory and filesystem as of now. Writes
         after the fork are isolated. The children share this sandbox's Client; close (or merge)

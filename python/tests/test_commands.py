@@ -64,6 +64,23 @@ class CommandTests(unittest.TestCase):
         self.assertTrue(self.sbx.commands.get(p.pid).running)
         p.kill()
 
+    def test_get_host_reaches_a_port_without_the_key(self):
+        import urllib.request
+        self.sbx.files.upload("/root/www/index.html", b"hi from a port\n")
+        self.sbx.commands.run("exec python3 -m http.server 8300 --bind 127.0.0.1", background=True, cwd="/root/www")
+        host = self.sbx.get_host(8300)
+        self.assertIn("/v1/ports/", host)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://{host}/", timeout=10) as res:
+                    self.assertEqual(res.read(), b"hi from a port\n")
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
     def test_errors(self):
         with self.assertRaises(NotFoundError):
             self.sbx.commands.get(999999)

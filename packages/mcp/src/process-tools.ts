@@ -88,6 +88,27 @@ export function registerProcessTools(server: McpServer, ctx: ProcessToolContext)
   );
 
   server.registerTool(
+    'expose_port',
+    {
+      title: 'Expose port',
+      description:
+        'Get a URL through which a person (or a browser) reaches a server listening on a port inside the sandbox, e.g. a ' +
+        'dev server started with start_process. Anyone with the URL reaches that port only, until it expires.' + own,
+      inputSchema: {
+        sandbox_id: target,
+        port: z.number().int().min(1).max(65535).describe('The port the server listens on inside the sandbox (on 127.0.0.1 or 0.0.0.0)'),
+        expires_in_seconds: z.number().int().min(1).max(7 * 24 * 3600).optional().describe('How long the URL works. Default: 3600'),
+      },
+      annotations: { readOnlyHint: true, openWorldHint: false },
+    },
+    async ({ sandbox_id, port, expires_in_seconds }) =>
+      guard(async () => {
+        const { value } = await session.withSandbox(sandbox_id, (s) => s.getPortUrl(port, { expiresInSeconds: expires_in_seconds }));
+        return textResult(JSON.stringify({ url: value.url, expires_at: value.expiresAt.toISOString() }));
+      }),
+  );
+
+  server.registerTool(
     'kill_process',
     {
       title: 'Kill process',

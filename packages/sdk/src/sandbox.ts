@@ -333,6 +333,32 @@ export class Sandbox {
   }
 
   /**
+   * The address of a port the sandbox listens on, reachable through the Podflare server without
+   * the API key: `<server>/v1/ports/<signed token>` (E2B's `getHost` shape: no scheme). Whoever holds
+   * it reaches that port only (HTTP and WebSocket) until it expires (default 1 hour) or the server
+   * restarts. Requests with the API key can also use `/v1/sandboxes/<id>/ports/<port>/proxy/`.
+   *
+   * @example
+   * ```ts
+   * await sandbox.commands.run('python3 -m http.server 8000', { background: true });
+   * const res = await fetch(`http://${await sandbox.getHost(8000)}/`);
+   * ```
+   */
+  async getHost(port: number, options: { expiresInSeconds?: number } = {}): Promise<string> {
+    return (await this.getPortUrl(port, options)).host;
+  }
+
+  /** Like {@link Sandbox.getHost}, with the full URL (`http://…/`) and when it expires. */
+  async getPortUrl(port: number, options: { expiresInSeconds?: number } = {}): Promise<{ url: string; host: string; expiresAt: Date }> {
+    const json: Record<string, unknown> = {};
+    if (options.expiresInSeconds !== undefined) json.expires_in_seconds = options.expiresInSeconds;
+    const answer = await this.client.json<{ url: string; host: string; expires_at: number }>({
+      method: 'POST', path: `${this.#path}/ports/${encodeURIComponent(String(port))}/url`, json,
+    });
+    return { url: answer.url, host: answer.host, expiresAt: new Date(answer.expires_at * 1000) };
+  }
+
+  /**
    * Forks this sandbox into `n` copies (1–32) of its interpreter memory and filesystem as of now.
    * Children share this sandbox's Client; each must be closed (or merged) on its own.
    *

@@ -85,12 +85,14 @@ async function startLocked(config: ServerConfig, opts: StartOptions, log: Logger
   await manager.start();
 
   let loopbackUrl = '';
-  const server = http.createServer({ noDelay: true, keepAliveTimeout: 65_000, maxHeaderSize: 16 * 1024 }, createApp({
+  const app = createApp({
     mounts: opts.mounts, loopbackUrl: () => loopbackUrl,
     manager, apiKeys: config.apiKeys, runtimeName: runtime.name, maxSandboxes: config.maxSandboxes, log,
     rateLimit: { perSecond: config.rateLimitPerSecond, burst: config.rateLimitBurst },
     browserAccess: { allowedHosts: config.allowedHosts, allowedOrigins: config.allowedOrigins },
-  }));
+  });
+  const server = http.createServer({ noDelay: true, keepAliveTimeout: 65_000, maxHeaderSize: 16 * 1024 }, app);
+  server.on('upgrade', app.upgrade); // WebSockets to exposed ports
   server.headersTimeout = 30_000;
   // Header size is capped by maxHeaderSize above (Node answers 431); the count too.
   server.maxHeadersCount = 100;

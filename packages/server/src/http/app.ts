@@ -20,6 +20,10 @@ import { RateLimiter, type RateLimitOptions } from './rate-limit.js';
 import { addFreezeRoutes } from './freeze-routes.js';
 import { addProcessRoutes } from './process-routes.js';
 import { SandboxProcesses } from '../sandbox-processes.js';
+import { SandboxPorts } from '../sandbox-ports.js';
+import { matchPortTarget, PortProxy } from './port-proxy.js';
+import { addPortRoutes } from './port-routes.js';
+import type { Duplex } from 'node:stream';
 import { Router } from './router.js';
 import { addSandboxRoutes } from './sandbox-routes.js';
 
@@ -37,11 +41,15 @@ export interface AppOptions {
   /** This server's API as reachable from this process; known once it listens (for mounts). */
   loopbackUrl?: () => string;
   log: Logger;
+  /** Exposed ports (signed URLs are signed by it); one is made when absent. */
+  ports?: SandboxPorts;
 }
 
 export type RequestListener = (req: IncomingMessage, res: ServerResponse) => void;
+/** The `upgrade` listener of the HTTP server: WebSockets to exposed ports (http/port-proxy.ts). */
+export type UpgradeListener = (req: IncomingMessage, socket: Duplex, head: Buffer) => void;
 
-export function createApp(opts: AppOptions): RequestListener {
+export function createApp(opts: AppOptions): RequestListener & { upgrade: UpgradeListener } {
   const keys = new KeyRing(opts.apiKeys);
   const limiter = new RateLimiter(opts.rateLimit ?? { perSecond: 0, burst: 0 });
   const guard = new BrowserGuard(opts.browserAccess ?? { allowedHosts: [], allowedOrigins: [] });
@@ -67,6 +75,9 @@ export function createApp(opts: AppOptions): RequestListener {
   addDashboardRoutes(router, opts.manager);
   addFreezeRoutes(router, opts.manager);
   addProcessRoutes(router, new SandboxProcesses(opts.manager));
+  const ports = opts.ports ?? new SandboxPorts(opts.manager);
+  const portProxy = new PortProxy(ports, keys, guard, opts.log);
+  addPortRoutes(router, ports);
   for (const mount of opts.mounts ?? []) {
     for (const method of mount.methods) {
       router.add(method, mount.path, ({ req, res, owner }) =>
@@ -74,11 +85,14 @@ export function createApp(opts: AppOptions): RequestListener {
     }
   }
 
-  return (req, res) => {
+  const listener: RequestListener = (req, res) => {
     const observed = observeRequest(req, res, opts.log, opts.manager.metrics);
     let url: URL | undefined;
     void (async () => {
       try {
+        // An exposed port: the rest of the path belongs to the sandbox's server, not to our routes.
+        const portTarget = matchPortTarget(req.url);
+        if (portTarget) return await portProxy.handleRequest(req, res, portTarget);
         // Before anything else, auth included: a web page must not learn even which requests fail.
         if (guard.check(req, res) === 'answered') return;
         url = parseTarget(req.url);
@@ -94,6 +108,15 @@ export function createApp(opts: AppOptions): RequestListener {
       }
     })();
   };
+  const upgrade: UpgradeListener = (req, socket, head) => {
+    const target = matchPortTarget(req.url);
+    if (!target) {
+      socket.end('HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n');
+      return;
+    }
+    void portProxy.handleUpgrade(req, socket, head, target);
+  };
+  return Object.assign(listener, { upgrade });
 }
 
 /** The request target as a URL; only origin-form targets ("/v1/…") are served. */
