@@ -19,7 +19,10 @@ processes are not copied (only the interpreter is forked).
 from __future__ import annotations
 
 import codecs
+import fcntl
 import os
+import struct
+import termios
 import selectors
 import signal
 import subprocess
@@ -83,6 +86,7 @@ class Proc:
     stdin_backlog: bytearray = field(default_factory=bytearray)
     stdin_eof: bool = False
     waiters: list[Waiter] = field(default_factory=list)
+    tty: bool = False
 
     @property
     def start(self) -> int:
@@ -97,7 +101,7 @@ class Proc:
     def info(self) -> dict:
         return {'pid': self.pid, 'cmd': self.cmd, 'cwd': self.cwd, 'running': self.exit_code is None,
                 'exit_code': self.exit_code, 'started_at': self.started_at, 'ended_at': self.ended_at,
-                'log_start': self.start, 'log_end': self.end}
+                'log_start': self.start, 'log_end': self.end, 'tty': self.tty}
 
 
 def _check_env(env: Any) -> dict[str, str] | None:
@@ -108,6 +112,13 @@ def _check_env(env: Any) -> dict[str, str] | None:
             for k, v in env.items()):
         raise ProcError('bad_request', 'env must map names to strings')
     return env
+
+
+def _check_size(value: Any) -> tuple[int, int]:
+    """A terminal size `{cols, rows}`."""
+    if not isinstance(value, dict):
+        raise ProcError('bad_request', 'pty must be {cols, rows}')
+    return _int_field(value, 'cols', 80, 1, 1000), _int_field(value, 'rows', 24, 1, 1000)
 
 
 def _int_field(req: dict, name: str, default: int, lo: int, hi: int) -> int:
@@ -139,7 +150,7 @@ class ProcessTable:
 
     def ops(self) -> dict[str, Callable[[dict], dict | None]]:
         return {'proc_start': self.start, 'proc_list': self.list, 'proc_read': self.read,
-                'proc_write': self.write, 'proc_signal': self.signal}
+                'proc_write': self.write, 'proc_signal': self.signal, 'proc_resize': self.resize}
 
     def start(self, req: dict) -> dict:
         cmd = req.get('cmd')
@@ -153,6 +164,9 @@ class ProcessTable:
             raise ProcError('conflict', f'{MAX_RUNNING} background processes are running already')
         full_env = dict(os.environ)
         full_env.update(env or {})
+        pty_size = req.get('pty')
+        if pty_size is not None:
+            return self._start_pty(cmd, cwd, full_env, log_chars, _check_size(pty_size))
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         in_r, in_w = os.pipe()
@@ -208,6 +222,44 @@ class ProcessTable:
         proc.stdin_eof = eof
         self._flush_stdin(proc)
         return {}
+
+    def resize(self, req: dict) -> dict:
+        """A terminal's new size: the kernel tells its foreground process group (SIGWINCH)."""
+        proc = self._proc(req)
+        cols, rows = _check_size(req)
+        if not proc.tty or proc.stdin_fd is None:
+            raise ProcError('conflict', f'process {proc.pid} has no terminal')
+        fcntl.ioctl(proc.stdin_fd, termios.TIOCSWINSZ, struct.pack('HHHH', rows, cols, 0, 0))
+        return {}
+
+    def _start_pty(self, cmd: str, cwd: str, env: dict, log_chars: int, size: tuple[int, int]) -> dict:
+        """`cmd` on a new pseudo-terminal (its own session, the terminal as its controlling tty):
+        one fd, the master, carries input and output."""
+        master, slave = os.openpty()
+        cols, rows = size
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack('HHHH', rows, cols, 0, 0))
+        env = {**env, 'TERM': env.get('TERM', 'xterm-256color')}
+        try:
+            popen = subprocess.Popen(['bash', '-c', cmd], stdin=slave, stdout=slave, stderr=slave, cwd=cwd, env=env,
+                                     start_new_session=True, close_fds=True,
+                                     preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+        except OSError as exc:
+            os.close(master)
+            what = f'cwd {cwd}' if exc.filename == cwd else 'bash'
+            raise ProcError('bad_request', f'cannot start the process ({what}): {exc.strerror}') from None
+        finally:
+            os.close(slave)
+        os.set_blocking(master, False)
+        # The master is both the output (read) and the input (stdin_fd, written): one fd, two roles.
+        out = os.dup(master)
+        os.set_blocking(out, False)
+        proc = Proc(popen.pid, cmd, cwd, log_chars, popen, time.time(), master, {out: 'stdout'},
+                    {out: codecs.getincrementaldecoder('utf-8')('replace')}, tty=True)
+        self.procs[proc.pid] = proc
+        self.sel.register(out, selectors.EVENT_READ, self._reader(proc, out))
+        self.on_child(proc.pid, self._on_exit)
+        self._forget_old()
+        return {'process': proc.info()}
 
     def signal(self, req: dict) -> dict:
         proc = self._proc(req)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 import unittest
 
@@ -110,3 +111,39 @@ class TestProcessesDieWithTheAgent(unittest.TestCase):
 
 if __name__ == '__main__':
     unittest.main()
+
+
+class TestPty(AgentTestCase):
+    def wait_for(self, pid: int, needle: str, offset: int = 0, timeout: float = 20) -> tuple[str, int]:
+        text = ''
+        deadline = time.monotonic() + timeout
+        while not re.search(needle, re.sub(r'\x1b\[[0-9;?]*[a-zA-Z]', '', text)):
+            if time.monotonic() > deadline:
+                self.fail(f'{needle!r} never came: {text[-300:]!r}')
+            reply = self.agent.request('proc_read', pid=pid, offset=offset, wait_ms=1000)
+            text += ''.join(c['data'] for c in reply['chunks'])
+            offset = reply['next']
+        return text, offset
+
+    def test_bash_on_a_terminal_echo_and_resize(self) -> None:
+        reply = self.agent.request('proc_start', cmd='exec bash --norc -i', pty={'cols': 100, 'rows': 30})
+        self.assertTrue(reply['ok'], reply)
+        self.assertTrue(reply['process']['tty'])
+        pid = reply['process']['pid']
+        _, offset = self.wait_for(pid, '# $')  # the prompt (as root)
+        self.agent.request('proc_write', pid=pid, data='echo hi\n')
+        self.wait_for(pid, r'echo hi\r\n\r?hi\r\n', offset)
+        self.assertTrue(self.agent.request('proc_resize', pid=pid, cols=123, rows=40)['ok'])
+        self.agent.request('proc_write', pid=pid, data='tput cols; stty size\n')
+        _, offset = self.wait_for(pid, r'[\r\n]123\r\n(.|\n)*40 123', offset)
+        self.agent.request('proc_write', pid=pid, data='exit 5\n')
+        deadline = time.monotonic() + 10
+        while self.agent.request('proc_read', pid=pid, offset=offset)['process']['running']:
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.05)
+        self.assertEqual(self.agent.request('proc_read', pid=pid, offset=offset)['process']['exit_code'], 5)
+
+    def test_resize_needs_a_terminal(self) -> None:
+        pid = self.agent.request('proc_start', cmd='sleep 5')['process']['pid']
+        self.assertEqual(self.agent.request('proc_resize', pid=pid, cols=10, rows=10)['error']['code'], 'conflict')
+        self.agent.request('proc_signal', pid=pid, signal='SIGKILL')

@@ -10,7 +10,7 @@
  */
 import { z } from 'zod';
 import {
-  ProcListRequest, ProcReadRequest, ProcSignalRequest, ProcStartRequest, ProcWriteRequest, ProcessReplySchemas,
+  ProcListRequest, ProcReadRequest, ProcResizeRequest, ProcSignalRequest, ProcStartRequest, ProcWriteRequest, ProcessReplySchemas,
 } from './processes.js';
 
 export const AGENT_PROTOCOL_VERSION = 1;
@@ -82,7 +82,7 @@ export const VarsRequest = z.object({ id, op: z.literal('vars') });
 export const AgentRequest = z.discriminatedUnion('op', [
   ExecRequest, InterruptRequest, PingRequest, UploadBeginRequest, UploadChunkRequest, UploadEndRequest,
   FileReadRequest, StatRequest, ListRequest, RemoveRequest, MkdirRequest, ForkRequest, VarsRequest, RestoreRequest, SetTimeRequest, ManifestRequest,
-  ProcStartRequest, ProcListRequest, ProcReadRequest, ProcWriteRequest, ProcSignalRequest,
+  ProcStartRequest, ProcListRequest, ProcReadRequest, ProcWriteRequest, ProcSignalRequest, ProcResizeRequest,
 ]);
 export type AgentRequest = z.infer<typeof AgentRequest>;
 export type AgentOp = AgentRequest['op'];

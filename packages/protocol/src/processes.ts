@@ -30,6 +30,9 @@ const envName = z.string().min(1).max(256).regex(/^[^=\0]+$/, 'must not contain 
 const env = z.record(envName, z.string().max(128 * 1024).regex(/^[^\0]*$/, 'must not contain NUL'))
   .refine((e) => Object.keys(e).length <= 1000, 'at most 1000 variables');
 const cwd = z.string().min(1).max(4096).regex(/^[^\0]+$/, 'must not contain NUL');
+/** A terminal's size, for a process on a pseudo-terminal (a PTY). */
+export const TerminalSize = z.object({ cols: z.number().int().min(1).max(1000), rows: z.number().int().min(1).max(1000) }).strict();
+export type TerminalSize = z.infer<typeof TerminalSize>;
 const cmd = z.string().min(1).max(1024 * 1024).regex(/^[^\0]+$/, 'must not contain NUL');
 
 // ---- channel ops (server -> agent) ---------------------------------------------------------
@@ -37,6 +40,8 @@ const cmd = z.string().min(1).max(1024 * 1024).regex(/^[^\0]+$/, 'must not conta
 export const ProcStartRequest = z.object({
   id, op: z.literal('proc_start'), cmd, cwd: cwd.optional(), env: env.optional(),
   log_chars: z.number().int().min(1024).max(MAX_PROCESS_LOG_CHARS).optional(),
+  /** On a pseudo-terminal of this size (its output is one stream, `stdout`; TERM=xterm-256color). */
+  pty: TerminalSize.optional(),
 });
 export const ProcListRequest = z.object({ id, op: z.literal('proc_list') });
 /** Output from `offset`; with `wait_ms`, answered once there is some, the process ends, or the wait is over. */
@@ -47,6 +52,7 @@ export const ProcReadRequest = z.object({
   wait_ms: z.number().int().min(0).max(MAX_PROCESS_WAIT_MS).optional(),
 });
 export const ProcWriteRequest = z.object({ id, op: z.literal('proc_write'), pid, data: z.string().max(1024 * 1024), eof: z.boolean().optional() });
+export const ProcResizeRequest = z.object({ id, op: z.literal('proc_resize'), pid, cols: TerminalSize.shape.cols, rows: TerminalSize.shape.rows });
 export const ProcSignalRequest = z.object({ id, op: z.literal('proc_signal'), pid, signal: z.enum(PROCESS_SIGNALS) });
 
 // ---- what the agent answers (untrusted: bounded) -------------------------------------------
@@ -64,6 +70,8 @@ export const ProcessInfo = z.object({
   /** Offset of the oldest character still kept, and just past the newest. */
   log_start: count,
   log_end: count,
+  /** On a pseudo-terminal. */
+  tty: z.boolean().optional(),
 });
 export type ProcessInfo = z.infer<typeof ProcessInfo>;
 
@@ -85,6 +93,7 @@ export const ProcessReplySchemas = {
   }),
   proc_write: z.object({}),
   proc_signal: z.object({ delivered: z.boolean() }),
+  proc_resize: z.object({}),
 };
 
 // ---- REST ----------------------------------------------------------------------------------
@@ -96,6 +105,8 @@ export const StartProcessBody = z.object({
   env: env.optional(),
   /** Characters of output kept (the oldest dropped past it). */
   log_chars: z.number().int().min(1024).max(MAX_PROCESS_LOG_CHARS).optional(),
+  /** Run it on a pseudo-terminal of this size (an interactive shell; see also the PTY WebSocket). */
+  pty: TerminalSize.optional(),
 }).strict();
 export type StartProcessBody = z.infer<typeof StartProcessBody>;
 

@@ -11,6 +11,7 @@ import { NotFoundError, SandboxGoneError } from './errors.js';
 import { Execution, ExecutionBuilder, truncatedStreamError } from './execution.js';
 import { Files } from './files.js';
 import { Commands } from './commands.js';
+import { Pty } from './pty.js';
 import { parseNdjson } from './ndjson.js';
 import { toSandboxInfo } from './types.js';
 import type {
@@ -64,6 +65,8 @@ export class Sandbox {
    * stdin, kill, reconnect by pid). A fork's children do not get this sandbox's processes.
    */
   readonly commands: Commands;
+  /** Interactive terminals (bash on a PTY over a WebSocket). */
+  readonly pty: Pty;
   /**
    * How {@link Sandbox.create} got it: from the server's warm pool (`hit`), or started cold and why
    * (`missReason`: `pool_off`, `cold_key`, `refilling` — creates came faster than the pool
@@ -82,6 +85,7 @@ export class Sandbox {
     this.client = client;
     this.files = new Files(client, id);
     this.commands = new Commands(client, id);
+    this.pty = new Pty(client, id);
   }
 
   /**

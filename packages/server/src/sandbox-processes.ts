@@ -5,7 +5,7 @@
  *
  * They run beside the interpreter: none of these calls waits in the sandbox's exec queue.
  */
-import type { ProcessInfo, ProcessOutputEvent, ProcessSignal, StartProcessBody } from '@podflare/protocol';
+import type { ProcessInfo, ProcessOutputEvent, ProcessSignal, StartProcessBody, TerminalSize } from '@podflare/protocol';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ApiError } from './errors.js';
 import type { LiveSandbox, SandboxManager } from './sandbox-manager.js';
@@ -41,6 +41,11 @@ export class SandboxProcesses {
 
   async writeStdin(s: LiveSandbox, pid: number, data: string, eof: boolean): Promise<void> {
     await s.rt.channel.request({ op: 'proc_write', pid, data, eof });
+  }
+
+  /** A terminal's new size (409 for a process without one). */
+  async resize(s: LiveSandbox, pid: number, size: TerminalSize): Promise<void> {
+    await s.rt.channel.request({ op: 'proc_resize', pid, cols: size.cols, rows: size.rows });
   }
 
   async signal(s: LiveSandbox, pid: number, signal: ProcessSignal): Promise<boolean> {

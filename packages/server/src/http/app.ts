@@ -23,6 +23,7 @@ import { SandboxProcesses } from '../sandbox-processes.js';
 import { SandboxPorts } from '../sandbox-ports.js';
 import { matchPortTarget, PortProxy } from './port-proxy.js';
 import { addPortRoutes } from './port-routes.js';
+import { matchPtyTarget, PtySockets } from './pty-socket.js';
 import type { Duplex } from 'node:stream';
 import { Router } from './router.js';
 import { addSandboxRoutes } from './sandbox-routes.js';
@@ -74,7 +75,9 @@ export function createApp(opts: AppOptions): RequestListener & { upgrade: Upgrad
   addMetricsRoutes(router, opts.manager);
   addDashboardRoutes(router, opts.manager);
   addFreezeRoutes(router, opts.manager);
-  addProcessRoutes(router, new SandboxProcesses(opts.manager));
+  const processes = new SandboxProcesses(opts.manager);
+  addProcessRoutes(router, processes);
+  const ptys = new PtySockets(processes, keys, guard, opts.log);
   const ports = opts.ports ?? new SandboxPorts(opts.manager);
   const portProxy = new PortProxy(ports, keys, guard, opts.log);
   addPortRoutes(router, ports);
@@ -109,6 +112,8 @@ export function createApp(opts: AppOptions): RequestListener & { upgrade: Upgrad
     })();
   };
   const upgrade: UpgradeListener = (req, socket, head) => {
+    const pty = matchPtyTarget(req.url);
+    if (pty) return void ptys.handleUpgrade(req, socket, head, pty);
     const target = matchPortTarget(req.url);
     if (!target) {
       socket.end('HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n');

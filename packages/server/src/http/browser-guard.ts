@@ -41,6 +41,21 @@ export class BrowserGuard {
   }
 
   /**
+   * For a WebSocket to the API (the PTY): the Host as everywhere, and an `Origin` that is the
+   * server's own or an allowed one (browsers send it on every WebSocket; CORS does not apply to
+   * them, so this is the only thing keeping a foreign page from opening a shell).
+   */
+  checkUpgrade(req: IncomingMessage): void {
+    this.checkHost(req);
+    const origin = req.headers.origin;
+    if (origin === undefined || isSameOrigin(origin, req.headers.host)) return;
+    const serialized = originOf(origin);
+    if (serialized === undefined || !this.origins.has(serialized)) {
+      throw new ApiError('forbidden', `WebSocket from ${JSON.stringify(origin.slice(0, 200))} refused: web pages from other origins may not open one`);
+    }
+  }
+
+  /**
    * Refuses requests for a foreign Host or from a foreign origin (throws a 403 ApiError), answers
    * CORS preflights of allowed origins, and adds CORS headers to their other requests.
    */

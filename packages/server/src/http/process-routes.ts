@@ -3,7 +3,7 @@
  * (NDJSON, from any offset, optionally following), stdin, signal, kill. A fork's children do not
  * get their parent's processes.
  */
-import { ProcessSignalBody, ProcessStdinBody, StartProcessBody, type ProcessOutputEvent } from '@podflare/protocol';
+import { ProcessSignalBody, ProcessStdinBody, StartProcessBody, TerminalSize, type ProcessOutputEvent } from '@podflare/protocol';
 import { ApiError } from '../errors.js';
 import type { SandboxProcesses } from '../sandbox-processes.js';
 import { readBody, sendEmpty, sendJson } from './body.js';
@@ -49,6 +49,12 @@ export function addProcessRoutes(router: Router, processes: SandboxProcesses): v
   router.add('POST', '/v1/sandboxes/:id/processes/:pid/signal', async (ctx) => {
     const body = await readBody(ctx.req, ProcessSignalBody);
     sendJson(ctx.res, 200, { delivered: await processes.signal(await sandbox(ctx), pidParam(ctx), body.signal ?? 'SIGTERM') });
+  });
+
+  router.add('POST', '/v1/sandboxes/:id/processes/:pid/resize', async (ctx) => {
+    const body = await readBody(ctx.req, TerminalSize);
+    await processes.resize(await sandbox(ctx), pidParam(ctx), body);
+    sendEmpty(ctx.res);
   });
 
   router.add('POST', '/v1/sandboxes/:id/processes/:pid/stdin', async (ctx) => {
