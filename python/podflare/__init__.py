@@ -29,6 +29,7 @@ from ._errors import (
 )
 from ._commands import CommandHandle, CommandResult, Commands, ProcessInfo
 from ._files import DownloadStream, Files
+from ._pty import Pty, PtyHandle
 from ._models import Event, ExecError, ExecResult, FileInfo, Result, SandboxInfo
 from ._sandbox import ExecStream, Sandbox
 
@@ -54,6 +55,8 @@ __all__ = [
     "CommandHandle",
     "CommandResult",
     "ProcessInfo",
+    "Pty",
+    "PtyHandle",
     "DownloadStream",
     "PodflareError",
     "BadRequestError",

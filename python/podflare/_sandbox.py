@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optio
 from ._client import Client, Response, _Pending
 from ._errors import NotFoundError, PodflareConnectionError, PodflareError, SandboxGoneError
 from ._commands import Commands
+from ._pty import Pty
 from ._files import DEFAULT_CHUNK_SIZE, DownloadStream, Files
 from ._models import Event, ExecError, ExecResult, ExecResultBuilder, Result, SandboxInfo
 
@@ -260,6 +261,8 @@ class Sandbox:
         #: children do not get this sandbox's processes.
         self.commands = Commands(client, sandbox_id)
         self._path = _sandbox_path(sandbox_id)
+        #: Interactive terminals (bash on a PTY over a WebSocket).
+        self.pty = Pty(client, self._path)
         self._closed = False
         self._retired = False
         self._close_lock = threading.Lock()

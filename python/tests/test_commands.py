@@ -90,3 +90,29 @@ class CommandTests(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class PtyTests(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.client = SERVER.client(timeout=120)
+        cls.sbx = Sandbox(client=cls.client)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.sbx.close()
+        cls.client.close()
+
+    def test_prompt_echo_resize(self):
+        import re
+        plain = lambda t: re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", t)
+        term = self.sbx.pty.create(cols=90, rows=20)
+        term.wait_for(lambda out: plain(out).endswith("# "))
+        term.send_input("echo hi\r")
+        term.wait_for(lambda out: re.search(r"echo hi\r\n\r?hi\r\n", plain(out)) is not None)
+        term.resize(111, 33)
+        time.sleep(0.2)
+        term.send_input("tput cols\r")
+        term.wait_for(lambda out: re.search(r"[\r\n]111\r\n", plain(out)) is not None)
+        term.send_input("exit 2\r")
+        self.assertEqual(term.wait(30), 2)
