@@ -31,6 +31,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from podflare_requests import AgentError
+
 READ_CHUNK = 64 * 1024
 DEFAULT_LOG_CHARS = 1024 * 1024
 MAX_LOG_CHARS = 16 * 1024 * 1024
@@ -43,13 +45,8 @@ SIGNALS = {name: getattr(signal, name) for name in (
     'SIGTERM', 'SIGKILL', 'SIGINT', 'SIGHUP', 'SIGQUIT', 'SIGUSR1', 'SIGUSR2', 'SIGSTOP', 'SIGCONT')}
 
 
-class ProcError(Exception):
+class ProcError(AgentError):
     """An error answer; `code` is one of packages/protocol/src/errors.ts."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 @dataclass
