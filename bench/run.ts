@@ -29,6 +29,8 @@
  *                PODFLARE_BENCH_CRASH_CYCLES): nothing leaked, restart p50/p99 (bench/resilience.ts)
  *   vm           the microVM runtime (bench/vm.ts): cold boot, create from the pool of clones,
  *                template restore, fork(1)/fork(5) beside the namespace runtime, idle clone PSS
+ *   ports        an exposed port's HTTP GET through the proxy vs direct into the sandbox, paired (bench/ports.ts)
+ *   pty          PTY keystroke echo round trip over the WebSocket (bench/ports.ts)
  *   paired       fork(1) and diff of this build against a baseline build of an earlier commit, in
  *                one run (bench/paired.ts); only with --baseline DIR (scripts/bench-baseline.sh)
  * The two on-demand measures use a second server whose pool is off (size 0): with a pool, a key
@@ -52,8 +54,9 @@ import { measureCrashCycles, measureLoad, RESILIENCE_MEASURES } from './resilien
 
 import { measureVmPooled, measureVmUnpooled } from './vm.js';
 import { measurePaired } from './paired.js';
+import { measurePorts, measurePtyEcho, PORT_MEASURES } from './ports.js';
 
-const MEASURES = ['memory', 'create', 'destroy', 'exec', 'python', 'jupyter', 'cycle', 'nonet', 'ondemand', ...FORK_MEASURES, ...RESILIENCE_MEASURES, 'vm', 'paired'] as const;
+const MEASURES = ['memory', 'create', 'destroy', 'exec', 'python', 'jupyter', 'cycle', 'nonet', 'ondemand', ...FORK_MEASURES, ...RESILIENCE_MEASURES, 'vm', 'paired', ...PORT_MEASURES] as const;
 type MeasureName = (typeof MEASURES)[number];
 
 const IMAGES_DIR = process.env.PODFLARE_IMAGES_DIR ?? '/var/lib/podflare/images';
@@ -463,7 +466,7 @@ async function main(): Promise<void> {
   let jupyter = null as JupyterResult | null;
   let jupyterError = null as Error | null;
 
-  if (has('memory', 'create', 'destroy', 'exec', 'python', 'cycle')) {
+  if (has('memory', 'create', 'destroy', 'exec', 'python', 'cycle', 'ports', 'pty')) {
     let bs = null as BenchServer | null;
     await guarded('server start', async () => {
       bs = await startBenchServer({ poolSize: POOL_SIZE });
@@ -476,6 +479,8 @@ async function main(): Promise<void> {
       if (has('exec')) await guarded('exec', async () => { exec = await measureExec(main, opts); });
       if (has('python')) await guarded('python', () => measurePythonSdk(main.server.url, opts.n));
       if (has('cycle')) await guarded('cycle', () => measureCycle(main, opts));
+      if (has('ports')) await guarded('ports', () => measurePorts(main.server, main.client, opts));
+      if (has('pty')) await guarded('pty', () => measurePtyEcho(main.client, opts));
       await guarded('server stop', () => stopBenchServer(main));
     }
   }
