@@ -19,8 +19,6 @@ import { observeRequest } from './observe.js';
 import { RateLimiter, type RateLimitOptions } from './rate-limit.js';
 import { addFreezeRoutes } from './freeze-routes.js';
 import { addProcessRoutes } from './process-routes.js';
-import { SandboxProcesses } from '../sandbox-processes.js';
-import { SandboxPorts } from '../sandbox-ports.js';
 import { matchPortTarget, PortProxy } from './port-proxy.js';
 import { addPortRoutes } from './port-routes.js';
 import { matchPtyTarget, PtySockets } from './pty-socket.js';
@@ -42,8 +40,6 @@ export interface AppOptions {
   /** This server's API as reachable from this process; known once it listens (for mounts). */
   loopbackUrl?: () => string;
   log: Logger;
-  /** Exposed ports (signed URLs are signed by it); one is made when absent. */
-  ports?: SandboxPorts;
 }
 
 export type RequestListener = (req: IncomingMessage, res: ServerResponse) => void;
@@ -75,12 +71,10 @@ export function createApp(opts: AppOptions): RequestListener & { upgrade: Upgrad
   addMetricsRoutes(router, opts.manager);
   addDashboardRoutes(router, opts.manager);
   addFreezeRoutes(router, opts.manager);
-  const processes = new SandboxProcesses(opts.manager);
-  addProcessRoutes(router, processes);
-  const ptys = new PtySockets(processes, keys, guard, opts.log);
-  const ports = opts.ports ?? new SandboxPorts(opts.manager);
-  const portProxy = new PortProxy(ports, keys, guard, opts.log);
-  addPortRoutes(router, ports);
+  addProcessRoutes(router, opts.manager);
+  const ptys = new PtySockets(opts.manager, keys, guard, opts.log);
+  const portProxy = new PortProxy(opts.manager, keys, guard, opts.log);
+  addPortRoutes(router, opts.manager);
   for (const mount of opts.mounts ?? []) {
     for (const method of mount.methods) {
       router.add(method, mount.path, ({ req, res, owner }) =>

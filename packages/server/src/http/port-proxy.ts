@@ -21,10 +21,9 @@
 import http, { type IncomingMessage, type ServerResponse } from 'node:http';
 import type { Duplex } from 'node:stream';
 import type net from 'node:net';
-import { ApiError } from '../errors.js';
+import { ApiError, toApiError } from './api-error.js';
 import type { Logger } from '../log.js';
-import type { LiveSandbox } from '../sandbox-manager.js';
-import type { SandboxPorts } from '../sandbox-ports.js';
+import type { LiveSandbox, SandboxManager } from '../sandbox-manager.js';
 import type { KeyRing } from './auth.js';
 import type { BrowserGuard } from './browser-guard.js';
 
@@ -55,7 +54,7 @@ export function matchPortTarget(target: string | undefined): PortTarget | null {
 
 export class PortProxy {
   constructor(
-    private readonly ports: SandboxPorts,
+    private readonly manager: SandboxManager,
     private readonly keys: KeyRing,
     private readonly guard: BrowserGuard,
     private readonly log: Logger,
@@ -68,16 +67,16 @@ export class PortProxy {
     this.guard.checkHost(req);
     if (target.kind === 'key') {
       const owner = this.keys.authenticate(req);
-      return { s: await this.ports.sandbox(target.sandboxId, owner || undefined), port: target.port, dropAuth: true };
+      return { s: await this.manager.get(target.sandboxId, owner || undefined), port: target.port, dropAuth: true };
     }
-    const grant = this.ports.verify(target.token);
-    return { s: await this.ports.sandbox(grant.sandboxId), port: grant.port, dropAuth: false };
+    const grant = this.manager.ports.verify(target.token);
+    return { s: await this.manager.get(grant.sandboxId), port: grant.port, dropAuth: false };
   }
 
   /** Forwards one HTTP request; throws an ApiError (answered by the app) before anything was sent. */
   async handleRequest(req: IncomingMessage, res: ServerResponse, target: PortTarget): Promise<void> {
     const { s, port, dropAuth } = await this.resolve(req, target);
-    const socket = await this.ports.connect(s, port);
+    const socket = await this.manager.ports.connect(s, port);
     const headers = forwardHeaders(req.rawHeaders, dropAuth);
     headers.push('Host', `localhost:${port}`, 'Connection', 'close');
     await new Promise<void>((resolve, reject) => {
@@ -112,7 +111,7 @@ export class PortProxy {
     let upstream: net.Socket;
     try {
       const { s, port, dropAuth } = await this.resolve(req, target);
-      upstream = await this.ports.connect(s, port);
+      upstream = await this.manager.ports.connect(s, port);
       const headers = forwardHeaders(req.rawHeaders, dropAuth, ['connection', 'upgrade']);
       headers.push('Host', `localhost:${port}`);
       let text = `${req.method} ${target.path} HTTP/1.1\r\n`;
@@ -145,8 +144,8 @@ function forwardHeaders(raw: string[], dropAuth: boolean, keep: string[] = []): 
 
 /** Answers a refused upgrade with the API's JSON error and closes the socket. */
 function refuseUpgrade(client: Duplex, err: unknown, log: Logger): void {
-  const apiError = err instanceof ApiError ? err : new ApiError('internal', `internal error: ${(err as Error)?.message ?? String(err)}`);
-  if (!(err instanceof ApiError)) log.error('port upgrade failed', { error: (err as Error)?.stack ?? String(err) });
+  const apiError = toApiError(err) ?? new ApiError('internal', `internal error: ${(err as Error)?.message ?? String(err)}`);
+  if (!toApiError(err)) log.error('port upgrade failed', { error: (err as Error)?.stack ?? String(err) });
   const body = JSON.stringify(apiError.toBody());
   client.end(`HTTP/1.1 ${apiError.status} ${http.STATUS_CODES[apiError.status] ?? 'Error'}\r\n` +
     `Content-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`);

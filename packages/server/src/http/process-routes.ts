@@ -4,8 +4,8 @@
  * get their parent's processes.
  */
 import { ProcessSignalBody, ProcessStdinBody, StartProcessBody, TerminalSize, type ProcessOutputEvent } from '@podflare/protocol';
-import { ApiError } from '../errors.js';
-import type { SandboxProcesses } from '../sandbox-processes.js';
+import { ApiError } from './api-error.js';
+import type { SandboxManager } from '../sandbox-manager.js';
 import { readBody, sendEmpty, sendJson } from './body.js';
 import { drainedOrClosed } from './drain.js';
 import { flagParam } from './params.js';
@@ -25,8 +25,9 @@ function offsetParam(ctx: RequestContext): number {
   return Number(text);
 }
 
-export function addProcessRoutes(router: Router, processes: SandboxProcesses): void {
-  const sandbox = (ctx: RequestContext) => processes.sandbox(sandboxId(ctx), ctx.owner || undefined);
+export function addProcessRoutes(router: Router, manager: SandboxManager): void {
+  const processes = manager.processes;
+  const sandbox = (ctx: RequestContext) => manager.get(sandboxId(ctx), ctx.owner || undefined);
 
   router.add('POST', '/v1/sandboxes/:id/processes', async (ctx) => {
     const body = await readBody(ctx.req, StartProcessBody);

@@ -12,9 +12,9 @@
 import type { IncomingMessage } from 'node:http';
 import type { Duplex } from 'node:stream';
 import { SANDBOX_ID_PATTERN, TerminalSize } from '@podflare/protocol';
-import { ApiError } from '../errors.js';
+import { ApiError, toApiError } from './api-error.js';
 import type { Logger } from '../log.js';
-import type { SandboxProcesses } from '../sandbox-processes.js';
+import type { SandboxManager } from '../sandbox-manager.js';
 import type { KeyRing } from './auth.js';
 import type { BrowserGuard } from './browser-guard.js';
 import { ServerWebSocket } from './websocket.js';
@@ -38,7 +38,7 @@ function intParam(query: URLSearchParams, name: string, fallback: number, max: n
 
 export class PtySockets {
   constructor(
-    private readonly processes: SandboxProcesses,
+    private readonly manager: SandboxManager,
     private readonly keys: KeyRing,
     private readonly guard: BrowserGuard,
     private readonly log: Logger,
@@ -49,18 +49,18 @@ export class PtySockets {
     try {
       this.guard.checkUpgrade(req);
       const owner = this.keys.authenticate(req);
-      s = await this.processes.sandbox(target.sandboxId, owner || undefined);
+      s = await this.manager.get(target.sandboxId, owner || undefined);
       const size = TerminalSize.parse({ cols: intParam(target.query, 'cols', 80, 1000) || 80, rows: intParam(target.query, 'rows', 24, 1000) || 24 });
       const attach = target.query.get('pid');
       offset = intParam(target.query, 'offset', 0, Number.MAX_SAFE_INTEGER);
       if (attach !== null) {
         pid = intParam(target.query, 'pid', 0, 4_194_304);
-        const info = await this.processes.info(s, pid);
+        const info = await this.manager.processes.info(s, pid);
         if (!info.tty) throw new ApiError('conflict', `process ${pid} has no terminal`);
-        await this.processes.resize(s, pid, size);
+        await this.manager.processes.resize(s, pid, size);
         owned = false;
       } else {
-        pid = (await this.processes.start(s, { cmd: DEFAULT_SHELL, pty: size })).pid;
+        pid = (await this.manager.processes.start(s, { cmd: DEFAULT_SHELL, pty: size })).pid;
         owned = true;
       }
     } catch (err) {
@@ -78,20 +78,20 @@ export class PtySockets {
         }
         // In order: keystrokes must reach the terminal in the order they were typed.
         chain = chain.then(async () => {
-          if (msg.type === 'input' && typeof msg.data === 'string') await this.processes.writeStdin(sandbox, pid, msg.data, false);
+          if (msg.type === 'input' && typeof msg.data === 'string') await this.manager.processes.writeStdin(sandbox, pid, msg.data, false);
           else if (msg.type === 'resize') {
             const size = TerminalSize.safeParse({ cols: msg.cols, rows: msg.rows });
-            if (size.success) await this.processes.resize(sandbox, pid, size.data);
+            if (size.success) await this.manager.processes.resize(sandbox, pid, size.data);
           }
         }).catch((err: unknown) => this.log.debug('pty input failed', { error: String(err) }));
       },
       onClose: () => {
-        if (owned) void this.processes.signal(sandbox, pid, 'SIGKILL').catch(() => undefined);
+        if (owned) void this.manager.processes.signal(sandbox, pid, 'SIGKILL').catch(() => undefined);
       },
     });
     void ws.send(JSON.stringify({ type: 'started', pid }));
     try {
-      await this.processes.output(sandbox, pid, offset, true, async (ev) => {
+      await this.manager.processes.output(sandbox, pid, offset, true, async (ev) => {
         if (ev.type === 'stdout' || ev.type === 'stderr') await ws.send(JSON.stringify({ type: 'output', data: ev.data, offset: ev.offset }));
         else if (ev.type === 'exit') await ws.send(JSON.stringify({ type: 'exit', code: ev.data }));
       }, () => ws.isClosed);
@@ -103,8 +103,8 @@ export class PtySockets {
 }
 
 function refuse(socket: Duplex, err: unknown, log: Logger): void {
-  const apiError = err instanceof ApiError ? err : new ApiError('internal', `internal error: ${(err as Error)?.message ?? String(err)}`);
-  if (!(err instanceof ApiError)) log.error('pty upgrade failed', { error: (err as Error)?.stack ?? String(err) });
+  const apiError = toApiError(err) ?? new ApiError('internal', `internal error: ${(err as Error)?.message ?? String(err)}`);
+  if (!toApiError(err)) log.error('pty upgrade failed', { error: (err as Error)?.stack ?? String(err) });
   const body = JSON.stringify(apiError.toBody());
   socket.end(`HTTP/1.1 ${apiError.status} Error\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`);
 }

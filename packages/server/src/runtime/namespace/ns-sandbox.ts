@@ -17,7 +17,7 @@ import { readFileSync } from 'node:fs';
 import { readFile, readlink, rm } from 'node:fs/promises';
 import os from 'node:os';
 import { AgentChannel } from '../../agent-channel.js';
-import { ApiError } from '../../errors.js';
+import { SandboxError } from '../sandbox-error.js';
 import type { Logger } from '../../log.js';
 import { isAlive, processTree, pssOf } from '../../proc.js';
 import type { SandboxCgroup } from '../../cgroups.js';
@@ -90,7 +90,7 @@ export abstract class NsSandbox implements RuntimeSandbox {
 
   /** A socket connected to 127.0.0.1:port inside this sandbox's network namespace. */
   connectPort(port: number): Promise<import('node:net').Socket> {
-    if (this.ended || !this.initPid) return Promise.reject(new ApiError('sandbox_gone', `sandbox ${this.id} is gone`));
+    if (this.ended || !this.initPid) return Promise.reject(new SandboxError('sandbox_gone', `sandbox ${this.id} is gone`));
     this.portConnector ??= new PortConnector(this.initPid);
     return this.portConnector.connect(port);
   }

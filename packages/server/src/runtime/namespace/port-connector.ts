@@ -11,7 +11,7 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import type net from 'node:net';
 import { fileURLToPath } from 'node:url';
-import { ApiError } from '../../errors.js';
+import { SandboxError } from '../sandbox-error.js';
 
 const CHILD = fileURLToPath(new URL('./port-connector-child.js', import.meta.url));
 const START_TIMEOUT_MS = 10_000;
@@ -38,7 +38,7 @@ export class PortConnector {
     const child = await this.start();
     const n = this.next++;
     return new Promise<net.Socket>((resolve, reject) => {
-      const timer = setTimeout(() => this.settle(n, new ApiError('timeout', `connecting to port ${port} in the sandbox timed out`)), CONNECT_TIMEOUT_MS);
+      const timer = setTimeout(() => this.settle(n, new SandboxError('timeout', `connecting to port ${port} in the sandbox timed out`)), CONNECT_TIMEOUT_MS);
       this.pending.set(n, { resolve, reject, timer });
       child.send({ n, port });
     });
@@ -49,7 +49,7 @@ export class PortConnector {
     this.closed = true;
     this.child?.kill('SIGKILL');
     this.child = null;
-    for (const n of [...this.pending.keys()]) this.settle(n, new ApiError('sandbox_gone', 'the sandbox is gone'));
+    for (const n of [...this.pending.keys()]) this.settle(n, new SandboxError('sandbox_gone', 'the sandbox is gone'));
   }
 
   private settle(n: number, result: net.Socket | Error): void {
@@ -65,7 +65,7 @@ export class PortConnector {
   }
 
   private start(): Promise<ChildProcess> {
-    if (this.closed) return Promise.reject(new ApiError('sandbox_gone', 'the sandbox is gone'));
+    if (this.closed) return Promise.reject(new SandboxError('sandbox_gone', 'the sandbox is gone'));
     if (this.child) return Promise.resolve(this.child);
     this.starting ??= new Promise<ChildProcess>((resolve, reject) => {
       const child = spawn('nsenter', [`--net=/proc/${this.netnsPid}/ns/net`, '--', process.execPath, CHILD], {
@@ -83,7 +83,7 @@ export class PortConnector {
           return;
         }
         if (typeof m.n !== 'number') return;
-        if (m.error) this.settle(m.n, new ApiError('unavailable', `nothing answers on that port in the sandbox (${m.error})`));
+        if (m.error) this.settle(m.n, new SandboxError('unavailable', `nothing answers on that port in the sandbox (${m.error})`));
         else if (handle) this.settle(m.n, handle as net.Socket);
       });
       child.once('error', (err) => { clearTimeout(timer); reject(new Error(`cannot start nsenter: ${err.message}`)); });
@@ -92,7 +92,7 @@ export class PortConnector {
         if (this.child === child) this.child = null;
         this.starting = null;
         reject(new Error(`the port connector exited (${code}): ${stderr.trim()}`));
-        for (const n of [...this.pending.keys()]) this.settle(n, new ApiError('unavailable', 'the port connector exited'));
+        for (const n of [...this.pending.keys()]) this.settle(n, new SandboxError('unavailable', 'the port connector exited'));
       });
     }).finally(() => { if (!this.child) this.starting = null; });
     return this.starting;

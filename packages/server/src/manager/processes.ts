@@ -1,45 +1,43 @@
 /**
  * Background processes of live sandboxes (protocol: @podflare/protocol processes.ts; agent side:
- * agent/podflare_processes.py). The domain side of the /processes routes: they call these methods and
- * never the agent's channel. Each call counts as use of the sandbox for its idle timeout.
+ * agent/podflare_processes.py), reached as `manager.processes`: the /processes routes and the PTY
+ * socket call these methods and never the agent's channel. Each call counts as use of the sandbox for its idle timeout.
  *
  * They run beside the interpreter: none of these calls waits in the sandbox's exec queue.
  */
 import type { ProcessInfo, ProcessOutputEvent, ProcessSignal, StartProcessBody, TerminalSize } from '@podflare/protocol';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { ApiError } from './errors.js';
-import type { LiveSandbox, SandboxManager } from './sandbox-manager.js';
+import { SandboxError } from '../runtime/sandbox-error.js';
+import type { LiveSandbox } from './live-sandbox.js';
 
 /** How long one agent read waits for new output while following (well under any HTTP idle timeout). */
 const FOLLOW_WAIT_MS = 20_000;
 const NO_PROGRESS_PAUSE_MS = 200;
 
+const touch = (s: LiveSandbox) => {
+  s.record.lastActiveAt = Date.now();
+};
+
 export class SandboxProcesses {
-  constructor(private readonly manager: SandboxManager) {}
-
-  /** The live sandbox for a caller (404/410 as `manager.get`), marked as used. */
-  async sandbox(id: string, owner?: string): Promise<LiveSandbox> {
-    const s = await this.manager.get(id, owner);
-    this.manager.touch(s);
-    return s;
-  }
-
   async start(s: LiveSandbox, body: StartProcessBody): Promise<ProcessInfo> {
+    touch(s);
     const { process } = await s.rt.channel.request({ op: 'proc_start', ...body });
     return process;
   }
 
   async list(s: LiveSandbox): Promise<ProcessInfo[]> {
+    touch(s);
     return (await s.rt.channel.request({ op: 'proc_list' })).processes;
   }
 
   async info(s: LiveSandbox, pid: number): Promise<ProcessInfo> {
     const found = (await this.list(s)).find((p) => p.pid === pid);
-    if (!found) throw new ApiError('not_found', `no background process with pid ${pid} in sandbox ${s.record.id}`);
+    if (!found) throw new SandboxError('not_found', `no background process with pid ${pid} in sandbox ${s.record.id}`);
     return found;
   }
 
   async writeStdin(s: LiveSandbox, pid: number, data: string, eof: boolean): Promise<void> {
+    touch(s);
     await s.rt.channel.request({ op: 'proc_write', pid, data, eof });
   }
 
@@ -49,6 +47,7 @@ export class SandboxProcesses {
   }
 
   async signal(s: LiveSandbox, pid: number, signal: ProcessSignal): Promise<boolean> {
+    touch(s);
     return (await s.rt.channel.request({ op: 'proc_signal', pid, signal })).delivered;
   }
 
@@ -64,7 +63,7 @@ export class SandboxProcesses {
     let next = offset;
     while (!stopped()) {
       const reply = await s.rt.channel.request({ op: 'proc_read', pid, offset: next, wait_ms: follow ? FOLLOW_WAIT_MS : 0 });
-      this.manager.touch(s);
+      touch(s);
       if (reply.lost > 0) await emit({ type: 'lost', data: reply.lost, offset: next });
       for (const chunk of reply.chunks) await emit({ type: chunk.stream, data: chunk.data, offset: chunk.offset });
       const progressed = reply.next > next;

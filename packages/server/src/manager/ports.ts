@@ -12,8 +12,8 @@
 import { createHmac, randomBytes, timingSafeEqual } from 'node:crypto';
 import type net from 'node:net';
 import { SANDBOX_ID_PATTERN } from '@podflare/protocol';
-import { ApiError } from './errors.js';
-import type { LiveSandbox, SandboxManager } from './sandbox-manager.js';
+import { SandboxError } from '../runtime/sandbox-error.js';
+import type { LiveSandbox } from './live-sandbox.js';
 
 /** Default lifetime of a signed URL. */
 export const DEFAULT_PORT_URL_TTL_SECONDS = 3600;
@@ -29,14 +29,7 @@ export interface PortGrant {
 export class SandboxPorts {
   private readonly secret = randomBytes(32);
 
-  constructor(private readonly manager: SandboxManager, private readonly now: () => number = Date.now) {}
-
-  /** The live sandbox for an API-key caller (404/410 as `manager.get`). */
-  async sandbox(id: string, owner?: string): Promise<LiveSandbox> {
-    const s = await this.manager.get(id, owner);
-    this.manager.touch(s);
-    return s;
-  }
+  constructor(private readonly now: () => number = Date.now) {}
 
   /** A token for one port of one sandbox, valid `ttlSeconds`. */
   sign(sandboxId: string, port: number, ttlSeconds = DEFAULT_PORT_URL_TTL_SECONDS): { token: string; expiresAt: number } {
@@ -49,7 +42,7 @@ export class SandboxPorts {
   verify(token: string): PortGrant {
     const parts = token.split('.');
     const [sandboxId, portText, expText, mac] = parts;
-    const bad = () => new ApiError('unauthorized', 'invalid or expired port URL: ask for a new one (getHost / get_host)');
+    const bad = () => new SandboxError('unauthorized', 'invalid or expired port URL: ask for a new one (getHost / get_host)');
     if (parts.length !== 4 || !SANDBOX_ID_PATTERN.test(sandboxId!) || !/^\d{1,5}$/.test(portText!) || !/^\d{1,12}$/.test(expText!)) throw bad();
     const expected = Buffer.from(this.mac(`${sandboxId}.${portText}.${expText}`));
     const given = Buffer.from(mac!);
@@ -61,8 +54,8 @@ export class SandboxPorts {
 
   /** A socket connected to `port` inside the sandbox; marks the sandbox as used. */
   async connect(s: LiveSandbox, port: number): Promise<net.Socket> {
-    if (!s.rt.connectPort) throw new ApiError('conflict', `the ${s.record.runtime} runtime cannot expose ports (the namespace runtime can)`);
-    this.manager.touch(s);
+    if (!s.rt.connectPort) throw new SandboxError('conflict', `the ${s.record.runtime} runtime cannot expose ports (the namespace runtime can)`);
+    s.record.lastActiveAt = Date.now();
     return s.rt.connectPort(checkPort(port));
   }
 
@@ -72,6 +65,6 @@ export class SandboxPorts {
 }
 
 export function checkPort(port: number): number {
-  if (!Number.isInteger(port) || port < 1 || port > 65535) throw new ApiError('bad_request', `port: must be 1-65535, got ${port}`, 'port');
+  if (!Number.isInteger(port) || port < 1 || port > 65535) throw new SandboxError('bad_request', `port: must be 1-65535, got ${port}`, { field: 'port' });
   return port;
 }
