@@ -4,6 +4,7 @@
  * lookup (find, info, lists), pool use, files, the exec queue, fork/merge/diff, freeze/resume, the sweep
  * of idle and expired sandboxes, and the metrics gauges.
  */
+import { SandboxArchives } from './manager/archives.js';
 import { SandboxPorts } from './manager/ports.js';
 import { SandboxProcesses } from './manager/processes.js';
 import { EventEmitter } from 'node:events';
@@ -49,6 +50,8 @@ export class SandboxManager {
   readonly processes = new SandboxProcesses();
   /** Exposed ports: signed URLs and connections into a sandbox's ports. */
   readonly ports = new SandboxPorts();
+  /** Directories as tar streams (tar runs in the sandbox). */
+  readonly archives = new SandboxArchives(this.files, this.processes);
 
   private readonly ctx: ManagerContext;
   private readonly pool: PoolUse;

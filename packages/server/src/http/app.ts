@@ -12,6 +12,7 @@ import { sendJson } from './body.js';
 import { BrowserGuard } from './browser-guard.js';
 import { addDashboardRoutes } from './dashboard-routes.js';
 import { addFileRoutes } from './file-routes.js';
+import { addArchiveRoutes } from './archive-routes.js';
 import { addForkRoutes } from './fork-routes.js';
 import { addMetricsRoutes } from './metrics-routes.js';
 import type { HttpMount } from './mounts.js';
@@ -67,6 +68,7 @@ export function createApp(opts: AppOptions): RequestListener & { upgrade: Upgrad
   });
   addSandboxRoutes(router, opts.manager);
   addFileRoutes(router, opts.manager);
+  addArchiveRoutes(router, opts.manager);
   addForkRoutes(router, opts.manager);
   addMetricsRoutes(router, opts.manager);
   addDashboardRoutes(router, opts.manager);
