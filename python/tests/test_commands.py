@@ -116,3 +116,30 @@ class PtyTests(unittest.TestCase):
         term.wait_for(lambda out: re.search(r"[\r\n]111\r\n", plain(out)) is not None)
         term.send_input("exit 2\r")
         self.assertEqual(term.wait(30), 2)
+
+
+class TarTests(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.client = SERVER.client(timeout=120)
+        cls.sbx = Sandbox(client=cls.client)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.sbx.close()
+        cls.client.close()
+
+    def test_round_trip(self):
+        import io
+        import tarfile
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            data = b"hello tar\n"
+            info = tarfile.TarInfo("dir/hello.txt")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        self.sbx.files.upload_tar("/root/tarred", buf.getvalue())
+        self.assertEqual(self.sbx.files.download("/root/tarred/dir/hello.txt"), b"hello tar\n")
+        back = self.sbx.files.download_tar("/root/tarred").read()
+        with tarfile.open(fileobj=io.BytesIO(back)) as tar:
+            self.assertEqual(tar.extractfile("./dir/hello.txt").read(), b"hello tar\n")
