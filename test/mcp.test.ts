@@ -190,7 +190,7 @@ describe('podflare-mcp over stdio', () => {
     assert.match(more, /\nsecond hello\n$/);
     assert.doesNotMatch(more, /first/);
     const exposed = JSON.parse(await ok(session.client, 'expose_port', { port: 8123 })) as { url: string };
-    assert.match(exposed.url, /^http:\/\/127\.0\.0\.1:\d+\/v1\/ports\/sbx_[0-9a-f]{32}\.8123\./);
+    assert.match(exposed.url, new RegExp(`^http://127\\.0\\.0\\.1:\\d+/v1/ports/${SANDBOX_ID_SOURCE}\\.8123\\.`));
     assert.match(await ok(session.client, 'kill_process', { pid }), /Killed/);
     const after = await ok(session.client, 'read_process_output', { pid });
     assert.equal(head(after).exit_code, 137);

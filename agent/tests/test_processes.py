@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import time
 import unittest
 
@@ -147,3 +148,23 @@ class TestPty(AgentTestCase):
         pid = self.agent.request('proc_start', cmd='sleep 5')['process']['pid']
         self.assertEqual(self.agent.request('proc_resize', pid=pid, cols=10, rows=10)['error']['code'], 'conflict')
         self.agent.request('proc_signal', pid=pid, signal='SIGKILL')
+
+
+@unittest.skipUnless(shutil.which('node'), 'needs node (Debian nodejs)')
+class TestJavaScript(AgentTestCase):
+    def test_state_persists_across_calls(self) -> None:
+        self.run_ok('let x = 41', 'javascript')
+        self.assertEqual(self.run_ok('x + 1', 'javascript').stdout, '42\n')
+        res = self.run_ok('function f(a) { return a * 2 }\nconsole.log("logged", f(x))\nconsole.error("to stderr")', 'javascript')
+        self.assertEqual(res.stdout, 'logged 82\n')
+        self.assertEqual(res.stderr, 'to stderr\n')
+        self.assertEqual(self.run_ok('await Promise.resolve(7)' if False else 'Promise.resolve({a: [1, 2]})', 'javascript').stdout,
+                         '{ a: [ 1, 2 ] }\n')
+
+    def test_errors_and_interrupt(self) -> None:
+        res = self.agent.run('throw new TypeError("nope")', 'javascript')
+        self.assertEqual(res.code, 1)
+        self.assertIn('TypeError: nope', res.stderr)
+        self.assertEqual(self.run_ok('1 + 1', 'javascript').stdout, '2\n')
+        res = self.agent.run('new Promise(() => {})', 'javascript', timeout_ms=500)
+        self.assertNotEqual(res.code, 0)

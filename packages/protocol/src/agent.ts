@@ -24,7 +24,7 @@ const path = z.string().min(1).max(4096);
 export const ExecRequest = z.object({
   id,
   op: z.literal('exec'),
-  language: z.enum(['python', 'bash']),
+  language: z.enum(['python', 'bash', 'javascript']),
   code: z.string(),
   /** Interrupt after this long; kill and restart the interpreter if it does not yield. */
   timeout_ms: z.number().int().positive().optional(),

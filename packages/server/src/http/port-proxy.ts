@@ -20,6 +20,7 @@
  */
 import http, { type IncomingMessage, type ServerResponse } from 'node:http';
 import type { Duplex } from 'node:stream';
+import { SANDBOX_ID_SOURCE } from '@podflare/protocol/sandbox';
 import type net from 'node:net';
 import { ApiError, toApiError } from './api-error.js';
 import type { Logger } from '../log.js';
@@ -27,7 +28,7 @@ import type { LiveSandbox, SandboxManager } from '../sandbox-manager.js';
 import type { KeyRing } from './auth.js';
 import type { BrowserGuard } from './browser-guard.js';
 
-const KEY_PATH = /^\/v1\/sandboxes\/(sbx_[0-9a-f]{32})\/ports\/(\d{1,5})\/proxy(\/[^?#]*)?(\?.*)?$/;
+const KEY_PATH = new RegExp(`^/v1/sandboxes/(${SANDBOX_ID_SOURCE})/ports/(\\d{1,5})/proxy(/[^?#]*)?(\\?.*)?$`);
 const SIGNED_PATH = /^\/v1\/ports\/([^/?#]{1,300})(\/[^?#]*)?(\?.*)?$/;
 /** Headers that describe one connection, not the message (RFC 9110 7.6.1), plus ours to drop. */
 const HOP_BY_HOP = new Set([

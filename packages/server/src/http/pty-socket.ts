@@ -12,6 +12,7 @@
 import type { IncomingMessage } from 'node:http';
 import type { Duplex } from 'node:stream';
 import { SANDBOX_ID_PATTERN, TerminalSize } from '@podflare/protocol';
+import { SANDBOX_ID_SOURCE } from '@podflare/protocol/sandbox';
 import { ApiError, toApiError } from './api-error.js';
 import type { Logger } from '../log.js';
 import type { SandboxManager } from '../sandbox-manager.js';
@@ -19,7 +20,7 @@ import type { KeyRing } from './auth.js';
 import type { BrowserGuard } from './browser-guard.js';
 import { ServerWebSocket } from './websocket.js';
 
-const PTY_PATH = /^\/v1\/sandboxes\/(sbx_[0-9a-f]{32})\/pty\/?(\?.*)?$/;
+const PTY_PATH = new RegExp(`^/v1/sandboxes/(${SANDBOX_ID_SOURCE})/pty/?(\\?.*)?$`);
 const DEFAULT_SHELL = 'exec bash -l';
 
 /** The sandbox id of a PTY upgrade target, or null. */
