@@ -28,7 +28,11 @@ const net = require('net'), vm = require('vm'), util = require('util'), fs = req
 const [sock, agentPid] = [process.argv[2], Number(process.argv[3])];
 // Ends with the agent (on a host without a pid namespace of its own, nothing else would end it).
 setInterval(() => {
-  try { process.kill(agentPid, 0); } catch { fs.rmSync(require('path').dirname(sock), { recursive: true, force: true }); process.exit(0); }
+  try { process.kill(agentPid, 0); } catch (e) {
+    if (e.code !== 'ESRCH') return;
+    fs.rmSync(require('path').dirname(sock), { recursive: true, force: true });
+    process.exit(0);
+  }
 }, 1000).unref();
 const ctx = vm.createContext({ require, process, Buffer, URL, URLSearchParams, TextEncoder, TextDecoder,
   setTimeout, setInterval, clearTimeout, clearInterval, setImmediate, queueMicrotask, fetch: globalThis.fetch });
