@@ -143,3 +143,10 @@ class TarTests(unittest.TestCase):
         back = self.sbx.files.download_tar("/root/tarred").read()
         with tarfile.open(fileobj=io.BytesIO(back)) as tar:
             self.assertEqual(tar.extractfile("./dir/hello.txt").read(), b"hello tar\n")
+
+
+class JavaScriptTests(unittest.TestCase):
+    def test_state_persists(self):
+        with Sandbox(client=SERVER.client(timeout=120)) as sbx:
+            self.assertEqual(sbx.run_code("let x = 41", language="javascript").exit_code, 0)
+            self.assertEqual(sbx.run_code("x + 1", language="javascript").stdout, "42\n")
