@@ -29,6 +29,9 @@
  *                PODFLARE_BENCH_CRASH_CYCLES): nothing leaked, restart p50/p99 (bench/resilience.ts)
  *   vm           the microVM runtime (bench/vm.ts): cold boot, create from the pool of clones,
  *                template restore, fork(1)/fork(5) beside the namespace runtime, idle clone PSS
+ *   cluster      cluster mode (bench/cluster.ts): 3 nodes in network namespaces + a gateway + PostgreSQL;
+ *                create p50/p99 and creates/s with 8 clients through the gateway, the gateway's
+ *                paired overhead on exec, 3 nodes × N live sandboxes with 8 clients at work
  *   ports        an exposed port's HTTP GET through the proxy vs direct into the sandbox, paired (bench/ports.ts)
  *   pty          PTY keystroke echo round trip over the WebSocket (bench/ports.ts)
  *   paired       fork(1) and diff of this build against a baseline build of an earlier commit, in
@@ -55,8 +58,9 @@ import { measureCrashCycles, measureLoad, RESILIENCE_MEASURES } from './resilien
 import { measureVmPooled, measureVmUnpooled } from './vm.js';
 import { measurePaired } from './paired.js';
 import { measurePorts, measurePtyEcho, PORT_MEASURES } from './ports.js';
+import { measureCluster } from './cluster.js';
 
-const MEASURES = ['memory', 'create', 'destroy', 'exec', 'python', 'jupyter', 'cycle', 'nonet', 'ondemand', ...FORK_MEASURES, ...RESILIENCE_MEASURES, 'vm', 'paired', ...PORT_MEASURES] as const;
+const MEASURES = ['memory', 'create', 'destroy', 'exec', 'python', 'jupyter', 'cycle', 'nonet', 'ondemand', ...FORK_MEASURES, ...RESILIENCE_MEASURES, 'vm', 'paired', 'cluster', ...PORT_MEASURES] as const;
 type MeasureName = (typeof MEASURES)[number];
 
 const IMAGES_DIR = process.env.PODFLARE_IMAGES_DIR ?? '/var/lib/podflare/images';
@@ -531,6 +535,7 @@ async function main(): Promise<void> {
     await guarded('paired', () => measurePaired({ quick: opts.quick, n: opts.n, warmup: opts.warmup, imagesDir: IMAGES_DIR, baselineDir: opts.baseline! }));
   }
 
+  if (has('cluster')) await guarded('cluster', () => measureCluster(opts));
   // Each against its own `podflare serve` child process.
   if (has('load')) await guarded('load', () => measureLoad(opts));
   if (has('crash')) await guarded('crash', () => measureCrashCycles(opts));
