@@ -172,7 +172,11 @@ describe('podflare-mcp over stdio', () => {
     const { pid } = JSON.parse(await ok(session.client, 'start_process', { command: 'echo first; read x; echo "second $x"; sleep 300' })) as { pid: number };
     const head = (t: string) => JSON.parse(t.split('\n')[0]!) as { running: boolean; next_offset: number; exit_code: number | null };
     let first = '';
-    for (let i = 0; i < 100 && !first.includes('first'); i++) first = await ok(session.client, 'read_process_output', { pid });
+    // Polled as an agent would, with a pause: the process may not have written yet.
+    for (let i = 0; i < 300 && !first.includes('first'); i++) {
+      if (i) await new Promise((r) => setTimeout(r, 100));
+      first = await ok(session.client, 'read_process_output', { pid });
+    }
     assert.match(first, /\nfirst\n/);
     assert.equal(head(first).running, true);
     assert.equal(head(first).next_offset, 'first\n'.length);
@@ -186,7 +190,10 @@ describe('podflare-mcp over stdio', () => {
     });
     assert.equal(stdin.status, 204);
     let more = '';
-    for (let i = 0; i < 100 && !more.includes('hello'); i++) more = await ok(session.client, 'read_process_output', { pid, offset: head(first).next_offset });
+    for (let i = 0; i < 300 && !more.includes('hello'); i++) {
+      if (i) await new Promise((r) => setTimeout(r, 100));
+      more = await ok(session.client, 'read_process_output', { pid, offset: head(first).next_offset });
+    }
     assert.match(more, /\nsecond hello\n$/);
     assert.doesNotMatch(more, /first/);
     const exposed = JSON.parse(await ok(session.client, 'expose_port', { port: 8123 })) as { url: string };
