@@ -6,7 +6,7 @@
  * the archive's size in the sandbox's disk for the moment.
  */
 import { randomBytes } from 'node:crypto';
-import { SandboxError } from '../runtime/sandbox-error.js';
+import { SandboxError } from '@podflare/runtime';
 import type { SandboxFiles } from './files.js';
 import type { LiveSandbox } from './live-sandbox.js';
 import type { SandboxProcesses } from './processes.js';

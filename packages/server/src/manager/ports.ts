@@ -12,7 +12,7 @@
 import { createHmac, randomBytes, timingSafeEqual } from 'node:crypto';
 import type net from 'node:net';
 import { SANDBOX_ID_PATTERN } from '@podflare/protocol';
-import { SandboxError } from '../runtime/sandbox-error.js';
+import { SandboxError } from '@podflare/runtime';
 import type { LiveSandbox } from './live-sandbox.js';
 
 /** Default lifetime of a signed URL. */

@@ -7,7 +7,7 @@
  */
 import type { ProcessInfo, ProcessOutputEvent, ProcessSignal, StartProcessBody, TerminalSize } from '@podflare/protocol';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { SandboxError } from '../runtime/sandbox-error.js';
+import { SandboxError } from '@podflare/runtime';
 import type { LiveSandbox } from './live-sandbox.js';
 
 /** How long one agent read waits for new output while following (well under any HTTP idle timeout). */

@@ -17,14 +17,14 @@ import { readFileSync } from 'node:fs';
 import { readFile, readlink, rm } from 'node:fs/promises';
 import os from 'node:os';
 import { AgentChannel } from '../../agent-channel.js';
-import { SandboxError } from '../sandbox-error.js';
+import { SandboxError } from '@podflare/runtime';
 import type { Logger } from '../../log.js';
 import { isAlive, processTree, pssOf } from '../../proc.js';
-import type { SandboxCgroup } from '../../cgroups.js';
+import type { SandboxCgroup } from '../shared/cgroups.js';
 import type { LimitCounters, RuntimeSandbox, SandboxLimits, SandboxSpec } from '../runtime.js';
 import type { SandboxDirs } from './layout.js';
 import { PortConnector } from './port-connector.js';
-import type { Slirp } from './network.js';
+import type { Slirp } from '../shared/slirp.js';
 
 export interface SandboxHooks {
   /** Sets the most the sandbox's directory may hold (where disk limits are enforced). */

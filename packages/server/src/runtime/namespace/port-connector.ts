@@ -11,7 +11,7 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import type net from 'node:net';
 import { fileURLToPath } from 'node:url';
-import { SandboxError } from '../sandbox-error.js';
+import { SandboxError } from '@podflare/runtime';
 
 const CHILD = fileURLToPath(new URL('./port-connector-child.js', import.meta.url));
 const START_TIMEOUT_MS = 10_000;
