@@ -36,6 +36,8 @@
  *   cluster      cluster mode (bench/cluster.ts): 3 nodes in network namespaces + a gateway + PostgreSQL;
  *                create p50/p99 and creates/s with 8 clients through the gateway, the gateway's
  *                paired overhead on exec, 3 nodes × N live sandboxes with 8 clients at work
+ *   ports        an exposed port's HTTP GET through the proxy vs direct into the sandbox, paired (bench/ports.ts)
+ *   pty          PTY keystroke echo round trip over the WebSocket (bench/ports.ts)
  *   paired       fork(1) and diff of this build against a baseline build of an earlier commit, in
  *                one run (bench/paired.ts); only with --baseline DIR (scripts/bench-baseline.sh)
  * The two on-demand measures use a second server whose pool is off (size 0): with a pool, a key
@@ -59,13 +61,14 @@ import { measureCrashCycles, measureLoad, RESILIENCE_MEASURES } from './resilien
 
 import { measureVmPooled, measureVmUnpooled } from './vm.js';
 import { measurePaired } from './paired.js';
+import { measurePorts, measurePtyEcho, PORT_MEASURES } from './ports.js';
 import { measureCluster } from './cluster.js';
 import { CHURN_MEASURES, measureChurn, measureMiss } from './churn.js';
 import { measureFork5Python } from './fork-python.js';
 
 const MEASURES = [
   'memory', 'create', 'destroy', 'exec', 'python', 'jupyter', 'cycle', 'nonet', 'ondemand', ...FORK_MEASURES, ...RESILIENCE_MEASURES,
-  ...CHURN_MEASURES, 'fork5py', 'vm', 'paired', 'cluster',
+  ...CHURN_MEASURES, 'fork5py', 'vm', 'paired', 'cluster', ...PORT_MEASURES,
 ] as const;
 type MeasureName = (typeof MEASURES)[number];
 
@@ -482,7 +485,7 @@ async function main(): Promise<void> {
   let jupyter = null as JupyterResult | null;
   let jupyterError = null as Error | null;
 
-  if (has('memory', 'create', 'destroy', 'exec', 'python', 'cycle')) {
+  if (has('memory', 'create', 'destroy', 'exec', 'python', 'cycle', 'ports', 'pty')) {
     let bs = null as BenchServer | null;
     await guarded('server start', async () => {
       bs = await startBenchServer({ poolSize: POOL_SIZE });
@@ -495,6 +498,8 @@ async function main(): Promise<void> {
       if (has('exec')) await guarded('exec', async () => { exec = await measureExec(main, opts); });
       if (has('python')) await guarded('python', () => measurePythonSdk(main.server.url, opts.n));
       if (has('cycle')) await guarded('cycle', () => measureCycle(main, opts));
+      if (has('ports')) await guarded('ports', () => measurePorts(main.server, main.client, opts));
+      if (has('pty')) await guarded('pty', () => measurePtyEcho(main.client, opts));
       await guarded('server stop', () => stopBenchServer(main));
     }
   }

@@ -27,7 +27,9 @@ from ._errors import (
     SandboxGoneError,
     ServerError,
 )
+from ._commands import CommandHandle, CommandResult, Commands, ProcessInfo
 from ._files import DownloadStream, Files
+from ._pty import Pty, PtyHandle
 from ._models import Event, ExecError, ExecResult, FileInfo, Result, SandboxInfo
 from ._sandbox import ExecStream, Sandbox
 
@@ -49,6 +51,12 @@ __all__ = [
     "SandboxInfo",
     "FileInfo",
     "Files",
+    "Commands",
+    "CommandHandle",
+    "CommandResult",
+    "ProcessInfo",
+    "Pty",
+    "PtyHandle",
     "DownloadStream",
     "PodflareError",
     "BadRequestError",

@@ -13,6 +13,8 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optio
 
 from ._client import Client, Response, _Pending
 from ._errors import NotFoundError, PodflareConnectionError, PodflareError, SandboxGoneError
+from ._commands import Commands
+from ._pty import Pty
 from ._files import DEFAULT_CHUNK_SIZE, DownloadStream, Files
 from ._models import Event, ExecError, ExecResult, ExecResultBuilder, Result, SandboxInfo
 
@@ -255,7 +257,12 @@ class Sandbox:
         self.id = sandbox_id
         self.client = client
         self.files = Files(client, sandbox_id)
+        #: Shell commands beside the interpreter (foreground, or background processes). A fork's
+        #: children do not get this sandbox's processes.
+        self.commands = Commands(client, sandbox_id)
         self._path = _sandbox_path(sandbox_id)
+        #: Interactive terminals (bash on a PTY over a WebSocket).
+        self.pty = Pty(client, self._path)
         self._closed = False
         self._retired = False
         self._close_lock = threading.Lock()
@@ -462,6 +469,26 @@ class Sandbox:
     def resume(self) -> None:
         """Resumes a frozen sandbox now (any other call would too)."""
         self.client.json("POST", self._path + "/resume")
+
+    def get_host(self, port: int, expires_in_seconds: Optional[int] = None) -> str:
+        """The address of a port the sandbox listens on, reachable through the Podflare server
+        without the API key: ``<server>/v1/ports/<signed token>`` (E2B's ``get_host`` shape: no
+        scheme). It reaches that port only (HTTP and WebSocket) until it expires (default 1 hour)
+        or the server restarts.
+
+        Example::
+
+            sbx.commands.run("python3 -m http.server 8000", background=True)
+            urllib.request.urlopen(f"http://{sbx.get_host(8000)}/")
+        """
+        return str(self.get_port_url(port, expires_in_seconds)["host"])
+
+    def get_port_url(self, port: int, expires_in_seconds: Optional[int] = None) -> Dict[str, Any]:
+        """Like :meth:`get_host`: ``{"url", "host", "token", "port", "expires_at"}``."""
+        body: Dict[str, Any] = {}
+        if expires_in_seconds is not None:
+            body["expires_in_seconds"] = expires_in_seconds
+        return dict(self.client.json("POST", f"{self._path}/ports/{int(port)}/url", json=body))
 
     def fork(self, n: int = 1) -> List["Sandbox"]:
         """``n`` (1–32) copies of this sandbox's interpreter memory and filesystem as of now. Writes

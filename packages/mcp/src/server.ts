@@ -13,6 +13,7 @@ import { z } from 'zod';
 import { runBounded } from './bounded-exec.js';
 import { downloadResult, errorResult, executionResult, textResult } from './format.js';
 import { SandboxSession } from './session.js';
+import { registerProcessTools } from './process-tools.js';
 
 /** Options of {@link createPodflareMcpServer}. */
 export interface PodflareMcpServerOptions {
@@ -404,6 +405,8 @@ function registerTools(server: McpServer, session: SandboxSession, settings: Too
         return textResult(destroyed ? `Destroyed ${sandbox_id}.` : `${sandbox_id} was already destroyed.`);
       }),
   );
+
+  registerProcessTools(server, { session, target, own, maxOutputChars });
 }
 
 /** Runs a tool body, turning anything it throws into a tool error rather than a protocol error. */

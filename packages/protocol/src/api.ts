@@ -52,7 +52,8 @@ const envName = z.string().min(1).max(256).regex(/^[^=\0]+$/, 'must not contain 
 
 export const ExecBody = z.object({
   code: z.string().max(MAX_CODE_BYTES),
-  language: z.enum(['python', 'bash']).optional(),
+  /** `javascript` (ours): a persistent Node REPL per sandbox (agent/podflare_js.py). */
+  language: z.enum(['python', 'bash', 'javascript']).optional(),
   /** ours: interrupt after this many ms (then restart the interpreter if it does not yield). */
   timeout_ms: z.number().int().min(1).max(MAX_TIMEOUT_MS).optional(),
   env: z.record(envName, z.string().max(128 * 1024))

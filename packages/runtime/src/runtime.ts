@@ -74,6 +74,8 @@ export interface RuntimeSandbox {
   readonly ready?: Promise<void>;
   /** Limit hits so far, where the runtime enforces limits. */
   limitCounters?(): Promise<LimitCounters>;
+  /** A socket connected to a port the sandbox listens on (its own loopback), where the runtime can (exposed ports). */
+  connectPort?(port: number): Promise<import('node:net').Socket>;
 }
 
 export interface ReconcileReport<S extends RuntimeSandbox = RuntimeSandbox> {

@@ -18,6 +18,10 @@ export type { ClientOptions } from './client.js';
 export { Execution, Result } from './execution.js';
 export type { Logs } from './execution.js';
 export { Files } from './files.js';
+export { Commands, CommandHandle } from './commands.js';
+export { Pty, PtyHandle } from './pty.js';
+export type { PtyCreateOptions } from './pty.js';
+export type { CommandConnectOptions, CommandResult, CommandStartOptions, ProcessInfo, ProcessOutputEvent } from './commands.js';
 export {
   PodflareError,
   BadRequestError,

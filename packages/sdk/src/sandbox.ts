@@ -10,6 +10,8 @@ import type { Client, RequestSpec } from './client.js';
 import { NotFoundError, SandboxGoneError } from './errors.js';
 import { Execution, ExecutionBuilder, truncatedStreamError } from './execution.js';
 import { Files } from './files.js';
+import { Commands } from './commands.js';
+import { Pty } from './pty.js';
 import { parseNdjson } from './ndjson.js';
 import { toSandboxInfo } from './types.js';
 import type {
@@ -59,6 +61,13 @@ export class Sandbox {
   /** File operations: list, stat, exists, remove, mkdir, upload, download. */
   readonly files: Files;
   /**
+   * Shell commands beside the interpreter: foreground, or background processes (stream output,
+   * stdin, kill, reconnect by pid). A fork's children do not get this sandbox's processes.
+   */
+  readonly commands: Commands;
+  /** Interactive terminals (bash on a PTY over a WebSocket). */
+  readonly pty: Pty;
+  /**
    * How {@link Sandbox.create} got it: from the server's warm pool (`hit`), or started cold and why
    * (`missReason`: `pool_off`, `cold_key`, `refilling` — creates came faster than the pool
    * refills —, `starts_failing`, `empty`, `egress_policy`). Undefined for connected or forked
@@ -75,6 +84,8 @@ export class Sandbox {
     this.id = id;
     this.client = client;
     this.files = new Files(client, id);
+    this.commands = new Commands(client, id);
+    this.pty = new Pty(client, id);
   }
 
   /**
@@ -323,6 +334,32 @@ export class Sandbox {
    */
   downloadStream(path: string, options?: FileOptions): Promise<Readable> {
     return this.files.downloadStream(path, options);
+  }
+
+  /**
+   * The address of a port the sandbox listens on, reachable through the Podflare server without
+   * the API key: `<server>/v1/ports/<signed token>` (E2B's `getHost` shape: no scheme). Whoever holds
+   * it reaches that port only (HTTP and WebSocket) until it expires (default 1 hour) or the server
+   * restarts. Requests with the API key can also use `/v1/sandboxes/<id>/ports/<port>/proxy/`.
+   *
+   * @example
+   * ```ts
+   * await sandbox.commands.run('python3 -m http.server 8000', { background: true });
+   * const res = await fetch(`http://${await sandbox.getHost(8000)}/`);
+   * ```
+   */
+  async getHost(port: number, options: { expiresInSeconds?: number } = {}): Promise<string> {
+    return (await this.getPortUrl(port, options)).host;
+  }
+
+  /** Like {@link Sandbox.getHost}, with the full URL (`http://…/`) and when it expires. */
+  async getPortUrl(port: number, options: { expiresInSeconds?: number } = {}): Promise<{ url: string; host: string; expiresAt: Date }> {
+    const json: Record<string, unknown> = {};
+    if (options.expiresInSeconds !== undefined) json.expires_in_seconds = options.expiresInSeconds;
+    const answer = await this.client.json<{ url: string; host: string; expires_at: number }>({
+      method: 'POST', path: `${this.#path}/ports/${encodeURIComponent(String(port))}/url`, json,
+    });
+    return { url: answer.url, host: answer.host, expiresAt: new Date(answer.expires_at * 1000) };
   }
 
   /**

@@ -11,8 +11,11 @@ import type { ExecErrorInfo } from '@podflare/protocol/events';
 import type { Client } from './client.js';
 import type { Result } from './execution.js';
 
-/** The languages an exec can run. `python` runs in the sandbox's persistent interpreter; `bash` in a fresh `bash -c`. */
-export type Language = 'python' | 'bash';
+/**
+ * The languages an exec can run. `python` runs in the sandbox's persistent interpreter; `bash` in a
+ * fresh `bash -c`; `javascript` in the sandbox's persistent Node REPL (a fork's children start it afresh).
+ */
+export type Language = 'python' | 'bash' | 'javascript';
 
 /**
  * Isolation runtime of a sandbox: one the server registers (built in: Linux namespaces, a micro-VM;

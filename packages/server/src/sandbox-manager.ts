@@ -4,6 +4,9 @@
  * lookup (find, info, lists), pool use, files, the exec queue, fork/merge/diff, freeze/resume, the sweep
  * of idle and expired sandboxes, and the metrics gauges.
  */
+import { SandboxArchives } from './manager/archives.js';
+import { SandboxPorts } from './manager/ports.js';
+import { SandboxProcesses } from './manager/processes.js';
 import { EventEmitter } from 'node:events';
 import type { AgentRequestBody, SandboxEvent } from '@podflare/protocol';
 import type { ExecEventSink } from './agent-channel.js';
@@ -43,6 +46,12 @@ export class SandboxManager {
   readonly changes = new EventEmitter<{ change: [string] }>();
   /** A live sandbox's files (upload, read, stat, list, remove, mkdir). */
   readonly files = new SandboxFiles();
+  /** A live sandbox's background processes and terminals (start, list, output, stdin, signal, resize). */
+  readonly processes = new SandboxProcesses();
+  /** Exposed ports: signed URLs and connections into a sandbox's ports. */
+  readonly ports = new SandboxPorts();
+  /** Directories as tar streams (tar runs in the sandbox). */
+  readonly archives = new SandboxArchives(this.files, this.processes);
 
   private readonly ctx: ManagerContext;
   private readonly pool: PoolUse;
