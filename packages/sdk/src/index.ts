@@ -25,6 +25,7 @@ export {
   ForbiddenError,
   NotFoundError,
   ConflictError,
+  NotSupportedError,
   SandboxGoneError,
   PayloadTooLargeError,
   InsufficientStorageError,
@@ -38,6 +39,7 @@ export type { ClientErrorCode, PodflareErrorCode, PodflareErrorInit } from './er
 export { parseNdjson, splitLines } from './ndjson.js';
 export type {
   Capacity,
+  CheckpointInfo,
   ConnectionOptions,
   DiffOptions,
   DiffResult,

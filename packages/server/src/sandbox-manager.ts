@@ -22,6 +22,7 @@ import { SandboxEventLog } from './sandbox-events.js';
 import { SerialQueue } from './serial-queue.js';
 import type { ExecEventSink } from './agent-channel.js';
 import type { SandboxRecord, SandboxStore } from './store/store.js';
+import { Checkpoints, type ExecUndo } from './manager/checkpoints.js';
 
 export const DEFAULT_TEMPLATE = 'default';
 
@@ -90,6 +91,8 @@ export class SandboxManager {
   readonly changes = new EventEmitter<{ change: [string] }>();
 
   private readonly runtimes = new Map<RuntimeKind, Runtime>();
+  /** Checkpoints, restore, atomic execs and rewind (manager/checkpoints.ts). */
+  readonly checkpoints: Checkpoints;
 
   constructor(
     /** Every runtime this server offers; the first is the default (`runtime` omitted or `auto`). */
@@ -101,6 +104,12 @@ export class SandboxManager {
     private readonly eventLog = new SandboxEventLog(),
   ) {
     for (const r of runtimes) this.runtimes.set(r.name, r);
+    this.checkpoints = new Checkpoints({
+      log, newRuntimeId: newSandboxId,
+      limitsOf: (s) => s.record.limits ?? this.config.defaultLimits,
+      isLive: (s) => this.live.get(s.record.id) === s,
+      replaceState: (s, rt) => this.replaceState(s, rt),
+    });
     this.defaultRuntime = runtimes[0]!;
     this.pool = new WarmPool((key) => this.startRuntimeSandbox(key.runtime, key.template, key.egress, true), {
       target: config.poolSize,
@@ -190,6 +199,7 @@ export class SandboxManager {
     const template = opts.template ?? DEFAULT_TEMPLATE;
     if (template !== DEFAULT_TEMPLATE) throw new ApiError('bad_request', `unknown template "${template}" (available: ${DEFAULT_TEMPLATE})`, 'template');
     const runtime = this.pickRuntime(opts.runtime);
+    if (opts.history) this.checkpoints.assertSupported({ runtime });
     const release = this.reserve(opts.owner, 1);
     try {
       return await this.createReserved(opts, runtime, template, release);
@@ -243,7 +253,8 @@ export class SandboxManager {
       metadata: opts.metadata ?? {}, owner: opts.owner, limits,
     };
     await this.store.insert(record);
-    this.adopt(record, runtime, rt);
+    const live = this.adopt(record, runtime, rt);
+    if (opts.history) this.checkpoints.setHistory(live, opts.history);
     release();
     this.counters.created++;
     if (poolMiss === 'egress_policy') this.policyCreates++;
@@ -327,7 +338,7 @@ export class SandboxManager {
    * Runs code; `onEvent` sees the agent's stream (a promise it returns holds the agent's channel
    * until it settles: backpressure). Queued behind other execs of the same sandbox.
    */
-  async exec(s: LiveSandbox, body: AgentRequestBody<'exec'>, onEvent: ExecEventSink) {
+  async exec(s: LiveSandbox, body: AgentRequestBody<'exec'>, onEvent: ExecEventSink, opts: { atomic?: boolean } = {}) {
     return s.queue.run(async () => {
       if (!this.live.has(s.record.id)) throw new ApiError('sandbox_gone', `sandbox ${s.record.id} is gone`);
       s.running++;
@@ -335,14 +346,17 @@ export class SandboxManager {
       const timed = this.metrics.execSeconds.time();
       const recorded = this.history.begin(s.record.id, s.record.owner, body.language, body.code);
       let exit: { code: number; execution_count?: number | null; state_lost?: boolean } = { code: KILLED_EXIT_CODE, state_lost: true };
+      let undo: ExecUndo | null = null;
       try {
+        // A history checkpoint, or an atomic exec's own (undone below if the exec fails).
+        undo = await this.checkpoints.beforeExec(s, body, opts.atomic === true);
         const rt = s.rt;
         // Everything the caller sees is also recorded for the dashboard's history.
         const emit = (msg: ExecStreamMessage) => {
           recorded.message(msg);
           return onEvent(msg);
         };
-        if (!rt.limitCounters) return (exit = await rt.channel.exec(body, emit));
+        if (!rt.limitCounters) return await this.checkpoints.afterExec(s, undo, (exit = await rt.channel.exec(body, emit)));
         // The error and exit are held back until the exit: if a limit caused the error (or the
         // exit), it is reported as such.
         let held: Extract<ExecStreamMessage, { ev: 'error' }> | undefined;
@@ -357,8 +371,9 @@ export class SandboxManager {
         if (held) void emit(held);
         void emit(result);
         exit = result;
-        return result;
+        return await this.checkpoints.afterExec(s, undo, result);
       } finally {
+        this.checkpoints.discard(undo);
         timed();
         recorded.end(exit);
         this.metrics.execs.inc({ language: body.language, outcome: exit.code === 0 ? 'ok' : exit.code === TIMEOUT_EXIT_CODE ? 'timeout' : 'error' });
@@ -575,10 +590,25 @@ export class SandboxManager {
         if (live) live.record.parentId = parent.record.id;
       }
       this.counters.merged++;
+      void this.checkpoints.dropAll(winner.record.id);
       this.changes.emit('change', parent.record.id);
       await old.destroy();
       this.eventLog.drop(old.id);
     }));
+  }
+
+  /**
+   * A restore: `rt` becomes the live state of `s` under its id (record, queue, limits kept); the
+   * state it replaces is destroyed. Called inside `s`'s queue.
+   */
+  private async replaceState(s: LiveSandbox, rt: RuntimeSandbox): Promise<void> {
+    const old = s.rt;
+    s.rt = rt;
+    this.watch(s, rt);
+    s.record.lastActiveAt = Date.now();
+    this.changes.emit('change', s.record.id);
+    await old.destroy();
+    this.eventLog.drop(old.id);
   }
 
   /** PSS of a live sandbox's own processes, in bytes (for capacity, benchmarks and tests). */
@@ -681,7 +711,8 @@ export class SandboxManager {
     this.changes.emit('change', s.record.id);
     // The sandbox is already unreachable through the API: kill and clean up behind the answer.
     const rt = s.rt;
-    const teardown = rt.destroy().catch((err: Error) => this.log.error('teardown failed', { sandbox: s.record.id, error: err.message }));
+    // Its checkpoints first: they are its runtime's fork children (it would linger as a husk).
+    const teardown = this.checkpoints.dropAll(s.record.id).then(() => rt.destroy()).catch((err: Error) => this.log.error('teardown failed', { sandbox: s.record.id, error: err.message }));
     this.teardowns.add(teardown);
     void teardown.finally(() => {
       this.teardowns.delete(teardown);

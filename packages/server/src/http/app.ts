@@ -18,6 +18,7 @@ import type { HttpMount } from './mounts.js';
 import { observeRequest } from './observe.js';
 import { RateLimiter, type RateLimitOptions } from './rate-limit.js';
 import { addFreezeRoutes } from './freeze-routes.js';
+import { addCheckpointRoutes } from './checkpoint-routes.js';
 import { Router } from './router.js';
 import { addSandboxRoutes } from './sandbox-routes.js';
 
@@ -64,6 +65,7 @@ export function createApp(opts: AppOptions): RequestListener {
   addMetricsRoutes(router, opts.manager);
   addDashboardRoutes(router, opts.manager);
   addFreezeRoutes(router, opts.manager);
+  addCheckpointRoutes(router, opts.manager);
   for (const mount of opts.mounts ?? []) {
     for (const method of mount.methods) {
       router.add(method, mount.path, ({ req, res, owner }) =>

@@ -11,7 +11,7 @@ import { sandboxId } from './sandbox-routes.js';
 
 const MergeBody = z.object({ paths: z.array(z.string().min(1).max(4096)).min(1).max(1000).optional() }).strict();
 
-function pathsParam(value: string | null): string[] | undefined {
+export function pathsParam(value: string | null): string[] | undefined {
   if (!value) return undefined;
   if (value.length > 64 * 1024) throw new ApiError('bad_request', 'paths: longer than 64 KiB', 'paths');
   const paths = value.split(',').map((p) => p.trim()).filter(Boolean);

@@ -58,7 +58,7 @@ export function addSandboxRoutes(router: Router, manager: SandboxManager): void 
       const exit = await manager.exec(sandbox, {
         op: 'exec', language: body.language ?? 'python', code: body.code,
         timeout_ms: body.timeout_ms, env: body.env, cwd: body.cwd,
-      }, (msg) => stream.agentMessage(msg));
+      }, (msg) => stream.agentMessage(msg), { atomic: body.atomic });
       stream.agentMessage(exit, true);
     } catch (err) {
       // Refused before any output (the agent's 4xx, a protocol violation, a sandbox gone): a JSON
@@ -116,7 +116,10 @@ class EventStream {
       case 'exit':
         if (!final || this.exitSent) return; // the exit is written once, after all else
         this.exitSent = true;
-        return this.emit({ type: 'exit', data: msg.code, execution_count: msg.execution_count ?? null, state_lost: msg.state_lost ?? false });
+        return this.emit({
+          type: 'exit', data: msg.code, execution_count: msg.execution_count ?? null, state_lost: msg.state_lost ?? false,
+          ...(msg.rolled_back ? { rolled_back: true } : {}),
+        });
     }
   }
 
