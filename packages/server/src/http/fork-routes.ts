@@ -1,8 +1,9 @@
 /** fork, diff and merge_into (docs/api.md). */
-import { ForkBody, type VarInfo, type VarsDiff } from '@podflare/protocol';
+import { ForkBody } from '@podflare/protocol';
 import { z } from 'zod';
 import { ApiError } from '../errors.js';
 import { copyPaths } from '../merge-paths.js';
+import { diffVars } from '../manager/checkpoints.js';
 import type { SandboxManager } from '../sandbox-manager.js';
 import { readBody, sendEmpty, sendJson } from './body.js';
 import { flagParam } from './params.js';
@@ -22,17 +23,6 @@ export function pathsParam(value: string | null): string[] | undefined {
     }
   }
   return paths;
-}
-
-/** Interpreter variables of `b` relative to `a`. */
-function diffVars(a: Record<string, VarInfo>, b: Record<string, VarInfo>): VarsDiff {
-  const view = (name: string, v: VarInfo) => ({ name, type: v.type, repr: v.repr });
-  return {
-    added: Object.keys(b).filter((k) => !(k in a)).sort().map((k) => view(k, b[k]!)),
-    removed: Object.keys(a).filter((k) => !(k in b)).sort().map((k) => view(k, a[k]!)),
-    changed: Object.keys(b).filter((k) => k in a && (a[k]!.fp !== b[k]!.fp || a[k]!.type !== b[k]!.type)).sort()
-      .map((k) => ({ name: k, type: b[k]!.type, before: a[k]!.repr, after: b[k]!.repr })),
-  };
 }
 
 export function addForkRoutes(router: Router, manager: SandboxManager): void {
