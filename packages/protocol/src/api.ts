@@ -67,8 +67,6 @@ export const ExecBody = z.object({
 }).strict();
 export type ExecBody = z.infer<typeof ExecBody>;
 
-/** Checkpoint ids: `ckpt_` and 24 hex digits. */
-export const CHECKPOINT_ID_PATTERN = /^ckpt_[0-9a-f]{24}$/;
 
 export const CheckpointBody = z.object({ name: z.string().min(1).max(128).regex(/^[^\0]+$/, 'must not contain NUL').optional() }).strict();
 export type CheckpointBody = z.infer<typeof CheckpointBody>;
