@@ -3,11 +3,15 @@
  * held frozen copy-on-write, restorable into the same sandbox id as often as wanted.
  *
  * Built on fork and nothing else: a checkpoint is a fork child of the sandbox that is never handed
- * out as a sandbox (no record, no API id: it idles, blocked on its agent channel, and its memory
- * is the parent's, shared copy-on-write by the kernel; its files are the fork layer frozen in the
- * sandbox's own directory). A restore forks the checkpoint once more and swaps that fresh child in
- * as the sandbox's live state under the same id (record, queue, limits, egress kept; the state it
- * replaces is destroyed), so the checkpoint itself is never touched and can be restored again.
+ * out as a sandbox (no record, no API id, no network: it idles, blocked on its agent channel, and
+ * its memory is the parent's, shared copy-on-write by the kernel; its files are the fork layer
+ * frozen in the sandbox's own directory). A restore promotes it: the checkpoint's processes become
+ * the sandbox's live state under the same id (record, queue, limits, egress kept; the state they
+ * replace is destroyed). A checkpoint used up by the restore (an atomic exec's, a rewound history
+ * step) costs nothing more; one that stays (restore) is first forked once more, and that copy is
+ * the checkpoint from then on. Either way a restore adds one fork generation to the sandbox, and
+ * pid namespaces nest at most 32 deep: after ~28 restores a sandbox cannot checkpoint any more
+ * (a 409 that says so).
  *
  * Why this counts against the sandbox's limits: the fork layer lives in the sandbox's subvolume
  * (its disk limit), and a page the checkpoint keeps is one the sandbox's memory cgroup was charged
@@ -30,6 +34,7 @@ import type { LiveSandbox } from '../sandbox-manager.js';
 /** One checkpoint: a frozen fork child of its sandbox. */
 interface Checkpoint {
   id: string;
+  /** The frozen state; replaced by a copy when a restore promotes it and the checkpoint stays. */
   sandboxId: string;
   name: string | null;
   kind: CheckpointInfo['kind'];
@@ -141,7 +146,7 @@ export class Checkpoints {
     this.find(s, id); // 404 at once, not after the queue
     return s.queue.run(async () => {
       const cp = this.find(s, id);
-      await this.restoreNow(s, cp);
+      await this.restoreNow(s, cp, true);
       return this.info(cp);
     });
   }
@@ -160,10 +165,13 @@ export class Checkpoints {
       if (steps > book.history.length) {
         throw new ApiError('conflict', `sandbox ${s.record.id} can rewind ${book.history.length} step(s) now, not ${steps} (it keeps the last ${book.keep})`, 'steps');
       }
-      const target = book.history[book.history.length - steps]!;
-      await this.restoreNow(s, target);
-      const dropped = book.history.splice(book.history.length - steps);
-      for (const cp of dropped) void cp.rt.destroy();
+      const dropped = book.history.slice(book.history.length - steps);
+      const target = dropped[0]!;
+      await this.restoreNow(s, target, false);
+      for (const cp of dropped) {
+        this.forget(cp);
+        if (cp !== target) void cp.rt.destroy();
+      }
       return { checkpoint: this.info(target), steps, left: book.history.length };
     });
   }
@@ -208,14 +216,10 @@ export class Checkpoints {
     if (!undo) return exit;
     try {
       if (undo.atomic && exit.code !== 0 && this.host.isLive(s)) {
-        await this.restoreNow(s, undo.checkpoint);
+        // Used up: the history step of an undone exec is no step (a rewind goes past it).
+        await this.restoreNow(s, undo.checkpoint, false);
         exit.rolled_back = true;
-        // The history step of an undone exec is no step: a rewind goes past it.
-        const book = this.books.get(s.record.id);
-        if (!undo.own && book?.history.at(-1) === undo.checkpoint) {
-          book.history.pop();
-          void undo.checkpoint.rt.destroy();
-        }
+        undo.own = false; // its processes are the live state now
       }
     } finally {
       this.discard(undo);
@@ -225,7 +229,18 @@ export class Checkpoints {
 
   /** Frees an atomic exec's own checkpoint (idempotent; for execs that threw, too). */
   discard(undo: ExecUndo | null): void {
-    if (undo?.own) void undo.checkpoint.rt.destroy();
+    if (undo?.own) {
+      undo.own = false;
+      void undo.checkpoint.rt.destroy();
+    }
+  }
+
+  /** Proportional set size of a sandbox's checkpoints' processes, in bytes (capacity, benchmarks). */
+  async memoryPss(sandboxId: string): Promise<number> {
+    const book = this.books.get(sandboxId);
+    if (!book) return 0;
+    const sizes = await Promise.all([...book.history, ...book.manual.values()].map((cp) => cp.rt.memoryPss().catch(() => 0)));
+    return sizes.reduce((a, b) => a + b, 0);
   }
 
   /** The sandbox ended (or was merged away): its checkpoints go with it. */
@@ -242,27 +257,52 @@ export class Checkpoints {
   /** A fork child of `s`'s current state, kept frozen. Inside the queue. */
   private async take(s: LiveSandbox, kind: Checkpoint['kind'], name: string | null, beforeCode: string | null): Promise<Checkpoint> {
     if (!this.host.isLive(s)) throw new ApiError('sandbox_gone', `sandbox ${s.record.id} is gone`);
-    // No network of its own: a checkpoint never runs code, and a restore gives the restored state
-    // the sandbox's egress.
-    const [rt] = await s.runtime.fork(s.rt, [this.spec(s, false)]);
+    const [rt] = await s.runtime.fork(s.rt, [this.spec(s)]);
     const cp: Checkpoint = { id: newCheckpointId(), sandboxId: s.record.id, name, kind, createdAt: Date.now(), beforeCode, rt: rt! };
-    await rt!.ready;
-    // A checkpoint whose processes die (killed from outside, the host short of memory) is gone.
-    void rt!.exited.then(() => this.forget(cp));
+    this.watch(cp, rt!);
     return cp;
   }
 
-  private async restoreNow(s: LiveSandbox, cp: Checkpoint): Promise<void> {
-    if (!this.host.isLive(s)) throw new ApiError('sandbox_gone', `sandbox ${s.record.id} is gone`);
-    const [rt] = await s.runtime.fork(cp.rt, [this.spec(s, true)]);
-    await rt!.ready;
-    await this.host.replaceState(s, rt!);
+  /** A checkpoint whose processes die (killed from outside, the host short of memory) is gone. */
+  private watch(cp: Checkpoint, rt: RuntimeSandbox): void {
+    void rt.exited.then(() => {
+      if (cp.rt === rt) this.forget(cp);
+    });
   }
 
-  private spec(s: LiveSandbox, withEgress: boolean): SandboxSpec {
+  /**
+   * Promotes `cp` to the live state of `s`. With `keep`, a copy of it (a fork) stays the
+   * checkpoint; without, the checkpoint is used up (forgotten, its processes live on as `s`).
+   */
+  private async restoreNow(s: LiveSandbox, cp: Checkpoint, keep: boolean): Promise<void> {
+    if (!this.host.isLive(s)) throw new ApiError('sandbox_gone', `sandbox ${s.record.id} is gone`);
+    const promoted = cp.rt;
+    if (keep) {
+      const [copy] = await s.runtime.fork(promoted, [this.spec(s)]);
+      cp.rt = copy!;
+      this.watch(cp, copy!);
+    } else {
+      this.forget(cp);
+    }
+    try {
+      await promoted.ready;
+      if (this.networkLater(s)) await s.runtime.attachNetwork!(promoted);
+    } catch (err) {
+      void promoted.destroy();
+      throw err;
+    }
+    await this.host.replaceState(s, promoted);
+  }
+
+  /** Checkpoints get no network until promoted, where the runtime can attach it then. */
+  private networkLater(s: LiveSandbox): boolean {
+    return s.record.egress === true && s.runtime.attachNetwork !== undefined;
+  }
+
+  private spec(s: LiveSandbox): SandboxSpec {
     const r = s.record;
     return {
-      id: this.host.newRuntimeId(), template: r.template, egress: withEgress ? r.egress : false,
+      id: this.host.newRuntimeId(), template: r.template, egress: this.networkLater(s) ? false : r.egress,
       // The same hostname as the sandbox's: a restored state looks like the sandbox it restores.
       hostname: `sbx-${r.id.slice(4, 16)}`,
       limits: this.host.limitsOf(s),

@@ -104,6 +104,12 @@ export interface Runtime {
   freeze?(sandbox: RuntimeSandbox, dir: string): Promise<void>;
   /** Resumes a sandbox frozen into `dir` under `spec` (its own id); `dir` may be removed after. */
   resume?(spec: SandboxSpec, dir: string): Promise<RuntimeSandbox>;
+  /**
+   * Gives a sandbox started with `egress: false` (a checkpoint, which never runs code) the
+   * user-mode network `egress: true` gets, when it becomes a sandbox's live state (a restore).
+   * Where absent, checkpoints are made with their sandbox's egress from the start.
+   */
+  attachNetwork?(sandbox: RuntimeSandbox): Promise<void>;
   /** What differs between two sandboxes' filesystems: `b` relative to `a`. */
   diff(a: RuntimeSandbox, b: RuntimeSandbox, opts: DiffOptions): Promise<FileDiff>;
   /** Destroys every sandbox this runtime started. */

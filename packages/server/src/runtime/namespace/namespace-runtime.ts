@@ -213,6 +213,15 @@ export class NamespaceRuntime implements Runtime {
     return this.hostd.restarts();
   }
 
+  async attachNetwork(rt: RuntimeSandbox): Promise<void> {
+    const s = rt as NsSandbox;
+    if (!s.initPid || s.ended) throw new ApiError('sandbox_gone', `sandbox ${s.id} is gone`);
+    if (s.slirp) return;
+    const slirp = await startSlirp(this.opts.spawner, s.initPid, this.opts.startTimeoutMs);
+    if (s.ended) slirp.stop();
+    else s.slirp = slirp;
+  }
+
   async diff(a: RuntimeSandbox, b: RuntimeSandbox, opts: DiffOptions): Promise<FileDiff> {
     return this.hostd.diff((a as NsSandbox).stack, (b as NsSandbox).stack, opts);
   }
