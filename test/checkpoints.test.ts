@@ -140,6 +140,20 @@ describe('checkpoints, restore, atomic, rewind', () => {
     assert.equal(probe.stdout, 'line5 /tmp/here checkpointed False\nclosed\nTrue\n');
   });
 
+  it('gives the restored state the sandbox\'s network (egress: true), and none to a sandbox without', async () => {
+    const probe = 'import socket\nprint(sorted(name for _, name in socket.if_nameindex()))';
+    for (const [egress, expected] of [[true, "['lo', 'tap0']\n"], [false, "['lo']\n"]] as const) {
+      const sbx = await Sandbox.create({ host: server.url, egress });
+      opened.push(sbx);
+      const cp = await sbx.checkpoint();
+      await sbx.restore(cp);
+      assert.equal((await sbx.runCode(probe)).stdout, expected, `egress ${egress} after restore`);
+      const failed = await sbx.runCode('raise RuntimeError("undo me")', { atomic: true });
+      assert.equal(failed.rolledBack, true);
+      assert.equal((await sbx.runCode(probe)).stdout, expected, `egress ${egress} after a rollback`);
+    }
+  });
+
   it("never mixes two sandboxes' checkpoints", async () => {
     const [a, b] = [await make(), await make()];
     await a.runCode('owner = "a"');
