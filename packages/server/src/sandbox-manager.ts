@@ -607,8 +607,13 @@ export class SandboxManager {
     this.watch(s, rt);
     s.record.lastActiveAt = Date.now();
     this.changes.emit('change', s.record.id);
-    await old.destroy();
-    this.eventLog.drop(old.id);
+    // Behind the answer, as a DELETE's teardown (close() waits for it).
+    const teardown = old.destroy().catch((err: Error) => this.log.error('teardown failed', { sandbox: s.record.id, error: err.message }));
+    this.teardowns.add(teardown);
+    void teardown.finally(() => {
+      this.teardowns.delete(teardown);
+      this.eventLog.drop(old.id);
+    });
   }
 
   /** PSS of a live sandbox's own processes, in bytes (for capacity, benchmarks and tests). */

@@ -136,9 +136,13 @@ export class Checkpoints {
 
   /** Deletes one checkpoint of `s` (404 for one it does not have). */
   async delete(s: LiveSandbox, id: string): Promise<void> {
-    const cp = this.find(s, id);
-    this.forget(cp);
-    await cp.rt.destroy();
+    this.find(s, id);
+    // In the queue: a restore's copy of the checkpoint may still be in the making.
+    await s.queue.run(async () => {
+      const cp = this.find(s, id);
+      this.forget(cp);
+      await cp.rt.destroy();
+    });
   }
 
   /** `s` goes back to checkpoint `id` (which stays). Waits for a running exec. */
@@ -271,27 +275,36 @@ export class Checkpoints {
   }
 
   /**
-   * Promotes `cp` to the live state of `s`. With `keep`, a copy of it (a fork) stays the
-   * checkpoint; without, the checkpoint is used up (forgotten, its processes live on as `s`).
+   * Promotes `cp` to the live state of `s` (inside its queue). With `keep`, a copy of it (a fork
+   * of the promoted state, made before the sandbox's next call runs) stays the checkpoint; without,
+   * the checkpoint is used up (forgotten: its processes live on as `s`).
+   *
+   * What can wait is finished in the sandbox's queue after the answer: the network (slirp) and
+   * the copy. Nothing runs in the sandbox before them (every call goes through the queue).
    */
   private async restoreNow(s: LiveSandbox, cp: Checkpoint, keep: boolean): Promise<void> {
     if (!this.host.isLive(s)) throw new ApiError('sandbox_gone', `sandbox ${s.record.id} is gone`);
     const promoted = cp.rt;
-    if (keep) {
-      const [copy] = await s.runtime.fork(promoted, [this.spec(s)]);
-      cp.rt = copy!;
-      this.watch(cp, copy!);
-    } else {
-      this.forget(cp);
-    }
-    try {
-      await promoted.ready;
-      if (this.networkLater(s)) await s.runtime.attachNetwork!(promoted);
-    } catch (err) {
-      void promoted.destroy();
-      throw err;
-    }
+    if (!keep) this.forget(cp);
+    await promoted.ready;
+    const network = this.networkLater(s) ? s.runtime.attachNetwork!(promoted) : Promise.resolve();
+    network.catch(() => undefined);
     await this.host.replaceState(s, promoted);
+    const finishing = async () => {
+      await network.catch((e: Error) => this.host.log.warn('a restored sandbox could not get its network', { sandbox: s.record.id, error: e.message }));
+      if (!keep) return;
+      try {
+        if (!this.host.isLive(s) || s.rt !== promoted) throw new Error('the restored state is gone');
+        const [copy] = await s.runtime.fork(promoted, [this.spec(s)]);
+        cp.rt = copy!;
+        this.watch(cp, copy!);
+      } catch (err) {
+        // The checkpoint's frozen state is the live one now: without a copy it is no checkpoint.
+        this.forget(cp);
+        this.host.log.warn('a restored checkpoint could not be kept', { sandbox: s.record.id, checkpoint: cp.id, error: (err as Error).message });
+      }
+    };
+    void s.queue.run(finishing);
   }
 
   /** Checkpoints get no network until promoted, where the runtime can attach it then. */
