@@ -82,6 +82,8 @@ export async function measureCheckpoint(bs: CheckpointBenchServer, opts: Checkpo
   rows.push(timingRow('checkpoint(), 200 MB interpreter', sc, `p50 ≤ ${CHECKPOINT_TARGET.checkpointP50} ms`, '–', status(sc.p50 <= CHECKPOINT_TARGET.checkpointP50) + st));
   rows.push(timingRow('restore(checkpoint), 200 MB interpreter', sr, `p50 ≤ ${CHECKPOINT_TARGET.restoreP50} ms`, '–', status(sr.p50 <= CHECKPOINT_TARGET.restoreP50) + st));
   notes.push(`checkpoint: the sandbox holds ${fmtMB(bytes)} (np.random.rand); each run: checkpoint, restore it, delete it (untimed), ` +
+    'restore timed to its answer: the checkpoint\'s processes are the live state then; the copy that stays the checkpoint (a fork) and the network ' +
+    'are finished in the sandbox\'s queue before its next call (the delete waits for them, untimed); ' +
     `teardowns waited for between steps; ${runs} runs after ${warmup} warm-ups; ${detail('checkpoint', sc)}; ${detail('restore', sr)}`);
 }
 
