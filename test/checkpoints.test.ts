@@ -102,6 +102,26 @@ describe('checkpoints, restore, atomic, rewind', () => {
     assert.deepEqual(await sbx.checkpoints(), []);
   });
 
+  it('says rolled_back: false, and the sandbox lives on, when the code killed its own checkpoint', async () => {
+    const sbx = await make();
+    await sbx.runCode('kept = 1');
+    // The checkpoint's processes are visible in the sandbox's pid namespace: code may kill them.
+    const ex = await sbx.runCode([
+      'import os',
+      'mine = {1, os.getpid(), os.getppid()}',
+      'for p in [int(p) for p in os.listdir("/proc") if p.isdigit()]:',
+      '    if p not in mine:',
+      '        try: os.kill(p, 9)',
+      '        except OSError: pass',
+      'import time; time.sleep(0.5)',
+      'damage = 1',
+      'raise RuntimeError("after killing the checkpoint")',
+    ].join('\n'), { atomic: true });
+    assert.equal(ex.exitCode, 1);
+    assert.equal(ex.rolledBack, false);
+    assert.equal((await sbx.runCode('print(kept, damage)')).stdout, '1 1\n');
+  });
+
   it('keeps everything a successful atomic exec did', async () => {
     const sbx = await make();
     const ex = await sbx.runCode('v = 41 + 1\nopen("/root/ok.txt", "w").write("ok")\nprint(v)', { atomic: true });

@@ -90,6 +90,8 @@ export function diffVars(a: Record<string, VarInfo>, b: Record<string, VarInfo>)
 
 export class Checkpoints {
   private readonly books = new Map<string, Book>();
+  /** Checkpoints' runtime sandboxes that have ended (never promoted). */
+  private readonly dead = new WeakSet<RuntimeSandbox>();
 
   constructor(private readonly host: CheckpointHost) {}
 
@@ -221,9 +223,17 @@ export class Checkpoints {
     try {
       if (undo.atomic && exit.code !== 0 && this.host.isLive(s)) {
         // Used up: the history step of an undone exec is no step (a rewind goes past it).
-        await this.restoreNow(s, undo.checkpoint, false);
-        exit.rolled_back = true;
-        undo.own = false; // its processes are the live state now
+        const own = undo.own;
+        undo.own = false; // its processes are the live state now (or gone)
+        try {
+          await this.restoreNow(s, undo.checkpoint, false);
+          exit.rolled_back = true;
+        } catch (err) {
+          // The call's failure stands, not undone: `rolled_back: false` says so; the sandbox lives on.
+          exit.rolled_back = false;
+          if (own) void undo.checkpoint.rt.destroy();
+          this.host.log.warn('an atomic exec could not be undone', { sandbox: s.record.id, error: (err as Error).message });
+        }
       }
     } finally {
       this.discard(undo);
@@ -267,9 +277,15 @@ export class Checkpoints {
     return cp;
   }
 
-  /** A checkpoint whose processes die (killed from outside, the host short of memory) is gone. */
+  /**
+   * A checkpoint whose processes die is gone: killed from outside, the host short of memory, or by
+   * the sandbox's own code (a checkpoint's pid namespace is nested in its sandbox's, so the
+   * sandbox can see and signal it: a checkpoint undoes mistakes, it does not guard a sandbox
+   * against its own hostile code — whose state it is anyway).
+   */
   private watch(cp: Checkpoint, rt: RuntimeSandbox): void {
     void rt.exited.then(() => {
+      this.dead.add(rt);
       if (cp.rt === rt) this.forget(cp);
     });
   }
@@ -286,6 +302,7 @@ export class Checkpoints {
     if (!this.host.isLive(s)) throw new ApiError('sandbox_gone', `sandbox ${s.record.id} is gone`);
     const promoted = cp.rt;
     if (!keep) this.forget(cp);
+    if (this.dead.has(promoted)) throw new ApiError('conflict', `checkpoint ${cp.id} is gone: its processes ended (killed from inside the sandbox, or by the host)`);
     await promoted.ready;
     const network = this.networkLater(s) ? s.runtime.attachNetwork!(promoted) : Promise.resolve();
     network.catch(() => undefined);
