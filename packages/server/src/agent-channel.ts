@@ -26,7 +26,7 @@ import { JsonlRpc, type CallStep, type RpcFault } from './jsonl/rpc.js';
 export const MAX_LINE_BYTES = 4 * 1024 * 1024;
 
 export interface Hello { version: number; pid: number; hostname: string }
-type ExitMsg = Extract<ExecStreamMessage, { ev: 'exit' }>;
+type ExitMsg = Extract<ExecStreamMessage, { type: 'exit' }>;
 
 /**
  * Sees one exec stream message. Returning a promise holds the channel (no further message is read
@@ -173,7 +173,7 @@ export class AgentChannel extends EventEmitter<{ close: [string]; violation: [st
 
   /** A message without an id: the hello (anything else without an id is a refusal nothing waits for). */
   private onEvent(msg: Record<string, unknown>): void {
-    if (msg.ev !== 'hello') return;
+    if (msg.type !== 'hello') return;
     if (msg.version !== AGENT_PROTOCOL_VERSION) return this.close(`agent speaks protocol ${String(msg.version)}, server ${AGENT_PROTOCOL_VERSION}`);
     this.hello = msg as unknown as Hello;
     for (const w of this.helloWaiters.splice(0)) w(this.hello);
@@ -198,7 +198,7 @@ export class AgentChannel extends EventEmitter<{ close: [string]; violation: [st
     if (op !== 'exec' || !onEvent) return this.fail(`${op}: answered with an exec stream event`);
     const event = msg as unknown as ExecStreamMessage;
     const held = onEvent(event) || undefined;
-    return event.ev === 'exit' ? { done: true, value: msg, hold: held } : { done: false, hold: held };
+    return event.type === 'exit' ? { done: true, value: msg, hold: held } : { done: false, hold: held };
   }
 
   /** Ends one request with a protocol violation (logged by whoever listens to 'violation'). */

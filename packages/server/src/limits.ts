@@ -34,7 +34,7 @@ export function limitsInfo(l: SandboxLimits): SandboxLimitsInfo {
   return { cpus: l.cpus, memory_mb: Math.round(l.memoryBytes / MB), disk_mb: Math.round(l.diskBytes / MB), processes: l.pids };
 }
 
-type ErrorEvent = Extract<ExecStreamMessage, { ev: 'error' }>;
+type ErrorEvent = Extract<ExecStreamMessage, { type: 'error' }>;
 
 /**
  * The error an exec should report, given the limit counters before and after it: a kill by the
@@ -55,5 +55,5 @@ export function limitError(id: number, before: LimitCounters, after: LimitCounte
   }
   if (original) value += ` (${original.data.name}: ${original.data.value})`;
   const traceback = (original?.data.traceback ? original.data.traceback + '\n' : '') + `${name}: ${value}\n`;
-  return { id, ev: 'error', data: { name, value, traceback } };
+  return { id, type: 'error', data: { name, value, traceback } };
 }

@@ -359,10 +359,10 @@ export class SandboxManager {
         if (!rt.limitCounters) return await this.checkpoints.afterExec(s, undo, (exit = await rt.channel.exec(body, emit)));
         // The error and exit are held back until the exit: if a limit caused the error (or the
         // exit), it is reported as such.
-        let held: Extract<ExecStreamMessage, { ev: 'error' }> | undefined;
+        let held: Extract<ExecStreamMessage, { type: 'error' }> | undefined;
         const result = await rt.channel.exec(body, (m) => {
-          if (m.ev === 'error') held = m;
-          else if (m.ev !== 'exit') return emit(m);
+          if (m.type === 'error') held = m;
+          else if (m.type !== 'exit') return emit(m);
         });
         // Read after every exec (two small cgroup files): a bash child killed for memory
         // leaves a zero exit code, and the kill must not be blamed on the next exec.
@@ -385,7 +385,7 @@ export class SandboxManager {
   }
 
   /** The limit error for what happened since the last look, if the sandbox ran into a limit. */
-  private async limitHit(s: LiveSandbox, rt: RuntimeSandbox, id: number, original?: Extract<ExecStreamMessage, { ev: 'error' }>) {
+  private async limitHit(s: LiveSandbox, rt: RuntimeSandbox, id: number, original?: Extract<ExecStreamMessage, { type: 'error' }>) {
     if (!rt.limitCounters) return null;
     const before = this.limitBaseline.get(rt) ?? { oomKills: 0, pidsRefused: 0 };
     const after = await rt.limitCounters();

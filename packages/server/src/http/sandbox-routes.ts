@@ -105,10 +105,10 @@ class EventStream {
   constructor(private readonly res: ServerResponse) {}
 
   agentMessage(msg: ExecStreamMessage, final = false): Promise<void> | undefined {
-    switch (msg.ev) {
+    switch (msg.type) {
       case 'stdout':
       case 'stderr':
-        return this.emit({ type: msg.ev, data: msg.data });
+        return this.emit({ type: msg.type, data: msg.data });
       case 'result':
         return this.emit({ type: 'result', data: msg.data, is_main_result: msg.is_main_result });
       case 'error':
