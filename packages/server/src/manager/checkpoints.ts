@@ -204,7 +204,16 @@ export class Checkpoints {
     if (!history && !atomic) return null;
     this.assertSupported(s);
     if (history) {
-      const cp = await this.take(s, 'history', null, body.code.slice(0, 200));
+      let cp: Checkpoint;
+      try {
+        cp = await this.take(s, 'history', null, body.code.slice(0, 200));
+      } catch (err) {
+        // A history step that cannot be taken (the fork-depth bound, a full disk) must not stop the
+        // exec: that step just cannot be rewound. An atomic exec cannot run without its checkpoint.
+        if (atomic || !this.host.isLive(s)) throw err;
+        this.host.log.warn('no history checkpoint before this exec', { sandbox: s.record.id, error: (err as Error).message });
+        return null;
+      }
       book.history.push(cp);
       // Oldest first out.
       while (book.history.length > book.keep) void book.history.shift()!.rt.destroy();
