@@ -3,7 +3,7 @@
  * runtimes apply them (bytes, pids), plus how an exec that ran into one is reported.
  */
 import type { ExecStreamMessage, LimitsBody, SandboxLimitsInfo } from '@podflare/protocol';
-import { ApiError } from './errors.js';
+import { SandboxError } from './runtime/sandbox-error.js';
 import type { LimitCounters, SandboxLimits } from './runtime/runtime.js';
 
 export const MB = 1024 * 1024;
@@ -17,7 +17,7 @@ export function resolveLimits(body: LimitsBody | undefined, defaults: SandboxLim
     pids: body?.processes ?? defaults.pids,
   };
   const over = (field: string, value: number, most: number, unit = '') => {
-    if (value > most) throw new ApiError('bad_request', `limits.${field} must be at most ${most}${unit} on this server, got ${value}${unit}`, `limits.${field}`);
+    if (value > most) throw new SandboxError('bad_request', `limits.${field} must be at most ${most}${unit} on this server, got ${value}${unit}`, { field: `limits.${field}` });
   };
   over('cpus', limits.cpus, max.cpus);
   over('memory_mb', limits.memoryBytes / MB, max.memoryBytes / MB);

@@ -3,7 +3,7 @@
  * checkpoint, restore or rewind asked for while an exec runs waits for that exec to finish.
  */
 import { CHECKPOINT_ID_PATTERN, CheckpointBody, RewindBody } from '@podflare/protocol';
-import { ApiError } from '../errors.js';
+import { ApiError } from './api-error.js';
 import type { SandboxManager } from '../sandbox-manager.js';
 import { readBody, sendEmpty, sendJson } from './body.js';
 import { pathsParam } from './fork-routes.js';

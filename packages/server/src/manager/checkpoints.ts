@@ -26,10 +26,10 @@ import { randomBytes } from 'node:crypto';
 import {
   MAX_CHECKPOINTS, MAX_HISTORY, type AgentRequestBody, type CheckpointInfo, type VarInfo, type VarsDiff,
 } from '@podflare/protocol';
-import { ApiError } from '../errors.js';
+import { SandboxError } from '../runtime/sandbox-error.js';
 import type { Logger } from '../log.js';
 import type { DiffOptions, FileDiff, RuntimeSandbox, SandboxLimits, SandboxSpec } from '../runtime/runtime.js';
-import type { LiveSandbox } from '../sandbox-manager.js';
+import type { LiveSandbox } from './live-sandbox.js';
 
 /** One checkpoint: a frozen fork child of its sandbox. */
 interface Checkpoint {
@@ -100,13 +100,13 @@ export class Checkpoints {
     const c = s.runtime.capabilities;
     if (c.fork) return;
     const can = [c.freeze ? 'freeze/resume to disk' : null].filter(Boolean).join(', ') || 'no state snapshots';
-    throw new ApiError('not_supported', `the ${s.runtime.name} runtime cannot checkpoint a live sandbox (it cannot fork; it offers: ${can})`);
+    throw new SandboxError('not_supported', `the ${s.runtime.name} runtime cannot checkpoint a live sandbox (it cannot fork; it offers: ${can})`);
   }
 
   /** create's `history: n`: checkpoint before each exec, keep the last n. */
   setHistory(s: LiveSandbox, keep: number): void {
     if (keep > 0) this.assertSupported(s);
-    if (keep > MAX_HISTORY) throw new ApiError('bad_request', `history: at most ${MAX_HISTORY}`, 'history');
+    if (keep > MAX_HISTORY) throw new SandboxError('bad_request', `history: at most ${MAX_HISTORY}`, { field: 'history' });
     this.book(s.record.id).keep = keep;
   }
 
@@ -122,7 +122,7 @@ export class Checkpoints {
     return s.queue.run(async () => {
       const book = this.book(s.record.id);
       if (book.manual.size >= MAX_CHECKPOINTS) {
-        throw new ApiError('conflict', `sandbox ${s.record.id} holds ${MAX_CHECKPOINTS} checkpoints, the most it may: delete some first`);
+        throw new SandboxError('conflict', `sandbox ${s.record.id} holds ${MAX_CHECKPOINTS} checkpoints, the most it may: delete some first`);
       }
       const cp = await this.take(s, 'manual', name ?? null, null);
       book.manual.set(cp.id, cp);
@@ -166,10 +166,10 @@ export class Checkpoints {
     return s.queue.run(async () => {
       const book = this.books.get(s.record.id);
       if (!book || book.keep === 0) {
-        throw new ApiError('conflict', `sandbox ${s.record.id} keeps no history: create it with "history": n to rewind (or use checkpoints)`);
+        throw new SandboxError('conflict', `sandbox ${s.record.id} keeps no history: create it with "history": n to rewind (or use checkpoints)`);
       }
       if (steps > book.history.length) {
-        throw new ApiError('conflict', `sandbox ${s.record.id} can rewind ${book.history.length} step(s) now, not ${steps} (it keeps the last ${book.keep})`, 'steps');
+        throw new SandboxError('conflict', `sandbox ${s.record.id} can rewind ${book.history.length} step(s) now, not ${steps} (it keeps the last ${book.keep})`, { field: 'steps' });
       }
       const dropped = book.history.slice(book.history.length - steps);
       const target = dropped[0]!;
@@ -279,7 +279,7 @@ export class Checkpoints {
 
   /** A fork child of `s`'s current state, kept frozen. Inside the queue. */
   private async take(s: LiveSandbox, kind: Checkpoint['kind'], name: string | null, beforeCode: string | null): Promise<Checkpoint> {
-    if (!this.host.isLive(s)) throw new ApiError('sandbox_gone', `sandbox ${s.record.id} is gone`);
+    if (!this.host.isLive(s)) throw new SandboxError('sandbox_gone', `sandbox ${s.record.id} is gone`);
     const [rt] = await s.runtime.fork(s.rt, [this.spec(s)]);
     const cp: Checkpoint = { id: newCheckpointId(), sandboxId: s.record.id, name, kind, createdAt: Date.now(), beforeCode, rt: rt! };
     this.watch(cp, rt!);
@@ -308,10 +308,10 @@ export class Checkpoints {
    * the copy. Nothing runs in the sandbox before them (every call goes through the queue).
    */
   private async restoreNow(s: LiveSandbox, cp: Checkpoint, keep: boolean): Promise<void> {
-    if (!this.host.isLive(s)) throw new ApiError('sandbox_gone', `sandbox ${s.record.id} is gone`);
+    if (!this.host.isLive(s)) throw new SandboxError('sandbox_gone', `sandbox ${s.record.id} is gone`);
     const promoted = cp.rt;
     if (!keep) this.forget(cp);
-    if (this.dead.has(promoted)) throw new ApiError('conflict', `checkpoint ${cp.id} is gone: its processes ended (killed from inside the sandbox, or by the host)`);
+    if (this.dead.has(promoted)) throw new SandboxError('conflict', `checkpoint ${cp.id} is gone: its processes ended (killed from inside the sandbox, or by the host)`);
     await promoted.ready;
     const network = this.networkLater(s) ? s.runtime.attachNetwork!(promoted) : Promise.resolve();
     network.catch(() => undefined);
@@ -351,7 +351,7 @@ export class Checkpoints {
   private find(s: LiveSandbox, id: string): Checkpoint {
     const book = this.books.get(s.record.id);
     const cp = book?.manual.get(id) ?? book?.history.find((c) => c.id === id);
-    if (!cp) throw new ApiError('checkpoint_not_found', `sandbox ${s.record.id} has no checkpoint ${id} (never made, deleted, dropped from its history, or another sandbox's)`);
+    if (!cp) throw new SandboxError('checkpoint_not_found', `sandbox ${s.record.id} has no checkpoint ${id} (never made, deleted, dropped from its history, or another sandbox's)`);
     return cp;
   }
 
