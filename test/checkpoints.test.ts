@@ -243,10 +243,17 @@ describe('checkpoints die with their sandbox', () => {
     try {
       const sbx = await Sandbox.create({ host: server.url, history: 3 });
       await sbx.runCode('x = bytearray(8 * 1024 * 1024)');
-      await sbx.checkpoint('one');
+      const one = await sbx.checkpoint('one');
       await sbx.checkpoint('two');
       await sbx.runCode('y = 1');
       await sbx.runCode('1/0', { atomic: true });
+      // Restores leave the replaced states behind as husks while checkpoints forked from them live.
+      for (let i = 0; i < 5; i++) {
+        await sbx.runCode(`step = ${i}`);
+        await sbx.restore(one);
+      }
+      await sbx.rewind();
+      assert.equal((await sbx.runCode('print(len(x), "step" in globals())')).stdout, '8388608 False\n');
       assert.ok(processesOf([sbx.id]).length > 4, 'checkpoints are processes of the sandbox while it lives');
       assert.ok(sandboxDirsIn(server.stateDir).length > 3, 'and directories');
       await sbx.close();
