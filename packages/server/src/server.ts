@@ -112,6 +112,10 @@ async function startLocked(config: ServerConfig, opts: StartOptions, log: Logger
     config,
     manager,
     close() {
+      // The host helpers are unref'd when idle, and once the listener is closed a teardown step may
+      // be waiting on nothing but them: hold the process up until the close is done, or it would
+      // exit half-way (seen as "Promise resolution is still pending" at the VM tests' last stop).
+      const keepAlive = closing ? undefined : setInterval(() => undefined, 60_000);
       closing ??= (async () => {
         // Mounts first, while the API still answers: they may act through it (MCP sessions destroy their sandboxes).
         await Promise.all((opts.mounts ?? []).map((m) => m.close?.().catch((err: unknown) => log.warn('closing a mount', { error: String(err) }))));
@@ -123,7 +127,7 @@ async function startLocked(config: ServerConfig, opts: StartOptions, log: Logger
         await closed;
         await store.close();
         await lock.release();
-      })();
+      })().finally(() => clearInterval(keepAlive));
       return closing;
     },
   };
