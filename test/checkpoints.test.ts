@@ -257,7 +257,13 @@ describe('checkpoints die with their sandbox', () => {
       assert.ok(processesOf([sbx.id]).length > 4, 'checkpoints are processes of the sandbox while it lives');
       assert.ok(sandboxDirsIn(server.stateDir).length > 3, 'and directories');
       await sbx.close();
-      await eventually(() => processesOf([sbx.id]).length === 0, 'the processes of the sandbox and its checkpoints to end');
+      // A checkpoint under way when the sandbox is deleted (a DELETE does not queue) is not left behind.
+      const racing = await Sandbox.create({ host: server.url });
+      const late = racing.checkpoint('late').catch((e: Error) => e);
+      await new Promise((r) => setTimeout(r, 5));
+      await racing.close();
+      await late;
+      await eventually(() => processesOf([sbx.id, racing.id]).length === 0, 'the processes of the sandboxes and their checkpoints to end');
       await eventually(() => sandboxDirsIn(server.stateDir).length === 0, 'the directories to go');
       assert.deepEqual(forkLayersIn(server.stateDir), []);
       // The disk volume itself stays mounted there until the server stops.

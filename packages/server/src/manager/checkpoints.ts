@@ -120,12 +120,11 @@ export class Checkpoints {
   async create(s: LiveSandbox, name?: string): Promise<CheckpointInfo> {
     this.assertSupported(s);
     return s.queue.run(async () => {
-      const book = this.book(s.record.id);
-      if (book.manual.size >= MAX_CHECKPOINTS) {
+      if ((this.books.get(s.record.id)?.manual.size ?? 0) >= MAX_CHECKPOINTS) {
         throw new SandboxError('conflict', `sandbox ${s.record.id} holds ${MAX_CHECKPOINTS} checkpoints, the most it may: delete some first`);
       }
       const cp = await this.take(s, 'manual', name ?? null, null);
-      book.manual.set(cp.id, cp);
+      this.book(s.record.id).manual.set(cp.id, cp);
       return this.info(cp);
     });
   }
@@ -281,6 +280,11 @@ export class Checkpoints {
   private async take(s: LiveSandbox, kind: Checkpoint['kind'], name: string | null, beforeCode: string | null): Promise<Checkpoint> {
     if (!this.host.isLive(s)) throw new SandboxError('sandbox_gone', `sandbox ${s.record.id} is gone`);
     const [rt] = await s.runtime.fork(s.rt, [this.spec(s)]);
+    // Deleted while it forked (a DELETE does not queue): its checkpoints were dropped already.
+    if (!this.host.isLive(s)) {
+      void rt!.destroy();
+      throw new SandboxError('sandbox_gone', `sandbox ${s.record.id} was deleted while it was checkpointed`);
+    }
     const cp: Checkpoint = { id: newCheckpointId(), sandboxId: s.record.id, name, kind, createdAt: Date.now(), beforeCode, rt: rt! };
     this.watch(cp, rt!);
     return cp;
@@ -322,6 +326,10 @@ export class Checkpoints {
       try {
         if (!this.host.isLive(s) || s.rt !== promoted) throw new Error('the restored state is gone');
         const [copy] = await s.runtime.fork(promoted, [this.spec(s)]);
+        if (!this.host.isLive(s)) {
+          void copy!.destroy(); // deleted meanwhile: its checkpoints were dropped already
+          return;
+        }
         cp.rt = copy!;
         this.watch(cp, copy!);
       } catch (err) {
