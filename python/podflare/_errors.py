@@ -225,6 +225,8 @@ ERROR_CLASSES: Mapping[str, Type[PodflareError]] = {
     "insufficient_storage": InsufficientStorageError,
     "checkpoint_not_found": NotFoundError,
     "not_supported": NotSupportedError,
+    "node_unavailable": ServerError,
+    "no_capacity": ServerError,
 }
 
 

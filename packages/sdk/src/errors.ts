@@ -186,6 +186,8 @@ export const ERROR_CLASSES = {
   insufficient_storage: InsufficientStorageError,
   checkpoint_not_found: NotFoundError,
   not_supported: NotSupportedError,
+  node_unavailable: ServerError,
+  no_capacity: ServerError,
 } as const satisfies Record<ErrorCode, ErrorClass>;
 
 /** Parses a `Retry-After` header (delta seconds or an HTTP date) into milliseconds from now. */
