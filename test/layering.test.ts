@@ -61,8 +61,30 @@ describe('server layering', () => {
   });
 
   it('SandboxError stands alone (it imports only the protocol), so the runtimes can take it with them', () => {
-    const file = path.join(SRC, 'runtime/sandbox-error.ts');
+    const file = path.resolve(SRC, '../../runtime/src/sandbox-error.ts');
     assert.deepEqual(specifiers(readFileSync(file, 'utf8')).filter((s) => !s.startsWith('@podflare/protocol')), []);
+  });
+
+  it('runtime code takes its configuration as a slice: it imports no ServerConfig, doctor or limits from above it', () => {
+    const above = ['config.js', 'doctor.js', 'limits.js'].map((f) => path.join(SRC, f.replace(/\.js$/, '')));
+    const offenders: string[] = [];
+    for (const file of files.filter((f) => f.startsWith(path.join(SRC, 'runtime') + path.sep))) {
+      for (const spec of specifiers(readFileSync(file, 'utf8'))) {
+        if (spec.startsWith('.') && above.includes(path.resolve(path.dirname(file), spec).replace(/\.js$/, ''))) offenders.push(`${rel(file)} imports ${spec}`);
+      }
+    }
+    assert.deepEqual(offenders, []);
+  });
+
+  it('the store knows no runtime: it imports nothing from runtime/ or @podflare/runtime', () => {
+    const offenders: string[] = [];
+    for (const file of files.filter((f) => f.startsWith(path.join(SRC, 'store') + path.sep))) {
+      for (const spec of specifiers(readFileSync(file, 'utf8'))) {
+        const target = spec.startsWith('.') ? path.resolve(path.dirname(file), spec) : spec;
+        if (target === '@podflare/runtime' || target.startsWith(path.join(SRC, 'runtime'))) offenders.push(`${rel(file)} imports ${spec}`);
+      }
+    }
+    assert.deepEqual(offenders, []);
   });
 
   it('routes reach a sandbox only through the manager (no runtime sandbox, agent channel or queue)', () => {

@@ -26,7 +26,7 @@ import { randomBytes } from 'node:crypto';
 import {
   MAX_CHECKPOINTS, MAX_HISTORY, type AgentRequestBody, type CheckpointInfo, type VarInfo, type VarsDiff,
 } from '@podflare/protocol';
-import { SandboxError } from '../runtime/sandbox-error.js';
+import { SandboxError } from '@podflare/runtime';
 import type { Logger } from '../log.js';
 import type { DiffOptions, FileDiff, RuntimeSandbox, SandboxLimits, SandboxSpec } from '../runtime/runtime.js';
 import type { LiveSandbox } from './live-sandbox.js';
