@@ -22,6 +22,9 @@
  *   forkvsnaive  fork(5) of a parent that imported pandas and read a 50 MB CSV, vs 5 fresh sandboxes
  *                doing that set-up themselves
  *   diff1000     a.diff(b) of two fork siblings with 1,000 changed files each
+ *   checkpoint   checkpoint() and restore() of a sandbox holding 200 MB (bench/checkpoint.ts)
+ *   atomic       runCode("print(1)", { atomic: true }) against a plain one
+ *   ckptmem      PSS of 10 checkpoints of a 200 MB interpreter, each after a ~1 MB step
  *   forkmem      PSS of parent + 5 children right after fork(5) of a 300 MB state, vs before
  *   load         50 sandboxes × 8 concurrent clients running execs for 60 s (10 s with --quick;
  *                PODFLARE_BENCH_LOAD_SECONDS): zero errors, p50/p99 (bench/resilience.ts)
@@ -50,6 +53,7 @@ import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { Client, Sandbox } from 'podflare';
 import { loadConfig, startServer, type RunningServer, type ServerConfig } from '@podflare/server';
+import { CHECKPOINT_MEASURES, measureAtomic, measureCheckpoint, measureCheckpointMemory } from './checkpoint.js';
 import { FORK_MEASURES, measureDiff1000, measureFork1, measureFork5, measureForkMem, measureForkVsNaive } from './fork.js';
 import { runJupyterPeer, PEER_PYTHON, type JupyterResult } from './jupyter.js';
 import { sandboxMemoryByNamespace } from './memory.js';
@@ -67,7 +71,7 @@ import { CHURN_MEASURES, measureChurn, measureMiss } from './churn.js';
 import { measureFork5Python } from './fork-python.js';
 
 const MEASURES = [
-  'memory', 'create', 'destroy', 'exec', 'python', 'jupyter', 'cycle', 'nonet', 'ondemand', ...FORK_MEASURES, ...RESILIENCE_MEASURES,
+  'memory', 'create', 'destroy', 'exec', 'python', 'jupyter', 'cycle', 'nonet', 'ondemand', ...FORK_MEASURES, ...CHECKPOINT_MEASURES, ...RESILIENCE_MEASURES,
   ...CHURN_MEASURES, 'fork5py', 'vm', 'paired', 'cluster', ...PORT_MEASURES,
 ] as const;
 type MeasureName = (typeof MEASURES)[number];
@@ -529,7 +533,7 @@ async function main(): Promise<void> {
     }
   }
 
-  if (has(...FORK_MEASURES, 'fork5py')) {
+  if (has(...FORK_MEASURES, 'fork5py', ...CHECKPOINT_MEASURES)) {
     let bs = null as BenchServer | null;
     await guarded('server start (fork measures)', async () => {
       // Parents started by bwrap as before zygotes: forkmem reads the parent's own bwrap tree (a
@@ -545,6 +549,9 @@ async function main(): Promise<void> {
       if (has('forkvsnaive')) await guarded('forkvsnaive', () => measureForkVsNaive(forkServer, opts));
       if (has('diff1000')) await guarded('diff1000', () => measureDiff1000(forkServer, opts));
       if (has('forkmem')) await guarded('forkmem', () => measureForkMem(forkServer, opts));
+      if (has('checkpoint')) await guarded('checkpoint', () => measureCheckpoint(forkServer, opts));
+      if (has('atomic')) await guarded('atomic', () => measureAtomic(forkServer, opts));
+      if (has('ckptmem')) await guarded('ckptmem', () => measureCheckpointMemory(forkServer, opts));
       await guarded('server stop (fork measures)', () => stopBenchServer(forkServer));
     }
   }

@@ -23,7 +23,7 @@ import { IMAGES_DIR, startTestServer, type TestServer } from './helpers/server.j
 const MAIN = path.resolve(import.meta.dirname, '../packages/mcp/dist/main.js');
 const CLI = path.resolve(import.meta.dirname, '../packages/cli/dist/main.js');
 const TOOLS = [
-  'create_sandbox', 'run_python', 'run_bash', 'fork', 'diff', 'merge_into', 'upload', 'download', 'destroy_sandbox',
+  'create_sandbox', 'run_python', 'run_bash', 'fork', 'diff', 'merge_into', 'checkpoint', 'rewind', 'upload', 'download', 'destroy_sandbox',
   'start_process', 'read_process_output', 'kill_process', 'expose_port',
 ];
 const ID = new RegExp(SANDBOX_ID_SOURCE, 'g');
@@ -245,6 +245,19 @@ describe('podflare-mcp over stdio', () => {
     assert.match(await ok(session.client, 'merge_into', { parent: forked.parent, winner: b, paths: ['/root/b.txt'] }), /both sandboxes live on/);
     assert.match(await ok(session.client, 'run_python', { code: 'print(plan, open("/root/b.txt").read().strip())' }), /a from b/);
     assert.match(await ok(session.client, 'run_python', { sandbox_id: b, code: 'print(plan)' }), /stdout:\nb\n/);
+  });
+
+  it('lets an agent undo its own step: checkpoint, a destructive call, rewind', async () => {
+    await ok(session.client, 'run_python', { code: 'import os\nos.makedirs("/root/keep", exist_ok=True)\nopen("/root/keep/f", "w").write("mine")\nrows = [1, 2, 3]' });
+    const { checkpoint_id: cp } = JSON.parse(await ok(session.client, 'checkpoint', { name: 'before the risky step' })) as { checkpoint_id: string };
+    assert.match(cp, /^ckpt_[0-9a-f]{24}$/);
+    await ok(session.client, 'run_bash', { command: 'rm -rf /root/keep' });
+    await ok(session.client, 'run_python', { code: 'rows = None' });
+    assert.match(await ok(session.client, 'rewind', { checkpoint_id: cp }), /is back to checkpoint/);
+    assert.match(await ok(session.client, 'run_python', { code: 'print(rows, open("/root/keep/f").read())' }), /\[1, 2, 3\] mine/);
+    const noHistory = await call(session.client, 'rewind', {});
+    assert.equal(noHistory.isError, true);
+    assert.match(text(noHistory), /history/);
   });
 
   it('uploads and downloads text, binary and image files', async () => {

@@ -30,7 +30,7 @@ def _sandbox_path(sandbox_id: str) -> str:
 
 
 def _exec_body(code: str, language: str, timeout_ms: Optional[int], env: Optional[Mapping[str, str]],
-               cwd: Optional[str]) -> Dict[str, Any]:
+               cwd: Optional[str], atomic: bool = False) -> Dict[str, Any]:
     if not isinstance(code, str):
         raise TypeError(f"code must be a str, got {type(code).__name__}")
     body: Dict[str, Any] = {"code": code, "language": language}
@@ -40,7 +40,14 @@ def _exec_body(code: str, language: str, timeout_ms: Optional[int], env: Optiona
         body["env"] = dict(env)
     if cwd is not None:
         body["cwd"] = cwd
+    if atomic:
+        body["atomic"] = True
     return body
+
+
+def _checkpoint_id(checkpoint: Union[str, Mapping[str, Any]]) -> str:
+    cid = checkpoint["id"] if isinstance(checkpoint, Mapping) else checkpoint
+    return urllib.parse.quote(str(cid), safe="")
 
 
 class ExecStream(Iterator[Event]):
@@ -195,6 +202,8 @@ class Sandbox:
             "disk_mb": 4096, "processes": 512}`` (the server's defaults). Past memory the kernel
             kills the offending process (the exec's error is ``MemoryLimitExceeded``); past
             processes new ones are refused (``ProcessLimitExceeded``); past disk, writes fail.
+        history: (ours) checkpoint before each call and keep the last ``history`` (0–32), so
+            :meth:`rewind` can undo calls (namespace runtime).
     """
 
     id: str
@@ -215,6 +224,7 @@ class Sandbox:
         metadata: Optional[Mapping[str, str]] = None,
         runtime: Optional[str] = None,
         limits: Optional[Mapping[str, Union[int, float]]] = None,
+        history: Optional[int] = None,
     ) -> None:
         c = _resolve_client(host, api_key, client)
         body: Dict[str, Any] = {"egress": _egress_body(egress), "persistent": bool(persistent)}
@@ -230,6 +240,8 @@ class Sandbox:
             body["runtime"] = runtime
         if limits is not None:
             body["limits"] = dict(limits)
+        if history is not None:
+            body["history"] = history
         started = time.monotonic()
         try:
             answer = c.json("POST", "/v1/sandboxes", json=body)
@@ -360,6 +372,7 @@ class Sandbox:
         env: Optional[Mapping[str, str]] = None,
         cwd: Optional[str] = None,
         request_timeout: Optional[float] = None,
+        atomic: bool = False,
         on_stdout: Optional[Callable[[str], Any]] = None,
         on_stderr: Optional[Callable[[str], Any]] = None,
         on_result: Optional[Callable[[Result], Any]] = None,
@@ -375,6 +388,8 @@ class Sandbox:
             timeout_ms: (ours) interrupt the code after this long; the exit code is then 124.
             env, cwd: (ours) environment additions and working directory for this call only.
             request_timeout: client-side bound in seconds on waiting for each event (None: wait).
+            atomic: (ours) if the code fails (an exception, a non-zero exit), everything it did is
+                undone and the result's ``rolled_back`` is True; its output is kept.
             on_stdout, on_stderr, on_result, on_error: called as each event arrives.
 
         Example::
@@ -385,7 +400,7 @@ class Sandbox:
             sbx.run_code("ls /root", "bash").stdout
         """
         stream = self.run_code_stream(code, language, timeout_ms=timeout_ms, env=env, cwd=cwd,
-                                      request_timeout=request_timeout)
+                                      request_timeout=request_timeout, atomic=atomic)
         with stream:
             for event in stream:
                 t = event.type
@@ -408,6 +423,7 @@ class Sandbox:
         env: Optional[Mapping[str, str]] = None,
         cwd: Optional[str] = None,
         request_timeout: Optional[float] = None,
+        atomic: bool = False,
     ) -> ExecStream:
         """Runs code and yields its :class:`Event` s (``.type .data .seq .ts``) as they arrive.
         Errors before the stream starts (unknown sandbox, bad language) are raised on the first
@@ -421,7 +437,7 @@ class Sandbox:
                 elif ev.type == "exit":
                     print("exit code", ev.data)
         """
-        body = _exec_body(code, language, timeout_ms, env, cwd)
+        body = _exec_body(code, language, timeout_ms, env, cwd, atomic)
         return ExecStream(self.client, self.id, body, request_timeout)
 
     def interrupt(self) -> bool:
@@ -540,6 +556,46 @@ class Sandbox:
                 winner._retire()
         else:
             self.client.empty("POST", path, json={"paths": list(paths)})
+
+    # ---- checkpoints (ours) ----------------------------------------------------------------
+
+    def checkpoint(self, name: Optional[str] = None) -> Dict[str, Any]:
+        """Freezes this sandbox's whole state (interpreter memory, files, cwd, env) copy-on-write
+        and returns the checkpoint (``{"id", "name", "kind", "created_at", ...}``);
+        :meth:`restore` brings it back, as often as wanted. Checkpoints end with the sandbox.
+
+        Example::
+
+            cp = sbx.checkpoint("before cleanup")
+            sbx.run_code("import shutil; shutil.rmtree('/root/work')")
+            sbx.restore(cp)   # /root/work and every variable are back
+        """
+        return self.client.json("POST", self._path + "/checkpoints", json={} if name is None else {"name": name})
+
+    def checkpoints(self) -> List[Dict[str, Any]]:
+        """This sandbox's checkpoints (named ones and its history), oldest first."""
+        return list((self.client.json("GET", self._path + "/checkpoints") or {}).get("checkpoints", []))
+
+    def delete_checkpoint(self, checkpoint: Union[str, Mapping[str, Any]]) -> None:
+        """Deletes a checkpoint (its memory and files are freed)."""
+        self.client.empty("DELETE", self._path + "/checkpoints/" + _checkpoint_id(checkpoint))
+
+    def restore(self, checkpoint: Union[str, Mapping[str, Any]]) -> None:
+        """Puts this sandbox (same id) back to the checkpoint's state; the checkpoint stays. Waits
+        for a running call first. Sockets opened since are closed."""
+        self.client.json("POST", self._path + "/checkpoints/" + _checkpoint_id(checkpoint) + "/restore")
+
+    def rewind(self, steps: int = 1) -> None:
+        """Undoes the last ``steps`` calls of a sandbox created with ``history=n``; a second
+        ``rewind()`` goes one step further back."""
+        self.client.json("POST", self._path + "/rewind", json={"steps": steps})
+
+    def diff_checkpoint(self, checkpoint: Union[str, Mapping[str, Any]], paths: Union[str, Sequence[str], None] = None,
+                        content: bool = False, vars: bool = False) -> Dict[str, Any]:
+        """Files (and with ``vars=True`` variables) changed since a checkpoint, shaped like :meth:`diff`."""
+        paths_q = paths if isinstance(paths, str) else (",".join(paths) if paths else None)
+        return self.client.json("GET", self._path + "/checkpoints/" + _checkpoint_id(checkpoint) + "/diff",
+                                query={"paths": paths_q, "content": content, "vars": vars}) or {}
 
     def _retire(self) -> None:
         with self._close_lock:

@@ -143,6 +143,8 @@ export const ExitMessage = z.object({
   code: z.number().int().min(-(2 ** 31)).max(2 ** 31),
   execution_count: count.nullable().optional(),
   state_lost: z.boolean().optional(),
+  /** Set by the server (never the agent): an atomic exec failed and its effects were undone. */
+  rolled_back: z.boolean().optional(),
 });
 /** The envelope of a success: its fields are checked against the op's reply schema (AgentReplySchemas). */
 export const OkResponse = z.object({ id, ok: z.literal(true) }).passthrough();

@@ -135,6 +135,12 @@ export interface Runtime<S extends RuntimeSandbox = RuntimeSandbox> {
   freeze?(sandbox: S, dir: string): Promise<void>;
   /** Resumes a sandbox frozen into `dir` under `spec` (its own id); `dir` may be removed after. */
   resume?(spec: SandboxSpec, dir: string): Promise<S>;
+  /**
+   * Gives a sandbox started with `egress: false` (a checkpoint, which never runs code) the
+   * user-mode network `egress: true` gets, when it becomes a sandbox's live state (a restore).
+   * Where absent, checkpoints are made with their sandbox's egress from the start.
+   */
+  attachNetwork?(sandbox: S): Promise<void>;
   /** What differs between two sandboxes' filesystems: `b` relative to `a`. */
   diff(a: S, b: S, opts: DiffOptions): Promise<FileDiff>;
   /** Destroys every sandbox this runtime started. */

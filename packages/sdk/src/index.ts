@@ -29,6 +29,7 @@ export {
   ForbiddenError,
   NotFoundError,
   ConflictError,
+  NotSupportedError,
   SandboxGoneError,
   PayloadTooLargeError,
   InsufficientStorageError,
@@ -42,6 +43,7 @@ export type { ClientErrorCode, PodflareErrorCode, PodflareErrorInit } from './er
 export { parseNdjson, splitLines } from './ndjson.js';
 export type {
   Capacity,
+  CheckpointInfo,
   ConnectionOptions,
   DiffOptions,
   DiffResult,

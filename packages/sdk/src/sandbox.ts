@@ -13,8 +13,10 @@ import { Files } from './files.js';
 import { Commands } from './commands.js';
 import { Pty } from './pty.js';
 import { parseNdjson } from './ndjson.js';
-import { toSandboxInfo } from './types.js';
+import { toCheckpointInfo, toSandboxInfo } from './types.js';
 import type {
+  CheckpointInfo,
+  WireCheckpoint,
   ConnectionOptions,
   DiffOptions,
   DiffResult,
@@ -110,6 +112,7 @@ export class Sandbox {
         cpus: options.limits.cpus, memory_mb: options.limits.memoryMb, disk_mb: options.limits.diskMb, processes: options.limits.processes,
       },
       metadata: options.metadata,
+      history: options.history,
     };
     for (const key of Object.keys(body)) if (body[key] === undefined) delete body[key];
     const t0 = performance.now();
@@ -235,6 +238,7 @@ export class Sandbox {
     if (request.timeoutMs !== undefined) body.timeout_ms = request.timeoutMs;
     if (request.env !== undefined) body.env = request.env;
     if (request.cwd !== undefined) body.cwd = request.cwd;
+    if (request.atomic !== undefined) body.atomic = request.atomic;
     const spec: RequestSpec = {
       method: 'POST',
       path: `${this.#path}/exec`,
@@ -394,6 +398,74 @@ export class Sandbox {
   /** Resumes a frozen sandbox now (any other call would too). */
   async resume(): Promise<void> {
     await this.client.json({ method: 'POST', path: `${this.#path}/resume` });
+  }
+
+  /**
+   * Freezes this sandbox's whole state (interpreter memory, files, cwd, env) copy-on-write, in
+   * milliseconds, and returns the checkpoint: {@link Sandbox.restore} brings it back, as often as
+   * wanted. Checkpoints count against the sandbox's limits and end with it.
+   *
+   * @example
+   * ```ts
+   * const cp = await sandbox.checkpoint('before-cleanup');
+   * await sandbox.runCode('import shutil; shutil.rmtree("/root/work")');
+   * await sandbox.restore(cp);  // /root/work is back, and every variable as it was
+   * ```
+   */
+  async checkpoint(name?: string): Promise<CheckpointInfo> {
+    const w = await this.client.json<WireCheckpoint>({ method: 'POST', path: `${this.#path}/checkpoints`, json: name === undefined ? {} : { name } });
+    return toCheckpointInfo(w);
+  }
+
+  /** This sandbox's checkpoints (named ones and its history), oldest first. */
+  async checkpoints(): Promise<CheckpointInfo[]> {
+    const answer = await this.client.json<{ checkpoints: WireCheckpoint[] }>({ method: 'GET', path: `${this.#path}/checkpoints` });
+    return answer.checkpoints.map(toCheckpointInfo);
+  }
+
+  /** Deletes a checkpoint (its memory and files are freed). */
+  async deleteCheckpoint(checkpoint: CheckpointInfo | string): Promise<void> {
+    const id = typeof checkpoint === 'string' ? checkpoint : checkpoint.id;
+    await this.client.empty({ method: 'DELETE', path: `${this.#path}/checkpoints/${encodeURIComponent(id)}` });
+  }
+
+  /**
+   * Puts this sandbox (same id) back to a checkpoint's state; the checkpoint stays. Waits for a
+   * running call to finish first. Sockets opened since are closed.
+   */
+  async restore(checkpoint: CheckpointInfo | string): Promise<void> {
+    const id = typeof checkpoint === 'string' ? checkpoint : checkpoint.id;
+    await this.client.json({ method: 'POST', path: `${this.#path}/checkpoints/${encodeURIComponent(id)}/restore` });
+  }
+
+  /**
+   * Undoes the last `steps` calls of a sandbox created with `history` (each call is undone once:
+   * a second `rewind()` goes one step further back).
+   *
+   * @example
+   * ```ts
+   * const sandbox = await Sandbox.create({ history: 10 });
+   * await sandbox.runCode('df = load()');
+   * await sandbox.runCode('df = df[df.x > 0]  # oops');
+   * await sandbox.rewind();  // df is the full frame again
+   * ```
+   */
+  async rewind(steps = 1): Promise<void> {
+    await this.client.json({ method: 'POST', path: `${this.#path}/rewind`, json: { steps } });
+  }
+
+  /** Files (and with `vars: true`, variables) changed since a checkpoint. */
+  async diffCheckpoint(checkpoint: CheckpointInfo | string, options: DiffOptions = {}): Promise<DiffResult> {
+    const id = typeof checkpoint === 'string' ? checkpoint : checkpoint.id;
+    return this.client.json<DiffResult>({
+      method: 'GET',
+      path: `${this.#path}/checkpoints/${encodeURIComponent(id)}/diff`,
+      query: {
+        paths: options.paths && options.paths.length > 0 ? options.paths.join(',') : undefined,
+        content: options.content === true,
+        vars: options.vars === true,
+      },
+    });
   }
 
   /**

@@ -24,6 +24,7 @@ import { matchPortTarget, PortProxy } from './port-proxy.js';
 import { addPortRoutes } from './port-routes.js';
 import { matchPtyTarget, PtySockets } from './pty-socket.js';
 import type { Duplex } from 'node:stream';
+import { addCheckpointRoutes } from './checkpoint-routes.js';
 import { Router } from './router.js';
 import { addSandboxRoutes } from './sandbox-routes.js';
 
@@ -77,6 +78,7 @@ export function createApp(opts: AppOptions): RequestListener & { upgrade: Upgrad
   const ptys = new PtySockets(opts.manager, keys, guard, opts.log);
   const portProxy = new PortProxy(opts.manager, keys, guard, opts.log);
   addPortRoutes(router, opts.manager);
+  addCheckpointRoutes(router, opts.manager);
   for (const mount of opts.mounts ?? []) {
     for (const method of mount.methods) {
       router.add(method, mount.path, ({ req, res, owner }) =>
