@@ -23,6 +23,9 @@
  *   forkvsnaive  fork(5) of a parent that imported pandas and read a 50 MB CSV, vs 5 fresh sandboxes
  *                doing that set-up themselves
  *   diff1000     a.diff(b) of two fork siblings with 1,000 changed files each
+ *   checkpoint   checkpoint() and restore() of a sandbox holding 200 MB (bench/checkpoint.ts)
+ *   atomic       runCode("print(1)", { atomic: true }) against a plain one
+ *   ckptmem      PSS of 10 checkpoints of a 200 MB interpreter, each after a ~1 MB step
  *   forkmem      PSS of parent + 5 children right after fork(5) of a 300 MB state, vs before
  *   load         50 sandboxes × 8 concurrent clients running execs for 60 s (10 s with --quick;
  *                PODFLARE_BENCH_LOAD_SECONDS): zero errors, p50/p99 (bench/resilience.ts)
@@ -37,6 +40,8 @@
  *   cluster      cluster mode (bench/cluster.ts): 3 nodes in network namespaces + a gateway + PostgreSQL;
  *                create p50/p99 and creates/s with 8 clients through the gateway, the gateway's
  *                paired overhead on exec, 3 nodes × N live sandboxes with 8 clients at work
+ *   ports        an exposed port's HTTP GET through the proxy vs direct into the sandbox, paired (bench/ports.ts)
+ *   pty          PTY keystroke echo round trip over the WebSocket (bench/ports.ts)
  *   paired       fork(1) and diff of this build against a baseline build of an earlier commit, in
  *                one run (bench/paired.ts); only with --baseline DIR (scripts/bench-baseline.sh)
  * The two on-demand measures use a second server whose pool is off (size 0): with a pool, a key
@@ -49,6 +54,7 @@ import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { Client, Sandbox } from 'podflare';
 import { loadConfig, startServer, type RunningServer, type ServerConfig } from '@podflare/server';
+import { CHECKPOINT_MEASURES, measureAtomic, measureCheckpoint, measureCheckpointMemory } from './checkpoint.js';
 import { FORK_MEASURES, measureDiff1000, measureFork1, measureFork5, measureForkMem, measureForkVsNaive } from './fork.js';
 import { runJupyterPeer, PEER_PYTHON, type JupyterResult } from './jupyter.js';
 import { sandboxMemoryByNamespace } from './memory.js';
@@ -61,13 +67,14 @@ import { measureCrashCycles, measureLoad, RESILIENCE_MEASURES } from './resilien
 import { measureVmPooled, measureVmUnpooled } from './vm.js';
 import { measurePaired } from './paired.js';
 import { measureTemplates, TEMPLATE_MEASURES } from './templates.js';
+import { measurePorts, measurePtyEcho, PORT_MEASURES } from './ports.js';
 import { measureCluster } from './cluster.js';
 import { CHURN_MEASURES, measureChurn, measureMiss } from './churn.js';
 import { measureFork5Python } from './fork-python.js';
 
 const MEASURES = [
-  'memory', 'create', 'destroy', 'exec', 'python', 'jupyter', 'cycle', 'nonet', 'ondemand', ...FORK_MEASURES, ...RESILIENCE_MEASURES,
-  ...TEMPLATE_MEASURES, ...CHURN_MEASURES, 'fork5py', 'vm', 'paired', 'cluster',
+  'memory', 'create', 'destroy', 'exec', 'python', 'jupyter', 'cycle', 'nonet', 'ondemand', ...FORK_MEASURES, ...CHECKPOINT_MEASURES, ...RESILIENCE_MEASURES,
+  ...TEMPLATE_MEASURES, ...CHURN_MEASURES, 'fork5py', 'vm', 'paired', 'cluster', ...PORT_MEASURES,
 ] as const;
 type MeasureName = (typeof MEASURES)[number];
 
@@ -484,7 +491,7 @@ async function main(): Promise<void> {
   let jupyter = null as JupyterResult | null;
   let jupyterError = null as Error | null;
 
-  if (has('memory', 'create', 'destroy', 'exec', 'python', 'cycle')) {
+  if (has('memory', 'create', 'destroy', 'exec', 'python', 'cycle', 'ports', 'pty')) {
     let bs = null as BenchServer | null;
     await guarded('server start', async () => {
       bs = await startBenchServer({ poolSize: POOL_SIZE });
@@ -497,6 +504,8 @@ async function main(): Promise<void> {
       if (has('exec')) await guarded('exec', async () => { exec = await measureExec(main, opts); });
       if (has('python')) await guarded('python', () => measurePythonSdk(main.server.url, opts.n));
       if (has('cycle')) await guarded('cycle', () => measureCycle(main, opts));
+      if (has('ports')) await guarded('ports', () => measurePorts(main.server, main.client, opts));
+      if (has('pty')) await guarded('pty', () => measurePtyEcho(main.client, opts));
       await guarded('server stop', () => stopBenchServer(main));
     }
   }
@@ -526,7 +535,7 @@ async function main(): Promise<void> {
     }
   }
 
-  if (has(...FORK_MEASURES, 'fork5py')) {
+  if (has(...FORK_MEASURES, 'fork5py', ...CHECKPOINT_MEASURES)) {
     let bs = null as BenchServer | null;
     await guarded('server start (fork measures)', async () => {
       // Parents started by bwrap as before zygotes: forkmem reads the parent's own bwrap tree (a
@@ -542,6 +551,9 @@ async function main(): Promise<void> {
       if (has('forkvsnaive')) await guarded('forkvsnaive', () => measureForkVsNaive(forkServer, opts));
       if (has('diff1000')) await guarded('diff1000', () => measureDiff1000(forkServer, opts));
       if (has('forkmem')) await guarded('forkmem', () => measureForkMem(forkServer, opts));
+      if (has('checkpoint')) await guarded('checkpoint', () => measureCheckpoint(forkServer, opts));
+      if (has('atomic')) await guarded('atomic', () => measureAtomic(forkServer, opts));
+      if (has('ckptmem')) await guarded('ckptmem', () => measureCheckpointMemory(forkServer, opts));
       await guarded('server stop (fork measures)', () => stopBenchServer(forkServer));
     }
   }

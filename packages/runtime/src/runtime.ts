@@ -74,6 +74,8 @@ export interface RuntimeSandbox {
   readonly ready?: Promise<void>;
   /** Limit hits so far, where the runtime enforces limits. */
   limitCounters?(): Promise<LimitCounters>;
+  /** A socket connected to a port the sandbox listens on (its own loopback), where the runtime can (exposed ports). */
+  connectPort?(port: number): Promise<import('node:net').Socket>;
 }
 
 export interface ReconcileReport<S extends RuntimeSandbox = RuntimeSandbox> {
@@ -133,6 +135,12 @@ export interface Runtime<S extends RuntimeSandbox = RuntimeSandbox> {
   freeze?(sandbox: S, dir: string): Promise<void>;
   /** Resumes a sandbox frozen into `dir` under `spec` (its own id); `dir` may be removed after. */
   resume?(spec: SandboxSpec, dir: string): Promise<S>;
+  /**
+   * Gives a sandbox started with `egress: false` (a checkpoint, which never runs code) the
+   * user-mode network `egress: true` gets, when it becomes a sandbox's live state (a restore).
+   * Where absent, checkpoints are made with their sandbox's egress from the start.
+   */
+  attachNetwork?(sandbox: S): Promise<void>;
   /** What differs between two sandboxes' filesystems: `b` relative to `a`. */
   diff(a: S, b: S, opts: DiffOptions): Promise<FileDiff>;
   /** Destroys every sandbox this runtime started. */

@@ -223,6 +223,14 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
     return this.hostd.restarts();
   }
 
+  async attachNetwork(s: NsSandbox): Promise<void> {
+    if (!s.initPid || s.ended) throw new SandboxError('sandbox_gone', `sandbox ${s.id} is gone`);
+    if (s.slirp) return;
+    const slirp = await startSlirp(this.opts.spawner, s.initPid, this.opts.startTimeoutMs);
+    if (s.ended) slirp.stop();
+    else s.slirp = slirp;
+  }
+
   async diff(a: NsSandbox, b: NsSandbox, opts: DiffOptions): Promise<FileDiff> {
     return this.hostd.diff(a.stack, b.stack, opts);
   }

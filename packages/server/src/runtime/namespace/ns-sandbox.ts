@@ -17,11 +17,13 @@ import { readFileSync } from 'node:fs';
 import { readFile, readlink, rm } from 'node:fs/promises';
 import os from 'node:os';
 import { AgentChannel } from '../../agent-channel.js';
+import { SandboxError } from '@podflare/runtime';
 import type { Logger } from '../../log.js';
 import { isAlive, processTree, pssOf } from '../../proc.js';
 import type { SandboxCgroup } from '../shared/cgroups.js';
 import type { LimitCounters, RuntimeSandbox, SandboxLimits, SandboxSpec } from '../runtime.js';
 import type { SandboxDirs } from './layout.js';
+import { PortConnector } from './port-connector.js';
 import type { Slirp } from '../shared/slirp.js';
 
 export interface SandboxHooks {
@@ -51,6 +53,8 @@ export abstract class NsSandbox implements RuntimeSandbox {
   /** Set once the spawn tmpfs is mounted in this sandbox (fork points live there). */
   spawnAreaReady = false;
   private husk = false;
+  /** Dials the sandbox's ports for exposed-port requests (port-connector.ts); started on first use. */
+  private portConnector: PortConnector | null = null;
   private finalizing: Promise<void> | null = null;
   protected readonly log: Logger;
 
@@ -70,6 +74,7 @@ export abstract class NsSandbox implements RuntimeSandbox {
     void this.exited.then(() => {
       this.ended = true;
       this.slirp?.stop();
+      this.portConnector?.close();
     });
     parent?.children.add(this);
   }
@@ -81,6 +86,13 @@ export abstract class NsSandbox implements RuntimeSandbox {
   /** The layer stack of this sandbox's root, topmost first. */
   get stack(): string[] {
     return [this.dirs.upper, ...this.lowers];
+  }
+
+  /** A socket connected to 127.0.0.1:port inside this sandbox's network namespace. */
+  connectPort(port: number): Promise<import('node:net').Socket> {
+    if (this.ended || !this.initPid) return Promise.reject(new SandboxError('sandbox_gone', `sandbox ${this.id} is gone`));
+    this.portConnector ??= new PortConnector(this.initPid);
+    return this.portConnector.connect(port);
   }
 
   async memoryPss(): Promise<number> {
