@@ -14,6 +14,7 @@ import { Client as McpClient } from '@modelcontextprotocol/sdk/client/index.js';
 import { InMemoryTransport } from '@modelcontextprotocol/sdk/inMemory.js';
 import { createPodflareMcpServer } from '@podflare/mcp';
 import { BadRequestError, Sandbox } from 'podflare';
+import { ERROR_STATUS } from '@podflare/protocol';
 // The built module, as the server in this process uses it (its channels are the built class).
 import { vmDiff } from '../packages/server/dist/runtime/vm/vm-diff.js';
 import { processesMentioning } from './helpers/leaks.js';
@@ -258,7 +259,7 @@ describe('a hostile agent', () => {
     const hostile = await make();
     await turnHostile(hostile, 'badmanifest');
     const [a, b] = [await channelOf(hostile), await channelOf(bystander)];
-    type Failure = Error & { code?: string; status?: number };
+    type Failure = Error & { code?: string };
     const failures: Failure[] = [];
     const logged = await serverLogDuring(async () => {
       await vmDiff(a, b, {}).catch((e: Failure) => failures.push(e));
@@ -266,8 +267,9 @@ describe('a hostile agent', () => {
     const err = failures[0];
     assert.ok(err, 'the diff must fail');
     assert.match(violationsOf(logged, hostile.id).join(), /manifest line 1 is not JSON/);
+    // A domain error below HTTP: the code alone says what it is; HTTP answers it with a 502.
     assert.equal(err.code, 'agent_protocol', err.message);
-    assert.equal(err.status, 502);
+    assert.equal(ERROR_STATUS.agent_protocol, 502);
     assert.match(err.message, /manifest line 1 is not JSON/);
   });
 
