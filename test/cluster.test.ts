@@ -151,7 +151,8 @@ describe('cluster: the API through gateways', () => {
     const hosts = (await (await api(1, 'GET', '/v1/cluster/hosts')).json()) as
       { hosts: Array<{ id: string; live: number; capacity: number; pool: { ready: number; target: number } }> };
     assert.deepEqual(hosts.hosts.map((h) => h.id), ['node-0', 'node-1', 'node-2']);
-    for (const h of hosts.hosts) assert.ok(h.capacity === 24 && h.pool.target === 1, JSON.stringify(h));
+    // A node's pool starts at its size (1) and may grow with the create rate (pool-sizer.ts).
+    for (const h of hosts.hosts) assert.ok(h.capacity === 24 && h.pool.target >= 1, JSON.stringify(h));
     const metrics = await (await api(1, 'GET', '/v1/metrics')).text();
     for (const id of ['node-0', 'node-1', 'node-2']) assert.match(metrics, new RegExp(`podflare_cluster_host_up\\{host="${id}"\\} 1`));
     const listed = (await (await api(1, 'GET', '/v1/sandboxes')).json()) as { sandboxes: Array<{ id: string; host: string }> };
