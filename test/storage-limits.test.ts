@@ -215,7 +215,9 @@ describe('a fork failing while its layer is being made (its children refused)', 
     await chmod(base, 0o711); // the sandboxes' uid walks through it
     const stateDir = path.join(base, 'x'.repeat(48));
     const server = await startServer(loadConfig({
-      port: 0, poolSize: 0, logLevel: 'silent', imagesDir: IMAGES_DIR, stateDir, diskVolumeBytes: 512 * MB,
+      // No zygote: these checks count every sandbox directory, and a zygote's rightly stays while
+      // the server runs (test/zygote.test.ts checks that it goes at stop).
+      port: 0, poolSize: 0, zygote: false, logLevel: 'silent', imagesDir: IMAGES_DIR, stateDir, diskVolumeBytes: 512 * MB,
     }, { ...process.env, PODFLARE_API_KEYS: '' }));
     try {
       const sbx = await Sandbox.create({ host: server.url });
@@ -238,7 +240,7 @@ describe('a fork failing while its layer is being made (its children refused)', 
 
 describe('a fork interrupted by its parent\'s DELETE', () => {
   let server: TestServer;
-  before(async () => { server = await startTestServer({ poolSize: 0 }); });
+  before(async () => { server = await startTestServer({ poolSize: 0, zygote: false }); }); // no zygote: see above
   after(async () => { await server?.stop(); });
 
   it('leaves no fork layer and no child directory behind, however often a tenant does it', async () => {

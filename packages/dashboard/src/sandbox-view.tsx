@@ -43,7 +43,7 @@ export function SandboxView({ sandbox, now, onSelect, onCompare, subscribe }: Pr
         {live && <DeleteButton id={sandbox.id} />}
       </div>
       {live && <Console id={sandbox.id} />}
-      {live && sandbox.runtime === 'ns' && <Checkpoints id={sandbox.id} subscribe={subscribe} />}
+      {live && <Checkpoints id={sandbox.id} subscribe={subscribe} />}
       <History id={sandbox.id} parent={sandbox.parent} onSelect={onSelect} subscribe={subscribe} />
       {live && <FileBrowser id={sandbox.id} subscribe={subscribe} />}
     </section>

@@ -24,6 +24,8 @@ export interface RuntimeCapabilities {
    * refill a pool with. @default false
    */
   zygote?: boolean;
+  /** Starts templates other than `default` (their image layers over the base). @default false */
+  templates?: boolean;
 }
 
 export interface SandboxSpec {

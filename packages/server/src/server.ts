@@ -90,6 +90,7 @@ async function startLocked(config: ServerConfig, opts: StartOptions, log: Logger
   // Templates other than `default` are built on first use (or by `podflare template build`).
   const templates: TemplateCatalog = new TemplateCatalog({
     imagesDir: config.imagesDir, base: { rootfs: image.base, hash: image.baseHash }, runtimes: runtimes.map((r) => r.name),
+    templateRuntimes: runtimes.filter((r) => r.capabilities.templates).map((r) => r.name),
     log: (m: string) => log.info(m),
     onProgress: (p) => log.info('template build', { message: p.message, step: p.step, seconds: Math.round(p.elapsedMs / 1000) }),
   });

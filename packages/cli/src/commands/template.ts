@@ -1,7 +1,7 @@
 /** `podflare template build|ls`: named images (templates) sandboxes start from. */
 import path from 'node:path';
 import {
-  BUILTIN_TEMPLATES, buildTemplate, ensureImage, inspectImages, loadConfig, loadRecipeFile, TemplateCatalog, type TemplateRecipe,
+  BUILTIN_TEMPLATES, buildTemplate, builtinRuntimes, ensureImage, inspectImages, loadConfig, loadRecipeFile, TemplateCatalog, templateRuntimeNames, type TemplateRecipe,
 } from '@podflare/server';
 import { EXIT_OK, formatMs, parse, UsageError, type Command } from '../args.js';
 import { imageProgress } from '../image-progress.js';
@@ -79,7 +79,7 @@ export const templateCommand: Command = {
         return 1;
       }
       const catalog = new TemplateCatalog({
-        imagesDir: config.imagesDir, base: { rootfs: images.currentBase, hash: images.recipeHash }, runtimes: ['ns', 'vm'], log: () => undefined,
+        imagesDir: config.imagesDir, base: { rootfs: images.currentBase, hash: images.recipeHash }, runtimes: builtinRuntimes().names(), templateRuntimes: templateRuntimeNames(builtinRuntimes()), log: () => undefined,
       });
       const list = await catalog.list();
       if (values.json) {

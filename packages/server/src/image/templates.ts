@@ -176,8 +176,10 @@ async function removeDeadBuilds(imagesDir: string, log?: (msg: string) => void):
 export interface TemplateCatalogOptions {
   imagesDir: string;
   base: { rootfs: string; hash: string };
-  /** Runtimes this server offers (only `ns` serves templates other than `default`). */
+  /** Runtimes this server offers (all start `default`). */
   runtimes: string[];
+  /** Those of them that start the other templates (capability `templates`). */
+  templateRuntimes?: string[];
   log: (msg: string) => void;
   onProgress?: (p: ImageProgress) => void;
 }
@@ -254,7 +256,7 @@ export class TemplateCatalog {
   /** Every template with whether it is built, its size and the runtimes that can start it. */
   async list(): Promise<TemplateSummary[]> {
     const { runtimes } = this.opts;
-    const nsOnly = runtimes.filter((r) => r === 'ns');
+    const layered = this.opts.templateRuntimes ?? [];
     const out: TemplateSummary[] = [{
       name: DEFAULT_TEMPLATE_NAME, kind: 'base', description: 'Debian with Python, numpy, pandas, matplotlib, curl, wget, git, pip, requests, httpx',
       built: true, size_bytes: await this.size(this.opts.base.rootfs), runtimes, built_at: null,
@@ -265,14 +267,14 @@ export class TemplateCatalog {
       const built = await isDir(path.join(dir, 'layer'));
       out.push({
         name: recipe.name, kind: 'builtin', description: recipe.description, built,
-        size_bytes: built ? await this.size(path.join(dir, 'layer')) : null, runtimes: nsOnly, built_at: built ? await builtAt(dir) : null,
+        size_bytes: built ? await this.size(path.join(dir, 'layer')) : null, runtimes: layered, built_at: built ? await builtAt(dir) : null,
       });
     }
     for (const r of await readRegistry(this.opts.imagesDir)) {
       let built = true;
       for (const layer of r.layers) built &&= await isDir(layer);
       out.push({
-        name: r.name, kind: r.source, description: r.description, built, size_bytes: r.sizeBytes ?? null, runtimes: nsOnly, built_at: r.builtAt,
+        name: r.name, kind: r.source, description: r.description, built, size_bytes: r.sizeBytes ?? null, runtimes: layered, built_at: r.builtAt,
       });
     }
     return out;

@@ -23,7 +23,9 @@ export interface TemplateLookup {
  * the VM runtime boots the default image only (its guest root is one ext4 file made from it;
  * templates are layers for the namespace runtime's overlay).
  */
-export async function checkTemplate(template: string, runtime: string, templates: TemplateLookup | undefined): Promise<void> {
+export async function checkTemplate(
+  template: string, runtime: { name: string; capabilities: { templates?: boolean } }, templates: TemplateLookup | undefined,
+): Promise<void> {
   if (template === DEFAULT_TEMPLATE_NAME) return;
   if (!templates) throw new SandboxError('bad_request', `unknown template "${template}" (available: ${DEFAULT_TEMPLATE_NAME})`, { field: 'template' });
   try {
@@ -32,9 +34,9 @@ export async function checkTemplate(template: string, runtime: string, templates
     if (err instanceof UnknownTemplateError) throw new SandboxError('bad_request', err.message, { field: 'template' });
     throw err;
   }
-  if (runtime !== 'ns') {
+  if (!runtime.capabilities.templates) {
     throw new SandboxError('bad_request',
-      `the ${runtime} runtime starts only the "${DEFAULT_TEMPLATE_NAME}" template; "${template}" is built for the namespace runtime (ask for runtime "ns")`,
+      `the ${runtime.name} runtime starts only the "${DEFAULT_TEMPLATE_NAME}" template; "${template}" is built for the namespace runtime (ask for runtime "ns")`,
       { field: 'template' });
   }
   try {

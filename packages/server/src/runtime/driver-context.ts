@@ -62,6 +62,16 @@ export interface ServerDriver extends RuntimeDriver<DriverContext> {
    * the first sandbox; resolves with lines describing it.
    */
   buildImage?(opts: DriverImageOptions): Promise<string[]>;
+  /**
+   * Its sandboxes start templates other than `default` (capability `templates` of the runtime it
+   * makes), known without making it: what offline tools (`podflare template ls`) report.
+   */
+  readonly startsTemplates?: boolean;
+}
+
+/** The names of the drivers whose runtimes start templates other than `default`. */
+export function templateRuntimeNames(runtimes: ServerRuntimes): string[] {
+  return [...runtimes].filter((r) => r.driver.startsTemplates).map((r) => r.name);
 }
 
 /** The drivers a server offers, by name. */

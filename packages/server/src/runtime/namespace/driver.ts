@@ -8,6 +8,7 @@ function runs(cmd: string, args: string[]): Promise<boolean> {
 }
 
 export const namespaceDriver: ServerDriver = {
+  startsTemplates: true,
   async detect() {
     if (!(await runs('bwrap', ['--version']))) return { usable: false, reason: 'needs bubblewrap (bash scripts/setup.sh installs it)' };
     return { usable: true };

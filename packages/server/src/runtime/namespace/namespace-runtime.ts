@@ -117,7 +117,7 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
 
   constructor(private readonly opts: NamespaceRuntimeOptions) {
     this.name = opts.name;
-    this.capabilities = { fork: true, freeze: false, egress: true, egressPolicy: opts.egress !== undefined, limits: true, zygote: true };
+    this.capabilities = { fork: true, freeze: false, egress: true, egressPolicy: opts.egress !== undefined, limits: true, zygote: true, templates: true };
     this.hostd = new HostHelper({ ...opts.hostHelper, log: opts.log });
     this.trash = new Trash(trashDir(opts.stateDir), (tree) => this.hostd.removeTree(tree));
     for (const d of [opts.stateDir, ...opts.lowerDirs]) assertMountablePath(d);
