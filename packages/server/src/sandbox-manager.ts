@@ -413,8 +413,12 @@ export class SandboxManager {
     this.closing = true;
     clearInterval(this.sweeper);
     await this.pool.close();
+    // onStop 'keep': sandboxes of runtimes that can outlive the server stay alive (and their
+    // records live) for the next server to adopt; warm-pool sandboxes went above all the same.
+    const keep = this.config.onStop === 'keep';
     // Persistent sandboxes that can freeze outlive the server on disk; the others end.
     await Promise.all([...this.live.values()].map(async (s) => {
+      if (keep && s.runtime.capabilities.outlivesServer) return;
       if (s.record.persistent && s.runtime.capabilities.freeze && s.runtime.freeze) {
         try {
           return await this.freeze(s);
@@ -425,7 +429,7 @@ export class SandboxManager {
       return this.end(s, 'stopped', 'server shut down');
     }));
     await Promise.all([...this.teardowns]);
-    for (const r of this.runtimes.values()) await r.close();
+    for (const r of this.runtimes.values()) await r.close({ keepSandboxes: keep });
   }
 
   /** A pool miss: start one now, retrying once, and say 503 (retryable) if the host cannot. */

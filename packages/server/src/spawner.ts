@@ -31,6 +31,8 @@ export interface SpawnOptions {
   batch?: boolean;
   /** Memfds of the spawner's (createMemfd) the child gets, as [its fd (above 2), the memfd's name]. */
   fds?: Array<[number, string]>;
+  /** In a session of its own, and left running when the spawner (the server) ends. */
+  detach?: boolean;
 }
 
 /** A memfd held by the spawner (createMemfd): its name (unique: how the spawner knows it), and where root may reopen it. */
@@ -91,7 +93,7 @@ export class Spawner {
     const exited = new Promise<ProcessExit>((resolve) => { onExit = resolve; });
     const { pid } = await this.request<'spawn'>({
       op: 'spawn', argv, ready_fd: opts.readyFd, exit_fd: opts.exitFd, stream_stderr: opts.onStderr !== undefined, batch: opts.batch === true,
-      fds: opts.fds ?? [],
+      fds: opts.fds ?? [], ...(opts.detach ? { detach: true } : {}),
     });
     let ended = false;
     const watch: Watch = {

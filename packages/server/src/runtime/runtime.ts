@@ -17,6 +17,8 @@ export interface RuntimeCapabilities {
   egress: boolean;
   /** Outbound network through the host's policy proxy (egress: {allow: [...]}). */
   egressPolicy: boolean;
+  /** Live sandboxes can outlive the server (close with keepSandboxes) and be adopted by the next one. */
+  outlivesServer?: boolean;
 }
 
 export interface SandboxSpec {
@@ -82,6 +84,11 @@ export interface DiffOptions {
   content?: boolean;
 }
 
+export interface CloseOptions {
+  /** Leave live sandboxes running for the next server (a restart or an upgrade). */
+  keepSandboxes?: boolean;
+}
+
 export interface Runtime {
   readonly name: 'ns' | 'vm';
   readonly capabilities: RuntimeCapabilities;
@@ -106,6 +113,9 @@ export interface Runtime {
   resume?(spec: SandboxSpec, dir: string): Promise<RuntimeSandbox>;
   /** What differs between two sandboxes' filesystems: `b` relative to `a`. */
   diff(a: RuntimeSandbox, b: RuntimeSandbox, opts: DiffOptions): Promise<FileDiff>;
-  /** Destroys every sandbox this runtime started. */
-  close(): Promise<void>;
+  /**
+   * Destroys every sandbox this runtime started, or with `keepSandboxes` (where the runtime can)
+   * lets go of them alive, for the next server on the state directory to adopt (`reconcile`).
+   */
+  close(opts?: CloseOptions): Promise<void>;
 }

@@ -32,13 +32,13 @@ import { fileURLToPath } from 'node:url';
 import net from 'node:net';
 import path from 'node:path';
 import type { Readable, Writable } from 'node:stream';
-import { isEgressPolicy } from '@podflare/protocol';
+import { AGENT_PROTOCOL_VERSION, isEgressPolicy } from '@podflare/protocol';
 import { detectCgroups, type Cgroups } from '../../cgroups.js';
 import type { EgressService } from '../../egress/index.js';
 import { ApiError } from '../../errors.js';
 import type { Logger } from '../../log.js';
 import { processTree, run } from '../../proc.js';
-import type { DiffOptions, FileDiff, ReconcileReport, Runtime, RuntimeSandbox, SandboxSpec } from '../runtime.js';
+import type { CloseOptions, DiffOptions, FileDiff, ReconcileReport, Runtime, RuntimeSandbox, SandboxSpec } from '../runtime.js';
 import { InFlight } from '../in-flight.js';
 import { bwrapArgs, SANDBOX_PATH } from './bwrap-args.js';
 import { HostHelper, type HostHelperOptions } from './hostd.js';
@@ -48,8 +48,13 @@ import { assertMountablePath, sandboxDirs, sandboxesDir, trashDir, type SandboxD
 import { Trash } from './trash.js';
 import { proxyEnvironment } from './netns-addresses.js';
 import { closeEgressListeners, openEgressListeners, type EgressListeners } from './netns-listeners.js';
-import { startSlirp } from './network.js';
+import { adoptedSlirp, startSlirp } from './network.js';
 import { removeLeftovers } from './reconcile.js';
+import {
+  connectHolder, HOLDER_RECORD_VERSION, holderLogTail, holderPaths, holdersDir, killIfStill, loadHolderRecords, prepareHoldersDir,
+  removeHolderFiles, saveHolderRecord, startHolder, type StartedHolder,
+} from './holder.js';
+import { hasMount, killStrayHolders, removeStrayHolderFiles, settleAdopted } from './adopt.js';
 import { bootTicksNow, ForkedSandbox, hostPidsOfForkChildren, NsSandbox, RootSandbox, type SandboxHooks } from './ns-sandbox.js';
 
 export interface NamespaceRuntimeOptions {
@@ -108,7 +113,7 @@ export class NamespaceRuntime implements Runtime {
   private readonly trash: Trash;
 
   constructor(private readonly opts: NamespaceRuntimeOptions) {
-    this.capabilities = { fork: true, freeze: false, egress: true, egressPolicy: opts.egress !== undefined };
+    this.capabilities = { fork: true, freeze: false, egress: true, egressPolicy: opts.egress !== undefined, outlivesServer: true };
     this.hostd = new HostHelper({ ...opts.hostHelper, log: opts.log });
     this.trash = new Trash(trashDir(opts.stateDir), (tree) => this.hostd.removeTree(tree));
     for (const d of [opts.stateDir, ...opts.lowerDirs]) assertMountablePath(d);
@@ -118,8 +123,10 @@ export class NamespaceRuntime implements Runtime {
         if (this.volume) await this.hostd.diskLimit(dir, bytes);
       },
       removeDir: (dirs) => this.trash.throwAway(dirs),
+      diagnostics: (s) => holderLogTail(opts.stateDir, s.id),
       onFinalized: (s) => {
         this.live.delete(s.id);
+        void removeHolderFiles(opts.stateDir, s.id);
         for (const layer of s.lowers) void this.releaseLayer(layer);
       },
     };
@@ -154,6 +161,7 @@ export class NamespaceRuntime implements Runtime {
       const sandboxes = sandboxesDir(this.opts.stateDir);
       this.volume = await DiskVolume.open({ stateDir: this.opts.stateDir, mountPoint: sandboxes, sizeBytes: this.opts.diskVolumeBytes, log: this.opts.log });
       await mkdir(sandboxes, { recursive: true }); // without the volume, a plain directory
+      await prepareHoldersDir(this.opts.stateDir);
       await Promise.all([mkdir(trashDir(this.opts.stateDir), { recursive: true }), mkdir(this.layersDir, { recursive: true })]);
       for (const dir of [this.opts.stateDir, sandboxes]) {
         const mode = (await stat(dir)).mode & 0o7777;
@@ -181,9 +189,14 @@ export class NamespaceRuntime implements Runtime {
    */
   async reconcile(knownIds: string[]): Promise<ReconcileReport> {
     await this.prepare();
+    const adopted = await this.adoptHeld();
+    const keep = new Set(this.live.keys());
+    // Holders of sandboxes not adopted (dead, or of another protocol): bwrap dies with its holder.
+    await killStrayHolders(holdersDir(this.opts.stateDir), keep);
+    await removeStrayHolderFiles(this.opts.stateDir, keep);
     // Groups of sandboxes a crashed server left: their processes are killed with them.
     await this.cgroups?.cleanupOrphans((id) => this.live.has(id));
-    const left = await removeLeftovers(this.opts.stateDir, this.layersDir, knownIds, (tree) => this.hostd.removeTree(tree));
+    const left = await removeLeftovers(this.opts.stateDir, this.layersDir, knownIds.filter((id) => !keep.has(id)), (tree) => this.hostd.removeTree(tree), keep);
     const oldLayers = path.join(this.opts.stateDir, 'layers'); // from a run without the volume
     if (oldLayers !== this.layersDir) await this.hostd.removeTree(oldLayers);
     if (left.killed.length || left.unmounted.length || left.removed.length) {
@@ -191,7 +204,8 @@ export class NamespaceRuntime implements Runtime {
         sandboxes: left.sandboxes.length, killed: left.killed.length, unmounted: left.unmounted.length, removed: left.removed.length,
       });
     }
-    return { adopted: [], cleaned: left.sandboxes };
+    if (adopted.length) this.opts.log.info('adopted the previous server\'s sandboxes', { sandboxes: adopted.length });
+    return { adopted, cleaned: left.sandboxes };
   }
 
   start(spec: SandboxSpec): Promise<RuntimeSandbox> {
@@ -217,9 +231,10 @@ export class NamespaceRuntime implements Runtime {
     return this.hostd.diff((a as NsSandbox).stack, (b as NsSandbox).stack, opts);
   }
 
-  async close(): Promise<void> {
+  async close(opts: CloseOptions = {}): Promise<void> {
     // Starts in flight finish (or fail) first, so none of them leaves a mount behind.
     await this.inFlight.close();
+    if (opts.keepSandboxes) return this.letGo();
     // Children first: a parent with live children would only become a husk.
     const byDepth = [...this.live.values()].sort((x, y) => y.depth - x.depth);
     for (const s of byDepth) await s.destroy();
@@ -231,6 +246,62 @@ export class NamespaceRuntime implements Runtime {
     await this.cgroups?.close();
     this.hostd.close();
     await this.volume?.close();
+  }
+
+  /**
+   * A stop that keeps the sandboxes: each lives on under its holder (records written), only our
+   * connections close. The disk volume, the cgroups, fork layers and directories stay as they are.
+   */
+  private async letGo(): Promise<void> {
+    const all = [...this.live.values()];
+    await Promise.all(all.map((s) => s.ready?.catch(() => undefined)));
+    for (const s of all) s.detach();
+    this.live.clear();
+    this.hostd.close();
+    this.opts.log.info('sandboxes left running for the next server', { sandboxes: all.length });
+  }
+
+  /**
+   * Takes over the sandboxes an earlier server left alive under their holders (holder.ts): parents
+   * before children, each reconnected to its holder, its cgroups, slirp4netns and egress proxy
+   * found again, and an exec it was running when that server died interrupted (nobody waits for
+   * it any more). A sandbox whose agent speaks another protocol version is not adopted.
+   */
+  private async adoptHeld(): Promise<NsSandbox[]> {
+    const adopted: NsSandbox[] = [];
+    const records = (await loadHolderRecords(this.opts.stateDir)).sort((a, b) => a.depth - b.depth);
+    for (const r of records) {
+      const id = r.spec.id;
+      const why = (reason: string) => this.opts.log.warn('a sandbox of the previous server cannot be adopted', { sandbox: id, reason });
+      if (r.agentProtocol !== String(AGENT_PROTOCOL_VERSION)) {
+        why(`its agent speaks protocol ${r.agentProtocol}, this server ${AGENT_PROTOCOL_VERSION}`);
+        continue;
+      }
+      const parent = r.parentId ? this.live.get(r.parentId) : null;
+      if (r.parentId && !parent) continue; // its pid namespace was inside its parent's: gone with it
+      const paths = holderPaths(this.opts.stateDir, id);
+      const socket = await connectHolder(paths.socket, this.opts.startTimeoutMs).catch(() => null);
+      if (!socket) continue; // the holder is gone, and so is its sandbox
+      const dirs = sandboxDirs(this.opts.stateDir, id);
+      const holder = { pid: r.holderPid, socket: paths.socket };
+      const s = parent ? new ForkedSandbox(r.spec, dirs, r.lowers, parent, socket, this.hooks) : new RootSandbox(r.spec, dirs, r.lowers, socket, holder, this.hooks);
+      s.holder = holder;
+      s.initPid = r.initPid;
+      s.cgroup = r.cgroup && this.cgroups ? this.cgroups.existing(id) : null;
+      if (r.slirpPid) s.slirp = adoptedSlirp(r.slirpPid, r.initPid, killIfStill);
+      s.spawnAreaReady = await hasMount(r.initPid, SPAWN_AREA);
+      this.live.set(id, s);
+      for (const l of r.lowers) this.retainLayer(l);
+      try {
+        if (isEgressPolicy(r.spec.egress)) await this.attachEgressPolicy(s, r.initPid);
+        await settleAdopted(s, this.opts.startTimeoutMs + this.opts.interruptGraceMs);
+        adopted.push(s);
+      } catch (err) {
+        why((err as Error).message);
+        await s.destroy();
+      }
+    }
+    return adopted;
   }
 
   private agentEnv(spec: SandboxSpec): Record<string, string> {
@@ -292,39 +363,61 @@ export class NamespaceRuntime implements Runtime {
     const args = bwrapArgs({ root: dirs.root, hostname: spec.hostname, env: this.agentEnv(spec), infoFd: 4, userNsBlockFd: 5, seccompFd: 6, command: AGENT_COMMAND });
     const seccomp = await open(this.seccompFile, 'r');
     // `nice` execs bwrap in place (same pid), so everything the sandbox starts inherits the priority.
-    const bwrap = spawn(spec.background ? 'nice' : 'bwrap', spec.background ? ['-n', String(BACKGROUND_NICE), 'bwrap', ...args] : args, {
-      // 0 none, 1/2 the agent's own diagnostics, 3 the protocol channel (a socketpair), 4 bwrap's
-      // info, 5 the go-ahead once the user namespace's id maps are written, 6 the seccomp filter.
-      stdio: ['ignore', 'pipe', 'pipe', 'pipe', 'pipe', 'pipe', seccomp.fd],
-      // Never host root: bwrap itself and everything in the sandbox run as the unprivileged range.
-      uid: this.opts.uidBase,
-      gid: this.opts.uidBase,
-    });
-    await seccomp.close(); // bwrap has its own copy
-    const sandbox = new RootSandbox(spec, dirs, lowers, bwrap, this.hooks);
+    const command = spec.background ? ['nice', '-n', String(BACKGROUND_NICE), 'bwrap', ...args] : ['bwrap', ...args];
+    // bwrap runs under the sandbox's holder (holder.ts), which outlives this server. 4 bwrap's
+    // info, 5 the go-ahead once the user namespace's id maps are written, 6 the seccomp filter;
+    // the holder gives bwrap the agent's channel at fd 3. bwrap itself, and everything in the
+    // sandbox, run as the unprivileged range (the holder drops to it), never as host root.
+    let started: Awaited<ReturnType<typeof startHolder>>;
+    try {
+      started = await startHolder({
+        stateDir: this.opts.stateDir, id: spec.id, uid: this.opts.uidBase, command, timeoutMs: this.opts.startTimeoutMs,
+        extraStdio: ['pipe', 'pipe', seccomp.fd],
+      });
+    } catch (err) {
+      await this.unmount(dirs);
+      await this.trash.throwAway(dirs);
+      await removeHolderFiles(this.opts.stateDir, spec.id);
+      throw err;
+    } finally {
+      await seccomp.close(); // bwrap has its own copy
+    }
+    const holder = started.child;
+    const sandbox = new RootSandbox(spec, dirs, lowers, started.socket, { pid: started.pid, socket: holderPaths(this.opts.stateDir, spec.id).socket }, this.hooks);
     this.live.set(spec.id, sandbox);
     try {
-      const info = await readInfo(bwrap.stdio[4] as Readable, this.opts.startTimeoutMs);
+      const info = await readInfo(holder.stdio[4] as Readable, this.opts.startTimeoutMs);
       sandbox.initPid = info.childPid;
       // Into its groups before it runs anything: all it starts inherits them.
       if (this.cgroups) {
         sandbox.cgroup = await this.cgroups.create(spec.id, spec.limits);
         await sandbox.cgroup.add(info.childPid);
       }
-      await this.mapIds(info.childPid, (bwrap.stdio as unknown as Writable[])[5]!);
+      await this.mapIds(info.childPid, (holder.stdio as unknown as Writable[])[5]!);
       // Attach the network only once the agent runs: bwrap configures the namespace's loopback
       // before it execs the agent, and slirp4netns racing with that makes bwrap fail.
       await sandbox.channel.waitHello(this.opts.startTimeoutMs);
-      if (spec.egress === true) sandbox.slirp = await startSlirp(this.opts.spawner, info.childPid, this.opts.startTimeoutMs);
+      if (spec.egress === true) sandbox.slirp = await startSlirp(this.opts.spawner, info.childPid, this.opts.startTimeoutMs, { outliveServer: true });
       else if (isEgressPolicy(spec.egress)) await this.attachEgressPolicy(sandbox, info.childPid);
       await this.unmount(dirs); // bwrap holds the root now
       if (spec.background) await sandbox.setPriority(0);
+      await this.saveRecord(sandbox);
       return sandbox;
     } catch (err) {
       await this.unmount(dirs);
       await sandbox.destroy();
       throw err;
     }
+  }
+
+  /** What the next server needs to adopt `s` (holder.ts), written once it is fully started. */
+  private async saveRecord(s: NsSandbox): Promise<void> {
+    if (!s.holder || !s.initPid) return;
+    await saveHolderRecord(this.opts.stateDir, {
+      version: HOLDER_RECORD_VERSION, agentProtocol: String(AGENT_PROTOCOL_VERSION), kind: s.parent ? 'fork' : 'root',
+      spec: s.spec, holderPid: s.holder.pid, initPid: s.initPid, lowers: s.lowers, parentId: s.parent?.id ?? null,
+      depth: s.depth, slirpPid: s.slirp?.pid ?? null, cgroup: s.cgroup !== null,
+    });
   }
 
   private async forkChildren(parent: NsSandbox, specs: SandboxSpec[]): Promise<RuntimeSandbox[]> {
@@ -337,7 +430,7 @@ export class NamespaceRuntime implements Runtime {
     // The children's cgroups are made while the layer freezes (a v1 memory group takes a while).
     const cgroups = this.cgroups;
     const groups = cgroups ? Promise.all(specs.map((spec) => cgroups.create(spec.id, spec.limits).catch((e: Error) => e))) : null;
-    const prepared: Array<{ spec: SandboxSpec; dirs: SandboxDirs; connection: Promise<net.Socket>; listener: net.Server; runDir: string; overlay?: number }> = [];
+    const prepared: Array<{ spec: SandboxSpec; dirs: SandboxDirs; holder: StartedHolder; runDir: string; overlay?: number }> = [];
     const created: ForkedSandbox[] = [];
     let lowers: string[] = [];
     let forkedPids: number[] = [];
@@ -383,12 +476,13 @@ export class NamespaceRuntime implements Runtime {
         madeDirs.push(dirs);
         await mkdir(runDir, { mode: RUN_DIR_MODE });
         await chmod(runDir, RUN_DIR_MODE); // whatever the umask
-        const socketPath = path.join(runDir, 'agent.sock');
-        const { listener, connection } = await listenOnce(socketPath, this.opts.startTimeoutMs);
-        const entry: (typeof prepared)[number] = { spec, dirs, connection, listener, runDir };
+        // The child's holder (holder.ts) listens there for it, the socket owned by sandbox root
+        // (the only peer uid it accepts), and relays its channel to us: the child outlives us.
+        const holder = await startHolder({
+          stateDir: this.opts.stateDir, id: spec.id, uid: this.opts.uidBase, accept: path.join(runDir, 'agent.sock'), timeoutMs: this.opts.startTimeoutMs,
+        });
+        const entry: (typeof prepared)[number] = { spec, dirs, holder, runDir };
         prepared.push(entry);
-        // Sandbox root (an unprivileged host uid) must be able to connect: write on the socket.
-        await chown(socketPath, this.opts.uidBase, this.opts.uidBase);
         await this.makeUpper(dirs);
         await layered;
         entry.overlay = await this.hostd.prepareOverlay({
@@ -431,9 +525,9 @@ export class NamespaceRuntime implements Runtime {
       policies = Promise.allSettled(prepared.map((p, i) => (isEgressPolicy(p.spec.egress) ? openEgressListeners(childPids[i]!, this.opts.startTimeoutMs) : null)));
       await grafted;
       phase('roots grafted');
-      const sockets = await Promise.all(prepared.map((p) => p.connection));
       for (const [i, p] of prepared.entries()) {
-        const child = new ForkedSandbox(p.spec, p.dirs, lowers, parent, sockets[i]!, this.hooks);
+        const child = new ForkedSandbox(p.spec, p.dirs, lowers, parent, p.holder.socket, this.hooks);
+        child.holder = { pid: p.holder.pid, socket: holderPaths(this.opts.stateDir, p.spec.id).socket };
         for (const l of lowers) this.retainLayer(l);
         this.live.set(p.spec.id, child);
         created.push(child);
@@ -459,7 +553,7 @@ export class NamespaceRuntime implements Runtime {
       //   joined its group, hence the sweep (nothing else runs in a child before its first request).
       // slirp4netns starts only now: its start-up would take CPU from the children still forking.
       for (const [i, c] of created.entries()) {
-        const network = (c.spec.egress === true ? startSlirp(this.opts.spawner, childPids[i]!, this.opts.startTimeoutMs) : Promise.resolve(null)).then((slirp) => {
+        const network = (c.spec.egress === true ? startSlirp(this.opts.spawner, childPids[i]!, this.opts.startTimeoutMs, { outliveServer: true }) : Promise.resolve(null)).then((slirp) => {
           if (slirp && c.ended) slirp.stop();
           else c.slirp = slirp;
         }, (e: Error) => {
@@ -477,7 +571,9 @@ export class NamespaceRuntime implements Runtime {
             if (!(g instanceof Error) && !created.some((x) => x.cgroup === g)) void g.remove().catch(() => undefined);
           }));
         });
-        c.ready = Promise.all([network, grouping]).then(() => undefined);
+        c.ready = Promise.all([network, grouping]).then(() => this.saveRecord(c)).catch((e: Error) => {
+          this.opts.log.warn('a fork child\'s holder record could not be written: it will not survive a restart', { sandbox: c.id, error: e.message });
+        });
       }
       return created;
     } catch (err) {
@@ -492,6 +588,12 @@ export class NamespaceRuntime implements Runtime {
       for (const pid of forkedPids) if (!created.some((c) => c.initPid === pid)) try { process.kill(pid, 'SIGKILL'); } catch { /* gone */ }
       await Promise.allSettled(making); // every child's directories and root, made or failed
       for (const p of prepared) if (p.overlay !== undefined) await this.hostd.discardOverlay(p.overlay).catch(() => undefined);
+      for (const p of prepared) {
+        if (created.some((c) => c.id === p.spec.id)) continue;
+        p.holder.socket.destroy();
+        p.holder.child.kill('SIGKILL');
+        await removeHolderFiles(this.opts.stateDir, p.spec.id);
+      }
       for (const dirs of madeDirs) await this.trash.throwAway(dirs);
       for (const g of (await groups) ?? []) if (!(g instanceof Error)) await g.remove().catch(() => undefined);
       // Deleted while it forked: its files went away under the copy, which is no server fault.
@@ -503,7 +605,6 @@ export class NamespaceRuntime implements Runtime {
       await settledLayer;
       for (const l of lowers) void this.releaseLayer(l);
       for (const p of prepared) {
-        p.listener.close();
         // Not waited for: the children have connected (or are gone), nothing uses it any more.
         void removeRunDir(p.runDir);
       }
@@ -594,23 +695,6 @@ async function removeRunDir(runDir: string): Promise<void> {
 /** The host pids proven to be a fork's children (see hostPidsOfForkChildren). */
 function provenOnly(pids: Map<number, number | null>): number[] {
   return [...pids.values()].filter((p): p is number => p !== null);
-}
-
-/** A unix socket that accepts exactly one connection (a fork child's agent). */
-async function listenOnce(socketPath: string, timeoutMs: number): Promise<{ listener: net.Server; connection: Promise<net.Socket> }> {
-  if (Buffer.byteLength(socketPath) > 107) throw new Error(`socket path too long for a unix socket: ${socketPath} (choose a shorter state directory)`);
-  const listener = net.createServer();
-  const connection = new Promise<net.Socket>((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error('a forked child did not connect in time')), timeoutMs);
-    listener.once('connection', (socket) => { clearTimeout(timer); resolve(socket); });
-    listener.once('close', () => { clearTimeout(timer); reject(new Error('a forked child did not connect')); });
-  });
-  connection.catch(() => undefined);
-  await new Promise<void>((resolve, reject) => {
-    listener.once('error', reject);
-    listener.listen(socketPath, () => resolve());
-  });
-  return { listener, connection };
 }
 
 /** Reads bwrap's `--info-fd` JSON, which names the sandbox's PID 1 as seen from the host. */
