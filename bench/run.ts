@@ -27,6 +27,8 @@
  *                PODFLARE_BENCH_LOAD_SECONDS): zero errors, p50/p99 (bench/resilience.ts)
  *   crash        100 kill -9 / restart cycles with sandboxes at work (10 with --quick;
  *                PODFLARE_BENCH_CRASH_CYCLES): nothing leaked, restart p50/p99 (bench/resilience.ts)
+ *   survive      100 kill -9 / restart cycles with 50 live sandboxes (10 with --quick;
+ *                PODFLARE_BENCH_SURVIVE_CYCLES): 0 lost, 0 leaks, restart-to-first-exec p50/p99
  *   vm           the microVM runtime (bench/vm.ts): cold boot, create from the pool of clones,
  *                template restore, fork(1)/fork(5) beside the namespace runtime, idle clone PSS
  *   paired       fork(1) and diff of this build against a baseline build of an earlier commit, in
@@ -48,7 +50,7 @@ import { detail, Failures, failLimit, failureState, notes, rows, status, timingR
 import { fmtMB, fmtMs, summarize, type Summary } from './stats.js';
 import { formatTable } from './table.js';
 import { measurePythonSdk } from './python-sdk.js';
-import { measureCrashCycles, measureLoad, RESILIENCE_MEASURES } from './resilience.js';
+import { measureCrashCycles, measureLoad, measureSurvival, RESILIENCE_MEASURES } from './resilience.js';
 
 import { measureVmPooled, measureVmUnpooled } from './vm.js';
 import { measurePaired } from './paired.js';
@@ -529,6 +531,7 @@ async function main(): Promise<void> {
   // Each against its own `podflare serve` child process.
   if (has('load')) await guarded('load', () => measureLoad(opts));
   if (has('crash')) await guarded('crash', () => measureCrashCycles(opts));
+  if (has('survive')) await guarded('survive', () => measureSurvival(opts));
   if (has('vm')) {
     // Two VM templates boot here (seconds each under TCG); a small pool: every clone is a QEMU.
     let bs = null as BenchServer | null;

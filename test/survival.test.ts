@@ -3,16 +3,19 @@
  * holding interpreter state (a variable, an open file, a background thread's result) and a fork
  * family; the server is killed (kill -9, or SIGTERM to its whole process group with `--on-stop
  * keep`) and started again on the same state directory → every sandbox answers with its state,
- * the family's lineage is intact, none is lost; after the final destroy nothing is left. And the
- * holders' sockets, which drive the agents, are out of reach of the sandboxes' uid.
+ * the family's lineage is intact, none is lost; after the final destroy nothing is left. An
+ * upgrade adopts sandboxes of another minor agent protocol and, across a major one, cleans them or
+ * refuses to start as configured. And the holders' sockets, which drive the agents, are out of
+ * reach of the sandboxes' uid.
  */
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
-import { chmodSync, existsSync, readdirSync } from 'node:fs';
+import { chmodSync, existsSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
+import { AGENT_PROTOCOL_MINOR, AGENT_PROTOCOL_VERSION } from '@podflare/protocol';
 import { cgroupsOf, forkLayersIn, overlayMountsUnder, processesMentioning, sandboxDirsIn } from './helpers/leaks.js';
 import { startServe, type ServeProcess } from './helpers/serve.js';
 
@@ -132,6 +135,36 @@ describe('survival of a server restart', () => {
     serve = await startServe(stateDir, { poolSize: 1 });
     await checkAdopted(serve, ids, family);
     await destroyAll(serve, stateDir, [family.grandchild, ...family.children, family.parent, ...ids]);
+    serve = undefined;
+  });
+
+  it('upgrade: another minor agent protocol is adopted; another major is cleaned, or refused with --on-incompatible refuse', async () => {
+    serve = await startServe(stateDir, { poolSize: 0, onStop: 'keep' });
+    const [older, foreign] = [await serve.create(), await serve.create()];
+    for (const id of [older, foreign]) await serve.run(id, `tag = "${id}"`);
+    await serve.stop();
+    // The sandboxes as an earlier build left them: what the next server reads is the agent
+    // protocol each holder record names (written by the build that started the sandbox).
+    const stamp = (id: string, version: string) => {
+      const file = path.join(stateDir, 'holders', `${id}.json`);
+      const record = JSON.parse(readFileSync(file, 'utf8')) as { agentProtocol: string };
+      assert.equal(record.agentProtocol, `${AGENT_PROTOCOL_VERSION}.${AGENT_PROTOCOL_MINOR}`);
+      writeFileSync(file, JSON.stringify({ ...record, agentProtocol: version }));
+    };
+    stamp(older, `${AGENT_PROTOCOL_VERSION}.${AGENT_PROTOCOL_MINOR + 1}`);
+    stamp(foreign, `${AGENT_PROTOCOL_VERSION + 1}.0`);
+    // refuse: the server does not start, and says which sandbox and what to do; nothing is touched.
+    const refused = await startServe(stateDir, { poolSize: 0, env: { PODFLARE_ON_INCOMPATIBLE: 'refuse' } }).then(
+      async (s) => { await s.stop(); return 'started'; }, (err: Error) => err.message);
+    assert.match(refused, new RegExp(`${foreign} \\(agent protocol ${AGENT_PROTOCOL_VERSION + 1}\\.0\\)`));
+    assert.match(refused, /--on-incompatible clean/);
+    assert.equal(processesMentioning(`holders/${foreign}.sock`).length, 1, 'the incompatible sandbox still runs');
+    // clean (the default): the compatible one is adopted, the other ended and recorded lost.
+    serve = await startServe(stateDir, { poolSize: 0 });
+    assert.equal(await serve.run(older, 'print(tag)'), `${older}\n`);
+    assert.equal((await serve.info(foreign)).state, 'lost');
+    assert.deepEqual(processesMentioning(foreign), []);
+    await destroyAll(serve, stateDir, [older]);
     serve = undefined;
   });
 

@@ -32,6 +32,7 @@ export interface ServeProcess {
   runInFlight(id: string, code: string): void;
   fork(id: string, n: number): Promise<string[]>;
   info(id: string): Promise<{ id: string; state: string }>;
+  destroy(id: string): Promise<void>;
 }
 
 /**
@@ -84,7 +85,7 @@ export async function startServe(
       if (child.exitCode !== null || child.signalCode !== null) return;
       child.kill('SIGTERM');
       const code = await exited;
-      if (code !== 0) throw new Error(`podflare serve exited with ${code}: ${stderr}`);
+      if (code !== 0) throw new Error(`podflare serve exited with ${code ?? child.signalCode}: ${stderr}`);
     },
     async kill9() {
       if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
@@ -103,6 +104,9 @@ export async function startServe(
     },
     async info(id) {
       return JSON.parse(await api('GET', `/v1/sandboxes/${id}`)) as { id: string; state: string };
+    },
+    async destroy(id) {
+      await api('DELETE', `/v1/sandboxes/${id}`);
     },
   };
 }

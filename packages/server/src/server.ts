@@ -72,6 +72,7 @@ async function startLocked(config: ServerConfig, opts: StartOptions, log: Logger
     egress,
     hostHelper: config.hostHelper,
     spawner,
+    onIncompatible: config.onIncompatible,
   });
   const vm = await createVmRuntime(config, image, log, spawner, opts.onImageProgress);
   const runtimes = [ns, ...(vm ? [vm.runtime] : [])];

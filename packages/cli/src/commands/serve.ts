@@ -26,6 +26,10 @@ Options:
                      them running for the next server on the state directory, which adopts them
                      (a restart or an upgrade loses no interpreter state; warm-pool sandboxes are
                      rebuilt); destroy ends them (default: $PODFLARE_ON_STOP, else keep)
+  --on-incompatible MODE
+                     clean or refuse: what to do at start with live sandboxes of an earlier build
+                     whose agent protocol has another major version: end them (recorded lost) or
+                     refuse to start (default: $PODFLARE_ON_INCOMPATIBLE, else clean)
   --log-level LEVEL  debug, info, warn, error or silent (default: $PODFLARE_LOG_LEVEL, else info)
   --allowed-host NAME
                      a host name the API answers to besides localhost and IP addresses, e.g. the
@@ -45,6 +49,7 @@ const OPTIONS = {
   'disk-volume-mb': { type: 'string' },
   runtime: { type: 'string' },
   'on-stop': { type: 'string' },
+  'on-incompatible': { type: 'string' },
   'log-level': { type: 'string' },
   'allowed-host': { type: 'string', multiple: true },
   'allowed-origin': { type: 'string', multiple: true },
@@ -67,6 +72,7 @@ export function serveOverrides(values: Record<string, string | string[] | boolea
     diskVolumeBytes: mb(intOption(str('disk-volume-mb'), 'disk-volume-mb', 256, 16 * 1024 * 1024, command)),
     runtime: enumOption(str('runtime'), 'runtime', ['ns', 'vm', 'auto'] as const, command),
     onStop: enumOption(str('on-stop'), 'on-stop', ['keep', 'destroy'] as const, command),
+    onIncompatible: enumOption(str('on-incompatible'), 'on-incompatible', ['clean', 'refuse'] as const, command),
     logLevel: enumOption(str('log-level'), 'log-level', ['debug', 'info', 'warn', 'error', 'silent'] as const, command),
     allowedHosts: strs('allowed-host'),
     allowedOrigins: strs('allowed-origin'),

@@ -32,7 +32,8 @@ import { fileURLToPath } from 'node:url';
 import net from 'node:net';
 import path from 'node:path';
 import type { Readable, Writable } from 'node:stream';
-import { AGENT_PROTOCOL_VERSION, isEgressPolicy } from '@podflare/protocol';
+import { AGENT_PROTOCOL, agentProtocolCompatible, isEgressPolicy } from '@podflare/protocol';
+import type { OnIncompatible } from '../../config.js';
 import { detectCgroups, type Cgroups } from '../../cgroups.js';
 import type { EgressService } from '../../egress/index.js';
 import { ApiError } from '../../errors.js';
@@ -74,6 +75,17 @@ export interface NamespaceRuntimeOptions {
   spawner: Spawner;
   /** The host helper's workers and timeouts (defaults in hostd.ts). */
   hostHelper?: Omit<HostHelperOptions, 'log'>;
+  /**
+   * Sandboxes an earlier server left whose agent speaks another major protocol version: 'clean'
+   * (ended and cleaned, recorded lost) or 'refuse' (reconcile throws: the server does not start).
+   * @default 'clean'
+   */
+  onIncompatible?: OnIncompatible;
+}
+
+/** The server refuses to start: sandboxes of an incompatible earlier build are alive (onIncompatible 'refuse'). */
+export class IncompatibleSandboxesError extends Error {
+  override name = 'IncompatibleSandboxesError';
 }
 
 const SECCOMP_POLICY = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../../host/podflare_seccomp.py');
@@ -270,11 +282,18 @@ export class NamespaceRuntime implements Runtime {
   private async adoptHeld(): Promise<NsSandbox[]> {
     const adopted: NsSandbox[] = [];
     const records = (await loadHolderRecords(this.opts.stateDir)).sort((a, b) => a.depth - b.depth);
+    const incompatible = records.filter((r) => !agentProtocolCompatible(r.agentProtocol));
+    if (incompatible.length && this.opts.onIncompatible === 'refuse') {
+      const list = incompatible.map((r) => `${r.spec.id} (agent protocol ${r.agentProtocol})`).join(', ');
+      throw new IncompatibleSandboxesError(`${incompatible.length} live sandbox(es) of an earlier server speak an agent protocol this ` +
+        `server (${AGENT_PROTOCOL}) cannot drive: ${list}. Start the earlier version again to let them finish, or start this one ` +
+        'with --on-incompatible clean (PODFLARE_ON_INCOMPATIBLE=clean) to end them (they are recorded lost)');
+    }
     for (const r of records) {
       const id = r.spec.id;
       const why = (reason: string) => this.opts.log.warn('a sandbox of the previous server cannot be adopted', { sandbox: id, reason });
-      if (r.agentProtocol !== String(AGENT_PROTOCOL_VERSION)) {
-        why(`its agent speaks protocol ${r.agentProtocol}, this server ${AGENT_PROTOCOL_VERSION}`);
+      if (!agentProtocolCompatible(r.agentProtocol)) {
+        why(`its agent speaks protocol ${r.agentProtocol}, incompatible with this server's ${AGENT_PROTOCOL} (another major version): it is ended and recorded lost`);
         continue;
       }
       const parent = r.parentId ? this.live.get(r.parentId) : null;
@@ -414,7 +433,7 @@ export class NamespaceRuntime implements Runtime {
   private async saveRecord(s: NsSandbox): Promise<void> {
     if (!s.holder || !s.initPid) return;
     await saveHolderRecord(this.opts.stateDir, {
-      version: HOLDER_RECORD_VERSION, agentProtocol: String(AGENT_PROTOCOL_VERSION), kind: s.parent ? 'fork' : 'root',
+      version: HOLDER_RECORD_VERSION, agentProtocol: AGENT_PROTOCOL, kind: s.parent ? 'fork' : 'root',
       spec: s.spec, holderPid: s.holder.pid, initPid: s.initPid, lowers: s.lowers, parentId: s.parent?.id ?? null,
       depth: s.depth, slirpPid: s.slirp?.pid ?? null, cgroup: s.cgroup !== null,
     });
