@@ -41,10 +41,10 @@ export interface ServeProcess {
  * running), while a kill -9 leaves them to the next server whatever this says.
  */
 export async function startServe(
-  stateDir: string, opts: { poolSize?: number; env?: Record<string, string>; detached?: boolean; onStop?: 'keep' | 'destroy'; cli?: string } = {},
+  stateDir: string, opts: { poolSize?: number; env?: Record<string, string>; detached?: boolean; onStop?: 'keep' | 'destroy'; cli?: string; logLevel?: string } = {},
 ): Promise<ServeProcess> {
   const child = spawn(process.execPath, [opts.cli ?? CLI, 'serve', '--port', '0', '--state-dir', stateDir, '--images-dir', IMAGES_DIR,
-    '--pool-size', String(opts.poolSize ?? 1), '--log-level', 'warn', '--on-stop', opts.onStop ?? 'destroy'], {
+    '--pool-size', String(opts.poolSize ?? 1), '--log-level', opts.logLevel ?? 'warn', '--on-stop', opts.onStop ?? 'destroy'], {
     stdio: ['ignore', 'pipe', 'pipe'],
     // A modest disk volume (reserved on the host; see TEST_DISK_VOLUME_BYTES in server.ts).
     env: { ...process.env, PODFLARE_API_KEYS: '', PODFLARE_DISK_VOLUME_MB: '1024', ...opts.env },

@@ -34,7 +34,9 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 
+ACCEPT_TIMEOUT_S = 120
 LINE_CAP = 8 * 1024 * 1024  # a partial line longer than this is passed on (the server refuses it)
 BUFFER_CAP = 1024 * 1024  # stop reading a side while this much waits to be written to the other
 SO_PEERCRED_FORMAT = '3i'
@@ -277,8 +279,12 @@ def run_accept(args, relay):
     detach_output(args.log)
     sel = selectors.DefaultSelector()
     sel.register(back, selectors.EVENT_READ)
+    # A fork child that never connects (its fork failed, its server died mid-fork): give up.
+    deadline = time.monotonic() + ACCEPT_TIMEOUT_S
     while True:
-        sel.select()
+        if not sel.select(max(0.0, deadline - time.monotonic())) and time.monotonic() >= deadline:
+            log('the forked agent never connected')
+            return
         try:
             conn, _ = back.accept()
         except BlockingIOError:

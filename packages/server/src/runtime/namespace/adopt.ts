@@ -6,7 +6,7 @@
 import { readdir, readFile } from 'node:fs/promises';
 import path from 'node:path';
 import type { NsSandbox } from './ns-sandbox.js';
-import { removeHolderFiles, waitProcessGone } from './holder.js';
+import { holderPaths, holdersDir, killIfStill, loadHolderRecords, removeHolderFiles, waitProcessGone } from './holder.js';
 
 /**
  * An adopted sandbox's agent answers, and the exec it was running when the old server died (its
@@ -36,25 +36,40 @@ export async function hasMount(pid: number, target: string): Promise<boolean> {
 }
 
 /**
- * SIGKILLs every holder of this state directory (its command line names a socket in `dir`) whose
- * sandbox is not in `keep`, and waits for them: their bwrap (and so their sandbox) dies with them.
+ * SIGKILLs every holder of this state directory whose sandbox is not in `keep`, and waits for
+ * them: their bwrap (and so their sandbox) dies with them. A holder with a record is found by the
+ * pid it names (checked against its command line); only holders without one (their server died
+ * while starting them) need a pass over the process table. Returns the ids of the holders' sandboxes.
  */
-export async function killStrayHolders(dir: string, keep: ReadonlySet<string>): Promise<void> {
+export async function killStrayHolders(stateDir: string, keep: ReadonlySet<string>): Promise<string[]> {
+  const dir = holdersDir(stateDir);
+  const names = await readdir(dir).catch(() => [] as string[]);
+  const stray = [...new Set(names.map((n) => n.replace(/\.(sock|json|log|json\.tmp)$/, '')))].filter((id) => !keep.has(id));
+  if (stray.length === 0) return [];
+  const records = new Map((await loadHolderRecords(stateDir)).map((r) => [r.spec.id, r]));
   const killed: number[] = [];
-  for (const name of await readdir('/proc')) {
-    const pid = Number(name);
-    if (!Number.isInteger(pid) || pid === process.pid) continue;
-    const cmdline = (await readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '')).split('\0');
-    if (!cmdline.some((a) => a.endsWith('/podflare_holder.py'))) continue;
-    const socket = cmdline[cmdline.indexOf('--socket') + 1] ?? '';
-    if (path.dirname(socket) !== dir) continue;
-    if (keep.has(path.basename(socket, '.sock'))) continue;
-    try {
-      process.kill(pid, 'SIGKILL');
-      killed.push(pid);
-    } catch { /* gone meanwhile */ }
+  const unknown = new Set<string>();
+  for (const id of stray) {
+    const r = records.get(id);
+    if (!r) unknown.add(id);
+    else if (killIfStill(r.holderPid, holderPaths(stateDir, id).socket)) killed.push(r.holderPid);
+  }
+  if (unknown.size) {
+    for (const name of await readdir('/proc')) {
+      const pid = Number(name);
+      if (!Number.isInteger(pid) || pid === process.pid) continue;
+      const cmdline = (await readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '')).split('\0');
+      if (!cmdline.some((a) => a.endsWith('/podflare_holder.py'))) continue;
+      const socket = cmdline[cmdline.indexOf('--socket') + 1] ?? '';
+      if (path.dirname(socket) !== dir || !unknown.has(path.basename(socket, '.sock'))) continue;
+      try {
+        process.kill(pid, 'SIGKILL');
+        killed.push(pid);
+      } catch { /* gone meanwhile */ }
+    }
   }
   await Promise.all(killed.map((pid) => waitProcessGone(pid, 10_000)));
+  return stray;
 }
 
 /** Removes the holder files (sockets, records, logs) of every sandbox not in `keep`. */

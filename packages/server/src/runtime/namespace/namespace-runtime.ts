@@ -27,7 +27,7 @@
  */
 import { spawn } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { chmod, chown, mkdir, open, rm, rmdir, stat, writeFile } from 'node:fs/promises';
+import { chmod, chown, mkdir, open, readdir, rm, rmdir, stat, writeFile } from 'node:fs/promises';
 import { fileURLToPath } from 'node:url';
 import net from 'node:net';
 import path from 'node:path';
@@ -53,7 +53,7 @@ import { adoptedSlirp, startSlirp } from './network.js';
 import { removeLeftovers } from './reconcile.js';
 import {
   connectHolder, HOLDER_RECORD_VERSION, holderLogTail, holderPaths, holdersDir, killIfStill, loadHolderRecords, prepareHoldersDir,
-  removeHolderFiles, saveHolderRecord, startHolder, type StartedHolder,
+  removeHolderFiles, saveHolderRecord, startHolder, type HolderRecord, type StartedHolder,
 } from './holder.js';
 import { hasMount, killStrayHolders, removeStrayHolderFiles, settleAdopted } from './adopt.js';
 import { bootTicksNow, ForkedSandbox, hostPidsOfForkChildren, NsSandbox, RootSandbox, type SandboxHooks } from './ns-sandbox.js';
@@ -200,15 +200,27 @@ export class NamespaceRuntime implements Runtime {
    * elsewhere, host mounts, their directories and fork layers.
    */
   async reconcile(knownIds: string[]): Promise<ReconcileReport> {
+    const t0 = performance.now();
     await this.prepare();
+    const t1 = performance.now();
     const adopted = await this.adoptHeld();
+    const t2 = performance.now();
     const keep = new Set(this.live.keys());
     // Holders of sandboxes not adopted (dead, or of another protocol): bwrap dies with its holder.
-    await killStrayHolders(holdersDir(this.opts.stateDir), keep);
+    const stray = await killStrayHolders(this.opts.stateDir, keep);
     await removeStrayHolderFiles(this.opts.stateDir, keep);
+    const t3 = performance.now();
     // Groups of sandboxes a crashed server left: their processes are killed with them.
     await this.cgroups?.cleanupOrphans((id) => this.live.has(id));
-    const left = await removeLeftovers(this.opts.stateDir, this.layersDir, knownIds.filter((id) => !keep.has(id)), (tree) => this.hostd.removeTree(tree), keep);
+    const t4 = performance.now();
+    // The pass over the process table is for sandboxes that were not adopted: skipped when every
+    // one was (the usual restart), so that the adopted ones answer sooner.
+    const unknown = knownIds.filter((id) => !keep.has(id));
+    const others = (await readdir(sandboxesDir(this.opts.stateDir)).catch(() => [] as string[])).filter((n) => !n.startsWith('.') && !keep.has(n));
+    const clean = unknown.length === 0 && others.length === 0 && stray.length === 0;
+    const left = clean
+      ? { sandboxes: [], killed: [], unmounted: [], removed: await this.emptyTrash() }
+      : await removeLeftovers(this.opts.stateDir, this.layersDir, unknown, (tree) => this.hostd.removeTree(tree), keep);
     const oldLayers = path.join(this.opts.stateDir, 'layers'); // from a run without the volume
     if (oldLayers !== this.layersDir) await this.hostd.removeTree(oldLayers);
     if (left.killed.length || left.unmounted.length || left.removed.length) {
@@ -216,7 +228,11 @@ export class NamespaceRuntime implements Runtime {
         sandboxes: left.sandboxes.length, killed: left.killed.length, unmounted: left.unmounted.length, removed: left.removed.length,
       });
     }
-    if (adopted.length) this.opts.log.info('adopted the previous server\'s sandboxes', { sandboxes: adopted.length });
+    if (adopted.length) {
+      this.opts.log.info('adopted the previous server\'s sandboxes', {
+        sandboxes: adopted.length, prepareMs: Math.round(t1 - t0), adoptMs: Math.round(t2 - t1), strayMs: Math.round(t3 - t2), cgroupsMs: Math.round(t4 - t3), leftoversMs: Math.round(performance.now() - t4),
+      });
+    }
     return { adopted, cleaned: left.sandboxes };
   }
 
@@ -260,6 +276,14 @@ export class NamespaceRuntime implements Runtime {
     await this.volume?.close();
   }
 
+  /** Removes what ended sandboxes of an earlier server left in the trash; what was removed. */
+  private async emptyTrash(): Promise<string[]> {
+    const dir = trashDir(this.opts.stateDir);
+    const names = await readdir(dir).catch(() => [] as string[]);
+    for (const name of names) await this.hostd.removeTree(path.join(dir, name));
+    return names.map((n) => path.join(dir, n));
+  }
+
   /**
    * A stop that keeps the sandboxes: each lives on under its holder (records written), only our
    * connections close. The disk volume, the cgroups, fork layers and directories stay as they are.
@@ -289,18 +313,18 @@ export class NamespaceRuntime implements Runtime {
         `server (${AGENT_PROTOCOL}) cannot drive: ${list}. Start the earlier version again to let them finish, or start this one ` +
         'with --on-incompatible clean (PODFLARE_ON_INCOMPATIBLE=clean) to end them (they are recorded lost)');
     }
-    for (const r of records) {
+    const why = (id: string, reason: string) => this.opts.log.warn('a sandbox of the previous server cannot be adopted', { sandbox: id, reason });
+    const takeOver = async (r: HolderRecord): Promise<NsSandbox | null> => {
       const id = r.spec.id;
-      const why = (reason: string) => this.opts.log.warn('a sandbox of the previous server cannot be adopted', { sandbox: id, reason });
       if (!agentProtocolCompatible(r.agentProtocol)) {
-        why(`its agent speaks protocol ${r.agentProtocol}, incompatible with this server's ${AGENT_PROTOCOL} (another major version): it is ended and recorded lost`);
-        continue;
+        why(id, `its agent speaks protocol ${r.agentProtocol}, incompatible with this server's ${AGENT_PROTOCOL} (another major version): it is ended and recorded lost`);
+        return null;
       }
       const parent = r.parentId ? this.live.get(r.parentId) : null;
-      if (r.parentId && !parent) continue; // its pid namespace was inside its parent's: gone with it
+      if (r.parentId && !parent) return null; // its pid namespace was inside its parent's: gone with it
       const paths = holderPaths(this.opts.stateDir, id);
       const socket = await connectHolder(paths.socket, this.opts.startTimeoutMs).catch(() => null);
-      if (!socket) continue; // the holder is gone, and so is its sandbox
+      if (!socket) return null; // the holder is gone, and so is its sandbox
       const dirs = sandboxDirs(this.opts.stateDir, id);
       const holder = { pid: r.holderPid, socket: paths.socket };
       const s = parent ? new ForkedSandbox(r.spec, dirs, r.lowers, parent, socket, this.hooks) : new RootSandbox(r.spec, dirs, r.lowers, socket, holder, this.hooks);
@@ -311,15 +335,25 @@ export class NamespaceRuntime implements Runtime {
       s.spawnAreaReady = await hasMount(r.initPid, SPAWN_AREA);
       this.live.set(id, s);
       for (const l of r.lowers) this.retainLayer(l);
+      return s;
+    };
+    // Generation by generation (a child needs its parent's sandbox), each one at once.
+    const taken: NsSandbox[] = [];
+    for (const depth of [...new Set(records.map((r) => r.depth))]) {
+      const level = await Promise.all(records.filter((r) => r.depth === depth).map(takeOver));
+      taken.push(...level.filter((s): s is NsSandbox => s !== null));
+    }
+    // Then all are settled at once: proxies reopened, orphaned execs interrupted.
+    await Promise.all(taken.map(async (s) => {
       try {
-        if (isEgressPolicy(r.spec.egress)) await this.attachEgressPolicy(s, r.initPid);
+        if (isEgressPolicy(s.spec.egress)) await this.attachEgressPolicy(s, s.initPid!);
         await settleAdopted(s, this.opts.startTimeoutMs + this.opts.interruptGraceMs);
         adopted.push(s);
       } catch (err) {
-        why((err as Error).message);
+        why(s.id, (err as Error).message);
         await s.destroy();
       }
-    }
+    }));
     return adopted;
   }
 
