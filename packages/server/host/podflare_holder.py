@@ -37,6 +37,7 @@ import sys
 import time
 
 ACCEPT_TIMEOUT_S = 120
+TAIL_KEEP = 4000  # bytes of bwrap's output kept for the log
 LINE_CAP = 8 * 1024 * 1024  # a partial line longer than this is passed on (the server refuses it)
 BUFFER_CAP = 1024 * 1024  # stop reading a side while this much waits to be written to the other
 SO_PEERCRED_FORMAT = '3i'
@@ -240,8 +241,27 @@ def run_spawn(args, relay, ours):
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
+    # bwrap's (and the agent's) stdout and stderr: a pipe of which only the tail is kept, never a
+    # file (code in the sandbox writes there: it must not fill the host's disk).
     child = subprocess.Popen(args.argv, pass_fds=(3, 4, 5, 6), user=args.uid, group=args.gid, extra_groups=[],
-                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(args.log, 'ab'))
+                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    output = child.stdout
+    os.set_blocking(output.fileno(), False)
+    tail = {'data': b''}
+
+    def on_output():
+        try:
+            data = os.read(output.fileno(), 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b''
+        if not data:
+            relay.sel.unregister(output)
+            return
+        tail['data'] = (tail['data'] + data)[-TAIL_KEEP:]
+
+    relay.sel.register(output, selectors.EVENT_READ, on_output)
     for fd in (3, 4, 5, 6):
         try:
             os.close(fd)
@@ -269,7 +289,13 @@ def run_spawn(args, relay, ours):
     # The agent closed its end, or bwrap ended: the sandbox is over. Make sure bwrap is too.
     if child.poll() is None:
         child.kill()
-    log(f'sandbox ended: bwrap status {child.wait()}')
+    status = child.wait()
+    try:
+        on_output()  # what it wrote last
+    except (KeyError, ValueError):
+        pass
+    text = tail['data'].decode('utf-8', 'replace').strip()
+    log(f'sandbox ended: bwrap status {status}' + (f'; its last output: {text}' if text else ''))
 
 
 def run_accept(args, relay):

@@ -470,6 +470,9 @@ export class SandboxManager {
   private watch(s: LiveSandbox, rt: RuntimeSandbox): void {
     const crashed = (reason: string) => {
       if (s.rt !== rt || this.live.get(s.record.id) !== s) return;
+      // Stopping: close() ends every sandbox itself, or (onStop 'keep') lets go of their channels
+      // on purpose, leaving the sandboxes and their records for the next server.
+      if (this.closing) return;
       this.counters.crashed++;
       void this.end(s, 'error', reason);
     };

@@ -121,6 +121,8 @@ export class NamespaceRuntime implements Runtime {
   private cgroups: Cgroups | null = null;
   /** The btrfs volume holding the sandboxes' directories (disk limits); null where unavailable. */
   private volume: DiskVolume | null = null;
+  /** Set by a stop that keeps the sandboxes: the host helper is gone, nothing is removed any more. */
+  private letGo = false;
   /** Ended sandboxes' directories, removed when nothing is being started. */
   private readonly trash: Trash;
 
@@ -132,14 +134,16 @@ export class NamespaceRuntime implements Runtime {
     this.hooks = {
       log: opts.log,
       setDiskLimit: async (dir, bytes) => {
-        if (this.volume) await this.hostd.diskLimit(dir, bytes);
+        if (this.volume && !this.letGo) await this.hostd.diskLimit(dir, bytes);
       },
-      removeDir: (dirs) => this.trash.throwAway(dirs),
+      // After a stop that kept the sandboxes (the host helper is closed), a sandbox ended late (a
+      // pool start that finished during the stop) leaves its directory to the next server's reconcile.
+      removeDir: async (dirs) => { if (!this.letGo) await this.trash.throwAway(dirs); },
       diagnostics: (s) => holderLogTail(opts.stateDir, s.id),
       onFinalized: (s) => {
         this.live.delete(s.id);
         void removeHolderFiles(opts.stateDir, s.id);
-        for (const layer of s.lowers) void this.releaseLayer(layer);
+        for (const layer of s.lowers) void this.releaseLayer(layer).catch(() => undefined);
       },
     };
   }
@@ -262,7 +266,8 @@ export class NamespaceRuntime implements Runtime {
   async close(opts: CloseOptions = {}): Promise<void> {
     // Starts in flight finish (or fail) first, so none of them leaves a mount behind.
     await this.inFlight.close();
-    if (opts.keepSandboxes) return this.letGo();
+    // Nothing to keep: a full stop (the disk volume unmounted, nothing left behind).
+    if (opts.keepSandboxes && this.live.size > 0) return this.letGoOfSandboxes();
     // Children first: a parent with live children would only become a husk.
     const byDepth = [...this.live.values()].sort((x, y) => y.depth - x.depth);
     for (const s of byDepth) await s.destroy();
@@ -288,7 +293,8 @@ export class NamespaceRuntime implements Runtime {
    * A stop that keeps the sandboxes: each lives on under its holder (records written), only our
    * connections close. The disk volume, the cgroups, fork layers and directories stay as they are.
    */
-  private async letGo(): Promise<void> {
+  private async letGoOfSandboxes(): Promise<void> {
+    this.letGo = true;
     const all = [...this.live.values()];
     await Promise.all(all.map((s) => s.ready?.catch(() => undefined)));
     for (const s of all) s.detach();
@@ -721,6 +727,7 @@ export class NamespaceRuntime implements Runtime {
     if (n === undefined) return;
     if (n > 1) return void this.layerRefs.set(layer, n - 1);
     this.layerRefs.delete(layer);
+    if (this.letGo) return;
     await this.hostd.removeTree(layer);
   }
 }
