@@ -41,6 +41,8 @@ export class WarmPool {
   private closed = false;
   private startsInFlight = 0;
   private readonly waiters = new Set<() => void>();
+  /** Starts in flight (each ends once its sandbox is in the pool, or destroyed after close). */
+  private readonly refilling = new Set<Promise<void>>();
 
   constructor(private readonly start: StartFn, private readonly opts: { target: number; maxParallelStarts: number; log: Logger }) {}
 
@@ -101,6 +103,9 @@ export class WarmPool {
     this.closed = true;
     const all = [...this.buckets.values()].flatMap((b) => b.ready.splice(0));
     await Promise.all(all.map((s) => s.destroy()));
+    // Starts in flight end too (destroyed once started): a stop that keeps the live sandboxes
+    // (onStop 'keep') must not find a pool sandbox among them.
+    await Promise.allSettled([...this.refilling]);
   }
 
   private bucket(key: PoolKey): Bucket {
@@ -117,10 +122,10 @@ export class WarmPool {
     while (!this.closed && b.ready.length + b.starting < b.target && this.startsInFlight < this.opts.maxParallelStarts) {
       b.starting++;
       this.startsInFlight++;
-      this.start(b.key).then(
-        (sandbox) => {
+      const started = this.start(b.key).then(
+        async (sandbox) => {
           b.failures = 0;
-          if (this.closed) return void sandbox.destroy();
+          if (this.closed) return void (await sandbox.destroy());
           b.ready.push(sandbox);
           void sandbox.exited.then(() => {
             const i = b.ready.indexOf(sandbox);
@@ -141,6 +146,8 @@ export class WarmPool {
         if (b.failures > 0) setTimeout(() => this.refillAll(), Math.min(30_000, 500 * 2 ** b.failures)).unref();
         else this.refillAll();
       });
+      this.refilling.add(started);
+      void started.finally(() => this.refilling.delete(started));
     }
   }
 
