@@ -75,4 +75,4 @@ class LineBuffer:
 
 
 def hello_message() -> dict:
-    return {'ev': 'hello', 'version': PROTOCOL_VERSION, 'pid': os.getpid(), 'hostname': socket.gethostname()}
+    return {'type': 'hello', 'version': PROTOCOL_VERSION, 'pid': os.getpid(), 'hostname': socket.gethostname()}

@@ -9,16 +9,11 @@ that it can be forked. Standard library only.
 """
 from __future__ import annotations
 
-import ast
-import base64
 import builtins
 import importlib
-import importlib.util
 import io
 import json
-import linecache
 import os
-import re
 import select
 import signal
 import sys
@@ -28,14 +23,10 @@ from collections import deque
 from typing import Any, Callable
 
 import podflare_fork
-from podflare_common import AGENT_DIR, CHANNEL_READ, HOME, TIMEOUT_EXIT_CODE, LineBuffer, encode_line, hello_message
+from podflare_cells import CellsMixin
+from podflare_common import AGENT_DIR, CHANNEL_READ, HOME, LineBuffer, encode_line, hello_message
+from podflare_display import MatplotlibHook, figure_bundle, is_figure, mime_bundle, mime_value
 
-MPL_BACKEND = 'module://podflare_mpl_backend'
-CO_COROUTINE = 0x0080             # code flag of a cell compiled with top-level await
-TOP_LEVEL_AWAIT = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
-SIMPLE_TYPES = (int, float, complex, str, bytes, bool, list, tuple, dict, set, frozenset)
-#: Frames of these files are the agent's own: tracebacks of user code leave them out.
-AGENT_FILES = frozenset(os.path.join(AGENT_DIR, name) for name in ('podflare_agent.py', 'podflare_worker.py'))
 #: Runs the supervisor of a fork child, over the worker it inherits (given by podflare_agent):
 #: (channel fd, worker, exec count) -> exit status.
 BecomeSupervisor = Callable[[int, 'Worker', int], int]
@@ -63,115 +54,6 @@ def publish_figure(figure: Any) -> bool:
     return True
 
 
-def figure_bundle(figure: Any) -> dict:
-    bundle = {'text/plain': repr(figure)}
-    if figure.axes or figure.lines:  # an empty figure would be a blank image
-        buf = io.BytesIO()
-        figure.savefig(buf, format='png', bbox_inches='tight')
-        bundle['image/png'] = base64.b64encode(buf.getvalue()).decode('ascii')
-    return bundle
-
-
-def _is_figure(obj: Any) -> bool:
-    module = sys.modules.get('matplotlib.figure')
-    return module is not None and isinstance(obj, module.Figure)
-
-
-#: Rich display methods (IPython's protocol) and the MIME type each produces.
-REPR_METHODS = (
-    ('_repr_html_', 'text/html'),
-    ('_repr_markdown_', 'text/markdown'),
-    ('_repr_svg_', 'image/svg+xml'),
-    ('_repr_png_', 'image/png'),
-    ('_repr_jpeg_', 'image/jpeg'),
-    ('_repr_json_', 'application/json'),
-    ('_repr_latex_', 'text/latex'),
-)
-
-
-def mime_value(mime: str, value: Any) -> Any:
-    """A repr method's result as a JSON-able bundle value, or None to leave it out."""
-    if isinstance(value, tuple) and len(value) == 2:  # (data, metadata)
-        value = value[0]
-    if value is None:
-        return None
-    textual = mime.startswith('text/') or mime == 'image/svg+xml' or mime.endswith('json')
-    if isinstance(value, (bytes, bytearray)):  # binary formats travel base64-encoded
-        return bytes(value).decode('utf-8', 'replace') if textual else base64.b64encode(value).decode('ascii')
-    if isinstance(value, str):
-        return value
-    if mime.endswith('json'):
-        try:
-            json.dumps(value, allow_nan=False)
-        except (TypeError, ValueError):
-            return None
-        return value
-    return None
-
-
-def mime_bundle(obj: Any) -> dict:
-    """text/plain always (a failing __repr__ is the user's error and propagates), plus whatever
-    rich representations the object offers without raising."""
-    bundle: dict[str, Any] = {'text/plain': repr(obj)}
-    if type(obj) in SIMPLE_TYPES or isinstance(obj, type):
-        return bundle
-    if _is_figure(obj):
-        bundle.update(figure_bundle(obj))
-        return bundle
-    for attr, mime in REPR_METHODS:
-        try:
-            method = getattr(obj, attr, None)
-            value = mime_value(mime, method()) if callable(method) else None
-        except Exception:
-            continue
-        if value is not None:
-            bundle[mime] = value
-    try:  # _repr_mimebundle_ wins over the individual methods, as in IPython
-        method = getattr(obj, '_repr_mimebundle_', None)
-        extra = method(include=None, exclude=None) if callable(method) else None
-        if isinstance(extra, tuple) and len(extra) == 2:
-            extra = extra[0]
-        if isinstance(extra, dict):
-            for mime, value in extra.items():
-                value = mime_value(mime, value) if isinstance(mime, str) else None
-                if value is not None:
-                    bundle[mime] = value
-    except Exception:
-        pass
-    return bundle
-
-
-class _MatplotlibHook:
-    """One-shot import hook: right after `import matplotlib`, select podflare_mpl_backend.
-
-    Setting rcParams here instead of MPLBACKEND in the environment keeps the variable out of
-    every process the user starts (a child Python could not import the backend and would fail).
-    An explicit MPLBACKEND still wins."""
-
-    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
-        if name != 'matplotlib':
-            return None
-        try:
-            sys.meta_path.remove(self)
-            spec = importlib.util.find_spec(name)
-            loader = getattr(spec, 'loader', None)
-            real_exec = getattr(loader, 'exec_module', None)
-        except Exception:
-            return None
-        if real_exec is None:
-            return spec
-
-        def exec_module(module: types.ModuleType) -> None:
-            real_exec(module)
-            if not os.environ.get('MPLBACKEND'):
-                try:
-                    module.rcParams['backend'] = MPL_BACKEND
-                except Exception:
-                    pass
-        loader.exec_module = exec_module  # type: ignore[union-attr]
-        return spec
-
-
 def _make_text_stream(fd: int) -> io.TextIOWrapper:
     """Line-buffered (flushed at every newline or carriage return, like a terminal), so each
     print() becomes one write and output streams while the code runs."""
@@ -180,7 +62,7 @@ def _make_text_stream(fd: int) -> io.TextIOWrapper:
                             line_buffering=True)
 
 
-class Worker:
+class Worker(CellsMixin):
     def __init__(self, cmd_fd: int, ctl_fd: int, become_supervisor: BecomeSupervisor, preload: bool = True):
         self.cmd_fd = cmd_fd
         self.become_supervisor = become_supervisor
@@ -214,7 +96,7 @@ class Worker:
             if self.preload_enabled:
                 self._preload()
         self._flush_stdio()
-        self.send({'t': 'ready', 'pid': self.pid})
+        self.send({'type': 'ready', 'pid': self.pid})
         while True:
             try:
                 msg = self._next_message()
@@ -225,11 +107,11 @@ class Worker:
                 elif op == 'fork':
                     self.fork_children(msg)
                 elif op == 'vars':
-                    self.send({'t': 'vars', 'id': msg.get('id'), 'vars': podflare_fork.snapshot_vars(self.ns)})
+                    self.send({'type': 'vars', 'id': msg.get('id'), 'vars': podflare_fork.snapshot_vars(self.ns)})
                 elif op == 'reseed':
                     os.environ.update(msg.get('env') or {})
                     podflare_fork.reseed()
-                    self.send({'t': 'reseeded', 'id': msg.get('id')})
+                    self.send({'type': 'reseeded', 'id': msg.get('id')})
             except KeyboardInterrupt:
                 self._abandon_exec(130, 'KeyboardInterrupt', '')
             except Exception as exc:  # a bug of ours: report it, keep the interpreter
@@ -284,7 +166,7 @@ class Worker:
                 os.close(fd)
         for pid in pids:
             self.fork_pids[pid] = _pidfd(pid)
-        self.send({'t': 'forked', 'id': msg.get('id'), 'pids': pids, 'error': error})
+        self.send({'type': 'forked', 'id': msg.get('id'), 'pids': pids, 'error': error})
 
     def _become_fork_child(self, child: dict, msg: dict, ready_w: int, inherited: tuple[list, list[int]], cwd: str) -> None:
         # Leave the parent's worker process group and session: signals meant for the parent's
@@ -350,7 +232,7 @@ class Worker:
             sys.path.insert(0, '')
         if AGENT_DIR not in sys.path:
             sys.path.append(AGENT_DIR)
-        sys.meta_path.insert(0, _MatplotlibHook())
+        sys.meta_path.insert(0, MatplotlibHook())
         try:  # to flush C stdio buffers (printf from extensions) when a cell ends
             import ctypes
             self.fflush = ctypes.CDLL(None).fflush
@@ -431,9 +313,9 @@ class Worker:
                 msg = None
             if not isinstance(msg, dict):
                 continue
-            if msg.get('t') == 'interrupt':
+            if msg.get('type') == 'interrupt':
                 self.notes[msg.get('id')] = msg
-            elif msg.get('t') == 'ack':
+            elif msg.get('type') == 'ack':
                 self.acks += 1
             else:
                 self.inbox.append(msg)
@@ -461,7 +343,7 @@ class Worker:
         """Sends a result. Display results wait for the supervisor's ack so that output printed
         after display() cannot overtake it."""
         self._flush_stdio()
-        self.send({'t': 'result', 'id': self.exec_id, 'data': bundle, 'main': main, 'ack': not main})
+        self.send({'type': 'result', 'id': self.exec_id, 'data': bundle, 'main': main, 'ack': not main})
         if not main:
             self._wait_ack()
 
@@ -477,243 +359,6 @@ class Worker:
                 bundle.setdefault('text/plain', '')
             else:
                 bundle = mime_bundle(obj)
-                if _is_figure(obj):
+                if is_figure(obj):
                     self._close_figure(obj)
             self.publish(bundle, main=False)
-
-    # ---- exec -----------------------------------------------------------------------------
-
-    def run_exec(self, msg: dict) -> None:
-        self.exec_id = msg.get('id')
-        self.done_sent = False
-        self.acks = 0
-        self.interrupt_pending = False
-        self.notes.clear()
-        env = msg.get('env') or {}
-        saved_env = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
-            code, error = self._run_in_cwd(msg.get('cwd'), msg.get('code', ''), int(msg.get('count') or 0))
-        finally:
-            for key, value in saved_env.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
-        self._flush_stdio()
-        self._send_done(code, error)
-
-    def _run_in_cwd(self, cwd: str | None, source: str, count: int) -> tuple[int, dict | None]:
-        if cwd is None:
-            return self._run_cell(source, count)
-        try:
-            previous = os.getcwd()
-        except OSError:
-            previous = HOME
-        try:
-            os.chdir(cwd)
-        except OSError as exc:
-            return 1, self._report(exc, with_traceback=False)
-        try:
-            return self._run_cell(source, count)
-        finally:
-            try:
-                os.chdir(previous)
-            except OSError:
-                pass
-
-    def _send_done(self, code: int, error: dict | None) -> None:
-        if not self.done_sent:
-            self.done_sent = True
-            self.send({'t': 'done', 'id': self.exec_id, 'code': code, 'error': error})
-        self.exec_id = None
-
-    def _abandon_exec(self, code: int, name: str, value: str) -> None:
-        """Ends the current exec after an exception escaped run_exec (a second SIGINT landing in
-        the agent's own code, or an agent bug)."""
-        if self.exec_id is not None and not self.done_sent:
-            self._flush_stdio()
-            self._send_done(code, {'name': name, 'value': value, 'traceback': f'{name}: {value}\n'})
-        self.exec_id = None
-        self.user_active = False
-
-    def _run_cell(self, source: str, count: int) -> tuple[int, dict | None]:
-        filename = f'<cell-{count}>'
-        # Registered so tracebacks show the cell's lines (mtime None: never evicted).
-        linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-        code, error = self._execute(source, filename)
-        return self._after_cell(code, error)
-
-    def _execute(self, source: str, filename: str) -> tuple[int, dict | None]:
-        """Runs the cell; if its last statement is an expression, that value is the main result."""
-        self.user_active = True
-        try:
-            tree = compile(source, filename, 'exec', ast.PyCF_ONLY_AST | TOP_LEVEL_AWAIT)
-            last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
-            if tree.body:
-                self._run_code(compile(tree, filename, 'exec', TOP_LEVEL_AWAIT))
-            if last is not None:
-                value = self._run_code(compile(ast.Expression(last.value), filename, 'eval', TOP_LEVEL_AWAIT))
-                if value is not None and not _ends_with_semicolon(source, last):
-                    builtins._ = value  # type: ignore[attr-defined]
-                    bundle = mime_bundle(value)
-                    if _is_figure(value):
-                        self._close_figure(value)  # shown; the end-of-cell sweep must skip it
-                    self.publish(bundle, main=True)
-            self.user_active = False
-            return 0, None
-        except SystemExit as exc:
-            self.user_active = False
-            return self._system_exit(exc.code), None
-        except KeyboardInterrupt as exc:
-            self.user_active = False
-            return self._interrupted(exc)
-        except BaseException as exc:  # noqa: BLE001 - the user's exception, reported
-            self.user_active = False
-            return 1, self._report(exc)
-
-    def _run_code(self, code: types.CodeType) -> Any:
-        result = eval(code, self.ns)  # noqa: S307 - running the user's code is the point
-        if code.co_flags & CO_COROUTINE:
-            result = self._event_loop().run_until_complete(result)
-        return result
-
-    def _event_loop(self) -> Any:
-        import asyncio
-        if self.loop is None or self.loop.is_closed() or self.loop.is_running():
-            self.loop = asyncio.new_event_loop()
-            asyncio.set_event_loop(self.loop)
-        return self.loop
-
-    def _after_cell(self, code: int, error: dict | None) -> tuple[int, dict | None]:
-        """Figures still open become display results (if our backend is active), then close."""
-        plt = sys.modules.get('matplotlib.pyplot')
-        backend = sys.modules.get('podflare_mpl_backend')
-        if plt is None:
-            return code, error
-        self.user_active = True
-        try:
-            if backend is not None and code != 130 and code != TIMEOUT_EXIT_CODE and self._backend_active():
-                backend.show()
-            self.user_active = False
-        except KeyboardInterrupt as exc:
-            self.user_active = False
-            if error is None:
-                code, error = self._interrupted(exc)
-        except BaseException as exc:  # noqa: BLE001 - a figure that fails to render
-            self.user_active = False
-            if error is None:
-                code, error = 1, self._report(exc)
-        try:
-            if self._backend_active():
-                plt.close('all')
-        except Exception:
-            pass
-        return code, error
-
-    @staticmethod
-    def _backend_active() -> bool:
-        mpl = sys.modules.get('matplotlib')
-        try:
-            return mpl is not None and dict.__getitem__(mpl.rcParams, 'backend') == MPL_BACKEND
-        except Exception:
-            return False
-
-    @staticmethod
-    def _close_figure(figure: Any) -> None:
-        plt = sys.modules.get('matplotlib.pyplot')
-        if plt is not None:
-            try:
-                plt.close(figure)
-            except Exception:
-                pass
-
-    # ---- outcomes -------------------------------------------------------------------------
-
-    def _system_exit(self, code: Any) -> int:
-        if code is None:
-            return 0
-        if isinstance(code, int):
-            return code
-        self._write_stderr(f'{code}\n')
-        return 1
-
-    def _interrupted(self, exc: KeyboardInterrupt) -> tuple[int, dict]:
-        """KeyboardInterrupt: the supervisor's note says whether it was a timeout."""
-        self._read_commands(block=False)
-        note = self.notes.get(self.exec_id)  # type: ignore[arg-type]
-        if note is None or note.get('reason') != 'timeout':
-            return 130, self._report(exc)
-        value = f'execution exceeded timeout_ms={note.get("timeout_ms")}'
-        tb = self._user_traceback(exc.__traceback__, interrupt=True)
-        lines = list(traceback.TracebackException(type(exc), exc, tb).format())
-        lines[-1] = f'TimeoutError: {value}\n'
-        text = ''.join(lines)
-        self._write_stderr(text)
-        return TIMEOUT_EXIT_CODE, {'name': 'TimeoutError', 'value': value, 'traceback': text}
-
-    def _report(self, exc: BaseException, with_traceback: bool = True) -> dict:
-        """The error event's data; the same traceback goes to stderr, which is all the hosted API
-        shows."""
-        tb = self._user_traceback(exc.__traceback__, isinstance(exc, KeyboardInterrupt)) if with_traceback else None
-        sys.last_type, sys.last_value, sys.last_traceback = type(exc), exc, tb
-        text = ''.join(traceback.format_exception(type(exc), exc, tb))
-        self._write_stderr(text)
-        try:
-            value = str(exc)
-        except Exception:
-            value = f'<unprintable {type(exc).__name__} object>'
-        return {'name': type(exc).__name__, 'value': value, 'traceback': text}
-
-    @staticmethod
-    def _user_traceback(tb: types.TracebackType | None, interrupt: bool = False) -> types.TracebackType | None:
-        """Drops the agent's frames (and asyncio's, for top-level await) above the cell. For an
-        interrupt, also the agent's frames below the user's code (the SIGINT handler, display())."""
-        t = tb
-        while t is not None and not t.tb_frame.f_code.co_filename.startswith('<cell-'):
-            t = t.tb_next
-        if t is None:  # no cell frame (a SyntaxError): only drop the agent's leading frames
-            t = tb
-            while t is not None and t.tb_frame.f_code.co_filename in AGENT_FILES:
-                t = t.tb_next
-        if interrupt:
-            last_user = None
-            entry = t
-            while entry is not None:
-                if entry.tb_frame.f_code.co_filename not in AGENT_FILES:
-                    last_user = entry
-                entry = entry.tb_next
-            if last_user is not None:
-                last_user.tb_next = None
-        return t
-
-    def _write_stderr(self, text: str) -> None:
-        try:
-            self.stderr.write(text)
-            self.stderr.flush()
-        except Exception:
-            pass
-
-    def _flush_stdio(self) -> None:
-        """Python streams (also ones the user installed) and C stdio, before every message to the
-        supervisor, so output precedes the result or exit that followed it."""
-        for stream in {id(s): s for s in (sys.stdout, sys.stderr, self.stdout, self.stderr)}.values():
-            try:
-                stream.flush()
-            except Exception:
-                pass
-        if self.fflush is not None:
-            try:
-                self.fflush(None)
-            except Exception:
-                pass
-
-
-def _ends_with_semicolon(source: str, node: ast.AST) -> bool:
-    """`expr;` at the end of a cell suppresses its display, as in IPython."""
-    lines = re.split(r'\r\n|\r|\n', source)
-    try:
-        rest = lines[node.end_lineno - 1].encode('utf-8')[node.end_col_offset:]  # type: ignore[operator]
-    except (IndexError, TypeError):
-        return False
-    return rest.lstrip().startswith(b';')

@@ -6,7 +6,7 @@ import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import { ExecHistory, type ExecUpdate } from '../packages/server/src/exec-history.js';
 
-const out = (data: string) => ({ id: 1, ev: 'stdout' as const, data });
+const out = (data: string) => ({ id: 1, type: 'stdout' as const, data });
 
 describe('exec history', () => {
   it('keeps the newest execs per sandbox', () => {
@@ -45,7 +45,7 @@ describe('exec history', () => {
     h.on('exec', (u) => seen.push(u.phase));
     const rec = h.begin('a', 'owner-1', 'python', '1');
     rec.message(out('hi'));
-    rec.message({ id: 1, ev: 'result', data: { 'text/plain': '1' }, is_main_result: true });
+    rec.message({ id: 1, type: 'result', data: { 'text/plain': '1' }, is_main_result: true });
     rec.end({ code: 0, execution_count: 1 });
     assert.deepEqual(seen, ['start', 'output', 'output', 'end']);
     assert.equal(h.list('a', 'owner-1').length, 1);

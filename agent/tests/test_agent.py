@@ -22,6 +22,9 @@ from typing import Any
 
 PYTHON = '/usr/bin/python3'
 AGENT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'podflare_agent.py')
+# The protocol as generated from packages/protocol (npm run gen:protocol).
+with open(os.path.join(os.path.dirname(AGENT), 'podflare_protocol.json'), encoding='utf-8') as _f:
+    PROTOCOL = json.load(_f)
 # Puts the channel on fd 3, exactly as the server launches the agent.
 TRAMPOLINE = ('import os, sys; fd = int(sys.argv[1])\n'
               'if fd != 3: os.dup2(fd, 3); os.close(fd)\n'
@@ -108,7 +111,7 @@ class Agent:
             msg = self.recv_for(exec_id, timeout)
             msg['t'] = time.monotonic()
             out.append(msg)
-            if msg.get('ev') == 'exit' or 'ok' in msg:
+            if msg.get('type') == 'exit' or 'ok' in msg:
                 return out
 
     def run(self, code: str, language: str = 'python', **fields: Any) -> 'Result':
@@ -119,10 +122,10 @@ class Result:
     def __init__(self, events: list[dict]):
         self.events = events
         self.exit = events[-1]
-        self.stdout = ''.join(e['data'] for e in events if e.get('ev') == 'stdout')
-        self.stderr = ''.join(e['data'] for e in events if e.get('ev') == 'stderr')
-        self.results = [e for e in events if e.get('ev') == 'result']
-        errors = [e['data'] for e in events if e.get('ev') == 'error']
+        self.stdout = ''.join(e['data'] for e in events if e.get('type') == 'stdout')
+        self.stderr = ''.join(e['data'] for e in events if e.get('type') == 'stderr')
+        self.results = [e for e in events if e.get('type') == 'result']
+        errors = [e['data'] for e in events if e.get('type') == 'error']
         self.error = errors[0] if errors else None
         self.code = self.exit.get('code')
 
@@ -164,8 +167,8 @@ class AgentTestCase(unittest.TestCase):
 class TestPython(AgentTestCase):
     def test_hello_and_ping(self) -> None:
         hello = self.agent.hello
-        self.assertEqual(hello['ev'], 'hello')
-        self.assertEqual(hello['version'], 1)
+        self.assertEqual(hello['type'], 'hello')
+        self.assertEqual(hello['version'], PROTOCOL['agent_protocol_version'])
         self.assertEqual(hello['pid'], self.agent.proc.pid)  # the trampoline exec'd into the agent
         pong = self.agent.request('ping')
         self.assertEqual(pong, {'id': pong['id'], 'ok': True, 'pid': hello['pid'],
@@ -206,7 +209,7 @@ class TestPython(AgentTestCase):
         self.assertIn('return 1/0', tb)  # the cell's source lines are shown
         self.assertNotRegex(tb, r'podflare_(agent|worker|common)')
         self.assertEqual(res.stderr, tb)
-        kinds = [e['ev'] for e in res.events]
+        kinds = [e['type'] for e in res.events]
         self.assertEqual(kinds[-2:], ['error', 'exit'])
         self.assertEqual(self.value('1 + 1'), '2')  # the interpreter lives on
 
@@ -230,7 +233,7 @@ class TestPython(AgentTestCase):
 
     def test_streaming(self) -> None:
         res = self.run_ok('import time\nfor i in range(3):\n    print(i)\n    time.sleep(0.3)')
-        outs = [e for e in res.events if e['ev'] == 'stdout']
+        outs = [e for e in res.events if e['type'] == 'stdout']
         self.assertEqual(res.stdout, '0\n1\n2\n')
         self.assertGreaterEqual(len(outs), 3)
         self.assertGreater(res.exit['t'] - outs[0]['t'], 0.45)
@@ -250,8 +253,8 @@ class TestPython(AgentTestCase):
 
     def test_output_precedes_results(self) -> None:
         res = self.run_ok('print("a")\ndisplay(1)\nprint("b")\ndisplay(2)\n3')
-        seq = [(e['ev'], e.get('data') if e['ev'] != 'result' else e['data']['text/plain'])
-               for e in res.events if e['ev'] in ('stdout', 'result')]
+        seq = [(e['type'], e.get('data') if e['type'] != 'result' else e['data']['text/plain'])
+               for e in res.events if e['type'] in ('stdout', 'result')]
         self.assertEqual(seq, [('stdout', 'a\n'), ('result', '1'), ('stdout', 'b\n'), ('result', '2'),
                                ('result', '3')])
         self.assertEqual([r['is_main_result'] for r in res.results], [False, False, True])
@@ -620,7 +623,7 @@ class TestProtocolDocument(unittest.TestCase):
     def test_hello_carries_the_documented_version(self) -> None:
         agent = Agent()
         try:
-            self.assertEqual(agent.hello['ev'], 'hello')
+            self.assertEqual(agent.hello['type'], 'hello')
             self.assertEqual(agent.hello['version'], self.document()['agent_protocol_version'])
         finally:
             agent.close()
@@ -686,7 +689,7 @@ class TestMatplotlib(AgentTestCase):
         self.assert_png(res.displays[0])
         self.assertEqual(res.displays[0]['text/plain'], '<Figure size 640x480 with 1 Axes>')
         self.assertEqual(res.stdout, '[]\n')
-        kinds = [e['ev'] for e in res.events]
+        kinds = [e['type'] for e in res.events]
         self.assertLess(kinds.index('result'), kinds.index('stdout'))
 
     def test_open_figures_shown_at_end(self) -> None:

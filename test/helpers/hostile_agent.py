@@ -139,7 +139,7 @@ def main() -> None:
             elif mode == 'flood' and op == 'exec':
                 chunk = 'x' * MIB
                 while True:
-                    send({'id': rid, 'ev': 'stdout', 'data': chunk})
+                    send({'id': rid, 'type': 'stdout', 'data': chunk})
             elif mode == 'sizes' and op == 'stat':
                 send({'id': rid, 'ok': True, 'stat': file_stat})
             elif mode == 'sizes' and op == 'file_read':

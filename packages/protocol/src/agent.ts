@@ -5,12 +5,12 @@
  * an old agent would misread.
  *
  * Every request carries an integer `id` chosen by the server; every message about that request
- * carries the same `id`. Requests that stream (exec) answer with `ev` messages ending in `exit`;
+ * carries the same `id`. Requests that stream (exec) answer with `type` events ending in `exit`;
  * all others answer with exactly one `{id, ok, ...}`.
  */
 import { z } from 'zod';
 
-export const AGENT_PROTOCOL_VERSION = 1;
+export const AGENT_PROTOCOL_VERSION = 2;
 /**
  * The protocol's minor version: bumped for additions an older agent is never asked for (a new
  * optional field, a new op the server only uses when the agent's hello allows it). A server adopts
@@ -136,21 +136,21 @@ export const AgentErrorInfo = z.object({
 const MimeBundle = z.record(z.string(), z.unknown());
 
 export const HelloMessage = z.object({
-  ev: z.literal('hello'),
+  type: z.literal('hello'),
   version: z.number().int(),
   pid,
   hostname: shortText(255),
 });
-export const OutputMessage = z.object({ id, ev: z.enum(['stdout', 'stderr']), data: z.string() });
-export const ResultMessage = z.object({ id, ev: z.literal('result'), data: MimeBundle, is_main_result: z.boolean() });
+export const OutputMessage = z.object({ id, type: z.enum(['stdout', 'stderr']), data: z.string() });
+export const ResultMessage = z.object({ id, type: z.literal('result'), data: MimeBundle, is_main_result: z.boolean() });
 export const ErrorMessage = z.object({
   id,
-  ev: z.literal('error'),
+  type: z.literal('error'),
   data: z.object({ name: z.string(), value: z.string(), traceback: z.string() }),
 });
 export const ExitMessage = z.object({
   id,
-  ev: z.literal('exit'),
+  type: z.literal('exit'),
   code: z.number().int().min(-(2 ** 31)).max(2 ** 31),
   execution_count: count.nullable().optional(),
   state_lost: z.boolean().optional(),

@@ -20,32 +20,36 @@ import {
 import type { ErrorCode } from '@podflare/protocol/errors';
 import { isErrorCode } from '@podflare/protocol/errors';
 import type { z } from 'zod';
-import { ApiError } from './errors.js';
+import { SandboxError } from './runtime/sandbox-error.js';
 import { JsonlRpc, type CallStep, type RpcFault } from './jsonl/rpc.js';
 
 /** Longest line accepted from an agent: a 1 MiB file chunk in base64 plus slack. */
 export const MAX_LINE_BYTES = 4 * 1024 * 1024;
 
 export interface Hello { version: number; pid: number; hostname: string }
-type ExitMsg = Extract<ExecStreamMessage, { ev: 'exit' }>;
+type ExitMsg = Extract<ExecStreamMessage, { type: 'exit' }>;
+
+/** An exec's output (stdout, stderr, result, error): the stream before its exit. */
+export type ExecOutputMessage = Exclude<ExecStreamMessage, { type: 'exit' }>;
 
 /**
- * Sees one exec stream message. Returning a promise holds the channel (no further message is read
+ * Sees one exec output message. Returning a promise holds the channel (no further message is read
  * from the agent) until it settles: how a consumer whose own buffer is full applies backpressure.
+ * The exit is not among them: it is what `exec` resolves with (one path for it, end to end).
  */
-export type ExecEventSink = (msg: ExecStreamMessage) => void | Promise<void>;
+export type ExecEventSink = (msg: ExecOutputMessage) => void | Promise<void>;
 
 /** Thrown when the agent answers `ok: false`; carries the agent's code so the API can map it. */
-export class AgentError extends ApiError {}
+export class AgentError extends SandboxError {}
 
-export class ChannelClosedError extends ApiError {
+export class ChannelClosedError extends SandboxError {
   constructor(reason: string) {
     super('sandbox_gone', `the sandbox's agent is gone: ${reason}`);
   }
 }
 
 /** The agent answered something the protocol does not allow: that request ends with a 502. */
-export class AgentProtocolError extends ApiError {
+export class AgentProtocolError extends SandboxError {
   constructor(what: string) {
     super('agent_protocol', `sandbox agent protocol violation: ${what}`);
   }
@@ -115,7 +119,7 @@ export class AgentChannel extends EventEmitter<{ close: [string]; violation: [st
     if (this.hello) return Promise.resolve(this.hello);
     if (this.closedReason) return Promise.reject(new ChannelClosedError(this.closedReason));
     return new Promise((resolve, reject) => {
-      const timer = setTimeout(() => reject(new ApiError('timeout', `the agent did not start within ${timeoutMs} ms`)), timeoutMs);
+      const timer = setTimeout(() => reject(new SandboxError('timeout', `the agent did not start within ${timeoutMs} ms`)), timeoutMs);
       const onClose = (reason: string) => { clearTimeout(timer); reject(new ChannelClosedError(reason)); };
       this.once('close', onClose);
       this.helloWaiters.push((h) => { clearTimeout(timer); this.off('close', onClose); resolve(h); });
@@ -127,7 +131,7 @@ export class AgentChannel extends EventEmitter<{ close: [string]; violation: [st
     return this.send(body) as Promise<AgentReplies[B['op']]>;
   }
 
-  /** Runs an exec; `onEvent` sees every stream message, the promise resolves with the final `exit`. */
+  /** Runs an exec; `onEvent` sees its output, the promise resolves with the final `exit` (not given to `onEvent`). */
   exec(body: AgentRequestBody<'exec'>, onEvent: ExecEventSink): Promise<ExitMsg> {
     return this.send(body, onEvent) as unknown as Promise<ExitMsg>;
   }
@@ -177,7 +181,7 @@ export class AgentChannel extends EventEmitter<{ close: [string]; violation: [st
 
   /** A message without an id: the hello (anything else without an id is a refusal nothing waits for). */
   private onEvent(msg: Record<string, unknown>): void {
-    if (msg.ev !== 'hello') return;
+    if (msg.type !== 'hello') return;
     if (msg.version !== AGENT_PROTOCOL_VERSION) return this.close(`agent speaks protocol ${String(msg.version)}, server ${AGENT_PROTOCOL_VERSION}`);
     this.hello = msg as unknown as Hello;
     for (const w of this.helloWaiters.splice(0)) w(this.hello);
@@ -201,8 +205,8 @@ export class AgentChannel extends EventEmitter<{ close: [string]; violation: [st
     }
     if (op !== 'exec' || !onEvent) return this.fail(`${op}: answered with an exec stream event`);
     const event = msg as unknown as ExecStreamMessage;
-    const held = onEvent(event) || undefined;
-    return event.ev === 'exit' ? { done: true, value: msg, hold: held } : { done: false, hold: held };
+    if (event.type === 'exit') return { done: true, value: msg };
+    return { done: false, hold: onEvent(event) || undefined };
   }
 
   /** Ends one request with a protocol violation (logged by whoever listens to 'violation'). */

@@ -76,10 +76,10 @@ export class ExecHistory extends EventEmitter<{ exec: [ExecUpdate] }> {
 
   private message(entry: Entry, msg: ExecStreamMessage): void {
     let output: HistoryOutput;
-    switch (msg.ev) {
+    switch (msg.type) {
       case 'stdout':
       case 'stderr':
-        output = { type: msg.ev, data: msg.data };
+        output = { type: msg.type, data: msg.data };
         break;
       case 'result':
         output = { type: 'result', data: msg.data, is_main_result: msg.is_main_result };

@@ -3,7 +3,7 @@
  * runtimes apply them (bytes, pids), plus how an exec that ran into one is reported.
  */
 import type { ExecStreamMessage, LimitsBody, SandboxLimitsInfo } from '@podflare/protocol';
-import { ApiError } from './errors.js';
+import { SandboxError } from './runtime/sandbox-error.js';
 import type { LimitCounters, SandboxLimits } from './runtime/runtime.js';
 
 export const MB = 1024 * 1024;
@@ -17,7 +17,7 @@ export function resolveLimits(body: LimitsBody | undefined, defaults: SandboxLim
     pids: body?.processes ?? defaults.pids,
   };
   const over = (field: string, value: number, most: number, unit = '') => {
-    if (value > most) throw new ApiError('bad_request', `limits.${field} must be at most ${most}${unit} on this server, got ${value}${unit}`, `limits.${field}`);
+    if (value > most) throw new SandboxError('bad_request', `limits.${field} must be at most ${most}${unit} on this server, got ${value}${unit}`, { field: `limits.${field}` });
   };
   over('cpus', limits.cpus, max.cpus);
   over('memory_mb', limits.memoryBytes / MB, max.memoryBytes / MB);
@@ -34,7 +34,7 @@ export function limitsInfo(l: SandboxLimits): SandboxLimitsInfo {
   return { cpus: l.cpus, memory_mb: Math.round(l.memoryBytes / MB), disk_mb: Math.round(l.diskBytes / MB), processes: l.pids };
 }
 
-type ErrorEvent = Extract<ExecStreamMessage, { ev: 'error' }>;
+type ErrorEvent = Extract<ExecStreamMessage, { type: 'error' }>;
 
 /**
  * The error an exec should report, given the limit counters before and after it: a kill by the
@@ -55,5 +55,5 @@ export function limitError(id: number, before: LimitCounters, after: LimitCounte
   }
   if (original) value += ` (${original.data.name}: ${original.data.value})`;
   const traceback = (original?.data.traceback ? original.data.traceback + '\n' : '') + `${name}: ${value}\n`;
-  return { id, ev: 'error', data: { name, value, traceback } };
+  return { id, type: 'error', data: { name, value, traceback } };
 }

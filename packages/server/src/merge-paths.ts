@@ -61,7 +61,7 @@ async function copyPath(from: AgentChannel, to: AgentChannel, path: string): Pro
       const link = await new Promise<string>((resolve, reject) => {
         let out = '';
         from.exec({ op: 'exec', language: 'bash', code: `readlink -n -- ${shellQuote(path)}` }, (m) => {
-          if (m.ev === 'stdout' && out.length <= MAX_LINK_BYTES) out += m.data;
+          if (m.type === 'stdout' && out.length <= MAX_LINK_BYTES) out += m.data;
         }).then((exit) => {
           if (out.length > MAX_LINK_BYTES) reject(from.protocolViolation(`the target of the link ${path} is longer than ${MAX_LINK_BYTES}`));
           else if (exit.code === 0) resolve(out);

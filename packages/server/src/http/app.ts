@@ -4,7 +4,7 @@
  */
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { BrowserAccess } from '@podflare/protocol/browser-access';
-import { ApiError } from '../errors.js';
+import { ApiError, toApiError } from './api-error.js';
 import type { Logger } from '../log.js';
 import type { SandboxManager } from '../sandbox-manager.js';
 import { bearerKey, KeyRing } from './auth.js';
@@ -110,8 +110,9 @@ function sendError(res: ServerResponse, err: unknown, log: Logger): void {
     res.destroy();
     return;
   }
-  const apiError = err instanceof ApiError ? err : new ApiError('internal', `internal error: ${(err as Error)?.message ?? String(err)}`);
-  if (!(err instanceof ApiError)) log.error('unhandled error', { error: (err as Error)?.stack ?? String(err) });
+  const known = toApiError(err);
+  const apiError = known ?? new ApiError('internal', `internal error: ${(err as Error)?.message ?? String(err)}`);
+  if (!known) log.error('unhandled error', { error: (err as Error)?.stack ?? String(err) });
   if (res.headersSent) {
     res.destroy();
     return;

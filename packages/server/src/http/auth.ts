@@ -6,7 +6,7 @@
  */
 import { createHash, timingSafeEqual } from 'node:crypto';
 import type { IncomingMessage } from 'node:http';
-import { ApiError } from '../errors.js';
+import { ApiError } from './api-error.js';
 
 export const hashKey = (key: string) => createHash('sha256').update(key).digest();
 

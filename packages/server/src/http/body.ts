@@ -2,7 +2,7 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { z } from 'zod';
 import { describeZodError } from '@podflare/protocol';
-import { ApiError } from '../errors.js';
+import { ApiError } from './api-error.js';
 
 /** JSON bodies are small (code is capped at 4 MiB); files use raw streamed bodies instead. */
 export const MAX_JSON_BODY_BYTES = 8 * 1024 * 1024;

@@ -12,7 +12,7 @@
  */
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { isSameOrigin, isServedHost, originOf, type BrowserAccess } from '@podflare/protocol/browser-access';
-import { ApiError } from '../errors.js';
+import { ApiError } from './api-error.js';
 
 const CORS_METHODS = 'GET, HEAD, POST, PUT, DELETE';
 const CORS_ALLOWED_HEADERS = 'Authorization, Content-Type, Accept, traceparent';

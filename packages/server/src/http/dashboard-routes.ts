@@ -14,7 +14,7 @@ import { createRequire } from 'node:module';
 import os from 'node:os';
 import path from 'node:path';
 import type { DashboardSandbox } from '@podflare/protocol';
-import { ApiError } from '../errors.js';
+import { ApiError } from './api-error.js';
 import type { ExecUpdate } from '../exec-history.js';
 import type { SandboxManager } from '../sandbox-manager.js';
 import type { SandboxRecord } from '../store/store.js';

@@ -1,8 +1,7 @@
 /** fork, diff and merge_into (docs/api.md). */
 import { ForkBody, type VarInfo, type VarsDiff } from '@podflare/protocol';
 import { z } from 'zod';
-import { ApiError } from '../errors.js';
-import { copyPaths } from '../merge-paths.js';
+import { ApiError } from './api-error.js';
 import type { SandboxManager } from '../sandbox-manager.js';
 import { readBody, sendEmpty, sendJson } from './body.js';
 import { flagParam } from './params.js';
@@ -62,7 +61,7 @@ export function addForkRoutes(router: Router, manager: SandboxManager): void {
     const { parent, winner } = await manager.mergeParties(sandboxId(ctx), sandboxId(ctx, 'winner'), ctx.owner || undefined);
     if (body.paths) {
       pathsParam(body.paths.join(','));
-      await parent.queue.run(() => winner.queue.run(() => copyPaths(winner.rt.channel, parent.rt.channel, body.paths!)));
+      await manager.mergePaths(parent, winner, body.paths);
     } else {
       await manager.mergeWhole(parent, winner);
     }

@@ -1,5 +1,5 @@
 /** freeze / resume (docs/api.md): a sandbox to disk and back, explicitly. */
-import { ApiError } from '../errors.js';
+import { ApiError } from './api-error.js';
 import type { SandboxManager } from '../sandbox-manager.js';
 import { sendJson } from './body.js';
 import type { Router } from './router.js';

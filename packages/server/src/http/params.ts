@@ -1,5 +1,5 @@
 /** Query parameters shared by several routes, checked like body fields: a bad value is a 400 naming it. */
-import { ApiError } from '../errors.js';
+import { ApiError } from './api-error.js';
 
 const TRUE = ['1', 'true', 'yes'];
 const FALSE = ['0', 'false', 'no', ''];

@@ -6,7 +6,7 @@
  * Buckets of keys not seen for a while are dropped (a full bucket is the same as no bucket), so
  * the map stays as small as the set of keys in use.
  */
-import { ApiError } from '../errors.js';
+import { ApiError } from './api-error.js';
 
 export interface RateLimitOptions {
   /** Sustained requests per second per key; 0 disables the limit. */

@@ -1,6 +1,6 @@
 /** A small method + path router: routes are data, matched in order; params are named groups. */
 import type { IncomingMessage, ServerResponse } from 'node:http';
-import { ApiError } from '../errors.js';
+import { ApiError } from './api-error.js';
 
 export interface RequestContext {
   req: IncomingMessage;

@@ -3,7 +3,8 @@ import type { ServerResponse } from 'node:http';
 import {
   CreateSandboxBody, ExecBody, KILLED_EXIT_CODE, SANDBOX_ID_PATTERN, SANDBOX_STATES, isSandboxState, type ExecEvent, type ExecStreamMessage,
 } from '@podflare/protocol';
-import { ApiError } from '../errors.js';
+import { ApiError } from './api-error.js';
+import type { ExecOutputMessage } from '../agent-channel.js';
 import type { SandboxManager } from '../sandbox-manager.js';
 import { readBody, sendEmpty, sendJson } from './body.js';
 import { noteSandbox } from './observe.js';
@@ -58,8 +59,8 @@ export function addSandboxRoutes(router: Router, manager: SandboxManager): void 
       const exit = await manager.exec(sandbox, {
         op: 'exec', language: body.language ?? 'python', code: body.code,
         timeout_ms: body.timeout_ms, env: body.env, cwd: body.cwd,
-      }, (msg) => stream.agentMessage(msg));
-      stream.agentMessage(exit, true);
+      }, (msg) => stream.output(msg));
+      stream.exit(exit);
     } catch (err) {
       // Refused before any output (the agent's 4xx, a protocol violation, a sandbox gone): a JSON
       // error answer, not a bare exit 137 that hides why.
@@ -100,24 +101,25 @@ type EventBody = ExecEvent extends infer E ? (E extends ExecEvent ? Omit<E, 'seq
 class EventStream {
   private seq = 0;
   started = false;
-  private exitSent = false;
 
   constructor(private readonly res: ServerResponse) {}
 
-  agentMessage(msg: ExecStreamMessage, final = false): Promise<void> | undefined {
-    switch (msg.ev) {
+  /** One output message of the exec (its exit comes once, through {@link exit}). */
+  output(msg: ExecOutputMessage): Promise<void> | undefined {
+    switch (msg.type) {
       case 'stdout':
       case 'stderr':
-        return this.emit({ type: msg.ev, data: msg.data });
+        return this.emit({ type: msg.type, data: msg.data });
       case 'result':
         return this.emit({ type: 'result', data: msg.data, is_main_result: msg.is_main_result });
       case 'error':
         return this.emit({ type: 'error', data: msg.data });
-      case 'exit':
-        if (!final || this.exitSent) return; // the exit is written once, after all else
-        this.exitSent = true;
-        return this.emit({ type: 'exit', data: msg.code, execution_count: msg.execution_count ?? null, state_lost: msg.state_lost ?? false });
     }
+  }
+
+  /** The exec's exit: the last event of the stream. */
+  exit(msg: Extract<ExecStreamMessage, { type: 'exit' }>): void {
+    void this.emit({ type: 'exit', data: msg.code, execution_count: msg.execution_count ?? null, state_lost: msg.state_lost ?? false });
   }
 
   /** Writes one event; a promise when the client's buffer is full (settles when it drained or left). */

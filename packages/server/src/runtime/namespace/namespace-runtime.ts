@@ -36,7 +36,7 @@ import { AGENT_PROTOCOL, agentProtocolCompatible, isEgressPolicy } from '@podfla
 import type { OnIncompatible } from '../../config.js';
 import { detectCgroups, type Cgroups } from '../../cgroups.js';
 import type { EgressService } from '../../egress/index.js';
-import { ApiError } from '../../errors.js';
+import { SandboxError } from '../sandbox-error.js';
 import type { Logger } from '../../log.js';
 import { processTree, run } from '../../proc.js';
 import type { CloseOptions, DiffOptions, FileDiff, ReconcileReport, Runtime, RuntimeSandbox, SandboxSpec } from '../runtime.js';
@@ -385,7 +385,7 @@ export class NamespaceRuntime implements Runtime {
     if (!this.volume) return void (await mkdir(dirs.dir, { recursive: true }));
     await this.hostd.subvolume(dirs.dir, spec.limits.diskBytes).catch((err: Error) => {
       if (!isOutOfSpace(err)) throw err;
-      throw new ApiError('insufficient_storage', 'the server\'s disk volume is full: no room for a new sandbox (its other sandboxes must free space first)');
+      throw new SandboxError('insufficient_storage', 'the server\'s disk volume is full: no room for a new sandbox (its other sandboxes must free space first)');
     });
   }
 
@@ -480,9 +480,9 @@ export class NamespaceRuntime implements Runtime {
   }
 
   private async forkChildren(parent: NsSandbox, specs: SandboxSpec[]): Promise<RuntimeSandbox[]> {
-    if (!parent.initPid) throw new ApiError('conflict', 'the sandbox is not running');
+    if (!parent.initPid) throw new SandboxError('conflict', 'the sandbox is not running');
     if (parent.depth >= MAX_FORK_DEPTH) {
-      throw new ApiError('conflict', `fork chains are limited to ${MAX_FORK_DEPTH} generations (pid namespaces nest at most 32 deep)`);
+      throw new SandboxError('conflict', `fork chains are limited to ${MAX_FORK_DEPTH} generations (pid namespaces nest at most 32 deep)`);
     }
     const t0 = performance.now();
     const phase = (name: string) => this.opts.log.debug(`fork: ${name}`, { parent: parent.id, ms: Math.round((performance.now() - t0) * 10) / 10 });
@@ -656,7 +656,7 @@ export class NamespaceRuntime implements Runtime {
       for (const dirs of madeDirs) await this.trash.throwAway(dirs);
       for (const g of (await groups) ?? []) if (!(g instanceof Error)) await g.remove().catch(() => undefined);
       // Deleted while it forked: its files went away under the copy, which is no server fault.
-      if (parent.ended && !(err instanceof ApiError)) throw new ApiError('sandbox_gone', `sandbox ${parent.id} was deleted while it forked`);
+      if (parent.ended && !(err instanceof SandboxError)) throw new SandboxError('sandbox_gone', `sandbox ${parent.id} was deleted while it forked`);
       throw err;
     } finally {
       // A fork failing early (a child's directory refused, the interpreter gone) may not have
@@ -672,7 +672,7 @@ export class NamespaceRuntime implements Runtime {
 
   /** Egress through the policy proxy: listeners in the sandbox's network namespace, served here. */
   private async attachEgressPolicy(sandbox: NsSandbox, pid: number): Promise<void> {
-    if (!this.opts.egress) throw new ApiError('bad_request', 'this server does not enforce egress allowlists', 'egress');
+    if (!this.opts.egress) throw new SandboxError('bad_request', 'this server does not enforce egress allowlists', { field: 'egress' });
     this.serveEgressPolicy(sandbox, await openEgressListeners(pid, this.opts.startTimeoutMs));
   }
 
@@ -710,7 +710,7 @@ export class NamespaceRuntime implements Runtime {
     } catch (err) {
       await this.hostd.removeTree(layer).catch(() => undefined); // what was copied before the failure
       if (isOutOfSpace(err as Error)) {
-        throw new ApiError('insufficient_storage', `sandbox ${parent.id} has no disk space left for its fork layer (a copy of its files, counted against its disk limit): free space in it first`);
+        throw new SandboxError('insufficient_storage', `sandbox ${parent.id} has no disk space left for its fork layer (a copy of its files, counted against its disk limit): free space in it first`);
       }
       throw err;
     }
@@ -740,7 +740,7 @@ function isOutOfSpace(err: Error): boolean {
 /** The host helper refused because of what the sandbox did (a planted /.pf): a 409 that says so. */
 function refusedBySandbox(err: Error): Error {
   const said = /SandboxRefused: (.*)$/s.exec(err.message);
-  return said ? new ApiError('conflict', said[1]!) : err;
+  return said ? new SandboxError('conflict', said[1]!) : err;
 }
 
 /** A fork's run directory: root's, search-only for others (the sandbox connects to its socket). */

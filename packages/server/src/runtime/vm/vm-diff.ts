@@ -17,7 +17,7 @@ import { createTwoFilesPatch } from 'diff';
 import { z } from 'zod';
 import { FILE_CHUNK_BYTES } from '@podflare/protocol';
 import type { AgentChannel } from '../../agent-channel.js';
-import { ApiError } from '../../errors.js';
+import { SandboxError } from '../sandbox-error.js';
 import type { DiffOptions, FileDiff } from '../runtime.js';
 
 type Entry = [path: string, type: 'f' | 'd' | 'l' | 'o', size: number, mode: number, mtimeNs: number, link: string | null];
@@ -100,8 +100,8 @@ async function manifest(channel: AgentChannel, paths: string[] | undefined): Pro
   }
 }
 
-const tooLarge = (what: string) => new ApiError('payload_too_large',
-  `a sandbox's file listing for this diff holds ${what}: narrow the diff with paths=`, 'paths');
+const tooLarge = (what: string) => new SandboxError('payload_too_large',
+  `a sandbox's file listing for this diff holds ${what}: narrow the diff with paths=`, { field: 'paths' });
 
 const sameMeta = (a: Entry, b: Entry) => a[1] === b[1] && a[2] === b[2] && a[3] === b[3] && a[4] === b[4] && a[5] === b[5];
 

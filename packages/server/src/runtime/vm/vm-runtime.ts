@@ -39,7 +39,7 @@ import { constants as fsConstants } from 'node:fs';
 import { copyFile, readdir, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { ChannelClosedError, type AgentChannel } from '../../agent-channel.js';
-import { ApiError } from '../../errors.js';
+import { SandboxError } from '../sandbox-error.js';
 import type { VmImagePaths } from '../../image/vm-image.js';
 import { MB } from '../../limits.js';
 import type { Logger } from '../../log.js';
@@ -485,7 +485,7 @@ export class VmRuntime implements Runtime {
    * once its migration has completed.
    */
   private async forkChildren(parent: VmSandbox, specs: SandboxSpec[]): Promise<RuntimeSandbox[]> {
-    if (!this.live.has(parent.id)) throw new ApiError('conflict', 'the sandbox is not running');
+    if (!this.live.has(parent.id)) throw new SandboxError('conflict', 'the sandbox is not running');
     const t0 = performance.now();
     const phase = (name: string, extra: Record<string, unknown> = {}) => this.opts.log.debug(`vm fork: ${name}`, { parent: parent.id, ms: Math.round(performance.now() - t0), ...extra });
     const point = randomBytes(6).toString('hex');

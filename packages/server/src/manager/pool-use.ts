@@ -1,0 +1,117 @@
+/**
+ * Where a new sandbox's runtime sandbox comes from: the warm pool when one is ready for its key,
+ * else started on demand (retried once; 503 if the host cannot). Egress allowlists always start
+ * cold: a policy is per sandbox, no pool serves it.
+ */
+import { isEgressPolicy, type EgressSetting } from '@podflare/protocol';
+import { SandboxError } from '../runtime/sandbox-error.js';
+import { WarmPool, type PoolKey, type PoolMissReason } from '../pool.js';
+import type { Runtime, RuntimeSandbox } from '../runtime/runtime.js';
+import type { ManagerContext } from './context.js';
+import { DEFAULT_TEMPLATE, newSandboxId, type RuntimeKind } from './live-sandbox.js';
+
+/** Why a create started its sandbox cold: a pool miss, or an egress allowlist (no pool serves those). */
+export type CreateMissReason = PoolMissReason | 'egress_policy';
+
+/**
+ * VM clones cost far more than namespace sandboxes (a QEMU each, ~100 MB): keep at most this many
+ * warm per key.
+ */
+const VM_POOL_MAX = 2;
+
+export class PoolUse {
+  private readonly pool: WarmPool;
+  /** Creates with an egress allowlist (started cold: no pool serves them). */
+  private policyCreatesCount = 0;
+
+  constructor(private readonly ctx: ManagerContext) {
+    this.pool = new WarmPool((key) => this.startRuntimeSandbox(key.runtime, key.template, key.egress, true), {
+      target: ctx.config.poolSize,
+      maxParallelStarts: 2,
+      log: ctx.log,
+    });
+  }
+
+  /** Starts filling the pool of the default runtime and template. */
+  warmDefault(): void {
+    const key: PoolKey = { runtime: this.ctx.defaultRuntime.name, template: DEFAULT_TEMPLATE, egress: true };
+    this.pool.warm(key, this.poolTarget(key.runtime));
+  }
+
+  /**
+   * A runtime sandbox for a new API sandbox, and why it started cold (undefined: served from the
+   * pool).
+   */
+  async acquire(runtime: Runtime, template: string, egress: EgressSetting): Promise<{ rt: RuntimeSandbox; poolMiss?: CreateMissReason }> {
+    if (isEgressPolicy(egress)) {
+      // A policy is per sandbox: no pool serves it.
+      if (!runtime.capabilities.egressPolicy) {
+        throw new SandboxError('bad_request', `the ${runtime.name} runtime cannot enforce egress allowlists`, { field: 'egress' });
+      }
+      return { rt: await this.startOnDemand(runtime.name, template, egress), poolMiss: 'egress_policy' };
+    }
+    const key: PoolKey = { runtime: runtime.name, template, egress };
+    const taken = this.pool.take(key, Math.min(this.poolTarget(runtime.name), Math.max(1, Math.floor(this.ctx.config.poolSize / 4))));
+    if (taken.sandbox) return { rt: taken.sandbox };
+    const poolMiss = taken.miss;
+    const t0 = performance.now();
+    const rt = await this.startOnDemand(runtime.name, template, egress);
+    // A miss the configuration asks for is no news; one the pool could not keep up with is.
+    const level = poolMiss === 'pool_off' ? 'debug' : 'info';
+    const ms = Math.round(performance.now() - t0);
+    this.ctx.log[level]('create missed the warm pool', { reason: poolMiss, template, egress, runtime: runtime.name, ms });
+    return { rt, poolMiss };
+  }
+
+  /** Counts a create that went live with an egress allowlist. */
+  notePolicyCreate(): void {
+    this.policyCreatesCount++;
+  }
+
+  get policyCreates(): number {
+    return this.policyCreatesCount;
+  }
+
+  stats() {
+    return this.pool.stats();
+  }
+
+  missReasons() {
+    return this.pool.missReasons();
+  }
+
+  waitFull(timeoutMs?: number): Promise<void> {
+    return this.pool.waitFull(timeoutMs);
+  }
+
+  close(): Promise<void> {
+    return this.pool.close();
+  }
+
+  private poolTarget(runtime: RuntimeKind): number {
+    return runtime === 'vm' ? Math.min(VM_POOL_MAX, this.ctx.config.poolSize) : this.ctx.config.poolSize;
+  }
+
+  /** A pool miss: start one now, retrying once, and say 503 (retryable) if the host cannot. */
+  private async startOnDemand(runtime: RuntimeKind, template: string, egress: EgressSetting): Promise<RuntimeSandbox> {
+    try {
+      return await this.startRuntimeSandbox(runtime, template, egress);
+    } catch (first) {
+      this.ctx.log.warn('sandbox start failed, retrying', { error: (first as Error).message });
+      try {
+        return await this.startRuntimeSandbox(runtime, template, egress);
+      } catch (err) {
+        throw new SandboxError('unavailable', `could not start a sandbox: ${(err as Error).message}`, { retryAfterSeconds: 1 });
+      }
+    }
+  }
+
+  private async startRuntimeSandbox(
+    runtimeName: RuntimeKind, template: string, egress: EgressSetting, background = false,
+  ): Promise<RuntimeSandbox> {
+    const id = newSandboxId();
+    const runtime = this.ctx.runtimes.get(runtimeName);
+    if (!runtime) throw new Error(`no ${runtimeName} runtime`);
+    return runtime.start({ id, template, egress, hostname: `sbx-${id.slice(4, 16)}`, background, limits: this.ctx.config.defaultLimits });
+  }
+}
