@@ -188,9 +188,13 @@ export async function crashCycle(serve: ServeProcess, stateDir: string, opts: { 
   const theirs = new Set([...processesOf(working).map((p) => p.pid), ...working.flatMap((id) => processesMentioning(id).map((l) => Number(l.split(':')[0])))]);
   const survivors = stillRunning(stamps).filter((p) => !theirs.has(p.pid));
   expect(survivors.length === 0, `processes of the killed server survive: ${survivors.map((p) => `${p.pid} ${p.cmd}`).join('; ')}`);
-  const dirsLeft = sandboxDirsIn(stateDir).filter((d) => dirsBefore.includes(d) && !working.includes(d));
+  // Sandboxes of earlier cycles adopted once more are live too: only what nobody drives is a leftover.
+  const live = async (id: string) => ['ready', 'running'].includes((await restarted.info(id).catch(() => ({ state: 'none' }))).state);
+  const dirsLeft: string[] = [];
+  for (const d of sandboxDirsIn(stateDir).filter((x) => dirsBefore.includes(x))) if (!(await live(d))) dirsLeft.push(d);
   expect(dirsLeft.length === 0, `directories of the killed server's sandboxes left: ${dirsLeft.join(' ')}`);
-  const layers = forkLayersIn(stateDir).filter((l) => !working.some((id) => l.startsWith(`sandboxes/${id}/`)));
+  const layers: string[] = [];
+  for (const l of forkLayersIn(stateDir)) if (!(await live(l.split('/')[1] ?? ''))) layers.push(l);
   expect(layers.length === 0, `fork layers left: ${layers.join(' ')}`);
   return { restarted, sandboxes: ids, verdicts, restartMs, problems };
 }

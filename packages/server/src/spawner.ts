@@ -3,7 +3,8 @@
  * Node forks the whole server first, which blocks the event loop for milliseconds (more the bigger
  * the server); helper processes on latency paths (a fork child's slirp4netns) are started by that
  * small process instead, with posix_spawn. The server makes one Spawner (its runtimes share it);
- * its process starts on first use and dies with the server, taking its children with it.
+ * its process starts on first use and dies with the server, taking its children with it (except
+ * those started `detach`ed: a namespace sandbox's slirp4netns, which outlives the server with it).
  *
  * Its messages are host-protocol.ts's: a reply or event that does not match is a spawner bug,
  * which fails the call (a reply) or is logged and dropped (an event).
