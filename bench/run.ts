@@ -31,6 +31,9 @@
  *                PODFLARE_BENCH_SURVIVE_CYCLES): 0 lost, 0 leaks, restart-to-first-exec p50/p99
  *   vm           the microVM runtime (bench/vm.ts): cold boot, create from the pool of clones,
  *                template restore, fork(1)/fork(5) beside the namespace runtime, idle clone PSS
+ *   cluster      cluster mode (bench/cluster.ts): 3 nodes in network namespaces + a gateway + PostgreSQL;
+ *                create p50/p99 and creates/s with 8 clients through the gateway, the gateway's
+ *                paired overhead on exec, 3 nodes × N live sandboxes with 8 clients at work
  *   paired       fork(1) and diff of this build against a baseline build of an earlier commit, in
  *                one run (bench/paired.ts); only with --baseline DIR (scripts/bench-baseline.sh)
  * The two on-demand measures use a second server whose pool is off (size 0): with a pool, a key
@@ -54,8 +57,9 @@ import { measureCrashCycles, measureLoad, measureSurvival, RESILIENCE_MEASURES }
 
 import { measureVmPooled, measureVmUnpooled } from './vm.js';
 import { measurePaired } from './paired.js';
+import { measureCluster } from './cluster.js';
 
-const MEASURES = ['memory', 'create', 'destroy', 'exec', 'python', 'jupyter', 'cycle', 'nonet', 'ondemand', ...FORK_MEASURES, ...RESILIENCE_MEASURES, 'vm', 'paired'] as const;
+const MEASURES = ['memory', 'create', 'destroy', 'exec', 'python', 'jupyter', 'cycle', 'nonet', 'ondemand', ...FORK_MEASURES, ...RESILIENCE_MEASURES, 'vm', 'paired', 'cluster'] as const;
 type MeasureName = (typeof MEASURES)[number];
 
 const IMAGES_DIR = process.env.PODFLARE_IMAGES_DIR ?? '/var/lib/podflare/images';
@@ -528,6 +532,7 @@ async function main(): Promise<void> {
     await guarded('paired', () => measurePaired({ quick: opts.quick, n: opts.n, warmup: opts.warmup, imagesDir: IMAGES_DIR, baselineDir: opts.baseline! }));
   }
 
+  if (has('cluster')) await guarded('cluster', () => measureCluster(opts));
   // Each against its own `podflare serve` child process.
   if (has('load')) await guarded('load', () => measureLoad(opts));
   if (has('crash')) await guarded('crash', () => measureCrashCycles(opts));

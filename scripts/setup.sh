@@ -38,6 +38,7 @@ if [ "$FOR_TESTS" = 1 ]; then
     python3-numpy python3-matplotlib # the agent's unit tests run on the host's Python
     python3-jupyter-client python3-ipykernel # the bench's Jupyter peer
     chromium # the dashboard's end-to-end tests drive it through playwright-core
+    postgresql nftables # the cluster tests: a throwaway PostgreSQL, partitions inside network namespaces
   )
 fi
 

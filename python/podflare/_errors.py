@@ -216,6 +216,8 @@ ERROR_CLASSES: Mapping[str, Type[PodflareError]] = {
     "unavailable": ServerError,
     "timeout": PodflareTimeoutError,
     "insufficient_storage": InsufficientStorageError,
+    "node_unavailable": ServerError,
+    "no_capacity": ServerError,
 }
 
 

@@ -12,8 +12,10 @@ import { lsCommand } from './commands/ls.js';
 import { rmCommand } from './commands/rm.js';
 import { runCommand } from './commands/run.js';
 import { serveCommand } from './commands/serve.js';
+import { gatewayCommand } from './commands/gateway.js';
+import { nodeCommand } from './commands/node.js';
 
-const COMMANDS: Command[] = [serveCommand, demoCommand, runCommand, lsCommand, rmCommand, imageCommand, doctorCommand];
+const COMMANDS: Command[] = [serveCommand, demoCommand, runCommand, lsCommand, rmCommand, imageCommand, doctorCommand, nodeCommand, gatewayCommand];
 
 function version(): string {
   try {

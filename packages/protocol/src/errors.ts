@@ -52,6 +52,16 @@ export const ERROR_TABLE = {
     status: 507, retryable: false,
     description: "a file write hit the sandbox's disk limit (`limits.disk_mb`) or the server's disk volume is full; other sandboxes stay writable",
   },
+  /** Cluster mode: the host that owns the sandbox stopped heartbeating or cannot be reached from the gateway. */
+  node_unavailable: {
+    status: 503, retryable: true,
+    description: "cluster mode: the host that runs the sandbox is not answering (stopped heartbeating, or unreachable from the gateway); the sandbox is kept, retry after `Retry-After`",
+  },
+  /** Cluster mode: no host could take the sandbox (or a fork's parent host is full). */
+  no_capacity: {
+    status: 503, retryable: true,
+    description: "cluster mode: no host has room for the sandbox (a fork's children must fit on the parent's host); retry after `Retry-After`",
+  },
 } as const satisfies Record<string, ErrorCodeSpec>;
 
 export type ErrorCode = keyof typeof ERROR_TABLE;

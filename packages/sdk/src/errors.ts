@@ -179,6 +179,8 @@ export const ERROR_CLASSES = {
   unavailable: ServerError,
   timeout: TimeoutError,
   insufficient_storage: InsufficientStorageError,
+  node_unavailable: ServerError,
+  no_capacity: ServerError,
 } as const satisfies Record<ErrorCode, ErrorClass>;
 
 /** Parses a `Retry-After` header (delta seconds or an HTTP date) into milliseconds from now. */

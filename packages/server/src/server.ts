@@ -9,7 +9,7 @@ import path from 'node:path';
 import { assertStateDirReachable } from './state-dir-access.js';
 import { isLoopback, type ServerConfig } from './config.js';
 import { EgressService } from './egress/index.js';
-import { createApp } from './http/app.js';
+import { createApp, type RequestListener } from './http/app.js';
 import type { HttpMount } from './http/mounts.js';
 import { ensureImage, type ImageProgress } from './image/index.js';
 import { createLogger, type Logger } from './log.js';
@@ -19,6 +19,7 @@ import { createVmRuntime } from './runtime/vm/create.js';
 import { SandboxManager } from './sandbox-manager.js';
 import { lockStateDir, type StateDirLock } from './state-lock.js';
 import { SqliteStore } from './store/sqlite-store.js';
+import type { SandboxStore } from './store/store.js';
 import { Spawner } from './spawner.js';
 
 export interface RunningServer {
@@ -32,6 +33,10 @@ export interface StartOptions {
   onImageProgress?: (p: ImageProgress) => void;
   /** Handlers to serve beside the API (e.g. the CLI's MCP endpoint at /mcp); closed first on close(). */
   mounts?: readonly HttpMount[];
+  /** The records' store instead of the state directory's SQLite file (cluster nodes: PostgreSQL); closed with the server. */
+  store?: SandboxStore;
+  /** Wraps the HTTP handler (cluster nodes: refuse requests that do not come from a gateway). */
+  wrapHandler?: (handler: RequestListener) => RequestListener;
 }
 
 export async function startServer(config: ServerConfig, opts: StartOptions = {}): Promise<RunningServer> {
@@ -56,7 +61,7 @@ export async function startServer(config: ServerConfig, opts: StartOptions = {})
 
 async function startLocked(config: ServerConfig, opts: StartOptions, log: Logger, lock: StateDirLock): Promise<RunningServer> {
   const image = await ensureImage({ imagesDir: config.imagesDir, agentDir: config.agentDir, onProgress: opts.onImageProgress, log: (m: string) => log.info(m) });
-  const store = new SqliteStore(path.join(config.stateDir, 'podflare.db'));
+  const store = opts.store ?? new SqliteStore(path.join(config.stateDir, 'podflare.db'));
   const events = new SandboxEventLog();
   const egress = new EgressService({ dnsServers: config.egressDnsServers, events, log });
   // Starts the runtimes' helper processes (slirp4netns, QEMU): one per server, not per process.
@@ -86,12 +91,13 @@ async function startLocked(config: ServerConfig, opts: StartOptions, log: Logger
   await manager.start();
 
   let loopbackUrl = '';
-  const server = http.createServer({ noDelay: true, keepAliveTimeout: 65_000, maxHeaderSize: 16 * 1024 }, createApp({
+  const app = createApp({
     mounts: opts.mounts, loopbackUrl: () => loopbackUrl,
     manager, apiKeys: config.apiKeys, runtimeName: runtime.name, maxSandboxes: config.maxSandboxes, log,
     rateLimit: { perSecond: config.rateLimitPerSecond, burst: config.rateLimitBurst },
     browserAccess: { allowedHosts: config.allowedHosts, allowedOrigins: config.allowedOrigins },
-  }));
+  });
+  const server = http.createServer({ noDelay: true, keepAliveTimeout: 65_000, maxHeaderSize: 16 * 1024 }, opts.wrapHandler ? opts.wrapHandler(app) : app);
   server.headersTimeout = 30_000;
   // Header size is capped by maxHeaderSize above (Node answers 431); the count too.
   server.maxHeadersCount = 100;
@@ -113,6 +119,10 @@ async function startLocked(config: ServerConfig, opts: StartOptions, log: Logger
     config,
     manager,
     close() {
+      // The host helpers are unref'd when idle, and once the listener is closed a teardown step may
+      // be waiting on nothing but them: hold the process up until the close is done, or it would
+      // exit half-way (seen as "Promise resolution is still pending" at the VM tests' last stop).
+      const keepAlive = closing ? undefined : setInterval(() => undefined, 60_000);
       closing ??= (async () => {
         // Mounts first, while the API still answers: they may act through it (MCP sessions destroy their sandboxes).
         await Promise.all((opts.mounts ?? []).map((m) => m.close?.().catch((err: unknown) => log.warn('closing a mount', { error: String(err) }))));
@@ -124,7 +134,7 @@ async function startLocked(config: ServerConfig, opts: StartOptions, log: Logger
         await closed;
         await store.close();
         await lock.release();
-      })();
+      })().finally(() => clearInterval(keepAlive));
       return closing;
     },
   };

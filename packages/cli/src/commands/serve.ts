@@ -40,7 +40,8 @@ Options:
   -h, --help         show this help
 `;
 
-const OPTIONS = {
+/** serve's options; `podflare node` takes them too. */
+export const OPTIONS = {
   host: { type: 'string' },
   port: { type: 'string' },
   'state-dir': { type: 'string' },

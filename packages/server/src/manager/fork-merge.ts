@@ -62,16 +62,18 @@ export class ForkMerge {
     }
     timed();
     const now = Date.now();
-    const records: SandboxRecord[] = [];
-    for (const rt of children) {
-      const record: SandboxRecord = {
-        ...s.record, id: rt.id, state: 'ready', parentId: s.record.id, createdAt: now, lastActiveAt: now,
-        endedAt: null, endReason: null, metadata: { ...s.record.metadata },
-      };
-      await store.insert(record);
-      this.lifecycle.adopt(record, s.runtime, rt);
-      records.push(record);
+    const records: SandboxRecord[] = children.map((rt) => ({
+      ...s.record, id: rt.id, state: 'ready', parentId: s.record.id, createdAt: now, lastActiveAt: now,
+      endedAt: null, endReason: null, metadata: { ...s.record.metadata },
+    }));
+    // All the children's records or none (a networked store may fail half-way).
+    try {
+      await store.transaction(async (tx) => { for (const record of records) await tx.insert(record); });
+    } catch (err) {
+      await Promise.allSettled(children.map((rt) => rt.destroy()));
+      throw err;
     }
+    for (const [i, rt] of children.entries()) this.lifecycle.adopt(records[i]!, s.runtime, rt);
     release();
     s.record.lastActiveAt = now;
     counters.forked += children.length;
@@ -120,10 +122,14 @@ export class ForkMerge {
       winner.record.state = 'merged';
       winner.record.endedAt = Date.now();
       winner.record.endReason = `merged into ${parent.record.id}`;
-      await store.update(winner.record.id, { state: 'merged', endedAt: winner.record.endedAt, endReason: winner.record.endReason });
-      // The winner's children are the parent's now.
-      for (const child of await store.children(winner.record.id)) {
-        await store.update(child, { parentId: parent.record.id });
+      // The winner retired and its children the parent's, in one transaction.
+      const reparented = await store.transaction(async (tx) => {
+        await tx.update(winner.record.id, { state: 'merged', endedAt: winner.record.endedAt, endReason: winner.record.endReason });
+        const kids = await tx.children(winner.record.id);
+        for (const child of kids) await tx.update(child, { parentId: parent.record.id });
+        return kids;
+      });
+      for (const child of reparented) {
         const liveChild = live.get(child);
         if (liveChild) liveChild.record.parentId = parent.record.id;
       }

@@ -82,12 +82,20 @@ export class SqliteStore implements SandboxStore {
   }
 
   async insert(record: SandboxRecord): Promise<void> {
+    this.insertNow(record);
+  }
+
+  private insertNow(record: SandboxRecord): void {
     const row = { id: record.id, ...toRow(record) };
     const cols = Object.keys(row);
     this.db.prepare(`INSERT INTO sandboxes (${cols.join(',')}) VALUES (${cols.map((c) => '@' + c).join(',')})`).run(row);
   }
 
   async update(id: string, patch: Partial<Omit<SandboxRecord, 'id'>>): Promise<void> {
+    this.updateNow(id, patch);
+  }
+
+  private updateNow(id: string, patch: Partial<Omit<SandboxRecord, 'id'>>): void {
     const row = toRow(patch);
     const cols = Object.keys(row);
     if (!cols.length) return;
@@ -116,6 +124,27 @@ export class SqliteStore implements SandboxStore {
 
   async children(id: string): Promise<string[]> {
     return (this.db.prepare('SELECT id FROM sandboxes WHERE parent_id=? ORDER BY created_at').all(id) as Array<{ id: string }>).map((r) => r.id);
+  }
+
+  /**
+   * better-sqlite3 is synchronous while `fn` is async: a BEGIN held across its awaits would take in
+   * whatever other requests write meanwhile. So the view stages its writes and applies them in one
+   * SQLite transaction when `fn` resolves; its reads see the committed rows.
+   */
+  async transaction<T>(fn: (tx: SandboxStore) => Promise<T>): Promise<T> {
+    const staged: Array<() => void> = [];
+    const view: SandboxStore = {
+      insert: async (record) => { staged.push(() => this.insertNow(record)); },
+      update: async (id, patch) => { staged.push(() => this.updateNow(id, patch)); },
+      get: (id) => this.get(id),
+      list: (filter) => this.list(filter),
+      children: (id) => this.children(id),
+      transaction: () => Promise.reject(new Error('nested store transactions are not supported')),
+      close: async () => {},
+    };
+    const result = await fn(view);
+    this.db.transaction(() => { for (const write of staged) write(); })();
+    return result;
   }
 
   async close(): Promise<void> {

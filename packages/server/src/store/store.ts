@@ -40,6 +40,12 @@ export interface SandboxStore {
   get(id: string): Promise<SandboxRecord | undefined>;
   list(filter?: SandboxFilter): Promise<SandboxRecord[]>;
   children(id: string): Promise<string[]>;
+  /**
+   * Runs `fn` against a view of the store whose writes land together or not at all (several rows
+   * that change together: a merge's winner and its reparented children, a fork's records). A
+   * throw from `fn` discards every write it made and is rethrown.
+   */
+  transaction<T>(fn: (tx: SandboxStore) => Promise<T>): Promise<T>;
   close(): Promise<void>;
 }
 

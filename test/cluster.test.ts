@@ -1,0 +1,312 @@
+/**
+ * Cluster mode end to end on this one machine, all real: a PostgreSQL, three `podflare node`
+ * processes each in its own network namespace (own state directory and uid range), two
+ * `podflare gateway` processes on loopback; the SDK and an MCP client talk to the gateways exactly
+ * as to `podflare serve`. Then the failures: a node killed under load, a node paused past its
+ * heartbeat TTL, a gateway killed mid-create, a gateway↔node partition with nftables.
+ */
+import assert from 'node:assert/strict';
+import { after, before, describe, it } from 'node:test';
+import { Client as McpClient } from '@modelcontextprotocol/sdk/client/index.js';
+import { StreamableHTTPClientTransport } from '@modelcontextprotocol/sdk/client/streamableHttp.js';
+import type { CallToolResult } from '@modelcontextprotocol/sdk/types.js';
+import { SANDBOX_ID_SOURCE } from '@podflare/protocol/sandbox';
+import { Sandbox } from 'podflare';
+import { startCluster, type TestCluster } from './helpers/cluster.js';
+
+const HOST_TTL_MS = 3000;
+let cluster: TestCluster;
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+function api(gateway: number, method: string, path: string, body?: unknown, headers: Record<string, string> = {}) {
+  return fetch(cluster.gateways[gateway]!.url + path, {
+    method, body: body === undefined ? undefined : JSON.stringify(body),
+    headers: { authorization: `Bearer ${cluster.apiKey}`, ...(body === undefined ? {} : { 'content-type': 'application/json' }), ...headers },
+  });
+}
+const sdk = (gateway = 0) => ({ host: cluster.gateways[gateway]!.url, apiKey: cluster.apiKey });
+/** The host PostgreSQL records for a sandbox. */
+const hostOf = (id: string) => cluster.pg.psql(`SELECT host_id FROM sandboxes WHERE id='${id}'`).trim();
+/** The ids a node itself lists (asked directly, not through a gateway). */
+async function directIds(node: number): Promise<Set<string>> {
+  const body = (await (await cluster.nodes[node]!.direct('GET', '/v1/sandboxes')).json()) as { sandboxes: Array<{ id: string }> };
+  return new Set(body.sandboxes.map((s) => s.id));
+}
+async function createOn(node: number): Promise<Sandbox> {
+  for (let i = 0; i < 60; i++) {
+    const sb = await Sandbox.create(sdk(i % 2));
+    if (hostOf(sb.id) === cluster.nodes[node]!.id) return sb;
+    await sb.close();
+  }
+  throw new Error(`no create landed on node ${node}`);
+}
+async function waitFor<T>(what: string, fn: () => Promise<T | undefined>, timeoutMs = 30_000): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const v = await fn().catch(() => undefined);
+    if (v !== undefined) return v;
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await sleep(200);
+  }
+}
+/** Every node up again as the gateways see it. */
+const allNodesUp = () => waitFor('every node fresh, as both gateways see it', async () => {
+  for (const g of [0, 1]) {
+    const body = (await (await api(g, 'GET', '/v1/cluster/hosts')).json()) as { hosts: Array<{ fresh: boolean; ready: boolean; reachable: boolean }> };
+    if (body.hosts.length !== 3 || !body.hosts.every((h) => h.fresh && h.ready && h.reachable)) return undefined;
+  }
+  return true;
+});
+
+before(async () => {
+  cluster = await startCluster({ nodes: 3, gateways: 2, poolSize: 1, maxSandboxes: 24, hostTtlMs: HOST_TTL_MS });
+  await allNodesUp();
+});
+after(async () => { await cluster?.close(); });
+
+describe('cluster: the API through gateways', () => {
+  it('the seed workflow through a gateway with the SDK: create, exec, files, fork, diff, merge', async () => {
+    const sb = await Sandbox.create(sdk(0));
+    const first = await sb.runCode('x = 41\nprint(x + 1)');
+    assert.equal(first.stdout, '42\n');
+    await sb.files.upload('/root/data.txt', 'hello cluster\n');
+    assert.equal((await sb.files.download('/root/data.txt')).toString(), 'hello cluster\n');
+    const [a, b] = await sb.fork(2);
+    await a!.runCode('x = 100\nopen("/root/a.txt", "w").write("from a")');
+    await b!.runCode('x = 200');
+    const diff = await sb.diff(a!);
+    assert.match(JSON.stringify(diff), /a\.txt/);
+    // The other gateway routes to the same sandboxes (shared truth in PostgreSQL).
+    const again = await Sandbox.connect(a!.id, sdk(1));
+    assert.equal((await again.runCode('print(x)')).stdout, '100\n');
+    await sb.mergeInto(a!);
+    assert.equal((await sb.runCode('print(x)')).stdout, '100\n');
+    assert.equal((await sb.files.download('/root/a.txt')).toString(), 'from a');
+    assert.equal(cluster.pg.psql(`SELECT state FROM sandboxes WHERE id='${a!.id}'`).trim(), 'merged');
+    await b!.close();
+    await sb.close();
+    const gone = await api(1, 'GET', `/v1/sandboxes/${sb.id}`);
+    assert.equal(((await gone.json()) as { state: string }).state, 'stopped');
+  });
+
+  it('creates spread over the nodes; each sandbox is on exactly the node PostgreSQL names', async () => {
+    const made = await Promise.all(Array.from({ length: 12 }, (_, i) => Sandbox.create(sdk(i % 2))));
+    const hosts = made.map((s) => hostOf(s.id));
+    const used = new Set(hosts);
+    assert.ok(used.size >= 2, `12 creates used ${used.size} node(s): ${hosts.join(',')}`);
+    const lists = await Promise.all([0, 1, 2].map(directIds));
+    for (const [i, s] of made.entries()) {
+      const owners = lists.map((l, n) => (l.has(s.id) ? cluster.nodes[n]!.id : null)).filter(Boolean);
+      assert.deepEqual(owners, [hosts[i]], `${s.id} is listed by exactly its node`);
+    }
+    // The merged list through a gateway has them all, each with its host.
+    const listed = (await (await api(0, 'GET', '/v1/sandboxes')).json()) as { sandboxes: Array<{ id: string; host: string }> };
+    for (const [i, s] of made.entries()) assert.equal(listed.sandboxes.find((l) => l.id === s.id)?.host, hosts[i]);
+    await Promise.all(made.map((s) => s.close()));
+  });
+
+  it("fork children run on their parent's node", async () => {
+    for (const node of [0, 1, 2]) {
+      const parent = await createOn(node);
+      await parent.runCode('v = "parent state"');
+      const kids = await parent.fork(3);
+      for (const k of kids) {
+        assert.equal(hostOf(k.id), cluster.nodes[node]!.id);
+        assert.equal((await k.runCode('print(v)')).stdout, 'parent state\n');
+      }
+      await Promise.all([...kids, parent].map((s) => s.close()));
+    }
+  });
+
+  it('a fork that does not fit on the parent\'s node answers 503 no_capacity with Retry-After', async () => {
+    const parent = await createOn(0);
+    const res = await api(0, 'POST', `/v1/sandboxes/${parent.id}/fork`, { n: 32 });
+    const body = (await res.json()) as { code: string; error: string };
+    assert.equal(res.status, 503, JSON.stringify(body));
+    assert.equal(body.code, 'no_capacity');
+    assert.ok(Number(res.headers.get('retry-after')) > 0);
+    await parent.close();
+  });
+
+  it('MCP through a gateway: a session creates a sandbox and runs code on a node', async () => {
+    const transport = new StreamableHTTPClientTransport(new URL(`${cluster.gateways[1]!.url}/mcp`),
+      { requestInit: { headers: { authorization: `Bearer ${cluster.apiKey}` } } });
+    const client = new McpClient({ name: 'cluster-test', version: '1' });
+    await client.connect(transport);
+    const textOf = (r: CallToolResult) => r.content.flatMap((c) => (c.type === 'text' ? [c.text] : [])).join('\n');
+    const created = (await client.callTool({ name: 'create_sandbox', arguments: {} })) as CallToolResult;
+    const { sandbox_id: id } = JSON.parse(textOf(created)) as { sandbox_id: string };
+    assert.match(id, new RegExp(`^${SANDBOX_ID_SOURCE}$`));
+    assert.match(hostOf(id), /^node-\d$/, 'the sandbox runs on a node');
+    await client.callTool({ name: 'run_python', arguments: { sandbox_id: id, code: 'y = 7' } });
+    const ran = (await client.callTool({ name: 'run_python', arguments: { sandbox_id: id, code: 'print(y * 6)' } })) as CallToolResult;
+    assert.match(textOf(ran), /42/);
+    await client.callTool({ name: 'destroy_sandbox', arguments: { sandbox_id: id } });
+    await transport.terminateSession();
+    await client.close();
+  });
+
+  it('hosts, load, pools and each sandbox\'s host: /v1/cluster/hosts, /v1/metrics, the merged list; the dashboard page through a gateway', async () => {
+    const sb = await Sandbox.create(sdk(1));
+    const hosts = (await (await api(1, 'GET', '/v1/cluster/hosts')).json()) as
+      { hosts: Array<{ id: string; live: number; capacity: number; pool: { ready: number; target: number } }> };
+    assert.deepEqual(hosts.hosts.map((h) => h.id), ['node-0', 'node-1', 'node-2']);
+    for (const h of hosts.hosts) assert.ok(h.capacity === 24 && h.pool.target === 1, JSON.stringify(h));
+    const metrics = await (await api(1, 'GET', '/v1/metrics')).text();
+    for (const id of ['node-0', 'node-1', 'node-2']) assert.match(metrics, new RegExp(`podflare_cluster_host_up\\{host="${id}"\\} 1`));
+    const listed = (await (await api(1, 'GET', '/v1/sandboxes')).json()) as { sandboxes: Array<{ id: string; host: string }> };
+    assert.equal(listed.sandboxes.find((s) => s.id === sb.id)?.host, hostOf(sb.id));
+    const page = await fetch(`${cluster.gateways[1]!.url}/`);
+    assert.equal(page.status, 200);
+    assert.match(await page.text(), /<html/i);
+    await sb.close();
+  });
+
+  it('nodes answer only gateways: no node token, 401', async () => {
+    const res = await fetch(`http://${cluster.nodes[0]!.ip}:7070/v1/sandboxes`, { headers: { authorization: `Bearer ${cluster.apiKey}` } });
+    assert.equal(res.status, 401);
+  });
+
+  it('an Idempotency-Key makes a repeated create answer the same sandbox', async () => {
+    const key = `k-${Date.now()}`;
+    const one = await api(0, 'POST', '/v1/sandboxes', {}, { 'idempotency-key': key });
+    const two = await api(1, 'POST', '/v1/sandboxes', {}, { 'idempotency-key': key });
+    const a = (await one.json()) as { id: string };
+    const b = (await two.json()) as { id: string };
+    assert.equal(one.status, 201);
+    assert.equal(two.status, 201);
+    assert.equal(b.id, a.id);
+    assert.equal(two.headers.get('idempotent-replayed'), 'true');
+    await api(0, 'DELETE', `/v1/sandboxes/${a.id}`);
+  });
+});
+
+describe('cluster: failures', () => {
+  it('a node killed with kill -9 under load: creates go on with 0 errors, its sandboxes answer 503, then route again after a restart', async () => {
+    const victim = cluster.nodes[2]!;
+    const doomed = await createOn(2);
+    await doomed.runCode('kept = 1');
+    let stop = false;
+    const errors: Array<{ at: number; error: string }> = [];
+    let ok = 0;
+    const worker = async (g: number) => {
+      while (!stop) {
+        try {
+          const sb = await Sandbox.create(sdk(g));
+          ok++;
+          await sb.close();
+        } catch (err) {
+          errors.push({ at: Date.now(), error: String(err) });
+        }
+      }
+    };
+    const workers = [0, 1, 0, 1].map(worker);
+    await sleep(1500);
+    const killedAt = Date.now();
+    await victim.kill9();
+    await sleep(8000);
+    stop = true;
+    await Promise.all(workers);
+    const late = errors.filter((e) => e.at > killedAt + 5000);
+    assert.deepEqual(late, [], 'no create failed later than 5 s after the kill');
+    assert.ok(ok > 5, `creates went on (${ok} made)`);
+    // Its sandbox: 503 node_unavailable, not 404.
+    const res = await api(0, 'GET', `/v1/sandboxes/${doomed.id}`);
+    assert.equal(res.status, 503);
+    assert.equal(((await res.json()) as { code: string }).code, 'node_unavailable');
+    assert.ok(res.headers.get('retry-after'));
+    // Restarted on the same state directory: the sandbox routes again (200). Without the
+    // re-adoption work the restarted node reports it `lost` (its processes died with the node).
+    await victim.start();
+    await allNodesUp();
+    const back = await waitFor('the sandbox to answer 200', async () => {
+      const r = await api(1, 'GET', `/v1/sandboxes/${doomed.id}`);
+      return r.status === 200 ? ((await r.json()) as { state: string }) : undefined;
+    });
+    assert.ok(['ready', 'lost'].includes(back.state), back.state);
+    assert.equal(hostOf(doomed.id), victim.id);
+  });
+
+  it('a node paused (SIGSTOP) past the heartbeat TTL, then resumed: 503 meanwhile, no placement there, no double ownership', async () => {
+    const paused = cluster.nodes[1]!;
+    const mine = await createOn(1);
+    await mine.runCode('state = "kept"');
+    const before = [await directIds(0), await directIds(1), await directIds(2)];
+    paused.signal('SIGSTOP');
+    try {
+      await sleep(HOST_TTL_MS + 2000);
+      const res = await api(0, 'GET', `/v1/sandboxes/${mine.id}`);
+      assert.equal(res.status, 503);
+      assert.equal(((await res.json()) as { code: string }).code, 'node_unavailable');
+      const placed = await Promise.all(Array.from({ length: 6 }, (_, i) => Sandbox.create(sdk(i % 2))));
+      for (const s of placed) assert.notEqual(hostOf(s.id), paused.id, 'nothing is placed on a silent node');
+      await Promise.all(placed.map((s) => s.close()));
+    } finally {
+      paused.signal('SIGCONT');
+    }
+    await allNodesUp();
+    const again = await Sandbox.connect(mine.id, sdk(1));
+    assert.equal((await again.runCode('print(state)')).stdout, 'kept\n');
+    // Nobody took its sandboxes over: same owner in PostgreSQL, listed by that node alone.
+    assert.equal(hostOf(mine.id), paused.id);
+    const after = [await directIds(0), await directIds(1), await directIds(2)];
+    assert.ok(after[1]!.has(mine.id) && !after[0]!.has(mine.id) && !after[2]!.has(mine.id));
+    for (const id of before[1]!) assert.ok(!after[0]!.has(id) && !after[2]!.has(id), `${id} owned twice`);
+    await mine.close();
+  });
+
+  it('a gateway killed mid-create: the SDK carries on through the other gateway and a retried create makes no duplicate', async () => {
+    const sb = await Sandbox.create(sdk(0));
+    await sb.runCode('n = 7');
+    const key = `mid-create-${Date.now()}`;
+    // The create is under way through gateway 0 when it dies.
+    const first = api(0, 'POST', '/v1/sandboxes', {}, { 'idempotency-key': key }).then((r) => r.status, (e: unknown) => String(e));
+    await sleep(30);
+    await cluster.gateways[0]!.kill9();
+    const firstOutcome = await first;
+    // The caller retries the same create through the other gateway.
+    const retry = await api(1, 'POST', '/v1/sandboxes', {}, { 'idempotency-key': key });
+    assert.equal(retry.status, 201, `${await retry.clone().text()} (first attempt: ${firstOutcome})`);
+    const made = cluster.pg.psql(`SELECT count(*) FROM sandboxes WHERE metadata->>'podflare:idempotency-key' = '${key}'`).trim();
+    assert.equal(made, '1', 'one sandbox for one key');
+    // Existing sandboxes through the surviving gateway, with the SDK.
+    const via1 = await Sandbox.connect(sb.id, sdk(1));
+    assert.equal((await via1.runCode('print(n)')).stdout, '7\n');
+    await cluster.gateways[0]!.start();
+    const id = ((await retry.json()) as { id: string }).id;
+    await api(0, 'DELETE', `/v1/sandboxes/${id}`);
+    await via1.close();
+  });
+
+  it('a gateway↔node partition (nftables in the node\'s namespace): 503 within the connect timeout, 0 sandboxes killed, heals by itself', async () => {
+    const node = cluster.nodes[0]!;
+    const sbs = [await createOn(0), await createOn(0)];
+    for (const [i, s] of sbs.entries()) await s.runCode(`mark = ${i}`);
+    node.inNetns('nft', 'add', 'table', 'inet', 'pfpart');
+    node.inNetns('nft', 'add', 'chain', 'inet', 'pfpart', 'input', '{ type filter hook input priority 0 ; }');
+    node.inNetns('nft', 'add', 'rule', 'inet', 'pfpart', 'input', 'ip', 'saddr', node.hostIp, 'tcp', 'dport', '7070', 'drop');
+    try {
+      const started = Date.now();
+      const status = await waitFor('503 across the partition', async () => {
+        const r = await api(1, 'GET', `/v1/sandboxes/${sbs[0]!.id}`, undefined);
+        return r.status === 503 ? ((await r.json()) as { code: string }).code : undefined;
+      }, 20_000);
+      assert.equal(status, 'node_unavailable');
+      // The connect timeout (2 s) plus the probes that notice (two, 0.5 s apart), with slack for a busy machine.
+      assert.ok(Date.now() - started < 10_000, `503 after ${Date.now() - started} ms`);
+      // Creates avoid the unreachable node.
+      const placed = await Promise.all(Array.from({ length: 4 }, () => Sandbox.create(sdk(1))));
+      for (const s of placed) assert.notEqual(hostOf(s.id), node.id);
+      await Promise.all(placed.map((s) => s.close()));
+    } finally {
+      node.inNetns('nft', 'delete', 'table', 'inet', 'pfpart');
+    }
+    // Healed without a restart: same sandboxes, same interpreters.
+    for (const [i, s] of sbs.entries()) {
+      const out = await waitFor('the sandbox to answer again', async () => (await s.runCode('print(mark)')).stdout);
+      assert.equal(out, `${i}\n`);
+    }
+    assert.equal(cluster.pg.psql(`SELECT count(*) FROM sandboxes WHERE id IN ('${sbs[0]!.id}','${sbs[1]!.id}') AND state NOT IN ('ready','running')`).trim(), '0');
+    await Promise.all(sbs.map((s) => s.close()));
+  });
+});
