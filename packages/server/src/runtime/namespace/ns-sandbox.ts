@@ -166,7 +166,7 @@ export abstract class NsSandbox implements RuntimeSandbox {
   /** A child of ours is gone: a husk with no children left can go too. */
   childGone(child: NsSandbox): void {
     this.children.delete(child);
-    if (this.husk && this.children.size === 0) void this.finalize();
+    if (this.husk && this.children.size === 0) void this.finalize().catch((e: Error) => this.log.warn('sandbox teardown failed', { error: e.message }));
   }
 
   protected finalize(): Promise<void> {
@@ -184,7 +184,9 @@ export abstract class NsSandbox implements RuntimeSandbox {
       await this.ready; // a fork child closed at once may still be getting its cgroups
       await this.cgroup?.remove().catch((e: Error) => this.log.warn('cgroup removal failed', { error: e.message }));
       this.resolveExited({ reason: 'destroyed' });
-      await this.hooks.removeDir(this.dirs);
+      // Its files failing to go (a stop closed the host helper meanwhile) must not keep it alive
+      // in the books: the next server's reconcile removes what is left.
+      await this.hooks.removeDir(this.dirs).catch((e: Error) => this.log.warn('could not remove the sandbox\'s directory', { error: e.message }));
       this.parent?.childGone(this);
       this.hooks.onFinalized(this);
     })();
@@ -205,7 +207,7 @@ export class RootSandbox extends NsSandbox {
       if (this.detached || this.isHusk) return; // we let go of it; a husk ends with its last child
       const tail = hooks.diagnostics?.(this) ?? '';
       this.resolveExited({ reason: reason === 'channel closed' ? `sandbox exited${tail ? `: ${tail}` : ''}` : reason });
-      void this.finalize();
+      void this.finalize().catch((e: Error) => this.log.warn('sandbox teardown failed', { error: e.message }));
     });
   }
 
