@@ -14,7 +14,7 @@ import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { HelperProcess } from '../packages/server/src/helper-process.js';
 import { HelperReplyError, HostdReplySchemas, parseHelperReply } from '../packages/server/src/host-protocol.js';
-import { Spawner } from '../packages/server/src/spawner.js';
+import { Spawner } from '../packages/server/src/runtime/shared/spawner.js';
 import { JsonlRpc, RpcRefusedError, type JsonlRpcOptions, type PendingCall, type RpcFault } from '../packages/server/src/jsonl/rpc.js';
 
 /** A Python peer on a child's stdin/stdout running `body`; `rpc` speaks to it. */

@@ -1,9 +1,10 @@
 /**
  * The server's layers, checked on its sources: HTTP (`packages/server/src/http/`) sits on top of
  * the sandbox manager, which sits on the runtimes and the agent channel. Nothing below HTTP may
- * import from it (only the composition root, server.ts, and the package entry, index.ts, are above
- * it); the domain error below HTTP is `SandboxError`, not the HTTP `ApiError`; and the routes
- * reach a sandbox only through the manager, never its runtime sandbox, agent channel or queue.
+ * import from it (only the composition root, server.ts, the package entry, index.ts, and the
+ * cluster gateway, another HTTP front end, are above it); the domain error below HTTP is
+ * `SandboxError`, not the HTTP `ApiError`; and the routes reach a sandbox only through the
+ * manager, never its runtime sandbox, agent channel or queue.
  */
 import assert from 'node:assert/strict';
 import { readFileSync, readdirSync } from 'node:fs';
@@ -12,8 +13,8 @@ import { describe, it } from 'node:test';
 
 const SRC = path.resolve(import.meta.dirname, '../packages/server/src');
 const HTTP = path.join(SRC, 'http');
-/** Above HTTP: they wire it up. */
-const ABOVE_HTTP = new Set(['server.ts', 'index.ts']);
+/** Above HTTP: they wire it up (the cluster gateway is an HTTP front end of its own, over the same parts). */
+const ABOVE_HTTP = new Set(['server.ts', 'index.ts', path.join('cluster', 'gateway.ts')]);
 
 function sources(dir: string): string[] {
   return readdirSync(dir, { withFileTypes: true, recursive: true })
@@ -56,13 +57,35 @@ describe('server layering', () => {
   });
 
   it('the HTTP error (ApiError) is named only in http/: the layers below throw SandboxError', () => {
-    const offenders = files.filter((f) => !inHttp(f) && /\bApiError\b/.test(code(f))).map(rel);
+    const offenders = files.filter((f) => !inHttp(f) && !ABOVE_HTTP.has(rel(f)) && /\bApiError\b/.test(code(f))).map(rel);
     assert.deepEqual(offenders, []);
   });
 
   it('SandboxError stands alone (it imports only the protocol), so the runtimes can take it with them', () => {
-    const file = path.join(SRC, 'runtime/sandbox-error.ts');
+    const file = path.resolve(SRC, '../../runtime/src/sandbox-error.ts');
     assert.deepEqual(specifiers(readFileSync(file, 'utf8')).filter((s) => !s.startsWith('@podflare/protocol')), []);
+  });
+
+  it('runtime code takes its configuration as a slice: it imports no ServerConfig, doctor or limits from above it', () => {
+    const above = ['config.js', 'doctor.js', 'limits.js'].map((f) => path.join(SRC, f.replace(/\.js$/, '')));
+    const offenders: string[] = [];
+    for (const file of files.filter((f) => f.startsWith(path.join(SRC, 'runtime') + path.sep))) {
+      for (const spec of specifiers(readFileSync(file, 'utf8'))) {
+        if (spec.startsWith('.') && above.includes(path.resolve(path.dirname(file), spec).replace(/\.js$/, ''))) offenders.push(`${rel(file)} imports ${spec}`);
+      }
+    }
+    assert.deepEqual(offenders, []);
+  });
+
+  it('the store knows no runtime: it imports nothing from runtime/ or @podflare/runtime', () => {
+    const offenders: string[] = [];
+    for (const file of files.filter((f) => f.startsWith(path.join(SRC, 'store') + path.sep))) {
+      for (const spec of specifiers(readFileSync(file, 'utf8'))) {
+        const target = spec.startsWith('.') ? path.resolve(path.dirname(file), spec) : spec;
+        if (target === '@podflare/runtime' || target.startsWith(path.join(SRC, 'runtime'))) offenders.push(`${rel(file)} imports ${spec}`);
+      }
+    }
+    assert.deepEqual(offenders, []);
   });
 
   it('routes reach a sandbox only through the manager (no runtime sandbox, agent channel or queue)', () => {

@@ -116,7 +116,7 @@ export function cgroupsOf(id: string): string[] {
   return found;
 }
 
-/** This state directory's own cgroup (`podflare/<scope>`, see packages/server/src/cgroups.ts), wherever it is left. */
+/** This state directory's own cgroup (`podflare/<scope>`, see packages/server/src/runtime/shared/cgroups.ts), wherever it is left. */
 export function cgroupScopesOf(stateDir: string): string[] {
   const scope = createHash('sha256').update(path.resolve(stateDir)).digest('hex').slice(0, 12);
   const roots = existsSync('/sys/fs/cgroup/cgroup.controllers') ? ['/sys/fs/cgroup'] : readdirSync('/sys/fs/cgroup').map((c) => `/sys/fs/cgroup/${c}`);

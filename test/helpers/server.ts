@@ -6,7 +6,7 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { after, before } from 'node:test';
-import { loadConfig, startServer, type RunningServer, type ServerConfig } from '@podflare/server';
+import { loadConfig, startServer, type RunningServer, type ServerConfig, type StartOptions } from '@podflare/server';
 import { Sandbox } from 'podflare';
 
 export const IMAGES_DIR = process.env.PODFLARE_IMAGES_DIR ?? path.join(process.env.PODFLARE_STATE_DIR ?? '/var/lib/podflare', 'images');
@@ -22,7 +22,8 @@ export interface TestServer extends RunningServer {
  */
 export const TEST_DISK_VOLUME_BYTES = 1024 * 1024 * 1024;
 
-export async function startTestServer(overrides: Partial<ServerConfig> = {}): Promise<TestServer> {
+/** `options`: e.g. a registry with a test's own runtime driver. */
+export async function startTestServer(overrides: Partial<ServerConfig> = {}, options: StartOptions = {}): Promise<TestServer> {
   // Short and free of ':' and ',' (overlayfs option separators).
   const stateDir = await mkdtemp(path.join(os.tmpdir(), 'pf-test-'));
   const config = loadConfig({
@@ -30,7 +31,7 @@ export async function startTestServer(overrides: Partial<ServerConfig> = {}): Pr
   }, { ...process.env, PODFLARE_API_KEYS: '' });
   let server: RunningServer;
   try {
-    server = await startServer(config);
+    server = await startServer(config, options);
   } catch (err) {
     await rm(stateDir, { recursive: true, force: true }); // a server that did not start leaves nothing
     throw err;

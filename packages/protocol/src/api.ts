@@ -40,7 +40,8 @@ export const CreateSandboxBody = z.object({
   idle_timeout_seconds: z.number().int().min(1).max(7 * 24 * 3600).optional(),
   /** ours: a hard cap on the sandbox's whole life. */
   max_lifetime_seconds: z.number().int().min(1).max(30 * 24 * 3600).optional(),
-  runtime: z.enum(['ns', 'vm', 'auto']).optional(),
+  /** A runtime this server registers (its names: GET /v1/capacity `runtimes`), or `auto`; the server checks it. */
+  runtime: z.string().optional(),
   limits: LimitsBody.optional(),
   metadata: z.record(z.string().max(64), z.string().max(1024))
     .refine((m) => Object.keys(m).length <= MAX_METADATA_ENTRIES, `at most ${MAX_METADATA_ENTRIES} entries`).optional(),
@@ -68,7 +69,8 @@ export interface SandboxInfo {
   id: string;
   state: SandboxState;
   template: string;
-  runtime: 'ns' | 'vm';
+  /** The runtime that runs it (a name the server registers). */
+  runtime: string;
   egress: EgressSetting;
   persistent: boolean;
   parent: string | null;

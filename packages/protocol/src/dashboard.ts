@@ -65,7 +65,8 @@ export interface HistogramSnapshot {
 }
 
 export interface PoolStats {
-  runtime: 'ns' | 'vm';
+  /** A runtime's name. */
+  runtime: string;
   template: string;
   egress: boolean;
   ready: number;

@@ -14,8 +14,11 @@ import type { Result } from './execution.js';
 /** The languages an exec can run. `python` runs in the sandbox's persistent interpreter; `bash` in a fresh `bash -c`. */
 export type Language = 'python' | 'bash';
 
-/** Isolation runtime of a sandbox: Linux namespaces, a micro-VM, or whichever the server prefers. */
-export type Runtime = 'ns' | 'vm' | 'auto';
+/**
+ * Isolation runtime of a sandbox: one the server registers (built in: Linux namespaces, a micro-VM;
+ * see its `/v1/capacity`), or `auto`, whichever the server prefers. The server checks the name.
+ */
+export type Runtime = string;
 
 /**
  * Lifecycle state of a sandbox: `starting`, `ready` (idle), `running` (an exec in flight), `stopped`
@@ -122,7 +125,8 @@ export interface SandboxInfo {
   id: string;
   state: SandboxState;
   template: string;
-  runtime: 'ns' | 'vm';
+  /** The runtime that runs it. */
+  runtime: string;
   egress: EgressSetting;
   persistent: boolean;
   /** The sandbox this one was forked from, or null. */

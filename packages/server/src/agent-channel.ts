@@ -19,25 +19,16 @@ import {
 } from '@podflare/protocol';
 import type { ErrorCode } from '@podflare/protocol/errors';
 import { isErrorCode } from '@podflare/protocol/errors';
+import { SandboxError, type AgentClient, type ExecEventSink, type ExecExit, type ExecOutputMessage } from '@podflare/runtime';
 import type { z } from 'zod';
-import { SandboxError } from './runtime/sandbox-error.js';
 import { JsonlRpc, type CallStep, type RpcFault } from './jsonl/rpc.js';
 
 /** Longest line accepted from an agent: a 1 MiB file chunk in base64 plus slack. */
 export const MAX_LINE_BYTES = 4 * 1024 * 1024;
 
 export interface Hello { version: number; pid: number; hostname: string }
-type ExitMsg = Extract<ExecStreamMessage, { type: 'exit' }>;
-
-/** An exec's output (stdout, stderr, result, error): the stream before its exit. */
-export type ExecOutputMessage = Exclude<ExecStreamMessage, { type: 'exit' }>;
-
-/**
- * Sees one exec output message. Returning a promise holds the channel (no further message is read
- * from the agent) until it settles: how a consumer whose own buffer is full applies backpressure.
- * The exit is not among them: it is what `exec` resolves with (one path for it, end to end).
- */
-export type ExecEventSink = (msg: ExecOutputMessage) => void | Promise<void>;
+type ExitMsg = ExecExit;
+export type { ExecEventSink, ExecOutputMessage };
 
 /** Thrown when the agent answers `ok: false`; carries the agent's code so the API can map it. */
 export class AgentError extends SandboxError {}
@@ -77,7 +68,8 @@ function replyProblem(body: AgentRequestBody, reply: Record<string, unknown>): s
   return null;
 }
 
-export class AgentChannel extends EventEmitter<{ close: [string]; violation: [string] }> {
+/** The built-in drivers' AgentClient: JSON lines over a socket to the agent. */
+export class AgentChannel extends EventEmitter<{ close: [string]; violation: [string] }> implements AgentClient {
   /** Framing, correlation and backpressure; the protocol's rules are this class's. */
   private readonly rpc: JsonlRpc;
   private closedReason: string | null = null;

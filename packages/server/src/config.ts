@@ -7,11 +7,12 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseAllowedHost, parseAllowedOrigin } from '@podflare/protocol/browser-access';
+import type { RuntimeName } from '@podflare/runtime';
 import { MB } from './limits.js';
 import type { LogLevel } from './log.js';
 import type { SandboxLimits } from './runtime/runtime.js';
 
-export type RuntimeName = 'ns' | 'vm' | 'auto';
+export type { RuntimeName };
 export type OnStop = 'keep' | 'destroy';
 export type OnIncompatible = 'clean' | 'refuse';
 
@@ -26,7 +27,11 @@ export interface ServerConfig {
   apiKeys: string[];
   /** Ready sandboxes kept per template. @default PODFLARE_POOL_SIZE or sized to the machine */
   poolSize: number;
-  runtime: RuntimeName;
+  /**
+   * The default runtime: a registered driver's name (runtime/drivers.ts) or `auto`; checked against
+   * the registry when the server starts. @default PODFLARE_RUNTIME, else the first registered
+   */
+  runtime?: RuntimeName;
   logLevel: LogLevel;
   /** The repo's agent/ folder, copied into the image's agent layer. */
   agentDir: string;
@@ -146,8 +151,7 @@ function num(value: string | undefined, name: string): number | undefined {
 
 export function loadConfig(overrides: Partial<ServerConfig> = {}, env: NodeJS.ProcessEnv = process.env): ServerConfig {
   const stateDir = overrides.stateDir ?? env.PODFLARE_STATE_DIR ?? '/var/lib/podflare';
-  const runtime = (overrides.runtime ?? env.PODFLARE_RUNTIME ?? 'ns') as RuntimeName;
-  if (!['ns', 'vm', 'auto'].includes(runtime)) throw new Error(`runtime must be ns, vm or auto, got "${runtime}"`);
+  const runtime = overrides.runtime ?? (env.PODFLARE_RUNTIME || undefined);
   const config: ServerConfig = {
     host: env.PODFLARE_BIND_HOST ?? '127.0.0.1',
     port: int(env.PODFLARE_PORT, 'PODFLARE_PORT') ?? 7070,

@@ -1,5 +1,10 @@
 export { loadConfig, type ServerConfig, type RuntimeName } from './config.js';
 export { startServer, type RunningServer, type StartOptions } from './server.js';
+export { AUTO_RUNTIME, RuntimeRegistry, type RuntimeDriver } from '@podflare/runtime';
+export { builtinRuntimes } from './runtime/drivers.js';
+export type { DriverContext, DriverImageOptions, RuntimeSettings, ServerDriver, ServerRuntimes } from './runtime/driver-context.js';
+/** The JSON-lines AgentClient, for drivers whose agent speaks over a socket. */
+export { AgentChannel } from './agent-channel.js';
 export type { HttpMount, MountCaller } from './http/mounts.js';
 export * from './image/index.js';
 export * from './doctor.js';

@@ -3,7 +3,7 @@
  * runtimes apply them (bytes, pids), plus how an exec that ran into one is reported.
  */
 import type { ExecStreamMessage, LimitsBody, SandboxLimitsInfo } from '@podflare/protocol';
-import { SandboxError } from './runtime/sandbox-error.js';
+import { SandboxError } from '@podflare/runtime';
 import type { LimitCounters, SandboxLimits } from './runtime/runtime.js';
 
 export const MB = 1024 * 1024;

@@ -6,7 +6,7 @@
  * its directory's path joined with a plain name), and what it prints for a link target is capped.
  */
 import { FILE_CHUNK_BYTES, type FileStat } from '@podflare/protocol';
-import type { AgentChannel } from './agent-channel.js';
+import type { AgentClient } from '@podflare/runtime';
 import { AgentError } from './agent-channel.js';
 
 const shellQuote = (s: string) => `'${s.replace(/'/g, `'\\''`)}'`;
@@ -14,18 +14,18 @@ const shellQuote = (s: string) => `'${s.replace(/'/g, `'\\''`)}'`;
 const MAX_LINK_BYTES = 4096;
 
 /** The path of an entry listed in `dir`, from its name alone; a name that is not plain is a violation. */
-function entryPath(channel: AgentChannel, dir: string, name: string): string {
+function entryPath(channel: AgentClient, dir: string, name: string): string {
   if (!name || name === '.' || name === '..' || name.includes('/') || name.includes('\0')) {
     throw channel.protocolViolation(`list reply: ${JSON.stringify(name.slice(0, 200))} is not a name in ${dir}`);
   }
   return dir.endsWith('/') ? dir + name : `${dir}/${name}`;
 }
 
-export async function copyPaths(from: AgentChannel, to: AgentChannel, paths: string[]): Promise<void> {
+export async function copyPaths(from: AgentClient, to: AgentClient, paths: string[]): Promise<void> {
   for (const p of paths) await copyPath(from, to, p);
 }
 
-async function statOrNull(channel: AgentChannel, path: string): Promise<FileStat | null> {
+async function statOrNull(channel: AgentClient, path: string): Promise<FileStat | null> {
   try {
     return (await channel.request({ op: 'stat', path })).stat;
   } catch (err) {
@@ -34,7 +34,7 @@ async function statOrNull(channel: AgentChannel, path: string): Promise<FileStat
   }
 }
 
-async function copyPath(from: AgentChannel, to: AgentChannel, path: string): Promise<void> {
+async function copyPath(from: AgentClient, to: AgentClient, path: string): Promise<void> {
   const source = await statOrNull(from, path);
   const target = await statOrNull(to, path);
   if (!source) {
@@ -77,7 +77,7 @@ async function copyPath(from: AgentChannel, to: AgentChannel, path: string): Pro
   }
 }
 
-async function copyFile(from: AgentChannel, to: AgentChannel, path: string, mode: number): Promise<void> {
+async function copyFile(from: AgentClient, to: AgentClient, path: string, mode: number): Promise<void> {
   const { handle } = await to.request({ op: 'upload_begin', path, mode: mode & 0o7777 });
   try {
     for (let offset = 0; ;) {

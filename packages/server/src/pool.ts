@@ -4,10 +4,10 @@
  * replaced. Counters feed /v1/capacity.
  */
 import type { Logger } from './log.js';
-import type { RuntimeSandbox } from './runtime/runtime.js';
+import type { RuntimeName, RuntimeSandbox } from '@podflare/runtime';
 import type { PoolStats } from '@podflare/protocol';
 
-export interface PoolKey { runtime: 'ns' | 'vm'; template: string; egress: boolean }
+export interface PoolKey { runtime: RuntimeName; template: string; egress: boolean }
 export type StartFn = (key: PoolKey) => Promise<RuntimeSandbox>;
 
 /**

@@ -61,12 +61,15 @@ export class SandboxManager {
     log: Logger,
     /** Where the runtime records sandbox events (egress decisions); read by GET …/events. */
     eventLog = new SandboxEventLog(),
+    /** Every registered runtime name, offered here or not (an unknown one is a bad request). */
+    knownRuntimes: readonly string[] = runtimes.map((r) => r.name),
   ) {
     this.defaultRuntime = runtimes[0]!;
     this.ctx = {
       config, store, log, eventLog,
       runtimes: new Map<RuntimeKind, Runtime>(runtimes.map((r) => [r.name, r])),
       defaultRuntime: this.defaultRuntime,
+      knownRuntimes,
       live: new Map(),
       counters: this.counters, metrics: this.metrics, history: this.history, changes: this.changes,
       status: { closing: false },

@@ -13,18 +13,20 @@ import { createApp, type RequestListener } from './http/app.js';
 import type { HttpMount } from './http/mounts.js';
 import { ensureImage, type ImageProgress } from './image/index.js';
 import { createLogger, type Logger } from './log.js';
-import { NamespaceRuntime } from './runtime/namespace/namespace-runtime.js';
+import type { ServerRuntimes } from './runtime/driver-context.js';
+import { builtinRuntimes } from './runtime/drivers.js';
 import { SandboxEventLog } from './sandbox-events.js';
-import { createVmRuntime } from './runtime/vm/create.js';
 import { SandboxManager } from './sandbox-manager.js';
 import { lockStateDir, type StateDirLock } from './state-lock.js';
 import { SqliteStore } from './store/sqlite-store.js';
 import type { SandboxStore } from './store/store.js';
-import { Spawner } from './spawner.js';
+import { Spawner } from './runtime/shared/spawner.js';
 
 export interface RunningServer {
   url: string;
   config: ServerConfig;
+  /** The default runtime's name (what `runtime` omitted or `auto` gets). */
+  runtime: string;
   manager: SandboxManager;
   close(): Promise<void>;
 }
@@ -33,6 +35,8 @@ export interface StartOptions {
   onImageProgress?: (p: ImageProgress) => void;
   /** Handlers to serve beside the API (e.g. the CLI's MCP endpoint at /mcp); closed first on close(). */
   mounts?: readonly HttpMount[];
+  /** The runtime drivers to offer (default: the built-in ones, runtime/drivers.ts). */
+  runtimes?: ServerRuntimes;
   /** The records' store instead of the state directory's SQLite file (cluster nodes: PostgreSQL); closed with the server. */
   store?: SandboxStore;
   /** Wraps the HTTP handler (cluster nodes: refuse requests that do not come from a gateway). */
@@ -66,28 +70,24 @@ async function startLocked(config: ServerConfig, opts: StartOptions, log: Logger
   const egress = new EgressService({ dnsServers: config.egressDnsServers, events, log });
   // Starts the runtimes' helper processes (slirp4netns, QEMU): one per server, not per process.
   const spawner = new Spawner(log);
-  const ns = new NamespaceRuntime({
-    stateDir: config.stateDir,
-    lowerDirs: [image.agent, image.base],
-    startTimeoutMs: config.startTimeoutMs,
-    interruptGraceMs: config.interruptGraceMs,
-    uidBase: config.sandboxUidBase,
-    diskVolumeBytes: config.diskVolumeBytes,
-    log,
-    egress,
-    hostHelper: config.hostHelper,
-    spawner,
-    onIncompatible: config.onIncompatible,
-  });
-  const vm = await createVmRuntime(config, image, log, spawner, opts.onImageProgress);
-  const runtimes = [ns, ...(vm ? [vm.runtime] : [])];
-  if (vm && (config.runtime === 'vm' || (config.runtime === 'auto' && vm.runtime.accel.kind === 'kvm'))) runtimes.reverse();
+  const registry = opts.runtimes ?? builtinRuntimes();
+  let started;
+  try {
+    started = await registry.startAll(config.runtime ?? registry.names()[0]!, {
+      settings: config, image, log, spawner, egress, onImageProgress: opts.onImageProgress,
+    });
+  } catch (err) {
+    spawner.close();
+    await store.close();
+    throw err;
+  }
+  for (const s of started.skipped) log.debug('runtime not offered', { runtime: s.name, reason: s.reason });
+  const { instances } = started;
+  const runtimes = instances.map((i) => i.runtime);
   const runtime = runtimes[0]!;
-  if (runtime.name === 'vm') await vm!.image(); // the default runtime's image is built before listening
-  const manager = new SandboxManager(runtimes, store, config, log, events);
-  manager.metrics.gauge('podflare_host_helper_restarts_total',
-    'Host helper workers replaced: died on their own (exit), missed a call\'s timeout (timeout), or killed for a fault (fault).',
-    () => ns.hostHelperRestarts().map(({ reason, count }) => ({ labels: { reason }, value: count })), 'counter');
+  await instances[0]!.prepareDefault?.(); // e.g. the default runtime's image, built before listening
+  const manager = new SandboxManager(runtimes, store, config, log, events, registry.names());
+  for (const g of instances.flatMap((i) => i.gauges ?? [])) manager.metrics.gauge(g.name, g.help, () => g.read(), g.kind);
   await manager.start();
 
   let loopbackUrl = '';
@@ -111,12 +111,16 @@ async function startLocked(config: ServerConfig, opts: StartOptions, log: Logger
   const host = address.family === 'IPv6' ? `[${address.address}]` : address.address;
   const url = `http://${host}:${address.port}`;
   loopbackUrl = `http://${loopbackHost(address)}:${address.port}`;
-  log.info('podflare listening', { url, runtime: runtime.name, runtimes: runtimes.map((r) => r.name).join(','), vm_accel: vm?.runtime.accel.kind, pool: config.poolSize, image: image.id });
+  log.info('podflare listening', {
+    url, runtime: runtime.name, runtimes: runtimes.map((r) => r.name).join(','), ...Object.assign({}, ...instances.map((i) => i.logFields)),
+    pool: config.poolSize, image: image.id,
+  });
 
   let closing: Promise<void> | null = null;
   return {
     url,
     config,
+    runtime: runtime.name,
     manager,
     close() {
       // The host helpers are unref'd when idle, and once the listener is closed a teardown step may

@@ -1,6 +1,6 @@
 /** `podflare image build|prune`: the sandbox image (Debian base + agent layer). */
 import path from 'node:path';
-import { ensureImage, ensureVmImage, loadConfig, pruneImages } from '@podflare/server';
+import { builtinRuntimes, ensureImage, loadConfig, pruneImages } from '@podflare/server';
 import { EXIT_OK, formatMs, parse, UsageError, type Command } from '../args.js';
 import { imageProgress } from '../image-progress.js';
 
@@ -57,7 +57,9 @@ export const imageCommand: Command = {
     });
     if (sub === 'build') {
       if (values['dry-run']) throw new UsageError('--dry-run is an option of `image prune`', 'image');
-      if (values.runtime !== undefined && values.runtime !== 'ns' && values.runtime !== 'vm') throw new UsageError(`--runtime must be ns or vm, got "${values.runtime}"`, 'image');
+      const runtimes = builtinRuntimes();
+      const driver = values.runtime === undefined ? undefined : runtimes.get(values.runtime);
+      if (values.runtime !== undefined && !driver) throw new UsageError(`--runtime must be ${runtimes.names().join(' or ')}, got "${values.runtime}"`, 'image');
       // Progress only when something is built or waited for; --quiet (setup scripts) also drops the summary.
       const reporter = imageProgress({ quiet: true });
       const started = Date.now();
@@ -69,13 +71,12 @@ export const imageCommand: Command = {
           onProgress: reporter.onProgress,
           log: reporter.log,
         });
-        const vm = values.runtime === 'vm'
-          ? await ensureVmImage({ imagesDir: config.imagesDir, image, onProgress: reporter.onProgress, log: reporter.log })
-          : undefined;
+        // A runtime's own image beyond the sandbox image (the VM guest), where it has one.
+        const own = await driver?.buildImage?.({ imagesDir: config.imagesDir, image, onProgress: reporter.onProgress, log: reporter.log });
         reporter.finish();
         if (values.quiet && !reporter.worked) return EXIT_OK;
         process.stdout.write(`image ${image.id} ready (${formatMs(Date.now() - started)})\n  base:  ${image.base}\n  agent: ${image.agent}\n`);
-        if (vm) process.stdout.write(`vm image ${vm.id} (kernel ${vm.kernelVersion})\n  kernel: ${vm.vmlinux}\n  initrd: ${vm.initrd}\n  root:   ${vm.rootfs}\n`);
+        if (own) process.stdout.write(own.map((line) => `${line}\n`).join(''));
         return EXIT_OK;
       } finally {
         reporter.finish();

@@ -41,8 +41,8 @@ export const runCommand: Command = {
     const code = positionals[0] === '-' ? await readStdin() : positionals[0]!;
     const language = values.bash ? 'bash' : 'python';
 
-    const runtime = enumOption(values.runtime, 'runtime', ['ns', 'vm', 'auto'] as const, 'run');
-    const sandbox = await Sandbox.create({ host: values.host, runtime });
+    // The server checks the name against the runtimes it registers.
+    const sandbox = await Sandbox.create({ host: values.host, runtime: values.runtime });
     let interrupts = 0;
     const onSigint = () => {
       interrupts++;

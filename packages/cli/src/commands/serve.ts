@@ -1,6 +1,6 @@
 /** `podflare serve`: run the sandbox server in the foreground. */
 import path from 'node:path';
-import { createProgressReporter, loadConfig, startServer, type ServerConfig } from '@podflare/server';
+import { AUTO_RUNTIME, builtinRuntimes, createProgressReporter, loadConfig, startServer, type ServerConfig } from '@podflare/server';
 import { enumOption, EXIT_OK, intOption, parse, type Command } from '../args.js';
 import { createMcpMount } from '../mcp-mount.js';
 
@@ -71,7 +71,7 @@ export function serveOverrides(values: Record<string, string | string[] | boolea
     imagesDir: str('images-dir') ? path.resolve(str('images-dir')!) : undefined,
     poolSize: intOption(str('pool-size'), 'pool-size', 0, 1024, command),
     diskVolumeBytes: mb(intOption(str('disk-volume-mb'), 'disk-volume-mb', 256, 16 * 1024 * 1024, command)),
-    runtime: enumOption(str('runtime'), 'runtime', ['ns', 'vm', 'auto'] as const, command),
+    runtime: enumOption(str('runtime'), 'runtime', [...builtinRuntimes().names(), AUTO_RUNTIME], command),
     onStop: enumOption(str('on-stop'), 'on-stop', ['keep', 'destroy'] as const, command),
     onIncompatible: enumOption(str('on-incompatible'), 'on-incompatible', ['clean', 'refuse'] as const, command),
     logLevel: enumOption(str('log-level'), 'log-level', ['debug', 'info', 'warn', 'error', 'silent'] as const, command),
@@ -99,7 +99,7 @@ export const serveCommand: Command = {
     const reporter = createProgressReporter();
     const mcp = createMcpMount((message) => process.stderr.write(`podflare mcp: ${message}\n`));
     const server = await startServer(config, { onImageProgress: reporter.onProgress, mounts: [mcp] }).finally(() => reporter.finish());
-    process.stdout.write(`podflare listening on ${server.url} (runtime ${config.runtime}, state ${config.stateDir})\n`);
+    process.stdout.write(`podflare listening on ${server.url} (runtime ${server.runtime}, state ${config.stateDir})\n`);
     process.stdout.write(`dashboard: ${server.url}/\n`);
     process.stdout.write(`mcp: ${server.url}${mcp.path}\n`);
 

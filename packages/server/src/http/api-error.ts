@@ -1,5 +1,5 @@
 import { ERROR_STATUS, type ErrorBody, type ErrorCode } from '@podflare/protocol/errors';
-import { SandboxError } from '../runtime/sandbox-error.js';
+import { SandboxError } from '@podflare/runtime';
 
 /**
  * An error the API answers with: `code` picks the HTTP status (one table, in the protocol package),

@@ -1,5 +1,5 @@
 /** The server's and each owner's sandbox caps, with room reserved for creates and forks in flight. */
-import { SandboxError } from '../runtime/sandbox-error.js';
+import { SandboxError } from '@podflare/runtime';
 import type { ManagerContext } from './context.js';
 
 export class Capacity {

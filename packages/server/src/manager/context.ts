@@ -29,6 +29,8 @@ export interface ManagerContext {
   readonly runtimes: ReadonlyMap<RuntimeKind, Runtime>;
   /** The first runtime offered: `runtime` omitted or `auto`. */
   readonly defaultRuntime: Runtime;
+  /** Every registered runtime name, offered here or not. */
+  readonly knownRuntimes: readonly string[];
   /** The sandboxes the API can drive, by id. */
   readonly live: Map<string, LiveSandbox>;
   readonly counters: ManagerCounters;

@@ -5,7 +5,7 @@
  */
 import { KILLED_EXIT_CODE, TIMEOUT_EXIT_CODE, type AgentRequestBody, type ExecStreamMessage } from '@podflare/protocol';
 import type { ExecEventSink, ExecOutputMessage } from '../agent-channel.js';
-import { SandboxError } from '../runtime/sandbox-error.js';
+import { SandboxError } from '@podflare/runtime';
 import type { SandboxRecord } from '../store/store.js';
 import type { ManagerContext } from './context.js';
 import type { LimitWatch } from './limit-watch.js';

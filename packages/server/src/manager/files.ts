@@ -4,7 +4,7 @@
  * execs: files can be read and written while code runs.
  */
 import { FILE_CHUNK_BYTES } from '@podflare/protocol';
-import { SandboxError } from '../runtime/sandbox-error.js';
+import { SandboxError } from '@podflare/runtime';
 import type { LiveSandbox } from './live-sandbox.js';
 
 /** One chunk of a file read: its bytes, the file's size, and whether the file ends here. */

@@ -2,7 +2,7 @@
  * Fork (copy-on-write children of an idle sandbox), whole-state merge of a descendant back into its
  * ancestor, selective merge of chosen paths, and the file diff between two sandboxes.
  */
-import { SandboxError } from '../runtime/sandbox-error.js';
+import { SandboxError } from '@podflare/runtime';
 import { copyPaths } from '../merge-paths.js';
 import type { RuntimeSandbox } from '../runtime/runtime.js';
 import type { SandboxRecord } from '../store/store.js';

@@ -4,7 +4,7 @@
  */
 import { rm } from 'node:fs/promises';
 import path from 'node:path';
-import { SandboxError } from '../runtime/sandbox-error.js';
+import { SandboxError } from '@podflare/runtime';
 import type { SandboxRecord } from '../store/store.js';
 import type { ManagerContext } from './context.js';
 import type { Lifecycle } from './lifecycle.js';

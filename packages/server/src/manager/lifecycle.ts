@@ -4,7 +4,7 @@
  * (record first, teardown behind the answer).
  */
 import { isEgressPolicy, type CreateSandboxBody, type EgressSetting } from '@podflare/protocol';
-import { SandboxError } from '../runtime/sandbox-error.js';
+import { AUTO_RUNTIME, SandboxError } from '@podflare/runtime';
 import { resolveLimits, sameLimits } from '../limits.js';
 import type { Runtime, RuntimeSandbox } from '../runtime/runtime.js';
 import type { SandboxRecord } from '../store/store.js';
@@ -122,9 +122,13 @@ export class Lifecycle {
     return { record, poolMiss: poolMiss ?? null };
   }
 
-  /** `vm`/`ns` must be offered by this server; omitted or `auto` is the server's default. */
+  /** A registered runtime this server offers; omitted or `auto` is the server's default. */
   private pickRuntime(name: CreateOptions['runtime']): Runtime {
-    if (name === undefined || name === 'auto') return this.ctx.defaultRuntime;
+    if (name === undefined || name === AUTO_RUNTIME) return this.ctx.defaultRuntime;
+    if (!this.ctx.knownRuntimes.includes(name)) {
+      const choices = [...this.ctx.knownRuntimes, AUTO_RUNTIME].map((n) => JSON.stringify(n)).join('|');
+      throw new SandboxError('bad_request', `runtime: Invalid option: expected one of ${choices}`, { field: 'runtime' });
+    }
     const r = this.ctx.runtimes.get(name);
     if (!r) {
       throw new SandboxError('bad_request', `the ${name} runtime is not available on this server (see \`podflare doctor\`)`, { field: 'runtime' });

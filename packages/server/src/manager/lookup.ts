@@ -1,6 +1,6 @@
 /** Finding sandboxes by id (with the error a user should see) and listing their records and infos. */
 import type { SandboxInfo } from '@podflare/protocol';
-import { SandboxError } from '../runtime/sandbox-error.js';
+import { SandboxError } from '@podflare/runtime';
 import { limitsInfo } from '../limits.js';
 import type { SandboxRecord } from '../store/store.js';
 import type { ManagerContext } from './context.js';

@@ -4,7 +4,7 @@
  * cold: a policy is per sandbox, no pool serves it.
  */
 import { isEgressPolicy, type EgressSetting } from '@podflare/protocol';
-import { SandboxError } from '../runtime/sandbox-error.js';
+import { SandboxError } from '@podflare/runtime';
 import { WarmPool, type PoolKey, type PoolMissReason } from '../pool.js';
 import type { Runtime, RuntimeSandbox } from '../runtime/runtime.js';
 import type { ManagerContext } from './context.js';
@@ -13,11 +13,6 @@ import { DEFAULT_TEMPLATE, newSandboxId, type RuntimeKind } from './live-sandbox
 /** Why a create started its sandbox cold: a pool miss, or an egress allowlist (no pool serves those). */
 export type CreateMissReason = PoolMissReason | 'egress_policy';
 
-/**
- * VM clones cost far more than namespace sandboxes (a QEMU each, ~100 MB): keep at most this many
- * warm per key.
- */
-const VM_POOL_MAX = 2;
 
 export class PoolUse {
   private readonly pool: WarmPool;
@@ -89,7 +84,7 @@ export class PoolUse {
   }
 
   private poolTarget(runtime: RuntimeKind): number {
-    return runtime === 'vm' ? Math.min(VM_POOL_MAX, this.ctx.config.poolSize) : this.ctx.config.poolSize;
+    return Math.min(this.ctx.runtimes.get(runtime)?.warmPoolMax ?? Infinity, this.ctx.config.poolSize);
   }
 
   /** A pool miss: start one now, retrying once, and say 503 (retryable) if the host cannot. */

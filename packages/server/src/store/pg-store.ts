@@ -6,9 +6,8 @@
  */
 import pg from 'pg';
 import type { EgressSetting, SandboxState } from '@podflare/protocol';
-import type { SandboxLimits } from '../runtime/runtime.js';
 import { migrate } from './pg-migrations.js';
-import { ENDED_STATES, type SandboxFilter, type SandboxRecord, type SandboxStore } from './store.js';
+import { ENDED_STATES, type RecordLimits, type SandboxFilter, type SandboxRecord, type SandboxStore } from './store.js';
 
 /** Something that runs a query: the pool, or one client inside a transaction. */
 type Queryable = Pick<pg.Pool, 'query'>;
@@ -17,7 +16,7 @@ interface Row {
   id: string; state: string; template: string; runtime: string; egress: EgressSetting; persistent: boolean;
   parent_id: string | null; created_at: string | number; last_active_at: string | number; ended_at: string | number | null;
   end_reason: string | null; idle_timeout_seconds: number; max_lifetime_seconds: number; metadata: Record<string, string>;
-  owner: string; limits: SandboxLimits | null; host_id: string | null;
+  owner: string; limits: RecordLimits | null; host_id: string | null;
 }
 
 const COLUMNS: Record<keyof Omit<SandboxRecord, 'id'>, string> = {
@@ -40,7 +39,7 @@ function toColumns(r: Partial<SandboxRecord>): Array<[column: string, value: unk
 
 function fromRow(row: Row): SandboxRecord {
   return {
-    id: row.id, state: row.state as SandboxState, template: row.template, runtime: row.runtime as 'ns' | 'vm',
+    id: row.id, state: row.state as SandboxState, template: row.template, runtime: row.runtime,
     egress: row.egress, persistent: row.persistent, parentId: row.parent_id, createdAt: Number(row.created_at),
     lastActiveAt: Number(row.last_active_at), endedAt: row.ended_at === null ? null : Number(row.ended_at), endReason: row.end_reason,
     idleTimeoutSeconds: row.idle_timeout_seconds, maxLifetimeSeconds: row.max_lifetime_seconds,

@@ -2,8 +2,7 @@
 import { chmodSync, closeSync, existsSync, openSync } from 'node:fs';
 import Database from 'better-sqlite3';
 import type { EgressSetting, SandboxState } from '@podflare/protocol';
-import type { SandboxLimits } from '../runtime/runtime.js';
-import { ENDED_STATES, type SandboxFilter, type SandboxRecord, type SandboxStore } from './store.js';
+import { ENDED_STATES, type RecordLimits, type SandboxFilter, type SandboxRecord, type SandboxStore } from './store.js';
 
 const SCHEMA = `
 CREATE TABLE IF NOT EXISTS sandboxes (
@@ -57,12 +56,12 @@ function toRow(r: Partial<SandboxRecord>): Record<string, unknown> {
 
 function fromRow(row: Row): SandboxRecord {
   return {
-    id: row.id, state: row.state as SandboxState, template: row.template, runtime: row.runtime as 'ns' | 'vm',
+    id: row.id, state: row.state as SandboxState, template: row.template, runtime: row.runtime,
     egress: typeof row.egress === 'string' ? (JSON.parse(row.egress) as EgressSetting) : !!row.egress, persistent: !!row.persistent, parentId: row.parent_id, createdAt: row.created_at,
     lastActiveAt: row.last_active_at, endedAt: row.ended_at, endReason: row.end_reason,
     idleTimeoutSeconds: row.idle_timeout_seconds, maxLifetimeSeconds: row.max_lifetime_seconds,
     metadata: JSON.parse(row.metadata) as Record<string, string>, owner: row.owner,
-    ...(row.limits ? { limits: JSON.parse(row.limits) as SandboxLimits } : {}),
+    ...(row.limits ? { limits: JSON.parse(row.limits) as RecordLimits } : {}),
   };
 }
 

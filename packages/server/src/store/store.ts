@@ -3,13 +3,21 @@
  * networked database (PostgreSQL, for the cluster mode) can stand behind the same interface.
  */
 import { ENDED_SANDBOX_STATES, type EgressSetting, type SandboxState } from '@podflare/protocol';
-import type { SandboxLimits } from '../runtime/runtime.js';
+
+/** A sandbox's resource limits as stored (the runtimes' SandboxLimits has this shape). */
+export interface RecordLimits {
+  cpus: number;
+  memoryBytes: number;
+  diskBytes: number;
+  pids: number;
+}
 
 export interface SandboxRecord {
   id: string;
   state: SandboxState;
   template: string;
-  runtime: 'ns' | 'vm';
+  /** The name of the runtime that runs it. */
+  runtime: string;
   egress: EgressSetting;
   persistent: boolean;
   parentId: string | null;
@@ -23,7 +31,7 @@ export interface SandboxRecord {
   /** sha256 of the API key that created it ('' when auth is off). */
   owner: string;
   /** Resource limits it ran with (absent in records older than limits). */
-  limits?: SandboxLimits;
+  limits?: RecordLimits;
 }
 
 export interface SandboxFilter {

@@ -34,22 +34,21 @@ import path from 'node:path';
 import type { Readable, Writable } from 'node:stream';
 import { AGENT_PROTOCOL, agentProtocolCompatible, isEgressPolicy } from '@podflare/protocol';
 import type { OnIncompatible } from '../../config.js';
-import { detectCgroups, type Cgroups } from '../../cgroups.js';
+import { detectCgroups, type Cgroups } from '../shared/cgroups.js';
 import type { EgressService } from '../../egress/index.js';
-import { SandboxError } from '../sandbox-error.js';
 import type { Logger } from '../../log.js';
 import { processTree, run } from '../../proc.js';
-import type { CloseOptions, DiffOptions, FileDiff, ReconcileReport, Runtime, RuntimeSandbox, SandboxSpec } from '../runtime.js';
+import { SandboxError, type CloseOptions, type DiffOptions, type FileDiff, type ReconcileReport, type Runtime, type RuntimeName, type SandboxSpec } from '@podflare/runtime';
 import { InFlight } from '../in-flight.js';
 import { bwrapArgs, SANDBOX_PATH } from './bwrap-args.js';
 import { HostHelper, type HostHelperOptions } from './hostd.js';
-import type { Spawner } from '../../spawner.js';
+import type { Spawner } from '../shared/spawner.js';
 import { DiskVolume } from './disk-volume.js';
 import { assertMountablePath, sandboxDirs, sandboxesDir, trashDir, type SandboxDirs } from './layout.js';
 import { Trash } from './trash.js';
 import { proxyEnvironment } from './netns-addresses.js';
 import { closeEgressListeners, openEgressListeners, type EgressListeners } from './netns-listeners.js';
-import { adoptedSlirp, startSlirp } from './network.js';
+import { adoptedSlirp, startSlirp } from '../shared/slirp.js';
 import { removeLeftovers } from './reconcile.js';
 import {
   connectHolder, HOLDER_RECORD_VERSION, holderLogTail, holderPaths, holdersDir, killIfStill, loadHolderRecords, prepareHoldersDir,
@@ -59,6 +58,8 @@ import { hasMount, killStrayHolders, removeStrayHolderFiles, settleAdopted } fro
 import { bootTicksNow, ForkedSandbox, hostPidsOfForkChildren, NsSandbox, RootSandbox, type SandboxHooks } from './ns-sandbox.js';
 
 export interface NamespaceRuntimeOptions {
+  /** The name it is registered under (runtime/drivers.ts). */
+  name: RuntimeName;
   stateDir: string;
   /** Lower layers, topmost first: the agent layer, then the Debian base. */
   lowerDirs: string[];
@@ -108,8 +109,8 @@ const MAX_FORK_DEPTH = 30;
 /** Fork layers a sandbox's root may stack before the next fork squashes them into one. */
 const MAX_STACKED_FORK_LAYERS = 4;
 
-export class NamespaceRuntime implements Runtime {
-  readonly name = 'ns' as const;
+export class NamespaceRuntime implements Runtime<NsSandbox> {
+  readonly name: RuntimeName;
   readonly capabilities: Runtime['capabilities'];
   private readonly live = new Map<string, NsSandbox>();
   private readonly inFlight = new InFlight();
@@ -127,7 +128,8 @@ export class NamespaceRuntime implements Runtime {
   private readonly trash: Trash;
 
   constructor(private readonly opts: NamespaceRuntimeOptions) {
-    this.capabilities = { fork: true, freeze: false, egress: true, egressPolicy: opts.egress !== undefined, outlivesServer: true };
+    this.name = opts.name;
+    this.capabilities = { fork: true, freeze: false, egress: true, egressPolicy: opts.egress !== undefined, limits: true, outlivesServer: true };
     this.hostd = new HostHelper({ ...opts.hostHelper, log: opts.log });
     this.trash = new Trash(trashDir(opts.stateDir), (tree) => this.hostd.removeTree(tree));
     for (const d of [opts.stateDir, ...opts.lowerDirs]) assertMountablePath(d);
@@ -203,7 +205,7 @@ export class NamespaceRuntime implements Runtime {
    * reconcile.ts), so everything its sandboxes left is removed: the processes in their cgroups and
    * elsewhere, host mounts, their directories and fork layers.
    */
-  async reconcile(knownIds: string[]): Promise<ReconcileReport> {
+  async reconcile(knownIds: string[]): Promise<ReconcileReport<NsSandbox>> {
     const t0 = performance.now();
     await this.prepare();
     const t1 = performance.now();
@@ -240,12 +242,12 @@ export class NamespaceRuntime implements Runtime {
     return { adopted, cleaned: left.sandboxes };
   }
 
-  start(spec: SandboxSpec): Promise<RuntimeSandbox> {
+  start(spec: SandboxSpec): Promise<NsSandbox> {
     return this.busy(() => this.startRoot(spec));
   }
 
-  fork(parentRt: RuntimeSandbox, specs: SandboxSpec[]): Promise<RuntimeSandbox[]> {
-    return this.busy(() => this.forkChildren(parentRt as NsSandbox, specs));
+  fork(parent: NsSandbox, specs: SandboxSpec[]): Promise<NsSandbox[]> {
+    return this.busy(() => this.forkChildren(parent, specs));
   }
 
   /** A start or fork: tracked (close waits for it), and the trash is not emptied around it. */
@@ -259,8 +261,8 @@ export class NamespaceRuntime implements Runtime {
     return this.hostd.restarts();
   }
 
-  async diff(a: RuntimeSandbox, b: RuntimeSandbox, opts: DiffOptions): Promise<FileDiff> {
-    return this.hostd.diff((a as NsSandbox).stack, (b as NsSandbox).stack, opts);
+  async diff(a: NsSandbox, b: NsSandbox, opts: DiffOptions): Promise<FileDiff> {
+    return this.hostd.diff(a.stack, b.stack, opts);
   }
 
   async close(opts: CloseOptions = {}): Promise<void> {
@@ -408,7 +410,7 @@ export class NamespaceRuntime implements Runtime {
     await this.hostd.unmount(dirs.root).catch((e: Error) => this.opts.log.warn('unmount failed', { path: dirs.root, error: e.message }));
   }
 
-  private async startRoot(spec: SandboxSpec): Promise<RuntimeSandbox> {
+  private async startRoot(spec: SandboxSpec): Promise<NsSandbox> {
     await this.prepare();
     const dirs = sandboxDirs(this.opts.stateDir, spec.id);
     const lowers = this.opts.lowerDirs;
@@ -479,7 +481,7 @@ export class NamespaceRuntime implements Runtime {
     });
   }
 
-  private async forkChildren(parent: NsSandbox, specs: SandboxSpec[]): Promise<RuntimeSandbox[]> {
+  private async forkChildren(parent: NsSandbox, specs: SandboxSpec[]): Promise<NsSandbox[]> {
     if (!parent.initPid) throw new SandboxError('conflict', 'the sandbox is not running');
     if (parent.depth >= MAX_FORK_DEPTH) {
       throw new SandboxError('conflict', `fork chains are limited to ${MAX_FORK_DEPTH} generations (pid namespaces nest at most 32 deep)`);

@@ -18,10 +18,10 @@ import os from 'node:os';
 import { AgentChannel } from '../../agent-channel.js';
 import type { Logger } from '../../log.js';
 import { isAlive, processTree, pssOf } from '../../proc.js';
-import type { SandboxCgroup } from '../../cgroups.js';
+import type { SandboxCgroup } from '../shared/cgroups.js';
 import type { LimitCounters, RuntimeSandbox, SandboxLimits, SandboxSpec } from '../runtime.js';
 import type { SandboxDirs } from './layout.js';
-import type { Slirp } from './network.js';
+import type { Slirp } from '../shared/slirp.js';
 import { killIfStill, waitProcessGone } from './holder.js';
 
 /** A sandbox's holder: its pid, and its control socket (which its command line names). */

@@ -235,7 +235,7 @@ export class StreamSplitter {
   /** `ramFd` null: the stream must have no pages of the block (it is only parsed). */
   constructor(ramBlock: string, ramFd: number | null, ramSize: number) {
     this.pages = new PageWriter(ramFd, ramSize);
-    this.parser = parse(this.r, this.out, this.pages, ramBlock, ramSize, this.where, this.marks);
+    this.parser = new MigrationParser(this.r, this.out, this.pages, ramBlock, ramSize, this.where, this.marks).run();
     this.step();
   }
 
@@ -316,150 +316,269 @@ export function splitEnded(source: Readable, splitter: StreamSplitter): Promise<
   });
 }
 
+/** What the parser reads from: a `need` waits (yields) until `n` bytes have arrived. */
+type Wait = Generator<void, void, void>;
+
 /**
- * The parser, as a generator that yields whenever it needs more data than has arrived (a
- * promise per record would cost more than the parsing). Returns at the end of the RAM section.
+ * The parser, as generators that yield whenever they need more data than has arrived (a promise
+ * per record would cost more than the parsing). `run` returns at the end of the RAM section.
+ * Kept bytes go to `out`; the RAM block's pages to `pages`.
  */
-function* parse(r: Reader, out: Buffer[], pages: PageWriter, ramBlock: string, ramSize: number, where: { what: string }, marks: RamSectionMarks & { kept: number }): Generator<void, void, void> {
-  // Copied: the chunk may be a read buffer that is reused (kept bytes are few: ~70 KB a stream).
-  const keep = (n: number): Buffer => {
-    const b = Buffer.from(r.take(n));
-    out.push(b);
-    marks.kept += n;
+class MigrationParser {
+  /** The stream's migration capabilities (its configuration section). */
+  private capabilities: string[] = [];
+  private ramSection: number | null = null;
+  /** The RAM block the last page named (a CONTINUE page is of the same one). */
+  private lastBlock: string | null = null;
+  /** The block list named our RAM block. */
+  private sawBlock = false;
+
+  constructor(
+    private readonly r: Reader,
+    private readonly out: Buffer[],
+    private readonly pages: PageWriter,
+    private readonly ramBlock: string,
+    private readonly ramSize: number,
+    private readonly where: { what: string },
+    private readonly marks: RamSectionMarks & { kept: number },
+  ) {}
+
+  *run(): Wait {
+    yield* this.header();
+    yield* this.sections();
+    this.pages.flush();
+  }
+
+  // Reading. Kept bytes are copied: the chunk may be a read buffer that is reused (kept bytes are
+  // few: ~70 KB a stream).
+
+  private keep(n: number): Buffer {
+    const b = Buffer.from(this.r.take(n));
+    this.out.push(b);
+    this.marks.kept += n;
     return b;
-  };
-  const u8 = () => keep(1)[0]!;
-  const be32 = () => keep(4).readUInt32BE(0);
-  /** A length byte and that many bytes (an id string), both kept; the string with its length byte. */
-  const str = () => keep(1 + r.peek()).toString('latin1');
-  function* need(n: number, what: string): Generator<void, void, void> {
-    while (!r.has(n)) {
-      where.what = what;
+  }
+
+  private u8(): number {
+    return this.keep(1)[0]!;
+  }
+
+  private be32(): number {
+    return this.keep(4).readUInt32BE(0);
+  }
+
+  /** A length byte and that many bytes (an id string), both kept; the string without its length byte. */
+  private str(): string {
+    return this.keep(1 + this.r.peek()).toString('latin1').slice(1);
+  }
+
+  private *need(n: number, what: string): Wait {
+    while (!this.r.has(n)) {
+      this.where.what = what;
       yield;
     }
   }
+
   /** A length byte and the string after it: waits for both. */
-  function* needStr(what: string): Generator<void, void, void> {
-    yield* need(1, what);
-    yield* need(1 + r.peek(), what);
+  private *needStr(what: string): Wait {
+    yield* this.need(1, what);
+    yield* this.need(1 + this.r.peek(), what);
   }
 
-  yield* need(8, 'the header');
-  if (be32() !== MAGIC) throw new MigrationStreamError('not a QEMU migration stream');
-  const version = be32();
-  if (version !== VERSION) throw new MigrationStreamError(`migration stream version ${version}, expected ${VERSION}`);
+  // The stream's structure.
 
-  let capabilities: string[] = [];
-  let ramSection: number | null = null;
-  let lastBlock: string | null = null;
-  let sawBlock = false;
-
-  /** Section footers are optional in the format (send-section-footer is on for every current machine). */
-  function* footer(sectionId: number): Generator<void, void, void> {
-    yield* need(1, 'a section footer');
-    if (r.peek() !== Section.Footer) return;
-    yield* need(5, 'a section footer');
-    u8();
-    const id = be32();
-    if (id !== sectionId) throw new MigrationStreamError(`section footer for ${id} closes section ${sectionId}`);
+  private *header(): Wait {
+    yield* this.need(8, 'the header');
+    if (this.be32() !== MAGIC) throw new MigrationStreamError('not a QEMU migration stream');
+    const version = this.be32();
+    if (version !== VERSION) throw new MigrationStreamError(`migration stream version ${version}, expected ${VERSION}`);
   }
 
-  function* configuration(): Generator<void, void, void> {
-    yield* need(4, 'the configuration');
-    const len = r.peek(0) * 2 ** 24 + r.peek(1) * 2 ** 16 + r.peek(2) * 2 ** 8 + r.peek(3);
-    yield* need(4 + len, 'the configuration');
-    keep(4 + len); // the machine type
-    for (;;) {
-      yield* need(1, 'the configuration');
-      if (r.peek() !== Section.Subsection) return;
-      u8();
-      yield* needStr('a configuration subsection');
-      const name = str().slice(1);
-      yield* need(4, 'a configuration subsection');
-      be32(); // version
-      if (name === 'configuration/capabilities') {
-        yield* need(4, 'the capabilities');
-        const n = be32();
-        capabilities = [];
-        for (let i = 0; i < n; i++) {
-          yield* needStr('the capabilities');
-          capabilities.push(str().slice(1));
+  /** Sections up to the END of the RAM section (the configuration may only come first). */
+  private *sections(): Wait {
+    for (let first = true; ; first = false) {
+      yield* this.need(1, 'a section type');
+      const type = this.u8();
+      if (type === Section.Configuration && first) yield* this.configuration();
+      else if (type === Section.Start || type === Section.Full) yield* this.ramStart(type);
+      else if (type === Section.Command) yield* this.command();
+      else if (type === Section.Part || type === Section.End) {
+        yield* this.ramPart();
+        if (type === Section.End) {
+          this.marks.end = this.marks.kept;
+          return;
         }
-      } else if (name === 'configuration/target-page-bits') {
-        yield* need(4, 'the target page bits');
-        if (be32() !== 12) throw new MigrationStreamError('target pages are not 4 KiB');
-      } else if (name === 'configuration/uuid') {
-        yield* need(16, 'the uuid');
-        keep(16);
       } else {
-        throw new MigrationStreamError(`unknown configuration subsection ${name}`);
+        throw new MigrationStreamError(`unexpected section type 0x${type.toString(16)} before the end of RAM`);
       }
     }
   }
 
-  /** One RAM section's records, up to its EOS. */
-  function* ramRecords(): Generator<void, void, void> {
+  /** The START of the RAM section, with its setup (the block list): the only iterative section allowed. */
+  private *ramStart(type: number): Wait {
+    yield* this.need(5, 'a section header');
+    const id = this.be32();
+    yield* this.needStr('a section header');
+    const name = this.str();
+    yield* this.need(8, 'a section header');
+    this.keep(8); // instance id, version id
+    if (type === Section.Full || name !== 'ram' || this.ramSection !== null) {
+      throw new MigrationStreamError(`section "${name}" (type ${type}) before the end of RAM: only RAM may be iterative`);
+    }
+    this.ramSection = id;
+    this.marks.section = id;
+    yield* this.ramRecords();
+    yield* this.footer(id);
+    this.marks.setupEnd = this.marks.kept;
+  }
+
+  /** A PART or END of the RAM section. */
+  private *ramPart(): Wait {
+    yield* this.need(4, 'a section header');
+    const id = this.be32();
+    if (id !== this.ramSection) throw new MigrationStreamError(`section ${id} is not the RAM section`);
+    yield* this.ramRecords();
+    yield* this.footer(id);
+  }
+
+  /**
+   * Newer QEMUs (10 in Debian 13) send commands between sections: switchover-start before the
+   * last of RAM and the device state. A 16-bit command and a 16-bit length, kept for the children
+   * as they are. Only those whose bytes are all inside: a packaged stream (postcopy) follows its
+   * command.
+   */
+  private *command(): Wait {
+    yield* this.need(4, 'a command');
+    const cmd = this.r.peek(0) * 2 ** 8 + this.r.peek(1);
+    const len = this.r.peek(2) * 2 ** 8 + this.r.peek(3);
+    if (!PASSED_COMMANDS.has(cmd)) throw new MigrationStreamError(`unhandled migration command ${cmd} (only ping and switchover-start are passed through)`);
+    yield* this.need(4 + len, 'a command');
+    this.keep(4 + len);
+  }
+
+  /** Section footers are optional in the format (send-section-footer is on for every current machine). */
+  private *footer(sectionId: number): Wait {
+    yield* this.need(1, 'a section footer');
+    if (this.r.peek() !== Section.Footer) return;
+    yield* this.need(5, 'a section footer');
+    this.u8();
+    const id = this.be32();
+    if (id !== sectionId) throw new MigrationStreamError(`section footer for ${id} closes section ${sectionId}`);
+  }
+
+  /** The configuration section: the machine type, then subsections. */
+  private *configuration(): Wait {
+    yield* this.need(4, 'the configuration');
+    const r = this.r;
+    const len = r.peek(0) * 2 ** 24 + r.peek(1) * 2 ** 16 + r.peek(2) * 2 ** 8 + r.peek(3);
+    yield* this.need(4 + len, 'the configuration');
+    this.keep(4 + len); // the machine type
     for (;;) {
-      if (lastBlock === ramBlock) continuations();
+      yield* this.need(1, 'the configuration');
+      if (r.peek() !== Section.Subsection) return;
+      this.u8();
+      yield* this.configurationSubsection();
+    }
+  }
+
+  /** One subsection of the configuration: the capabilities are noted, the page size checked. */
+  private *configurationSubsection(): Wait {
+    yield* this.needStr('a configuration subsection');
+    const name = this.str();
+    yield* this.need(4, 'a configuration subsection');
+    this.be32(); // version
+    if (name === 'configuration/capabilities') {
+      yield* this.need(4, 'the capabilities');
+      const n = this.be32();
+      this.capabilities = [];
+      for (let i = 0; i < n; i++) {
+        yield* this.needStr('the capabilities');
+        this.capabilities.push(this.str());
+      }
+    } else if (name === 'configuration/target-page-bits') {
+      yield* this.need(4, 'the target page bits');
+      if (this.be32() !== 12) throw new MigrationStreamError('target pages are not 4 KiB');
+    } else if (name === 'configuration/uuid') {
+      yield* this.need(16, 'the uuid');
+      this.keep(16);
+    } else {
+      throw new MigrationStreamError(`unknown configuration subsection ${name}`);
+    }
+  }
+
+  // RAM records.
+
+  /** One RAM section's records, up to its EOS. */
+  private *ramRecords(): Wait {
+    const r = this.r;
+    for (;;) {
+      if (this.lastBlock === this.ramBlock) this.continuations();
       // The longest record (header, id string, page) is usually there already.
-      if (!r.has(8 + 256 + PAGE)) yield* need(8, 'a RAM record');
+      if (!r.has(8 + 256 + PAGE)) yield* this.need(8, 'a RAM record');
       const hi = r.peek32(0);
       const lo = r.peek32(4);
       const flags = lo & 0xfff;
       const offset = hi * 2 ** 32 + ((lo & ~0xfff) >>> 0);
       if (flags === Flag.Eos) {
-        keep(8);
+        this.keep(8);
         return;
       }
       if (flags === Flag.MemSize) {
-        keep(8);
-        if (capabilities.includes('postcopy-ram')) throw new MigrationStreamError('postcopy streams are not handled');
-        const withAddress = capabilities.includes('x-ignore-shared');
-        let left = offset;
-        while (left > 0) {
-          yield* needStr('the RAM block list');
-          const id = str().slice(1);
-          yield* need(withAddress ? 16 : 8, 'the RAM block list');
-          const length = Number(keep(8).readBigUInt64BE(0));
-          if (withAddress) keep(8);
-          if (id === ramBlock) {
-            if (length !== ramSize) throw new MigrationStreamError(`RAM block ${id} is ${length} bytes, the RAM file ${ramSize}`);
-            sawBlock = true;
-          }
-          left -= length;
-        }
-        if (!sawBlock) throw new MigrationStreamError(`the stream has no RAM block named ${ramBlock}`);
+        this.keep(8);
+        yield* this.blockList(offset);
         continue;
       }
-      const zero = (flags & Flag.Zero) !== 0;
-      if ((flags & ~(Flag.Zero | Flag.Page | Flag.Continue)) !== 0 || zero === ((flags & Flag.Page) !== 0)) {
-        throw new MigrationStreamError(`unhandled RAM record flags 0x${flags.toString(16)} (only plain pages, zero pages and EOS are split)`);
-      }
+      const zero = pageRecordIsZero(flags);
       const named = (flags & Flag.Continue) === 0;
-      if (named && !r.has(9)) yield* need(9, 'a RAM page');
+      if (named && !r.has(9)) yield* this.need(9, 'a RAM page');
       const idLength = named ? 1 + r.peek(8) : 0;
       const length = 8 + idLength + (zero ? 1 : PAGE);
-      if (!r.has(length)) yield* need(length, 'a RAM page');
-      if (named) {
-        const len = r.peek(8);
-        let id = '';
-        for (let i = 0; i < len; i++) id += String.fromCharCode(r.peek(9 + i));
-        lastBlock = id;
-      } else if (lastBlock === null) {
-        throw new MigrationStreamError('a RAM page continues no block');
+      if (!r.has(length)) yield* this.need(length, 'a RAM page');
+      this.pageRecord(offset, zero, idLength, length);
+    }
+  }
+
+  /** The RAM section's block list (MEM_SIZE: `total` bytes of blocks): ours must be there, as large as the RAM file. */
+  private *blockList(total: number): Wait {
+    if (this.capabilities.includes('postcopy-ram')) throw new MigrationStreamError('postcopy streams are not handled');
+    const withAddress = this.capabilities.includes('x-ignore-shared');
+    for (let left = total; left > 0;) {
+      yield* this.needStr('the RAM block list');
+      const id = this.str();
+      yield* this.need(withAddress ? 16 : 8, 'the RAM block list');
+      const length = Number(this.keep(8).readBigUInt64BE(0));
+      if (withAddress) this.keep(8);
+      if (id === this.ramBlock) {
+        if (length !== this.ramSize) throw new MigrationStreamError(`RAM block ${id} is ${length} bytes, the RAM file ${this.ramSize}`);
+        this.sawBlock = true;
       }
-      if (lastBlock === ramBlock) {
-        if (zero) {
-          const fill = r.peek(8 + idLength);
-          r.skip(length);
-          pages.fill(offset, fill);
-        } else {
-          r.skip(8 + idLength);
-          pages.page(offset, r.take(PAGE));
-        }
-      } else {
-        keep(length);
-      }
+      left -= length;
+    }
+    if (!this.sawBlock) throw new MigrationStreamError(`the stream has no RAM block named ${this.ramBlock}`);
+  }
+
+  /**
+   * One page record, all `length` bytes of it arrived: a page of our RAM block goes to the RAM
+   * file (a zero page as a fill), another block's is kept.
+   */
+  private pageRecord(offset: number, zero: boolean, idLength: number, length: number): void {
+    const r = this.r;
+    if (idLength) {
+      let id = '';
+      for (let i = 1; i < idLength; i++) id += String.fromCharCode(r.peek(8 + i));
+      this.lastBlock = id;
+    } else if (this.lastBlock === null) {
+      throw new MigrationStreamError('a RAM page continues no block');
+    }
+    if (this.lastBlock !== this.ramBlock) {
+      this.keep(length);
+    } else if (zero) {
+      const fill = r.peek(8 + idLength);
+      r.skip(length);
+      this.pages.fill(offset, fill);
+    } else {
+      r.skip(8 + idLength);
+      this.pages.page(offset, r.take(PAGE));
     }
   }
 
@@ -467,8 +586,8 @@ function* parse(r: Reader, out: Buffer[], pages: PageWriter, ramBlock: string, r
    * The bulk of the stream: pages of the RAM block that continue it (no id string), parsed in
    * place in the current chunk without allocating (zero pages are just skipped).
    */
-  const continuations = () => {
-    const w = r.window();
+  private continuations(): void {
+    const w = this.r.window();
     if (!w) return;
     const { buf } = w;
     let at = w.at;
@@ -478,68 +597,24 @@ function* parse(r: Reader, out: Buffer[], pages: PageWriter, ramBlock: string, r
       const flags = lo & 0xfff;
       const offset = buf.readUInt32BE(at) * 2 ** 32 + ((lo & ~0xfff) >>> 0);
       if (flags === (Flag.Zero | Flag.Continue)) {
-        pages.fill(offset, buf[at + 8]!);
+        this.pages.fill(offset, buf[at + 8]!);
         at += 9;
       } else if (flags === (Flag.Page | Flag.Continue) && at + 8 + PAGE <= buf.length) {
-        pages.page(offset, buf.subarray(at + 8, at + 8 + PAGE));
+        this.pages.page(offset, buf.subarray(at + 8, at + 8 + PAGE));
         at += 8 + PAGE;
       } else {
         break;
       }
     }
-    r.consume(at - w.at);
-  };
-
-  for (let first = true; ; first = false) {
-    yield* need(1, 'a section type');
-    const type = u8();
-    if (type === Section.Configuration && first) {
-      yield* configuration();
-      continue;
-    }
-    if (type === Section.Start || type === Section.Full) {
-      yield* need(5, 'a section header');
-      const id = be32();
-      yield* needStr('a section header');
-      const name = str().slice(1);
-      yield* need(8, 'a section header');
-      keep(8); // instance id, version id
-      if (type === Section.Full || name !== 'ram' || ramSection !== null) {
-        throw new MigrationStreamError(`section "${name}" (type ${type}) before the end of RAM: only RAM may be iterative`);
-      }
-      ramSection = id;
-      marks.section = id;
-      yield* ramRecords();
-      yield* footer(id);
-      marks.setupEnd = marks.kept;
-      continue;
-    }
-    if (type === Section.Command) {
-      // Newer QEMUs (10 in Debian 13) send commands between sections: switchover-start before
-      // the last of RAM and the device state. A 16-bit command and a 16-bit length, kept for the
-      // children as they are. Only those whose bytes are all inside: a packaged stream (postcopy)
-      // follows its command.
-      yield* need(4, 'a command');
-      const cmd = r.peek(0) * 2 ** 8 + r.peek(1);
-      const len = r.peek(2) * 2 ** 8 + r.peek(3);
-      if (!PASSED_COMMANDS.has(cmd)) throw new MigrationStreamError(`unhandled migration command ${cmd} (only ping and switchover-start are passed through)`);
-      yield* need(4 + len, 'a command');
-      keep(4 + len);
-      continue;
-    }
-    if (type === Section.Part || type === Section.End) {
-      yield* need(4, 'a section header');
-      const id = be32();
-      if (id !== ramSection) throw new MigrationStreamError(`section ${id} is not the RAM section`);
-      yield* ramRecords();
-      yield* footer(id);
-      if (type === Section.End) {
-        marks.end = marks.kept;
-        break;
-      }
-      continue;
-    }
-    throw new MigrationStreamError(`unexpected section type 0x${type.toString(16)} before the end of RAM`);
+    this.r.consume(at - w.at);
   }
-  pages.flush();
+}
+
+/** Whether a page record's flags say a zero page (else a full page); throws for any other record. */
+function pageRecordIsZero(flags: number): boolean {
+  const zero = (flags & Flag.Zero) !== 0;
+  if ((flags & ~(Flag.Zero | Flag.Page | Flag.Continue)) !== 0 || zero === ((flags & Flag.Page) !== 0)) {
+    throw new MigrationStreamError(`unhandled RAM record flags 0x${flags.toString(16)} (only plain pages, zero pages and EOS are split)`);
+  }
+  return zero;
 }

@@ -14,7 +14,7 @@
  * construction; and another VM's QEMU cannot even reach it (/proc/<pid>/fd of a process of
  * another uid is closed to it).
  */
-import type { Spawner, SpawnerMemfd } from '../../spawner.js';
+import type { Spawner, SpawnerMemfd } from '../shared/spawner.js';
 
 /** The fd a QEMU gets its shared RAM at, and the mem-path that names it. */
 export const QEMU_RAM_FD = 3;

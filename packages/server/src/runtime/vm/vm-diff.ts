@@ -16,8 +16,7 @@ import { randomBytes } from 'node:crypto';
 import { createTwoFilesPatch } from 'diff';
 import { z } from 'zod';
 import { FILE_CHUNK_BYTES } from '@podflare/protocol';
-import type { AgentChannel } from '../../agent-channel.js';
-import { SandboxError } from '../sandbox-error.js';
+import { SandboxError, type AgentClient } from '@podflare/runtime';
 import type { DiffOptions, FileDiff } from '../runtime.js';
 
 type Entry = [path: string, type: 'f' | 'd' | 'l' | 'o', size: number, mode: number, mtimeNs: number, link: string | null];
@@ -49,7 +48,7 @@ const ManifestEntry = z.tuple([
  * Reads a guest file in chunks, at most `maxBytes` of it: null when it holds more (the guest's
  * size claims are not trusted; the bytes it sends are counted).
  */
-async function readCapped(channel: AgentChannel, path: string, maxBytes: number, onChunk?: (chunk: Buffer) => void): Promise<Buffer | null> {
+async function readCapped(channel: AgentClient, path: string, maxBytes: number, onChunk?: (chunk: Buffer) => void): Promise<Buffer | null> {
   const parts: Buffer[] = [];
   for (let offset = 0; ;) {
     const r = await channel.request({ op: 'file_read', path, offset, length: FILE_CHUNK_BYTES });
@@ -63,7 +62,7 @@ async function readCapped(channel: AgentChannel, path: string, maxBytes: number,
 }
 
 /** The guest's listing, parsed line by line as it is read (never held whole as text). */
-async function manifest(channel: AgentChannel, paths: string[] | undefined): Promise<Map<string, Entry>> {
+async function manifest(channel: AgentClient, paths: string[] | undefined): Promise<Map<string, Entry>> {
   const out = `/dev/shm/.podflare-manifest-${randomBytes(6).toString('hex')}`;
   try {
     await channel.request({ op: 'manifest', paths: paths?.length ? paths : undefined, out });
@@ -112,7 +111,7 @@ function asText(data: Buffer): string | null {
   return Buffer.byteLength(text) === data.length && !text.includes('\ufffd') ? text : null;
 }
 
-export async function vmDiff(a: AgentChannel, b: AgentChannel, opts: DiffOptions): Promise<FileDiff> {
+export async function vmDiff(a: AgentClient, b: AgentClient, opts: DiffOptions): Promise<FileDiff> {
   const [ma, mb] = await Promise.all([manifest(a, opts.paths), manifest(b, opts.paths)]);
   const added: string[] = [];
   const removed: string[] = [];

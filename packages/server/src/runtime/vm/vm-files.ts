@@ -41,7 +41,7 @@ import { constants as fsConstants } from 'node:fs';
 import { chmod, lchown, lstat, mkdir, open, rm, stat, type FileHandle } from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
-import type { Spawner } from '../../spawner.js';
+import type { Spawner } from '../shared/spawner.js';
 
 const { O_CREAT, O_EXCL, O_NOFOLLOW, O_NONBLOCK, O_RDONLY, O_RDWR } = fsConstants;
 

@@ -16,7 +16,7 @@ import { randomBytes } from 'node:crypto';
 import { constants as fsConstants } from 'node:fs';
 import { lstat, mkdir, open, readdir, readFile, stat, unlink } from 'node:fs/promises';
 import path from 'node:path';
-import type { Spawner } from '../../spawner.js';
+import type { Spawner } from '../shared/spawner.js';
 
 /** Machine-wide (every server's ids), on tmpfs: gone with a reboot, as every VM is. */
 export const DEFAULT_ID_LOCK_DIR = '/run/podflare-vm-ids';

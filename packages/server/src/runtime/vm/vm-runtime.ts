@@ -39,12 +39,12 @@ import { constants as fsConstants } from 'node:fs';
 import { copyFile, readdir, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { ChannelClosedError, type AgentChannel } from '../../agent-channel.js';
-import { SandboxError } from '../sandbox-error.js';
 import type { VmImagePaths } from '../../image/vm-image.js';
-import { MB } from '../../limits.js';
 import type { Logger } from '../../log.js';
 import { isAlive, pssOf, run } from '../../proc.js';
-import type { DiffOptions, FileDiff, ReconcileReport, Runtime, RuntimeSandbox, SandboxSpec } from '../runtime.js';
+import {
+  SandboxError, type DiffOptions, type FileDiff, type ReconcileReport, type Runtime, type RuntimeName, type RuntimeSandbox, type SandboxSpec,
+} from '@podflare/runtime';
 import { InFlight } from '../in-flight.js';
 import type { Acceleration } from './qemu-args.js';
 import { vmDiff } from './vm-diff.js';
@@ -53,13 +53,15 @@ import { deviceSections, forkSkeleton, type ForkSkeleton } from './fork-state.js
 import { OverlayMaker } from './overlay-maker.js';
 import { incoming, migrateToFile, MIGRATION_CAPABILITIES, UNTHROTTLED, waitMigration, type StateSource } from './vm-migration.js';
 import type { Qmp } from './qmp.js';
-import type { Spawner } from '../../spawner.js';
+import type { Spawner } from '../shared/spawner.js';
 import { consoleTail, kvmGroup, launchQemu, qemuPidsUnder, setPriorityAll, stopVm, waitExit, type QemuHost, type VmProcess } from './vm-process.js';
 import { copyRegular, freshDir, handOver, privateFile, readRegular, rootDir, runAsVm, vmDir, writeNew, type Owner, type VmIdentity } from './vm-files.js';
 import { VmIdPool } from './vm-ids.js';
 import { SharedRam } from './shared-ram.js';
 
 export interface VmRuntimeOptions {
+  /** The name it is registered under (runtime/drivers.ts). */
+  name: RuntimeName;
   stateDir: string;
   accel: Acceleration;
   /** The guest image; built on first use when this returns a promise that builds it. */
@@ -86,6 +88,7 @@ export interface VmRuntimeOptions {
   log: Logger;
 }
 
+const MB = 1024 * 1024;
 const DEFAULT_MEMORY_MB = 512;
 /** A VM's device state is tens of KB (the RAM is apart): a file much larger is not one. */
 const MAX_DEVICE_STATE = 16 * MB;
@@ -186,9 +189,11 @@ export class VmSandbox implements RuntimeSandbox {
   }
 }
 
-export class VmRuntime implements Runtime {
-  readonly name = 'vm' as const;
-  readonly capabilities = { fork: true, freeze: true, egress: true, egressPolicy: false };
+export class VmRuntime implements Runtime<VmSandbox> {
+  readonly name: RuntimeName;
+  /** VM clones cost far more than namespace sandboxes (a QEMU each, ~100 MB): few warm per key. */
+  readonly warmPoolMax = 2;
+  readonly capabilities = { fork: true, freeze: true, egress: true, egressPolicy: false, limits: false };
   /** Fork layers: how many VMs stand on each, and its fork point's group. */
   private readonly layerRefs = new Map<string, { refs: number; gid: number }>();
   private readonly ids: VmIdPool;
@@ -206,6 +211,7 @@ export class VmRuntime implements Runtime {
   private readonly qemuHost: QemuHost;
 
   constructor(private readonly opts: VmRuntimeOptions) {
+    this.name = opts.name;
     this.memoryMb = opts.memoryMb ?? DEFAULT_MEMORY_MB;
     this.forkCopyLimitMb = opts.forkCopyLimitMb ?? this.memoryMb / 8;
     this.qemuHost = { accel: opts.accel, memoryMb: this.memoryMb, kvmGid: kvmGroup(opts.accel), image: () => opts.image(), spawner: opts.spawner };
@@ -222,7 +228,7 @@ export class VmRuntime implements Runtime {
   }
 
   /** A VM cannot be taken back after a crash (its channel died with the server): clean up. */
-  async reconcile(_knownIds: string[]): Promise<ReconcileReport> {
+  async reconcile(_knownIds: string[]): Promise<ReconcileReport<VmSandbox>> {
     // QEMUs die with the server (pdeathsig); a crashed server leaves only files behind.
     for (const pid of await qemuPidsUnder(this.vmDir)) {
       try { process.kill(pid, 'SIGKILL'); } catch { /* gone */ }
@@ -239,15 +245,15 @@ export class VmRuntime implements Runtime {
     return { adopted: [], cleaned: [] };
   }
 
-  start(spec: SandboxSpec): Promise<RuntimeSandbox> {
+  start(spec: SandboxSpec): Promise<VmSandbox> {
     return this.inFlight.track(() => this.startClone(spec));
   }
 
-  fork(parent: RuntimeSandbox, specs: SandboxSpec[]): Promise<RuntimeSandbox[]> {
-    return this.inFlight.track(() => this.forkChildren(parent as VmSandbox, specs));
+  fork(parent: VmSandbox, specs: SandboxSpec[]): Promise<VmSandbox[]> {
+    return this.inFlight.track(() => this.forkChildren(parent, specs));
   }
 
-  diff(a: RuntimeSandbox, b: RuntimeSandbox, opts: DiffOptions): Promise<FileDiff> {
+  diff(a: VmSandbox, b: VmSandbox, opts: DiffOptions): Promise<FileDiff> {
     return vmDiff(a.channel, b.channel, opts);
   }
 
@@ -356,7 +362,7 @@ export class VmRuntime implements Runtime {
     }
   }
 
-  private async startClone(spec: SandboxSpec): Promise<RuntimeSandbox> {
+  private async startClone(spec: SandboxSpec): Promise<VmSandbox> {
     const tpl = await this.template(spec.template, spec.egress === true);
     return this.restore(spec, { template: tpl, ram: { shared: tpl.ram! }, disk: { overlayOf: tpl.cloneOverlay }, state: tpl.stateData, layers: [] });
   }
@@ -484,7 +490,7 @@ export class VmRuntime implements Runtime {
    * its mapping of the RAM file has no resident page until then), and a child's guest runs only
    * once its migration has completed.
    */
-  private async forkChildren(parent: VmSandbox, specs: SandboxSpec[]): Promise<RuntimeSandbox[]> {
+  private async forkChildren(parent: VmSandbox, specs: SandboxSpec[]): Promise<VmSandbox[]> {
     if (!this.live.has(parent.id)) throw new SandboxError('conflict', 'the sandbox is not running');
     const t0 = performance.now();
     const phase = (name: string, extra: Record<string, unknown> = {}) => this.opts.log.debug(`vm fork: ${name}`, { parent: parent.id, ms: Math.round(performance.now() - t0), ...extra });
@@ -683,8 +689,7 @@ export class VmRuntime implements Runtime {
    * rebased by qemu-img as the VM's own uid (its header names the backing file qemu-img opens),
    * in the VM's directory, and only then copied into `dir` (vm-files.ts).
    */
-  async freeze(rt: RuntimeSandbox, dir: string): Promise<void> {
-    const s = rt as VmSandbox;
+  async freeze(s: VmSandbox, dir: string): Promise<void> {
     const qmp = s.vm.qmp;
     await rootDir(path.dirname(dir), 0o700, this.opts.stateDir);
     await freshDir(dir, 0o700);
@@ -708,7 +713,7 @@ export class VmRuntime implements Runtime {
     await s.destroy();
   }
 
-  async resume(spec: SandboxSpec, dir: string): Promise<RuntimeSandbox> {
+  async resume(spec: SandboxSpec, dir: string): Promise<VmSandbox> {
     return this.inFlight.track(async () => {
       // Read as untrusted: a frozen directory of an older server was its QEMU's.
       const meta = JSON.parse((await readRegular(path.join(dir, 'vm.json'), MAX_FROZEN_META)).toString('utf8')) as { network: boolean; memoryMb: number };

@@ -10,16 +10,16 @@
  * which fails the call (a reply) or is logged and dropped (an event).
  */
 import { EventEmitter } from 'node:events';
-import { HelperProcess } from './helper-process.js';
+import { HelperProcess } from '../../helper-process.js';
 import {
   describeIssue, parseHelperReply, SpawnerEvent, SpawnerReplySchemas, SpawnerRequestSchemas,
   type SpawnerOp, type SpawnerReply, type SpawnerRequest,
-} from './host-protocol.js';
-import type { Logger } from './log.js';
+} from '../../host-protocol.js';
+import type { Logger } from '../../log.js';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
-const SPAWNER = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../host/podflare_spawner.py');
+const SPAWNER = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../../host/podflare_spawner.py');
 
 export interface SpawnOptions {
   /** The child gets a pipe's write end at this fd; its first byte resolves `ready`. */

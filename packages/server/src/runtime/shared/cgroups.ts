@@ -11,7 +11,7 @@
 import { existsSync, readFileSync } from 'node:fs';
 import { appendFile, mkdir, readdir, stat, readFile, rmdir, writeFile } from 'node:fs/promises';
 import path from 'node:path';
-import type { LimitCounters, SandboxLimits } from './runtime/runtime.js';
+import type { LimitCounters, SandboxLimits } from '@podflare/runtime';
 
 type Limits = Pick<SandboxLimits, 'cpus' | 'memoryBytes' | 'pids'>;
 

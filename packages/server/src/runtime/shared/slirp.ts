@@ -4,7 +4,7 @@
  * `--disable-host-loopback` keeps the host's 127.0.0.1 (the server's API included) out of reach.
  * Nothing listens inbound. With egress off no slirp is attached: the namespace has only `lo`.
  */
-import type { Spawner } from '../../spawner.js';
+import type { Spawner } from './spawner.js';
 
 export interface Slirp {
   pid: number;

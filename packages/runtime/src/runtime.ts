@@ -1,0 +1,135 @@
+/**
+ * The runtime interface: how the server gets an isolated Linux environment with an agent inside.
+ * Runtimes declare what they can do (capabilities) rather than throwing when asked; the sandbox
+ * manager and the API never look past this interface.
+ */
+import type { EgressSetting, FileDiff } from '@podflare/protocol';
+import type { AgentClient } from './agent-client.js';
+import type { RuntimeName } from './names.js';
+export type { FileDiff };
+
+export interface RuntimeCapabilities {
+  /** Copy-on-write fork of a live sandbox. */
+  fork: boolean;
+  /** Freeze to disk and resume. */
+  freeze: boolean;
+  /** Outbound network when asked for (egress: true). */
+  egress: boolean;
+  /** Outbound network through the host's policy proxy (egress: {allow: [...]}). */
+  egressPolicy: boolean;
+  /** Live sandboxes can outlive the server (close with keepSandboxes) and be adopted by the next one. */
+  outlivesServer?: boolean;
+  /** Enforces each sandbox's CPU, memory and process limits (`setLimits`, `limitCounters`). */
+  limits: boolean;
+}
+
+export interface SandboxSpec {
+  /** The API id (sbx_…); also names the sandbox's directories. */
+  id: string;
+  template: string;
+  /** true: user-mode networking; false: none; {allow}: only through the host's policy proxy. */
+  egress: EgressSetting;
+  hostname: string;
+  /**
+   * Start at low CPU priority (raised back once ready): warm-pool refills then never slow down
+   * the execs of sandboxes in use on a small host.
+   */
+  background?: boolean;
+  /** Extra environment for the agent (and so the interpreter). */
+  env?: Record<string, string>;
+  limits: SandboxLimits;
+}
+
+/** Resource limits of one sandbox (cgroups; disk: the size of its own layer). */
+export interface SandboxLimits {
+  cpus: number;
+  memoryBytes: number;
+  diskBytes: number;
+  /** Processes and threads. */
+  pids: number;
+}
+
+/** How often a sandbox ran into its limits so far (monotonic). */
+export interface LimitCounters {
+  oomKills: number;
+  pidsRefused: number;
+}
+
+export interface RuntimeSandbox {
+  readonly id: string;
+  /** The sandbox's agent: exec, files, fork, variables. */
+  readonly channel: AgentClient;
+  /** Resolves once, when the sandbox has died for any reason (destroyed, crashed, killed). */
+  readonly exited: Promise<{ reason: string }>;
+  /** Kills every process of the sandbox and removes its files; safe to call more than once. */
+  destroy(): Promise<void>;
+  /** Proportional set size of all the sandbox's processes, in bytes. */
+  memoryPss(): Promise<number>;
+  /** Changes the limits of a running sandbox (a pooled one gets the creator's). */
+  setLimits?(limits: SandboxLimits): Promise<void>;
+  /** Where set, exec and fork must wait for it (a fork child still joining its cgroups). */
+  readonly ready?: Promise<void>;
+  /** Limit hits so far, where the runtime enforces limits. */
+  limitCounters?(): Promise<LimitCounters>;
+}
+
+export interface ReconcileReport<S extends RuntimeSandbox = RuntimeSandbox> {
+  /** Sandboxes of the earlier server still working, now driven by this one. */
+  adopted: S[];
+  /** Ids of sandboxes found dead or unreachable, and cleaned up completely. */
+  cleaned: string[];
+}
+
+export interface DiffOptions {
+  /** Restrict to these absolute paths (and what is below them). */
+  paths?: string[];
+  /** Add unified diffs of text files. */
+  content?: boolean;
+}
+
+/**
+ * One runtime: starts, forks, freezes and diffs sandboxes of its own type `S`. Every method that
+ * takes a sandbox is only ever given one this runtime returned (the manager keeps each sandbox with
+ * its runtime), so a driver works on its own type with no downcast.
+ */
+export interface CloseOptions {
+  /** Leave live sandboxes running for the next server (a restart or an upgrade). */
+  keepSandboxes?: boolean;
+}
+
+export interface Runtime<S extends RuntimeSandbox = RuntimeSandbox> {
+  /** The name it is registered under (the API's `runtime` field). */
+  readonly name: RuntimeName;
+  readonly capabilities: RuntimeCapabilities;
+  /**
+   * At most this many warm sandboxes per pool key, where they are costly (a VM's QEMU); unset:
+   * the server's pool size.
+   */
+  readonly warmPoolMax?: number;
+  /**
+   * Start-up after an earlier server on the same state directory ended (maybe killed): takes over
+   * the sandboxes whose agents still answer and removes everything else it left (processes,
+   * mounts, cgroups, layers, directories). `knownIds` are the sandboxes the store lists as live.
+   */
+  reconcile(knownIds: string[]): Promise<ReconcileReport<S>>;
+  start(spec: SandboxSpec): Promise<S>;
+  /**
+   * Copy-on-write children of a live, idle sandbox: memory and files as of now (capability `fork`).
+   * Resolves once every child's agent answers.
+   */
+  fork(parent: S, children: SandboxSpec[]): Promise<S[]>;
+  /**
+   * Freezes a sandbox into `dir` (memory and disk; capability `freeze`) and ends its processes.
+   * What is in `dir` survives a server restart.
+   */
+  freeze?(sandbox: S, dir: string): Promise<void>;
+  /** Resumes a sandbox frozen into `dir` under `spec` (its own id); `dir` may be removed after. */
+  resume?(spec: SandboxSpec, dir: string): Promise<S>;
+  /** What differs between two sandboxes' filesystems: `b` relative to `a`. */
+  diff(a: S, b: S, opts: DiffOptions): Promise<FileDiff>;
+  /**
+   * Destroys every sandbox this runtime started, or with `keepSandboxes` (where the runtime can)
+   * lets go of them alive, for the next server on the state directory to adopt (`reconcile`).
+   */
+  close(opts?: CloseOptions): Promise<void>;
+}
