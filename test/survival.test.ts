@@ -104,7 +104,10 @@ describe('survival of a server restart', () => {
     // Whatever a failed test left: a destroying server takes it over and ends it.
     await serve?.kill9();
     const last = await startServe(stateDir, { poolSize: 0 });
-    await last.stop();
+    await last.stop().catch(() => last.kill9());
+    for (const m of overlayMountsUnder(stateDir).reverse()) {
+      try { execFileSync('umount', ['-l', m]); } catch { /* gone */ }
+    }
     await rm(stateDir, { recursive: true, force: true });
   });
 
