@@ -29,6 +29,8 @@ from podflare_channel import ChannelClosed, ChannelMixin, open_channel
 from podflare_common import HOME, LineBuffer
 from podflare_exec import Exec, ExecMixin, OutputPipe
 from podflare_files import FileOps
+from podflare_processes import ProcessTable
+from podflare_requests import resolve_path
 from podflare_state_ops import StateOpsMixin
 from podflare_worker import Worker
 from podflare_worker_control import WorkerHandle, WorkerMixin
@@ -90,6 +92,8 @@ class Supervisor(ChannelMixin, ExecMixin, WorkerMixin, StateOpsMixin):
             self.sel.register(pipe.fd, selectors.EVENT_READ, self._pipe_reader(pipe))
         self.sel.register(self.wake_r, selectors.EVENT_READ, self._on_wakeup)
         self.sel.register(self.sock, selectors.EVENT_READ, self._on_channel)
+        # Background processes (podflare_processes.py): their own pipes, log and ops.
+        self.procs = ProcessTable(self.sel, self.send, self.children.__setitem__, self._worker_cwd, resolve_path)
 
         self.ops: dict[str, Callable[[dict], dict | None]] = {
             'exec': self._op_exec,
@@ -108,6 +112,7 @@ class Supervisor(ChannelMixin, ExecMixin, WorkerMixin, StateOpsMixin):
             'vars': self._op_vars,
             'restore': self._op_restore,
             'set_time': self._op_set_time,
+            **self.procs.ops(),
         }
 
     # ---- main loop ------------------------------------------------------------------------
@@ -139,6 +144,7 @@ class Supervisor(ChannelMixin, ExecMixin, WorkerMixin, StateOpsMixin):
     def _shutdown(self) -> None:
         """Channel gone: remove pending uploads and kill everything we started."""
         self.files.abort_all()
+        self.procs.kill_all()
         self._prune_bash_groups()
         groups = set(self.bash_groups)
         if self.worker is not None:
@@ -188,10 +194,13 @@ class Supervisor(ChannelMixin, ExecMixin, WorkerMixin, StateOpsMixin):
         times = [t for t in (ex.deadline, ex.kill_at) if t is not None] if ex is not None else []
         if self.worker_start_at is not None:
             times.append(self.worker_start_at)
+        if (proc_deadline := self.procs.next_deadline()) is not None:
+            times.append(proc_deadline)
         return max(0.0, min(times) - time.monotonic()) if times else None
 
     def _check_timers(self) -> None:
         now = time.monotonic()
+        self.procs.check_timers(now)
         if self.worker_start_at is not None and (now >= self.worker_start_at or self.worker is not None):
             self.worker_start_at = None
             if self.worker is None:

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+import podflare_js
 from podflare_common import HOME, TIMEOUT_EXIT_CODE
 from podflare_requests import AgentError, bad_request, check_code, exit_code_of, opt_field, resolve_path
 
@@ -121,11 +122,14 @@ class ExecMixin:
 
     def _op_exec(self, req: dict) -> None:
         language = req.get('language')
-        if language not in ('python', 'bash'):
-            raise bad_request('language must be "python" or "bash"')
+        if language not in ('python', 'bash', 'javascript'):
+            raise bad_request('language must be "python", "bash" or "javascript"')
         code = req.get('code')
         if not isinstance(code, str):
             raise bad_request('code must be a string')
+        if language == 'javascript':  # a bash exec of the persistent REPL's client (podflare_js.py)
+            check_code(code, 'python')
+            code, language = podflare_js.bash_for(code), 'bash'
         check_code(code, language)
         timeout_ms = opt_field(req, 'timeout_ms', int)
         if timeout_ms is not None and timeout_ms <= 0:

@@ -10,6 +10,7 @@ that it can be forked. Standard library only.
 from __future__ import annotations
 
 import builtins
+import gc
 import importlib
 import io
 import json
@@ -248,12 +249,21 @@ class Worker(CellsMixin):
         builtins.display = self.display  # type: ignore[attr-defined]
 
     def _preload(self) -> None:
-        for name in os.environ.get('PODFLARE_PRELOAD', '').split(','):
+        # A zygote's list (the server's, per template) is taken out of the environment once done:
+        # the sandboxes forked from this interpreter must look like fresh ones, and a worker they
+        # restart later starts as a fresh sandbox's does.
+        zygote = os.environ.pop('PODFLARE_ZYGOTE_PRELOAD', None)
+        for name in (os.environ.get('PODFLARE_PRELOAD', '') + ',' + (zygote or '')).split(','):
             if name.strip():
                 try:
                     importlib.import_module(name.strip())
                 except BaseException:  # noqa: BLE001 - a broken preload must not stop the worker
                     pass
+        if zygote is not None:
+            # What is loaded now is shared with every fork: out of the collector's reach, its
+            # pages are not copied into each child by a collection touching them.
+            gc.collect()
+            gc.freeze()
 
     def _on_sigint(self, _signum: int, _frame: Any) -> None:
         # A SIGINT that arrives after the user code finished (timeout racing completion) is moot.

@@ -68,7 +68,7 @@ class WorkerMixin:
             signal.signal(sig, signal.SIG_DFL)
         # Everything the supervisor watches (channel, pipes, leftover bash pipes), plus the rest.
         fds = [key.fd for key in self.sel.get_map().values() if key.fileobj is not self.sock]
-        fds += [self.wake_w, *parent_ends, *self.files.open_fds()]
+        fds += [self.wake_w, *parent_ends, *self.files.open_fds(), *self.procs.open_fds()]
         self.sel.close()
         self.sock.close()
         for fd in fds:

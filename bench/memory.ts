@@ -161,3 +161,61 @@ export async function treeMemory(bwrapPid: number, parentPid = process.pid): Pro
   }
   return read!;
 }
+
+/** Pid namespace levels of a process (NSpid in /proc/<pid>/status: its pid at every level). */
+async function nsLevels(pid: number): Promise<number[]> {
+  try {
+    const m = /^NSpid:\s+(.+)$/m.exec(await readFile(`/proc/${pid}/status`, 'utf8'));
+    return m ? m[1]!.trim().split(/\s+/).map(Number) : [];
+  } catch {
+    return [];
+  }
+}
+
+export interface ZygoteMemory {
+  /** Each sandbox forked from a zygote (PID 1 of a pid namespace nested in the zygote's), with its slirp4netns. */
+  children: SandboxMemory[];
+  /** The zygotes themselves (their own processes only), one per bwrap tree holding such children. */
+  zygotes: SandboxMemory[];
+  /** Sandboxes started by bwrap with no fork children (cold starts). */
+  plain: SandboxMemory[];
+}
+
+/**
+ * Like sandboxMemory, but a bwrap tree holding fork children (a zygote and the pooled sandboxes
+ * forked from it) is split: each child on its own, the zygote apart.
+ */
+export async function sandboxMemoryByNamespace(parentPid = process.pid): Promise<ZygoteMemory> {
+  const children = childrenMap(await processes());
+  const slirps = spawnedSlirps(children, parentPid);
+  const out: ZygoteMemory = { children: [], zygotes: [], plain: [] };
+  const sum = async (root: number, pids: number[]) => {
+    const slirp = slirpsOf(new Set(pids.map(String)), slirps)[0];
+    let pss = 0;
+    for (const pid of pids) pss += await pssBytes(pid);
+    if (slirp) pss += await pssBytes(slirp.pid);
+    return { bwrapPid: root, pids, slirpPid: slirp?.pid ?? null, pssBytes: pss };
+  };
+  for (const b of (children.get(parentPid) ?? []).filter((p) => p.comm === 'bwrap')) {
+    const tree = treeOf(b.pid, children);
+    const init = (children.get(b.pid) ?? [])[0]?.pid;
+    const depth = init ? (await nsLevels(init)).length : 0;
+    const roots: number[] = [];
+    for (const pid of tree) {
+      const levels = await nsLevels(pid);
+      if (depth && levels.length === depth + 1 && levels[depth] === 1) roots.push(pid);
+    }
+    if (roots.length === 0) {
+      out.plain.push(await sum(b.pid, tree));
+      continue;
+    }
+    const inChildren = new Set<number>();
+    for (const r of roots) {
+      const pids = treeOf(r, children);
+      pids.forEach((p) => inChildren.add(p));
+      out.children.push(await sum(r, pids));
+    }
+    out.zygotes.push(await sum(b.pid, tree.filter((p) => !inChildren.has(p))));
+  }
+  return out;
+}

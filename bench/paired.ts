@@ -1,5 +1,6 @@
 /**
- * The paired measure (name for --only: paired): fork(1) and diff latency of THIS build against a
+ * The paired measure (name for --only: paired): fork(1), diff and create → print(1) → close (back
+ * to back, CYCLES_PER_RUN per run: the churn the warm pool must keep up with) latency of THIS build against a
  * baseline build of an earlier commit, measured in the same run, alternating, so that load on the
  * host weighs on both alike. A change that makes root's file work safer (the host helper) or moves
  * it elsewhere must not slow forks and diffs down: the rows say by how much each moved.
@@ -35,6 +36,8 @@ export interface PairedOptions {
 /** How much slower than the baseline a figure may be and still pass. */
 const MAX_SLOWDOWN = 1.1;
 const FILES = 1000;
+/** Back-to-back create → print(1) → close per side per run. */
+const CYCLES_PER_RUN = 5;
 
 interface Side {
   name: string;
@@ -86,17 +89,18 @@ export async function measurePaired(opts: PairedOptions): Promise<void> {
   const runs = Math.min(opts.n, opts.quick ? 20 : 60);
   const warmup = Math.min(opts.warmup, 3);
   const sides: Side[] = [];
-  const samples = new Map<string, { fork: number[]; diff: number[] }>();
+  const samples = new Map<string, { fork: number[]; diff: number[]; cycle: number[] }>();
   const failures = new Failures('paired', failLimit(4 * runs));
   try {
     sides.push(await startSide('this build', thisBuild, opts.imagesDir));
     sides.push(await startSide('baseline', baselineModule, opts.imagesDir));
-    for (const s of sides) samples.set(s.name, { fork: [], diff: [] });
+    for (const s of sides) samples.set(s.name, { fork: [], diff: [], cycle: [] });
     for (let i = 0; i < warmup + runs; i++) {
       // Which side goes first alternates too: neither always follows the other's teardown.
       const order = i % 2 === 0 ? sides : [...sides].reverse();
       for (const side of order) {
-        await side.server.manager.waitPoolFull(120_000);
+        // Both pools full: the other side's refills (after its cycles) must not run under this side's timing.
+        await Promise.all(sides.map((s) => s.server.manager.waitPoolFull(120_000)));
         const fork = await timed(failures, `fork (${side.name})`, () => side.parent.fork(1));
         if (fork) {
           await Promise.all(fork.value.map((k) => k.close()));
@@ -108,6 +112,19 @@ export async function measurePaired(opts: PairedOptions): Promise<void> {
           if (changed !== FILES) failures.record(`diff (${side.name})`, new Error(`${changed} files modified under /root/out, not ${FILES}`));
           else if (i >= warmup) samples.get(side.name)!.diff.push(diff.ms);
         }
+        for (let c = 0; c < CYCLES_PER_RUN; c++) {
+          const cycle = await timed(failures, `cycle (${side.name})`, async () => {
+            const sbx = await Sandbox.create({ client: side.client });
+            try {
+              const ex = await sbx.runCode('print(1)');
+              if (ex.stdout !== '1\n') throw new Error(`print(1) gave ${JSON.stringify(ex.stdout)}`);
+            } finally {
+              await sbx.close();
+            }
+            return true;
+          });
+          if (cycle && i >= warmup) samples.get(side.name)!.cycle.push(cycle.ms);
+        }
       }
     }
   } finally {
@@ -115,12 +132,14 @@ export async function measurePaired(opts: PairedOptions): Promise<void> {
   }
   const ours = samples.get('this build')!;
   const base = samples.get('baseline')!;
-  for (const [label, key] of [['fork(1), 10 MB parent', 'fork'], [`diff of 2 siblings, ${FILES} changed files each`, 'diff']] as const) {
+  for (const [label, key] of [['fork(1), 10 MB parent', 'fork'], [`diff of 2 siblings, ${FILES} changed files each`, 'diff'],
+    [`create → print(1) → close, ${CYCLES_PER_RUN} back to back (pool 2)`, 'cycle']] as const) {
     const a = summarize(ours[key]);
     const b = summarize(base[key]);
     const ratio = a.p50 / b.p50;
     const st = failures.report(status(ratio <= MAX_SLOWDOWN));
-    rows.push(timingRow(`paired: ${label}`, a, `p50 ≤ ${MAX_SLOWDOWN}× baseline`, `baseline p50 ${fmtMs(b.p50)} → ${ratio.toFixed(2)}×`, st));
+    rows.push(timingRow(`paired: ${label}`, a, `p50 ≤ ${MAX_SLOWDOWN}× baseline`,
+      `baseline p50 ${fmtMs(b.p50)} p99 ${fmtMs(b.p99)} → ${ratio.toFixed(2)}× (p99 ${(a.p99 / b.p99).toFixed(2)}×)`, st));
     notes.push(`paired ${key}: ${detail('this build', a)}; ${detail('baseline', b)}, p99 ${fmtMs(b.p99)}`);
   }
   notes.push(`paired: baseline ${opts.baselineDir}; ${runs} runs after ${warmup} warm-ups, the two builds alternating run by run`);

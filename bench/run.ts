@@ -22,6 +22,9 @@
  *   forkvsnaive  fork(5) of a parent that imported pandas and read a 50 MB CSV, vs 5 fresh sandboxes
  *                doing that set-up themselves
  *   diff1000     a.diff(b) of two fork siblings with 1,000 changed files each
+ *   checkpoint   checkpoint() and restore() of a sandbox holding 200 MB (bench/checkpoint.ts)
+ *   atomic       runCode("print(1)", { atomic: true }) against a plain one
+ *   ckptmem      PSS of 10 checkpoints of a 200 MB interpreter, each after a ~1 MB step
  *   forkmem      PSS of parent + 5 children right after fork(5) of a 300 MB state, vs before
  *   load         50 sandboxes × 8 concurrent clients running execs for 60 s (10 s with --quick;
  *                PODFLARE_BENCH_LOAD_SECONDS): zero errors, p50/p99 (bench/resilience.ts)
@@ -31,9 +34,15 @@
  *                PODFLARE_BENCH_SURVIVE_CYCLES): 0 lost, 0 leaks, restart-to-first-exec p50/p99
  *   vm           the microVM runtime (bench/vm.ts): cold boot, create from the pool of clones,
  *                template restore, fork(1)/fork(5) beside the namespace runtime, idle clone PSS
+ *   churn     1,000 back-to-back create → print(1) → close, default pool (bench/churn.ts)
+ *   churn4    the same from 4 concurrent clients
+ *   miss      create on a pool miss served by the zygote (pool off) vs a cold start, and `import pandas`
+ *   fork5py   fork(5) of the 200 MB DataFrame parent timed at the Python SDK (bench/fork-python.ts)
  *   cluster      cluster mode (bench/cluster.ts): 3 nodes in network namespaces + a gateway + PostgreSQL;
  *                create p50/p99 and creates/s with 8 clients through the gateway, the gateway's
  *                paired overhead on exec, 3 nodes × N live sandboxes with 8 clients at work
+ *   ports        an exposed port's HTTP GET through the proxy vs direct into the sandbox, paired (bench/ports.ts)
+ *   pty          PTY keystroke echo round trip over the WebSocket (bench/ports.ts)
  *   paired       fork(1) and diff of this build against a baseline build of an earlier commit, in
  *                one run (bench/paired.ts); only with --baseline DIR (scripts/bench-baseline.sh)
  * The two on-demand measures use a second server whose pool is off (size 0): with a pool, a key
@@ -46,9 +55,10 @@ import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { Client, Sandbox } from 'podflare';
 import { loadConfig, startServer, type RunningServer, type ServerConfig } from '@podflare/server';
+import { CHECKPOINT_MEASURES, measureAtomic, measureCheckpoint, measureCheckpointMemory } from './checkpoint.js';
 import { FORK_MEASURES, measureDiff1000, measureFork1, measureFork5, measureForkMem, measureForkVsNaive } from './fork.js';
 import { runJupyterPeer, PEER_PYTHON, type JupyterResult } from './jupyter.js';
-import { sandboxMemory } from './memory.js';
+import { sandboxMemoryByNamespace } from './memory.js';
 import { detail, Failures, failLimit, failureState, notes, rows, status, timingRow, type Row } from './report.js';
 import { fmtMB, fmtMs, summarize, type Summary } from './stats.js';
 import { formatTable } from './table.js';
@@ -57,9 +67,15 @@ import { measureCrashCycles, measureLoad, measureSurvival, RESILIENCE_MEASURES }
 
 import { measureVmPooled, measureVmUnpooled } from './vm.js';
 import { measurePaired } from './paired.js';
+import { measurePorts, measurePtyEcho, PORT_MEASURES } from './ports.js';
 import { measureCluster } from './cluster.js';
+import { CHURN_MEASURES, measureChurn, measureMiss } from './churn.js';
+import { measureFork5Python } from './fork-python.js';
 
-const MEASURES = ['memory', 'create', 'destroy', 'exec', 'python', 'jupyter', 'cycle', 'nonet', 'ondemand', ...FORK_MEASURES, ...RESILIENCE_MEASURES, 'vm', 'paired', 'cluster'] as const;
+const MEASURES = [
+  'memory', 'create', 'destroy', 'exec', 'python', 'jupyter', 'cycle', 'nonet', 'ondemand', ...FORK_MEASURES, ...CHECKPOINT_MEASURES, ...RESILIENCE_MEASURES,
+  ...CHURN_MEASURES, 'fork5py', 'vm', 'paired', 'cluster', ...PORT_MEASURES,
+] as const;
 type MeasureName = (typeof MEASURES)[number];
 
 const IMAGES_DIR = process.env.PODFLARE_IMAGES_DIR ?? '/var/lib/podflare/images';
@@ -244,8 +260,10 @@ async function measureMemory(bs: BenchServer, opts: Options): Promise<void> {
   await bs.server.manager.waitPoolFull(120_000);
   const live = bs.server.manager.liveCount;
   const pooled = bs.server.manager.poolStats.reduce((s, p) => s + p.ready, 0);
-  const found = await sandboxMemory();
-  if (found.length === 0) throw new Error('no bwrap sandbox process found under this process');
+  // Pooled sandboxes forked from a zygote are nested in its bwrap tree: each is counted on its own.
+  const byNs = await sandboxMemoryByNamespace();
+  const found = [...byNs.children, ...byNs.plain];
+  if (found.length === 0) throw new Error('no sandbox process found under this process');
   const pss = found.map((s) => s.pssBytes);
   const avg = pss.reduce((s, x) => s + x, 0) / pss.length;
   const max = Math.max(...pss);
@@ -257,6 +275,10 @@ async function measureMemory(bs: BenchServer, opts: Options): Promise<void> {
   });
   notes.push(`memory: ${found.length} sandboxes found (pool ready ${pooled}, live ${live}); ${withSlirp} with slirp4netns; ` +
     `${Math.min(...procs)}–${Math.max(...procs)} processes each; min ${fmtMB(Math.min(...pss))}`);
+  for (const z of byNs.zygotes) {
+    notes.push(`memory: a zygote (what the pooled sandboxes are forked from, its template's modules imported) holds ${fmtMB(z.pssBytes)} PSS of its own ` +
+      `(${z.pids.length} processes); its pages are shared with its ${byNs.children.length} children, whose PSS counts their share`);
+  }
   if (found.length !== pooled + live) notes.push(`memory: WARNING found ${found.length} bwrap processes but the server reports ${pooled} pooled + ${live} live`);
 }
 
@@ -469,7 +491,7 @@ async function main(): Promise<void> {
   let jupyter = null as JupyterResult | null;
   let jupyterError = null as Error | null;
 
-  if (has('memory', 'create', 'destroy', 'exec', 'python', 'cycle')) {
+  if (has('memory', 'create', 'destroy', 'exec', 'python', 'cycle', 'ports', 'pty')) {
     let bs = null as BenchServer | null;
     await guarded('server start', async () => {
       bs = await startBenchServer({ poolSize: POOL_SIZE });
@@ -482,6 +504,8 @@ async function main(): Promise<void> {
       if (has('exec')) await guarded('exec', async () => { exec = await measureExec(main, opts); });
       if (has('python')) await guarded('python', () => measurePythonSdk(main.server.url, opts.n));
       if (has('cycle')) await guarded('cycle', () => measureCycle(main, opts));
+      if (has('ports')) await guarded('ports', () => measurePorts(main.server, main.client, opts));
+      if (has('pty')) await guarded('pty', () => measurePtyEcho(main.client, opts));
       await guarded('server stop', () => stopBenchServer(main));
     }
   }
@@ -511,21 +535,34 @@ async function main(): Promise<void> {
     }
   }
 
-  if (has(...FORK_MEASURES)) {
+  if (has(...FORK_MEASURES, 'fork5py', ...CHECKPOINT_MEASURES)) {
     let bs = null as BenchServer | null;
     await guarded('server start (fork measures)', async () => {
-      bs = await startBenchServer({ poolSize: POOL_SIZE });
+      // Parents started by bwrap as before zygotes: forkmem reads the parent's own bwrap tree (a
+      // sandbox forked from a zygote shares its tree with its pool siblings).
+      bs = await startBenchServer({ poolSize: POOL_SIZE, zygote: false });
       await bs.server.manager.waitPoolFull(120_000);
     });
     if (bs) {
       const forkServer: BenchServer = bs;
       if (has('fork5')) await guarded('fork5', () => measureFork5(forkServer, opts));
+      if (has('fork5py')) await guarded('fork5py', () => measureFork5Python(forkServer.server.url, opts.quick));
       if (has('fork1')) await guarded('fork1', () => measureFork1(forkServer, opts));
       if (has('forkvsnaive')) await guarded('forkvsnaive', () => measureForkVsNaive(forkServer, opts));
       if (has('diff1000')) await guarded('diff1000', () => measureDiff1000(forkServer, opts));
       if (has('forkmem')) await guarded('forkmem', () => measureForkMem(forkServer, opts));
+      if (has('checkpoint')) await guarded('checkpoint', () => measureCheckpoint(forkServer, opts));
+      if (has('atomic')) await guarded('atomic', () => measureAtomic(forkServer, opts));
+      if (has('ckptmem')) await guarded('ckptmem', () => measureCheckpointMemory(forkServer, opts));
       await guarded('server stop (fork measures)', () => stopBenchServer(forkServer));
     }
+  }
+
+  if (has(...CHURN_MEASURES)) {
+    const churnOpts = { quick: opts.quick, start: startBenchServer, stop: stopBenchServer };
+    if (has('churn')) await guarded('churn', () => measureChurn(churnOpts, 1));
+    if (has('churn4')) await guarded('churn4', () => measureChurn(churnOpts, 4));
+    if (has('miss')) await guarded('miss', () => measureMiss(churnOpts));
   }
 
   if (has('paired')) {

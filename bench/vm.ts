@@ -138,9 +138,18 @@ export async function measureVmUnpooled(bs: VmBenchServer, opts: VmOptions): Pro
   const restores: RestoreSample[] = [];
   const fork5: ForkSample[] = [];
   const restores5: number[] = [];
+  const checkpoints: number[] = [];
+  const restoresOfCheckpoint: number[] = [];
   try {
     await parent.runCode('import random\nstate = list(range(100000))');
     fork1 = await forkRuns(parent, 1, runs, 'vm');
+    // Checkpoints (issue 23): a checkpoint is a fork child kept aside; a restore promotes it.
+    for (let i = 0; i < runs; i++) {
+      const { ms, value: cp } = await timed(() => parent.checkpoint());
+      checkpoints.push(ms);
+      restoresOfCheckpoint.push((await timed(() => parent.restore(cp))).ms);
+      await parent.deleteCheckpoint(cp); // waits for the copy the restore keeps (untimed)
+    }
     for (let i = 0; i < runs; i++) {
       restores.push(await restoreOnce(bs, 'vm'));
       await sleep(500);
@@ -154,6 +163,8 @@ export async function measureVmUnpooled(bs: VmBenchServer, opts: VmOptions): Pro
   const rv = summarize(restores.map((r) => r.ms));
   rows.push(timingRow('vm: create, pool off (template restore)', rv, '– (TCG)', `ns: ${fmtMs(summarize(nsRestores).p50)} (bwrap start)`, '–'));
   rows.push(timingRow('vm: fork(1)', summarize(fork1.map((f) => f.ms)), '– (side by side)', '–', '–'));
+  rows.push(timingRow('vm: checkpoint()', summarize(checkpoints), '– (beside fork(1))', '–', '–'));
+  rows.push(timingRow('vm: restore(checkpoint)', summarize(restoresOfCheckpoint), '– (beside fork(1))', '–', '–'));
   const s = summarize(fork5.map((f) => f.ms));
   const ratio = s.p50 / rv.p50;
   const ok = ratio <= VM_TARGET.fork5VsRestore && s.p50 <= VM_TARGET.fork5Ms;

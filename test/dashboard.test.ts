@@ -211,6 +211,24 @@ describe('dashboard in a real browser', () => {
     await assert.rejects(sbx.runCode('1'));
   });
 
+  it('shows checkpoints on the sandbox timeline and rewinds from the page', async () => {
+    const sbx = await Sandbox.create({ host: server.url, history: 3 });
+    opened.push(sbx);
+    await sbx.runCode('rows = list(range(10))');
+    await sbx.runCode('rows = []  # the bad call');
+    await page.goto(server.url + '/');
+    await page.locator(`tr[data-id="${sbx.id}"]`).click(WAIT);
+    const items = page.getByTestId('checkpoint-item');
+    await eventually(async () => (await items.count()) === 2, 'the two history checkpoints on the timeline');
+    assert.match(await items.nth(1).innerText(), /before: rows = \[\]/);
+    await page.getByTestId('rewind').click();
+    await page.getByTestId('checkpoints-status').getByText('rewind: done').waitFor(WAIT);
+    assert.equal((await sbx.runCode('print(len(rows))')).stdout, '10\n');
+    await page.getByTestId('checkpoint').click();
+    await eventually(async () => (await page.getByTestId('checkpoint-item').filter({ hasText: 'ckpt_' }).count()) === 1, 'the new checkpoint listed');
+    await shot(page, '06-checkpoints');
+  });
+
   it('shows the pool and the latency histograms', async () => {
     await page.goto(server.url + '/');
     await page.getByTestId('nav-pool').click();

@@ -22,7 +22,10 @@ import { IMAGES_DIR, startTestServer, type TestServer } from './helpers/server.j
 
 const MAIN = path.resolve(import.meta.dirname, '../packages/mcp/dist/main.js');
 const CLI = path.resolve(import.meta.dirname, '../packages/cli/dist/main.js');
-const TOOLS = ['create_sandbox', 'run_python', 'run_bash', 'fork', 'diff', 'merge_into', 'upload', 'download', 'destroy_sandbox'];
+const TOOLS = [
+  'create_sandbox', 'run_python', 'run_bash', 'fork', 'diff', 'merge_into', 'checkpoint', 'rewind', 'upload', 'download', 'destroy_sandbox',
+  'start_process', 'read_process_output', 'kill_process', 'expose_port',
+];
 const ID = new RegExp(SANDBOX_ID_SOURCE, 'g');
 const UNKNOWN_ID = `sbx_${'0'.repeat(32)}`;
 
@@ -104,7 +107,7 @@ describe('podflare-mcp over stdio', () => {
     await server?.stop();
   });
 
-  it('lists the nine tools with described, typed input schemas', async () => {
+  it('lists the tools with described, typed input schemas', async () => {
     const { tools } = await session.client.listTools();
     assert.deepEqual(tools.map((t) => t.name).sort(), [...TOOLS].sort());
     for (const tool of tools) {
@@ -165,6 +168,42 @@ describe('podflare-mcp over stdio', () => {
     assert.match(text(failing), /exit code: 3$/);
   });
 
+  it('starts a background process, reads its output from an offset, and kills it', async () => {
+    const { pid } = JSON.parse(await ok(session.client, 'start_process', { command: 'echo first; read x; echo "second $x"; sleep 300' })) as { pid: number };
+    const head = (t: string) => JSON.parse(t.split('\n')[0]!) as { running: boolean; next_offset: number; exit_code: number | null };
+    let first = '';
+    // Polled as an agent would, with a pause: the process may not have written yet.
+    for (let i = 0; i < 300 && !first.includes('first'); i++) {
+      if (i) await new Promise((r) => setTimeout(r, 100));
+      first = await ok(session.client, 'read_process_output', { pid });
+    }
+    assert.match(first, /\nfirst\n/);
+    assert.equal(head(first).running, true);
+    assert.equal(head(first).next_offset, 'first\n'.length);
+    // Python is not blocked by it, and stdin reaches it through the SDK.
+    assert.match(await ok(session.client, 'run_python', { code: 'print(6*7)' }), /42/);
+    await ok(session.client, 'run_bash', { command: 'true' });
+    // stdin is not an MCP tool (an agent pipes input with run_bash): written here through the REST API.
+    const id = (await sessionSandboxes(server.url))[0]!.id;
+    const stdin = await fetch(`${server.url}/v1/sandboxes/${id}/processes/${pid}/stdin`, {
+      method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ data: 'hello\n' }),
+    });
+    assert.equal(stdin.status, 204);
+    let more = '';
+    for (let i = 0; i < 300 && !more.includes('hello'); i++) {
+      if (i) await new Promise((r) => setTimeout(r, 100));
+      more = await ok(session.client, 'read_process_output', { pid, offset: head(first).next_offset });
+    }
+    assert.match(more, /\nsecond hello\n$/);
+    assert.doesNotMatch(more, /first/);
+    const exposed = JSON.parse(await ok(session.client, 'expose_port', { port: 8123 })) as { url: string };
+    assert.match(exposed.url, new RegExp(`^http://127\\.0\\.0\\.1:\\d+/v1/ports/${SANDBOX_ID_SOURCE}\\.8123\\.`));
+    assert.match(await ok(session.client, 'kill_process', { pid }), /Killed/);
+    const after = await ok(session.client, 'read_process_output', { pid });
+    assert.equal(head(after).exit_code, 137);
+    assert.match(await ok(session.client, 'kill_process', { pid }), /already ended/);
+  });
+
   it('stops code at timeout_ms with exit code 124', async () => {
     const started = Date.now();
     const slow = await call(session.client, 'run_python', { code: 'import time\ntime.sleep(30)', timeout_ms: 500 });
@@ -206,6 +245,19 @@ describe('podflare-mcp over stdio', () => {
     assert.match(await ok(session.client, 'merge_into', { parent: forked.parent, winner: b, paths: ['/root/b.txt'] }), /both sandboxes live on/);
     assert.match(await ok(session.client, 'run_python', { code: 'print(plan, open("/root/b.txt").read().strip())' }), /a from b/);
     assert.match(await ok(session.client, 'run_python', { sandbox_id: b, code: 'print(plan)' }), /stdout:\nb\n/);
+  });
+
+  it('lets an agent undo its own step: checkpoint, a destructive call, rewind', async () => {
+    await ok(session.client, 'run_python', { code: 'import os\nos.makedirs("/root/keep", exist_ok=True)\nopen("/root/keep/f", "w").write("mine")\nrows = [1, 2, 3]' });
+    const { checkpoint_id: cp } = JSON.parse(await ok(session.client, 'checkpoint', { name: 'before the risky step' })) as { checkpoint_id: string };
+    assert.match(cp, /^ckpt_[0-9a-f]{24}$/);
+    await ok(session.client, 'run_bash', { command: 'rm -rf /root/keep' });
+    await ok(session.client, 'run_python', { code: 'rows = None' });
+    assert.match(await ok(session.client, 'rewind', { checkpoint_id: cp }), /is back to checkpoint/);
+    assert.match(await ok(session.client, 'run_python', { code: 'print(rows, open("/root/keep/f").read())' }), /\[1, 2, 3\] mine/);
+    const noHistory = await call(session.client, 'rewind', {});
+    assert.equal(noHistory.isError, true);
+    assert.match(text(noHistory), /history/);
   });
 
   it('uploads and downloads text, binary and image files', async () => {

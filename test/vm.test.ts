@@ -270,6 +270,23 @@ describe('vm runtime', { timeout: 600_000 }, () => {
     });
   });
 
+  it('checkpoints a VM and restores it under the same id; an atomic exec that fails is undone', async () => {
+    const vm = await Sandbox.create({ host: server.url, runtime: 'vm' });
+    try {
+      await vm.runCode('x = 1\nopen("/root/f.txt", "w").write("one")');
+      const cp = await vm.checkpoint('one');
+      await vm.runCode('x = 2\nimport os\nos.remove("/root/f.txt")');
+      await vm.restore(cp);
+      assert.equal((await vm.runCode('print(x, open("/root/f.txt").read())')).stdout, '1 one\n');
+      const failed = await vm.runCode('x = 3\n1/0', { atomic: true });
+      assert.equal(failed.rolledBack, true);
+      assert.equal((await vm.runCode('print(x)')).stdout, '1\n');
+      assert.equal((await vm.info()).runtime, 'vm');
+    } finally {
+      await vm.close();
+    }
+  });
+
   it('forks a VM holding more than a fork copies through a fork point RAM file its children share', async () => {
     const parent = await Sandbox.create({ host: server.url, runtime: 'vm' });
     const kids: Sandbox[] = [];

@@ -668,6 +668,16 @@ class TestLifecycle(unittest.TestCase):
         finally:
             agent.close()
 
+    def test_zygote_preload_leaves_no_trace(self) -> None:
+        """A zygote's list is imported and then taken out of the environment (its fork children
+        must look like fresh sandboxes), and what it loaded is out of the collector's reach."""
+        agent = Agent(fd_from_env=True, PODFLARE_ZYGOTE_PRELOAD='wave,no_such_module_xyz')
+        try:
+            code = 'import sys, os, gc; ("wave" in sys.modules, "PODFLARE_ZYGOTE_PRELOAD" in os.environ, gc.get_freeze_count() > 0)'
+            self.assertEqual(agent.run(code).main['text/plain'], '(True, False, True)')
+        finally:
+            agent.close()
+
 
 def _alive(pid: int) -> bool:
     """True if pid runs (a zombie does not count)."""

@@ -15,6 +15,7 @@ from ._errors import (
     AuthenticationError,
     BadRequestError,
     ConflictError,
+    NotSupportedError,
     ForbiddenError,
     NotFoundError,
     PayloadTooLargeError,
@@ -27,7 +28,9 @@ from ._errors import (
     SandboxGoneError,
     ServerError,
 )
+from ._commands import CommandHandle, CommandResult, Commands, ProcessInfo
 from ._files import DownloadStream, Files
+from ._pty import Pty, PtyHandle
 from ._models import Event, ExecError, ExecResult, FileInfo, Result, SandboxInfo
 from ._sandbox import ExecStream, Sandbox
 
@@ -49,6 +52,12 @@ __all__ = [
     "SandboxInfo",
     "FileInfo",
     "Files",
+    "Commands",
+    "CommandHandle",
+    "CommandResult",
+    "ProcessInfo",
+    "Pty",
+    "PtyHandle",
     "DownloadStream",
     "PodflareError",
     "BadRequestError",
@@ -56,6 +65,7 @@ __all__ = [
     "ForbiddenError",
     "NotFoundError",
     "ConflictError",
+    "NotSupportedError",
     "SandboxGoneError",
     "PayloadTooLargeError",
     "InsufficientStorageError",

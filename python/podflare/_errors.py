@@ -135,6 +135,13 @@ class ConflictError(PodflareError):
     default_code = "conflict"
 
 
+class NotSupportedError(PodflareError):
+    """The sandbox's runtime cannot do this (422), e.g. checkpoints where it cannot fork; the
+    message says what it can."""
+
+    default_code = "not_supported"
+
+
 class SandboxGoneError(PodflareError):
     """The sandbox existed but was destroyed: closed, idle timeout, lifetime reached or crashed (410).
     Create a new one; pass a larger ``idle_timeout_seconds`` if it timed out while unused."""
@@ -216,6 +223,8 @@ ERROR_CLASSES: Mapping[str, Type[PodflareError]] = {
     "unavailable": ServerError,
     "timeout": PodflareTimeoutError,
     "insufficient_storage": InsufficientStorageError,
+    "checkpoint_not_found": NotFoundError,
+    "not_supported": NotSupportedError,
     "node_unavailable": ServerError,
     "no_capacity": ServerError,
 }

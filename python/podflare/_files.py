@@ -117,6 +117,17 @@ class Files:
     def read_text(self, path: str, encoding: str = "utf-8") -> str:
         return self.download(path).decode(encoding)
 
+    def upload_tar(self, path: str, data: Any) -> None:
+        """Unpacks an (uncompressed) tar archive into the directory ``path``, creating it. ``data``
+        is bytes, a binary file object or an iterable of chunks, streamed; ``tar`` runs inside the
+        sandbox."""
+        self._client.json("PUT", self._base + "/tar", query={"path": path}, body=data)
+
+    def download_tar(self, path: str, chunk_size: int = DEFAULT_CHUNK_SIZE) -> DownloadStream:
+        """The directory ``path`` as an uncompressed tar, streamed in chunks (``.read()`` for bytes)."""
+        resp = self._client.request("GET", self._base + "/tar", query={"path": path})
+        return DownloadStream(resp, chunk_size, f"{self._id}:{path} (tar)")
+
     def download_stream(self, path: str, chunk_size: int = DEFAULT_CHUNK_SIZE) -> DownloadStream:
         """The file as an iterator of bytes chunks, streamed: memory use stays at one chunk.
 

@@ -64,6 +64,11 @@ class Event:
         """For ``exit`` events: True when the interpreter had to be restarted (its variables are gone)."""
         return bool(self.extras.get("state_lost", False))
 
+    @property
+    def rolled_back(self) -> bool:
+        """For ``exit`` events: True when an atomic call failed and everything it did was undone."""
+        return bool(self.extras.get("rolled_back", False))
+
     def __getitem__(self, key: str) -> Any:  # dict-style access, as the hosted SDK's events allow
         if key in ("type", "data", "seq", "ts"):
             return getattr(self, key)
@@ -181,6 +186,8 @@ class ExecResult:
     execution_count: Optional[int] = None
     #: True when the interpreter had to be restarted during the call (timeout, crash): state is gone.
     state_lost: bool = False
+    #: (ours) True when an atomic call (``run_code(..., atomic=True)``) failed and was undone.
+    rolled_back: bool = False
 
     @property
     def ok(self) -> bool:
@@ -230,6 +237,7 @@ class ExecResultBuilder:
                 self.result.exit_code = 1
             self.result.execution_count = event.execution_count
             self.result.state_lost = event.state_lost
+            self.result.rolled_back = event.rolled_back
         # Unknown event types (a newer server) are ignored here; run_code_stream still yields them.
 
     def extend(self, events: Iterable[Event]) -> "ExecResultBuilder":

@@ -13,6 +13,8 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optio
 
 from ._client import Client, Response, _Pending
 from ._errors import NotFoundError, PodflareConnectionError, PodflareError, SandboxGoneError
+from ._commands import Commands
+from ._pty import Pty
 from ._files import DEFAULT_CHUNK_SIZE, DownloadStream, Files
 from ._models import Event, ExecError, ExecResult, ExecResultBuilder, Result, SandboxInfo
 
@@ -28,7 +30,7 @@ def _sandbox_path(sandbox_id: str) -> str:
 
 
 def _exec_body(code: str, language: str, timeout_ms: Optional[int], env: Optional[Mapping[str, str]],
-               cwd: Optional[str]) -> Dict[str, Any]:
+               cwd: Optional[str], atomic: bool = False) -> Dict[str, Any]:
     if not isinstance(code, str):
         raise TypeError(f"code must be a str, got {type(code).__name__}")
     body: Dict[str, Any] = {"code": code, "language": language}
@@ -38,7 +40,14 @@ def _exec_body(code: str, language: str, timeout_ms: Optional[int], env: Optiona
         body["env"] = dict(env)
     if cwd is not None:
         body["cwd"] = cwd
+    if atomic:
+        body["atomic"] = True
     return body
+
+
+def _checkpoint_id(checkpoint: Union[str, Mapping[str, Any]]) -> str:
+    cid = checkpoint["id"] if isinstance(checkpoint, Mapping) else checkpoint
+    return urllib.parse.quote(str(cid), safe="")
 
 
 class ExecStream(Iterator[Event]):
@@ -193,6 +202,8 @@ class Sandbox:
             "disk_mb": 4096, "processes": 512}`` (the server's defaults). Past memory the kernel
             kills the offending process (the exec's error is ``MemoryLimitExceeded``); past
             processes new ones are refused (``ProcessLimitExceeded``); past disk, writes fail.
+        history: (ours) checkpoint before each call and keep the last ``history`` (0–32), so
+            :meth:`rewind` can undo calls (namespace runtime).
     """
 
     id: str
@@ -213,6 +224,7 @@ class Sandbox:
         metadata: Optional[Mapping[str, str]] = None,
         runtime: Optional[str] = None,
         limits: Optional[Mapping[str, Union[int, float]]] = None,
+        history: Optional[int] = None,
     ) -> None:
         c = _resolve_client(host, api_key, client)
         body: Dict[str, Any] = {"egress": _egress_body(egress), "persistent": bool(persistent)}
@@ -228,6 +240,8 @@ class Sandbox:
             body["runtime"] = runtime
         if limits is not None:
             body["limits"] = dict(limits)
+        if history is not None:
+            body["history"] = history
         started = time.monotonic()
         try:
             answer = c.json("POST", "/v1/sandboxes", json=body)
@@ -255,7 +269,12 @@ class Sandbox:
         self.id = sandbox_id
         self.client = client
         self.files = Files(client, sandbox_id)
+        #: Shell commands beside the interpreter (foreground, or background processes). A fork's
+        #: children do not get this sandbox's processes.
+        self.commands = Commands(client, sandbox_id)
         self._path = _sandbox_path(sandbox_id)
+        #: Interactive terminals (bash on a PTY over a WebSocket).
+        self.pty = Pty(client, self._path)
         self._closed = False
         self._retired = False
         self._close_lock = threading.Lock()
@@ -353,6 +372,7 @@ class Sandbox:
         env: Optional[Mapping[str, str]] = None,
         cwd: Optional[str] = None,
         request_timeout: Optional[float] = None,
+        atomic: bool = False,
         on_stdout: Optional[Callable[[str], Any]] = None,
         on_stderr: Optional[Callable[[str], Any]] = None,
         on_result: Optional[Callable[[Result], Any]] = None,
@@ -368,6 +388,8 @@ class Sandbox:
             timeout_ms: (ours) interrupt the code after this long; the exit code is then 124.
             env, cwd: (ours) environment additions and working directory for this call only.
             request_timeout: client-side bound in seconds on waiting for each event (None: wait).
+            atomic: (ours) if the code fails (an exception, a non-zero exit), everything it did is
+                undone and the result's ``rolled_back`` is True; its output is kept.
             on_stdout, on_stderr, on_result, on_error: called as each event arrives.
 
         Example::
@@ -378,7 +400,7 @@ class Sandbox:
             sbx.run_code("ls /root", "bash").stdout
         """
         stream = self.run_code_stream(code, language, timeout_ms=timeout_ms, env=env, cwd=cwd,
-                                      request_timeout=request_timeout)
+                                      request_timeout=request_timeout, atomic=atomic)
         with stream:
             for event in stream:
                 t = event.type
@@ -401,6 +423,7 @@ class Sandbox:
         env: Optional[Mapping[str, str]] = None,
         cwd: Optional[str] = None,
         request_timeout: Optional[float] = None,
+        atomic: bool = False,
     ) -> ExecStream:
         """Runs code and yields its :class:`Event` s (``.type .data .seq .ts``) as they arrive.
         Errors before the stream starts (unknown sandbox, bad language) are raised on the first
@@ -414,7 +437,7 @@ class Sandbox:
                 elif ev.type == "exit":
                     print("exit code", ev.data)
         """
-        body = _exec_body(code, language, timeout_ms, env, cwd)
+        body = _exec_body(code, language, timeout_ms, env, cwd, atomic)
         return ExecStream(self.client, self.id, body, request_timeout)
 
     def interrupt(self) -> bool:
@@ -462,6 +485,26 @@ class Sandbox:
     def resume(self) -> None:
         """Resumes a frozen sandbox now (any other call would too)."""
         self.client.json("POST", self._path + "/resume")
+
+    def get_host(self, port: int, expires_in_seconds: Optional[int] = None) -> str:
+        """The address of a port the sandbox listens on, reachable through the Podflare server
+        without the API key: ``<server>/v1/ports/<signed token>`` (E2B's ``get_host`` shape: no
+        scheme). It reaches that port only (HTTP and WebSocket) until it expires (default 1 hour)
+        or the server restarts.
+
+        Example::
+
+            sbx.commands.run("python3 -m http.server 8000", background=True)
+            urllib.request.urlopen(f"http://{sbx.get_host(8000)}/")
+        """
+        return str(self.get_port_url(port, expires_in_seconds)["host"])
+
+    def get_port_url(self, port: int, expires_in_seconds: Optional[int] = None) -> Dict[str, Any]:
+        """Like :meth:`get_host`: ``{"url", "host", "token", "port", "expires_at"}``."""
+        body: Dict[str, Any] = {}
+        if expires_in_seconds is not None:
+            body["expires_in_seconds"] = expires_in_seconds
+        return dict(self.client.json("POST", f"{self._path}/ports/{int(port)}/url", json=body))
 
     def fork(self, n: int = 1) -> List["Sandbox"]:
         """``n`` (1–32) copies of this sandbox's interpreter memory and filesystem as of now. Writes
@@ -513,6 +556,46 @@ class Sandbox:
                 winner._retire()
         else:
             self.client.empty("POST", path, json={"paths": list(paths)})
+
+    # ---- checkpoints (ours) ----------------------------------------------------------------
+
+    def checkpoint(self, name: Optional[str] = None) -> Dict[str, Any]:
+        """Freezes this sandbox's whole state (interpreter memory, files, cwd, env) copy-on-write
+        and returns the checkpoint (``{"id", "name", "kind", "created_at", ...}``);
+        :meth:`restore` brings it back, as often as wanted. Checkpoints end with the sandbox.
+
+        Example::
+
+            cp = sbx.checkpoint("before cleanup")
+            sbx.run_code("import shutil; shutil.rmtree('/root/work')")
+            sbx.restore(cp)   # /root/work and every variable are back
+        """
+        return self.client.json("POST", self._path + "/checkpoints", json={} if name is None else {"name": name})
+
+    def checkpoints(self) -> List[Dict[str, Any]]:
+        """This sandbox's checkpoints (named ones and its history), oldest first."""
+        return list((self.client.json("GET", self._path + "/checkpoints") or {}).get("checkpoints", []))
+
+    def delete_checkpoint(self, checkpoint: Union[str, Mapping[str, Any]]) -> None:
+        """Deletes a checkpoint (its memory and files are freed)."""
+        self.client.empty("DELETE", self._path + "/checkpoints/" + _checkpoint_id(checkpoint))
+
+    def restore(self, checkpoint: Union[str, Mapping[str, Any]]) -> None:
+        """Puts this sandbox (same id) back to the checkpoint's state; the checkpoint stays. Waits
+        for a running call first. Sockets opened since are closed."""
+        self.client.json("POST", self._path + "/checkpoints/" + _checkpoint_id(checkpoint) + "/restore")
+
+    def rewind(self, steps: int = 1) -> None:
+        """Undoes the last ``steps`` calls of a sandbox created with ``history=n``; a second
+        ``rewind()`` goes one step further back."""
+        self.client.json("POST", self._path + "/rewind", json={"steps": steps})
+
+    def diff_checkpoint(self, checkpoint: Union[str, Mapping[str, Any]], paths: Union[str, Sequence[str], None] = None,
+                        content: bool = False, vars: bool = False) -> Dict[str, Any]:
+        """Files (and with ``vars=True`` variables) changed since a checkpoint, shaped like :meth:`diff`."""
+        paths_q = paths if isinstance(paths, str) else (",".join(paths) if paths else None)
+        return self.client.json("GET", self._path + "/checkpoints/" + _checkpoint_id(checkpoint) + "/diff",
+                                query={"paths": paths_q, "content": content, "vars": vars}) or {}
 
     def _retire(self) -> None:
         with self._close_lock:

@@ -6,13 +6,14 @@
 import { readFileSync } from 'node:fs';
 import { McpServer } from '@modelcontextprotocol/sdk/server/mcp.js';
 import type { CallToolResult } from '@modelcontextprotocol/sdk/types.js';
-import { SANDBOX_ID_PATTERN } from '@podflare/protocol/sandbox';
+import { CHECKPOINT_ID_PATTERN, SANDBOX_ID_PATTERN } from '@podflare/protocol/sandbox';
 import { Client } from 'podflare';
 import type { Sandbox } from 'podflare';
 import { z } from 'zod';
 import { runBounded } from './bounded-exec.js';
 import { downloadResult, errorResult, executionResult, textResult } from './format.js';
 import { SandboxSession } from './session.js';
+import { registerProcessTools } from './process-tools.js';
 
 /** Options of {@link createPodflareMcpServer}. */
 export interface PodflareMcpServerOptions {
@@ -74,6 +75,7 @@ const INSTRUCTIONS = `Podflare runs code in isolated Linux sandboxes with a pers
 - run_python keeps variables, imports and open files between calls; run_bash runs a fresh bash -c in the same filesystem.
 - Leave sandbox_id out to use this session's own sandbox (created on first use, destroyed when the session ends).
 - To try alternatives, fork a sandbox into n copies, run a different approach in each, compare them with diff, and keep the best with merge_into(parent, winner).
+- Before a risky step, checkpoint the sandbox; if the step goes wrong, rewind to that checkpoint (memory and files come back in milliseconds).
 - Move files with upload and download; destroy sandboxes you created with destroy_sandbox when done.`;
 
 const sandboxId = z.string().regex(SANDBOX_ID_PATTERN, 'must be a sandbox id: "sbx_" followed by 32 hex digits');
@@ -132,7 +134,7 @@ export class PodflareMcpServer extends McpServer {
 
 /**
  * Makes the MCP server of one session, with the tools `create_sandbox`, `run_python`, `run_bash`,
- * `fork`, `diff`, `merge_into`, `upload`, `download` and `destroy_sandbox`. Connect it to a transport
+ * `fork`, `diff`, `merge_into`, `checkpoint`, `rewind`, `upload`, `download` and `destroy_sandbox`. Connect it to a transport
  * with `connect()`; one server serves one session.
  *
  * @example
@@ -391,6 +393,58 @@ function registerTools(server: McpServer, session: SandboxSession, settings: Too
   );
 
   server.registerTool(
+    'checkpoint',
+    {
+      title: 'Checkpoint sandbox',
+      description:
+        'Save the sandbox\'s whole state now (interpreter variables, files, working directory, environment) in ' +
+        'milliseconds, copy-on-write. Returns a checkpoint id: rewind with it to undo everything done since, as often ' +
+        'as needed. Take one before a risky step (overwriting data, deleting files, installing packages).' +
+        own,
+      inputSchema: {
+        sandbox_id: target,
+        name: z.string().min(1).max(128).optional().describe('A label for the checkpoint, e.g. "before cleanup"'),
+      },
+      annotations: { readOnlyHint: false, destructiveHint: false, idempotentHint: false, openWorldHint: false },
+    },
+    async ({ sandbox_id, name }) =>
+      guard(async () => {
+        const { value, note } = await session.withSandbox(sandbox_id, async (s) => ({ sandbox_id: s.id, checkpoint_id: (await s.checkpoint(name)).id }));
+        return withNote(textResult(JSON.stringify(value)), note);
+      }),
+  );
+
+  server.registerTool(
+    'rewind',
+    {
+      title: 'Rewind sandbox',
+      description:
+        'Undo: put the sandbox (same id) back to a checkpoint\'s state; the checkpoint stays, so it can be used again. ' +
+        'Everything done since is undone: variables, files, working directory; sockets opened since are closed. ' +
+        'Without checkpoint_id, undoes the last `steps` calls of a sandbox that keeps a history.' +
+        own,
+      inputSchema: {
+        sandbox_id: target,
+        checkpoint_id: z.string().regex(CHECKPOINT_ID_PATTERN, 'must be a checkpoint id from the checkpoint tool').optional()
+          .describe('The checkpoint to go back to (from the checkpoint tool)'),
+        steps: z.number().int().min(1).max(32).optional().describe('Without checkpoint_id: how many calls to undo. Default: 1'),
+      },
+      annotations: { readOnlyHint: false, destructiveHint: true, idempotentHint: false, openWorldHint: false },
+    },
+    async ({ sandbox_id, checkpoint_id, steps }) =>
+      guard(async () => {
+        if (checkpoint_id && steps !== undefined) throw new Error('give either checkpoint_id or steps, not both');
+        const { value, note } = await session.withSandbox(sandbox_id, async (s) => {
+          if (checkpoint_id) await s.restore(checkpoint_id);
+          else await s.rewind(steps ?? 1);
+          return s.id;
+        });
+        const what = checkpoint_id ? `checkpoint ${checkpoint_id}` : `its state ${steps ?? 1} call(s) ago`;
+        return withNote(textResult(`${value} is back to ${what}.`), note);
+      }),
+  );
+
+  server.registerTool(
     'destroy_sandbox',
     {
       title: 'Destroy sandbox',
@@ -404,6 +458,8 @@ function registerTools(server: McpServer, session: SandboxSession, settings: Too
         return textResult(destroyed ? `Destroyed ${sandbox_id}.` : `${sandbox_id} was already destroyed.`);
       }),
   );
+
+  registerProcessTools(server, { session, target, own, maxOutputChars });
 }
 
 /** Runs a tool body, turning anything it throws into a tool error rather than a protocol error. */

@@ -9,6 +9,9 @@
  * all others answer with exactly one `{id, ok, ...}`.
  */
 import { z } from 'zod';
+import {
+  ProcListRequest, ProcReadRequest, ProcResizeRequest, ProcSignalRequest, ProcStartRequest, ProcWriteRequest, ProcessReplySchemas,
+} from './processes.js';
 
 export const AGENT_PROTOCOL_VERSION = 2;
 /**
@@ -36,7 +39,7 @@ const path = z.string().min(1).max(4096);
 export const ExecRequest = z.object({
   id,
   op: z.literal('exec'),
-  language: z.enum(['python', 'bash']),
+  language: z.enum(['python', 'bash', 'javascript']),
   code: z.string(),
   /** Interrupt after this long; kill and restart the interpreter if it does not yield. */
   timeout_ms: z.number().int().positive().optional(),
@@ -94,6 +97,7 @@ export const VarsRequest = z.object({ id, op: z.literal('vars') });
 export const AgentRequest = z.discriminatedUnion('op', [
   ExecRequest, InterruptRequest, PingRequest, UploadBeginRequest, UploadChunkRequest, UploadEndRequest,
   FileReadRequest, StatRequest, ListRequest, RemoveRequest, MkdirRequest, ForkRequest, VarsRequest, RestoreRequest, SetTimeRequest, ManifestRequest,
+  ProcStartRequest, ProcListRequest, ProcReadRequest, ProcWriteRequest, ProcSignalRequest, ProcResizeRequest,
 ]);
 export type AgentRequest = z.infer<typeof AgentRequest>;
 export type AgentOp = AgentRequest['op'];
@@ -154,6 +158,8 @@ export const ExitMessage = z.object({
   code: z.number().int().min(-(2 ** 31)).max(2 ** 31),
   execution_count: count.nullable().optional(),
   state_lost: z.boolean().optional(),
+  /** Set by the server (never the agent): an atomic exec failed and its effects were undone. */
+  rolled_back: z.boolean().optional(),
 });
 /** The envelope of a success: its fields are checked against the op's reply schema (AgentReplySchemas). */
 export const OkResponse = z.object({ id, ok: z.literal(true) }).passthrough();
@@ -196,6 +202,7 @@ export const AgentReplySchemas = {
   restore: none,
   set_time: none,
   manifest: z.object({ entries: count }),
+  ...ProcessReplySchemas,
 } satisfies { [Op in Exclude<AgentOp, 'exec'>]: z.ZodType };
 
 /** What each non-streaming op answers with, beyond `{id, ok: true}`. */

@@ -9,6 +9,9 @@ import type { SandboxState } from './sandbox.js';
 export const MAX_CODE_BYTES = 4 * 1024 * 1024;
 export const MAX_TIMEOUT_MS = 24 * 60 * 60 * 1000;
 export const MAX_METADATA_ENTRIES = 64;
+/** Most checkpoints a sandbox keeps in its history (create's `history`), and most it may hold by name. */
+export const MAX_HISTORY = 32;
+export const MAX_CHECKPOINTS = 32;
 export const MAX_ENV_ENTRIES = 1024;
 
 const name = z.string().min(1).max(64).regex(/^[a-zA-Z0-9][a-zA-Z0-9._-]*$/, 'must be letters, digits, dot, dash or underscore');
@@ -45,6 +48,8 @@ export const CreateSandboxBody = z.object({
   limits: LimitsBody.optional(),
   metadata: z.record(z.string().max(64), z.string().max(1024))
     .refine((m) => Object.keys(m).length <= MAX_METADATA_ENTRIES, `at most ${MAX_METADATA_ENTRIES} entries`).optional(),
+  /** ours: checkpoint before each exec and keep the last `history` (0: off); see rewind. */
+  history: z.number().int().min(0).max(MAX_HISTORY).optional(),
 }).strict();
 export type CreateSandboxBody = z.infer<typeof CreateSandboxBody>;
 
@@ -52,14 +57,36 @@ const envName = z.string().min(1).max(256).regex(/^[^=\0]+$/, 'must not contain 
 
 export const ExecBody = z.object({
   code: z.string().max(MAX_CODE_BYTES),
-  language: z.enum(['python', 'bash']).optional(),
+  /** `javascript` (ours): a persistent Node REPL per sandbox (agent/podflare_js.py). */
+  language: z.enum(['python', 'bash', 'javascript']).optional(),
   /** ours: interrupt after this many ms (then restart the interpreter if it does not yield). */
   timeout_ms: z.number().int().min(1).max(MAX_TIMEOUT_MS).optional(),
   env: z.record(envName, z.string().max(128 * 1024))
     .refine((e) => Object.keys(e).length <= MAX_ENV_ENTRIES, `at most ${MAX_ENV_ENTRIES} variables`).optional(),
   cwd: z.string().min(1).max(4096).regex(/^[^\0]+$/, 'must not contain NUL').optional(),
+  /** ours: undo everything the call did if it fails (exit code not 0); the exit says `rolled_back`. */
+  atomic: z.boolean().optional(),
 }).strict();
 export type ExecBody = z.infer<typeof ExecBody>;
+
+
+export const CheckpointBody = z.object({ name: z.string().min(1).max(128).regex(/^[^\0]+$/, 'must not contain NUL').optional() }).strict();
+export type CheckpointBody = z.infer<typeof CheckpointBody>;
+export const RewindBody = z.object({ steps: z.number().int().min(1).max(MAX_HISTORY).optional() }).strict();
+export type RewindBody = z.infer<typeof RewindBody>;
+
+/** A checkpoint as the API shows it. */
+export interface CheckpointInfo {
+  id: string;
+  /** The sandbox it belongs to (it can only be restored into that one). */
+  sandbox: string;
+  name: string | null;
+  /** `manual`: made by checkpoint(); `history`: made before an exec (create's `history`). */
+  kind: 'manual' | 'history';
+  created_at: string;
+  /** The history step it was taken before (the exec's code, first 200 characters), for history checkpoints. */
+  before_code: string | null;
+}
 
 export const ForkBody = z.object({ n: z.number().int().min(1).max(32).optional() }).strict();
 export type ForkBody = z.infer<typeof ForkBody>;

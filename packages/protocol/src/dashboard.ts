@@ -37,7 +37,7 @@ export interface ExecRecord {
   /** Unique on this server, increasing. */
   id: number;
   sandbox: string;
-  language: 'python' | 'bash';
+  language: 'python' | 'bash' | 'javascript';
   code: string;
   started_at: number;
   ended_at: number | null;

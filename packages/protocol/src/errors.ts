@@ -45,6 +45,16 @@ export const ERROR_TABLE = {
     status: 502, retryable: false,
     description: "the sandbox's agent answered something the protocol does not allow (logged as a protocol violation; only that request fails)",
   },
+  /** A checkpoint id the sandbox does not have (never made, deleted, dropped from history, or another sandbox's). */
+  checkpoint_not_found: {
+    status: 404, retryable: false,
+    description: "no such checkpoint of this sandbox: never made, deleted, dropped from its history, or another sandbox's",
+  },
+  /** The sandbox's runtime cannot do what was asked (e.g. checkpoints where it cannot fork). */
+  not_supported: {
+    status: 422, retryable: false,
+    description: "the sandbox's runtime cannot do this (the message says what it can); see GET /v1/capacity for the runtimes offered",
+  },
   unavailable: { status: 503, retryable: true, description: 'the server is shutting down or cannot start a sandbox now' },
   timeout: { status: 504, retryable: true, description: 'the sandbox did not answer in time' },
   /** The sandbox's disk limit is reached, or the server's disk volume is full. */

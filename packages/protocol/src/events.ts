@@ -37,6 +37,8 @@ export interface ExitEvent extends EventBase {
   execution_count?: number | null;
   /** True when the interpreter had to be restarted (timeout or crash): its variables are gone. */
   state_lost?: boolean;
+  /** ours: an atomic exec failed and everything it did was undone (its output stays as sent). */
+  rolled_back?: boolean;
 }
 
 export type ExecEvent = StdoutEvent | StderrEvent | ResultEvent | ErrorEvent | ExitEvent;

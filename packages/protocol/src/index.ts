@@ -3,6 +3,7 @@ export * from './events.js';
 export * from './sandbox.js';
 export * from './spec.js';
 export * from './agent.js';
+export * from './processes.js';
 export * from './api.js';
 export * from './egress.js';
 export * from './browser-access.js';

@@ -37,3 +37,6 @@ export function isEndedState(state: string): state is EndedSandboxState {
 export function isSandboxState(value: unknown): value is SandboxState {
   return typeof value === 'string' && (SANDBOX_STATES as readonly string[]).includes(value);
 }
+
+/** Checkpoint ids: `ckpt_` and 24 hex digits. */
+export const CHECKPOINT_ID_PATTERN = /^ckpt_[0-9a-f]{24}$/;

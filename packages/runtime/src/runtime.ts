@@ -21,6 +21,11 @@ export interface RuntimeCapabilities {
   outlivesServer?: boolean;
   /** Enforces each sandbox's CPU, memory and process limits (`setLimits`, `limitCounters`). */
   limits: boolean;
+  /**
+   * Pool sandboxes may be forks of a pre-warmed zygote (`fork` with `freshFiles`), cheap enough to
+   * refill a pool with. @default false
+   */
+  zygote?: boolean;
 }
 
 export interface SandboxSpec {
@@ -71,6 +76,8 @@ export interface RuntimeSandbox {
   readonly ready?: Promise<void>;
   /** Limit hits so far, where the runtime enforces limits. */
   limitCounters?(): Promise<LimitCounters>;
+  /** A socket connected to a port the sandbox listens on (its own loopback), where the runtime can (exposed ports). */
+  connectPort?(port: number): Promise<import('node:net').Socket>;
 }
 
 export interface ReconcileReport<S extends RuntimeSandbox = RuntimeSandbox> {
@@ -85,6 +92,16 @@ export interface DiffOptions {
   paths?: string[];
   /** Add unified diffs of text files. */
   content?: boolean;
+}
+
+/** How a fork is made. */
+export interface ForkOptions {
+  /**
+   * The children's files start as a fresh sandbox's (the parent's image layers), not as the
+   * parent's: for a zygote (server zygote.ts), whose own files are nobody's. Memory is the
+   * parent's as with any fork. No fork layer is made, so nothing of the parent's disk is copied.
+   */
+  freshFiles?: boolean;
 }
 
 /**
@@ -117,7 +134,7 @@ export interface Runtime<S extends RuntimeSandbox = RuntimeSandbox> {
    * Copy-on-write children of a live, idle sandbox: memory and files as of now (capability `fork`).
    * Resolves once every child's agent answers.
    */
-  fork(parent: S, children: SandboxSpec[]): Promise<S[]>;
+  fork(parent: S, children: SandboxSpec[], opts?: ForkOptions): Promise<S[]>;
   /**
    * Freezes a sandbox into `dir` (memory and disk; capability `freeze`) and ends its processes.
    * What is in `dir` survives a server restart.
@@ -125,6 +142,12 @@ export interface Runtime<S extends RuntimeSandbox = RuntimeSandbox> {
   freeze?(sandbox: S, dir: string): Promise<void>;
   /** Resumes a sandbox frozen into `dir` under `spec` (its own id); `dir` may be removed after. */
   resume?(spec: SandboxSpec, dir: string): Promise<S>;
+  /**
+   * Gives a sandbox started with `egress: false` (a checkpoint, which never runs code) the
+   * user-mode network `egress: true` gets, when it becomes a sandbox's live state (a restore).
+   * Where absent, checkpoints are made with their sandbox's egress from the start.
+   */
+  attachNetwork?(sandbox: S): Promise<void>;
   /** What differs between two sandboxes' filesystems: `b` relative to `a`. */
   diff(a: S, b: S, opts: DiffOptions): Promise<FileDiff>;
   /**

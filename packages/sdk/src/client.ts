@@ -6,7 +6,8 @@
  */
 import * as http from 'node:http';
 import * as https from 'node:https';
-import { Readable } from 'node:stream';
+import { Readable, type Duplex } from 'node:stream';
+import { randomBytes } from 'node:crypto';
 import type { IncomingMessage, ClientRequest, OutgoingHttpHeaders } from 'node:http';
 import {
   BadRequestError,
@@ -281,6 +282,35 @@ export class Client {
       : `lost the connection to the Podflare server at ${this.host} during ${spec.method} ${spec.path} ` +
         `(${code}): check that \`podflare serve\` is still running there (from ${this.#hostSource})`;
     return new ConnectionError(message, { code: 'connection_error', status: 0, cause: err });
+  }
+
+  /**
+   * Opens a WebSocket: sends the upgrade request and resolves with the socket once the server
+   * answered 101 (any other answer is thrown as the matching PodflareError). @internal
+   */
+  upgrade(path: string, query: RequestSpec['query']): Promise<{ socket: Duplex; head: Buffer }> {
+    const headers: OutgoingHttpHeaders = {
+      'user-agent': this.#userAgent, connection: 'Upgrade', upgrade: 'websocket',
+      'sec-websocket-version': '13', 'sec-websocket-key': randomBytes(16).toString('base64'),
+    };
+    if (this.#apiKey !== undefined) headers.authorization = `Bearer ${this.#apiKey}`;
+    const what = `GET ${this.host}${path}`;
+    return new Promise((resolve, reject) => {
+      const req = this.#transport({ hostname: this.#hostname, port: this.#port, path: this.#pathWithQuery(path, query), method: 'GET', headers });
+      req.once('upgrade', (res, socket, head) => {
+        if (res.statusCode === 101) return resolve({ socket, head });
+        socket.destroy();
+        reject(new PodflareError(`${what}: unexpected ${res.statusCode}`, { code: 'invalid_response', status: res.statusCode ?? 0 }));
+      });
+      req.once('response', (res) => {
+        readAll(res, MAX_ERROR_BODY).then(
+          (body) => reject(errorFromResponse(res.statusCode ?? 0, body.toString('utf8'), res.headers, what)),
+          (err: unknown) => reject(this.wrapError(err, { method: 'GET', path })),
+        );
+      });
+      req.once('error', (err) => reject(this.wrapError(err, { method: 'GET', path })));
+      req.end();
+    });
   }
 
   #pathWithQuery(path: string, query: RequestSpec['query']): string {

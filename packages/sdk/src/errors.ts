@@ -102,6 +102,11 @@ export class ConflictError extends PodflareError {
   override name = 'ConflictError';
 }
 
+/** The sandbox's runtime cannot do this (422), e.g. checkpoints on a runtime that cannot fork: the message says what it can. */
+export class NotSupportedError extends PodflareError {
+  override name = 'NotSupportedError';
+}
+
 /**
  * The sandbox existed but was destroyed: deleted, idle timeout, lifetime reached or crashed (410).
  * Create a new one; raise `idleTimeoutSeconds` if it timed out while you were not using it.
@@ -179,6 +184,8 @@ export const ERROR_CLASSES = {
   unavailable: ServerError,
   timeout: TimeoutError,
   insufficient_storage: InsufficientStorageError,
+  checkpoint_not_found: NotFoundError,
+  not_supported: NotSupportedError,
   node_unavailable: ServerError,
   no_capacity: ServerError,
 } as const satisfies Record<ErrorCode, ErrorClass>;

@@ -97,6 +97,8 @@ export class Execution {
   readonly executionCount: number | null;
   /** True when the interpreter had to be restarted (timeout or crash): earlier variables are gone. */
   readonly stateLost: boolean;
+  /** True when an atomic call failed and everything it did was undone. */
+  readonly rolledBack: boolean;
   /** stdout and stderr as the chunks they arrived in. */
   readonly logs: Logs;
 
@@ -107,6 +109,7 @@ export class Execution {
     error?: ExecErrorInfo | undefined;
     executionCount: number | null;
     stateLost: boolean;
+    rolledBack?: boolean;
   }) {
     this.logs = init.logs;
     this.stdout = init.logs.stdout.join('');
@@ -116,6 +119,7 @@ export class Execution {
     if (init.error !== undefined) this.error = init.error;
     this.executionCount = init.executionCount;
     this.stateLost = init.stateLost;
+    this.rolledBack = init.rolledBack === true;
   }
 
   /** The main result's `text/plain` (the value of the cell's last expression), if there is one. */
@@ -185,6 +189,7 @@ export class ExecutionBuilder {
       error: this.#error,
       executionCount: exit.execution_count ?? null,
       stateLost: exit.state_lost === true,
+      rolledBack: exit.rolled_back === true,
     });
   }
 }

@@ -89,6 +89,33 @@ export class Files {
   }
 
   /**
+   * Unpacks a tar stream (uncompressed) into the directory `path`, creating it. The archive is
+   * streamed, never held whole; `tar` runs inside the sandbox.
+   *
+   * @example
+   * ```ts
+   * await sandbox.files.uploadTar('/root/project', fs.createReadStream('project.tar'));
+   * ```
+   */
+  async uploadTar(path: string, data: UploadData, options: FileOptions = {}): Promise<void> {
+    await this.#client.json({ method: 'PUT', path: `${this.#base}/tar`, query: { path }, body: data, signal: options.signal,
+      timeoutMs: options.requestTimeoutMs, timeoutScope: 'headers' });
+  }
+
+  /**
+   * The directory `path` as an uncompressed tar stream (its contents, relative to it).
+   *
+   * @example
+   * ```ts
+   * (await sandbox.files.downloadTar('/root/project')).pipe(fs.createWriteStream('project.tar'));
+   * ```
+   */
+  async downloadTar(path: string, options: FileOptions = {}): Promise<Readable> {
+    return this.#client.request({ method: 'GET', path: `${this.#base}/tar`, query: { path }, signal: options.signal,
+      timeoutMs: options.requestTimeoutMs, timeoutScope: 'headers' });
+  }
+
+  /**
    * Lists a directory.
    *
    * @example

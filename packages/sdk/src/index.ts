@@ -18,6 +18,10 @@ export type { ClientOptions } from './client.js';
 export { Execution, Result } from './execution.js';
 export type { Logs } from './execution.js';
 export { Files } from './files.js';
+export { Commands, CommandHandle } from './commands.js';
+export { Pty, PtyHandle } from './pty.js';
+export type { PtyCreateOptions } from './pty.js';
+export type { CommandConnectOptions, CommandResult, CommandStartOptions, ProcessInfo, ProcessOutputEvent } from './commands.js';
 export {
   PodflareError,
   BadRequestError,
@@ -25,6 +29,7 @@ export {
   ForbiddenError,
   NotFoundError,
   ConflictError,
+  NotSupportedError,
   SandboxGoneError,
   PayloadTooLargeError,
   InsufficientStorageError,
@@ -38,6 +43,7 @@ export type { ClientErrorCode, PodflareErrorCode, PodflareErrorInit } from './er
 export { parseNdjson, splitLines } from './ndjson.js';
 export type {
   Capacity,
+  CheckpointInfo,
   ConnectionOptions,
   DiffOptions,
   DiffResult,

@@ -10,9 +10,13 @@ import type { Client, RequestSpec } from './client.js';
 import { NotFoundError, SandboxGoneError } from './errors.js';
 import { Execution, ExecutionBuilder, truncatedStreamError } from './execution.js';
 import { Files } from './files.js';
+import { Commands } from './commands.js';
+import { Pty } from './pty.js';
 import { parseNdjson } from './ndjson.js';
-import { toSandboxInfo } from './types.js';
+import { toCheckpointInfo, toSandboxInfo } from './types.js';
 import type {
+  CheckpointInfo,
+  WireCheckpoint,
   ConnectionOptions,
   DiffOptions,
   DiffResult,
@@ -59,6 +63,13 @@ export class Sandbox {
   /** File operations: list, stat, exists, remove, mkdir, upload, download. */
   readonly files: Files;
   /**
+   * Shell commands beside the interpreter: foreground, or background processes (stream output,
+   * stdin, kill, reconnect by pid). A fork's children do not get this sandbox's processes.
+   */
+  readonly commands: Commands;
+  /** Interactive terminals (bash on a PTY over a WebSocket). */
+  readonly pty: Pty;
+  /**
    * How {@link Sandbox.create} got it: from the server's warm pool (`hit`), or started cold and why
    * (`missReason`: `pool_off`, `cold_key`, `refilling` — creates came faster than the pool
    * refills —, `starts_failing`, `empty`, `egress_policy`). Undefined for connected or forked
@@ -75,6 +86,8 @@ export class Sandbox {
     this.id = id;
     this.client = client;
     this.files = new Files(client, id);
+    this.commands = new Commands(client, id);
+    this.pty = new Pty(client, id);
   }
 
   /**
@@ -99,6 +112,7 @@ export class Sandbox {
         cpus: options.limits.cpus, memory_mb: options.limits.memoryMb, disk_mb: options.limits.diskMb, processes: options.limits.processes,
       },
       metadata: options.metadata,
+      history: options.history,
     };
     for (const key of Object.keys(body)) if (body[key] === undefined) delete body[key];
     const t0 = performance.now();
@@ -224,6 +238,7 @@ export class Sandbox {
     if (request.timeoutMs !== undefined) body.timeout_ms = request.timeoutMs;
     if (request.env !== undefined) body.env = request.env;
     if (request.cwd !== undefined) body.cwd = request.cwd;
+    if (request.atomic !== undefined) body.atomic = request.atomic;
     const spec: RequestSpec = {
       method: 'POST',
       path: `${this.#path}/exec`,
@@ -326,6 +341,32 @@ export class Sandbox {
   }
 
   /**
+   * The address of a port the sandbox listens on, reachable through the Podflare server without
+   * the API key: `<server>/v1/ports/<signed token>` (E2B's `getHost` shape: no scheme). Whoever holds
+   * it reaches that port only (HTTP and WebSocket) until it expires (default 1 hour) or the server
+   * restarts. Requests with the API key can also use `/v1/sandboxes/<id>/ports/<port>/proxy/`.
+   *
+   * @example
+   * ```ts
+   * await sandbox.commands.run('python3 -m http.server 8000', { background: true });
+   * const res = await fetch(`http://${await sandbox.getHost(8000)}/`);
+   * ```
+   */
+  async getHost(port: number, options: { expiresInSeconds?: number } = {}): Promise<string> {
+    return (await this.getPortUrl(port, options)).host;
+  }
+
+  /** Like {@link Sandbox.getHost}, with the full URL (`http://…/`) and when it expires. */
+  async getPortUrl(port: number, options: { expiresInSeconds?: number } = {}): Promise<{ url: string; host: string; expiresAt: Date }> {
+    const json: Record<string, unknown> = {};
+    if (options.expiresInSeconds !== undefined) json.expires_in_seconds = options.expiresInSeconds;
+    const answer = await this.client.json<{ url: string; host: string; expires_at: number }>({
+      method: 'POST', path: `${this.#path}/ports/${encodeURIComponent(String(port))}/url`, json,
+    });
+    return { url: answer.url, host: answer.host, expiresAt: new Date(answer.expires_at * 1000) };
+  }
+
+  /**
    * Forks this sandbox into `n` copies (1–32) of its interpreter memory and filesystem as of now.
    * Children share this sandbox's Client; each must be closed (or merged) on its own.
    *
@@ -357,6 +398,74 @@ export class Sandbox {
   /** Resumes a frozen sandbox now (any other call would too). */
   async resume(): Promise<void> {
     await this.client.json({ method: 'POST', path: `${this.#path}/resume` });
+  }
+
+  /**
+   * Freezes this sandbox's whole state (interpreter memory, files, cwd, env) copy-on-write, in
+   * milliseconds, and returns the checkpoint: {@link Sandbox.restore} brings it back, as often as
+   * wanted. Checkpoints count against the sandbox's limits and end with it.
+   *
+   * @example
+   * ```ts
+   * const cp = await sandbox.checkpoint('before-cleanup');
+   * await sandbox.runCode('import shutil; shutil.rmtree("/root/work")');
+   * await sandbox.restore(cp);  // /root/work is back, and every variable as it was
+   * ```
+   */
+  async checkpoint(name?: string): Promise<CheckpointInfo> {
+    const w = await this.client.json<WireCheckpoint>({ method: 'POST', path: `${this.#path}/checkpoints`, json: name === undefined ? {} : { name } });
+    return toCheckpointInfo(w);
+  }
+
+  /** This sandbox's checkpoints (named ones and its history), oldest first. */
+  async checkpoints(): Promise<CheckpointInfo[]> {
+    const answer = await this.client.json<{ checkpoints: WireCheckpoint[] }>({ method: 'GET', path: `${this.#path}/checkpoints` });
+    return answer.checkpoints.map(toCheckpointInfo);
+  }
+
+  /** Deletes a checkpoint (its memory and files are freed). */
+  async deleteCheckpoint(checkpoint: CheckpointInfo | string): Promise<void> {
+    const id = typeof checkpoint === 'string' ? checkpoint : checkpoint.id;
+    await this.client.empty({ method: 'DELETE', path: `${this.#path}/checkpoints/${encodeURIComponent(id)}` });
+  }
+
+  /**
+   * Puts this sandbox (same id) back to a checkpoint's state; the checkpoint stays. Waits for a
+   * running call to finish first. Sockets opened since are closed.
+   */
+  async restore(checkpoint: CheckpointInfo | string): Promise<void> {
+    const id = typeof checkpoint === 'string' ? checkpoint : checkpoint.id;
+    await this.client.json({ method: 'POST', path: `${this.#path}/checkpoints/${encodeURIComponent(id)}/restore` });
+  }
+
+  /**
+   * Undoes the last `steps` calls of a sandbox created with `history` (each call is undone once:
+   * a second `rewind()` goes one step further back).
+   *
+   * @example
+   * ```ts
+   * const sandbox = await Sandbox.create({ history: 10 });
+   * await sandbox.runCode('df = load()');
+   * await sandbox.runCode('df = df[df.x > 0]  # oops');
+   * await sandbox.rewind();  // df is the full frame again
+   * ```
+   */
+  async rewind(steps = 1): Promise<void> {
+    await this.client.json({ method: 'POST', path: `${this.#path}/rewind`, json: { steps } });
+  }
+
+  /** Files (and with `vars: true`, variables) changed since a checkpoint. */
+  async diffCheckpoint(checkpoint: CheckpointInfo | string, options: DiffOptions = {}): Promise<DiffResult> {
+    const id = typeof checkpoint === 'string' ? checkpoint : checkpoint.id;
+    return this.client.json<DiffResult>({
+      method: 'GET',
+      path: `${this.#path}/checkpoints/${encodeURIComponent(id)}/diff`,
+      query: {
+        paths: options.paths && options.paths.length > 0 ? options.paths.join(',') : undefined,
+        content: options.content === true,
+        vars: options.vars === true,
+      },
+    });
   }
 
   /**

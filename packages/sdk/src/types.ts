@@ -11,8 +11,11 @@ import type { ExecErrorInfo } from '@podflare/protocol/events';
 import type { Client } from './client.js';
 import type { Result } from './execution.js';
 
-/** The languages an exec can run. `python` runs in the sandbox's persistent interpreter; `bash` in a fresh `bash -c`. */
-export type Language = 'python' | 'bash';
+/**
+ * The languages an exec can run. `python` runs in the sandbox's persistent interpreter; `bash` in a
+ * fresh `bash -c`; `javascript` in the sandbox's persistent Node REPL (a fork's children start it afresh).
+ */
+export type Language = 'python' | 'bash' | 'javascript';
 
 /**
  * Isolation runtime of a sandbox: one the server registers (built in: Linux namespaces, a micro-VM;
@@ -90,6 +93,25 @@ export interface SandboxCreateOptions extends ConnectionOptions {
   limits?: Partial<SandboxLimits>;
   /** Free-form string labels stored with the sandbox and returned by `info()`/`list()`. */
   metadata?: Record<string, string>;
+  /**
+   * Checkpoint before each exec and keep the last `history` (0–32): {@link Sandbox.rewind} then
+   * undoes the last steps. Needs a runtime that can fork (namespace runtime).
+   * @default 0 (no history)
+   */
+  history?: number;
+}
+
+/** A checkpoint of a sandbox (see {@link Sandbox.checkpoint}). */
+export interface CheckpointInfo {
+  id: string;
+  /** The sandbox it belongs to: it can only be restored into that one. */
+  sandbox: string;
+  name: string | null;
+  /** `manual`: made by `checkpoint()`; `history`: made before an exec (create's `history`). */
+  kind: 'manual' | 'history';
+  createdAt: string;
+  /** For history checkpoints: the start of the code of the exec it was taken before. */
+  beforeCode: string | null;
 }
 
 /**
@@ -159,6 +181,12 @@ export interface ExecOptions {
   env?: Record<string, string>;
   /** Working directory for this call only. */
   cwd?: string;
+  /**
+   * Undo everything the code did if it fails (an exception, a non-zero exit): memory and files go
+   * back to how they were before the call; `Execution.rolledBack` says so. The output is kept.
+   * @default false
+   */
+  atomic?: boolean;
   /** Aborts the call: the request is cancelled and the promise rejects with the signal's reason. */
   signal?: AbortSignal;
   /**
@@ -304,6 +332,16 @@ export interface Capacity {
  * servers leave out optional.
  */
 export type WireSandboxInfo = Omit<ProtocolSandboxInfo, 'limits' | 'end_reason'> & Partial<Pick<ProtocolSandboxInfo, 'limits' | 'end_reason'>>;
+
+/** @internal A checkpoint as the server sends it. */
+export interface WireCheckpoint {
+  id: string; sandbox: string; name: string | null; kind: 'manual' | 'history'; created_at: string; before_code: string | null;
+}
+
+/** @internal Converts the wire form of a checkpoint. */
+export function toCheckpointInfo(w: WireCheckpoint): CheckpointInfo {
+  return { id: w.id, sandbox: w.sandbox, name: w.name, kind: w.kind, createdAt: w.created_at, beforeCode: w.before_code };
+}
 
 /** @internal Converts the wire form of a sandbox record. */
 export function toSandboxInfo(w: WireSandboxInfo): SandboxInfo {

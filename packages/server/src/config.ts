@@ -32,6 +32,24 @@ export interface ServerConfig {
    * the registry when the server starts. @default PODFLARE_RUNTIME, else the first registered
    */
   runtime?: RuntimeName;
+  /**
+   * The most ready sandboxes the pool grows a key to while creates come fast (sized from the
+   * observed create rate, back down to `poolSize` when idle). @default PODFLARE_POOL_MAX or 4 × poolSize (at most 32)
+   */
+  poolMaxSize: number;
+  /** After this long without a create, a pool grown past `poolSize` shrinks back. @default PODFLARE_POOL_IDLE_SECONDS or 30 */
+  poolIdleSeconds: number;
+  /**
+   * Per template, a pre-warmed zygote whose interpreter has imported the template's modules:
+   * pool refills and misses are forks of it, not cold starts (namespace runtime). @default PODFLARE_ZYGOTE or on
+   */
+  zygote: boolean;
+  /**
+   * What the `default` template's zygote imports instead of its own light list (Python module
+   * names), e.g. numpy,pandas,matplotlib,matplotlib.pyplot where users are data people: instant
+   * imports, at the price of slower forks (bigger interpreters). @default PODFLARE_DEFAULT_PRELOAD (comma-separated), else the template's list
+   */
+  defaultTemplatePreload: string[] | null;
   logLevel: LogLevel;
   /** The repo's agent/ folder, copied into the image's agent layer. */
   agentDir: string;
@@ -159,6 +177,10 @@ export function loadConfig(overrides: Partial<ServerConfig> = {}, env: NodeJS.Pr
     imagesDir: env.PODFLARE_IMAGES_DIR ?? path.join(overrides.stateDir ?? stateDir, 'images'),
     apiKeys: (env.PODFLARE_API_KEYS ?? '').split(',').map((k) => k.trim()).filter(Boolean),
     poolSize: int(env.PODFLARE_POOL_SIZE, 'PODFLARE_POOL_SIZE') ?? defaultPoolSize(),
+    poolMaxSize: int(env.PODFLARE_POOL_MAX, 'PODFLARE_POOL_MAX') ?? -1, // -1: from poolSize (below)
+    defaultTemplatePreload: env.PODFLARE_DEFAULT_PRELOAD === undefined ? null : list(env.PODFLARE_DEFAULT_PRELOAD),
+    poolIdleSeconds: int(env.PODFLARE_POOL_IDLE_SECONDS, 'PODFLARE_POOL_IDLE_SECONDS') ?? 30,
+    zygote: !['0', 'false', 'off', 'no'].includes((env.PODFLARE_ZYGOTE ?? '').trim().toLowerCase()),
     runtime,
     logLevel: (env.PODFLARE_LOG_LEVEL as LogLevel | undefined) ?? 'info',
     agentDir: env.PODFLARE_AGENT_DIR ?? defaultAgentDir(),
@@ -213,6 +235,8 @@ export function loadConfig(overrides: Partial<ServerConfig> = {}, env: NodeJS.Pr
   }
   if (overrides.stateDir && !overrides.imagesDir && !env.PODFLARE_IMAGES_DIR) merged.imagesDir = path.join(overrides.stateDir, 'images');
   if (merged.vmUidBase < 0) merged.vmUidBase = merged.sandboxUidBase + 65_536;
+  if (merged.poolMaxSize < 0) merged.poolMaxSize = Math.min(32, 4 * merged.poolSize);
+  if (merged.poolMaxSize < merged.poolSize) merged.poolMaxSize = merged.poolSize;
   checkVmUidRange(merged);
   merged.allowedHosts = checked(merged.allowedHosts, parseAllowedHost, 'allowed host (PODFLARE_ALLOWED_HOSTS, --allowed-host)');
   merged.allowedOrigins = checked(merged.allowedOrigins, parseAllowedOrigin, 'allowed origin (PODFLARE_ALLOWED_ORIGINS, --allowed-origin)');

@@ -44,7 +44,7 @@ export class ExecHistory extends EventEmitter<{ exec: [ExecUpdate] }> {
   }
 
   /** Starts recording an exec; the returned recorder takes its stream messages. */
-  begin(sandbox: string, owner: string, language: 'python' | 'bash', code: string) {
+  begin(sandbox: string, owner: string, language: 'python' | 'bash' | 'javascript', code: string) {
     const record: ExecRecord = {
       id: this.nextId++, sandbox, language,
       code: code.length > this.limits.codeBytes ? code.slice(0, this.limits.codeBytes) + '\n# … (code truncated)' : code,

@@ -6,6 +6,7 @@
 import type { Logger } from './log.js';
 import type { RuntimeName, RuntimeSandbox } from '@podflare/runtime';
 import type { PoolStats } from '@podflare/protocol';
+import { PoolSizer } from './pool-sizer.js';
 
 export interface PoolKey { runtime: RuntimeName; template: string; egress: boolean }
 export type StartFn = (key: PoolKey) => Promise<RuntimeSandbox>;
@@ -32,6 +33,8 @@ interface Bucket {
   misses: number;
   missReasons: Record<PoolMissReason, number>;
   failures: number;
+  /** Grows the bucket above its target (its floor) while creates come fast (pool-sizer.ts). */
+  sizer: PoolSizer;
 }
 
 const keyOf = (k: PoolKey) => `${k.runtime}|${k.template}|${k.egress ? 'net' : 'nonet'}`;
@@ -43,8 +46,22 @@ export class WarmPool {
   private readonly waiters = new Set<() => void>();
   /** Starts in flight (each ends once its sandbox is in the pool, or destroyed after close). */
   private readonly refilling = new Set<Promise<void>>();
+  /** Shrinks idle buckets back to their floor. */
+  private readonly shrinker: NodeJS.Timeout;
 
-  constructor(private readonly start: StartFn, private readonly opts: { target: number; maxParallelStarts: number; log: Logger }) {}
+  constructor(
+    private readonly start: StartFn,
+    private readonly opts: {
+      target: number; maxParallelStarts: number; log: Logger;
+      /** The most ready sandboxes a key's bucket grows to under load (default: its target, no growth). */
+      maxTarget?: (key: PoolKey) => number;
+      /** After this long without a create a grown bucket shrinks back to its target. @default 30 s */
+      idleMs?: number;
+    },
+  ) {
+    this.shrinker = setInterval(() => this.shrinkIdle(), (opts.idleMs ?? 30_000) / 2);
+    this.shrinker.unref();
+  }
 
   /** Starts keeping `target` ready sandboxes for this key (the default key gets the full target). */
   warm(key: PoolKey, target = this.opts.target): void {
@@ -56,6 +73,7 @@ export class WarmPool {
   /** Pops a ready sandbox, or says why there was none. Either way the bucket is refilled behind. */
   take(key: PoolKey, missTarget = Math.max(1, Math.floor(this.opts.target / 4))): PoolTake {
     const b = this.bucket(key);
+    b.sizer.noteTake(Date.now());
     const sandbox = b.ready.shift();
     if (sandbox) {
       b.hits++;
@@ -69,6 +87,7 @@ export class WarmPool {
       : 'empty';
     b.misses++;
     b.missReasons[miss]++;
+    if (miss === 'refilling') b.sizer.noteLag();
     // A key asked for is a key worth keeping warm, if the pool is on at all.
     if (b.target === 0 && this.opts.target > 0) b.target = missTarget;
     this.refill(b);
@@ -83,14 +102,15 @@ export class WarmPool {
   stats(): PoolStats[] {
     return [...this.buckets.values()].map((b) => ({
       runtime: b.key.runtime, template: b.key.template, egress: b.key.egress, ready: b.ready.length, starting: b.starting,
-      target: b.target, hits: b.hits, misses: b.misses,
+      target: this.want(b), hits: b.hits, misses: b.misses,
     }));
   }
 
   /** Resolves when every bucket is full (for start-up and benchmarks). */
   async waitFull(timeoutMs = 60_000): Promise<void> {
     const deadline = Date.now() + timeoutMs;
-    while (!this.closed && [...this.buckets.values()].some((b) => b.ready.length < b.target)) {
+    // Full as sized now (grown while creates came fast): refills still running are no quiet pool.
+    while (!this.closed && [...this.buckets.values()].some((b) => b.ready.length < this.want(b))) {
       if (Date.now() > deadline) throw new Error('the warm pool did not fill in time');
       await new Promise<void>((resolve) => {
         const t = setTimeout(resolve, 200);
@@ -101,6 +121,7 @@ export class WarmPool {
 
   async close(): Promise<void> {
     this.closed = true;
+    clearInterval(this.shrinker);
     const all = [...this.buckets.values()].flatMap((b) => b.ready.splice(0));
     await Promise.all(all.map((s) => s.destroy()));
     // Starts in flight end too (destroyed once started): a stop that keeps the live sandboxes
@@ -112,19 +133,37 @@ export class WarmPool {
     const k = keyOf(key);
     let b = this.buckets.get(k);
     if (!b) {
-      b = { key, ready: [], starting: 0, target: 0, hits: 0, misses: 0, missReasons: { pool_off: 0, cold_key: 0, refilling: 0, starts_failing: 0, empty: 0 }, failures: 0 };
+      b = {
+        key, ready: [], starting: 0, target: 0, hits: 0, misses: 0, missReasons: { pool_off: 0, cold_key: 0, refilling: 0, starts_failing: 0, empty: 0 }, failures: 0,
+        sizer: new PoolSizer({ ceiling: this.opts.maxTarget?.(key) ?? 0, idleMs: this.opts.idleMs ?? 30_000 }),
+      };
       this.buckets.set(k, b);
     }
     return b;
   }
 
+  /** Ready sandboxes the bucket aims at now: its target, grown while creates come fast. */
+  private want(b: Bucket): number {
+    return b.sizer.target(b.target, Date.now());
+  }
+
+  /** Idle buckets grown past their target give the extra sandboxes back. */
+  private shrinkIdle(): void {
+    for (const b of this.buckets.values()) {
+      const extra = b.ready.length - this.want(b);
+      if (extra > 0) for (const s of b.ready.splice(b.target, extra)) void s.destroy();
+    }
+  }
+
   private refill(b: Bucket): void {
-    while (!this.closed && b.ready.length + b.starting < b.target && this.startsInFlight < this.opts.maxParallelStarts) {
+    while (!this.closed && b.ready.length + b.starting < this.want(b) && this.startsInFlight < this.opts.maxParallelStarts) {
       b.starting++;
       this.startsInFlight++;
+      const t0 = performance.now();
       const started = this.start(b.key).then(
         async (sandbox) => {
           b.failures = 0;
+          b.sizer.noteRefill(performance.now() - t0);
           if (this.closed) return void (await sandbox.destroy());
           b.ready.push(sandbox);
           void sandbox.exited.then(() => {

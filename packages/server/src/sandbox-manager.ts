@@ -4,6 +4,9 @@
  * lookup (find, info, lists), pool use, files, the exec queue, fork/merge/diff, freeze/resume, the sweep
  * of idle and expired sandboxes, and the metrics gauges.
  */
+import { SandboxArchives } from './manager/archives.js';
+import { SandboxPorts } from './manager/ports.js';
+import { SandboxProcesses } from './manager/processes.js';
 import { EventEmitter } from 'node:events';
 import type { AgentRequestBody, SandboxEvent } from '@podflare/protocol';
 import type { ExecEventSink } from './agent-channel.js';
@@ -11,6 +14,7 @@ import type { ServerConfig } from './config.js';
 import { ExecHistory } from './exec-history.js';
 import type { Logger } from './log.js';
 import { Capacity } from './manager/capacity.js';
+import { Checkpoints } from './manager/checkpoints.js';
 import { newCounters, type ManagerContext } from './manager/context.js';
 import { ExecQueue } from './manager/exec-queue.js';
 import { ForkMerge } from './manager/fork-merge.js';
@@ -19,7 +23,7 @@ import { Freezer } from './manager/freezer.js';
 import { registerManagerGauges } from './manager/gauges.js';
 import { Lifecycle, type CreateOptions, type Created } from './manager/lifecycle.js';
 import { LimitWatch } from './manager/limit-watch.js';
-import type { LiveSandbox, RuntimeKind } from './manager/live-sandbox.js';
+import { newSandboxId, type LiveSandbox, type RuntimeKind } from './manager/live-sandbox.js';
 import { SandboxLookup } from './manager/lookup.js';
 import { PoolUse } from './manager/pool-use.js';
 import { Sweeper } from './manager/sweep.js';
@@ -43,6 +47,14 @@ export class SandboxManager {
   readonly changes = new EventEmitter<{ change: [string] }>();
   /** A live sandbox's files (upload, read, stat, list, remove, mkdir). */
   readonly files = new SandboxFiles();
+  /** A live sandbox's background processes and terminals (start, list, output, stdin, signal, resize). */
+  readonly processes = new SandboxProcesses();
+  /** Exposed ports: signed URLs and connections into a sandbox's ports. */
+  readonly ports = new SandboxPorts();
+  /** Directories as tar streams (tar runs in the sandbox). */
+  readonly archives = new SandboxArchives(this.files, this.processes);
+  /** Checkpoints, restore, atomic execs and rewind (manager/checkpoints.ts). */
+  readonly checkpoints: Checkpoints;
 
   private readonly ctx: ManagerContext;
   private readonly pool: PoolUse;
@@ -77,9 +89,15 @@ export class SandboxManager {
     const capacity = new Capacity(this.ctx);
     const limits = new LimitWatch(this.ctx);
     this.pool = new PoolUse(this.ctx);
-    this.lifecycle = new Lifecycle(this.ctx, capacity, this.pool);
+    this.checkpoints = new Checkpoints({
+      log, newRuntimeId: newSandboxId,
+      limitsOf: (s) => s.record.limits ?? config.defaultLimits,
+      isLive: (s) => this.ctx.live.get(s.record.id) === s,
+      replaceState: async (s, rt) => this.lifecycle.replaceState(s, rt),
+    });
+    this.lifecycle = new Lifecycle(this.ctx, capacity, this.pool, (s) => this.checkpoints.dropAll(s.record.id));
     this.lookup = new SandboxLookup(this.ctx);
-    this.execs = new ExecQueue(this.ctx, limits);
+    this.execs = new ExecQueue(this.ctx, limits, this.checkpoints);
     this.freezer = new Freezer(this.ctx, this.lifecycle);
     this.forks = new ForkMerge(this.ctx, capacity, this.lifecycle, limits, (id, owner) => this.get(id, owner));
     this.sweeper = new Sweeper(this.ctx, this.lifecycle, this.freezer);
@@ -104,8 +122,18 @@ export class SandboxManager {
     return this.ctx.live.size;
   }
 
-  create(opts: CreateOptions): Promise<Created> {
-    return this.lifecycle.create(opts);
+  async create(opts: CreateOptions): Promise<Created> {
+    const created = await this.lifecycle.create(opts);
+    const s = this.ctx.live.get(created.record.id);
+    if (opts.history && s) {
+      try {
+        this.checkpoints.setHistory(s, opts.history);
+      } catch (err) {
+        await this.lifecycle.end(s, 'stopped', 'its runtime cannot keep the history asked for');
+        throw err;
+      }
+    }
+    return created;
   }
 
   /** The live sandbox, or the error a user should see: 404 never existed, 410 ended. */
@@ -132,8 +160,8 @@ export class SandboxManager {
    * Runs code; `onEvent` sees its output (a promise it returns holds the agent's channel until it
    * settles: backpressure); resolves with the exit. Queued behind other execs of the same sandbox.
    */
-  exec(s: LiveSandbox, body: AgentRequestBody<'exec'>, onEvent: ExecEventSink) {
-    return this.execs.exec(s, body, onEvent);
+  exec(s: LiveSandbox, body: AgentRequestBody<'exec'>, onEvent: ExecEventSink, opts: { atomic?: boolean } = {}) {
+    return this.execs.exec(s, body, onEvent, opts);
   }
 
   interrupt(s: LiveSandbox): Promise<boolean> {
@@ -165,8 +193,10 @@ export class SandboxManager {
     return this.forks.mergePaths(parent, winner, paths);
   }
 
-  mergeWhole(parent: LiveSandbox, winner: LiveSandbox): Promise<void> {
-    return this.forks.mergeWhole(parent, winner);
+  async mergeWhole(parent: LiveSandbox, winner: LiveSandbox): Promise<void> {
+    await this.forks.mergeWhole(parent, winner);
+    // The winner's id is retired: its checkpoints go with it (the parent keeps its own).
+    void this.checkpoints.dropAll(winner.record.id);
   }
 
   diffFiles(a: LiveSandbox, b: LiveSandbox, opts: { paths?: string[]; content?: boolean }) {

@@ -98,6 +98,7 @@ async function startLocked(config: ServerConfig, opts: StartOptions, log: Logger
     browserAccess: { allowedHosts: config.allowedHosts, allowedOrigins: config.allowedOrigins },
   });
   const server = http.createServer({ noDelay: true, keepAliveTimeout: 65_000, maxHeaderSize: 16 * 1024 }, opts.wrapHandler ? opts.wrapHandler(app) : app);
+  server.on('upgrade', app.upgrade); // WebSockets to exposed ports and terminals
   server.headersTimeout = 30_000;
   // Header size is capped by maxHeaderSize above (Node answers 431); the count too.
   server.maxHeadersCount = 100;

@@ -12,12 +12,19 @@ import { sendJson } from './body.js';
 import { BrowserGuard } from './browser-guard.js';
 import { addDashboardRoutes } from './dashboard-routes.js';
 import { addFileRoutes } from './file-routes.js';
+import { addArchiveRoutes } from './archive-routes.js';
 import { addForkRoutes } from './fork-routes.js';
 import { addMetricsRoutes } from './metrics-routes.js';
 import type { HttpMount } from './mounts.js';
 import { observeRequest } from './observe.js';
 import { RateLimiter, type RateLimitOptions } from './rate-limit.js';
 import { addFreezeRoutes } from './freeze-routes.js';
+import { addProcessRoutes } from './process-routes.js';
+import { matchPortTarget, PortProxy } from './port-proxy.js';
+import { addPortRoutes } from './port-routes.js';
+import { matchPtyTarget, PtySockets } from './pty-socket.js';
+import type { Duplex } from 'node:stream';
+import { addCheckpointRoutes } from './checkpoint-routes.js';
 import { Router } from './router.js';
 import { addSandboxRoutes } from './sandbox-routes.js';
 
@@ -38,8 +45,10 @@ export interface AppOptions {
 }
 
 export type RequestListener = (req: IncomingMessage, res: ServerResponse) => void;
+/** The `upgrade` listener of the HTTP server: WebSockets to exposed ports (http/port-proxy.ts). */
+export type UpgradeListener = (req: IncomingMessage, socket: Duplex, head: Buffer) => void;
 
-export function createApp(opts: AppOptions): RequestListener {
+export function createApp(opts: AppOptions): RequestListener & { upgrade: UpgradeListener } {
   const keys = new KeyRing(opts.apiKeys);
   const limiter = new RateLimiter(opts.rateLimit ?? { perSecond: 0, burst: 0 });
   const guard = new BrowserGuard(opts.browserAccess ?? { allowedHosts: [], allowedOrigins: [] });
@@ -60,10 +69,16 @@ export function createApp(opts: AppOptions): RequestListener {
   });
   addSandboxRoutes(router, opts.manager);
   addFileRoutes(router, opts.manager);
+  addArchiveRoutes(router, opts.manager);
   addForkRoutes(router, opts.manager);
   addMetricsRoutes(router, opts.manager);
   addDashboardRoutes(router, opts.manager);
   addFreezeRoutes(router, opts.manager);
+  addProcessRoutes(router, opts.manager);
+  const ptys = new PtySockets(opts.manager, keys, guard, opts.log);
+  const portProxy = new PortProxy(opts.manager, keys, guard, opts.log);
+  addPortRoutes(router, opts.manager);
+  addCheckpointRoutes(router, opts.manager);
   for (const mount of opts.mounts ?? []) {
     for (const method of mount.methods) {
       router.add(method, mount.path, ({ req, res, owner }) =>
@@ -71,11 +86,14 @@ export function createApp(opts: AppOptions): RequestListener {
     }
   }
 
-  return (req, res) => {
+  const listener: RequestListener = (req, res) => {
     const observed = observeRequest(req, res, opts.log, opts.manager.metrics);
     let url: URL | undefined;
     void (async () => {
       try {
+        // An exposed port: the rest of the path belongs to the sandbox's server, not to our routes.
+        const portTarget = matchPortTarget(req.url);
+        if (portTarget) return await portProxy.handleRequest(req, res, portTarget);
         // Before anything else, auth included: a web page must not learn even which requests fail.
         if (guard.check(req, res) === 'answered') return;
         url = parseTarget(req.url);
@@ -91,6 +109,17 @@ export function createApp(opts: AppOptions): RequestListener {
       }
     })();
   };
+  const upgrade: UpgradeListener = (req, socket, head) => {
+    const pty = matchPtyTarget(req.url);
+    if (pty) return void ptys.handleUpgrade(req, socket, head, pty);
+    const target = matchPortTarget(req.url);
+    if (!target) {
+      socket.end('HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n');
+      return;
+    }
+    void portProxy.handleUpgrade(req, socket, head, target);
+  };
+  return Object.assign(listener, { upgrade });
 }
 
 /** The request target as a URL; only origin-form targets ("/v1/…") are served. */

@@ -30,17 +30,38 @@ export class BrowserGuard {
     this.origins = new Set(access.allowedOrigins);
   }
 
-  /**
-   * Refuses requests for a foreign Host or from a foreign origin (throws a 403 ApiError), answers
-   * CORS preflights of allowed origins, and adds CORS headers to their other requests.
-   */
-  check(req: IncomingMessage, res: ServerResponse): GuardResult {
+  /** Refuses (403) a request naming a Host the server does not serve (a guard against DNS rebinding). */
+  checkHost(req: IncomingMessage): void {
     const host = req.headers.host;
     if (!isServedHost(host, this.access.allowedHosts)) {
       const shown = host === undefined ? 'no Host header' : `Host ${JSON.stringify(host.slice(0, 200))}`;
       throw new ApiError('forbidden', `${shown} is not a name this server answers to (a guard against DNS rebinding). ` +
         'Use localhost or an IP address, or allow the name: podflare serve --allowed-host NAME, or PODFLARE_ALLOWED_HOSTS=NAME');
     }
+  }
+
+  /**
+   * For a WebSocket to the API (the PTY): the Host as everywhere, and an `Origin` that is the
+   * server's own or an allowed one (browsers send it on every WebSocket; CORS does not apply to
+   * them, so this is the only thing keeping a foreign page from opening a shell).
+   */
+  checkUpgrade(req: IncomingMessage): void {
+    this.checkHost(req);
+    const origin = req.headers.origin;
+    if (origin === undefined || isSameOrigin(origin, req.headers.host)) return;
+    const serialized = originOf(origin);
+    if (serialized === undefined || !this.origins.has(serialized)) {
+      throw new ApiError('forbidden', `WebSocket from ${JSON.stringify(origin.slice(0, 200))} refused: web pages from other origins may not open one`);
+    }
+  }
+
+  /**
+   * Refuses requests for a foreign Host or from a foreign origin (throws a 403 ApiError), answers
+   * CORS preflights of allowed origins, and adds CORS headers to their other requests.
+   */
+  check(req: IncomingMessage, res: ServerResponse): GuardResult {
+    this.checkHost(req);
+    const host = req.headers.host;
     const origin = req.headers.origin;
     if (origin === undefined || isSameOrigin(origin, host)) return 'continue';
     const serialized = originOf(origin);

@@ -1,7 +1,8 @@
 /** fork, diff and merge_into (docs/api.md). */
-import { ForkBody, type VarInfo, type VarsDiff } from '@podflare/protocol';
+import { ForkBody } from '@podflare/protocol';
 import { z } from 'zod';
 import { ApiError } from './api-error.js';
+import { diffVars } from '../manager/checkpoints.js';
 import type { SandboxManager } from '../sandbox-manager.js';
 import { readBody, sendEmpty, sendJson } from './body.js';
 import { flagParam } from './params.js';
@@ -10,7 +11,7 @@ import { sandboxId } from './sandbox-routes.js';
 
 const MergeBody = z.object({ paths: z.array(z.string().min(1).max(4096)).min(1).max(1000).optional() }).strict();
 
-function pathsParam(value: string | null): string[] | undefined {
+export function pathsParam(value: string | null): string[] | undefined {
   if (!value) return undefined;
   if (value.length > 64 * 1024) throw new ApiError('bad_request', 'paths: longer than 64 KiB', 'paths');
   const paths = value.split(',').map((p) => p.trim()).filter(Boolean);
@@ -21,17 +22,6 @@ function pathsParam(value: string | null): string[] | undefined {
     }
   }
   return paths;
-}
-
-/** Interpreter variables of `b` relative to `a`. */
-function diffVars(a: Record<string, VarInfo>, b: Record<string, VarInfo>): VarsDiff {
-  const view = (name: string, v: VarInfo) => ({ name, type: v.type, repr: v.repr });
-  return {
-    added: Object.keys(b).filter((k) => !(k in a)).sort().map((k) => view(k, b[k]!)),
-    removed: Object.keys(a).filter((k) => !(k in b)).sort().map((k) => view(k, a[k]!)),
-    changed: Object.keys(b).filter((k) => k in a && (a[k]!.fp !== b[k]!.fp || a[k]!.type !== b[k]!.type)).sort()
-      .map((k) => ({ name: k, type: b[k]!.type, before: a[k]!.repr, after: b[k]!.repr })),
-  };
 }
 
 export function addForkRoutes(router: Router, manager: SandboxManager): void {

@@ -59,7 +59,7 @@ export function addSandboxRoutes(router: Router, manager: SandboxManager): void 
       const exit = await manager.exec(sandbox, {
         op: 'exec', language: body.language ?? 'python', code: body.code,
         timeout_ms: body.timeout_ms, env: body.env, cwd: body.cwd,
-      }, (msg) => stream.output(msg));
+      }, (msg) => stream.output(msg), { atomic: body.atomic });
       stream.exit(exit);
     } catch (err) {
       // Refused before any output (the agent's 4xx, a protocol violation, a sandbox gone): a JSON
@@ -119,7 +119,10 @@ class EventStream {
 
   /** The exec's exit: the last event of the stream. */
   exit(msg: Extract<ExecStreamMessage, { type: 'exit' }>): void {
-    void this.emit({ type: 'exit', data: msg.code, execution_count: msg.execution_count ?? null, state_lost: msg.state_lost ?? false });
+    void this.emit({
+      type: 'exit', data: msg.code, execution_count: msg.execution_count ?? null, state_lost: msg.state_lost ?? false,
+      ...(msg.rolled_back ? { rolled_back: true } : {}),
+    });
   }
 
   /** Writes one event; a promise when the client's buffer is full (settles when it drained or left). */

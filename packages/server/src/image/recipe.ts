@@ -38,6 +38,8 @@ export const BASE_PACKAGES: readonly string[] = [
   // takes the first, and scipy drags in pythran, g++ and the Python headers (~500 MB). Naming the
   // small alternative makes apt use it.
   'python3-munkres',
+  // The JavaScript REPL (agent/podflare_js.py).
+  'nodejs',
 ];
 
 /**

@@ -1,4 +1,4 @@
-/** The manager's gauges in GET /v1/metrics: the warm pool, sandboxes by state, lifecycle events. */
+/** The manager's gauges in GET /v1/metrics: the warm pool and its zygotes, sandboxes by state, lifecycle events. */
 import type { ManagerContext } from './context.js';
 import type { PoolUse } from './pool-use.js';
 
@@ -18,6 +18,13 @@ export function registerManagerGauges(ctx: ManagerContext, pool: PoolUse): void 
       ...pool.missReasons().map((r) => ({ labels: { ...poolLabels(r.key), reason: r.reason }, value: r.count })),
       { labels: { template: '*', egress: 'policy', reason: 'egress_policy' }, value: pool.policyCreates },
     ], 'counter');
+  const zygotes = () => pool.zygoteStats();
+  m.gauge('podflare_zygote_ready', 'Whether the template\'s zygote (what pool refills and misses are forked from) is ready.',
+    () => zygotes().map((z) => ({ labels: { template: z.template }, value: z.ready ? 1 : 0 })));
+  m.gauge('podflare_zygote_forks_total', 'Sandboxes forked from the template\'s zygotes.',
+    () => zygotes().map((z) => ({ labels: { template: z.template }, value: z.forked })), 'counter');
+  m.gauge('podflare_zygote_starts_total', 'Zygotes started per template (more than one: one died and was replaced).',
+    () => zygotes().map((z) => ({ labels: { template: z.template }, value: z.started })), 'counter');
   m.gauge('podflare_sandboxes', 'Live sandboxes by state.', () => {
     const byState: Record<string, number> = { ready: 0, running: 0 };
     for (const s of ctx.live.values()) byState[s.record.state] = (byState[s.record.state] ?? 0) + 1;

@@ -34,6 +34,8 @@ export class Lifecycle {
     private readonly ctx: ManagerContext,
     private readonly capacity: Capacity,
     private readonly pool: PoolUse,
+    /** Runs before a sandbox's teardown (its checkpoints go first: they are its runtime's fork children). */
+    private readonly beforeTeardown: (s: LiveSandbox) => Promise<void> = async () => undefined,
   ) {}
 
   /**
@@ -182,11 +184,31 @@ export class Lifecycle {
     changes.emit('change', s.record.id);
     // The sandbox is already unreachable through the API: kill and clean up behind the answer.
     const rt = s.rt;
-    const teardown = rt.destroy().catch((err: Error) => log.error('teardown failed', { sandbox: s.record.id, error: err.message }));
+    const teardown = this.beforeTeardown(s).then(() => rt.destroy())
+      .catch((err: Error) => log.error('teardown failed', { sandbox: s.record.id, error: err.message }));
     this.teardowns.add(teardown);
     void teardown.finally(() => {
       this.teardowns.delete(teardown);
       eventLog.drop(rt.id);
+    });
+  }
+
+  /**
+   * A restore (manager/checkpoints.ts): `rt` becomes the live state of `s` under its id (record,
+   * queue, limits kept); the state it replaces is torn down behind the answer. Inside `s`'s queue.
+   */
+  replaceState(s: LiveSandbox, rt: RuntimeSandbox): void {
+    const { log, changes, eventLog } = this.ctx;
+    const old = s.rt;
+    s.rt = rt;
+    this.watch(s, rt);
+    s.record.lastActiveAt = Date.now();
+    changes.emit('change', s.record.id);
+    const teardown = old.destroy().catch((err: Error) => log.error('teardown failed', { sandbox: s.record.id, error: err.message }));
+    this.teardowns.add(teardown);
+    void teardown.finally(() => {
+      this.teardowns.delete(teardown);
+      eventLog.drop(old.id);
     });
   }
 

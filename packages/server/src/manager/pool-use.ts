@@ -1,12 +1,15 @@
 /**
  * Where a new sandbox's runtime sandbox comes from: the warm pool when one is ready for its key,
  * else started on demand (retried once; 503 if the host cannot). Egress allowlists always start
- * cold: a policy is per sandbox, no pool serves it.
+ * cold: a policy is per sandbox, no pool serves it. Refills and misses are forks of the template's
+ * zygote (zygote.ts) where the runtime can fork, cold starts otherwise (or while it starts).
  */
 import { isEgressPolicy, type EgressSetting } from '@podflare/protocol';
 import { SandboxError } from '@podflare/runtime';
 import { WarmPool, type PoolKey, type PoolMissReason } from '../pool.js';
 import type { Runtime, RuntimeSandbox } from '../runtime/runtime.js';
+import { templatePreload } from '../template-preload.js';
+import { Zygotes, type ZygoteStats } from '../zygote.js';
 import type { ManagerContext } from './context.js';
 import { DEFAULT_TEMPLATE, newSandboxId, type RuntimeKind } from './live-sandbox.js';
 
@@ -16,13 +19,31 @@ export type CreateMissReason = PoolMissReason | 'egress_policy';
 
 export class PoolUse {
   private readonly pool: WarmPool;
+  /** Per template, the pre-warmed sandbox that refills and misses are forked from (zygote.ts). */
+  private readonly zygotes: Zygotes;
   /** Creates with an egress allowlist (started cold: no pool serves them). */
   private policyCreatesCount = 0;
 
   constructor(private readonly ctx: ManagerContext) {
+    const { config } = ctx;
+    const preload = (template: string) => (template === DEFAULT_TEMPLATE && config.defaultTemplatePreload ? config.defaultTemplatePreload : templatePreload(template));
+    this.zygotes = new Zygotes({
+      enabled: config.zygote,
+      zygoteSpec: (template) => {
+        const id = newSandboxId();
+        const env = { PODFLARE_ZYGOTE_PRELOAD: preload(template).join(',') };
+        return { id, template, egress: false, hostname: `sbx-${id.slice(4, 16)}`, background: true, env, limits: config.defaultLimits };
+      },
+      maxBatch: 4,
+      log: ctx.log,
+    });
     this.pool = new WarmPool((key) => this.startRuntimeSandbox(key.runtime, key.template, key.egress, true), {
-      target: ctx.config.poolSize,
-      maxParallelStarts: 2,
+      target: config.poolSize,
+      // Refills forked from a zygote are cheap, and the zygote forks those asked for together.
+      maxParallelStarts: config.zygote ? 8 : 2,
+      // Where warm sandboxes are costly (a VM's QEMU each), a bucket keeps its target, never more.
+      maxTarget: (key) => (this.ctx.runtimes.get(key.runtime)?.warmPoolMax === undefined ? config.poolMaxSize : 0),
+      idleMs: Math.max(1, config.poolIdleSeconds) * 1000,
       log: ctx.log,
     });
   }
@@ -30,6 +51,8 @@ export class PoolUse {
   /** Starts filling the pool of the default runtime and template. */
   warmDefault(): void {
     const key: PoolKey = { runtime: this.ctx.defaultRuntime.name, template: DEFAULT_TEMPLATE, egress: true };
+    // Even without a pool: misses are forks of the zygote.
+    this.zygotes.warm(this.ctx.defaultRuntime, DEFAULT_TEMPLATE);
     this.pool.warm(key, this.poolTarget(key.runtime));
   }
 
@@ -75,12 +98,17 @@ export class PoolUse {
     return this.pool.missReasons();
   }
 
+  zygoteStats(): ZygoteStats[] {
+    return this.zygotes.stats();
+  }
+
   waitFull(timeoutMs?: number): Promise<void> {
     return this.pool.waitFull(timeoutMs);
   }
 
-  close(): Promise<void> {
-    return this.pool.close();
+  async close(): Promise<void> {
+    await this.pool.close();
+    await this.zygotes.close();
   }
 
   private poolTarget(runtime: RuntimeKind): number {
@@ -104,9 +132,19 @@ export class PoolUse {
   private async startRuntimeSandbox(
     runtimeName: RuntimeKind, template: string, egress: EgressSetting, background = false,
   ): Promise<RuntimeSandbox> {
-    const id = newSandboxId();
     const runtime = this.ctx.runtimes.get(runtimeName);
     if (!runtime) throw new Error(`no ${runtimeName} runtime`);
-    return runtime.start({ id, template, egress, hostname: `sbx-${id.slice(4, 16)}`, background, limits: this.ctx.config.defaultLimits });
+    const spec = () => {
+      const id = newSandboxId();
+      return { id, template, egress, hostname: `sbx-${id.slice(4, 16)}`, background, limits: this.ctx.config.defaultLimits };
+    };
+    // A refill waits for a zygote still starting; a create does not (it starts cold meanwhile).
+    const fromZygote = () => this.zygotes.fork(runtime, spec(), { wait: background, urgent: !background });
+    // A refill tries again once (a zygote that died is being replaced); a create starts cold.
+    const forked = await fromZygote().catch((err: Error) => (background ? fromZygote() : Promise.reject(err))).catch((err: Error) => {
+      if (!this.ctx.status.closing) this.ctx.log.warn('fork from the zygote failed; starting cold', { template, error: err.message });
+      return null;
+    });
+    return forked ?? runtime.start(spec());
   }
 }

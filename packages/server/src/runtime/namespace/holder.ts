@@ -40,6 +40,8 @@ export interface HolderRecord {
   depth: number;
   slirpPid: number | null;
   cgroup: boolean;
+  /** Deleted while children of it live (a husk: its agent only reaps, nothing drives it). */
+  husk?: boolean;
 }
 
 export interface HolderPaths {

@@ -38,7 +38,7 @@ import { detectCgroups, type Cgroups } from '../shared/cgroups.js';
 import type { EgressService } from '../../egress/index.js';
 import type { Logger } from '../../log.js';
 import { processTree, run } from '../../proc.js';
-import { SandboxError, type CloseOptions, type DiffOptions, type FileDiff, type ReconcileReport, type Runtime, type RuntimeName, type SandboxSpec } from '@podflare/runtime';
+import { SandboxError, type CloseOptions, type DiffOptions, type FileDiff, type ForkOptions, type ReconcileReport, type Runtime, type RuntimeName, type SandboxSpec } from '@podflare/runtime';
 import { InFlight } from '../in-flight.js';
 import { bwrapArgs, SANDBOX_PATH } from './bwrap-args.js';
 import { HostHelper, type HostHelperOptions } from './hostd.js';
@@ -129,7 +129,7 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
 
   constructor(private readonly opts: NamespaceRuntimeOptions) {
     this.name = opts.name;
-    this.capabilities = { fork: true, freeze: false, egress: true, egressPolicy: opts.egress !== undefined, limits: true, outlivesServer: true };
+    this.capabilities = { fork: true, freeze: false, egress: true, egressPolicy: opts.egress !== undefined, limits: true, zygote: true, outlivesServer: true };
     this.hostd = new HostHelper({ ...opts.hostHelper, log: opts.log });
     this.trash = new Trash(trashDir(opts.stateDir), (tree) => this.hostd.removeTree(tree));
     for (const d of [opts.stateDir, ...opts.lowerDirs]) assertMountablePath(d);
@@ -142,6 +142,7 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
       // pool start that finished during the stop) leaves its directory to the next server's reconcile.
       removeDir: async (dirs) => { if (!this.letGo) await this.trash.throwAway(dirs); },
       diagnostics: (s) => holderLogTail(opts.stateDir, s.id),
+      onHusk: (s) => void this.saveRecord(s).catch(() => undefined),
       onFinalized: (s) => {
         this.live.delete(s.id);
         void removeHolderFiles(opts.stateDir, s.id);
@@ -246,8 +247,8 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
     return this.busy(() => this.startRoot(spec));
   }
 
-  fork(parent: NsSandbox, specs: SandboxSpec[]): Promise<NsSandbox[]> {
-    return this.busy(() => this.forkChildren(parent, specs));
+  fork(parent: NsSandbox, specs: SandboxSpec[], opts: ForkOptions = {}): Promise<NsSandbox[]> {
+    return this.busy(() => this.forkChildren(parent, specs, opts));
   }
 
   /** A start or fork: tracked (close waits for it), and the trash is not emptied around it. */
@@ -259,6 +260,14 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
   /** Host helper workers replaced so far, by reason (the podflare_host_helper_restarts_total metric). */
   hostHelperRestarts(): ReturnType<HostHelper['restarts']> {
     return this.hostd.restarts();
+  }
+
+  async attachNetwork(s: NsSandbox): Promise<void> {
+    if (!s.initPid || s.ended) throw new SandboxError('sandbox_gone', `sandbox ${s.id} is gone`);
+    if (s.slirp) return;
+    const slirp = await startSlirp(this.opts.spawner, s.initPid, this.opts.startTimeoutMs);
+    if (s.ended) slirp.stop();
+    else s.slirp = slirp;
   }
 
   async diff(a: NsSandbox, b: NsSandbox, opts: DiffOptions): Promise<FileDiff> {
@@ -343,6 +352,11 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
       s.spawnAreaReady = await hasMount(r.initPid, SPAWN_AREA);
       this.live.set(id, s);
       for (const l of r.lowers) this.retainLayer(l);
+      // A husk (a zygote, or a deleted parent, with live children) stays for its children only.
+      if (r.husk) {
+        s.adoptAsHusk();
+        return null;
+      }
       return s;
     };
     // Generation by generation (a child needs its parent's sandbox), each one at once.
@@ -477,11 +491,11 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
     await saveHolderRecord(this.opts.stateDir, {
       version: HOLDER_RECORD_VERSION, agentProtocol: AGENT_PROTOCOL, kind: s.parent ? 'fork' : 'root',
       spec: s.spec, holderPid: s.holder.pid, initPid: s.initPid, lowers: s.lowers, parentId: s.parent?.id ?? null,
-      depth: s.depth, slirpPid: s.slirp?.pid ?? null, cgroup: s.cgroup !== null,
+      depth: s.depth, slirpPid: s.slirp?.pid ?? null, cgroup: s.cgroup !== null, husk: s.isHusk,
     });
   }
 
-  private async forkChildren(parent: NsSandbox, specs: SandboxSpec[]): Promise<NsSandbox[]> {
+  private async forkChildren(parent: NsSandbox, specs: SandboxSpec[], opts: ForkOptions): Promise<NsSandbox[]> {
     if (!parent.initPid) throw new SandboxError('conflict', 'the sandbox is not running');
     if (parent.depth >= MAX_FORK_DEPTH) {
       throw new SandboxError('conflict', `fork chains are limited to ${MAX_FORK_DEPTH} generations (pid namespaces nest at most 32 deep)`);
@@ -520,7 +534,9 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
         children: specs.map((spec) => ({ id: spec.id, root: SPAWN_AREA, hostname: spec.hostname })),
       });
       forking.catch(() => undefined);
-      const layered = this.freezeUpper(parent).then((l) => {
+      // Fresh files: the image's layers as they are (no fork layer to make, none to retain).
+      const layers = opts.freshFiles ? Promise.resolve(parent.lowers.filter((l) => !this.isForkLayer(l))) : this.freezeUpper(parent);
+      const layered = layers.then((l) => {
         lowers = l;
         for (const layer of l) this.retainLayer(layer);
         phase('layer frozen');

@@ -16,11 +16,13 @@ import { readFileSync } from 'node:fs';
 import { readFile, readlink, rm } from 'node:fs/promises';
 import os from 'node:os';
 import { AgentChannel } from '../../agent-channel.js';
+import { SandboxError } from '@podflare/runtime';
 import type { Logger } from '../../log.js';
 import { isAlive, processTree, pssOf } from '../../proc.js';
 import type { SandboxCgroup } from '../shared/cgroups.js';
 import type { LimitCounters, RuntimeSandbox, SandboxLimits, SandboxSpec } from '../runtime.js';
 import type { SandboxDirs } from './layout.js';
+import { PortConnector } from './port-connector.js';
 import type { Slirp } from '../shared/slirp.js';
 import { killIfStill, waitProcessGone } from './holder.js';
 
@@ -37,6 +39,8 @@ export interface SandboxHooks {
   removeDir(dirs: SandboxDirs): Promise<void>;
   /** Called once the sandbox is finally gone (processes dead, directories removed). */
   onFinalized(sandbox: NsSandbox): void;
+  /** A sandbox became a husk (its record must say so: the next server does not drive it). */
+  onHusk?(sandbox: NsSandbox): void;
   /** Why a sandbox ended, from its holder's log (bwrap's last words). */
   diagnostics?(sandbox: NsSandbox): string;
   log: Logger;
@@ -63,6 +67,8 @@ export abstract class NsSandbox implements RuntimeSandbox {
   holder: HolderRef | null = null;
   /** Let go of (the server stops and keeps its sandboxes): its channel closing is not its end. */
   protected detached = false;
+  /** Dials the sandbox's ports for exposed-port requests (port-connector.ts); started on first use. */
+  private portConnector: PortConnector | null = null;
   private finalizing: Promise<void> | null = null;
   protected readonly log: Logger;
 
@@ -82,6 +88,7 @@ export abstract class NsSandbox implements RuntimeSandbox {
     void this.exited.then(() => {
       this.ended = true;
       this.slirp?.stop();
+      this.portConnector?.close();
     });
     parent?.children.add(this);
   }
@@ -93,6 +100,13 @@ export abstract class NsSandbox implements RuntimeSandbox {
   /** The layer stack of this sandbox's root, topmost first. */
   get stack(): string[] {
     return [this.dirs.upper, ...this.lowers];
+  }
+
+  /** A socket connected to 127.0.0.1:port inside this sandbox's network namespace. */
+  connectPort(port: number): Promise<import('node:net').Socket> {
+    if (this.ended || !this.initPid) return Promise.reject(new SandboxError('sandbox_gone', `sandbox ${this.id} is gone`));
+    this.portConnector ??= new PortConnector(this.initPid);
+    return this.portConnector.connect(port);
   }
 
   async memoryPss(): Promise<number> {
@@ -117,6 +131,7 @@ export abstract class NsSandbox implements RuntimeSandbox {
     if (this.children.size === 0) return this.finalize();
     if (!this.husk) {
       this.husk = true;
+      this.hooks.onHusk?.(this);
       this.channel.close('destroyed');
       this.slirp?.stop();
       this.resolveExited({ reason: 'destroyed' });
@@ -125,8 +140,15 @@ export abstract class NsSandbox implements RuntimeSandbox {
     return Promise.resolve();
   }
 
-  protected get isHusk(): boolean {
+  get isHusk(): boolean {
     return this.husk;
+  }
+
+  /** Taken over from an earlier server as a husk: kept (for its children) but never driven. */
+  adoptAsHusk(): void {
+    this.husk = true;
+    this.channel.close('destroyed');
+    this.resolveExited({ reason: 'destroyed' });
   }
 
   /**

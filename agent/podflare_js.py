@@ -1,0 +1,137 @@
+"""The JavaScript REPL: `language: "javascript"` execs with state that persists across calls.
+
+One long-lived `node` process per sandbox (started by the first JavaScript exec, in its own session
+so an interrupted exec does not take it down) evaluates every cell in one `vm` context: top-level
+`let`/`const`/`function` and globals persist, as in Node's REPL. Each exec is an ordinary bash exec of
+a small client that hands the cell to that process over a unix socket and relays what it prints:
+`console.log` to stdout, `console.error` to stderr, the cell's last value (`util.inspect`, awaited if a
+promise) to stdout, an uncaught error's stack to stderr with exit code 1. Timeouts and interrupts
+stop the client (the exec ends); a cell still running in the REPL keeps running there.
+
+Fork: the REPL is a process beside the interpreter, and a fork's children do not get the parent's
+processes: a child starts with an empty JavaScript state (its Python state is copied as usual).
+Needs `node` in the image (Debian's `nodejs`).
+"""
+from __future__ import annotations
+
+import os
+import secrets
+
+
+
+def js_dir() -> str:
+    """Where the REPL's files and socket live: per agent (its pid is 1 in every sandbox)."""
+    return f'/tmp/.podflare-js-{os.getuid()}-{os.getpid()}'
+
+SERVER = r"""
+const net = require('net'), vm = require('vm'), util = require('util'), fs = require('fs');
+const [sock, agentPid] = [process.argv[2], Number(process.argv[3])];
+// Ends with the agent (on a host without a pid namespace of its own, nothing else would end it).
+setInterval(() => {
+  try { process.kill(agentPid, 0); } catch (e) {
+    if (e.code !== 'ESRCH') return;
+    fs.rmSync(require('path').dirname(sock), { recursive: true, force: true });
+    process.exit(0);
+  }
+}, 1000).unref();
+const ctx = vm.createContext({ require, process, Buffer, URL, URLSearchParams, TextEncoder, TextDecoder,
+  setTimeout, setInterval, clearTimeout, clearInterval, setImmediate, queueMicrotask, fetch: globalThis.fetch });
+let out = null;
+const emit = (s, d) => { if (out && !out.destroyed) out.write(JSON.stringify({ s, d }) + '\n'); };
+const fmt = (a) => util.format(...a) + '\n';
+ctx.console = { log: (...a) => emit('o', fmt(a)), info: (...a) => emit('o', fmt(a)), debug: (...a) => emit('o', fmt(a)),
+  warn: (...a) => emit('e', fmt(a)), error: (...a) => emit('e', fmt(a)) };
+let queue = Promise.resolve();
+try { fs.unlinkSync(sock); } catch {}
+net.createServer((c) => {
+  let buf = '';
+  c.on('error', () => {});
+  c.on('data', (d) => {
+    buf += d;
+    const i = buf.indexOf('\n');
+    if (i < 0) return;
+    const code = JSON.parse(buf.slice(0, i));
+    buf = '';
+    queue = queue.then(() => run(code, c));
+  });
+}).listen(sock);
+async function run(code, c) {
+  out = c;
+  let exit = 0;
+  try {
+    let v = vm.runInContext(code, ctx, { filename: 'cell.js' });
+    if (v && typeof v.then === 'function') {
+      // An interrupted cell (its client gone) stops being awaited, so the next cells run.
+      const gone = new Promise((r) => c.once('close', () => r(gone)));
+      v = await Promise.race([v, gone]);
+      if (v === gone) return;
+    }
+    if (v !== undefined) emit('o', util.inspect(v) + '\n');
+  } catch (e) {
+    emit('e', ((e && e.stack) || String(e)) + '\n');
+    exit = 1;
+  }
+  if (!c.destroyed) c.end(JSON.stringify({ x: exit }) + '\n');
+  if (out === c) out = null;
+}
+"""
+
+CLIENT = r"""
+const net = require('net'), fs = require('fs'), cp = require('child_process');
+const [sock, serverFile, codeFile, agentPid] = process.argv.slice(2);
+const code = fs.readFileSync(codeFile, 'utf8');
+fs.unlinkSync(codeFile);
+let tries = 0;
+function connect() {
+  const c = net.connect(sock);
+  c.on('connect', () => {
+    c.write(JSON.stringify(code) + '\n');
+    let buf = '';
+    c.on('data', (d) => {
+      buf += d;
+      let i;
+      while ((i = buf.indexOf('\n')) >= 0) {
+        const m = JSON.parse(buf.slice(0, i));
+        buf = buf.slice(i + 1);
+        if ('x' in m) { process.exitCode = m.x; continue; }
+        (m.s === 'e' ? process.stderr : process.stdout).write(m.d);
+      }
+    });
+  });
+  c.on('error', () => {
+    if (tries++ === 0) {
+      cp.spawn(process.execPath, [serverFile, sock, agentPid], { detached: true, stdio: 'ignore' }).unref();
+    }
+    if (tries > 200) { process.stderr.write('the JavaScript REPL did not start\n'); process.exit(1); }
+    setTimeout(connect, 25);
+  });
+}
+connect();
+"""
+
+
+def _ensure_files() -> tuple[str, str]:
+    os.makedirs(js_dir(), mode=0o700, exist_ok=True)
+    paths = []
+    for name, text in (('server.js', SERVER), ('client.js', CLIENT)):
+        path = os.path.join(js_dir(), name)
+        try:
+            with open(path, encoding='utf-8') as f:
+                current = f.read()
+        except OSError:
+            current = None
+        if current != text:
+            with open(path, 'w', encoding='utf-8') as f:
+                f.write(text)
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def bash_for(code: str) -> str:
+    """The bash command that runs one JavaScript cell in the sandbox's REPL."""
+    server, client = _ensure_files()
+    cell = os.path.join(js_dir(), f'cell-{secrets.token_hex(8)}.js')
+    with open(cell, 'w', encoding='utf-8') as f:
+        f.write(code)
+    sock = os.path.join(js_dir(), 'repl.sock')
+    return f"exec node '{client}' '{sock}' '{server}' '{cell}' {os.getpid()}"

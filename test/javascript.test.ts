@@ -1,0 +1,36 @@
+/** The JavaScript REPL: `language: "javascript"` keeps its state across calls; a fork child starts afresh. */
+import assert from 'node:assert/strict';
+import { describe, it } from 'node:test';
+import { Sandbox } from 'podflare';
+import { useServerAndSandbox } from './helpers/server.js';
+
+describe('javascript', () => {
+  let sbx!: Sandbox;
+  useServerAndSandbox((_s, b) => { sbx = b; });
+
+  it('let x = 41, then x + 1 gives 42 across calls', async () => {
+    assert.equal((await sbx.runCode('let x = 41', 'javascript')).exitCode, 0);
+    const r = await sbx.runCode('x + 1', 'javascript');
+    assert.deepEqual([r.stdout, r.exitCode], ['42\n', 0]);
+    const logged = await sbx.runCode('console.log("sum", [1, 2, 3].reduce((a, b) => a + b)); console.error("e")', 'javascript');
+    assert.deepEqual([logged.stdout, logged.stderr], ['sum 6\n', 'e\n']);
+    const err = await sbx.runCode('undefinedThing()', 'javascript');
+    assert.equal(err.exitCode, 1);
+    assert.match(err.stderr, /ReferenceError: undefinedThing is not defined/);
+    // Python is untouched by it, and the other way round.
+    assert.equal((await sbx.runCode('print(6*7)')).stdout, '42\n');
+    assert.equal((await sbx.runCode('x', 'javascript')).stdout, '41\n');
+  });
+
+  it('a fork child starts with an empty JavaScript state (the REPL is a process: not copied)', async () => {
+    await sbx.runCode('globalThis.kept = "parent"', 'javascript');
+    const [child] = await sbx.fork(1);
+    try {
+      const r = await child!.runCode('typeof kept', 'javascript');
+      assert.equal(r.stdout, "'undefined'\n");
+      assert.equal((await sbx.runCode('kept', 'javascript')).stdout, "'parent'\n");
+    } finally {
+      await child!.close();
+    }
+  });
+});
