@@ -31,6 +31,8 @@
  *                PODFLARE_BENCH_LOAD_SECONDS): zero errors, p50/p99 (bench/resilience.ts)
  *   crash        100 kill -9 / restart cycles with sandboxes at work (10 with --quick;
  *                PODFLARE_BENCH_CRASH_CYCLES): nothing leaked, restart p50/p99 (bench/resilience.ts)
+ *   survive      100 kill -9 / restart cycles with 50 live sandboxes (10 with --quick;
+ *                PODFLARE_BENCH_SURVIVE_CYCLES): 0 lost, 0 leaks, restart-to-first-exec p50/p99
  *   vm           the microVM runtime (bench/vm.ts): cold boot, create from the pool of clones,
  *                template restore, fork(1)/fork(5) beside the namespace runtime, idle clone PSS
  *   churn     1,000 back-to-back create → print(1) → close, default pool (bench/churn.ts)
@@ -62,7 +64,7 @@ import { detail, Failures, failLimit, failureState, notes, rows, status, timingR
 import { fmtMB, fmtMs, summarize, type Summary } from './stats.js';
 import { formatTable } from './table.js';
 import { measurePythonSdk } from './python-sdk.js';
-import { measureCrashCycles, measureLoad, RESILIENCE_MEASURES } from './resilience.js';
+import { measureCrashCycles, measureLoad, measureSurvival, RESILIENCE_MEASURES } from './resilience.js';
 
 import { measureVmPooled, measureVmUnpooled } from './vm.js';
 import { measurePaired } from './paired.js';
@@ -574,6 +576,7 @@ async function main(): Promise<void> {
   if (has('templates')) await guarded('templates', () => measureTemplates({ imagesDir: IMAGES_DIR, quick: opts.quick }));
   if (has('load')) await guarded('load', () => measureLoad(opts));
   if (has('crash')) await guarded('crash', () => measureCrashCycles(opts));
+  if (has('survive')) await guarded('survive', () => measureSurvival(opts));
   if (has('vm')) {
     // Two VM templates boot here (seconds each under TCG); a small pool: every clone is a QEMU.
     let bs = null as BenchServer | null;

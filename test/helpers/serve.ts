@@ -32,12 +32,19 @@ export interface ServeProcess {
   runInFlight(id: string, code: string): void;
   fork(id: string, n: number): Promise<string[]>;
   info(id: string): Promise<{ id: string; state: string }>;
+  destroy(id: string): Promise<void>;
 }
 
-/** `detached`: in a process group of its own (pgid = its pid), to signal the whole group. */
-export async function startServe(stateDir: string, opts: { poolSize?: number; env?: Record<string, string>; detached?: boolean } = {}): Promise<ServeProcess> {
-  const child = spawn(process.execPath, [CLI, 'serve', '--port', '0', '--state-dir', stateDir, '--images-dir', IMAGES_DIR,
-    '--pool-size', String(opts.poolSize ?? 1), '--log-level', 'warn'], {
+/**
+ * `detached`: in a process group of its own (pgid = its pid), to signal the whole group.
+ * `onStop`: what a SIGTERM does with live sandboxes; 'destroy' unless asked (a test leaves nothing
+ * running), while a kill -9 leaves them to the next server whatever this says.
+ */
+export async function startServe(
+  stateDir: string, opts: { poolSize?: number; env?: Record<string, string>; detached?: boolean; onStop?: 'keep' | 'destroy'; cli?: string; logLevel?: string } = {},
+): Promise<ServeProcess> {
+  const child = spawn(process.execPath, [opts.cli ?? CLI, 'serve', '--port', '0', '--state-dir', stateDir, '--images-dir', IMAGES_DIR,
+    '--pool-size', String(opts.poolSize ?? 1), '--log-level', opts.logLevel ?? 'warn', '--on-stop', opts.onStop ?? 'destroy'], {
     stdio: ['ignore', 'pipe', 'pipe'],
     // A modest disk volume (reserved on the host; see TEST_DISK_VOLUME_BYTES in server.ts).
     env: { ...process.env, PODFLARE_API_KEYS: '', PODFLARE_DISK_VOLUME_MB: '1024', ...opts.env },
@@ -78,7 +85,7 @@ export async function startServe(stateDir: string, opts: { poolSize?: number; en
       if (child.exitCode !== null || child.signalCode !== null) return;
       child.kill('SIGTERM');
       const code = await exited;
-      if (code !== 0) throw new Error(`podflare serve exited with ${code}: ${stderr}`);
+      if (code !== 0) throw new Error(`podflare serve exited with ${code ?? child.signalCode}: ${stderr}`);
     },
     async kill9() {
       if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
@@ -97,6 +104,9 @@ export async function startServe(stateDir: string, opts: { poolSize?: number; en
     },
     async info(id) {
       return JSON.parse(await api('GET', `/v1/sandboxes/${id}`)) as { id: string; state: string };
+    },
+    async destroy(id) {
+      await api('DELETE', `/v1/sandboxes/${id}`);
     },
   };
 }
@@ -135,11 +145,15 @@ export async function crashCycle(serve: ServeProcess, stateDir: string, opts: { 
   const dirsBefore = sandboxDirsIn(stateDir);
   assert.ok(stamps.length >= ids.length, `found the sandboxes' processes (${stamps.length})`);
   await serve.kill9();
-  // bwrap's --die-with-parent takes the sandboxes down with the server; stand in for what would be
-  // left if one survived, or if the kill landed while an overlay was mounted on the host.
-  const survivor = spawn('sleep', ['1000'], { env: { PODFLARE_SANDBOX_ID: idle }, stdio: 'ignore', detached: true });
+  // The sandboxes live on under their holders, for the next server to adopt. One of them dies
+  // while no server runs (its holder killed: bwrap dies with it); stand in for what it could
+  // leave behind: a process of its own that survived, an overlay mounted on the host.
+  for (const line of processesMentioning(`holders/${sleeper}.sock`)) {
+    try { process.kill(Number(line.split(':')[0]), 'SIGKILL'); } catch { /* gone */ }
+  }
+  const survivor = spawn('sleep', ['1000'], { env: { PODFLARE_SANDBOX_ID: sleeper }, stdio: 'ignore', detached: true });
   survivor.unref();
-  stamps.push(...processesOf([idle]).filter((p) => p.pid === survivor.pid));
+  stamps.push(...processesOf([sleeper]).filter((p) => p.pid === survivor.pid));
   assert.equal(stillRunning(stamps).filter((p) => p.pid === survivor.pid).length, 1, 'the stand-in survivor runs');
   const hostMount = path.join(stateDir, 'sandboxes', sleeper, 'root');
   await mkdir(hostMount, { recursive: true });
@@ -168,11 +182,19 @@ export async function crashCycle(serve: ServeProcess, stateDir: string, opts: { 
     const groups = cgroupsOf(id);
     expect(groups.length === 0, `${id}: cgroups left: ${groups.join(' ')}`);
   }
-  const survivors = stillRunning(stamps);
+  expect(verdicts.find((v) => v.id === sleeper)?.state === 'lost', `${sleeper}: its holder was killed, yet it is not lost`);
+  // What may survive the killed server: the sandboxes adopted (working), their processes and holders.
+  const working = verdicts.filter((v) => v.working).map((v) => v.id);
+  const theirs = new Set([...processesOf(working).map((p) => p.pid), ...working.flatMap((id) => processesMentioning(id).map((l) => Number(l.split(':')[0])))]);
+  const survivors = stillRunning(stamps).filter((p) => !theirs.has(p.pid));
   expect(survivors.length === 0, `processes of the killed server survive: ${survivors.map((p) => `${p.pid} ${p.cmd}`).join('; ')}`);
-  const dirsLeft = sandboxDirsIn(stateDir).filter((d) => dirsBefore.includes(d));
+  // Sandboxes of earlier cycles adopted once more are live too: only what nobody drives is a leftover.
+  const live = async (id: string) => ['ready', 'running'].includes((await restarted.info(id).catch(() => ({ state: 'none' }))).state);
+  const dirsLeft: string[] = [];
+  for (const d of sandboxDirsIn(stateDir).filter((x) => dirsBefore.includes(x))) if (!(await live(d))) dirsLeft.push(d);
   expect(dirsLeft.length === 0, `directories of the killed server's sandboxes left: ${dirsLeft.join(' ')}`);
-  const layers = forkLayersIn(stateDir);
+  const layers: string[] = [];
+  for (const l of forkLayersIn(stateDir)) if (!(await live(l.split('/')[1] ?? ''))) layers.push(l);
   expect(layers.length === 0, `fork layers left: ${layers.join(' ')}`);
   return { restarted, sandboxes: ids, verdicts, restartMs, problems };
 }

@@ -14,6 +14,21 @@ import {
 } from './processes.js';
 
 export const AGENT_PROTOCOL_VERSION = 2;
+/**
+ * The protocol's minor version: bumped for additions an older agent is never asked for (a new
+ * optional field, a new op the server only uses when the agent's hello allows it). A server adopts
+ * the sandboxes an earlier server left running when their agent's major version is its own
+ * (agentProtocolCompatible); the minor version does not matter for that.
+ */
+export const AGENT_PROTOCOL_MINOR = 0;
+
+/** This build's agent protocol as "major.minor" (what a sandbox's holder record keeps). */
+export const AGENT_PROTOCOL = `${AGENT_PROTOCOL_VERSION}.${AGENT_PROTOCOL_MINOR}`;
+
+/** Whether a sandbox whose agent speaks `recorded` ("major.minor") can be driven by this build. */
+export function agentProtocolCompatible(recorded: string): boolean {
+  return recorded.split('.')[0] === String(AGENT_PROTOCOL_VERSION);
+}
 
 /** File contents travel base64-encoded, in chunks of at most this many raw bytes. */
 export const FILE_CHUNK_BYTES = 1024 * 1024;

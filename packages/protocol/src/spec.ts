@@ -4,7 +4,7 @@
  * this package by `npm run gen:protocol` (packages/protocol/scripts/gen-json.ts). A test regenerates
  * it and fails when a copy drifts; docs/api.md's error table is generated from the same table.
  */
-import { AGENT_PROTOCOL_VERSION, FILE_CHUNK_BYTES } from './agent.js';
+import { AGENT_PROTOCOL_MINOR, AGENT_PROTOCOL_VERSION, FILE_CHUNK_BYTES } from './agent.js';
 import { ERROR_TABLE, type ErrorCodeSpec } from './errors.js';
 import { EXEC_EVENT_TYPES, EXIT_CODES, SANDBOX_EVENT_TYPES } from './events.js';
 import { ENDED_SANDBOX_STATES, SANDBOX_ID_PATTERN, SANDBOX_STATES } from './sandbox.js';
@@ -16,6 +16,7 @@ export const PROTOCOL_JSON_COPIES = ['python/podflare/protocol.json', 'agent/pod
 export interface ProtocolDocument {
   generated: string;
   agent_protocol_version: number;
+  agent_protocol_minor: number;
   file_chunk_bytes: number;
   errors: Record<string, ErrorCodeSpec>;
   sandbox_states: readonly string[];
@@ -31,6 +32,7 @@ export function protocolDocument(): ProtocolDocument {
   return {
     generated: 'from packages/protocol/src by `npm run gen:protocol`; do not edit',
     agent_protocol_version: AGENT_PROTOCOL_VERSION,
+    agent_protocol_minor: AGENT_PROTOCOL_MINOR,
     file_chunk_bytes: FILE_CHUNK_BYTES,
     errors: ERROR_TABLE,
     sandbox_states: SANDBOX_STATES,

@@ -17,6 +17,8 @@ export interface RuntimeCapabilities {
   egress: boolean;
   /** Outbound network through the host's policy proxy (egress: {allow: [...]}). */
   egressPolicy: boolean;
+  /** Live sandboxes can outlive the server (close with keepSandboxes) and be adopted by the next one. */
+  outlivesServer?: boolean;
   /** Enforces each sandbox's CPU, memory and process limits (`setLimits`, `limitCounters`). */
   limits: boolean;
   /**
@@ -109,6 +111,11 @@ export interface ForkOptions {
  * takes a sandbox is only ever given one this runtime returned (the manager keeps each sandbox with
  * its runtime), so a driver works on its own type with no downcast.
  */
+export interface CloseOptions {
+  /** Leave live sandboxes running for the next server (a restart or an upgrade). */
+  keepSandboxes?: boolean;
+}
+
 export interface Runtime<S extends RuntimeSandbox = RuntimeSandbox> {
   /** The name it is registered under (the API's `runtime` field). */
   readonly name: RuntimeName;
@@ -145,6 +152,9 @@ export interface Runtime<S extends RuntimeSandbox = RuntimeSandbox> {
   attachNetwork?(sandbox: S): Promise<void>;
   /** What differs between two sandboxes' filesystems: `b` relative to `a`. */
   diff(a: S, b: S, opts: DiffOptions): Promise<FileDiff>;
-  /** Destroys every sandbox this runtime started. */
-  close(): Promise<void>;
+  /**
+   * Destroys every sandbox this runtime started, or with `keepSandboxes` (where the runtime can)
+   * lets go of them alive, for the next server on the state directory to adopt (`reconcile`).
+   */
+  close(opts?: CloseOptions): Promise<void>;
 }

@@ -11,6 +11,8 @@ Protocol: JSON lines. Requests on stdin:
       `ready_fd`: the child gets the write end of a pipe there; its first byte is reported as
       {"ev": "ready", "pid": p}. `exit_fd`: the child gets the read end of a pipe whose write end
       only this process holds (slirp4netns exits when it closes: when we die, so do they).
+      `detach`: the child gets a session of its own and is left running when this process ends
+      (a sandbox's slirp4netns, which outlives the server: see podflare_holder.py).
       `stream_stderr`: what the child writes on stderr is passed on as it comes,
       {"ev": "stderr", "pid": p, "data": "..."} (else only its tail, with the exit).
   {"id": n, "op": "kill", "pid": p} → {"id": n, "ok": true}   (SIGKILL, if still ours)
@@ -54,8 +56,9 @@ def read_some(fd, n):
 
 
 class Child:
-    def __init__(self, pid, ready_r, exit_w, err_r, stream_stderr):
+    def __init__(self, pid, ready_r, exit_w, err_r, stream_stderr, detach=False):
         self.pid = pid
+        self.detach = detach
         self.ready_r = ready_r
         self.exit_w = exit_w
         self.err_r = err_r
@@ -106,7 +109,7 @@ class Spawner:
             rid = req.get("id")
             if req["op"] == "spawn":
                 reply = {"pid": self.spawn(req["argv"], req.get("ready_fd"), req.get("exit_fd"), bool(req.get("stream_stderr")),
-                                           bool(req.get("batch")), req.get("fds") or [])}
+                                           bool(req.get("batch")), req.get("fds") or [], bool(req.get("detach")))}
             elif req["op"] == "memfd":
                 reply = {"fd": self.memfd(str(req["name"]), int(req["size"])), "pid": os.getpid()}
             elif req["op"] == "seal":
@@ -145,7 +148,7 @@ class Spawner:
             raise ValueError(f"no memfd named {name!r} in this spawner")
         return fd
 
-    def spawn(self, argv, ready_fd, exit_fd, stream_stderr=False, batch=False, fds=()):
+    def spawn(self, argv, ready_fd, exit_fd, stream_stderr=False, batch=False, fds=(), detach=False):
         # The memfds it is given, at the fds it names (dup2 clears close-on-exec on the copy): last,
         # so that no fd opened below (which may have such a number here) is overwritten first.
         passed = [(os.POSIX_SPAWN_DUP2, self.own_memfd(src), int(at)) for at, src in fds]
@@ -174,7 +177,7 @@ class Spawner:
                 # SCHED_OTHER, FIFO and RR; the spawner is single-threaded, so the switch is safe.
                 os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
             try:
-                pid = os.posix_spawnp(argv[0], argv, os.environ, file_actions=actions)
+                pid = os.posix_spawnp(argv[0], argv, os.environ, file_actions=actions, setsid=detach)
             finally:
                 if batch:
                     os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
@@ -186,7 +189,7 @@ class Spawner:
         finally:
             for fd in opened:
                 os.close(fd)
-        child = Child(pid, ready_r, exit_w, err_r, stream_stderr)
+        child = Child(pid, ready_r, exit_w, err_r, stream_stderr, detach)
         self.children[pid] = child
         os.set_blocking(err_r, False)
         self.sel.register(err_r, selectors.EVENT_READ, lambda c=child: self.on_stderr(c))
@@ -263,7 +266,9 @@ class Spawner:
                 # A handler earlier in this batch may have closed (and even reused) this fd.
                 if fd_map.get(key.fd) is key:
                     key.data()
-        for pid in list(self.children):
+        for pid, child in list(self.children.items()):
+            if child.detach:
+                continue
             try:
                 os.kill(pid, signal.SIGKILL)
             except OSError:

@@ -10,6 +10,7 @@
  * promise pauses reading until it settles: backpressure from a slow HTTP client reaches the agent,
  * whose writes then block in its own sandbox).
  */
+import { randomInt } from 'node:crypto';
 import { EventEmitter } from 'node:events';
 import type { Duplex } from 'node:stream';
 import {
@@ -88,6 +89,9 @@ export class AgentChannel extends EventEmitter<{ close: [string]; violation: [st
       callError: (call, problem) => this.protocolViolation(`${call.label}: ${problem}`),
       onEvent: (msg) => this.onEvent(msg),
       onFault: (fault) => this.onFault(fault),
+      // The agent may outlive this server (its holder keeps it): ids from a random start, so the
+      // next server's calls are never confused with answers to ours (see runtime/namespace/holder.ts).
+      firstId: randomInt(1, 2 ** 40),
     });
     socket.on('error', (err) => this.close(`channel error: ${err.message}`));
     socket.on('close', () => this.close('channel closed'));

@@ -13,6 +13,8 @@ import type { LogLevel } from './log.js';
 import type { SandboxLimits } from './runtime/runtime.js';
 
 export type { RuntimeName };
+export type OnStop = 'keep' | 'destroy';
+export type OnIncompatible = 'clean' | 'refuse';
 
 export interface ServerConfig {
   host: string;
@@ -78,6 +80,19 @@ export interface ServerConfig {
   rateLimitPerSecond: number;
   /** Requests a key may make in a burst above its rate. @default PODFLARE_RATE_LIMIT_BURST or 2000 */
   rateLimitBurst: number;
+  /**
+   * What a stop (SIGTERM/SIGINT, close()) does with live sandboxes: 'keep' leaves them running for
+   * the next server on the state directory to adopt (a restart or an upgrade loses nothing; the
+   * default of `podflare serve`), 'destroy' ends them (the default of `podflare demo` and of
+   * servers started as a library). @default PODFLARE_ON_STOP or 'destroy'
+   */
+  onStop: OnStop;
+  /**
+   * Live sandboxes of an earlier server whose agent protocol has another major version (an
+   * upgrade across an incompatible change): 'clean' ends them (recorded lost, logged), 'refuse'
+   * refuses to start, naming them. @default PODFLARE_ON_INCOMPATIBLE or 'clean'
+   */
+  onIncompatible: OnIncompatible;
   /** How long an agent may take to say hello. */
   startTimeoutMs: number;
   /** Grace between an interrupt and killing the interpreter. */
@@ -188,6 +203,8 @@ export function loadConfig(overrides: Partial<ServerConfig> = {}, env: NodeJS.Pr
     maxSandboxesPerKey: int(env.PODFLARE_MAX_SANDBOXES_PER_KEY, 'PODFLARE_MAX_SANDBOXES_PER_KEY') ?? 128,
     rateLimitPerSecond: int(env.PODFLARE_RATE_LIMIT_RPS, 'PODFLARE_RATE_LIMIT_RPS') ?? 1000,
     rateLimitBurst: int(env.PODFLARE_RATE_LIMIT_BURST, 'PODFLARE_RATE_LIMIT_BURST') ?? 2000,
+    onStop: onStopSetting(env.PODFLARE_ON_STOP, 'PODFLARE_ON_STOP') ?? 'destroy',
+    onIncompatible: onIncompatibleSetting(env.PODFLARE_ON_INCOMPATIBLE) ?? 'clean',
     startTimeoutMs: 15_000,
     interruptGraceMs: int(env.PODFLARE_INTERRUPT_GRACE_MS, 'PODFLARE_INTERRUPT_GRACE_MS') ?? 2000,
     diskVolumeBytes: (int(env.PODFLARE_DISK_VOLUME_MB, 'PODFLARE_DISK_VOLUME_MB') ?? 8192) * MB,
@@ -248,6 +265,19 @@ function templateSizes(value: string | undefined): Record<string, number> {
     sizes[m[1]!] = Number(m[2]);
   }
   return sizes;
+}
+
+/** 'keep' or 'destroy' (see ServerConfig.onStop); undefined when unset. */
+export function onStopSetting(value: string | undefined, name: string): OnStop | undefined {
+  if (value === undefined || value === '') return undefined;
+  if (value !== 'keep' && value !== 'destroy') throw new Error(`${name} must be keep or destroy, got "${value}"`);
+  return value;
+}
+
+function onIncompatibleSetting(value: string | undefined): OnIncompatible | undefined {
+  if (value === undefined || value === '') return undefined;
+  if (value !== 'clean' && value !== 'refuse') throw new Error(`PODFLARE_ON_INCOMPATIBLE must be clean or refuse, got "${value}"`);
+  return value;
 }
 
 function list(value: string | undefined): string[] {

@@ -82,6 +82,8 @@ export const SpawnerRequestSchemas = {
     op: z.literal('spawn'), argv: z.array(z.string()).min(1),
     ready_fd: z.number().int().nonnegative().optional(), exit_fd: z.number().int().nonnegative().optional(),
     stream_stderr: z.boolean(), batch: z.boolean(),
+    /** A session of its own, and left running when the spawner ends (it outlives the server). */
+    detach: z.boolean().optional(),
     /** Memfds of the spawner's the child gets: [its fd (above 2), the memfd's name]. */
     fds: z.array(z.tuple([z.number().int().min(3).max(1023), memfdName])).max(8),
   }),

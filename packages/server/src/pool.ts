@@ -48,6 +48,8 @@ export class WarmPool {
   private closed = false;
   private startsInFlight = 0;
   private readonly waiters = new Set<() => void>();
+  /** Starts in flight (each ends once its sandbox is in the pool, or destroyed after close). */
+  private readonly refilling = new Set<Promise<void>>();
   /** Shrinks idle buckets back to their floor. */
   private readonly shrinker: NodeJS.Timeout;
 
@@ -143,6 +145,9 @@ export class WarmPool {
     clearInterval(this.shrinker);
     const all = [...this.buckets.values()].flatMap((b) => b.ready.splice(0));
     await Promise.all(all.map((s) => s.destroy()));
+    // Starts in flight end too (destroyed once started): a stop that keeps the live sandboxes
+    // (onStop 'keep') must not find a pool sandbox among them.
+    await Promise.allSettled([...this.refilling]);
   }
 
   private bucket(key: PoolKey): Bucket {
@@ -177,11 +182,11 @@ export class WarmPool {
       b.starting++;
       this.startsInFlight++;
       const t0 = performance.now();
-      this.start(b.key).then(
-        (sandbox) => {
+      const started = this.start(b.key).then(
+        async (sandbox) => {
           b.failures = 0;
           b.sizer.noteRefill(performance.now() - t0);
-          if (this.closed) return void sandbox.destroy();
+          if (this.closed) return void (await sandbox.destroy());
           b.ready.push(sandbox);
           void sandbox.exited.then(() => {
             const i = b.ready.indexOf(sandbox);
@@ -202,6 +207,8 @@ export class WarmPool {
         if (b.failures > 0) setTimeout(() => this.refillAll(), Math.min(30_000, 500 * 2 ** b.failures)).unref();
         else this.refillAll();
       });
+      this.refilling.add(started);
+      void started.finally(() => this.refilling.delete(started));
     }
   }
 

@@ -230,8 +230,12 @@ export class SandboxManager {
     this.ctx.status.closing = true;
     this.sweeper.stop();
     await this.pool.close();
+    // onStop 'keep': sandboxes of runtimes that can outlive the server stay alive (and their
+    // records live) for the next server to adopt; warm-pool sandboxes went above all the same.
+    const keep = this.ctx.config.onStop === 'keep';
     // Persistent sandboxes that can freeze outlive the server on disk; the others end.
     await Promise.all([...this.ctx.live.values()].map(async (s) => {
+      if (keep && s.runtime.capabilities.outlivesServer) return;
       if (s.record.persistent && s.runtime.capabilities.freeze && s.runtime.freeze) {
         try {
           return await this.freezer.freeze(s);
@@ -242,6 +246,6 @@ export class SandboxManager {
       return this.lifecycle.end(s, 'stopped', 'server shut down');
     }));
     await this.lifecycle.teardownsDone();
-    for (const r of this.ctx.runtimes.values()) await r.close();
+    for (const r of this.ctx.runtimes.values()) await r.close({ keepSandboxes: keep });
   }
 }

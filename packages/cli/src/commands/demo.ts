@@ -110,6 +110,7 @@ export const demoCommand: Command = {
     };
 
     const config = values.host ? undefined : loadConfig({
+      onStop: 'destroy', // a demo cleans up after itself
       stateDir: path.resolve(values['state-dir'] ?? process.env.PODFLARE_STATE_DIR ?? '/var/lib/podflare'),
       imagesDir: values['images-dir'] ? path.resolve(values['images-dir']) : undefined,
       host: '127.0.0.1',

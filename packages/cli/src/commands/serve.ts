@@ -22,6 +22,14 @@ Options:
                      the server refuses to start without that much free (default:
                      $PODFLARE_DISK_VOLUME_MB, else 8192)
   --runtime NAME     ns, vm or auto (default: $PODFLARE_RUNTIME, else ns)
+  --on-stop MODE     keep or destroy: what SIGTERM/SIGINT does with live sandboxes. keep leaves
+                     them running for the next server on the state directory, which adopts them
+                     (a restart or an upgrade loses no interpreter state; warm-pool sandboxes are
+                     rebuilt); destroy ends them (default: $PODFLARE_ON_STOP, else keep)
+  --on-incompatible MODE
+                     clean or refuse: what to do at start with live sandboxes of an earlier build
+                     whose agent protocol has another major version: end them (recorded lost) or
+                     refuse to start (default: $PODFLARE_ON_INCOMPATIBLE, else clean)
   --log-level LEVEL  debug, info, warn, error or silent (default: $PODFLARE_LOG_LEVEL, else info)
   --allowed-host NAME
                      a host name the API answers to besides localhost and IP addresses, e.g. the
@@ -41,6 +49,8 @@ export const OPTIONS = {
   'pool-size': { type: 'string' },
   'disk-volume-mb': { type: 'string' },
   runtime: { type: 'string' },
+  'on-stop': { type: 'string' },
+  'on-incompatible': { type: 'string' },
   'log-level': { type: 'string' },
   'allowed-host': { type: 'string', multiple: true },
   'allowed-origin': { type: 'string', multiple: true },
@@ -62,6 +72,8 @@ export function serveOverrides(values: Record<string, string | string[] | boolea
     poolSize: intOption(str('pool-size'), 'pool-size', 0, 1024, command),
     diskVolumeBytes: mb(intOption(str('disk-volume-mb'), 'disk-volume-mb', 256, 16 * 1024 * 1024, command)),
     runtime: enumOption(str('runtime'), 'runtime', [...builtinRuntimes().names(), AUTO_RUNTIME], command),
+    onStop: enumOption(str('on-stop'), 'on-stop', ['keep', 'destroy'] as const, command),
+    onIncompatible: enumOption(str('on-incompatible'), 'on-incompatible', ['clean', 'refuse'] as const, command),
     logLevel: enumOption(str('log-level'), 'log-level', ['debug', 'info', 'warn', 'error', 'silent'] as const, command),
     allowedHosts: strs('allowed-host'),
     allowedOrigins: strs('allowed-origin'),
@@ -80,7 +92,10 @@ export const serveCommand: Command = {
   help: HELP,
   async run(argv) {
     const { values } = parse('serve', argv, OPTIONS);
-    const config = loadConfig(serveOverrides(values, 'serve'));
+    // As a service, a stop keeps the sandboxes for the next server unless told otherwise.
+    const overrides = serveOverrides(values, 'serve');
+    if (overrides.onStop === undefined && !process.env.PODFLARE_ON_STOP) overrides.onStop = 'keep';
+    const config = loadConfig(overrides);
     const reporter = createProgressReporter();
     const mcp = createMcpMount((message) => process.stderr.write(`podflare mcp: ${message}\n`));
     const server = await startServer(config, { onImageProgress: reporter.onProgress, mounts: [mcp] }).finally(() => reporter.finish());
@@ -96,7 +111,8 @@ export const serveCommand: Command = {
           process.exit(1);
         }
         stopping = true;
-        process.stderr.write(`${signal}: stopping (sandboxes are being destroyed; ${signal} again to force)\n`);
+        const fate = config.onStop === 'keep' ? 'sandboxes are kept running for the next server' : 'sandboxes are being destroyed';
+        process.stderr.write(`${signal}: stopping (${fate}; ${signal} again to force)\n`);
         server.close().then(
           () => resolve(EXIT_OK),
           (err: unknown) => {

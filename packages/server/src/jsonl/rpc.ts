@@ -67,6 +67,11 @@ export interface JsonlRpcOptions {
   onFault: (fault: RpcFault) => void;
   /** A call's timer ran out (it stays pending: the owner ends the peer, or closes). */
   onTimeout?: (call: PendingCall, timeoutMs: number) => void;
+  /**
+   * The first call's id (then one more each). A peer that may still answer an earlier owner's
+   * calls (an agent adopted after a server restart) needs ids that cannot be those. @default 1
+   */
+  firstId?: number;
 }
 
 /** `call` refused: too many calls already pending, or the RPC closed. */
@@ -98,6 +103,7 @@ export class JsonlRpc {
 
   constructor(private readonly o: JsonlRpcOptions) {
     this.framer = new LineFramer(o.maxLineBytes);
+    this.nextId = o.firstId ?? 1;
     // Left attached (and flowing) once stopped: a process's 'close' waits for its pipes to end.
     o.readable.on('data', (chunk: Buffer) => this.feed(chunk));
   }

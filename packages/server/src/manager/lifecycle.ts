@@ -155,6 +155,9 @@ export class Lifecycle {
   watch(s: LiveSandbox, rt: RuntimeSandbox): void {
     const crashed = (reason: string) => {
       if (s.rt !== rt || this.ctx.live.get(s.record.id) !== s) return;
+      // Stopping: close() ends every sandbox itself, or (onStop 'keep') lets go of their channels
+      // on purpose, leaving the sandboxes and their records for the next server.
+      if (this.ctx.status.closing) return;
       this.ctx.counters.crashed++;
       void this.end(s, 'error', reason);
     };

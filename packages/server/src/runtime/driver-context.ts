@@ -26,6 +26,8 @@ export interface RuntimeSettings {
   /** The VM runtime's host id range (QEMUs run as these uids). */
   vmUidBase: number;
   vmUidCount: number;
+  /** Sandboxes of an earlier server whose agent protocol is another major version: 'clean' or 'refuse'. */
+  onIncompatible?: 'clean' | 'refuse';
 }
 
 export interface DriverContext {

@@ -12,7 +12,8 @@
  * - fresh /proc and a minimal /dev;
  * - a seccomp filter (`--seccomp`) refusing what sandboxes never need, inherited by everything
  *   inside, forks included;
- * - `--die-with-parent`: nothing outlives the server; `--new-session`: no TIOCSTI into a terminal;
+ * - `--die-with-parent`: nothing outlives the sandbox's holder (its parent, which outlives the server:
+ *   runtime/namespace/holder.ts); `--new-session`: no TIOCSTI into a terminal;
  * - a cleared environment.
  */
 export interface BwrapOptions {

@@ -28,6 +28,7 @@ export const namespaceDriver: ServerDriver = {
       egress: ctx.egress,
       hostHelper: settings.hostHelper,
       spawner: ctx.spawner,
+      onIncompatible: settings.onIncompatible,
     });
     return {
       runtime,

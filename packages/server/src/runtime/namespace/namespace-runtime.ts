@@ -27,17 +27,18 @@
  */
 import { spawn } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { chmod, chown, mkdir, open, rm, rmdir, stat, writeFile } from 'node:fs/promises';
+import { chmod, chown, mkdir, open, readdir, rm, rmdir, stat, writeFile } from 'node:fs/promises';
 import { fileURLToPath } from 'node:url';
 import net from 'node:net';
 import path from 'node:path';
 import type { Readable, Writable } from 'node:stream';
-import { isEgressPolicy } from '@podflare/protocol';
+import { AGENT_PROTOCOL, agentProtocolCompatible, isEgressPolicy } from '@podflare/protocol';
+import type { OnIncompatible } from '../../config.js';
 import { detectCgroups, type Cgroups } from '../shared/cgroups.js';
 import type { EgressService } from '../../egress/index.js';
 import type { Logger } from '../../log.js';
 import { processTree, run } from '../../proc.js';
-import { SandboxError, type DiffOptions, type FileDiff, type ForkOptions, type ReconcileReport, type Runtime, type RuntimeName, type SandboxSpec } from '@podflare/runtime';
+import { SandboxError, type CloseOptions, type DiffOptions, type FileDiff, type ForkOptions, type ReconcileReport, type Runtime, type RuntimeName, type SandboxSpec } from '@podflare/runtime';
 import { InFlight } from '../in-flight.js';
 import { bwrapArgs, SANDBOX_PATH } from './bwrap-args.js';
 import { HostHelper, type HostHelperOptions } from './hostd.js';
@@ -47,8 +48,13 @@ import { assertMountablePath, sandboxDirs, sandboxesDir, trashDir, type SandboxD
 import { Trash } from './trash.js';
 import { proxyEnvironment } from './netns-addresses.js';
 import { closeEgressListeners, openEgressListeners, type EgressListeners } from './netns-listeners.js';
-import { startSlirp } from '../shared/slirp.js';
+import { adoptedSlirp, startSlirp } from '../shared/slirp.js';
 import { removeLeftovers } from './reconcile.js';
+import {
+  connectHolder, HOLDER_RECORD_VERSION, holderLogTail, holderPaths, holdersDir, killIfStill, loadHolderRecords, prepareHoldersDir,
+  removeHolderFiles, saveHolderRecord, startHolder, type HolderRecord, type StartedHolder,
+} from './holder.js';
+import { hasMount, killStrayHolders, removeStrayHolderFiles, settleAdopted } from './adopt.js';
 import { bootTicksNow, ForkedSandbox, hostPidsOfForkChildren, NsSandbox, RootSandbox, type SandboxHooks } from './ns-sandbox.js';
 
 export interface NamespaceRuntimeOptions {
@@ -75,6 +81,17 @@ export interface NamespaceRuntimeOptions {
   spawner: Spawner;
   /** The host helper's workers and timeouts (defaults in hostd.ts). */
   hostHelper?: Omit<HostHelperOptions, 'log'>;
+  /**
+   * Sandboxes an earlier server left whose agent speaks another major protocol version: 'clean'
+   * (ended and cleaned, recorded lost) or 'refuse' (reconcile throws: the server does not start).
+   * @default 'clean'
+   */
+  onIncompatible?: OnIncompatible;
+}
+
+/** The server refuses to start: sandboxes of an incompatible earlier build are alive (onIncompatible 'refuse'). */
+export class IncompatibleSandboxesError extends Error {
+  override name = 'IncompatibleSandboxesError';
 }
 
 const SECCOMP_POLICY = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../../host/podflare_seccomp.py');
@@ -112,24 +129,31 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
   private cgroups: Cgroups | null = null;
   /** The btrfs volume holding the sandboxes' directories (disk limits); null where unavailable. */
   private volume: DiskVolume | null = null;
+  /** Set by a stop that keeps the sandboxes: the host helper is gone, nothing is removed any more. */
+  private letGo = false;
   /** Ended sandboxes' directories, removed when nothing is being started. */
   private readonly trash: Trash;
 
   constructor(private readonly opts: NamespaceRuntimeOptions) {
     this.name = opts.name;
-    this.capabilities = { fork: true, freeze: false, egress: true, egressPolicy: opts.egress !== undefined, limits: true, zygote: true, templates: true };
+    this.capabilities = { fork: true, freeze: false, egress: true, egressPolicy: opts.egress !== undefined, limits: true, zygote: true, templates: true, outlivesServer: true };
     this.hostd = new HostHelper({ ...opts.hostHelper, log: opts.log });
     this.trash = new Trash(trashDir(opts.stateDir), (tree) => this.hostd.removeTree(tree));
     for (const d of [opts.stateDir, ...opts.lowerDirs]) assertMountablePath(d);
     this.hooks = {
       log: opts.log,
       setDiskLimit: async (dir, bytes) => {
-        if (this.volume) await this.hostd.diskLimit(dir, bytes);
+        if (this.volume && !this.letGo) await this.hostd.diskLimit(dir, bytes);
       },
-      removeDir: (dirs) => this.trash.throwAway(dirs),
+      // After a stop that kept the sandboxes (the host helper is closed), a sandbox ended late (a
+      // pool start that finished during the stop) leaves its directory to the next server's reconcile.
+      removeDir: async (dirs) => { if (!this.letGo) await this.trash.throwAway(dirs); },
+      diagnostics: (s) => holderLogTail(opts.stateDir, s.id),
+      onHusk: (s) => void this.saveRecord(s).catch(() => undefined),
       onFinalized: (s) => {
         this.live.delete(s.id);
-        for (const layer of s.lowers) void this.releaseLayer(layer);
+        void removeHolderFiles(opts.stateDir, s.id);
+        for (const layer of s.lowers) void this.releaseLayer(layer).catch(() => undefined);
       },
     };
   }
@@ -163,6 +187,7 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
       const sandboxes = sandboxesDir(this.opts.stateDir);
       this.volume = await DiskVolume.open({ stateDir: this.opts.stateDir, mountPoint: sandboxes, sizeBytes: this.opts.diskVolumeBytes, log: this.opts.log });
       await mkdir(sandboxes, { recursive: true }); // without the volume, a plain directory
+      await prepareHoldersDir(this.opts.stateDir);
       await Promise.all([mkdir(trashDir(this.opts.stateDir), { recursive: true }), mkdir(this.layersDir, { recursive: true })]);
       for (const dir of [this.opts.stateDir, sandboxes]) {
         const mode = (await stat(dir)).mode & 0o7777;
@@ -190,10 +215,27 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
    * elsewhere, host mounts, their directories and fork layers.
    */
   async reconcile(knownIds: string[]): Promise<ReconcileReport<NsSandbox>> {
+    const t0 = performance.now();
     await this.prepare();
+    const t1 = performance.now();
+    const adopted = await this.adoptHeld();
+    const t2 = performance.now();
+    const keep = new Set(this.live.keys());
+    // Holders of sandboxes not adopted (dead, or of another protocol): bwrap dies with its holder.
+    const stray = await killStrayHolders(this.opts.stateDir, keep);
+    await removeStrayHolderFiles(this.opts.stateDir, keep);
+    const t3 = performance.now();
     // Groups of sandboxes a crashed server left: their processes are killed with them.
     await this.cgroups?.cleanupOrphans((id) => this.live.has(id));
-    const left = await removeLeftovers(this.opts.stateDir, this.layersDir, knownIds, (tree) => this.hostd.removeTree(tree));
+    const t4 = performance.now();
+    // The pass over the process table is for sandboxes that were not adopted: skipped when every
+    // one was (the usual restart), so that the adopted ones answer sooner.
+    const unknown = knownIds.filter((id) => !keep.has(id));
+    const others = (await readdir(sandboxesDir(this.opts.stateDir)).catch(() => [] as string[])).filter((n) => !n.startsWith('.') && !keep.has(n));
+    const clean = unknown.length === 0 && others.length === 0 && stray.length === 0;
+    const left = clean
+      ? { sandboxes: [], killed: [], unmounted: [], removed: await this.emptyTrash() }
+      : await removeLeftovers(this.opts.stateDir, this.layersDir, unknown, (tree) => this.hostd.removeTree(tree), keep);
     const oldLayers = path.join(this.opts.stateDir, 'layers'); // from a run without the volume
     if (oldLayers !== this.layersDir) await this.hostd.removeTree(oldLayers);
     if (left.killed.length || left.unmounted.length || left.removed.length) {
@@ -201,7 +243,12 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
         sandboxes: left.sandboxes.length, killed: left.killed.length, unmounted: left.unmounted.length, removed: left.removed.length,
       });
     }
-    return { adopted: [], cleaned: left.sandboxes };
+    if (adopted.length) {
+      this.opts.log.info('adopted the previous server\'s sandboxes', {
+        sandboxes: adopted.length, prepareMs: Math.round(t1 - t0), adoptMs: Math.round(t2 - t1), strayMs: Math.round(t3 - t2), cgroupsMs: Math.round(t4 - t3), leftoversMs: Math.round(performance.now() - t4),
+      });
+    }
+    return { adopted, cleaned: left.sandboxes };
   }
 
   start(spec: SandboxSpec): Promise<NsSandbox> {
@@ -235,9 +282,11 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
     return this.hostd.diff(a.stack, b.stack, opts);
   }
 
-  async close(): Promise<void> {
+  async close(opts: CloseOptions = {}): Promise<void> {
     // Starts in flight finish (or fail) first, so none of them leaves a mount behind.
     await this.inFlight.close();
+    // Nothing to keep: a full stop (the disk volume unmounted, nothing left behind).
+    if (opts.keepSandboxes && this.live.size > 0) return this.letGoOfSandboxes();
     // Children first: a parent with live children would only become a husk.
     const byDepth = [...this.live.values()].sort((x, y) => y.depth - x.depth);
     for (const s of byDepth) await s.destroy();
@@ -249,6 +298,93 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
     await this.cgroups?.close();
     this.hostd.close();
     await this.volume?.close();
+  }
+
+  /** Removes what ended sandboxes of an earlier server left in the trash; what was removed. */
+  private async emptyTrash(): Promise<string[]> {
+    const dir = trashDir(this.opts.stateDir);
+    const names = await readdir(dir).catch(() => [] as string[]);
+    for (const name of names) await this.hostd.removeTree(path.join(dir, name));
+    return names.map((n) => path.join(dir, n));
+  }
+
+  /**
+   * A stop that keeps the sandboxes: each lives on under its holder (records written), only our
+   * connections close. The disk volume, the cgroups, fork layers and directories stay as they are.
+   */
+  private async letGoOfSandboxes(): Promise<void> {
+    this.letGo = true;
+    const all = [...this.live.values()];
+    await Promise.all(all.map((s) => s.ready?.catch(() => undefined)));
+    for (const s of all) s.detach();
+    this.live.clear();
+    this.hostd.close();
+    this.opts.log.info('sandboxes left running for the next server', { sandboxes: all.length });
+  }
+
+  /**
+   * Takes over the sandboxes an earlier server left alive under their holders (holder.ts): parents
+   * before children, each reconnected to its holder, its cgroups, slirp4netns and egress proxy
+   * found again, and an exec it was running when that server died interrupted (nobody waits for
+   * it any more). A sandbox whose agent speaks another protocol version is not adopted.
+   */
+  private async adoptHeld(): Promise<NsSandbox[]> {
+    const adopted: NsSandbox[] = [];
+    const records = (await loadHolderRecords(this.opts.stateDir)).sort((a, b) => a.depth - b.depth);
+    const incompatible = records.filter((r) => !agentProtocolCompatible(r.agentProtocol));
+    if (incompatible.length && this.opts.onIncompatible === 'refuse') {
+      const list = incompatible.map((r) => `${r.spec.id} (agent protocol ${r.agentProtocol})`).join(', ');
+      throw new IncompatibleSandboxesError(`${incompatible.length} live sandbox(es) of an earlier server speak an agent protocol this ` +
+        `server (${AGENT_PROTOCOL}) cannot drive: ${list}. Start the earlier version again to let them finish, or start this one ` +
+        'with --on-incompatible clean (PODFLARE_ON_INCOMPATIBLE=clean) to end them (they are recorded lost)');
+    }
+    const why = (id: string, reason: string) => this.opts.log.warn('a sandbox of the previous server cannot be adopted', { sandbox: id, reason });
+    const takeOver = async (r: HolderRecord): Promise<NsSandbox | null> => {
+      const id = r.spec.id;
+      if (!agentProtocolCompatible(r.agentProtocol)) {
+        why(id, `its agent speaks protocol ${r.agentProtocol}, incompatible with this server's ${AGENT_PROTOCOL} (another major version): it is ended and recorded lost`);
+        return null;
+      }
+      const parent = r.parentId ? this.live.get(r.parentId) : null;
+      if (r.parentId && !parent) return null; // its pid namespace was inside its parent's: gone with it
+      const paths = holderPaths(this.opts.stateDir, id);
+      const socket = await connectHolder(paths.socket, this.opts.startTimeoutMs).catch(() => null);
+      if (!socket) return null; // the holder is gone, and so is its sandbox
+      const dirs = sandboxDirs(this.opts.stateDir, id);
+      const holder = { pid: r.holderPid, socket: paths.socket };
+      const s = parent ? new ForkedSandbox(r.spec, dirs, r.lowers, parent, socket, this.hooks) : new RootSandbox(r.spec, dirs, r.lowers, socket, holder, this.hooks);
+      s.holder = holder;
+      s.initPid = r.initPid;
+      s.cgroup = r.cgroup && this.cgroups ? this.cgroups.existing(id) : null;
+      if (r.slirpPid) s.slirp = adoptedSlirp(r.slirpPid, r.initPid, killIfStill);
+      s.spawnAreaReady = await hasMount(r.initPid, SPAWN_AREA);
+      this.live.set(id, s);
+      for (const l of r.lowers) this.retainLayer(l);
+      // A husk (a zygote, or a deleted parent, with live children) stays for its children only.
+      if (r.husk) {
+        s.adoptAsHusk();
+        return null;
+      }
+      return s;
+    };
+    // Generation by generation (a child needs its parent's sandbox), each one at once.
+    const taken: NsSandbox[] = [];
+    for (const depth of [...new Set(records.map((r) => r.depth))]) {
+      const level = await Promise.all(records.filter((r) => r.depth === depth).map(takeOver));
+      taken.push(...level.filter((s): s is NsSandbox => s !== null));
+    }
+    // Then all are settled at once: proxies reopened, orphaned execs interrupted.
+    await Promise.all(taken.map(async (s) => {
+      try {
+        if (isEgressPolicy(s.spec.egress)) await this.attachEgressPolicy(s, s.initPid!);
+        await settleAdopted(s, this.opts.startTimeoutMs + this.opts.interruptGraceMs);
+        adopted.push(s);
+      } catch (err) {
+        why(s.id, (err as Error).message);
+        await s.destroy();
+      }
+    }));
+    return adopted;
   }
 
   private agentEnv(spec: SandboxSpec): Record<string, string> {
@@ -310,33 +446,45 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
     const args = bwrapArgs({ root: dirs.root, hostname: spec.hostname, env: this.agentEnv(spec), infoFd: 4, userNsBlockFd: 5, seccompFd: 6, command: AGENT_COMMAND });
     const seccomp = await open(this.seccompFile, 'r');
     // `nice` execs bwrap in place (same pid), so everything the sandbox starts inherits the priority.
-    const bwrap = spawn(spec.background ? 'nice' : 'bwrap', spec.background ? ['-n', String(BACKGROUND_NICE), 'bwrap', ...args] : args, {
-      // 0 none, 1/2 the agent's own diagnostics, 3 the protocol channel (a socketpair), 4 bwrap's
-      // info, 5 the go-ahead once the user namespace's id maps are written, 6 the seccomp filter.
-      stdio: ['ignore', 'pipe', 'pipe', 'pipe', 'pipe', 'pipe', seccomp.fd],
-      // Never host root: bwrap itself and everything in the sandbox run as the unprivileged range.
-      uid: this.opts.uidBase,
-      gid: this.opts.uidBase,
-    });
-    await seccomp.close(); // bwrap has its own copy
-    const sandbox = new RootSandbox(spec, dirs, lowers, bwrap, this.hooks);
+    const command = spec.background ? ['nice', '-n', String(BACKGROUND_NICE), 'bwrap', ...args] : ['bwrap', ...args];
+    // bwrap runs under the sandbox's holder (holder.ts), which outlives this server. 4 bwrap's
+    // info, 5 the go-ahead once the user namespace's id maps are written, 6 the seccomp filter;
+    // the holder gives bwrap the agent's channel at fd 3. bwrap itself, and everything in the
+    // sandbox, run as the unprivileged range (the holder drops to it), never as host root.
+    let started: Awaited<ReturnType<typeof startHolder>>;
+    try {
+      started = await startHolder({
+        stateDir: this.opts.stateDir, id: spec.id, uid: this.opts.uidBase, command, timeoutMs: this.opts.startTimeoutMs,
+        extraStdio: ['pipe', 'pipe', seccomp.fd],
+      });
+    } catch (err) {
+      await this.unmount(dirs);
+      await this.trash.throwAway(dirs);
+      await removeHolderFiles(this.opts.stateDir, spec.id);
+      throw err;
+    } finally {
+      await seccomp.close(); // bwrap has its own copy
+    }
+    const holder = started.child;
+    const sandbox = new RootSandbox(spec, dirs, lowers, started.socket, { pid: started.pid, socket: holderPaths(this.opts.stateDir, spec.id).socket }, this.hooks);
     this.live.set(spec.id, sandbox);
     try {
-      const info = await readInfo(bwrap.stdio[4] as Readable, this.opts.startTimeoutMs);
+      const info = await readInfo(holder.stdio[4] as Readable, this.opts.startTimeoutMs);
       sandbox.initPid = info.childPid;
       // Into its groups before it runs anything: all it starts inherits them.
       if (this.cgroups) {
         sandbox.cgroup = await this.cgroups.create(spec.id, spec.limits);
         await sandbox.cgroup.add(info.childPid);
       }
-      await this.mapIds(info.childPid, (bwrap.stdio as unknown as Writable[])[5]!);
+      await this.mapIds(info.childPid, (holder.stdio as unknown as Writable[])[5]!);
       // Attach the network only once the agent runs: bwrap configures the namespace's loopback
       // before it execs the agent, and slirp4netns racing with that makes bwrap fail.
       await sandbox.channel.waitHello(this.opts.startTimeoutMs);
-      if (spec.egress === true) sandbox.slirp = await startSlirp(this.opts.spawner, info.childPid, this.opts.startTimeoutMs);
+      if (spec.egress === true) sandbox.slirp = await startSlirp(this.opts.spawner, info.childPid, this.opts.startTimeoutMs, { outliveServer: true });
       else if (isEgressPolicy(spec.egress)) await this.attachEgressPolicy(sandbox, info.childPid);
       await this.unmount(dirs); // bwrap holds the root now
       if (spec.background) await sandbox.setPriority(0);
+      await this.saveRecord(sandbox);
       return sandbox;
     } catch (err) {
       await this.unmount(dirs);
@@ -358,6 +506,16 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
     return lowers;
   }
 
+  /** What the next server needs to adopt `s` (holder.ts), written once it is fully started. */
+  private async saveRecord(s: NsSandbox): Promise<void> {
+    if (!s.holder || !s.initPid) return;
+    await saveHolderRecord(this.opts.stateDir, {
+      version: HOLDER_RECORD_VERSION, agentProtocol: AGENT_PROTOCOL, kind: s.parent ? 'fork' : 'root',
+      spec: s.spec, holderPid: s.holder.pid, initPid: s.initPid, lowers: s.lowers, parentId: s.parent?.id ?? null,
+      depth: s.depth, slirpPid: s.slirp?.pid ?? null, cgroup: s.cgroup !== null, husk: s.isHusk,
+    });
+  }
+
   private async forkChildren(parent: NsSandbox, specs: SandboxSpec[], opts: ForkOptions): Promise<NsSandbox[]> {
     if (!parent.initPid) throw new SandboxError('conflict', 'the sandbox is not running');
     if (parent.depth >= MAX_FORK_DEPTH) {
@@ -368,7 +526,7 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
     // The children's cgroups are made while the layer freezes (a v1 memory group takes a while).
     const cgroups = this.cgroups;
     const groups = cgroups ? Promise.all(specs.map((spec) => cgroups.create(spec.id, spec.limits).catch((e: Error) => e))) : null;
-    const prepared: Array<{ spec: SandboxSpec; dirs: SandboxDirs; connection: Promise<net.Socket>; listener: net.Server; runDir: string; overlay?: number }> = [];
+    const prepared: Array<{ spec: SandboxSpec; dirs: SandboxDirs; holder: StartedHolder; runDir: string; overlay?: number }> = [];
     const created: ForkedSandbox[] = [];
     let lowers: string[] = [];
     let forkedPids: number[] = [];
@@ -416,12 +574,13 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
         madeDirs.push(dirs);
         await mkdir(runDir, { mode: RUN_DIR_MODE });
         await chmod(runDir, RUN_DIR_MODE); // whatever the umask
-        const socketPath = path.join(runDir, 'agent.sock');
-        const { listener, connection } = await listenOnce(socketPath, this.opts.startTimeoutMs);
-        const entry: (typeof prepared)[number] = { spec, dirs, connection, listener, runDir };
+        // The child's holder (holder.ts) listens there for it, the socket owned by sandbox root
+        // (the only peer uid it accepts), and relays its channel to us: the child outlives us.
+        const holder = await startHolder({
+          stateDir: this.opts.stateDir, id: spec.id, uid: this.opts.uidBase, accept: path.join(runDir, 'agent.sock'), timeoutMs: this.opts.startTimeoutMs,
+        });
+        const entry: (typeof prepared)[number] = { spec, dirs, holder, runDir };
         prepared.push(entry);
-        // Sandbox root (an unprivileged host uid) must be able to connect: write on the socket.
-        await chown(socketPath, this.opts.uidBase, this.opts.uidBase);
         await this.makeUpper(dirs);
         await layered;
         entry.overlay = await this.hostd.prepareOverlay({
@@ -464,9 +623,9 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
       policies = Promise.allSettled(prepared.map((p, i) => (isEgressPolicy(p.spec.egress) ? openEgressListeners(childPids[i]!, this.opts.startTimeoutMs) : null)));
       await grafted;
       phase('roots grafted');
-      const sockets = await Promise.all(prepared.map((p) => p.connection));
       for (const [i, p] of prepared.entries()) {
-        const child = new ForkedSandbox(p.spec, p.dirs, lowers, parent, sockets[i]!, this.hooks);
+        const child = new ForkedSandbox(p.spec, p.dirs, lowers, parent, p.holder.socket, this.hooks);
+        child.holder = { pid: p.holder.pid, socket: holderPaths(this.opts.stateDir, p.spec.id).socket };
         for (const l of lowers) this.retainLayer(l);
         this.live.set(p.spec.id, child);
         created.push(child);
@@ -492,7 +651,7 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
       //   joined its group, hence the sweep (nothing else runs in a child before its first request).
       // slirp4netns starts only now: its start-up would take CPU from the children still forking.
       for (const [i, c] of created.entries()) {
-        const network = (c.spec.egress === true ? startSlirp(this.opts.spawner, childPids[i]!, this.opts.startTimeoutMs) : Promise.resolve(null)).then((slirp) => {
+        const network = (c.spec.egress === true ? startSlirp(this.opts.spawner, childPids[i]!, this.opts.startTimeoutMs, { outliveServer: true }) : Promise.resolve(null)).then((slirp) => {
           if (slirp && c.ended) slirp.stop();
           else c.slirp = slirp;
         }, (e: Error) => {
@@ -510,7 +669,9 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
             if (!(g instanceof Error) && !created.some((x) => x.cgroup === g)) void g.remove().catch(() => undefined);
           }));
         });
-        c.ready = Promise.all([network, grouping]).then(() => undefined);
+        c.ready = Promise.all([network, grouping]).then(() => this.saveRecord(c)).catch((e: Error) => {
+          this.opts.log.warn('a fork child\'s holder record could not be written: it will not survive a restart', { sandbox: c.id, error: e.message });
+        });
       }
       return created;
     } catch (err) {
@@ -525,6 +686,12 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
       for (const pid of forkedPids) if (!created.some((c) => c.initPid === pid)) try { process.kill(pid, 'SIGKILL'); } catch { /* gone */ }
       await Promise.allSettled(making); // every child's directories and root, made or failed
       for (const p of prepared) if (p.overlay !== undefined) await this.hostd.discardOverlay(p.overlay).catch(() => undefined);
+      for (const p of prepared) {
+        if (created.some((c) => c.id === p.spec.id)) continue;
+        p.holder.socket.destroy();
+        p.holder.child.kill('SIGKILL');
+        await removeHolderFiles(this.opts.stateDir, p.spec.id);
+      }
       for (const dirs of madeDirs) await this.trash.throwAway(dirs);
       for (const g of (await groups) ?? []) if (!(g instanceof Error)) await g.remove().catch(() => undefined);
       // Deleted while it forked: its files went away under the copy, which is no server fault.
@@ -536,7 +703,6 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
       await settledLayer;
       for (const l of lowers) void this.releaseLayer(l);
       for (const p of prepared) {
-        p.listener.close();
         // Not waited for: the children have connected (or are gone), nothing uses it any more.
         void removeRunDir(p.runDir);
       }
@@ -600,6 +766,7 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
     if (n === undefined) return;
     if (n > 1) return void this.layerRefs.set(layer, n - 1);
     this.layerRefs.delete(layer);
+    if (this.letGo) return;
     await this.hostd.removeTree(layer);
   }
 }
@@ -627,23 +794,6 @@ async function removeRunDir(runDir: string): Promise<void> {
 /** The host pids proven to be a fork's children (see hostPidsOfForkChildren). */
 function provenOnly(pids: Map<number, number | null>): number[] {
   return [...pids.values()].filter((p): p is number => p !== null);
-}
-
-/** A unix socket that accepts exactly one connection (a fork child's agent). */
-async function listenOnce(socketPath: string, timeoutMs: number): Promise<{ listener: net.Server; connection: Promise<net.Socket> }> {
-  if (Buffer.byteLength(socketPath) > 107) throw new Error(`socket path too long for a unix socket: ${socketPath} (choose a shorter state directory)`);
-  const listener = net.createServer();
-  const connection = new Promise<net.Socket>((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error('a forked child did not connect in time')), timeoutMs);
-    listener.once('connection', (socket) => { clearTimeout(timer); resolve(socket); });
-    listener.once('close', () => { clearTimeout(timer); reject(new Error('a forked child did not connect')); });
-  });
-  connection.catch(() => undefined);
-  await new Promise<void>((resolve, reject) => {
-    listener.once('error', reject);
-    listener.listen(socketPath, () => resolve());
-  });
-  return { listener, connection };
 }
 
 /** Reads bwrap's `--info-fd` JSON, which names the sandbox's PID 1 as seen from the host. */

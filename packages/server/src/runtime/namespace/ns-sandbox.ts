@@ -12,7 +12,6 @@
  * last child ends. Its own processes are those in its cgroup (each fork child has a group of its
  * own); without cgroups, its process tree less its children's trees.
  */
-import type { ChildProcess } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { readFile, readlink, rm } from 'node:fs/promises';
 import os from 'node:os';
@@ -25,6 +24,13 @@ import type { LimitCounters, RuntimeSandbox, SandboxLimits, SandboxSpec } from '
 import type { SandboxDirs } from './layout.js';
 import { PortConnector } from './port-connector.js';
 import type { Slirp } from '../shared/slirp.js';
+import { killIfStill, waitProcessGone } from './holder.js';
+
+/** A sandbox's holder: its pid, and its control socket (which its command line names). */
+export interface HolderRef {
+  pid: number;
+  socket: string;
+}
 
 export interface SandboxHooks {
   /** Sets the most the sandbox's directory may hold (where disk limits are enforced). */
@@ -33,6 +39,10 @@ export interface SandboxHooks {
   removeDir(dirs: SandboxDirs): Promise<void>;
   /** Called once the sandbox is finally gone (processes dead, directories removed). */
   onFinalized(sandbox: NsSandbox): void;
+  /** A sandbox became a husk (its record must say so: the next server does not drive it). */
+  onHusk?(sandbox: NsSandbox): void;
+  /** Why a sandbox ended, from its holder's log (bwrap's last words). */
+  diagnostics?(sandbox: NsSandbox): string;
   log: Logger;
 }
 
@@ -53,6 +63,10 @@ export abstract class NsSandbox implements RuntimeSandbox {
   /** Set once the spawn tmpfs is mounted in this sandbox (fork points live there). */
   spawnAreaReady = false;
   private husk = false;
+  /** Its holder: the process that keeps it while servers come and go (holder.ts). */
+  holder: HolderRef | null = null;
+  /** Let go of (the server stops and keeps its sandboxes): its channel closing is not its end. */
+  protected detached = false;
   /** Dials the sandbox's ports for exposed-port requests (port-connector.ts); started on first use. */
   private portConnector: PortConnector | null = null;
   private finalizing: Promise<void> | null = null;
@@ -117,12 +131,33 @@ export abstract class NsSandbox implements RuntimeSandbox {
     if (this.children.size === 0) return this.finalize();
     if (!this.husk) {
       this.husk = true;
+      this.hooks.onHusk?.(this);
       this.channel.close('destroyed');
       this.slirp?.stop();
       this.resolveExited({ reason: 'destroyed' });
       if (this.initPid) return this.killAllButInit(this.initPid);
     }
     return Promise.resolve();
+  }
+
+  get isHusk(): boolean {
+    return this.husk;
+  }
+
+  /** Taken over from an earlier server as a husk: kept (for its children) but never driven. */
+  adoptAsHusk(): void {
+    this.husk = true;
+    this.channel.close('destroyed');
+    this.resolveExited({ reason: 'destroyed' });
+  }
+
+  /**
+   * The server stops but the sandbox lives on under its holder, for the next server to adopt:
+   * only our connection to the holder closes.
+   */
+  detach(): void {
+    this.detached = true;
+    this.channel.close('the server let go of the sandbox');
   }
 
   /** A husk's end: every process of this sandbox but its PID 1, and none of its children's. */
@@ -153,7 +188,7 @@ export abstract class NsSandbox implements RuntimeSandbox {
   /** A child of ours is gone: a husk with no children left can go too. */
   childGone(child: NsSandbox): void {
     this.children.delete(child);
-    if (this.husk && this.children.size === 0) void this.finalize();
+    if (this.husk && this.children.size === 0) void this.finalize().catch((e: Error) => this.log.warn('sandbox teardown failed', { error: e.message }));
   }
 
   protected finalize(): Promise<void> {
@@ -171,7 +206,9 @@ export abstract class NsSandbox implements RuntimeSandbox {
       await this.ready; // a fork child closed at once may still be getting its cgroups
       await this.cgroup?.remove().catch((e: Error) => this.log.warn('cgroup removal failed', { error: e.message }));
       this.resolveExited({ reason: 'destroyed' });
-      await this.hooks.removeDir(this.dirs);
+      // Its files failing to go (a stop closed the host helper meanwhile) must not keep it alive
+      // in the books: the next server's reconcile removes what is left.
+      await this.hooks.removeDir(this.dirs).catch((e: Error) => this.log.warn('could not remove the sandbox\'s directory', { error: e.message }));
       this.parent?.childGone(this);
       this.hooks.onFinalized(this);
     })();
@@ -182,46 +219,47 @@ export abstract class NsSandbox implements RuntimeSandbox {
   protected abstract killAll(): Promise<void>;
 }
 
-/** A sandbox started by bubblewrap. */
+/** A sandbox started by bubblewrap, under its holder (holder.ts). */
 export class RootSandbox extends NsSandbox {
-  constructor(spec: SandboxSpec, dirs: SandboxDirs, lowers: string[], readonly bwrap: ChildProcess, hooks: SandboxHooks) {
-    super(spec, dirs, lowers, null, 0, bwrap.stdio[3] as import('node:net').Socket, hooks);
-    let diagnostics = '';
-    const keep = (d: Buffer) => { diagnostics = (diagnostics + d.toString()).slice(-4000); };
-    bwrap.stdout!.on('data', keep);
-    bwrap.stderr!.on('data', keep);
-    const done = (reason: string) => {
-      this.channel.close(reason);
-      this.resolveExited({ reason });
-      // A husk's bwrap ends when its last child does: clean up behind it.
-      void this.finalize();
-    };
-    bwrap.once('error', (err) => done(`cannot start bwrap: ${err.message}`));
-    bwrap.once('exit', (code, signal) => {
-      const tail = diagnostics.trim().split('\n').slice(-5).join(' | ');
-      done(signal ? `sandbox killed by ${signal}` : `sandbox exited with code ${code}${tail ? `: ${tail}` : ''}`);
+  constructor(spec: SandboxSpec, dirs: SandboxDirs, lowers: string[], socket: import('node:net').Socket, holder: HolderRef, hooks: SandboxHooks) {
+    super(spec, dirs, lowers, null, 0, socket, hooks);
+    this.holder = holder;
+    // The holder ends (and so closes our connection) when bwrap does: the sandbox is over.
+    this.channel.once('close', (reason: string) => {
+      if (this.detached || this.isHusk) return; // we let go of it; a husk ends with its last child
+      const tail = hooks.diagnostics?.(this) ?? '';
+      this.resolveExited({ reason: reason === 'channel closed' ? `sandbox exited${tail ? `: ${tail}` : ''}` : reason });
+      void this.finalize().catch((e: Error) => this.log.warn('sandbox teardown failed', { error: e.message }));
     });
   }
 
   protected async killAll(): Promise<void> {
-    if (this.initPid && isAlive(this.initPid)) {
-      try { process.kill(this.initPid, 'SIGKILL'); } catch { /* ended meanwhile */ }
-    }
-    if (this.bwrap.exitCode === null && this.bwrap.signalCode === null) {
-      this.bwrap.kill('SIGKILL');
-      await new Promise((resolve) => this.bwrap.once('exit', resolve));
-    }
+    await killHeld(this);
   }
 
   /** Raises (or lowers) the CPU priority of every process of the sandbox. */
   async setPriority(nice: number): Promise<void> {
-    if (this.bwrap.pid === undefined) return;
-    const pids = await processTree(this.bwrap.pid);
+    if (!this.initPid) return;
+    const pids = await processTree(this.initPid);
     if (this.slirp) pids.push(this.slirp.pid);
     for (const pid of pids) {
       try { os.setPriority(pid, nice); } catch { /* ended meanwhile */ }
     }
   }
+}
+
+/** Kills a held sandbox's PID 1 (its whole pid namespace goes with it) and its holder, and waits for both. */
+async function killHeld(s: NsSandbox): Promise<void> {
+  const pid = s.initPid;
+  if (pid && isAlive(pid)) {
+    try { process.kill(pid, 'SIGKILL'); } catch { /* ended meanwhile */ }
+  }
+  if (s.holder) {
+    killIfStill(s.holder.pid, s.holder.socket);
+    await waitProcessGone(s.holder.pid, 10_000);
+  }
+  // A fork child's PID 1 is reaped by its parent namespace's PID 1: wait until it is really gone.
+  if (pid) await waitProcessGone(pid, 2_000);
 }
 
 /** A sandbox made by fork: PID 1 is a fork of the parent's interpreter (now its agent). */
@@ -230,16 +268,13 @@ export class ForkedSandbox extends NsSandbox {
     super(spec, dirs, lowers, parent, parent.depth + 1, socket, hooks);
     // No process handle to watch: the agent's channel closing is how its death shows.
     this.channel.once('close', (reason: string) => {
+      if (this.detached) return;
       this.resolveExited({ reason: `sandbox agent gone (${reason})` });
     });
   }
 
   protected async killAll(): Promise<void> {
-    const pid = this.initPid;
-    if (!pid) return;
-    try { process.kill(pid, 'SIGKILL'); } catch { return; }
-    // Its parent namespace's PID 1 reaps it; wait until it is really gone (not even a zombie).
-    for (let i = 0; i < 200 && (await isLiveProcess(pid)); i++) await new Promise((r) => setTimeout(r, 10));
+    await killHeld(this);
   }
 }
 
@@ -248,15 +283,6 @@ export async function pidNamespace(pid: number): Promise<string | null> {
     return await readlink(`/proc/${pid}/ns/pid`);
   } catch {
     return null;
-  }
-}
-
-async function isLiveProcess(pid: number): Promise<boolean> {
-  try {
-    const stat = await readFile(`/proc/${pid}/stat`, 'utf8');
-    return stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3) !== 'Z';
-  } catch {
-    return false;
   }
 }
 

@@ -2,10 +2,10 @@
  * What a namespace server killed with SIGKILL leaves behind, and how the next server on the same
  * state directory removes it.
  *
- * Nothing of a namespace sandbox can be re-adopted: its agent speaks over a socketpair whose other
- * end died with the server, and bwrap runs with `--die-with-parent`. What can be left:
- * - processes: sandboxes still dying (or, should a runtime change ever drop `--die-with-parent`,
- *   still running): bwrap (its command line names the sandbox's root under the state directory),
+ * Live sandboxes under their holders are adopted first (holder.ts, adopt.ts) and are left alone
+ * here (`adopted`); this removes what is left of the others. What can be left:
+ * - processes: sandboxes still dying, or whose holder was killed: bwrap (its command line names
+ *   the sandbox's root under the state directory),
  *   the agent and everything it started (their environment carries PODFLARE_SANDBOX_ID);
  *   slirp4netns attached to one of them (it exits once its exit pipe to the server closes, but may
  *   lag); the host helper, if it was busy copying a layer (it exits at the end of its stdin), and
@@ -48,15 +48,17 @@ const HELPERS = ['/podflare_hostd.py', '/netns-listen-child.js'];
  */
 export async function removeLeftovers(
   stateDir: string, layersDir: string, knownIds: Iterable<string>, removeTree: (tree: string) => Promise<void>,
+  adopted: ReadonlySet<string> = new Set(),
 ): Promise<LeftoverReport> {
   const root = sandboxesDir(stateDir);
-  // Everything in the sandboxes' directory is a sandbox's, or the fork layers (`.layers`).
-  const onDisk = await readdir(root).catch(() => [] as string[]);
+  // Everything in the sandboxes' directory is a sandbox's, or the fork layers (`.layers`); what
+  // an adopted sandbox has is its own again, and stays.
+  const onDisk = (await readdir(root).catch(() => [] as string[])).filter((name) => !adopted.has(name));
   const ids = new Set([...knownIds, ...onDisk.filter((name) => SANDBOX_ID_PATTERN.test(name))]);
   const report: LeftoverReport = { sandboxes: [], killed: [], unmounted: [], removed: [] };
   const touched = new Set<string>(onDisk.filter((name) => ids.has(name)));
 
-  const victims = await leftoverProcesses(root, ids, touched);
+  const victims = await leftoverProcesses(root, ids, touched, adopted);
   for (const p of victims) {
     try {
       process.kill(p.pid, 'SIGKILL');
@@ -68,7 +70,7 @@ export async function removeLeftovers(
   // Deepest first, so a mount below another comes off before it.
   const mounts = (await readFile('/proc/self/mountinfo', 'utf8')).split('\n')
     .map((line) => unescapeMount(line.split(' ')[4] ?? ''))
-    .filter((m) => m.startsWith(root + '/'))
+    .filter((m) => m.startsWith(root + '/') && !adopted.has(path.relative(root, m).split('/')[0]!))
     .sort((a, b) => b.length - a.length);
   for (const m of mounts) {
     await run('umount', ['-l', m]).catch(() => undefined);
@@ -99,13 +101,14 @@ export async function removeLeftovers(
  * theirs (by environment), slirp4netns attached to any of those, and host helpers whose server
  * is gone. Other servers' sandboxes on this host are left alone: their ids are not ours.
  */
-async function leftoverProcesses(root: string, ids: Set<string>, touched: Set<string>): Promise<ProcInfo[]> {
+async function leftoverProcesses(root: string, ids: Set<string>, touched: Set<string>, adopted: ReadonlySet<string>): Promise<ProcInfo[]> {
   const all = await processTable();
   const byPid = new Map(all.map((p) => [p.pid, p]));
   const victims = new Map<number, ProcInfo>();
   for (const p of all) {
     if (p.pid === process.pid) continue;
     const mentioned = p.cmdline.find((arg) => arg.startsWith(root + '/'));
+    if (mentioned && adopted.has(path.relative(root, mentioned).split('/')[0]!)) continue;
     if (mentioned) {
       victims.set(p.pid, p);
       touched.add(path.relative(root, mentioned).split('/')[0]!);

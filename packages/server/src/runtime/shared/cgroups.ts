@@ -73,6 +73,11 @@ export class Cgroups {
     return group;
   }
 
+  /** The groups a sandbox already has (made by an earlier server: the sandbox was adopted). */
+  existing(id: string): SandboxCgroup {
+    return new SandboxCgroup(this.h, id);
+  }
+
   /** Removes the groups of sandboxes that are gone (after a crash), killing what is left in them. */
   async cleanupOrphans(live: (id: string) => boolean): Promise<void> {
     for (const dir of new Set([this.h.memory, this.h.pids, this.h.cpu])) {

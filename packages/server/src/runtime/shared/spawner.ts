@@ -3,7 +3,8 @@
  * Node forks the whole server first, which blocks the event loop for milliseconds (more the bigger
  * the server); helper processes on latency paths (a fork child's slirp4netns) are started by that
  * small process instead, with posix_spawn. The server makes one Spawner (its runtimes share it);
- * its process starts on first use and dies with the server, taking its children with it.
+ * its process starts on first use and dies with the server, taking its children with it (except
+ * those started `detach`ed: a namespace sandbox's slirp4netns, which outlives the server with it).
  *
  * Its messages are host-protocol.ts's: a reply or event that does not match is a spawner bug,
  * which fails the call (a reply) or is logged and dropped (an event).
@@ -31,6 +32,8 @@ export interface SpawnOptions {
   batch?: boolean;
   /** Memfds of the spawner's (createMemfd) the child gets, as [its fd (above 2), the memfd's name]. */
   fds?: Array<[number, string]>;
+  /** In a session of its own, and left running when the spawner (the server) ends. */
+  detach?: boolean;
 }
 
 /** A memfd held by the spawner (createMemfd): its name (unique: how the spawner knows it), and where root may reopen it. */
@@ -91,7 +94,7 @@ export class Spawner {
     const exited = new Promise<ProcessExit>((resolve) => { onExit = resolve; });
     const { pid } = await this.request<'spawn'>({
       op: 'spawn', argv, ready_fd: opts.readyFd, exit_fd: opts.exitFd, stream_stderr: opts.onStderr !== undefined, batch: opts.batch === true,
-      fds: opts.fds ?? [],
+      fds: opts.fds ?? [], ...(opts.detach ? { detach: true } : {}),
     });
     let ended = false;
     const watch: Watch = {
