@@ -6,6 +6,7 @@
  */
 import assert from 'node:assert/strict';
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
+import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { mkdir } from 'node:fs/promises';
 import path from 'node:path';
 import { cgroupsOf, forkLayersIn, overlayMountsUnder, processesMentioning, processesOf, sandboxDirsIn, stillRunning } from './leaks.js';
@@ -183,18 +184,44 @@ export async function crashCycle(serve: ServeProcess, stateDir: string, opts: { 
     expect(groups.length === 0, `${id}: cgroups left: ${groups.join(' ')}`);
   }
   expect(verdicts.find((v) => v.id === sleeper)?.state === 'lost', `${sleeper}: its holder was killed, yet it is not lost`);
-  // What may survive the killed server: the sandboxes adopted (working), their processes and holders.
+  // What may survive the killed server: the sandboxes adopted (working), their processes and holders,
+  // and the husks kept for them: a parent (a pool's zygote, a deleted parent) of a sandbox that lives.
   const working = verdicts.filter((v) => v.working).map((v) => v.id);
-  const theirs = new Set([...processesOf(working).map((p) => p.pid), ...working.flatMap((id) => processesMentioning(id).map((l) => Number(l.split(':')[0])))]);
+  const keptFor = husksKeptFor(stateDir);
+  const kept = [...working, ...keptFor];
+  const theirs = new Set([...processesOf(kept).map((p) => p.pid), ...kept.flatMap((id) => processesMentioning(id).map((l) => Number(l.split(':')[0])))]);
   const survivors = stillRunning(stamps).filter((p) => !theirs.has(p.pid));
   expect(survivors.length === 0, `processes of the killed server survive: ${survivors.map((p) => `${p.pid} ${p.cmd}`).join('; ')}`);
   // Sandboxes of earlier cycles adopted once more are live too: only what nobody drives is a leftover.
   const live = async (id: string) => ['ready', 'running'].includes((await restarted.info(id).catch(() => ({ state: 'none' }))).state);
   const dirsLeft: string[] = [];
-  for (const d of sandboxDirsIn(stateDir).filter((x) => dirsBefore.includes(x))) if (!(await live(d))) dirsLeft.push(d);
+  for (const d of sandboxDirsIn(stateDir).filter((x) => dirsBefore.includes(x) && !keptFor.includes(x))) if (!(await live(d))) dirsLeft.push(d);
   expect(dirsLeft.length === 0, `directories of the killed server's sandboxes left: ${dirsLeft.join(' ')}`);
   const layers: string[] = [];
   for (const l of forkLayersIn(stateDir)) if (!(await live(l.split('/')[1] ?? ''))) layers.push(l);
   expect(layers.length === 0, `fork layers left: ${layers.join(' ')}`);
   return { restarted, sandboxes: ids, verdicts, restartMs, problems };
+}
+
+/**
+ * Sandboxes the server keeps only as parents of others (its records in <state>/holders/: a husk,
+ * or the parent named by a sandbox that is held): a zygote whose pool children live, a deleted
+ * parent of live fork children. Their processes and directories are not leftovers.
+ */
+function husksKeptFor(stateDir: string): string[] {
+  const dir = path.join(stateDir, 'holders');
+  if (!existsSync(dir)) return [];
+  const records = readdirSync(dir).filter((n) => n.endsWith('.json')).flatMap((n) => {
+    try {
+      return [JSON.parse(readFileSync(path.join(dir, n), 'utf8')) as { spec?: { id?: string }; parentId?: string | null; husk?: boolean }];
+    } catch {
+      return []; // being written or removed
+    }
+  });
+  const ids = new Set<string>();
+  for (const r of records) {
+    if (r.husk && r.spec?.id) ids.add(r.spec.id);
+    if (r.parentId) ids.add(r.parentId);
+  }
+  return [...ids];
 }
