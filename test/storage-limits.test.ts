@@ -209,11 +209,12 @@ describe('storage limits and process lifetime', () => {
 
 describe('a fork failing while its layer is being made (its children refused)', () => {
   it('leaves no fork layer behind once its sandboxes are gone', async () => {
-    // A state directory so long that a fork child's socket path does not fit a unix socket: every
-    // fork fails while its layer is still being frozen.
+    // A state directory short enough for the holders' sockets (<state>/holders/<id>.sock, checked at
+    // start) but too long for a fork child's (<state>/sandboxes/<id>/run/agent.sock): every fork
+    // fails while its layer is still being frozen.
     const base = await mkdtemp(path.join(os.tmpdir(), 'pf-long-'));
     await chmod(base, 0o711); // the sandboxes' uid walks through it
-    const stateDir = path.join(base, 'x'.repeat(48));
+    const stateDir = path.join(base, 'x'.repeat(57 - base.length - 1));
     const server = await startServer(loadConfig({
       // No zygote: these checks count every sandbox directory, and a zygote's rightly stays while
       // the server runs (test/zygote.test.ts checks that it goes at stop).

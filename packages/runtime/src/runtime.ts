@@ -158,3 +158,9 @@ export interface Runtime<S extends RuntimeSandbox = RuntimeSandbox> {
    */
   close(opts?: CloseOptions): Promise<void>;
 }
+
+/**
+ * What a starting server does with sandboxes of an earlier server whose agent protocol it cannot
+ * speak (another major version): end them (`clean`, marked lost) or refuse to start.
+ */
+export type OnIncompatible = 'clean' | 'refuse';

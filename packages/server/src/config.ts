@@ -14,7 +14,8 @@ import type { SandboxLimits } from './runtime/runtime.js';
 
 export type { RuntimeName };
 export type OnStop = 'keep' | 'destroy';
-export type OnIncompatible = 'clean' | 'refuse';
+export type { OnIncompatible } from '@podflare/runtime';
+import type { OnIncompatible } from '@podflare/runtime';
 
 export interface ServerConfig {
   host: string;

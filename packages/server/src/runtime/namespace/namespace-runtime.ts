@@ -33,12 +33,11 @@ import net from 'node:net';
 import path from 'node:path';
 import type { Readable, Writable } from 'node:stream';
 import { AGENT_PROTOCOL, agentProtocolCompatible, isEgressPolicy } from '@podflare/protocol';
-import type { OnIncompatible } from '../../config.js';
 import { detectCgroups, type Cgroups } from '../shared/cgroups.js';
 import type { EgressService } from '../../egress/index.js';
 import type { Logger } from '../../log.js';
 import { processTree, run } from '../../proc.js';
-import { SandboxError, type CloseOptions, type DiffOptions, type FileDiff, type ForkOptions, type ReconcileReport, type Runtime, type RuntimeName, type SandboxSpec } from '@podflare/runtime';
+import { SandboxError, type CloseOptions, type DiffOptions, type FileDiff, type ForkOptions, type OnIncompatible, type ReconcileReport, type Runtime, type RuntimeName, type SandboxSpec } from '@podflare/runtime';
 import { InFlight } from '../in-flight.js';
 import { bwrapArgs, SANDBOX_PATH } from './bwrap-args.js';
 import { HostHelper, type HostHelperOptions } from './hostd.js';
@@ -576,8 +575,13 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
         await chmod(runDir, RUN_DIR_MODE); // whatever the umask
         // The child's holder (holder.ts) listens there for it, the socket owned by sandbox root
         // (the only peer uid it accepts), and relays its channel to us: the child outlives us.
+        const accept = path.join(runDir, 'agent.sock');
+        // A unix socket path holds at most 107 bytes: say so plainly, not as the holder's traceback.
+        if (Buffer.byteLength(accept) > 107) {
+          throw new SandboxError('conflict', `socket path too long for a unix socket: ${accept} (choose a shorter state directory)`);
+        }
         const holder = await startHolder({
-          stateDir: this.opts.stateDir, id: spec.id, uid: this.opts.uidBase, accept: path.join(runDir, 'agent.sock'), timeoutMs: this.opts.startTimeoutMs,
+          stateDir: this.opts.stateDir, id: spec.id, uid: this.opts.uidBase, accept, timeoutMs: this.opts.startTimeoutMs,
         });
         const entry: (typeof prepared)[number] = { spec, dirs, holder, runDir };
         prepared.push(entry);
