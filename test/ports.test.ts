@@ -145,6 +145,12 @@ describe('exposed ports', () => {
     assert.equal((await fetch(`${server.url}/v1/sandboxes/${sbx.id}/ports/8000/proxy/`, { headers: { Authorization: `Bearer ${OTHER_KEY}` } })).status, 404);
     const foreign = await rawRequest(port, `GET /v1/sandboxes/${sbx.id}/ports/8000/proxy/ HTTP/1.1\r\nHost: evil.example\r\nAuthorization: Bearer ${KEY}\r\nConnection: close\r\n\r\n`);
     assert.match(foreign, /^HTTP\/1\.1 403/);
+    // A web page of another origin: refused on the key route (on a keyless server it would need
+    // nothing else); the signed URL, the route made for browsers, still answers it.
+    const fromPage = await fetch(`${server.url}/v1/sandboxes/${sbx.id}/ports/8000/proxy/`, { headers: { ...auth, Origin: 'http://evil.example' } });
+    assert.equal(fromPage.status, 403);
+    const signed = await sbx.getHost(8000);
+    assert.equal((await fetch(`http://${signed}/`, { headers: { Origin: 'http://evil.example' } })).status, 200);
     const noServer = await fetch(`${server.url}/v1/sandboxes/${sbx.id}/ports/9/proxy/`, { headers: auth });
     assert.equal(noServer.status, 503);
   });

@@ -51,7 +51,7 @@ export class BrowserGuard {
     if (origin === undefined || isSameOrigin(origin, req.headers.host)) return;
     const serialized = originOf(origin);
     if (serialized === undefined || !this.origins.has(serialized)) {
-      throw new ApiError('forbidden', `WebSocket from ${JSON.stringify(origin.slice(0, 200))} refused: web pages from other origins may not open one`);
+      throw new ApiError('forbidden', `request from ${JSON.stringify(origin.slice(0, 200))} refused: web pages from other origins may not open a WebSocket or reach a sandbox's port with the key`);
     }
   }
 

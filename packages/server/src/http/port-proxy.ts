@@ -63,13 +63,16 @@ export class PortProxy {
 
   /** Which sandbox and port a request may reach (401/403/404 otherwise). */
   private async resolve(req: IncomingMessage, target: PortTarget): Promise<{ s: LiveSandbox; port: number; dropAuth: boolean }> {
-    // A foreign Host is refused as everywhere (DNS rebinding). Origins are not checked: a page of
-    // another origin reaches a port only with the key or the token, which it cannot know.
-    this.guard.checkHost(req);
+    // A foreign Host is refused as everywhere (DNS rebinding). The key route also refuses a foreign
+    // Origin: a server without keys would otherwise let any web page the user visits reach every
+    // sandbox's ports (browsers send Origin on cross-origin requests; the SDKs and curl do not).
+    // The signed-URL route is the one made for browsers: its token is the credential.
     if (target.kind === 'key') {
+      this.guard.checkUpgrade(req);
       const owner = this.keys.authenticate(req);
       return { s: await this.manager.get(target.sandboxId, owner || undefined), port: target.port, dropAuth: true };
     }
+    this.guard.checkHost(req);
     const grant = this.manager.ports.verify(target.token);
     return { s: await this.manager.get(grant.sandboxId), port: grant.port, dropAuth: false };
   }
