@@ -131,6 +131,18 @@ export class Zygotes {
     }));
   }
 
+  /** Ends a template's zygotes (the template was deleted); waiting requests fail. */
+  async retire(template: string): Promise<void> {
+    const mine = [...this.zygotes.entries()].filter(([, z]) => z.template === template);
+    await Promise.all(mine.map(async ([key, z]) => {
+      this.zygotes.delete(key);
+      for (const r of z.waiting.splice(0)) r.reject(new Error(`template ${template} was deleted`));
+      const s = z.sandbox ?? (await z.starting?.catch(() => null));
+      z.sandbox = null;
+      await s?.destroy();
+    }));
+  }
+
   /** Ends every zygote (each lingers as a husk while children of it live: the runtime's close ends those). */
   async close(): Promise<void> {
     this.closed = true;

@@ -113,6 +113,11 @@ export class PoolUse {
     return this.pool.waitFull(timeoutMs);
   }
 
+  /** A deleted template's warm pools and zygote end (resolves once their sandboxes are gone). */
+  async dropTemplate(template: string): Promise<void> {
+    await Promise.all([this.pool.dropTemplate(template), this.zygotes.retire(template)]);
+  }
+
   async close(): Promise<void> {
     await this.pool.close();
     await this.zygotes.close();

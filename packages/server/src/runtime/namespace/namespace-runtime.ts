@@ -37,7 +37,7 @@ import { detectCgroups, type Cgroups } from '../shared/cgroups.js';
 import type { EgressService } from '../../egress/index.js';
 import type { Logger } from '../../log.js';
 import { processTree, run } from '../../proc.js';
-import { SandboxError, type CloseOptions, type DiffOptions, type FileDiff, type ForkOptions, type OnIncompatible, type ReconcileReport, type Runtime, type RuntimeName, type SandboxSpec } from '@podflare/runtime';
+import { SandboxError, type CloseOptions, type DiffOptions, type FileDiff, type ForkOptions, type OnIncompatible, type ReconcileReport, type Runtime, type RuntimeName, type SandboxSpec, type TemplateLayerBounds } from '@podflare/runtime';
 import { InFlight } from '../in-flight.js';
 import { bwrapArgs, SANDBOX_PATH } from './bwrap-args.js';
 import { HostHelper, type HostHelperOptions } from './hostd.js';
@@ -45,6 +45,7 @@ import type { Spawner } from '../shared/spawner.js';
 import { DiskVolume } from './disk-volume.js';
 import { assertMountablePath, sandboxDirs, sandboxesDir, trashDir, type SandboxDirs } from './layout.js';
 import { Trash } from './trash.js';
+import { saveTemplateLayer } from './template-layer.js';
 import { proxyEnvironment } from './netns-addresses.js';
 import { closeEgressListeners, openEgressListeners, type EgressListeners } from './netns-listeners.js';
 import { adoptedSlirp, startSlirp } from '../shared/slirp.js';
@@ -275,6 +276,12 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
     const slirp = await startSlirp(this.opts.spawner, s.initPid, this.opts.startTimeoutMs);
     if (s.ended) slirp.stop();
     else s.slirp = slirp;
+  }
+
+  /** A template's layer from a live sandbox's files (template-layer.ts). */
+  saveTemplateLayer(s: NsSandbox, target: string, bounds: TemplateLayerBounds): Promise<{ layers: string[]; bytes: number }> {
+    const deps = { hostd: this.hostd, uidBase: this.opts.uidBase, idCount: ID_COUNT, agentLayer: this.opts.lowerDirs[0]!, isForkLayer: (l: string) => this.isForkLayer(l) };
+    return saveTemplateLayer(deps, s, target, bounds);
   }
 
   async diff(a: NsSandbox, b: NsSandbox, opts: DiffOptions): Promise<FileDiff> {
