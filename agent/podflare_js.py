@@ -6,7 +6,14 @@ so an interrupted exec does not take it down) evaluates every cell in one `vm` c
 a small client that hands the cell to that process over a unix socket and relays what it prints:
 `console.log` to stdout, `console.error` to stderr, the cell's last value (`util.inspect`, awaited if a
 promise) to stdout, an uncaught error's stack to stderr with exit code 1. Timeouts and interrupts
-stop the client (the exec ends); a cell still running in the REPL keeps running there.
+stop the client (the exec ends); the REPL then stops its cell too:
+  - a cell awaiting a promise stops being awaited (the promise itself may still settle later);
+  - a synchronous cell (`while (true) {}`) blocks the REPL's event loop, so a watchdog thread (a
+    worker_thread, which has a loop of its own) watches the client of the running cell and, once
+    that client is gone, sends the REPL SIGINT: the cell runs with `breakOnSigint`, so it throws
+    "Script execution interrupted." and the REPL's state (everything defined before and by the cell
+    up to that point) stays. Not covered: a synchronous endless loop in a callback that runs later
+    (a timer, a promise continuation) blocks the REPL for good: later JavaScript execs time out.
 
 Fork: the REPL is a process beside the interpreter, and a fork's children do not get the parent's
 processes: a child starts with an empty JavaScript state (its Python state is copied as usual).
@@ -34,6 +41,24 @@ setInterval(() => {
     process.exit(0);
   }
 }, 1000).unref();
+// Stray SIGINTs (the watchdog's, arriving after a cell ended) must not end the REPL.
+process.on('SIGINT', () => {});
+// The watchdog: told which client's cell is running; SIGINTs the REPL once that client is gone.
+const { Worker } = require('worker_threads');
+const watchdog = new Worker(`
+  const { parentPort } = require('worker_threads');
+  let client = 0;
+  parentPort.on('message', (pid) => { client = pid; });
+  setInterval(() => {
+    if (!client) return;
+    try { process.kill(client, 0); } catch (e) {
+      if (e.code !== 'ESRCH') return;
+      client = 0;
+      process.kill(process.pid, 'SIGINT');
+    }
+  }, 100);
+`, { eval: true });
+watchdog.unref();
 const ctx = vm.createContext({ require, process, Buffer, URL, URLSearchParams, TextEncoder, TextDecoder,
   setTimeout, setInterval, clearTimeout, clearInterval, setImmediate, queueMicrotask, fetch: globalThis.fetch });
 let out = null;
@@ -50,16 +75,18 @@ net.createServer((c) => {
     buf += d;
     const i = buf.indexOf('\n');
     if (i < 0) return;
-    const code = JSON.parse(buf.slice(0, i));
+    const { code, pid } = JSON.parse(buf.slice(0, i));
     buf = '';
-    queue = queue.then(() => run(code, c));
+    queue = queue.then(() => run(code, c, pid));
   });
 }).listen(sock);
-async function run(code, c) {
+async function run(code, c, pid) {
   out = c;
   let exit = 0;
+  if (c.destroyed) return; // interrupted while it waited behind another cell
+  watchdog.postMessage(pid);
   try {
-    let v = vm.runInContext(code, ctx, { filename: 'cell.js' });
+    let v = vm.runInContext(code, ctx, { filename: 'cell.js', breakOnSigint: true });
     if (v && typeof v.then === 'function') {
       // An interrupted cell (its client gone) stops being awaited, so the next cells run.
       const gone = new Promise((r) => c.once('close', () => r(gone)));
@@ -70,6 +97,8 @@ async function run(code, c) {
   } catch (e) {
     emit('e', ((e && e.stack) || String(e)) + '\n');
     exit = 1;
+  } finally {
+    watchdog.postMessage(0);
   }
   if (!c.destroyed) c.end(JSON.stringify({ x: exit }) + '\n');
   if (out === c) out = null;
@@ -85,7 +114,7 @@ let tries = 0;
 function connect() {
   const c = net.connect(sock);
   c.on('connect', () => {
-    c.write(JSON.stringify(code) + '\n');
+    c.write(JSON.stringify({ code, pid: process.pid }) + '\n');
     let buf = '';
     c.on('data', (d) => {
       buf += d;

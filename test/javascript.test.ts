@@ -22,6 +22,22 @@ describe('javascript', () => {
     assert.equal((await sbx.runCode('x', 'javascript')).stdout, '41\n');
   });
 
+  it('a synchronous endless loop is stopped by the exec timeout and by interrupt; the REPL and its state survive', async () => {
+    assert.equal((await sbx.runCode('let held = 41; let counter = 0', 'javascript')).exitCode, 0);
+    const timedOut = await sbx.runCode('while (true) { counter++ }', { language: 'javascript', timeoutMs: 2000 });
+    assert.notEqual(timedOut.exitCode, 0);
+    // The REPL is free again: the next cell runs (the loop did not keep it), with the state of before.
+    const after = await sbx.runCode('held + 1', { language: 'javascript', timeoutMs: 60_000 });
+    assert.deepEqual([after.stdout, after.exitCode], ['42\n', 0]);
+    assert.equal((await sbx.runCode('counter > 0', 'javascript')).stdout, 'true\n', 'what the loop did before it was stopped stays');
+    // Interrupt while it runs.
+    const looping = sbx.runCode('for (;;) {}', { language: 'javascript', timeoutMs: 120_000 });
+    await new Promise((r) => setTimeout(r, 1500));
+    await sbx.interrupt();
+    assert.notEqual((await looping).exitCode, 0);
+    assert.equal((await sbx.runCode('held', { language: 'javascript', timeoutMs: 60_000 })).stdout, '41\n');
+  });
+
   it('a fork child starts with an empty JavaScript state (the REPL is a process: not copied)', async () => {
     await sbx.runCode('globalThis.kept = "parent"', 'javascript');
     const [child] = await sbx.fork(1);
