@@ -588,10 +588,10 @@ class Sandbox:
     # ---- templates from this sandbox ---------------------------------------------------------
 
     def save_template(self, name: str, description: Optional[str] = None) -> Dict[str, Any]:
-        """Makes a named template of this sandbox's current files (what it changed over its image):
-        ``Sandbox(template=name)`` then starts with them, from a warm pool of its own. The
-        interpreter's state (variables), background processes and terminals are not carried
-        (the answer says so: ``carries``). Only this API key sees the template. Namespace runtime
+        """Makes a named template of this sandbox's current files (what it changed over its image)
+        and interpreter state: ``Sandbox(template=name)`` then starts with them, from a warm pool of
+        its own (``carries["interpreter"]`` says whether the variables came along: they do until the
+        server restarts; then the files only). Background processes and terminals are not carried. Only this API key sees the template. Namespace runtime
         only (the VM runtime raises NotSupportedError). Waits for a running call first.
 
         Example::

@@ -112,6 +112,13 @@ export interface ForkOptions {
    * parent's as with any fork. No fork layer is made, so nothing of the parent's disk is copied.
    */
   freshFiles?: boolean;
+  /**
+   * The children's files are a fresh sandbox's of a template with these layers (topmost first,
+   * base last; the runtime's agent layer goes on top): the zygote of a template made from the
+   * parent (server manager/live-templates.ts) keeps the parent's interpreter over the template's
+   * files. Implies `freshFiles`.
+   */
+  templateLayers?: string[];
 }
 
 /**

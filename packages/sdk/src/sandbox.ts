@@ -389,9 +389,10 @@ export class Sandbox {
   }
 
   /**
-   * Makes a named template of this sandbox's current files (what it changed over its image): later
-   * `Sandbox.create({ template: name })` calls start with them, from a warm pool of their own. The
-   * interpreter's state (variables, imports), background processes and terminals are not carried.
+   * Makes a named template of this sandbox's current files (what it changed over its image) and
+   * interpreter state: later `Sandbox.create({ template: name })` calls start with them, from a warm
+   * pool of their own (`carries.interpreter` says whether the variables came along: they do until
+   * the server restarts; then the files only). Background processes and terminals are not carried.
    * Only the caller's API key sees the template. Namespace runtime only (the VM runtime answers 422).
    * Waits for a running call to finish first.
    *

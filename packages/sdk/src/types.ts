@@ -310,7 +310,7 @@ export interface MergeOptions {
 
 /**
  * A template made from a live sandbox ({@link Sandbox.saveTemplate}): `Sandbox.create({ template: name })`
- * then starts with that sandbox's files. The interpreter's state (variables) is not carried.
+ * then starts with that sandbox's files and, where `carries.interpreter`, its interpreter's state.
  */
 export interface SavedTemplate {
   name: string;

@@ -107,7 +107,7 @@ export class SandboxManager {
     this.execs = new ExecQueue(this.ctx, limits, this.checkpoints);
     this.freezer = new Freezer(this.ctx, this.lifecycle);
     this.forks = new ForkMerge(this.ctx, capacity, this.lifecycle, limits, (id, owner) => this.get(id, owner));
-    this.liveTemplates = new LiveTemplates(this.ctx, registryView(templates), (t) => this.pool.dropTemplate(t));
+    this.liveTemplates = new LiveTemplates(this.ctx, registryView(templates), (t) => this.pool.dropTemplate(t), this.pool);
     this.sweeper = new Sweeper(this.ctx, this.lifecycle, this.freezer, this.pool);
     registerManagerGauges(this.ctx, this.pool);
   }

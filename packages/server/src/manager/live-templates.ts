@@ -6,9 +6,14 @@
  * runtime into a new layer of the images directory (`saveTemplateLayer`; for the namespace runtime
  * runtime/namespace/template-layer.ts, which treats the sandbox's tree as hostile), registered
  * with `source: 'directory'` over the sandbox's own image layers. From then on it is listed,
- * pooled (its own warm pool and zygote, preloading what `default` preloads) and started like any
- * template. What it does not carry: the interpreter's state (variables, imports), background
- * processes and open terminals. A sandbox started from it begins with the files only.
+ * pooled (its own warm pool and zygote) and started like any template.
+ *
+ * The interpreter's state (variables, imports) is carried where the runtime forks (namespace):
+ * the template's zygote is a fork of the sandbox, made over the template's files while the sandbox
+ * is idle, and every sandbox of the template (pool refills, misses) is a fork of that zygote. This
+ * lives in the server's memory only: after a server restart, or should that zygote die, its
+ * replacement is an ordinary cold zygote and sandboxes of the template start with the files only
+ * (with `default`'s preload). Never carried: background processes, terminals, the JavaScript REPL.
  *
  * It holds its owner's files: only the owner of the sandbox (its API key) sees, starts and deletes it.
  *
@@ -23,6 +28,7 @@ import { SandboxError } from '@podflare/runtime';
 import { registerTemplate, TemplateExistsError, unregisterTemplate, type TemplateRecord } from '../image/templates.js';
 import { BUILTIN_TEMPLATES, DEFAULT_TEMPLATE_NAME, TEMPLATE_NAME_PATTERN } from '../image/template-recipe.js';
 import { removeTree } from '../image/tree.js';
+import type { Runtime, RuntimeSandbox } from '../runtime/runtime.js';
 import type { ManagerContext } from './context.js';
 import type { LiveSandbox } from './live-sandbox.js';
 import type { TemplateLookup } from './template-policy.js';
@@ -39,8 +45,11 @@ export interface SavedTemplate {
   size_bytes: number;
   built_at: string;
   runtimes: string[];
-  /** What a sandbox started from it has of the original: its files, not its interpreter's state. */
-  carries: { files: true; interpreter: false };
+  /**
+   * What a sandbox started from it has of the original: its files, and (`interpreter`) its
+   * interpreter's state where the template's zygote is a fork of the sandbox.
+   */
+  carries: { files: true; interpreter: boolean };
 }
 
 /** The manager's view of the template registry (image/templates.ts's TemplateCatalog). */
@@ -59,6 +68,12 @@ export function registryView(t: TemplateLookup | undefined): TemplateRegistryVie
   return { exists: t.exists.bind(t), record: t.record.bind(t), all: t.all.bind(t) };
 }
 
+/** How a template's zygote is made from the sandbox it is made from (PoolUse). */
+export interface ZygoteSeeder {
+  forkZygote(runtime: Runtime, parent: RuntimeSandbox, template: string, layers: string[]): Promise<RuntimeSandbox | null>;
+  adoptZygote(runtime: Runtime, template: string, zygote: RuntimeSandbox): boolean;
+}
+
 export class LiveTemplates {
   /** Names being made now (a second request for one is a 409 before any copy starts). */
   private readonly making = new Set<string>();
@@ -68,6 +83,8 @@ export class LiveTemplates {
     private readonly registry: TemplateRegistryView | undefined,
     /** Ends a template's warm pools and zygote. */
     private readonly dropPools: (template: string) => Promise<void>,
+    /** Forks a sandbox into a template's zygote, and makes it the template's (manager/pool-use.ts). */
+    private readonly zygotes?: ZygoteSeeder,
   ) {}
 
   /** Makes template `name` from `s`'s current files (waits for a running exec: it goes through the sandbox's queue). */
@@ -90,16 +107,25 @@ export class LiveTemplates {
         try {
           const limits = s.record.limits ?? this.ctx.config.defaultLimits;
           const { layers, bytes } = await runtime.saveTemplateLayer!(s.rt, path.join(dir, 'layer'), { maxBytes: limits.diskBytes, maxEntries: MAX_TEMPLATE_ENTRIES });
+          // Its zygote: a fork of the sandbox (its interpreter) over the template's files, made
+          // while the sandbox is idle, in use once the template is registered.
+          const zygote = (await this.zygotes?.forkZygote(runtime, s.rt, name, layers)) ?? null;
           const record: TemplateRecord = {
             name, source: 'directory', description: description ?? `made from sandbox ${s.record.id}`, layers, sizeBytes: bytes,
             builtAt: new Date().toISOString(), owner: s.record.owner, fromSandbox: s.record.id,
           };
-          await registerTemplate(this.ctx.config.imagesDir, record, { exclusive: true });
-          this.ctx.log.info('template made from a sandbox', { template: name, sandbox: s.record.id, bytes });
+          try {
+            await registerTemplate(this.ctx.config.imagesDir, record, { exclusive: true });
+          } catch (err) {
+            await zygote?.destroy();
+            throw err;
+          }
+          const interpreter = zygote !== null && this.zygotes!.adoptZygote(runtime, name, zygote);
+          this.ctx.log.info('template made from a sandbox', { template: name, sandbox: s.record.id, bytes, interpreter });
           const runtimes = [...this.ctx.runtimes.values()].filter((r) => r.capabilities.templates).map((r) => r.name);
           return {
             name, kind: 'directory', description: record.description!, from_sandbox: s.record.id, size_bytes: bytes, built_at: record.builtAt, runtimes,
-            carries: { files: true, interpreter: false },
+            carries: { files: true, interpreter },
           };
         } catch (err) {
           await removeTree(dir).catch(() => undefined);

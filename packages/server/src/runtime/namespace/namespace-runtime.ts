@@ -502,7 +502,12 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
   /** The agent layer over the template's layers, each idmapped for the sandboxes once. */
   private async templateLowers(template: string): Promise<string[]> {
     if (!this.opts.layersFor) return this.opts.lowerDirs;
-    const lowers = [this.opts.lowerDirs[0]!, ...(await this.opts.layersFor(template))];
+    return this.withAgentLayer(await this.opts.layersFor(template));
+  }
+
+  /** The agent layer over the given image layers, each idmapped for the sandboxes once. */
+  private async withAgentLayer(layers: string[]): Promise<string[]> {
+    const lowers = [this.opts.lowerDirs[0]!, ...layers];
     const fresh = lowers.filter((d) => !this.idmapped.has(d));
     if (fresh.length) {
       for (const d of fresh) assertMountablePath(d);
@@ -562,7 +567,8 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
       });
       forking.catch(() => undefined);
       // Fresh files: the image's layers as they are (no fork layer to make, none to retain).
-      const layers = opts.freshFiles ? Promise.resolve(parent.lowers.filter((l) => !this.isForkLayer(l))) : this.freezeUpper(parent);
+      const layers = opts.templateLayers ? this.withAgentLayer(opts.templateLayers)
+        : opts.freshFiles ? Promise.resolve(parent.lowers.filter((l) => !this.isForkLayer(l))) : this.freezeUpper(parent);
       const layered = layers.then((l) => {
         lowers = l;
         for (const layer of l) this.retainLayer(layer);
