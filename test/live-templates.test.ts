@@ -316,3 +316,26 @@ describe('templates from a live sandbox: owners', { timeout: 300_000 }, () => {
     }
   });
 });
+
+describe('templates from a live sandbox: the VM runtime', { timeout: 600_000 }, () => {
+  let server: TestServer;
+  let vm: Sandbox | undefined;
+
+  before(async () => {
+    server = await startTestServer({ poolSize: 0 });
+  });
+  after(async () => {
+    await vm?.close().catch(() => undefined);
+    await server?.stop();
+  });
+
+  it('answers 422 not_supported, naming the runtime that can (one boot, TCG)', async () => {
+    vm = await Sandbox.create({ host: server.url, runtime: 'vm' });
+    const tpl = name('vm');
+    const r = await saveRaw(server, vm.id, { name: tpl });
+    assert.equal(r.status, 422, JSON.stringify(r.body));
+    assert.equal(r.body.code, 'not_supported');
+    assert.match(String(r.body.error), /vm runtime cannot make a template.*ns/);
+    assert.ok(!(await listTemplates(server)).some((t) => t.name === tpl));
+  });
+});
