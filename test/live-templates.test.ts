@@ -7,6 +7,7 @@
  * not make the template hold a host file, hang, or fill the images disk.
  */
 import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { lstat, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import path from 'node:path';
@@ -282,6 +283,40 @@ while time.time() < end:
     const fresh = await Sandbox.create({ host: server.url, template: tpl });
     opened.push(fresh);
     assert.equal(await bash(fresh, 'cat /root/c.txt /root/p2.txt; test ! -e /root/p.txt && echo deleted'), 'from-child\nagain\ndeleted\n');
+  });
+});
+
+describe('templates from a live sandbox: the CLI', { timeout: 300_000 }, () => {
+  let server: TestServer;
+  before(async () => {
+    server = await startTestServer({ poolSize: 0 });
+  });
+  after(async () => {
+    await server?.stop();
+  });
+
+  it('podflare template save <id> <name>, then podflare template rm <name>', async () => {
+    const cli = path.resolve(import.meta.dirname, '../packages/cli/dist/main.js');
+    const run = (args: string[]) => new Promise<{ code: number; out: string }>((resolve) => {
+      execFile(process.execPath, [cli, ...args, '--host', server.url], (err, stdout, stderr) => resolve({ code: err ? Number(err.code ?? 1) : 0, out: stdout + stderr }));
+    });
+    const sbx = await Sandbox.create({ host: server.url });
+    try {
+      await bash(sbx, 'echo via-cli > /root/cli.txt');
+      const tpl = name('cli');
+      const saved = await run(['template', 'save', sbx.id, tpl]);
+      assert.equal(saved.code, 0, saved.out);
+      assert.match(saved.out, new RegExp(`template ${tpl} made from ${sbx.id}`));
+      const child = await Sandbox.create({ host: server.url, template: tpl });
+      assert.equal(await bash(child, 'cat /root/cli.txt'), 'via-cli\n');
+      await child.close();
+      const removed = await run(['template', 'rm', tpl]);
+      assert.equal(removed.code, 0, removed.out);
+      assert.ok(!(await listTemplates(server)).some((t) => t.name === tpl));
+      assert.notEqual((await run(['template', 'save', 'not-an-id', tpl])).code, 0);
+    } finally {
+      await sbx.close();
+    }
   });
 });
 
