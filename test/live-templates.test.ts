@@ -9,7 +9,7 @@
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { lstat, readdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { lstat, mkdir, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { Sandbox } from 'podflare';
@@ -189,6 +189,20 @@ describe('templates from a live sandbox', { timeout: 600_000 }, () => {
     assert.equal((await saveRaw(server, 'sbx_' + '0'.repeat(32), { name: name('nobody') })).status, 404);
     const builtinDelete = await fetch(`${server.url}/v1/templates/default`, { method: 'DELETE' });
     assert.equal(builtinDelete.status, 400);
+    // A recipe template (the operator's, every key sees it) is not the API's to delete.
+    const recipe = name('recipe');
+    await mkdir(path.join(IMAGES_DIR, 'templates'), { recursive: true });
+    await writeFile(path.join(IMAGES_DIR, 'templates', `${recipe}.json`), JSON.stringify({
+      name: recipe, source: 'recipe', layers: ['/nonexistent/layer'], builtAt: new Date().toISOString(),
+    }));
+    try {
+      const r = await fetch(`${server.url}/v1/templates/${recipe}`, { method: 'DELETE' });
+      assert.equal(r.status, 403);
+      assert.match(((await r.json()) as { error: string }).error, /recipe/);
+      await lstat(path.join(IMAGES_DIR, 'templates', `${recipe}.json`));
+    } finally {
+      await rm(path.join(IMAGES_DIR, 'templates', `${recipe}.json`), { force: true });
+    }
   });
 
   it('a hostile tree: symlinks to host files stay symlinks, FIFOs do not hang the copy, racing renames reach nothing outside', async () => {

@@ -347,9 +347,10 @@ class Sandbox:
     @classmethod
     def delete_template(cls, name: str, host: Optional[str] = None, api_key: Optional[str] = None,
                         client: Optional[Client] = None) -> None:
-        """Deletes a template made from a sandbox (or built from a recipe).
+        """Deletes a template made from a sandbox (:meth:`save_template`).
 
         Raises:
+            ForbiddenError: a template built from a recipe (the operator's).
             ConflictError: sandboxes started from it are still live.
             NotFoundError: no such template (for this key).
         """

@@ -418,8 +418,8 @@ export class Sandbox {
   }
 
   /**
-   * Deletes a template made from a sandbox (or built from a recipe). Refused (409) while sandboxes
-   * started from it are live.
+   * Deletes a template made from a sandbox ({@link Sandbox.saveTemplate}). Refused (409) while
+   * sandboxes started from it are live; recipe templates are the operator's (403).
    */
   static async deleteTemplate(name: string, options: ConnectionOptions = {}): Promise<void> {
     await resolveClient(options).empty({ method: 'DELETE', path: `/v1/templates/${encodeURIComponent(name)}` });

@@ -21,7 +21,8 @@ build   Builds a template: a layer over the default image made from a recipe (De
 ls      Lists the templates: name, built or not, size, runtimes.
 save    Asks the server to make a template of a live sandbox's files (and, while the server runs,
         its interpreter's state): POST /v1/sandboxes/:id/template. Namespace runtime only.
-rm      Asks the server to delete a template (refused while sandboxes started from it live).
+rm      Asks the server to delete a template made from a sandbox (refused while sandboxes started
+        from it live).
 
 Options:
   --images-dir DIR   where images live (default: $PODFLARE_IMAGES_DIR, else <state dir>/images)

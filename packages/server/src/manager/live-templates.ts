@@ -139,9 +139,11 @@ export class LiveTemplates {
   }
 
   /**
-   * Deletes a registered template `owner` may see: no new sandbox starts from it, its warm pool and
-   * zygote end, and a layer made from a sandbox is removed. Refused (409) while a live sandbox of
-   * this server runs on it (its root is mounted over that layer) or another template is built over it.
+   * Deletes a template made from a sandbox that `owner` may see: no new sandbox starts from it, its
+   * warm pool and zygote end, and its layer is removed. Refused (409) while a live sandbox of this
+   * server runs on it (its root is mounted over that layer) or another template is built over it.
+   * Templates built from a recipe are the operator's (no owner: every key would see them): the
+   * API does not delete them (403).
    */
   async remove(name: string, owner?: string): Promise<void> {
     if (name === DEFAULT_TEMPLATE_NAME || name in BUILTIN_TEMPLATES) {
@@ -149,7 +151,10 @@ export class LiveTemplates {
     }
     const record = await this.registry?.record(name, owner);
     if (!record) throw new SandboxError('not_found', `no template named "${name}"`);
-    const own = record.source === 'directory' ? record.layers[0] : undefined;
+    if (record.source !== 'directory') {
+      throw new SandboxError('forbidden', `template "${name}" was built from a recipe by the server's operator: the API deletes only templates made from sandboxes`);
+    }
+    const own = record.layers[0];
     const over = own ? (await this.registry!.all()).filter((r) => r.name !== name && r.layers.includes(own)).map((r) => r.name) : [];
     if (over.length) throw new SandboxError('conflict', `template${over.length > 1 ? 's' : ''} ${over.join(', ')} ${over.length > 1 ? 'are' : 'is'} built over "${name}": delete ${over.length > 1 ? 'them' : 'it'} first`);
     const users = [...this.ctx.live.values()].filter((s) => s.record.template === name).length;
