@@ -52,7 +52,7 @@ export class SandboxManager {
   /** A live sandbox's background processes and terminals (start, list, output, stdin, signal, resize). */
   readonly processes = new SandboxProcesses();
   /** Exposed ports: signed URLs and connections into a sandbox's ports. */
-  readonly ports = new SandboxPorts();
+  readonly ports = new SandboxPorts(this.processes);
   /** Directories as tar streams (tar runs in the sandbox). */
   readonly archives = new SandboxArchives(this.files, this.processes);
   /** Checkpoints, restore, atomic execs and rewind (manager/checkpoints.ts). */
