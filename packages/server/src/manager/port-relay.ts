@@ -84,6 +84,8 @@ class RelayStream extends Duplex {
   private state: 'connecting' | 'open' | 'failed' = 'connecting';
   private ended = false;
   private writes = Promise.resolve();
+  /** Set while our reader has had enough: the next read of the relay's output waits for it. */
+  private full: { promise: Promise<void>; resolve(): void } | null = null;
 
   constructor(private readonly processes: SandboxProcesses, private readonly s: LiveSandbox, private readonly pid: number) {
     super({ allowHalfOpen: true });
@@ -103,7 +105,17 @@ class RelayStream extends Duplex {
     });
   }
 
-  private onEvent(ev: { type: string; data: unknown }): void {
+  /**
+   * One event of the relay's output. While our reader has had enough, the next read waits
+   * (returning a promise holds processes.output): a relay that ignores the window only fills its
+   * own log, whose overflow (`lost`) ends the connection; the server's memory stays bounded.
+   */
+  private onEvent(ev: { type: string; data: unknown }): Promise<void> | undefined {
+    this.onOutput(ev);
+    return this.full?.promise;
+  }
+
+  private onOutput(ev: { type: string; data: unknown }): void {
     if (ev.type === 'lost') return this.fail(new Error('the relay\'s output overflowed its log'));
     if (ev.type === 'exit') {
       if (!this.ended) this.fail(new Error('the relay ended'));
@@ -133,6 +145,11 @@ class RelayStream extends Duplex {
       this.unackedTaken += data.length;
       // Acknowledged once our reader wants more (push() false: later, from _read).
       if (this.push(data)) this.ack();
+      else if (!this.full) {
+        let resolve!: () => void;
+        const promise = new Promise<void>((r) => { resolve = r; });
+        this.full = { promise, resolve };
+      }
     } else if (line === 'E' && this.state === 'open') {
       this.ended = true;
       this.push(null);
@@ -165,6 +182,9 @@ class RelayStream extends Duplex {
   }
 
   override _read(): void {
+    const full = this.full;
+    this.full = null;
+    full?.resolve();
     this.ack();
   }
 
@@ -179,6 +199,7 @@ class RelayStream extends Duplex {
   }
 
   override _destroy(err: Error | null, done: (err?: Error | null) => void): void {
+    this.full?.resolve();
     void this.processes.signal(this.s, this.pid, 'SIGKILL').catch(() => undefined);
     done(err);
   }
