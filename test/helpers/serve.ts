@@ -165,13 +165,56 @@ export async function crashCycle(serve: ServeProcess, stateDir: string, opts: { 
   const restartMs = performance.now() - t0;
 
   const verdicts: CrashCycleResult['verdicts'] = [];
-  const problems: string[] = [];
-  const expect = (ok: boolean, problem: string) => { if (!ok) problems.push(problem); };
   for (const id of ids) {
     const { state } = await restarted.info(id);
     let working = false;
     if (state === 'ready' || state === 'running') working = (await restarted.run(id, 'print("alive")').catch(() => '')) === 'alive\n';
     verdicts.push({ id, state, working });
+  }
+  // What is left of the sandboxes not adopted is removed behind the restart (the adopted ones
+  // answer meanwhile): it must be gone soon, not at once.
+  let problems = await leftoverProblems(restarted, stateDir, verdicts, sleeper, stamps, dirsBefore);
+  for (let i = 0; problems.length && i < LEFTOVER_POLLS; i++) {
+    await new Promise((r) => setTimeout(r, 250));
+    problems = await leftoverProblems(restarted, stateDir, verdicts, sleeper, stamps, dirsBefore);
+  }
+  return { restarted, sandboxes: ids, verdicts, restartMs, problems };
+}
+
+/**
+ * Sandboxes the server keeps only as parents of others (its records in <state>/holders/: a husk,
+ * or the parent named by a sandbox that is held): a zygote whose pool children live, a deleted
+ * parent of live fork children. Their processes and directories are not leftovers.
+ */
+function husksKeptFor(stateDir: string): string[] {
+  const dir = path.join(stateDir, 'holders');
+  if (!existsSync(dir)) return [];
+  const records = readdirSync(dir).filter((n) => n.endsWith('.json')).flatMap((n) => {
+    try {
+      return [JSON.parse(readFileSync(path.join(dir, n), 'utf8')) as { spec?: { id?: string }; parentId?: string | null; husk?: boolean }];
+    } catch {
+      return []; // being written or removed
+    }
+  });
+  const ids = new Set<string>();
+  for (const r of records) {
+    if (r.husk && r.spec?.id) ids.add(r.spec.id);
+    if (r.parentId) ids.add(r.parentId);
+  }
+  return [...ids];
+}
+
+/** Polls of leftoverProblems, 250 ms apart, before a crash cycle's leftovers count as leaked. */
+const LEFTOVER_POLLS = 80;
+
+/** What is left of a crash cycle's sandboxes that were not adopted (empty when all is well). */
+async function leftoverProblems(
+  restarted: ServeProcess, stateDir: string, verdicts: CrashCycleResult['verdicts'], sleeper: string,
+  stamps: ReturnType<typeof processesOf>, dirsBefore: string[],
+): Promise<string[]> {
+  const problems: string[] = [];
+  const expect = (ok: boolean, problem: string) => { if (!ok) problems.push(problem); };
+  for (const { id, state, working } of verdicts) {
     if (working) continue;
     expect(state === 'lost', `${id}: neither working nor recorded lost (state ${state})`);
     // Cleaned up completely: nothing of it in the process table, the mount table or on disk.
@@ -200,28 +243,5 @@ export async function crashCycle(serve: ServeProcess, stateDir: string, opts: { 
   const layers: string[] = [];
   for (const l of forkLayersIn(stateDir)) if (!(await live(l.split('/')[1] ?? ''))) layers.push(l);
   expect(layers.length === 0, `fork layers left: ${layers.join(' ')}`);
-  return { restarted, sandboxes: ids, verdicts, restartMs, problems };
-}
-
-/**
- * Sandboxes the server keeps only as parents of others (its records in <state>/holders/: a husk,
- * or the parent named by a sandbox that is held): a zygote whose pool children live, a deleted
- * parent of live fork children. Their processes and directories are not leftovers.
- */
-function husksKeptFor(stateDir: string): string[] {
-  const dir = path.join(stateDir, 'holders');
-  if (!existsSync(dir)) return [];
-  const records = readdirSync(dir).filter((n) => n.endsWith('.json')).flatMap((n) => {
-    try {
-      return [JSON.parse(readFileSync(path.join(dir, n), 'utf8')) as { spec?: { id?: string }; parentId?: string | null; husk?: boolean }];
-    } catch {
-      return []; // being written or removed
-    }
-  });
-  const ids = new Set<string>();
-  for (const r of records) {
-    if (r.husk && r.spec?.id) ids.add(r.spec.id);
-    if (r.parentId) ids.add(r.parentId);
-  }
-  return [...ids];
+  return problems;
 }

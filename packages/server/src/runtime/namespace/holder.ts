@@ -19,6 +19,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { SandboxSpec } from '../runtime.js';
+import { CMDLINE_READ_CAP, readProcHeadSync } from './proc-read.js';
 
 const HOLDER = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../../host/podflare_holder.py');
 /** Version of HolderRecord's layout; a record of another version is not adopted. */
@@ -169,8 +170,9 @@ export function holderLogTail(stateDir: string, id: string): string {
  */
 export function killIfStill(pid: number, mark: string): boolean {
   try {
-    const cmdline = readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
-    if (!cmdline.includes(mark)) return false;
+    // Capped: a longer command line is no holder's nor slirp4netns's (a sandbox's process may have reused the pid).
+    const { text, truncated } = readProcHeadSync(`/proc/${pid}/cmdline`, CMDLINE_READ_CAP);
+    if (truncated || !text.split('\0').includes(mark)) return false;
     process.kill(pid, 'SIGKILL');
     return true;
   } catch {

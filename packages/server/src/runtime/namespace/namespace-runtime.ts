@@ -53,7 +53,7 @@ import {
   connectHolder, HOLDER_RECORD_VERSION, holderLogTail, holderPaths, holdersDir, killIfStill, loadHolderRecords, prepareHoldersDir,
   removeHolderFiles, saveHolderRecord, startHolder, type HolderRecord, type StartedHolder,
 } from './holder.js';
-import { hasMount, killStrayHolders, removeStrayHolderFiles, settleAdopted } from './adopt.js';
+import { hasMount, killStrayHolders, killUnrecordedHolders, removeStrayHolderFiles, settleAdopted } from './adopt.js';
 import { bootTicksNow, ForkedSandbox, hostPidsOfForkChildren, NsSandbox, RootSandbox, type SandboxHooks } from './ns-sandbox.js';
 
 export interface NamespaceRuntimeOptions {
@@ -132,6 +132,8 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
   private letGo = false;
   /** Ended sandboxes' directories, removed when nothing is being started. */
   private readonly trash: Trash;
+  /** The removal of what an earlier server left, going on behind the start (reconcile). */
+  private leftovers: Promise<void> = Promise.resolve();
 
   constructor(private readonly opts: NamespaceRuntimeOptions) {
     this.name = opts.name;
@@ -183,22 +185,32 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
    */
   private prepare(): Promise<void> {
     this.prepared ??= (async () => {
-      const sandboxes = sandboxesDir(this.opts.stateDir);
-      this.volume = await DiskVolume.open({ stateDir: this.opts.stateDir, mountPoint: sandboxes, sizeBytes: this.opts.diskVolumeBytes, log: this.opts.log });
-      await mkdir(sandboxes, { recursive: true }); // without the volume, a plain directory
-      await prepareHoldersDir(this.opts.stateDir);
-      await Promise.all([mkdir(trashDir(this.opts.stateDir), { recursive: true }), mkdir(this.layersDir, { recursive: true })]);
-      for (const dir of [this.opts.stateDir, sandboxes]) {
-        const mode = (await stat(dir)).mode & 0o7777;
-        if ((mode & 0o001) === 0) await chmod(dir, mode | 0o001);
-      }
-      await this.hostd.idmap(this.opts.uidBase, ID_COUNT, this.opts.lowerDirs);
-      for (const d of this.opts.lowerDirs) this.idmapped.add(d);
-      this.cgroups = await this.detectCgroups();
-      await run('/usr/bin/python3', ['-I', SECCOMP_POLICY, this.seccompFile]);
+      // Independent steps, at once (a restart's adoption waits for them): each of the host
+      // helper's idmap, the cgroup probe and the seccomp compile is a process or two of its own.
+      const steps = await Promise.allSettled([
+        this.prepareDirs(),
+        prepareHoldersDir(this.opts.stateDir),
+        this.hostd.idmap(this.opts.uidBase, ID_COUNT, this.opts.lowerDirs).then(() => { for (const d of this.opts.lowerDirs) this.idmapped.add(d); }),
+        this.detectCgroups().then((found) => { this.cgroups = found; }),
+        run('/usr/bin/python3', ['-I', SECCOMP_POLICY, this.seccompFile]),
+      ]);
+      const failed = steps.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+      if (failed) throw failed.reason;
     })();
     this.prepared.catch(() => { this.prepared = null; });
     return this.prepared;
+  }
+
+  /** The disk volume, and the sandboxes' directories in it (see prepare). */
+  private async prepareDirs(): Promise<void> {
+    const sandboxes = sandboxesDir(this.opts.stateDir);
+    this.volume = await DiskVolume.open({ stateDir: this.opts.stateDir, mountPoint: sandboxes, sizeBytes: this.opts.diskVolumeBytes, log: this.opts.log });
+    await mkdir(sandboxes, { recursive: true }); // without the volume, a plain directory
+    await Promise.all([mkdir(trashDir(this.opts.stateDir), { recursive: true }), mkdir(this.layersDir, { recursive: true })]);
+    for (const dir of [this.opts.stateDir, sandboxes]) {
+      const mode = (await stat(dir)).mode & 0o7777;
+      if ((mode & 0o001) === 0) await chmod(dir, mode | 0o001);
+    }
   }
 
   private async detectCgroups(): Promise<Cgroups | null> {
@@ -220,34 +232,58 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
     const adopted = await this.adoptHeld();
     const t2 = performance.now();
     const keep = new Set(this.live.keys());
-    // Holders of sandboxes not adopted (dead, or of another protocol): bwrap dies with its holder.
-    const stray = await killStrayHolders(this.opts.stateDir, keep);
-    await removeStrayHolderFiles(this.opts.stateDir, keep);
-    const t3 = performance.now();
-    // Groups of sandboxes a crashed server left: their processes are killed with them.
-    await this.cgroups?.cleanupOrphans((id) => this.live.has(id));
-    const t4 = performance.now();
-    // The pass over the process table is for sandboxes that were not adopted: skipped when every
-    // one was (the usual restart), so that the adopted ones answer sooner.
+    // Holders of sandboxes not adopted (dead, or of another protocol) that have a record: killed
+    // now (bwrap dies with its holder), so none of them runs once the server listens.
+    const { stray, unrecorded } = await killStrayHolders(this.opts.stateDir, keep);
     const unknown = knownIds.filter((id) => !keep.has(id));
-    const others = (await readdir(sandboxesDir(this.opts.stateDir)).catch(() => [] as string[])).filter((n) => !n.startsWith('.') && !keep.has(n));
-    const clean = unknown.length === 0 && others.length === 0 && stray.length === 0;
-    const left = clean
-      ? { sandboxes: [], killed: [], unmounted: [], removed: await this.emptyTrash() }
-      : await removeLeftovers(this.opts.stateDir, this.layersDir, unknown, (tree) => this.hostd.removeTree(tree), keep);
-    const oldLayers = path.join(this.opts.stateDir, 'layers'); // from a run without the volume
-    if (oldLayers !== this.layersDir) await this.hostd.removeTree(oldLayers);
-    if (left.killed.length || left.unmounted.length || left.removed.length) {
-      this.opts.log.info('removed what the previous server left', {
-        sandboxes: left.sandboxes.length, killed: left.killed.length, unmounted: left.unmounted.length, removed: left.removed.length,
-      });
-    }
+    // The rest (passes over the process table, cgroups, mounts, directories) is done behind the
+    // start: the adopted sandboxes answer meanwhile, and starts and forks wait for it (busy()).
+    this.leftovers = this.removeWhatIsLeft(unknown, keep, stray.length > 0, unrecorded);
+    this.inFlight.background(this.leftovers);
     if (adopted.length) {
       this.opts.log.info('adopted the previous server\'s sandboxes', {
-        sandboxes: adopted.length, prepareMs: Math.round(t1 - t0), adoptMs: Math.round(t2 - t1), strayMs: Math.round(t3 - t2), cgroupsMs: Math.round(t4 - t3), leftoversMs: Math.round(performance.now() - t4),
+        sandboxes: adopted.length, prepareMs: Math.round(t1 - t0), adoptMs: Math.round(t2 - t1), strayMs: Math.round(performance.now() - t2),
       });
     }
-    return { adopted, cleaned: left.sandboxes };
+    return { adopted, cleaned: unknown };
+  }
+
+  /**
+   * Removes what the sandboxes of an earlier server that were not adopted (`keep`) left: holders
+   * without a record (their server died while starting them), holder files, cgroups, processes,
+   * host mounts, directories and fork layers. Never throws: what fails is logged, and the next
+   * start tries again.
+   */
+  private async removeWhatIsLeft(unknown: string[], keep: ReadonlySet<string>, strayFound: boolean, unrecorded: ReadonlySet<string>): Promise<void> {
+    const t0 = performance.now();
+    // Adopted sandboxes ending meanwhile empty the trash too: a tree gone under us is not a failure.
+    const removeTree = (tree: string) => this.hostd.removeTree(tree).catch(async (err: unknown) => {
+      if (await stat(tree).then(() => true, () => false)) throw err;
+    });
+    try {
+      await killUnrecordedHolders(this.opts.stateDir, unrecorded);
+      await removeStrayHolderFiles(this.opts.stateDir, keep);
+      // Groups of sandboxes a crashed server left: their processes are killed with them.
+      await this.cgroups?.cleanupOrphans((id) => keep.has(id) || this.live.has(id));
+      const t1 = performance.now();
+      // The pass over the process table is for sandboxes that were not adopted: skipped when every
+      // one was (the usual restart).
+      const others = (await readdir(sandboxesDir(this.opts.stateDir)).catch(() => [] as string[])).filter((n) => !n.startsWith('.') && !keep.has(n));
+      const clean = unknown.length === 0 && others.length === 0 && !strayFound && unrecorded.size === 0;
+      const left = clean
+        ? { sandboxes: [], killed: [], unmounted: [], removed: await this.emptyTrash(removeTree) }
+        : await removeLeftovers(this.opts.stateDir, this.layersDir, unknown, removeTree, keep);
+      const oldLayers = path.join(this.opts.stateDir, 'layers'); // from a run without the volume
+      if (oldLayers !== this.layersDir) await removeTree(oldLayers);
+      if (left.killed.length || left.unmounted.length || left.removed.length) {
+        this.opts.log.info('removed what the previous server left', {
+          sandboxes: left.sandboxes.length, killed: left.killed.length, unmounted: left.unmounted.length, removed: left.removed.length,
+          cgroupsMs: Math.round(t1 - t0), leftoversMs: Math.round(performance.now() - t1),
+        });
+      }
+    } catch (err) {
+      this.opts.log.warn('could not remove all that the previous server left (the next start tries again)', { error: (err as Error).message });
+    }
   }
 
   start(spec: SandboxSpec): Promise<NsSandbox> {
@@ -261,7 +297,9 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
   /** A start or fork: tracked (close waits for it), and the trash is not emptied around it. */
   private busy<T>(work: () => Promise<T>): Promise<T> {
     this.trash.touch();
-    return this.inFlight.track(work).finally(() => this.trash.touch());
+    // Not before what the previous server left is removed: that removal spares only the sandboxes
+    // it adopted, not one made meanwhile.
+    return this.inFlight.track(async () => { await this.leftovers; return work(); }).finally(() => this.trash.touch());
   }
 
   /** Host helper workers replaced so far, by reason (the podflare_host_helper_restarts_total metric). */
@@ -300,10 +338,10 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
   }
 
   /** Removes what ended sandboxes of an earlier server left in the trash; what was removed. */
-  private async emptyTrash(): Promise<string[]> {
+  private async emptyTrash(removeTree: (tree: string) => Promise<void>): Promise<string[]> {
     const dir = trashDir(this.opts.stateDir);
     const names = await readdir(dir).catch(() => [] as string[]);
-    for (const name of names) await this.hostd.removeTree(path.join(dir, name));
+    for (const name of names) await removeTree(path.join(dir, name));
     return names.map((n) => path.join(dir, n));
   }
 
@@ -349,6 +387,14 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
       const paths = holderPaths(this.opts.stateDir, id);
       const socket = await connectHolder(paths.socket, this.opts.startTimeoutMs).catch(() => null);
       if (!socket) return null; // the holder is gone, and so is its sandbox
+      let spawnAreaReady: boolean;
+      try {
+        spawnAreaReady = await hasMount(r.initPid, SPAWN_AREA);
+      } catch (err) {
+        socket.destroy(); // not adopted: its holder is killed with the other strays
+        why(id, `${(err as Error).message}: it is ended and recorded lost`);
+        return null;
+      }
       const dirs = sandboxDirs(this.opts.stateDir, id);
       const holder = { pid: r.holderPid, socket: paths.socket };
       const s = parent ? new ForkedSandbox(r.spec, dirs, r.lowers, parent, socket, this.hooks) : new RootSandbox(r.spec, dirs, r.lowers, socket, holder, this.hooks);
@@ -356,7 +402,7 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
       s.initPid = r.initPid;
       s.cgroup = r.cgroup && this.cgroups ? this.cgroups.existing(id) : null;
       if (r.slirpPid) s.slirp = adoptedSlirp(r.slirpPid, r.initPid, killIfStill);
-      s.spawnAreaReady = await hasMount(r.initPid, SPAWN_AREA);
+      s.spawnAreaReady = spawnAreaReady;
       this.live.set(id, s);
       for (const l of r.lowers) this.retainLayer(l);
       // A husk (a zygote, or a deleted parent, with live children) stays for its children only.
