@@ -127,8 +127,10 @@ export interface CrashCycleResult {
  * One cycle: on `serve`, sandboxes with work in flight (an idle one with state, its fork child,
  * a long exec, a child process, `inflight` more busy ones), kill -9, restart, check leftovers.
  * Throws only if the cycle could not be set up; what the restart left wrong is in `problems`.
+ * `serve` should run with `--on-stop keep` (a destroy-mode server's sandboxes end with it, so none
+ * would be adopted); the restarted server runs with `onStop` (default 'keep', for the next cycle).
  */
-export async function crashCycle(serve: ServeProcess, stateDir: string, opts: { inflight?: number } = {}): Promise<CrashCycleResult> {
+export async function crashCycle(serve: ServeProcess, stateDir: string, opts: { inflight?: number; onStop?: 'keep' | 'destroy' } = {}): Promise<CrashCycleResult> {
   const idle = await serve.create();
   assert.equal(await serve.run(idle, 'x = 41\nprint(x + 1)'), '42\n');
   const [child] = await serve.fork(idle, 1);
@@ -161,7 +163,7 @@ export async function crashCycle(serve: ServeProcess, stateDir: string, opts: { 
   execFileSync('mount', ['-t', 'tmpfs', 'tmpfs', hostMount]);
 
   const t0 = performance.now();
-  const restarted = await startServe(stateDir);
+  const restarted = await startServe(stateDir, { onStop: opts.onStop ?? 'keep' });
   const restartMs = performance.now() - t0;
 
   const verdicts: CrashCycleResult['verdicts'] = [];

@@ -25,6 +25,12 @@ Two modes:
          one connection from a process of uid `--uid` (the forked agent) and relays it. The holder
          exits when that connection ends.
 Once listening, it writes "ready <pid>" on stdout and from then on logs to `--log`.
+
+`--watch-server PID` (a server whose stop destroys its sandboxes, `--on-stop destroy`): PID is the
+server, our parent. When it dies without a stop (kill -9, a crashed test), the holder ends the
+sandbox (bwrap, and with it every process of the sandbox) instead of keeping it for a next server:
+such a server's sandboxes must not outlive it. Watched with a pidfd (no pid reuse can fool it);
+what the sandbox leaves on the host (its cgroups, its directory) the next server's start removes.
 """
 import argparse
 import os
@@ -81,6 +87,7 @@ class Relay:
         self.to_server = bytearray()
         self.to_agent = bytearray()
         self.running = True
+        self.agent_closed = False  # the agent's end of the channel closed (the sandbox is over)
 
     def listen(self):
         # Root's only (0600 in a 0700 directory), and peers are checked again on accept.
@@ -149,6 +156,7 @@ class Relay:
             except BlockingIOError:
                 pass
             except OSError:
+                self.agent_closed = True
                 self.running = False
                 return
         if events & selectors.EVENT_READ:
@@ -159,6 +167,7 @@ class Relay:
             except OSError:
                 data = b''
             if not data:
+                self.agent_closed = True
                 self.running = False
                 return
             lines, self.from_agent = self.whole_lines(self.from_agent, data)
@@ -223,6 +232,20 @@ def detach_output(log_path):
     os.close(null)
 
 
+def watch_server(pid):
+    """A pidfd of the server `pid` (our parent), readable once it has exited; None if it is gone
+    already (we were re-parented: the pid may since name another process)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return None
+    if os.getppid() != pid:
+        os.close(fd)
+        return None
+    os.set_inheritable(fd, False)
+    return fd
+
+
 def agent_channel_at_fd3():
     """The agent's channel: one end at fd 3 for bwrap, the other ours. First thing, before any
     other fd is opened: fd 3 is free (the server passes only 0-2 and 4-6) and must stay bwrap's."""
@@ -282,6 +305,8 @@ def run_spawn(args, relay, ours):
             relay.running = False
 
     relay.sel.register(wake_r, selectors.EVENT_READ, on_wake)
+    if args.server_fd is not None:
+        relay.sel.register(args.server_fd, selectors.EVENT_READ, lambda: server_gone(relay))
     print(f'ready {os.getpid()} {child.pid}', flush=True)
     detach_output(args.log)
     while relay.running:
@@ -298,18 +323,29 @@ def run_spawn(args, relay, ours):
     log(f'sandbox ended: bwrap status {status}' + (f'; its last output: {text}' if text else ''))
 
 
+def server_gone(relay):
+    log('its server died without stopping (--watch-server): ending the sandbox')
+    relay.running = False
+
+
 def run_accept(args, relay):
     relay.listen()
     back = listen_unix(args.accept, 0o600, owner=args.uid)
     print(f'ready {os.getpid()} 0', flush=True)
     detach_output(args.log)
     sel = selectors.DefaultSelector()
-    sel.register(back, selectors.EVENT_READ)
+    sel.register(back, selectors.EVENT_READ, 'back')
+    if args.server_fd is not None:
+        sel.register(args.server_fd, selectors.EVENT_READ, 'server')
     # A fork child that never connects (its fork failed, its server died mid-fork): give up.
     deadline = time.monotonic() + ACCEPT_TIMEOUT_S
     while True:
-        if not sel.select(max(0.0, deadline - time.monotonic())) and time.monotonic() >= deadline:
+        ready = sel.select(max(0.0, deadline - time.monotonic()))
+        if not ready and time.monotonic() >= deadline:
             log('the forked agent never connected')
+            return
+        if any(key.data == 'server' for key, _ in ready):
+            log('its server died without stopping (--watch-server) before the forked agent connected')
             return
         try:
             conn, _ = back.accept()
@@ -324,9 +360,12 @@ def run_accept(args, relay):
     except OSError:
         pass
     relay.set_agent(conn)
+    if args.server_fd is not None:
+        relay.sel.register(args.server_fd, selectors.EVENT_READ, lambda: server_gone(relay))
     while relay.running:
         relay.step()
-    log('the forked agent closed its channel')
+    if relay.agent_closed:
+        log('the forked agent closed its channel')
 
 
 def main():
@@ -336,6 +375,7 @@ def main():
     parser.add_argument('--uid', type=int, required=True)
     parser.add_argument('--gid', type=int, required=True)
     parser.add_argument('--accept', help='fork child: where its agent connects')
+    parser.add_argument('--watch-server', type=int, metavar='PID', help='end the sandbox when this server (our parent) dies')
     parser.add_argument('argv', nargs='*')
     args = parser.parse_args()
     # Our own session (the server starts us detached), so a signal to the server's group never
@@ -344,6 +384,12 @@ def main():
     signal.signal(signal.SIGINT, lambda *_: None)
     signal.signal(signal.SIGHUP, lambda *_: None)
     ours = None if args.accept else agent_channel_at_fd3()
+    args.server_fd = None
+    if args.watch_server is not None:
+        args.server_fd = watch_server(args.watch_server)
+        if args.server_fd is None:
+            log('its server is gone already (--watch-server): not starting')
+            return 1
     relay = Relay(args.socket)
     try:
         if args.accept:

@@ -81,6 +81,8 @@ export interface HolderStart {
   /** The holder's stdio from fd 4 on (spawn mode: bwrap's info, userns block and seccomp fds). */
   extraStdio?: Array<'pipe' | 'ignore' | number>;
   timeoutMs: number;
+  /** The holder ends its sandbox when this server process dies (onStop 'destroy'); otherwise it outlives it. */
+  watchServer?: boolean;
 }
 
 export interface StartedHolder {
@@ -93,7 +95,7 @@ export interface StartedHolder {
 /** Starts a holder and connects to it; the child process is the caller's to kill on failure. */
 export async function startHolder(o: HolderStart): Promise<StartedHolder> {
   const paths = holderPaths(o.stateDir, o.id);
-  const mode = o.accept ? ['--accept', o.accept] : ['--', ...o.command!];
+  const mode = [...(o.watchServer ? ['--watch-server', String(process.pid)] : []), ...(o.accept ? ['--accept', o.accept] : ['--', ...o.command!])];
   // -I: no user site or environment; -S: no site module (~10 ms less to start).
   const child = spawn('/usr/bin/python3', ['-I', '-S', HOLDER, '--socket', paths.socket, '--log', paths.log, '--uid', String(o.uid), '--gid', String(o.uid), ...mode], {
     detached: true, // a session of its own: it outlives the server and misses its group's signals

@@ -86,6 +86,13 @@ export interface NamespaceRuntimeOptions {
    * @default 'clean'
    */
   onIncompatible?: OnIncompatible;
+  /**
+   * The sandboxes this runtime starts end when the server process dies, even without a stop (a
+   * kill -9, a crashed test): each holder watches the server (onStop 'destroy'). Without it they
+   * live on for the next server to adopt.
+   * @default false
+   */
+  watchServer?: boolean;
 }
 
 /** The server refuses to start: sandboxes of an incompatible earlier build are alive (onIncompatible 'refuse'). */
@@ -499,7 +506,7 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
     let started: Awaited<ReturnType<typeof startHolder>>;
     try {
       started = await startHolder({
-        stateDir: this.opts.stateDir, id: spec.id, uid: this.opts.uidBase, command, timeoutMs: this.opts.startTimeoutMs,
+        stateDir: this.opts.stateDir, id: spec.id, uid: this.opts.uidBase, command, timeoutMs: this.opts.startTimeoutMs, watchServer: this.opts.watchServer,
         extraStdio: ['pipe', 'pipe', seccomp.fd],
       });
     } catch (err) {
@@ -627,7 +634,7 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
           throw new SandboxError('conflict', `socket path too long for a unix socket: ${accept} (choose a shorter state directory)`);
         }
         const holder = await startHolder({
-          stateDir: this.opts.stateDir, id: spec.id, uid: this.opts.uidBase, accept, timeoutMs: this.opts.startTimeoutMs,
+          stateDir: this.opts.stateDir, id: spec.id, uid: this.opts.uidBase, accept, timeoutMs: this.opts.startTimeoutMs, watchServer: this.opts.watchServer,
         });
         const entry: (typeof prepared)[number] = { spec, dirs, holder, runDir };
         prepared.push(entry);
