@@ -214,16 +214,21 @@ describe('survival of a server restart', () => {
     serve = undefined;
   });
 
-  it('--on-stop destroy: a server killed with kill -9 takes its sandboxes with it; the next start cleans the rest', async () => {
+  it('--on-stop destroy: a server killed with kill -9 takes its sandboxes with it, adopted ones too; the next start cleans the rest', async () => {
+    // One sandbox of a keeping server, adopted by the destroying one.
+    serve = await startServe(stateDir, { poolSize: 0, onStop: 'keep' });
+    const adopted = await serve.create();
+    await serve.kill9();
     serve = await startServe(stateDir, { poolSize: 1 });
+    assert.equal(await serve.run(adopted, 'print("adopted")'), 'adopted\n');
     const [a, b] = [await serve.create(), await serve.create()];
     await serve.run(a, 'import subprocess\np = subprocess.Popen(["sleep", "1000"])\nprint("ok")');
     const [child] = await serve.fork(b, 1);
     serve.runInFlight(b, 'import time\ntime.sleep(600)');
-    const ids = [a, b, child!];
+    const ids = [adopted, a, b, child!];
     const stamps = processesOf(ids);
-    assert.ok(stamps.length >= 3, `found the sandboxes' processes (${stamps.length})`);
-    assert.ok(processesMentioning(`${stateDir}/holders/`).length >= 3, 'each sandbox has its holder');
+    assert.ok(stamps.length >= 4, `found the sandboxes' processes (${stamps.length})`);
+    assert.ok(processesMentioning(`${stateDir}/holders/`).length >= 4, 'each sandbox has its holder');
     await serve.kill9();
     // Each holder watches its server: within a few seconds nothing of the sandboxes runs, though
     // no server is there to end them (bwrap, the agents and what they started, the holders).

@@ -31,9 +31,11 @@ server, our parent. When it dies without a stop (kill -9, a crashed test), the h
 sandbox (bwrap, and with it every process of the sandbox) instead of keeping it for a next server:
 such a server's sandboxes must not outlive it. Watched with a pidfd (no pid reuse can fool it);
 what the sandbox leaves on the host (its cgroups, its directory) the next server's start removes.
+SIGUSR1 asks the same of a holder a destroying server adopted: it watches the server connected.
 """
 import argparse
 import os
+import select
 import selectors
 import signal
 import socket
@@ -49,9 +51,14 @@ BUFFER_CAP = 1024 * 1024  # stop reading a side while this much waits to be writ
 SO_PEERCRED_FORMAT = '3i'
 
 
-def peer_uid(conn):
+def peer_creds(conn):
+    """(pid, uid, gid) of the process that connected."""
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize(SO_PEERCRED_FORMAT))
-    return struct.unpack(SO_PEERCRED_FORMAT, creds)[1]
+    return struct.unpack(SO_PEERCRED_FORMAT, creds)
+
+
+def peer_uid(conn):
+    return peer_creds(conn)[1]
 
 
 def listen_unix(path, mode, owner=None):
@@ -88,6 +95,8 @@ class Relay:
         self.to_agent = bytearray()
         self.running = True
         self.agent_closed = False  # the agent's end of the channel closed (the sandbox is over)
+        self.server_watch = None  # a pidfd of the server whose death ends the sandbox (--watch-server, SIGUSR1)
+        self.watch_asked = False  # SIGUSR1 came: watch the server connected (or about to connect)
 
     def listen(self):
         # Root's only (0600 in a 0700 directory), and peers are checked again on accept.
@@ -139,6 +148,37 @@ class Relay:
         conn.setblocking(False)
         self.server = conn
         log('a server connected')
+        self.arm_watch()
+
+    def watch(self, pidfd):
+        """From now on, the exit of the process behind `pidfd` (a server) ends the sandbox."""
+        if self.server_watch is not None:
+            self.sel.unregister(self.server_watch)
+            os.close(self.server_watch)
+        self.server_watch = pidfd
+        self.sel.register(pidfd, selectors.EVENT_READ, self.on_server_gone)
+
+    def on_server_gone(self):
+        log('its server died without stopping (it destroys its sandboxes at a stop): ending the sandbox')
+        self.running = False
+
+    def arm_watch(self):
+        """After SIGUSR1 (a server that destroys its sandboxes adopted this one): watch the server
+        connected, once it is a live one; a dead server's connection not yet dropped does not count,
+        the adopting server's is the next one."""
+        if not self.watch_asked or self.server is None:
+            return
+        try:
+            pidfd = os.pidfd_open(peer_creds(self.server)[0])
+        except (ProcessLookupError, OSError):
+            return
+        if select.select([pidfd], [], [], 0)[0]:  # exited already
+            os.close(pidfd)
+            return
+        os.set_inheritable(pidfd, False)
+        self.watch_asked = False
+        self.watch(pidfd)
+        log('watching the server that adopted it')
 
     @staticmethod
     def whole_lines(buf, data):
@@ -209,6 +249,7 @@ class Relay:
                 key.data()
             if not self.running:
                 return
+        self.arm_watch()
 
 
 LOG = {'fd': 2}
@@ -306,7 +347,7 @@ def run_spawn(args, relay, ours):
 
     relay.sel.register(wake_r, selectors.EVENT_READ, on_wake)
     if args.server_fd is not None:
-        relay.sel.register(args.server_fd, selectors.EVENT_READ, lambda: server_gone(relay))
+        relay.watch(args.server_fd)
     print(f'ready {os.getpid()} {child.pid}', flush=True)
     detach_output(args.log)
     while relay.running:
@@ -323,9 +364,12 @@ def run_spawn(args, relay, ours):
     log(f'sandbox ended: bwrap status {status}' + (f'; its last output: {text}' if text else ''))
 
 
-def server_gone(relay):
-    log('its server died without stopping (--watch-server): ending the sandbox')
-    relay.running = False
+def drain(fd):
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass
 
 
 def run_accept(args, relay):
@@ -360,8 +404,13 @@ def run_accept(args, relay):
     except OSError:
         pass
     relay.set_agent(conn)
+    sel.close()
     if args.server_fd is not None:
-        relay.sel.register(args.server_fd, selectors.EVENT_READ, lambda: server_gone(relay))
+        relay.watch(args.server_fd)
+    # Signals (SIGUSR1) wake the loop through this pipe.
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w)
+    relay.sel.register(wake_r, selectors.EVENT_READ, lambda: drain(wake_r))
     while relay.running:
         relay.step()
     if relay.agent_closed:
@@ -391,6 +440,8 @@ def main():
             log('its server is gone already (--watch-server): not starting')
             return 1
     relay = Relay(args.socket)
+    # SIGUSR1: a server that destroys its sandboxes at a stop adopted this one (see Relay.arm_watch).
+    signal.signal(signal.SIGUSR1, lambda *_: setattr(relay, 'watch_asked', True))
     try:
         if args.accept:
             run_accept(args, relay)

@@ -43,6 +43,11 @@ export interface HolderRecord {
   cgroup: boolean;
   /** Deleted while children of it live (a husk: its agent only reaps, nothing drives it). */
   husk?: boolean;
+  /**
+   * The holder watches the server that adopts it when sent SIGUSR1 (host/podflare_holder.py): a
+   * server that destroys its sandboxes at a stop asks it to. Holders of earlier builds lack it.
+   */
+  watchable?: boolean;
 }
 
 export interface HolderPaths {
@@ -167,15 +172,15 @@ export function holderLogTail(stateDir: string, id: string): string {
 }
 
 /**
- * SIGKILLs `pid` only if its command line still names `mark` (a holder's socket, a slirp4netns's
+ * SIGKILLs (or sends `signal` to) `pid` only if its command line still names `mark` (a holder's socket, a slirp4netns's
  * target): after a server restart these are not our children, and their pids may have been reused.
  */
-export function killIfStill(pid: number, mark: string): boolean {
+export function killIfStill(pid: number, mark: string, signal: NodeJS.Signals = 'SIGKILL'): boolean {
   try {
     // Capped: a longer command line is no holder's nor slirp4netns's (a sandbox's process may have reused the pid).
     const { text, truncated } = readProcHeadSync(`/proc/${pid}/cmdline`, CMDLINE_READ_CAP);
     if (truncated || !text.split('\0').includes(mark)) return false;
-    process.kill(pid, 'SIGKILL');
+    process.kill(pid, signal);
     return true;
   } catch {
     return false;

@@ -129,6 +129,7 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
   private readonly hostd: HostHelper;
   private readonly hooks: SandboxHooks;
   private prepared: Promise<void> | null = null;
+  private startsPrepared: Promise<void> | null = null;
   /** Image layers the host helper has idmapped views of (templates add theirs on first use). */
   private readonly idmapped = new Set<string>();
   /** Where limits are enforced; null on hosts without a usable cgroup hierarchy (warned once). */
@@ -191,21 +192,27 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
    * listing —, the host helper's idmapped views of the image layers, the cgroups, the seccomp filter.
    */
   private prepare(): Promise<void> {
-    this.prepared ??= (async () => {
-      // Independent steps, at once (a restart's adoption waits for them): each of the host
-      // helper's idmap, the cgroup probe and the seccomp compile is a process or two of its own.
-      const steps = await Promise.allSettled([
-        this.prepareDirs(),
-        prepareHoldersDir(this.opts.stateDir),
-        this.hostd.idmap(this.opts.uidBase, ID_COUNT, this.opts.lowerDirs).then(() => { for (const d of this.opts.lowerDirs) this.idmapped.add(d); }),
-        this.detectCgroups().then((found) => { this.cgroups = found; }),
-        run('/usr/bin/python3', ['-I', SECCOMP_POLICY, this.seccompFile]),
-      ]);
-      const failed = steps.find((r): r is PromiseRejectedResult => r.status === 'rejected');
-      if (failed) throw failed.reason;
-    })();
+    this.prepared ??= settleAll([
+      this.prepareDirs(),
+      prepareHoldersDir(this.opts.stateDir),
+      this.detectCgroups().then((found) => { this.cgroups = found; }),
+    ]);
     this.prepared.catch(() => { this.prepared = null; });
     return this.prepared;
+  }
+
+  /**
+   * What only starts and forks need besides prepare(): the host helper's idmapped views of the
+   * image layers and the seccomp filter (a process or two each). A restart's adoption does not
+   * wait for them: reconcile() sets them off, and busy() waits for them.
+   */
+  private prepareStarts(): Promise<void> {
+    this.startsPrepared ??= this.prepare().then(() => settleAll([
+      this.hostd.idmap(this.opts.uidBase, ID_COUNT, this.opts.lowerDirs).then(() => { for (const d of this.opts.lowerDirs) this.idmapped.add(d); }),
+      run('/usr/bin/python3', ['-I', SECCOMP_POLICY, this.seccompFile]),
+    ]));
+    this.startsPrepared.catch(() => { this.startsPrepared = null; });
+    return this.startsPrepared;
   }
 
   /** The disk volume, and the sandboxes' directories in it (see prepare). */
@@ -235,6 +242,7 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
   async reconcile(knownIds: string[]): Promise<ReconcileReport<NsSandbox>> {
     const t0 = performance.now();
     await this.prepare();
+    this.inFlight.background(this.prepareStarts());
     const t1 = performance.now();
     const adopted = await this.adoptHeld();
     const t2 = performance.now();
@@ -306,7 +314,11 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
     this.trash.touch();
     // Not before what the previous server left is removed: that removal spares only the sandboxes
     // it adopted, not one made meanwhile.
-    return this.inFlight.track(async () => { await this.leftovers; return work(); }).finally(() => this.trash.touch());
+    return this.inFlight.track(async () => {
+      await this.leftovers;
+      await this.prepareStarts();
+      return work();
+    }).finally(() => this.trash.touch());
   }
 
   /** Host helper workers replaced so far, by reason (the podflare_host_helper_restarts_total metric). */
@@ -403,7 +415,9 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
         return null;
       }
       const dirs = sandboxDirs(this.opts.stateDir, id);
-      const holder = { pid: r.holderPid, socket: paths.socket };
+      const holder = { pid: r.holderPid, socket: paths.socket, watchable: r.watchable === true };
+      // This server destroys its sandboxes at a stop: so must its death (the holder watches it from now on).
+      if (this.opts.watchServer && holder.watchable) killIfStill(holder.pid, holder.socket, 'SIGUSR1');
       const s = parent ? new ForkedSandbox(r.spec, dirs, r.lowers, parent, socket, this.hooks) : new RootSandbox(r.spec, dirs, r.lowers, socket, holder, this.hooks);
       s.holder = holder;
       s.initPid = r.initPid;
@@ -485,7 +499,7 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
   }
 
   private async startRoot(spec: SandboxSpec): Promise<NsSandbox> {
-    await this.prepare();
+    await this.prepareStarts();
     const dirs = sandboxDirs(this.opts.stateDir, spec.id);
     const lowers = await this.templateLowers(spec.template);
     await this.makeSandboxDir(dirs, spec);
@@ -564,7 +578,7 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
     await saveHolderRecord(this.opts.stateDir, {
       version: HOLDER_RECORD_VERSION, agentProtocol: AGENT_PROTOCOL, kind: s.parent ? 'fork' : 'root',
       spec: s.spec, holderPid: s.holder.pid, initPid: s.initPid, lowers: s.lowers, parentId: s.parent?.id ?? null,
-      depth: s.depth, slirpPid: s.slirp?.pid ?? null, cgroup: s.cgroup !== null, husk: s.isHusk,
+      depth: s.depth, slirpPid: s.slirp?.pid ?? null, cgroup: s.cgroup !== null, husk: s.isHusk, watchable: s.holder.watchable !== false,
     });
   }
 
@@ -873,4 +887,10 @@ function readInfo(stream: Readable, timeoutMs: number): Promise<{ childPid: numb
     });
     stream.once('end', finish);
   });
+}
+
+/** Runs independent steps at once; rejects with the first failure once all have settled (none is left running). */
+async function settleAll(steps: Array<Promise<unknown>>): Promise<void> {
+  const failed = (await Promise.allSettled(steps)).find((r): r is PromiseRejectedResult => r.status === 'rejected');
+  if (failed) throw failed.reason;
 }
