@@ -39,7 +39,8 @@ export interface ServeProcess {
 /**
  * `detached`: in a process group of its own (pgid = its pid), to signal the whole group.
  * `onStop`: what a SIGTERM does with live sandboxes; 'destroy' unless asked (a test leaves nothing
- * running), while a kill -9 leaves them to the next server whatever this says.
+ * running). It also decides a kill -9: 'keep' leaves them to the next server, 'destroy' ends them
+ * with the server (their holders watch it).
  */
 export async function startServe(
   stateDir: string, opts: { poolSize?: number; env?: Record<string, string>; detached?: boolean; onStop?: 'keep' | 'destroy'; cli?: string; logLevel?: string } = {},
