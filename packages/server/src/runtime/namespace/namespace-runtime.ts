@@ -187,9 +187,10 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
   }
 
   /**
-   * Once per runtime: the disk volume, a state directory that bwrap (running as the sandboxes'
-   * unprivileged uid) may walk through to reach a sandbox's root — search permission only, no
-   * listing —, the host helper's idmapped views of the image layers, the cgroups, the seccomp filter.
+   * Once per runtime, what adopting sandboxes needs (at once: a restart waits for it): the disk
+   * volume, a state directory that bwrap (running as the sandboxes' unprivileged uid) may walk
+   * through to reach a sandbox's root — search permission only, no listing —, the holders'
+   * directory, the cgroups. What starts need besides is prepareStarts().
    */
   private prepare(): Promise<void> {
     this.prepared ??= settleAll([
