@@ -120,6 +120,8 @@ async function startLocked(config: ServerConfig, opts: StartOptions, log: Logger
   const host = address.family === 'IPv6' ? `[${address.address}]` : address.address;
   const url = `http://${host}:${address.port}`;
   loopbackUrl = `http://${loopbackHost(address)}:${address.port}`;
+  // The warm pool fills behind the listener: a restart's adopted sandboxes answer without waiting for it.
+  manager.warmPool();
   log.info('podflare listening', {
     url, runtime: runtime.name, runtimes: runtimes.map((r) => r.name).join(','), ...Object.assign({}, ...instances.map((i) => i.logFields)),
     pool: config.poolSize, image: image.id,
