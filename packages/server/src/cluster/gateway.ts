@@ -24,6 +24,7 @@ import { BrowserGuard } from '../http/browser-guard.js';
 import type { HttpMount } from '../http/mounts.js';
 import { createLogger, type Logger } from '../log.js';
 import { migrate } from '../store/pg-migrations.js';
+import { openPgPool } from '../store/pg-pool.js';
 import { HostTable, type HostView } from './host-table.js';
 import { acquireLease, LEASE_GUARD } from './lease.js';
 import { checkNodeToken } from './node-token.js';
@@ -68,7 +69,7 @@ export async function startGateway(config: ServerConfig, opts: GatewayOptions): 
   const nodeToken = checkNodeToken(opts.nodeToken);
   const log = createLogger(config.logLevel, { role: 'gateway' });
   const id = `gw-${randomBytes(4).toString('hex')}`;
-  const db = new pg.Pool({ connectionString: opts.db, max: 16 });
+  const db = openPgPool(opts.db, { max: 16 });
   db.on('error', () => {});
   try {
     await migrate(db);
