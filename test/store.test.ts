@@ -166,14 +166,17 @@ describe('PostgreSQL store in the cluster', () => {
       await db.query(`INSERT INTO slots (host_id, template) SELECT $1, 'slot-test' FROM generate_series(1, 25)`, [h]);
     }
     const claimed: string[] = [];
+    const slotIds = new Set<string>();
     await Promise.all(Array.from({ length: 8 }, async () => {
       for (;;) {
-        const host = await claimSlot(db, 'slot-test', 3000, []);
-        if (!host) return;
-        claimed.push(host);
+        const slot = await claimSlot(db, 'slot-test', 3000, []);
+        if (!slot) return;
+        claimed.push(slot.hostId);
+        slotIds.add(slot.slotId);
       }
     }));
     assert.equal(claimed.length, 50, 'the 50 slots of the two placeable hosts, each once');
+    assert.equal(slotIds.size, 50);
     assert.deepEqual([...new Set(claimed)].sort(), ['slot-a', 'slot-b']);
     assert.equal(await claimSlot(db, 'slot-test', 3000, []), null);
     await db.query(`INSERT INTO slots (host_id, template) VALUES ('slot-a', 'slot-test')`);

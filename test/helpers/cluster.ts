@@ -63,6 +63,8 @@ export interface ClusterOptions {
   maxSandboxes?: number;
   hostTtlMs?: number;
   env?: Record<string, string>;
+  /** A database the caller started (and stops), e.g. a Patroni cluster; default: a fresh PostgreSQL. */
+  database?: TestPostgres;
 }
 
 interface Proc {
@@ -97,7 +99,7 @@ async function stopProc(proc: Proc | undefined, signal: NodeJS.Signals): Promise
 
 export async function startCluster(opts: ClusterOptions = {}): Promise<TestCluster> {
   const tag = randomBytes(2).toString('hex');
-  const pg = await startTestPostgres();
+  const pg = opts.database ?? await startTestPostgres();
   const nodes: ClusterNode[] = [];
   const gateways: ClusterGateway[] = [];
   const cleanups: Array<() => Promise<void>> = [];
@@ -105,7 +107,7 @@ export async function startCluster(opts: ClusterOptions = {}): Promise<TestClust
     for (const g of gateways) await g.stop().catch(() => {});
     await Promise.all(nodes.map((n) => n.stop().catch(() => {})));
     for (const c of cleanups.reverse()) await c().catch(() => {});
-    await pg.stop();
+    if (!opts.database) await pg.stop();
   };
   try {
     const baseEnv = {

@@ -318,7 +318,9 @@ class Gateway {
     const key = req.headers['idempotency-key'];
     if (key !== undefined) {
       if (typeof key !== 'string' || key.length < 1 || key.length > 200) throw new ApiError('bad_request', 'Idempotency-Key: 1 to 200 characters');
-      const replay = await this.claimIdempotencyKey(owner, key);
+      const replay = await this.claimIdempotencyKey(owner, key).catch((err: unknown) => {
+        throw err instanceof ApiError ? err : databaseUnavailable(err);
+      });
       if (replay) {
         this.counters.idempotentReplays++;
         return sendJson(res, 201, { id: replay.id, state: replay.state, pool: { hit: true } }, { 'Idempotent-Replayed': 'true' });
@@ -335,8 +337,9 @@ class Gateway {
     let lastRefusal: { status: number; body: Buffer; headers: http.IncomingHttpHeaders } | null = null;
     for (let attempt = 0; attempt < (this.opts.createAttempts ?? 4); attempt++) {
       if (attempt > 0) this.counters.createRetries++;
-      const hostId = await this.pickHost(template, excluded);
-      if (!hostId) break;
+      const picked = await this.pickHost(template, excluded);
+      if (!picked) break;
+      const { hostId } = picked;
       const h = this.hosts.get(hostId);
       if (!h) { excluded.push(hostId); continue; }
       this.inFlight.set(hostId, (this.inFlight.get(hostId) ?? 0) + 1);
@@ -347,7 +350,8 @@ class Gateway {
         if (status === 201) {
           const created = JSON.parse(answerBody.toString('utf8')) as { id: string };
           this.routes.set(created.id, hostId);
-          res.writeHead(201, { 'Content-Type': 'application/json', 'X-Podflare-Host': hostId });
+          // The slot row's id, when one was claimed: operators (and the failover test) can check no slot went twice.
+          res.writeHead(201, { 'Content-Type': 'application/json', 'X-Podflare-Host': hostId, ...(picked.slotId ? { 'X-Podflare-Slot': picked.slotId } : {}) });
           return void res.end(answerBody);
         }
         if (!isHostRefusal(status, answerBody)) {
@@ -371,16 +375,21 @@ class Gateway {
     throw new ApiError('no_capacity', `no host of the cluster could take the sandbox (${excluded.length} excluded)${why}`, undefined, { 'Retry-After': '2' });
   }
 
-  /** A warm slot's host, else the best of a few by load; null when no host is left. */
-  private async pickHost(template: string, excluded: string[]): Promise<string | null> {
+  /**
+   * A warm slot's host, else the best of a few by load; null when no host is left. Without the
+   * database (a failover under way) no node could record a sandbox either: 503 at once, not after
+   * every node tried and failed.
+   */
+  private async pickHost(template: string, excluded: string[]): Promise<{ hostId: string; slotId?: string } | null> {
+    let slot;
     try {
-      const slot = await claimSlot(this.db, template, this.hosts.hostTtlMs, excluded);
-      if (slot) { this.counters.slotHits++; return slot; }
+      slot = await claimSlot(this.db, template, this.hosts.hostTtlMs, excluded);
     } catch (err) {
-      // Without the database no slot can be claimed; the host table (memory) still places.
-      this.log.debug('slot claim failed', { error: (err as Error).message });
+      throw databaseUnavailable(err);
     }
-    return pickByLoad(this.hosts, this.inFlight, excluded)?.id ?? null;
+    if (slot) { this.counters.slotHits++; return slot; }
+    const h = pickByLoad(this.hosts, this.inFlight, excluded);
+    return h ? { hostId: h.id } : null;
   }
 
   /**
@@ -482,6 +491,12 @@ function isHostRefusal(status: number, body: Buffer): boolean {
   if (status === 503 || status === 500) return true;
   // The node's own cap (not a per-key limit or a request rate): admission control said no.
   return status === 429 && body.toString('utf8').includes('the server runs');
+}
+
+/** 503 + Retry-After for a create while PostgreSQL cannot be written (down, or mid-failover). */
+function databaseUnavailable(err: unknown): ApiError {
+  return new ApiError('unavailable', `the cluster database cannot be written just now (${(err as Error)?.message ?? String(err)}); ` +
+    'existing sandboxes keep running: retry the create shortly', undefined, { 'Retry-After': '2' });
 }
 
 function stripHop(headers: http.IncomingHttpHeaders): http.OutgoingHttpHeaders {
