@@ -216,16 +216,40 @@ describe('cluster: failures', () => {
     assert.equal(res.status, 503);
     assert.equal(((await res.json()) as { code: string }).code, 'node_unavailable');
     assert.ok(res.headers.get('retry-after'));
-    // Restarted on the same state directory: the sandbox routes again (200). Without the
-    // re-adoption work the restarted node reports it `lost` (its processes died with the node).
+    // Restarted on the same state directory: the node re-adopts the sandbox (its holder outlived the
+    // node process) and it answers 200 through a gateway, ready, with its interpreter state.
     await victim.start();
     await allNodesUp();
     const back = await waitFor('the sandbox to answer 200', async () => {
       const r = await api(1, 'GET', `/v1/sandboxes/${doomed.id}`);
       return r.status === 200 ? ((await r.json()) as { state: string }) : undefined;
     });
-    assert.ok(['ready', 'lost'].includes(back.state), back.state);
+    assert.equal(back.state, 'ready');
     assert.equal(hostOf(doomed.id), victim.id);
+    assert.equal((await (await Sandbox.connect(doomed.id, sdk(1))).runCode('print(kept)')).stdout, '1\n');
+    await doomed.close();
+  });
+
+  it('a node stopped and started again (a service restart, --on-stop keep): its sandboxes answer 503 meanwhile, then 200 with their state', async () => {
+    const node = cluster.nodes[2]!;
+    const sbs = [await createOn(2), await createOn(2)];
+    for (const [i, s] of sbs.entries()) await s.runCode(`mark = ${i}`);
+    const [parent] = sbs;
+    const [child] = await parent!.fork(1);
+    await node.stop();
+    const res = await api(0, 'GET', `/v1/sandboxes/${sbs[0]!.id}`);
+    assert.equal(res.status, 503);
+    assert.equal(((await res.json()) as { code: string }).code, 'node_unavailable');
+    await node.start();
+    await allNodesUp();
+    // The fork child inherited its parent's mark.
+    for (const [i, [s, mark]] of ([[sbs[0]!, 0], [sbs[1]!, 1], [child!, 0]] as const).entries()) {
+      const out = await waitFor('the sandbox to answer again', async () => (await Sandbox.connect(s.id, sdk(i % 2))).runCode('print(mark)'));
+      assert.equal(out.stdout, `${mark}\n`);
+    }
+    const states = cluster.pg.psql(`SELECT state FROM sandboxes WHERE id IN ('${sbs[0]!.id}','${sbs[1]!.id}','${child!.id}')`).trim().split('\n');
+    assert.deepEqual(states, ['ready', 'ready', 'ready']);
+    await Promise.all([child!, ...sbs].map((s) => s.close()));
   });
 
   it('a node paused (SIGSTOP) past the heartbeat TTL, then resumed: 503 meanwhile, no placement there, no double ownership', async () => {

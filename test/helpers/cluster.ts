@@ -38,6 +38,8 @@ export interface ClusterNode {
   /** A request straight to the node (with the node token): what the gateway sees. */
   direct(method: string, p: string, body?: unknown): Promise<Response>;
   stderr(): string;
+  /** Ends every sandbox the node runs (asked directly), e.g. before a stop that keeps them. */
+  endSandboxes(): Promise<void>;
 }
 
 export interface ClusterGateway {
@@ -105,6 +107,8 @@ export async function startCluster(opts: ClusterOptions = {}): Promise<TestClust
   const cleanups: Array<() => Promise<void>> = [];
   const close = async () => {
     for (const g of gateways) await g.stop().catch(() => {});
+    // Nodes keep their sandboxes when stopped (as a service does): end them first.
+    await Promise.all(nodes.map((n) => n.endSandboxes().catch(() => {})));
     await Promise.all(nodes.map((n) => n.stop().catch(() => {})));
     for (const c of cleanups.reverse()) await c().catch(() => {});
     if (!opts.database) await pg.stop();
@@ -165,6 +169,11 @@ export async function startCluster(opts: ClusterOptions = {}): Promise<TestClust
           headers: { authorization: `Bearer ${CLUSTER_API_KEY}`, 'x-podflare-node-token': NODE_TOKEN, ...(body === undefined ? {} : { 'content-type': 'application/json' }) },
         }),
         stderr: () => proc?.stderr ?? '',
+        async endSandboxes() {
+          if (proc?.child.exitCode !== null || proc.child.signalCode !== null) return;
+          const listed = (await (await node.direct('GET', '/v1/sandboxes')).json()) as { sandboxes: Array<{ id: string }> };
+          await Promise.all(listed.sandboxes.map(async (s) => (await node.direct('DELETE', `/v1/sandboxes/${s.id}`)).body?.cancel()));
+        },
       };
       nodes.push(node);
     }
