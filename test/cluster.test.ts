@@ -13,6 +13,8 @@ import type { CallToolResult } from '@modelcontextprotocol/sdk/types.js';
 import { SANDBOX_ID_SOURCE } from '@podflare/protocol/sandbox';
 import { Sandbox } from 'podflare';
 import { startCluster, type TestCluster } from './helpers/cluster.js';
+import { openWebSocket } from './helpers/websocket.js';
+import { WS_ECHO } from './helpers/ws-echo.js';
 
 const HOST_TTL_MS = 3000;
 let cluster: TestCluster;
@@ -160,6 +162,87 @@ describe('cluster: the API through gateways', () => {
     const page = await fetch(`${cluster.gateways[1]!.url}/`);
     assert.equal(page.status, 200);
     assert.match(await page.text(), /<html/i);
+    await sb.close();
+  });
+
+  it('exposed ports and the terminal through a gateway: HTTP streamed, signed URLs of the gateway, WebSockets upgraded', async () => {
+    const gw = cluster.gateways[0]!;
+    const gwPort = Number(new URL(gw.url).port);
+    const auth = { authorization: `Bearer ${cluster.apiKey}` };
+    const sb = await Sandbox.create(sdk(0));
+    await sb.files.upload('/root/site/index.html', '<h1>through the gateway</h1>\n');
+    await sb.commands.run('exec python3 -m http.server 8000 --bind 127.0.0.1', { background: true, cwd: '/root/site' });
+    // A server that sends one line, then the next only once /root/go exists: the first line can
+    // reach the caller only if the gateway does not buffer the answer.
+    await sb.files.upload('/root/drip.py', [
+      'import http.server, os, time',
+      'class H(http.server.BaseHTTPRequestHandler):',
+      '    protocol_version = "HTTP/1.1"',
+      '    def do_GET(self):',
+      '        self.send_response(200); self.send_header("Transfer-Encoding", "chunked"); self.end_headers()',
+      '        def chunk(b): self.wfile.write(b"%x\\r\\n%s\\r\\n" % (len(b), b)); self.wfile.flush()',
+      '        chunk(b"first\\n")',
+      '        while not os.path.exists("/root/go"): time.sleep(0.05)',
+      '        chunk(b"second\\n"); self.wfile.write(b"0\\r\\n\\r\\n")',
+      'http.server.HTTPServer(("127.0.0.1", 8002), H).serve_forever()',
+    ].join('\n'));
+    await sb.commands.run('exec python3 /root/drip.py', { background: true });
+    await sb.files.upload('/root/ws_echo.py', WS_ECHO);
+    await sb.commands.run('exec python3 /root/ws_echo.py', { background: true });
+
+    const page = await waitFor('the dev server through the gateway', async () => {
+      const r = await fetch(`${gw.url}/v1/sandboxes/${sb.id}/ports/8000/proxy/`, { headers: auth });
+      return r.status === 200 ? { text: await r.text(), csp: r.headers.get('content-security-policy') } : undefined;
+    });
+    assert.equal(page.text, '<h1>through the gateway</h1>\n');
+    assert.match(page.csp ?? '', /^sandbox /);
+    assert.equal((await fetch(`${gw.url}/v1/sandboxes/${sb.id}/ports/8000/proxy/`)).status, 401, 'no key, no port');
+
+    const drip = await waitFor('the dripping server', async () => {
+      const r = await fetch(`${gw.url}/v1/sandboxes/${sb.id}/ports/8002/proxy/`, { headers: auth });
+      return r.status === 200 ? r : undefined;
+    });
+    const reader = drip.body!.getReader();
+    const first = await reader.read();
+    assert.equal(Buffer.from(first.value!).toString(), 'first\n', 'the first chunk arrives while the sandbox holds the rest');
+    await sb.files.upload('/root/go', '');
+    let rest = '';
+    for (let c = await reader.read(); !c.done; c = await reader.read()) rest += Buffer.from(c.value).toString();
+    assert.equal(rest, 'second\n');
+
+    // A signed URL names the gateway (not the node) and works without the key; a forged one is 401.
+    const host = await sb.getHost(8000);
+    assert.ok(host.startsWith(`127.0.0.1:${gwPort}/v1/ports/`), host);
+    const signed = await fetch(`http://${host}/`);
+    assert.equal(signed.status, 200);
+    assert.equal(await signed.text(), '<h1>through the gateway</h1>\n');
+    const [id, , exp, mac] = host.split('/').pop()!.split('.');
+    assert.equal((await fetch(`${gw.url}/v1/ports/${id}.8001.${exp}.${mac}/`)).status, 401);
+
+    // WebSockets: by key, by signed URL; a PTY with the SDK.
+    const ws = await waitFor('the WebSocket echo server', () =>
+      openWebSocket(gwPort, `/v1/sandboxes/${sb.id}/ports/8765/proxy/chat?room=1`, { Authorization: `Bearer ${cluster.apiKey}` }));
+    ws.send('hello');
+    assert.equal(await ws.next(), '/chat?room=1 hello');
+    ws.close();
+    const ws2 = await openWebSocket(gwPort, `/${(await sb.getHost(8765)).split('/').slice(1).join('/')}/`);
+    ws2.send('signed');
+    assert.equal(await ws2.next(), '/ signed');
+    ws2.close();
+    await assert.rejects(openWebSocket(gwPort, `/v1/sandboxes/${sb.id}/ports/8765/proxy/`), (e: Error & { response?: string }) => /^HTTP\/1\.1 401/.test(e.response ?? ''));
+    await assert.rejects(openWebSocket(gwPort, `/v1/sandboxes/${sb.id}/pty`, { Authorization: `Bearer ${cluster.apiKey}`, Origin: 'https://evil.example' }),
+      (e: Error & { response?: string }) => /^HTTP\/1\.1 403/.test(e.response ?? ''));
+    let out = '';
+    const term = await sb.pty.create({ onData: (d) => { out += d; } });
+    const plain = () => out.replace(/\x1b\[[0-9;?]*[a-zA-Z]/g, '');
+    await waitFor('the prompt', async () => (/# $/.test(plain()) ? true : undefined));
+    term.sendInput('echo $((6*7))\r');
+    await waitFor('42 from the terminal', async () => (/[\r\n]42\r\n/.test(plain()) ? true : undefined));
+    term.kill();
+    // A node's WebSockets, like its HTTP, answer only gateways.
+    const node = cluster.nodes.find((n) => n.id === hostOf(sb.id))!;
+    await assert.rejects(openWebSocket(7070, `/v1/sandboxes/${sb.id}/pty`, { Authorization: `Bearer ${cluster.apiKey}` }, node.ip),
+      (e: Error & { response?: string }) => /^HTTP\/1\.1 401/.test(e.response ?? ''));
     await sb.close();
   });
 

@@ -31,6 +31,11 @@ import { checkNodeToken } from './node-token.js';
 import { NodeProber } from './node-prober.js';
 import { claimSlot, pickByLoad } from './placement.js';
 import { NodeUnreachableError, pipeAnswer, readAnswer, sendToNode, type ForwardRequest } from './proxy.js';
+import { refuseUpgrade, tunnelUpgrade } from './upgrade-tunnel.js';
+import { matchPortTarget, type PortTarget } from '../http/port-proxy.js';
+import { matchPtyTarget } from '../http/pty-socket.js';
+import { SANDBOX_ID_PATTERN } from '@podflare/protocol';
+import type { Duplex } from 'node:stream';
 
 export const IDEMPOTENCY_METADATA_KEY = 'podflare:idempotency-key';
 
@@ -82,6 +87,7 @@ export async function startGateway(config: ServerConfig, opts: GatewayOptions): 
   const gateway = new Gateway(config, opts, nodeToken, db, hosts, log);
   gateway.prober.start();
   const server = http.createServer({ noDelay: true, keepAliveTimeout: 65_000, maxHeaderSize: 16 * 1024 }, (req, res) => gateway.handle(req, res));
+  server.on('upgrade', (req: IncomingMessage, socket: Duplex, head: Buffer) => gateway.upgrade(req, socket, head));
   server.headersTimeout = 30_000;
   server.requestTimeout = 0;
   await new Promise<void>((resolve, reject) => {
@@ -165,6 +171,9 @@ class Gateway {
   handle(req: IncomingMessage, res: ServerResponse): void {
     void (async () => {
       try {
+        // Exposed ports: their own checks (as on a node: the key route Host + Origin + key, a signed URL Host only).
+        const portTarget = matchPortTarget(req.url);
+        if (portTarget) return await this.route(req, res, this.portSandbox(req, portTarget));
         if (this.guard.check(req, res) === 'answered') return;
         const url = new URL(req.url ?? '/', 'http://gateway');
         const path = url.pathname;
@@ -192,6 +201,55 @@ class Gateway {
         this.sendError(res, err);
       }
     })();
+  }
+
+  /** WebSockets (a sandbox's exposed port, the PTY): checked here, then tunnelled to the sandbox's node. */
+  upgrade(req: IncomingMessage, socket: Duplex, head: Buffer): void {
+    socket.on('error', () => {});
+    void (async () => {
+      try {
+        const pty = matchPtyTarget(req.url);
+        const port = pty ? null : matchPortTarget(req.url);
+        let id: string;
+        if (pty) {
+          this.guard.checkUpgrade(req);
+          this.keys.authenticate(req);
+          id = pty.sandboxId;
+        } else if (port) {
+          id = this.portSandbox(req, port);
+        } else {
+          throw new ApiError('not_found', `no WebSocket route ${req.url ?? ''}`);
+        }
+        const hostId = await this.hostOf(id).catch((err: unknown) => { throw databaseUnavailable(err); });
+        if (!hostId) throw new ApiError('not_found', `no sandbox ${id}`);
+        const h = await this.liveHost(hostId);
+        await tunnelUpgrade(req, socket, head, this.target(h)).catch((err: unknown) => {
+          throw err instanceof NodeUnreachableError ? this.unavailable(hostId, `cannot be reached (${err.message})`) : err;
+        });
+        this.counters.routed++;
+      } catch (err) {
+        const apiError = err instanceof ApiError ? err : new ApiError('internal', `gateway error: ${(err as Error)?.message ?? String(err)}`);
+        if (!(err instanceof ApiError)) this.log.error('gateway upgrade error', { error: (err as Error)?.stack ?? String(err) });
+        refuseUpgrade(socket, apiError);
+      }
+    })();
+  }
+
+  /**
+   * The sandbox an exposed-port request is for, after the checks a node makes first: the key route
+   * wants the Host, a same-site Origin and the key; a signed URL only the Host (its token is the
+   * credential, verified by the node that signed it: the id in it only routes).
+   */
+  private portSandbox(req: IncomingMessage, target: PortTarget): string {
+    if (target.kind === 'key') {
+      this.guard.checkUpgrade(req);
+      this.keys.authenticate(req);
+      return target.sandboxId;
+    }
+    this.guard.checkHost(req);
+    const id = target.token.split('.')[0] ?? '';
+    if (!SANDBOX_ID_PATTERN.test(id)) throw new ApiError('unauthorized', 'invalid or expired port URL: ask for a new one (getHost / get_host)');
+    return id;
   }
 
   private sendError(res: ServerResponse, err: unknown): void {
@@ -258,10 +316,32 @@ class Gateway {
       return void res.writeHead(429, stripHop(answer.headers)).end(refusal);
     }
     this.counters.routed++;
+    if (answer.statusCode === 200 && request.method === 'POST' && /^\/v1\/sandboxes\/[^/]+\/ports\/\d+\/url$/.test(new URL(request.path, 'http://x').pathname)) {
+      return this.signedUrlAnswer(req, res, answer);
+    }
     pipeAnswer(answer, res);
   }
 
+  /** A node signs port URLs with its own address: the caller must get this gateway's instead. */
+  private async signedUrlAnswer(req: IncomingMessage, res: ServerResponse, answer: IncomingMessage): Promise<void> {
+    const body = JSON.parse((await readAnswer(answer)).toString('utf8')) as { token: string; host: string; url: string };
+    body.host = `${req.headers.host}/v1/ports/${body.token}`;
+    body.url = `http://${body.host}/`;
+    sendJson(res, 200, body);
+  }
+
   private async forwardTo(hostId: string, request: ForwardRequest): Promise<IncomingMessage> {
+    const h = await this.liveHost(hostId);
+    try {
+      return await sendToNode(this.target(h), request);
+    } catch (err) {
+      if (err instanceof NodeUnreachableError) throw this.unavailable(hostId, `cannot be reached (${err.message})`);
+      throw err;
+    }
+  }
+
+  /** The host, if it heartbeats and this gateway reaches it; else 503 node_unavailable. */
+  private async liveHost(hostId: string): Promise<HostView> {
     let h = this.hosts.get(hostId);
     if (!h || !this.hosts.isFresh(h)) {
       // Only on the failure path: the view may be up to one refresh behind a node that came back.
@@ -271,12 +351,7 @@ class Gateway {
     if (!h) throw this.unavailable(hostId, 'is not registered');
     if (!this.hosts.isFresh(h)) throw this.unavailable(hostId, `stopped heartbeating ${Math.round(this.hosts.ageOf(h) / 1000)} s ago`);
     if (!this.prober.isReachable(hostId)) throw this.unavailable(hostId, 'cannot be reached from this gateway (its health probes fail)');
-    try {
-      return await sendToNode(this.target(h), request);
-    } catch (err) {
-      if (err instanceof NodeUnreachableError) throw this.unavailable(hostId, `cannot be reached (${err.message})`);
-      throw err;
-    }
+    return h;
   }
 
   private async toFirstLiveHost(req: IncomingMessage, res: ServerResponse): Promise<void> {

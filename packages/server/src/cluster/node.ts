@@ -10,7 +10,7 @@ import { createLogger } from '../log.js';
 import { startServer, type RunningServer, type StartOptions } from '../server.js';
 import { PgStore } from '../store/pg-store.js';
 import { HostRegistry } from './host-registry.js';
-import { checkNodeToken, requireNodeToken } from './node-token.js';
+import { checkNodeToken, requireNodeToken, requireNodeTokenOnUpgrade } from './node-token.js';
 
 export interface NodeOptions {
   /** PostgreSQL connection string. */
@@ -41,7 +41,7 @@ export async function startNode(config: ServerConfig, node: NodeOptions, opts: S
   let server: RunningServer;
   try {
     await registry.register();
-    server = await startServer(config, { ...opts, store, wrapHandler: requireNodeToken(token) });
+    server = await startServer(config, { ...opts, store, wrapHandler: requireNodeToken(token), wrapUpgrade: requireNodeTokenOnUpgrade(token) });
   } catch (err) {
     await store.close();
     throw err;
