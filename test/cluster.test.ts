@@ -11,6 +11,7 @@ import { Client as McpClient } from '@modelcontextprotocol/sdk/client/index.js';
 import { StreamableHTTPClientTransport } from '@modelcontextprotocol/sdk/client/streamableHttp.js';
 import type { CallToolResult } from '@modelcontextprotocol/sdk/types.js';
 import { SANDBOX_ID_SOURCE } from '@podflare/protocol/sandbox';
+import { chromium } from 'playwright-core';
 import { Sandbox } from 'podflare';
 import { startCluster, type TestCluster } from './helpers/cluster.js';
 import { openWebSocket } from './helpers/websocket.js';
@@ -262,6 +263,55 @@ describe('cluster: the API through gateways', () => {
     assert.equal(b.id, a.id);
     assert.equal(two.headers.get('idempotent-replayed'), 'true');
     await api(0, 'DELETE', `/v1/sandboxes/${a.id}`);
+  });
+});
+
+describe('cluster: the dashboard through a gateway', () => {
+  it('shows every node\'s sandboxes with their host, their execs, and the hosts with load and pools', async () => {
+    const browser = await chromium.launch({ executablePath: process.env.PODFLARE_CHROMIUM ?? '/usr/bin/chromium', headless: true, args: ['--no-sandbox'] });
+    const made: Sandbox[] = [];
+    const WAIT = { timeout: 30_000 };
+    try {
+      const page = await browser.newPage({ viewport: { width: 1500, height: 1000 } });
+      await page.goto(`${cluster.gateways[1]!.url}/`);
+      await page.getByTestId('key-input').fill(cluster.apiKey);
+      await page.getByTestId('key-save').click();
+      await page.locator('[data-testid="connection"].live').waitFor(WAIT);
+      for (const node of [0, 1, 2]) made.push(await createOn(node));
+      // Sandboxes of all three nodes in one table, each naming its host (not only the first node's).
+      for (const [node, sb] of made.entries()) {
+        const row = page.locator(`tr[data-id="${sb.id}"]`);
+        await row.waitFor(WAIT);
+        assert.equal(await row.getByTestId('sandbox-host').innerText(), cluster.nodes[node]!.id);
+      }
+      // The console on a sandbox of the last node: its exec streams back through the merged events.
+      await page.locator(`tr[data-id="${made[2]!.id}"]`).click();
+      await page.getByTestId('console-code').fill('print("on", 6 * 7)');
+      await page.getByTestId('console-run').click();
+      await page.getByTestId('console-output').getByText('on 42').waitFor(WAIT);
+      await page.getByTestId('history').locator('pre.stdout', { hasText: 'on 42' }).waitFor(WAIT);
+      // The hosts: each up, its sandboxes over its capacity, its pool.
+      await page.getByTestId('nav-pool').click();
+      await page.getByTestId('cluster-hosts').waitFor(WAIT);
+      const rows = page.getByTestId('host-row');
+      await page.waitForFunction(() => document.querySelectorAll('[data-testid="host-row"][data-state="up"]').length === 3, undefined, WAIT);
+      assert.deepEqual(await rows.evaluateAll((trs) => trs.map((tr) => tr.getAttribute('data-host'))), ['node-0', 'node-1', 'node-2']);
+      // Each runs at least the sandbox made on it (as its heartbeats report, a second or so behind).
+      await page.waitForFunction(() => [...document.querySelectorAll('[data-testid="host-load"]')]
+        .every((td) => /^\s*[1-9]\d* \/ 24\s*$/.test((td as HTMLElement).innerText)), undefined, WAIT);
+      for (const text of await rows.getByTestId('host-pool').allInnerTexts()) assert.match(text.trim(), /^\d+ \/ [1-9]\d*$/);
+      // A node that stops heartbeating shows as such.
+      cluster.nodes[1]!.signal('SIGSTOP');
+      try {
+        await page.locator('[data-testid="host-row"][data-host="node-1"][data-state="silent"]').waitFor(WAIT);
+      } finally {
+        cluster.nodes[1]!.signal('SIGCONT');
+      }
+      await page.locator('[data-testid="host-row"][data-host="node-1"][data-state="up"]').waitFor(WAIT);
+    } finally {
+      await browser.close();
+      await Promise.all(made.map((s) => s.close()));
+    }
   });
 });
 

@@ -32,6 +32,8 @@ import { NodeProber } from './node-prober.js';
 import { claimSlot, pickByLoad } from './placement.js';
 import { NodeUnreachableError, pipeAnswer, readAnswer, sendToNode, type ForwardRequest } from './proxy.js';
 import { refuseUpgrade, tunnelUpgrade } from './upgrade-tunnel.js';
+import { serveClusterDashboardEvents } from './dashboard-events.js';
+import type { ClusterHost } from '@podflare/protocol';
 import { matchPortTarget, type PortTarget } from '../http/port-proxy.js';
 import { matchPtyTarget } from '../http/pty-socket.js';
 import { SANDBOX_ID_PATTERN } from '@podflare/protocol';
@@ -195,6 +197,11 @@ class Gateway {
         if (path === '/v1/metrics' && method === 'GET') return this.metricsAnswer(res);
         const m = /^\/v1\/sandboxes\/([^/]+)(\/.*)?$/.exec(path);
         if (m) return await this.route(req, res, decodeURIComponent(m[1]!));
+        if (path === '/v1/dashboard/events' && method === 'GET') {
+          return await serveClusterDashboardEvents(req, res, {
+            hosts: this.hosts, isReachable: (id) => this.prober.isReachable(id), target: (h) => this.target(h), clusterHosts: () => this.clusterHosts(),
+          });
+        }
         if (path.startsWith('/v1/dashboard/')) return await this.toFirstLiveHost(req, res);
         throw new ApiError('not_found', `no route ${method} ${path}`);
       } catch (err) {
@@ -515,14 +522,16 @@ class Gateway {
 
   // ---- cluster views ------------------------------------------------------------------------
 
+  private clusterHosts(): ClusterHost[] {
+    return this.hosts.all().sort((a, b) => a.id.localeCompare(b.id)).map((h) => ({
+      id: h.id, address: h.address, ready: h.ready, draining: h.draining, fresh: this.hosts.isFresh(h), reachable: this.prober.isReachable(h.id),
+      heartbeat_age_ms: Math.round(this.hosts.ageOf(h)), live: h.live, capacity: h.capacity,
+      pool: { ready: h.poolReady, target: h.poolTarget },
+    }));
+  }
+
   private hostsAnswer(res: ServerResponse): void {
-    sendJson(res, 200, {
-      hosts: this.hosts.all().sort((a, b) => a.id.localeCompare(b.id)).map((h) => ({
-        id: h.id, address: h.address, ready: h.ready, draining: h.draining, fresh: this.hosts.isFresh(h), reachable: this.prober.isReachable(h.id),
-        heartbeat_age_ms: Math.round(this.hosts.ageOf(h)), live: h.live, capacity: h.capacity,
-        pool: { ready: h.poolReady, target: h.poolTarget },
-      })),
-    });
+    sendJson(res, 200, { hosts: this.clusterHosts() });
   }
 
   private capacityAnswer(res: ServerResponse): void {
