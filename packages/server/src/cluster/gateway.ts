@@ -159,7 +159,7 @@ class Gateway {
   private agentFor(hostId: string): http.Agent {
     let agent = this.agents.get(hostId);
     if (!agent) {
-      agent = new http.Agent({ keepAlive: true, maxSockets: 256, keepAliveMsecs: 10_000 });
+      agent = new http.Agent({ keepAlive: true, maxSockets: 256, keepAliveMsecs: 10_000, noDelay: true });
       this.agents.set(hostId, agent);
     }
     return agent;
