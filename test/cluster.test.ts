@@ -365,6 +365,11 @@ describe('cluster: failures', () => {
 
   it('a node stopped and started again (a service restart, --on-stop keep): its sandboxes answer 503 meanwhile, then 200 with their state', async () => {
     const node = cluster.nodes[2]!;
+    // A node process that keeps its sandboxes on a stop, as `podflare node` does by default (the
+    // test cluster's nodes end theirs, to leave nothing behind).
+    await node.stop();
+    await node.start({ keep: true });
+    await allNodesUp();
     const sbs = [await createOn(2), await createOn(2)];
     for (const [i, s] of sbs.entries()) await s.runCode(`mark = ${i}`);
     const [parent] = sbs;

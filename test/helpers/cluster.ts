@@ -28,8 +28,12 @@ export interface ClusterNode {
   hostIp: string;
   stateDir: string;
   pid(): number;
-  /** Starts it (again, after a kill): resolves once it listens. */
-  start(): Promise<void>;
+  /**
+   * Starts it (again, after a kill): resolves once it listens. `keep`: a later stop (SIGTERM) leaves
+   * its sandboxes running for the next node process, as `podflare node` does by default; without
+   * it a stop ends them, so that a test cluster leaves nothing behind.
+   */
+  start(opts?: { keep?: boolean }): Promise<void>;
   kill9(): Promise<void>;
   stop(): Promise<void>;
   signal(sig: NodeJS.Signals): void;
@@ -38,8 +42,6 @@ export interface ClusterNode {
   /** A request straight to the node (with the node token): what the gateway sees. */
   direct(method: string, p: string, body?: unknown): Promise<Response>;
   stderr(): string;
-  /** Ends every sandbox the node runs (asked directly), e.g. before a stop that keeps them. */
-  endSandboxes(): Promise<void>;
 }
 
 export interface ClusterGateway {
@@ -107,8 +109,6 @@ export async function startCluster(opts: ClusterOptions = {}): Promise<TestClust
   const cleanups: Array<() => Promise<void>> = [];
   const close = async () => {
     for (const g of gateways) await g.stop().catch(() => {});
-    // Nodes keep their sandboxes when stopped (as a service does): end them first.
-    await Promise.all(nodes.map((n) => n.endSandboxes().catch(() => {})));
     await Promise.all(nodes.map((n) => n.stop().catch(() => {})));
     for (const c of cleanups.reverse()) await c().catch(() => {});
     if (!opts.database) await pg.stop();
@@ -148,11 +148,12 @@ export async function startCluster(opts: ClusterOptions = {}): Promise<TestClust
       const node: ClusterNode = {
         id, netns, ip, hostIp, stateDir,
         pid: () => proc?.child.pid ?? -1,
-        async start() {
+        async start(startOpts = {}) {
           // nsenter, not `ip netns exec`: that one mounts a fresh /sys, hiding the cgroup hierarchies.
           const { proc: p } = await spawnUntil('nsenter', [`--net=/run/netns/${netns}`, process.execPath, CLI, 'node',
             '--host', ip, '--port', String(NODE_PORT), '--advertise', `${ip}:${NODE_PORT}`, '--node-id', id,
-            '--state-dir', stateDir, '--images-dir', IMAGES_DIR, '--pool-size', String(opts.poolSize ?? 1), '--log-level', 'warn'],
+            '--state-dir', stateDir, '--images-dir', IMAGES_DIR, '--pool-size', String(opts.poolSize ?? 1), '--log-level', 'warn',
+            '--on-stop', startOpts.keep ? 'keep' : 'destroy'],
           { ...baseEnv, PODFLARE_SANDBOX_UID_BASE: String(uidBase), PODFLARE_VM_UID_BASE: String(uidBase + 70_000),
             PODFLARE_MAX_SANDBOXES: String(opts.maxSandboxes ?? 64) }, /listening on/, `node ${id}`);
           proc = p;
@@ -169,11 +170,6 @@ export async function startCluster(opts: ClusterOptions = {}): Promise<TestClust
           headers: { authorization: `Bearer ${CLUSTER_API_KEY}`, 'x-podflare-node-token': NODE_TOKEN, ...(body === undefined ? {} : { 'content-type': 'application/json' }) },
         }),
         stderr: () => proc?.stderr ?? '',
-        async endSandboxes() {
-          if (proc?.child.exitCode !== null || proc.child.signalCode !== null) return;
-          const listed = (await (await node.direct('GET', '/v1/sandboxes')).json()) as { sandboxes: Array<{ id: string }> };
-          await Promise.all(listed.sandboxes.map(async (s) => (await node.direct('DELETE', `/v1/sandboxes/${s.id}`)).body?.cancel()));
-        },
       };
       nodes.push(node);
     }
