@@ -175,7 +175,7 @@ class Gateway {
       try {
         // Exposed ports: their own checks (as on a node: the key route Host + Origin + key, a signed URL Host only).
         const portTarget = matchPortTarget(req.url);
-        if (portTarget) return await this.route(req, res, this.portSandbox(req, portTarget));
+        if (portTarget) return await this.route(req, res, this.portSandbox(req, portTarget), { appAnswers: true });
         if (this.guard.check(req, res) === 'answered') return;
         const url = new URL(req.url ?? '/', 'http://gateway');
         const path = url.pathname;
@@ -293,7 +293,8 @@ class Gateway {
     return hostId;
   }
 
-  private async route(req: IncomingMessage, res: ServerResponse, id: string): Promise<void> {
+  /** `appAnswers`: the answer is the sandbox's own server's (an exposed port): its 404 says nothing about routing. */
+  private async route(req: IncomingMessage, res: ServerResponse, id: string, opts: { appAnswers?: boolean } = {}): Promise<void> {
     const cached = this.routes.has(id);
     let hostId: string | undefined;
     try {
@@ -306,7 +307,7 @@ class Gateway {
     const hasBody = req.headers['transfer-encoding'] !== undefined || (req.headers['content-length'] ?? '0') !== '0';
     const request: ForwardRequest = { method: req.method ?? 'GET', path: req.url ?? '/', headers: req.headers, body: hasBody ? req : null };
     let answer = await this.forwardTo(hostId, request);
-    if (answer.statusCode === 404 && cached && !hasBody) {
+    if (answer.statusCode === 404 && cached && !hasBody && !opts.appAnswers) {
       // "Not here": the cache may be stale. PostgreSQL decides; ask the host it names, once.
       const notHere = await readAnswer(answer);
       const again = await this.hostOf(id, true).catch(() => hostId);
