@@ -300,6 +300,8 @@ describe('cluster: the dashboard through a gateway', () => {
       await page.waitForFunction(() => [...document.querySelectorAll('[data-testid="host-load"]')]
         .every((td) => /^\s*[1-9]\d* \/ 24\s*$/.test((td as HTMLElement).innerText)), undefined, WAIT);
       for (const text of await rows.getByTestId('host-pool').allInnerTexts()) assert.match(text.trim(), /^\d+ \/ [1-9]\d*$/);
+      // The latency and counters panel below is one node's, and says which.
+      await page.getByTestId('pool-panel').getByText(/^Pool and host \(node-\d\)$/).waitFor(WAIT);
       // A node that stops heartbeating shows as such.
       cluster.nodes[1]!.signal('SIGSTOP');
       try {

@@ -88,6 +88,8 @@ export interface HostSnapshot {
     limit_kills: Record<string, number>;
   };
   history_bytes: number;
+  /** Through a cluster gateway: the cluster host these figures are of (one node's). */
+  cluster_host?: string;
   host: {
     hostname: string; cpus: number; loadavg: number[]; total_memory: number; free_memory: number;
     uptime_seconds: number; node: string; server_rss: number;

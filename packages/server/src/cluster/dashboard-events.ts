@@ -95,7 +95,7 @@ export async function serveClusterDashboardEvents(req: IncomingMessage, res: Ser
     } else if (event === 'host') {
       const loadavg = (parsed as { host?: { loadavg?: number[] } }).host?.loadavg;
       if (Array.isArray(loadavg)) loads.set(hostId, loadavg);
-      if (hostId === hostEventsFrom()) send('host', parsed);
+      if (hostId === hostEventsFrom()) send('host', { ...(parsed as object), cluster_host: hostId });
     } else if (event === 'exec') {
       send('exec', parsed);
     } else if (event === 'problem') {
