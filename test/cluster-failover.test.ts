@@ -143,6 +143,12 @@ describe('cluster: PostgreSQL failover (Patroni + etcd)', () => {
     const k = checkOutcome(killed);
     console.log(`killed primary: creates ${k.ok} ok, ${k.unavailable} × 503; resumed ${k.resumedMs} ms after promotion`);
 
+    // Leader-only jobs run again on the new primary: the janitor lease is renewed (TTL 10 s, every 2 s).
+    const deadline = Date.now() + 30_000;
+    while (db.psql("SELECT count(*) FROM leases WHERE name='janitor' AND expires_at > now() + interval '7 seconds'").trim() !== '1') {
+      assert.ok(Date.now() < deadline, 'the janitor lease was renewed after the failover');
+      await sleep(250);
+    }
     // The sandbox made before it all is still the same interpreter, and its record is there.
     assert.match((await sbx.runCode('print(n > 0)')).stdout, /True/);
     assert.equal(db.psql(`SELECT state FROM sandboxes WHERE id='${sbx.id}'`).trim(), 'ready');
