@@ -237,7 +237,7 @@ class Gateway {
       } catch (err) {
         const apiError = err instanceof ApiError ? err : new ApiError('internal', `gateway error: ${(err as Error)?.message ?? String(err)}`);
         if (!(err instanceof ApiError)) this.log.error('gateway upgrade error', { error: (err as Error)?.stack ?? String(err) });
-        refuseUpgrade(socket, apiError);
+        refuseUpgrade(socket, apiError.status, apiError.toBody(), apiError.headers);
       }
     })();
   }

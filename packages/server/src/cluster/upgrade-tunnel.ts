@@ -8,7 +8,6 @@
 import type { IncomingMessage } from 'node:http';
 import net from 'node:net';
 import type { Duplex } from 'node:stream';
-import { ApiError } from '../http/api-error.js';
 import { NODE_TOKEN_HEADER } from './node-token.js';
 import { NodeUnreachableError } from './proxy.js';
 
@@ -56,11 +55,11 @@ export function tunnelUpgrade(req: IncomingMessage, client: Duplex, head: Buffer
   });
 }
 
-/** Answers a refused upgrade with the API's JSON error and closes the socket. */
-export function refuseUpgrade(client: Duplex, err: ApiError): void {
-  const body = JSON.stringify(err.toBody());
-  let text = `HTTP/1.1 ${err.status} ${err.status === 503 ? 'Service Unavailable' : 'Refused'}\r\nContent-Type: application/json\r\n` +
-    `Content-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n`;
-  for (const [k, v] of Object.entries(err.headers ?? {})) text += `${k}: ${v}\r\n`;
-  client.end(`${text}\r\n${body}`);
+/** Answers a refused upgrade with a JSON error body (the API's shape, made by the caller) and closes the socket. */
+export function refuseUpgrade(client: Duplex, status: number, body: unknown, headers: Record<string, string> = {}): void {
+  const text = JSON.stringify(body);
+  let head = `HTTP/1.1 ${status} ${status === 503 ? 'Service Unavailable' : 'Refused'}\r\nContent-Type: application/json\r\n` +
+    `Content-Length: ${Buffer.byteLength(text)}\r\nConnection: close\r\n`;
+  for (const [k, v] of Object.entries(headers)) head += `${k}: ${v}\r\n`;
+  client.end(`${head}\r\n${text}`);
 }
