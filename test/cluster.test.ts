@@ -219,6 +219,7 @@ describe('cluster: the API through gateways', () => {
     assert.equal(await signed.text(), '<h1>through the gateway</h1>\n');
     const [id, , exp, mac] = host.split('/').pop()!.split('.');
     assert.equal((await fetch(`${gw.url}/v1/ports/${id}.8001.${exp}.${mac}/`)).status, 401);
+    assert.equal((await fetch(`${gw.url}/v1/ports/sbx_${'0'.repeat(32)}.8000.${exp}.${mac}/`)).status, 401, 'no sandbox: refused like a forgery');
 
     // WebSockets: by key, by signed URL; a PTY with the SDK.
     const ws = await waitFor('the WebSocket echo server', () =>

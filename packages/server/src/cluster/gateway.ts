@@ -15,13 +15,17 @@ import { randomBytes } from 'node:crypto';
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
 import type { IncomingMessage, ServerResponse } from 'node:http';
+import type { Duplex } from 'node:stream';
 import pg from 'pg';
+import { SANDBOX_ID_PATTERN, type ClusterHost } from '@podflare/protocol';
 import type { ServerConfig } from '../config.js';
 import { ApiError } from '../http/api-error.js';
 import { bearerKey, KeyRing } from '../http/auth.js';
 import { readJson, sendJson } from '../http/body.js';
 import { BrowserGuard } from '../http/browser-guard.js';
 import type { HttpMount } from '../http/mounts.js';
+import { matchPortTarget, type PortTarget } from '../http/port-proxy.js';
+import { matchPtyTarget } from '../http/pty-socket.js';
 import { createLogger, type Logger } from '../log.js';
 import { migrate } from '../store/pg-migrations.js';
 import { openPgPool } from '../store/pg-pool.js';
@@ -33,11 +37,6 @@ import { claimSlot, pickByLoad } from './placement.js';
 import { NodeUnreachableError, pipeAnswer, readAnswer, sendToNode, type ForwardRequest } from './proxy.js';
 import { refuseUpgrade, tunnelUpgrade } from './upgrade-tunnel.js';
 import { serveClusterDashboardEvents } from './dashboard-events.js';
-import type { ClusterHost } from '@podflare/protocol';
-import { matchPortTarget, type PortTarget } from '../http/port-proxy.js';
-import { matchPtyTarget } from '../http/pty-socket.js';
-import { SANDBOX_ID_PATTERN } from '@podflare/protocol';
-import type { Duplex } from 'node:stream';
 
 export const IDEMPOTENCY_METADATA_KEY = 'podflare:idempotency-key';
 
@@ -175,7 +174,11 @@ class Gateway {
       try {
         // Exposed ports: their own checks (as on a node: the key route Host + Origin + key, a signed URL Host only).
         const portTarget = matchPortTarget(req.url);
-        if (portTarget) return await this.route(req, res, this.portSandbox(req, portTarget), { appAnswers: true });
+        if (portTarget) {
+          // A signed URL naming no sandbox is refused like a forged one (as a node does), not a 404.
+          const notFound = portTarget.kind === 'signed' ? badPortUrl : undefined;
+          return await this.route(req, res, this.portSandbox(req, portTarget), { appAnswers: true, notFound });
+        }
         if (this.guard.check(req, res) === 'answered') return;
         const url = new URL(req.url ?? '/', 'http://gateway');
         const path = url.pathname;
@@ -228,7 +231,7 @@ class Gateway {
           throw new ApiError('not_found', `no WebSocket route ${req.url ?? ''}`);
         }
         const hostId = await this.hostOf(id).catch((err: unknown) => { throw databaseUnavailable(err); });
-        if (!hostId) throw new ApiError('not_found', `no sandbox ${id}`);
+        if (!hostId) throw port?.kind === 'signed' ? badPortUrl() : new ApiError('not_found', `no sandbox ${id}`);
         const h = await this.liveHost(hostId);
         await tunnelUpgrade(req, socket, head, this.target(h)).catch((err: unknown) => {
           throw err instanceof NodeUnreachableError ? this.unavailable(hostId, `cannot be reached (${err.message})`) : err;
@@ -255,7 +258,7 @@ class Gateway {
     }
     this.guard.checkHost(req);
     const id = target.token.split('.')[0] ?? '';
-    if (!SANDBOX_ID_PATTERN.test(id)) throw new ApiError('unauthorized', 'invalid or expired port URL: ask for a new one (getHost / get_host)');
+    if (!SANDBOX_ID_PATTERN.test(id)) throw badPortUrl();
     return id;
   }
 
@@ -294,7 +297,8 @@ class Gateway {
   }
 
   /** `appAnswers`: the answer is the sandbox's own server's (an exposed port): its 404 says nothing about routing. */
-  private async route(req: IncomingMessage, res: ServerResponse, id: string, opts: { appAnswers?: boolean } = {}): Promise<void> {
+  private async route(req: IncomingMessage, res: ServerResponse, id: string,
+    opts: { appAnswers?: boolean; notFound?: () => ApiError } = {}): Promise<void> {
     const cached = this.routes.has(id);
     let hostId: string | undefined;
     try {
@@ -303,7 +307,7 @@ class Gateway {
       throw new ApiError('unavailable', `cannot look up sandbox ${id}: the cluster database is unreachable (${(err as Error).message})`, undefined,
         { 'Retry-After': '2' });
     }
-    if (!hostId) throw new ApiError('not_found', `no sandbox ${id}`);
+    if (!hostId) throw opts.notFound?.() ?? new ApiError('not_found', `no sandbox ${id}`);
     const hasBody = req.headers['transfer-encoding'] !== undefined || (req.headers['content-length'] ?? '0') !== '0';
     const request: ForwardRequest = { method: req.method ?? 'GET', path: req.url ?? '/', headers: req.headers, body: hasBody ? req : null };
     let answer = await this.forwardTo(hostId, request);
@@ -576,6 +580,11 @@ function isHostRefusal(status: number, body: Buffer): boolean {
   if (status === 503 || status === 500) return true;
   // The node's own cap (not a per-key limit or a request rate): admission control said no.
   return status === 429 && body.toString('utf8').includes('the server runs');
+}
+
+/** What a node answers for a forged, altered or expired port URL. */
+function badPortUrl(): ApiError {
+  return new ApiError('unauthorized', 'invalid or expired port URL: ask for a new one (getHost / get_host)');
 }
 
 /** 503 + Retry-After for a create while PostgreSQL cannot be written (down, or mid-failover). */
