@@ -114,7 +114,13 @@ export class Lifecycle {
       maxLifetimeSeconds: Math.min(opts.max_lifetime_seconds ?? config.maxLifetimeSeconds, config.maxLifetimeSeconds),
       metadata: opts.metadata ?? {}, owner: opts.owner, limits,
     };
-    await this.ctx.store.insert(record);
+    try {
+      await this.ctx.store.insert(record);
+    } catch (err) {
+      // No record, no sandbox (a cluster node whose database is mid-failover): nothing may run unrecorded.
+      void rt.destroy();
+      throw new SandboxError('unavailable', `could not record the sandbox: ${(err as Error).message}`, { retryAfterSeconds: 2 });
+    }
     this.adopt(record, runtime, rt);
     release();
     this.ctx.counters.created++;
