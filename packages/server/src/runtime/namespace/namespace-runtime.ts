@@ -33,7 +33,7 @@ import net from 'node:net';
 import path from 'node:path';
 import type { Readable, Writable } from 'node:stream';
 import { AGENT_PROTOCOL, agentProtocolCompatible, isEgressPolicy } from '@podflare/protocol';
-import { detectCgroups, type Cgroups } from '../shared/cgroups.js';
+import { detectCgroups, type Cgroups, type SandboxCgroup } from '../shared/cgroups.js';
 import type { EgressService } from '../../egress/index.js';
 import type { Logger } from '../../log.js';
 import { processTree, run } from '../../proc.js';
@@ -607,29 +607,39 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
         // attached to, or killed on the word of, the agent alone.
         throw parent.channel.protocolViolation(`fork reply: pid ${pid} is not a child of this fork`);
       });
+      // Each child joins its own groups before it is told its root is there: until that signal
+      // it runs nothing and starts no process (agent/podflare_fork.py waits for it), so every
+      // process it will ever have inherits its groups, and its limits hold from its first
+      // instruction of user code. (cgroup v1 moves one process per write: a process started
+      // before the move would stay in the parent's, or the zygote's, groups.)
+      const joined = prepared.map(async (_p, i) => {
+        const g = (await groups)?.[i];
+        if (g instanceof Error) throw g;
+        await g?.add(childPids[i]!);
+        return g ?? null;
+      });
+      for (const j of joined) j.catch(() => undefined);
       // Each root goes straight into its child's own mount namespace (neither the host's nor the
       // parent's mount table ever shows it); the signal tells the child it is there.
       const grafted = Promise.all(prepared.map(async (p, i) => {
         const handle = p.overlay!;
         p.overlay = undefined;
-        await this.hostd.attachOverlay(handle, childPids[i]!, SPAWN_AREA).catch((e: Error) => { throw refusedBySandbox(e); });
+        await Promise.all([
+          this.hostd.attachOverlay(handle, childPids[i]!, SPAWN_AREA).catch((e: Error) => { throw refusedBySandbox(e); }),
+          joined[i],
+        ]);
         process.kill(childPids[i]!, ROOT_READY_SIGNAL);
       }));
       grafted.catch(() => undefined);
-      // Into their own groups at once: what each child starts from now on is accounted to it.
-      const grouped = groups?.then((gs) => Promise.all(gs.map(async (g, i) => {
-        if (g instanceof Error) throw g;
-        await g.add(childPids[i]!);
-        return g;
-      })));
-      grouped?.catch(() => undefined);
       // A child with an allowlist gets a proxy of its own (same policy, its own events).
       policies = Promise.allSettled(prepared.map((p, i) => (isEgressPolicy(p.spec.egress) ? openEgressListeners(childPids[i]!, this.opts.startTimeoutMs) : null)));
       await grafted;
       phase('roots grafted');
+      const ownGroups = await Promise.all(joined);
       for (const [i, p] of prepared.entries()) {
         const child = new ForkedSandbox(p.spec, p.dirs, lowers, parent, p.holder.socket, this.hooks);
         child.holder = { pid: p.holder.pid, socket: holderPaths(this.opts.stateDir, p.spec.id).socket };
+        child.cgroup = ownGroups[i]!;
         for (const l of lowers) this.retainLayer(l);
         this.live.set(p.spec.id, child);
         created.push(child);
@@ -648,12 +658,9 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
       if (failed) throw failed.reason; // the children (and the proxies attached) are destroyed below
       await Promise.all(created.map((c) => c.channel.waitHello(this.opts.startTimeoutMs)));
       phase('children answered');
-      // Finishing after the fork has answered, each child's first request waits for them (`ready`):
-      // - its network: slirp4netns takes milliseconds to configure the child's tap device;
-      // - its cgroups: moving processes between groups waits for an RCU grace period on v1
-      //   (milliseconds each). A child's PID 1 may have started its interpreter before it
-      //   joined its group, hence the sweep (nothing else runs in a child before its first request).
-      // slirp4netns starts only now: its start-up would take CPU from the children still forking.
+      // Finishing after the fork has answered, each child's first request waits for its network
+      // (`ready`): slirp4netns takes milliseconds to configure the child's tap device. It starts
+      // only now: its start-up would take CPU from the children still forking.
       for (const [i, c] of created.entries()) {
         const network = (c.spec.egress === true ? startSlirp(this.opts.spawner, childPids[i]!, this.opts.startTimeoutMs, { outliveServer: true }) : Promise.resolve(null)).then((slirp) => {
           if (slirp && c.ended) slirp.stop();
@@ -663,16 +670,13 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
           this.opts.log.warn('a fork child could not get its network; it is closed', { sandbox: c.id, error: e.message });
           void c.destroy();
         });
-        const grouping = grouped?.then(async (gs) => {
-          c.cgroup = gs[i]!;
-          const tree = await processTree(c.initPid!);
-          await Promise.all(tree.slice(1).map((pid) => gs[i]!.add(pid).catch(() => undefined)));
-        }).catch((e: Error) => {
-          if (!c.ended) this.opts.log.warn('a fork child could not get cgroups of its own', { sandbox: c.id, error: e.message });
-          void groups!.then((gs) => gs.forEach((g) => {
-            if (!(g instanceof Error) && !created.some((x) => x.cgroup === g)) void g.remove().catch(() => undefined);
-          }));
-        });
+        // A process the child started before it joined (only code of the parent's, which ran in
+        // the interpreter it was forked from, could make it) joins too.
+        const grouping = c.cgroup ? joinStragglers(c.cgroup, c.initPid!).catch((e: Error) => {
+          if (c.ended) return;
+          this.opts.log.warn('a fork child\'s processes could not all join its cgroups; it is closed', { sandbox: c.id, error: e.message });
+          void c.destroy();
+        }) : Promise.resolve();
         c.ready = Promise.all([network, grouping]).then(() => this.saveRecord(c)).catch((e: Error) => {
           this.opts.log.warn('a fork child\'s holder record could not be written: it will not survive a restart', { sandbox: c.id, error: e.message });
         });
@@ -793,6 +797,21 @@ const RUN_DIR_MODE = 0o711;
 async function removeRunDir(runDir: string): Promise<void> {
   await rm(path.join(runDir, 'agent.sock'), { force: true }).catch(() => undefined);
   await rmdir(runDir).catch(() => undefined);
+}
+
+/**
+ * Moves the processes of a fork child's tree that are not in its groups into them, again until
+ * none is left (one may start another while it is moved). Its PID 1 joined before it ran
+ * anything, so normally there is none.
+ */
+async function joinStragglers(group: SandboxCgroup, init: number): Promise<void> {
+  for (let round = 0; round < 10; round++) {
+    const members = new Set(await group.processes());
+    const strays = (await processTree(init)).filter((pid) => !members.has(pid));
+    if (strays.length === 0) return;
+    await Promise.all(strays.map((pid) => group.add(pid).catch(() => undefined))); // ended meanwhile: gone from the tree
+  }
+  throw new Error('processes kept appearing outside the sandbox\'s cgroups');
 }
 
 /** The host pids proven to be a fork's children (see hostPidsOfForkChildren). */

@@ -159,9 +159,13 @@ export class SandboxCgroup {
     for (const dir of this.unique()) await mkdir(dir, { recursive: true });
   }
 
-  /** Moves a process (and so everything it starts later) into the sandbox's groups. */
+  /**
+   * Moves a process (and so everything it starts later) into the sandbox's groups. On v1 a write
+   * moves that one process: one it started before stays where it was. The writes go together: a
+   * move may wait for an RCU grace period, and concurrent ones share it.
+   */
   async add(pid: number): Promise<void> {
-    for (const dir of this.unique()) await writeFile(path.join(dir, 'cgroup.procs'), String(pid));
+    await Promise.all(this.unique().map((dir) => writeFile(path.join(dir, 'cgroup.procs'), String(pid))));
   }
 
   /**
