@@ -29,8 +29,8 @@ from podflare_common import AGENT_DIR, CHANNEL_READ, HOME, LineBuffer, encode_li
 from podflare_display import MatplotlibHook, figure_bundle, is_figure, mime_bundle, mime_value
 
 #: Runs the supervisor of a fork child, over the worker it inherits (given by podflare_agent):
-#: (channel fd, worker, exec count) -> exit status.
-BecomeSupervisor = Callable[[int, 'Worker', int], int]
+#: (channel fd, worker, exec count, whether the fork made only this child) -> exit status.
+BecomeSupervisor = Callable[[int, 'Worker', int, bool], int]
 
 
 def _pidfd(pid: int) -> int | None:
@@ -204,7 +204,8 @@ class Worker(CellsMixin):
             os.dup2(null, fd)
         os.close(null)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
-        os._exit(self.become_supervisor(sock.detach(), self, int(msg.get('exec_count') or 0)))
+        alone = len(msg.get('children') or []) == 1
+        os._exit(self.become_supervisor(sock.detach(), self, int(msg.get('exec_count') or 0), alone))
 
     def _reap_fork_children(self) -> None:
         """Fork children start as our children: reap the ones that have ended."""

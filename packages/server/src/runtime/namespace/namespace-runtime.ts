@@ -43,15 +43,16 @@ import { bwrapArgs, SANDBOX_PATH } from './bwrap-args.js';
 import { HostHelper, type HostHelperOptions } from './hostd.js';
 import type { Spawner } from '../shared/spawner.js';
 import { DiskVolume } from './disk-volume.js';
+import { SpareHolders, type ForkHolder } from './spare-holders.js';
 import { assertMountablePath, sandboxDirs, sandboxesDir, trashDir, type SandboxDirs } from './layout.js';
 import { Trash } from './trash.js';
 import { proxyEnvironment } from './netns-addresses.js';
 import { closeEgressListeners, openEgressListeners, type EgressListeners } from './netns-listeners.js';
-import { adoptedSlirp, startSlirp } from '../shared/slirp.js';
+import { adoptedSlirp, startSlirp, type Slirp } from '../shared/slirp.js';
 import { removeLeftovers } from './reconcile.js';
 import {
   connectHolder, HOLDER_RECORD_VERSION, holderLogTail, holderPaths, holdersDir, killIfStill, loadHolderRecords, prepareHoldersDir,
-  removeHolderFiles, saveHolderRecord, startHolder, type HolderRecord, type StartedHolder,
+  removeHolderFiles, saveHolderRecord, startHolder, type HolderRecord,
 } from './holder.js';
 import { hasMount, killStrayHolders, removeStrayHolderFiles, settleAdopted } from './adopt.js';
 import { bootTicksNow, ForkedSandbox, hostPidsOfForkChildren, NsSandbox, RootSandbox, type SandboxHooks } from './ns-sandbox.js';
@@ -80,6 +81,12 @@ export interface NamespaceRuntimeOptions {
   spawner: Spawner;
   /** The host helper's workers and timeouts (defaults in hostd.ts). */
   hostHelper?: Omit<HostHelperOptions, 'log'>;
+  /**
+   * Fork children's holders kept started ahead of need (spare-holders.ts): a fork of up to this
+   * many children waits for no holder to start.
+   * @default 6
+   */
+  spareHolders?: number;
   /**
    * Sandboxes an earlier server left whose agent speaks another major protocol version: 'clean'
    * (ended and cleaned, recorded lost) or 'refuse' (reconcile throws: the server does not start).
@@ -132,12 +139,17 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
   private letGo = false;
   /** Ended sandboxes' directories, removed when nothing is being started. */
   private readonly trash: Trash;
+  /** Fork children's holders started ahead of need (from the first fork on). */
+  private readonly spares: SpareHolders;
 
   constructor(private readonly opts: NamespaceRuntimeOptions) {
     this.name = opts.name;
     this.capabilities = { fork: true, freeze: false, egress: true, egressPolicy: opts.egress !== undefined, limits: true, zygote: true, templates: true, outlivesServer: true };
     this.hostd = new HostHelper({ ...opts.hostHelper, log: opts.log });
     this.trash = new Trash(trashDir(opts.stateDir), (tree) => this.hostd.removeTree(tree));
+    this.spares = new SpareHolders({
+      stateDir: opts.stateDir, uid: opts.uidBase, timeoutMs: opts.startTimeoutMs, count: opts.spareHolders ?? 6, spawner: opts.spawner, log: opts.log,
+    });
     for (const d of [opts.stateDir, ...opts.lowerDirs]) assertMountablePath(d);
     this.hooks = {
       log: opts.log,
@@ -284,6 +296,7 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
   async close(opts: CloseOptions = {}): Promise<void> {
     // Starts in flight finish (or fail) first, so none of them leaves a mount behind.
     await this.inFlight.close();
+    await this.spares.close(); // they hold nothing
     // Nothing to keep: a full stop (the disk volume unmounted, nothing left behind).
     if (opts.keepSandboxes && this.live.size > 0) return this.letGoOfSandboxes();
     // Children first: a parent with live children would only become a husk.
@@ -522,10 +535,12 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
     }
     const t0 = performance.now();
     const phase = (name: string) => this.opts.log.debug(`fork: ${name}`, { parent: parent.id, ms: Math.round((performance.now() - t0) * 10) / 10 });
-    // The children's cgroups are made while the layer freezes (a v1 memory group takes a while).
+    // The children's cgroups are made while the layer freezes (a v1 memory group takes a while),
+    // and their moves into them made cheap (cgroups.ts, warmMoves).
+    void parent.cgroup?.warmMoves(parent.initPid).catch(() => undefined);
     const cgroups = this.cgroups;
     const groups = cgroups ? Promise.all(specs.map((spec) => cgroups.create(spec.id, spec.limits).catch((e: Error) => e))) : null;
-    const prepared: Array<{ spec: SandboxSpec; dirs: SandboxDirs; holder: StartedHolder; runDir: string; overlay?: number }> = [];
+    const prepared: Array<{ spec: SandboxSpec; dirs: SandboxDirs; holder: ForkHolder; runDir: string; overlay?: number }> = [];
     const created: ForkedSandbox[] = [];
     let lowers: string[] = [];
     let forkedPids: number[] = [];
@@ -537,6 +552,8 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
     /** Every child directory made, whatever step failed after it. */
     const madeDirs: SandboxDirs[] = [];
     let policies: Promise<Array<PromiseSettledResult<EgressListeners | null>>> | null = null;
+    /** slirp4netns of a fork's only child, started before the child is a sandbox (stopped if it never becomes one). */
+    let earlySlirp: Promise<Slirp> | null = null;
     const served = new Set<EgressListeners>();
     try {
       if (!parent.spawnAreaReady) {
@@ -554,6 +571,7 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
         children: specs.map((spec) => ({ id: spec.id, root: SPAWN_AREA, hostname: spec.hostname })),
       });
       forking.catch(() => undefined);
+      void forking.then(() => phase('fork answered by the interpreter'), () => undefined);
       // Fresh files: the image's layers as they are (no fork layer to make, none to retain).
       const layers = opts.freshFiles ? Promise.resolve(parent.lowers.filter((l) => !this.isForkLayer(l))) : this.freezeUpper(parent);
       const layered = layers.then((l) => {
@@ -571,6 +589,7 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
         const runDir = path.join(dirs.dir, 'run');
         await this.makeSandboxDir(dirs, spec);
         madeDirs.push(dirs);
+        phase('child directory made');
         await mkdir(runDir, { mode: RUN_DIR_MODE });
         await chmod(runDir, RUN_DIR_MODE); // whatever the umask
         // The child's holder (holder.ts) listens there for it, the socket owned by sandbox root
@@ -580,16 +599,16 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
         if (Buffer.byteLength(accept) > 107) {
           throw new SandboxError('conflict', `socket path too long for a unix socket: ${accept} (choose a shorter state directory)`);
         }
-        const holder = await startHolder({
-          stateDir: this.opts.stateDir, id: spec.id, uid: this.opts.uidBase, accept, timeoutMs: this.opts.startTimeoutMs,
-        });
+        const holder = (await this.spares.take(spec.id, accept)) ?? (await this.startForkHolder(spec.id, accept));
         const entry: (typeof prepared)[number] = { spec, dirs, holder, runDir };
         prepared.push(entry);
+        phase('child holder started');
         await this.makeUpper(dirs);
         await layered;
         entry.overlay = await this.hostd.prepareOverlay({
           lowers, upper: dirs.upper, work: dirs.work, binds: [{ source: runDir, target: '/.pf/run' }],
         });
+        phase('child root made');
       });
       await Promise.all(making);
       prepared.sort((a, b) => specs.indexOf(a.spec) - specs.indexOf(b.spec));
@@ -616,6 +635,7 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
         const g = (await groups)?.[i];
         if (g instanceof Error) throw g;
         await g?.add(childPids[i]!);
+        phase('child joined its cgroups');
         return g ?? null;
       });
       for (const j of joined) j.catch(() => undefined);
@@ -625,12 +645,19 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
         const handle = p.overlay!;
         p.overlay = undefined;
         await Promise.all([
-          this.hostd.attachOverlay(handle, childPids[i]!, SPAWN_AREA).catch((e: Error) => { throw refusedBySandbox(e); }),
+          this.hostd.attachOverlay(handle, childPids[i]!, SPAWN_AREA).then(() => phase('child root attached'), (e: Error) => { throw refusedBySandbox(e); }),
           joined[i],
         ]);
         process.kill(childPids[i]!, ROOT_READY_SIGNAL);
       }));
       grafted.catch(() => undefined);
+      // The only child of a fork (a pool miss, a fork(1)) gets its network now, while its root
+      // is placed: its first request waits for it. Its namespace (loopback up) exists since it
+      // answered. With siblings, slirp4netns starts once they have answered (see below).
+      if (prepared.length === 1 && prepared[0]!.spec.egress === true) {
+        earlySlirp = startSlirp(this.opts.spawner, childPids[0]!, this.opts.startTimeoutMs, { outliveServer: true });
+        earlySlirp.catch(() => undefined);
+      }
       // A child with an allowlist gets a proxy of its own (same policy, its own events).
       policies = Promise.allSettled(prepared.map((p, i) => (isEgressPolicy(p.spec.egress) ? openEgressListeners(childPids[i]!, this.opts.startTimeoutMs) : null)));
       await grafted;
@@ -638,6 +665,7 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
       const ownGroups = await Promise.all(joined);
       for (const [i, p] of prepared.entries()) {
         const child = new ForkedSandbox(p.spec, p.dirs, lowers, parent, p.holder.socket, this.hooks);
+        p.holder.socket.resume(); // a spare's was paused after its assignment (spare-holders.ts)
         child.holder = { pid: p.holder.pid, socket: holderPaths(this.opts.stateDir, p.spec.id).socket };
         child.cgroup = ownGroups[i]!;
         for (const l of lowers) this.retainLayer(l);
@@ -662,7 +690,9 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
       // (`ready`): slirp4netns takes milliseconds to configure the child's tap device. It starts
       // only now: its start-up would take CPU from the children still forking.
       for (const [i, c] of created.entries()) {
-        const network = (c.spec.egress === true ? startSlirp(this.opts.spawner, childPids[i]!, this.opts.startTimeoutMs, { outliveServer: true }) : Promise.resolve(null)).then((slirp) => {
+        const slirping = earlySlirp ?? (c.spec.egress === true ? startSlirp(this.opts.spawner, childPids[i]!, this.opts.startTimeoutMs, { outliveServer: true }) : null);
+        earlySlirp = null; // the child's now: stopped with it
+        const network = (slirping ?? Promise.resolve(null)).then((slirp) => {
           if (slirp && c.ended) slirp.stop();
           else c.slirp = slirp;
         }, (e: Error) => {
@@ -685,6 +715,7 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
     } catch (err) {
       // Listening sockets nobody serves would keep the children's network namespaces alive.
       for (const r of policies ? await policies : []) if (r.status === 'fulfilled' && r.value && !served.has(r.value)) closeEgressListeners(r.value);
+      (await earlySlirp?.catch(() => null))?.stop();
       await Promise.all(created.map((c) => c.destroy()));
       // Children that never became sandboxes: they wait for a root that will not come.
       if (!forkedPids.length && parent.initPid) {
@@ -697,7 +728,7 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
       for (const p of prepared) {
         if (created.some((c) => c.id === p.spec.id)) continue;
         p.holder.socket.destroy();
-        p.holder.child.kill('SIGKILL');
+        p.holder.kill();
         await removeHolderFiles(this.opts.stateDir, p.spec.id);
       }
       for (const dirs of madeDirs) await this.trash.throwAway(dirs);
@@ -715,6 +746,12 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
         void removeRunDir(p.runDir);
       }
     }
+  }
+
+  /** A fork child's holder started for it (no spare was ready). */
+  private async startForkHolder(id: string, accept: string): Promise<ForkHolder> {
+    const h = await startHolder({ stateDir: this.opts.stateDir, id, uid: this.opts.uidBase, accept, timeoutMs: this.opts.startTimeoutMs });
+    return { pid: h.pid, socket: h.socket, kill: () => h.child.kill('SIGKILL') };
   }
 
   /** Egress through the policy proxy: listeners in the sandbox's network namespace, served here. */

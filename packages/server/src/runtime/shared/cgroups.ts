@@ -169,6 +169,16 @@ export class SandboxCgroup {
   }
 
   /**
+   * Writes `pid` (a process already in the groups: the sandbox's PID 1) into its pids group
+   * again, which moves nothing. Why: on v1 a move waits for an RCU grace period (~10 ms) unless
+   * another move happened just before; a fork calls this as it starts, so that its children's
+   * moves, milliseconds later, find the grace period already passed.
+   */
+  async warmMoves(pid: number): Promise<void> {
+    if (this.h.version === 1) await writeFile(path.join(this.dirs.pids, 'cgroup.procs'), String(pid));
+  }
+
+  /**
    * Host pids of every process in the sandbox's group: all of its processes, in whatever pid
    * namespace they made below its own (a fork child's are in the child's own group).
    */
