@@ -141,6 +141,8 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
   private readonly trash: Trash;
   /** Fork children's holders started ahead of need (from the first fork on). */
   private readonly spares: SpareHolders;
+  /** Spawn areas being made (see makeSpawnArea). */
+  private readonly spawnAreas = new WeakMap<NsSandbox, Promise<void>>();
 
   constructor(private readonly opts: NamespaceRuntimeOptions) {
     this.name = opts.name;
@@ -556,10 +558,7 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
     let earlySlirp: Promise<Slirp> | null = null;
     const served = new Set<EgressListeners>();
     try {
-      if (!parent.spawnAreaReady) {
-        await this.hostd.tmpfs(parent.initPid, SPAWN_AREA, this.opts.uidBase).catch((e: Error) => { throw refusedBySandbox(e); });
-        parent.spawnAreaReady = true;
-      }
+      if (!parent.spawnAreaReady) await this.makeSpawnArea(parent);
       // The interpreter forks first: its children take their namespaces while the layer freezes
       // and their directories and roots are made; each then waits for its root (placed straight
       // into its own mount namespace below) and a signal before switching to it.
@@ -746,6 +745,19 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
         void removeRunDir(p.runDir);
       }
     }
+  }
+
+  /** A parent's spawn area, made once even for forks at once (a zygote's misses beside its refills). */
+  private makeSpawnArea(parent: NsSandbox): Promise<void> {
+    let made = this.spawnAreas.get(parent);
+    if (!made) {
+      made = this.hostd.tmpfs(parent.initPid!, SPAWN_AREA, this.opts.uidBase).then(() => { parent.spawnAreaReady = true; }, (e: Error) => {
+        this.spawnAreas.delete(parent);
+        throw refusedBySandbox(e);
+      });
+      this.spawnAreas.set(parent, made);
+    }
+    return made;
   }
 
   /** A fork child's holder started for it (no spare was ready). */
