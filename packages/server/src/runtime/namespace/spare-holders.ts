@@ -27,6 +27,8 @@ export interface SpareHoldersOptions {
   count: number;
   /** Starts them with posix_spawn: a start from Node would stall the event loop (spawner.ts). */
   spawner: Spawner;
+  /** A taken spare ends its child when this server dies (onStop 'destroy'), as `--watch-server` would. */
+  watchServer: boolean;
   log: Logger;
 }
 
@@ -79,7 +81,7 @@ export class SpareHolders {
     this.fill();
     if (!spare) return null;
     try {
-      await assign(spare.holder.socket, id, accept, this.o.timeoutMs);
+      await assign(spare.holder.socket, { id, accept, watch: this.o.watchServer }, this.o.timeoutMs);
       try { os.setPriority(spare.holder.pid, 0); } catch { /* it ended: the fork finds out */ }
       return spare.holder;
     } catch (err) {
@@ -148,7 +150,7 @@ export class SpareHolders {
 }
 
 /** Gives a spare its fork child: one line out, "assigned" back. Leaves the socket paused. */
-function assign(socket: net.Socket, id: string, accept: string, timeoutMs: number): Promise<void> {
+function assign(socket: net.Socket, assignment: { id: string; accept: string; watch: boolean }, timeoutMs: number): Promise<void> {
   return new Promise((resolve, reject) => {
     let got = '';
     const done = (err: Error | null) => {
@@ -172,6 +174,6 @@ function assign(socket: net.Socket, id: string, accept: string, timeoutMs: numbe
     const timer = setTimeout(() => done(new Error('the spare holder did not answer')), timeoutMs);
     socket.on('data', onData);
     socket.once('close', onClose);
-    socket.write(JSON.stringify({ id, accept }) + '\n');
+    socket.write(JSON.stringify(assignment) + '\n');
   });
 }
