@@ -23,6 +23,7 @@ import types
 from collections import deque
 from typing import Any, Callable
 
+import podflare_checkpoint
 import podflare_fork
 from podflare_cells import CellsMixin
 from podflare_common import AGENT_DIR, CHANNEL_READ, HOME, LineBuffer, encode_line, hello_message
@@ -107,6 +108,8 @@ class Worker(CellsMixin):
                     self.run_exec(msg)
                 elif op == 'fork':
                     self.fork_children(msg)
+                elif op == 'checkpoint':
+                    podflare_checkpoint.take(self, msg)
                 elif op == 'vars':
                     self.send({'type': 'vars', 'id': msg.get('id'), 'vars': podflare_fork.snapshot_vars(self.ns)})
                 elif op == 'reseed':

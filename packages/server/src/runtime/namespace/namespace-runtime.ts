@@ -55,6 +55,7 @@ import {
 } from './holder.js';
 import { hasMount, killStrayHolders, removeStrayHolderFiles, settleAdopted } from './adopt.js';
 import { bootTicksNow, ForkedSandbox, hostPidsOfForkChildren, NsSandbox, RootSandbox, type SandboxHooks } from './ns-sandbox.js';
+import { NsHeldCheckpoints } from './held-checkpoints.js';
 
 export interface NamespaceRuntimeOptions {
   /** The name it is registered under (runtime/drivers.ts). */
@@ -132,6 +133,8 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
   private letGo = false;
   /** Ended sandboxes' directories, removed when nothing is being started. */
   private readonly trash: Trash;
+  /** Checkpoints held inside the sandboxes (held-checkpoints.ts). */
+  readonly heldCheckpoints: NsHeldCheckpoints;
 
   constructor(private readonly opts: NamespaceRuntimeOptions) {
     this.name = opts.name;
@@ -139,6 +142,11 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
     this.hostd = new HostHelper({ ...opts.hostHelper, log: opts.log });
     this.trash = new Trash(trashDir(opts.stateDir), (tree) => this.hostd.removeTree(tree));
     for (const d of [opts.stateDir, ...opts.lowerDirs]) assertMountablePath(d);
+    this.heldCheckpoints = new NsHeldCheckpoints({
+      hostd: this.hostd, log: opts.log, uidBase: opts.uidBase, spawnArea: SPAWN_AREA,
+      freezeUpper: (s) => this.freezeUpper(s), retainLayer: (l) => this.retainLayer(l), releaseLayer: (l) => this.releaseLayer(l),
+      saveRecord: (s) => this.saveRecord(s),
+    });
     this.hooks = {
       log: opts.log,
       setDiskLimit: async (dir, bytes) => {
