@@ -67,7 +67,12 @@ def take(worker: Any, msg: dict) -> None:
     if pid == 0:
         code = 70
         try:
-            _hold(worker, files, sockets, cwd, wake_r, wake_w)
+            # As little as possible runs here before the copy stops: every page it writes (even a
+            # reference count) becomes a private copy for as long as the checkpoint lives.
+            os.setsid()  # out of the worker's group: its interrupts and restarts never reach us
+            podflare_fork.close_fds(sockets + [worker.cmd_fd, worker.ctl_fd])
+            os.kill(os.getpid(), signal.SIGSTOP)  # until the supervisor wakes us (SIGCONT)
+            _hold(worker, files, cwd, wake_r, wake_w)
         except BaseException as exc:  # noqa: BLE001 - report and die, never return into the worker's loop
             try:
                 os.write(2, f'podflare checkpoint failed: {type(exc).__name__}: {exc}\n'.encode())
@@ -80,13 +85,10 @@ def take(worker: Any, msg: dict) -> None:
     worker.send({'type': 'checkpointed', 'id': msg.get('id'), 'pid': pid, 'wake_fd': wake_w})
 
 
-def _hold(worker: Any, files: list, sockets: list[int], cwd: str, wake_r: int, wake_w: int) -> None:
-    """The frozen copy: touches as little memory as it can (every page it writes is a private
-    copy), and waits."""
-    os.setsid()
+def _hold(worker: Any, files: list, cwd: str, wake_r: int, wake_w: int) -> None:
+    """The frozen copy, woken: does what it is told on its wake pipe (a copy made for a restore
+    that keeps the checkpoint stops again, as the first one did)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    podflare_fork.close_fds(sockets)
-    podflare_fork.close_fds([worker.cmd_fd, worker.ctl_fd])
     podflare_fork.close_fds([fd for fd in worker.fork_pids.values() if fd is not None])
     worker.fork_pids = {}
     pending = b''
@@ -110,7 +112,8 @@ def _hold(worker: Any, files: list, sockets: list[int], cwd: str, wake_r: int, w
             if cmd.get('keep'):
                 copy = _fork_copy()
                 if copy == 0:
-                    continue  # the copy: holds on as the checkpoint
+                    os.kill(os.getpid(), signal.SIGSTOP)  # the copy: holds on as the checkpoint
+                    continue
             _resume(worker, cmd, files, cwd, copy, (wake_r, wake_w))
 
 
@@ -206,9 +209,11 @@ class Held:
             pass
 
     def tell(self, msg: dict) -> None:
+        """A command on its wake pipe, and the signal that lets it read it."""
         data = encode_line(msg)
         if os.write(self.wake, data) != len(data):
             raise OSError('short write to a checkpoint')
+        self.signal(signal.SIGCONT)
 
     def close(self) -> None:
         for fd in (self.wake, self.pidfd):

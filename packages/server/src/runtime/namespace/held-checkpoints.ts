@@ -51,6 +51,12 @@ interface NsCheckpoint extends HeldCheckpoint {
   released: boolean;
 }
 
+/** Debug timings of a checkpoint or restore's phases (ms since its start). */
+function phaseLog(log: Logger, what: string, sandbox: string): (name: string) => void {
+  const t0 = performance.now();
+  return (name) => log.debug(`${what}: ${name}`, { sandbox, ms: Math.round((performance.now() - t0) * 10) / 10 });
+}
+
 /** An agent that does not know the op (an older agent adopted after an upgrade). */
 function unknownOp(err: unknown): boolean {
   return err instanceof Error && /unknown op/.test(err.message);
@@ -63,9 +69,10 @@ export class NsHeldCheckpoints implements HeldCheckpoints<NsSandbox> {
     if (!s.initPid || s.ended) throw new SandboxError('sandbox_gone', `sandbox ${s.id} is gone`);
     await s.ready;
     const ref = 'c' + randomBytes(8).toString('hex');
+    const phase = phaseLog(this.host.log, 'checkpoint', s.id);
     // The interpreter forks while the layer is copied: both are of this idle moment.
-    const forking = s.channel.request({ op: 'checkpoint', ref });
-    const freezing = this.host.freezeUpper(s);
+    const forking = s.channel.request({ op: 'checkpoint', ref }).finally(() => phase('interpreter forked'));
+    const freezing = this.host.freezeUpper(s).finally(() => phase('layer frozen'));
     const [forked, frozen] = await Promise.allSettled([forking, freezing]);
     if (frozen.status === 'fulfilled') for (const l of frozen.value) this.host.retainLayer(l);
     const cp: NsCheckpoint = { ref, lowers: frozen.status === 'fulfilled' ? frozen.value : [], released: false };
@@ -82,26 +89,32 @@ export class NsHeldCheckpoints implements HeldCheckpoints<NsSandbox> {
     const cp = held as NsCheckpoint;
     if (!s.initPid || s.ended) throw new SandboxError('sandbox_gone', `sandbox ${s.id} is gone`);
     const { hostd } = this.host;
-    if (!s.spawnAreaReady) {
-      await hostd.tmpfs(s.initPid, this.host.spawnArea, this.host.uidBase);
-      s.spawnAreaReady = true;
-    }
+    const initPid = s.initPid;
+    const phase = phaseLog(this.host.log, 'restore', s.id);
+    // The spawn area (lost with the root a restore leaves) is made while the new root is.
+    const spawnArea = s.spawnAreaReady ? Promise.resolve() : hostd.tmpfs(initPid, this.host.spawnArea, this.host.uidBase);
+    spawnArea.catch(() => undefined);
     const tag = randomBytes(6).toString('hex');
     const next = { upper: path.join(s.dirs.dir, `upper-${tag}`), work: path.join(s.dirs.dir, `work-${tag}`) };
-    await Promise.all([mkdir(next.upper), mkdir(next.work)]);
-    await chown(next.upper, this.host.uidBase, this.host.uidBase);
     let attached = false;
     try {
+      await Promise.all([mkdir(next.upper).then(() => chown(next.upper, this.host.uidBase, this.host.uidBase)), mkdir(next.work)]);
       const handle = await hostd.prepareOverlay({ lowers: cp.lowers, upper: next.upper, work: next.work });
-      await hostd.attachOverlay(handle, s.initPid, this.host.spawnArea).catch(async (e: Error) => {
+      phase('root made');
+      await spawnArea;
+      s.spawnAreaReady = true;
+      await hostd.attachOverlay(handle, initPid, this.host.spawnArea).catch(async (e: Error) => {
         await hostd.discardOverlay(handle).catch(() => undefined);
         throw e;
       });
       attached = true;
+      phase('root attached');
       const reply = await s.channel.request({ op: 'checkpoint_restore', ref: cp.ref, root: this.host.spawnArea, keep });
+      phase('agent restored');
       // The spawn area was in the root the agent has just left.
       s.spawnAreaReady = false;
       await this.swapFiles(s, next, cp.lowers);
+      phase('files swapped');
       if (!reply.kept) this.releaseLayers(cp);
       return { kept: reply.kept };
     } catch (err) {
