@@ -30,7 +30,6 @@ import json
 import os
 import selectors
 import signal
-import time
 from typing import Any
 
 import podflare_fork
@@ -69,29 +68,42 @@ def take(worker: Any, msg: dict) -> None:
         try:
             # As little as possible runs here before the copy stops: every page it writes (even a
             # reference count) becomes a private copy for as long as the checkpoint lives.
-            os.setsid()  # out of the worker's group: its interrupts and restarts never reach us
+            _own_group()
             podflare_fork.close_fds(sockets + [worker.cmd_fd, worker.ctl_fd])
-            os.kill(os.getpid(), signal.SIGSTOP)  # until the supervisor wakes us (SIGCONT)
-            _hold(worker, files, cwd, wake_r, wake_w)
+            first = os.read(wake_r, 4096)  # blocked until the supervisor has a command for us
+            _hold(worker, files, cwd, wake_r, wake_w, first)
         except BaseException as exc:  # noqa: BLE001 - report and die, never return into the worker's loop
             try:
                 os.write(2, f'podflare checkpoint failed: {type(exc).__name__}: {exc}\n'.encode())
             except OSError:
                 pass
         os._exit(code)
+    _own_group(pid)  # before anyone hears of it: a signal to our group must never reach it
     os.close(wake_r)
     os.close(wake_w)
     worker.fork_pids[pid] = _pidfd(pid)  # ours to reap until we end (then the supervisor's)
     worker.send({'type': 'checkpointed', 'id': msg.get('id'), 'pid': pid, 'wake_fd': wake_w})
 
 
-def _hold(worker: Any, files: list, cwd: str, wake_r: int, wake_w: int) -> None:
-    """The frozen copy, woken: does what it is told on its wake pipe (a copy made for a restore
-    that keeps the checkpoint stops again, as the first one did)."""
+def _own_group(pid: int = 0) -> None:
+    """Puts a checkpoint's process (`pid`, or this one) in a process group of its own, out of the
+    worker's: the worker's interrupts and restarts (signals to its group) never reach it. Both the
+    parent and the child do it (whichever runs first); a later call may fail harmlessly."""
+    try:
+        os.setpgid(pid, 0)
+    except OSError:
+        pass
+
+
+def _hold(worker: Any, files: list, cwd: str, wake_r: int, wake_w: int, first: bytes) -> None:
+    """The frozen copy, woken by its first command: does what it is told on its wake pipe (a
+    copy made for a restore that keeps the checkpoint waits on, as the first one did)."""
+    if not first:
+        os._exit(0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     podflare_fork.close_fds([fd for fd in worker.fork_pids.values() if fd is not None])
     worker.fork_pids = {}
-    pending = b''
+    pending = first
     while True:
         while b'\n' not in pending:
             data = os.read(wake_r, 4096)
@@ -108,18 +120,16 @@ def _hold(worker: Any, files: list, cwd: str, wake_r: int, wake_w: int) -> None:
         if cmd.get('op') == 'vars':
             _answer_vars(worker, cmd)
         elif cmd.get('op') == 'resume':
-            copy = None
-            if cmd.get('keep'):
-                copy = _fork_copy()
-                if copy == 0:
-                    os.kill(os.getpid(), signal.SIGSTOP)  # the copy: holds on as the checkpoint
-                    continue
-            _resume(worker, cmd, files, cwd, copy, (wake_r, wake_w))
+            copy, middle = _fork_copy() if cmd.get('keep') else (None, None)
+            if copy == 0:
+                continue  # the copy: holds on as the checkpoint
+            _resume(worker, cmd, files, cwd, copy, middle, (wake_r, wake_w))
 
 
-def _fork_copy() -> int:
+def _fork_copy() -> tuple[int, int | None]:
     """A copy of this frozen state, made through an intermediate process so that the copy's
-    parent becomes the supervisor (PID 1). Returns its pid, or 0 in the copy."""
+    parent becomes the supervisor (PID 1). Returns its pid (0 in the copy) and the intermediate's,
+    ours to reap once the restore is answered (its exit unmaps a whole interpreter)."""
     r, w = os.pipe()
     middle = os.fork()
     if middle == 0:
@@ -127,8 +137,9 @@ def _fork_copy() -> int:
         if copy == 0:
             os.close(r)
             os.close(w)
-            os.setsid()  # out of the group of the worker it was copied from
-            return 0
+            _own_group()
+            return 0, None
+        _own_group(copy)
         os.write(w, str(copy).encode())
         os._exit(0)
     os.close(w)
@@ -136,11 +147,10 @@ def _fork_copy() -> int:
         data = os.read(r, 32)
     finally:
         os.close(r)
-    os.waitpid(middle, 0)
-    return int(data) if data else -1
+    return (int(data) if data else -1), middle
 
 
-def _resume(worker: Any, cmd: dict, files: list, cwd: str, copy: int | None, wake: tuple[int, int]) -> None:
+def _resume(worker: Any, cmd: dict, files: list, cwd: str, copy: int | None, middle: int | None, wake: tuple[int, int]) -> None:
     """Becomes the sandbox's worker: its files reopened in the restored root, its pipes to the
     supervisor taken from the supervisor's fd table. Never returns."""
     supervisor = int(cmd['supervisor'])
@@ -153,6 +163,8 @@ def _resume(worker: Any, cmd: dict, files: list, cwd: str, copy: int | None, wak
     except OSError:
         os.chdir(HOME if os.path.isdir(HOME) else '/')
     os.write(ctl_fd, encode_line({'type': 'restored', 'id': cmd.get('id'), 'copy': copy}))
+    if middle:
+        os.waitpid(middle, 0)
     worker.resume(cmd_fd, ctl_fd)
 
 
@@ -209,11 +221,10 @@ class Held:
             pass
 
     def tell(self, msg: dict) -> None:
-        """A command on its wake pipe, and the signal that lets it read it."""
+        """A command on its wake pipe (it is blocked reading it)."""
         data = encode_line(msg)
         if os.write(self.wake, data) != len(data):
             raise OSError('short write to a checkpoint')
-        self.signal(signal.SIGCONT)
 
     def close(self) -> None:
         for fd in (self.wake, self.pidfd):
@@ -237,6 +248,9 @@ class CheckpointOpsMixin:
     def _checkpoint_ops(self) -> dict:
         self.held: dict[str, Held] = {}
         self.checkpoint_refs: dict[int, str] = {}      # request id -> ref, while the worker forks
+        self.taking: dict[int, str] = {}               # the same, for checkpoints answered already
+        self.failed: dict[str, str] = {}               # ref -> why the worker could not fork it
+        self.deferred_ckpt_ops: list[dict] = []        # requests about a checkpoint still being forked
         self.restore_pipes: dict[int, tuple[int, int]] = {}  # request id -> our copies of the new worker's ends
         return {
             'checkpoint': self._op_checkpoint,
@@ -249,14 +263,53 @@ class CheckpointOpsMixin:
         """What a forked worker must not keep: the checkpoints' wake pipes and pidfds."""
         return [fd for h in getattr(self, 'held', {}).values() for fd in (h.wake, h.pidfd) if fd is not None]
 
-    def _op_checkpoint(self, req: dict) -> None:
+    def _op_checkpoint(self, req: dict) -> dict | None:
+        """Answered as soon as the fork is asked of a ready, idle worker: the worker reads its pipe
+        in order, so it forks before it runs anything sent after this answer (requests about this
+        checkpoint wait here until it has). Otherwise answered once the worker has forked."""
         ref = _ref(req)
-        if ref in self.held:
+        if ref in self.held or ref in self.taking.values():
             raise AgentError('conflict', f'checkpoint {ref} exists')
-        self.checkpoint_refs[req['id']] = ref
-        self._worker_op(req, 'checkpointed', {'op': 'checkpoint'})
+        worker = self.worker
+        if worker is None or not worker.ready or self.exec is not None:
+            self.checkpoint_refs[req['id']] = ref
+            self._worker_op(req, 'checkpointed', {'op': 'checkpoint'})
+            return None
+        self.failed.pop(ref, None)
+        self.taking[req['id']] = ref
+        self._worker_send({'op': 'checkpoint', 'id': req['id']})
+        return {}
 
-    def _op_checkpoint_drop(self, req: dict) -> dict:
+    def _wait_for_fork(self, req: dict, any_fork: bool = False) -> bool:
+        """Whether `req` (about a checkpoint being forked; with `any_fork`, while any is) was put
+        aside until the fork is done."""
+        if self.taking and (any_fork or req.get('ref') is None or req.get('ref') in self.taking.values()):
+            self.deferred_ckpt_ops.append(req)
+            return True
+        return False
+
+    def _forks_done(self) -> None:
+        """Requests put aside for a fork are handled now."""
+        if self.taking:
+            return
+        deferred, self.deferred_ckpt_ops = self.deferred_ckpt_ops, []
+        for req in deferred:
+            self._handle_line(json.dumps(req).encode())
+
+    def _checkpoint_worker_gone(self) -> None:
+        """The worker died: checkpoints it had not forked yet never will be."""
+        for ref in self.taking.values():
+            self.failed[ref] = 'the interpreter died before it could be checkpointed'
+        self.taking.clear()
+        self._forks_done()
+
+    def _op_checkpoint_drop(self, req: dict) -> dict | None:
+        if self._wait_for_fork(req):
+            return None
+        if req.get('ref') is None:
+            self.failed.clear()
+        else:
+            self.failed.pop(_ref(req), None)
         refs = list(self.held) if req.get('ref') is None else [_ref(req)]
         for ref in refs:
             held = self.held.pop(ref, None)
@@ -266,6 +319,8 @@ class CheckpointOpsMixin:
         return {}
 
     def _op_checkpoint_vars(self, req: dict) -> None:
+        if self._wait_for_fork(req):
+            return
         held = self._held(req)
         r, w = os.pipe()
         os.set_blocking(r, False)
@@ -303,6 +358,8 @@ class CheckpointOpsMixin:
     def _held(self, req: dict) -> Held:
         ref = _ref(req)
         held = self.held.get(ref)
+        if held is None and ref in self.failed:
+            raise AgentError('conflict', f'checkpoint {ref} could not be taken: {self.failed[ref]}')
         if held is None:
             raise AgentError('not_found', f'no checkpoint {ref}')
         if not held.alive():
@@ -313,6 +370,8 @@ class CheckpointOpsMixin:
     def _op_checkpoint_restore(self, req: dict) -> None:
         """Ends the live state, switches the root to `root` and makes the checkpoint the worker;
         answered once it is (see _on_checkpoint_message)."""
+        if self._wait_for_fork(req, any_fork=True):  # the worker it ends may be forking
+            return
         if self.exec is not None:
             raise AgentError('conflict', f'exec {self.exec.id} is running')
         held = self._held(req)
@@ -368,29 +427,26 @@ class CheckpointOpsMixin:
                 os.killpg(pgid, signal.SIGKILL)
             except OSError:
                 pass
+        # Each once (a SIGKILLed process never runs again: no need to wait for its exit), and
+        # again over the list until a pass finds none new (one may have forked meanwhile).
         own = os.readlink('/proc/self/ns/pid')
-        me = os.getpid()
+        killed = {os.getpid(), *keep}
         for _ in range(KILL_ROUNDS):
-            left = False
+            found = False
             for name in os.listdir('/proc'):
-                if not name.isdigit():
+                if not name.isdigit() or int(name) in killed:
                     continue
                 pid = int(name)
-                if pid == me or pid in keep:
-                    continue
                 try:
                     if os.readlink(f'/proc/{pid}/ns/pid') != own:
                         continue
-                    with open(f'/proc/{pid}/stat') as f:
-                        if f.read().rsplit(')', 1)[1].split()[0] in ('Z', 'X'):
-                            continue
                     os.kill(pid, signal.SIGKILL)
-                    left = True
+                    killed.add(pid)
+                    found = True
                 except OSError:
                     continue
-            if not left:
+            if not found:
                 return
-            time.sleep(0.002)
 
     def _adopt_worker(self, pid: int, ctl_r: int, cmd_w: int) -> None:
         from podflare_worker_control import WorkerHandle
@@ -404,6 +460,10 @@ class CheckpointOpsMixin:
         """The worker's `checkpointed`, or a restored checkpoint's `restored`."""
         kind = msg.get('type')
         req_id = msg.get('id')
+        if kind == 'checkpointed' and req_id in self.taking:
+            self._forked(self.taking.pop(req_id), msg)
+            self._forks_done()
+            return
         if self.pending_worker_ops.get(req_id) != kind:
             return
         self.pending_worker_ops.pop(req_id)
@@ -423,10 +483,17 @@ class CheckpointOpsMixin:
                     old.close()
             self.send({'id': req_id, 'ok': True, 'kept': ref is not None and ref in self.held})
             return
-        pid, wake_fd = msg.get('pid'), msg.get('wake_fd')
-        if msg.get('error') or not isinstance(pid, int) or not isinstance(wake_fd, int) or ref is None:
-            self.send({'id': req_id, 'ok': False, 'error': {'code': 'internal', 'message': str(msg.get('error') or 'no checkpoint')}})
+        if ref is None:
             return
+        error = self._forked(ref, msg)
+        self.send({'id': req_id, 'ok': True} if error is None else {'id': req_id, 'ok': False, 'error': {'code': 'internal', 'message': error}})
+
+    def _forked(self, ref: str, msg: dict) -> str | None:
+        """The worker's `checkpointed`: the copy is held under `ref` (or why not, also kept in `failed`)."""
+        pid, wake_fd = msg.get('pid'), msg.get('wake_fd')
+        if msg.get('error') or not isinstance(pid, int) or not isinstance(wake_fd, int):
+            self.failed[ref] = str(msg.get('error') or 'no checkpoint')
+            return self.failed[ref]
         try:
             wake = os.open(f'/proc/{pid}/fd/{wake_fd}', os.O_WRONLY | os.O_CLOEXEC)
         except OSError as exc:
@@ -434,10 +501,10 @@ class CheckpointOpsMixin:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
-            self.send({'id': req_id, 'ok': False, 'error': {'code': 'internal', 'message': f'checkpoint unreachable: {exc}'}})
-            return
+            self.failed[ref] = f'checkpoint unreachable: {exc}'
+            return self.failed[ref]
         self.held[ref] = Held(pid, wake)
-        self.send({'id': req_id, 'ok': True})
+        return None
 
 
 __all__ = ['take', 'CheckpointOpsMixin', 'Held']

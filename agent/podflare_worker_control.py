@@ -190,6 +190,7 @@ class WorkerMixin:
         self._read_worker(worker, until_empty=True)
         self.worker = None
         self.deferred_worker_msgs.clear()
+        self._checkpoint_worker_gone()
         for op_id in list(self.pending_worker_ops):
             self.pending_worker_ops.pop(op_id)
             self.send({'id': op_id, 'ok': False, 'error': {'code': 'conflict', 'message': 'the interpreter died'}})
