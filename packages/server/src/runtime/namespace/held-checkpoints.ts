@@ -151,6 +151,14 @@ export class NsHeldCheckpoints implements HeldCheckpoints<NsSandbox> {
     this.releaseLayers(cp);
   }
 
+  /**
+   * Drops every checkpoint the sandbox's agent holds (a server restart: the books that named them
+   * are gone). Their layers go with the sandbox's directory. An agent without the op holds none.
+   */
+  async forgetAll(s: NsSandbox): Promise<void> {
+    await s.channel.request({ op: 'checkpoint_drop', ref: null }).catch(() => undefined);
+  }
+
   async diff(held: HeldCheckpoint, s: NsSandbox, opts: DiffOptions): Promise<FileDiff> {
     return this.host.hostd.diff((held as NsCheckpoint).lowers, s.stack, opts);
   }

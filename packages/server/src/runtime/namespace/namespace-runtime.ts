@@ -385,6 +385,7 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
       try {
         if (isEgressPolicy(s.spec.egress)) await this.attachEgressPolicy(s, s.initPid!);
         await settleAdopted(s, this.opts.startTimeoutMs + this.opts.interruptGraceMs);
+        await this.heldCheckpoints.forgetAll(s); // the previous server's checkpoints are nobody's now
         adopted.push(s);
       } catch (err) {
         why(s.id, (err as Error).message);
