@@ -2,25 +2,24 @@
  * Checkpoints and rewind (issue 23): a sandbox's whole state (interpreter memory, files, cwd, env)
  * held frozen copy-on-write, restorable into the same sandbox id as often as wanted.
  *
- * Built on fork and nothing else: a checkpoint is a fork child of the sandbox that is never handed
- * out as a sandbox (no record, no API id, no network: it idles, blocked on its agent channel, and
- * its memory is the parent's, shared copy-on-write by the kernel; its files are the fork layer
- * frozen in the sandbox's own directory). A restore promotes it: the checkpoint's processes become
- * the sandbox's live state under the same id (record, queue, limits, egress kept; the state they
- * replace is destroyed). A checkpoint used up by the restore (an atomic exec's, a rewound history
- * step) costs nothing more; one that stays (restore) is first forked once more, and that copy is
- * the checkpoint from then on. Either way a restore adds one fork generation to the sandbox, and
- * pid namespaces nest at most 32 deep: after ~28 restores a sandbox cannot checkpoint any more
- * (a 409 that says so).
- *
- * Why this counts against the sandbox's limits: the fork layer lives in the sandbox's subvolume
- * (its disk limit), and a page the checkpoint keeps is one the sandbox's memory cgroup was charged
- * for when it was written (memcg charges a page to the group that faulted it in, and the copy made
- * when the live state writes it again is charged to the live state's group).
+ * Two mechanisms, chosen by the runtime:
+ * - held checkpoints (`Runtime.heldCheckpoints`, the namespace runtime): the runtime keeps the
+ *   frozen state inside the sandbox itself — a stopped fork of its interpreter in its own
+ *   namespaces and memory group, its files frozen into a layer in its own directory — and
+ *   restores in place (same runtime sandbox, namespaces, network). They count against the
+ *   sandbox's own memory and disk limits exactly, and restores are unbounded
+ *   (runtime/namespace/held-checkpoints.ts). An agent too old for them gets fork children.
+ * - fork children (the VM runtime, and the fallback): a checkpoint is a fork child of the sandbox
+ *   that is never handed out as a sandbox (no record, no API id, no network until promoted). A
+ *   restore promotes it: its processes become the sandbox's live state under the same id (record,
+ *   queue, limits, egress kept; the state they replace is destroyed). One used up by the restore
+ *   (an atomic exec's, a rewound history step) costs nothing more; one that stays is first forked
+ *   once more, and that copy is the checkpoint from then on. Each such restore adds one fork
+ *   generation, and pid namespaces nest at most 32 deep: after ~28 restores a sandbox cannot
+ *   checkpoint any more (a 409 that says so).
  *
  * Every operation runs in the sandbox's queue (behind a running exec: a restore during an exec
- * waits for it). Checkpoints die with their sandbox (`dropAll`): the runtime kills their processes
- * and removes their directories and layers like any fork child's.
+ * waits for it). Checkpoints die with their sandbox (`dropAll`).
  */
 import { randomBytes } from 'node:crypto';
 import {
@@ -46,6 +45,8 @@ interface Checkpoint {
   /** The frozen fork child; replaced by a copy when a restore promotes it and the checkpoint stays. */
   rt: RuntimeSandbox | null;
   held: HeldCheckpoint | null;
+  /** The runtime sandbox holding `held` (a merge may since have given the sandbox another). */
+  heldBy: RuntimeSandbox | null;
   /** Frees it (its processes and files); idempotent. */
   free(): Promise<void>;
 }
@@ -197,6 +198,7 @@ export class Checkpoints {
       const cp = this.find(s, id);
       const fileOpts = { paths: opts.paths, content: opts.content };
       const held = cp.held ? s.runtime.heldCheckpoints : undefined;
+      if (held && cp.heldBy !== s.rt) throw new SandboxError('conflict', `checkpoint ${cp.id} is gone: the sandbox's state was replaced (a merge) since it was taken`);
       const files = held ? await held.diff(cp.held!, s.rt, fileOpts) : await s.runtime.diff(cp.rt!, s.rt, fileOpts);
       if (!opts.vars) return files;
       const [before, now] = await Promise.all([
@@ -315,7 +317,7 @@ export class Checkpoints {
           void free();
           throw new SandboxError('sandbox_gone', `sandbox ${s.record.id} was deleted while it was checkpointed`);
         }
-        return { id: newCheckpointId(), sandboxId: s.record.id, name, kind, createdAt: Date.now(), beforeCode, rt: null, held, free };
+        return { id: newCheckpointId(), sandboxId: s.record.id, name, kind, createdAt: Date.now(), beforeCode, rt: null, held, heldBy: rt, free };
       }
     }
     const [rt] = await s.runtime.fork(s.rt, [this.spec(s)]);
@@ -325,7 +327,7 @@ export class Checkpoints {
       throw new SandboxError('sandbox_gone', `sandbox ${s.record.id} was deleted while it was checkpointed`);
     }
     const cp: Checkpoint = {
-      id: newCheckpointId(), sandboxId: s.record.id, name, kind, createdAt: Date.now(), beforeCode, rt: rt!, held: null,
+      id: newCheckpointId(), sandboxId: s.record.id, name, kind, createdAt: Date.now(), beforeCode, rt: rt!, held: null, heldBy: null,
       free: () => cp.rt!.destroy(),
     };
     this.watch(cp, rt!);
@@ -389,11 +391,20 @@ export class Checkpoints {
    * manager's changes but the activity time).
    */
   private async restoreHeld(s: LiveSandbox, cp: Checkpoint, keep: boolean): Promise<void> {
+    if (cp.heldBy !== s.rt) {
+      this.forget(cp);
+      void cp.free();
+      throw new SandboxError('conflict', `checkpoint ${cp.id} is gone: the sandbox's state was replaced (a merge) since it was taken`);
+    }
     try {
       const { kept } = await s.runtime.heldCheckpoints!.restore(s.rt, cp.held!, keep);
       if (keep && !kept) this.forget(cp);
     } catch (err) {
-      if (!keep) void cp.free();
+      // Its process ended (killed from inside the sandbox): no checkpoint any more.
+      if (!keep || (err instanceof SandboxError && /is gone|could not be taken/.test(err.message))) {
+        this.forget(cp);
+        void cp.free();
+      }
       throw err;
     }
     s.record.lastActiveAt = Date.now();
