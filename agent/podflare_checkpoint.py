@@ -2,7 +2,7 @@
 
 A checkpoint is one plain fork of the worker (the interpreter holding the user's state): its
 memory is the worker's, shared copy-on-write by the kernel. It stays in the sandbox's own
-namespaces and cgroup (so it counts against the sandbox's memory limit), in a session of its own
+namespaces and cgroup (so it counts against the sandbox's memory limit), in a process group of its own
 (an interrupt or a restart of the live interpreter never reaches it), and blocks on a pipe until
 the supervisor tells it what to do. Nothing a runnable sandbox needs is made for it — no
 namespaces, no root, no channel, no second process — which is why a checkpoint costs one fork.
@@ -66,7 +66,7 @@ def take(worker: Any, msg: dict) -> None:
     if pid == 0:
         code = 70
         try:
-            # As little as possible runs here before the copy stops: every page it writes (even a
+            # As little as possible runs here before the copy blocks: every page it writes (even a
             # reference count) becomes a private copy for as long as the checkpoint lives.
             _own_group()
             podflare_fork.close_fds(sockets + [worker.cmd_fd, worker.ctl_fd])
