@@ -12,8 +12,8 @@ Restore is in place: the supervisor (PID 1) ends every process of the live state
 sandbox's root to the checkpoint's files (an overlay the server mounted at `root` in this mount
 namespace), and the checkpoint's interpreter becomes the worker. The sandbox keeps its
 namespaces, network, cgroups and channel: a restore nests no pid namespace, so a sandbox can be
-restored any number of times. A checkpoint that must stay forks a copy of itself first (through
-an intermediate process, so the copy is the supervisor's to reap), and the copy holds on.
+restored any number of times. A checkpoint that must stay forks a copy of itself first, and the
+copy holds on.
 
 The supervisor reaches a checkpoint through the write end of the checkpoint's wake pipe, which it
 opens through /proc/<pid>/fd (the checkpoint keeps both ends). The supervisor hands pipes the other
@@ -120,37 +120,24 @@ def _hold(worker: Any, files: list, cwd: str, wake_r: int, wake_w: int, first: b
         if cmd.get('op') == 'vars':
             _answer_vars(worker, cmd)
         elif cmd.get('op') == 'resume':
-            copy, middle = _fork_copy() if cmd.get('keep') else (None, None)
+            copy = _fork_copy() if cmd.get('keep') else None
             if copy == 0:
                 continue  # the copy: holds on as the checkpoint
-            _resume(worker, cmd, files, cwd, copy, middle, (wake_r, wake_w))
+            _resume(worker, cmd, files, cwd, copy, (wake_r, wake_w))
 
 
-def _fork_copy() -> tuple[int, int | None]:
-    """A copy of this frozen state, made through an intermediate process so that the copy's
-    parent becomes the supervisor (PID 1). Returns its pid (0 in the copy) and the intermediate's,
-    ours to reap once the restore is answered (its exit unmaps a whole interpreter)."""
-    r, w = os.pipe()
-    middle = os.fork()
-    if middle == 0:
-        copy = os.fork()
-        if copy == 0:
-            os.close(r)
-            os.close(w)
-            _own_group()
-            return 0, None
-        _own_group(copy)
-        os.write(w, str(copy).encode())
-        os._exit(0)
-    os.close(w)
-    try:
-        data = os.read(r, 32)
-    finally:
-        os.close(r)
-    return (int(data) if data else -1), middle
+def _fork_copy() -> int:
+    """A copy of this frozen state, in a process group of its own. Returns its pid (0 in the
+    copy); the worker this process becomes reaps it (the supervisor, once that worker is gone)."""
+    copy = os.fork()
+    if copy == 0:
+        _own_group()
+        return 0
+    _own_group(copy)
+    return copy
 
 
-def _resume(worker: Any, cmd: dict, files: list, cwd: str, copy: int | None, middle: int | None, wake: tuple[int, int]) -> None:
+def _resume(worker: Any, cmd: dict, files: list, cwd: str, copy: int | None, wake: tuple[int, int]) -> None:
     """Becomes the sandbox's worker: its files reopened in the restored root, its pipes to the
     supervisor taken from the supervisor's fd table. Never returns."""
     supervisor = int(cmd['supervisor'])
@@ -163,9 +150,7 @@ def _resume(worker: Any, cmd: dict, files: list, cwd: str, copy: int | None, mid
     except OSError:
         os.chdir(HOME if os.path.isdir(HOME) else '/')
     os.write(ctl_fd, encode_line({'type': 'restored', 'id': cmd.get('id'), 'copy': copy}))
-    if middle:
-        os.waitpid(middle, 0)
-    worker.resume(cmd_fd, ctl_fd)
+    worker.resume(cmd_fd, ctl_fd, {copy: _pidfd(copy)} if copy else None)
 
 
 def _answer_vars(worker: Any, cmd: dict) -> None:
