@@ -67,3 +67,35 @@ describe('checkpoints count against their sandbox\'s limits', () => {
     await sbx.checkpoint();
   });
 });
+
+describe('held checkpoints and the live interpreter', () => {
+  let server: TestServer;
+  before(async () => {
+    server = await startTestServer({ poolSize: 1 });
+  });
+  after(async () => {
+    await server?.stop();
+  });
+
+  it('outlive an interpreter killed for its timeout, and a sandbox fork, and stay restorable', async () => {
+    const sbx = await Sandbox.create({ host: server.url });
+    try {
+      await sbx.runCode('x = 1');
+      const cp = await sbx.checkpoint();
+      // Deaf to interrupts: the timeout kills the interpreter's whole process group and restarts it.
+      const stuck = await sbx.runCode('import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nx = 2\nwhile True: time.sleep(0.05)',
+        { timeoutMs: 500 });
+      assert.equal(stuck.stateLost, true);
+      const [child] = await sbx.fork(1);
+      await child!.close();
+      await sbx.restore(cp);
+      assert.equal((await sbx.runCode('print(x)')).stdout, '1\n');
+      // Restored again from the copy it kept.
+      await sbx.runCode('x = 3');
+      await sbx.restore(cp);
+      assert.equal((await sbx.runCode('print(x)')).stdout, '1\n');
+    } finally {
+      await sbx.close();
+    }
+  });
+});
