@@ -43,6 +43,8 @@ export interface HeldCheckpointHost {
   releaseLayer(layer: string): Promise<void>;
   /** The sandbox's holder record, rewritten (its lowers changed). */
   saveRecord(s: NsSandbox): Promise<void>;
+  /** Runs `work` as the runtime runs a fork: after its start-up steps, and waited for by its close. */
+  busy<T>(work: () => Promise<T>): Promise<T>;
 }
 
 /** One held checkpoint: the agent's name for its interpreter, and its files. */
@@ -65,7 +67,15 @@ function unknownOp(err: unknown): boolean {
 export class NsHeldCheckpoints implements HeldCheckpoints<NsSandbox> {
   constructor(private readonly host: HeldCheckpointHost) {}
 
-  async take(s: NsSandbox): Promise<HeldCheckpoint> {
+  take(s: NsSandbox): Promise<HeldCheckpoint> {
+    return this.host.busy(() => this.takeNow(s));
+  }
+
+  restore(s: NsSandbox, held: HeldCheckpoint, keep: boolean): Promise<{ kept: boolean }> {
+    return this.host.busy(() => this.restoreNow(s, held, keep));
+  }
+
+  private async takeNow(s: NsSandbox): Promise<HeldCheckpoint> {
     if (!s.initPid || s.ended) throw new SandboxError('sandbox_gone', `sandbox ${s.id} is gone`);
     await s.ready;
     const ref = 'c' + randomBytes(8).toString('hex');
@@ -85,7 +95,7 @@ export class NsHeldCheckpoints implements HeldCheckpoints<NsSandbox> {
     return cp;
   }
 
-  async restore(s: NsSandbox, held: HeldCheckpoint, keep: boolean): Promise<{ kept: boolean }> {
+  private async restoreNow(s: NsSandbox, held: HeldCheckpoint, keep: boolean): Promise<{ kept: boolean }> {
     const cp = held as NsCheckpoint;
     if (!s.initPid || s.ended) throw new SandboxError('sandbox_gone', `sandbox ${s.id} is gone`);
     const { hostd } = this.host;

@@ -155,7 +155,7 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
     this.heldCheckpoints = new NsHeldCheckpoints({
       hostd: this.hostd, log: opts.log, uidBase: opts.uidBase, spawnArea: SPAWN_AREA,
       freezeUpper: (s) => this.freezeUpper(s), retainLayer: (l) => this.retainLayer(l), releaseLayer: (l) => this.releaseLayer(l),
-      saveRecord: (s) => this.saveRecord(s),
+      saveRecord: (s) => this.saveRecord(s), busy: (work) => this.busy(work),
     });
     this.hooks = {
       log: opts.log,
