@@ -56,6 +56,7 @@ import {
 } from './holder.js';
 import { hasMount, killStrayHolders, killUnrecordedHolders, removeStrayHolderFiles, settleAdopted } from './adopt.js';
 import { bootTicksNow, ForkedSandbox, hostPidsOfForkChildren, NsSandbox, RootSandbox, type SandboxHooks } from './ns-sandbox.js';
+import { NsHeldCheckpoints } from './held-checkpoints.js';
 
 export interface NamespaceRuntimeOptions {
   /** The name it is registered under (runtime/drivers.ts). */
@@ -151,6 +152,8 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
   private readonly spares: SpareHolders;
   /** Spawn areas being made (see makeSpawnArea). */
   private readonly spawnAreas = new WeakMap<NsSandbox, Promise<void>>();
+  /** Checkpoints held inside the sandboxes (held-checkpoints.ts). */
+  readonly heldCheckpoints: NsHeldCheckpoints;
   /** The removal of what an earlier server left, going on behind the start (reconcile). */
   private leftovers: Promise<void> = Promise.resolve();
 
@@ -164,6 +167,11 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
       watchServer: opts.watchServer === true, log: opts.log,
     });
     for (const d of [opts.stateDir, ...opts.lowerDirs]) assertMountablePath(d);
+    this.heldCheckpoints = new NsHeldCheckpoints({
+      hostd: this.hostd, log: opts.log, uidBase: opts.uidBase, spawnArea: SPAWN_AREA,
+      freezeUpper: (s) => this.freezeUpper(s), retainLayer: (l) => this.retainLayer(l), releaseLayer: (l) => this.releaseLayer(l),
+      saveRecord: (s) => this.saveRecord(s), busy: (work) => this.busy(work),
+    });
     this.hooks = {
       log: opts.log,
       setDiskLimit: async (dir, bytes) => {
@@ -461,6 +469,7 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
       try {
         if (isEgressPolicy(s.spec.egress)) await this.attachEgressPolicy(s, s.initPid!);
         await settleAdopted(s, this.opts.startTimeoutMs + this.opts.interruptGraceMs);
+        void this.heldCheckpoints.forgetAll(s); // the previous server's checkpoints are nobody's now (not waited for)
         adopted.push(s);
       } catch (err) {
         why(s.id, (err as Error).message);
@@ -816,14 +825,16 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
     }
   }
 
-  /** A parent's spawn area, made once even for forks at once (a zygote's misses beside its refills). */
+  /**
+   * A parent's spawn area, made once even for forks at once (a zygote's misses beside its
+   * refills). Remembered only while it is being made: a restore loses it (spawnAreaReady).
+   */
   private makeSpawnArea(parent: NsSandbox): Promise<void> {
     let made = this.spawnAreas.get(parent);
     if (!made) {
-      made = this.hostd.tmpfs(parent.initPid!, SPAWN_AREA, this.opts.uidBase).then(() => { parent.spawnAreaReady = true; }, (e: Error) => {
-        this.spawnAreas.delete(parent);
-        throw refusedBySandbox(e);
-      });
+      made = this.hostd.tmpfs(parent.initPid!, SPAWN_AREA, this.opts.uidBase)
+        .then(() => { parent.spawnAreaReady = true; }, (e: Error) => { throw refusedBySandbox(e); })
+        .finally(() => this.spawnAreas.delete(parent));
       this.spawnAreas.set(parent, made);
     }
     return made;
