@@ -1,0 +1,165 @@
+/**
+ * A server restart loses no live VM sandbox (#20, item 6): `podflare serve` as a child process,
+ * a VM sandbox holding a variable and an open file, and a fork child of it; the server is killed
+ * with SIGKILL (and later stopped with `--on-stop keep`) and started again on the same state
+ * directory → both VMs answer with their state (the very same QEMUs), lineage intact, none lost,
+ * and a fork of an adopted VM works. Stopped with `destroy`, nothing is left: no QEMU, no socket,
+ * no file, no VM id. Nothing but root can reach the sockets that drive an adopted VM.
+ *
+ * TCG boots take seconds: the one template boot of the first server serves every VM here (the
+ * later servers fork adopted VMs, which needs no template).
+ */
+import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
+import { chmodSync, existsSync, readdirSync, readFileSync } from 'node:fs';
+import { mkdtemp, rm } from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import { after, before, describe, it } from 'node:test';
+import { overlayMountsUnder, processesMentioning } from './helpers/leaks.js';
+import { startServe, type ServeProcess } from './helpers/serve.js';
+
+const SANDBOX_UID = 100_000; // the default sandboxUidBase: root inside every namespace sandbox
+const VM_ID_LOCKS = '/run/podflare-vm-ids';
+
+/** Every sandbox QEMU of the state directory, by sandbox id. */
+function qemus(stateDir: string): Map<string, number> {
+  const out = new Map<string, number>();
+  for (const pid of readdirSync('/proc').filter((n) => /^\d+$/.test(n))) {
+    try {
+      const cmd = readFileSync(`/proc/${pid}/cmdline`, 'utf8');
+      const m = new RegExp(`${stateDir}/vm/(sbx_[0-9a-f]+)/`).exec(cmd);
+      if (path.basename(cmd.slice(0, cmd.indexOf('\0'))) === 'qemu-system-x86_64' && m) out.set(m[1]!, Number(pid));
+    } catch { /* gone */ }
+  }
+  return out;
+}
+
+function uidOf(pid: number): number {
+  return Number(/^Uid:\s+(\d+)/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))![1]);
+}
+
+/** What `uid` gets trying to connect to `socket` and drive it: 'refused <errno>', or what happened. */
+function tryConnectAs(uid: number, socket: string): string {
+  return execFileSync('setpriv', ['--reuid', String(uid), '--regid', String(uid), '--clear-groups', '/usr/bin/python3', '-c', [
+    'import socket, sys',
+    's = socket.socket(socket.AF_UNIX)',
+    'try:',
+    `    s.connect(${JSON.stringify(socket)})`,
+    'except OSError as e:',
+    '    print("refused", e.errno); sys.exit(0)',
+    'print("connected")',
+  ].join('\n')], { encoding: 'utf8' }).trim();
+}
+
+async function lost(serve: ServeProcess): Promise<Array<{ id: string; state: string; parent: string | null }>> {
+  const res = await fetch(`${serve.url}/v1/sandboxes?state=lost`);
+  return (await res.json() as { sandboxes: Array<{ id: string; state: string; parent: string | null }> }).sandboxes;
+}
+
+describe('VM sandboxes survive a server restart', () => {
+  let stateDir: string;
+  let serve: ServeProcess | undefined;
+  let parent = '';
+  let child = '';
+  const pids = new Map<string, number>();
+
+  before(async () => {
+    stateDir = await mkdtemp(path.join(os.tmpdir(), 'pf-vmsurv-'));
+    chmodSync(stateDir, 0o711);
+  });
+  after(async () => {
+    // Whatever a failed test left: a destroying server takes it over and ends it.
+    await serve?.kill9();
+    const last = await startServe(stateDir, { poolSize: 0 });
+    await last.stop().catch(() => last.kill9());
+    for (const m of overlayMountsUnder(stateDir).reverse()) {
+      try { execFileSync('umount', ['-l', m]); } catch { /* gone */ }
+    }
+    await rm(stateDir, { recursive: true, force: true });
+  });
+
+  it('kill -9: a VM with a variable and a file, and its fork child, answer the next server with their state', { timeout: 600_000 }, async () => {
+    serve = await startServe(stateDir, { poolSize: 1 });
+    parent = await serve.create({ runtime: 'vm' });
+    assert.equal(await serve.run(parent, [
+      'held = "kept"',
+      'f = open("/tmp/held.txt", "w+"); f.write("file-kept"); f.flush()',
+      'lineage = ["parent"]',
+      'print("ok")',
+    ].join('\n')), 'ok\n');
+    [child] = await serve.fork(parent, 1) as [string];
+    await serve.run(child, 'lineage.append("child")');
+    for (const [id, pid] of qemus(stateDir)) if (id === parent || id === child) pids.set(id, pid);
+    assert.ok(pids.has(parent) && pids.has(child), 'both VMs have a QEMU');
+
+    await serve.kill9();
+    // The VMs' QEMUs live on without any server.
+    await new Promise((r) => setTimeout(r, 1000));
+    assert.equal(qemus(stateDir).get(parent), pids.get(parent), "the parent's QEMU outlived the server");
+    assert.equal(qemus(stateDir).get(child), pids.get(child), "the child's QEMU outlived the server");
+
+    serve = await startServe(stateDir, { poolSize: 1 });
+    assert.equal((await serve.info(parent)).state, 'ready');
+    assert.equal((await serve.info(child)).state, 'ready');
+    assert.equal(await serve.run(parent, 'f.seek(0); print(held, f.read(), lineage)'), "kept file-kept ['parent']\n");
+    assert.equal(await serve.run(child, 'f.seek(0); print(held, f.read(), lineage)'), "kept file-kept ['parent', 'child']\n");
+    // The same QEMUs, not new ones.
+    assert.equal(qemus(stateDir).get(parent), pids.get(parent));
+    assert.equal(qemus(stateDir).get(child), pids.get(child));
+    assert.deepEqual((await lost(serve)).map((s) => s.id), [], 'none lost');
+    const childInfo = await serve.info(child) as unknown as { parent: string };
+    assert.equal(childInfo.parent, parent, 'lineage intact');
+    const parentInfo = await serve.info(parent) as unknown as { children: string[] };
+    assert.deepEqual(parentInfo.children, [child]);
+    // A fork of an adopted VM (its fork layer and ids were taken over) works, and so does the grandchild.
+    const [grandchild] = await serve.fork(child, 1);
+    assert.equal(await serve.run(grandchild!, 'lineage.append("grandchild"); print(held, lineage)'), "kept ['parent', 'child', 'grandchild']\n");
+    await serve.destroy(grandchild!);
+  });
+
+  it("nothing but root can connect to an adopted VM's agent and QMP sockets", async () => {
+    assert.ok(serve, 'the previous test left a server');
+    const held = path.join(stateDir, 'vm-held');
+    for (const kind of ['agent', 'qmp']) {
+      const socket = path.join(held, `${parent}.${kind}.sock`);
+      assert.ok(existsSync(socket), `${socket} exists`);
+      // A namespace sandbox's uid, and another VM's own uid (what a QEMU escape would be).
+      assert.equal(tryConnectAs(SANDBOX_UID, socket), 'refused 13');
+      assert.equal(tryConnectAs(uidOf(pids.get(child)!), socket), 'refused 13');
+    }
+    // Its record (uids, lineage, template) is root's alone too.
+    assert.equal(tryConnectAs(SANDBOX_UID, path.join(held, `${parent}.json`)), 'refused 13');
+  });
+
+  it('a stop that keeps the VMs (--on-stop keep): the next server adopts them again; a destroying stop leaves nothing', { timeout: 600_000 }, async () => {
+    assert.ok(serve, 'the first test left a server');
+    await serve.kill9();
+    serve = await startServe(stateDir, { poolSize: 1, onStop: 'keep' });
+    assert.equal(await serve.run(parent, 'held += "-again"; print(held)'), 'kept-again\n');
+    await serve.stop();
+    assert.equal(qemus(stateDir).get(parent), pids.get(parent), 'SIGTERM with keep left the QEMU running');
+
+    serve = await startServe(stateDir, { poolSize: 1 });
+    assert.equal(await serve.run(parent, 'print(held)'), 'kept-again\n');
+    assert.equal(await serve.run(child, 'print(lineage)'), "['parent', 'child']\n");
+    const qemuPids = [...pids.values()].map(String);
+    const uids = [...pids.values()].map(uidOf);
+
+    // --on-stop destroy (the tests' default): every VM ends, nothing of them is left.
+    await serve.stop();
+    serve = undefined;
+    assert.deepEqual([...qemus(stateDir).keys()], [], 'no QEMU left');
+    assert.deepEqual(processesMentioning(stateDir), []);
+    assert.deepEqual(existsSync(path.join(stateDir, 'vm-held')) ? readdirSync(path.join(stateDir, 'vm-held')) : [], [], 'no socket, no record');
+    assert.equal(existsSync(path.join(stateDir, 'vm')), false, 'no VM file');
+    const prefix = `podflare-${execFileSync('sh', ['-c', `printf %s "${path.resolve(stateDir)}" | sha256sum`], { encoding: 'utf8' }).slice(0, 10)}-`;
+    assert.deepEqual(readdirSync('/dev/shm').filter((n) => n.startsWith(prefix)), [], 'no RAM file');
+    // Their uids were given back (another server on the machine may have taken one since: its lock then names none of ours).
+    for (const uid of uids) {
+      const lock = path.join(VM_ID_LOCKS, String(uid));
+      const holders = existsSync(lock) ? readFileSync(lock, 'utf8').split('\n').map((l) => l.split(' ')[0]) : [];
+      assert.deepEqual(holders.filter((p) => p && qemuPids.includes(p)), [], `VM uid ${uid} given back`);
+    }
+  });
+});
