@@ -11,11 +11,12 @@
  */
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
-import { chmodSync, existsSync, readdirSync, readFileSync } from 'node:fs';
+import { chmodSync, existsSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
+import { AGENT_PROTOCOL_MINOR, AGENT_PROTOCOL_VERSION } from '@podflare/protocol';
 import { overlayMountsUnder, processesMentioning } from './helpers/leaks.js';
 import { startServe, type ServeProcess } from './helpers/serve.js';
 
@@ -132,7 +133,7 @@ describe('VM sandboxes survive a server restart', () => {
     assert.equal(tryConnectAs(SANDBOX_UID, path.join(held, `${parent}.json`)), 'refused 13');
   });
 
-  it('a stop that keeps the VMs (--on-stop keep): the next server adopts them again; a destroying stop leaves nothing', { timeout: 600_000 }, async () => {
+  it('a stop that keeps the VMs (--on-stop keep) and an upgrade (another minor: adopted; another major: refused or cleaned); a destroying stop leaves nothing', { timeout: 600_000 }, async () => {
     assert.ok(serve, 'the first test left a server');
     await serve.kill9();
     serve = await startServe(stateDir, { poolSize: 1, onStop: 'keep' });
@@ -145,6 +146,27 @@ describe('VM sandboxes survive a server restart', () => {
     assert.equal(await serve.run(child, 'print(lineage)'), "['parent', 'child']\n");
     const qemuPids = [...pids.values()].map(String);
     const uids = [...pids.values()].map(uidOf);
+
+    // An upgrade: the child as if started by a build of another minor agent protocol (adopted),
+    // the parent by one of another major (refused, or cleaned: the default).
+    await serve.kill9();
+    const stamp = (id: string, version: string) => {
+      const file = path.join(stateDir, 'vm-held', `${id}.json`);
+      const record = JSON.parse(readFileSync(file, 'utf8')) as { agentProtocol: string };
+      assert.equal(record.agentProtocol, `${AGENT_PROTOCOL_VERSION}.${AGENT_PROTOCOL_MINOR}`);
+      writeFileSync(file, JSON.stringify({ ...record, agentProtocol: version }));
+    };
+    stamp(child, `${AGENT_PROTOCOL_VERSION}.${AGENT_PROTOCOL_MINOR + 1}`);
+    stamp(parent, `${AGENT_PROTOCOL_VERSION + 1}.0`);
+    const refused = await startServe(stateDir, { poolSize: 0, env: { PODFLARE_ON_INCOMPATIBLE: 'refuse' } }).then(
+      async (s) => { await s.stop(); return 'started'; }, (err: Error) => err.message);
+    assert.match(refused, new RegExp(`${parent} \\(agent protocol ${AGENT_PROTOCOL_VERSION + 1}\\.0\\)`));
+    assert.match(refused, /--on-incompatible clean/);
+    assert.equal(qemus(stateDir).get(parent), pids.get(parent), 'the incompatible VM still runs');
+    serve = await startServe(stateDir, { poolSize: 1 });
+    assert.equal(await serve.run(child, 'print(lineage)'), "['parent', 'child']\n");
+    assert.equal((await serve.info(parent)).state, 'lost');
+    assert.equal(qemus(stateDir).has(parent), false, "the incompatible VM's QEMU was ended");
 
     // --on-stop destroy (the tests' default): every VM ends, nothing of them is left.
     await serve.stop();

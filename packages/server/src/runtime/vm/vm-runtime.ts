@@ -47,7 +47,7 @@ import {
   type RuntimeSandbox, type SandboxSpec,
 } from '@podflare/runtime';
 import { AGENT_PROTOCOL, agentProtocolCompatible } from '@podflare/protocol';
-import { killIfStill } from '../namespace/holder.js';
+import { killIfStill, waitProcessGone } from '../namespace/holder.js';
 import { settleAdopted } from '../namespace/adopt.js';
 import { IncompatibleSandboxesError } from '../namespace/namespace-runtime.js';
 import { adoptedSlirp } from '../shared/slirp.js';
@@ -270,22 +270,29 @@ export class VmRuntime implements Runtime<VmSandbox> {
   async reconcile(knownIds: string[]): Promise<ReconcileReport<VmSandbox>> {
     await prepareHeldVmDir(this.opts.stateDir);
     const records = await loadHeldVmRecords(this.opts.stateDir);
-    const incompatible = records.filter((r) => !agentProtocolCompatible(r.agentProtocol));
+    // Only sandboxes the store lists are worth reconnecting to: a warm-pool VM (no record there)
+    // would only be destroyed again; it goes with the rest.
+    const known = new Set(knownIds);
+    const wanted = records.filter((r) => known.has(r.spec.id));
+    const incompatible = wanted.filter((r) => !agentProtocolCompatible(r.agentProtocol));
     if (incompatible.length && this.opts.onIncompatible === 'refuse') {
       const list = incompatible.map((r) => `${r.spec.id} (agent protocol ${r.agentProtocol})`).join(', ');
       throw new IncompatibleSandboxesError(`${incompatible.length} live VM sandbox(es) of an earlier server speak an agent protocol this ` +
         `server (${AGENT_PROTOCOL}) cannot drive: ${list}. Start the earlier version again to let them finish, or start this one ` +
         'with --on-incompatible clean (PODFLARE_ON_INCOMPATIBLE=clean) to end them (they are recorded lost)');
     }
-    const adopted = (await Promise.all(records.map((r) => this.adoptVm(r)))).filter((v): v is VmSandbox => v !== null);
+    const adopted = (await Promise.all(wanted.map((r) => this.adoptVm(r)))).filter((v): v is VmSandbox => v !== null);
     const keep = new Set(adopted.map((v) => v.id));
     const keptPids = new Set(adopted.map((v) => v.pid));
     // What was not adopted goes: its QEMU (its slirp4netns, detached, by the pid its record names).
     for (const r of records) if (!keep.has(r.spec.id) && r.slirpPid) killIfStill(r.slirpPid, String(r.qemuPid));
+    const killed: number[] = [];
     for (const pid of await qemuPidsUnder(this.vmDir)) {
       if (keptPids.has(pid)) continue;
-      try { process.kill(pid, 'SIGKILL'); } catch { /* gone */ }
+      try { process.kill(pid, 'SIGKILL'); killed.push(pid); } catch { /* gone */ }
     }
+    // Gone before their ids' locks are looked at: a lock naming a QEMU is live while it runs.
+    await Promise.all(killed.map((pid) => waitProcessGone(pid, 10_000)));
     // Whatever else ran as a dead server's VM ids goes before their directories are walked
     // (the adopted VMs' ids are this server's now).
     await this.ids.reclaimStale();
