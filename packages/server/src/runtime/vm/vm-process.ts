@@ -142,9 +142,10 @@ export async function launchQemu(host: QemuHost, o: LaunchOptions, timeoutMs: nu
     if (o.held) {
       // Bound by the spawner (root) in the root-only directory: QEMU gets them listening.
       const tag = `vm-${randomBytes(6).toString('hex')}`;
-      const [a, q] = await Promise.all([host.spawner.listenUnix(`${tag}.agent`, agentSocket), host.spawner.listenUnix(`${tag}.qmp`, qmpSocket)]);
-      listening.push(a.name, q.name);
-      fds.push([HELD_AGENT_FD, a.name], [HELD_QMP_FD, q.name]);
+      const made = await Promise.allSettled([host.spawner.listenUnix(`${tag}.agent`, agentSocket), host.spawner.listenUnix(`${tag}.qmp`, qmpSocket)]);
+      for (const m of made) if (m.status === 'fulfilled') listening.push(m.value.name);
+      for (const m of made) if (m.status === 'rejected') throw m.reason;
+      fds.push([HELD_AGENT_FD, `${tag}.agent`], [HELD_QMP_FD, `${tag}.qmp`]);
     }
     qemu = await SpawnedChild.start(host.spawner, [...prefix, QEMU, ...args], { batch: true, fds, detach: o.held !== undefined }).catch((e: Error) => {
       throw new Error(`cannot start QEMU: ${e.message}`);
