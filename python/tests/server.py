@@ -167,3 +167,23 @@ class ModuleServer:
         if server is None:
             raise AttributeError(f"the test server is not running (asked for {name})")
         return getattr(server, name)
+
+
+class SandboxTestCase(unittest.TestCase):
+    """Tests that share one sandbox (``cls.sbx``, through ``cls.client``) on their module's ``server``."""
+
+    server: ModuleServer
+    #: The client's timeout in seconds (None: the SDK's default).
+    client_timeout: Optional[float] = None
+
+    @classmethod
+    def setUpClass(cls):  # type: ignore[no-untyped-def]
+        from podflare import Sandbox
+
+        cls.client = cls.server.client(**({} if cls.client_timeout is None else {"timeout": cls.client_timeout}))
+        cls.sbx = Sandbox(client=cls.client)
+
+    @classmethod
+    def tearDownClass(cls):  # type: ignore[no-untyped-def]
+        cls.sbx.close()
+        cls.client.close()

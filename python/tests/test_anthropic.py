@@ -9,10 +9,9 @@ import unittest
 from dataclasses import dataclass, field
 from typing import Any, Dict
 
-from podflare import Sandbox
 from podflare.integrations.anthropic import (BASH_TOOL, CODE_EXECUTION_TOOL, TOOLS, code_execution_tool,
                                              handle_code_execution_tool_use)
-from tests.server import ModuleServer
+from tests.server import ModuleServer, SandboxTestCase
 
 SERVER = ModuleServer()
 
@@ -35,16 +34,8 @@ class ToolUseBlock:
     cache_control: Any = field(default=None)
 
 
-class AnthropicHandlerTests(unittest.TestCase):
-    @classmethod
-    def setUpClass(cls):
-        cls.client = SERVER.client()
-        cls.sbx = Sandbox(client=cls.client)
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.sbx.close()
-        cls.client.close()
+class AnthropicHandlerTests(SandboxTestCase):
+    server = SERVER
 
     def test_dict_block_success(self):
         block = {"type": "tool_use", "id": "toolu_01A09q90qw90lq917835lq9", "name": "code_execution",

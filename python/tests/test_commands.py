@@ -5,7 +5,7 @@ import time
 import unittest
 
 from podflare import BadRequestError, CommandHandle, NotFoundError, Sandbox
-from tests.server import ModuleServer
+from tests.server import ModuleServer, SandboxTestCase
 
 SERVER = ModuleServer()
 
@@ -18,16 +18,9 @@ def tearDownModule():
     SERVER.tear_down()
 
 
-class CommandTests(unittest.TestCase):
-    @classmethod
-    def setUpClass(cls):
-        cls.client = SERVER.client(timeout=120)
-        cls.sbx = Sandbox(client=cls.client)
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.sbx.close()
-        cls.client.close()
+class CommandTests(SandboxTestCase):
+    server = SERVER
+    client_timeout = 120
 
     def test_foreground(self):
         r = self.sbx.commands.run('echo "$PWD $X"; echo e >&2; exit 4', cwd="/tmp", envs={"X": "y"})
@@ -92,16 +85,9 @@ if __name__ == "__main__":
     unittest.main()
 
 
-class PtyTests(unittest.TestCase):
-    @classmethod
-    def setUpClass(cls):
-        cls.client = SERVER.client(timeout=120)
-        cls.sbx = Sandbox(client=cls.client)
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.sbx.close()
-        cls.client.close()
+class PtyTests(SandboxTestCase):
+    server = SERVER
+    client_timeout = 120
 
     def test_prompt_echo_resize(self):
         import re
@@ -118,16 +104,9 @@ class PtyTests(unittest.TestCase):
         self.assertEqual(term.wait(30), 2)
 
 
-class TarTests(unittest.TestCase):
-    @classmethod
-    def setUpClass(cls):
-        cls.client = SERVER.client(timeout=120)
-        cls.sbx = Sandbox(client=cls.client)
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.sbx.close()
-        cls.client.close()
+class TarTests(SandboxTestCase):
+    server = SERVER
+    client_timeout = 120
 
     def test_round_trip(self):
         import io

@@ -8,8 +8,8 @@ import tempfile
 import tracemalloc
 import unittest
 
-from podflare import BadRequestError, FileInfo, NotFoundError, Sandbox
-from tests.server import ModuleServer
+from podflare import BadRequestError, FileInfo, NotFoundError
+from tests.server import ModuleServer, SandboxTestCase
 
 SERVER = ModuleServer()
 BIG = 100 * 1024 * 1024
@@ -25,16 +25,9 @@ def tearDownModule():
     SERVER.tear_down()
 
 
-class FileTests(unittest.TestCase):
-    @classmethod
-    def setUpClass(cls):
-        cls.client = SERVER.client(timeout=300)
-        cls.sbx = Sandbox(client=cls.client)
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.sbx.close()
-        cls.client.close()
+class FileTests(SandboxTestCase):
+    server = SERVER
+    client_timeout = 300
 
     def test_bytes_round_trip(self):
         data = bytes(range(256)) * 1000

@@ -7,7 +7,7 @@ import unittest
 from unittest import mock
 
 from podflare import BadRequestError, Event, ExecResult, NotFoundError, PodflareConnectionError, Sandbox, SandboxGoneError, SandboxInfo
-from tests.server import ModuleServer
+from tests.server import ModuleServer, SandboxTestCase
 
 SERVER = ModuleServer()
 
@@ -24,18 +24,10 @@ def server_state(client, sandbox_id):
     return client.json("GET", f"/v1/sandboxes/{sandbox_id}")["state"]
 
 
-class ExecTests(unittest.TestCase):
+class ExecTests(SandboxTestCase):
     """One sandbox shared by the exec tests (a persistent interpreter is the point)."""
 
-    @classmethod
-    def setUpClass(cls):
-        cls.client = SERVER.client()
-        cls.sbx = Sandbox(client=cls.client)
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.sbx.close()
-        cls.client.close()
+    server = SERVER
 
     def test_id_and_info(self):
         self.assertRegex(self.sbx.id, r"^sbx_[0-9a-f]{32}$")

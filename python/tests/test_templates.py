@@ -6,7 +6,6 @@ it; instant once built). setUpModule runs the same command, so this module works
 machine too (minutes the first time).
 """
 
-import os
 import subprocess
 import unittest
 

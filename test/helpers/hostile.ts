@@ -5,7 +5,7 @@
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import path from 'node:path';
-import { NotFoundError, type Sandbox } from 'podflare';
+import { NotFoundError, TimeoutError, type Sandbox } from 'podflare';
 
 const HOSTILE = readFileSync(path.join(import.meta.dirname, 'hostile_agent.py'), 'utf8');
 
@@ -21,10 +21,11 @@ export async function turnHostile(sbx: Sandbox, mode: string, opts: { waitReady?
   const deadline = Date.now() + (opts.timeoutMs ?? 20_000);
   while (Date.now() < deadline) {
     try {
-      await sbx.files.stat('/hostile-ready');
+      // Bounded: a poll the real agent read just before it was stopped is never answered.
+      await sbx.files.stat('/hostile-ready', { requestTimeoutMs: 3000 });
       return;
     } catch (err) {
-      if (!(err instanceof NotFoundError)) throw err;
+      if (!(err instanceof NotFoundError) && !(err instanceof TimeoutError)) throw err;
     }
     await new Promise((r) => setTimeout(r, 100));
   }

@@ -74,13 +74,15 @@ def take_channel() -> 'socket.socket | PortChannel':
     pidfd = libc.syscall(SYS_PIDFD_OPEN, 1, 0)
     if pidfd < 0:
         raise OSError(ctypes.get_errno(), 'pidfd_open(1)')
+    # Stop the supervisor first, then copy its channel: a request it read in between would never
+    # be answered (the test's readiness poll bounds each try for what still slips through).
+    for request in (PTRACE_SEIZE, PTRACE_INTERRUPT):
+        if libc.ptrace(request, 1, None, None) < 0:
+            raise OSError(ctypes.get_errno(), f'ptrace({request:#x}, 1)')
     target = channel_fd_of_init()
     fd = libc.syscall(SYS_PIDFD_GETFD, pidfd, target, 0)
     if fd < 0:
         raise OSError(ctypes.get_errno(), f'pidfd_getfd(1, {target})')
-    for request in (PTRACE_SEIZE, PTRACE_INTERRUPT):
-        if libc.ptrace(request, 1, None, None) < 0:
-            raise OSError(ctypes.get_errno(), f'ptrace({request:#x}, 1)')
     if stat.S_ISCHR(os.fstat(fd).st_mode):
         os.set_blocking(fd, True)
         return PortChannel(fd)

@@ -5,14 +5,12 @@
 import type { SandboxManager } from '../sandbox-manager.js';
 import { ApiError } from './api-error.js';
 import { sendJson } from './body.js';
-import { drainedOrClosed } from './drain.js';
+import { pathParam, streamFile } from './file-stream.js';
 import type { RequestContext, Router } from './router.js';
 import { sandboxId } from './sandbox-routes.js';
 
 function dirParam(ctx: RequestContext): string {
-  const p = ctx.query.get('path');
-  if (!p) throw new ApiError('bad_request', 'path: required (query parameter, the directory, e.g. ?path=/root/project)', 'path');
-  if (p.length > 4096 || p.includes('\0')) throw new ApiError('bad_request', 'path: at most 4096 characters, no NUL', 'path');
+  const p = pathParam(ctx, 'the directory, e.g. ?path=/root/project');
   return p.startsWith('/') ? p : `/root/${p}`;
 }
 
@@ -24,20 +22,7 @@ export function addArchiveRoutes(router: Router, manager: SandboxManager): void 
     if (stat.type !== 'dir') throw new ApiError('bad_request', `${dir} is not a directory (download a file with /files)`, 'path');
     const tmp = await manager.archives.pack(s, dir);
     try {
-      let chunk = await manager.files.read(s, tmp, 0);
-      const size = chunk.size;
-      ctx.res.writeHead(200, { 'Content-Type': 'application/x-tar', 'Content-Length': size });
-      let sent = 0;
-      for (;;) {
-        const bytes = chunk.data.subarray(0, size - sent);
-        sent += bytes.length;
-        if (!ctx.res.write(bytes)) await drainedOrClosed(ctx.res);
-        if (ctx.res.destroyed) return;
-        if (chunk.eof || sent >= size || bytes.length === 0) break;
-        chunk = await manager.files.read(s, tmp, sent);
-      }
-      if (sent < size) ctx.res.destroy();
-      else ctx.res.end();
+      await streamFile(ctx.res, manager, s, tmp, await manager.files.read(s, tmp, 0), 'application/x-tar');
     } finally {
       await manager.archives.discard(s, tmp);
     }

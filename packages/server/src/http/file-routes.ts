@@ -9,16 +9,10 @@ import type { LiveSandbox, SandboxManager } from '../sandbox-manager.js';
 import { sendEmpty, sendJson } from './body.js';
 import { flagParam } from './params.js';
 import type { RequestContext, Router } from './router.js';
-import { drainedOrClosed } from './drain.js';
+import { pathParam as pathParamOf, streamFile } from './file-stream.js';
 import { sandboxId } from './sandbox-routes.js';
 
-function pathParam(ctx: RequestContext): string {
-  const p = ctx.query.get('path');
-  if (!p) throw new ApiError('bad_request', 'path: required (query parameter, e.g. ?path=/root/data.csv)', 'path');
-  if (p.length > 4096) throw new ApiError('bad_request', 'path: longer than 4096 characters', 'path');
-  if (p.includes('\0')) throw new ApiError('bad_request', 'path: must not contain NUL', 'path');
-  return p;
-}
+const pathParam = (ctx: RequestContext) => pathParamOf(ctx, 'e.g. ?path=/root/data.csv');
 
 export function addFileRoutes(router: Router, manager: SandboxManager): void {
   const sandbox = (ctx: RequestContext): Promise<LiveSandbox> => manager.get(sandboxId(ctx), ctx.owner || undefined);
@@ -35,23 +29,7 @@ export function addFileRoutes(router: Router, manager: SandboxManager): void {
     const s = await sandbox(ctx);
     const stat = await manager.files.stat(s, path);
     if (stat.type === 'dir') throw new ApiError('bad_request', `${path} is a directory (list it with /files/list)`, 'path');
-    const first = await manager.files.read(s, path, 0);
-    const size = first.size;
-    ctx.res.writeHead(200, { 'Content-Type': 'application/octet-stream', 'Content-Length': size });
-    if (ctx.req.method === 'HEAD') return void ctx.res.end();
-    let chunk = first;
-    let sent = 0;
-    for (;;) {
-      const bytes = chunk.data.subarray(0, size - sent);
-      sent += bytes.length;
-      if (!ctx.res.write(bytes)) await drainedOrClosed(ctx.res);
-      if (ctx.res.destroyed) return;
-      if (chunk.eof || sent >= size || bytes.length === 0) break;
-      chunk = await manager.files.read(s, path, sent);
-    }
-    // A file that shrank while we read it: the length promised can no longer be met.
-    if (sent < size) ctx.res.destroy();
-    else ctx.res.end();
+    await streamFile(ctx.res, manager, s, path, await manager.files.read(s, path, 0), 'application/octet-stream', ctx.req.method === 'HEAD');
   });
 
   router.add('DELETE', '/v1/sandboxes/:id/files', async (ctx) => {

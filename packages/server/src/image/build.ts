@@ -5,13 +5,13 @@
  * Both write into a private `.tmp-*` directory next to the target and rename it into place, so a
  * reader never sees a half-built image and a crash leaves only a `.tmp-*` to clean up.
  */
-import { spawn } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { createWriteStream, existsSync } from 'node:fs';
 import { chmod, copyFile, mkdir, readFile, readdir, rename, rm, writeFile, lstat, unlink } from 'node:fs/promises';
 import path from 'node:path';
 import { canonicalJson, IMAGE_BUILDER_VERSION, recipeHash, type BaseRecipe, type PostStep } from './recipe.js';
 import { execQuiet, isDir, removeTree } from './tree.js';
+import { runLogged } from './run-logged.js';
 
 /** A failed build, with the last lines of the builder's output (what the user needs to see). */
 export class ImageBuildError extends Error {
@@ -143,37 +143,13 @@ async function runMmdebstrap(recipe: BaseRecipe, rootfs: string, sourcesFile: st
       if (m && step) hooks.onStep?.(step, m[1]);
     }
   };
-  const code = await new Promise<number>((resolve, reject) => {
-    const child = spawn(cmd, cmdArgs, {
-      // No stdin at all: see the explicit mirror above.
-      stdio: ['ignore', 'pipe', 'pipe'],
-      env: { ...process.env, LC_ALL: 'C', DEBIAN_FRONTEND: 'noninteractive', DEBCONF_NONINTERACTIVE_SEEN: 'true' },
-    });
-    const onAbort = () => child.kill('SIGTERM');
-    hooks.signal?.addEventListener('abort', onAbort, { once: true });
-    for (const stream of [child.stdout, child.stderr]) {
-      let buf = '';
-      stream.setEncoding('utf8');
-      stream.on('data', (chunk: string) => {
-        buf += chunk;
-        const lines = buf.split(/\r?\n|\r/);
-        buf = lines.pop() ?? '';
-        lines.forEach(onLine);
-      });
-      stream.on('end', () => buf && onLine(buf));
-    }
-    child.on('error', (err) => {
-      hooks.signal?.removeEventListener('abort', onAbort);
-      reject(
-        (err as NodeJS.ErrnoException).code === 'ENOENT'
-          ? new ImageBuildError('mmdebstrap is not installed: run `bash scripts/setup.sh` (or apt-get install mmdebstrap)')
-          : err,
-      );
-    });
-    child.on('close', (c, sig) => {
-      hooks.signal?.removeEventListener('abort', onAbort);
-      resolve(c ?? (sig ? 128 : 1));
-    });
+  const code = await runLogged(cmd, cmdArgs, {
+    // No stdin at all: see the explicit mirror above.
+    env: { ...process.env, LC_ALL: 'C', DEBIAN_FRONTEND: 'noninteractive', DEBCONF_NONINTERACTIVE_SEEN: 'true' },
+    onLine, signal: hooks.signal, killSignal: 'SIGTERM',
+    onSpawnError: (err) => err.code === 'ENOENT'
+      ? new ImageBuildError('mmdebstrap is not installed: run `bash scripts/setup.sh` (or apt-get install mmdebstrap)')
+      : err,
   });
   await new Promise<void>((resolve) => log.end(resolve));
   if (hooks.signal?.aborted) throw new ImageBuildError('image build aborted', tail);

@@ -16,13 +16,13 @@
  *   <imagesDir>/tpl-<hash>/template.json   the recipe and the base it was built on
  *   <imagesDir>/tpl-<hash>/build.log
  */
-import { spawn } from 'node:child_process';
 import { createWriteStream, existsSync } from 'node:fs';
 import { chmod, copyFile, cp, mkdir, rename, rm, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { ImageBuildError, tempName, type BuildHooks } from './build.js';
 import type { TemplateRecipe } from './template-recipe.js';
 import { isDir, removeTree } from './tree.js';
+import { runLogged } from './run-logged.js';
 
 export function templateLayerDir(imagesDir: string, hash: string): string {
   return path.join(imagesDir, `tpl-${hash}`);
@@ -176,36 +176,13 @@ async function runBuild(
   const setpriv = existsSync('/usr/bin/setpriv') ? ['/usr/bin/setpriv', '--pdeathsig', 'KILL', '--'] : [];
   const [cmd, ...args] = [...setpriv, 'unshare', '--mount', '--propagation', 'private', '--', 'bash', '-c', BUILD_SCRIPT] as unknown as
     [string, ...string[]];
-  const code = await new Promise<number>((resolve, reject) => {
-    const child = spawn(cmd, args, {
-      stdio: ['ignore', 'pipe', 'pipe'],
-      env: {
-        PATH: '/usr/sbin:/usr/bin:/sbin:/bin', LC_ALL: 'C',
-        PF_MERGED: dirs.merged, PF_BASE: baseRootfs, PF_UPPER: dirs.upper, PF_WORK: dirs.work, PF_INPUTS: dirs.inputs,
-        PF_PIP_INDEX_URL: recipe.pipIndexUrl ?? '',
-      },
-    });
-    const onAbort = () => child.kill('SIGKILL');
-    hooks.signal?.addEventListener('abort', onAbort, { once: true });
-    for (const stream of [child.stdout, child.stderr]) {
-      let buf = '';
-      stream.setEncoding('utf8');
-      stream.on('data', (chunk: string) => {
-        buf += chunk;
-        const lines = buf.split(/\r?\n|\r/);
-        buf = lines.pop() ?? '';
-        lines.forEach(onLine);
-      });
-      stream.on('end', () => buf && onLine(buf));
-    }
-    child.on('error', (err) => {
-      hooks.signal?.removeEventListener('abort', onAbort);
-      reject(err);
-    });
-    child.on('close', (c, sig) => {
-      hooks.signal?.removeEventListener('abort', onAbort);
-      resolve(c ?? (sig ? 128 : 1));
-    });
+  const code = await runLogged(cmd, args, {
+    env: {
+      PATH: '/usr/sbin:/usr/bin:/sbin:/bin', LC_ALL: 'C',
+      PF_MERGED: dirs.merged, PF_BASE: baseRootfs, PF_UPPER: dirs.upper, PF_WORK: dirs.work, PF_INPUTS: dirs.inputs,
+      PF_PIP_INDEX_URL: recipe.pipIndexUrl ?? '',
+    },
+    onLine, signal: hooks.signal, killSignal: 'SIGKILL',
   });
   await new Promise<void>((resolve) => log.end(resolve));
   if (hooks.signal?.aborted) throw new ImageBuildError(`building template ${recipe.name} aborted`, tail);
