@@ -281,7 +281,9 @@ export class VmRuntime implements Runtime<VmSandbox> {
         `server (${AGENT_PROTOCOL}) cannot drive: ${list}. Start the earlier version again to let them finish, or start this one ` +
         'with --on-incompatible clean (PODFLARE_ON_INCOMPATIBLE=clean) to end them (they are recorded lost)');
     }
+    const t0 = performance.now();
     const adopted = (await Promise.all(wanted.map((r) => this.adoptVm(r)))).filter((v): v is VmSandbox => v !== null);
+    const adoptMs = Math.round(performance.now() - t0);
     const keep = new Set(adopted.map((v) => v.id));
     const keptPids = new Set(adopted.map((v) => v.pid));
     // What was not adopted goes: its QEMU (its slirp4netns, detached, by the pid its record names).
@@ -305,7 +307,7 @@ export class VmRuntime implements Runtime<VmSandbox> {
       const m = /^podflare-[0-9a-f]{10}-(\d+)-[0-9a-fr]+\.ram$/.exec(name);
       if (m && (name.startsWith(this.shmPrefix) || !isAlive(Number(m[1])))) await rm(path.join('/dev/shm', name), { force: true });
     }
-    if (adopted.length) this.opts.log.info('adopted the previous server\'s VMs', { sandboxes: adopted.length });
+    if (adopted.length) this.opts.log.info('adopted the previous server\'s VMs', { sandboxes: adopted.length, adoptMs, cleanupMs: Math.round(performance.now() - t0) - adoptMs });
     const cleaned = [...new Set([...knownIds, ...records.map((r) => r.spec.id)])].filter((id) => !keep.has(id));
     return { adopted, cleaned };
   }
