@@ -176,18 +176,21 @@ const RESYNC_MAX_BYTES = 64 * 1024 * 1024;
 /**
  * Makes a freshly connected agent socket of an adopted VM start at a line boundary (see the top):
  * resolves once the agent has answered our ping, with everything it said before dropped and what
- * it said after pushed back for the agent channel to read.
+ * it said after pushed back for the agent channel to read: the socket is left paused, for its
+ * next reader to resume.
  */
 export function resyncAgent(socket: net.Socket, timeoutMs: number): Promise<void> {
   const id = randomInt(2 ** 40, 2 ** 47);
   return new Promise((resolve, reject) => {
     let buf = Buffer.alloc(0);
     let seen = 0;
-    const done = (err?: Error) => {
+    const done = (err?: Error, rest?: Buffer) => {
       clearTimeout(timer);
       socket.off('data', onData);
       socket.off('close', onClose);
       socket.pause();
+      // What followed the answer is the agent channel's (read once it resumes the socket).
+      if (rest?.length) socket.unshift(rest);
       if (err) reject(err);
       else resolve();
     };
@@ -201,10 +204,7 @@ export function resyncAgent(socket: net.Socket, timeoutMs: number): Promise<void
         buf = buf.subarray(nl + 1);
         let msg: unknown = null;
         try { msg = JSON.parse(line); } catch { /* half a line of the dead server's */ }
-        if (msg !== null && typeof msg === 'object' && (msg as { id?: unknown }).id === id) {
-          if (buf.length) socket.unshift(buf);
-          return done();
-        }
+        if (msg !== null && typeof msg === 'object' && (msg as { id?: unknown }).id === id) return done(undefined, buf);
       }
       if (seen > RESYNC_MAX_BYTES) done(new Error('its agent sent too much before answering'));
     };
