@@ -36,6 +36,16 @@ function qemus(stateDir: string): Map<string, number> {
   return out;
 }
 
+async function until<T>(what: string, timeoutMs: number, probe: () => T | undefined): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const v = probe();
+    if (v !== undefined) return v;
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 200));
+  }
+}
+
 function uidOf(pid: number): number {
   return Number(/^Uid:\s+(\d+)/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))![1]);
 }
@@ -93,6 +103,11 @@ describe('VM sandboxes survive a server restart', () => {
     await serve.run(child, 'lineage.append("child")');
     for (const [id, pid] of qemus(stateDir)) if (id === parent || id === child) pids.set(id, pid);
     assert.ok(pids.has(parent) && pids.has(child), 'both VMs have a QEMU');
+    // The warm pool's VMs (no sandbox yet) are not adopted: the next server ends them.
+    const pooled = await until('the warm pool holds a VM', 120_000, () => {
+      const others = [...qemus(stateDir)].filter(([id]) => id !== parent && id !== child);
+      return others.length ? others : undefined;
+    });
 
     await serve.kill9();
     // The VMs' QEMUs live on without any server.
@@ -105,9 +120,11 @@ describe('VM sandboxes survive a server restart', () => {
     assert.equal((await serve.info(child)).state, 'ready');
     assert.equal(await serve.run(parent, 'f.seek(0); print(held, f.read(), lineage)'), "kept file-kept ['parent']\n");
     assert.equal(await serve.run(child, 'f.seek(0); print(held, f.read(), lineage)'), "kept file-kept ['parent', 'child']\n");
-    // The same QEMUs, not new ones.
+    // The same QEMUs, not new ones; the pooled VMs of the killed server are gone.
     assert.equal(qemus(stateDir).get(parent), pids.get(parent));
     assert.equal(qemus(stateDir).get(child), pids.get(child));
+    const now = qemus(stateDir);
+    assert.deepEqual(pooled.filter(([id, pid]) => now.get(id) === pid), [], "the killed server's pooled VMs did not leak");
     assert.deepEqual((await lost(serve)).map((s) => s.id), [], 'none lost');
     const childInfo = await serve.info(child) as unknown as { parent: string };
     assert.equal(childInfo.parent, parent, 'lineage intact');
