@@ -25,7 +25,10 @@ import { chmod, mkdir, readdir, readFile, rename, rm, writeFile } from 'node:fs/
 import type net from 'node:net';
 import path from 'node:path';
 import type { SandboxSpec } from '@podflare/runtime';
+import { AgentChannel } from '../../agent-channel.js';
 import type { VmImagePaths } from '../../image/vm-image.js';
+import { connectUnix, Qmp } from './qmp.js';
+import type { ProcessRef } from './vm-ids.js';
 
 /** Version of HeldVmRecord's layout; a record of another version is not adopted. */
 export const HELD_VM_RECORD_VERSION = 1;
@@ -212,4 +215,32 @@ export function resyncAgent(socket: net.Socket, timeoutMs: number): Promise<void
     socket.once('close', onClose);
     socket.write(`\n${JSON.stringify({ id, op: 'ping' })}\n`);
   });
+}
+
+/**
+ * Reconnects to a VM an earlier server left running (its QEMU `qemu`, its sockets at `paths`):
+ * QMP (a VM left paused by a fork the dead server never finished is continued) and the agent,
+ * resynchronized. On failure its QEMU is killed and the error thrown.
+ */
+export async function reconnectVm(paths: HeldVmPaths, qemu: ProcessRef, timeoutMs: number): Promise<{ qemu: AdoptedQemu; qmp: Qmp; channel: AgentChannel }> {
+  const proc = new AdoptedQemu(qemu.pid, qemu.start);
+  let qmp: Qmp | null = null;
+  let socket: net.Socket | null = null;
+  try {
+    qmp = await Qmp.connect(paths.qmpSocket, timeoutMs);
+    const { status } = await qmp.command<{ status: string }>('query-status');
+    if (status !== 'running') await qmp.command('cont');
+    socket = await connectUnix(paths.agentSocket, timeoutMs);
+    await resyncAgent(socket, timeoutMs);
+  } catch (err) {
+    qmp?.close();
+    socket?.destroy();
+    proc.kill();
+    proc.stopWatching();
+    throw err;
+  }
+  const channel = new AgentChannel(socket);
+  socket.resume();
+  qmp.once('closed', () => proc.check()); // QEMU closed its monitor: it is ending
+  return { qemu: proc, qmp, channel };
 }

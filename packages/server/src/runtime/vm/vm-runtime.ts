@@ -38,7 +38,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import { constants as fsConstants } from 'node:fs';
 import { copyFile, readdir, rm } from 'node:fs/promises';
 import path from 'node:path';
-import { AgentChannel, ChannelClosedError } from '../../agent-channel.js';
+import { ChannelClosedError, type AgentChannel } from '../../agent-channel.js';
 import type { VmImagePaths } from '../../image/vm-image.js';
 import type { Logger } from '../../log.js';
 import { isAlive, pssOf, run } from '../../proc.js';
@@ -52,8 +52,8 @@ import { settleAdopted } from '../namespace/adopt.js';
 import { IncompatibleSandboxesError } from '../namespace/namespace-runtime.js';
 import { adoptedSlirp } from '../shared/slirp.js';
 import {
-  AdoptedQemu, HELD_VM_RECORD_VERSION, heldVmPaths, loadHeldVmRecords, prepareHeldVmDir, processStart, removeHeldVmFiles, removeStrayHeldVmFiles,
-  resyncAgent, saveHeldVmRecord, type HeldVmRecord,
+  AdoptedQemu, HELD_VM_RECORD_VERSION, heldVmPaths, loadHeldVmRecords, prepareHeldVmDir, processStart, reconnectVm, removeHeldVmFiles,
+  removeStrayHeldVmFiles, saveHeldVmRecord, type HeldVmRecord,
 } from './vm-held.js';
 import type { ProcessRef } from './vm-ids.js';
 import { InFlight } from '../in-flight.js';
@@ -63,7 +63,7 @@ import { ForkMemoryWorker } from './fork-memory.js';
 import { deviceSections, forkSkeleton, type ForkSkeleton } from './fork-state.js';
 import { OverlayMaker } from './overlay-maker.js';
 import { incoming, migrateToFile, MIGRATION_CAPABILITIES, UNTHROTTLED, waitMigration, type StateSource } from './vm-migration.js';
-import { connectUnix, Qmp } from './qmp.js';
+import type { Qmp } from './qmp.js';
 import type { Spawner } from '../shared/spawner.js';
 import { consoleTail, kvmGroup, launchQemu, qemuPidsUnder, setPriorityAll, stopVm, waitExit, type QemuHost, type VmProcess } from './vm-process.js';
 import { copyRegular, freshDir, handOver, privateFile, readRegular, rootDir, runAsVm, vmDir, writeNew, type Owner, type VmIdentity } from './vm-files.js';
@@ -355,32 +355,19 @@ export class VmRuntime implements Runtime<VmSandbox> {
       if (!(await this.ids.adopt(i, [me]))) break;
       taken.push(i);
     }
-    const paths = heldVmPaths(this.opts.stateDir, id);
-    const qemu = new AdoptedQemu(r.qemuPid, start);
-    let qmp: Qmp | null = null;
-    let socket: import('node:net').Socket | null = null;
+    let held: Awaited<ReturnType<typeof reconnectVm>>;
     try {
       if (taken.length !== ids.length) throw new Error('its VM ids are held by another live server');
-      qmp = await Qmp.connect(paths.qmpSocket, this.opts.startTimeoutMs);
-      const { status } = await qmp.command<{ status: string }>('query-status');
-      if (status !== 'running') await qmp.command('cont');
-      socket = await connectUnix(paths.agentSocket, this.opts.startTimeoutMs);
-      await resyncAgent(socket, this.opts.startTimeoutMs);
+      held = await reconnectVm(heldVmPaths(this.opts.stateDir, id), me, this.opts.startTimeoutMs);
     } catch (err) {
-      qmp?.close();
-      socket?.destroy();
-      qemu.kill();
-      qemu.stopWatching();
-      for (const i of taken) await this.ids.release(i);
+      // Its QEMU goes with its uid; layer groups taken stay this server's until it closes (another VM may share them).
+      if (taken.includes(r.uid)) await this.ids.release(r.uid);
       return why((err as Error).message);
     }
-    const channel = new AgentChannel(socket);
-    socket.resume();
-    const q = qmp;
-    q.once('closed', () => qemu.check());
+    const { qemu, qmp, channel } = held;
     const dir = path.join(this.vmDir, id);
     const vm: VmProcess = {
-      qemu, stderr: () => '', qmp: q, channel, consoleLog: path.join(dir, 'console.log'),
+      qemu, stderr: () => '', qmp, channel, consoleLog: path.join(dir, 'console.log'),
       slirp: r.slirpPid ? adoptedSlirp(r.slirpPid, r.qemuPid, killIfStill) : null,
     };
     const tpl: Template = this.adoptedTemplates.get(r.templateDir) ?? {
