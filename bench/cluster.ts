@@ -2,7 +2,8 @@
  * `--only cluster`: cluster mode on this one machine (test/helpers/cluster.ts: a throwaway
  * PostgreSQL, three `podflare node` processes in network namespaces, a gateway on loopback).
  *   - create through the gateway (warm slot claim + node create), sequential: p50/p99
- *   - creates/s with 8 clients (each create closed again, so capacity never runs out)
+ *   - creates/s with 8 clients (each create closed again, so capacity never runs out), and the same
+ *     straight to the nodes (the hosts' own start rate: the ceiling of the cluster's)
  *   - the gateway's routing overhead on exec: the same exec through the gateway and straight to
  *     the node, alternated, overhead = the pair's difference
  *   - 3 nodes × N live sandboxes with 8 clients running execs: errors
@@ -71,6 +72,25 @@ export async function measureCluster(opts: { quick: boolean; n: number; warmup: 
     rows.push({ ...timingRow(`cluster: creates with ${CLIENTS} clients (+close)`, summarize(tputSamples), `≥ ${TARGET.createsPerSecond}/s`, '–',
       tputFailures.report(status(rate >= TARGET.createsPerSecond))), n: `${rate.toFixed(0)}/s` });
     notes.push(`cluster: ${made} creates in ${seconds} s by ${CLIENTS} clients (${rate.toFixed(1)}/s), each closed again; the n column is the rate`);
+    // The same clients straight to the nodes (no gateway, no placement): what the hosts themselves
+    // start and end per second here, the ceiling of the row above.
+    let straight = 0;
+    let k = 0;
+    const directEnd = performance.now() + seconds * 1000;
+    await Promise.all(Array.from({ length: CLIENTS }, async () => {
+      while (performance.now() < directEnd) {
+        const node = cluster.nodes[k++ % cluster.nodes.length]!;
+        const one = await tputFailures.attempt('direct create', async () => {
+          const res = await node.direct('POST', '/v1/sandboxes', {});
+          if (res.status !== 201) throw new Error(`direct create: ${res.status} ${await res.text()}`);
+          return (await res.json()) as { id: string };
+        });
+        if (!one) continue;
+        straight++;
+        await tputFailures.attempt('direct close', async () => { await (await node.direct('DELETE', `/v1/sandboxes/${one.id}`)).text(); });
+      }
+    }));
+    notes.push(`cluster: the same ${CLIENTS} clients straight to the nodes (no gateway): ${(straight / seconds).toFixed(1)}/s — the hosts' own ceiling here`);
 
     // 3. Routing overhead on exec, paired.
     const sb = await Sandbox.create(conn);

@@ -32,14 +32,23 @@ export const RESILIENCE_MEASURES = ['load', 'crash', 'survive'] as const;
 const LOAD_SANDBOXES = Number(process.env.PODFLARE_BENCH_LOAD_SANDBOXES ?? 50);
 const LOAD_CLIENTS = Number(process.env.PODFLARE_BENCH_LOAD_CLIENTS ?? 8);
 
-async function withServe<T>(prefix: string, fn: (serve: ServeProcess, stateDir: string, swap: (s: ServeProcess) => void) => Promise<T>): Promise<T> {
+/**
+ * `onStop` 'keep' (the kill -9 measures: what they measure is adoption; a destroy-mode server's
+ * sandboxes end with it): at the end a destroying server takes over what is left and ends it.
+ */
+async function withServe<T>(prefix: string, fn: (serve: ServeProcess, stateDir: string, swap: (s: ServeProcess) => void) => Promise<T>,
+  onStop: 'keep' | 'destroy' = 'destroy'): Promise<T> {
   const stateDir = await mkdtemp(path.join(os.tmpdir(), prefix));
   let serve: ServeProcess | undefined;
   try {
-    serve = await startServe(stateDir, { poolSize: 8 });
+    serve = await startServe(stateDir, { poolSize: 8, onStop });
     return await fn(serve, stateDir, (s) => { serve = s; });
   } finally {
     await serve?.stop().catch(() => serve?.kill9());
+    if (onStop === 'keep') {
+      const last = await startServe(stateDir, { poolSize: 0 }).catch(() => undefined);
+      await last?.stop().catch(() => last.kill9());
+    }
     await rm(stateDir, { recursive: true, force: true });
   }
 }
@@ -98,8 +107,11 @@ export async function measureCrashCycles(opts: { quick: boolean }): Promise<void
       // Adopted sandboxes would pile up over the cycles: this measure is about what is cleaned.
       for (const v of [...result.verdicts].reverse()) if (v.working) await serve.destroy(v.id).catch(() => undefined);
     }
+    // The last server, stopped normally (a destroying one, taking over the keeping one's sandboxes), leaves nothing at all.
+    await serve.kill9();
+    serve = await startServe(stateDir, { poolSize: 0 });
+    swap(serve);
     await serve.stop();
-    // The last server, stopped normally, leaves nothing at all.
     const left = [...processesMentioning(stateDir), ...overlayMountsUnder(stateDir), ...sandboxDirsIn(stateDir), ...forkLayersIn(stateDir)];
     if (left.length) problems.push(`after the final stop: ${left.join('; ')}`);
     const s = summarize(restarts);
@@ -107,7 +119,7 @@ export async function measureCrashCycles(opts: { quick: boolean }): Promise<void
     notes.push(`crash: ${cycles} cycles, ${lost} sandboxes recorded lost and cleaned, ${working} re-adopted working; ` +
       `${problems.length ? `${problems.length} problems: ${problems.slice(0, 5).join('; ')}` : 'no process, mount, cgroup, directory or fork layer left'}`);
     if (problems.length) throw new Error(`crash: ${problems.length} problems, first: ${problems[0]}`);
-  });
+  }, 'keep');
 }
 
 /** Holders of this state directory's sandboxes still running (see packages/server/src/runtime/namespace/holder.ts). */
@@ -134,7 +146,7 @@ export async function measureSurvival(opts: { quick: boolean }): Promise<void> {
       await new Promise((r) => setTimeout(r, 200));
       await serve.kill9();
       const t0 = performance.now();
-      serve = await startServe(stateDir, { poolSize: 8 });
+      serve = await startServe(stateDir, { poolSize: 8, onStop: 'keep' });
       swap(serve);
       const probe = ids[c % ids.length]!;
       const answer = await serve.run(probe, 'print(x)').catch((e: Error) => e.message);
@@ -152,6 +164,10 @@ export async function measureSurvival(opts: { quick: boolean }): Promise<void> {
       if (problems.length > 20) break;
     }
     for (const id of ids) await serve.destroy(id).catch((e: Error) => problems.push(`destroy ${id}: ${e.message}`));
+    // A destroying server takes over what the keeping one has left (its pool's zygote) and ends it.
+    await serve.kill9();
+    serve = await startServe(stateDir, { poolSize: 0 });
+    swap(serve);
     await serve.stop();
     const left = [...processesMentioning(stateDir), ...overlayMountsUnder(stateDir), ...sandboxDirsIn(stateDir), ...forkLayersIn(stateDir)];
     if (left.length) problems.push(`after the final destroy and stop: ${left.slice(0, 5).join('; ')}`);
@@ -161,5 +177,5 @@ export async function measureSurvival(opts: { quick: boolean }): Promise<void> {
     notes.push(`survive: ${cycles} cycles × ${count} sandboxes, ${lost} answers lost; ` +
       `${problems.length ? `${problems.length} problems: ${problems.slice(0, 5).join('; ')}` : 'every sandbox answered with its state after every restart; nothing left after the final destroy'}`);
     if (problems.length) throw new Error(`survive: ${problems.length} problems, first: ${problems[0]}`);
-  });
+  }, 'keep');
 }

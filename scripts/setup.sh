@@ -39,6 +39,7 @@ if [ "$FOR_TESTS" = 1 ]; then
     python3-jupyter-client python3-ipykernel # the bench's Jupyter peer
     chromium # the dashboard's end-to-end tests drive it through playwright-core
     postgresql nftables # the cluster tests: a throwaway PostgreSQL, partitions inside network namespaces
+    patroni etcd-server # the database failover test: two PostgreSQL under Patroni, etcd its consensus store
   )
 fi
 

@@ -11,8 +11,11 @@ import { Client as McpClient } from '@modelcontextprotocol/sdk/client/index.js';
 import { StreamableHTTPClientTransport } from '@modelcontextprotocol/sdk/client/streamableHttp.js';
 import type { CallToolResult } from '@modelcontextprotocol/sdk/types.js';
 import { SANDBOX_ID_SOURCE } from '@podflare/protocol/sandbox';
+import { chromium } from 'playwright-core';
 import { Sandbox } from 'podflare';
 import { startCluster, type TestCluster } from './helpers/cluster.js';
+import { openWebSocket } from './helpers/websocket.js';
+import { WS_ECHO } from './helpers/ws-echo.js';
 
 const HOST_TTL_MS = 3000;
 let cluster: TestCluster;
@@ -163,6 +166,88 @@ describe('cluster: the API through gateways', () => {
     await sb.close();
   });
 
+  it('exposed ports and the terminal through a gateway: HTTP streamed, signed URLs of the gateway, WebSockets upgraded', async () => {
+    const gw = cluster.gateways[0]!;
+    const gwPort = Number(new URL(gw.url).port);
+    const auth = { authorization: `Bearer ${cluster.apiKey}` };
+    const sb = await Sandbox.create(sdk(0));
+    await sb.files.upload('/root/site/index.html', '<h1>through the gateway</h1>\n');
+    await sb.commands.run('exec python3 -m http.server 8000 --bind 127.0.0.1', { background: true, cwd: '/root/site' });
+    // A server that sends one line, then the next only once /root/go exists: the first line can
+    // reach the caller only if the gateway does not buffer the answer.
+    await sb.files.upload('/root/drip.py', [
+      'import http.server, os, time',
+      'class H(http.server.BaseHTTPRequestHandler):',
+      '    protocol_version = "HTTP/1.1"',
+      '    def do_GET(self):',
+      '        self.send_response(200); self.send_header("Transfer-Encoding", "chunked"); self.end_headers()',
+      '        def chunk(b): self.wfile.write(b"%x\\r\\n%s\\r\\n" % (len(b), b)); self.wfile.flush()',
+      '        chunk(b"first\\n")',
+      '        while not os.path.exists("/root/go"): time.sleep(0.05)',
+      '        chunk(b"second\\n"); self.wfile.write(b"0\\r\\n\\r\\n")',
+      'http.server.HTTPServer(("127.0.0.1", 8002), H).serve_forever()',
+    ].join('\n'));
+    await sb.commands.run('exec python3 /root/drip.py', { background: true });
+    await sb.files.upload('/root/ws_echo.py', WS_ECHO);
+    await sb.commands.run('exec python3 /root/ws_echo.py', { background: true });
+
+    const page = await waitFor('the dev server through the gateway', async () => {
+      const r = await fetch(`${gw.url}/v1/sandboxes/${sb.id}/ports/8000/proxy/`, { headers: auth });
+      return r.status === 200 ? { text: await r.text(), csp: r.headers.get('content-security-policy') } : undefined;
+    });
+    assert.equal(page.text, '<h1>through the gateway</h1>\n');
+    assert.match(page.csp ?? '', /^sandbox /);
+    assert.equal((await fetch(`${gw.url}/v1/sandboxes/${sb.id}/ports/8000/proxy/`)).status, 401, 'no key, no port');
+
+    const drip = await waitFor('the dripping server', async () => {
+      const r = await fetch(`${gw.url}/v1/sandboxes/${sb.id}/ports/8002/proxy/`, { headers: auth });
+      return r.status === 200 ? r : undefined;
+    });
+    const reader = drip.body!.getReader();
+    const first = await reader.read();
+    assert.equal(Buffer.from(first.value!).toString(), 'first\n', 'the first chunk arrives while the sandbox holds the rest');
+    await sb.files.upload('/root/go', '');
+    let rest = '';
+    for (let c = await reader.read(); !c.done; c = await reader.read()) rest += Buffer.from(c.value).toString();
+    assert.equal(rest, 'second\n');
+
+    // A signed URL names the gateway (not the node) and works without the key; a forged one is 401.
+    const host = await sb.getHost(8000);
+    assert.ok(host.startsWith(`127.0.0.1:${gwPort}/v1/ports/`), host);
+    const signed = await fetch(`http://${host}/`);
+    assert.equal(signed.status, 200);
+    assert.equal(await signed.text(), '<h1>through the gateway</h1>\n');
+    const [id, , exp, mac] = host.split('/').pop()!.split('.');
+    assert.equal((await fetch(`${gw.url}/v1/ports/${id}.8001.${exp}.${mac}/`)).status, 401);
+    assert.equal((await fetch(`${gw.url}/v1/ports/sbx_${'0'.repeat(32)}.8000.${exp}.${mac}/`)).status, 401, 'no sandbox: refused like a forgery');
+
+    // WebSockets: by key, by signed URL; a PTY with the SDK.
+    const ws = await waitFor('the WebSocket echo server', () =>
+      openWebSocket(gwPort, `/v1/sandboxes/${sb.id}/ports/8765/proxy/chat?room=1`, { Authorization: `Bearer ${cluster.apiKey}` }));
+    ws.send('hello');
+    assert.equal(await ws.next(), '/chat?room=1 hello');
+    ws.close();
+    const ws2 = await openWebSocket(gwPort, `/${(await sb.getHost(8765)).split('/').slice(1).join('/')}/`);
+    ws2.send('signed');
+    assert.equal(await ws2.next(), '/ signed');
+    ws2.close();
+    await assert.rejects(openWebSocket(gwPort, `/v1/sandboxes/${sb.id}/ports/8765/proxy/`), (e: Error & { response?: string }) => /^HTTP\/1\.1 401/.test(e.response ?? ''));
+    await assert.rejects(openWebSocket(gwPort, `/v1/sandboxes/${sb.id}/pty`, { Authorization: `Bearer ${cluster.apiKey}`, Origin: 'https://evil.example' }),
+      (e: Error & { response?: string }) => /^HTTP\/1\.1 403/.test(e.response ?? ''));
+    let out = '';
+    const term = await sb.pty.create({ onData: (d) => { out += d; } });
+    const plain = () => out.replace(/\x1b\[[0-9;?]*[a-zA-Z]/g, '');
+    await waitFor('the prompt', async () => (/# $/.test(plain()) ? true : undefined));
+    term.sendInput('echo $((6*7))\r');
+    await waitFor('42 from the terminal', async () => (/[\r\n]42\r\n/.test(plain()) ? true : undefined));
+    term.kill();
+    // A node's WebSockets, like its HTTP, answer only gateways.
+    const node = cluster.nodes.find((n) => n.id === hostOf(sb.id))!;
+    await assert.rejects(openWebSocket(7070, `/v1/sandboxes/${sb.id}/pty`, { Authorization: `Bearer ${cluster.apiKey}` }, node.ip),
+      (e: Error & { response?: string }) => /^HTTP\/1\.1 401/.test(e.response ?? ''));
+    await sb.close();
+  });
+
   it('nodes answer only gateways: no node token, 401', async () => {
     const res = await fetch(`http://${cluster.nodes[0]!.ip}:7070/v1/sandboxes`, { headers: { authorization: `Bearer ${cluster.apiKey}` } });
     assert.equal(res.status, 401);
@@ -179,6 +264,57 @@ describe('cluster: the API through gateways', () => {
     assert.equal(b.id, a.id);
     assert.equal(two.headers.get('idempotent-replayed'), 'true');
     await api(0, 'DELETE', `/v1/sandboxes/${a.id}`);
+  });
+});
+
+describe('cluster: the dashboard through a gateway', () => {
+  it('shows every node\'s sandboxes with their host, their execs, and the hosts with load and pools', async () => {
+    const browser = await chromium.launch({ executablePath: process.env.PODFLARE_CHROMIUM ?? '/usr/bin/chromium', headless: true, args: ['--no-sandbox'] });
+    const made: Sandbox[] = [];
+    const WAIT = { timeout: 30_000 };
+    try {
+      const page = await browser.newPage({ viewport: { width: 1500, height: 1000 } });
+      await page.goto(`${cluster.gateways[1]!.url}/`);
+      await page.getByTestId('key-input').fill(cluster.apiKey);
+      await page.getByTestId('key-save').click();
+      await page.locator('[data-testid="connection"].live').waitFor(WAIT);
+      for (const node of [0, 1, 2]) made.push(await createOn(node));
+      // Sandboxes of all three nodes in one table, each naming its host (not only the first node's).
+      for (const [node, sb] of made.entries()) {
+        const row = page.locator(`tr[data-id="${sb.id}"]`);
+        await row.waitFor(WAIT);
+        assert.equal(await row.getByTestId('sandbox-host').innerText(), cluster.nodes[node]!.id);
+      }
+      // The console on a sandbox of the last node: its exec streams back through the merged events.
+      await page.locator(`tr[data-id="${made[2]!.id}"]`).click();
+      await page.getByTestId('console-code').fill('print("on", 6 * 7)');
+      await page.getByTestId('console-run').click();
+      await page.getByTestId('console-output').getByText('on 42').waitFor(WAIT);
+      await page.getByTestId('history').locator('pre.stdout', { hasText: 'on 42' }).waitFor(WAIT);
+      // The hosts: each up, its sandboxes over its capacity, its pool.
+      await page.getByTestId('nav-pool').click();
+      await page.getByTestId('cluster-hosts').waitFor(WAIT);
+      const rows = page.getByTestId('host-row');
+      await page.waitForFunction(() => document.querySelectorAll('[data-testid="host-row"][data-state="up"]').length === 3, undefined, WAIT);
+      assert.deepEqual(await rows.evaluateAll((trs) => trs.map((tr) => tr.getAttribute('data-host'))), ['node-0', 'node-1', 'node-2']);
+      // Each runs at least the sandbox made on it (as its heartbeats report, a second or so behind).
+      await page.waitForFunction(() => [...document.querySelectorAll('[data-testid="host-load"]')]
+        .every((td) => /^\s*[1-9]\d* \/ 24\s*$/.test((td as HTMLElement).innerText)), undefined, WAIT);
+      for (const text of await rows.getByTestId('host-pool').allInnerTexts()) assert.match(text.trim(), /^\d+ \/ [1-9]\d*$/);
+      // The latency and counters panel below is one node's, and says which.
+      await page.getByTestId('pool-panel').getByText(/^Pool and host \(node-\d\)$/).waitFor(WAIT);
+      // A node that stops heartbeating shows as such.
+      cluster.nodes[1]!.signal('SIGSTOP');
+      try {
+        await page.locator('[data-testid="host-row"][data-host="node-1"][data-state="silent"]').waitFor(WAIT);
+      } finally {
+        cluster.nodes[1]!.signal('SIGCONT');
+      }
+      await page.locator('[data-testid="host-row"][data-host="node-1"][data-state="up"]').waitFor(WAIT);
+    } finally {
+      await browser.close();
+      await Promise.all(made.map((s) => s.close()));
+    }
   });
 });
 
@@ -216,16 +352,45 @@ describe('cluster: failures', () => {
     assert.equal(res.status, 503);
     assert.equal(((await res.json()) as { code: string }).code, 'node_unavailable');
     assert.ok(res.headers.get('retry-after'));
-    // Restarted on the same state directory: the sandbox routes again (200). Without the
-    // re-adoption work the restarted node reports it `lost` (its processes died with the node).
+    // Restarted on the same state directory: the node re-adopts the sandbox (its holder outlived the
+    // node process) and it answers 200 through a gateway, ready, with its interpreter state.
     await victim.start();
     await allNodesUp();
     const back = await waitFor('the sandbox to answer 200', async () => {
       const r = await api(1, 'GET', `/v1/sandboxes/${doomed.id}`);
       return r.status === 200 ? ((await r.json()) as { state: string }) : undefined;
     });
-    assert.ok(['ready', 'lost'].includes(back.state), back.state);
+    assert.equal(back.state, 'ready');
     assert.equal(hostOf(doomed.id), victim.id);
+    assert.equal((await (await Sandbox.connect(doomed.id, sdk(1))).runCode('print(kept)')).stdout, '1\n');
+    await doomed.close();
+  });
+
+  it('a node stopped and started again (a service restart, --on-stop keep): its sandboxes answer 503 meanwhile, then 200 with their state', async () => {
+    const node = cluster.nodes[2]!;
+    // A node process that keeps its sandboxes on a stop, as `podflare node` does by default (the
+    // test cluster's nodes end theirs, to leave nothing behind).
+    await node.stop();
+    await node.start({ keep: true });
+    await allNodesUp();
+    const sbs = [await createOn(2), await createOn(2)];
+    for (const [i, s] of sbs.entries()) await s.runCode(`mark = ${i}`);
+    const [parent] = sbs;
+    const [child] = await parent!.fork(1);
+    await node.stop();
+    const res = await api(0, 'GET', `/v1/sandboxes/${sbs[0]!.id}`);
+    assert.equal(res.status, 503);
+    assert.equal(((await res.json()) as { code: string }).code, 'node_unavailable');
+    await node.start();
+    await allNodesUp();
+    // The fork child inherited its parent's mark.
+    for (const [i, [s, mark]] of ([[sbs[0]!, 0], [sbs[1]!, 1], [child!, 0]] as const).entries()) {
+      const out = await waitFor('the sandbox to answer again', async () => (await Sandbox.connect(s.id, sdk(i % 2))).runCode('print(mark)'));
+      assert.equal(out.stdout, `${mark}\n`);
+    }
+    const states = cluster.pg.psql(`SELECT state FROM sandboxes WHERE id IN ('${sbs[0]!.id}','${sbs[1]!.id}','${child!.id}')`).trim().split('\n');
+    assert.deepEqual(states, ['ready', 'ready', 'ready']);
+    await Promise.all([child!, ...sbs].map((s) => s.close()));
   });
 
   it('a node paused (SIGSTOP) past the heartbeat TTL, then resumed: 503 meanwhile, no placement there, no double ownership', async () => {

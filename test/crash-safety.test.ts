@@ -25,7 +25,10 @@ describe('crash safety', () => {
     stateDir = await mkdtemp(path.join(os.tmpdir(), 'pf-crash-'));
   });
   after(async () => {
-    await serve?.stop();
+    // A keep-mode server leaves its sandboxes running: a destroying one takes them over and ends them.
+    await serve?.kill9();
+    const last = await startServe(stateDir, { poolSize: 0 });
+    await last.stop().catch(() => last.kill9());
     await rm(stateDir, { recursive: true, force: true });
   });
 
@@ -36,7 +39,8 @@ describe('crash safety', () => {
     const next = await Sandbox.create({ host: neighbour.url });
     await next.runCode('y = 7');
     const [nextChild] = await next.fork(1);
-    serve = await startServe(stateDir);
+    // Keep mode: the killed server's sandboxes live on under their holders, for the next one to adopt.
+    serve = await startServe(stateDir, { onStop: 'keep' });
     let previous: Awaited<ReturnType<typeof crashCycle>> | null = null;
     for (let cycle = 0; cycle < CYCLES; cycle++) {
       const result = await crashCycle(serve, stateDir);
@@ -59,7 +63,10 @@ describe('crash safety', () => {
     assert.equal((await next.runCode('print(y * 6)')).stdout, '42\n', "the neighbour's sandbox lives on");
     assert.equal((await nextChild!.runCode('print(y)')).stdout, '7\n', "the neighbour's fork lives on");
     await neighbour.stop();
-    // And the last server, stopped normally, leaves nothing at all.
+    // And the last server, stopped normally (a destroying one, taking over the keeping one's
+    // sandboxes), leaves nothing at all.
+    await serve.kill9();
+    serve = await startServe(stateDir, { poolSize: 0 });
     await serve.stop();
     serve = undefined;
     assert.deepEqual(processesMentioning(stateDir), []);

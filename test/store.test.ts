@@ -11,6 +11,7 @@ import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { acquireLease, LEASE_GUARD } from '../packages/server/dist/cluster/lease.js';
 import { claimSlot } from '../packages/server/dist/cluster/placement.js';
+import { openPgPool, parseTargets } from '../packages/server/dist/store/pg-pool.js';
 import { PgStore } from '../packages/server/dist/store/pg-store.js';
 import { SqliteStore } from '../packages/server/dist/store/sqlite-store.js';
 import type { SandboxRecord, SandboxStore } from '../packages/server/dist/store/store.js';
@@ -166,14 +167,17 @@ describe('PostgreSQL store in the cluster', () => {
       await db.query(`INSERT INTO slots (host_id, template) SELECT $1, 'slot-test' FROM generate_series(1, 25)`, [h]);
     }
     const claimed: string[] = [];
+    const slotIds = new Set<string>();
     await Promise.all(Array.from({ length: 8 }, async () => {
       for (;;) {
-        const host = await claimSlot(db, 'slot-test', 3000, []);
-        if (!host) return;
-        claimed.push(host);
+        const slot = await claimSlot(db, 'slot-test', 3000, []);
+        if (!slot) return;
+        claimed.push(slot.hostId);
+        slotIds.add(slot.slotId);
       }
     }));
     assert.equal(claimed.length, 50, 'the 50 slots of the two placeable hosts, each once');
+    assert.equal(slotIds.size, 50);
     assert.deepEqual([...new Set(claimed)].sort(), ['slot-a', 'slot-b']);
     assert.equal(await claimSlot(db, 'slot-test', 3000, []), null);
     await db.query(`INSERT INTO slots (host_id, template) VALUES ('slot-a', 'slot-test')`);
@@ -198,5 +202,37 @@ describe('PostgreSQL store in the cluster', () => {
     const current = await db.query(`DELETE FROM idempotency_keys WHERE owner='lease-test' AND ${LEASE_GUARD}`, ['test-job', 'gw-2', second.epoch]);
     assert.equal(current.rowCount, 1);
     await store.close();
+  });
+});
+
+describe('PostgreSQL connection strings that follow the primary (libpq multi-host)', () => {
+  it('reads every member, in both of libpq\'s spellings, and the rest of the URL', () => {
+    const tcp = parseTargets('postgres://pf:s%40cret@db1:5432,db2:5433,[::1]/podflare?target_session_attrs=read-write&application_name=gw');
+    assert.deepEqual(tcp.members, [{ host: 'db1', port: 5432 }, { host: 'db2', port: 5433 }, { host: '::1', port: 5432 }]);
+    assert.equal(tcp.readWrite, true);
+    assert.deepEqual([tcp.base.user, tcp.base.password, tcp.base.database, tcp.base.application_name], ['pf', 's@cret', 'podflare', 'gw']);
+    const sockets = parseTargets('postgres://postgres@/podflare?host=/run/a,/run/b&port=5432,5433&target_session_attrs=read-write');
+    assert.deepEqual(sockets.members, [{ host: '/run/a', port: 5432 }, { host: '/run/b', port: 5433 }]);
+    assert.equal(parseTargets('postgres://x@db/podflare').readWrite, false);
+  });
+
+  it('connects to the writable member, skipping one that is down, and says so when none is', async () => {
+    const pg = await startTestPostgres();
+    try {
+      const { members, base } = parseTargets(pg.url);
+      // A member nobody listens on first, then the real one.
+      const url = `postgres://${base.user}@/podflare?host=${encodeURIComponent(pg.socketDir)},${encodeURIComponent(pg.socketDir)}` +
+        `&port=1,${members[0]!.port}&target_session_attrs=read-write`;
+      const pool = openPgPool(url, { max: 2 });
+      assert.equal((await pool.query<{ n: number }>('SELECT 1 AS n')).rows[0]!.n, 1);
+      await pool.end();
+      const none = openPgPool(`postgres://${base.user}@/podflare?host=${encodeURIComponent(pg.socketDir)}&port=1&target_session_attrs=read-write`,
+        { connectTimeoutMs: 2000 });
+      none.on('error', () => {});
+      await assert.rejects(none.query('SELECT 1'), /no writable PostgreSQL member/);
+      await none.end();
+    } finally {
+      await pg.stop();
+    }
   });
 });

@@ -16,7 +16,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { AGENT_PROTOCOL_MINOR, AGENT_PROTOCOL_VERSION } from '@podflare/protocol';
-import { cgroupsOf, forkLayersIn, overlayMountsUnder, processesMentioning, sandboxDirsIn } from './helpers/leaks.js';
+import { cgroupsOf, forkLayersIn, overlayMountsUnder, processesMentioning, processesOf, sandboxDirsIn, stillRunning } from './helpers/leaks.js';
 import { startServe, type ServeProcess } from './helpers/serve.js';
 
 const SANDBOXES = 10;
@@ -112,7 +112,7 @@ describe('survival of a server restart', () => {
   });
 
   it(`kill -9: ${SANDBOXES} sandboxes and a fork family come back with their state, none lost`, async () => {
-    serve = await startServe(stateDir, { poolSize: 1 });
+    serve = await startServe(stateDir, { poolSize: 1, onStop: 'keep' });
     const { ids, family } = await populate(serve);
     // An exec is running when the server dies: nobody waits for it any more, and it must not
     // keep its sandbox busy.
@@ -211,6 +211,66 @@ describe('survival of a server restart', () => {
     const other = await serve.create();
     assert.equal(await serve.run(other, `import os\nprint(os.path.exists(${JSON.stringify(holders)}))`), 'False\n');
     await destroyAll(serve, stateDir, [id, other]);
+    serve = undefined;
+  });
+
+  it('--on-stop destroy: a server killed with kill -9 takes its sandboxes with it, adopted ones too; the next start cleans the rest', async () => {
+    // One sandbox of a keeping server, adopted by the destroying one.
+    serve = await startServe(stateDir, { poolSize: 0, onStop: 'keep' });
+    const adopted = await serve.create();
+    await serve.kill9();
+    serve = await startServe(stateDir, { poolSize: 1 });
+    assert.equal(await serve.run(adopted, 'print("adopted")'), 'adopted\n');
+    const [a, b] = [await serve.create(), await serve.create()];
+    await serve.run(a, 'import subprocess\np = subprocess.Popen(["sleep", "1000"])\nprint("ok")');
+    const [child] = await serve.fork(b, 1);
+    serve.runInFlight(b, 'import time\ntime.sleep(600)');
+    const ids = [adopted, a, b, child!];
+    const stamps = processesOf(ids);
+    assert.ok(stamps.length >= 4, `found the sandboxes' processes (${stamps.length})`);
+    assert.ok(processesMentioning(`${stateDir}/holders/`).length >= 4, 'each sandbox has its holder');
+    await serve.kill9();
+    // Each holder watches its server: within a few seconds nothing of the sandboxes runs, though
+    // no server is there to end them (bwrap, the agents and what they started, the holders).
+    const left = () => [...stillRunning(stamps).map((p) => `${p.pid} ${p.cmd}`), ...processesMentioning(stateDir)];
+    for (let i = 0; i < 100 && left().length; i++) await new Promise((r) => setTimeout(r, 100));
+    assert.deepEqual(left(), [], 'no process of the killed server\'s sandboxes remains');
+    // The next server records them lost and removes what was left on the host (cgroups, directories).
+    serve = await startServe(stateDir, { poolSize: 0 });
+    for (const id of ids) assert.equal((await serve.info(id)).state, 'lost', `${id} is lost`);
+    await destroyAll(serve, stateDir, []);
+    for (const id of ids) assert.deepEqual(cgroupsOf(id), [], `${id}: no cgroup left`);
+    serve = undefined;
+  });
+
+  it('a sandbox that inflates what adoption reads (its mount table, a huge argv) is not adopted alone; the others are', async () => {
+    serve = await startServe(stateDir, { poolSize: 0, onStop: 'keep' });
+    const [plain, argv, mounts] = [await serve.create(), await serve.create(), await serve.create()];
+    for (const id of [plain, argv, mounts]) await serve.run(id, `tag = "${id}"`);
+    // ~1.5 MB of command line in the host's process table (read at every start that cleans up).
+    await serve.run(argv, 'import subprocess\nbig = subprocess.Popen(["python3", "-c", "import time; time.sleep(1000)"] + ["x" * 100_000] * 15)\nprint("ok")');
+    // Its agent's mount table past 1 MiB: 400 tmpfs stacked on a directory whose path is ~3.8 KB.
+    await serve.run(mounts, [
+      'import ctypes, os',
+      'libc = ctypes.CDLL(None, use_errno=True)',
+      'deep = "/tmp/" + "/".join(["d" * 250] * 15)',
+      'os.makedirs(deep)',
+      'for _ in range(400):',
+      '    assert libc.mount(b"none", deep.encode(), b"tmpfs", 0, None) == 0, ctypes.get_errno()',
+      'print(len(open("/proc/1/mountinfo").read()) > 1024 * 1024)',
+    ].join('\n')).then((out) => assert.equal(out, 'True\n'));
+    await serve.kill9();
+    serve = await startServe(stateDir, { poolSize: 0, onStop: 'keep', logLevel: 'warn' });
+    // The others answer with their state, the huge argv included; the inflated one is lost, and why is logged.
+    assert.equal(await serve.run(plain, 'print(tag)'), `${plain}\n`);
+    assert.equal(await serve.run(argv, 'print(tag, big.poll())'), `${argv} None\n`);
+    assert.equal((await serve.info(mounts)).state, 'lost');
+    assert.match(serve.stderr(), new RegExp(`cannot be adopted.*${mounts}.*mountinfo is larger than 1048576 bytes`));
+    for (let i = 0; i < 100 && processesOf([mounts]).length; i++) await new Promise((r) => setTimeout(r, 100));
+    assert.deepEqual(processesOf([mounts]), [], 'nothing of it runs');
+    await serve.kill9();
+    serve = await startServe(stateDir, { poolSize: 0 });
+    await destroyAll(serve, stateDir, [plain, argv]);
     serve = undefined;
   });
 });

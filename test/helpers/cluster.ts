@@ -28,8 +28,12 @@ export interface ClusterNode {
   hostIp: string;
   stateDir: string;
   pid(): number;
-  /** Starts it (again, after a kill): resolves once it listens. */
-  start(): Promise<void>;
+  /**
+   * Starts it (again, after a kill): resolves once it listens. `keep`: a later stop (SIGTERM) leaves
+   * its sandboxes running for the next node process, as `podflare node` does by default; without
+   * it a stop ends them, so that a test cluster leaves nothing behind.
+   */
+  start(opts?: { keep?: boolean }): Promise<void>;
   kill9(): Promise<void>;
   stop(): Promise<void>;
   signal(sig: NodeJS.Signals): void;
@@ -63,6 +67,8 @@ export interface ClusterOptions {
   maxSandboxes?: number;
   hostTtlMs?: number;
   env?: Record<string, string>;
+  /** A database the caller started (and stops), e.g. a Patroni cluster; default: a fresh PostgreSQL. */
+  database?: TestPostgres;
 }
 
 interface Proc {
@@ -97,7 +103,7 @@ async function stopProc(proc: Proc | undefined, signal: NodeJS.Signals): Promise
 
 export async function startCluster(opts: ClusterOptions = {}): Promise<TestCluster> {
   const tag = randomBytes(2).toString('hex');
-  const pg = await startTestPostgres();
+  const pg = opts.database ?? await startTestPostgres();
   const nodes: ClusterNode[] = [];
   const gateways: ClusterGateway[] = [];
   const cleanups: Array<() => Promise<void>> = [];
@@ -105,7 +111,7 @@ export async function startCluster(opts: ClusterOptions = {}): Promise<TestClust
     for (const g of gateways) await g.stop().catch(() => {});
     await Promise.all(nodes.map((n) => n.stop().catch(() => {})));
     for (const c of cleanups.reverse()) await c().catch(() => {});
-    await pg.stop();
+    if (!opts.database) await pg.stop();
   };
   try {
     const baseEnv = {
@@ -142,11 +148,12 @@ export async function startCluster(opts: ClusterOptions = {}): Promise<TestClust
       const node: ClusterNode = {
         id, netns, ip, hostIp, stateDir,
         pid: () => proc?.child.pid ?? -1,
-        async start() {
+        async start(startOpts = {}) {
           // nsenter, not `ip netns exec`: that one mounts a fresh /sys, hiding the cgroup hierarchies.
           const { proc: p } = await spawnUntil('nsenter', [`--net=/run/netns/${netns}`, process.execPath, CLI, 'node',
             '--host', ip, '--port', String(NODE_PORT), '--advertise', `${ip}:${NODE_PORT}`, '--node-id', id,
-            '--state-dir', stateDir, '--images-dir', IMAGES_DIR, '--pool-size', String(opts.poolSize ?? 1), '--log-level', 'warn'],
+            '--state-dir', stateDir, '--images-dir', IMAGES_DIR, '--pool-size', String(opts.poolSize ?? 1), '--log-level', 'warn',
+            '--on-stop', startOpts.keep ? 'keep' : 'destroy'],
           { ...baseEnv, PODFLARE_SANDBOX_UID_BASE: String(uidBase), PODFLARE_VM_UID_BASE: String(uidBase + 70_000),
             PODFLARE_MAX_SANDBOXES: String(opts.maxSandboxes ?? 64) }, /listening on/, `node ${id}`);
           proc = p;

@@ -39,7 +39,8 @@ export interface ServeProcess {
 /**
  * `detached`: in a process group of its own (pgid = its pid), to signal the whole group.
  * `onStop`: what a SIGTERM does with live sandboxes; 'destroy' unless asked (a test leaves nothing
- * running), while a kill -9 leaves them to the next server whatever this says.
+ * running). It also decides a kill -9: 'keep' leaves them to the next server, 'destroy' ends them
+ * with the server (their holders watch it).
  */
 export async function startServe(
   stateDir: string, opts: { poolSize?: number; env?: Record<string, string>; detached?: boolean; onStop?: 'keep' | 'destroy'; cli?: string; logLevel?: string } = {},
@@ -127,8 +128,10 @@ export interface CrashCycleResult {
  * One cycle: on `serve`, sandboxes with work in flight (an idle one with state, its fork child,
  * a long exec, a child process, `inflight` more busy ones), kill -9, restart, check leftovers.
  * Throws only if the cycle could not be set up; what the restart left wrong is in `problems`.
+ * `serve` should run with `--on-stop keep` (a destroy-mode server's sandboxes end with it, so none
+ * would be adopted); the restarted server runs with `onStop` (default 'keep', for the next cycle).
  */
-export async function crashCycle(serve: ServeProcess, stateDir: string, opts: { inflight?: number } = {}): Promise<CrashCycleResult> {
+export async function crashCycle(serve: ServeProcess, stateDir: string, opts: { inflight?: number; onStop?: 'keep' | 'destroy' } = {}): Promise<CrashCycleResult> {
   const idle = await serve.create();
   assert.equal(await serve.run(idle, 'x = 41\nprint(x + 1)'), '42\n');
   const [child] = await serve.fork(idle, 1);
@@ -161,17 +164,60 @@ export async function crashCycle(serve: ServeProcess, stateDir: string, opts: { 
   execFileSync('mount', ['-t', 'tmpfs', 'tmpfs', hostMount]);
 
   const t0 = performance.now();
-  const restarted = await startServe(stateDir);
+  const restarted = await startServe(stateDir, { onStop: opts.onStop ?? 'keep' });
   const restartMs = performance.now() - t0;
 
   const verdicts: CrashCycleResult['verdicts'] = [];
-  const problems: string[] = [];
-  const expect = (ok: boolean, problem: string) => { if (!ok) problems.push(problem); };
   for (const id of ids) {
     const { state } = await restarted.info(id);
     let working = false;
     if (state === 'ready' || state === 'running') working = (await restarted.run(id, 'print("alive")').catch(() => '')) === 'alive\n';
     verdicts.push({ id, state, working });
+  }
+  // What is left of the sandboxes not adopted is removed behind the restart (the adopted ones
+  // answer meanwhile): it must be gone soon, not at once.
+  let problems = await leftoverProblems(restarted, stateDir, verdicts, sleeper, stamps, dirsBefore);
+  for (let i = 0; problems.length && i < LEFTOVER_POLLS; i++) {
+    await new Promise((r) => setTimeout(r, 250));
+    problems = await leftoverProblems(restarted, stateDir, verdicts, sleeper, stamps, dirsBefore);
+  }
+  return { restarted, sandboxes: ids, verdicts, restartMs, problems };
+}
+
+/**
+ * Sandboxes the server keeps only as parents of others (its records in <state>/holders/: a husk,
+ * or the parent named by a sandbox that is held): a zygote whose pool children live, a deleted
+ * parent of live fork children. Their processes and directories are not leftovers.
+ */
+function husksKeptFor(stateDir: string): string[] {
+  const dir = path.join(stateDir, 'holders');
+  if (!existsSync(dir)) return [];
+  const records = readdirSync(dir).filter((n) => n.endsWith('.json')).flatMap((n) => {
+    try {
+      return [JSON.parse(readFileSync(path.join(dir, n), 'utf8')) as { spec?: { id?: string }; parentId?: string | null; husk?: boolean }];
+    } catch {
+      return []; // being written or removed
+    }
+  });
+  const ids = new Set<string>();
+  for (const r of records) {
+    if (r.husk && r.spec?.id) ids.add(r.spec.id);
+    if (r.parentId) ids.add(r.parentId);
+  }
+  return [...ids];
+}
+
+/** Polls of leftoverProblems, 250 ms apart, before a crash cycle's leftovers count as leaked. */
+const LEFTOVER_POLLS = 80;
+
+/** What is left of a crash cycle's sandboxes that were not adopted (empty when all is well). */
+async function leftoverProblems(
+  restarted: ServeProcess, stateDir: string, verdicts: CrashCycleResult['verdicts'], sleeper: string,
+  stamps: ReturnType<typeof processesOf>, dirsBefore: string[],
+): Promise<string[]> {
+  const problems: string[] = [];
+  const expect = (ok: boolean, problem: string) => { if (!ok) problems.push(problem); };
+  for (const { id, state, working } of verdicts) {
     if (working) continue;
     expect(state === 'lost', `${id}: neither working nor recorded lost (state ${state})`);
     // Cleaned up completely: nothing of it in the process table, the mount table or on disk.
@@ -200,28 +246,5 @@ export async function crashCycle(serve: ServeProcess, stateDir: string, opts: { 
   const layers: string[] = [];
   for (const l of forkLayersIn(stateDir)) if (!(await live(l.split('/')[1] ?? ''))) layers.push(l);
   expect(layers.length === 0, `fork layers left: ${layers.join(' ')}`);
-  return { restarted, sandboxes: ids, verdicts, restartMs, problems };
-}
-
-/**
- * Sandboxes the server keeps only as parents of others (its records in <state>/holders/: a husk,
- * or the parent named by a sandbox that is held): a zygote whose pool children live, a deleted
- * parent of live fork children. Their processes and directories are not leftovers.
- */
-function husksKeptFor(stateDir: string): string[] {
-  const dir = path.join(stateDir, 'holders');
-  if (!existsSync(dir)) return [];
-  const records = readdirSync(dir).filter((n) => n.endsWith('.json')).flatMap((n) => {
-    try {
-      return [JSON.parse(readFileSync(path.join(dir, n), 'utf8')) as { spec?: { id?: string }; parentId?: string | null; husk?: boolean }];
-    } catch {
-      return []; // being written or removed
-    }
-  });
-  const ids = new Set<string>();
-  for (const r of records) {
-    if (r.husk && r.spec?.id) ids.add(r.spec.id);
-    if (r.parentId) ids.add(r.parentId);
-  }
-  return [...ids];
+  return problems;
 }

@@ -7,10 +7,11 @@ import { render } from 'preact';
 import { useCallback, useEffect, useMemo, useRef, useState } from 'preact/hooks';
 import { ApiProblem, getKey, readEvents, setKey } from './api.js';
 import { Compare } from './compare.js';
+import { HostsPanel } from './hosts.js';
 import { PoolPanel } from './pool.js';
 import { SandboxView, type ExecListener } from './sandbox-view.js';
 import { ForkTree, SandboxTable } from './sandboxes.js';
-import type { ExecUpdate, HostSnapshot, SandboxesSnapshot } from './types.js';
+import type { ClusterSnapshot, ExecUpdate, HostSnapshot, SandboxesSnapshot } from './types.js';
 
 type Connection = 'connecting' | 'live' | 'needs-key' | 'offline';
 type View = 'sandboxes' | 'compare' | 'pool';
@@ -21,6 +22,8 @@ function App() {
   const [problem, setProblem] = useState('');
   const [snapshot, setSnapshot] = useState<SandboxesSnapshot>({ now: Date.now(), sandboxes: [] });
   const [host, setHost] = useState<HostSnapshot | null>(null);
+  /** Set only through a cluster gateway. */
+  const [cluster, setCluster] = useState<ClusterSnapshot | null>(null);
   const [skew, setSkew] = useState(0);
   const [now, setNow] = useState(Date.now());
   const [view, setView] = useState<View>('sandboxes');
@@ -48,6 +51,7 @@ function App() {
           setSkew(snap.now - Date.now());
           setSnapshot(snap);
         } else if (event === 'host') setHost(data as HostSnapshot);
+        else if (event === 'cluster') setCluster(data as ClusterSnapshot);
         else if (event === 'exec') for (const l of listeners.current) l(data as ExecUpdate);
         else if (event === 'problem') setProblem((data as { message: string }).message);
       }, abort.signal).then(
@@ -90,7 +94,7 @@ function App() {
         <nav>
           {(['sandboxes', 'compare', 'pool'] as const).map((v) => (
             <button type="button" key={v} class={view === v ? 'active' : ''} data-testid={`nav-${v}`} onClick={() => setView(v)}>
-              {v === 'sandboxes' ? 'Sandboxes' : v === 'compare' ? 'Compare' : 'Pool and host'}
+              {v === 'sandboxes' ? 'Sandboxes' : v === 'compare' ? 'Compare' : cluster ? 'Hosts and pools' : 'Pool and host'}
             </button>
           ))}
         </nav>
@@ -122,6 +126,7 @@ function App() {
             </div>
           )}
           {view === 'compare' && <Compare sandboxes={sandboxes} a={pair[0]} b={pair[1]} onPick={(a, b) => setPair([a, b])} />}
+          {view === 'pool' && cluster && <HostsPanel cluster={cluster} />}
           {view === 'pool' && <PoolPanel host={host} />}
         </main>
       )}

@@ -7,7 +7,7 @@ export function PoolPanel({ host }: { host: HostSnapshot | null }) {
   const h = host.host;
   return (
     <section class="pool" data-testid="pool-panel">
-      <h2>Pool and host</h2>
+      <h2>Pool and host{host.cluster_host ? ` (${host.cluster_host})` : ''}</h2>
       <h3>Warm pool</h3>
       <table>
         <thead><tr><th>template</th><th>egress</th><th>ready / target</th><th>starting</th><th>hits</th><th>misses</th><th>hit rate</th></tr></thead>

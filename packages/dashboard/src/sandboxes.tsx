@@ -15,16 +15,21 @@ interface ListProps {
 export function SandboxTable({ sandboxes, now, selected, onSelect, showEnded }: ListProps & { showEnded: boolean }) {
   const rows = sandboxes.filter((s) => showEnded || !isEnded(s));
   if (rows.length === 0) return <p class="empty">No sandboxes yet. Create one with the SDK, the CLI or the API.</p>;
+  // Through a cluster gateway every sandbox names the host it runs on.
+  const clustered = rows.some((s) => s.host !== undefined);
   return (
     <table class="sandboxes" data-testid="sandbox-table">
       <thead>
-        <tr><th>id</th><th>template</th><th>runtime</th><th>state</th><th>age</th><th>idle</th><th>memory</th><th>parent</th></tr>
+        <tr>
+          <th>id</th>{clustered && <th>host</th>}<th>template</th><th>runtime</th><th>state</th><th>age</th><th>idle</th><th>memory</th><th>parent</th>
+        </tr>
       </thead>
       <tbody>
         {rows.map((s) => (
           <tr key={s.id} data-id={s.id} class={`${selected === s.id ? 'selected' : ''} ${isEnded(s) ? 'ended' : ''}`} tabIndex={0}
             onClick={() => onSelect(s.id)} onKeyDown={(e) => { if (e.key === 'Enter') onSelect(s.id); }}>
             <td class="mono" title={s.id}>{shortId(s.id)}</td>
+            {clustered && <td class="mono" data-testid="sandbox-host">{s.host ?? '–'}</td>}
             <td>{s.template}</td>
             <td>{s.runtime}</td>
             <td><span class={`state state-${s.state}`}>{s.state}</span></td>

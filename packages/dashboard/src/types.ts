@@ -3,6 +3,6 @@
  * nothing of that package ends up in the bundle).
  */
 export type {
-  DashboardSandbox, ExecRecord, ExecUpdate, FileStat, HistogramSnapshot, HistoryOutput as ExecOutput, HostSnapshot,
+  ClusterHost, ClusterSnapshot, DashboardSandbox, ExecRecord, ExecUpdate, FileStat, HistogramSnapshot, HistoryOutput as ExecOutput, HostSnapshot,
   SandboxesSnapshot, DiffAnswer as FileDiff,
 } from '@podflare/protocol';

@@ -20,6 +20,8 @@ export interface DashboardSandbox {
   idle_timeout_seconds: number;
   memory_bytes: number | null;
   metadata: Record<string, string>;
+  /** The cluster host it runs on (through a gateway only). */
+  host?: string;
 }
 
 export interface SandboxesSnapshot {
@@ -86,10 +88,35 @@ export interface HostSnapshot {
     limit_kills: Record<string, number>;
   };
   history_bytes: number;
+  /** Through a cluster gateway: the cluster host these figures are of (one node's). */
+  cluster_host?: string;
   host: {
     hostname: string; cpus: number; loadavg: number[]; total_memory: number; free_memory: number;
     uptime_seconds: number; node: string; server_rss: number;
   };
+}
+
+/** One host of a cluster as a gateway sees it (`GET /v1/cluster/hosts`, and the dashboard's `cluster` event). */
+export interface ClusterHost {
+  id: string;
+  address: string;
+  ready: boolean;
+  draining: boolean;
+  /** Heartbeating within the TTL. */
+  fresh: boolean;
+  /** This gateway's health probes reach it. */
+  reachable: boolean;
+  heartbeat_age_ms: number;
+  live: number;
+  capacity: number;
+  pool: { ready: number; target: number };
+  /** The host's load average (1, 5, 15 min), from its node's dashboard stream; absent until known. */
+  loadavg?: number[];
+}
+
+/** The dashboard's `cluster` event (through a gateway): every host, every second. */
+export interface ClusterSnapshot {
+  hosts: ClusterHost[];
 }
 
 /** `diff` of two sandboxes' files (GET /v1/sandboxes/:id/diff). */

@@ -142,8 +142,9 @@ export class RuntimeRegistry<Ctx, D extends RuntimeDriver<Ctx> = RuntimeDriver<C
     this.check(requested);
     const usable: Array<{ name: RuntimeName; driver: D; preferred: boolean }> = [];
     const skipped: StartedRuntimes['skipped'] = [];
-    for (const [name, driver] of this.drivers) {
-      const found = await driver.detect(ctx);
+    // Probed at once (each runs a command or two; a start-up waits for all of them), judged in order.
+    const probes = await Promise.all([...this.drivers].map(async ([name, driver]) => ({ name, driver, found: await driver.detect(ctx) })));
+    for (const { name, driver, found } of probes) {
       if (found.usable) usable.push({ name, driver, preferred: found.preferred ?? false });
       else if (name === requested) throw new RuntimeUnavailableError(name, found.reason);
       else skipped.push({ name, reason: found.reason });

@@ -25,9 +25,17 @@ Two modes:
          one connection from a process of uid `--uid` (the forked agent) and relays it. The holder
          exits when that connection ends.
 Once listening, it writes "ready <pid>" on stdout and from then on logs to `--log`.
+
+`--watch-server PID` (a server whose stop destroys its sandboxes, `--on-stop destroy`): PID is the
+server, our parent. When it dies without a stop (kill -9, a crashed test), the holder ends the
+sandbox (bwrap, and with it every process of the sandbox) instead of keeping it for a next server:
+such a server's sandboxes must not outlive it. Watched with a pidfd (no pid reuse can fool it);
+what the sandbox leaves on the host (its cgroups, its directory) the next server's start removes.
+SIGUSR1 asks the same of a holder a destroying server adopted: it watches the server connected.
 """
 import argparse
 import os
+import select
 import selectors
 import signal
 import socket
@@ -43,9 +51,14 @@ BUFFER_CAP = 1024 * 1024  # stop reading a side while this much waits to be writ
 SO_PEERCRED_FORMAT = '3i'
 
 
-def peer_uid(conn):
+def peer_creds(conn):
+    """(pid, uid, gid) of the process that connected."""
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize(SO_PEERCRED_FORMAT))
-    return struct.unpack(SO_PEERCRED_FORMAT, creds)[1]
+    return struct.unpack(SO_PEERCRED_FORMAT, creds)
+
+
+def peer_uid(conn):
+    return peer_creds(conn)[1]
 
 
 def listen_unix(path, mode, owner=None):
@@ -81,6 +94,9 @@ class Relay:
         self.to_server = bytearray()
         self.to_agent = bytearray()
         self.running = True
+        self.agent_closed = False  # the agent's end of the channel closed (the sandbox is over)
+        self.server_watch = None  # a pidfd of the server whose death ends the sandbox (--watch-server, SIGUSR1)
+        self.watch_asked = False  # SIGUSR1 came: watch the server connected (or about to connect)
 
     def listen(self):
         # Root's only (0600 in a 0700 directory), and peers are checked again on accept.
@@ -132,6 +148,37 @@ class Relay:
         conn.setblocking(False)
         self.server = conn
         log('a server connected')
+        self.arm_watch()
+
+    def watch(self, pidfd):
+        """From now on, the exit of the process behind `pidfd` (a server) ends the sandbox."""
+        if self.server_watch is not None:
+            self.sel.unregister(self.server_watch)
+            os.close(self.server_watch)
+        self.server_watch = pidfd
+        self.sel.register(pidfd, selectors.EVENT_READ, self.on_server_gone)
+
+    def on_server_gone(self):
+        log('its server died without stopping (it destroys its sandboxes at a stop): ending the sandbox')
+        self.running = False
+
+    def arm_watch(self):
+        """After SIGUSR1 (a server that destroys its sandboxes adopted this one): watch the server
+        connected, once it is a live one; a dead server's connection not yet dropped does not count,
+        the adopting server's is the next one."""
+        if not self.watch_asked or self.server is None:
+            return
+        try:
+            pidfd = os.pidfd_open(peer_creds(self.server)[0])
+        except (ProcessLookupError, OSError):
+            return
+        if select.select([pidfd], [], [], 0)[0]:  # exited already
+            os.close(pidfd)
+            return
+        os.set_inheritable(pidfd, False)
+        self.watch_asked = False
+        self.watch(pidfd)
+        log('watching the server that adopted it')
 
     @staticmethod
     def whole_lines(buf, data):
@@ -149,6 +196,7 @@ class Relay:
             except BlockingIOError:
                 pass
             except OSError:
+                self.agent_closed = True
                 self.running = False
                 return
         if events & selectors.EVENT_READ:
@@ -159,6 +207,7 @@ class Relay:
             except OSError:
                 data = b''
             if not data:
+                self.agent_closed = True
                 self.running = False
                 return
             lines, self.from_agent = self.whole_lines(self.from_agent, data)
@@ -200,6 +249,7 @@ class Relay:
                 key.data()
             if not self.running:
                 return
+        self.arm_watch()
 
 
 LOG = {'fd': 2}
@@ -221,6 +271,20 @@ def detach_output(log_path):
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
+
+
+def watch_server(pid):
+    """A pidfd of the server `pid` (our parent), readable once it has exited; None if it is gone
+    already (we were re-parented: the pid may since name another process)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return None
+    if os.getppid() != pid:
+        os.close(fd)
+        return None
+    os.set_inheritable(fd, False)
+    return fd
 
 
 def agent_channel_at_fd3():
@@ -282,6 +346,8 @@ def run_spawn(args, relay, ours):
             relay.running = False
 
     relay.sel.register(wake_r, selectors.EVENT_READ, on_wake)
+    if args.server_fd is not None:
+        relay.watch(args.server_fd)
     print(f'ready {os.getpid()} {child.pid}', flush=True)
     detach_output(args.log)
     while relay.running:
@@ -298,18 +364,32 @@ def run_spawn(args, relay, ours):
     log(f'sandbox ended: bwrap status {status}' + (f'; its last output: {text}' if text else ''))
 
 
+def drain(fd):
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass
+
+
 def run_accept(args, relay):
     relay.listen()
     back = listen_unix(args.accept, 0o600, owner=args.uid)
     print(f'ready {os.getpid()} 0', flush=True)
     detach_output(args.log)
     sel = selectors.DefaultSelector()
-    sel.register(back, selectors.EVENT_READ)
+    sel.register(back, selectors.EVENT_READ, 'back')
+    if args.server_fd is not None:
+        sel.register(args.server_fd, selectors.EVENT_READ, 'server')
     # A fork child that never connects (its fork failed, its server died mid-fork): give up.
     deadline = time.monotonic() + ACCEPT_TIMEOUT_S
     while True:
-        if not sel.select(max(0.0, deadline - time.monotonic())) and time.monotonic() >= deadline:
+        ready = sel.select(max(0.0, deadline - time.monotonic()))
+        if not ready and time.monotonic() >= deadline:
             log('the forked agent never connected')
+            return
+        if any(key.data == 'server' for key, _ in ready):
+            log('its server died without stopping (--watch-server) before the forked agent connected')
             return
         try:
             conn, _ = back.accept()
@@ -324,9 +404,17 @@ def run_accept(args, relay):
     except OSError:
         pass
     relay.set_agent(conn)
+    sel.close()
+    if args.server_fd is not None:
+        relay.watch(args.server_fd)
+    # Signals (SIGUSR1) wake the loop through this pipe.
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w)
+    relay.sel.register(wake_r, selectors.EVENT_READ, lambda: drain(wake_r))
     while relay.running:
         relay.step()
-    log('the forked agent closed its channel')
+    if relay.agent_closed:
+        log('the forked agent closed its channel')
 
 
 def main():
@@ -336,6 +424,7 @@ def main():
     parser.add_argument('--uid', type=int, required=True)
     parser.add_argument('--gid', type=int, required=True)
     parser.add_argument('--accept', help='fork child: where its agent connects')
+    parser.add_argument('--watch-server', type=int, metavar='PID', help='end the sandbox when this server (our parent) dies')
     parser.add_argument('argv', nargs='*')
     args = parser.parse_args()
     # Our own session (the server starts us detached), so a signal to the server's group never
@@ -344,7 +433,15 @@ def main():
     signal.signal(signal.SIGINT, lambda *_: None)
     signal.signal(signal.SIGHUP, lambda *_: None)
     ours = None if args.accept else agent_channel_at_fd3()
+    args.server_fd = None
+    if args.watch_server is not None:
+        args.server_fd = watch_server(args.watch_server)
+        if args.server_fd is None:
+            log('its server is gone already (--watch-server): not starting')
+            return 1
     relay = Relay(args.socket)
+    # SIGUSR1: a server that destroys its sandboxes at a stop adopted this one (see Relay.arm_watch).
+    signal.signal(signal.SIGUSR1, lambda *_: setattr(relay, 'watch_asked', True))
     try:
         if args.accept:
             run_accept(args, relay)

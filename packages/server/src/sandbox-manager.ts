@@ -108,10 +108,17 @@ export class SandboxManager {
     registerManagerGauges(this.ctx, this.pool);
   }
 
-  /** Start-up: reconcile with what an earlier server on this state directory left, then warm the pool. */
+  /**
+   * Start-up: reconcile with what an earlier server on this state directory left. The pool is
+   * warmed by warmPool(), once the server listens: the adopted sandboxes answer first.
+   */
   async start(): Promise<void> {
     await this.lifecycle.reconcile();
-    this.pool.warmDefault();
+  }
+
+  /** Starts filling the warm pool and the zygotes (in the background). */
+  warmPool(): void {
+    if (!this.ctx.status.closing) this.pool.warmDefault();
   }
 
   get poolStats() {

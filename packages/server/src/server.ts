@@ -9,7 +9,7 @@ import path from 'node:path';
 import { assertStateDirReachable } from './state-dir-access.js';
 import { isLoopback, type ServerConfig } from './config.js';
 import { EgressService } from './egress/index.js';
-import { createApp, type RequestListener } from './http/app.js';
+import { createApp, type RequestListener, type UpgradeListener } from './http/app.js';
 import type { HttpMount } from './http/mounts.js';
 import { ensureImage, TemplateCatalog, type ImageProgress } from './image/index.js';
 import { createLogger, type Logger } from './log.js';
@@ -41,6 +41,8 @@ export interface StartOptions {
   store?: SandboxStore;
   /** Wraps the HTTP handler (cluster nodes: refuse requests that do not come from a gateway). */
   wrapHandler?: (handler: RequestListener) => RequestListener;
+  /** Wraps the Upgrade (WebSocket) listener likewise. */
+  wrapUpgrade?: (listener: UpgradeListener) => UpgradeListener;
 }
 
 export async function startServer(config: ServerConfig, opts: StartOptions = {}): Promise<RunningServer> {
@@ -106,7 +108,7 @@ async function startLocked(config: ServerConfig, opts: StartOptions, log: Logger
     browserAccess: { allowedHosts: config.allowedHosts, allowedOrigins: config.allowedOrigins },
   });
   const server = http.createServer({ noDelay: true, keepAliveTimeout: 65_000, maxHeaderSize: 16 * 1024 }, opts.wrapHandler ? opts.wrapHandler(app) : app);
-  server.on('upgrade', app.upgrade); // WebSockets to exposed ports and terminals
+  server.on('upgrade', opts.wrapUpgrade ? opts.wrapUpgrade(app.upgrade) : app.upgrade); // WebSockets to exposed ports and terminals
   server.headersTimeout = 30_000;
   // Header size is capped by maxHeaderSize above (Node answers 431); the count too.
   server.maxHeadersCount = 100;
@@ -120,6 +122,8 @@ async function startLocked(config: ServerConfig, opts: StartOptions, log: Logger
   const host = address.family === 'IPv6' ? `[${address.address}]` : address.address;
   const url = `http://${host}:${address.port}`;
   loopbackUrl = `http://${loopbackHost(address)}:${address.port}`;
+  // The warm pool fills behind the listener: a restart's adopted sandboxes answer without waiting for it.
+  manager.warmPool();
   log.info('podflare listening', {
     url, runtime: runtime.name, runtimes: runtimes.map((r) => r.name).join(','), ...Object.assign({}, ...instances.map((i) => i.logFields)),
     pool: config.poolSize, image: image.id,

@@ -7,7 +7,9 @@ export const CLUSTER_OPTIONS = {
 } as const;
 
 export const CLUSTER_HELP = `  --db URL           the cluster's PostgreSQL: postgres://user:pass@host:5432/db, or a unix
-                     socket postgres://user@/db?host=/run/postgresql (default: $PODFLARE_DB)
+                     socket postgres://user@/db?host=/run/postgresql (default: $PODFLARE_DB);
+                     one that fails over: every member, ?target_session_attrs=read-write
+                     (postgres://user:pass@db1:5432,db2:5432/db?target_session_attrs=read-write)
   --node-token TOKEN shared secret gateways present to nodes, at least 16 characters
                      (default: $PODFLARE_NODE_TOKEN; prefer the environment: flags show in ps)`;
 

@@ -11,6 +11,7 @@ Runs one host of a Podflare cluster in the foreground: the sandboxes and warm po
 its records in the cluster's PostgreSQL, a heartbeat every second. It answers only gateways
 (the shared node token); users talk to \`podflare gateway\`. Takes every \`podflare serve\` option
 (--host, --port, --state-dir, --pool-size, ...); bind --host to an address the gateways reach.
+As with \`serve\`, a stop keeps the live sandboxes for the next node process (--on-stop keep).
 
 Options:
 ${CLUSTER_HELP}
@@ -34,7 +35,10 @@ export const nodeCommand: Command = {
     const advertise = values.advertise ?? process.env.PODFLARE_ADVERTISE;
     if (!advertise) throw new UsageError('--advertise HOST:PORT (or PODFLARE_ADVERTISE) is required', 'node');
     const hostId = values['node-id'] ?? process.env.PODFLARE_NODE_ID ?? os.hostname();
-    const config = loadConfig(serveOverrides(values, 'node'));
+    // As `serve`: a stop keeps the sandboxes for the next node process on this host (it re-adopts them).
+    const overrides = serveOverrides(values, 'node');
+    if (overrides.onStop === undefined && !process.env.PODFLARE_ON_STOP) overrides.onStop = 'keep';
+    const config = loadConfig(overrides);
     const reporter = createProgressReporter();
     const node = await startNode(config, { db, advertise, hostId, nodeToken }, { onImageProgress: reporter.onProgress })
       .finally(() => reporter.finish());

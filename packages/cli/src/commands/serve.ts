@@ -99,11 +99,8 @@ export const serveCommand: Command = {
     const reporter = createProgressReporter();
     const mcp = createMcpMount((message) => process.stderr.write(`podflare mcp: ${message}\n`));
     const server = await startServer(config, { onImageProgress: reporter.onProgress, mounts: [mcp] }).finally(() => reporter.finish());
-    process.stdout.write(`podflare listening on ${server.url} (runtime ${server.runtime}, state ${config.stateDir})\n`);
-    process.stdout.write(`dashboard: ${server.url}/\n`);
-    process.stdout.write(`mcp: ${server.url}${mcp.path}\n`);
-
-    return new Promise<number>((resolve) => {
+    // The stop handlers first, then the announcement: whoever reads the URL may signal at once.
+    const stopped = new Promise<number>((resolve) => {
       let stopping = false;
       const stop = (signal: NodeJS.Signals) => {
         if (stopping) {
@@ -124,5 +121,9 @@ export const serveCommand: Command = {
       process.on('SIGINT', stop);
       process.on('SIGTERM', stop);
     });
+    process.stdout.write(`podflare listening on ${server.url} (runtime ${server.runtime}, state ${config.stateDir})\n`);
+    process.stdout.write(`dashboard: ${server.url}/\n`);
+    process.stdout.write(`mcp: ${server.url}${mcp.path}\n`);
+    return stopped;
   },
 };

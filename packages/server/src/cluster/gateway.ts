@@ -15,21 +15,28 @@ import { randomBytes } from 'node:crypto';
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
 import type { IncomingMessage, ServerResponse } from 'node:http';
+import type { Duplex } from 'node:stream';
 import pg from 'pg';
+import { SANDBOX_ID_PATTERN, type ClusterHost } from '@podflare/protocol';
 import type { ServerConfig } from '../config.js';
 import { ApiError } from '../http/api-error.js';
 import { bearerKey, KeyRing } from '../http/auth.js';
 import { readJson, sendJson } from '../http/body.js';
 import { BrowserGuard } from '../http/browser-guard.js';
 import type { HttpMount } from '../http/mounts.js';
+import { matchPortTarget, type PortTarget } from '../http/port-proxy.js';
+import { matchPtyTarget } from '../http/pty-socket.js';
 import { createLogger, type Logger } from '../log.js';
 import { migrate } from '../store/pg-migrations.js';
+import { openPgPool } from '../store/pg-pool.js';
 import { HostTable, type HostView } from './host-table.js';
 import { acquireLease, LEASE_GUARD } from './lease.js';
 import { checkNodeToken } from './node-token.js';
 import { NodeProber } from './node-prober.js';
 import { claimSlot, pickByLoad } from './placement.js';
 import { NodeUnreachableError, pipeAnswer, readAnswer, sendToNode, type ForwardRequest } from './proxy.js';
+import { refuseUpgrade, tunnelUpgrade } from './upgrade-tunnel.js';
+import { serveClusterDashboardEvents } from './dashboard-events.js';
 
 export const IDEMPOTENCY_METADATA_KEY = 'podflare:idempotency-key';
 
@@ -68,7 +75,7 @@ export async function startGateway(config: ServerConfig, opts: GatewayOptions): 
   const nodeToken = checkNodeToken(opts.nodeToken);
   const log = createLogger(config.logLevel, { role: 'gateway' });
   const id = `gw-${randomBytes(4).toString('hex')}`;
-  const db = new pg.Pool({ connectionString: opts.db, max: 16 });
+  const db = openPgPool(opts.db, { max: 16 });
   db.on('error', () => {});
   try {
     await migrate(db);
@@ -81,6 +88,7 @@ export async function startGateway(config: ServerConfig, opts: GatewayOptions): 
   const gateway = new Gateway(config, opts, nodeToken, db, hosts, log);
   gateway.prober.start();
   const server = http.createServer({ noDelay: true, keepAliveTimeout: 65_000, maxHeaderSize: 16 * 1024 }, (req, res) => gateway.handle(req, res));
+  server.on('upgrade', (req: IncomingMessage, socket: Duplex, head: Buffer) => gateway.upgrade(req, socket, head));
   server.headersTimeout = 30_000;
   server.requestTimeout = 0;
   await new Promise<void>((resolve, reject) => {
@@ -150,7 +158,7 @@ class Gateway {
   private agentFor(hostId: string): http.Agent {
     let agent = this.agents.get(hostId);
     if (!agent) {
-      agent = new http.Agent({ keepAlive: true, maxSockets: 256, keepAliveMsecs: 10_000 });
+      agent = new http.Agent({ keepAlive: true, maxSockets: 256, keepAliveMsecs: 10_000, noDelay: true });
       this.agents.set(hostId, agent);
     }
     return agent;
@@ -164,6 +172,13 @@ class Gateway {
   handle(req: IncomingMessage, res: ServerResponse): void {
     void (async () => {
       try {
+        // Exposed ports: their own checks (as on a node: the key route Host + Origin + key, a signed URL Host only).
+        const portTarget = matchPortTarget(req.url);
+        if (portTarget) {
+          // A signed URL naming no sandbox is refused like a forged one (as a node does), not a 404.
+          const notFound = portTarget.kind === 'signed' ? badPortUrl : undefined;
+          return await this.route(req, res, this.portSandbox(req, portTarget), { appAnswers: true, notFound });
+        }
         if (this.guard.check(req, res) === 'answered') return;
         const url = new URL(req.url ?? '/', 'http://gateway');
         const path = url.pathname;
@@ -185,12 +200,66 @@ class Gateway {
         if (path === '/v1/metrics' && method === 'GET') return this.metricsAnswer(res);
         const m = /^\/v1\/sandboxes\/([^/]+)(\/.*)?$/.exec(path);
         if (m) return await this.route(req, res, decodeURIComponent(m[1]!));
+        if (path === '/v1/dashboard/events' && method === 'GET') {
+          return await serveClusterDashboardEvents(req, res, {
+            hosts: this.hosts, isReachable: (id) => this.prober.isReachable(id), target: (h) => this.target(h), clusterHosts: () => this.clusterHosts(),
+          });
+        }
         if (path.startsWith('/v1/dashboard/')) return await this.toFirstLiveHost(req, res);
         throw new ApiError('not_found', `no route ${method} ${path}`);
       } catch (err) {
         this.sendError(res, err);
       }
     })();
+  }
+
+  /** WebSockets (a sandbox's exposed port, the PTY): checked here, then tunnelled to the sandbox's node. */
+  upgrade(req: IncomingMessage, socket: Duplex, head: Buffer): void {
+    socket.on('error', () => {});
+    void (async () => {
+      try {
+        const pty = matchPtyTarget(req.url);
+        const port = pty ? null : matchPortTarget(req.url);
+        let id: string;
+        if (pty) {
+          this.guard.checkUpgrade(req);
+          this.keys.authenticate(req);
+          id = pty.sandboxId;
+        } else if (port) {
+          id = this.portSandbox(req, port);
+        } else {
+          throw new ApiError('not_found', `no WebSocket route ${req.url ?? ''}`);
+        }
+        const hostId = await this.hostOf(id).catch((err: unknown) => { throw databaseUnavailable(err); });
+        if (!hostId) throw port?.kind === 'signed' ? badPortUrl() : new ApiError('not_found', `no sandbox ${id}`);
+        const h = await this.liveHost(hostId);
+        await tunnelUpgrade(req, socket, head, this.target(h)).catch((err: unknown) => {
+          throw err instanceof NodeUnreachableError ? this.unavailable(hostId, `cannot be reached (${err.message})`) : err;
+        });
+        this.counters.routed++;
+      } catch (err) {
+        const apiError = err instanceof ApiError ? err : new ApiError('internal', `gateway error: ${(err as Error)?.message ?? String(err)}`);
+        if (!(err instanceof ApiError)) this.log.error('gateway upgrade error', { error: (err as Error)?.stack ?? String(err) });
+        refuseUpgrade(socket, apiError.status, apiError.toBody(), apiError.headers);
+      }
+    })();
+  }
+
+  /**
+   * The sandbox an exposed-port request is for, after the checks a node makes first: the key route
+   * wants the Host, a same-site Origin and the key; a signed URL only the Host (its token is the
+   * credential, verified by the node that signed it: the id in it only routes).
+   */
+  private portSandbox(req: IncomingMessage, target: PortTarget): string {
+    if (target.kind === 'key') {
+      this.guard.checkUpgrade(req);
+      this.keys.authenticate(req);
+      return target.sandboxId;
+    }
+    this.guard.checkHost(req);
+    const id = target.token.split('.')[0] ?? '';
+    if (!SANDBOX_ID_PATTERN.test(id)) throw badPortUrl();
+    return id;
   }
 
   private sendError(res: ServerResponse, err: unknown): void {
@@ -227,7 +296,9 @@ class Gateway {
     return hostId;
   }
 
-  private async route(req: IncomingMessage, res: ServerResponse, id: string): Promise<void> {
+  /** `appAnswers`: the answer is the sandbox's own server's (an exposed port): its 404 says nothing about routing. */
+  private async route(req: IncomingMessage, res: ServerResponse, id: string,
+    opts: { appAnswers?: boolean; notFound?: () => ApiError } = {}): Promise<void> {
     const cached = this.routes.has(id);
     let hostId: string | undefined;
     try {
@@ -236,11 +307,11 @@ class Gateway {
       throw new ApiError('unavailable', `cannot look up sandbox ${id}: the cluster database is unreachable (${(err as Error).message})`, undefined,
         { 'Retry-After': '2' });
     }
-    if (!hostId) throw new ApiError('not_found', `no sandbox ${id}`);
+    if (!hostId) throw opts.notFound?.() ?? new ApiError('not_found', `no sandbox ${id}`);
     const hasBody = req.headers['transfer-encoding'] !== undefined || (req.headers['content-length'] ?? '0') !== '0';
     const request: ForwardRequest = { method: req.method ?? 'GET', path: req.url ?? '/', headers: req.headers, body: hasBody ? req : null };
     let answer = await this.forwardTo(hostId, request);
-    if (answer.statusCode === 404 && cached && !hasBody) {
+    if (answer.statusCode === 404 && cached && !hasBody && !opts.appAnswers) {
       // "Not here": the cache may be stale. PostgreSQL decides; ask the host it names, once.
       const notHere = await readAnswer(answer);
       const again = await this.hostOf(id, true).catch(() => hostId);
@@ -257,10 +328,32 @@ class Gateway {
       return void res.writeHead(429, stripHop(answer.headers)).end(refusal);
     }
     this.counters.routed++;
+    if (answer.statusCode === 200 && request.method === 'POST' && /^\/v1\/sandboxes\/[^/]+\/ports\/\d+\/url$/.test(new URL(request.path, 'http://x').pathname)) {
+      return this.signedUrlAnswer(req, res, answer);
+    }
     pipeAnswer(answer, res);
   }
 
+  /** A node signs port URLs with its own address: the caller must get this gateway's instead. */
+  private async signedUrlAnswer(req: IncomingMessage, res: ServerResponse, answer: IncomingMessage): Promise<void> {
+    const body = JSON.parse((await readAnswer(answer)).toString('utf8')) as { token: string; host: string; url: string };
+    body.host = `${req.headers.host}/v1/ports/${body.token}`;
+    body.url = `http://${body.host}/`;
+    sendJson(res, 200, body);
+  }
+
   private async forwardTo(hostId: string, request: ForwardRequest): Promise<IncomingMessage> {
+    const h = await this.liveHost(hostId);
+    try {
+      return await sendToNode(this.target(h), request);
+    } catch (err) {
+      if (err instanceof NodeUnreachableError) throw this.unavailable(hostId, `cannot be reached (${err.message})`);
+      throw err;
+    }
+  }
+
+  /** The host, if it heartbeats and this gateway reaches it; else 503 node_unavailable. */
+  private async liveHost(hostId: string): Promise<HostView> {
     let h = this.hosts.get(hostId);
     if (!h || !this.hosts.isFresh(h)) {
       // Only on the failure path: the view may be up to one refresh behind a node that came back.
@@ -270,12 +363,7 @@ class Gateway {
     if (!h) throw this.unavailable(hostId, 'is not registered');
     if (!this.hosts.isFresh(h)) throw this.unavailable(hostId, `stopped heartbeating ${Math.round(this.hosts.ageOf(h) / 1000)} s ago`);
     if (!this.prober.isReachable(hostId)) throw this.unavailable(hostId, 'cannot be reached from this gateway (its health probes fail)');
-    try {
-      return await sendToNode(this.target(h), request);
-    } catch (err) {
-      if (err instanceof NodeUnreachableError) throw this.unavailable(hostId, `cannot be reached (${err.message})`);
-      throw err;
-    }
+    return h;
   }
 
   private async toFirstLiveHost(req: IncomingMessage, res: ServerResponse): Promise<void> {
@@ -317,7 +405,9 @@ class Gateway {
     const key = req.headers['idempotency-key'];
     if (key !== undefined) {
       if (typeof key !== 'string' || key.length < 1 || key.length > 200) throw new ApiError('bad_request', 'Idempotency-Key: 1 to 200 characters');
-      const replay = await this.claimIdempotencyKey(owner, key);
+      const replay = await this.claimIdempotencyKey(owner, key).catch((err: unknown) => {
+        throw err instanceof ApiError ? err : databaseUnavailable(err);
+      });
       if (replay) {
         this.counters.idempotentReplays++;
         return sendJson(res, 201, { id: replay.id, state: replay.state, pool: { hit: true } }, { 'Idempotent-Replayed': 'true' });
@@ -334,8 +424,9 @@ class Gateway {
     let lastRefusal: { status: number; body: Buffer; headers: http.IncomingHttpHeaders } | null = null;
     for (let attempt = 0; attempt < (this.opts.createAttempts ?? 4); attempt++) {
       if (attempt > 0) this.counters.createRetries++;
-      const hostId = await this.pickHost(template, excluded);
-      if (!hostId) break;
+      const picked = await this.pickHost(template, excluded);
+      if (!picked) break;
+      const { hostId } = picked;
       const h = this.hosts.get(hostId);
       if (!h) { excluded.push(hostId); continue; }
       this.inFlight.set(hostId, (this.inFlight.get(hostId) ?? 0) + 1);
@@ -346,7 +437,8 @@ class Gateway {
         if (status === 201) {
           const created = JSON.parse(answerBody.toString('utf8')) as { id: string };
           this.routes.set(created.id, hostId);
-          res.writeHead(201, { 'Content-Type': 'application/json', 'X-Podflare-Host': hostId });
+          // The slot row's id, when one was claimed: operators (and the failover test) can check no slot went twice.
+          res.writeHead(201, { 'Content-Type': 'application/json', 'X-Podflare-Host': hostId, ...(picked.slotId ? { 'X-Podflare-Slot': picked.slotId } : {}) });
           return void res.end(answerBody);
         }
         if (!isHostRefusal(status, answerBody)) {
@@ -370,16 +462,21 @@ class Gateway {
     throw new ApiError('no_capacity', `no host of the cluster could take the sandbox (${excluded.length} excluded)${why}`, undefined, { 'Retry-After': '2' });
   }
 
-  /** A warm slot's host, else the best of a few by load; null when no host is left. */
-  private async pickHost(template: string, excluded: string[]): Promise<string | null> {
+  /**
+   * A warm slot's host, else the best of a few by load; null when no host is left. Without the
+   * database (a failover under way) no node could record a sandbox either: 503 at once, not after
+   * every node tried and failed.
+   */
+  private async pickHost(template: string, excluded: string[]): Promise<{ hostId: string; slotId?: string } | null> {
+    let slot;
     try {
-      const slot = await claimSlot(this.db, template, this.hosts.hostTtlMs, excluded);
-      if (slot) { this.counters.slotHits++; return slot; }
+      slot = await claimSlot(this.db, template, this.hosts.hostTtlMs, excluded);
     } catch (err) {
-      // Without the database no slot can be claimed; the host table (memory) still places.
-      this.log.debug('slot claim failed', { error: (err as Error).message });
+      throw databaseUnavailable(err);
     }
-    return pickByLoad(this.hosts, this.inFlight, excluded)?.id ?? null;
+    if (slot) { this.counters.slotHits++; return slot; }
+    const h = pickByLoad(this.hosts, this.inFlight, excluded);
+    return h ? { hostId: h.id } : null;
   }
 
   /**
@@ -430,14 +527,16 @@ class Gateway {
 
   // ---- cluster views ------------------------------------------------------------------------
 
+  private clusterHosts(): ClusterHost[] {
+    return this.hosts.all().sort((a, b) => a.id.localeCompare(b.id)).map((h) => ({
+      id: h.id, address: h.address, ready: h.ready, draining: h.draining, fresh: this.hosts.isFresh(h), reachable: this.prober.isReachable(h.id),
+      heartbeat_age_ms: Math.round(this.hosts.ageOf(h)), live: h.live, capacity: h.capacity,
+      pool: { ready: h.poolReady, target: h.poolTarget },
+    }));
+  }
+
   private hostsAnswer(res: ServerResponse): void {
-    sendJson(res, 200, {
-      hosts: this.hosts.all().sort((a, b) => a.id.localeCompare(b.id)).map((h) => ({
-        id: h.id, address: h.address, ready: h.ready, draining: h.draining, fresh: this.hosts.isFresh(h), reachable: this.prober.isReachable(h.id),
-        heartbeat_age_ms: Math.round(this.hosts.ageOf(h)), live: h.live, capacity: h.capacity,
-        pool: { ready: h.poolReady, target: h.poolTarget },
-      })),
-    });
+    sendJson(res, 200, { hosts: this.clusterHosts() });
   }
 
   private capacityAnswer(res: ServerResponse): void {
@@ -481,6 +580,17 @@ function isHostRefusal(status: number, body: Buffer): boolean {
   if (status === 503 || status === 500) return true;
   // The node's own cap (not a per-key limit or a request rate): admission control said no.
   return status === 429 && body.toString('utf8').includes('the server runs');
+}
+
+/** What a node answers for a forged, altered or expired port URL. */
+function badPortUrl(): ApiError {
+  return new ApiError('unauthorized', 'invalid or expired port URL: ask for a new one (getHost / get_host)');
+}
+
+/** 503 + Retry-After for a create while PostgreSQL cannot be written (down, or mid-failover). */
+function databaseUnavailable(err: unknown): ApiError {
+  return new ApiError('unavailable', `the cluster database cannot be written just now (${(err as Error)?.message ?? String(err)}); ` +
+    'existing sandboxes keep running: retry the create shortly', undefined, { 'Retry-After': '2' });
 }
 
 function stripHop(headers: http.IncomingHttpHeaders): http.OutgoingHttpHeaders {

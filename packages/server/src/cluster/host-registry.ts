@@ -39,7 +39,17 @@ export class HostRegistry {
        FROM (SELECT ready AS was_ready FROM hosts WHERE id=$1) old WHERE h.id=$1 RETURNING old.was_ready`,
       [this.hostId, load.live, load.capacity, poolReady, load.poolTarget],
     );
-    for (const [template, ready] of load.poolReady) {
+    await this.syncSlots(load.poolReady);
+    if (rows[0] && !rows[0].was_ready) await this.notify();
+  }
+
+  /**
+   * Brings the slot rows to the pool's ready counts (per template). Called by every heartbeat and,
+   * between them, as soon as the pool's counts change (a refill done): creates claim the sandboxes
+   * that are ready now rather than a second ago.
+   */
+  async syncSlots(poolReady: ReadonlyMap<string, number>): Promise<void> {
+    for (const [template, ready] of poolReady) {
       // Slots claimed by a gateway whose create has not arrived yet still count as ready in the
       // pool: at worst a create misses the pool and starts one on demand.
       await this.db.query(
@@ -50,7 +60,6 @@ export class HostRegistry {
         [this.hostId, template, ready],
       );
     }
-    if (rows[0] && !rows[0].was_ready) await this.notify();
   }
 
   /** Stops placements here: draining, no slots. Sandboxes and the row stay (a restart takes the row back). */

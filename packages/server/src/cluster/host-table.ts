@@ -4,6 +4,9 @@
  * no placements, and its sandboxes answer 503 `node_unavailable`. Routing asks this table only
  * (memory), never the database. When the database cannot be read the view is kept as it was, not
  * aged: losing the database must not make every sandbox unreachable (connection errors still show).
+ * When it can be read again (a failover done), the hosts that were fresh when it went away stay
+ * fresh for one more TTL: their heartbeats could not be written meanwhile, which says nothing about
+ * them, and they resume within a heartbeat or two.
  */
 import type pg from 'pg';
 import { HOSTS_CHANNEL } from './host-registry.js';
@@ -33,6 +36,9 @@ export class HostTable {
   private hosts = new Map<string, HostView>();
   private dbHealthy = true;
   private frozenAt = 0;
+  /** Hosts fresh when the database went away, and when it came back: they get one TTL of grace. */
+  private graceFor = new Set<string>();
+  private recoveredAt = 0;
   private timer: NodeJS.Timeout | undefined;
   private listener: pg.PoolClient | undefined;
   private listening = false;
@@ -86,6 +92,7 @@ export class HostTable {
             `SELECT id, address, ready, draining, live, capacity, pool_ready, pool_target,
                     (extract(epoch FROM (now() - heartbeat_at)) * 1000)::float8 AS age_ms FROM hosts`);
           const now = Date.now();
+          if (!this.dbHealthy) this.recoveredAt = now;
           this.hosts = new Map(rows.map((r) => [r.id, {
             id: r.id, address: r.address, ready: r.ready, draining: r.draining, live: r.live, capacity: r.capacity,
             poolReady: r.pool_ready, poolTarget: r.pool_target, ageMs: r.age_ms, readAt: now,
@@ -93,7 +100,10 @@ export class HostTable {
           this.dbHealthy = true;
           if (!this.listener) void this.listen();
         } catch (err) {
-          if (this.dbHealthy) this.frozenAt = Date.now();
+          if (this.dbHealthy) {
+            this.frozenAt = Date.now();
+            this.graceFor = new Set(this.all().filter((h) => this.isFresh(h)).map((h) => h.id));
+          }
           this.dbHealthy = false;
           this.opts.onError?.(err as Error);
         }
@@ -118,7 +128,8 @@ export class HostTable {
 
   /** Heartbeating within the TTL (its sandboxes are routed to). */
   isFresh(h: HostView): boolean {
-    return this.ageOf(h) <= this.hostTtlMs;
+    if (this.ageOf(h) <= this.hostTtlMs) return true;
+    return this.dbHealthy && this.graceFor.has(h.id) && Date.now() - this.recoveredAt <= this.hostTtlMs;
   }
 
   /** Fresh, ready and not draining: may take new sandboxes. */

@@ -5,6 +5,7 @@
  */
 import { createHash, timingSafeEqual } from 'node:crypto';
 import type { IncomingMessage, ServerResponse } from 'node:http';
+import type { Duplex } from 'node:stream';
 
 export const NODE_TOKEN_HEADER = 'x-podflare-node-token';
 
@@ -30,5 +31,20 @@ export function requireNodeToken(token: string): (handler: Listener) => Listener
     res.writeHead(401, { 'Content-Type': 'application/json', Connection: 'close' });
     res.end(JSON.stringify({ error: 'this is a cluster node: it answers only its gateways (missing or wrong node token)', code: 'unauthorized' }));
     req.resume();
+  };
+}
+
+type UpgradeListener = (req: IncomingMessage, socket: Duplex, head: Buffer) => void;
+
+/** The same for a node's WebSocket upgrades (terminals, exposed ports): 401 and closed without the token. */
+export function requireNodeTokenOnUpgrade(token: string): (listener: UpgradeListener) => UpgradeListener {
+  const expected = digest(token);
+  return (listener) => (req, socket, head) => {
+    const sent = req.headers[NODE_TOKEN_HEADER];
+    if (typeof sent === 'string' && timingSafeEqual(digest(sent), expected)) return listener(req, socket, head);
+    const body = JSON.stringify({ error: 'this is a cluster node: it answers only its gateways (missing or wrong node token)', code: 'unauthorized' });
+    socket.on('error', () => {});
+    socket.end(`HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\n` +
+      `Connection: close\r\n\r\n${body}`);
   };
 }

@@ -10,7 +10,10 @@ import { createLogger } from '../log.js';
 import { startServer, type RunningServer, type StartOptions } from '../server.js';
 import { PgStore } from '../store/pg-store.js';
 import { HostRegistry } from './host-registry.js';
-import { checkNodeToken, requireNodeToken } from './node-token.js';
+import { checkNodeToken, requireNodeToken, requireNodeTokenOnUpgrade } from './node-token.js';
+
+/** How often a node checks its pool for ready counts to publish between heartbeats. */
+const SLOT_PUBLISH_MS = 100;
 
 export interface NodeOptions {
   /** PostgreSQL connection string. */
@@ -41,7 +44,7 @@ export async function startNode(config: ServerConfig, node: NodeOptions, opts: S
   let server: RunningServer;
   try {
     await registry.register();
-    server = await startServer(config, { ...opts, store, wrapHandler: requireNodeToken(token) });
+    server = await startServer(config, { ...opts, store, wrapHandler: requireNodeToken(token), wrapUpgrade: requireNodeTokenOnUpgrade(token) });
   } catch (err) {
     await store.close();
     throw err;
@@ -49,9 +52,16 @@ export async function startNode(config: ServerConfig, node: NodeOptions, opts: S
   const manager = server.manager;
   let beating: Promise<void> = Promise.resolve();
   let failing = false;
-  const beat = async () => {
+  const readyByTemplate = () => {
     const poolReady = new Map<string, number>();
     for (const p of manager.poolStats) poolReady.set(p.template, (poolReady.get(p.template) ?? 0) + p.ready);
+    return poolReady;
+  };
+  /** What the slot rows were last brought to (a change between heartbeats publishes at once). */
+  let published = '';
+  const beat = async () => {
+    const poolReady = readyByTemplate();
+    published = JSON.stringify([...poolReady]);
     try {
       await registry.heartbeat({
         live: manager.liveCount, capacity: config.maxSandboxes, poolReady,
@@ -65,8 +75,17 @@ export async function startNode(config: ServerConfig, node: NodeOptions, opts: S
       failing = true;
     }
   };
+  const publishSlots = async () => {
+    const poolReady = readyByTemplate();
+    const now = JSON.stringify([...poolReady]);
+    if (now === published || failing) return;
+    published = now;
+    await registry.syncSlots(poolReady).catch(() => { published = ''; });
+  };
   await beat();
   const timer = setInterval(() => { beating = beating.then(beat); }, node.heartbeatMs ?? 1000);
+  // Serialized with the heartbeats (one slot writer at a time); cheap when nothing changed.
+  const slotTimer = setInterval(() => { beating = beating.then(publishSlots); }, SLOT_PUBLISH_MS);
   let closing: Promise<void> | null = null;
   return {
     server,
@@ -74,6 +93,7 @@ export async function startNode(config: ServerConfig, node: NodeOptions, opts: S
     close() {
       closing ??= (async () => {
         clearInterval(timer);
+        clearInterval(slotTimer);
         await beating;
         await registry.drain().catch((err: unknown) => log.warn('could not mark the host draining', { error: String(err) }));
         await server.close(); // closes the store too

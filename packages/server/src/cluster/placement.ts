@@ -8,19 +8,25 @@
 import type pg from 'pg';
 import type { HostTable, HostView } from './host-table.js';
 
-/** Claims one warm slot of `template` on a placeable host not in `exclude`; the host's id, or null. */
-export async function claimSlot(db: pg.Pool, template: string, hostTtlMs: number, exclude: readonly string[]): Promise<string | null> {
-  const { rows } = await db.query<{ host_id: string }>(
+/** A claimed warm slot: the host that holds it and the slot row's id (never claimed again). */
+export interface ClaimedSlot {
+  hostId: string;
+  slotId: string;
+}
+
+/** Claims one warm slot of `template` on a placeable host not in `exclude`; null when there is none. */
+export async function claimSlot(db: pg.Pool, template: string, hostTtlMs: number, exclude: readonly string[]): Promise<ClaimedSlot | null> {
+  const { rows } = await db.query<{ host_id: string; id: string }>(
     `DELETE FROM slots WHERE id = (
        SELECT s.id FROM slots s JOIN hosts h ON h.id = s.host_id
         WHERE s.template = $1 AND h.ready AND NOT h.draining
           AND h.heartbeat_at > now() - make_interval(secs => $2::float8 / 1000)
           AND NOT (s.host_id = ANY($3::text[]))
         ORDER BY random() LIMIT 1 FOR UPDATE OF s SKIP LOCKED)
-     RETURNING host_id`,
+     RETURNING host_id, id`,
     [template, hostTtlMs, exclude],
   );
-  return rows[0]?.host_id ?? null;
+  return rows[0] ? { hostId: rows[0].host_id, slotId: String(rows[0].id) } : null;
 }
 
 /**

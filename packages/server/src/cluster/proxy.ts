@@ -12,6 +12,9 @@ import { NODE_TOKEN_HEADER } from './node-token.js';
 const HOP_HEADERS = new Set(['connection', 'keep-alive', 'proxy-connection', 'proxy-authorization', 'te', 'trailer', 'transfer-encoding',
   'upgrade', 'host', 'origin', NODE_TOKEN_HEADER]);
 
+/** How long an answer's headers wait for its first chunk before going out alone. */
+const HEADER_FLUSH_MS = 2;
+
 /** The request could not be delivered (no connection, or the connection broke before an answer). */
 export class NodeUnreachableError extends Error {
   override name = 'NodeUnreachableError';
@@ -71,8 +74,13 @@ export function pipeAnswer(answer: IncomingMessage, res: ServerResponse): void {
   const headers: http.OutgoingHttpHeaders = {};
   for (const [k, v] of Object.entries(answer.headers)) if (!HOP_HEADERS.has(k) && k !== 'keep-alive' && v !== undefined) headers[k] = v;
   res.writeHead(answer.statusCode ?? 502, headers);
-  // Chunks go out as they arrive (exec output streams); nothing waits for the end.
-  res.flushHeaders();
+  // Chunks go out as they arrive (exec output streams); nothing waits for the end. The headers go
+  // with the first chunk (one packet, one wake-up of the caller, where most answers are one or two
+  // chunks), or on their own if the node sends nothing for a moment (a long exec streaming later).
+  const flush = setTimeout(() => res.flushHeaders(), HEADER_FLUSH_MS);
+  answer.once('data', () => clearTimeout(flush));
+  answer.once('end', () => clearTimeout(flush));
+  answer.once('close', () => clearTimeout(flush));
   answer.pipe(res);
   answer.on('error', () => res.destroy());
   res.on('close', () => { if (!answer.complete) answer.destroy(); });

@@ -70,8 +70,9 @@ export class Lifecycle {
         endReason: 'the server was restarted while it ran and its agent no longer answered: its processes, mounts and files were removed',
       });
     }
-    // Taken over but without a record (cannot happen with a consistent store): not ours to keep.
-    for (const rt of byId.values()) await rt.destroy();
+    // Taken over but without a record (a warm-pool sandbox of the dead server): not ours to keep.
+    // Torn down behind the start (close() waits), so that the adopted sandboxes answer sooner.
+    for (const rt of byId.values()) this.behind(rt.id, rt.destroy());
     if (lost || adopted.length) log.info('reconciled with the previous server', { adopted: adopted.length - byId.size, lost });
   }
 
@@ -113,7 +114,13 @@ export class Lifecycle {
       maxLifetimeSeconds: Math.min(opts.max_lifetime_seconds ?? config.maxLifetimeSeconds, config.maxLifetimeSeconds),
       metadata: opts.metadata ?? {}, owner: opts.owner, limits,
     };
-    await this.ctx.store.insert(record);
+    try {
+      await this.ctx.store.insert(record);
+    } catch (err) {
+      // No record, no sandbox (a cluster node whose database is mid-failover): nothing may run unrecorded.
+      void rt.destroy();
+      throw new SandboxError('unavailable', `could not record the sandbox: ${(err as Error).message}`, { retryAfterSeconds: 2 });
+    }
     this.adopt(record, runtime, rt);
     release();
     this.ctx.counters.created++;
@@ -209,6 +216,13 @@ export class Lifecycle {
       this.teardowns.delete(teardown);
       eventLog.drop(old.id);
     });
+  }
+
+  /** A teardown going on behind an answer: logged if it fails, waited for by close(). */
+  private behind(id: string, work: Promise<void>): void {
+    const teardown = work.catch((err: Error) => this.ctx.log.error('teardown failed', { sandbox: id, error: err.message }));
+    this.teardowns.add(teardown);
+    void teardown.finally(() => this.teardowns.delete(teardown));
   }
 
   /** Resolves once every teardown begun so far has finished. */

@@ -28,6 +28,8 @@ export interface RuntimeSettings {
   vmUidCount: number;
   /** Sandboxes of an earlier server whose agent protocol is another major version: 'clean' or 'refuse'. */
   onIncompatible?: 'clean' | 'refuse';
+  /** What a stop does with live sandboxes; with 'destroy' they also end when the server dies without one. */
+  onStop?: 'keep' | 'destroy';
 }
 
 export interface DriverContext {

@@ -7,6 +7,7 @@
 import pg from 'pg';
 import type { EgressSetting, SandboxState } from '@podflare/protocol';
 import { migrate } from './pg-migrations.js';
+import { openPgPool } from './pg-pool.js';
 import { ENDED_STATES, type RecordLimits, type SandboxFilter, type SandboxRecord, type SandboxStore } from './store.js';
 
 /** Something that runs a query: the pool, or one client inside a transaction. */
@@ -66,7 +67,7 @@ export class PgStore implements SandboxStore {
 
   /** Connects, applies missing migrations and returns the store. */
   static async open(opts: PgStoreOptions): Promise<PgStore> {
-    const pool = new pg.Pool({ connectionString: opts.connectionString, max: opts.maxConnections ?? 8 });
+    const pool = openPgPool(opts.connectionString, { max: opts.maxConnections ?? 8 });
     // An idle client whose server went away emits 'error'; unhandled it would end the process.
     pool.on('error', () => {});
     try {

@@ -29,6 +29,7 @@ export const namespaceDriver: ServerDriver = {
       hostHelper: settings.hostHelper,
       spawner: ctx.spawner,
       onIncompatible: settings.onIncompatible,
+      watchServer: settings.onStop !== 'keep',
     });
     return {
       runtime,

@@ -19,6 +19,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { SandboxSpec } from '../runtime.js';
+import { CMDLINE_READ_CAP, readProcHeadSync } from './proc-read.js';
 
 const HOLDER = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../../host/podflare_holder.py');
 /** Version of HolderRecord's layout; a record of another version is not adopted. */
@@ -42,6 +43,11 @@ export interface HolderRecord {
   cgroup: boolean;
   /** Deleted while children of it live (a husk: its agent only reaps, nothing drives it). */
   husk?: boolean;
+  /**
+   * The holder watches the server that adopts it when sent SIGUSR1 (host/podflare_holder.py): a
+   * server that destroys its sandboxes at a stop asks it to. Holders of earlier builds lack it.
+   */
+  watchable?: boolean;
 }
 
 export interface HolderPaths {
@@ -80,6 +86,8 @@ export interface HolderStart {
   /** The holder's stdio from fd 4 on (spawn mode: bwrap's info, userns block and seccomp fds). */
   extraStdio?: Array<'pipe' | 'ignore' | number>;
   timeoutMs: number;
+  /** The holder ends its sandbox when this server process dies (onStop 'destroy'); otherwise it outlives it. */
+  watchServer?: boolean;
 }
 
 export interface StartedHolder {
@@ -92,7 +100,7 @@ export interface StartedHolder {
 /** Starts a holder and connects to it; the child process is the caller's to kill on failure. */
 export async function startHolder(o: HolderStart): Promise<StartedHolder> {
   const paths = holderPaths(o.stateDir, o.id);
-  const mode = o.accept ? ['--accept', o.accept] : ['--', ...o.command!];
+  const mode = [...(o.watchServer ? ['--watch-server', String(process.pid)] : []), ...(o.accept ? ['--accept', o.accept] : ['--', ...o.command!])];
   // -I: no user site or environment; -S: no site module (~10 ms less to start).
   const child = spawn('/usr/bin/python3', ['-I', '-S', HOLDER, '--socket', paths.socket, '--log', paths.log, '--uid', String(o.uid), '--gid', String(o.uid), ...mode], {
     detached: true, // a session of its own: it outlives the server and misses its group's signals
@@ -164,14 +172,15 @@ export function holderLogTail(stateDir: string, id: string): string {
 }
 
 /**
- * SIGKILLs `pid` only if its command line still names `mark` (a holder's socket, a slirp4netns's
+ * SIGKILLs (or sends `signal` to) `pid` only if its command line still names `mark` (a holder's socket, a slirp4netns's
  * target): after a server restart these are not our children, and their pids may have been reused.
  */
-export function killIfStill(pid: number, mark: string): boolean {
+export function killIfStill(pid: number, mark: string, signal: NodeJS.Signals = 'SIGKILL'): boolean {
   try {
-    const cmdline = readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
-    if (!cmdline.includes(mark)) return false;
-    process.kill(pid, 'SIGKILL');
+    // Capped: a longer command line is no holder's nor slirp4netns's (a sandbox's process may have reused the pid).
+    const { text, truncated } = readProcHeadSync(`/proc/${pid}/cmdline`, CMDLINE_READ_CAP);
+    if (truncated || !text.split('\0').includes(mark)) return false;
+    process.kill(pid, signal);
     return true;
   } catch {
     return false;

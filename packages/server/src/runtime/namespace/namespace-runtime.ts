@@ -53,7 +53,7 @@ import {
   connectHolder, HOLDER_RECORD_VERSION, holderLogTail, holderPaths, holdersDir, killIfStill, loadHolderRecords, prepareHoldersDir,
   removeHolderFiles, saveHolderRecord, startHolder, type HolderRecord, type StartedHolder,
 } from './holder.js';
-import { hasMount, killStrayHolders, removeStrayHolderFiles, settleAdopted } from './adopt.js';
+import { hasMount, killStrayHolders, killUnrecordedHolders, removeStrayHolderFiles, settleAdopted } from './adopt.js';
 import { bootTicksNow, ForkedSandbox, hostPidsOfForkChildren, NsSandbox, RootSandbox, type SandboxHooks } from './ns-sandbox.js';
 
 export interface NamespaceRuntimeOptions {
@@ -86,6 +86,13 @@ export interface NamespaceRuntimeOptions {
    * @default 'clean'
    */
   onIncompatible?: OnIncompatible;
+  /**
+   * The sandboxes this runtime starts end when the server process dies, even without a stop (a
+   * kill -9, a crashed test): each holder watches the server (onStop 'destroy'). Without it they
+   * live on for the next server to adopt.
+   * @default false
+   */
+  watchServer?: boolean;
 }
 
 /** The server refuses to start: sandboxes of an incompatible earlier build are alive (onIncompatible 'refuse'). */
@@ -122,6 +129,7 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
   private readonly hostd: HostHelper;
   private readonly hooks: SandboxHooks;
   private prepared: Promise<void> | null = null;
+  private startsPrepared: Promise<void> | null = null;
   /** Image layers the host helper has idmapped views of (templates add theirs on first use). */
   private readonly idmapped = new Set<string>();
   /** Where limits are enforced; null on hosts without a usable cgroup hierarchy (warned once). */
@@ -132,6 +140,8 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
   private letGo = false;
   /** Ended sandboxes' directories, removed when nothing is being started. */
   private readonly trash: Trash;
+  /** The removal of what an earlier server left, going on behind the start (reconcile). */
+  private leftovers: Promise<void> = Promise.resolve();
 
   constructor(private readonly opts: NamespaceRuntimeOptions) {
     this.name = opts.name;
@@ -177,28 +187,45 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
   }
 
   /**
-   * Once per runtime: the disk volume, a state directory that bwrap (running as the sandboxes'
-   * unprivileged uid) may walk through to reach a sandbox's root — search permission only, no
-   * listing —, the host helper's idmapped views of the image layers, the cgroups, the seccomp filter.
+   * Once per runtime, what adopting sandboxes needs (at once: a restart waits for it): the disk
+   * volume, a state directory that bwrap (running as the sandboxes' unprivileged uid) may walk
+   * through to reach a sandbox's root — search permission only, no listing —, the holders'
+   * directory, the cgroups. What starts need besides is prepareStarts().
    */
   private prepare(): Promise<void> {
-    this.prepared ??= (async () => {
-      const sandboxes = sandboxesDir(this.opts.stateDir);
-      this.volume = await DiskVolume.open({ stateDir: this.opts.stateDir, mountPoint: sandboxes, sizeBytes: this.opts.diskVolumeBytes, log: this.opts.log });
-      await mkdir(sandboxes, { recursive: true }); // without the volume, a plain directory
-      await prepareHoldersDir(this.opts.stateDir);
-      await Promise.all([mkdir(trashDir(this.opts.stateDir), { recursive: true }), mkdir(this.layersDir, { recursive: true })]);
-      for (const dir of [this.opts.stateDir, sandboxes]) {
-        const mode = (await stat(dir)).mode & 0o7777;
-        if ((mode & 0o001) === 0) await chmod(dir, mode | 0o001);
-      }
-      await this.hostd.idmap(this.opts.uidBase, ID_COUNT, this.opts.lowerDirs);
-      for (const d of this.opts.lowerDirs) this.idmapped.add(d);
-      this.cgroups = await this.detectCgroups();
-      await run('/usr/bin/python3', ['-I', SECCOMP_POLICY, this.seccompFile]);
-    })();
+    this.prepared ??= settleAll([
+      this.prepareDirs(),
+      prepareHoldersDir(this.opts.stateDir),
+      this.detectCgroups().then((found) => { this.cgroups = found; }),
+    ]);
     this.prepared.catch(() => { this.prepared = null; });
     return this.prepared;
+  }
+
+  /**
+   * What only starts and forks need besides prepare(): the host helper's idmapped views of the
+   * image layers and the seccomp filter (a process or two each). A restart's adoption does not
+   * wait for them: reconcile() sets them off, and busy() waits for them.
+   */
+  private prepareStarts(): Promise<void> {
+    this.startsPrepared ??= this.prepare().then(() => settleAll([
+      this.hostd.idmap(this.opts.uidBase, ID_COUNT, this.opts.lowerDirs).then(() => { for (const d of this.opts.lowerDirs) this.idmapped.add(d); }),
+      run('/usr/bin/python3', ['-I', SECCOMP_POLICY, this.seccompFile]),
+    ]));
+    this.startsPrepared.catch(() => { this.startsPrepared = null; });
+    return this.startsPrepared;
+  }
+
+  /** The disk volume, and the sandboxes' directories in it (see prepare). */
+  private async prepareDirs(): Promise<void> {
+    const sandboxes = sandboxesDir(this.opts.stateDir);
+    this.volume = await DiskVolume.open({ stateDir: this.opts.stateDir, mountPoint: sandboxes, sizeBytes: this.opts.diskVolumeBytes, log: this.opts.log });
+    await mkdir(sandboxes, { recursive: true }); // without the volume, a plain directory
+    await Promise.all([mkdir(trashDir(this.opts.stateDir), { recursive: true }), mkdir(this.layersDir, { recursive: true })]);
+    for (const dir of [this.opts.stateDir, sandboxes]) {
+      const mode = (await stat(dir)).mode & 0o7777;
+      if ((mode & 0o001) === 0) await chmod(dir, mode | 0o001);
+    }
   }
 
   private async detectCgroups(): Promise<Cgroups | null> {
@@ -216,38 +243,63 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
   async reconcile(knownIds: string[]): Promise<ReconcileReport<NsSandbox>> {
     const t0 = performance.now();
     await this.prepare();
+    this.inFlight.background(this.prepareStarts());
     const t1 = performance.now();
     const adopted = await this.adoptHeld();
     const t2 = performance.now();
     const keep = new Set(this.live.keys());
-    // Holders of sandboxes not adopted (dead, or of another protocol): bwrap dies with its holder.
-    const stray = await killStrayHolders(this.opts.stateDir, keep);
-    await removeStrayHolderFiles(this.opts.stateDir, keep);
-    const t3 = performance.now();
-    // Groups of sandboxes a crashed server left: their processes are killed with them.
-    await this.cgroups?.cleanupOrphans((id) => this.live.has(id));
-    const t4 = performance.now();
-    // The pass over the process table is for sandboxes that were not adopted: skipped when every
-    // one was (the usual restart), so that the adopted ones answer sooner.
+    // Holders of sandboxes not adopted (dead, or of another protocol) that have a record: killed
+    // now (bwrap dies with its holder), so none of them runs once the server listens.
+    const { stray, unrecorded } = await killStrayHolders(this.opts.stateDir, keep);
     const unknown = knownIds.filter((id) => !keep.has(id));
-    const others = (await readdir(sandboxesDir(this.opts.stateDir)).catch(() => [] as string[])).filter((n) => !n.startsWith('.') && !keep.has(n));
-    const clean = unknown.length === 0 && others.length === 0 && stray.length === 0;
-    const left = clean
-      ? { sandboxes: [], killed: [], unmounted: [], removed: await this.emptyTrash() }
-      : await removeLeftovers(this.opts.stateDir, this.layersDir, unknown, (tree) => this.hostd.removeTree(tree), keep);
-    const oldLayers = path.join(this.opts.stateDir, 'layers'); // from a run without the volume
-    if (oldLayers !== this.layersDir) await this.hostd.removeTree(oldLayers);
-    if (left.killed.length || left.unmounted.length || left.removed.length) {
-      this.opts.log.info('removed what the previous server left', {
-        sandboxes: left.sandboxes.length, killed: left.killed.length, unmounted: left.unmounted.length, removed: left.removed.length,
-      });
-    }
+    // The rest (passes over the process table, cgroups, mounts, directories) is done behind the
+    // start: the adopted sandboxes answer meanwhile, and starts and forks wait for it (busy()).
+    this.leftovers = this.removeWhatIsLeft(unknown, keep, stray.length > 0, unrecorded);
+    this.inFlight.background(this.leftovers);
     if (adopted.length) {
       this.opts.log.info('adopted the previous server\'s sandboxes', {
-        sandboxes: adopted.length, prepareMs: Math.round(t1 - t0), adoptMs: Math.round(t2 - t1), strayMs: Math.round(t3 - t2), cgroupsMs: Math.round(t4 - t3), leftoversMs: Math.round(performance.now() - t4),
+        sandboxes: adopted.length, prepareMs: Math.round(t1 - t0), adoptMs: Math.round(t2 - t1), strayMs: Math.round(performance.now() - t2),
       });
     }
-    return { adopted, cleaned: left.sandboxes };
+    return { adopted, cleaned: unknown };
+  }
+
+  /**
+   * Removes what the sandboxes of an earlier server that were not adopted (`keep`) left: holders
+   * without a record (their server died while starting them), holder files, cgroups, processes,
+   * host mounts, directories and fork layers. Never throws: what fails is logged, and the next
+   * start tries again.
+   */
+  private async removeWhatIsLeft(unknown: string[], keep: ReadonlySet<string>, strayFound: boolean, unrecorded: ReadonlySet<string>): Promise<void> {
+    const t0 = performance.now();
+    // Adopted sandboxes ending meanwhile empty the trash too: a tree gone under us is not a failure.
+    const removeTree = (tree: string) => this.hostd.removeTree(tree).catch(async (err: unknown) => {
+      if (await stat(tree).then(() => true, () => false)) throw err;
+    });
+    try {
+      await killUnrecordedHolders(this.opts.stateDir, unrecorded);
+      await removeStrayHolderFiles(this.opts.stateDir, keep);
+      // Groups of sandboxes a crashed server left: their processes are killed with them.
+      await this.cgroups?.cleanupOrphans((id) => keep.has(id) || this.live.has(id));
+      const t1 = performance.now();
+      // The pass over the process table is for sandboxes that were not adopted: skipped when every
+      // one was (the usual restart).
+      const others = (await readdir(sandboxesDir(this.opts.stateDir)).catch(() => [] as string[])).filter((n) => !n.startsWith('.') && !keep.has(n));
+      const clean = unknown.length === 0 && others.length === 0 && !strayFound && unrecorded.size === 0;
+      const left = clean
+        ? { sandboxes: [], killed: [], unmounted: [], removed: await this.emptyTrash(removeTree) }
+        : await removeLeftovers(this.opts.stateDir, this.layersDir, unknown, removeTree, keep);
+      const oldLayers = path.join(this.opts.stateDir, 'layers'); // from a run without the volume
+      if (oldLayers !== this.layersDir) await removeTree(oldLayers);
+      if (left.killed.length || left.unmounted.length || left.removed.length) {
+        this.opts.log.info('removed what the previous server left', {
+          sandboxes: left.sandboxes.length, killed: left.killed.length, unmounted: left.unmounted.length, removed: left.removed.length,
+          cgroupsMs: Math.round(t1 - t0), leftoversMs: Math.round(performance.now() - t1),
+        });
+      }
+    } catch (err) {
+      this.opts.log.warn('could not remove all that the previous server left (the next start tries again)', { error: (err as Error).message });
+    }
   }
 
   start(spec: SandboxSpec): Promise<NsSandbox> {
@@ -261,7 +313,13 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
   /** A start or fork: tracked (close waits for it), and the trash is not emptied around it. */
   private busy<T>(work: () => Promise<T>): Promise<T> {
     this.trash.touch();
-    return this.inFlight.track(work).finally(() => this.trash.touch());
+    // Not before what the previous server left is removed: that removal spares only the sandboxes
+    // it adopted, not one made meanwhile.
+    return this.inFlight.track(async () => {
+      await this.leftovers;
+      await this.prepareStarts();
+      return work();
+    }).finally(() => this.trash.touch());
   }
 
   /** Host helper workers replaced so far, by reason (the podflare_host_helper_restarts_total metric). */
@@ -300,10 +358,10 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
   }
 
   /** Removes what ended sandboxes of an earlier server left in the trash; what was removed. */
-  private async emptyTrash(): Promise<string[]> {
+  private async emptyTrash(removeTree: (tree: string) => Promise<void>): Promise<string[]> {
     const dir = trashDir(this.opts.stateDir);
     const names = await readdir(dir).catch(() => [] as string[]);
-    for (const name of names) await this.hostd.removeTree(path.join(dir, name));
+    for (const name of names) await removeTree(path.join(dir, name));
     return names.map((n) => path.join(dir, n));
   }
 
@@ -349,14 +407,24 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
       const paths = holderPaths(this.opts.stateDir, id);
       const socket = await connectHolder(paths.socket, this.opts.startTimeoutMs).catch(() => null);
       if (!socket) return null; // the holder is gone, and so is its sandbox
+      let spawnAreaReady: boolean;
+      try {
+        spawnAreaReady = await hasMount(r.initPid, SPAWN_AREA);
+      } catch (err) {
+        socket.destroy(); // not adopted: its holder is killed with the other strays
+        why(id, `${(err as Error).message}: it is ended and recorded lost`);
+        return null;
+      }
       const dirs = sandboxDirs(this.opts.stateDir, id);
-      const holder = { pid: r.holderPid, socket: paths.socket };
+      const holder = { pid: r.holderPid, socket: paths.socket, watchable: r.watchable === true };
+      // This server destroys its sandboxes at a stop: so must its death (the holder watches it from now on).
+      if (this.opts.watchServer && holder.watchable) killIfStill(holder.pid, holder.socket, 'SIGUSR1');
       const s = parent ? new ForkedSandbox(r.spec, dirs, r.lowers, parent, socket, this.hooks) : new RootSandbox(r.spec, dirs, r.lowers, socket, holder, this.hooks);
       s.holder = holder;
       s.initPid = r.initPid;
       s.cgroup = r.cgroup && this.cgroups ? this.cgroups.existing(id) : null;
       if (r.slirpPid) s.slirp = adoptedSlirp(r.slirpPid, r.initPid, killIfStill);
-      s.spawnAreaReady = await hasMount(r.initPid, SPAWN_AREA);
+      s.spawnAreaReady = spawnAreaReady;
       this.live.set(id, s);
       for (const l of r.lowers) this.retainLayer(l);
       // A husk (a zygote, or a deleted parent, with live children) stays for its children only.
@@ -432,7 +500,7 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
   }
 
   private async startRoot(spec: SandboxSpec): Promise<NsSandbox> {
-    await this.prepare();
+    await this.prepareStarts();
     const dirs = sandboxDirs(this.opts.stateDir, spec.id);
     const lowers = await this.templateLowers(spec.template);
     await this.makeSandboxDir(dirs, spec);
@@ -453,7 +521,7 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
     let started: Awaited<ReturnType<typeof startHolder>>;
     try {
       started = await startHolder({
-        stateDir: this.opts.stateDir, id: spec.id, uid: this.opts.uidBase, command, timeoutMs: this.opts.startTimeoutMs,
+        stateDir: this.opts.stateDir, id: spec.id, uid: this.opts.uidBase, command, timeoutMs: this.opts.startTimeoutMs, watchServer: this.opts.watchServer,
         extraStdio: ['pipe', 'pipe', seccomp.fd],
       });
     } catch (err) {
@@ -511,7 +579,7 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
     await saveHolderRecord(this.opts.stateDir, {
       version: HOLDER_RECORD_VERSION, agentProtocol: AGENT_PROTOCOL, kind: s.parent ? 'fork' : 'root',
       spec: s.spec, holderPid: s.holder.pid, initPid: s.initPid, lowers: s.lowers, parentId: s.parent?.id ?? null,
-      depth: s.depth, slirpPid: s.slirp?.pid ?? null, cgroup: s.cgroup !== null, husk: s.isHusk,
+      depth: s.depth, slirpPid: s.slirp?.pid ?? null, cgroup: s.cgroup !== null, husk: s.isHusk, watchable: s.holder.watchable !== false,
     });
   }
 
@@ -581,7 +649,7 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
           throw new SandboxError('conflict', `socket path too long for a unix socket: ${accept} (choose a shorter state directory)`);
         }
         const holder = await startHolder({
-          stateDir: this.opts.stateDir, id: spec.id, uid: this.opts.uidBase, accept, timeoutMs: this.opts.startTimeoutMs,
+          stateDir: this.opts.stateDir, id: spec.id, uid: this.opts.uidBase, accept, timeoutMs: this.opts.startTimeoutMs, watchServer: this.opts.watchServer,
         });
         const entry: (typeof prepared)[number] = { spec, dirs, holder, runDir };
         prepared.push(entry);
@@ -820,4 +888,10 @@ function readInfo(stream: Readable, timeoutMs: number): Promise<{ childPid: numb
     });
     stream.once('end', finish);
   });
+}
+
+/** Runs independent steps at once; rejects with the first failure once all have settled (none is left running). */
+async function settleAll(steps: Array<Promise<unknown>>): Promise<void> {
+  const failed = (await Promise.allSettled(steps)).find((r): r is PromiseRejectedResult => r.status === 'rejected');
+  if (failed) throw failed.reason;
 }

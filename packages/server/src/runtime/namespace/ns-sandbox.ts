@@ -30,6 +30,8 @@ import { killIfStill, waitProcessGone } from './holder.js';
 export interface HolderRef {
   pid: number;
   socket: string;
+  /** false: an earlier build's holder, which cannot be asked to watch a server (SIGUSR1 would kill it). */
+  watchable?: boolean;
 }
 
 export interface SandboxHooks {

@@ -20,6 +20,7 @@ import path from 'node:path';
 import { SANDBOX_ID_PATTERN, SANDBOX_ID_SOURCE } from '@podflare/protocol/sandbox';
 import { run } from '../../proc.js';
 import { sandboxesDir, trashDir } from './layout.js';
+import { CMDLINE_READ_CAP, readProcHead } from './proc-read.js';
 
 export interface LeftoverReport {
   /** Sandbox ids with anything left (a directory, a process or a mount). */
@@ -37,6 +38,8 @@ interface ProcInfo {
   cmdline: string[];
 }
 
+/** Far more than the server gives a sandbox's processes. */
+const ENVIRON_READ_CAP = 256 * 1024;
 const SANDBOX_ID_ENV = new RegExp(`(?:^|\\0)PODFLARE_SANDBOX_ID=(${SANDBOX_ID_SOURCE})(?:\\0|$)`);
 /** The server's own helper processes: they exit once the server is gone, but may lag behind. */
 const HELPERS = ['/podflare_hostd.py', '/netns-listen-child.js'];
@@ -114,7 +117,8 @@ async function leftoverProcesses(root: string, ids: Set<string>, touched: Set<st
       touched.add(path.relative(root, mentioned).split('/')[0]!);
       continue;
     }
-    const environ = await readFile(`/proc/${p.pid}/environ`, 'latin1').catch(() => '');
+    // Capped, like command lines: a sandbox's process sets its own (its cgroup catches it regardless).
+    const environ = (await readProcHead(`/proc/${p.pid}/environ`, ENVIRON_READ_CAP).catch(() => null))?.text ?? '';
     const id = SANDBOX_ID_ENV.exec(environ)?.[1];
     if (id && ids.has(id)) {
       victims.set(p.pid, p);
@@ -145,7 +149,8 @@ async function processTable(): Promise<ProcInfo[]> {
     const pid = Number(name);
     if (!Number.isInteger(pid)) continue;
     try {
-      const [stat, cmdline] = await Promise.all([readFile(`/proc/${pid}/stat`, 'utf8'), readFile(`/proc/${pid}/cmdline`, 'utf8')]);
+      // The command line capped: a sandbox's process may have one of megabytes (its head is enough here).
+      const [stat, { text: cmdline }] = await Promise.all([readFile(`/proc/${pid}/stat`, 'utf8'), readProcHead(`/proc/${pid}/cmdline`, CMDLINE_READ_CAP)]);
       // The command name may hold spaces and parentheses: fields start after the last ')'.
       const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
       if (fields[0] === 'Z') continue;
