@@ -1,10 +1,10 @@
 /**
  * A server restart loses no live VM sandbox (#20, item 6): `podflare serve` as a child process,
  * a VM sandbox holding a variable and an open file, and a fork child of it; the server is killed
- * with SIGKILL (and later its whole process group gets SIGTERM, with `--on-stop keep`) and started again on the same state
+ * with SIGKILL (and later its whole process group gets SIGTERM), with `--on-stop keep`, and started again on the same state
  * directory → both VMs answer with their state (the very same QEMUs), lineage intact, none lost,
- * and a fork of an adopted VM works. Stopped with `destroy`, nothing is left: no QEMU, no socket,
- * no file, no VM id. Nothing but root can reach the sockets that drive an adopted VM.
+ * and a fork of an adopted VM works. With `--on-stop destroy` a server killed takes its VMs along
+ * (adopted ones too); stopped, nothing is left: no QEMU, no socket, no file, no VM id. Nothing but root can reach the sockets that drive an adopted VM.
  *
  * TCG boots take seconds: the one template boot of the first server serves every VM here (the
  * later servers fork adopted VMs, which needs no template).
@@ -91,7 +91,7 @@ describe('VM sandboxes survive a server restart', () => {
   });
 
   it('kill -9: a VM with a variable and a file, and its fork child, answer the next server with their state', { timeout: 600_000 }, async () => {
-    serve = await startServe(stateDir, { poolSize: 1 });
+    serve = await startServe(stateDir, { poolSize: 1, onStop: 'keep' });
     parent = await serve.create({ runtime: 'vm' });
     assert.equal(await serve.run(parent, [
       'held = "kept"',
@@ -115,7 +115,7 @@ describe('VM sandboxes survive a server restart', () => {
     assert.equal(qemus(stateDir).get(parent), pids.get(parent), "the parent's QEMU outlived the server");
     assert.equal(qemus(stateDir).get(child), pids.get(child), "the child's QEMU outlived the server");
 
-    serve = await startServe(stateDir, { poolSize: 1 });
+    serve = await startServe(stateDir, { poolSize: 1, onStop: 'keep' });
     assert.equal((await serve.info(parent)).state, 'ready');
     assert.equal((await serve.info(child)).state, 'ready');
     assert.equal(await serve.run(parent, 'f.seek(0); print(held, f.read(), lineage)'), "kept file-kept ['parent']\n");
@@ -162,7 +162,7 @@ describe('VM sandboxes survive a server restart', () => {
     assert.equal(qemus(stateDir).get(parent), pids.get(parent), 'SIGTERM with keep left the QEMU running');
     assert.equal(qemus(stateDir).get(child), pids.get(child), 'SIGTERM with keep left the QEMU running');
 
-    serve = await startServe(stateDir, { poolSize: 1 });
+    serve = await startServe(stateDir, { poolSize: 1, onStop: 'keep' });
     assert.equal(await serve.run(parent, 'print(held)'), 'kept-again\n');
     assert.equal(await serve.run(child, 'print(lineage)'), "['parent', 'child']\n");
     const qemuPids = [...pids.values()].map(String);
@@ -189,7 +189,14 @@ describe('VM sandboxes survive a server restart', () => {
     assert.equal((await serve.info(parent)).state, 'lost');
     assert.equal(qemus(stateDir).has(parent), false, "the incompatible VM's QEMU was ended");
 
-    // --on-stop destroy (the tests' default): every VM ends, nothing of them is left.
+    // --on-stop destroy (the tests' default): a server that dies without a stop takes its VMs
+    // along, the one it adopted included; the next one records it lost.
+    await serve.kill9();
+    await until("the adopted VM's end", 30_000, () => (qemus(stateDir).has(child) ? undefined : true));
+    serve = await startServe(stateDir, { poolSize: 1 });
+    assert.equal((await serve.info(child)).state, 'lost');
+
+    // Its stop leaves nothing of any VM (a live VM ending at a destroying stop is vm.test.ts's).
     await serve.stop();
     serve = undefined;
     assert.deepEqual([...qemus(stateDir).keys()], [], 'no QEMU left');

@@ -27,6 +27,7 @@ import path from 'node:path';
 import type { SandboxSpec } from '@podflare/runtime';
 import { AgentChannel } from '../../agent-channel.js';
 import type { VmImagePaths } from '../../image/vm-image.js';
+import type { Spawner, SpawnedProcess } from '../shared/spawner.js';
 import { connectUnix, Qmp } from './qmp.js';
 import type { ProcessRef } from './vm-ids.js';
 
@@ -243,4 +244,23 @@ export async function reconnectVm(paths: HeldVmPaths, qemu: ProcessRef, timeoutM
   socket.resume();
   qmp.once('closed', () => proc.check()); // QEMU closed its monitor: it is ending
   return { qemu: proc, qmp, channel };
+}
+
+/**
+ * What kills an adopted VM's QEMU when this server dies without a stop (`--on-stop destroy`): a
+ * tiny process of the spawner's blocked on its exit pipe (the spawner holds the write end, and
+ * dies with the server), which then kills QEMU, if it is still the same process. Killed itself
+ * when the VM ends otherwise.
+ */
+export function watchQemu(spawner: Spawner, qemu: ProcessRef): Promise<SpawnedProcess> {
+  const script = [
+    'import os, sys',
+    'pid, start = int(sys.argv[1]), sys.argv[2]',
+    'while os.read(3, 1): pass',
+    'try:',
+    '    stat = open(f"/proc/{pid}/stat").read()',
+    '    if stat[stat.rindex(")") + 2:].split(" ")[19] == start: os.kill(pid, 9)',
+    'except (OSError, IndexError): pass',
+  ].join('\n');
+  return spawner.spawn(['python3', '-I', '-S', '-c', script, String(qemu.pid), qemu.start], { exitFd: 3 });
 }

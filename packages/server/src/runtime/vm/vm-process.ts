@@ -79,12 +79,13 @@ export interface LaunchOptions {
   /** At BACKGROUND_NICE (the caller renices it once it is wanted). */
   background: boolean;
   /**
-   * A sandbox's VM that outlives the server: QEMU in a session of its own without a parent-death
-   * signal, its agent and QMP sockets listening at these paths (in a root-only directory, made by
-   * the spawner and passed to QEMU), its slirp4netns detached too. Unset: a template's QEMU,
-   * which dies with the server, its sockets in its run directory.
+   * A sandbox's VM, which a later server can reconnect to: its agent and QMP sockets listening at
+   * these paths (in a root-only directory, made by the spawner and passed to QEMU). With
+   * `outliveServer` (`--on-stop keep`) QEMU is in a session of its own without a parent-death
+   * signal, its slirp4netns detached too: it runs on when the server dies. Unset: a template's
+   * QEMU, its sockets in its run directory.
    */
-  held?: { agentSocket: string; qmpSocket: string };
+  held?: { agentSocket: string; qmpSocket: string; outliveServer: boolean };
 }
 
 /** Where a held QEMU gets its listening agent and QMP sockets (fd 3 may be its RAM). */
@@ -116,7 +117,7 @@ export async function launchQemu(host: QemuHost, o: LaunchOptions, timeoutMs: nu
     agentSocket: o.held ? { fd: HELD_AGENT_FD } : agentSocket, qmpSocket: o.held ? { fd: HELD_QMP_FD } : qmpSocket,
   });
   const groups = [...o.identity.groups, ...(host.kvmGid !== null ? [host.kvmGid] : [])];
-  // setpriv --pdeathsig (a template's QEMU): it dies with the server, whatever way the server ends.
+  // setpriv --pdeathsig (unless it outlives the server): it dies with the server, whatever way the server ends.
   // unshare --net: QEMU's user-mode network opens its sockets in a network namespace of its
   // own, which reaches out only through slirp4netns with --disable-host-loopback: the guest
   // cannot reach the host's loopback (the API included) through 10.0.2.2. Without egress the
@@ -126,7 +127,7 @@ export async function launchQemu(host: QemuHost, o: LaunchOptions, timeoutMs: nu
     ...(o.network ? ['unshare', '--net', '--'] : []),
     // The VM's own uid with no capabilities at all, and none to regain; the groups of what it
     // shares (templates, fork layers), and /dev/kvm's where KVM is used.
-    'setpriv', ...(o.held ? [] : ['--pdeathsig', 'KILL']), '--no-new-privs', '--inh-caps=-all', '--bounding-set=-all',
+    'setpriv', ...(o.held?.outliveServer ? [] : ['--pdeathsig', 'KILL']), '--no-new-privs', '--inh-caps=-all', '--bounding-set=-all',
     `--reuid=${o.identity.uid}`, `--regid=${o.identity.uid}`,
     ...(groups.length ? [`--groups=${groups.join(',')}`] : ['--clear-groups']), '--',
   ];
@@ -147,7 +148,7 @@ export async function launchQemu(host: QemuHost, o: LaunchOptions, timeoutMs: nu
       for (const m of made) if (m.status === 'rejected') throw m.reason;
       fds.push([HELD_AGENT_FD, `${tag}.agent`], [HELD_QMP_FD, `${tag}.qmp`]);
     }
-    qemu = await SpawnedChild.start(host.spawner, [...prefix, QEMU, ...args], { batch: true, fds, detach: o.held !== undefined }).catch((e: Error) => {
+    qemu = await SpawnedChild.start(host.spawner, [...prefix, QEMU, ...args], { batch: true, fds, detach: o.held?.outliveServer === true }).catch((e: Error) => {
       throw new Error(`cannot start QEMU: ${e.message}`);
     });
   } finally {
@@ -169,7 +170,7 @@ export async function launchQemu(host: QemuHost, o: LaunchOptions, timeoutMs: nu
     if (o.network && o.incoming && qemu.pid) {
       const [theirs, ours] = await Promise.all([readlink(`/proc/${qemu.pid}/ns/net`), readlink('/proc/self/ns/net')]);
       if (theirs === ours) throw new Error('QEMU is not in a network namespace of its own');
-      network = startSlirp(host.spawner, qemu.pid, timeoutMs, { ownUserNamespace: false, outliveServer: o.held !== undefined });
+      network = startSlirp(host.spawner, qemu.pid, timeoutMs, { ownUserNamespace: false, outliveServer: o.held?.outliveServer === true });
       network.catch(() => undefined);
     }
     // QMP answers once every device exists: connecting to the agent's port now makes the

@@ -53,7 +53,7 @@ import { IncompatibleSandboxesError } from '../namespace/namespace-runtime.js';
 import { adoptedSlirp } from '../shared/slirp.js';
 import {
   AdoptedQemu, HELD_VM_RECORD_VERSION, heldVmPaths, loadHeldVmRecords, prepareHeldVmDir, processStart, reconnectVm, removeHeldVmFiles,
-  removeStrayHeldVmFiles, saveHeldVmRecord, type HeldVmRecord,
+  removeStrayHeldVmFiles, saveHeldVmRecord, watchQemu, type HeldVmRecord,
 } from './vm-held.js';
 import type { ProcessRef } from './vm-ids.js';
 import { InFlight } from '../in-flight.js';
@@ -104,6 +104,11 @@ export interface VmRuntimeOptions {
   onIncompatible?: OnIncompatible;
   /** How long an adopted VM's interrupted exec may take to end. @default 5000 */
   interruptGraceMs?: number;
+  /**
+   * VMs outlive a server that dies without a stop (`--on-stop keep`), for the next one to adopt;
+   * otherwise they end with it, adopted ones included (a watcher kills them). @default false
+   */
+  outliveServer?: boolean;
 }
 
 const MB = 1024 * 1024;
@@ -355,7 +360,7 @@ export class VmRuntime implements Runtime<VmSandbox> {
       if (!(await this.ids.adopt(i, [me]))) break;
       taken.push(i);
     }
-    let held: Awaited<ReturnType<typeof reconnectVm>>;
+    let held: Awaited<ReturnType<typeof reconnectVm>> & { watcher?: { kill(): void } };
     try {
       if (taken.length !== ids.length) throw new Error('its VM ids are held by another live server');
       held = await reconnectVm(heldVmPaths(this.opts.stateDir, id), me, this.opts.startTimeoutMs);
@@ -365,6 +370,19 @@ export class VmRuntime implements Runtime<VmSandbox> {
       return why((err as Error).message);
     }
     const { qemu, qmp, channel } = held;
+    // A server whose stop destroys its VMs takes them along when it dies without one: the VM an
+    // earlier server started detached gets a watcher that dies with this server and kills it.
+    if (!this.opts.outliveServer) {
+      const watcher = await watchQemu(this.opts.spawner, me).catch((err: Error) => err);
+      if (watcher instanceof Error) {
+        qmp.close();
+        channel.close('not adopted');
+        await this.ids.release(r.uid);
+        return why(`cannot watch its QEMU: ${watcher.message}`);
+      }
+      qemu.once('exit', () => watcher.kill());
+      held.watcher = watcher;
+    }
     const dir = path.join(this.vmDir, id);
     const vm: VmProcess = {
       qemu, stderr: () => '', qmp, channel, consoleLog: path.join(dir, 'console.log'),
@@ -613,7 +631,7 @@ export class VmRuntime implements Runtime<VmSandbox> {
       await prepareHeldVmDir(this.opts.stateDir);
       vm = await launchQemu(this.qemuHost, {
         identity, runDir: made.runDir, consoleLog, disk, ram: from.ram, shareRam: false, network: tpl.network, incoming: true, background: spec.background ?? false,
-        held: { agentSocket: held.agentSocket, qmpSocket: held.qmpSocket },
+        held: { agentSocket: held.agentSocket, qmpSocket: held.qmpSocket, outliveServer: this.opts.outliveServer === true },
       }, this.opts.startTimeoutMs);
       // Only a shared RAM block is skipped: the template's and a fork point's state have no
       // pages of the RAM file, a frozen sandbox's has them all (its RAM file starts empty).
