@@ -27,6 +27,7 @@ from typing import Any, Callable
 import podflare_fork
 from podflare_channel import ChannelClosed, ChannelMixin, open_channel
 from podflare_common import HOME, LineBuffer
+from podflare_checkpoint import CheckpointOpsMixin
 from podflare_exec import Exec, ExecMixin, OutputPipe
 from podflare_files import FileOps
 from podflare_processes import ProcessTable
@@ -39,7 +40,7 @@ from podflare_worker_control import WorkerHandle, WorkerMixin
 FORK_CHILD_WORKER_DELAY_S = 0.05
 
 
-class Supervisor(ChannelMixin, ExecMixin, WorkerMixin, StateOpsMixin):
+class Supervisor(ChannelMixin, ExecMixin, WorkerMixin, StateOpsMixin, CheckpointOpsMixin):
     """The agent's first process: one `selectors` loop over the channel, the worker's pipes and
     timers. Each concern lives in its mixin's module; this class holds the state they share."""
 
@@ -112,6 +113,7 @@ class Supervisor(ChannelMixin, ExecMixin, WorkerMixin, StateOpsMixin):
             'vars': self._op_vars,
             'restore': self._op_restore,
             'set_time': self._op_set_time,
+            **self._checkpoint_ops(),
             **self.procs.ops(),
         }
 

@@ -23,6 +23,7 @@ import types
 from collections import deque
 from typing import Any, Callable
 
+import podflare_checkpoint
 import podflare_fork
 from podflare_cells import CellsMixin
 from podflare_common import AGENT_DIR, CHANNEL_READ, HOME, LineBuffer, encode_line, hello_message
@@ -107,6 +108,8 @@ class Worker(CellsMixin):
                     self.run_exec(msg)
                 elif op == 'fork':
                     self.fork_children(msg)
+                elif op == 'checkpoint':
+                    podflare_checkpoint.take(self, msg)
                 elif op == 'vars':
                     self.send({'type': 'vars', 'id': msg.get('id'), 'vars': podflare_fork.snapshot_vars(self.ns)})
                 elif op == 'reseed':
@@ -120,9 +123,10 @@ class Worker(CellsMixin):
                 self._write_stderr(f'podflare agent error:\n{text}')
                 self._abandon_exec(1, 'AgentError', str(exc))
 
-    def resume(self, cmd_fd: int, ctl_fd: int) -> None:
+    def resume(self, cmd_fd: int, ctl_fd: int, children: dict[int, int | None] | None = None) -> None:
         """In a fork child: the same interpreter (globals, modules, open files) under a new
-        supervisor; only the control pipes are new."""
+        supervisor; only the control pipes are new. `children`: processes of ours to reap
+        (pid -> pidfd), e.g. a restored checkpoint's copy."""
         self.cmd_fd, self.ctl_fd = cmd_fd, ctl_fd
         self.pid = os.getpid()
         self.lines = LineBuffer()
@@ -133,7 +137,7 @@ class Worker(CellsMixin):
         for pidfd in self.fork_pids.values():  # the parent's watches of our siblings
             if pidfd is not None:
                 os.close(pidfd)
-        self.fork_pids = {}
+        self.fork_pids = dict(children or {})
         signal.signal(signal.SIGINT, self._on_sigint)
         self.main(fresh=False)
 

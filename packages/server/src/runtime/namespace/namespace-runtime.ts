@@ -55,6 +55,7 @@ import {
 } from './holder.js';
 import { hasMount, killStrayHolders, killUnrecordedHolders, removeStrayHolderFiles, settleAdopted } from './adopt.js';
 import { bootTicksNow, ForkedSandbox, hostPidsOfForkChildren, NsSandbox, RootSandbox, type SandboxHooks } from './ns-sandbox.js';
+import { NsHeldCheckpoints } from './held-checkpoints.js';
 
 export interface NamespaceRuntimeOptions {
   /** The name it is registered under (runtime/drivers.ts). */
@@ -140,6 +141,8 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
   private letGo = false;
   /** Ended sandboxes' directories, removed when nothing is being started. */
   private readonly trash: Trash;
+  /** Checkpoints held inside the sandboxes (held-checkpoints.ts). */
+  readonly heldCheckpoints: NsHeldCheckpoints;
   /** The removal of what an earlier server left, going on behind the start (reconcile). */
   private leftovers: Promise<void> = Promise.resolve();
 
@@ -149,6 +152,11 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
     this.hostd = new HostHelper({ ...opts.hostHelper, log: opts.log });
     this.trash = new Trash(trashDir(opts.stateDir), (tree) => this.hostd.removeTree(tree));
     for (const d of [opts.stateDir, ...opts.lowerDirs]) assertMountablePath(d);
+    this.heldCheckpoints = new NsHeldCheckpoints({
+      hostd: this.hostd, log: opts.log, uidBase: opts.uidBase, spawnArea: SPAWN_AREA,
+      freezeUpper: (s) => this.freezeUpper(s), retainLayer: (l) => this.retainLayer(l), releaseLayer: (l) => this.releaseLayer(l),
+      saveRecord: (s) => this.saveRecord(s), busy: (work) => this.busy(work),
+    });
     this.hooks = {
       log: opts.log,
       setDiskLimit: async (dir, bytes) => {
@@ -445,6 +453,7 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
       try {
         if (isEgressPolicy(s.spec.egress)) await this.attachEgressPolicy(s, s.initPid!);
         await settleAdopted(s, this.opts.startTimeoutMs + this.opts.interruptGraceMs);
+        void this.heldCheckpoints.forgetAll(s); // the previous server's checkpoints are nobody's now (not waited for)
         adopted.push(s);
       } catch (err) {
         why(s.id, (err as Error).message);

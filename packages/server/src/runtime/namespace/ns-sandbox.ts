@@ -77,8 +77,8 @@ export abstract class NsSandbox implements RuntimeSandbox {
   constructor(
     readonly spec: SandboxSpec,
     readonly dirs: SandboxDirs,
-    /** Lower layers, topmost first (fork layers, then the image's agent and base). */
-    readonly lowers: string[],
+    /** Lower layers, topmost first (fork layers, then the image's agent and base); a restore replaces them. */
+    public lowers: string[],
     readonly parent: NsSandbox | null,
     readonly depth: number,
     socket: import('node:stream').Duplex,
