@@ -27,6 +27,7 @@ from typing import Any, Callable
 import podflare_fork
 from podflare_channel import ChannelClosed, ChannelMixin, open_channel
 from podflare_common import HOME, LineBuffer
+from podflare_checkpoint import CheckpointOpsMixin
 from podflare_exec import Exec, ExecMixin, OutputPipe
 from podflare_files import FileOps
 from podflare_processes import ProcessTable
@@ -39,17 +40,19 @@ from podflare_worker_control import WorkerHandle, WorkerMixin
 FORK_CHILD_WORKER_DELAY_S = 0.05
 
 
-class Supervisor(ChannelMixin, ExecMixin, WorkerMixin, StateOpsMixin):
+class Supervisor(ChannelMixin, ExecMixin, WorkerMixin, StateOpsMixin, CheckpointOpsMixin):
     """The agent's first process: one `selectors` loop over the channel, the worker's pipes and
     timers. Each concern lives in its mixin's module; this class holds the state they share."""
 
-    def __init__(self, channel_fd: int, inherited: 'Worker | None' = None, exec_count: int = 0):
+    def __init__(self, channel_fd: int, inherited: 'Worker | None' = None, exec_count: int = 0, worker_now: bool = False):
         # In a fork child: the interpreter to adopt as the first worker (later restarts exec a
         # fresh one, since this process's memory holds the parent's state).
         self.inherited = inherited
         # A sandbox made by fork: this process holds the parent's memory, so a restarted
         # interpreter must be a fresh exec, not a fork of it.
         self.fork_child = inherited is not None
+        # A fork child whose first request follows at once (a pool miss): its worker starts now.
+        self.fork_worker_now = worker_now
         self.pending_worker_ops: dict[int, str] = {}
         self.deferred_worker_msgs: list[dict] = []
         self.sel = selectors.DefaultSelector()
@@ -112,6 +115,7 @@ class Supervisor(ChannelMixin, ExecMixin, WorkerMixin, StateOpsMixin):
             'vars': self._op_vars,
             'restore': self._op_restore,
             'set_time': self._op_set_time,
+            **self._checkpoint_ops(),
             **self.procs.ops(),
         }
 
@@ -119,11 +123,12 @@ class Supervisor(ChannelMixin, ExecMixin, WorkerMixin, StateOpsMixin):
 
     def run(self) -> int:
         try:
-            if self.fork_child:
+            if self.fork_child and not self.fork_worker_now:
                 # A fork child's interpreter already holds its state (and it said hello as soon
                 # as it connected). Its worker (a fork of this process) is started by the first
                 # request that needs it, or once the child has been idle a moment: not while its
-                # siblings are still being forked, nor at all in a child closed at once.
+                # siblings are still being set up, nor at all in a child closed at once. A pool
+                # miss starts it at once: its first request then finds it ready.
                 self.worker_start_at = time.monotonic() + FORK_CHILD_WORKER_DELAY_S
             else:
                 self._start_worker()
@@ -214,15 +219,15 @@ class Supervisor(ChannelMixin, ExecMixin, WorkerMixin, StateOpsMixin):
             self._kill(ex)
 
     @staticmethod
-    def become_fork_child_supervisor(channel_fd: int, worker: Worker, exec_count: int) -> int:
+    def become_fork_child_supervisor(channel_fd: int, worker: Worker, exec_count: int, worker_now: bool) -> int:
         """Handed to each worker: what a fork child made by it runs (see supervise_fork_child)."""
-        return supervise_fork_child(channel_fd, worker, exec_count)
+        return supervise_fork_child(channel_fd, worker, exec_count, worker_now)
 
 
-def supervise_fork_child(channel_fd: int, worker: Worker, exec_count: int) -> int:
+def supervise_fork_child(channel_fd: int, worker: Worker, exec_count: int, worker_now: bool = False) -> int:
     """In a fork child (the worker forked it and said hello on `channel_fd`): supervises the
     inherited interpreter for the child's sandbox; returns the exit status."""
-    supervisor = Supervisor(channel_fd, inherited=worker, exec_count=exec_count)
+    supervisor = Supervisor(channel_fd, inherited=worker, exec_count=exec_count, worker_now=worker_now)
     supervisor.hello_sent = True
     return supervisor.run()
 

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import socket
 import stat
+import time
 import traceback
 from typing import Any, Callable
 
 from podflare_common import CHANNEL_READ, LineBuffer, encode_line
 from podflare_requests import bad_request, error_info, log
+
+
+HOST_GONE_POLL_S = 0.05  # how often a VM's agent looks for the next server while none is connected
 
 
 class ChannelClosed(Exception):
@@ -19,10 +24,17 @@ class ChannelClosed(Exception):
 
 class PortChannel:
     """The channel over a character device: a microVM's virtio-serial port (the host end is a
-    socket). Offers the few socket methods the supervisor uses."""
+    socket). Offers the few socket methods the supervisor uses.
+
+    The host end may close and open again: the VM outlives its server, and the next server
+    reconnects to QEMU (server/src/runtime/vm/vm-held.ts). While nobody is connected, a read
+    returns end-of-file (and poll says HUP) and writes block. End-of-file is therefore not the end
+    here (the agent is PID 1: its end would end the VM): reads wait for the next server instead."""
 
     def __init__(self, fd: int):
         self.fd = fd
+        self.poller = select.poll()
+        self.poller.register(fd, select.POLLIN)
 
     def fileno(self) -> int:
         return self.fd
@@ -31,7 +43,18 @@ class PortChannel:
         os.set_blocking(self.fd, flag)
 
     def recv(self, size: int) -> bytes:
-        return os.read(self.fd, size)
+        while True:
+            try:
+                data = os.read(self.fd, size)
+            except BlockingIOError:
+                data = None
+            if data:
+                return data
+            if data == b'':
+                # No server connected: the port stays HUP until one is; look again shortly.
+                time.sleep(HOST_GONE_POLL_S)
+            else:
+                self.poller.poll()
 
     def sendall(self, data: bytes) -> None:
         view = memoryview(data)

@@ -23,14 +23,15 @@ import types
 from collections import deque
 from typing import Any, Callable
 
+import podflare_checkpoint
 import podflare_fork
 from podflare_cells import CellsMixin
 from podflare_common import AGENT_DIR, CHANNEL_READ, HOME, LineBuffer, encode_line, hello_message
 from podflare_display import MatplotlibHook, figure_bundle, is_figure, mime_bundle, mime_value
 
 #: Runs the supervisor of a fork child, over the worker it inherits (given by podflare_agent):
-#: (channel fd, worker, exec count) -> exit status.
-BecomeSupervisor = Callable[[int, 'Worker', int], int]
+#: (channel fd, worker, exec count, whether to start its worker at once) -> exit status.
+BecomeSupervisor = Callable[[int, 'Worker', int, bool], int]
 
 
 def _pidfd(pid: int) -> int | None:
@@ -67,6 +68,8 @@ class Worker(CellsMixin):
     def __init__(self, cmd_fd: int, ctl_fd: int, become_supervisor: BecomeSupervisor, preload: bool = True):
         self.cmd_fd = cmd_fd
         self.become_supervisor = become_supervisor
+        # The interpreter of a zygote (server zygote.ts): every sandbox it forks is a new one.
+        self.is_zygote = False
         self.ctl_fd = ctl_fd
         self.preload_enabled = preload
         self.pid = os.getpid()
@@ -107,6 +110,8 @@ class Worker(CellsMixin):
                     self.run_exec(msg)
                 elif op == 'fork':
                     self.fork_children(msg)
+                elif op == 'checkpoint':
+                    podflare_checkpoint.take(self, msg)
                 elif op == 'vars':
                     self.send({'type': 'vars', 'id': msg.get('id'), 'vars': podflare_fork.snapshot_vars(self.ns)})
                 elif op == 'reseed':
@@ -120,9 +125,10 @@ class Worker(CellsMixin):
                 self._write_stderr(f'podflare agent error:\n{text}')
                 self._abandon_exec(1, 'AgentError', str(exc))
 
-    def resume(self, cmd_fd: int, ctl_fd: int) -> None:
+    def resume(self, cmd_fd: int, ctl_fd: int, children: dict[int, int | None] | None = None) -> None:
         """In a fork child: the same interpreter (globals, modules, open files) under a new
-        supervisor; only the control pipes are new."""
+        supervisor; only the control pipes are new. `children`: processes of ours to reap
+        (pid -> pidfd), e.g. a restored checkpoint's copy."""
         self.cmd_fd, self.ctl_fd = cmd_fd, ctl_fd
         self.pid = os.getpid()
         self.lines = LineBuffer()
@@ -133,7 +139,7 @@ class Worker(CellsMixin):
         for pidfd in self.fork_pids.values():  # the parent's watches of our siblings
             if pidfd is not None:
                 os.close(pidfd)
-        self.fork_pids = {}
+        self.fork_pids = dict(children or {})
         signal.signal(signal.SIGINT, self._on_sigint)
         self.main(fresh=False)
 
@@ -204,7 +210,12 @@ class Worker(CellsMixin):
             os.dup2(null, fd)
         os.close(null)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
-        os._exit(self.become_supervisor(sock.detach(), self, int(msg.get('exec_count') or 0)))
+        # A zygote's only child is a create that missed the pool: its first request follows at
+        # once, so its worker starts at once too. Other fork children start theirs lazily (a
+        # checkpoint never needs one; siblings are still being set up).
+        worker_now = self.is_zygote and len(msg.get('children') or []) == 1
+        self.is_zygote = False  # this copy is a sandbox's interpreter now
+        os._exit(self.become_supervisor(sock.detach(), self, int(msg.get('exec_count') or 0), worker_now))
 
     def _reap_fork_children(self) -> None:
         """Fork children start as our children: reap the ones that have ended."""
@@ -253,6 +264,7 @@ class Worker(CellsMixin):
         # the sandboxes forked from this interpreter must look like fresh ones, and a worker they
         # restart later starts as a fresh sandbox's does.
         zygote = os.environ.pop('PODFLARE_ZYGOTE_PRELOAD', None)
+        self.is_zygote = zygote is not None
         for name in (os.environ.get('PODFLARE_PRELOAD', '') + ',' + (zygote or '')).split(','):
             if name.strip():
                 try:

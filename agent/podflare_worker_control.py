@@ -68,7 +68,7 @@ class WorkerMixin:
             signal.signal(sig, signal.SIG_DFL)
         # Everything the supervisor watches (channel, pipes, leftover bash pipes), plus the rest.
         fds = [key.fd for key in self.sel.get_map().values() if key.fileobj is not self.sock]
-        fds += [self.wake_w, *parent_ends, *self.files.open_fds(), *self.procs.open_fds()]
+        fds += [self.wake_w, *parent_ends, *self.files.open_fds(), *self.procs.open_fds(), *self._checkpoint_fds()]
         self.sel.close()
         self.sock.close()
         for fd in fds:
@@ -177,6 +177,8 @@ class WorkerMixin:
                 self.send({'id': msg['id'], 'ok': True, 'pids': msg.get('pids') or [], 'error': msg.get('error')})
             else:
                 self.send({'id': msg['id'], 'ok': True, 'vars': msg.get('vars') or {}})
+        elif kind in ('checkpointed', 'restored'):
+            self._on_checkpoint_message(msg)
         elif kind == 'done' and current and ex is not None:
             self._finish(ex, int(msg.get('code', 1)), msg.get('error'), echo=False)
 
@@ -188,6 +190,7 @@ class WorkerMixin:
         self._read_worker(worker, until_empty=True)
         self.worker = None
         self.deferred_worker_msgs.clear()
+        self._checkpoint_worker_gone()
         for op_id in list(self.pending_worker_ops):
             self.pending_worker_ops.pop(op_id)
             self.send({'id': op_id, 'ok': False, 'error': {'code': 'conflict', 'message': 'the interpreter died'}})

@@ -82,8 +82,8 @@ export async function measureCheckpoint(bs: CheckpointBenchServer, opts: Checkpo
   rows.push(timingRow('checkpoint(), 200 MB interpreter', sc, `p50 ≤ ${CHECKPOINT_TARGET.checkpointP50} ms`, '–', status(sc.p50 <= CHECKPOINT_TARGET.checkpointP50) + st));
   rows.push(timingRow('restore(checkpoint), 200 MB interpreter', sr, `p50 ≤ ${CHECKPOINT_TARGET.restoreP50} ms`, '–', status(sr.p50 <= CHECKPOINT_TARGET.restoreP50) + st));
   notes.push(`checkpoint: the sandbox holds ${fmtMB(bytes)} (np.random.rand); each run: checkpoint, restore it, delete it (untimed), ` +
-    'restore timed to its answer: the checkpoint\'s processes are the live state then; the copy that stays the checkpoint (a fork) and the network ' +
-    'are finished in the sandbox\'s queue before its next call (the delete waits for them, untimed); ' +
+    'namespace runtime: checkpoints held inside the sandbox (a stopped fork of the interpreter + a fork layer), restore in place, timed to its ' +
+    'answer (root switched, the checkpoint\'s interpreter is the worker, the copy that stays the checkpoint made); ' +
     `teardowns waited for between steps; ${runs} runs after ${warmup} warm-ups; ${detail('checkpoint', sc)}; ${detail('restore', sr)}`);
 }
 
@@ -139,7 +139,7 @@ export async function measureCheckpointMemory(bs: CheckpointBenchServer, _opts: 
       target: `≤ ${CHECKPOINT_TARGET.memRatio}× alone`, peer: `alone ${fmtMB(alone)}`, status: status(ratio <= CHECKPOINT_TARGET.memRatio),
     });
     notes.push(`ckptmem: interpreter holding ${fmtMB(bytes)}: PSS alone ${fmtMB(alone)}; after 10 steps (each += 1 on 1 MB) and a checkpoint after each: ` +
-      `live ${fmtMB(live)} + checkpoints ${fmtMB(held)} = ${fmtMB(live + held)}`);
+      `live ${fmtMB(live)} + checkpoints ${fmtMB(held)} = ${fmtMB(live + held)} (held checkpoints are processes of the sandbox: in "live")`);
   } finally {
     await sbx.close();
   }

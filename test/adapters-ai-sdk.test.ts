@@ -9,7 +9,7 @@ import { generateText, stepCountIs, streamText } from 'ai';
 import type { LanguageModelV3CallOptions, LanguageModelV3GenerateResult, LanguageModelV3StreamPart } from '@ai-sdk/provider';
 import { convertArrayToReadableStream, MockLanguageModelV3 } from 'ai/test';
 import { Sandbox } from 'podflare';
-import { podflareRunCode } from 'podflare/ai-sdk';
+import { podflareRewind, podflareRunCode } from 'podflare/ai-sdk';
 import type { PodflareRunCodeOutput } from 'podflare/ai-sdk';
 import { type TestServer, useServerAndSandbox } from './helpers/server.js';
 
@@ -204,5 +204,46 @@ describe('podflare/ai-sdk', () => {
     assert.ok(seen.indexOf('tool-result') < seen.indexOf('text-delta'));
     assert.equal(await result.text, 'The answer is 42');
     assert.equal(call, 2);
+  });
+
+  it('undoes a failed atomic call and lets the model rewind its own last step', async () => {
+    const own = await Sandbox.create({ host: server.url, history: 5 });
+    try {
+      // The model's script: set x, break it atomically (undone), overwrite it (kept), then rewind that step.
+      const calls: Array<[string, Record<string, unknown>]> = [
+        ['runCode', { code: 'x = [1, 2, 3]' }],
+        ['runCode', { code: 'x.append(4)\nraise RuntimeError("oops")' }],
+        ['runCode', { code: 'x = None' }],
+        ['undo', {}],
+        ['runCode', { code: 'print(x)' }],
+      ];
+      const model = new MockLanguageModelV3({
+        doGenerate: async (options): Promise<LanguageModelV3GenerateResult> => {
+          const seen = toolResultsIn(options);
+          const next = calls[seen.length];
+          if (next) {
+            return {
+              content: [{ type: 'tool-call', toolCallId: `call-${seen.length + 1}`, toolName: next[0], input: JSON.stringify(next[1]) }],
+              finishReason: { unified: 'tool-calls', raw: 'tool_calls' }, usage, warnings: [],
+            };
+          }
+          return { content: [{ type: 'text', text: seen.map(textOf).join(' | ') }], finishReason: { unified: 'stop', raw: 'stop' }, usage, warnings: [] };
+        },
+      });
+      const result = await generateText({
+        model,
+        tools: { runCode: podflareRunCode({ sandbox: own, atomic: true }), undo: podflareRewind({ sandbox: own }) },
+        stopWhen: stepCountIs(calls.length + 1),
+        prompt: 'Work on x.',
+      });
+      const outputs = result.steps.flatMap((s) => s.toolResults.map((r) => r.output as PodflareRunCodeOutput & { rewound?: number }));
+      assert.equal(outputs[1]!.rolledBack, true);
+      assert.equal(outputs[3]!.rewound, 1);
+      assert.equal(outputs[4]!.stdout, '[1, 2, 3]\n');
+      assert.match(result.text, /Rolled back/);
+      assert.match(result.text, /Undid the last 1 call/);
+    } finally {
+      await own.close();
+    }
   });
 });

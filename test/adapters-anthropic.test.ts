@@ -265,4 +265,13 @@ describe('podflare/anthropic', () => {
     assert.equal(isPodflareToolUse({ name: 'str_replace_editor' }), true); // the editor's Claude 3.7 name
     await assert.rejects(handleToolUse({ type: 'text', id: 'x', name: 'bash', input: {} }, sbx), TypeError);
   });
+
+  it('undoes a failed execute_python with atomic, and says so to the model', async () => {
+    await handleCodeExecutionToolUse(toolUse('execute_python', { code: 'kept = 1' }), sbx);
+    const failed = await handleCodeExecutionToolUse(
+      toolUse('execute_python', { code: 'kept = 2\nopen("/root/half.txt", "w").write("x")\n1/0' }), sbx, { atomic: true });
+    assert.match(textOf(failed), /ZeroDivisionError[\s\S]*\[Rolled back: everything this call did/);
+    const after = await handleCodeExecutionToolUse(toolUse('execute_python', { code: 'import os\nprint(kept, os.path.exists("/root/half.txt"))' }), sbx);
+    assert.equal(textOf(after), '1 False');
+  });
 });

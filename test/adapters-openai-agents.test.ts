@@ -224,4 +224,18 @@ describe('podflare/openai-agents', () => {
     assert.equal(runCode.currentSandbox, undefined);
     assert.ok(!(await liveIds()).includes(parentId!));
   });
+
+  it('makes code calls atomic on request: a failed one is undone and the model is told', async () => {
+    const own = await Sandbox.create({ host: server.url });
+    try {
+      const runCode = podflareCodeInterpreter({ sandbox: own, atomic: true });
+      const invoke = (code: string) => runCode.invoke(new RunContext(), JSON.stringify({ code, language: null }));
+      assert.equal(await invoke('total = 10'), '(no output)');
+      const failed = String(await invoke('total += 5\nraise ValueError("bad step")'));
+      assert.match(failed, /ValueError: bad step[\s\S]*\[Rolled back/);
+      assert.equal(String(await invoke('print(total)')), '10');
+    } finally {
+      await own.close();
+    }
+  });
 });

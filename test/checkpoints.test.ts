@@ -248,7 +248,7 @@ describe('checkpoints die with their sandbox', () => {
       await sbx.checkpoint('two');
       await sbx.runCode('y = 1');
       await sbx.runCode('1/0', { atomic: true });
-      // Restores leave the replaced states behind as husks while checkpoints forked from them live.
+      // Restores are in place: the sandbox keeps its namespaces and directory (no husks).
       for (let i = 0; i < 5; i++) {
         await sbx.runCode(`step = ${i}`);
         await sbx.restore(one);
@@ -256,7 +256,9 @@ describe('checkpoints die with their sandbox', () => {
       await sbx.rewind();
       assert.equal((await sbx.runCode('print(len(x), "step" in globals())')).stdout, '8388608 False\n');
       assert.ok(processesOf([sbx.id]).length > 4, 'checkpoints are processes of the sandbox while it lives');
-      assert.ok(sandboxDirsIn(server.stateDir).length > 3, 'and directories');
+      // Held in the sandbox's own directory (its disk limit): no directory of their own, layers in it.
+      assert.equal(sandboxDirsIn(server.stateDir).length, 1, 'one directory: the sandbox\'s');
+      assert.ok(forkLayersIn(server.stateDir).length >= 2, 'their files are fork layers in it');
       await sbx.close();
       // A checkpoint under way when the sandbox is deleted (a DELETE does not queue) is not left behind.
       const racing = await Sandbox.create({ host: server.url });

@@ -124,6 +124,8 @@ def format_result_text(result: ExecResult, max_chars: Optional[int] = None) -> s
         parts.append(f"[{note}]")
     if result.state_lost:
         parts.append("[the interpreter was restarted: earlier variables are gone]")
+    if result.rolled_back:
+        parts.append("[rolled back: everything this call did (variables, files) was undone]")
     text = "\n".join(p for p in parts if p) or "(no output)"
     if max_chars is not None and len(text) > max_chars:
         cut = len(text) - max_chars
@@ -146,6 +148,7 @@ def handle_code_execution_tool_use(
     timeout_ms: Optional[int] = None,
     max_output_chars: Optional[int] = None,
     include_images: bool = True,
+    atomic: bool = False,
 ) -> Dict[str, Any]:
     """Runs a ``tool_use`` block in ``sbx`` and returns its ``tool_result`` block (a dict).
 
@@ -161,6 +164,7 @@ def handle_code_execution_tool_use(
         timeout_ms: bound on the code's run time (exit code 124 past it).
         max_output_chars: cut the text in the middle beyond this many characters.
         include_images: add matplotlib figures and other PNG results as image blocks.
+        atomic: a call that fails is undone (variables and files as before it); the text says so.
     """
     block_type = _field(block, "type")
     if block_type not in (None, "tool_use"):
@@ -183,7 +187,7 @@ def handle_code_execution_tool_use(
         return _tool_result(tool_use_id, f"invalid tool input: language must be one of {', '.join(_LANGUAGES)}, "
                             f"got {language!r}", True)
 
-    result = sbx.run_code(code, language, timeout_ms=timeout_ms)
+    result = sbx.run_code(code, language, timeout_ms=timeout_ms, atomic=atomic)
     images: List[Dict[str, Any]] = []
     if include_images:
         for r in result.results:

@@ -63,6 +63,17 @@ class AnthropicHandlerTests(SandboxTestCase):
         self.assertIn("ZeroDivisionError", text)
         self.assertEqual(text.count("ZeroDivisionError: division by zero"), 1, text)
 
+    def test_atomic_failure_is_undone(self):
+        handle_code_execution_tool_use({"type": "tool_use", "id": "t1", "name": "code_execution",
+                                        "input": {"code": "kept = 1"}}, self.sbx)
+        out = handle_code_execution_tool_use({"type": "tool_use", "id": "t2", "name": "code_execution",
+                                              "input": {"code": "kept = 2\n1/0"}}, self.sbx, atomic=True)
+        self.assertTrue(out["is_error"])
+        self.assertIn("[rolled back:", out["content"][0]["text"])
+        after = handle_code_execution_tool_use({"type": "tool_use", "id": "t3", "name": "code_execution",
+                                                "input": {"code": "print(kept)"}}, self.sbx)
+        self.assertEqual(after["content"][0]["text"], "1")
+
     def test_no_output(self):
         out = handle_code_execution_tool_use({"type": "tool_use", "id": "t", "name": "code_execution",
                                               "input": {"code": "x = 1"}}, self.sbx)

@@ -20,7 +20,7 @@ export const AGENT_PROTOCOL_VERSION = 2;
  * the sandboxes an earlier server left running when their agent's major version is its own
  * (agentProtocolCompatible); the minor version does not matter for that.
  */
-export const AGENT_PROTOCOL_MINOR = 0;
+export const AGENT_PROTOCOL_MINOR = 1;
 
 /** This build's agent protocol as "major.minor" (what a sandbox's holder record keeps). */
 export const AGENT_PROTOCOL = `${AGENT_PROTOCOL_VERSION}.${AGENT_PROTOCOL_MINOR}`;
@@ -94,10 +94,24 @@ export const ManifestRequest = z.object({ id, op: z.literal('manifest'), paths: 
 /** A snapshot of the interpreter's user variables (for diff with vars=1). */
 export const VarsRequest = z.object({ id, op: z.literal('vars') });
 
+/**
+ * Checkpoints held inside the sandbox (since minor 1; agent/podflare_checkpoint.py): a frozen fork
+ * of the idle interpreter, named by the server's `ref`. A restore ends the live state, switches the
+ * sandbox's root to `root` (an overlay of the checkpoint's files the server mounted there) and
+ * makes the checkpoint the interpreter; with `keep`, a copy of it stays the checkpoint.
+ * `checkpoint_drop` with `ref: null` drops every checkpoint the agent holds.
+ */
+const ref = z.string().min(1).max(64);
+export const CheckpointRequest = z.object({ id, op: z.literal('checkpoint'), ref });
+export const CheckpointDropRequest = z.object({ id, op: z.literal('checkpoint_drop'), ref: ref.nullable() });
+export const CheckpointRestoreRequest = z.object({ id, op: z.literal('checkpoint_restore'), ref, root: path, keep: z.boolean() });
+export const CheckpointVarsRequest = z.object({ id, op: z.literal('checkpoint_vars'), ref });
+
 export const AgentRequest = z.discriminatedUnion('op', [
   ExecRequest, InterruptRequest, PingRequest, UploadBeginRequest, UploadChunkRequest, UploadEndRequest,
   FileReadRequest, StatRequest, ListRequest, RemoveRequest, MkdirRequest, ForkRequest, VarsRequest, RestoreRequest, SetTimeRequest, ManifestRequest,
   ProcStartRequest, ProcListRequest, ProcReadRequest, ProcWriteRequest, ProcSignalRequest, ProcResizeRequest,
+  CheckpointRequest, CheckpointDropRequest, CheckpointRestoreRequest, CheckpointVarsRequest,
 ]);
 export type AgentRequest = z.infer<typeof AgentRequest>;
 export type AgentOp = AgentRequest['op'];
@@ -202,6 +216,11 @@ export const AgentReplySchemas = {
   restore: none,
   set_time: none,
   manifest: z.object({ entries: count }),
+  checkpoint: none,
+  checkpoint_drop: none,
+  /** `kept`: a copy of the checkpoint stays (asked with `keep`, and made). */
+  checkpoint_restore: z.object({ kept: z.boolean() }),
+  checkpoint_vars: z.object({ vars: z.record(shortText(1024), VarInfoSchema) }),
   ...ProcessReplySchemas,
 } satisfies { [Op in Exclude<AgentOp, 'exec'>]: z.ZodType };
 

@@ -3,7 +3,7 @@
  * Runtimes declare what they can do (capabilities) rather than throwing when asked; the sandbox
  * manager and the API never look past this interface.
  */
-import type { EgressSetting, FileDiff } from '@podflare/protocol';
+import type { EgressSetting, FileDiff, VarInfo } from '@podflare/protocol';
 import type { AgentClient } from './agent-client.js';
 import type { RuntimeName } from './names.js';
 export type { FileDiff };
@@ -131,6 +131,31 @@ export interface CloseOptions {
   keepSandboxes?: boolean;
 }
 
+/** A checkpoint a runtime holds inside its sandbox (Runtime.heldCheckpoints); opaque to the manager. */
+export interface HeldCheckpoint {
+  readonly ref: string;
+}
+
+/**
+ * Checkpoints held inside the sandbox itself (namespace runtime): a frozen copy of the interpreter
+ * in the sandbox's own namespaces and cgroup, and a frozen copy of its files in its own directory,
+ * so that they count against the sandbox's memory and disk limits. A restore is in place: the
+ * sandbox keeps its runtime object, namespaces, network and channel. Where absent, the manager
+ * makes checkpoints out of fork children.
+ */
+export interface HeldCheckpoints<S extends RuntimeSandbox = RuntimeSandbox> {
+  /** The sandbox's state as of now (idle, between calls). Rejects with `not_supported` for an agent too old to hold one. */
+  take(sandbox: S): Promise<HeldCheckpoint>;
+  /** The sandbox goes back to `cp`; with `keep`, `cp` stays restorable (`kept`: it did). */
+  restore(sandbox: S, cp: HeldCheckpoint, keep: boolean): Promise<{ kept: boolean }>;
+  /** Frees `cp` (its process and its files); idempotent, and fine once the sandbox has ended. */
+  drop(sandbox: S, cp: HeldCheckpoint): Promise<void>;
+  /** The sandbox's files (`b`) relative to `cp`'s. */
+  diff(cp: HeldCheckpoint, sandbox: S, opts: DiffOptions): Promise<FileDiff>;
+  /** `cp`'s interpreter variables. */
+  vars(sandbox: S, cp: HeldCheckpoint): Promise<Record<string, VarInfo>>;
+}
+
 export interface Runtime<S extends RuntimeSandbox = RuntimeSandbox> {
   /** The name it is registered under (the API's `runtime` field). */
   readonly name: RuntimeName;
@@ -174,6 +199,8 @@ export interface Runtime<S extends RuntimeSandbox = RuntimeSandbox> {
    * make templates from live sandboxes.
    */
   saveTemplateLayer?(sandbox: S, target: string, bounds: TemplateLayerBounds): Promise<{ layers: string[]; bytes: number }>;
+  /** Checkpoints held inside the sandbox (see HeldCheckpoints); where absent, checkpoints are fork children. */
+  readonly heldCheckpoints?: HeldCheckpoints<S>;
   /** What differs between two sandboxes' filesystems: `b` relative to `a`. */
   diff(a: S, b: S, opts: DiffOptions): Promise<FileDiff>;
   /**

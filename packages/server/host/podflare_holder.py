@@ -24,6 +24,14 @@ Two modes:
   accept: `--accept PATH` listens on PATH (a fork child's way back, chowned to `--uid`), accepts
          one connection from a process of uid `--uid` (the forked agent) and relays it. The holder
          exits when that connection ends.
+  spare: `--spare [--ready-fd N]` starts ahead of need, so that a fork does not wait for a
+         Python start. Its names (`--socket`, `--log`) are those of a placeholder id as long as a
+         sandbox's; the first server to connect sends one line, {"id": ..., "accept": PATH,
+         "watch": bool}: the holder takes that sandbox's names (renames its socket and log, and
+         writes the id over the placeholder in its own command line, which is how servers
+         recognise a holder), listens on PATH, answers "assigned" and goes on as in accept mode on
+         that same connection (with "watch", watching that server as `--watch-server` would). A
+         spare whose server goes away before using it exits.
 Once listening, it writes "ready <pid>" on stdout and from then on logs to `--log`.
 
 `--watch-server PID` (a server whose stop destroys its sandboxes, `--on-stop destroy`): PID is the
@@ -34,7 +42,9 @@ what the sandbox leaves on the host (its cgroups, its directory) the next server
 SIGUSR1 asks the same of a holder a destroying server adopted: it watches the server connected.
 """
 import argparse
+import json
 import os
+import re
 import select
 import selectors
 import signal
@@ -377,6 +387,11 @@ def run_accept(args, relay):
     back = listen_unix(args.accept, 0o600, owner=args.uid)
     print(f'ready {os.getpid()} 0', flush=True)
     detach_output(args.log)
+    relay_fork_child(args, relay, back)
+
+
+def relay_fork_child(args, relay, back):
+    """Waits for the forked agent on `back` (listening at args.accept), then relays it."""
     sel = selectors.DefaultSelector()
     sel.register(back, selectors.EVENT_READ, 'back')
     if args.server_fd is not None:
@@ -417,6 +432,110 @@ def run_accept(args, relay):
         log('the forked agent closed its channel')
 
 
+ASSIGNMENT_MAX = 4096
+ID_CHARS = re.compile(r'[A-Za-z0-9_-]+')
+
+
+def read_assignment(conn):
+    """The server's one line (blocking); None if it went away first."""
+    conn.setblocking(True)
+    data = b''
+    while b'\n' not in data:
+        chunk = conn.recv(ASSIGNMENT_MAX)
+        if not chunk or len(data) + len(chunk) > ASSIGNMENT_MAX:
+            return None
+        data += chunk
+    line, rest = data.split(b'\n', 1)
+    if rest:
+        return None  # the server waits for our answer before it sends anything else
+    return json.loads(line)
+
+
+def rewrite_own_cmdline(old, new):
+    """Writes `new` over `old` (same length) in this process's arguments, as /proc/<pid>/cmdline
+    shows them: servers recognise a sandbox's holder by the socket path on its command line."""
+    with open('/proc/self/stat', 'rb') as f:
+        stat = f.read()
+    fields = stat[stat.rindex(b')') + 2:].split()
+    start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end (fields 48 and 49)
+    with open('/proc/self/mem', 'r+b', buffering=0) as mem:
+        mem.seek(start)
+        area = mem.read(end - start)
+        at = area.find(old)
+        while at >= 0:
+            mem.seek(start + at)
+            mem.write(new)
+            at = area.find(old, at + len(old))
+
+
+def take_names(args, relay, sandbox_id):
+    """The spare becomes `sandbox_id`'s holder: its socket, log and command line say so."""
+    placeholder = os.path.basename(args.socket)[:-len('.sock')]
+    if len(sandbox_id) != len(placeholder) or not ID_CHARS.fullmatch(sandbox_id):
+        raise ValueError(f'an id of {len(placeholder)} letters, digits, "_" or "-" was expected')
+    directory = os.path.dirname(args.socket)
+    socket_path = os.path.join(directory, sandbox_id + '.sock')
+    log_path = os.path.join(os.path.dirname(args.log), sandbox_id + '.log')
+    os.rename(args.socket, socket_path)  # the listening socket follows its inode
+    os.rename(args.log, log_path)  # our fds 1 and 2 still point at it
+    args.socket, args.log = socket_path, log_path
+    relay.control_path = socket_path
+    rewrite_own_cmdline(placeholder.encode(), sandbox_id.encode())
+
+
+def watch_peer(conn):
+    """A pidfd of the server connected on `conn` (whose death is to end the sandbox); None if it
+    has exited already."""
+    try:
+        pidfd = os.pidfd_open(peer_creds(conn)[0])
+    except OSError:
+        return None
+    if select.select([pidfd], [], [], 0)[0]:
+        os.close(pidfd)
+        return None
+    os.set_inheritable(pidfd, False)
+    return pidfd
+
+
+def run_spare(args, relay):
+    relay.listen()
+    print(f'ready {os.getpid()} 0', flush=True)
+    if args.ready_fd is not None:  # started by the server's spawner, whose stdout is not ours
+        os.write(args.ready_fd, b'1')
+        os.close(args.ready_fd)
+    detach_output(args.log)
+    relay.control.setblocking(True)
+    while True:
+        conn, _ = relay.control.accept()
+        if peer_uid(conn) == 0:
+            break
+        conn.close()
+    relay.control.setblocking(False)
+    try:
+        msg = read_assignment(conn)
+    except (OSError, ValueError):
+        msg = None
+    if not isinstance(msg, dict):
+        log('the server left before using this spare holder')
+        return
+    try:
+        take_names(args, relay, str(msg.get('id')))
+        args.accept = str(msg.get('accept'))
+        if msg.get('watch'):
+            args.server_fd = watch_peer(conn)
+            if args.server_fd is None:
+                raise ValueError('its server is gone already')
+        back = listen_unix(args.accept, 0o600, owner=args.uid)
+    except (OSError, ValueError) as exc:
+        conn.sendall(f'refused {exc}\n'.encode())
+        return
+    log(f'holding sandbox {args.socket}')
+    conn.sendall(b'assigned\n')
+    conn.setblocking(False)
+    relay.server = conn
+    relay_fork_child(args, relay, back)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument('--socket', required=True, help='control socket the servers connect to')
@@ -425,6 +544,8 @@ def main():
     parser.add_argument('--gid', type=int, required=True)
     parser.add_argument('--accept', help='fork child: where its agent connects')
     parser.add_argument('--watch-server', type=int, metavar='PID', help='end the sandbox when this server (our parent) dies')
+    parser.add_argument('--spare', action='store_true', help='a fork child\'s holder started ahead of need')
+    parser.add_argument('--ready-fd', type=int, help='spare: also says "ready" by writing to this fd')
     parser.add_argument('argv', nargs='*')
     args = parser.parse_args()
     # Our own session (the server starts us detached), so a signal to the server's group never
@@ -432,7 +553,7 @@ def main():
     # sandbox must start with the defaults (an ignored SIGINT would survive exec into the agent).
     signal.signal(signal.SIGINT, lambda *_: None)
     signal.signal(signal.SIGHUP, lambda *_: None)
-    ours = None if args.accept else agent_channel_at_fd3()
+    ours = None if args.accept or args.spare else agent_channel_at_fd3()
     args.server_fd = None
     if args.watch_server is not None:
         args.server_fd = watch_server(args.watch_server)
@@ -443,12 +564,14 @@ def main():
     # SIGUSR1: a server that destroys its sandboxes at a stop adopted this one (see Relay.arm_watch).
     signal.signal(signal.SIGUSR1, lambda *_: setattr(relay, 'watch_asked', True))
     try:
-        if args.accept:
+        if args.spare:
+            run_spare(args, relay)
+        elif args.accept:
             run_accept(args, relay)
         else:
             run_spawn(args, relay, ours)
     finally:
-        for path in (args.socket,):
+        for path in (args.socket,):  # a spare's own name, or the one it took
             try:
                 os.unlink(path)
             except OSError:

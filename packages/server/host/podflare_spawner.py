@@ -25,6 +25,11 @@ Protocol: JSON lines. Requests on stdin:
       Seals it for good (no write, no resize, no further seal change): refused (EBUSY) while
       anything maps it shared and writable. From then on nobody, root included, changes its bytes;
       copy-on-write private mappings still work.
+  {"id": n, "op": "listen", "name": s, "path": p} → {"id": n, "ok": true}
+      A unix socket listening at `path` (made 0600, in a directory the server keeps root's alone),
+      held like a memfd under `name` and passed to children the same way: a VM's QEMU gets its
+      agent and QMP sockets so, bound where only root can reach them (QEMU, unprivileged, could
+      not bind there itself), and a later server reconnects to them by path.
   {"id": n, "op": "close", "name": s} → {"id": n, "ok": true}   (the processes it was passed to keep theirs)
 Events on stdout: {"ev": "exit", "pid": p, "code": c|null, "signal": s|null, "stderr": "..."}.
 When stdin closes (the server is gone) every child is killed, then this process exits; the
@@ -36,6 +41,7 @@ import json
 import os
 import selectors
 import signal
+import socket
 import sys
 
 PR_SET_PDEATHSIG = 1
@@ -115,6 +121,9 @@ class Spawner:
             elif req["op"] == "seal":
                 fcntl.fcntl(self.own_memfd(req["name"]), F_ADD_SEALS, ALL_SEALS)
                 reply = {}
+            elif req["op"] == "listen":
+                self.listen(str(req["name"]), str(req["path"]))
+                reply = {}
             elif req["op"] == "close":
                 self.own_memfd(req["name"])
                 os.close(self.memfds.pop(str(req["name"])))
@@ -141,6 +150,28 @@ class Spawner:
             raise
         self.memfds[name] = fd
         return fd
+
+    def listen(self, name, path):
+        if name in self.memfds:
+            raise ValueError(f"an fd named {name!r} exists")
+        if not os.path.isabs(path):
+            raise ValueError("a listening socket needs an absolute path")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            try:
+                os.unlink(path)  # a dead VM's, in the server's own directory
+            except FileNotFoundError:
+                pass
+            old = os.umask(0o177)
+            try:
+                sock.bind(path)
+            finally:
+                os.umask(old)
+            sock.listen(8)
+        except Exception:
+            sock.close()
+            raise
+        self.memfds[name] = sock.detach()
 
     def own_memfd(self, name):
         fd = self.memfds.get(str(name))

@@ -95,6 +95,8 @@ export const SpawnerRequestSchemas = {
   kill: z.object({ op: z.literal('kill'), pid }),
   memfd: z.object({ op: z.literal('memfd'), name: memfdName, size: z.number().int().positive() }),
   seal: z.object({ op: z.literal('seal'), name: memfdName }),
+  /** A unix socket listening at an absolute path, held (and passed to children) like a memfd. */
+  listen: z.object({ op: z.literal('listen'), name: memfdName, path: z.string().regex(/^\//).max(107) }),
   close: z.object({ op: z.literal('close'), name: memfdName }),
 } as const;
 
@@ -106,6 +108,7 @@ export const SpawnerReplySchemas = {
   kill: Done,
   memfd: z.object({ fd: z.number().int().nonnegative(), pid }),
   seal: Done,
+  listen: Done,
   close: Done,
 } as const satisfies Record<SpawnerOp, z.ZodType>;
 

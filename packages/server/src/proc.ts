@@ -13,12 +13,12 @@ export function run(cmd: string, args: string[], opts: { timeoutMs?: number } = 
   });
 }
 
-/** Every descendant of `root` (and root itself). */
-export async function processTree(root: number): Promise<number[]> {
+/** Every descendant of `root` (and root itself); with `maxDepth`, those at most that many generations below it. */
+export async function processTree(root: number, maxDepth = Infinity): Promise<number[]> {
   try {
-    return await processTreeFromChildren(root);
+    return await processTreeFromChildren(root, maxDepth);
   } catch {
-    return processTreeFromScan(root);
+    return processTreeFromScan(root, maxDepth);
   }
 }
 
@@ -27,12 +27,13 @@ export async function processTree(root: number): Promise<number[]> {
  * Synchronous reads: procfs answers from memory in microseconds, and this sits on the fork path,
  * where each thread-pool hop of an asynchronous read would cost more than the read itself.
  */
-async function processTreeFromChildren(root: number): Promise<number[]> {
+async function processTreeFromChildren(root: number, maxDepth: number): Promise<number[]> {
   const out: number[] = [];
-  const queue = [root];
+  const queue: Array<[number, number]> = [[root, 0]];
   while (queue.length) {
-    const pid = queue.shift()!;
+    const [pid, depth] = queue.shift()!;
     out.push(pid);
+    if (depth >= maxDepth) continue;
     let tasks: string[];
     try {
       tasks = readdirSync(`/proc/${pid}/task`);
@@ -44,14 +45,14 @@ async function processTreeFromChildren(root: number): Promise<number[]> {
       try {
         text = readFileSync(`/proc/${pid}/task/${tid}/children`, 'utf8');
       } catch { /* ended meanwhile */ }
-      for (const child of text.split(' ')) if (child.trim()) queue.push(Number(child));
+      for (const child of text.split(' ')) if (child.trim()) queue.push([Number(child), depth + 1]);
     }
   }
   return out;
 }
 
 /** The same from every process's parent link, where the kernel has no children files. */
-async function processTreeFromScan(root: number): Promise<number[]> {
+async function processTreeFromScan(root: number, maxDepth: number): Promise<number[]> {
   const parents = new Map<number, number[]>();
   for (const name of await readdir('/proc')) {
     const pid = Number(name);
@@ -66,11 +67,11 @@ async function processTreeFromScan(root: number): Promise<number[]> {
     } catch { /* the process ended meanwhile */ }
   }
   const out: number[] = [];
-  const queue = [root];
+  const queue: Array<[number, number]> = [[root, 0]];
   while (queue.length) {
-    const pid = queue.shift()!;
+    const [pid, depth] = queue.shift()!;
     out.push(pid);
-    queue.push(...(parents.get(pid) ?? []));
+    if (depth < maxDepth) queue.push(...(parents.get(pid) ?? []).map((c): [number, number] => [c, depth + 1]));
   }
   return out;
 }

@@ -18,7 +18,9 @@
  *
  * Forks are batched: requests arriving while the zygote forks go together into its next fork
  * (the interpreter forks one child after the other, but the host-side set-up of a batch overlaps).
- * Creates waiting on a miss go ahead of pool refills.
+ * Creates waiting on a miss go ahead of pool refills, and fork beside a batch of refills in flight
+ * (two forks of one zygote at once: its agent runs no user code, so its fork answers need no
+ * more proof than one fork's).
  *
  * A zygote that dies (or whose forks keep failing) is replaced; its live children are not
  * affected (a dead zygote becomes a husk until its last child ends: ns-sandbox.ts).
@@ -52,7 +54,9 @@ interface Zygote {
   starting: Promise<RuntimeSandbox | null> | null;
   /** Misses first, then refills. */
   waiting: Request[];
-  forking: boolean;
+  /** A batch of misses is forking; a batch of refills is forking (see pump). */
+  forkingUrgent: boolean;
+  forkingRefills: boolean;
   /** Consecutive failed forks or starts: past a few the zygote is replaced, starts back off. */
   failures: number;
   /** No new zygote before this (ms epoch): a broken image must not make the server spin. */
@@ -186,7 +190,7 @@ export class Zygotes {
     const key = this.key(runtime, template);
     let z = this.zygotes.get(key);
     if (!z) {
-      z = { runtime, template, sandbox: null, starting: null, waiting: [], forking: false, failures: 0, retryAt: 0 };
+      z = { runtime, template, sandbox: null, starting: null, waiting: [], forkingUrgent: false, forkingRefills: false, failures: 0, retryAt: 0 };
       this.zygotes.set(key, z);
       this.counts.set(key, { forked: 0, started: 0 });
     }
@@ -240,10 +244,16 @@ export class Zygotes {
     return z.starting;
   }
 
-  /** One fork of up to maxBatch waiting requests at a time per zygote. */
+  /**
+   * Forks up to maxBatch waiting requests at a time per zygote. Misses do not wait for a batch of
+   * refills in flight (a whole fork, tens of milliseconds under load: the tail of a create that
+   * missed): a batch of misses may fork beside it. Refills fork when nothing else does.
+   */
   private pump(z: Zygote): void {
     const zygote = z.sandbox;
-    if (z.forking || z.waiting.length === 0) return;
+    if (z.waiting.length === 0) return;
+    const urgent = z.waiting[0]!.urgent; // misses are queued first
+    if (urgent ? z.forkingUrgent : z.forkingUrgent || z.forkingRefills) return;
     if (!zygote) {
       void this.ensure(z).then((s) => {
         if (s) return;
@@ -251,8 +261,10 @@ export class Zygotes {
       });
       return;
     }
-    const batch = z.waiting.splice(0, this.opts.maxBatch);
-    z.forking = true;
+    const firstRefill = z.waiting.findIndex((r) => !r.urgent);
+    const batch = z.waiting.splice(0, Math.min(this.opts.maxBatch, urgent && firstRefill >= 0 ? firstRefill : Infinity));
+    if (urgent) z.forkingUrgent = true;
+    else z.forkingRefills = true;
     z.runtime.fork(zygote, batch.map((r) => r.spec), { freshFiles: true }).then((children) => {
       z.failures = 0;
       this.counts.get(this.key(z.runtime, z.template))!.forked += children.length;
@@ -277,7 +289,8 @@ export class Zygotes {
       }
       for (const r of batch) r.reject(err);
     }).finally(() => {
-      z.forking = false;
+      if (urgent) z.forkingUrgent = false;
+      else z.forkingRefills = false;
       this.pump(z);
     });
   }

@@ -61,6 +61,13 @@ export interface PodflareRunCodeOptions extends FormatOptions {
    * @default the server's default
    */
   timeoutMs?: number;
+  /**
+   * Each call is atomic: code that raises (or bash that exits non-zero) is undone — variables and
+   * files back to how they were before the call — and the model is told so (`rolledBack`). A
+   * failed step then never leaves half-done state behind for the next one.
+   * @default false
+   */
+  atomic?: boolean;
 }
 
 /** The tool's input, as the model writes it. */
@@ -84,6 +91,8 @@ export interface PodflareRunCodeOutput {
   executionCount: number | null;
   /** True when the interpreter had to be restarted (timeout or crash): earlier variables are gone. */
   stateLost: boolean;
+  /** True when the call failed and was undone (`atomic`). */
+  rolledBack: boolean;
 }
 
 const PYTHON_DESCRIPTION =
@@ -130,7 +139,7 @@ export function podflareRunCode(options: PodflareRunCodeOptions): Tool<PodflareR
     inputSchema: INPUT_SCHEMA,
     execute: async ({ code }, { abortSignal }): Promise<PodflareRunCodeOutput> => {
       const sandbox = await getSandbox();
-      const ex = await sandbox.runCode({ code, language, timeoutMs: options.timeoutMs, signal: abortSignal });
+      const ex = await sandbox.runCode({ code, language, timeoutMs: options.timeoutMs, signal: abortSignal, atomic: options.atomic });
       return {
         stdout: ex.stdout,
         stderr: ex.stderr,
@@ -139,6 +148,7 @@ export function podflareRunCode(options: PodflareRunCodeOptions): Tool<PodflareR
         error: ex.error ?? null,
         executionCount: ex.executionCount,
         stateLost: ex.stateLost,
+        rolledBack: ex.rolledBack,
       };
     },
     toModelOutput: ({ output }) => {
@@ -152,6 +162,52 @@ export function podflareRunCode(options: PodflareRunCodeOptions): Tool<PodflareR
         ],
       };
     },
+  });
+}
+
+/** Options of {@link podflareRewind}. */
+export interface PodflareRewindOptions {
+  /** The sandbox to rewind: one created with `history` (the last n calls can be undone). */
+  sandbox: SandboxSource;
+  /**
+   * What the model is told about the tool.
+   * @default a description of undoing the last calls
+   */
+  description?: string;
+}
+
+/** What {@link podflareRewind}'s `execute` returns. */
+export interface PodflareRewindOutput {
+  /** How many calls were undone. */
+  rewound: number;
+}
+
+const REWIND_DESCRIPTION =
+  'Undo the last code-running calls: the sandbox (variables, files, working directory) goes back to how it was ' +
+  'before them. Use it when a step broke or destroyed state you need. `steps` is how many calls to undo (default 1).';
+
+/**
+ * An AI SDK tool that lets the model undo its own last steps: the sandbox goes back to how it was
+ * before them (`Sandbox.rewind`). The sandbox must keep a history (`Sandbox.create({ history: n })`);
+ * asking for more steps than it keeps is an error the model sees.
+ *
+ * @example
+ * ```ts
+ * await using sandbox = await Sandbox.create({ history: 10 });
+ * const tools = { python: podflareRunCode({ sandbox }), undo: podflareRewind({ sandbox }) };
+ * ```
+ */
+export function podflareRewind(options: PodflareRewindOptions): Tool<{ steps?: number | undefined }, PodflareRewindOutput> {
+  const getSandbox = lazySandbox(options.sandbox);
+  return tool({
+    description: options.description ?? REWIND_DESCRIPTION,
+    inputSchema: z.object({ steps: z.number().int().min(1).optional().describe('How many calls to undo (default 1).') }),
+    execute: async ({ steps }): Promise<PodflareRewindOutput> => {
+      const sandbox = await getSandbox();
+      await sandbox.rewind(steps ?? 1);
+      return { rewound: steps ?? 1 };
+    },
+    toModelOutput: ({ output }) => ({ type: 'text', value: `Undid the last ${output.rewound} call(s): the sandbox is as it was before them.` }),
   });
 }
 

@@ -105,6 +105,12 @@ export interface ToolUseOptions extends FormatOptions {
    * @default the server's default
    */
   timeoutMs?: number;
+  /**
+   * `execute_python` calls are atomic: code that raises is undone — variables and files back to how
+   * they were before the call — and the model is told so.
+   * @default false
+   */
+  atomic?: boolean;
   /** Cancels the call (the sandbox interrupts the code); the handler then rejects. */
   signal?: AbortSignal;
   /**
@@ -204,7 +210,7 @@ export function podflareTools(
 export async function handleCodeExecutionToolUse(block: ToolUseBlockLike, sandbox: Sandbox, options: ToolUseOptions = {}): Promise<ToolResult> {
   const { id, input } = checkToolUse(block);
   if (typeof input.code !== 'string') return errorResult(id, `${block.name} needs a string "code" input.`);
-  const ex = await sandbox.runCode({ code: input.code, timeoutMs: options.timeoutMs, signal: options.signal });
+  const ex = await sandbox.runCode({ code: input.code, timeoutMs: options.timeoutMs, signal: options.signal, atomic: options.atomic });
   const { text, images } = formatExecution(ex, options);
   return {
     type: 'tool_result',

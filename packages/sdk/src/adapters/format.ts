@@ -18,6 +18,8 @@ export interface ExecutionSnapshot {
   error?: ExecErrorInfo | null | undefined;
   executionCount: number | null;
   stateLost: boolean;
+  /** An atomic call that failed and was undone (its output is still shown). */
+  rolledBack?: boolean;
 }
 
 /** An image an execution produced (a matplotlib figure, `display(Image(...))`), base64 encoded. */
@@ -83,6 +85,7 @@ export function formatExecution(ex: ExecutionSnapshot, options: FormatOptions = 
     parts.push(ex.error.traceback.trim() !== '' ? ex.error.traceback : `${ex.error.name}: ${ex.error.value}`);
   }
   if (ex.stateLost) parts.push('[The interpreter was restarted: variables and imports from earlier calls are gone.]');
+  if (ex.rolledBack) parts.push('[Rolled back: everything this call did (variables, files) was undone; the sandbox is as it was before it.]');
   if (ex.exitCode === TIMEOUT_EXIT_CODE) parts.push(`[Timed out: the code was interrupted (exit code ${TIMEOUT_EXIT_CODE}).]`);
   else if (ex.exitCode !== 0 && !ex.error) parts.push(`[exit code ${ex.exitCode}]`);
   const text = parts.map((p) => p.replace(/\n+$/, '')).join('\n');

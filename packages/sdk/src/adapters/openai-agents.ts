@@ -114,6 +114,12 @@ export interface PodflareToolOptions extends SandboxCreateOptions {
   /** Bound on each run's time, in ms: past it the code is interrupted (exit code 124; state is kept). */
   timeoutMs?: number;
   /**
+   * Code tool calls are atomic: code that raises (or bash that exits non-zero) is undone — variables
+   * and files back to how they were before the call — and the model is told so.
+   * @default false
+   */
+  atomic?: boolean;
+  /**
    * The model sees at most this many characters of output per call (cut in the middle, keeping the
    * head and the tail); for the fork tool, per call shared among the branches.
    * @default 20000
@@ -204,7 +210,7 @@ export function podflareCodeInterpreter(options: PodflareCodeInterpreterOptions 
     async execute(input, _context, details): Promise<PodflareToolOutput> {
       const language = input.language ?? defaultLanguage;
       const run = (sandbox: Sandbox): Promise<Execution> =>
-        sandbox.runCode(input.code, { language, timeoutMs: options.timeoutMs, signal: details?.signal });
+        sandbox.runCode(input.code, { language, timeoutMs: options.timeoutMs, signal: details?.signal, atomic: options.atomic });
       const { value: execution, note } = await session.withSandbox(run);
       const formatted = formatExecution(execution, { maxOutputChars: maxChars });
       return toolOutput(note ? `${formatted.text}\n${note}` : formatted.text, includeImages ? formatted.images : []);

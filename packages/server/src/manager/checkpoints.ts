@@ -2,25 +2,24 @@
  * Checkpoints and rewind (issue 23): a sandbox's whole state (interpreter memory, files, cwd, env)
  * held frozen copy-on-write, restorable into the same sandbox id as often as wanted.
  *
- * Built on fork and nothing else: a checkpoint is a fork child of the sandbox that is never handed
- * out as a sandbox (no record, no API id, no network: it idles, blocked on its agent channel, and
- * its memory is the parent's, shared copy-on-write by the kernel; its files are the fork layer
- * frozen in the sandbox's own directory). A restore promotes it: the checkpoint's processes become
- * the sandbox's live state under the same id (record, queue, limits, egress kept; the state they
- * replace is destroyed). A checkpoint used up by the restore (an atomic exec's, a rewound history
- * step) costs nothing more; one that stays (restore) is first forked once more, and that copy is
- * the checkpoint from then on. Either way a restore adds one fork generation to the sandbox, and
- * pid namespaces nest at most 32 deep: after ~28 restores a sandbox cannot checkpoint any more
- * (a 409 that says so).
- *
- * Why this counts against the sandbox's limits: the fork layer lives in the sandbox's subvolume
- * (its disk limit), and a page the checkpoint keeps is one the sandbox's memory cgroup was charged
- * for when it was written (memcg charges a page to the group that faulted it in, and the copy made
- * when the live state writes it again is charged to the live state's group).
+ * Two mechanisms, chosen by the runtime:
+ * - held checkpoints (`Runtime.heldCheckpoints`, the namespace runtime): the runtime keeps the
+ *   frozen state inside the sandbox itself — a stopped fork of its interpreter in its own
+ *   namespaces and memory group, its files frozen into a layer in its own directory — and
+ *   restores in place (same runtime sandbox, namespaces, network). They count against the
+ *   sandbox's own memory and disk limits exactly, and restores are unbounded
+ *   (runtime/namespace/held-checkpoints.ts). An agent too old for them gets fork children.
+ * - fork children (the VM runtime, and the fallback): a checkpoint is a fork child of the sandbox
+ *   that is never handed out as a sandbox (no record, no API id, no network until promoted). A
+ *   restore promotes it: its processes become the sandbox's live state under the same id (record,
+ *   queue, limits, egress kept; the state they replace is destroyed). One used up by the restore
+ *   (an atomic exec's, a rewound history step) costs nothing more; one that stays is first forked
+ *   once more, and that copy is the checkpoint from then on. Each such restore adds one fork
+ *   generation, and pid namespaces nest at most 32 deep: after ~28 restores a sandbox cannot
+ *   checkpoint any more (a 409 that says so).
  *
  * Every operation runs in the sandbox's queue (behind a running exec: a restore during an exec
- * waits for it). Checkpoints die with their sandbox (`dropAll`): the runtime kills their processes
- * and removes their directories and layers like any fork child's.
+ * waits for it). Checkpoints die with their sandbox (`dropAll`).
  */
 import { randomBytes } from 'node:crypto';
 import {
@@ -28,19 +27,28 @@ import {
 } from '@podflare/protocol';
 import { SandboxError } from '@podflare/runtime';
 import type { Logger } from '../log.js';
+import type { HeldCheckpoint } from '@podflare/runtime';
 import type { DiffOptions, FileDiff, RuntimeSandbox, SandboxLimits, SandboxSpec } from '../runtime/runtime.js';
 import type { LiveSandbox } from './live-sandbox.js';
 
-/** One checkpoint: a frozen fork child of its sandbox. */
+/**
+ * One checkpoint: held inside its sandbox by the runtime (`held`), or a frozen fork child of it
+ * (`rt`, where the runtime holds none).
+ */
 interface Checkpoint {
   id: string;
-  /** The frozen state; replaced by a copy when a restore promotes it and the checkpoint stays. */
   sandboxId: string;
   name: string | null;
   kind: CheckpointInfo['kind'];
   createdAt: number;
   beforeCode: string | null;
-  rt: RuntimeSandbox;
+  /** The frozen fork child; replaced by a copy when a restore promotes it and the checkpoint stays. */
+  rt: RuntimeSandbox | null;
+  held: HeldCheckpoint | null;
+  /** The runtime sandbox holding `held` (a merge may since have given the sandbox another). */
+  heldBy: RuntimeSandbox | null;
+  /** Frees it (its processes and files); idempotent. */
+  free(): Promise<void>;
 }
 
 /** A sandbox's checkpoints: named ones, its history (oldest first), and the one of an atomic exec. */
@@ -92,6 +100,8 @@ export class Checkpoints {
   private readonly books = new Map<string, Book>();
   /** Checkpoints' runtime sandboxes that have ended (never promoted). */
   private readonly dead = new WeakSet<RuntimeSandbox>();
+  /** Sandboxes whose agent cannot hold checkpoints (older than the op): fork children for them. */
+  private readonly cannotHold = new WeakSet<RuntimeSandbox>();
 
   constructor(private readonly host: CheckpointHost) {}
 
@@ -142,7 +152,7 @@ export class Checkpoints {
     await s.queue.run(async () => {
       const cp = this.find(s, id);
       this.forget(cp);
-      await cp.rt.destroy();
+      await cp.free();
     });
   }
 
@@ -175,7 +185,7 @@ export class Checkpoints {
       await this.restoreNow(s, target, false);
       for (const cp of dropped) {
         this.forget(cp);
-        if (cp !== target) void cp.rt.destroy();
+        if (cp !== target) void cp.free();
       }
       return { checkpoint: this.info(target), steps, left: book.history.length };
     });
@@ -186,10 +196,16 @@ export class Checkpoints {
     this.find(s, id);
     return s.queue.run(async () => {
       const cp = this.find(s, id);
-      const files = await s.runtime.diff(cp.rt, s.rt, { paths: opts.paths, content: opts.content });
+      const fileOpts = { paths: opts.paths, content: opts.content };
+      const held = cp.held ? s.runtime.heldCheckpoints : undefined;
+      if (held && cp.heldBy !== s.rt) throw new SandboxError('conflict', `checkpoint ${cp.id} is gone: the sandbox's state was replaced (a merge) since it was taken`);
+      const files = held ? await held.diff(cp.held!, s.rt, fileOpts) : await s.runtime.diff(cp.rt!, s.rt, fileOpts);
       if (!opts.vars) return files;
-      const [before, now] = await Promise.all([cp.rt.channel.request({ op: 'vars' }), s.rt.channel.request({ op: 'vars' })]);
-      return { ...files, vars: diffVars(before.vars, now.vars) };
+      const [before, now] = await Promise.all([
+        held ? held.vars(s.rt, cp.held!) : cp.rt!.channel.request({ op: 'vars' }).then((r) => r.vars),
+        s.rt.channel.request({ op: 'vars' }).then((r) => r.vars),
+      ]);
+      return { ...files, vars: diffVars(before, now) };
     });
   }
 
@@ -215,7 +231,7 @@ export class Checkpoints {
       }
       book.history.push(cp);
       // Oldest first out.
-      while (book.history.length > book.keep) void book.history.shift()!.rt.destroy();
+      while (book.history.length > book.keep) void book.history.shift()!.free();
       return { checkpoint: cp, atomic, own: false };
     }
     const cp = await this.take(s, 'manual', null, null);
@@ -239,7 +255,7 @@ export class Checkpoints {
         } catch (err) {
           // The call's failure stands, not undone: `rolled_back: false` says so; the sandbox lives on.
           exit.rolled_back = false;
-          if (own) void undo.checkpoint.rt.destroy();
+          if (own) void undo.checkpoint.free();
           this.host.log.warn('an atomic exec could not be undone', { sandbox: s.record.id, error: (err as Error).message });
         }
       }
@@ -253,15 +269,19 @@ export class Checkpoints {
   discard(undo: ExecUndo | null): void {
     if (undo?.own) {
       undo.own = false;
-      void undo.checkpoint.rt.destroy();
+      void undo.checkpoint.free();
     }
   }
 
-  /** Proportional set size of a sandbox's checkpoints' processes, in bytes (capacity, benchmarks). */
+  /**
+   * Proportional set size of a sandbox's checkpoints' processes, in bytes (capacity, benchmarks),
+   * beyond the sandbox's own: a held checkpoint's process is one of the sandbox's (its PSS is in
+   * the sandbox's), so only fork-child checkpoints add here.
+   */
   async memoryPss(sandboxId: string): Promise<number> {
     const book = this.books.get(sandboxId);
     if (!book) return 0;
-    const sizes = await Promise.all([...book.history, ...book.manual.values()].map((cp) => cp.rt.memoryPss().catch(() => 0)));
+    const sizes = await Promise.all([...book.history, ...book.manual.values()].map((cp) => cp.rt?.memoryPss().catch(() => 0) ?? 0));
     return sizes.reduce((a, b) => a + b, 0);
   }
 
@@ -273,19 +293,43 @@ export class Checkpoints {
     const all = [...book.history, ...book.manual.values()];
     book.history = [];
     book.manual.clear();
-    await Promise.all(all.map((cp) => cp.rt.destroy().catch((e: Error) => this.host.log.warn('checkpoint teardown failed', { sandbox: sandboxId, error: e.message }))));
+    await Promise.all(all.map((cp) => cp.free().catch((e: Error) => this.host.log.warn('checkpoint teardown failed', { sandbox: sandboxId, error: e.message }))));
   }
 
-  /** A fork child of `s`'s current state, kept frozen. Inside the queue. */
+  /** `s`'s current state, kept frozen: held by the runtime, or else a fork child. Inside the queue. */
   private async take(s: LiveSandbox, kind: Checkpoint['kind'], name: string | null, beforeCode: string | null): Promise<Checkpoint> {
     if (!this.host.isLive(s)) throw new SandboxError('sandbox_gone', `sandbox ${s.record.id} is gone`);
+    const holder = s.runtime.heldCheckpoints;
+    if (holder && !this.cannotHold.has(s.rt)) {
+      const rt = s.rt;
+      let held: HeldCheckpoint | null = null;
+      try {
+        held = await holder.take(rt);
+      } catch (err) {
+        // An agent too old to hold checkpoints (adopted after an upgrade): fork children for it.
+        if (!(err instanceof SandboxError && err.code === 'not_supported')) throw err;
+        this.cannotHold.add(rt);
+      }
+      if (held) {
+        let freed: Promise<void> | null = null;
+        const free = () => (freed ??= holder.drop(rt, held!));
+        if (!this.host.isLive(s)) {
+          void free();
+          throw new SandboxError('sandbox_gone', `sandbox ${s.record.id} was deleted while it was checkpointed`);
+        }
+        return { id: newCheckpointId(), sandboxId: s.record.id, name, kind, createdAt: Date.now(), beforeCode, rt: null, held, heldBy: rt, free };
+      }
+    }
     const [rt] = await s.runtime.fork(s.rt, [this.spec(s)]);
     // Deleted while it forked (a DELETE does not queue): its checkpoints were dropped already.
     if (!this.host.isLive(s)) {
       void rt!.destroy();
       throw new SandboxError('sandbox_gone', `sandbox ${s.record.id} was deleted while it was checkpointed`);
     }
-    const cp: Checkpoint = { id: newCheckpointId(), sandboxId: s.record.id, name, kind, createdAt: Date.now(), beforeCode, rt: rt! };
+    const cp: Checkpoint = {
+      id: newCheckpointId(), sandboxId: s.record.id, name, kind, createdAt: Date.now(), beforeCode, rt: rt!, held: null, heldBy: null,
+      free: () => cp.rt!.destroy(),
+    };
     this.watch(cp, rt!);
     return cp;
   }
@@ -313,8 +357,9 @@ export class Checkpoints {
    */
   private async restoreNow(s: LiveSandbox, cp: Checkpoint, keep: boolean): Promise<void> {
     if (!this.host.isLive(s)) throw new SandboxError('sandbox_gone', `sandbox ${s.record.id} is gone`);
-    const promoted = cp.rt;
     if (!keep) this.forget(cp);
+    if (cp.held) return this.restoreHeld(s, cp, keep);
+    const promoted = cp.rt!;
     if (this.dead.has(promoted)) throw new SandboxError('conflict', `checkpoint ${cp.id} is gone: its processes ended (killed from inside the sandbox, or by the host)`);
     await promoted.ready;
     const network = this.networkLater(s) ? s.runtime.attachNetwork!(promoted) : Promise.resolve();
@@ -339,6 +384,30 @@ export class Checkpoints {
       }
     };
     void s.queue.run(finishing);
+  }
+
+  /**
+   * A held checkpoint: the runtime restores it in place (same runtime sandbox: nothing of the
+   * manager's changes but the activity time).
+   */
+  private async restoreHeld(s: LiveSandbox, cp: Checkpoint, keep: boolean): Promise<void> {
+    if (cp.heldBy !== s.rt) {
+      this.forget(cp);
+      void cp.free();
+      throw new SandboxError('conflict', `checkpoint ${cp.id} is gone: the sandbox's state was replaced (a merge) since it was taken`);
+    }
+    try {
+      const { kept } = await s.runtime.heldCheckpoints!.restore(s.rt, cp.held!, keep);
+      if (keep && !kept) this.forget(cp);
+    } catch (err) {
+      // Its process ended (killed from inside the sandbox): no checkpoint any more.
+      if (!keep || (err instanceof SandboxError && /is gone|could not be taken/.test(err.message))) {
+        this.forget(cp);
+        void cp.free();
+      }
+      throw err;
+    }
+    s.record.lastActiveAt = Date.now();
   }
 
   /** Checkpoints get no network until promoted, where the runtime can attach it then. */

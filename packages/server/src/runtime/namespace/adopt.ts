@@ -14,7 +14,7 @@ import { MOUNTINFO_READ_CAP, ProcFileTooLargeError, readCmdline, readProcWhole }
  * caller is gone) is interrupted and over, so the sandbox is ready for the next one. Throws if the
  * agent does not answer within `timeoutMs`.
  */
-export async function settleAdopted(s: NsSandbox, timeoutMs: number): Promise<void> {
+export async function settleAdopted(s: Pick<NsSandbox, 'channel'>, timeoutMs: number): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   const within = <T>(p: Promise<T>): Promise<T> => {
     let timer: NodeJS.Timeout | undefined;

@@ -83,6 +83,8 @@ export interface HolderStart {
   command?: string[];
   /** Accept mode: where the fork child's agent connects. */
   accept?: string;
+  /** Spare mode (spare-holders.ts): a fork child's holder started ahead of need under `id`, a placeholder. */
+  spare?: boolean;
   /** The holder's stdio from fd 4 on (spawn mode: bwrap's info, userns block and seccomp fds). */
   extraStdio?: Array<'pipe' | 'ignore' | number>;
   timeoutMs: number;
@@ -97,12 +99,25 @@ export interface StartedHolder {
   socket: net.Socket;
 }
 
+/**
+ * A holder's command line (its control socket and log named after `id`). Spare mode: with
+ * `readyFd`, it also says it is listening by writing to that fd.
+ */
+export function holderCommand(o: Pick<HolderStart, 'stateDir' | 'id' | 'uid' | 'command' | 'accept' | 'spare' | 'watchServer'> & { readyFd?: number }): string[] {
+  const paths = holderPaths(o.stateDir, o.id);
+  const spare = o.readyFd === undefined ? ['--spare'] : ['--spare', '--ready-fd', String(o.readyFd)];
+  // A spare is not our child (the spawner starts it): it is told to watch us when it is given a child.
+  const watch = o.watchServer && !o.spare ? ['--watch-server', String(process.pid)] : [];
+  const mode = [...watch, ...(o.spare ? spare : o.accept ? ['--accept', o.accept] : ['--', ...o.command!])];
+  // -I: no user site or environment; -S: no site module (~10 ms less to start).
+  return ['/usr/bin/python3', '-I', '-S', HOLDER, '--socket', paths.socket, '--log', paths.log, '--uid', String(o.uid), '--gid', String(o.uid), ...mode];
+}
+
 /** Starts a holder and connects to it; the child process is the caller's to kill on failure. */
 export async function startHolder(o: HolderStart): Promise<StartedHolder> {
   const paths = holderPaths(o.stateDir, o.id);
-  const mode = [...(o.watchServer ? ['--watch-server', String(process.pid)] : []), ...(o.accept ? ['--accept', o.accept] : ['--', ...o.command!])];
-  // -I: no user site or environment; -S: no site module (~10 ms less to start).
-  const child = spawn('/usr/bin/python3', ['-I', '-S', HOLDER, '--socket', paths.socket, '--log', paths.log, '--uid', String(o.uid), '--gid', String(o.uid), ...mode], {
+  const [command, ...args] = holderCommand(o);
+  const child = spawn(command!, args, {
     detached: true, // a session of its own: it outlives the server and misses its group's signals
     stdio: ['ignore', 'pipe', 'pipe', 'ignore', ...(o.extraStdio ?? [])],
   });

@@ -33,7 +33,7 @@ import net from 'node:net';
 import path from 'node:path';
 import type { Readable, Writable } from 'node:stream';
 import { AGENT_PROTOCOL, agentProtocolCompatible, isEgressPolicy } from '@podflare/protocol';
-import { detectCgroups, type Cgroups } from '../shared/cgroups.js';
+import { detectCgroups, type Cgroups, type SandboxCgroup } from '../shared/cgroups.js';
 import type { EgressService } from '../../egress/index.js';
 import type { Logger } from '../../log.js';
 import { processTree, run } from '../../proc.js';
@@ -43,19 +43,21 @@ import { bwrapArgs, SANDBOX_PATH } from './bwrap-args.js';
 import { HostHelper, type HostHelperOptions } from './hostd.js';
 import type { Spawner } from '../shared/spawner.js';
 import { DiskVolume } from './disk-volume.js';
+import { SpareHolders, type ForkHolder } from './spare-holders.js';
 import { assertMountablePath, sandboxDirs, sandboxesDir, trashDir, type SandboxDirs } from './layout.js';
 import { Trash } from './trash.js';
 import { saveTemplateLayer } from './template-layer.js';
 import { proxyEnvironment } from './netns-addresses.js';
 import { closeEgressListeners, openEgressListeners, type EgressListeners } from './netns-listeners.js';
-import { adoptedSlirp, startSlirp } from '../shared/slirp.js';
+import { adoptedSlirp, startSlirp, type Slirp } from '../shared/slirp.js';
 import { removeLeftovers } from './reconcile.js';
 import {
   connectHolder, HOLDER_RECORD_VERSION, holderLogTail, holderPaths, holdersDir, killIfStill, loadHolderRecords, prepareHoldersDir,
-  removeHolderFiles, saveHolderRecord, startHolder, type HolderRecord, type StartedHolder,
+  removeHolderFiles, saveHolderRecord, startHolder, type HolderRecord,
 } from './holder.js';
 import { hasMount, killStrayHolders, killUnrecordedHolders, removeStrayHolderFiles, settleAdopted } from './adopt.js';
 import { bootTicksNow, ForkedSandbox, hostPidsOfForkChildren, NsSandbox, RootSandbox, type SandboxHooks } from './ns-sandbox.js';
+import { NsHeldCheckpoints } from './held-checkpoints.js';
 
 export interface NamespaceRuntimeOptions {
   /** The name it is registered under (runtime/drivers.ts). */
@@ -81,6 +83,12 @@ export interface NamespaceRuntimeOptions {
   spawner: Spawner;
   /** The host helper's workers and timeouts (defaults in hostd.ts). */
   hostHelper?: Omit<HostHelperOptions, 'log'>;
+  /**
+   * Fork children's holders kept started ahead of need (spare-holders.ts): a fork of up to this
+   * many children waits for no holder to start.
+   * @default 6
+   */
+  spareHolders?: number;
   /**
    * Sandboxes an earlier server left whose agent speaks another major protocol version: 'clean'
    * (ended and cleaned, recorded lost) or 'refuse' (reconcile throws: the server does not start).
@@ -141,6 +149,12 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
   private letGo = false;
   /** Ended sandboxes' directories, removed when nothing is being started. */
   private readonly trash: Trash;
+  /** Fork children's holders started ahead of need (from the first fork on). */
+  private readonly spares: SpareHolders;
+  /** Spawn areas being made (see makeSpawnArea). */
+  private readonly spawnAreas = new WeakMap<NsSandbox, Promise<void>>();
+  /** Checkpoints held inside the sandboxes (held-checkpoints.ts). */
+  readonly heldCheckpoints: NsHeldCheckpoints;
   /** The removal of what an earlier server left, going on behind the start (reconcile). */
   private leftovers: Promise<void> = Promise.resolve();
 
@@ -149,7 +163,16 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
     this.capabilities = { fork: true, freeze: false, egress: true, egressPolicy: opts.egress !== undefined, limits: true, zygote: true, templates: true, outlivesServer: true };
     this.hostd = new HostHelper({ ...opts.hostHelper, log: opts.log });
     this.trash = new Trash(trashDir(opts.stateDir), (tree) => this.hostd.removeTree(tree));
+    this.spares = new SpareHolders({
+      stateDir: opts.stateDir, uid: opts.uidBase, timeoutMs: opts.startTimeoutMs, count: opts.spareHolders ?? 6, spawner: opts.spawner,
+      watchServer: opts.watchServer === true, log: opts.log,
+    });
     for (const d of [opts.stateDir, ...opts.lowerDirs]) assertMountablePath(d);
+    this.heldCheckpoints = new NsHeldCheckpoints({
+      hostd: this.hostd, log: opts.log, uidBase: opts.uidBase, spawnArea: SPAWN_AREA,
+      freezeUpper: (s) => this.freezeUpper(s), retainLayer: (l) => this.retainLayer(l), releaseLayer: (l) => this.releaseLayer(l),
+      saveRecord: (s) => this.saveRecord(s), busy: (work) => this.busy(work),
+    });
     this.hooks = {
       log: opts.log,
       setDiskLimit: async (dir, bytes) => {
@@ -349,6 +372,7 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
   async close(opts: CloseOptions = {}): Promise<void> {
     // Starts in flight finish (or fail) first, so none of them leaves a mount behind.
     await this.inFlight.close();
+    await this.spares.close(); // they hold nothing
     // Nothing to keep: a full stop (the disk volume unmounted, nothing left behind).
     if (opts.keepSandboxes && this.live.size > 0) return this.letGoOfSandboxes();
     // Children first: a parent with live children would only become a husk.
@@ -452,6 +476,7 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
       try {
         if (isEgressPolicy(s.spec.egress)) await this.attachEgressPolicy(s, s.initPid!);
         await settleAdopted(s, this.opts.startTimeoutMs + this.opts.interruptGraceMs);
+        void this.heldCheckpoints.forgetAll(s); // the previous server's checkpoints are nobody's now (not waited for)
         adopted.push(s);
       } catch (err) {
         why(s.id, (err as Error).message);
@@ -602,10 +627,12 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
     }
     const t0 = performance.now();
     const phase = (name: string) => this.opts.log.debug(`fork: ${name}`, { parent: parent.id, ms: Math.round((performance.now() - t0) * 10) / 10 });
-    // The children's cgroups are made while the layer freezes (a v1 memory group takes a while).
+    // The children's cgroups are made while the layer freezes (a v1 memory group takes a while),
+    // and their moves into them made cheap (cgroups.ts, warmMoves).
+    void parent.cgroup?.warmMoves(parent.initPid).catch(() => undefined);
     const cgroups = this.cgroups;
     const groups = cgroups ? Promise.all(specs.map((spec) => cgroups.create(spec.id, spec.limits).catch((e: Error) => e))) : null;
-    const prepared: Array<{ spec: SandboxSpec; dirs: SandboxDirs; holder: StartedHolder; runDir: string; overlay?: number }> = [];
+    const prepared: Array<{ spec: SandboxSpec; dirs: SandboxDirs; holder: ForkHolder; runDir: string; overlay?: number }> = [];
     const created: ForkedSandbox[] = [];
     let lowers: string[] = [];
     let forkedPids: number[] = [];
@@ -617,12 +644,11 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
     /** Every child directory made, whatever step failed after it. */
     const madeDirs: SandboxDirs[] = [];
     let policies: Promise<Array<PromiseSettledResult<EgressListeners | null>>> | null = null;
+    /** slirp4netns of a fork's only child, started before the child is a sandbox (stopped if it never becomes one). */
+    let earlySlirp: Promise<Slirp> | null = null;
     const served = new Set<EgressListeners>();
     try {
-      if (!parent.spawnAreaReady) {
-        await this.hostd.tmpfs(parent.initPid, SPAWN_AREA, this.opts.uidBase).catch((e: Error) => { throw refusedBySandbox(e); });
-        parent.spawnAreaReady = true;
-      }
+      if (!parent.spawnAreaReady) await this.makeSpawnArea(parent);
       // The interpreter forks first: its children take their namespaces while the layer freezes
       // and their directories and roots are made; each then waits for its root (placed straight
       // into its own mount namespace below) and a signal before switching to it.
@@ -634,6 +660,7 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
         children: specs.map((spec) => ({ id: spec.id, root: SPAWN_AREA, hostname: spec.hostname })),
       });
       forking.catch(() => undefined);
+      void forking.then(() => phase('fork answered by the interpreter'), () => undefined);
       // Fresh files: the image's layers as they are (no fork layer to make, none to retain).
       const layers = opts.templateLayers ? this.withAgentLayer(opts.templateLayers)
         : opts.freshFiles ? Promise.resolve(parent.lowers.filter((l) => !this.isForkLayer(l))) : this.freezeUpper(parent);
@@ -652,6 +679,7 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
         const runDir = path.join(dirs.dir, 'run');
         await this.makeSandboxDir(dirs, spec);
         madeDirs.push(dirs);
+        phase('child directory made');
         await mkdir(runDir, { mode: RUN_DIR_MODE });
         await chmod(runDir, RUN_DIR_MODE); // whatever the umask
         // The child's holder (holder.ts) listens there for it, the socket owned by sandbox root
@@ -661,16 +689,16 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
         if (Buffer.byteLength(accept) > 107) {
           throw new SandboxError('conflict', `socket path too long for a unix socket: ${accept} (choose a shorter state directory)`);
         }
-        const holder = await startHolder({
-          stateDir: this.opts.stateDir, id: spec.id, uid: this.opts.uidBase, accept, timeoutMs: this.opts.startTimeoutMs, watchServer: this.opts.watchServer,
-        });
+        const holder = (await this.spares.take(spec.id, accept)) ?? (await this.startForkHolder(spec.id, accept));
         const entry: (typeof prepared)[number] = { spec, dirs, holder, runDir };
         prepared.push(entry);
+        phase('child holder started');
         await this.makeUpper(dirs);
         await layered;
         entry.overlay = await this.hostd.prepareOverlay({
           lowers, upper: dirs.upper, work: dirs.work, binds: [{ source: runDir, target: '/.pf/run' }],
         });
+        phase('child root made');
       });
       await Promise.all(making);
       prepared.sort((a, b) => specs.indexOf(a.spec) - specs.indexOf(b.spec));
@@ -688,29 +716,48 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
         // attached to, or killed on the word of, the agent alone.
         throw parent.channel.protocolViolation(`fork reply: pid ${pid} is not a child of this fork`);
       });
+      // Each child joins its own groups before it is told its root is there: until that signal
+      // it runs nothing and starts no process (agent/podflare_fork.py waits for it), so every
+      // process it will ever have inherits its groups, and its limits hold from its first
+      // instruction of user code. (cgroup v1 moves one process per write: a process started
+      // before the move would stay in the parent's, or the zygote's, groups.)
+      const joined = prepared.map(async (_p, i) => {
+        const g = (await groups)?.[i];
+        if (g instanceof Error) throw g;
+        await g?.add(childPids[i]!);
+        phase('child joined its cgroups');
+        return g ?? null;
+      });
+      for (const j of joined) j.catch(() => undefined);
       // Each root goes straight into its child's own mount namespace (neither the host's nor the
       // parent's mount table ever shows it); the signal tells the child it is there.
       const grafted = Promise.all(prepared.map(async (p, i) => {
         const handle = p.overlay!;
         p.overlay = undefined;
-        await this.hostd.attachOverlay(handle, childPids[i]!, SPAWN_AREA).catch((e: Error) => { throw refusedBySandbox(e); });
+        await Promise.all([
+          this.hostd.attachOverlay(handle, childPids[i]!, SPAWN_AREA).then(() => phase('child root attached'), (e: Error) => { throw refusedBySandbox(e); }),
+          joined[i],
+        ]);
         process.kill(childPids[i]!, ROOT_READY_SIGNAL);
       }));
       grafted.catch(() => undefined);
-      // Into their own groups at once: what each child starts from now on is accounted to it.
-      const grouped = groups?.then((gs) => Promise.all(gs.map(async (g, i) => {
-        if (g instanceof Error) throw g;
-        await g.add(childPids[i]!);
-        return g;
-      })));
-      grouped?.catch(() => undefined);
+      // The only child of a fork (a pool miss, a fork(1)) gets its network now, while its root
+      // is placed: its first request waits for it. Its namespace (loopback up) exists since it
+      // answered. With siblings, slirp4netns starts once they have answered (see below).
+      if (prepared.length === 1 && prepared[0]!.spec.egress === true) {
+        earlySlirp = startSlirp(this.opts.spawner, childPids[0]!, this.opts.startTimeoutMs, { outliveServer: true });
+        earlySlirp.catch(() => undefined);
+      }
       // A child with an allowlist gets a proxy of its own (same policy, its own events).
       policies = Promise.allSettled(prepared.map((p, i) => (isEgressPolicy(p.spec.egress) ? openEgressListeners(childPids[i]!, this.opts.startTimeoutMs) : null)));
       await grafted;
       phase('roots grafted');
+      const ownGroups = await Promise.all(joined);
       for (const [i, p] of prepared.entries()) {
         const child = new ForkedSandbox(p.spec, p.dirs, lowers, parent, p.holder.socket, this.hooks);
+        p.holder.socket.resume(); // a spare's was paused after its assignment (spare-holders.ts)
         child.holder = { pid: p.holder.pid, socket: holderPaths(this.opts.stateDir, p.spec.id).socket };
+        child.cgroup = ownGroups[i]!;
         for (const l of lowers) this.retainLayer(l);
         this.live.set(p.spec.id, child);
         created.push(child);
@@ -729,14 +776,13 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
       if (failed) throw failed.reason; // the children (and the proxies attached) are destroyed below
       await Promise.all(created.map((c) => c.channel.waitHello(this.opts.startTimeoutMs)));
       phase('children answered');
-      // Finishing after the fork has answered, each child's first request waits for them (`ready`):
-      // - its network: slirp4netns takes milliseconds to configure the child's tap device;
-      // - its cgroups: moving processes between groups waits for an RCU grace period on v1
-      //   (milliseconds each). A child's PID 1 may have started its interpreter before it
-      //   joined its group, hence the sweep (nothing else runs in a child before its first request).
-      // slirp4netns starts only now: its start-up would take CPU from the children still forking.
+      // Finishing after the fork has answered, each child's first request waits for its network
+      // (`ready`): slirp4netns takes milliseconds to configure the child's tap device. It starts
+      // only now: its start-up would take CPU from the children still forking.
       for (const [i, c] of created.entries()) {
-        const network = (c.spec.egress === true ? startSlirp(this.opts.spawner, childPids[i]!, this.opts.startTimeoutMs, { outliveServer: true }) : Promise.resolve(null)).then((slirp) => {
+        const slirping = earlySlirp ?? (c.spec.egress === true ? startSlirp(this.opts.spawner, childPids[i]!, this.opts.startTimeoutMs, { outliveServer: true }) : null);
+        earlySlirp = null; // the child's now: stopped with it
+        const network = (slirping ?? Promise.resolve(null)).then((slirp) => {
           if (slirp && c.ended) slirp.stop();
           else c.slirp = slirp;
         }, (e: Error) => {
@@ -744,16 +790,13 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
           this.opts.log.warn('a fork child could not get its network; it is closed', { sandbox: c.id, error: e.message });
           void c.destroy();
         });
-        const grouping = grouped?.then(async (gs) => {
-          c.cgroup = gs[i]!;
-          const tree = await processTree(c.initPid!);
-          await Promise.all(tree.slice(1).map((pid) => gs[i]!.add(pid).catch(() => undefined)));
-        }).catch((e: Error) => {
-          if (!c.ended) this.opts.log.warn('a fork child could not get cgroups of its own', { sandbox: c.id, error: e.message });
-          void groups!.then((gs) => gs.forEach((g) => {
-            if (!(g instanceof Error) && !created.some((x) => x.cgroup === g)) void g.remove().catch(() => undefined);
-          }));
-        });
+        // A process the child started before it joined (only code of the parent's, which ran in
+        // the interpreter it was forked from, could make it) joins too.
+        const grouping = c.cgroup ? joinStragglers(c.cgroup, c.initPid!).catch((e: Error) => {
+          if (c.ended) return;
+          this.opts.log.warn('a fork child\'s processes could not all join its cgroups; it is closed', { sandbox: c.id, error: e.message });
+          void c.destroy();
+        }) : Promise.resolve();
         c.ready = Promise.all([network, grouping]).then(() => this.saveRecord(c)).catch((e: Error) => {
           this.opts.log.warn('a fork child\'s holder record could not be written: it will not survive a restart', { sandbox: c.id, error: e.message });
         });
@@ -762,6 +805,7 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
     } catch (err) {
       // Listening sockets nobody serves would keep the children's network namespaces alive.
       for (const r of policies ? await policies : []) if (r.status === 'fulfilled' && r.value && !served.has(r.value)) closeEgressListeners(r.value);
+      (await earlySlirp?.catch(() => null))?.stop();
       await Promise.all(created.map((c) => c.destroy()));
       // Children that never became sandboxes: they wait for a root that will not come.
       if (!forkedPids.length && parent.initPid) {
@@ -774,7 +818,7 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
       for (const p of prepared) {
         if (created.some((c) => c.id === p.spec.id)) continue;
         p.holder.socket.destroy();
-        p.holder.child.kill('SIGKILL');
+        p.holder.kill();
         await removeHolderFiles(this.opts.stateDir, p.spec.id);
       }
       for (const dirs of madeDirs) await this.trash.throwAway(dirs);
@@ -792,6 +836,29 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
         void removeRunDir(p.runDir);
       }
     }
+  }
+
+  /**
+   * A parent's spawn area, made once even for forks at once (a zygote's misses beside its
+   * refills). Remembered only while it is being made: a restore loses it (spawnAreaReady).
+   */
+  private makeSpawnArea(parent: NsSandbox): Promise<void> {
+    let made = this.spawnAreas.get(parent);
+    if (!made) {
+      made = this.hostd.tmpfs(parent.initPid!, SPAWN_AREA, this.opts.uidBase)
+        .then(() => { parent.spawnAreaReady = true; }, (e: Error) => { throw refusedBySandbox(e); })
+        .finally(() => this.spawnAreas.delete(parent));
+      this.spawnAreas.set(parent, made);
+    }
+    return made;
+  }
+
+  /** A fork child's holder started for it (no spare was ready). */
+  private async startForkHolder(id: string, accept: string): Promise<ForkHolder> {
+    const h = await startHolder({
+      stateDir: this.opts.stateDir, id, uid: this.opts.uidBase, accept, timeoutMs: this.opts.startTimeoutMs, watchServer: this.opts.watchServer,
+    });
+    return { pid: h.pid, socket: h.socket, kill: () => h.child.kill('SIGKILL') };
   }
 
   /** Egress through the policy proxy: listeners in the sandbox's network namespace, served here. */
@@ -874,6 +941,21 @@ const RUN_DIR_MODE = 0o711;
 async function removeRunDir(runDir: string): Promise<void> {
   await rm(path.join(runDir, 'agent.sock'), { force: true }).catch(() => undefined);
   await rmdir(runDir).catch(() => undefined);
+}
+
+/**
+ * Moves the processes of a fork child's tree that are not in its groups into them, again until
+ * none is left (one may start another while it is moved). Its PID 1 joined before it ran
+ * anything, so normally there is none.
+ */
+async function joinStragglers(group: SandboxCgroup, init: number): Promise<void> {
+  for (let round = 0; round < 10; round++) {
+    const members = new Set(await group.processes());
+    const strays = (await processTree(init)).filter((pid) => !members.has(pid));
+    if (strays.length === 0) return;
+    await Promise.all(strays.map((pid) => group.add(pid).catch(() => undefined))); // ended meanwhile: gone from the tree
+  }
+  throw new Error('processes kept appearing outside the sandbox\'s cgroups');
 }
 
 /** The host pids proven to be a fork's children (see hostPidsOfForkChildren). */

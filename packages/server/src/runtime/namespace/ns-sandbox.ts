@@ -77,8 +77,8 @@ export abstract class NsSandbox implements RuntimeSandbox {
   constructor(
     readonly spec: SandboxSpec,
     readonly dirs: SandboxDirs,
-    /** Lower layers, topmost first (fork layers, then the image's agent and base). */
-    readonly lowers: string[],
+    /** Lower layers, topmost first (fork layers, then the image's agent and base); a restore replaces them. */
+    public lowers: string[],
     readonly parent: NsSandbox | null,
     readonly depth: number,
     socket: import('node:stream').Duplex,
@@ -293,14 +293,18 @@ export function bootTicksNow(): number {
   return Math.floor(Number(readFileSync('/proc/uptime', 'utf8').split(' ')[0]) * 100);
 }
 
+/** Where fork children are in their parent's process tree: PID 1 (supervisor) → worker → child. */
+const FORK_CHILD_GENERATION = 2;
+
 /**
  * Host pids of fork children, from their pids in the parent's namespace as the parent's agent names
  * them. The agent is untrusted, so only pids the server can prove are children of this fork are
  * returned: each is PID 1 of a pid namespace one level below the parent's (NSpid in
  * /proc/<pid>/status lists a process's pid at every level) inside the parent's process tree, was
  * started no earlier than the fork request (`notBefore`, in boot ticks), and is not the PID 1 of a
- * sandbox the server already knows (`known`: a sibling from an earlier fork). One pass over the
- * parent's process tree. A named pid that is alive in the parent's namespace but not proven maps to
+ * sandbox the server already knows (`known`: a sibling from an earlier fork). The agent's worker
+ * (a child of the parent's PID 1) forks them, so only two generations below the parent's PID 1
+ * are looked at: a zygote's whole tree holds every sandbox forked from it. A named pid that is alive in the parent's namespace but not proven maps to
  * null; a named pid found nowhere (ended) is absent.
  */
 export async function hostPidsOfForkChildren(
@@ -318,7 +322,7 @@ export async function hostPidsOfForkChildren(
   const depth = levelsOf(parentInit).length;
   const wanted = new Set(nsPids);
   const found = new Map<number, number | null>();
-  for (const pid of await processTree(parentInit)) {
+  for (const pid of await processTree(parentInit, FORK_CHILD_GENERATION)) {
     try {
       const levels = levelsOf(pid);
       const inParent = levels[depth - 1]!;

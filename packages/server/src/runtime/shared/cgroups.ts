@@ -159,9 +159,23 @@ export class SandboxCgroup {
     for (const dir of this.unique()) await mkdir(dir, { recursive: true });
   }
 
-  /** Moves a process (and so everything it starts later) into the sandbox's groups. */
+  /**
+   * Moves a process (and so everything it starts later) into the sandbox's groups. On v1 a write
+   * moves that one process: one it started before stays where it was. The writes go together: a
+   * move may wait for an RCU grace period, and concurrent ones share it.
+   */
   async add(pid: number): Promise<void> {
-    for (const dir of this.unique()) await writeFile(path.join(dir, 'cgroup.procs'), String(pid));
+    await Promise.all(this.unique().map((dir) => writeFile(path.join(dir, 'cgroup.procs'), String(pid))));
+  }
+
+  /**
+   * Writes `pid` (a process already in the groups: the sandbox's PID 1) into its pids group
+   * again, which moves nothing. Why: on v1 a move waits for an RCU grace period (~10 ms) unless
+   * another move happened just before; a fork calls this as it starts, so that its children's
+   * moves, milliseconds later, find the grace period already passed.
+   */
+  async warmMoves(pid: number): Promise<void> {
+    if (this.h.version === 1) await writeFile(path.join(this.dirs.pids, 'cgroup.procs'), String(pid));
   }
 
   /**

@@ -162,6 +162,16 @@ export class Spawner {
     await this.request<'seal'>({ op: 'seal', name: m.name });
   }
 
+  /**
+   * A unix socket listening at `socketPath` (mode 0600; its directory must be root's alone), held
+   * by the spawner under `name` and passed to children like a memfd (SpawnOptions.fds); let go of
+   * with closeMemfd. How an unprivileged child (a VM's QEMU) gets a socket only root can reach.
+   */
+  async listenUnix(name: string, socketPath: string): Promise<SpawnerMemfd> {
+    await this.request<'listen'>({ op: 'listen', name, path: socketPath });
+    return { name, path: socketPath };
+  }
+
   /** The spawner lets go of a memfd (the children it was passed to keep their own). */
   async closeMemfd(m: SpawnerMemfd): Promise<void> {
     await this.request<'close'>({ op: 'close', name: m.name });
@@ -200,7 +210,7 @@ export class SpawnedChild extends EventEmitter {
     });
   }
 
-  static async start(spawner: Spawner, argv: string[], opts: Pick<SpawnOptions, 'batch' | 'fds'> = {}): Promise<SpawnedChild> {
+  static async start(spawner: Spawner, argv: string[], opts: Pick<SpawnOptions, 'batch' | 'fds' | 'detach'> = {}): Promise<SpawnedChild> {
     let child: SpawnedChild | null = null;
     const early: string[] = [];
     const handle = await spawner.spawn(argv, { ...opts, onStderr: (text) => (child ? child.emit('stderr', text) : early.push(text)) });

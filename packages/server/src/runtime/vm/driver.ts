@@ -50,6 +50,7 @@ export const vmDriver: ServerDriver = {
       name, stateDir: settings.stateDir, accel, image: vmImage, spawner: ctx.spawner, startTimeoutMs: Math.max(settings.startTimeoutMs, 30_000), log,
       // Apart from the namespace sandboxes' ids (config.ts checks): a QEMU is nobody to them, and they to it.
       ids: { base: settings.vmUidBase, count: settings.vmUidCount },
+      onIncompatible: settings.onIncompatible, interruptGraceMs: settings.interruptGraceMs, outliveServer: settings.onStop === 'keep',
     });
     return { runtime, prepareDefault: async () => { await vmImage(); }, logFields: { vm_accel: accel.kind } };
   },

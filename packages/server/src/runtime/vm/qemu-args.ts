@@ -29,8 +29,9 @@ export interface QemuArgsOptions {
    */
   ramFile: string;
   shareRam: boolean;
-  agentSocket: string;
-  qmpSocket: string;
+  /** The agent's and QMP's sockets: a path QEMU binds, or a socket listening already, passed at this fd. */
+  agentSocket: string | { fd: number };
+  qmpSocket: string | { fd: number };
   consoleLog: string;
   network: boolean;
   /** Clone: wait for migrate-incoming instead of booting. */
@@ -59,6 +60,10 @@ export function kernelCommandLine(accel: Acceleration): string {
   return args.join(' ');
 }
 
+function socketOption(s: string | { fd: number }): string {
+  return typeof s === 'string' ? `path=${s}` : `fd=${s.fd}`;
+}
+
 export function qemuArgs(o: QemuArgsOptions): string[] {
   const args = [
     '-M', 'microvm,pit=on,pic=on,rtc=on,isa-serial=on',
@@ -75,9 +80,10 @@ export function qemuArgs(o: QemuArgsOptions): string[] {
     '-drive', `id=root,file=${o.disk},format=qcow2,if=none,cache=unsafe,discard=unmap`,
     '-device', 'virtio-blk-device,drive=root',
     '-device', 'virtio-serial-device',
-    '-chardev', `socket,id=agent,path=${o.agentSocket},server=on,wait=off`,
+    '-chardev', `socket,id=agent,${socketOption(o.agentSocket)},server=on,wait=off`,
     '-device', `virtserialport,chardev=agent,name=${AGENT_PORT_NAME}`,
-    '-qmp', `unix:${o.qmpSocket},server=on,wait=off`,
+    // A server socket: when one server's connection ends, QEMU accepts the next server's.
+    '-chardev', `socket,id=qmp,${socketOption(o.qmpSocket)},server=on,wait=off`, '-mon', 'chardev=qmp,mode=control',
   ];
   // No network device at all without egress: nothing to reach out with.
   // A restored VM would announce itself five times over its first second (the guest sends

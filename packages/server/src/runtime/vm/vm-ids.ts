@@ -14,7 +14,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import { constants as fsConstants } from 'node:fs';
-import { lstat, mkdir, open, readdir, readFile, stat, unlink } from 'node:fs/promises';
+import { lstat, mkdir, open, readdir, readFile, rename, stat, unlink, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import type { Spawner } from '../shared/spawner.js';
 
@@ -31,6 +31,10 @@ export class VmIdPool {
   /** Where the next search starts: ids are spread, so a freed id is not reused at once. */
   private cursor = 0;
   private readonly held = new Map<number, string>();
+  /** The processes named in each held id's lock (addHolders). */
+  private readonly holders = new Map<number, ProcessRef[]>();
+  /** The last change queued on each id's lock (serially). */
+  private readonly changing = new Map<number, Promise<void>>();
   /** Lock content naming this pool: its process, and the pool itself (two servers in one process). */
   private readonly owner: Promise<string>;
 
@@ -63,14 +67,88 @@ export class VmIdPool {
   }
 
   /**
+   * Names processes that keep an id taken beyond this server's life (its lock stays live while
+   * any of them runs): a VM that outlives the server (vm-held.ts) holds its uid, and every VM on a
+   * fork layer holds the layer's group. Otherwise another server sharing the range would take the
+   * id over as stale once this one is gone, and kill the VM or read its layers. The holders come
+   * first in the lock, this server's line last: a server that reads only a lock's first line
+   * (before holders existed) still sees a live owner.
+   */
+  addHolders(id: number, holders: ProcessRef[]): Promise<void> {
+    return this.serially(id, async () => {
+      if (!this.held.has(id)) return;
+      await this.rewrite(id, [...(this.holders.get(id) ?? []), ...holders]);
+    });
+  }
+
+  /** Runs `work` after every earlier change of `id`'s lock (concurrent forks add holders to one layer's group). */
+  private serially(id: number, work: () => Promise<void>): Promise<void> {
+    const next = (this.changing.get(id) ?? Promise.resolve()).then(work);
+    const settled = next.catch(() => undefined);
+    this.changing.set(id, settled);
+    void settled.then(() => { if (this.changing.get(id) === settled) this.changing.delete(id); });
+    return next;
+  }
+
+  /**
+   * Takes over an id an earlier server on this state directory held for VMs that outlived it
+   * (`holders`, named in its lock), leaving what runs as it alone: false if another live server
+   * holds it.
+   */
+  async adopt(id: number, holders: ProcessRef[]): Promise<boolean> {
+    if (id <= this.opts.base || id >= this.opts.base + this.opts.count) return false;
+    await this.ensureLockDir();
+    let took = false;
+    await this.serially(id, async () => {
+      if (this.held.has(id)) {
+        await this.rewrite(id, [...(this.holders.get(id) ?? []), ...holders]);
+        took = true;
+        return;
+      }
+      const file = path.join(this.lockDir, String(id));
+      const lines = (await readFile(file, 'utf8').catch(() => '')).split('\n');
+      const named = holders.some((h) => lines.some((l) => l.startsWith(`${h.pid} ${h.start}`)));
+      if (!named && (await lockLive(file))) return; // another server's now
+      await this.rewrite(id, holders);
+      took = true;
+    });
+    return took;
+  }
+
+  /**
+   * Lets go of every id without giving it back: the VMs run on (a stop that keeps them); their
+   * locks stay live through their holders, for the next server to adopt.
+   */
+  forgetAll(): void {
+    this.held.clear();
+    this.holders.clear();
+  }
+
+  /** Replaces an id's lock with its holders and this server (atomically: a reader sees the old lock or the new). */
+  private async rewrite(id: number, holders: ProcessRef[]): Promise<void> {
+    const content = holders.map((h) => `${h.pid} ${h.start} holder\n`).join('') + (await this.owner);
+    const file = path.join(this.lockDir, String(id));
+    const tmp = path.join(this.lockDir, `.${id}.${randomBytes(4).toString('hex')}.tmp`);
+    await writeFile(tmp, content, { mode: 0o600, flag: 'wx' });
+    await rename(tmp, file);
+    this.held.set(id, content);
+    this.holders.set(id, holders);
+  }
+
+  /**
    * Gives an id back once nothing runs as it any more: its processes are killed, then `cleanup`
    * runs (removing what the id owned: nothing of it can change those files meanwhile), then the
    * id is free.
    */
-  async release(id: number, cleanup?: () => Promise<void>): Promise<void> {
+  release(id: number, cleanup?: () => Promise<void>): Promise<void> {
+    return this.serially(id, () => this.releaseNow(id, cleanup));
+  }
+
+  private async releaseNow(id: number, cleanup?: () => Promise<void>): Promise<void> {
     const mine = this.held.get(id);
     if (mine === undefined) return void (await cleanup?.());
     this.held.delete(id);
+    this.holders.delete(id);
     try {
       await killAllOf(this.opts.spawner, id);
       await cleanup?.();
@@ -135,13 +213,28 @@ export class VmIdPool {
   }
 }
 
-/** Whether a lock's owner runs; a lock still empty is being written (unless it is old: its writer died). */
+/** A process, by pid and start time (a pid alone may be reused). */
+export interface ProcessRef {
+  pid: number;
+  start: string;
+}
+
+/**
+ * Whether a lock's owner runs, or any of the processes it names after the owner's line (VMs that
+ * outlive their server: addHolders); a lock still empty is being written (unless it is old: its
+ * writer died).
+ */
 async function lockLive(file: string): Promise<boolean> {
   const text = await readFile(file, 'utf8').catch(() => null);
   if (text === null) return false;
-  const [pid, started] = text.trim().split(' ');
+  const lines = text.split('\n').filter((l) => l.trim());
+  const [pid, started] = (lines[0] ?? '').trim().split(' ');
   if (!pid || !started) return Date.now() - (await stat(file).then((st) => st.mtimeMs, () => 0)) < 10_000;
-  return (await startTime(Number(pid))) === started;
+  for (const line of lines) {
+    const [p, t] = line.trim().split(' ');
+    if (p && t && (await startTime(Number(p))) === t) return true;
+  }
+  return false;
 }
 
 /** The start time of a process (clock ticks since boot), or null when it is not running. */

@@ -43,8 +43,19 @@ import type { VmImagePaths } from '../../image/vm-image.js';
 import type { Logger } from '../../log.js';
 import { isAlive, pssOf, run } from '../../proc.js';
 import {
-  SandboxError, type DiffOptions, type FileDiff, type ReconcileReport, type Runtime, type RuntimeName, type RuntimeSandbox, type SandboxSpec,
+  SandboxError, type CloseOptions, type DiffOptions, type FileDiff, type OnIncompatible, type ReconcileReport, type Runtime, type RuntimeName,
+  type RuntimeSandbox, type SandboxSpec,
 } from '@podflare/runtime';
+import { AGENT_PROTOCOL, agentProtocolCompatible } from '@podflare/protocol';
+import { killIfStill, waitProcessGone } from '../namespace/holder.js';
+import { settleAdopted } from '../namespace/adopt.js';
+import { IncompatibleSandboxesError } from '../namespace/namespace-runtime.js';
+import { adoptedSlirp } from '../shared/slirp.js';
+import {
+  AdoptedQemu, HELD_VM_RECORD_VERSION, heldVmPaths, loadHeldVmRecords, prepareHeldVmDir, processStart, reconnectVm, removeHeldVmFiles,
+  removeStrayHeldVmFiles, saveHeldVmRecord, watchQemu, type HeldVmRecord,
+} from './vm-held.js';
+import type { ProcessRef } from './vm-ids.js';
 import { InFlight } from '../in-flight.js';
 import type { Acceleration } from './qemu-args.js';
 import { vmDiff } from './vm-diff.js';
@@ -86,6 +97,18 @@ export interface VmRuntimeOptions {
   /** Starts QEMU, slirp4netns and tools run as a VM's uid (the server's, shared with other runtimes). */
   spawner: Spawner;
   log: Logger;
+  /**
+   * VMs of an earlier server whose agent speaks another major protocol version: 'clean' (ended,
+   * recorded lost) or 'refuse' (reconcile throws: the server does not start). @default 'clean'
+   */
+  onIncompatible?: OnIncompatible;
+  /** How long an adopted VM's interrupted exec may take to end. @default 5000 */
+  interruptGraceMs?: number;
+  /**
+   * VMs outlive a server that dies without a stop (`--on-stop keep`), for the next one to adopt;
+   * otherwise they end with it, adopted ones included (a watcher kills them). @default false
+   */
+  outliveServer?: boolean;
 }
 
 const MB = 1024 * 1024;
@@ -133,6 +156,12 @@ export class VmSandbox implements RuntimeSandbox {
   readonly channel: AgentChannel;
   /** A RAM file of this VM alone (a resumed VM), removed with it. */
   ownRamFile: string | null = null;
+  /** The sandbox it was forked from (its record names it for the next server). */
+  parentId: string | null = null;
+  /** What the next server needs to adopt it (vm-held.ts); null for none. */
+  heldRecord: HeldVmRecord | null = null;
+  /** The server let go of it (a stop that keeps VMs): its QEMU runs on, nothing here ends it. */
+  private letGo = false;
 
   constructor(
     readonly id: string,
@@ -154,6 +183,7 @@ export class VmSandbox implements RuntimeSandbox {
     this.exited = new Promise((resolve) => { this.resolveExited = resolve; });
     const qemu = vm.qemu;
     const done = async (reason: string) => {
+      if (this.letGo) return; // the spawner ended with the server: QEMU (detached) did not
       vm.slirp?.stop();
       this.channel.close(reason);
       vm.qmp.close();
@@ -172,6 +202,14 @@ export class VmSandbox implements RuntimeSandbox {
 
   get pid(): number | undefined {
     return this.vm.qemu.pid;
+  }
+
+  /** Lets go of the VM alive, for the next server (vm-held.ts): only this server's connections close. */
+  detach(): void {
+    this.letGo = true;
+    this.channel.close('the server let go of the sandbox');
+    this.vm.qmp.close();
+    if (this.vm.qemu instanceof AdoptedQemu) this.vm.qemu.stopWatching();
   }
 
   async memoryPss(): Promise<number> {
@@ -193,12 +231,14 @@ export class VmRuntime implements Runtime<VmSandbox> {
   readonly name: RuntimeName;
   /** VM clones cost far more than namespace sandboxes (a QEMU each, ~100 MB): few warm per key. */
   readonly warmPoolMax = 2;
-  readonly capabilities = { fork: true, freeze: true, egress: true, egressPolicy: false, limits: false };
+  readonly capabilities = { fork: true, freeze: true, egress: true, egressPolicy: false, limits: false, outlivesServer: true };
   /** Fork layers: how many VMs stand on each, and its fork point's group. */
   private readonly layerRefs = new Map<string, { refs: number; gid: number }>();
   private readonly ids: VmIdPool;
   private readonly live = new Map<string, VmSandbox>();
   private readonly templates = new Map<string, Promise<Template>>();
+  /** Templates of an earlier server that adopted VMs stand on, by directory (no RAM: nothing new is cloned from them). */
+  private readonly adoptedTemplates = new Map<string, Template>();
   private readonly inFlight = new InFlight();
   private readonly forkWorker = new ForkMemoryWorker();
   private readonly overlays = new OverlayMaker();
@@ -227,22 +267,162 @@ export class VmRuntime implements Runtime<VmSandbox> {
     return path.join(this.opts.stateDir, 'vm');
   }
 
-  /** A VM cannot be taken back after a crash (its channel died with the server): clean up. */
-  async reconcile(_knownIds: string[]): Promise<ReconcileReport<VmSandbox>> {
-    // QEMUs die with the server (pdeathsig); a crashed server leaves only files behind.
-    for (const pid of await qemuPidsUnder(this.vmDir)) {
-      try { process.kill(pid, 'SIGKILL'); } catch { /* gone */ }
+  /**
+   * Start-up after an earlier server on this state directory ended (maybe killed): takes over
+   * every VM it left alive (vm-held.ts: QEMU reconnected, the agent settled) and removes
+   * everything else it left (QEMUs, files, RAM files, VM ids).
+   */
+  async reconcile(knownIds: string[]): Promise<ReconcileReport<VmSandbox>> {
+    await prepareHeldVmDir(this.opts.stateDir);
+    const records = await loadHeldVmRecords(this.opts.stateDir);
+    // Only sandboxes the store lists are worth reconnecting to: a warm-pool VM (no record there)
+    // would only be destroyed again; it goes with the rest.
+    const known = new Set(knownIds);
+    const wanted = records.filter((r) => known.has(r.spec.id));
+    const incompatible = wanted.filter((r) => !agentProtocolCompatible(r.agentProtocol));
+    if (incompatible.length && this.opts.onIncompatible === 'refuse') {
+      const list = incompatible.map((r) => `${r.spec.id} (agent protocol ${r.agentProtocol})`).join(', ');
+      throw new IncompatibleSandboxesError(`${incompatible.length} live VM sandbox(es) of an earlier server speak an agent protocol this ` +
+        `server (${AGENT_PROTOCOL}) cannot drive: ${list}. Start the earlier version again to let them finish, or start this one ` +
+        'with --on-incompatible clean (PODFLARE_ON_INCOMPATIBLE=clean) to end them (they are recorded lost)');
     }
-    // Whatever else ran as a dead server's VM ids goes before their directories are walked.
+    const t0 = performance.now();
+    const adopted = (await Promise.all(wanted.map((r) => this.adoptVm(r)))).filter((v): v is VmSandbox => v !== null);
+    const adoptMs = Math.round(performance.now() - t0);
+    const keep = new Set(adopted.map((v) => v.id));
+    const keptPids = new Set(adopted.map((v) => v.pid));
+    // What was not adopted goes: its QEMU (its slirp4netns, detached, by the pid its record names).
+    for (const r of records) if (!keep.has(r.spec.id) && r.slirpPid) killIfStill(r.slirpPid, String(r.qemuPid));
+    const killed: number[] = [];
+    for (const pid of await qemuPidsUnder(this.vmDir)) {
+      if (keptPids.has(pid)) continue;
+      try { process.kill(pid, 'SIGKILL'); killed.push(pid); } catch { /* gone */ }
+    }
+    // Gone before their ids' locks are looked at: a lock naming a QEMU is live while it runs.
+    await Promise.all(killed.map((pid) => waitProcessGone(pid, 10_000)));
+    // Whatever else ran as a dead server's VM ids goes before their directories are walked
+    // (the adopted VMs' ids are this server's now).
     await this.ids.reclaimStale();
-    await rm(this.vmDir, { recursive: true, force: true });
+    await this.removeFilesBut(adopted);
+    await removeStrayHeldVmFiles(this.opts.stateDir, keep);
     // Ours (an earlier run on this state directory), and those of servers that died for good (a
-    // test's temporary state directory never comes back): the name carries the server's pid.
+    // test's temporary state directory never comes back): the name carries the server's pid. An
+    // adopted VM's own RAM file may go too: its QEMU's mapping keeps the memory.
     for (const name of await readdir('/dev/shm').catch(() => [] as string[])) {
       const m = /^podflare-[0-9a-f]{10}-(\d+)-[0-9a-fr]+\.ram$/.exec(name);
       if (m && (name.startsWith(this.shmPrefix) || !isAlive(Number(m[1])))) await rm(path.join('/dev/shm', name), { force: true });
     }
-    return { adopted: [], cleaned: [] };
+    if (adopted.length) this.opts.log.info('adopted the previous server\'s VMs', { sandboxes: adopted.length, adoptMs, cleanupMs: Math.round(performance.now() - t0) - adoptMs });
+    const cleaned = [...new Set([...knownIds, ...records.map((r) => r.spec.id)])].filter((id) => !keep.has(id));
+    return { adopted, cleaned };
+  }
+
+  /** Removes the VM files of the state directory but what the adopted VMs stand on (their directories, templates, layers). */
+  private async removeFilesBut(adopted: VmSandbox[]): Promise<void> {
+    const keep = new Set<string>();
+    for (const v of adopted) {
+      keep.add(v.dir);
+      keep.add(v.template.dir);
+      for (const l of v.layers) keep.add(l);
+    }
+    if (keep.size === 0) return void (await rm(this.vmDir, { recursive: true, force: true }));
+    // Only names this runtime made are walked: <id>, templates/<t>, layers/<point>.qcow2; the rest goes.
+    const sweep = async (dir: string, depth: number): Promise<void> => {
+      for (const name of await readdir(dir).catch(() => [] as string[])) {
+        const p = path.join(dir, name);
+        if (keep.has(p)) continue;
+        if (depth === 0 && (name === 'templates' || name === 'layers')) await sweep(p, 1);
+        else await rm(p, { recursive: true, force: true });
+      }
+    };
+    await sweep(this.vmDir, 0);
+  }
+
+  /**
+   * Takes over one VM an earlier server left (its record): its QEMU still the one recorded, its
+   * ids taken over, QMP and the agent reconnected and resynchronized (vm-held.ts), a VM paused by
+   * a fork the dead server never finished continued, an exec the dead server ran interrupted.
+   * Null when it cannot be: it is then killed with everything else the earlier server left.
+   */
+  private async adoptVm(r: HeldVmRecord): Promise<VmSandbox | null> {
+    const id = r.spec.id;
+    const why = (reason: string) => { this.opts.log.warn('a VM of the previous server cannot be adopted', { sandbox: id, reason }); return null; };
+    if (!agentProtocolCompatible(r.agentProtocol)) {
+      return why(`its agent speaks protocol ${r.agentProtocol}, incompatible with this server's ${AGENT_PROTOCOL} (another major version): it is ended and recorded lost`);
+    }
+    if (r.memoryMb !== this.memoryMb) return why(`it has ${r.memoryMb} MB of RAM, this server gives VMs ${this.memoryMb} MB`);
+    const start = processStart(r.qemuPid);
+    if (start !== r.qemuStart) return why('its QEMU is gone');
+    const me: ProcessRef = { pid: r.qemuPid, start };
+    const ids = [r.uid, ...r.layers.map((l) => l.gid)];
+    const taken: number[] = [];
+    for (const i of ids) {
+      if (!(await this.ids.adopt(i, [me]))) break;
+      taken.push(i);
+    }
+    let held: Awaited<ReturnType<typeof reconnectVm>> & { watcher?: { kill(): void } };
+    try {
+      if (taken.length !== ids.length) throw new Error('its VM ids are held by another live server');
+      held = await reconnectVm(heldVmPaths(this.opts.stateDir, id), me, this.opts.startTimeoutMs);
+    } catch (err) {
+      // Its QEMU goes with its uid; layer groups taken stay this server's until it closes (another VM may share them).
+      if (taken.includes(r.uid)) await this.ids.release(r.uid);
+      return why((err as Error).message);
+    }
+    const { qemu, qmp, channel } = held;
+    // A server whose stop destroys its VMs takes them along when it dies without one: the VM an
+    // earlier server started detached gets a watcher that dies with this server and kills it.
+    if (!this.opts.outliveServer) {
+      const watcher = await watchQemu(this.opts.spawner, me).catch((err: Error) => err);
+      if (watcher instanceof Error) {
+        qmp.close();
+        channel.close('not adopted');
+        await this.ids.release(r.uid);
+        return why(`cannot watch its QEMU: ${watcher.message}`);
+      }
+      qemu.once('exit', () => watcher.kill());
+      held.watcher = watcher;
+    }
+    const dir = path.join(this.vmDir, id);
+    const vm: VmProcess = {
+      qemu, stderr: () => '', qmp, channel, consoleLog: path.join(dir, 'console.log'),
+      slirp: r.slirpPid ? adoptedSlirp(r.slirpPid, r.qemuPid, killIfStill) : null,
+    };
+    const tpl: Template = this.adoptedTemplates.get(r.templateDir) ?? {
+      dir: r.templateDir, disk: path.join(r.templateDir, 'disk.qcow2'), stateData: { data: Buffer.alloc(0) }, cloneOverlay: '', ram: null,
+      image: r.image, network: r.network, skeleton: null,
+    };
+    this.adoptedTemplates.set(r.templateDir, tpl);
+    for (const l of r.layers) this.retainLayer(l.file, l.gid);
+    const sandbox = new VmSandbox(id, dir, tpl, null, path.join(dir, 'disk.qcow2'), r.layers.map((l) => l.file), vm, { uid: r.uid, groups: r.groups },
+      (s) => this.vmGone(s, () => rm(dir, { recursive: true, force: true })));
+    sandbox.parentId = r.parentId;
+    sandbox.heldRecord = r;
+    this.live.set(id, sandbox);
+    try {
+      await settleAdopted(sandbox, this.opts.startTimeoutMs + (this.opts.interruptGraceMs ?? 5000));
+    } catch (err) {
+      await sandbox.destroy();
+      return why((err as Error).message);
+    }
+    return sandbox;
+  }
+
+  /** A VM's QEMU is gone: its uid given back once its files are removed, its layers and adopted template let go of. */
+  private async vmGone(s: VmSandbox, removeFiles: () => Promise<void>): Promise<void> {
+    this.live.delete(s.id);
+    await this.ids.release(s.identity.uid, async () => {
+      await removeFiles();
+      await removeHeldVmFiles(this.opts.stateDir, s.id);
+    });
+    for (const l of s.layers) void this.releaseLayer(l);
+    // An earlier server's template: removed with the last VM that stands on it (a resumed VM's
+    // "template" is its frozen directory, the manager's: never removed here).
+    const tpl = s.template;
+    if (this.adoptedTemplates.get(tpl.dir) === tpl && ![...this.live.values()].some((v) => v.template === tpl)) {
+      this.adoptedTemplates.delete(tpl.dir);
+      if (path.dirname(tpl.dir) === path.join(this.vmDir, 'templates')) await rm(tpl.dir, { recursive: true, force: true });
+    }
   }
 
   start(spec: SandboxSpec): Promise<VmSandbox> {
@@ -257,8 +437,9 @@ export class VmRuntime implements Runtime<VmSandbox> {
     return vmDiff(a.channel, b.channel, opts);
   }
 
-  async close(): Promise<void> {
+  async close(opts: CloseOptions = {}): Promise<void> {
     await this.inFlight.close();
+    if (opts.keepSandboxes && this.live.size > 0) return this.letGoOfVms();
     await Promise.all([...this.live.values()].map((s) => s.destroy()));
     const templates = await Promise.allSettled([...this.templates.values()]);
     this.templates.clear();
@@ -268,6 +449,30 @@ export class VmRuntime implements Runtime<VmSandbox> {
     await rm(this.vmDir, { recursive: true, force: true });
     await this.ids.releaseAll();
     await this.forkWorker.close();
+  }
+
+  /**
+   * A stop that keeps the VMs: each runs on (its record written when it started), only this
+   * server's connections close; its ids stay taken (their locks live through the VMs). What no
+   * VM stands on goes: templates no live VM was cloned from (their RAM lives on in the clones'
+   * mappings), fork scratch files.
+   */
+  private async letGoOfVms(): Promise<void> {
+    const all = [...this.live.values()];
+    for (const s of all) s.detach();
+    this.live.clear();
+    const inUse = new Set(all.map((s) => s.template.dir));
+    const templates = await Promise.allSettled([...this.templates.values()]);
+    this.templates.clear();
+    for (const t of templates) {
+      if (t.status !== 'fulfilled') continue;
+      if (inUse.has(t.value.dir)) await t.value.ram?.close();
+      else await removeTemplate(t.value);
+    }
+    await rm(path.join(this.vmDir, 'points'), { recursive: true, force: true });
+    this.ids.forgetAll();
+    await this.forkWorker.close();
+    this.opts.log.info('VMs left running for the next server', { sandboxes: all.length });
   }
 
   /** The frozen template for (template, network), booted on first use; a failed boot is retried next time. */
@@ -385,6 +590,8 @@ export class VmRuntime implements Runtime<VmSandbox> {
     layers: string[];
     /** The caller sets the clock (setClock) once its other restores are done: a fork's children. */
     clockLater?: boolean;
+    /** The sandbox it is forked from (lineage, for the next server). */
+    parentId?: string;
   }): Promise<VmSandbox> {
     if (this.inFlight.closed) throw new Error('the runtime is shut down');
     const t0 = performance.now();
@@ -402,8 +609,10 @@ export class VmRuntime implements Runtime<VmSandbox> {
     const identity: VmIdentity = { uid, groups: [this.ids.group, ...from.layers.map((l) => this.layerRefs.get(l)!.gid)] };
     const removeFiles = async () => {
       await rm(dir, { recursive: true, force: true });
+      await removeHeldVmFiles(this.opts.stateDir, spec.id);
       if ('file' in from.ram) await rm(from.ram.file, { force: true });
     };
+    const held = heldVmPaths(this.opts.stateDir, spec.id);
     let vm: VmProcess | undefined;
     let sandbox: VmSandbox | undefined; // once made, it releases its uid, files and layers itself
     let consoleLog = path.join(dir, 'console.log');
@@ -419,7 +628,11 @@ export class VmRuntime implements Runtime<VmSandbox> {
       if ('file' in from.ram) await (await privateFile(from.ram.file, owner, 0o600, this.memoryMb * MB)).close();
       step('disk_ms');
       const tpl = from.template;
-      vm = await launchQemu(this.qemuHost, { identity, runDir: made.runDir, consoleLog, disk, ram: from.ram, shareRam: false, network: tpl.network, incoming: true, background: spec.background ?? false }, this.opts.startTimeoutMs);
+      await prepareHeldVmDir(this.opts.stateDir);
+      vm = await launchQemu(this.qemuHost, {
+        identity, runDir: made.runDir, consoleLog, disk, ram: from.ram, shareRam: false, network: tpl.network, incoming: true, background: spec.background ?? false,
+        held: { agentSocket: held.agentSocket, qmpSocket: held.qmpSocket, outliveServer: this.opts.outliveServer === true },
+      }, this.opts.startTimeoutMs);
       // Only a shared RAM block is skipped: the template's and a fork point's state have no
       // pages of the RAM file, a frozen sandbox's has them all (its RAM file starts empty).
       await vm.qmp.command('migrate-set-capabilities', { capabilities: MIGRATION_CAPABILITIES });
@@ -440,11 +653,12 @@ export class VmRuntime implements Runtime<VmSandbox> {
       if (!from.clockLater) this.setClock(spec.id, vm);
       this.opts.log.debug('vm restored', { id: spec.id, ...steps });
       if (spec.background && vm.qemu.pid) setPriorityAll(vm.qemu.pid, 0);
-      sandbox = new VmSandbox(spec.id, dir, tpl, 'shared' in from.ram ? from.ram.shared : null, disk, [...from.layers], vm, identity, async (s) => {
-        this.live.delete(s.id);
-        await this.ids.release(uid, removeFiles);
-        for (const l of s.layers) void this.releaseLayer(l);
-      });
+      // Its ids stay taken while its QEMU runs, whatever becomes of this server; its record lets
+      // the next server adopt it.
+      const record = await this.heldRecord(spec, vm, identity, tpl, from.layers, from.parentId ?? null);
+      sandbox = new VmSandbox(spec.id, dir, tpl, 'shared' in from.ram ? from.ram.shared : null, disk, [...from.layers], vm, identity, (s) => this.vmGone(s, removeFiles));
+      sandbox.parentId = from.parentId ?? null;
+      sandbox.heldRecord = record;
       if ('file' in from.ram) sandbox.ownRamFile = from.ram.file;
       this.live.set(spec.id, sandbox);
       if (this.inFlight.closed) {
@@ -461,6 +675,22 @@ export class VmRuntime implements Runtime<VmSandbox> {
       }
       throw new Error(`the VM did not start: ${(err as Error).message}${tail ? ` (console: ${tail})` : ''}`);
     }
+  }
+
+  /** Makes a started VM's ids hold while its QEMU runs and writes its record (vm-held.ts). */
+  private async heldRecord(spec: SandboxSpec, vm: VmProcess, identity: VmIdentity, tpl: Template, layers: string[], parentId: string | null): Promise<HeldVmRecord> {
+    const pid = vm.qemu.pid;
+    const start = pid === undefined ? null : processStart(pid);
+    if (pid === undefined || start === null) throw new Error('its QEMU is gone');
+    const me = { pid, start };
+    const layerIds = layers.map((file) => ({ file, gid: this.layerRefs.get(file)!.gid }));
+    await Promise.all([identity.uid, ...layerIds.map((l) => l.gid)].map((i) => this.ids.addHolders(i, [me])));
+    const record: HeldVmRecord = {
+      version: HELD_VM_RECORD_VERSION, agentProtocol: AGENT_PROTOCOL, spec, qemuPid: pid, qemuStart: start, uid: identity.uid, groups: identity.groups,
+      templateDir: tpl.dir, network: tpl.network, image: tpl.image, memoryMb: this.memoryMb, layers: layerIds, slirpPid: vm.slirp?.pid ?? null, parentId,
+    };
+    await saveHeldVmRecord(this.opts.stateDir, record);
+    return record;
   }
 
   /**
@@ -530,7 +760,7 @@ export class VmRuntime implements Runtime<VmSandbox> {
       const layers = [...parent.layers, layer];
       const { ram, state } = mem.value;
       // Clocks are set once every child is up: a guest acting on it takes CPU the others need.
-      const children = specs.map((spec) => this.restore(spec, { template: parent.template, ram: { shared: ram }, disk: { overlayOf: overlay }, state, layers, clockLater: true }));
+      const children = specs.map((spec) => this.restore(spec, { template: parent.template, ram: { shared: ram }, disk: { overlayOf: overlay }, state, layers, clockLater: true, parentId: parent.id }));
       settled = Promise.allSettled(children);
       let error: unknown = null;
       try {
