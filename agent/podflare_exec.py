@@ -3,6 +3,7 @@ routing, timeouts and interrupts."""
 from __future__ import annotations
 
 import codecs
+import json
 import os
 import selectors
 import signal
@@ -65,6 +66,8 @@ class Exec:
     pipes: list[OutputPipe] = field(default_factory=list)
     output_size: int = 0            # characters sent so far
     output_dropped: int = 0         # characters dropped past EXEC_OUTPUT_CAP
+    rich: bool = False              # javascript: rich results come as JSON lines on a pipe of their own
+    result_buf: str = ''            # a partial line of that pipe
 
 
 class ExecMixin:
@@ -91,9 +94,35 @@ class ExecMixin:
                     break
                 self._output(pipe.stream, text)
 
+    def _rich_results(self, text: str) -> None:
+        """JSON lines from a JavaScript exec's results pipe (`display(...)` in podflare_js.py): each
+        `{"data": {mime: value}}` becomes a result event of the running exec. What is not such a
+        line is dropped; results count against the exec's output cap like its text."""
+        ex = self.exec
+        if ex is None or not ex.rich:
+            return
+        ex.result_buf += text
+        if len(ex.result_buf) > EXEC_OUTPUT_CAP - ex.output_size:
+            ex.output_dropped += len(ex.result_buf)
+            ex.result_buf = ''
+            return
+        *lines, ex.result_buf = ex.result_buf.split('\n')
+        for line in lines:
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            data = msg.get('data') if isinstance(msg, dict) else None
+            if not isinstance(data, dict) or not data or not all(isinstance(k, str) and '/' in k for k in data):
+                continue
+            ex.output_size += len(line)
+            self.send({'id': ex.id, 'type': 'result', 'data': data, 'is_main_result': False})
+
     def _output(self, stream: str, text: str) -> None:
         """Output belongs to the running exec; between execs it waits for the next one
         (background threads and processes), up to IDLE_OUTPUT_CAP, beyond which it is dropped."""
+        if stream == 'result':
+            return self._rich_results(text)
         ex = self.exec
         if ex is not None:
             room = EXEC_OUTPUT_CAP - ex.output_size
@@ -127,6 +156,7 @@ class ExecMixin:
         code = req.get('code')
         if not isinstance(code, str):
             raise bad_request('code must be a string')
+        rich = language == 'javascript'
         if language == 'javascript':  # a bash exec of the persistent REPL's client (podflare_js.py)
             check_code(code, 'python')
             code, language = podflare_js.bash_for(code), 'bash'
@@ -144,7 +174,7 @@ class ExecMixin:
         if self.exec is not None:
             raise AgentError('conflict', f'exec {self.exec.id} is still running')
 
-        ex = Exec(req['id'], language, code, timeout_ms, env, cwd)
+        ex = Exec(req['id'], language, code, timeout_ms, env, cwd, rich=rich)
         self.exec = ex
         self._flush_idle_output(ex)
         if language == 'bash':
@@ -247,13 +277,18 @@ class ExecMixin:
         env.update(ex.env or {})
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
+        res_r, res_w = os.pipe() if ex.rich else (-1, -1)
+        if ex.rich:
+            env['PODFLARE_RESULTS_FD'] = str(res_w)
         try:
             ex.proc = subprocess.Popen(
                 ['bash', '-c', ex.code], stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w,
-                cwd=cwd, env=env, process_group=0, close_fds=True)
+                cwd=cwd, env=env, process_group=0, close_fds=True, pass_fds=(res_w,) if ex.rich else ())
         except (OSError, ValueError) as exc:
             os.close(out_r)
             os.close(err_r)
+            if ex.rich:
+                os.close(res_r)
             if not isinstance(exc, OSError):  # an argument exec cannot take (checked above; belt and braces)
                 raise bad_request(f'bash cannot run this: {exc}') from None
             what = f'cd: {cwd}' if exc.filename == cwd else 'bash'
@@ -263,9 +298,11 @@ class ExecMixin:
         finally:
             os.close(out_w)
             os.close(err_w)
+            if ex.rich:
+                os.close(res_w)
         self.children[ex.proc.pid] = self._on_bash_exit
         self.bash_groups.add(ex.proc.pid)
-        ex.pipes = [OutputPipe(out_r, 'stdout'), OutputPipe(err_r, 'stderr')]
+        ex.pipes = [OutputPipe(out_r, 'stdout'), OutputPipe(err_r, 'stderr')] + ([OutputPipe(res_r, 'result')] if ex.rich else [])
         for pipe in ex.pipes:
             self.sel.register(pipe.fd, selectors.EVENT_READ, self._pipe_reader(pipe))
         if ex.timeout_ms is not None:

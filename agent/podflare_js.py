@@ -5,8 +5,16 @@ so an interrupted exec does not take it down) evaluates every cell in one `vm` c
 `let`/`const`/`function` and globals persist, as in Node's REPL. Each exec is an ordinary bash exec of
 a small client that hands the cell to that process over a unix socket and relays what it prints:
 `console.log` to stdout, `console.error` to stderr, the cell's last value (`util.inspect`, awaited if a
-promise) to stdout, an uncaught error's stack to stderr with exit code 1. Timeouts and interrupts
-stop the client (the exec ends); a cell still running in the REPL keeps running there.
+promise) to stdout, an uncaught error's stack to stderr with exit code 1, `display(...)` (and
+`display.html/svg/markdown/png/json`) to rich results (MIME bundles, as Python's). Timeouts and interrupts
+stop the client (the exec ends); the REPL then stops its cell too:
+  - a cell awaiting a promise stops being awaited (the promise itself may still settle later);
+  - a synchronous cell (`while (true) {}`) blocks the REPL's event loop, so a watchdog thread (a
+    worker_thread, which has a loop of its own) watches the client of the running cell and, once
+    that client is gone, sends the REPL SIGINT: the cell runs with `breakOnSigint`, so it throws
+    "Script execution interrupted." and the REPL's state (everything defined before and by the cell
+    up to that point) stays. Not covered: a synchronous endless loop in a callback that runs later
+    (a timer, a promise continuation) blocks the REPL for good: later JavaScript execs time out.
 
 Fork: the REPL is a process beside the interpreter, and a fork's children do not get the parent's
 processes: a child starts with an empty JavaScript state (its Python state is copied as usual).
@@ -34,10 +42,46 @@ setInterval(() => {
     process.exit(0);
   }
 }, 1000).unref();
+// Stray SIGINTs (the watchdog's, arriving after a cell ended) must not end the REPL.
+process.on('SIGINT', () => {});
+// The watchdog: told which client's cell is running; SIGINTs the REPL once that client is gone.
+const { Worker } = require('worker_threads');
+const watchdog = new Worker(`
+  const { parentPort } = require('worker_threads');
+  let client = 0;
+  parentPort.on('message', (pid) => { client = pid; });
+  setInterval(() => {
+    if (!client) return;
+    try { process.kill(client, 0); } catch (e) {
+      if (e.code !== 'ESRCH') return;
+      client = 0;
+      process.kill(process.pid, 'SIGINT');
+    }
+  }, 100);
+`, { eval: true });
+watchdog.unref();
 const ctx = vm.createContext({ require, process, Buffer, URL, URLSearchParams, TextEncoder, TextDecoder,
   setTimeout, setInterval, clearTimeout, clearInterval, setImmediate, queueMicrotask, fetch: globalThis.fetch });
 let out = null;
 const emit = (s, d) => { if (out && !out.destroyed) out.write(JSON.stringify({ s, d }) + '\n'); };
+// Rich results: display(value) shows a MIME bundle ({"text/html": ...} as it is; any other value as
+// text/plain, plus application/json when it is plain data); display.html/svg/markdown/png/json(x)
+// say which type. They go to the exec as result events (the client's results pipe).
+const bundle = (v) => {
+  if (v && typeof v === 'object' && !Array.isArray(v) && Object.keys(v).length && Object.keys(v).every((k) => k.includes('/'))) {
+    return { 'text/plain': typeof v['text/plain'] === 'string' ? v['text/plain'] : '<rich result>', ...v };
+  }
+  const b = { 'text/plain': util.inspect(v) };
+  if (v !== null && typeof v === 'object') { try { b['application/json'] = JSON.parse(JSON.stringify(v)); } catch {} }
+  return b;
+};
+const display = (v) => { emit('r', bundle(v)); };
+display.html = (s) => display({ 'text/html': String(s), 'text/plain': '<HTML>' });
+display.svg = (s) => display({ 'image/svg+xml': String(s), 'text/plain': '<SVG>' });
+display.markdown = (s) => display({ 'text/markdown': String(s), 'text/plain': String(s) });
+display.png = (b) => display({ 'image/png': Buffer.isBuffer(b) ? b.toString('base64') : String(b), 'text/plain': '<PNG>' });
+display.json = (o) => display({ 'application/json': JSON.parse(JSON.stringify(o)), 'text/plain': util.inspect(o) });
+ctx.display = display;
 const fmt = (a) => util.format(...a) + '\n';
 ctx.console = { log: (...a) => emit('o', fmt(a)), info: (...a) => emit('o', fmt(a)), debug: (...a) => emit('o', fmt(a)),
   warn: (...a) => emit('e', fmt(a)), error: (...a) => emit('e', fmt(a)) };
@@ -50,16 +94,18 @@ net.createServer((c) => {
     buf += d;
     const i = buf.indexOf('\n');
     if (i < 0) return;
-    const code = JSON.parse(buf.slice(0, i));
+    const { code, pid } = JSON.parse(buf.slice(0, i));
     buf = '';
-    queue = queue.then(() => run(code, c));
+    queue = queue.then(() => run(code, c, pid));
   });
 }).listen(sock);
-async function run(code, c) {
+async function run(code, c, pid) {
   out = c;
   let exit = 0;
+  if (c.destroyed) return; // interrupted while it waited behind another cell
+  watchdog.postMessage(pid);
   try {
-    let v = vm.runInContext(code, ctx, { filename: 'cell.js' });
+    let v = vm.runInContext(code, ctx, { filename: 'cell.js', breakOnSigint: true });
     if (v && typeof v.then === 'function') {
       // An interrupted cell (its client gone) stops being awaited, so the next cells run.
       const gone = new Promise((r) => c.once('close', () => r(gone)));
@@ -70,6 +116,8 @@ async function run(code, c) {
   } catch (e) {
     emit('e', ((e && e.stack) || String(e)) + '\n');
     exit = 1;
+  } finally {
+    watchdog.postMessage(0);
   }
   if (!c.destroyed) c.end(JSON.stringify({ x: exit }) + '\n');
   if (out === c) out = null;
@@ -79,13 +127,15 @@ async function run(code, c) {
 CLIENT = r"""
 const net = require('net'), fs = require('fs'), cp = require('child_process');
 const [sock, serverFile, codeFile, agentPid] = process.argv.slice(2);
+// Rich results go to a pipe of their own (the agent's, podflare_exec.py); without it, as text.
+const resultsFd = Number(process.env.PODFLARE_RESULTS_FD) || 0;
 const code = fs.readFileSync(codeFile, 'utf8');
 fs.unlinkSync(codeFile);
 let tries = 0;
 function connect() {
   const c = net.connect(sock);
   c.on('connect', () => {
-    c.write(JSON.stringify(code) + '\n');
+    c.write(JSON.stringify({ code, pid: process.pid }) + '\n');
     let buf = '';
     c.on('data', (d) => {
       buf += d;
@@ -94,6 +144,11 @@ function connect() {
         const m = JSON.parse(buf.slice(0, i));
         buf = buf.slice(i + 1);
         if ('x' in m) { process.exitCode = m.x; continue; }
+        if (m.s === 'r') {
+          if (resultsFd) fs.writeSync(resultsFd, JSON.stringify({ data: m.d }) + '\n');
+          else process.stdout.write(m.d['text/plain'] + '\n');
+          continue;
+        }
         (m.s === 'e' ? process.stderr : process.stdout).write(m.d);
       }
     });

@@ -293,6 +293,62 @@ describe('dashboard behind API keys', () => {
     await page.close();
   });
 
+  it('opens a terminal on a sandbox (xterm.js over the PTY WebSocket, the key as a subprotocol): echo hi, tput cols after a resize', async () => {
+    sbx ??= await Sandbox.create({ host: server.url, apiKey: KEY });
+    const page = await browser.newPage({ viewport: { width: 1500, height: 1000 } });
+    try {
+      await page.goto(server.url + '/');
+      await page.evaluate((key) => localStorage.setItem('podflare.apiKey', key), KEY);
+      await page.reload();
+      await page.locator(`tr[data-id="${sbx!.id}"]`).click();
+      await page.getByTestId('terminal-open').click();
+      const terminal = page.getByTestId('terminal');
+      await page.getByTestId('terminal-status').getByText('connected').waitFor(WAIT);
+      /** The terminal's screen, one string per row (xterm's DOM renderer; non-breaking spaces as spaces). */
+      const screen = async () => (await terminal.locator('.xterm-rows').innerText()).replace(/\u00a0/g, ' ').split('\n').map((l) => l.trimEnd());
+      await eventually(async () => (await screen()).some((l) => /[#$] ?$/.test(l)), 'a bash prompt');
+      await terminal.click();
+      await page.keyboard.type('echo hi');
+      await page.keyboard.press('Enter');
+      await eventually(async () => (await screen()).includes('hi'), '"hi" on a line of its own');
+      await shot(page, '10-terminal');
+
+      // The pane follows the page: a narrower page is a narrower terminal, and the shell sees it.
+      const before = Number(await terminal.getAttribute('data-cols'));
+      await page.setViewportSize({ width: 1100, height: 1000 }); // still two columns (one below 980 px)
+      await eventually(async () => Number(await terminal.getAttribute('data-cols')) < before, 'the terminal to narrow');
+      const cols = Number(await terminal.getAttribute('data-cols'));
+      await page.keyboard.type('tput cols');
+      await page.keyboard.press('Enter');
+      await eventually(async () => (await screen()).includes(String(cols)), `tput cols saying ${cols}`);
+
+      // Closing the pane ends its shell.
+      await page.getByTestId('terminal-close').click();
+      await eventually(async () => !(await sbx!.commands.list()).some((p) => p.running), 'the shell to end with its pane');
+    } finally {
+      await page.close();
+    }
+  });
+
+  it("refuses a terminal to a key that does not own the sandbox", async () => {
+    sbx ??= await Sandbox.create({ host: server.url, apiKey: KEY });
+    const page = await browser.newPage();
+    try {
+      await page.goto(server.url + '/');
+      const outcome = await page.evaluate(async ({ id, key }) => {
+        const b64 = btoa(key).replace(/=+$/, '');
+        const ws = new WebSocket(`ws://${location.host}/v1/sandboxes/${id}/pty`, ['podflare.pty', `podflare.key.${b64}`]);
+        return new Promise<string>((resolve) => {
+          ws.onopen = () => resolve('open');
+          ws.onerror = () => resolve('refused');
+        });
+      }, { id: sbx!.id, key: OTHER_KEY });
+      assert.equal(outcome, 'refused');
+    } finally {
+      await page.close();
+    }
+  });
+
   it("shows a key only its own sandboxes and their execs", async () => {
     const mine = await Sandbox.create({ host: server.url, apiKey: OTHER_KEY });
     try {

@@ -2,6 +2,7 @@
 // style.css copied as they are. The server serves these files; nothing is fetched from a CDN.
 import { build } from 'esbuild';
 import { copyFile, mkdir, rm } from 'node:fs/promises';
+import { createRequire } from 'node:module';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
@@ -23,3 +24,6 @@ await build({
   legalComments: 'eof',
 });
 for (const file of ['index.html', 'style.css']) await copyFile(path.join(root, 'src', file), path.join(dist, file));
+// xterm.js's own stylesheet, served beside ours (the terminal pane needs it).
+const require = createRequire(import.meta.url);
+await copyFile(path.join(path.dirname(require.resolve('@xterm/xterm/package.json')), 'css/xterm.css'), path.join(dist, 'xterm.css'));

@@ -9,7 +9,7 @@ import logging
 import threading
 import time
 import urllib.parse
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Union, cast
 
 from ._client import Client, Response, _Pending
 from ._errors import NotFoundError, PodflareConnectionError, PodflareError, SandboxGoneError
@@ -332,6 +332,35 @@ class Sandbox:
                 c.close()
         return [SandboxInfo.from_json(s) for s in (answer or {}).get("sandboxes", [])]
 
+    @classmethod
+    def list_templates(cls, host: Optional[str] = None, api_key: Optional[str] = None,
+                       client: Optional[Client] = None) -> List[Dict[str, Any]]:
+        """The templates a create may name (``{"name", "kind", "built", "size_bytes", "runtimes",
+        "pool", ...}``); of those made from sandboxes, only this key's."""
+        c = _resolve_client(host, api_key, client)
+        try:
+            return list((c.json("GET", "/v1/templates") or {}).get("templates", []))
+        finally:
+            if c._owned:
+                c.close()
+
+    @classmethod
+    def delete_template(cls, name: str, host: Optional[str] = None, api_key: Optional[str] = None,
+                        client: Optional[Client] = None) -> None:
+        """Deletes a template made from a sandbox (:meth:`save_template`).
+
+        Raises:
+            ForbiddenError: a template built from a recipe (the operator's).
+            ConflictError: sandboxes started from it are still live.
+            NotFoundError: no such template (for this key).
+        """
+        c = _resolve_client(host, api_key, client)
+        try:
+            c.empty("DELETE", "/v1/templates/" + urllib.parse.quote(name, safe=""))
+        finally:
+            if c._owned:
+                c.close()
+
     # ---- state -------------------------------------------------------------------------------
 
     def info(self) -> SandboxInfo:
@@ -556,6 +585,33 @@ class Sandbox:
                 winner._retire()
         else:
             self.client.empty("POST", path, json={"paths": list(paths)})
+
+    # ---- templates from this sandbox ---------------------------------------------------------
+
+    def save_template(self, name: str, description: Optional[str] = None) -> Dict[str, Any]:
+        """Makes a named template of this sandbox's current files (what it changed over its image)
+        and interpreter state: ``Sandbox(template=name)`` then starts with them, from a warm pool of
+        its own (``carries["interpreter"]`` says whether the variables came along: they do until the
+        server restarts; then the files only). Background processes and terminals are not carried. Only this API key sees the template. Namespace runtime
+        only (the VM runtime raises NotSupportedError). Waits for a running call first.
+
+        Example::
+
+            sbx.run_code("git clone /srv/repo /root/repo", language="bash")
+            sbx.save_template("repo-ready")
+            with Sandbox(template="repo-ready") as nxt:   # /root/repo is there
+                ...
+
+        Raises:
+            BadRequestError: not a template name (``[a-z][a-z0-9-]*``, at most 40 characters).
+            ConflictError: the name is taken (or a built-in's).
+            InsufficientStorageError: the sandbox's files are larger than its disk limit allows
+                (sparse files count at their full size).
+        """
+        body: Dict[str, Any] = {"name": name}
+        if description is not None:
+            body["description"] = description
+        return cast(Dict[str, Any], self.client.json("POST", self._path + "/template", json=body))
 
     # ---- checkpoints (ours) ----------------------------------------------------------------
 

@@ -6,6 +6,7 @@ import { useEffect, useState } from 'preact/hooks';
 import { ApiProblem, downloadFile, getJson, postJson, request, runExec, sandboxPath } from './api.js';
 import { bytes, duration, shortId } from './format.js';
 import { Checkpoints } from './checkpoints.js';
+import { TerminalPanel } from './terminal.js';
 import { Outputs, appendOutput } from './output.js';
 import { isEnded } from './sandboxes.js';
 import type { DashboardSandbox, ExecOutput, ExecRecord, ExecUpdate, FileStat } from './types.js';
@@ -43,6 +44,7 @@ export function SandboxView({ sandbox, now, onSelect, onCompare, subscribe }: Pr
         {live && <DeleteButton id={sandbox.id} />}
       </div>
       {live && <Console id={sandbox.id} />}
+      {live && <TerminalPanel id={sandbox.id} />}
       {live && <Checkpoints id={sandbox.id} subscribe={subscribe} />}
       <History id={sandbox.id} parent={sandbox.parent} onSelect={onSelect} subscribe={subscribe} />
       {live && <FileBrowser id={sandbox.id} subscribe={subscribe} />}

@@ -96,6 +96,14 @@ export interface DiffOptions {
   content?: boolean;
 }
 
+/** How much of a sandbox's files a template made from it may hold. */
+export interface TemplateLayerBounds {
+  /** Bytes of regular files (sparse files at their full size). */
+  maxBytes: number;
+  /** Files, directories and links. */
+  maxEntries: number;
+}
+
 /** How a fork is made. */
 export interface ForkOptions {
   /**
@@ -104,6 +112,13 @@ export interface ForkOptions {
    * parent's as with any fork. No fork layer is made, so nothing of the parent's disk is copied.
    */
   freshFiles?: boolean;
+  /**
+   * The children's files are a fresh sandbox's of a template with these layers (topmost first,
+   * base last; the runtime's agent layer goes on top): the zygote of a template made from the
+   * parent (server manager/live-templates.ts) keeps the parent's interpreter over the template's
+   * files. Implies `freshFiles`.
+   */
+  templateLayers?: string[];
 }
 
 /**
@@ -175,6 +190,15 @@ export interface Runtime<S extends RuntimeSandbox = RuntimeSandbox> {
    * Where absent, checkpoints are made with their sandbox's egress from the start.
    */
   attachNetwork?(sandbox: S): Promise<void>;
+  /**
+   * Copies what a live sandbox changed over its image (its own layers) into a new read-only layer
+   * at `target` (a directory of the server's that does not exist yet), for a template made from
+   * it (POST /v1/sandboxes/:id/template). Resolves with that template's lower layers, topmost
+   * first (`target`, then the sandbox's image layers below its agent layer, the base last).
+   * Throws SandboxError('insufficient_storage') past `bounds`. Where absent, the runtime cannot
+   * make templates from live sandboxes.
+   */
+  saveTemplateLayer?(sandbox: S, target: string, bounds: TemplateLayerBounds): Promise<{ layers: string[]; bytes: number }>;
   /** Checkpoints held inside the sandbox (see HeldCheckpoints); where absent, checkpoints are fork children. */
   readonly heldCheckpoints?: HeldCheckpoints<S>;
   /** What differs between two sandboxes' filesystems: `b` relative to `a`. */

@@ -63,6 +63,8 @@ export type {
   SandboxLimits,
   SandboxListOptions,
   SandboxState,
+  SavedTemplate,
+  TemplateInfo,
   UploadData,
   UploadResult,
 } from './types.js';

@@ -13,7 +13,7 @@ import { Files } from './files.js';
 import { Commands } from './commands.js';
 import { Pty } from './pty.js';
 import { parseNdjson } from './ndjson.js';
-import { toCheckpointInfo, toSandboxInfo } from './types.js';
+import { toCheckpointInfo, toSandboxInfo, toSavedTemplate } from './types.js';
 import type {
   CheckpointInfo,
   WireCheckpoint,
@@ -30,9 +30,12 @@ import type {
   SandboxCreateOptions,
   SandboxInfo,
   SandboxListOptions,
+  SavedTemplate,
+  TemplateInfo,
   UploadData,
   UploadResult,
   WireSandboxInfo,
+  WireSavedTemplate,
 } from './types.js';
 
 // Node 20 has Symbol.asyncDispose from 20.4 on; older builds get the symbol Node itself uses, so
@@ -383,6 +386,43 @@ export class Sandbox {
       json: { n },
     });
     return answer.children.map((id) => new Sandbox(id, this.client));
+  }
+
+  /**
+   * Makes a named template of this sandbox's current files (what it changed over its image) and
+   * interpreter state: later `Sandbox.create({ template: name })` calls start with them, from a warm
+   * pool of their own (`carries.interpreter` says whether the variables came along: they do until
+   * the server restarts; then the files only). Background processes and terminals are not carried.
+   * Only the caller's API key sees the template. Namespace runtime only (the VM runtime answers 422).
+   * Waits for a running call to finish first.
+   *
+   * @example
+   * ```ts
+   * await sandbox.runCode('pip install -q mylib && git clone /srv/repo /root/repo', 'bash');
+   * await sandbox.saveTemplate('repo-ready');
+   * const next = await Sandbox.create({ template: 'repo-ready' });  // /root/repo is there
+   * ```
+   */
+  async saveTemplate(name: string, options: { description?: string } = {}): Promise<SavedTemplate> {
+    const w = await this.client.json<WireSavedTemplate>({ method: 'POST', path: `${this.#path}/template`, json: { name, ...options } });
+    return toSavedTemplate(w);
+  }
+
+  /** The templates a create may name (yours among those made from sandboxes), with their warm pools. */
+  static async listTemplates(options: ConnectionOptions = {}): Promise<TemplateInfo[]> {
+    const client = resolveClient(options);
+    const answer = await client.json<{ templates: Array<Omit<TemplateInfo, 'sizeBytes'> & { size_bytes: number | null }> }>({ method: 'GET', path: '/v1/templates' });
+    return answer.templates.map(({ size_bytes, ...t }) => ({
+      name: t.name, kind: t.kind, description: t.description, built: t.built, sizeBytes: size_bytes, runtimes: t.runtimes, pool: t.pool,
+    }));
+  }
+
+  /**
+   * Deletes a template made from a sandbox ({@link Sandbox.saveTemplate}). Refused (409) while
+   * sandboxes started from it are live; recipe templates are the operator's (403).
+   */
+  static async deleteTemplate(name: string, options: ConnectionOptions = {}): Promise<void> {
+    await resolveClient(options).empty({ method: 'DELETE', path: `/v1/templates/${encodeURIComponent(name)}` });
   }
 
   /**

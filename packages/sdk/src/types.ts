@@ -308,6 +308,52 @@ export interface MergeOptions {
   paths?: string[];
 }
 
+/**
+ * A template made from a live sandbox ({@link Sandbox.saveTemplate}): `Sandbox.create({ template: name })`
+ * then starts with that sandbox's files and, where `carries.interpreter`, its interpreter's state.
+ */
+export interface SavedTemplate {
+  name: string;
+  kind: 'directory';
+  description: string;
+  /** The sandbox it was made from. */
+  fromSandbox: string;
+  /** Bytes of the files it adds to its image. */
+  sizeBytes: number;
+  builtAt: Date;
+  /** Runtimes that can start it. */
+  runtimes: string[];
+  /** What a sandbox started from it has of the original. */
+  carries: { files: boolean; interpreter: boolean };
+}
+
+/** @internal The wire form of {@link SavedTemplate}. */
+export interface WireSavedTemplate {
+  name: string; kind: 'directory'; description: string; from_sandbox: string; size_bytes: number; built_at: string; runtimes: string[];
+  carries: { files: boolean; interpreter: boolean };
+}
+
+/** @internal Converts the wire form of a saved template. */
+export function toSavedTemplate(w: WireSavedTemplate): SavedTemplate {
+  return {
+    name: w.name, kind: w.kind, description: w.description, fromSandbox: w.from_sandbox, sizeBytes: w.size_bytes,
+    builtAt: new Date(w.built_at), runtimes: w.runtimes, carries: w.carries,
+  };
+}
+
+/** One template of `GET /v1/templates` ({@link Sandbox.listTemplates}). */
+export interface TemplateInfo {
+  name: string;
+  kind: 'base' | 'builtin' | 'recipe' | 'directory';
+  description?: string;
+  /** Whether a sandbox can start from it now. */
+  built: boolean;
+  sizeBytes: number | null;
+  runtimes: string[];
+  /** Its warm pool across runtimes and egress settings; null when it has none. */
+  pool: { ready: number; target: number } | null;
+}
+
 /** Counters of one warm pool: sandboxes ready to hand out, the target, those booting, hits and misses. */
 export interface PoolStats {
   template: string;

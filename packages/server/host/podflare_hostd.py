@@ -54,6 +54,7 @@ from collections import OrderedDict
 # Run with `python3 -I` (its directory is not on sys.path): the sibling module is found here.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import podflare_safefs as safefs  # noqa: E402
+import podflare_template_layer  # noqa: E402
 
 # A fork's layer copy recurses once per directory level of a sandbox's tree (an fd pair each).
 sys.setrecursionlimit(20_000)
@@ -798,7 +799,14 @@ def _diff(req, unshared, stack_a, stack_b):
     return out
 
 
-OPS = {"idmap": op_idmap, "squash_layers": op_squash_layers, "subvolume": op_subvolume, "disk_limit": op_disk_limit, "overlay": op_overlay, "overlay_prepare": op_overlay_prepare, "overlay_attach": op_overlay_attach, "overlay_discard": op_overlay_discard, "unmount": op_unmount, "tmpfs": op_tmpfs, "diff": op_diff, "remove_tree": op_remove_tree}
+def op_template_layer(req):
+    """A template's layer copied from a live sandbox's tree (podflare_template_layer.py)."""
+    copied = podflare_template_layer.copy_tree(req["source"], req["target"], int(req["base"]), int(req["count"]),
+                                               int(req["max_bytes"]), int(req["max_entries"]), int(req["max_depth"]))
+    return {"bytes": copied}
+
+
+OPS = {"idmap": op_idmap, "squash_layers": op_squash_layers, "subvolume": op_subvolume, "disk_limit": op_disk_limit, "overlay": op_overlay, "overlay_prepare": op_overlay_prepare, "overlay_attach": op_overlay_attach, "overlay_discard": op_overlay_discard, "unmount": op_unmount, "tmpfs": op_tmpfs, "diff": op_diff, "remove_tree": op_remove_tree, "template_layer": op_template_layer}
 
 
 def _ignore_stop_signals():

@@ -38,6 +38,10 @@ export const HostdRequestSchemas = {
     paths: z.array(z.string()).optional(), content: z.boolean().optional(), max_content_bytes: z.number().int().positive().optional(),
   }),
   remove_tree: z.object({ op: z.literal('remove_tree'), path: absPath }),
+  template_layer: z.object({
+    op: z.literal('template_layer'), source: absPath, target: absPath, base: uid, count: z.number().int().positive(),
+    max_bytes: limitBytes, max_entries: z.number().int().positive(), max_depth: z.number().int().positive(),
+  }),
 } as const;
 
 export type HostdOp = keyof typeof HostdRequestSchemas;
@@ -68,6 +72,7 @@ export const HostdReplySchemas = {
   tmpfs: Done,
   diff: HostdDiffReply,
   remove_tree: Done,
+  template_layer: z.object({ bytes: z.number().nonnegative() }),
 } as const satisfies Record<HostdOp, z.ZodType>;
 
 export type HostdReply<O extends HostdOp = HostdOp> = z.infer<(typeof HostdReplySchemas)[O]>;

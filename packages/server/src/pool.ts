@@ -140,6 +140,18 @@ export class WarmPool {
     }
   }
 
+  /**
+   * Ends the pools of a template (deleted): its ready sandboxes are destroyed, starts in flight
+   * awaited and destroyed, and its buckets forgotten.
+   */
+  async dropTemplate(template: string): Promise<void> {
+    const mine = () => [...this.buckets.entries()].filter(([, b]) => b.key.template === template);
+    for (const [, b] of mine()) Object.assign(b, { target: 0, pinned: false });
+    await Promise.allSettled([...this.refilling]);
+    const all = mine().flatMap(([k, b]) => (this.buckets.delete(k), b.ready.splice(0)));
+    await Promise.all(all.map((s) => s.destroy()));
+  }
+
   async close(): Promise<void> {
     this.closed = true;
     clearInterval(this.shrinker);

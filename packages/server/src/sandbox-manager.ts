@@ -23,6 +23,7 @@ import { Freezer } from './manager/freezer.js';
 import { registerManagerGauges } from './manager/gauges.js';
 import { Lifecycle, type CreateOptions, type Created } from './manager/lifecycle.js';
 import { LimitWatch } from './manager/limit-watch.js';
+import { LiveTemplates, registryView } from './manager/live-templates.js';
 import { newSandboxId, type LiveSandbox, type RuntimeKind } from './manager/live-sandbox.js';
 import { SandboxLookup } from './manager/lookup.js';
 import { PoolUse } from './manager/pool-use.js';
@@ -51,11 +52,13 @@ export class SandboxManager {
   /** A live sandbox's background processes and terminals (start, list, output, stdin, signal, resize). */
   readonly processes = new SandboxProcesses();
   /** Exposed ports: signed URLs and connections into a sandbox's ports. */
-  readonly ports = new SandboxPorts();
+  readonly ports = new SandboxPorts(this.processes);
   /** Directories as tar streams (tar runs in the sandbox). */
   readonly archives = new SandboxArchives(this.files, this.processes);
   /** Checkpoints, restore, atomic execs and rewind (manager/checkpoints.ts). */
   readonly checkpoints: Checkpoints;
+  /** Templates made from live sandboxes, and template deletion (manager/live-templates.ts). */
+  readonly liveTemplates: LiveTemplates;
 
   private readonly ctx: ManagerContext;
   private readonly pool: PoolUse;
@@ -104,6 +107,7 @@ export class SandboxManager {
     this.execs = new ExecQueue(this.ctx, limits, this.checkpoints);
     this.freezer = new Freezer(this.ctx, this.lifecycle);
     this.forks = new ForkMerge(this.ctx, capacity, this.lifecycle, limits, (id, owner) => this.get(id, owner));
+    this.liveTemplates = new LiveTemplates(this.ctx, registryView(templates), (t) => this.pool.dropTemplate(t), this.pool);
     this.sweeper = new Sweeper(this.ctx, this.lifecycle, this.freezer, this.pool);
     registerManagerGauges(this.ctx, this.pool);
   }

@@ -135,6 +135,41 @@ export class Zygotes {
     }));
   }
 
+  /**
+   * Makes `sandbox` (ready, its interpreter idle) the template's zygote, where it has none: a
+   * template made from a live sandbox, whose zygote is a fork of that sandbox (its interpreter's
+   * state carried). False if the template has a zygote already (the caller destroys `sandbox`).
+   * Should it die, the replacement is an ordinary cold zygote (files and preload only).
+   */
+  adopt(runtime: Runtime, template: string, sandbox: RuntimeSandbox): boolean {
+    if (this.closed || !this.opts.enabled) return false;
+    const z = this.zygote(runtime, template);
+    if (z.sandbox || z.starting) return false;
+    z.sandbox = sandbox;
+    z.failures = 0;
+    void sandbox.exited.then(({ reason }) => {
+      if (z.sandbox !== sandbox) return;
+      z.sandbox = null;
+      if (this.closed) return;
+      this.opts.log.warn('a zygote ended; starting another', { template: z.template, reason });
+      this.warm(z.runtime, z.template);
+    });
+    this.pump(z);
+    return true;
+  }
+
+  /** Ends a template's zygotes (the template was deleted); waiting requests fail. */
+  async retire(template: string): Promise<void> {
+    const mine = [...this.zygotes.entries()].filter(([, z]) => z.template === template);
+    await Promise.all(mine.map(async ([key, z]) => {
+      this.zygotes.delete(key);
+      for (const r of z.waiting.splice(0)) r.reject(new Error(`template ${template} was deleted`));
+      const s = z.sandbox ?? (await z.starting?.catch(() => null));
+      z.sandbox = null;
+      await s?.destroy();
+    }));
+  }
+
   /** Ends every zygote (each lingers as a husk while children of it live: the runtime's close ends those). */
   async close(): Promise<void> {
     this.closed = true;

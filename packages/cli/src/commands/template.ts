@@ -1,13 +1,16 @@
-/** `podflare template build|ls`: named images (templates) sandboxes start from. */
+/** `podflare template build|ls|save|rm`: named images (templates) sandboxes start from. */
 import path from 'node:path';
 import {
   BUILTIN_TEMPLATES, buildTemplate, builtinRuntimes, ensureImage, inspectImages, loadConfig, loadRecipeFile, TemplateCatalog, templateRuntimeNames, type TemplateRecipe,
 } from '@podflare/server';
+import { SANDBOX_ID_PATTERN, Sandbox } from 'podflare';
 import { EXIT_OK, formatMs, parse, UsageError, type Command } from '../args.js';
 import { imageProgress } from '../image-progress.js';
 
 const HELP = `Usage: podflare template build <recipe.json | ${Object.keys(BUILTIN_TEMPLATES).join(' | ')}> [options]
        podflare template ls [options]
+       podflare template save <sandbox-id> <name> [--description TEXT] [--host URL]
+       podflare template rm <name> [--host URL]
 
 build   Builds a template: a layer over the default image made from a recipe (Debian packages,
         pip requirements, files, a setup script), with progress. Instant when it is built
@@ -16,12 +19,18 @@ build   Builds a template: a layer over the default image made from a recipe (De
           {"name": "scraper", "apt": ["python3-bs4"], "pip": ["mylib"], "pip_find_links": "wheels",
            "files": [{"src": "conf.toml", "dest": "/etc/conf.toml"}], "setup": "echo ready"}
 ls      Lists the templates: name, built or not, size, runtimes.
+save    Asks the server to make a template of a live sandbox's files (and, while the server runs,
+        its interpreter's state): POST /v1/sandboxes/:id/template. Namespace runtime only.
+rm      Asks the server to delete a template made from a sandbox (refused while sandboxes started
+        from it live).
 
 Options:
   --images-dir DIR   where images live (default: $PODFLARE_IMAGES_DIR, else <state dir>/images)
   --state-dir DIR    the server's state directory (default: $PODFLARE_STATE_DIR, else /var/lib/podflare)
   --agent-dir DIR    the agent's Python files (default: the repo's agent/ folder)
   --json             ls: the list as JSON (as GET /v1/templates has it)
+  --host URL         save, rm: the server (default: $PODFLARE_HOST, else http://127.0.0.1:7070)
+  --description TEXT save: the template's description
   -q, --quiet        build: print nothing when the template is already built
   -h, --help         show this help
 `;
@@ -32,6 +41,8 @@ const OPTIONS = {
   'agent-dir': { type: 'string' },
   json: { type: 'boolean' },
   quiet: { type: 'boolean', short: 'q' },
+  host: { type: 'string' },
+  description: { type: 'string' },
 } as const;
 
 function size(bytes: number | null): string {
@@ -71,6 +82,22 @@ export const templateCommand: Command = {
         reporter.finish();
       }
     }
+    if (sub === 'save') {
+      const [id, name, extra] = rest;
+      if (!id || !name || extra !== undefined) throw new UsageError('template save takes a sandbox id and a template name', 'template');
+      if (!SANDBOX_ID_PATTERN.test(id)) throw new UsageError(`not a sandbox id: ${id} (expected sbx_ and 32 hex digits)`, 'template');
+      const sbx = await Sandbox.connect(id, { host: values.host });
+      const saved = await sbx.saveTemplate(name, values.description === undefined ? {} : { description: values.description });
+      process.stdout.write(`template ${saved.name} made from ${saved.fromSandbox} (${size(saved.sizeBytes)} of files` +
+        `${saved.carries.interpreter ? ', and its interpreter\'s state' : ''})\n`);
+      return EXIT_OK;
+    }
+    if (sub === 'rm') {
+      if (rest.length !== 1) throw new UsageError('template rm takes one template name', 'template');
+      await Sandbox.deleteTemplate(rest[0]!, { host: values.host });
+      process.stdout.write(`template ${rest[0]} deleted\n`);
+      return EXIT_OK;
+    }
     if (sub === 'ls') {
       if (rest.length) throw new UsageError(`unexpected argument: ${rest[0]}`, 'template');
       const images = await inspectImages(config.imagesDir);
@@ -93,6 +120,6 @@ export const templateCommand: Command = {
       for (const r of rows) process.stdout.write(r.map((c, i) => (i === r.length - 1 ? c : c.padEnd(widths[i]!))).join('  ') + '\n');
       return EXIT_OK;
     }
-    throw new UsageError(sub ? `unknown template subcommand: ${sub} (build or ls)` : 'missing subcommand: build or ls', 'template');
+    throw new UsageError(sub ? `unknown template subcommand: ${sub} (build, ls, save or rm)` : 'missing subcommand: build, ls, save or rm', 'template');
   },
 };

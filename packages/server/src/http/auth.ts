@@ -26,8 +26,12 @@ export class KeyRing {
 
   /** The caller's owner id; throws 401 when keys are configured and the request has none of them. */
   authenticate(req: IncomingMessage): string {
+    return this.authenticateKey(bearerKey(req));
+  }
+
+  /** The owner id of a key given some other way than the header (a browser's WebSocket: ws-key-protocol.ts). */
+  authenticateKey(key: string | undefined): string {
     if (!this.enabled) return '';
-    const key = bearerKey(req);
     if (key === undefined) throw new ApiError('unauthorized', 'missing API key: send "Authorization: Bearer <key>" (PODFLARE_API_KEY in the SDKs)');
     const digest = hashKey(key);
     if (!this.digests.some((d) => timingSafeEqual(d, digest))) throw new ApiError('unauthorized', 'invalid API key');

@@ -21,7 +21,6 @@
 import http, { type IncomingMessage, type ServerResponse } from 'node:http';
 import type { Duplex } from 'node:stream';
 import { SANDBOX_ID_SOURCE } from '@podflare/protocol/sandbox';
-import type net from 'node:net';
 import { ApiError, toApiError } from './api-error.js';
 import type { Logger } from '../log.js';
 import type { LiveSandbox, SandboxManager } from '../sandbox-manager.js';
@@ -112,7 +111,7 @@ export class PortProxy {
 
   /** A WebSocket (or any Upgrade) request: the handshake and then the bytes, both ways. */
   async handleUpgrade(req: IncomingMessage, client: Duplex, head: Buffer, target: PortTarget): Promise<void> {
-    let upstream: net.Socket;
+    let upstream: Duplex;
     try {
       const { s, port, dropAuth } = await this.resolve(req, target);
       upstream = await this.manager.ports.connect(s, port);
@@ -129,6 +128,10 @@ export class PortProxy {
     client.on('error', () => upstream.destroy());
     upstream.on('close', () => client.destroy());
     client.on('close', () => upstream.destroy());
+    // A client that ends its side is done (WebSockets do not half-close): what the sandbox's
+    // server still sends has a moment to arrive, then both sides go, whether or not that server
+    // ever closes its end (a held connection, a relay process in the sandbox, otherwise).
+    client.once('end', () => setTimeout(() => { upstream.destroy(); client.destroy(); }, UPGRADE_END_GRACE_MS).unref());
     upstream.pipe(client);
     client.pipe(upstream);
   }
@@ -145,6 +148,9 @@ function forwardHeaders(raw: string[], dropAuth: boolean, keep: string[] = []): 
   }
   return out;
 }
+
+/** How long a proxied upgrade lives on after its client ended its side. */
+const UPGRADE_END_GRACE_MS = 2000;
 
 /** Answers a refused upgrade with the API's JSON error and closes the socket. */
 function refuseUpgrade(client: Duplex, err: unknown, log: Logger): void {

@@ -8,6 +8,7 @@
  * `{"type":"resize","cols","rows"}`. Server → client: `{"type":"started","pid"}`, then
  * `{"type":"output","data","offset"}` as the terminal writes, and `{"type":"exit","code"}` when the
  * shell ends (the socket closes after it). Closing the socket kills a shell it started.
+ * The key comes in the Authorization header or, from a browser, as a subprotocol (ws-key-protocol.ts).
  */
 import type { IncomingMessage } from 'node:http';
 import type { Duplex } from 'node:stream';
@@ -16,7 +17,8 @@ import { SANDBOX_ID_SOURCE } from '@podflare/protocol/sandbox';
 import { ApiError, toApiError } from './api-error.js';
 import type { Logger } from '../log.js';
 import type { SandboxManager } from '../sandbox-manager.js';
-import type { KeyRing } from './auth.js';
+import { bearerKey, type KeyRing } from './auth.js';
+import { keyFromProtocols, offeredProtocols, PTY_PROTOCOL } from './ws-key-protocol.js';
 import type { BrowserGuard } from './browser-guard.js';
 import { ServerWebSocket } from './websocket.js';
 
@@ -49,7 +51,8 @@ export class PtySockets {
     let s, pid: number, offset: number, owned: boolean;
     try {
       this.guard.checkUpgrade(req);
-      const owner = this.keys.authenticate(req);
+      const offeredKey = bearerKey(req) === undefined ? keyFromProtocols(req) : undefined;
+      const owner = offeredKey !== undefined ? this.keys.authenticateKey(offeredKey) : this.keys.authenticate(req);
       s = await this.manager.get(target.sandboxId, owner || undefined);
       const size = TerminalSize.parse({ cols: intParam(target.query, 'cols', 80, 1000) || 80, rows: intParam(target.query, 'rows', 24, 1000) || 24 });
       const attach = target.query.get('pid');
@@ -70,6 +73,7 @@ export class PtySockets {
     const sandbox = s;
     let chain = Promise.resolve();
     const ws = ServerWebSocket.accept(req, socket, head, {
+      protocol: offeredProtocols(req).includes(PTY_PROTOCOL) ? PTY_PROTOCOL : undefined,
       onMessage: (text) => {
         let msg: { type?: unknown; data?: unknown; cols?: unknown; rows?: unknown };
         try {

@@ -14,6 +14,8 @@ const GUID = '258EAFA5-E914-47DA-95CA-C5AB0DC85B11';
 
 export interface ServerWebSocketOptions {
   maxMessageBytes?: number;
+  /** The subprotocol to answer with (one the client offered). */
+  protocol?: string;
   onMessage(text: string): void;
   onClose(): void;
 }
@@ -39,7 +41,9 @@ export class ServerWebSocket {
       throw new ApiError('bad_request', 'not a WebSocket handshake (Upgrade: websocket and a Sec-WebSocket-Key are required)');
     }
     const accept = createHash('sha1').update(key + GUID).digest('base64');
-    socket.write(`HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ${accept}\r\n\r\n`);
+    // A subprotocol is named only when the caller picked one the client offered (a browser fails the connection otherwise).
+    const protocol = opts.protocol && /^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/.test(opts.protocol) ? `Sec-WebSocket-Protocol: ${opts.protocol}\r\n` : '';
+    socket.write(`HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ${accept}\r\n${protocol}\r\n`);
     const ws = new ServerWebSocket(socket, opts);
     if (head.length) ws.onData(head);
     return ws;

@@ -12,7 +12,7 @@
  * template whose root is any read-only directory (e.g. one saved from a live sandbox) registers
  * the same way (`registerTemplate` with `source: 'directory'`).
  */
-import { mkdir, readFile, readdir, rename, writeFile } from 'node:fs/promises';
+import { link, mkdir, readFile, readdir, rename, unlink, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { acquireLock } from './lock.js';
@@ -35,6 +35,13 @@ export interface TemplateRecord {
   builtAt: string;
   hash?: string;
   recipe?: TemplateRecipe;
+  /**
+   * A template made from a live sandbox: the owner of that sandbox (its API key's digest; '' on a
+   * server without keys). Only that owner sees, starts and deletes it: it holds that owner's files.
+   */
+  owner?: string;
+  /** A template made from a live sandbox: that sandbox's id. */
+  fromSandbox?: string;
 }
 
 /** One line of `GET /v1/templates` and `podflare template ls`. */
@@ -81,8 +88,16 @@ export function registryDir(imagesDir: string): string {
   return path.join(imagesDir, REGISTRY_DIR);
 }
 
-/** Adds (or replaces) a template in the registry, atomically. */
-export async function registerTemplate(imagesDir: string, record: TemplateRecord): Promise<void> {
+/** A template of that name is registered already (registerTemplate with `exclusive`). */
+export class TemplateExistsError extends Error {
+  override readonly name = 'TemplateExistsError';
+}
+
+/**
+ * Adds (or replaces) a template in the registry, atomically. `exclusive`: fails with
+ * TemplateExistsError instead of replacing one (two servers sharing the images directory included).
+ */
+export async function registerTemplate(imagesDir: string, record: TemplateRecord, opts: { exclusive?: boolean } = {}): Promise<void> {
   if (!TEMPLATE_NAME_PATTERN.test(record.name) || record.name === DEFAULT_TEMPLATE_NAME || record.name in BUILTIN_TEMPLATES) {
     throw new Error(`cannot register a template named "${record.name}"`);
   }
@@ -90,7 +105,32 @@ export async function registerTemplate(imagesDir: string, record: TemplateRecord
   await mkdir(dir, { recursive: true });
   const tmp = path.join(dir, `.${record.name}.${randomBytes(4).toString('hex')}.tmp`);
   await writeFile(tmp, JSON.stringify(record, null, 2) + '\n');
-  await rename(tmp, path.join(dir, `${record.name}.json`));
+  if (!opts.exclusive) return void (await rename(tmp, path.join(dir, `${record.name}.json`)));
+  try {
+    await link(tmp, path.join(dir, `${record.name}.json`)); // unlike rename, never replaces
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'EEXIST') throw new TemplateExistsError(`a template named "${record.name}" exists already`);
+    throw err;
+  } finally {
+    await unlink(tmp).catch(() => undefined);
+  }
+}
+
+/** Removes a template from the registry; false if it was not there. Its layers are the caller's to remove. */
+export async function unregisterTemplate(imagesDir: string, name: string): Promise<boolean> {
+  if (!TEMPLATE_NAME_PATTERN.test(name)) return false;
+  try {
+    await unlink(path.join(registryDir(imagesDir), `${name}.json`));
+    return true;
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return false;
+    throw err;
+  }
+}
+
+/** Whether `owner` may see a registered template (undefined: the server itself, sees all). */
+function visibleTo(r: TemplateRecord, owner: string | undefined): boolean {
+  return owner === undefined || r.owner === undefined || r.owner === owner;
 }
 
 /** Every registered template (files that do not parse are skipped). */
@@ -194,14 +234,30 @@ export class TemplateCatalog {
 
   constructor(private readonly opts: TemplateCatalogOptions) {}
 
-  /** Names a create may ask for. */
-  async names(): Promise<string[]> {
-    return [DEFAULT_TEMPLATE_NAME, ...Object.keys(BUILTIN_TEMPLATES), ...(await readRegistry(this.opts.imagesDir)).map((r) => r.name)];
+  /** Names a create may ask for (`owner`: those of its templates made from sandboxes only). */
+  async names(owner?: string): Promise<string[]> {
+    const registered = (await readRegistry(this.opts.imagesDir)).filter((r) => visibleTo(r, owner));
+    return [DEFAULT_TEMPLATE_NAME, ...Object.keys(BUILTIN_TEMPLATES), ...registered.map((r) => r.name)];
   }
 
-  /** Throws UnknownTemplateError unless `name` is a template of this server. */
-  async check(name: string): Promise<void> {
-    const names = await this.names();
+  /** Whether any template (anyone's) has this name. */
+  async exists(name: string): Promise<boolean> {
+    return (await this.names()).includes(name);
+  }
+
+  /** Every registered template (everyone's). */
+  all(): Promise<TemplateRecord[]> {
+    return readRegistry(this.opts.imagesDir);
+  }
+
+  /** The registered template of that name, if `owner` may see it. */
+  async record(name: string, owner?: string): Promise<TemplateRecord | undefined> {
+    return (await readRegistry(this.opts.imagesDir)).find((r) => r.name === name && visibleTo(r, owner));
+  }
+
+  /** Throws UnknownTemplateError unless `name` is a template of this server (that `owner` may start). */
+  async check(name: string, owner?: string): Promise<void> {
+    const names = await this.names(owner);
     if (!names.includes(name)) throw new UnknownTemplateError(name, names);
   }
 
@@ -254,7 +310,7 @@ export class TemplateCatalog {
   }
 
   /** Every template with whether it is built, its size and the runtimes that can start it. */
-  async list(): Promise<TemplateSummary[]> {
+  async list(owner?: string): Promise<TemplateSummary[]> {
     const { runtimes } = this.opts;
     const layered = this.opts.templateRuntimes ?? [];
     const out: TemplateSummary[] = [{
@@ -270,7 +326,7 @@ export class TemplateCatalog {
         size_bytes: built ? await this.size(path.join(dir, 'layer')) : null, runtimes: layered, built_at: built ? await builtAt(dir) : null,
       });
     }
-    for (const r of await readRegistry(this.opts.imagesDir)) {
+    for (const r of (await readRegistry(this.opts.imagesDir)).filter((t) => visibleTo(t, owner))) {
       let built = true;
       for (const layer of r.layers) built &&= await isDir(layer);
       out.push({

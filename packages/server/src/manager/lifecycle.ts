@@ -80,7 +80,7 @@ export class Lifecycle {
     if (this.ctx.status.closing) throw new SandboxError('unavailable', 'the server is shutting down');
     const template = opts.template ?? DEFAULT_TEMPLATE;
     const runtime = this.pickRuntime(opts.runtime);
-    await checkTemplate(template, runtime, this.ctx.templates);
+    await checkTemplate(template, runtime, this.ctx.templates, opts.owner);
     const release = this.capacity.reserve(opts.owner, 1);
     try {
       return await this.createReserved(opts, runtime, template, release);

@@ -7,7 +7,7 @@
 import { isEgressPolicy, type EgressSetting } from '@podflare/protocol';
 import { SandboxError } from '@podflare/runtime';
 import { WarmPool, type PoolKey, type PoolMissReason } from '../pool.js';
-import type { Runtime, RuntimeSandbox } from '../runtime/runtime.js';
+import type { Runtime, RuntimeSandbox, SandboxSpec } from '../runtime/runtime.js';
 import { templatePreload } from '../template-preload.js';
 import { Zygotes, type ZygoteStats } from '../zygote.js';
 import type { ManagerContext } from './context.js';
@@ -22,19 +22,22 @@ export class PoolUse {
   private readonly pool: WarmPool;
   /** Per template, the pre-warmed sandbox that refills and misses are forked from (zygote.ts). */
   private readonly zygotes: Zygotes;
+  /** The spec a template's zygote is started (or forked) with. */
+  private readonly zygoteSpec: (template: string) => SandboxSpec;
   /** Creates with an egress allowlist (started cold: no pool serves them). */
   private policyCreatesCount = 0;
 
   constructor(private readonly ctx: ManagerContext) {
     const { config } = ctx;
     const preload = (template: string) => (template === DEFAULT_TEMPLATE && config.defaultTemplatePreload ? config.defaultTemplatePreload : templatePreload(template));
+    this.zygoteSpec = (template) => {
+      const id = newSandboxId();
+      const env = { PODFLARE_ZYGOTE_PRELOAD: preload(template).join(',') };
+      return { id, template, egress: false, hostname: `sbx-${id.slice(4, 16)}`, background: true, env, limits: config.defaultLimits };
+    };
     this.zygotes = new Zygotes({
       enabled: config.zygote,
-      zygoteSpec: (template) => {
-        const id = newSandboxId();
-        const env = { PODFLARE_ZYGOTE_PRELOAD: preload(template).join(',') };
-        return { id, template, egress: false, hostname: `sbx-${id.slice(4, 16)}`, background: true, env, limits: config.defaultLimits };
-      },
+      zygoteSpec: this.zygoteSpec,
       maxBatch: 4,
       log: ctx.log,
     });
@@ -111,6 +114,40 @@ export class PoolUse {
 
   waitFull(timeoutMs?: number): Promise<void> {
     return this.pool.waitFull(timeoutMs);
+  }
+
+  /**
+   * A zygote for a template just made from the live sandbox `parent`: a fork of it (its
+   * interpreter's state) over the template's layers, not yet in use (adoptZygote). Null where the
+   * runtime or the configuration has no zygotes, or the fork failed (the template then starts
+   * with its files only).
+   */
+  async forkZygote(runtime: Runtime, parent: RuntimeSandbox, template: string, layers: string[]): Promise<RuntimeSandbox | null> {
+    if (!this.ctx.config.zygote || !runtime.capabilities.zygote || !runtime.capabilities.fork) return null;
+    let child: RuntimeSandbox | undefined;
+    try {
+      [child] = await runtime.fork(parent, [this.zygoteSpec(template)], { templateLayers: layers });
+      if (!child) return null;
+      await child.ready;
+      await child.channel.request({ op: 'vars' });
+      return child;
+    } catch (err) {
+      this.ctx.log.warn('could not fork the sandbox into its template\'s zygote; the template carries its files only', { template, error: (err as Error).message });
+      await child?.destroy();
+      return null;
+    }
+  }
+
+  /** Makes a zygote from forkZygote the template's; false (and it is destroyed) if the template has one. */
+  adoptZygote(runtime: Runtime, template: string, zygote: RuntimeSandbox): boolean {
+    if (this.zygotes.adopt(runtime, template, zygote)) return true;
+    void zygote.destroy();
+    return false;
+  }
+
+  /** A deleted template's warm pools and zygote end (resolves once their sandboxes are gone). */
+  async dropTemplate(template: string): Promise<void> {
+    await Promise.all([this.pool.dropTemplate(template), this.zygotes.retire(template)]);
   }
 
   async close(): Promise<void> {

@@ -7,13 +7,17 @@
  *
  * The connection is made by the runtime inside the sandbox's own network namespace, to its own
  * 127.0.0.1 (runtime/namespace/port-connector.ts): never to another sandbox, never to the host (the
- * server's API included). Inbound only, so it works with egress off.
+ * server's API included). Inbound only, so it works with egress off. A runtime that cannot dial
+ * into its sandboxes (the VM runtime) gets a relay process in the sandbox instead (port-relay.ts),
+ * which dials the same 127.0.0.1 from inside.
  */
 import { createHmac, randomBytes, timingSafeEqual } from 'node:crypto';
-import type net from 'node:net';
+import type { Duplex } from 'node:stream';
 import { SANDBOX_ID_PATTERN } from '@podflare/protocol';
 import { SandboxError } from '@podflare/runtime';
 import type { LiveSandbox } from './live-sandbox.js';
+import { relayPort } from './port-relay.js';
+import type { SandboxProcesses } from './processes.js';
 
 /** Default lifetime of a signed URL. */
 export const DEFAULT_PORT_URL_TTL_SECONDS = 3600;
@@ -29,7 +33,11 @@ export interface PortGrant {
 export class SandboxPorts {
   private readonly secret = randomBytes(32);
 
-  constructor(private readonly now: () => number = Date.now) {}
+  constructor(
+    /** Where the runtime cannot dial in: the relay process is one of the sandbox's (port-relay.ts). */
+    private readonly processes?: SandboxProcesses,
+    private readonly now: () => number = Date.now,
+  ) {}
 
   /** A token for one port of one sandbox, valid `ttlSeconds`. */
   sign(sandboxId: string, port: number, ttlSeconds = DEFAULT_PORT_URL_TTL_SECONDS): { token: string; expiresAt: number } {
@@ -53,10 +61,11 @@ export class SandboxPorts {
   }
 
   /** A socket connected to `port` inside the sandbox; marks the sandbox as used. */
-  async connect(s: LiveSandbox, port: number): Promise<net.Socket> {
-    if (!s.rt.connectPort) throw new SandboxError('conflict', `the ${s.record.runtime} runtime cannot expose ports (the namespace runtime can)`);
+  async connect(s: LiveSandbox, port: number): Promise<Duplex> {
     s.record.lastActiveAt = Date.now();
-    return s.rt.connectPort(checkPort(port));
+    if (s.rt.connectPort) return s.rt.connectPort(checkPort(port));
+    if (!this.processes) throw new SandboxError('conflict', `the ${s.record.runtime} runtime cannot expose ports (the namespace runtime can)`);
+    return relayPort(this.processes, s, checkPort(port));
   }
 
   private mac(payload: string): string {

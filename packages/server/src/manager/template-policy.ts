@@ -4,7 +4,7 @@
  * themselves (recipes, layers, the registry) live in image/templates.ts.
  */
 import type { ServerConfig } from '../config.js';
-import { TemplateBuildingError, UnknownTemplateError } from '../image/templates.js';
+import { TemplateBuildingError, UnknownTemplateError, type TemplateRecord } from '../image/templates.js';
 import { DEFAULT_TEMPLATE_NAME } from '../image/template-recipe.js';
 import type { Logger } from '../log.js';
 import type { PoolKey } from '../pool.js';
@@ -12,10 +12,14 @@ import { SandboxError } from '@podflare/runtime';
 
 /** The part of the TemplateCatalog the manager needs. */
 export interface TemplateLookup {
-  /** Throws UnknownTemplateError unless the template exists. */
-  check(name: string): Promise<void>;
+  /** Throws UnknownTemplateError unless the template exists (and `owner` may start it). */
+  check(name: string, owner?: string): Promise<void>;
   /** Throws TemplateBuildingError while a built-in template is built on its first use. */
   ensureReady?(name: string): Promise<void>;
+  /** The registry itself, where templates can be made from live sandboxes and deleted (manager/live-templates.ts). */
+  exists?(name: string): Promise<boolean>;
+  record?(name: string, owner?: string): Promise<TemplateRecord | undefined>;
+  all?(): Promise<TemplateRecord[]>;
 }
 
 /**
@@ -24,12 +28,12 @@ export interface TemplateLookup {
  * templates are layers for the namespace runtime's overlay).
  */
 export async function checkTemplate(
-  template: string, runtime: { name: string; capabilities: { templates?: boolean } }, templates: TemplateLookup | undefined,
+  template: string, runtime: { name: string; capabilities: { templates?: boolean } }, templates: TemplateLookup | undefined, owner?: string,
 ): Promise<void> {
   if (template === DEFAULT_TEMPLATE_NAME) return;
   if (!templates) throw new SandboxError('bad_request', `unknown template "${template}" (available: ${DEFAULT_TEMPLATE_NAME})`, { field: 'template' });
   try {
-    await templates.check(template);
+    await templates.check(template, owner);
   } catch (err) {
     if (err instanceof UnknownTemplateError) throw new SandboxError('bad_request', err.message, { field: 'template' });
     throw err;

@@ -125,6 +125,18 @@ export class HostHelper {
     return this.run({ op: 'squash_layers', sources, target }).then(() => undefined);
   }
 
+  /**
+   * A template's layer at `target` (new) copied from a sandbox's tree `source`, owners shifted
+   * from the sandbox range to image ids, bounded (podflare_template_layer.py). Resolves with the bytes copied.
+   */
+  async templateLayer(o: { source: string; target: string; base: number; count: number; maxBytes: number; maxEntries: number; maxDepth: number }): Promise<number> {
+    const reply = await this.run<'template_layer'>({
+      op: 'template_layer', source: o.source, target: o.target, base: o.base, count: o.count,
+      max_bytes: o.maxBytes, max_entries: o.maxEntries, max_depth: o.maxDepth,
+    });
+    return reply.bytes;
+  }
+
   /** Lazily unmounts `target` in the host's mount namespace. */
   unmount(target: string): Promise<void> {
     return this.run({ op: 'unmount', target }).then(() => undefined);

@@ -37,7 +37,7 @@ import { detectCgroups, type Cgroups, type SandboxCgroup } from '../shared/cgrou
 import type { EgressService } from '../../egress/index.js';
 import type { Logger } from '../../log.js';
 import { processTree, run } from '../../proc.js';
-import { SandboxError, type CloseOptions, type DiffOptions, type FileDiff, type ForkOptions, type OnIncompatible, type ReconcileReport, type Runtime, type RuntimeName, type SandboxSpec } from '@podflare/runtime';
+import { SandboxError, type CloseOptions, type DiffOptions, type FileDiff, type ForkOptions, type OnIncompatible, type ReconcileReport, type Runtime, type RuntimeName, type SandboxSpec, type TemplateLayerBounds } from '@podflare/runtime';
 import { InFlight } from '../in-flight.js';
 import { bwrapArgs, SANDBOX_PATH } from './bwrap-args.js';
 import { HostHelper, type HostHelperOptions } from './hostd.js';
@@ -46,6 +46,7 @@ import { DiskVolume } from './disk-volume.js';
 import { SpareHolders, type ForkHolder } from './spare-holders.js';
 import { assertMountablePath, sandboxDirs, sandboxesDir, trashDir, type SandboxDirs } from './layout.js';
 import { Trash } from './trash.js';
+import { saveTemplateLayer } from './template-layer.js';
 import { proxyEnvironment } from './netns-addresses.js';
 import { closeEgressListeners, openEgressListeners, type EgressListeners } from './netns-listeners.js';
 import { adoptedSlirp, startSlirp, type Slirp } from '../shared/slirp.js';
@@ -358,6 +359,12 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
     else s.slirp = slirp;
   }
 
+  /** A template's layer from a live sandbox's files (template-layer.ts). */
+  saveTemplateLayer(s: NsSandbox, target: string, bounds: TemplateLayerBounds): Promise<{ layers: string[]; bytes: number }> {
+    const deps = { hostd: this.hostd, uidBase: this.opts.uidBase, idCount: ID_COUNT, agentLayer: this.opts.lowerDirs[0]!, isForkLayer: (l: string) => this.isForkLayer(l) };
+    return saveTemplateLayer(deps, s, target, bounds);
+  }
+
   async diff(a: NsSandbox, b: NsSandbox, opts: DiffOptions): Promise<FileDiff> {
     return this.hostd.diff(a.stack, b.stack, opts);
   }
@@ -588,7 +595,12 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
   /** The agent layer over the template's layers, each idmapped for the sandboxes once. */
   private async templateLowers(template: string): Promise<string[]> {
     if (!this.opts.layersFor) return this.opts.lowerDirs;
-    const lowers = [this.opts.lowerDirs[0]!, ...(await this.opts.layersFor(template))];
+    return this.withAgentLayer(await this.opts.layersFor(template));
+  }
+
+  /** The agent layer over the given image layers, each idmapped for the sandboxes once. */
+  private async withAgentLayer(layers: string[]): Promise<string[]> {
+    const lowers = [this.opts.lowerDirs[0]!, ...layers];
     const fresh = lowers.filter((d) => !this.idmapped.has(d));
     if (fresh.length) {
       for (const d of fresh) assertMountablePath(d);
@@ -650,7 +662,8 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
       forking.catch(() => undefined);
       void forking.then(() => phase('fork answered by the interpreter'), () => undefined);
       // Fresh files: the image's layers as they are (no fork layer to make, none to retain).
-      const layers = opts.freshFiles ? Promise.resolve(parent.lowers.filter((l) => !this.isForkLayer(l))) : this.freezeUpper(parent);
+      const layers = opts.templateLayers ? this.withAgentLayer(opts.templateLayers)
+        : opts.freshFiles ? Promise.resolve(parent.lowers.filter((l) => !this.isForkLayer(l))) : this.freezeUpper(parent);
       const layered = layers.then((l) => {
         lowers = l;
         for (const layer of l) this.retainLayer(layer);
