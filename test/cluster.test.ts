@@ -321,6 +321,11 @@ describe('cluster: the dashboard through a gateway', () => {
 describe('cluster: failures', () => {
   it('a node killed with kill -9 under load: creates go on with 0 errors, its sandboxes answer 503, then route again after a restart', async () => {
     const victim = cluster.nodes[2]!;
+    // A node process that keeps its sandboxes, as `podflare node` does by default: one that destroys
+    // them on a stop also ends them when it dies (its holders watch it), so nothing would come back.
+    await victim.stop();
+    await victim.start({ keep: true });
+    await allNodesUp();
     const doomed = await createOn(2);
     await doomed.runCode('kept = 1');
     let stop = false;
