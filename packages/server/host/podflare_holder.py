@@ -504,13 +504,28 @@ def run_spare(args, relay):
         os.write(args.ready_fd, b'1')
         os.close(args.ready_fd)
     detach_output(args.log)
-    relay.control.setblocking(True)
+    # Its server connects right after "ready" and keeps the connection until it hands a child over;
+    # a server killed before it connected would otherwise leave this spare waiting for ever.
+    try:
+        server = os.pidfd_open(args.spare_of) if args.spare_of is not None else None
+    except ProcessLookupError:
+        log('the server left before using this spare holder')
+        return
     while True:
-        conn, _ = relay.control.accept()
+        waiting = [relay.control] + ([server] if server is not None else [])
+        if server is not None and server in select.select(waiting, [], [])[0]:
+            log('the server left before using this spare holder')
+            return
+        try:
+            conn, _ = relay.control.accept()
+        except BlockingIOError:
+            continue
         if peer_uid(conn) == 0:
             break
         conn.close()
-    relay.control.setblocking(False)
+    if server is not None:
+        os.close(server)
+    conn.setblocking(True)
     try:
         msg = read_assignment(conn)
     except (OSError, ValueError):
@@ -546,6 +561,7 @@ def main():
     parser.add_argument('--watch-server', type=int, metavar='PID', help='end the sandbox when this server (our parent) dies')
     parser.add_argument('--spare', action='store_true', help='a fork child\'s holder started ahead of need')
     parser.add_argument('--ready-fd', type=int, help='spare: also says "ready" by writing to this fd')
+    parser.add_argument('--spare-of', type=int, metavar='PID', help='spare: exit if this server dies before connecting')
     parser.add_argument('argv', nargs='*')
     args = parser.parse_args()
     # Our own session (the server starts us detached), so a signal to the server's group never

@@ -10,4 +10,5 @@ export type { HttpMount, MountCaller } from './http/mounts.js';
 export * from './image/index.js';
 export * from './doctor.js';
 export { createLogger, type Logger, type LogLevel } from './log.js';
-export * from './cluster/index.js';
+// Cluster mode (`podflare node`, `podflare gateway`) is `@podflare/server/cluster`: not loaded
+// here, so that `podflare serve` starts without PostgreSQL's driver and the gateway.

@@ -1,5 +1,5 @@
 /** `podflare gateway`: the stateless front of a cluster (auth, placement, routing). */
-import { loadConfig, startGateway, type ServerConfig } from '@podflare/server';
+import { loadConfig, type ServerConfig } from '@podflare/server';
 import { enumOption, intOption, parse, type Command } from '../args.js';
 import { createMcpMount } from '../mcp-mount.js';
 import { CLUSTER_HELP, CLUSTER_OPTIONS, clusterValues, untilSignal } from './cluster-common.js';
@@ -56,6 +56,8 @@ export const gatewayCommand: Command = {
       throw new Error(`refusing to listen on ${config.host} without API keys: set PODFLARE_API_KEYS (or bind 127.0.0.1)`);
     }
     const mcp = createMcpMount((message) => process.stderr.write(`podflare mcp: ${message}\n`));
+    // Loaded here, not at the CLI's start: `podflare serve` should not pay for the cluster's modules.
+    const { startGateway } = await import('@podflare/server/cluster');
     const gateway = await startGateway(config, {
       db, nodeToken, mounts: [mcp],
       hostTtlMs: intOption(values['host-ttl-ms'], 'host-ttl-ms', 500, 600_000, 'gateway'),

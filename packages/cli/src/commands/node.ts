@@ -1,6 +1,6 @@
 /** `podflare node`: one host of a cluster (its sandboxes and warm pool), reached through gateways. */
 import os from 'node:os';
-import { createProgressReporter, loadConfig, startNode } from '@podflare/server';
+import { createProgressReporter, loadConfig } from '@podflare/server';
 import { parse, UsageError, type Command } from '../args.js';
 import { CLUSTER_HELP, CLUSTER_OPTIONS, clusterValues, untilSignal } from './cluster-common.js';
 import { OPTIONS as SERVE_OPTIONS, serveOverrides } from './serve.js';
@@ -40,6 +40,8 @@ export const nodeCommand: Command = {
     if (overrides.onStop === undefined && !process.env.PODFLARE_ON_STOP) overrides.onStop = 'keep';
     const config = loadConfig(overrides);
     const reporter = createProgressReporter();
+    // Loaded here, not at the CLI's start: `podflare serve` should not pay for the cluster's modules.
+    const { startNode } = await import('@podflare/server/cluster');
     const node = await startNode(config, { db, advertise, hostId, nodeToken }, { onImageProgress: reporter.onProgress })
       .finally(() => reporter.finish());
     process.stdout.write(`podflare node ${hostId} listening on ${node.server.url} (advertised as ${advertise})\n`);

@@ -15,6 +15,19 @@ import { MOUNTINFO_READ_CAP, ProcFileTooLargeError, readCmdline, readProcWhole }
  * agent does not answer within `timeoutMs`.
  */
 export async function settleAdopted(s: Pick<NsSandbox, 'channel'>, timeoutMs: number): Promise<void> {
+  const orphan = await interruptOrphanedExec(s, timeoutMs);
+  await orphan?.over;
+}
+
+/**
+ * Interrupts the exec an adopted sandbox's agent was running when the old server died. Resolves
+ * once the agent has answered (the proof that it answers: one round trip per sandbox, a restart
+ * settles them all at once): null when no exec ran, else `over`, which settles once the
+ * interrupted exec has ended (within the interrupt grace) — a restart need not wait for it before
+ * listening; the sandbox's execs do. Throws (or `over` rejects) if the agent does not answer
+ * within `timeoutMs`.
+ */
+export async function interruptOrphanedExec(s: Pick<NsSandbox, 'channel'>, timeoutMs: number): Promise<{ over: Promise<void> } | null> {
   const deadline = Date.now() + timeoutMs;
   const within = <T>(p: Promise<T>): Promise<T> => {
     let timer: NodeJS.Timeout | undefined;
@@ -23,12 +36,15 @@ export async function settleAdopted(s: Pick<NsSandbox, 'channel'>, timeoutMs: nu
     });
     return Promise.race([p, late]).finally(() => clearTimeout(timer));
   };
-  // The first answer is also the proof that the agent answers (one round trip per sandbox, not two:
-  // a restart settles them all at once). `interrupted: false` once no exec runs; an interrupted one
-  // ends within the interrupt grace.
-  while ((await within(s.channel.request({ op: 'interrupt' }))).interrupted) {
-    await new Promise((r) => setTimeout(r, 50));
-  }
+  const interrupt = async () => (await within(s.channel.request({ op: 'interrupt' }))).interrupted;
+  if (!(await interrupt())) return null;
+  // `interrupted: false` once no exec runs; an interrupted one ends within the interrupt grace.
+  const over = (async () => {
+    do await new Promise((r) => setTimeout(r, 10));
+    while (await interrupt());
+  })();
+  over.catch(() => undefined);
+  return { over };
 }
 
 /**

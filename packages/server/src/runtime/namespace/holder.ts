@@ -105,7 +105,8 @@ export interface StartedHolder {
  */
 export function holderCommand(o: Pick<HolderStart, 'stateDir' | 'id' | 'uid' | 'command' | 'accept' | 'spare' | 'watchServer'> & { readyFd?: number }): string[] {
   const paths = holderPaths(o.stateDir, o.id);
-  const spare = o.readyFd === undefined ? ['--spare'] : ['--spare', '--ready-fd', String(o.readyFd)];
+  // A spare serves this server only: it exits if we die before connecting to it (--spare-of).
+  const spare = ['--spare', '--spare-of', String(process.pid), ...(o.readyFd === undefined ? [] : ['--ready-fd', String(o.readyFd)])];
   // A spare is not our child (the spawner starts it): it is told to watch us when it is given a child.
   const watch = o.watchServer && !o.spare ? ['--watch-server', String(process.pid)] : [];
   const mode = [...watch, ...(o.spare ? spare : o.accept ? ['--accept', o.accept] : ['--', ...o.command!])];

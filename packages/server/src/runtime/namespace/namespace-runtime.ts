@@ -55,7 +55,7 @@ import {
   connectHolder, HOLDER_RECORD_VERSION, holderLogTail, holderPaths, holdersDir, killIfStill, loadHolderRecords, prepareHoldersDir,
   removeHolderFiles, saveHolderRecord, startHolder, type HolderRecord,
 } from './holder.js';
-import { hasMount, killStrayHolders, killUnrecordedHolders, removeStrayHolderFiles, settleAdopted } from './adopt.js';
+import { hasMount, interruptOrphanedExec, killStrayHolders, killUnrecordedHolders, removeStrayHolderFiles } from './adopt.js';
 import { bootTicksNow, ForkedSandbox, hostPidsOfForkChildren, NsSandbox, RootSandbox, type SandboxHooks } from './ns-sandbox.js';
 import { NsHeldCheckpoints } from './held-checkpoints.js';
 
@@ -475,7 +475,15 @@ export class NamespaceRuntime implements Runtime<NsSandbox> {
     await Promise.all(taken.map(async (s) => {
       try {
         if (isEgressPolicy(s.spec.egress)) await this.attachEgressPolicy(s, s.initPid!);
-        await settleAdopted(s, this.opts.startTimeoutMs + this.opts.interruptGraceMs);
+        const orphan = await interruptOrphanedExec(s, this.opts.startTimeoutMs + this.opts.interruptGraceMs);
+        // The exec interrupted ends behind the listener: this sandbox's execs and forks wait for it
+        // (ready), the others answer meanwhile. One that does not end is destroyed (recorded lost).
+        if (orphan) {
+          s.ready = orphan.over.catch((err: Error) => {
+            why(s.id, `${err.message}: it is ended`);
+            setImmediate(() => void s.destroy().catch(() => undefined)); // destroy() waits for ready
+          });
+        }
         void this.heldCheckpoints.forgetAll(s); // the previous server's checkpoints are nobody's now (not waited for)
         adopted.push(s);
       } catch (err) {
