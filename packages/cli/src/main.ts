@@ -5,20 +5,25 @@
  */
 import { readFileSync } from 'node:fs';
 import { EXIT_FAILURE, EXIT_OK, EXIT_USAGE, HelpRequested, UsageError, type Command } from './args.js';
-import { demoCommand } from './commands/demo.js';
-import { doctorCommand } from './commands/doctor.js';
-import { imageCommand } from './commands/image.js';
-import { lsCommand } from './commands/ls.js';
-import { rmCommand } from './commands/rm.js';
-import { runCommand } from './commands/run.js';
-import { serveCommand } from './commands/serve.js';
-import { templateCommand } from './commands/template.js';
-import { gatewayCommand } from './commands/gateway.js';
-import { nodeCommand } from './commands/node.js';
 
-const COMMANDS: Command[] = [
-  serveCommand, demoCommand, runCommand, lsCommand, rmCommand, imageCommand, templateCommand, doctorCommand, nodeCommand, gatewayCommand,
+/**
+ * The commands, in help order, each loaded only when it runs (or for the help): `podflare serve`
+ * starts sooner without the others' modules (a restart's adoption waits for its start-up).
+ */
+const COMMANDS: ReadonlyArray<readonly [string, () => Promise<Command>]> = [
+  ['serve', async () => (await import('./commands/serve.js')).serveCommand],
+  ['demo', async () => (await import('./commands/demo.js')).demoCommand],
+  ['run', async () => (await import('./commands/run.js')).runCommand],
+  ['ls', async () => (await import('./commands/ls.js')).lsCommand],
+  ['rm', async () => (await import('./commands/rm.js')).rmCommand],
+  ['image', async () => (await import('./commands/image.js')).imageCommand],
+  ['template', async () => (await import('./commands/template.js')).templateCommand],
+  ['doctor', async () => (await import('./commands/doctor.js')).doctorCommand],
+  ['node', async () => (await import('./commands/node.js')).nodeCommand],
+  ['gateway', async () => (await import('./commands/gateway.js')).gatewayCommand],
 ];
+
+const loadCommand = (name: string | undefined): Promise<Command> | undefined => COMMANDS.find(([n]) => n === name)?.[1]();
 
 function version(): string {
   try {
@@ -28,14 +33,15 @@ function version(): string {
   }
 }
 
-function mainHelp(): string {
-  const width = Math.max(...COMMANDS.map((c) => c.name.length));
+async function mainHelp(): Promise<string> {
+  const commands = await Promise.all(COMMANDS.map(([, load]) => load()));
+  const width = Math.max(...commands.map((c) => c.name.length));
   return `Usage: podflare <command> [options]
 
 Podflare: self-hosted sandboxes for AI agents (persistent Python interpreters with fork).
 
 Commands:
-${COMMANDS.map((c) => `  ${c.name.padEnd(width)}  ${c.summary}`).join('\n')}
+${commands.map((c) => `  ${c.name.padEnd(width)}  ${c.summary}`).join('\n')}
 
 Run \`podflare <command> --help\` for a command's options.
 Options: -h, --help (this help), -v, --version
@@ -45,17 +51,17 @@ Options: -h, --help (this help), -v, --version
 export async function main(argv: string[]): Promise<number> {
   const [name, ...rest] = argv;
   if (name === undefined || name === '-h' || name === '--help' || name === 'help') {
-    const target = name === 'help' ? COMMANDS.find((c) => c.name === rest[0]) : undefined;
-    process.stdout.write(target ? target.help : mainHelp());
+    const target = name === 'help' ? await loadCommand(rest[0]) : undefined;
+    process.stdout.write(target ? target.help : await mainHelp());
     return name === undefined ? EXIT_USAGE : EXIT_OK;
   }
   if (name === '-v' || name === '--version') {
     process.stdout.write(`podflare ${version()}\n`);
     return EXIT_OK;
   }
-  const command = COMMANDS.find((c) => c.name === name);
+  const command = await loadCommand(name);
   if (!command) {
-    process.stderr.write(`podflare: unknown command "${name}"\n\n${mainHelp()}`);
+    process.stderr.write(`podflare: unknown command "${name}"\n\n${await mainHelp()}`);
     return EXIT_USAGE;
   }
   try {

@@ -152,12 +152,13 @@ export class RuntimeRegistry<Ctx, D extends RuntimeDriver<Ctx> = RuntimeDriver<C
     const chosen = requested === AUTO_RUNTIME ? (usable.find((u) => u.preferred) ?? usable[0]) : usable.find((u) => u.name === requested);
     if (!chosen) throw new Error(`no runtime can run on this host: ${skipped.map((s) => `the ${s.name} runtime ${s.reason}`).join('; ')}`);
     const ordered = [chosen, ...usable.filter((u) => u !== chosen)];
-    const instances: DriverInstance[] = [];
-    try {
-      for (const { name, driver } of ordered) instances.push(await driver.create(ctx, name));
-    } catch (err) {
+    // Created at once too (a restart waits for all of them), kept in order: the chosen one first.
+    const results = await Promise.allSettled(ordered.map(({ name, driver }) => driver.create(ctx, name)));
+    const instances = results.flatMap((r) => (r.status === 'fulfilled' ? [r.value] : []));
+    const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+    if (failed) {
       await Promise.allSettled(instances.map((i) => i.runtime.close()));
-      throw err;
+      throw failed.reason;
     }
     return { instances, skipped };
   }

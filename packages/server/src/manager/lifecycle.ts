@@ -48,11 +48,11 @@ export class Lifecycle {
     const { store, runtimes, log } = this.ctx;
     // Frozen sandboxes live on disk, not in the dead server's processes: they outlive it.
     const previous = (await store.list({})).filter((r) => r.state !== 'frozen');
-    const adopted: RuntimeSandbox[] = [];
-    for (const runtime of runtimes.values()) {
+    // The runtimes at once: a restart listens only once every one has adopted its sandboxes.
+    const adopted: RuntimeSandbox[] = (await Promise.all([...runtimes.values()].map(async (runtime) => {
       const mine = previous.filter((r) => r.runtime === runtime.name);
-      adopted.push(...(await runtime.reconcile(mine.map((r) => r.id))).adopted);
-    }
+      return (await runtime.reconcile(mine.map((r) => r.id))).adopted;
+    }))).flat();
     const byId = new Map(adopted.map((rt) => [rt.id, rt]));
     const now = Date.now();
     let lost = 0;
