@@ -9,8 +9,8 @@ import { generateText, stepCountIs, streamText } from 'ai';
 import type { LanguageModelV3CallOptions, LanguageModelV3GenerateResult, LanguageModelV3StreamPart } from '@ai-sdk/provider';
 import { convertArrayToReadableStream, MockLanguageModelV3 } from 'ai/test';
 import { Sandbox } from 'podflare';
-import { podflareRewind, podflareRunCode } from 'podflare/ai-sdk';
-import type { PodflareRunCodeOutput } from 'podflare/ai-sdk';
+import { podflareProcessTools, podflareRewind, podflareRunCode } from 'podflare/ai-sdk';
+import type { ProcessOutputRead, PodflareRunCodeOutput } from 'podflare/ai-sdk';
 import { type TestServer, useServerAndSandbox } from './helpers/server.js';
 
 const usage = {
@@ -245,5 +245,105 @@ describe('podflare/ai-sdk', () => {
     } finally {
       await own.close();
     }
+  });
+
+  it('lets the model start a dev server, read its output, expose its port and kill it', async () => {
+    await sbx.files.upload('/root/site/index.html', '<h1>served by the agent</h1>\n');
+    let url: string | undefined;
+    let page: { status: number; body: string } | undefined;
+    // The model's script: each step sees the results so far (as a real model would read them).
+    const steps: Array<(results: string[]) => Promise<[string, Record<string, unknown>]>> = [
+      async () => ['startProcess', { command: 'exec python3 -u -m http.server 8000 --bind 127.0.0.1', cwd: '/root/site' }],
+      async () => ['exposePort', { port: 8000 }],
+      async (results) => {
+        // A person opens the URL the model handed over (no API key): the server may still be starting.
+        url = (JSON.parse(results[1]!) as { url: string }).url;
+        const deadline = Date.now() + 60_000;
+        while (!page) {
+          const res = await fetch(url).catch(() => undefined);
+          if (res?.status === 200) page = { status: res.status, body: await res.text() };
+          else if (Date.now() > deadline) throw new Error(`the exposed port never answered 200 (last: ${res?.status})`);
+          else await new Promise((r) => setTimeout(r, 200));
+        }
+        return ['readProcessOutput', { pid: pidIn(results) }];
+      },
+      async (results) => ['readProcessOutput', { pid: pidIn(results), offset: headOf(results[2]!).nextOffset }],
+      async (results) => ['killProcess', { pid: pidIn(results) }],
+      async (results) => ['readProcessOutput', { pid: pidIn(results), offset: headOf(results[2]!).nextOffset }],
+    ];
+    const pidIn = (results: string[]) => (JSON.parse(results[0]!) as { pid: number }).pid;
+    const headOf = (text: string) => JSON.parse(text.split('\n')[0]!) as Omit<ProcessOutputRead, 'output'>;
+    const model = new MockLanguageModelV3({
+      doGenerate: async (options): Promise<LanguageModelV3GenerateResult> => {
+        const results = toolResultsIn(options).map(textOf);
+        const step = steps[results.length];
+        if (step) {
+          const [toolName, input] = await step(results);
+          return {
+            content: [{ type: 'tool-call', toolCallId: `call-${results.length + 1}`, toolName, input: JSON.stringify(input) }],
+            finishReason: { unified: 'tool-calls', raw: 'tool_calls' }, usage, warnings: [],
+          };
+        }
+        return { content: [{ type: 'text', text: results.join(' | ') }], finishReason: { unified: 'stop', raw: 'stop' }, usage, warnings: [] };
+      },
+    });
+    const result = await generateText({
+      model,
+      tools: { runCode: podflareRunCode({ sandbox: sbx }), ...podflareProcessTools({ sandbox: sbx }) },
+      stopWhen: stepCountIs(steps.length + 1),
+      prompt: 'Serve /root/site and give me a link.',
+    });
+    const offered = model.doGenerateCalls[0]!.tools?.map((t) => t.name).sort();
+    assert.deepEqual(offered, ['exposePort', 'killProcess', 'readProcessOutput', 'runCode', 'startProcess']);
+    assert.equal(result.steps.flatMap((s) => s.toolResults).length, steps.length);
+    const texts = result.text.split(' | ');
+    const pid = (JSON.parse(texts[0]!) as { pid: number }).pid;
+    assert.ok(Number.isInteger(pid) && pid > 0);
+
+    // The URL works without the API key and reaches the model's server.
+    assert.match(url ?? '', /^http:\/\/127\.0\.0\.1:\d+\/v1\/ports\//);
+    assert.deepEqual(page, { status: 200, body: '<h1>served by the agent</h1>\n' });
+    assert.match(texts[1]!, /"expiresAt":"\d{4}-/);
+
+    // The first read has the server's banner and the request it served (stderr, in order); it runs.
+    const first = headOf(texts[2]!);
+    assert.equal(first.running, true);
+    assert.equal(first.exitCode, null);
+    assert.match(texts[2]!, /Serving HTTP on 127\.0\.0\.1 port 8000/);
+    assert.match(texts[2]!, /"GET \/ HTTP\/1\.1" 200/);
+    assert.ok(first.nextOffset > 0);
+    // Reading from nextOffset repeats nothing.
+    assert.doesNotMatch(texts[3]!, /Serving HTTP/);
+    assert.match(texts[4]!, new RegExp(`^Killed process ${pid}\\.$`));
+    const after = headOf(texts[5]!);
+    assert.equal(after.running, false);
+    assert.equal(after.exitCode, 137);
+    assert.equal((await sbx.commands.get(pid)).running, false);
+    await assert.rejects(fetch(url!).then(async (res) => {
+      if (res.status === 200) return;
+      throw new Error(`status ${res.status}`);
+    }));
+  });
+
+  it('bounds what readProcessOutput shows of a chatty process, and the next offset skips it all', async () => {
+    const tools = podflareProcessTools({ sandbox: async () => sbx, maxOutputChars: 300 });
+    const opts = { toolCallId: 't', messages: [] };
+    const started = await tools.startProcess.execute!({ command: 'for i in $(seq 1 2000); do echo "line $i"; done' }, opts) as { pid: number };
+    let read: ProcessOutputRead;
+    const deadline = Date.now() + 60_000;
+    do {
+      read = await tools.readProcessOutput.execute!({ pid: started.pid }, opts) as ProcessOutputRead;
+      if (read.running) await new Promise((r) => setTimeout(r, 200));
+    } while (read.running && Date.now() < deadline);
+    assert.equal(read.exitCode, 0);
+    const total = Array.from({ length: 2000 }, (_, i) => `line ${i + 1}\n`).join('').length;
+    assert.equal(read.nextOffset, total);
+    assert.ok(read.output.length < 400, `output not bounded: ${read.output.length} chars`);
+    assert.match(read.output, /^line 1\n/);
+    assert.match(read.output, /characters omitted/);
+    assert.match(read.output, /line 2000\n$/);
+    const rest = await tools.readProcessOutput.execute!({ pid: started.pid, offset: read.nextOffset }, opts) as ProcessOutputRead;
+    assert.equal(rest.output, '');
+    assert.deepEqual(await tools.killProcess.execute!({ pid: started.pid }, opts), { pid: started.pid, killed: false });
   });
 });

@@ -9,7 +9,7 @@ import { after, before, describe, it } from 'node:test';
 import { Agent, RunContext, Usage, run, setTracingDisabled } from '@openai/agents';
 import type { AgentOutputItem, Model, ModelRequest, ModelResponse, StreamEvent, StreamEventResponseCompleted } from '@openai/agents';
 import { Sandbox, SandboxGoneError, NotFoundError } from 'podflare';
-import { podflareCodeInterpreter, podflareForkTool } from 'podflare/openai-agents';
+import { podflareCodeInterpreter, podflareForkTool, podflareProcessTools } from 'podflare/openai-agents';
 import { startTestServer, type TestServer } from './helpers/server.js';
 
 type Step = (request: ModelRequest) => AgentOutputItem[];
@@ -236,6 +236,90 @@ describe('podflare/openai-agents', () => {
       assert.equal(String(await invoke('print(total)')), '10');
     } finally {
       await own.close();
+    }
+  });
+
+  it('lets the agent start a dev server, expose its port, read its output and kill it, in the code tool\'s sandbox', async () => {
+    const runCode = podflareCodeInterpreter({ host: server.url });
+    const processTools = podflareProcessTools({ sandbox: runCode, maxOutputChars: 2000 });
+    try {
+      const agent = new Agent({ name: 'dev', model: new ScriptedModel([]), tools: [runCode, ...processTools] });
+      const outputs: string[] = [];
+      const pidOf = () => (JSON.parse(outputs[1]!) as { pid: number }).pid;
+      const headOf = (text: string) => JSON.parse(text.split('\n')[0]!) as { running: boolean; exitCode: number | null; nextOffset: number };
+      // Turn 1: write a page with the code tool, serve it in the background, hand out a link.
+      const model1 = new ScriptedModel([
+        () => [call('run_code', { code: 'import os\nos.makedirs("/root/site", exist_ok=True)\nopen("/root/site/index.html", "w").write("<p>agent page</p>")', language: null })],
+        (req) => {
+          outputs.push(lastToolOutput(req));
+          return [call('start_process', { command: 'exec python3 -u -m http.server 8000 --bind 127.0.0.1', cwd: '/root/site' })];
+        },
+        (req) => {
+          outputs.push(lastToolOutput(req));
+          return [call('expose_port', { port: 8000, expires_in_seconds: null })];
+        },
+        (req) => {
+          outputs.push(lastToolOutput(req));
+          return [say((JSON.parse(lastToolOutput(req)) as { url: string }).url)];
+        },
+      ]);
+      const first = await run(agent.clone({ model: model1 }), 'Serve a page and give me the link.');
+      const offered = model1.requests[0]!.tools.flatMap((t) => ('name' in t ? [t.name] : [])).sort();
+      assert.deepEqual(offered, ['expose_port', 'kill_process', 'read_process_output', 'run_code', 'start_process']);
+      const url = String(first.finalOutput);
+      assert.match(url, /^http:\/\/127\.0\.0\.1:\d+\/v1\/ports\//);
+
+      // A person opens the link (no API key); the server may still be starting.
+      let page: string | undefined;
+      const deadline = Date.now() + 60_000;
+      while (page === undefined) {
+        const res = await fetch(url).catch(() => undefined);
+        if (res?.status === 200) page = await res.text();
+        else if (Date.now() > deadline) throw new Error(`the exposed port never answered 200 (last: ${res?.status})`);
+        else await new Promise((r) => setTimeout(r, 200));
+      }
+      assert.equal(page, '<p>agent page</p>');
+
+      // Turn 2: read the server's log (the banner and the request), read again from nextOffset, kill it.
+      const model2 = new ScriptedModel([
+        () => [call('read_process_output', { pid: pidOf(), offset: null })],
+        (req) => {
+          outputs.push(lastToolOutput(req));
+          return [call('read_process_output', { pid: pidOf(), offset: headOf(outputs[3]!).nextOffset })];
+        },
+        (req) => {
+          outputs.push(lastToolOutput(req));
+          return [call('kill_process', { pid: pidOf() })];
+        },
+        (req) => {
+          outputs.push(lastToolOutput(req));
+          return [call('read_process_output', { pid: pidOf(), offset: 0 })];
+        },
+        (req) => {
+          outputs.push(lastToolOutput(req));
+          return [call('kill_process', { pid: 'not a pid' })];
+        },
+        (req) => {
+          outputs.push(lastToolOutput(req));
+          return [say('stopped')];
+        },
+      ]);
+      await run(agent.clone({ model: model2 }), 'What did the server log? Then stop it.');
+      const [, started, , log, again, killed, ended, bad] = outputs as [string, string, string, string, string, string, string, string];
+      assert.match(started, /^\{"pid":\d+\}$/);
+      assert.equal(headOf(log).running, true);
+      assert.match(log, /Serving HTTP on 127\.0\.0\.1 port 8000/);
+      assert.match(log, /"GET \/ HTTP\/1\.1" 200/);
+      assert.doesNotMatch(again, /Serving HTTP/);
+      assert.equal(killed, `Killed process ${pidOf()}.`);
+      assert.equal(headOf(ended).running, false);
+      assert.equal(headOf(ended).exitCode, 137);
+      assert.match(ended, /Serving HTTP/);
+      assert.match(bad, /^invalid arguments: expected \{"pid": integer\}/);
+      assert.equal((await (await runCode.sandbox()).commands.get(pidOf())).running, false);
+      assert.equal(processTools[0].currentSandbox, runCode.currentSandbox, 'the process tools share the code tool\'s sandbox');
+    } finally {
+      await runCode.close();
     }
   });
 });

@@ -29,9 +29,12 @@ import type { Sandbox } from '../sandbox.js';
 import type { Language } from '../types.js';
 import { formatExecution } from './format.js';
 import type { FormatOptions } from './format.js';
+import * as processes from './process-tools.js';
+import type { ExposedPort, KilledProcess, ProcessOutputRead, StartedProcess } from './process-tools.js';
 
 export { formatExecution, truncateMiddle, DEFAULT_MAX_OUTPUT_CHARS } from './format.js';
 export type { ExecutionImage, ExecutionSnapshot, FormatOptions } from './format.js';
+export type { ExposedPort, KilledProcess, ProcessOutputRead, StartedProcess } from './process-tools.js';
 
 /**
  * The sandbox a tool runs in: a Sandbox, a promise of one, or a function making one. A function is
@@ -209,6 +212,81 @@ export function podflareRewind(options: PodflareRewindOptions): Tool<{ steps?: n
     },
     toModelOutput: ({ output }) => ({ type: 'text', value: `Undid the last ${output.rewound} call(s): the sandbox is as it was before them.` }),
   });
+}
+
+/** Options of {@link podflareProcessTools}. */
+export interface PodflareProcessToolsOptions {
+  /** Where the processes run (the same source as the code tool's, to work on one sandbox). */
+  sandbox: SandboxSource;
+  /**
+   * A process's output is cut in the middle past this many characters per read (the head and the
+   * tail are kept); the next offset still skips it all.
+   * @default 20000
+   */
+  maxOutputChars?: number;
+}
+
+/** The tools {@link podflareProcessTools} returns. */
+export interface PodflareProcessTools {
+  startProcess: Tool<{ command: string; cwd?: string | undefined }, StartedProcess>;
+  readProcessOutput: Tool<{ pid: number; offset?: number | undefined }, ProcessOutputRead>;
+  exposePort: Tool<{ port: number; expiresInSeconds?: number | undefined }, ExposedPort>;
+  killProcess: Tool<{ pid: number }, KilledProcess>;
+}
+
+const PID_SCHEMA = z.number().int().min(1).max(processes.MAX_PID).describe('The process id returned by startProcess.');
+
+/**
+ * AI SDK tools for background processes, where an agent needs them: `startProcess` (a dev server, a
+ * watcher; returns its pid at once), `readProcessOutput` (from an offset, so polling never repeats
+ * itself; says whether it still runs and its exit code), `exposePort` (a signed URL a person or a
+ * browser opens) and `killProcess`. Spread them next to {@link podflareRunCode} on the same sandbox.
+ *
+ * @example
+ * ```ts
+ * await using sandbox = await Sandbox.create();
+ * const tools = { runCode: podflareRunCode({ sandbox }), ...podflareProcessTools({ sandbox }) };
+ * ```
+ */
+export function podflareProcessTools(options: PodflareProcessToolsOptions): PodflareProcessTools {
+  const getSandbox = lazySandbox(options.sandbox);
+  const maxChars = options.maxOutputChars;
+  const text = (value: string) => ({ type: 'text' as const, value });
+  return {
+    startProcess: tool({
+      description: processes.PROCESS_TOOL_DESCRIPTIONS.startProcess,
+      inputSchema: z.object({
+        command: z.string().min(1).max(1024 * 1024).describe('The command line, run with bash -c, e.g. "python3 -m http.server 8000".'),
+        cwd: z.string().min(1).max(4096).optional().describe('Working directory. Default: /root'),
+      }),
+      execute: async ({ command, cwd }) => processes.startProcess(await getSandbox(), command, cwd),
+      toModelOutput: ({ output }) => text(JSON.stringify(output)),
+    }),
+    readProcessOutput: tool({
+      description: processes.PROCESS_TOOL_DESCRIPTIONS.readProcessOutput,
+      inputSchema: z.object({
+        pid: PID_SCHEMA,
+        offset: z.number().int().min(0).optional().describe('Where to start reading. Default: 0 (everything still kept)'),
+      }),
+      execute: async ({ pid, offset }) => processes.readProcessOutput(await getSandbox(), pid, offset, maxChars),
+      toModelOutput: ({ output }) => text(processes.formatProcessOutput(output)),
+    }),
+    exposePort: tool({
+      description: processes.PROCESS_TOOL_DESCRIPTIONS.exposePort,
+      inputSchema: z.object({
+        port: z.number().int().min(1).max(65535).describe('The port the server listens on inside the sandbox (on 127.0.0.1 or 0.0.0.0).'),
+        expiresInSeconds: z.number().int().min(1).max(processes.MAX_EXPOSE_SECONDS).optional().describe('How long the URL works. Default: 3600'),
+      }),
+      execute: async ({ port, expiresInSeconds }) => processes.exposePort(await getSandbox(), port, expiresInSeconds),
+      toModelOutput: ({ output }) => text(JSON.stringify(output)),
+    }),
+    killProcess: tool({
+      description: processes.PROCESS_TOOL_DESCRIPTIONS.killProcess,
+      inputSchema: z.object({ pid: PID_SCHEMA }),
+      execute: async ({ pid }) => processes.killProcess(await getSandbox(), pid),
+      toModelOutput: ({ output }) => text(processes.formatKilled(output)),
+    }),
+  };
 }
 
 /** Resolves a {@link SandboxSource} once, on first use; a failed factory call is retried next time. */

@@ -12,6 +12,9 @@
  * building an Agent costs nothing) and keeps it; the tool object itself is the handle to it:
  * `tool.sandbox()`, `tool.currentSandbox`, `tool.close()`, `await using`.
  *
+ * - {@link podflareProcessTools}: `start_process`, `read_process_output`, `expose_port`,
+ *   `kill_process` for background processes (a dev server, a watcher) in that sandbox.
+ *
  * @example
  * ```ts
  * import { Agent, run } from '@openai/agents';
@@ -33,6 +36,7 @@ import { Sandbox } from '../sandbox.js';
 import type { Language, SandboxCreateOptions } from '../types.js';
 import { DEFAULT_MAX_OUTPUT_CHARS, formatExecution } from './format.js';
 import type { ExecutionImage } from './format.js';
+import * as processes from './process-tools.js';
 
 /** The code tool's name as the model sees it (the same as the Python twin's). */
 export const CODE_TOOL_NAME = 'run_code';
@@ -303,6 +307,106 @@ export function podflareForkTool(options: PodflareForkToolOptions = {}): Podflar
     },
   });
   return withHandle(functionTool, session);
+}
+
+/** The background-process tools' names as the model sees them (the same as the MCP server's). */
+export const PROCESS_TOOL_NAMES = {
+  startProcess: 'start_process',
+  readProcessOutput: 'read_process_output',
+  exposePort: 'expose_port',
+  killProcess: 'kill_process',
+} as const;
+
+const pidParameter = z.number().int().min(1).max(processes.MAX_PID).describe('The process id returned by start_process.');
+
+/** `start_process`'s input schema. */
+export const startProcessParameters = z.object({
+  command: z.string().describe('The command line, run with bash -c, e.g. "python3 -m http.server 8000".'),
+  cwd: z.string().nullish().describe('Working directory. Default: /root'),
+});
+/** `read_process_output`'s input schema. */
+export const readProcessOutputParameters = z.object({
+  pid: pidParameter,
+  offset: z.number().int().min(0).nullish().describe('Where to start reading: the nextOffset of the previous read. Default: 0'),
+});
+/** `expose_port`'s input schema. */
+export const exposePortParameters = z.object({
+  port: z.number().int().min(1).max(65535).describe('The port the server listens on inside the sandbox (on 127.0.0.1 or 0.0.0.0).'),
+  expires_in_seconds: z.number().int().min(1).max(processes.MAX_EXPOSE_SECONDS).nullish().describe('How long the URL works. Default: 3600'),
+});
+/** `kill_process`'s input schema. */
+export const killProcessParameters = z.object({ pid: pidParameter });
+
+/** The tools {@link podflareProcessTools} returns, each with the handle to their (shared) sandbox. */
+export type PodflareProcessTools = [
+  startProcess: FunctionTool<unknown, typeof startProcessParameters, string> & PodflareSandboxHandle,
+  readProcessOutput: FunctionTool<unknown, typeof readProcessOutputParameters, string> & PodflareSandboxHandle,
+  exposePort: FunctionTool<unknown, typeof exposePortParameters, string> & PodflareSandboxHandle,
+  killProcess: FunctionTool<unknown, typeof killProcessParameters, string> & PodflareSandboxHandle,
+];
+
+/** Options of {@link podflareProcessTools}: the sandbox, its create options, `maxOutputChars` (per read). */
+export type PodflareProcessToolsOptions = Omit<PodflareToolOptions, 'language' | 'timeoutMs' | 'atomic' | 'includeImages' | 'name' | 'description'>;
+
+/**
+ * OpenAI Agents SDK function tools for background processes: `start_process` (returns its pid at
+ * once), `read_process_output` (from an offset, so polling repeats nothing; says whether it still
+ * runs and its exit code; cut in the middle past `maxOutputChars`), `expose_port` (a signed URL a
+ * person or a browser opens) and `kill_process`. Pass a {@link podflareCodeInterpreter} as `sandbox`
+ * so they work in the code tool's sandbox. Unlike the code tool they never replace a sandbox that
+ * has gone: its processes went with it, so the model is told the error instead.
+ *
+ * @example
+ * ```ts
+ * const runCode = podflareCodeInterpreter();
+ * const agent = new Agent({ name: 'dev', tools: [runCode, ...podflareProcessTools({ sandbox: runCode })] });
+ * ```
+ */
+export function podflareProcessTools(options: PodflareProcessToolsOptions = {}): PodflareProcessTools {
+  const session = sessionFor(options);
+  const maxChars = options.maxOutputChars ?? DEFAULT_MAX_OUTPUT_CHARS;
+  const errorFunction = (expected: string) => (_context: unknown, error: unknown) => toolErrorText(error, expected);
+  const startTool = tool({
+    name: PROCESS_TOOL_NAMES.startProcess,
+    description: processes.PROCESS_TOOL_DESCRIPTIONS.startProcess,
+    parameters: startProcessParameters,
+    strict: true,
+    errorFunction: errorFunction('{"command": string, "cwd": string | null}'),
+    async execute({ command, cwd }): Promise<string> {
+      return JSON.stringify(await processes.startProcess(await session.get(), command, cwd ?? undefined));
+    },
+  });
+  const readTool = tool({
+    name: PROCESS_TOOL_NAMES.readProcessOutput,
+    description: processes.PROCESS_TOOL_DESCRIPTIONS.readProcessOutput,
+    parameters: readProcessOutputParameters,
+    strict: true,
+    errorFunction: errorFunction('{"pid": integer, "offset": integer | null}'),
+    async execute({ pid, offset }): Promise<string> {
+      return processes.formatProcessOutput(await processes.readProcessOutput(await session.get(), pid, offset ?? 0, maxChars));
+    },
+  });
+  const exposeTool = tool({
+    name: PROCESS_TOOL_NAMES.exposePort,
+    description: processes.PROCESS_TOOL_DESCRIPTIONS.exposePort,
+    parameters: exposePortParameters,
+    strict: true,
+    errorFunction: errorFunction('{"port": integer, "expires_in_seconds": integer | null}'),
+    async execute({ port, expires_in_seconds }): Promise<string> {
+      return JSON.stringify(await processes.exposePort(await session.get(), port, expires_in_seconds ?? undefined));
+    },
+  });
+  const killTool = tool({
+    name: PROCESS_TOOL_NAMES.killProcess,
+    description: processes.PROCESS_TOOL_DESCRIPTIONS.killProcess,
+    parameters: killProcessParameters,
+    strict: true,
+    errorFunction: errorFunction('{"pid": integer}'),
+    async execute({ pid }): Promise<string> {
+      return processes.formatKilled(await processes.killProcess(await session.get(), pid));
+    },
+  });
+  return [withHandle(startTool, session), withHandle(readTool, session), withHandle(exposeTool, session), withHandle(killTool, session)];
 }
 
 // ---------------------------------------------------------------------------------------------
