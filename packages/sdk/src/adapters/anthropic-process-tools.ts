@@ -25,7 +25,9 @@ export type ProcessToolDefinition = {
   input_schema: { type: 'object'; properties: Record<string, Record<string, unknown>>; required: string[] };
 };
 
-const PID_PROPERTY = { type: 'integer', minimum: 1, maximum: processes.MAX_PID, description: 'The process id returned by start_process.' };
+const PID_PROPERTY = {
+  type: 'integer', minimum: 1, maximum: processes.MAX_PID, description: 'The process id returned by start_process.',
+};
 
 /**
  * The four background-process tools' definitions, to pass in `tools` next to {@link podflareTools}'s.
@@ -57,7 +59,9 @@ export function processTools(): ProcessToolDefinition[] {
         type: 'object',
         properties: {
           pid: PID_PROPERTY,
-          offset: { type: 'integer', minimum: 0, description: 'Where to start reading: the nextOffset of the previous read. Default: 0' },
+          offset: {
+            type: 'integer', minimum: 0, description: 'Where to start reading: the nextOffset of the previous read. Default: 0',
+          },
         },
         required: ['pid'],
       },
@@ -68,8 +72,13 @@ export function processTools(): ProcessToolDefinition[] {
       input_schema: {
         type: 'object',
         properties: {
-          port: { type: 'integer', minimum: 1, maximum: 65535, description: 'The port the server listens on inside the sandbox (on 127.0.0.1 or 0.0.0.0).' },
-          expires_in_seconds: { type: 'integer', minimum: 1, maximum: processes.MAX_EXPOSE_SECONDS, description: 'How long the URL works. Default: 3600' },
+          port: {
+            type: 'integer', minimum: 1, maximum: 65535,
+            description: 'The port the server listens on inside the sandbox (on 127.0.0.1 or 0.0.0.0).',
+          },
+          expires_in_seconds: {
+            type: 'integer', minimum: 1, maximum: processes.MAX_EXPOSE_SECONDS, description: 'How long the URL works. Default: 3600',
+          },
         },
         required: ['port'],
       },
@@ -111,9 +120,12 @@ export async function runProcessTool(
 ): Promise<string> {
   switch (name) {
     case PROCESS_TOOL_NAMES.startProcess: {
-      if (typeof input.command !== 'string' || input.command === '') throw new ProcessToolInputError('start_process needs a non-empty string "command" input.');
-      if (input.cwd !== undefined && input.cwd !== null && typeof input.cwd !== 'string') throw new ProcessToolInputError('"cwd" must be a string.');
-      return JSON.stringify(await processes.startProcess(sandbox, input.command, (input.cwd as string | null | undefined) ?? undefined));
+      if (typeof input.command !== 'string' || input.command === '') {
+        throw new ProcessToolInputError('start_process needs a non-empty string "command" input.');
+      }
+      const cwd = input.cwd ?? undefined;
+      if (cwd !== undefined && typeof cwd !== 'string') throw new ProcessToolInputError('"cwd" must be a string.');
+      return JSON.stringify(await processes.startProcess(sandbox, input.command, cwd));
     }
     case PROCESS_TOOL_NAMES.readProcessOutput: {
       const pid = integerIn(input, 'pid', 1, processes.MAX_PID, false)!;
