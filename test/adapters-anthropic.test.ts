@@ -22,8 +22,12 @@ import {
   handleToolUses,
   isPodflareToolUse,
   podflareTools,
+  PROCESS_TOOL_DESCRIPTIONS,
+  processTools,
   type ToolResult,
 } from 'podflare/anthropic';
+import { execFileSync } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
 import { useServerAndSandbox } from './helpers/server.js';
 
 let nextId = 0;
@@ -273,5 +277,76 @@ describe('podflare/anthropic', () => {
     assert.match(textOf(failed), /ZeroDivisionError[\s\S]*\[Rolled back: everything this call did/);
     const after = await handleCodeExecutionToolUse(toolUse('execute_python', { code: 'import os\nprint(kept, os.path.exists("/root/half.txt"))' }), sbx);
     assert.equal(textOf(after), '1 False');
+  });
+
+  it('starts a dev server, reads its output from an offset, exposes its port and kills it, from tool_use blocks', async () => {
+    const tools: ToolUnion[] = [...podflareTools(), ...processTools()];
+    const names = tools.map((t) => ('name' in t ? t.name : ''));
+    assert.deepEqual(names.slice(3), ['start_process', 'read_process_output', 'expose_port', 'kill_process']);
+    assert.equal((tools[3] as { description: string }).description, PROCESS_TOOL_DESCRIPTIONS.startProcess);
+
+    await handleToolUse(toolUse('execute_python', {
+      code: 'import os\nos.makedirs("/root/site", exist_ok=True)\nopen("/root/site/index.html", "w").write("<p>claude page</p>")',
+    }), sbx);
+    const startBlock = toolUse('start_process', { command: 'exec python3 -u -m http.server 8000 --bind 127.0.0.1', cwd: '/root/site' });
+    const [started] = await handleToolUses(assistantMessage([startBlock]).content, sbx);
+    assertToolResult(started!, startBlock);
+    assert.equal(started!.is_error, false);
+    assert.match(textOf(started!), /^\{"pid":\d+\}$/);
+    const pid = (JSON.parse(textOf(started!)) as { pid: number }).pid;
+
+    const exposeBlock = toolUse('expose_port', { port: 8000 });
+    const exposed = await handleToolUse(exposeBlock, sbx);
+    assertToolResult(exposed, exposeBlock);
+    const { url } = JSON.parse(textOf(exposed)) as { url: string; expiresAt: string };
+    assert.match(url, /^http:\/\/127\.0\.0\.1:\d+\/v1\/ports\//);
+    // A person opens the link (no API key); the server may still be starting.
+    let page: string | undefined;
+    const deadline = Date.now() + 60_000;
+    while (page === undefined) {
+      const res = await fetch(url).catch(() => undefined);
+      if (res?.status === 200) page = await res.text();
+      else if (Date.now() > deadline) throw new Error(`the exposed port never answered 200 (last: ${res?.status})`);
+      else await new Promise((r) => setTimeout(r, 200));
+    }
+    assert.equal(page, '<p>claude page</p>');
+
+    const headOf = (r: ToolResult) => JSON.parse(textOf(r).split('\n')[0]!) as { running: boolean; exitCode: number | null; nextOffset: number };
+    const log = await handleToolUse(toolUse('read_process_output', { pid }), sbx);
+    assert.equal(log.is_error, false);
+    assert.equal(headOf(log).running, true);
+    assert.match(textOf(log), /Serving HTTP on 127\.0\.0\.1 port 8000/);
+    assert.match(textOf(log), /"GET \/ HTTP\/1\.1" 200/);
+    const again = await handleToolUse(toolUse('read_process_output', { pid, offset: headOf(log).nextOffset }), sbx);
+    assert.doesNotMatch(textOf(again), /Serving HTTP/);
+
+    const killed = await handleToolUse(toolUse('kill_process', { pid }), sbx);
+    assert.equal(textOf(killed), `Killed process ${pid}.`);
+    let ended = await handleToolUse(toolUse('read_process_output', { pid, offset: 0 }), sbx);
+    for (const until = Date.now() + 30_000; headOf(ended).running && Date.now() < until;) {
+      await new Promise((r) => setTimeout(r, 200));
+      ended = await handleToolUse(toolUse('read_process_output', { pid, offset: 0 }), sbx);
+    }
+    assert.equal(headOf(ended).running, false);
+    assert.equal(headOf(ended).exitCode, 137);
+    assert.match(textOf(ended), /Serving HTTP/);
+    assert.equal((await sbx.commands.get(pid)).running, false);
+
+    // Mistakes the model can fix are is_error results, not exceptions.
+    const bad = await handleToolUse(toolUse('kill_process', { pid: 'not a pid' }), sbx);
+    assert.equal(bad.is_error, true);
+    assert.match(textOf(bad), /"pid" must be an integer/);
+    const unknown = await handleToolUse(toolUse('read_process_output', { pid: 4_000_000 }), sbx);
+    assert.equal(unknown.is_error, true);
+    assert.match(textOf(unknown), /No background process with pid 4000000/);
+    assert.equal(isPodflareToolUse({ name: 'expose_port' }), true);
+  });
+
+  it('tells the model the same as the Python SDK\'s process tools', () => {
+    const python = fileURLToPath(new URL('../python', import.meta.url));
+    const out = execFileSync('/usr/bin/python3', ['-c', 'import json; from podflare.anthropic import PROCESS_TOOLS; print(json.dumps(PROCESS_TOOLS))'], {
+      env: { ...process.env, PYTHONPATH: python },
+    });
+    assert.deepEqual(JSON.parse(out.toString()), processTools());
   });
 });

@@ -27,7 +27,10 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Mapping, Optional, cast
 
+from ._errors import NotFoundError
 from ._models import ExecResult
+from ._process_tools import (PROCESS_TOOL_DESCRIPTIONS, PROCESS_TOOL_NAMES, PROCESS_TOOLS, ProcessToolInputError,
+                             describe_not_found, run_process_tool)
 from ._protocol import TIMEOUT_EXIT_CODE
 from ._sandbox import Sandbox
 
@@ -38,6 +41,10 @@ __all__ = [
     "code_execution_tool",
     "handle_code_execution_tool_use",
     "format_result_text",
+    "PROCESS_TOOLS",
+    "PROCESS_TOOL_NAMES",
+    "PROCESS_TOOL_DESCRIPTIONS",
+    "handle_process_tool_use",
 ]
 
 _LANGUAGES = ("python", "bash")
@@ -195,3 +202,33 @@ def handle_code_execution_tool_use(
                 images.append({"type": "image",
                                "source": {"type": "base64", "media_type": "image/png", "data": r.png}})
     return _tool_result(tool_use_id, format_result_text(result, max_output_chars), result.exit_code != 0, images)
+
+
+def handle_process_tool_use(block: Any, sbx: Sandbox, *, max_output_chars: Optional[int] = None) -> Dict[str, Any]:
+    """Runs a ``tool_use`` block of one of :data:`PROCESS_TOOLS` (``start_process``,
+    ``read_process_output``, ``expose_port``, ``kill_process``) in ``sbx`` and returns its
+    ``tool_result`` block. The text is the TypeScript SDK's: ``{"pid":…}`` when started; a JSON head
+    line (pid, running, exitCode, nextOffset) then the output when read (cut in the middle past
+    ``max_output_chars``, default 20000); ``{"url","expiresAt"}`` when exposed. Bad input and an
+    unknown pid give ``is_error`` results; a failing sandbox raises (PodflareError).
+
+    Example::
+
+        tools = TOOLS + PROCESS_TOOLS
+        ...
+        results = [handle_process_tool_use(b, sbx) if b.name in PROCESS_TOOL_NAMES.values()
+                   else handle_code_execution_tool_use(b, sbx) for b in uses]
+    """
+    block_type = _field(block, "type")
+    if block_type not in (None, "tool_use"):
+        raise ValueError(f"expected a tool_use block, got type {block_type!r}")
+    tool_use_id = _field(block, "id")
+    if not tool_use_id:
+        raise ValueError("the tool_use block has no id")
+    data = _input_of(block)
+    try:
+        return _tool_result(tool_use_id, run_process_tool(str(_field(block, "name")), data, sbx, max_output_chars), False)
+    except ProcessToolInputError as err:
+        return _tool_result(tool_use_id, str(err), True)
+    except NotFoundError:
+        return _tool_result(tool_use_id, describe_not_found(data), True)

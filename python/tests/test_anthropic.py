@@ -5,12 +5,17 @@ with the same attributes as `anthropic.types.ToolUseBlock` (id, input, name, typ
 only reads those attributes, so the real class behaves the same.
 """
 
+import json
+import time
 import unittest
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from typing import Any, Dict
 
 from podflare.integrations.anthropic import (BASH_TOOL, CODE_EXECUTION_TOOL, TOOLS, code_execution_tool,
                                              handle_code_execution_tool_use)
+from podflare.anthropic import PROCESS_TOOLS, handle_process_tool_use
 from tests.server import ModuleServer, SandboxTestCase
 
 SERVER = ModuleServer()
@@ -116,6 +121,66 @@ class AnthropicHandlerTests(SandboxTestCase):
         self.assertEqual(BASH_TOOL, {"type": "bash_20250124", "name": "bash"})
         self.assertEqual(TOOLS, [CODE_EXECUTION_TOOL])
         self.assertEqual(code_execution_tool("python")["name"], "python")
+
+
+class AnthropicProcessToolTests(SandboxTestCase):
+    server = SERVER
+
+    def use(self, name, data):
+        return handle_process_tool_use({"type": "tool_use", "id": f"toolu_{name}", "name": name, "input": data}, self.sbx)
+
+    def test_dev_server_started_read_exposed_and_killed(self):
+        self.assertEqual([t["name"] for t in PROCESS_TOOLS],
+                         ["start_process", "read_process_output", "expose_port", "kill_process"])
+        self.sbx.run_code('import os\nos.makedirs("/root/site", exist_ok=True)\n'
+                          'open("/root/site/index.html", "w").write("<p>claude page</p>")')
+        started = self.use("start_process", {"command": "exec python3 -u -m http.server 8000 --bind 127.0.0.1",
+                                             "cwd": "/root/site"})
+        self.assertEqual(started["tool_use_id"], "toolu_start_process")
+        self.assertFalse(started["is_error"])
+        self.assertRegex(started["content"][0]["text"], r'^\{"pid":\d+\}$')
+        pid = json.loads(started["content"][0]["text"])["pid"]
+
+        exposed = self.use("expose_port", {"port": 8000})
+        url = json.loads(exposed["content"][0]["text"])["url"]
+        self.assertRegex(url, r"^http://127\.0\.0\.1:\d+/v1/ports/")
+        page, deadline = None, time.monotonic() + 60
+        while page is None:  # the server may still be starting
+            try:
+                with urllib.request.urlopen(url, timeout=10) as resp:
+                    if resp.status == 200:
+                        page = resp.read().decode()
+            except (urllib.error.URLError, OSError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        self.assertEqual(page, "<p>claude page</p>")
+
+        def head(result):
+            return json.loads(result["content"][0]["text"].split("\n")[0])
+
+        log = self.use("read_process_output", {"pid": pid})
+        self.assertTrue(head(log)["running"])
+        self.assertIn("Serving HTTP on 127.0.0.1 port 8000", log["content"][0]["text"])
+        self.assertIn('"GET / HTTP/1.1" 200', log["content"][0]["text"])
+        again = self.use("read_process_output", {"pid": pid, "offset": head(log)["nextOffset"]})
+        self.assertNotIn("Serving HTTP", again["content"][0]["text"])
+
+        self.assertEqual(self.use("kill_process", {"pid": pid})["content"][0]["text"], f"Killed process {pid}.")
+        ended, deadline = self.use("read_process_output", {"pid": pid, "offset": 0}), time.monotonic() + 30
+        while head(ended)["running"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+            ended = self.use("read_process_output", {"pid": pid, "offset": 0})
+        self.assertEqual((head(ended)["running"], head(ended)["exitCode"]), (False, 137))
+        self.assertIn("Serving HTTP", ended["content"][0]["text"])
+        self.assertFalse(self.sbx.commands.get(pid).running)
+
+        bad = self.use("kill_process", {"pid": "not a pid"})
+        self.assertTrue(bad["is_error"])
+        self.assertIn('"pid" must be an integer', bad["content"][0]["text"])
+        unknown = self.use("read_process_output", {"pid": 4_000_000})
+        self.assertTrue(unknown["is_error"])
+        self.assertIn("No background process with pid 4000000", unknown["content"][0]["text"])
 
 
 if __name__ == "__main__":

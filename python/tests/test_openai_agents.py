@@ -15,7 +15,7 @@ from typing import Any, Awaitable, Callable, Dict
 from unittest import mock
 
 from podflare import Sandbox
-from podflare.integrations.openai_agents import PARAMS_JSON_SCHEMA, podflare_code_interpreter
+from podflare.integrations.openai_agents import PARAMS_JSON_SCHEMA, podflare_code_interpreter, podflare_process_tools
 from tests.server import ModuleServer
 
 SERVER = ModuleServer()
@@ -98,6 +98,26 @@ class OpenAIAgentsTests(unittest.TestCase):
             client = SERVER.client()
             self.addCleanup(client.close)
             self.assertEqual(client.json("GET", f"/v1/sandboxes/{sbx.id}")["state"], "stopped")
+
+    def test_process_tools_share_the_code_tools_sandbox(self):
+        with stand_in_agents(), mock.patch.dict(os.environ, {"PODFLARE_HOST": SERVER.url}):
+            run_code = podflare_code_interpreter()
+            self.addCleanup(run_code.podflare.close)
+            start, read, expose, kill = podflare_process_tools(run_code)
+            self.assertEqual([t.name for t in (start, read, expose, kill)],
+                             ["start_process", "read_process_output", "expose_port", "kill_process"])
+            self.assertEqual(read.params_json_schema["required"], ["pid"])
+            started = invoke(start, {"command": "echo started; exec sleep 600"})
+            pid = json.loads(started)["pid"]
+            self.assertIsNotNone(run_code.podflare.sandbox, "started in the code tool's (lazily created) sandbox")
+            self.assertEqual(run_code.podflare.sandbox.commands.get(pid).running, True)
+            self.assertRegex(json.loads(invoke(expose, {"port": 8000}))["url"], r"^http://127\.0\.0\.1:\d+/v1/ports/")
+            self.assertEqual(invoke(kill, {"pid": pid}), f"Killed process {pid}.")
+            out = invoke(read, {"pid": pid, "offset": 0})
+            self.assertIn("started", out)
+            self.assertEqual(json.loads(out.split("\n")[0])["pid"], pid)
+            self.assertIn('invalid arguments: "pid" must be an integer', invoke(kill, {"pid": "x"}))
+            self.assertIn("No background process with pid 4000000", invoke(read, {"pid": 4_000_000}))
 
 
 if __name__ == "__main__":

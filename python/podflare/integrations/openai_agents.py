@@ -18,12 +18,15 @@ import asyncio
 import atexit
 import json
 import threading
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
+from .._errors import NotFoundError
+from .._process_tools import PROCESS_TOOLS, ProcessToolInputError, describe_not_found, run_process_tool
 from .._sandbox import Sandbox
 from .anthropic import format_result_text
 
-__all__ = ["podflare_code_interpreter", "PodflareCodeInterpreter", "PARAMS_JSON_SCHEMA", "TOOL_NAME"]
+__all__ = ["podflare_code_interpreter", "PodflareCodeInterpreter", "PARAMS_JSON_SCHEMA", "TOOL_NAME",
+           "podflare_process_tools"]
 
 #: The tool's name as the model sees it.
 TOOL_NAME = "run_code"
@@ -138,3 +141,51 @@ def podflare_code_interpreter(
     )
     setattr(tool, "podflare", state)
     return tool
+
+
+def podflare_process_tools(sandbox: Any, *, max_output_chars: Optional[int] = None) -> List[Any]:
+    """OpenAI Agents SDK ``FunctionTool``s for background processes: ``start_process``,
+    ``read_process_output``, ``expose_port`` and ``kill_process`` (the TypeScript SDK's and the MCP
+    server's tools, same wording and texts). ``sandbox`` is a :class:`Sandbox` or a
+    :func:`podflare_code_interpreter` tool, whose sandbox they then share (created on first use).
+    Bad arguments and an unknown pid come back as text the model reads, not as exceptions.
+
+    Example::
+
+        run_code = podflare_code_interpreter()
+        agent = Agent(name="dev", tools=[run_code, *podflare_process_tools(run_code)])
+    """
+    try:
+        from agents import FunctionTool  # type: ignore[import]
+    except ImportError as err:
+        raise ImportError(
+            "podflare_process_tools() needs the OpenAI Agents SDK: pip install openai-agents "
+            "(it provides the `agents` package)") from err
+    state = getattr(sandbox, "podflare", None)
+    get_sandbox: Callable[[], Sandbox] = state.get_sandbox if isinstance(state, PodflareCodeInterpreter) else (lambda: sandbox)
+
+    def make(definition: Dict[str, Any]) -> Any:
+        name = definition["name"]
+
+        def run(args_json: str) -> str:
+            try:
+                args = json.loads(args_json) if args_json else {}
+            except ValueError as err:
+                return f"invalid arguments: not JSON ({err})"
+            if not isinstance(args, dict):
+                return "invalid arguments: expected a JSON object"
+            try:
+                return run_process_tool(name, args, get_sandbox(), max_output_chars)
+            except ProcessToolInputError as err:
+                return f"invalid arguments: {err}"
+            except NotFoundError:
+                return describe_not_found(args)
+
+        async def invoke(ctx: Any, args_json: str) -> str:
+            return await asyncio.to_thread(run, args_json)
+
+        schema = dict(json.loads(json.dumps(definition["input_schema"])), additionalProperties=False)
+        return FunctionTool(name=name, description=definition["description"], params_json_schema=schema,
+                            on_invoke_tool=invoke, strict_json_schema=False)
+
+    return [make(d) for d in PROCESS_TOOLS]

@@ -36,6 +36,9 @@ import type { Sandbox } from '../sandbox.js';
 import type { FileStat } from '../types.js';
 import { formatExecution, NO_OUTPUT, truncateMiddle, DEFAULT_MAX_OUTPUT_CHARS } from './format.js';
 import type { FormatOptions } from './format.js';
+import { isProcessToolName, PROCESS_TOOL_NAMES, ProcessToolInputError, runProcessTool } from './anthropic-process-tools.js';
+
+export { PROCESS_TOOL_DESCRIPTIONS, PROCESS_TOOL_NAMES, processTools, type ProcessToolDefinition } from './anthropic-process-tools.js';
 
 export type { FormatOptions } from './format.js';
 
@@ -310,7 +313,30 @@ export async function handleTextEditorToolUse(block: ToolUseBlockLike, sandbox: 
 }
 
 /**
- * Runs any of the three tools, chosen by `block.name`. A tool use for another tool gets an
+ * Runs a background-process tool use (`start_process`, `read_process_output`, `expose_port`,
+ * `kill_process`, defined by {@link processTools}). Bad input and an unknown pid come back as
+ * `is_error` results; `read_process_output` is cut in the middle past `maxOutputChars`.
+ *
+ * @example
+ * ```ts
+ * await handleProcessToolUse({ type: 'tool_use', id: 'toolu_04', name: 'start_process', input: { command: 'python3 -m http.server' } }, sandbox);
+ * // content: [{ type: 'text', text: '{"pid":42}' }]
+ * ```
+ */
+export async function handleProcessToolUse(block: ToolUseBlockLike, sandbox: Sandbox, options: ToolUseOptions = {}): Promise<ToolResult> {
+  const { id, input } = checkToolUse(block);
+  try {
+    return textResult(id, await runProcessTool(block.name, input, sandbox, options.maxOutputChars), false);
+  } catch (err) {
+    if (err instanceof ProcessToolInputError) return errorResult(id, err.message);
+    if (err instanceof NotFoundError) return errorResult(id, `No background process with pid ${String(input.pid)} in this sandbox.`);
+    throw err;
+  }
+}
+
+/**
+ * Runs any of the tools (the three of {@link podflareTools}, the four of {@link processTools}), chosen
+ * by `block.name`. A tool use for another tool gets an
  * `is_error` result (check {@link isPodflareToolUse} first when the conversation has tools of yours).
  *
  * @example
@@ -326,10 +352,13 @@ export async function handleToolUse(block: ToolUseBlockLike, sandbox: Sandbox, o
       return handleBashToolUse(block, sandbox, options);
     case 'editor':
       return handleTextEditorToolUse(block, sandbox, options);
+    case 'process':
+      return handleProcessToolUse(block, sandbox, options);
     default:
       return errorResult(
         checkToolUse(block).id,
-        `Unknown tool "${block.name}": the available tools are ${options.codeToolName ?? CODE_EXECUTION_TOOL_NAME}, ${BASH_TOOL_NAME} and ${TEXT_EDITOR_TOOL_NAME}.`,
+        `Unknown tool "${block.name}": the available tools are ${options.codeToolName ?? CODE_EXECUTION_TOOL_NAME}, ${BASH_TOOL_NAME}, ` +
+          `${TEXT_EDITOR_TOOL_NAME} and ${Object.values(PROCESS_TOOL_NAMES).join(', ')}.`,
       );
   }
 }
@@ -360,11 +389,12 @@ export function isPodflareToolUse(block: { name: string }, options: Pick<ToolUse
   return toolKind(block.name, options) !== undefined;
 }
 
-function toolKind(name: string, options: Pick<ToolUseOptions, 'codeToolName'>): 'code' | 'bash' | 'editor' | undefined {
+function toolKind(name: string, options: Pick<ToolUseOptions, 'codeToolName'>): 'code' | 'bash' | 'editor' | 'process' | undefined {
   if (name === (options.codeToolName ?? CODE_EXECUTION_TOOL_NAME)) return 'code';
   if (name === BASH_TOOL_NAME) return 'bash';
   // str_replace_editor: the same editor's name for Claude 3.7 (text_editor_20250124).
   if (name === TEXT_EDITOR_TOOL_NAME || name === 'str_replace_editor') return 'editor';
+  if (isProcessToolName(name)) return 'process';
   return undefined;
 }
 
