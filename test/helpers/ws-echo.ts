@@ -1,4 +1,4 @@
-/** Shared by tests that carry WebSockets to a sandbox's port (the cluster test; ports.test.ts has its own copy). */
+/** Shared by tests that carry WebSockets to a sandbox's port (ports.test.ts, the cluster test). */
 /** A stdlib WebSocket echo server (text frames under 126 bytes), run inside the sandbox. */
 export const WS_ECHO = String.raw`
 import base64, hashlib, socket, threading

@@ -135,16 +135,8 @@ export class Zygotes {
     }));
   }
 
-  /**
-   * Makes `sandbox` (ready, its interpreter idle) the template's zygote, where it has none: a
-   * template made from a live sandbox, whose zygote is a fork of that sandbox (its interpreter's
-   * state carried). False if the template has a zygote already (the caller destroys `sandbox`).
-   * Should it die, the replacement is an ordinary cold zygote (files and preload only).
-   */
-  adopt(runtime: Runtime, template: string, sandbox: RuntimeSandbox): boolean {
-    if (this.closed || !this.opts.enabled) return false;
-    const z = this.zygote(runtime, template);
-    if (z.sandbox || z.starting) return false;
+  /** Makes `sandbox` the template's zygote: replaced (warmed again) should it end, and its waiting forks served. */
+  private install(z: Zygote, sandbox: RuntimeSandbox): void {
     z.sandbox = sandbox;
     z.failures = 0;
     void sandbox.exited.then(({ reason }) => {
@@ -155,6 +147,19 @@ export class Zygotes {
       this.warm(z.runtime, z.template);
     });
     this.pump(z);
+  }
+
+  /**
+   * Makes `sandbox` (ready, its interpreter idle) the template's zygote, where it has none: a
+   * template made from a live sandbox, whose zygote is a fork of that sandbox (its interpreter's
+   * state carried). False if the template has a zygote already (the caller destroys `sandbox`).
+   * Should it die, the replacement is an ordinary cold zygote (files and preload only).
+   */
+  adopt(runtime: Runtime, template: string, sandbox: RuntimeSandbox): boolean {
+    if (this.closed || !this.opts.enabled) return false;
+    const z = this.zygote(runtime, template);
+    if (z.sandbox || z.starting) return false;
+    this.install(z, sandbox);
     return true;
   }
 
@@ -220,18 +225,9 @@ export class Zygotes {
         void sandbox.destroy();
         return null;
       }
-      z.sandbox = sandbox;
-      z.failures = 0;
       this.counts.get(this.key(z.runtime, z.template))!.started++;
       this.opts.log.debug('zygote ready', { runtime: z.runtime.name, template: z.template, ms: Math.round(performance.now() - t0) });
-      void sandbox.exited.then(({ reason }) => {
-        if (z.sandbox !== sandbox) return;
-        z.sandbox = null;
-        if (this.closed) return;
-        this.opts.log.warn('a zygote ended; starting another', { template: z.template, reason });
-        this.warm(z.runtime, z.template);
-      });
-      this.pump(z);
+      this.install(z, sandbox);
       return sandbox;
     }, (err: Error) => {
       z.starting = null;
